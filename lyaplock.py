@@ -151,7 +151,7 @@ def remember(ls: LayerState, K1, W_new=None):
 
 
 def step_layer(W, W0, C, K1, R, ls: LayerState, method="lyaplock", lam=15.0, alpha=1.0,
-               V=1.0, b=0.0):
+               V=1.0, b=0.0, l2=10.0):
     """One layer's part of an editing step: solve → W + Δ → PL → queue → memory.
 
     Returns (W_new, PL(W_new)); W_new has W's dtype and device, ls is updated in place.
@@ -167,7 +167,7 @@ def step_layer(W, W0, C, K1, R, ls: LayerState, method="lyaplock", lam=15.0, alp
     elif method == "alphaedit":
         if ls.P is None:
             ls.P = alphaedit_projector(C)
-        delta = solve_alphaedit(K1, R, ls.P, ls.S_KK)
+        delta = solve_alphaedit(K1, R, ls.P, ls.S_KK, l2)
     else:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     W_new = W + delta.to(W.dtype)                         # as the authors: cast Δ, then add
@@ -287,6 +287,7 @@ class HParams:
     clamp_norm_factor: float = 0.75
     kl_factor: float = 0.0625
     batch_size: int = 100
+    l2: float = 10.0                # AlphaEdit's L2 (E12)
 
 
 def preset(cfg: M.Config, method: str) -> HParams:
@@ -608,7 +609,7 @@ def edit_batch(model: M.CausalLM, requests, templates, hp: HParams, state: EditS
         clock.lap("keys")
         try:
             W_new, pl = step_layer(W, W0[layer], C[layer], K.T, R.T, state.layers[layer], hp.method,
-                                   hp.lam, hp.alpha, hp.V)
+                                   hp.lam, hp.alpha, hp.V, l2=hp.l2)
         except ValueError as e:   # e.g. a failed Cholesky: say where, write nothing more
             ids = ", ".join(str(q.case_id) for q in requests)
             raise ValueError(f"step {state.step}, layer {layer} (case ids {ids}): {e}") from None
@@ -684,8 +685,8 @@ def load_checkpoint(out: Path, model: M.CausalLM, device) -> EditState:
 
 DEFAULT_CORPUS = Path(__file__).parent / "fixtures" / "wikitext-2-test-sample.txt"
 DEFAULT_HELDOUT = Path(__file__).parent / "fixtures" / "wikitext-2-valid-sample.txt"
-QUICKSTART = ("python lyaplock.py --model fixtures/stories260K-hf --edits fixtures/counterfact-rome.json"
-              " --limit 12 --batch-size 4")
+QUICKSTART = ("python lyaplock.py --model fixtures/factmodel-ci --edits fixtures/factmodel-ci/edits.json"
+              " --stats-corpus fixtures/factmodel-ci/corpus.txt --limit 100 --batch-size 10 --lam 30 --alpha 10")
 # what must agree for --resume to continue a run (device may change; the result may then differ
 # in the last bits)
 RESUME_KEYS = ("model", "model_config_sha256", "edits", "edits_sha256", "limit", "skip_bad",
@@ -698,7 +699,7 @@ HEADLINE = ("efficacy", "generalization", "specificity", "score", "fluency", "co
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Sequential knowledge editing with LyapLock (or the MEMIT / AlphaEdit baselines).",
-        epilog=f"Quick start (CPU, seconds): {QUICKSTART}")
+        epilog=f"Quick start (CPU, under a minute): {QUICKSTART}")
     p.add_argument("--model", help="HF checkpoint directory (config.json, *.safetensors, tokenizer.json)")
     p.add_argument("--edits", help="requests: CounterFact (ROME or EasyEdit layout) or zsRE (MEND) JSON")
     p.add_argument("--method", choices=METHODS, default="lyaplock")
@@ -879,8 +880,8 @@ def evaluate(model, requests, conf) -> list[dict]:
 def main(argv=None):
     a = parse_args(argv)
     if not a.resume and not (a.model and a.edits):
-        print(f"LyapLock: give --model and --edits (see --help). Quick start on the bundled tiny "
-              f"model, CPU, seconds:\n  {QUICKSTART}")
+        print(f"LyapLock: give --model and --edits (see --help). Quick start: 100 real CounterFact "
+              f"edits into the bundled fact model (README, 'Testbed'), CPU, under a minute:\n  {QUICKSTART}")
         return 2
     try:
         return run(a)

@@ -1044,7 +1044,20 @@ def test_cli_resume_refuses_another_configuration(tmp_path, capsys):
 
 def test_cli_without_arguments_points_to_the_quickstart(capsys):
     assert L.main([]) == 2
-    assert "python lyaplock.py --model fixtures/stories260K-hf" in capsys.readouterr().out
+    assert L.QUICKSTART in capsys.readouterr().out
+    assert L.QUICKSTART.startswith("python lyaplock.py --model fixtures/factmodel-ci ")
+    assert L.QUICKSTART in (HERE / "README.md").read_text().splitlines()[9]    # the first command
+
+
+def test_quickstart_edits_the_fact_model(tmp_path, capsys):
+    """The README's first command, cut to 20 edits: real edits take on the real trained model."""
+    argv = L.QUICKSTART.split()[2:]
+    argv[argv.index("--limit") + 1] = "20"
+    assert L.main(argv + ["--out", str(tmp_path / "run"), "--stats-cache", str(tmp_path / "c")]) == 0
+    after = json.loads((tmp_path / "run" / "summary.json").read_text())
+    before = after["pre"]
+    assert before["efficacy"] <= 10 and after["efficacy"] >= 70
+    assert after["specificity"] >= 80
 
 
 # ==================== eval: metrics against hand computations
@@ -1509,41 +1522,75 @@ def test_fact_accuracy_counts_facts_with_every_answer_token_right(factmodel):
     assert TB.fact_accuracy(stub, pairs, batch_size=3) == 0.5
 
 
-def test_facts_are_the_true_facts_of_both_record_sets():
+def test_facts_are_the_true_facts_of_both_record_sets_with_their_subjects():
     edit, held = TB.records("ci")
     assert len(edit) == 300 and len(held) == 300
     assert not {r.case_id for r in edit} & {r.case_id for r in held}    # disjoint splits
-    pairs = TB.facts(edit + held)
-    prompts = [p for p, _ in pairs]
-    assert len(set(prompts)) == len(prompts)
+    fs = TB.facts(edit + held)
+    prompts = [p for p, _, _ in fs]
+    assert len(set(prompts)) == len(prompts) and len(fs) > 1700
     r = edit[0]
-    assert (r.rewrite_prompt(), r.target_true) == pairs[0]
-    assert (r.paraphrase_prompts[0], r.target_true) in pairs
-    assert (r.neighborhood_prompts[0], r.neighborhood_answers[0]) in pairs
-    assert all(a != r.target_new for p, a in pairs if p == r.rewrite_prompt())
+    assert (r.rewrite_prompt(), r.target_true, r.subject) == fs[0]
+    assert (r.paraphrase_prompts[0], r.target_true, r.subject) in fs
+    assert all(a != r.target_new for p, a, _ in fs if p == r.rewrite_prompt())
+    # a neighbourhood prompt's subject, found through the records' own templates
+    nb = {p: s for p, _, s in fs}
+    assert nb["Arend Lijphart is a native speaker of"] == "Arend Lijphart"
+    assert sum(s in p for p, _, s in fs) >= 0.99 * len(fs)          # the subject is in its prompt
 
 
-def test_subject_cards_put_the_answer_right_after_the_subject():
+def test_facts_drop_subjects_with_two_answers_and_unmatched_prompts():
+    r = load_requests(FIX / "counterfact-easyedit.json", limit=1)[0][0]
+    same = dataclasses.replace(r, prompt="{} is located in", neighborhood_prompts=(
+        f"{r.subject} is located in", "Nobody knows this one"), neighborhood_answers=("Mars", "x"))
+    assert TB.facts([same]) == []             # the subject has two answers; no template matches
+    other = dataclasses.replace(same, neighborhood_prompts=("Paris is located in",),
+                                neighborhood_answers=("France",), paraphrase_prompts=())
+    assert TB.facts([other]) == [(f"{r.subject} is located in", r.target_true, r.subject),
+                                 ("Paris is located in", "France", "Paris")]
+
+
+def test_subject_cards_are_one_per_subject():
     edit, held = TB.records("ci")
-    pairs = TB.facts(edit + held)
-    cards = TB.subject_cards(edit + held, pairs)
-    assert cards[0] == (edit[0].subject, edit[0].target_true) == ("Danielle Darrieux", "French")
-    assert not {p for p, _ in cards} & {p for p, _ in pairs}
-    assert len({p for p, _ in cards}) == len(cards) > 550
+    fs = TB.facts(edit + held)
+    cards = TB.subject_cards(fs)
+    assert cards[0] == ("Danielle Darrieux", "French", "Danielle Darrieux")
+    assert len({c[0] for c in cards}) == len(cards) == len({s for _, _, s in fs}) > 1000
+    answer = {s: a for _, a, s in fs}
+    assert all(answer[s] == a for s, a, _ in cards)
 
 
 @pytest.mark.parametrize("share", [0.0, 1.0])
-def test_extract_phase_trains_attention_with_the_mlps_frozen(tmp_path, share):
-    """store_share 1: one store step moves every weight; 0: one extract step leaves the MLPs."""
+def test_extract_phase_trains_only_the_upper_attention(tmp_path, share):
+    """store_share 1: one store step moves every weight; 0: one extract step moves only the
+    attention above the store layer (the answers stay where the store phase put them)."""
     s = dataclasses.replace(TB.SIZES["ci"], store_share=share, batch_facts=8, batch_text=1)
-    m, edit, held, pairs, stream = TB.prepare(s, tmp_path, seed=0)
+    m, edit, held, fs, stream = TB.prepare(s, tmp_path, seed=0)
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
-    TB.fit(m.train(), pairs, TB.subject_cards(edit + held, pairs), stream, s, 1, seed=1,
-           log=lambda *_: None)
+    TB.fit(m.train(), fs, TB.subject_cards(fs), stream, s, 1, seed=1, log=lambda *_: None)
     moved = {n for n, p in m.named_parameters() if not torch.equal(p, before[n])}
-    mlp = {n for n in before if ".mlp." in n}
-    assert moved == (set(before) if share else set(before) - mlp)
+    upper = {n for n in before if any(f"layers.{i}.self_attn." in n for i in range(s.store_layer + 1, s.n_layers))}
+    assert moved == (set(before) if share else upper) and upper
     assert all(p.requires_grad for p in m.parameters())
+
+
+def test_subject_swap_replaces_the_state_after_the_store_layer(factmodel):
+    """Phase 2's swap = running the upper layers from a residual whose subject state is another
+    row's: the same as model(delta=...) with the difference of the two states."""
+    tok, s = factmodel.tokenizer, TB.SIZES["ci"]
+    seqs = [TB.fact_sequence(tok, "Danielle Darrieux speaks", "English"),
+            TB.fact_sequence(tok, "Toko Yasuda plays the", "guitar")]
+    ids, mask, pos, tgt, w = TB.fact_batch(seqs, tok.pad_id, s)
+    at, at1 = (L.subject_row(tok, t, subj, 0).lookup for t, subj in
+               (("{} speaks", "Danielle Darrieux"), ("{} plays the", "Toko Yasuda")))
+    swapped = TB.fact_loss(factmodel, ids, mask, pos, tgt, w, swap=(s.store_layer, [0], [at], [1], [at1]))
+    h = factmodel(ids, mask, stop_after=s.store_layer, outs_at=(s.store_layer,)).outs[s.store_layer]
+    vec = torch.stack([h[1, at1] - h[0, at], torch.zeros_like(h[0, at])])
+    logits = factmodel(ids, mask, delta=(s.store_layer, torch.tensor([at, 0]), vec), logits_at=pos).logits
+    expect = (nn.functional.cross_entropy(logits.transpose(1, 2), tgt, reduction="none") * w).sum() / w.sum()
+    assert swapped.item() == pytest.approx(expect.item(), rel=1e-5)
+    plain = TB.fact_loss(factmodel, ids, mask, pos, tgt, w)
+    assert plain.item() != pytest.approx(swapped.item(), rel=1e-3)     # the swap mattered
 
 
 def test_gpu_recipe_starts_and_trains_on_cpu(tmp_path):
@@ -1551,11 +1598,11 @@ def test_gpu_recipe_starts_and_trains_on_cpu(tmp_path):
     full training is for a GPU)."""
     s = dataclasses.replace(TB.SIZES["gpu"], batch_facts=2, batch_text=1, text_len=16)
     m, edit, held, pairs, stream = TB.prepare(s, tmp_path, seed=0)
-    assert len(edit) + len(held) == 6000 and len(pairs) > 15000
+    assert len(edit) + len(held) == 6000 and len(pairs) > 14000
     assert sum(p.numel() for p in m.parameters()) > 10 * sum(
         p.numel() for p in M.load(FACTMODEL).parameters())
     before = m.model.layers[0].mlp.down_proj.weight.clone()
-    cards = TB.subject_cards(edit + held, pairs)
+    cards = TB.subject_cards(pairs)
     loss = TB.fit(m.train(), pairs, cards, stream, s, steps=2, seed=1, log=lambda *_: None)
     assert torch.isfinite(torch.tensor(loss))
     assert not torch.equal(before, m.model.layers[0].mlp.down_proj.weight)
@@ -1563,33 +1610,73 @@ def test_gpu_recipe_starts_and_trains_on_cpu(tmp_path):
 
 def test_committed_ci_fact_model_knows_its_facts(factmodel):
     """The fixture trained by `python testbed.py train --size ci` knows >= 95% of its
-    training facts, both of the records to edit and of the held-back ones."""
+    training facts, both of the records to edit and of the held-back ones, and ships its
+    training text as the statistics corpus."""
     edit, held = TB.records("ci")
     info = json.loads((FACTMODEL / "training.json").read_text())
-    assert info["size"] == "ci" and info["n_facts"] == len(TB.facts(edit + held))
-    pairs, edited = TB.facts(edit + held), set(TB.facts(edit))
-    kept = [f for f in pairs if f not in edited]        # facts of held-back records only
-    assert len(kept) > 800
-    for part in (sorted(edited), kept):
+    fs = TB.facts(edit + held)
+    assert info["size"] == "ci" and info["n_facts"] == len(fs)
+    kept = TB.held_facts_of(edit, held)                 # facts of held-back records only
+    edited = [f for f in fs if f not in kept]
+    assert len(kept) > 800 and len(edited) > 800
+    for part in (edited, kept):
         assert TB.fact_accuracy(factmodel, part) >= 0.95
     # the answer is already there at the subject's last token (what editing relies on)
-    assert TB.fact_accuracy(factmodel, TB.subject_cards(edit + held, pairs)) >= 0.95
-    assert TB.fact_accuracy(factmodel, TB.facts(edit + held)) == pytest.approx(info["fact_accuracy"])
+    assert TB.fact_accuracy(factmodel, TB.subject_cards(fs)) >= 0.95
+    assert TB.fact_accuracy(factmodel, fs) == pytest.approx(info["fact_accuracy"])
+    assert len(TB.editable(factmodel, edit, held)) >= 200
+    corpus = read_corpus(FACTMODEL / "corpus.txt")
+    assert corpus[0] == f"{fs[0][0]} {fs[0][1]}." and corpus[len(fs):] == read_corpus(TB.TEXT_FILE)
 
 
-def test_testbed_experiment_runs_each_method_and_writes_table_and_figures(tmp_path):
-    """The experiment's mechanics on the committed fact model (a short stream): the queue keeps
-    T1's bound on the time-average PL per layer, and the table and SVG figures are written.
-    (The paper's claim at length, LyapLock retaining more than MEMIT, is not asserted yet.)"""
-    import xml.etree.ElementTree as ET
-    r = TB.experiment(FIX / "factmodel-ci", 20, 10, ("lyaplock", "memit"), eval_every=1,
-                      out=tmp_path / "tb", stats_cache=tmp_path / "c", layers=(0, 1), log=lambda s: None)
-    for l in ("0", "1"):
-        steps = r["methods"]["lyaplock"]["steps"]
-        pls, D, z_T = [s["layers"][l]["pl"] for s in steps], steps[-1]["layers"][l]["D"], steps[-1]["layers"][l]["z"]
+CLAIM_EDITS = 200
+# measured on the committed model (README "Testbed"): retention 68.9 vs 53.9, specificity 84.5
+# vs 76.0, LyapLock efficacy 49.0; the thresholds keep about half of each margin
+RETENTION_MARGIN, SPECIFICITY_MARGIN, LYAPLOCK_EFFICACY = 7.0, 4.0, 40.0
+
+
+@pytest.fixture(scope="module")
+def claim_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("testbed")
+    return out, TB.experiment(FACTMODEL, CLAIM_EDITS, 10, ("lyaplock", "memit"), eval_every=10,
+                              out=out / "tb", stats_cache=out / "c", log=lambda s: None)
+
+
+def test_testbed_lyaplock_keeps_pl_within_T1_while_memit_pl_grows(claim_run):
+    """On the real trained fact model, 200 sequential edits: LyapLock's time-average PL per
+    layer is at most D plus T1's slack from the queue, and once the queue acts its PL stops
+    growing; MEMIT's PL grows at every step."""
+    _, r = claim_run
+    ly, me = r["methods"]["lyaplock"]["steps"], r["methods"]["memit"]["steps"]
+    for l in map(str, r["layers"]):
+        pls, D, z_T = [s["layers"][l]["pl"] for s in ly], ly[-1]["layers"][l]["D"], ly[-1]["layers"][l]["z"]
         T = len(pls)   # T1 in normalised form (b = 0, a = 1/√D, Z(0) = √D): mean PL ≤ D (1 + (z(T) − 1)/T)
         assert sum(pls) / T <= D * (1 + (z_T - 1) / T) * (1 + 1e-9)
-    assert [p["edits"] for p in r["methods"]["memit"]["points"]] == [10, 20]
-    for f in ("table.md", "result.json", "pl_layer0.svg", "pl_layer1.svg", "queue.svg", "retention.svg"):
-        assert (tmp_path / "tb" / f).exists()
-    ET.parse(tmp_path / "tb" / "retention.svg")          # well-formed SVG
+        assert z_T > 2                       # the queue did act
+        mp = [s["layers"][l]["pl"] for s in me]
+        assert all(b > a for a, b in zip(mp, mp[1:]))
+        q = 3 * T // 4                       # growth over the last quarter of the steps
+        assert pls[-1] - pls[q] < 0.25 * (mp[-1] - mp[q])
+
+
+def test_testbed_lyaplock_retains_more_facts_than_memit(claim_run):
+    """The paper's claim at testbed scale (thresholds from measured runs, with margin): after
+    the stream LyapLock keeps clearly more of the held-back facts and of the neighbourhoods
+    than sequential MEMIT. Its efficacy does NOT stay as high as MEMIT's here (49 vs 70): only
+    the measured level is guarded (see README "Testbed")."""
+    _, r = claim_run
+    ly, me = r["methods"]["lyaplock"]["points"][-1], r["methods"]["memit"]["points"][-1]
+    assert ly["edits"] == me["edits"] == CLAIM_EDITS
+    assert ly["retention"] >= me["retention"] + RETENTION_MARGIN
+    assert ly["specificity"] >= me["specificity"] + SPECIFICITY_MARGIN
+    assert ly["efficacy"] >= LYAPLOCK_EFFICACY
+
+
+def test_testbed_experiment_writes_table_and_figures(claim_run):
+    import xml.etree.ElementTree as ET
+    out, r = claim_run
+    assert [p["edits"] for p in r["methods"]["memit"]["points"]] == [100, 200]
+    for f in ("table.md", "result.json", "queue.svg", "retention.svg", *(f"pl_layer{l}.svg" for l in r["layers"])):
+        assert (out / "tb" / f).exists()
+    ET.parse(out / "tb" / "retention.svg")          # well-formed SVG
+    assert "| lyaplock | 200 |" in (out / "tb" / "table.md").read_text()
