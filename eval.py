@@ -340,11 +340,11 @@ def summarize(cases: list[dict]) -> dict:
     return {k: out[k] for k in order if k in out}
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    """Nested dicts to dotted keys (general ability: {'sst2': {'f1': ..}} -> 'sst2.f1')."""
+def flat(d: dict, prefix: str = "") -> dict:
+    """Nested dicts to dotted keys ({'sst2': {'f1': ..}} -> 'sst2.f1')."""
     out = {}
     for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
 
 
@@ -360,7 +360,7 @@ def write_summary(out_dir, summary: dict, header: dict, pre: dict | None = None)
     (out / "summary.json").write_text(json.dumps({**header, **summary, **({"pre": pre} if pre else {})},
                                                  indent=2) + "\n")
     fmt = lambda v: "" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
-    after, before = _flat(summary), _flat(pre or {})
+    after, before = flat(summary), flat(pre or {})
     lines = [f"- {k}: {header[k]}" for k in HEADER] + [""]
     lines += ["| metric | before | after |", "|---|---|---|"] if pre else ["| metric | value |", "|---|---|"]
     for k, v in after.items():

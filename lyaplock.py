@@ -379,16 +379,25 @@ class _Chunk:
     kl_init: torch.Tensor | None = None   # (b, V) log-probs at the KL position, first pass
 
 
-def _chunks(model: M.CausalLM, rows: list[Row], layer: int, max_tokens: int) -> list[_Chunk]:
-    """Rows sorted by length and cut into padded batches of at most max_tokens tokens (little
-    padding, bounded memory), each run once through the layers up to `layer`."""
-    dev, out, order = model.embed.weight.device, [], sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
+def length_batches(lengths, max_tokens: int) -> list[list[int]]:
+    """Indices sorted by length and cut into batches whose padded size (count × longest) stays
+    within max_tokens (at least one per batch): little padding, bounded memory."""
+    order, out = sorted(range(len(lengths)), key=lambda i: lengths[i]), []
     while order:
         n = 1
-        while n < len(order) and (n + 1) * len(rows[order[n]].ids) <= max_tokens:
+        while n < len(order) and (n + 1) * lengths[order[n]] <= max_tokens:
             n += 1
-        idx, order = order[:n], order[n:]
-        rs, k = [rows[i] for i in idx], max(1, max(len(rows[i].targets) for i in idx))
+        out.append(order[:n])
+        order = order[n:]
+    return out
+
+
+def _chunks(model: M.CausalLM, rows: list[Row], layer: int, max_tokens: int) -> list[_Chunk]:
+    """Rows in length batches (length_batches), each run once through the layers up to `layer`."""
+    dev, out = model.embed.weight.device, []
+    for idx in length_batches([len(r.ids) for r in rows], max_tokens):
+        n, rs = len(idx), [rows[i] for i in idx]
+        k = max(1, max(len(r.targets) for r in rs))
         pos, lab, w = torch.zeros(n, k, dtype=torch.long), torch.zeros(n, k, dtype=torch.long), torch.zeros(n, k)
         for b, r in enumerate(rs):
             t = len(r.targets)
@@ -506,20 +515,15 @@ def collect_stats(model: M.CausalLM, seqs, layers, batch_tokens: int = 8192, pro
     dev = model.embed.weight.device
     m = model.cfg.d_mlp
     C = {l: torch.zeros(m, m, dtype=torch.float64, device=dev) for l in layers}
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))      # little padding
-    done, i = 0, 0
-    while i < len(order):
-        j = i + 1
-        while j < len(order) and (j + 1 - i) * len(seqs[order[j]]) <= batch_tokens:
-            j += 1
-        ids, mask = model.tokenizer.pad([seqs[o] for o in order[i:j]], device=dev)
+    done = 0
+    for idx in length_batches([len(s) for s in seqs], batch_tokens):
+        ids, mask = model.tokenizer.pad([seqs[i] for i in idx], device=dev)
         out = model(ids, mask, keys_at=set(layers), stop_after=max(layers))
         real = mask.bool()
         for l in layers:
             k = out.keys[l][real].double()                               # (tokens, m)
             C[l] += k.T @ k                                               # E1
         done += int(real.sum())
-        i = j
         if progress:
             progress(done)
     return {l: (c + c.T) / (2 * done) for l, c in C.items()}             # symmetrised mean
@@ -774,9 +778,7 @@ def open_run(a):
         return Path(a.resume), saved | {"device": a.device}, model
     conf = resolve(a, model)
     if saved:
-        flat = lambda c: {f"{k}.{s}" if isinstance(c.get(k), dict) else k: v for k in RESUME_KEYS
-                          for s, v in (c[k].items() if isinstance(c.get(k), dict) else [(0, c.get(k))])}
-        was, now = flat(saved), flat(conf)
+        was, now = (ev.flat({k: c.get(k) for k in RESUME_KEYS}) for c in (saved, conf))
         if diff := [f"{k}: {was.get(k)!r} in the run, {now.get(k)!r} now" for k in was | now
                     if was.get(k) != now.get(k)]:
             raise ValueError(f"--resume {a.resume}: the configuration differs: " + "; ".join(diff))
@@ -973,7 +975,7 @@ def finish(model, requests, templates, hp, state, conf, out, n_skipped):
     header = dict(method=hp.method, model=conf["model"], n_edits=state.n_edits, batch_size=hp.batch_size,
                   skipped=n_skipped, templates=templates)
     ev.write_summary(out, summary, header, pre=summary_pre)
-    after, before = ev._flat(summary), ev._flat(summary_pre)
+    after, before = ev.flat(summary), ev.flat(summary_pre)
     print(f"\n{'metric':<22}{'before':>10}{'after':>10}")
     for k in HEADLINE:
         if k in after:

@@ -930,6 +930,21 @@ def test_batched_target_values_equal_one_request_at_a_time():
         assert torch.allclose(together[j], alone[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_length_batches_cover_every_index_once_within_the_budget(seed):
+    g = random.Random(seed)
+    lengths = [g.randint(1, 50) for _ in range(g.randint(1, 60))]
+    budget = g.randint(1, 200)
+    batches = L.length_batches(lengths, budget)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    flat = [lengths[i] for b in batches for i in b]
+    assert flat == sorted(lengths)                                   # shortest first: little padding
+    for b in batches:
+        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= budget
+    for b, nxt in zip(batches, batches[1:]):                         # greedy: the next one would not fit
+        assert (len(b) + 1) * lengths[nxt[0]] > budget
+
+
 def test_statistics_match_the_authors_and_are_cached(tmp_path):
     """C over the first 5,000 tokens of WikiText-2 test, each paragraph alone with BOS (E1):
     the authors' run recorded float32(C)."""
@@ -971,9 +986,10 @@ def test_subject_missing_from_prompt_is_a_clear_error():
         L.subject_row(m.tokenizer, "The capital is", "Paris", 0)
 
 
-def _cli(tmp_path, *extra):
-    return ["--model", str(STORIES), "--edits", str(FIX / "counterfact-rome.json"), "--limit", "8",
-            "--batch-size", "4", "--stats-tokens", "4000", "--stats-cache", str(tmp_path / "cache"),
+def _cli(tmp_path, *extra, edits="counterfact-rome.json", limit=8, batch=4, tokens=4000):
+    """Arguments of a small run on stories260K (`extra` last, so it overrides)."""
+    return ["--model", str(STORIES), "--edits", str(FIX / edits), *(["--limit", str(limit)] if limit else []),
+            "--batch-size", str(batch), "--stats-tokens", str(tokens), "--stats-cache", str(tmp_path / "cache"),
             "--checkpoint-every", "1", *extra]
 
 
@@ -1284,9 +1300,8 @@ def test_one_batch_makes_the_new_targets_more_likely_than_the_old(tmp_path):
     """End to end on the real tiny model: before, every true target beats the new one on its
     rewrite prompt; after one LyapLock batch (the preset for small models), every new one wins."""
     out = tmp_path / "run"
-    assert L.main(["--model", str(STORIES), "--edits", str(FIX / "stories-edits.json"), "--batch-size", "4",
-                   "--stats-tokens", "20000", "--stats-cache", str(tmp_path / "c"), "--out", str(out),
-                   "--no-generation"]) == 0
+    assert L.main(_cli(tmp_path, "--out", str(out), "--no-generation", edits="stories-edits.json", limit=None,
+                       tokens=20000)) == 0
     pre = [json.loads(l) for l in (out / "cases_pre.jsonl").read_text().splitlines()]
     post = [json.loads(l) for l in (out / "cases.jsonl").read_text().splitlines()]
     assert [c["efficacy"] for c in pre] == [0, 0, 0, 0]
@@ -1295,10 +1310,8 @@ def test_one_batch_makes_the_new_targets_more_likely_than_the_old(tmp_path):
 
 # ==================== reliability: kills, interrupts, bad numbers, out of memory
 def _run_args(tmp_path, out, *extra):
-    return [sys.executable, str(HERE / "lyaplock.py"), "--model", str(STORIES), "--edits",
-            str(FIX / "counterfact-rome.json"), "--limit", "10", "--batch-size", "2", "--stats-tokens", "3000",
-            "--stats-cache", str(tmp_path / "cache"), "--checkpoint-every", "1", "--no-generation",
-            "--out", str(out), *extra]
+    return [sys.executable, str(HERE / "lyaplock.py"),
+            *_cli(tmp_path, "--no-generation", "--out", str(out), *extra, limit=10, batch=2, tokens=3000)]
 
 
 def _env():
@@ -1361,9 +1374,8 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes(tmp_path):
 
 
 def _small_run(tmp_path, out, *extra):
-    return L.main(["--model", str(STORIES), "--edits", str(FIX / "stories-edits.json"), "--batch-size", "2",
-                   "--stats-tokens", "3000", "--stats-cache", str(tmp_path / "c"), "--out", str(out),
-                   "--no-generation", "--checkpoint-every", "1", *extra])
+    return L.main(_cli(tmp_path, "--out", str(out), "--no-generation", *extra, edits="stories-edits.json",
+                       limit=None, batch=2, tokens=3000))
 
 
 def test_non_finite_target_values_stop_the_step_and_keep_the_checkpoint(tmp_path, monkeypatch, capsys):

@@ -320,11 +320,16 @@ def fit(m, pairs, cards, stream, s: Size, steps: int, seed: int, device="cpu", l
     return loss.item()
 
 
-def fact_accuracy(m: M.CausalLM, pairs, batch_size: int = 128) -> float:
-    """Fraction of (prompt, answer, ...) facts whose every answer token is the top-1 prediction
-    given the prompt and the gold answer prefix (teacher-forced)."""
+def knows(m: M.CausalLM, pairs, batch_size: int = 64) -> list[bool]:
+    """For each (prompt, answer, ...) fact: is every answer token the top-1 prediction given the
+    prompt and the gold answer prefix (teacher-forced)?"""
     scores = E.target_nll(m, [f[0] for f in pairs], [f[1] for f in pairs], batch_size)
-    return sum(all(c) for c in scores.token_correct) / len(pairs)
+    return [all(c) for c in scores.token_correct]
+
+
+def fact_accuracy(m: M.CausalLM, pairs, batch_size: int = 128) -> float:
+    """Fraction of the facts the model knows (`knows`)."""
+    return sum(knows(m, pairs, batch_size)) / len(pairs)
 
 
 def prepare(s: Size, out: Path, seed: int, device="cpu"):
@@ -351,9 +356,9 @@ def write_corpus(path: Path, fact_list) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def write_edits(path: Path, m: M.CausalLM, s: Size) -> None:
+def write_edits(path: Path, m: M.CausalLM, s: Size, edit, held) -> None:
     """The edit stream for this model: the records of `editable`, in their file's own layout."""
-    ids = {r.case_id for r in editable(m, *records(s))}
+    ids = {r.case_id for r in editable(m, edit, held)}
     raw = json.loads((FIX / s.edit_file).read_text())
     path.write_text(json.dumps([x for x in raw if x["case_id"] in ids], indent=1) + "\n")
 
@@ -371,7 +376,7 @@ def train(out_dir, size: str = "ci", seed: int = 0, device: str = "cpu", steps: 
     acc = fact_accuracy(m.eval(), pairs)
     save_weights(m, out)
     write_corpus(out / "corpus.txt", pairs)
-    write_edits(out / "edits.json", m.eval(), s)
+    write_edits(out / "edits.json", m.eval(), s, edit, held)
     info = {"size": size, "seed": seed, "steps": steps, "seconds": round(time.time() - t0, 1),
             "parameters": n_params, "n_edit_records": len(edit), "n_held_records": len(held),
             "n_facts": len(pairs), "n_cards": len(cards), "text_tokens": len(stream),
@@ -428,8 +433,8 @@ def editable(m: M.CausalLM, edit: list[Request], held: list[Request]) -> list[Re
     LLM, cannot spell a word it has never output."""
     answers = {a for _, a, _ in facts(edit + held)}
     reqs = [r for r in edit if r.target_new in answers]
-    ok = E.target_nll(m, [r.rewrite_prompt() for r in reqs], [r.target_true for r in reqs]).token_correct
-    return [r for r, c in zip(reqs, ok) if all(c)]
+    ok = knows(m, [(r.rewrite_prompt(), r.target_true) for r in reqs])
+    return [r for r, k in zip(reqs, ok) if k]
 
 
 def experiment(model_dir, n_edits: int, batch_size: int, methods=("lyaplock", "memit", "alphaedit"),
@@ -447,7 +452,8 @@ def experiment(model_dir, n_edits: int, batch_size: int, methods=("lyaplock", "m
     stream = editable(m, edit, held)[:n_edits]
     if len(stream) < n_edits:
         raise ValueError(f"{model_dir} can be given only {len(stream)} of the edit records; asked for {n_edits}")
-    held_facts = known_facts(m, held_facts_of(edit, held))     # retention: never-edited records' facts
+    held_facts = held_facts_of(edit, held)                     # retention: never-edited records' facts
+    held_facts = [f for f, k in zip(held_facts, knows(m, held_facts)) if k]     # ... known before
     heldout = read_corpus(L.DEFAULT_HELDOUT)[:64]
     layers = tuple(layers or L.preset(m.cfg, "lyaplock").layers)
     corpus = corpus or model_dir / "corpus.txt"
@@ -487,12 +493,6 @@ def held_facts_of(edit: list[Request], held: list[Request]):
     """The facts of the held-back records (no prompt of an edit record among them)."""
     edit_prompts = {p for r in edit for p in (r.rewrite_prompt(), *r.paraphrase_prompts, *r.neighborhood_prompts)}
     return [f for f in facts(edit + held) if f[0] not in edit_prompts]
-
-
-def known_facts(m: M.CausalLM, fact_list):
-    """The facts whose every answer token the model predicts top-1."""
-    ok = E.target_nll(m, [f[0] for f in fact_list], [f[1] for f in fact_list]).token_correct
-    return [f for f, c in zip(fact_list, ok) if all(c)]
 
 
 def write_report(result: dict, out: Path):
