@@ -60,12 +60,12 @@ def lyaplock_system(W, W0, C, K1, R, S_KK, S_VK, z, lam, V=1.0):
     edit memory (None when empty).
     """
     W, W0, C, K1, R = f64(W), f64(W0), f64(C), f64(K1), f64(R)
-    zl = z * lam
-    A = V * (K1 @ K1.T) + zl * C                          # E9: V K1K1ᵀ + zλC
-    left = V * (R @ K1.T) - zl * ((W - W0) @ C)           # E9: V R K1ᵀ − zλ(W − W0)C
+    zl = z * lam          # in-place sums below: one m×m temporary (A) at d_mlp = 16384 is 2 GiB
+    A = (K1 @ K1.T).mul_(V).add_(C, alpha=zl)             # E9: V K1K1ᵀ + zλC
+    left = (R @ K1.T).mul_(V).sub_((W - W0) @ C, alpha=zl)   # E9: V R K1ᵀ − zλ(W − W0)C
     if S_KK is not None:
-        A = A + V * f64(S_KK)                             # E9: + V S_KK
-        left = left + V * (f64(S_VK) - W @ f64(S_KK))     # E9: + V(S_VK − W S_KK)
+        A.add_(f64(S_KK), alpha=V)                        # E9: + V S_KK
+        left.add_(f64(S_VK) - W @ f64(S_KK), alpha=V)     # E9: + V(S_VK − W S_KK)
     return A, left
 
 
@@ -143,11 +143,10 @@ def update_queue(ls: LayerState, pl: float, alpha: float, b: float = 0.0):
 def remember(ls: LayerState, K1, W_new=None):
     """Add a step to the edit memory: S_KK += K1K1ᵀ, and S_VK += (W_new K1)K1ᵀ if W_new (E7)."""
     K1 = f64(K1)
-    KK = K1 @ K1.T                                        # E7
-    ls.S_KK = KK if ls.S_KK is None else ls.S_KK + KK
+    ls.S_KK = K1 @ K1.T if ls.S_KK is None else ls.S_KK.addmm_(K1, K1.T)          # E7
     if W_new is not None:
-        VK = (f64(W_new) @ K1) @ K1.T                     # E7
-        ls.S_VK = VK if ls.S_VK is None else ls.S_VK + VK
+        WK = f64(W_new) @ K1
+        ls.S_VK = WK @ K1.T if ls.S_VK is None else ls.S_VK.addmm_(WK, K1.T)     # E7
 
 
 def step_layer(W, W0, C, K1, R, ls: LayerState, method="lyaplock", lam=15.0, alpha=1.0,
@@ -416,7 +415,7 @@ def _chunks(model: M.CausalLM, rows: list[Row], layer: int, max_tokens: int) -> 
 
 
 def compute_z(model: M.CausalLM, rows: list[Row], n_req: int, layer: int, hp: HParams,
-              max_tokens: int = 8192):
+              max_tokens: int = 2048):
     """E4: target values z* = h + δ at `layer`'s output, subject's last token, for all requests
     of a batch in one optimisation (one δ per request; requests are independent, so this equals
     one at a time). The layers up to `layer` run once; each step runs only the layers above, with
@@ -521,12 +520,20 @@ def collect_stats(model: M.CausalLM, seqs, layers, batch_tokens: int = 8192, pro
         out = model(ids, mask, keys_at=set(layers), stop_after=max(layers))
         real = mask.bool()
         for l in layers:
-            k = out.keys[l][real].double()                               # (tokens, m)
-            C[l] += k.T @ k                                               # E1
+            add_gram_lower(C[l], out.keys[l][real].double())              # E1
         done += int(real.sum())
         if progress:
             progress(done)
-    return {l: (c + c.T) / (2 * done) for l, c in C.items()}             # symmetrised mean
+    for c in C.values():   # mirror the lower triangle, then the mean; in place, one layer at a time
+        c.tril_().add_(c.tril(-1).T).div_(done)
+    return C
+
+
+def add_gram_lower(C, k, block: int = 2048):
+    """C += kᵀk on and below the diagonal, one column block at a time: kᵀk is symmetric, so this
+    does about half the float64 work; the caller mirrors the lower triangle at the end."""
+    for i in range(0, C.shape[0], block):
+        C[i:, i:i + block] += k[:, i:].T @ k[:, i:i + block]
 
 
 def weights_fingerprint(path, names) -> str:
@@ -596,12 +603,14 @@ def load_or_collect_stats(model, model_path, corpus, n_tokens, layers, cache_dir
 
 # ----------------------------------------------------------------------------- one editing step
 
-def edit_batch(model: M.CausalLM, requests, templates, hp: HParams, state: EditState, C, W0) -> dict:
+def edit_batch(model: M.CausalLM, requests, templates, hp: HParams, state: EditState, C, W0,
+               z_tokens: int = 2048) -> dict:
     """One step t: target values (E4) at the last edit layer, then for each edit layer in order
-    keys (E5), residual (E6), the solve and the queue (step_layer). Returns the step's log."""
+    keys (E5), residual (E6), the solve and the queue (step_layer). Returns the step's log.
+    z_tokens bounds the tokens per forward/backward pass of the target values (memory)."""
     tok, z_layer, n = model.tokenizer, hp.layers[-1], len(hp.layers)
     clock = Clock(model.embed.weight.device)
-    zs, info = compute_z(model, z_rows(tok, requests, templates), len(requests), z_layer, hp)
+    zs, info = compute_z(model, z_rows(tok, requests, templates), len(requests), z_layer, hp, z_tokens)
     _check_finite(step=state.step, layer=z_layer, requests=requests, **{"target values": zs})
     rows, log = key_rows(tok, requests, templates), dict(step=state.step, layers={})
     clock.lap("z")
@@ -719,6 +728,8 @@ def parse_args(argv=None):
     p.add_argument("--stats-tokens", type=int, default=0, help="tokens for C (default: whole corpus)")
     p.add_argument("--stats-batch-tokens", type=int, default=8192, help="tokens per statistics batch")
     p.add_argument("--stats-cache", default="runs/stats-cache", help="where C is cached")
+    p.add_argument("--z-batch-tokens", type=int, default=2048, help="tokens per pass of the target-value "
+                   "optimisation (lower it to fit a smaller GPU; see the README's memory table)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=list(M.DTYPES))
     p.add_argument("--seed", type=int, default=0, help="seed of the context templates (E3)")
@@ -757,7 +768,7 @@ def resolve(a, model: M.CausalLM) -> dict:
         Path(a.model) / "config.json"), edits=str(Path(a.edits).resolve()),
         edits_sha256=data.file_sha256(a.edits), limit=a.limit, skip_bad=a.skip_bad,
         hparams=asdict(hp) | {"layers": list(hp.layers)}, stats_corpus=str(Path(a.stats_corpus).resolve()),
-        stats_tokens=a.stats_tokens, dtype=a.dtype, seed=a.seed, device=a.device,
+        stats_tokens=a.stats_tokens, dtype=a.dtype, seed=a.seed, device=a.device, z_batch_tokens=a.z_batch_tokens,
         glue_dir=a.glue_dir and str(Path(a.glue_dir).resolve()), glue_n=a.glue_n,
         heldout=str(Path(a.heldout).resolve()), eval_every=a.eval_every, generation=not a.no_generation,
         snippets=a.snippets and str(Path(a.snippets).resolve()))
@@ -767,6 +778,9 @@ def open_run(a):
     """(run directory, configuration, model): a new run, or the one --resume names, whose
     configuration the command line (if it names a model) must repeat."""
     saved = None
+    for name in ("z_batch_tokens", "stats_batch_tokens"):
+        if getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
     if a.resume:
         try:
             saved = json.loads((Path(a.resume) / "config.json").read_text())
@@ -774,15 +788,16 @@ def open_run(a):
             raise ValueError(f"--resume {a.resume}: not a run directory (config.json: {e})") from None
     with stage("loading the model", "use --dtype bfloat16 or a larger GPU"):
         model = M.load(a.model or saved["model"], a.device, saved["dtype"] if saved and not a.model else a.dtype)
+    here = {"device": a.device, "z_batch_tokens": a.z_batch_tokens}   # may change on resume
     if saved and not a.model:
-        return Path(a.resume), saved | {"device": a.device}, model
+        return Path(a.resume), saved | here, model
     conf = resolve(a, model)
     if saved:
         was, now = (ev.flat({k: c.get(k) for k in RESUME_KEYS}) for c in (saved, conf))
         if diff := [f"{k}: {was.get(k)!r} in the run, {now.get(k)!r} now" for k in was | now
                     if was.get(k) != now.get(k)]:
             raise ValueError(f"--resume {a.resume}: the configuration differs: " + "; ".join(diff))
-        return Path(a.resume), saved | {"device": a.device}, model
+        return Path(a.resume), saved | here, model
     out = Path(a.out) if a.out else new_run_dir()
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"--out {out} exists and is not empty; choose a new directory or --resume it")
@@ -941,8 +956,9 @@ def edit_stream(model, requests, templates, hp, state, C, W0, conf, out, every) 
         while state.step < n_steps:
             batch = requests[state.step * bs:(state.step + 1) * bs]
             try:
-                with stage(f"editing step {state.step}", f"lower --batch-size (now {bs}) or use --dtype bfloat16"):
-                    log = edit_batch(model, batch, templates, hp, state, C, W0)
+                with stage(f"editing step {state.step}", f"lower --z-batch-tokens (now {conf['z_batch_tokens']}) "
+                           f"or --batch-size (now {bs}), or use --dtype bfloat16"):
+                    log = edit_batch(model, batch, templates, hp, state, C, W0, conf["z_batch_tokens"])
             except (ValueError, FloatingPointError, MemoryError) as e:
                 raise type(e)(f"{e}; the step was abandoned and the run stopped; its last checkpoint "
                               f"(step {saved}) is intact") from None
