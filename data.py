@@ -7,12 +7,14 @@ Layouts, detected from the records themselves (not the file name):
 * ``zsre-mend``: MEND ``zsre_mend_*.json`` (``src``, ``alt``, ``loc`` ...).
 
 Everything is checked before any model work; each problem is a ``DataError``
-naming the file, the record (index and case id) and the field. Standard library only.
+naming the file, the record (index and case id) and the field. Also the run files'
+helpers (atomic writes, JSON lines, consistency snippets). Standard library only.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,3 +255,46 @@ def file_sha256(path) -> str:
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e}") from None
     return digest.hexdigest()
+
+
+# ------------------------------------------------------------------ run files
+def write_atomic(path: Path, text: str):
+    """Write a whole file or nothing: a temporary file, then an atomic rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: Path, keep=lambda e: True) -> list[dict]:
+    """The entries of a JSON-lines file that `keep` accepts (a torn last line is dropped), and the
+    file rewritten to hold just those."""
+    entries = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    entries = [e for e in entries if keep(e)]
+    write_jsonl(path, entries)
+    return entries
+
+
+def write_jsonl(path: Path, entries):
+    write_atomic(path, "".join(json.dumps(e) + "\n" for e in entries))
+
+
+def append_jsonl(path: Path, entry: dict):
+    with open(path, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def read_snippets(path) -> dict:
+    """{case_id: [reference text, ...]} for consistency; keys may be ints or strings."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"--snippets {path}: {e}") from None
+    if not isinstance(raw, dict) or not all(isinstance(v, list) and all(isinstance(t, str) for t in v)
+                                            for v in raw.values()):
+        raise DataError(f"--snippets {path}: expected an object {{case_id: [text, ...]}}")
+    return {int(k) if k.lstrip("-").isdigit() else k: v for k, v in raw.items()}

@@ -12,7 +12,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import shutil
 import signal
 import sys
@@ -672,17 +671,10 @@ def save_checkpoint(out: Path, state: EditState, model: M.CausalLM, layers):
     state.save(d)
     save_file({model.edit_weight_name(l): model.edit_weight(l).detach().cpu().contiguous()
                for l in layers}, str(d / "weights.safetensors"))
-    write_atomic(out / "latest.json", json.dumps({"checkpoint": d.name, "step": state.step}))
+    data.write_atomic(out / "latest.json", json.dumps({"checkpoint": d.name, "step": state.step}))
     for old in out.glob("ckpt-*"):
         if old != d:
             shutil.rmtree(old)
-
-
-def write_atomic(path: Path, text: str):
-    """Write a whole file or nothing: a temporary file, then an atomic rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def load_checkpoint(out: Path, model: M.CausalLM, device) -> EditState:
@@ -802,7 +794,7 @@ def open_run(a):
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"--out {out} exists and is not empty; choose a new directory or --resume it")
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "config.json", json.dumps(conf, indent=1))
+    data.write_atomic(out / "config.json", json.dumps(conf, indent=1))
     return out, conf, model
 
 
@@ -840,29 +832,6 @@ class DeferInterrupt:
         signal.signal(signal.SIGINT, self.old)
 
 
-def read_jsonl(path: Path, keep=lambda e: True) -> list[dict]:
-    """The entries of a JSON-lines file that `keep` accepts (a torn last line is dropped), and the
-    file rewritten to hold just those."""
-    entries = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    entries = [e for e in entries if keep(e)]
-    write_jsonl(path, entries)
-    return entries
-
-
-def write_jsonl(path: Path, entries):
-    write_atomic(path, "".join(json.dumps(e) + "\n" for e in entries))
-
-
-def append_jsonl(path: Path, entry: dict):
-    with open(path, "a") as f:
-        f.write(json.dumps(entry) + "\n")
-
-
 def general_ability(model, conf, step, n_edits, final=False) -> dict:
     """Held-out perplexity and, with --glue-dir, the zero-shot tasks (eval.py)."""
     r = dict(step=step, edits=n_edits, final=final,
@@ -872,24 +841,12 @@ def general_ability(model, conf, step, n_edits, final=False) -> dict:
     return r
 
 
-def read_snippets(path) -> dict:
-    """{case_id: [reference text, ...]} for consistency; keys may be ints or strings."""
-    try:
-        raw = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"--snippets {path}: {e}") from None
-    if not isinstance(raw, dict) or not all(isinstance(v, list) and all(isinstance(t, str) for t in v)
-                                            for v in raw.values()):
-        raise ValueError(f"--snippets {path}: expected an object {{case_id: [text, ...]}}")
-    return {int(k) if k.lstrip("-").isdigit() else k: v for k, v in raw.items()}
-
-
 def evaluate(model, requests, conf) -> list[dict]:
     """Per-case metrics (and fluency where the data has generation prompts)."""
     with stage("evaluation", "evaluate with fewer requests or a smaller dtype"):
         cases = ev.edit_eval(model, requests)
         if conf["generation"] and any(q.generation_prompts for q in requests):
-            snip = read_snippets(conf["snippets"]) if conf.get("snippets") else None
+            snip = data.read_snippets(conf["snippets"]) if conf.get("snippets") else None
             cases = [c | g for c, g in zip(cases, ev.generation_eval(model, requests, snip, seed=conf["seed"]))]
     return cases
 
@@ -918,7 +875,7 @@ def run(a) -> int:
     if a.save_model and Path(a.save_model).resolve() == Path(conf["model"]).resolve():
         raise ValueError("--save-model must not be the input checkpoint's directory")
     if not (out / "templates.json").exists():
-        write_atomic(out / "templates.json", json.dumps(context_templates(model, conf["seed"])))
+        data.write_atomic(out / "templates.json", json.dumps(context_templates(model, conf["seed"])))
     templates = json.loads((out / "templates.json").read_text())
     corpus = Path(conf["stats_corpus"])
     with stage("the preservation statistics", f"lower --stats-batch-tokens (now {a.stats_batch_tokens})"):
@@ -931,12 +888,12 @@ def run(a) -> int:
         print(f"resuming {out} at step {state.step} ({state.n_edits} edits done)")
     else:
         state = EditState.start(hp.method, hp.layers)
-        write_jsonl(out / "cases_pre.jsonl", evaluate(model, requests, conf))
-        write_jsonl(out / "ability.jsonl", [general_ability(model, conf, 0, 0)])
+        data.write_jsonl(out / "cases_pre.jsonl", evaluate(model, requests, conf))
+        data.write_jsonl(out / "ability.jsonl", [general_ability(model, conf, 0, 0)])
         save_checkpoint(out, state, model, hp.layers)
     logf, abf = out / "log.jsonl", out / "ability.jsonl"
-    read_jsonl(logf, lambda e: e["step"] < state.step)          # drop work after the checkpoint
-    read_jsonl(abf, lambda e: e["step"] <= state.step and not e["final"])
+    data.read_jsonl(logf, lambda e: e["step"] < state.step)          # drop work after the checkpoint
+    data.read_jsonl(abf, lambda e: e["step"] <= state.step and not e["final"])
     if not edit_stream(model, requests, templates, hp, state, C, W0, conf, out, a.checkpoint_every):
         print(f"stopped after step {state.step}; continue with: python lyaplock.py --resume {out}")
         return 130
@@ -962,14 +919,14 @@ def edit_stream(model, requests, templates, hp, state, C, W0, conf, out, every) 
             except (ValueError, FloatingPointError, MemoryError) as e:
                 raise type(e)(f"{e}; the step was abandoned and the run stopped; its last checkpoint "
                               f"(step {saved}) is intact") from None
-            append_jsonl(out / "log.jsonl", log)
+            data.append_jsonl(out / "log.jsonl", log)
             rate = (state.n_edits - done0) / (time.time() - t_start)
             per = " | ".join(f"L{l} PL/D {v['pl'] / v['D']:.3f} z {v['z'] or 1:.2f}" if v["D"] else
                              f"L{l} PL {v['pl']:.4g}" for l, v in log["layers"].items())
             print(f"[{state.n_edits}/{len(requests)}] {rate:.2f} edits/s, ETA "
                   f"{(len(requests) - state.n_edits) / rate:.0f} s | {per}", flush=True)
             if conf["eval_every"] and state.step % conf["eval_every"] == 0 and state.step < n_steps:
-                append_jsonl(out / "ability.jsonl", general_ability(model, conf, state.step, state.n_edits))
+                data.append_jsonl(out / "ability.jsonl", general_ability(model, conf, state.step, state.n_edits))
             if state.step % every == 0 or state.step == n_steps or interrupt.hit:
                 save_checkpoint(out, state, model, hp.layers)
                 saved = state.step
@@ -981,11 +938,11 @@ def edit_stream(model, requests, templates, hp, state, C, W0, conf, out, every) 
 def finish(model, requests, templates, hp, state, conf, out, n_skipped):
     """Score the final model; write cases.jsonl, summary.json/md; print the headline table."""
     cases = evaluate(model, requests, conf)
-    write_jsonl(out / "cases.jsonl", cases)
-    pre = read_jsonl(out / "cases_pre.jsonl")
-    first = read_jsonl(out / "ability.jsonl")[0]
+    data.write_jsonl(out / "cases.jsonl", cases)
+    pre = data.read_jsonl(out / "cases_pre.jsonl")
+    first = data.read_jsonl(out / "ability.jsonl")[0]
     final = general_ability(model, conf, state.step, state.n_edits, final=True)
-    append_jsonl(out / "ability.jsonl", final)
+    data.append_jsonl(out / "ability.jsonl", final)
     strip = lambda r: {k: v for k, v in r.items() if k not in ("step", "edits", "final")}
     summary, summary_pre = ev.summarize(cases) | strip(final), ev.summarize(pre) | strip(first)
     header = dict(method=hp.method, model=conf["model"], n_edits=state.n_edits, batch_size=hp.batch_size,
