@@ -44,9 +44,8 @@ def preservation_loss(W, W0, C) -> float:
 
 
 def solve_system(A, left):
-    """Δ with Δ·A = left for symmetric positive definite A (Cholesky; no inverse). A is
-    overwritten by its factor (no second m×m buffer: 2 GiB at d_mlp = 16384)."""
-    L, info = torch.linalg.cholesky_ex(A, out=(A, torch.empty((), dtype=torch.int32, device=A.device)))
+    """Δ with Δ·A = left for symmetric positive definite A (Cholesky; no inverse)."""
+    L, info = torch.linalg.cholesky_ex(A)
     if info.item() != 0:
         raise ValueError(f"system matrix is not positive definite (leading minor {info.item()}); "
                          "is C full rank and lam > 0?")
