@@ -5,6 +5,7 @@ on random-weight checkpoints of real shapes.
     python bench.py                      # on a GPU: llama3-8b and gptj-6b; on a CPU: tiny, stories
     python bench.py --preset tiny        # the CI smoke test
     python bench.py --preset llama3-8b --device cuda --dtype bfloat16 --json bench.json
+    python bench.py --preset llama3-8b --memory-gib 44.7 --z-batch-tokens 1024   # as on a 48 GB card
 
 Nothing is downloaded: each preset's checkpoint is written in the HF layout with random weights
 (normal, std 0.02) and loaded through model.load, as a user's checkpoint would be.
@@ -155,7 +156,7 @@ def edit_step(m, ckpt, layers, method, C, device, n_edits, seed=0, z_tokens=2048
     return out
 
 
-def run(preset, device, dtype, n_edits, stats_tokens, workdir):
+def run(preset, device, dtype, n_edits, stats_tokens, workdir, z_tokens=2048):
     if preset == "stories":
         ckpt, layers = HERE / "fixtures" / "stories260K-hf", (1, 2)
     else:
@@ -171,7 +172,7 @@ def run(preset, device, dtype, n_edits, stats_tokens, workdir):
     print(f"{preset}: statistics {r['stats']}", flush=True)
     r["steps"] = {}
     for meth in ("lyaplock", "memit", "alphaedit"):
-        r["steps"][meth] = edit_step(m, ckpt, layers, meth, C, device, n_edits)
+        r["steps"][meth] = edit_step(m, ckpt, layers, meth, C, device, n_edits, z_tokens=z_tokens)
         print(f"{preset}: {meth} step {r['steps'][meth]}", flush=True)
     ly = r["steps"]["lyaplock"]
     full_stats = 100_000 * 700 / r["stats"]["tok_s"]
@@ -208,14 +209,18 @@ def main(argv=None):
     p.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=list(M.DTYPES))
     p.add_argument("--edits", type=int, default=100, help="requests in the timed editing step")
     p.add_argument("--stats-tokens", type=int, default=None, help="tokens for the statistics timing")
+    p.add_argument("--z-batch-tokens", type=int, default=2048, help="as lyaplock.py's (memory of the target values)")
+    p.add_argument("--memory-gib", type=float, help="cap this process's GPU memory, e.g. 44.7 to act as a 48 GB card")
     p.add_argument("--json", help="write the results here")
     a = p.parse_args(argv)
+    if a.memory_gib and a.device == "cuda":
+        torch.cuda.set_per_process_memory_fraction(a.memory_gib * 2 ** 30 / torch.cuda.get_device_properties(0).total_memory)
     presets = a.preset or (["llama3-8b", "gptj-6b"] if a.device == "cuda" else ["tiny", "stories"])
     results = []
     with tempfile.TemporaryDirectory() as work:
         for name in presets:
             results.append(run(name, a.device, a.dtype, a.edits,
-                               a.stats_tokens or (33_600 if a.device == "cuda" else 8_400), work))
+                               a.stats_tokens or (33_600 if a.device == "cuda" else 8_400), work, a.z_batch_tokens))
             print(json.dumps(results[-1]), flush=True)
     print(table(results))
     if a.json:
