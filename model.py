@@ -370,11 +370,26 @@ def _open(file: Path, device: str = "cpu"):
         raise CheckpointError(f"{file}: unreadable safetensors file (truncated or corrupt?): {e}") from None
 
 
+def check_device(device) -> torch.device:
+    """The torch device for a --device value, or a ValueError that says why it cannot be used."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: use cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: this machine has no CUDA GPU that torch can use; use --device cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 def load(path, device="cpu", dtype="float32") -> CausalLM:
     """Load config, weights and tokenizer of an HF checkpoint directory. The model is built on the
     meta device and each tensor goes straight to `device` in `dtype`; names and shapes must match
     exactly, and every weight must be finite."""
-    path = Path(path)
+    path, device = Path(path), str(check_device(device))
     if not (path / "config.json").exists():
         raise CheckpointError(f"{path}: config.json is missing (is this an HF checkpoint directory?)")
     try:
@@ -483,7 +498,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     try:
         model = load(a.checkpoint, a.device, a.dtype)
-    except CheckpointError as e:
+    except ValueError as e:          # CheckpointError, a bad --device or --dtype
         raise SystemExit(f"error: {e}")
     ids = model.tokenizer.encode(a.prompt, bos=True if not a.prompt else None)
     if not ids:

@@ -284,6 +284,17 @@ ZSRE_REC = {"subject": "France", "src": "What is the capital of France?", "pred"
             "cond": "Paris >> Rome || What is the capital of France?"}
 
 
+def test_an_unusable_device_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(ValueError, match="device 'tpu': use cpu, cuda or cuda:N"):
+        M.load(STORIES, "tpu")
+    with pytest.raises(ValueError, match="device 'cuda:99'"):      # no GPU here, or not 100 of them
+        M.load(STORIES, "cuda:99")
+    assert L.main(_cli(tmp_path, "--out", str(tmp_path / "run"), "--device", "cuda:99")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: device 'cuda:99'") and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
 def _data_write(tmp_path, obj, name="edits.json"):
     path = tmp_path / name
     path.write_text(obj if isinstance(obj, str) else json.dumps(obj), encoding="utf-8")
