@@ -1081,6 +1081,19 @@ def test_cli_resume_after_an_interruption_gives_the_same_weights_and_log(tmp_pat
     assert strip(whole / "log.jsonl") == strip(part / "log.jsonl")
 
 
+@pytest.mark.parametrize("flag,value,message", [
+    ("--z-batch-tokens", "0", "--z-batch-tokens must be at least 1, got 0"),
+    ("--stats-batch-tokens", "-5", "--stats-batch-tokens must be at least 1, got -5"),
+    ("--batch-size", "0", "--batch-size must be at least 1, got 0"),
+    ("--lam", "0", "--lam must be positive, got 0.0"),
+    ("--layers", "2,1", "--layers 2,1: need increasing layers in 0..4"),
+])
+def test_cli_rejects_bad_settings_with_one_line(tmp_path, capsys, flag, value, message):
+    assert L.main(_cli(tmp_path, "--out", str(tmp_path / "run"), flag, value)) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: {message}\n"
+
+
 def test_cli_resume_refuses_another_configuration(tmp_path, capsys):
     out = tmp_path / "run"
     assert L.main(_cli(tmp_path, "--out", str(out), "--limit", "4")) == 0
