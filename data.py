@@ -12,6 +12,7 @@ helpers (atomic writes, JSON lines, consistency snippets). Standard library only
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -181,12 +182,16 @@ def _read_record(path: Path, i: int, rec, layout: str, seen: dict) -> Request:
 
 
 def _read_text(path: Path, what: str) -> str:
-    """A file's UTF-8 text; any failure is a DataError naming the file."""
+    """A file's UTF-8 text (gzip-compressed if it ends in .gz); any failure is a DataError naming
+    the file."""
     try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                return f.read()
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise DataError(f"{path}: {what} file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except (OSError, UnicodeDecodeError, EOFError) as e:          # gzip.BadGzipFile is an OSError
         raise DataError(f"{path}: cannot read {what} as UTF-8 text: {e}") from None
 
 

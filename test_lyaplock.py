@@ -471,6 +471,19 @@ def test_data_skip_bad_reports_and_limit(tmp_path):
     assert [r.case_id for r in reqs] == [0, 1, 4, 5, 6] and skipped == []  # ids of the file
 
 
+def test_data_gzip_files_load_like_plain_ones(tmp_path):
+    import gzip
+    plain = FIX / "counterfact-easyedit.json"
+    packed = tmp_path / "cf.json.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert load_requests(packed)[0] == load_requests(plain)[0]
+    assert load_requests(FIX / "counterfact-edit.json.gz", limit=300)[0] == load_requests(plain)[0]
+    packed.write_bytes(packed.read_bytes()[:500])                       # truncated
+    _data_error(packed, str(packed), "cannot read data")
+    packed.write_bytes(plain.read_bytes())                              # not gzip at all
+    _data_error(packed, str(packed), "Not a gzipped file")
+
+
 def test_data_read_corpus(tmp_path):
     paragraphs = read_corpus(FIX / "wikitext-2-test-sample.txt")
     assert paragraphs[0].startswith("Robert Boulter is an English film")
@@ -1657,7 +1670,8 @@ def test_gpu_recipe_starts_and_trains_on_cpu(tmp_path):
     full training is for a GPU)."""
     s = dataclasses.replace(TB.SIZES["gpu"], batch_facts=2, batch_text=1, text_len=16)
     m, edit, held, pairs, stream = TB.prepare(s, tmp_path, seed=0)
-    assert len(edit) + len(held) == 6000 and len(pairs) > 14000
+    assert (len(edit), len(held)) == (14000, 3000) and len(pairs) > 40000     # room for 10,000 edits
+    assert not {r.case_id for r in edit} & {r.case_id for r in held}
     assert sum(p.numel() for p in m.parameters()) > 10 * sum(
         p.numel() for p in M.load(FACTMODEL).parameters())
     before = m.model.layers[0].mlp.down_proj.weight.clone()

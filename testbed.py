@@ -40,7 +40,7 @@ import model as M
 from data import Request, load_requests, read_corpus
 
 FIX = Path(__file__).parent / "fixtures"
-HELD_FILE = FIX / "counterfact-train-3000.json"        # held-back records: never edited
+HELD_FILE = FIX / "counterfact-train.json.gz"          # held-back records: never edited
 TEXT_FILE = FIX / "wikitext-2-test-sample.txt"
 BOS, EOS = "<s>", "</s>"
 
@@ -71,13 +71,15 @@ class Size:
     store_share: float = 0.45      # share of the steps in phase 1 (subject cards only)
     store_layer: int = 2           # cards are read out after this layer (the last edit layer)
     swap_prob: float = 0.3         # phase 2: share of prompts whose subject state is swapped
+    more_edit: int = 0             # records to edit beside edit_file's: HELD_FILE's after the held ones
 
 
 SIZES = {
     "ci": Size("counterfact-easyedit.json", 300, 300, 4096, 128, 6, 4, 2, 384,
                steps=1200, batch_facts=64, batch_text=8, text_len=64, lr=2e-3),
-    "gpu": Size("counterfact-edit-3000.json", 3000, 3000, 6144, 512, 8, 8, 4, 1376,
-                steps=8000, batch_facts=256, batch_text=32, text_len=128, lr=1e-3, warmup=300),
+    "gpu": Size("counterfact-edit.json.gz", 10000, 3000, 6144, 512, 8, 8, 4, 1376,   # 14,000 to edit:
+                steps=8000, batch_facts=256, batch_text=32, text_len=128, lr=1e-3, warmup=300,
+                more_edit=4000),                                      # room for a 10,000-edit stream
 }
 
 
@@ -86,8 +88,8 @@ def records(size: str | Size) -> tuple[list[Request], list[Request]]:
     """(records the edit stream will rewrite, held-back records never edited) for a size."""
     s = SIZES[size] if isinstance(size, str) else size
     edit, _ = load_requests(FIX / s.edit_file, limit=s.n_edit)
-    held, _ = load_requests(HELD_FILE, limit=s.n_held)
-    return edit, held
+    train, _ = load_requests(HELD_FILE, limit=s.n_held + s.more_edit)
+    return edit + train[s.n_held:], train[:s.n_held]
 
 
 def facts(requests: list[Request]) -> list[tuple[str, str, str]]:
