@@ -181,7 +181,7 @@ def _read_record(path: Path, i: int, rec, layout: str, seen: dict) -> Request:
     return req
 
 
-def _read_text(path: Path, what: str) -> str:
+def read_text(path: Path, what: str) -> str:
     """A file's UTF-8 text (gzip-compressed if it ends in .gz); any failure is a DataError naming
     the file."""
     try:
@@ -207,7 +207,7 @@ def load_requests(path, skip_bad: bool = False, limit: int | None = None
     """
     path = Path(path)
     try:
-        records = json.loads(_read_text(path, "data"))
+        records = json.loads(read_text(path, "data"))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON: line {e.lineno}, column {e.colno}: {e.msg}") from None
     if not isinstance(records, list) or not records:
@@ -243,7 +243,7 @@ _HEADING = re.compile(r"(= )+.+?( =)+")  # WikiText headings: "= Title =", "= = 
 def read_corpus(path) -> list[str]:
     """A plain-text corpus as paragraphs: the non-empty stripped lines, WikiText headings dropped."""
     path = Path(path)
-    lines = (line.strip() for line in _read_text(path, "corpus").splitlines())
+    lines = (line.strip() for line in read_text(path, "corpus").splitlines())
     paragraphs = [s for s in lines if s and not _HEADING.fullmatch(s)]
     if not paragraphs:
         raise DataError(f"{path}: corpus has no text")

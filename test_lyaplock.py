@@ -1681,6 +1681,18 @@ def test_gpu_recipe_starts_and_trains_on_cpu(tmp_path):
     assert not torch.equal(before, m.model.layers[0].mlp.down_proj.weight)
 
 
+def test_edit_stream_file_holds_the_records_of_both_sources(tmp_path, monkeypatch):
+    """write_edits copies the editable records from the .json.gz files, the train split's extra
+    ones included, unchanged: loading the file gives back the same requests."""
+    s = dataclasses.replace(TB.SIZES["gpu"], n_edit=40, n_held=20, more_edit=30)
+    edit, held = TB.records(s)
+    assert len(edit) == 70 and len(held) == 20
+    keep = edit[::3]
+    monkeypatch.setattr(TB, "editable", lambda m, e, h: keep)       # the model's choice, fixed
+    TB.write_edits(tmp_path / "edits.json", None, s, edit, held)
+    assert load_requests(tmp_path / "edits.json")[0] == keep
+
+
 def test_committed_ci_fact_model_knows_its_facts(factmodel):
     """The fixture trained by `python testbed.py train --size ci` knows >= 95% of its
     training facts, both of the records to edit and of the held-back ones, and ships its

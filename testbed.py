@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 import eval as E
 import lyaplock as L
 import model as M
-from data import Request, load_requests, read_corpus
+from data import Request, load_requests, read_corpus, read_text
 
 FIX = Path(__file__).parent / "fixtures"
 HELD_FILE = FIX / "counterfact-train.json.gz"          # held-back records: never edited
@@ -361,7 +361,8 @@ def write_corpus(path: Path, fact_list) -> None:
 def write_edits(path: Path, m: M.CausalLM, s: Size, edit, held) -> None:
     """The edit stream for this model: the records of `editable`, in their file's own layout."""
     ids = {r.case_id for r in editable(m, edit, held)}
-    raw = json.loads((FIX / s.edit_file).read_text())
+    raw = (json.loads(read_text(FIX / s.edit_file, "data"))[:s.n_edit]          # as `records` reads them
+           + json.loads(read_text(HELD_FILE, "data"))[s.n_held:s.n_held + s.more_edit])
     path.write_text(json.dumps([x for x in raw if x["case_id"] in ids], indent=1) + "\n")
 
 
