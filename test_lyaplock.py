@@ -1757,6 +1757,24 @@ def test_testbed_lyaplock_retains_more_facts_than_memit(claim_run):
     assert ly["efficacy"] >= LYAPLOCK_EFFICACY
 
 
+def test_testbed_experiment_report_survives_a_stop_after_the_first_point(claim_run):
+    """The report is rewritten at every evaluation point, so a run stopped early (a GPU time
+    limit) leaves its table and figures so far."""
+    out, _ = claim_run
+
+    class Stop(Exception):
+        pass
+
+    def log(line):
+        raise Stop(line)
+    with pytest.raises(Stop, match="lyaplock +10 edits"):
+        TB.experiment(FACTMODEL, 20, 10, ("lyaplock", "memit"), eval_every=1, out=out / "early",
+                      stats_cache=out / "c", log=log)
+    r = json.loads((out / "early" / "result.json").read_text())
+    assert list(r["methods"]) == ["lyaplock"] and [p["edits"] for p in r["methods"]["lyaplock"]["points"]] == [10]
+    assert "| lyaplock | 10 |" in (out / "early" / "table.md").read_text()
+
+
 def test_testbed_experiment_writes_table_and_figures(claim_run):
     import xml.etree.ElementTree as ET
     out, r = claim_run

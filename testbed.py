@@ -474,6 +474,7 @@ def experiment(model_dir, n_edits: int, batch_size: int, methods=("lyaplock", "m
         W0 = {l: m.edit_weight(l).clone() for l in layers}
         state, steps, points = L.EditState.start(method, layers), [], []
         t0 = time.time()
+        result["methods"][method] = run = dict(steps=steps, points=points, seconds=0.0, hparams=asdict(hp))
         for s in range(-(-n_edits // batch_size)):
             batch = stream[s * batch_size:(s + 1) * batch_size]
             steps.append(json.loads(json.dumps(L.edit_batch(m, batch, templates, hp, state, C, W0))))
@@ -483,12 +484,11 @@ def experiment(model_dir, n_edits: int, batch_size: int, methods=("lyaplock", "m
                                    generalization=cases["generalization"], specificity=cases["specificity"],
                                    retention=100 * fact_accuracy(m, held_facts),
                                    perplexity=E.perplexity(m, heldout)))
+                run["seconds"] = time.time() - t0
+                if out:            # the report so far: a run stopped early (a time limit) keeps it
+                    write_report(result, Path(out))
                 log(f"{method:>9} {state.n_edits:>5} edits  " + "  ".join(
-                    f"{k} {v:.1f}" for k, v in points[-1].items() if k != "edits") + f"  ({time.time() - t0:.0f} s)")
-        result["methods"][method] = dict(steps=steps, points=points, seconds=time.time() - t0,
-                                         hparams=asdict(hp))
-    if out:
-        write_report(result, Path(out))
+                    f"{k} {v:.1f}" for k, v in points[-1].items() if k != "edits") + f"  ({run['seconds']:.0f} s)")
     return result
 
 
