@@ -422,8 +422,7 @@ def compute_z(model: M.CausalLM, rows: list[Row], n_req: int, layer: int, hp: HP
     bounded. Returns (z* (n, d) float32, info)."""
     dev = model.embed.weight.device
     chunks = _chunks(model, rows, layer, max_tokens)
-    n_rw = torch.zeros(n_req, device=dev).index_add_(0, torch.tensor(
-        [r.req for r in rows if r.targets], device=dev), torch.ones(sum(bool(r.targets) for r in rows), device=dev))
+    n_rw = torch.bincount(torch.tensor([r.req for r in rows if r.targets], device=dev), minlength=n_req).float()
     where = {i: (c, b) for c in chunks for b, i in enumerate(c.rows)}
     firsts = [where[next(i for i, r in enumerate(rows) if r.req == j)] for j in range(n_req)]
     h_init = torch.stack([c.h0[b, c.look[b]] for c, b in firsts]).float()       # (n, d), δ = 0
@@ -492,9 +491,9 @@ def keys_and_outputs(model: M.CausalLM, rows: list[Row], templates, layer: int, 
 def stats_sequences(tok, texts, n_tokens: int, max_len: int = 256) -> list[list[int]]:
     """Each paragraph encoded alone (with BOS where the model uses one), cut to max_len, taken
     in order until exactly n_tokens tokens (the last one shortened); n_tokens 0: all of them."""
-    seqs, total, want = [], 0, n_tokens or float("inf")
+    seqs, total, want = [], 0, n_tokens or sys.maxsize
     for t in texts:
-        ids = tok.encode(t)[:max_len][:want - total] if n_tokens else tok.encode(t)[:max_len]
+        ids = tok.encode(t)[:max_len][:want - total]
         if ids:
             seqs.append(ids)
             total += len(ids)
@@ -750,11 +749,7 @@ def resolve(a, model: M.CausalLM) -> dict:
             raise ValueError(f"--layers {a.layers}: need increasing layers in 0..{model.cfg.n_layers - 1}")
     for k, v in (("alpha", a.alpha), ("lam", a.lam), ("V", a.v)):
         if v is not None:
-            if not v > 0:
-                raise ValueError(f"--{k.lower()} must be positive, got {v}")
             setattr(hp, k, v)
-    if a.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {a.batch_size}")
     hp.batch_size = a.batch_size
     return dict(model=str(Path(a.model).resolve()), model_config_sha256=data.file_sha256(
         Path(a.model) / "config.json"), edits=str(Path(a.edits).resolve()),
@@ -766,13 +761,21 @@ def resolve(a, model: M.CausalLM) -> dict:
         snippets=a.snippets and str(Path(a.snippets).resolve()))
 
 
+def check_settings(a):
+    """Numeric flags out of range: a ValueError naming the flag, before any work."""
+    for name in ("batch_size", "z_batch_tokens", "stats_batch_tokens", "checkpoint_every"):
+        if getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
+    for name in ("alpha", "lam", "v"):
+        if getattr(a, name) is not None and not getattr(a, name) > 0:
+            raise ValueError(f"--{name} must be positive, got {getattr(a, name)}")
+
+
 def open_run(a):
     """(run directory, configuration, model): a new run, or the one --resume names, whose
     configuration the command line (if it names a model) must repeat."""
+    check_settings(a)
     saved = None
-    for name in ("z_batch_tokens", "stats_batch_tokens"):
-        if getattr(a, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
     if a.resume:
         try:
             saved = json.loads((Path(a.resume) / "config.json").read_text())
@@ -780,16 +783,14 @@ def open_run(a):
             raise ValueError(f"--resume {a.resume}: not a run directory (config.json: {e})") from None
     with stage("loading the model", "use --dtype bfloat16 or a larger GPU"):
         model = M.load(a.model or saved["model"], a.device, saved["dtype"] if saved and not a.model else a.dtype)
-    here = {"device": a.device, "z_batch_tokens": a.z_batch_tokens}   # may change on resume
-    if saved and not a.model:
-        return Path(a.resume), saved | here, model
-    conf = resolve(a, model)
     if saved:
-        was, now = (ev.flat({k: c.get(k) for k in RESUME_KEYS}) for c in (saved, conf))
-        if diff := [f"{k}: {was.get(k)!r} in the run, {now.get(k)!r} now" for k in was | now
-                    if was.get(k) != now.get(k)]:
-            raise ValueError(f"--resume {a.resume}: the configuration differs: " + "; ".join(diff))
-        return Path(a.resume), saved | here, model
+        if a.model:
+            was, now = (ev.flat({k: c.get(k) for k in RESUME_KEYS}) for c in (saved, resolve(a, model)))
+            if diff := [f"{k}: {was.get(k)!r} in the run, {now.get(k)!r} now" for k in was | now
+                        if was.get(k) != now.get(k)]:
+                raise ValueError(f"--resume {a.resume}: the configuration differs: " + "; ".join(diff))
+        return Path(a.resume), saved | {"device": a.device, "z_batch_tokens": a.z_batch_tokens}, model
+    conf = resolve(a, model)
     out = Path(a.out) if a.out else new_run_dir()
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"--out {out} exists and is not empty; choose a new directory or --resume it")

@@ -1099,6 +1099,7 @@ def test_cli_resume_after_an_interruption_gives_the_same_weights_and_log(tmp_pat
     ("--stats-batch-tokens", "-5", "--stats-batch-tokens must be at least 1, got -5"),
     ("--batch-size", "0", "--batch-size must be at least 1, got 0"),
     ("--lam", "0", "--lam must be positive, got 0.0"),
+    ("--checkpoint-every", "0", "--checkpoint-every must be at least 1, got 0"),
     ("--layers", "2,1", "--layers 2,1: need increasing layers in 0..4"),
 ])
 def test_cli_rejects_bad_settings_with_one_line(tmp_path, capsys, flag, value, message):
@@ -1762,14 +1763,11 @@ def test_testbed_experiment_report_survives_a_stop_after_the_first_point(claim_r
     limit) leaves its table and figures so far."""
     out, _ = claim_run
 
-    class Stop(Exception):
-        pass
-
-    def log(line):
-        raise Stop(line)
-    with pytest.raises(Stop, match="lyaplock +10 edits"):
+    def stop(line):
+        raise RuntimeError(line)
+    with pytest.raises(RuntimeError, match="lyaplock +10 edits"):
         TB.experiment(FACTMODEL, 20, 10, ("lyaplock", "memit"), eval_every=1, out=out / "early",
-                      stats_cache=out / "c", log=log)
+                      stats_cache=out / "c", log=stop)
     r = json.loads((out / "early" / "result.json").read_text())
     assert list(r["methods"]) == ["lyaplock"] and [p["edits"] for p in r["methods"]["lyaplock"]["points"]] == [10]
     assert "| lyaplock | 10 |" in (out / "early" / "table.md").read_text()

@@ -371,7 +371,8 @@ def train(out_dir, size: str = "ci", seed: int = 0, device: str = "cpu", steps: 
     """Train the fact model of `size` and write it to `out_dir` (HF layout + training.json)."""
     t0, s, out = time.time(), SIZES[size], Path(out_dir)
     steps = s.steps if steps is None else steps
-    if torch.device(device).type == "cuda":   # TF32 matmuls: the gpu size is ~13 PFLOP of float32 training
+    tf32 = torch.device(device).type == "cuda"     # TF32 matmuls: the gpu size is ~13 PFLOP of float32 training
+    if tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     m, edit, held, pairs, stream = prepare(s, out, seed, device)
     n_params, cards = sum(p.numel() for p in m.parameters()), subject_cards(pairs)
@@ -386,7 +387,7 @@ def train(out_dir, size: str = "ci", seed: int = 0, device: str = "cpu", steps: 
             "parameters": n_params, "n_edit_records": len(edit), "n_held_records": len(held),
             "n_facts": len(pairs), "n_cards": len(cards), "text_tokens": len(stream),
             "final_loss": round(final_loss, 4), "fact_accuracy": acc, "device": str(device),
-            "tf32": torch.device(device).type == "cuda", "torch": torch.__version__,
+            "tf32": tf32, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "recipe": asdict(s)}
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     log(f"fact accuracy {acc:.4f}  ({info['seconds']} s)  -> {out}")
