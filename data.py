@@ -17,12 +17,17 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 
 class DataError(ValueError):
     """A data file or record that cannot be used."""
+
+
+class DataWarning(UserWarning):
+    """A record that is used, but with a choice the user should know about."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,9 @@ class _Where:
             raise self.error(key, f'contains "{{}}" already: {text!r}')
         if subject not in text:
             raise self.error(key, f"subject {subject!r} does not occur in prompt {text!r}")
+        if text.count(subject) > 1:
+            warnings.warn(str(self.error(key, f"subject {subject!r} occurs {text.count(subject)} times in "
+                                              f"{text!r}; the first occurrence is edited")), DataWarning)
         return text.replace(subject, "{}", 1)
 
 

@@ -8,7 +8,10 @@ run checkpoints, and the command. Equation tags (E1..E14) refer to docs/LYAPLOCK
 ([d_out, d_in]); keys K1 (m, n) as columns; residuals R (d, n); statistics C (m, m).
 All algebra runs in float64 on the inputs' device.
 """
+from __future__ import annotations
+
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -16,9 +19,11 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -28,7 +33,7 @@ import data
 import eval as ev
 import model as M
 
-METHODS = ("lyaplock", "memit", "alphaedit")
+DEFAULT_CORPUS = Path(__file__).parent / "fixtures" / "wikitext-2-test-sample.txt"   # statistics text
 
 
 # ----------------------------------------------------------------------------- the math
@@ -148,125 +153,68 @@ def remember(ls: LayerState, K1, W_new=None):
         ls.S_VK = WK @ K1.T if ls.S_VK is None else ls.S_VK.addmm_(WK, K1.T)     # E7
 
 
-def step_layer(W, W0, C, K1, R, ls: LayerState, method="lyaplock", lam=15.0, alpha=1.0,
-               V=1.0, b=0.0, l2=10.0):
-    """One layer's part of an editing step: solve → W + Δ → PL → queue → memory.
+# ----------------------------------------------------------------------------- the methods
 
-    Returns (W_new, PL(W_new)); W_new has W's dtype and device, ls is updated in place.
-    """
-    if method == "lyaplock":
-        # z = ls.z is the queue after the previous step's PL (drift-plus-penalty decides step t
-        # with Z(t)). Step 0 is the authors' calibration step: z = 1 and V = 1 (their code
-        # ignores V there; the paper does not single it out), i.e. MEMIT (E10).
-        first = ls.D_base is None
-        delta = solve_lyaplock(W, W0, C, K1, R, ls.S_KK, ls.S_VK, ls.z, lam, 1.0 if first else V)
-    elif method == "memit":
-        delta = solve_memit(K1, R, C, lam)
-    elif method == "alphaedit":
-        if ls.P is None:
-            ls.P = alphaedit_projector(C)
-        delta = solve_alphaedit(K1, R, ls.P, ls.S_KK, l2)
-    else:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+@dataclass(frozen=True)
+class Method:
+    """One row of the comparison. Every method shares the locate step, the statistics, the
+    evaluation and the run directory; only this differs: how a layer's keys K1 and residual R
+    become an update, and what the method carries from step to step."""
+    solve: Callable                    # (W, W0, C, K1, R, ls, hp) -> Δ (d, m), float64
+    memory: tuple = ()                 # edit memory kept in the LayerState: "S_KK", "S_VK" (E7)
+    queue: bool = False                # LyapLock's virtual queue (E13) weighs the solve
+    mask: Callable | None = None       # (Δ, W) -> Δ, applied after the solve (RECT)
+    restrain: Callable | None = None   # (W, W0) -> W, applied to a copy to evaluate (PRUNE)
+    locate: str = "memit"              # "memit": z* at the last edit layer, spread over the
+                                       # layers (E4-E6); "rome": one layer, one request per update
+
+
+def lyaplock_step(W, W0, C, K1, R, ls: LayerState, hp) -> torch.Tensor:
+    """E9 with the queue value after the previous step (drift-plus-penalty decides step t with
+    Z(t)). Step 0 is the authors' calibration step: z = 1 and V = 1 (their code ignores V there;
+    the paper does not single it out), i.e. MEMIT (E10)."""
+    V = 1.0 if ls.D_base is None else hp.V
+    return solve_lyaplock(W, W0, C, K1, R, ls.S_KK, ls.S_VK, ls.z, hp.lam, V)
+
+
+def memit_step(W, W0, C, K1, R, ls: LayerState, hp) -> torch.Tensor:
+    return solve_memit(K1, R, C, hp.lam)                                           # E10
+
+
+def alphaedit_step(W, W0, C, K1, R, ls: LayerState, hp) -> torch.Tensor:
+    if ls.P is None:
+        ls.P = alphaedit_projector(C)                                              # E11
+    return solve_alphaedit(K1, R, ls.P, ls.S_KK, hp.l2)                            # E12
+
+
+METHODS = {
+    "lyaplock": Method(lyaplock_step, memory=("S_KK", "S_VK"), queue=True),
+    "memit": Method(memit_step),                  # memoryless: E10 on the current W each step
+    "alphaedit": Method(alphaedit_step, memory=("S_KK",)),
+}
+
+
+def method_of(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def step_layer(W, W0, C, K1, R, ls: LayerState, hp) -> tuple[torch.Tensor, float]:
+    """One layer's part of an editing step: solve → W + Δ → PL → queue → memory, for the method
+    hp.method with the hyper-parameters hp (an HParams). Returns (W_new, PL(W_new)); W_new has
+    W's dtype and device; ls is updated in place."""
+    method = method_of(hp.method)
+    delta = method.solve(W, W0, C, K1, R, ls, hp)
+    if method.mask is not None:
+        delta = method.mask(delta, W)
     W_new = W + delta.to(W.dtype)                         # as the authors: cast Δ, then add
     pl = preservation_loss(W_new, W0, C)
-    if method == "lyaplock":
-        update_queue(ls, pl, alpha, b)
-        remember(ls, K1, W_new)
-    elif method == "alphaedit":
-        remember(ls, K1)                                  # E12: S_KK += K1K1ᵀ
+    if method.queue:
+        update_queue(ls, pl, hp.alpha)
+    if method.memory:
+        remember(ls, K1, W_new if "S_VK" in method.memory else None)              # E7
     return W_new, pl
-
-
-_QUEUE = ("D_base", "Z", "a", "zmax")
-_MEMORY = {"lyaplock": ("S_KK", "S_VK"), "alphaedit": ("S_KK",), "memit": ()}
-
-
-@dataclass
-class EditState:
-    """Everything that lives across editing steps; save()/load() as safetensors + JSON."""
-    method: str
-    layers: dict[int, LayerState]
-    step: int = 0       # editing steps (batches) done
-    n_edits: int = 0    # requests edited so far
-
-    @classmethod
-    def start(cls, method: str, layers) -> "EditState":
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-        return cls(method, {int(l): LayerState() for l in layers})
-
-    def finish_step(self, n_requests: int):
-        self.step += 1
-        self.n_edits += n_requests
-
-    def save(self, directory):
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        layers = {str(l): {k: getattr(ls, k) for k in _QUEUE} for l, ls in self.layers.items()}
-        tensors = {f"{l}.{k}": getattr(ls, k).detach().cpu().contiguous()
-                   for l, ls in self.layers.items() for k in _MEMORY[self.method]
-                   if getattr(ls, k) is not None}
-        save_file(tensors, str(d / "state.safetensors"))
-        meta = dict(method=self.method, step=self.step, n_edits=self.n_edits, layers=layers)
-        (d / "state.json").write_text(json.dumps(meta, indent=1))
-
-    @classmethod
-    def load(cls, directory, device="cpu") -> "EditState":
-        d = Path(directory)
-        try:
-            meta = json.loads((d / "state.json").read_text())
-            tensors = load_file(str(d / "state.safetensors"), device=device)
-        except (OSError, ValueError, SafetensorError) as e:
-            raise ValueError(f"cannot read edit state in {d}: {e}") from e
-        return cls._from(meta, tensors, d)
-
-    @classmethod
-    def _from(cls, meta, tensors, d) -> "EditState":
-        """Rebuild and validate a saved state; every problem is a ValueError naming it."""
-        def bad(msg):
-            raise ValueError(f"edit state in {d}: {msg}")
-        if not isinstance(meta, dict) or {"method", "step", "n_edits", "layers"} - set(meta):
-            bad("state.json lacks method/step/n_edits/layers")
-        method = meta["method"]
-        if method not in METHODS:
-            bad(f"unknown method {method!r}")
-        if not all(type(meta[k]) is int and meta[k] >= 0 for k in ("step", "n_edits")):
-            bad("step and n_edits must be non-negative integers")
-        if not isinstance(meta["layers"], dict) or not all(l.isdigit() for l in meta["layers"]):
-            bad("layers must map layer numbers to queue fields")
-        layers, seen = {}, set()
-        for l, q in meta["layers"].items():
-            if not isinstance(q, dict) or set(q) != set(_QUEUE):
-                bad(f"layer {l}: queue fields must be exactly {_QUEUE}")
-            vals = [q[k] for k in _QUEUE]
-            if not (all(v is None for v in vals)
-                    or all(isinstance(v, float) and v > 0 for v in vals)):
-                bad(f"layer {l}: queue fields must be all null or all positive floats, got {q}")
-            names = [f"{l}.{k}" for k in _MEMORY[method]]
-            have = [n in tensors for n in names]
-            calibrated = vals[0] is not None
-            if len(set(have)) > 1 or (method == "lyaplock" and any(have) != calibrated):
-                bad(f"layer {l}: memory tensors {names} must all be present exactly when "
-                    f"the layer has been edited (present: {have}, D_base: {q['D_base']})")
-            ls = LayerState(**q, **{k: tensors.get(n) for k, n in zip(_MEMORY[method], names)})
-            _check_memory(ls, lambda m: bad(f"layer {l}: {m}"))
-            layers[int(l)] = ls
-            seen.update(names)
-        if set(tensors) - seen:
-            bad(f"unexpected tensors {sorted(set(tensors) - seen)}")
-        return cls(method, layers, meta["step"], meta["n_edits"])
-
-
-def _check_memory(ls: LayerState, bad):
-    """S_KK must be float64 (m, m); S_VK float64 (d, m) with the same m."""
-    for name, t in (("S_KK", ls.S_KK), ("S_VK", ls.S_VK)):
-        if t is not None and (t.dtype != torch.float64 or t.dim() != 2):
-            bad(f"{name} must be a 2-D float64 tensor, got {t.dtype} {tuple(t.shape)}")
-    if ls.S_KK is not None and ls.S_KK.shape[0] != ls.S_KK.shape[1]:
-        bad(f"S_KK must be square, got {tuple(ls.S_KK.shape)}")
-    if ls.S_VK is not None and (ls.S_KK is None or ls.S_VK.shape[1] != ls.S_KK.shape[0]):
-        bad(f"S_VK {tuple(ls.S_VK.shape)} does not match S_KK")
 
 
 # ----------------------------------------------------------------------------- hyper-parameters
@@ -469,6 +417,21 @@ def key_rows(tok, requests, templates) -> list[Row]:
             for r, q in enumerate(requests) for group in templates for t in group]
 
 
+def longest_input(tok, q, templates, generation_tokens: int = 0) -> tuple[str, int]:
+    """The longest sequence a request puts through the model (editing, scoring, generation):
+    (what it is, its length in tokens)."""
+    n_target = max(len(ev.target_ids(tok, t)) for t in (q.target_new, q.target_true or q.target_new,
+                                                            *q.neighborhood_answers))
+    found = [("rewrite prompt in a context template, with its target",
+              len(tok.encode(t.replace("{}", q.rewrite_prompt(), 1))) + n_target)
+             for group in templates for t in group]
+    found += [("paraphrase or neighbourhood prompt with its target", len(tok.encode(p)) + n_target)
+              for p in (*q.paraphrase_prompts, *q.neighborhood_prompts)]
+    found += [(f"generation prompt with {generation_tokens} new tokens", len(tok.encode(p)) + generation_tokens)
+              for p in q.generation_prompts if generation_tokens]
+    return max(found, key=lambda f: f[1])
+
+
 def keys_and_outputs(model: M.CausalLM, rows: list[Row], templates, layer: int, z_layer: int):
     """K1 at `layer` (E5: mean within each template group, then across groups) and the current
     output of z_layer at the bare prompts (the "{}" group), in one forward pass."""
@@ -599,42 +562,49 @@ def load_or_collect_stats(model, model_path, corpus, n_tokens, layers, cache_dir
     return C
 
 
+stats = sys.modules[__name__]   # TEMP: until the statistics module lands
+
+
 # ----------------------------------------------------------------------------- one editing step
 
 def edit_batch(model: M.CausalLM, requests, templates, hp: HParams, state: EditState, C, W0,
                z_tokens: int = 2048) -> dict:
     """One step t: target values (E4) at the last edit layer, then for each edit layer in order
-    keys (E5), residual (E6), the solve and the queue (step_layer). Returns the step's log.
-    z_tokens bounds the tokens per forward/backward pass of the target values (memory)."""
-    tok, z_layer, n = model.tokenizer, hp.layers[-1], len(hp.layers)
-    clock = Clock(model.embed.weight.device)
-    zs, info = compute_z(model, z_rows(tok, requests, templates), len(requests), z_layer, hp, z_tokens)
-    _check_finite(step=state.step, layer=z_layer, requests=requests, **{"target values": zs})
-    rows, log = key_rows(tok, requests, templates), dict(step=state.step, layers={})
+    keys (E5), residual (E6), the solve, the queue and the memory (update_layer). Returns the
+    step's log. z_tokens bounds the tokens per pass of the target-value optimisation (memory)."""
+    clock, where = Clock(model.embed.weight.device), Where(state.step, requests)
+    z_layer, n = hp.layers[-1], len(hp.layers)
+    zs, _ = compute_z(model, z_rows(model.tokenizer, requests, templates), len(requests), z_layer, hp, z_tokens)
+    where.check_finite(z_layer, **{"target values": zs})
     clock.lap("z")
+    rows, layers = key_rows(model.tokenizer, requests, templates), {}
     for i, layer in enumerate(hp.layers):
-        K, cur = keys_and_outputs(model, rows, templates, layer, z_layer)
+        K, cur = keys_and_outputs(model, rows, templates, layer, z_layer)          # E5
         R = f64(zs - cur) / (n - i)             # E6: formed in float32 first, as the authors
-        W = model.edit_weight(layer)
-        _check_finite(step=state.step, layer=layer, keys=K, residual=R, requests=requests)
+        where.check_finite(layer, keys=K, residual=R)
         clock.lap("keys")
-        try:
-            W_new, pl = step_layer(W, W0[layer], C[layer], K.T, R.T, state.layers[layer], hp.method,
-                                   hp.lam, hp.alpha, hp.V, l2=hp.l2)
-        except ValueError as e:   # e.g. a failed Cholesky: say where, write nothing more
-            ids = ", ".join(str(q.case_id) for q in requests)
-            raise ValueError(f"step {state.step}, layer {layer} (case ids {ids}): {e}") from None
-        _check_finite(step=state.step, layer=layer, requests=requests, update=W_new,
-                      **{"preservation loss": torch.tensor(pl)})
-        W.copy_(W_new)
-        ls = state.layers[layer]
-        D = hp.alpha * ls.D_base if ls.D_base is not None else None
-        log["layers"][layer] = dict(pl=pl, D=D, z=ls.z if hp.method == "lyaplock" else None)
+        layers[layer] = update_layer(model, layer, K.T, R.T, hp, state, C, W0, where)
         clock.lap("solve")
-    log.update({f"seconds_{k}": v for k, v in clock.laps.items()})
     state.finish_step(len(requests))
-    log.update(edits=state.n_edits, seconds=sum(clock.laps.values()))
-    return log
+    return step_log(state, layers, clock)
+
+
+def update_layer(model, layer, K1, R, hp: HParams, state: EditState, C, W0, where) -> dict:
+    """Solve, check and write one layer's update (step_layer); its log entry (pl, D, z)."""
+    W, ls = model.edit_weight(layer), state.layers[layer]
+    try:
+        W_new, pl = step_layer(W, W0[layer], C[layer], K1, R, ls, hp)
+    except ValueError as e:   # e.g. a failed Cholesky: say where, write nothing more
+        raise ValueError(f"step {where.step}, layer {layer} (case ids {where.ids}): {e}") from None
+    where.check_finite(layer, update=W_new, **{"preservation loss": torch.tensor(pl)})
+    W.copy_(W_new)
+    queue = method_of(hp.method).queue
+    return dict(pl=pl, D=hp.alpha * ls.D_base if queue else None, z=ls.z if queue else None)
+
+
+def step_log(state: EditState, layers: dict, clock: "Clock") -> dict:
+    return dict(step=state.step - 1, layers=layers, **{f"seconds_{k}": v for k, v in clock.laps.items()},
+                edits=state.n_edits, seconds=sum(clock.laps.values()))
 
 
 class Clock:
@@ -651,26 +621,250 @@ class Clock:
         self.t = t
 
 
-def _check_finite(step, layer, requests, **tensors):
+@dataclass
+class Where:
+    """The step and requests an error message names."""
+    step: int
+    requests: list
+
+    @property
+    def ids(self) -> str:
+        return ", ".join(str(q.case_id) for q in self.requests)
+
+    def check_finite(self, layer, **tensors):
+        for name, t in tensors.items():
+            if not bool(torch.isfinite(t).all()):
+                raise FloatingPointError(f"step {self.step}, layer {layer}: non-finite {name} "
+                                         f"(case ids {self.ids})")
+
+
+# ----------------------------------------------------------------------------- the Python API
+
+class Editor:
+    """The library's front door: one model, edited step after step, and everything that edits it.
+
+        import data, lyaplock
+        editor = lyaplock.Editor.open("fixtures/factmodel-ci", lam=30, alpha=10,
+                                      stats_corpus="fixtures/factmodel-ci/corpus.txt")
+        requests, _ = data.load_requests("fixtures/factmodel-ci/edits.json", limit=20)
+        editor.edit(requests[:10])          # one step; returns its log (PL, D, z per layer)
+        editor.edit(requests[10:])          # the next step sees the edited model
+        editor.state.layers[2].z            # the queue of layer 2
+        editor.evaluate(requests)           # efficacy, generalization, ... (×100)
+        editor.save("edited-model")         # an HF checkpoint in the input's layout
+
+    `editor.model` is edited in place, as a sequential editor must: every `edit` builds on the
+    previous ones. `editor.W0` holds the original edit weights; `reset()` puts them back and
+    starts a fresh state. For PRUNE-style methods (a `restrain` rule) `evaluate` and `save` see
+    the restrained weights while the stream itself continues unrestrained.
+    """
+
+    def __init__(self, model: M.CausalLM, hparams: HParams, C: dict, templates, model_path=None,
+                 z_batch_tokens: int = 2048, state: EditState | None = None):
+        self.model, self.hparams, self.C, self.templates = model, hparams, C, templates
+        self.model_path, self.z_batch_tokens = model_path, z_batch_tokens
+        self.W0 = {l: model.edit_weight(l).detach().clone() for l in hparams.layers}
+        self.state = state or EditState.start(hparams.method, hparams.layers)
+
+    @classmethod
+    def open(cls, model_path, method: str = "lyaplock", *, device: str = "cpu", dtype: str = "float32",
+             stats_corpus=None, stats_tokens: int = 0, stats_cache="runs/stats-cache", seed: int = 0,
+             z_batch_tokens: int = 2048, log=lambda *a, **k: None, **hparams) -> "Editor":
+        """Load a checkpoint, its preset (hparams overrides any field of HParams), context
+        templates (seeded) and statistics (cached)."""
+        model = M.load(model_path, device, dtype)
+        hp = with_overrides(preset(model.cfg, method), **hparams)
+        C = stats.load_or_collect_stats(model, model_path, stats_corpus or DEFAULT_CORPUS, stats_tokens,
+                                        hp.layers, stats_cache, log=log)
+        return cls(model, hp, C, context_templates(model, seed), model_path, z_batch_tokens)
+
+    def edit(self, requests) -> dict:
+        """One editing step with all `requests`; returns the step's log."""
+        return edit_batch(self.model, list(requests), self.templates, self.hparams, self.state, self.C,
+                          self.W0, self.z_batch_tokens)
+
+    @contextmanager
+    def restrained(self):
+        """The weights a user of this method gets (PRUNE: W0 + restrain(W − W0)), for the block."""
+        restrain = method_of(self.hparams.method).restrain
+        if restrain is None:
+            yield self.model
+            return
+        stream = {l: self.model.edit_weight(l).detach().clone() for l in self.hparams.layers}
+        try:
+            for l, W in stream.items():
+                self.model.edit_weight(l).copy_(restrain(W, self.W0[l]))
+            yield self.model
+        finally:
+            for l, W in stream.items():
+                self.model.edit_weight(l).copy_(W)
+
+    def evaluate(self, requests, generation: bool = False, snippets=None, seed: int = 0) -> dict:
+        """Means over the requests (×100): CounterFact or zsRE metrics, with fluency (and
+        consistency, given snippets) when `generation`."""
+        with self.restrained():
+            return ev.summarize(score_cases(self.model, list(requests), generation, snippets, seed))
+
+    def save(self, directory):
+        """The edited model as an HF checkpoint in the input's own layout."""
+        if self.model_path is None:
+            raise ValueError("this Editor was built without a model_path to copy the checkpoint from")
+        with self.restrained():
+            M.save(self.model_path, directory, edit_tensors(self.model, self.hparams.layers))
+
+    def reset(self):
+        """The original weights back, and a fresh state (queues and memory)."""
+        for l, W in self.W0.items():
+            self.model.edit_weight(l).copy_(W)
+        self.state = EditState.start(self.hparams.method, self.hparams.layers)
+
+
+def with_overrides(hp: HParams, **changes) -> HParams:
+    """hp with the given fields changed (unknown names and bad values are errors)."""
+    names = {f.name for f in fields(HParams)}
+    if unknown := sorted(set(changes) - names):
+        raise ValueError(f"unknown hyper-parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    hp = replace(hp, **{k: v for k, v in changes.items() if v is not None})
+    hp.layers = tuple(hp.layers)
+    method_of(hp.method)
+    return hp
+
+
+def edit_tensors(model: M.CausalLM, layers) -> dict:
+    """{checkpoint name: tensor as stored} of the edit weights."""
+    return {model.edit_weight_name(l): model.edit_weight(l) for l in layers}
+
+
+def load_edit_tensors(model: M.CausalLM, tensors: dict):
+    """Copy {checkpoint name: tensor as stored} into the model's edit weights."""
+    names = {model.edit_weight_name(l): l for l in range(model.cfg.n_layers)}
     for name, t in tensors.items():
-        if not bool(torch.isfinite(t).all()):
-            ids = ", ".join(str(q.case_id) for q in requests)
-            raise FloatingPointError(f"step {step}, layer {layer}: non-finite {name} "
-                                     f"(case ids {ids})")
+        model.edit_weight(names[name]).copy_(t)
+
+
+def score_cases(model, requests, generation: bool, snippets=None, seed: int = 0) -> list[dict]:
+    """Per-case metrics (and fluency where the data has generation prompts)."""
+    with stage("evaluation", "evaluate with fewer requests or a smaller dtype"):
+        cases = ev.edit_eval(model, requests)
+        if generation and any(q.generation_prompts for q in requests):
+            cases = [c | g for c, g in zip(cases, ev.generation_eval(model, requests, snippets, seed=seed))]
+    return cases
 
 
 # ----------------------------------------------------------------------------- run state on disk
 
+_QUEUE = ("D_base", "Z", "a", "zmax")
+
+
+@dataclass
+class EditState:
+    """Everything that lives across editing steps; save()/load() as safetensors + JSON."""
+    method: str
+    layers: dict[int, LayerState]
+    step: int = 0       # editing steps (batches) done
+    n_edits: int = 0    # requests edited so far
+
+    @classmethod
+    def start(cls, method: str, layers) -> "EditState":
+        method_of(method)
+        return cls(method, {int(l): LayerState() for l in layers})
+
+    def finish_step(self, n_requests: int):
+        self.step += 1
+        self.n_edits += n_requests
+
+    def save(self, directory):
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        layers = {str(l): {k: getattr(ls, k) for k in _QUEUE} for l, ls in self.layers.items()}
+        tensors = {f"{l}.{k}": getattr(ls, k).detach().cpu().contiguous()
+                   for l, ls in self.layers.items() for k in method_of(self.method).memory
+                   if getattr(ls, k) is not None}
+        save_file(tensors, str(d / "state.safetensors"))
+        meta = dict(method=self.method, step=self.step, n_edits=self.n_edits, layers=layers)
+        (d / "state.json").write_text(json.dumps(meta, indent=1))
+
+    @classmethod
+    def load(cls, directory, device="cpu") -> "EditState":
+        d = Path(directory)
+        try:
+            meta = json.loads((d / "state.json").read_text())
+            tensors = load_file(str(d / "state.safetensors"), device=device)
+        except (OSError, ValueError, SafetensorError) as e:
+            raise ValueError(f"cannot read edit state in {d}: {e}") from e
+        return cls._from(meta, tensors, d)
+
+    @classmethod
+    def _from(cls, meta, tensors, d) -> "EditState":
+        """Rebuild and validate a saved state; every problem is a ValueError naming it."""
+        def bad(msg):
+            raise ValueError(f"edit state in {d}: {msg}")
+        if not isinstance(meta, dict) or {"method", "step", "n_edits", "layers"} - set(meta):
+            bad("state.json lacks method/step/n_edits/layers")
+        method = meta["method"]
+        if method not in METHODS:
+            bad(f"unknown method {method!r}")
+        keeps = METHODS[method].memory
+        if not all(type(meta[k]) is int and meta[k] >= 0 for k in ("step", "n_edits")):
+            bad("step and n_edits must be non-negative integers")
+        if not isinstance(meta["layers"], dict) or not all(l.isdigit() for l in meta["layers"]):
+            bad("layers must map layer numbers to queue fields")
+        layers, seen = {}, set()
+        for l, q in meta["layers"].items():
+            if not isinstance(q, dict) or set(q) != set(_QUEUE):
+                bad(f"layer {l}: queue fields must be exactly {_QUEUE}")
+            vals = [q[k] for k in _QUEUE]
+            if not (all(v is None for v in vals)
+                    or all(isinstance(v, float) and v > 0 for v in vals)):
+                bad(f"layer {l}: queue fields must be all null or all positive floats, got {q}")
+            names = [f"{l}.{k}" for k in keeps]
+            have = [n in tensors for n in names]
+            calibrated = vals[0] is not None
+            if len(set(have)) > 1 or (METHODS[method].queue and any(have) != calibrated):
+                bad(f"layer {l}: memory tensors {names} must all be present exactly when "
+                    f"the layer has been edited (present: {have}, D_base: {q['D_base']})")
+            ls = LayerState(**q, **{k: tensors.get(n) for k, n in zip(keeps, names)})
+            _check_memory(ls, lambda m: bad(f"layer {l}: {m}"))
+            layers[int(l)] = ls
+            seen.update(names)
+        if set(tensors) - seen:
+            bad(f"unexpected tensors {sorted(set(tensors) - seen)}")
+        return cls(method, layers, meta["step"], meta["n_edits"])
+
+
+def _check_memory(ls: LayerState, bad):
+    """S_KK must be float64 (m, m); S_VK float64 (d, m) with the same m."""
+    for name, t in (("S_KK", ls.S_KK), ("S_VK", ls.S_VK)):
+        if t is not None and (t.dtype != torch.float64 or t.dim() != 2):
+            bad(f"{name} must be a 2-D float64 tensor, got {t.dtype} {tuple(t.shape)}")
+    if ls.S_KK is not None and ls.S_KK.shape[0] != ls.S_KK.shape[1]:
+        bad(f"S_KK must be square, got {tuple(ls.S_KK.shape)}")
+    if ls.S_VK is not None and (ls.S_KK is None or ls.S_VK.shape[1] != ls.S_KK.shape[0]):
+        bad(f"S_VK {tuple(ls.S_VK.shape)} does not match S_KK")
+
+
 def save_checkpoint(out: Path, state: EditState, model: M.CausalLM, layers):
-    """Atomically: write ckpt-<step>/ (edit state + current edited weights), then point
-    latest.json at it, then drop older checkpoints. A kill at any moment leaves a valid one."""
+    """Atomically: write ckpt-<step>.tmp/ (edit state + current edited weights), rename it to
+    ckpt-<step>/, point latest.json at it, then drop older checkpoints. A kill at any moment
+    leaves a valid one; a failed write (a full disk) removes its partial directory and says
+    which checkpoint is intact."""
     d = out / f"ckpt-{state.step:06d}"
-    if d.exists():
-        shutil.rmtree(d)
-    state.save(d)
-    save_file({model.edit_weight_name(l): model.edit_weight(l).detach().cpu().contiguous()
-               for l in layers}, str(d / "weights.safetensors"))
-    data.write_atomic(out / "latest.json", json.dumps({"checkpoint": d.name, "step": state.step}))
+    tmp = d.with_name(d.name + ".tmp")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        state.save(tmp)
+        save_file({n: t.detach().cpu().contiguous() for n, t in edit_tensors(model, layers).items()},
+                  str(tmp / "weights.safetensors"))
+        if d.exists():
+            shutil.rmtree(d)
+        tmp.rename(d)
+        data.write_atomic(out / "latest.json", json.dumps({"checkpoint": d.name, "step": state.step}))
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = json.loads((out / "latest.json").read_text()) if (out / "latest.json").exists() else None
+        intact = f"the last checkpoint ({last['checkpoint']}, step {last['step']}) is intact" if last \
+            else "no checkpoint was written before"
+        raise ValueError(f"writing the checkpoint of step {state.step} to {d} failed ({e}); {intact}") from None
     for old in out.glob("ckpt-*"):
         if old != d:
             shutil.rmtree(old)
@@ -679,34 +873,80 @@ def save_checkpoint(out: Path, state: EditState, model: M.CausalLM, layers):
 def load_checkpoint(out: Path, model: M.CausalLM, device) -> EditState:
     d = out / json.loads((out / "latest.json").read_text())["checkpoint"]
     state = EditState.load(d, device)
-    with safe_open(str(d / "weights.safetensors"), "pt", device=str(device)) as f:
-        for l in state.layers:
-            model.edit_weight(l).copy_(f.get_tensor(model.edit_weight_name(l)))
+    load_edit_tensors(model, load_file(str(d / "weights.safetensors"), device=str(device)))
     return state
 
 
 # ----------------------------------------------------------------------------- the command
 
-DEFAULT_CORPUS = Path(__file__).parent / "fixtures" / "wikitext-2-test-sample.txt"
 DEFAULT_HELDOUT = Path(__file__).parent / "fixtures" / "wikitext-2-valid-sample.txt"
 QUICKSTART = ("python lyaplock.py --model fixtures/factmodel-ci --edits fixtures/factmodel-ci/edits.json"
               " --stats-corpus fixtures/factmodel-ci/corpus.txt --limit 100 --batch-size 10 --lam 30 --alpha 10")
-# what must agree for --resume to continue a run (device may change; the result may then differ
-# in the last bits)
-RESUME_KEYS = ("model", "model_config_sha256", "edits", "edits_sha256", "limit", "skip_bad",
-               "hparams", "stats_corpus", "stats_tokens", "dtype", "seed")
-HEADLINE = ("efficacy", "generalization", "specificity", "score", "fluency", "consistency", "perplexity",
+HEADLINE = ("efficacy", "generalization", "specificity", "score", "efficacy_generative",
+            "generalization_generative", "fluency", "consistency", "perplexity",
             "general.sst2.f1", "general.mrpc.f1", "general.cola.mcc", "general.rte.f1", "general.nli.f1",
             "general.mmlu.accuracy")
 
 
+@dataclass
+class Settings:
+    """Everything one run of the command depends on; config.json is its JSON form."""
+    model: str
+    edits: str
+    hparams: HParams
+    model_config_sha256: str = ""
+    edits_sha256: str = ""
+    limit: int | None = None
+    skip_bad: bool = False
+    stats_corpus: str = str(DEFAULT_CORPUS)
+    stats_tokens: int = 0
+    stats_file: str | None = None
+    dtype: str = "float32"
+    seed: int = 0
+    glue_dir: str | None = None
+    glue_n: int = 100
+    heldout: str = str(DEFAULT_HELDOUT)
+    eval_every: int = 0
+    stop_below: float | None = None
+    generation: bool = True
+    snippets: str | None = None
+    # these may change when a run is resumed: they change speed, memory or places, not results
+    device: str = "cpu"
+    z_batch_tokens: int = 2048
+    stats_batch_tokens: int = 8192
+    stats_cache: str = "runs/stats-cache"
+    checkpoint_every: int = 10
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self) | {"hparams": asdict(self.hparams) | {"layers": list(self.hparams.layers)}},
+                          indent=1)
+
+    @classmethod
+    def from_flat(cls, flat: dict) -> "Settings":
+        """From dotted keys as ev.flat writes them ("hparams.lam": ...); unknown keys are ignored."""
+        hp = {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith("hparams.")}
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in flat.items() if k in names},
+                   hparams=with_overrides(HParams(), **hp))
+
+
+RESUMABLE = ("device", "z_batch_tokens", "stats_batch_tokens", "stats_cache", "checkpoint_every")
+FLAG_FIELDS = {"method": "hparams.method", "batch_size": "hparams.batch_size", "layers": "hparams.layers",
+               "alpha": "hparams.alpha", "lam": "hparams.lam", "v": "hparams.V", "l2": "hparams.l2",
+               "stats": "stats_file", "no_generation": "generation"}
+PATHS = ("model", "edits", "stats_corpus", "stats", "heldout", "glue_dir", "snippets")
+NOT_SETTINGS = ("resume", "out", "save_model", "given")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description="Sequential knowledge editing with LyapLock (or the MEMIT / AlphaEdit baselines).",
-        epilog=f"Quick start (CPU, under a minute): {QUICKSTART}")
+        description="Sequential knowledge editing with LyapLock (or the baselines in the same frame).",
+        epilog=f"Subcommands: 'stats' (a statistics file: lyaplock.py stats --help), 'report RUN_DIR' "
+               f"(figures and the queue's audit). On --resume only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} "
+               f"may differ from the run's settings. Quick start (CPU, under a minute): {QUICKSTART}")
     p.add_argument("--model", help="HF checkpoint directory (config.json, *.safetensors, tokenizer.json)")
     p.add_argument("--edits", help="requests: CounterFact (ROME or EasyEdit layout) or zsRE (MEND) JSON")
-    p.add_argument("--method", choices=METHODS, default="lyaplock")
+    p.add_argument("--method", choices=list(METHODS), default="lyaplock")
     p.add_argument("--batch-size", type=int, default=100, help="requests per editing step")
     p.add_argument("--limit", type=int, help="edit only the first N requests")
     p.add_argument("--skip-bad", action="store_true", help="skip invalid records instead of stopping")
@@ -714,6 +954,9 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=float, help="threshold multiplier α: D = α·D_base (preset: 60)")
     p.add_argument("--lam", type=float, help="preservation weight λ (preset: 1000; baselines 15000)")
     p.add_argument("--v", type=float, help="editing weight V of the subproblem (default 1)")
+    p.add_argument("--l2", type=float, help="AlphaEdit's regulariser L2 (E12; default 10)")
+    p.add_argument("--stats", help="a statistics file (lyaplock.py stats), or a directory of the "
+                   "MEMIT/ROME code's layer statistics; checked against the model")
     p.add_argument("--stats-corpus", default=str(DEFAULT_CORPUS), help="text for the statistics C "
                    "(default: the bundled WikiText-2 sample)")
     p.add_argument("--stats-tokens", type=int, default=0, help="tokens for C (default: whole corpus)")
@@ -734,31 +977,18 @@ def parse_args(argv=None):
     p.add_argument("--heldout", default=str(DEFAULT_HELDOUT), help="text for held-out perplexity")
     p.add_argument("--eval-every", type=int, default=0, help="general ability every k steps (0: "
                    "before and after only)")
+    p.add_argument("--stop-below", type=float, help="end the run (and record the collapse point) when "
+                   "general ability falls below this fraction of its value before editing; needs "
+                   "--eval-every. Ability: the mean headline score of the --glue-dir tasks, else 1/perplexity")
     p.add_argument("--no-generation", action="store_true", help="skip fluency (top-k generations)")
     p.add_argument("--snippets", help="consistency references: JSON {case_id: [text, ...]} (e.g. "
                    "Wikipedia snippets about each new target)")
-    return p.parse_args(argv)
-
-
-def resolve(a, model: M.CausalLM) -> dict:
-    """The run's full configuration (what config.json records)."""
-    hp = preset(model.cfg, a.method)
-    if a.layers:
-        hp.layers = tuple(int(x) for x in a.layers.split(","))
-        if not all(0 <= l < model.cfg.n_layers for l in hp.layers) or list(hp.layers) != sorted(set(hp.layers)):
-            raise ValueError(f"--layers {a.layers}: need increasing layers in 0..{model.cfg.n_layers - 1}")
-    for k, v in (("alpha", a.alpha), ("lam", a.lam), ("V", a.v)):
-        if v is not None:
-            setattr(hp, k, v)
-    hp.batch_size = a.batch_size
-    return dict(model=str(Path(a.model).resolve()), model_config_sha256=data.file_sha256(
-        Path(a.model) / "config.json"), edits=str(Path(a.edits).resolve()),
-        edits_sha256=data.file_sha256(a.edits), limit=a.limit, skip_bad=a.skip_bad,
-        hparams=asdict(hp) | {"layers": list(hp.layers)}, stats_corpus=str(Path(a.stats_corpus).resolve()),
-        stats_tokens=a.stats_tokens, dtype=a.dtype, seed=a.seed, device=a.device, z_batch_tokens=a.z_batch_tokens,
-        glue_dir=a.glue_dir and str(Path(a.glue_dir).resolve()), glue_n=a.glue_n,
-        heldout=str(Path(a.heldout).resolve()), eval_every=a.eval_every, generation=not a.no_generation,
-        snippets=a.snippets and str(Path(a.snippets).resolve()))
+    a = p.parse_args(argv)
+    quiet = copy.deepcopy(p)               # the same parser with no defaults: what was typed
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    a.given = set(vars(quiet.parse_args(argv)))
+    return a
 
 
 def check_settings(a):
@@ -766,14 +996,61 @@ def check_settings(a):
     for name in ("batch_size", "z_batch_tokens", "stats_batch_tokens", "checkpoint_every"):
         if getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
-    for name in ("alpha", "lam", "v"):
+    for name in ("alpha", "lam", "v", "l2"):
         if getattr(a, name) is not None and not getattr(a, name) > 0:
             raise ValueError(f"--{name} must be positive, got {getattr(a, name)}")
+    if a.stop_below is not None and not (0 < a.stop_below < 1 and a.eval_every > 0):
+        raise ValueError(f"--stop-below {a.stop_below}: give a fraction between 0 and 1, with --eval-every K")
+    if a.resume and a.out:
+        raise ValueError("--out and --resume: a resumed run stays in its own directory; give only --resume")
+
+
+def parse_layers(text: str, n_layers: int) -> tuple:
+    try:
+        layers = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        layers = ()
+    if not layers or not all(0 <= l < n_layers for l in layers) or list(layers) != sorted(set(layers)):
+        raise ValueError(f"--layers {text!r}: give increasing layer numbers in 0..{n_layers - 1}, e.g. "
+                         "--layers 1,2 (or leave the flag out for the model's preset)")
+    return layers
+
+
+def typed_settings(a, names, model: M.CausalLM) -> dict:
+    """The settings (dotted keys, as config.json holds them) that the flags `names` set."""
+    out = {}
+    for name in sorted(set(names) - set(NOT_SETTINGS)):
+        value = getattr(a, name)
+        if name in PATHS and value is not None:
+            value = str(Path(value).resolve())
+        if name in ("model", "edits"):
+            out[f"{name}_sha256" if name == "edits" else "model_config_sha256"] = data.file_sha256(
+                Path(value) / "config.json" if name == "model" else value)
+        if name == "layers":
+            value = list(parse_layers(value, model.cfg.n_layers))
+        out[FLAG_FIELDS.get(name, name)] = (not value) if name == "no_generation" else value
+    return out
+
+
+def new_settings(a, model: M.CausalLM) -> Settings:
+    """A new run's settings: the method's preset, then every flag (None leaves the preset)."""
+    flat = typed_settings(a, [k for k, v in vars(a).items() if v is not None], model)
+    preset_hp = {f"hparams.{k}": v for k, v in asdict(preset(model.cfg, a.method)).items()}
+    return Settings.from_flat(preset_hp | flat)
+
+
+def resumed_settings(a, saved: dict, model: M.CausalLM) -> Settings:
+    """A resumed run's settings: its own, with the typed flags that may change; any other typed
+    flag that differs from the run's setting is refused, naming each."""
+    was, now = ev.flat(saved), typed_settings(a, a.given, model)
+    if diff := [f"{k}: {was.get(k)!r} in the run, {v!r} now" for k, v in now.items()
+                if k not in RESUMABLE and was.get(k) != v]:
+        raise ValueError(f"--resume {a.resume}: the configuration differs: " + "; ".join(diff))
+    return Settings.from_flat(was | {k: v for k, v in now.items() if k in RESUMABLE})
 
 
 def open_run(a):
-    """(run directory, configuration, model): a new run, or the one --resume names, whose
-    configuration the command line (if it names a model) must repeat."""
+    """(run directory, settings, model): a new run, or the one --resume names."""
     check_settings(a)
     saved = None
     if a.resume:
@@ -782,21 +1059,19 @@ def open_run(a):
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"--resume {a.resume}: not a run directory (config.json: {e})") from None
     with stage("loading the model", "use --dtype bfloat16 or a larger GPU"):
-        model = M.load(a.model or saved["model"], a.device, saved["dtype"] if saved and not a.model else a.dtype)
+        model = M.load(a.model or saved["model"], a.device, saved["dtype"] if saved else a.dtype)
+    settings = resumed_settings(a, saved, model) if saved else new_settings(a, model)
+    if settings.stats_tokens and not settings.stats_file and settings.stats_tokens < model.cfg.d_mlp:
+        raise ValueError(f"--stats-tokens {settings.stats_tokens}: C ({model.cfg.d_mlp}×{model.cfg.d_mlp}) "
+                         f"needs at least d_mlp = {model.cfg.d_mlp} tokens, or it is singular")
     if saved:
-        if a.model:
-            was, now = (ev.flat({k: c.get(k) for k in RESUME_KEYS}) for c in (saved, resolve(a, model)))
-            if diff := [f"{k}: {was.get(k)!r} in the run, {now.get(k)!r} now" for k in was | now
-                        if was.get(k) != now.get(k)]:
-                raise ValueError(f"--resume {a.resume}: the configuration differs: " + "; ".join(diff))
-        return Path(a.resume), saved | {"device": a.device, "z_batch_tokens": a.z_batch_tokens}, model
-    conf = resolve(a, model)
+        return Path(a.resume), settings, model
     out = Path(a.out) if a.out else new_run_dir()
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"--out {out} exists and is not empty; choose a new directory or --resume it")
     out.mkdir(parents=True, exist_ok=True)
-    data.write_atomic(out / "config.json", json.dumps(conf, indent=1))
-    return out, conf, model
+    data.write_atomic(out / "config.json", settings.to_json())
+    return out, settings, model
 
 
 def new_run_dir(root=Path("runs")) -> Path:
@@ -833,26 +1108,46 @@ class DeferInterrupt:
         signal.signal(signal.SIGINT, self.old)
 
 
-def general_ability(model, conf, step, n_edits, final=False) -> dict:
-    """Held-out perplexity and, with --glue-dir, the zero-shot tasks (eval.py)."""
-    r = dict(step=step, edits=n_edits, final=final,
-             perplexity=ev.perplexity(model, data.read_corpus(conf["heldout"])[:64]))
-    if conf["glue_dir"]:
-        r["general"] = ev.general_eval(model, conf["glue_dir"], conf["glue_n"])
+def general_ability(editor: Editor, settings: Settings, final=False) -> dict:
+    """Held-out perplexity and, with --glue-dir, the zero-shot tasks (eval.py), of the weights a
+    user of the method gets (editor.restrained)."""
+    state = editor.state
+    with editor.restrained() as model:
+        r = dict(step=state.step, edits=state.n_edits, final=final,
+                 perplexity=ev.perplexity(model, data.read_corpus(settings.heldout)[:64]))
+        if settings.glue_dir:
+            r["general"] = ev.general_eval(model, settings.glue_dir, settings.glue_n)
     return r
 
 
-def evaluate(model, requests, conf) -> list[dict]:
-    """Per-case metrics (and fluency where the data has generation prompts)."""
-    with stage("evaluation", "evaluate with fewer requests or a smaller dtype"):
-        cases = ev.edit_eval(model, requests)
-        if conf["generation"] and any(q.generation_prompts for q in requests):
-            snip = data.read_snippets(conf["snippets"]) if conf.get("snippets") else None
-            cases = [c | g for c, g in zip(cases, ev.generation_eval(model, requests, snip, seed=conf["seed"]))]
-    return cases
+def ability_score(entry: dict) -> tuple[str, float]:
+    """The general ability --stop-below watches: the mean headline score of the zero-shot tasks
+    (F1, MCC for CoLA, accuracy for MMLU), or 1/perplexity without them."""
+    if "general" in entry:
+        heads = [v["mcc"] if k == "cola" else v["accuracy"] if k == "mmlu" else v["f1"]
+                 for k, v in entry["general"].items()]
+        return "mean zero-shot score", sum(heads) / len(heads)
+    return "1/perplexity", 1.0 / entry["perplexity"]
+
+
+def collapsed(settings: Settings, before: dict, now: dict) -> dict | None:
+    """The stop record (stop.json) when ability fell below --stop-below × its value before."""
+    metric, b = ability_score(before)
+    _, v = ability_score(now)
+    if b <= 0:
+        raise ValueError(f"--stop-below: the {metric} before editing is {b:.4g}; the rule needs a positive value")
+    if v >= settings.stop_below * b:
+        return None
+    return dict(step=now["step"], edits=now["edits"], metric=metric, value=v, before=b,
+                threshold=settings.stop_below * b)
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["stats"]:
+        return stats.main(argv[1:])
+    if argv[:1] == ["report"]:
+        return report(argv[1:])
     a = parse_args(argv)
     if not a.resume and not (a.model and a.edits):
         print(f"LyapLock: give --model and --edits (see --help). Quick start: 100 real CounterFact "
@@ -865,95 +1160,168 @@ def main(argv=None):
         return 1
 
 
+def report(argv) -> int:
+    p = argparse.ArgumentParser(prog="lyaplock.py report", description="Figures, the audit of the queue "
+                                "(theorem T1) and a verdict, written into a run directory and printed.")
+    p.add_argument("run_dir")
+    try:
+        print(ev.report(Path(p.parse_args(argv).run_dir)))
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def run(a) -> int:
-    out, conf, model = open_run(a)
-    hp = HParams(**conf["hparams"] | {"layers": tuple(conf["hparams"]["layers"])})
-    requests, skipped = data.load_requests(conf["edits"], conf["skip_bad"], conf["limit"])
-    if skipped:
-        print(f"skipped {len(skipped)} bad record(s):\n  " + "\n  ".join(skipped[:10]))
-    if not requests:
-        raise ValueError(f"{conf['edits']}: no requests to edit")
-    if a.save_model and Path(a.save_model).resolve() == Path(conf["model"]).resolve():
+    out, settings, model = open_run(a)
+    requests, skipped = load_requests(settings)
+    if a.save_model and Path(a.save_model).resolve() == Path(settings.model).resolve():
         raise ValueError("--save-model must not be the input checkpoint's directory")
     if not (out / "templates.json").exists():
-        data.write_atomic(out / "templates.json", json.dumps(context_templates(model, conf["seed"])))
+        data.write_atomic(out / "templates.json", json.dumps(context_templates(model, settings.seed)))
     templates = json.loads((out / "templates.json").read_text())
-    corpus = Path(conf["stats_corpus"])
-    with stage("the preservation statistics", f"lower --stats-batch-tokens (now {a.stats_batch_tokens})"):
-        C = load_or_collect_stats(model, conf["model"], corpus, conf["stats_tokens"], hp.layers, a.stats_cache,
-                                  log=lambda s, end="\n": print(s, end=end, flush=True),
-                                  batch_tokens=a.stats_batch_tokens)
-    W0 = {l: model.edit_weight(l).detach().clone() for l in hp.layers}
+    requests, too_long = fit_context(model, requests, templates, settings)
+    skipped += too_long
+    if skipped:
+        print(f"skipped {len(skipped)} bad record(s):\n  " + "\n  ".join(skipped[:10]))
+    editor = Editor(model, settings.hparams, preservation_statistics(model, settings), templates,
+                    settings.model, settings.z_batch_tokens)
     if (out / "latest.json").exists():
-        state = load_checkpoint(out, model, a.device)
-        print(f"resuming {out} at step {state.step} ({state.n_edits} edits done)")
+        editor.state = load_checkpoint(out, model, settings.device)
+        print(f"resuming {out} at step {editor.state.step} ({editor.state.n_edits} edits done)")
     else:
-        state = EditState.start(hp.method, hp.layers)
-        data.write_jsonl(out / "cases_pre.jsonl", evaluate(model, requests, conf))
-        data.write_jsonl(out / "ability.jsonl", [general_ability(model, conf, 0, 0)])
-        save_checkpoint(out, state, model, hp.layers)
-    logf, abf = out / "log.jsonl", out / "ability.jsonl"
-    data.read_jsonl(logf, lambda e: e["step"] < state.step)          # drop work after the checkpoint
-    data.read_jsonl(abf, lambda e: e["step"] <= state.step and not e["final"])
-    if not edit_stream(model, requests, templates, hp, state, C, W0, conf, out, a.checkpoint_every):
-        print(f"stopped after step {state.step}; continue with: python lyaplock.py --resume {out}")
+        data.write_jsonl(out / "cases_pre.jsonl", score_cases(model, requests, settings.generation,
+                                                              snippets_of(settings), settings.seed))
+        data.write_jsonl(out / "ability.jsonl", [general_ability(editor, settings)])
+        save_checkpoint(out, editor.state, model, settings.hparams.layers)
+    step = editor.state.step
+    data.read_jsonl(out / "log.jsonl", lambda e: e["step"] < step)         # drop work after the checkpoint
+    data.read_jsonl(out / "ability.jsonl", lambda e: e["step"] <= step and not e["final"])
+    stop = out / "stop.json"
+    if stop.exists() and json.loads(stop.read_text())["step"] > step:
+        stop.unlink()                                                        # recomputed below
+    if not stop.exists() and not edit_stream(editor, requests, settings, out):
+        print(f"stopped after step {editor.state.step}; continue with: python lyaplock.py --resume {out}")
         return 130
-    finish(model, requests, templates, hp, state, conf, out, len(skipped))
+    finish(editor, requests, settings, out, len(skipped))
     if a.save_model:
-        M.save(conf["model"], a.save_model, {model.edit_weight_name(l): model.edit_weight(l) for l in hp.layers})
+        editor.save(a.save_model)
         print(f"edited model written to {a.save_model}")
     return 0
 
 
-def edit_stream(model, requests, templates, hp, state, C, W0, conf, out, every) -> bool:
-    """The editing steps from state.step on, a checkpoint every `every` steps and at the end.
+def load_requests(settings: Settings) -> tuple[list, list[str]]:
+    """The run's requests and the messages of skipped records; data warnings printed, a line each."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", data.DataWarning)
+        requests, skipped = data.load_requests(settings.edits, settings.skip_bad, settings.limit)
+    noted = [str(w.message) for w in caught if issubclass(w.category, data.DataWarning)]
+    for line in noted[:10] + ([f"... and {len(noted) - 10} more warnings"] if len(noted) > 10 else []):
+        print(f"warning: {line}")
+    if not requests:
+        raise ValueError(f"{settings.edits}: no requests to edit")
+    return requests, skipped
+
+
+def fit_context(model, requests, templates, settings: Settings) -> tuple[list, list[str]]:
+    """Requests whose every input fits the model's positions; the others are an error naming the
+    record and its length (or, with --skip-bad, skipped with that message)."""
+    gen = 100 if settings.generation else 0
+    ok, bad = [], []
+    for q in requests:
+        what, n = longest_input(model.tokenizer, q, templates, gen)
+        if n <= model.cfg.max_positions:
+            ok.append(q)
+            continue
+        msg = (f"{settings.edits}: case_id {q.case_id}: its {what} is {n} tokens, longer than the "
+               f"model's {model.cfg.max_positions} positions (max_position_embeddings)")
+        if not settings.skip_bad:
+            raise data.DataError(msg + "; shorten it or use --skip-bad")
+        bad.append(msg)
+    return ok, bad
+
+
+def snippets_of(settings: Settings):
+    return data.read_snippets(settings.snippets) if settings.snippets else None
+
+
+def preservation_statistics(model, settings: Settings) -> dict:
+    """C per edit layer: from --stats, else from the cache or a pass over the corpus."""
+    layers = settings.hparams.layers
+    with stage("the preservation statistics", f"lower --stats-batch-tokens (now {settings.stats_batch_tokens})"):
+        if settings.stats_file:
+            return stats.load_stats_file(settings.stats_file, model, settings.model, layers)
+        return stats.load_or_collect_stats(model, settings.model, Path(settings.stats_corpus), settings.stats_tokens,
+                                           layers, settings.stats_cache, log=lambda s, end="\n": print(s, end=end, flush=True),
+                                           batch_tokens=settings.stats_batch_tokens)
+
+
+def edit_stream(editor: Editor, requests, settings: Settings, out: Path) -> bool:
+    """The editing steps from the state's step on, a checkpoint every --checkpoint-every steps
+    and at the end, general ability every --eval-every steps (and the --stop-below rule).
     Returns False if Ctrl-C stopped it (after saving)."""
-    bs, n_steps = hp.batch_size, -(-len(requests) // hp.batch_size)
-    t_start, done0, saved = time.time(), state.n_edits, state.step
+    state, bs = editor.state, settings.hparams.batch_size
+    n_steps = -(-len(requests) // bs)
+    t_start, done0, saved, shown = time.time(), state.n_edits, state.step, 0.0
+    before = data.read_jsonl(out / "ability.jsonl")[0]
     with DeferInterrupt() as interrupt:
         while state.step < n_steps:
             batch = requests[state.step * bs:(state.step + 1) * bs]
             try:
-                with stage(f"editing step {state.step}", f"lower --z-batch-tokens (now {conf['z_batch_tokens']}) "
+                with stage(f"editing step {state.step}", f"lower --z-batch-tokens (now {settings.z_batch_tokens}) "
                            f"or --batch-size (now {bs}), or use --dtype bfloat16"):
-                    log = edit_batch(model, batch, templates, hp, state, C, W0, conf["z_batch_tokens"])
+                    log = editor.edit(batch)
             except (ValueError, FloatingPointError, MemoryError) as e:
                 raise type(e)(f"{e}; the step was abandoned and the run stopped; its last checkpoint "
                               f"(step {saved}) is intact") from None
             data.append_jsonl(out / "log.jsonl", log)
-            rate = (state.n_edits - done0) / (time.time() - t_start)
-            per = " | ".join(f"L{l} PL/D {v['pl'] / v['D']:.3f} z {v['z'] or 1:.2f}" if v["D"] else
-                             f"L{l} PL {v['pl']:.4g}" for l, v in log["layers"].items())
-            print(f"[{state.n_edits}/{len(requests)}] {rate:.2f} edits/s, ETA "
-                  f"{(len(requests) - state.n_edits) / rate:.0f} s | {per}", flush=True)
-            if conf["eval_every"] and state.step % conf["eval_every"] == 0 and state.step < n_steps:
-                data.append_jsonl(out / "ability.jsonl", general_ability(model, conf, state.step, state.n_edits))
-            if state.step % every == 0 or state.step == n_steps or interrupt.hit:
-                save_checkpoint(out, state, model, hp.layers)
+            if time.time() - shown >= 1 or state.step == n_steps:         # at most a line a second
+                shown = time.time()
+                print(progress_line(log, state, len(requests), (state.n_edits - done0) / (shown - t_start)), flush=True)
+            stop = None
+            if settings.eval_every and state.step % settings.eval_every == 0 and state.step < n_steps:
+                now = general_ability(editor, settings)
+                data.append_jsonl(out / "ability.jsonl", now)
+                stop = settings.stop_below and collapsed(settings, before, now)
+            if state.step % settings.checkpoint_every == 0 or state.step == n_steps or interrupt.hit or stop:
+                save_checkpoint(out, state, editor.model, settings.hparams.layers)
                 saved = state.step
+            if stop:
+                data.write_atomic(out / "stop.json", json.dumps(stop))
+                print(f"general ability fell below {settings.stop_below} of its value before editing "
+                      f"({stop['metric']} {stop['value']:.4g} < {stop['threshold']:.4g}): the run ends "
+                      f"at step {stop['step']} ({stop['edits']} edits), the collapse point")
+                return True
             if interrupt.hit:
                 return False
     return True
 
 
-def finish(model, requests, templates, hp, state, conf, out, n_skipped):
+def progress_line(log: dict, state: EditState, total: int, rate: float) -> str:
+    per = " | ".join(f"L{l} PL/D {v['pl'] / v['D']:.3f} z {v['z']:.2f}" if v["D"] else f"L{l} PL {v['pl']:.4g}"
+                     for l, v in log["layers"].items())
+    return f"[{state.n_edits}/{total}] {rate:.2f} edits/s, ETA {(total - state.n_edits) / rate:.0f} s | {per}"
+
+
+def finish(editor: Editor, requests, settings: Settings, out: Path, n_skipped: int):
     """Score the final model; write cases.jsonl, summary.json/md; print the headline table."""
-    cases = evaluate(model, requests, conf)
+    with editor.restrained() as model:
+        cases = score_cases(model, requests, settings.generation, snippets_of(settings), settings.seed)
     data.write_jsonl(out / "cases.jsonl", cases)
     pre = data.read_jsonl(out / "cases_pre.jsonl")
     first = data.read_jsonl(out / "ability.jsonl")[0]
-    final = general_ability(model, conf, state.step, state.n_edits, final=True)
+    final = general_ability(editor, settings, final=True)
     data.append_jsonl(out / "ability.jsonl", final)
     strip = lambda r: {k: v for k, v in r.items() if k not in ("step", "edits", "final")}
     summary, summary_pre = ev.summarize(cases) | strip(final), ev.summarize(pre) | strip(first)
-    header = dict(method=hp.method, model=conf["model"], n_edits=state.n_edits, batch_size=hp.batch_size,
-                  skipped=n_skipped, templates=templates)
+    header = dict(method=settings.hparams.method, model=settings.model, n_edits=editor.state.n_edits,
+                  batch_size=settings.hparams.batch_size, skipped=n_skipped, templates=editor.templates)
     ev.write_summary(out, summary, header, pre=summary_pre)
     after, before = ev.flat(summary), ev.flat(summary_pre)
-    print(f"\n{'metric':<22}{'before':>10}{'after':>10}")
+    print(f"\n{'metric':<26}{'before':>10}{'after':>10}")
     for k in HEADLINE:
         if k in after:
-            print(f"{k:<22}{before.get(k, float('nan')):>10.2f}{after[k]:>10.2f}")
+            print(f"{k:<26}{before.get(k, float('nan')):>10.2f}{after[k]:>10.2f}")
     print(f"(all metrics: {out / 'summary.md'})\nrun directory: {out}")
 
 

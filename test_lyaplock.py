@@ -367,7 +367,9 @@ def test_data_rome_layout_fields(tmp_path):
 
 def test_data_template_uses_first_occurrence_and_case_ids(tmp_path):
     rec = dict(EASY_REC, prompt="Paris of France, France's capital, is", case_id="cf-7")
-    (r,), _ = load_requests(_data_write(tmp_path, [rec]))
+    with pytest.warns(data.DataWarning, match=r"record 0 \(case_id cf-7\): field 'prompt': subject 'France' "
+                      r"occurs 2 times in .*; the first occurrence is edited"):
+        (r,), _ = load_requests(_data_write(tmp_path, [rec]))
     assert r.prompt == "Paris of {}, France's capital, is" and r.case_id == "cf-7"
     (z,), _ = load_requests(_data_write(tmp_path, [dict(ZSRE_REC, case_id=42)]))
     assert z.case_id == 42
@@ -595,7 +597,7 @@ def linear_stream(V, seed, T=30, d=6, m=16, n=2):
         K1 = r(m, n)
         target = W0 @ K1 + 2 * r(d, n)
         zs.append(ls.z)
-        W, _ = L.step_layer(W, W0, C, K1, target - W @ K1, ls, lam=1.0, alpha=1.0, V=V)
+        W, _ = L.step_layer(W, W0, C, K1, target - W @ K1, ls, L.HParams(lam=1.0, alpha=1.0, V=V))
         loss.append(float(((W @ K1 - target) ** 2).sum()))
     return sum(loss[1:]) / (T - 1), sum(zs[1:]) / (T - 1)     # after calibration step 0
 
@@ -688,7 +690,7 @@ def test_step0_is_memit(seed):
     memit = L.solve_memit(K1, R, C, lam)
     close(memit, R @ K1.T @ torch.linalg.inv(K1 @ K1.T + lam * C), 1e-11)     # E10, slowly
     close(solve(P, W=P["W0"], z=1.0, V=1.0), memit, 1e-12)
-    W1, _ = L.step_layer(P["W0"], P["W0"], C, K1, R, L.LayerState(), lam=lam, V=P["V"])
+    W1, _ = L.step_layer(P["W0"], P["W0"], C, K1, R, L.LayerState(), L.HParams(lam=lam, V=P["V"]))
     close(W1 - P["W0"], memit, 1e-12)              # step 0 ignores V, as the authors' code
 
 
@@ -729,14 +731,14 @@ def test_step_layer_memory_per_method():
     args = (P["W"], P["W0"], P["C"], P["K1"], P["R"])
     KK = P["K1"] @ P["K1"].T
     ls = L.LayerState()
-    W, pl = L.step_layer(*args, ls, method="memit", lam=P["lam"])
+    W, pl = L.step_layer(*args, ls, L.HParams(method="memit", lam=P["lam"]))
     close(W - P["W"], L.solve_memit(P["K1"], P["R"], P["C"], P["lam"]), 1e-15)
     assert ls == L.LayerState() and pl == L.preservation_loss(W, P["W0"], P["C"])
     for _ in range(2):
-        L.step_layer(*args, ls, method="alphaedit")
+        L.step_layer(*args, ls, L.HParams(method="alphaedit"))
     assert ls.S_VK is None and ls.D_base is None and torch.equal(ls.S_KK, KK + KK)
     with pytest.raises(ValueError, match="unknown method"):
-        L.step_layer(*args, ls, method="rome")
+        L.step_layer(*args, ls, L.HParams(method="no-such-method"))
 
 
 # ----------------------------------------------------------------------------- the oracle
@@ -808,7 +810,7 @@ def test_oracle_run_with_step_layer(i):
     for b in bs:
         K1, R = oracle_inputs(hp, b, i)
         W_prev = W
-        W, pl = L.step_layer(W, W0, C, K1, R, ls, "lyaplock", hp["lam"], hp["alpha"], hp["V"])
+        W, pl = L.step_layer(W, W0, C, K1, R, ls, L.HParams(lam=hp["lam"], alpha=hp["alpha"], V=hp["V"]))
         close(W - W_prev, b[f"upd.{l}"], 1e-5)
         close(W, b[f"W_after.{l}"], 1e-6)
         assert abs(pl - float(b[f"fro.{l}"][-1])) <= 1e-6 * pl
@@ -824,7 +826,7 @@ def edited_state(method, steps=2):
         for l, ls in state.layers.items():
             P = probs[l]
             K1, R = (1 + s) * P["K1"], P["R"] / (1 + s)
-            P["W"], _ = L.step_layer(P["W"], P["W0"], P["C"], K1, R, ls, method)
+            P["W"], _ = L.step_layer(P["W"], P["W0"], P["C"], K1, R, ls, L.HParams(method=method, lam=15.0, alpha=1.0))
         state.finish_step(4)
     return state
 
@@ -921,8 +923,7 @@ def test_pipeline_matches_the_authors_code_batch_by_batch(device):
             K, cur = L.keys_and_outputs(m, rows, templates, l, hp.layers[-1])
             assert rel(K, b[f"ks.{l}"]) < 1e-5 and rel(cur, b[f"cur_zs.{l}"]) < 1e-5   # E5
             R = L.f64(b["z"] - cur) / (len(hp.layers) - i)                              # E6
-            W_new, _ = L.step_layer(m.edit_weight(l), W0[l], C[l], K.T, R.T, state.layers[l],
-                                    "lyaplock", hp.lam, hp.alpha)
+            W_new, _ = L.step_layer(m.edit_weight(l), W0[l], C[l], K.T, R.T, state.layers[l], hp)
             m.edit_weight(l).copy_(W_new)
             assert rel(m.edit_weight(l), b[f"W_after.{l}"]) < 1e-5
             assert abs(state.layers[l].Z - float(b[f"Z.{l}"])) < 1e-5 * float(b[f"Z.{l}"])
@@ -1100,7 +1101,13 @@ def test_cli_resume_after_an_interruption_gives_the_same_weights_and_log(tmp_pat
     ("--batch-size", "0", "--batch-size must be at least 1, got 0"),
     ("--lam", "0", "--lam must be positive, got 0.0"),
     ("--checkpoint-every", "0", "--checkpoint-every must be at least 1, got 0"),
-    ("--layers", "2,1", "--layers 2,1: need increasing layers in 0..4"),
+    ("--layers", "2,1", "--layers '2,1': give increasing layer numbers in 0..4, e.g. --layers 1,2 "
+                        "(or leave the flag out for the model's preset)"),
+    ("--layers", "", "--layers '': give increasing layer numbers in 0..4, e.g. --layers 1,2 "
+                     "(or leave the flag out for the model's preset)"),
+    ("--stats-tokens", "10", "--stats-tokens 10: C (172×172) needs at least d_mlp = 172 tokens, or it is singular"),
+    ("--stop-below", "0.5", "--stop-below 0.5: give a fraction between 0 and 1, with --eval-every K"),
+    ("--l2", "-1", "--l2 must be positive, got -1.0"),
 ])
 def test_cli_rejects_bad_settings_with_one_line(tmp_path, capsys, flag, value, message):
     assert L.main(_cli(tmp_path, "--out", str(tmp_path / "run"), flag, value)) == 1
@@ -1114,6 +1121,77 @@ def test_cli_resume_refuses_another_configuration(tmp_path, capsys):
     assert L.main(_cli(tmp_path, "--resume", str(out), "--limit", "4", "--alpha", "3")) == 1
     err = capsys.readouterr().err
     assert "configuration differs: hparams.alpha: 1.0 in the run, 3.0 now" in err
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--method", "memit"], ["hparams.method: 'lyaplock' in the run, 'memit' now"]),
+    (["--alpha", "5", "--lam", "3"], ["hparams.alpha: 1.0 in the run, 5.0 now", "hparams.lam: 15.0 in the run, 3.0 now"]),
+    (["--edits", str(FIX / "counterfact-easyedit.json")], ["edits: ", "edits_sha256: "]),
+    (["--batch-size", "2", "--seed", "3"], ["hparams.batch_size: 4 in the run, 2 now", "seed: 0 in the run, 3 now"]),
+    (["--no-generation"], ["generation: True in the run, False now"]),
+])
+def test_cli_resume_without_model_refuses_every_typed_flag_that_differs(tmp_path, capsys, flags, named):
+    out = tmp_path / "run"
+    assert L.main(_cli(tmp_path, "--out", str(out), "--limit", "4", "--no-generation")[:0] +
+                  _cli(tmp_path, "--out", str(out), "--limit", "4")) == 0
+    capsys.readouterr()
+    assert L.main(["--resume", str(out), *flags]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --resume {out}: the configuration differs: ") and err.count("\n") == 1
+    assert all(n in err for n in named), err
+
+
+def test_cli_resume_allows_device_and_batch_tokens_and_repeating_the_settings(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = _cli(tmp_path, "--out", str(out), "--limit", "4", "--no-generation")
+    assert L.main(argv) == 0
+    again = [x for x in argv if x != "--out" and x != str(out)]
+    assert L.main(["--resume", str(out), "--device", "cpu", "--z-batch-tokens", "512", "--checkpoint-every", "3",
+                   *again]) == 0, capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["z_batch_tokens"] == 2048    # the run's record
+
+
+def _long_prompt_edits(tmp_path):
+    recs = json.loads((FIX / "counterfact-rome.json").read_text())[:3]
+    recs[1]["requested_rewrite"]["prompt"] = "Once upon a time " * 200 + recs[1]["requested_rewrite"]["prompt"]
+    f = tmp_path / "long.json"
+    f.write_text(json.dumps(recs))
+    return f, recs[1]["case_id"]
+
+
+def test_a_prompt_longer_than_the_model_positions_is_named_before_any_model_work(tmp_path, capsys, monkeypatch):
+    edits, cid = _long_prompt_edits(tmp_path)
+    monkeypatch.setattr(L.stats, "load_or_collect_stats", lambda *a, **k: pytest.fail("statistics were computed"))
+    argv = _cli(tmp_path, "--out", str(tmp_path / "run"), "--edits", str(edits), "--limit", "3", "--no-generation")
+    assert L.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {edits}: case_id {cid}: its rewrite prompt in a context template, with its target is ")
+    assert "longer than the model's 512 positions (max_position_embeddings); shorten it or use --skip-bad" in err
+    monkeypatch.undo()
+    assert L.main(_cli(tmp_path, "--out", str(tmp_path / "skip"), "--edits", str(edits), "--limit", "3",
+                       "--no-generation", "--skip-bad")) == 0
+    assert f"skipped 1 bad record(s):\n  {edits}: case_id {cid}: its " in capsys.readouterr().out
+    assert json.loads((tmp_path / "skip" / "summary.json").read_text())["n_edits"] == 2
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
+                                   L.SafetensorError("Error while serializing: No space left on device")])
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch, error):
+    out, real = tmp_path / "run", L.save_file
+
+    def fails_at_step_2(tensors, path, **k):      # checkpoints of steps 0, 1 pass; step 2's fails
+        if "ckpt-000002" in path and path.endswith("weights.safetensors"):
+            raise error
+        return real(tensors, path, **k)
+    monkeypatch.setattr(L, "save_file", fails_at_step_2)
+    assert L.main(_cli(tmp_path, "--out", str(out), "--limit", "12", "--no-generation")) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: writing the checkpoint of step 2 to {out / 'ckpt-000002'} failed (")
+    assert err.endswith("); the last checkpoint (ckpt-000001, step 1) is intact\n") and "No space left" in err
+    assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-000001"]
+    monkeypatch.undo()
+    assert L.main(["--resume", str(out), "--stats-cache", str(tmp_path / "cache")]) == 0
+    assert json.loads((out / "summary.json").read_text())["n_edits"] == 12
 
 
 def test_cli_without_arguments_points_to_the_quickstart(capsys):
