@@ -1194,6 +1194,37 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys,
     assert json.loads((out / "summary.json").read_text())["n_edits"] == 12
 
 
+def test_stop_below_ends_the_run_at_the_collapse_point_and_resume_keeps_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = _cli(tmp_path, "--out", str(out), "--limit", "12", "--no-generation", "--eval-every", "1",
+                "--stop-below", "0.9999")
+    assert L.main(argv) == 0
+    stop = json.loads((out / "stop.json").read_text())
+    ability = [json.loads(l) for l in (out / "ability.jsonl").read_text().splitlines()]
+    before = ability[0]["perplexity"]
+    k = next(i for i, a in enumerate(ability) if a["perplexity"] > before / 0.9999)   # 1/ppl below 0.9999×
+    assert 1 <= k < 3 and ability[k]["step"] == k and ability[k + 1]["final"]
+    assert stop == dict(step=k, edits=4 * k, metric="1/perplexity", value=1 / ability[k]["perplexity"],
+                        before=1 / before, threshold=0.9999 / before)
+    assert "the collapse point" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_edits"] == 4 * k and len((out / "log.jsonl").read_text().splitlines()) == k
+    assert L.main(["--resume", str(out), "--stats-cache", str(tmp_path / "cache")]) == 0   # stays stopped
+    assert json.loads((out / "summary.json").read_text())["n_edits"] == 4 * k
+
+
+def test_general_ability_score_for_the_stop_rule():
+    general = {"sst2": {"f1": 0.6}, "cola": {"mcc": 0.2, "f1": 0.9}, "mmlu": {"accuracy": 0.4, "f1": 0.1}}
+    assert L.ability_score({"perplexity": 8.0, "general": general}) == ("mean zero-shot score", pytest.approx(0.4))
+    assert L.ability_score({"perplexity": 8.0}) == ("1/perplexity", 0.125)
+    settings = L.Settings(model="m", edits="e", hparams=L.HParams(), stop_below=0.5)
+    before = {"step": 0, "edits": 0, "perplexity": 10.0}
+    assert L.collapsed(settings, before, {"step": 3, "edits": 30, "perplexity": 19.0}) is None
+    assert L.collapsed(settings, before, {"step": 3, "edits": 30, "perplexity": 21.0})["edits"] == 30
+    with pytest.raises(ValueError, match="before editing is 0: the rule needs a positive value|needs a positive"):
+        L.collapsed(settings, {"general": {"cola": {"mcc": 0.0}}}, {"general": {"cola": {"mcc": 0.0}}})
+
+
 def test_cli_without_arguments_points_to_the_quickstart(capsys):
     assert L.main([]) == 2
     assert L.QUICKSTART in capsys.readouterr().out
