@@ -167,6 +167,7 @@ class Method:
     restrain: Callable | None = None   # (W, W0) -> W, applied to a copy to evaluate (PRUNE)
     locate: str = "memit"              # "memit": z* at the last edit layer, spread over the
                                        # layers (E4-E6); "rome": one layer, one request per update
+    preset: str = "memit"              # whose published settings it takes: lyaplock | memit | rome
 
 
 def lyaplock_step(W, W0, C, K1, R, ls: LayerState, hp) -> torch.Tensor:
@@ -188,7 +189,7 @@ def alphaedit_step(W, W0, C, K1, R, ls: LayerState, hp) -> torch.Tensor:
 
 
 METHODS = {
-    "lyaplock": Method(lyaplock_step, memory=("S_KK", "S_VK"), queue=True),
+    "lyaplock": Method(lyaplock_step, memory=("S_KK", "S_VK"), queue=True, preset="lyaplock"),
     "memit": Method(memit_step),                  # memoryless: E10 on the current W each step
     "alphaedit": Method(alphaedit_step, memory=("S_KK",)),
 }
@@ -225,7 +226,7 @@ class HParams:
     method: str = "lyaplock"
     layers: tuple = (4, 5, 6, 7, 8)
     lam: float = 1000.0             # mom2_update_weight λ
-    alpha: float = 60.0             # threshold D = α·D_base
+    alpha: float = 60.0             # threshold D = α·D_base (the authors' evaluate.py: 60)
     V: float = 1.0                  # editing weight of E8
     v_num_grad_steps: int = 25      # forward passes of the target-value optimisation (E4)
     v_lr: float = 0.1
@@ -234,25 +235,60 @@ class HParams:
     kl_factor: float = 0.0625
     batch_size: int = 100
     l2: float = 10.0                # AlphaEdit's L2 (E12)
+    mom2_adjustment: bool = True    # ROME: u = C⁻¹k̄ (False: u = k̄)
+
+
+# Published settings by model shape (arch, d_model, n_layers, d_mlp) and preset family (Method.preset).
+# LyapLock's own files exist for Llama-3-8B, GPT-J-6B and GPT2-XL; where none exists, LyapLock takes
+# that model's MEMIT file with λ divided by 15, the authors' LyapLock/MEMIT ratio (1000 / 15000).
+LAYERS_4_8 = (4, 5, 6, 7, 8)
+PUBLISHED = {
+    # wpwpwpyo/LyapLock @ c5e6186: hparams/{LyapLock,MEMIT,AlphaEdit,ROME}/Llama3-8B.json
+    ("llama", 4096, 32, 14336): {
+        "lyaplock": dict(layers=LAYERS_4_8, lam=1000.0, v_lr=0.1),
+        "memit": dict(layers=LAYERS_4_8, lam=15000.0, v_lr=0.1),
+        "rome": dict(layers=(5,), v_lr=0.5, v_weight_decay=1e-3, clamp_norm_factor=4.0)},
+    # wpwpwpyo/LyapLock @ c5e6186: hparams/{LyapLock,MEMIT,AlphaEdit,ROME}/EleutherAI_gpt-j-6B.json
+    ("gptj", 4096, 28, 16384): {
+        "lyaplock": dict(layers=(3, 4, 5, 6, 7, 8), lam=1000.0, v_lr=0.5),
+        "memit": dict(layers=(3, 4, 5, 6, 7, 8), lam=15000.0, v_lr=0.5),
+        "rome": dict(layers=(5,), v_lr=0.5, clamp_norm_factor=4.0, v_num_grad_steps=20)},
+    # wpwpwpyo/LyapLock @ c5e6186: hparams/{LyapLock,MEMIT,AlphaEdit,ROME}/gpt2-xl.json
+    ("gpt2", 1600, 48, 6400): {
+        "lyaplock": dict(layers=(13, 14, 15, 16, 17), lam=1000.0, v_lr=0.5, v_num_grad_steps=20),
+        "memit": dict(layers=(13, 14, 15, 16, 17), lam=20000.0, v_lr=0.5, v_num_grad_steps=20),
+        "rome": dict(layers=(17,), v_lr=0.5, clamp_norm_factor=4.0, v_num_grad_steps=20)},
+    # SasyaTitech/NAS @ 5acab48: hparams/{MEMIT,AlphaEdit,ROME}/Qwen2p5-7B.json (no LyapLock file)
+    ("qwen2", 3584, 28, 18944): {
+        "lyaplock": dict(layers=(7, 8, 9, 10, 11), lam=1000.0, v_lr=0.1),
+        "memit": dict(layers=(7, 8, 9, 10, 11), lam=15000.0, v_lr=0.1),
+        "rome": dict(layers=(11,), v_lr=0.5, v_weight_decay=1e-3, clamp_norm_factor=4.0, mom2_adjustment=False)},
+    # zjunlp/EasyEdit: hparams/MEMIT/mistral-7b.yaml @ 6ddaffc, hparams/ROME/mistral-7b.yaml @ b0413f2
+    ("mistral", 4096, 32, 14336): {
+        "lyaplock": dict(layers=LAYERS_4_8, lam=1000.0, v_lr=0.5, v_weight_decay=1e-3, clamp_norm_factor=4.0),
+        "memit": dict(layers=LAYERS_4_8, lam=15000.0, v_lr=0.5, v_weight_decay=1e-3, clamp_norm_factor=4.0),
+        "rome": dict(layers=(5,), v_lr=0.5, v_weight_decay=1e-3, clamp_norm_factor=4.0, mom2_adjustment=False)},
+}
 
 
 def preset(cfg: M.Config, method: str) -> HParams:
-    """The authors' settings for Llama-3-8B and GPT-J-6B; a documented default for other sizes.
+    """The published settings of this model's shape (PUBLISHED), else the rule for other sizes.
 
-    Other sizes: edit layers from n/8 to n/4 of the depth (at least two), and λ = 15, α = 1 —
-    measured on the stories260K fixture, where the 8B values (λ = 1000, α = 60) make each step
-    close only ~10-30% of the gap and the queue never leaves its floor (LYAPLOCK.md §9). The
-    baselines keep the 8B presets' ratio λ_baseline / λ_lyaplock = 15000 / 1000, so λ = 225.
+    Other sizes: edit layers from n/8 to n/4 of the depth (at least two; ROME: the last of
+    them), and λ = 15, α = 1 — measured on the stories260K fixture, where the 8B values
+    (λ = 1000, α = 60) make each step close only ~10-30% of the gap and the queue never leaves
+    its floor (LYAPLOCK.md §9). The baselines keep the 8B presets' ratio 15000 / 1000: λ = 225.
     """
-    lam = 1000.0 if method == "lyaplock" else 15000.0       # MEMIT / AlphaEdit: λ = 15000
-    if cfg.arch == "llama" and (cfg.d_model, cfg.n_layers, cfg.d_mlp) == (4096, 32, 14336):
-        return HParams(method, (4, 5, 6, 7, 8), lam, v_lr=0.1)
-    if cfg.arch == "gptj" and (cfg.d_model, cfg.n_layers) == (4096, 28):
-        return HParams(method, (3, 4, 5, 6, 7, 8), lam, v_lr=0.5)
+    family = method_of(method).preset
+    shape = (cfg.arch, cfg.d_model, cfg.n_layers, cfg.d_mlp)
+    if shape in PUBLISHED:
+        return HParams(method=method, **PUBLISHED[shape][family])
     first = max(1, round(cfg.n_layers / 8))
     last = min(cfg.n_layers - 2, max(first + 1, round(cfg.n_layers / 4)))
-    return HParams(method, tuple(range(first, last + 1)), 15.0 if method == "lyaplock" else 225.0,
-                   alpha=1.0)
+    if family == "rome":
+        return HParams(method=method, layers=(last,), v_lr=0.5, v_weight_decay=1e-3, clamp_norm_factor=4.0)
+    return HParams(method=method, layers=tuple(range(first, last + 1)),
+                   lam=15.0 if family == "lyaplock" else 225.0, alpha=1.0)
 
 
 # ----------------------------------------------------------------------------- the locate step

@@ -1,10 +1,14 @@
-"""A small, hand-written LLaMA (Llama-2/3/3.1/3.2) and GPT-J forward pass on HF-format checkpoints.
+"""A small, hand-written forward pass on HF-format checkpoints: LLaMA (Llama-2/3/3.1/3.2), Qwen2 /
+Qwen2.5, Qwen3, Mistral, GPT-J and GPT-2.
 
 Parameter names mirror the checkpoint's tensor names one to one, so loading is a strict
-name-and-shape match. The forward pass returns what knowledge editing needs without hooks:
-the MLP keys (the input of `down_proj` / `fc_out`) and residual-stream outputs at chosen layers;
-it accepts an additive delta on the residual stream at (layer, per-sequence position); it can stop
-after a layer, or start at one from a given residual stream, and compute logits only where asked.
+name-and-shape match. The LLaMA-like families share one block (Qwen2 adds biases on q, k, v; Qwen3
+an RMSNorm over each head of q and k; Mistral and windowed Qwen layers a sliding attention window);
+GPT-J and GPT-2 have their own. The forward pass returns what knowledge editing needs without
+hooks: the MLP keys (the input of `down_proj` / `fc_out` / GPT-2's `mlp.c_proj`) and residual-stream
+outputs at chosen layers; it accepts an additive delta on the residual stream at (layer,
+per-sequence position); it can stop after a layer, or start at one from a given residual stream,
+and compute logits only where asked.
 
     python model.py CHECKPOINT --prompt "Once upon a time" --max-new-tokens 50
 """
@@ -23,10 +27,12 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-SUPPORTED = ("llama", "gptj")
+LLAMA_LIKE = ("llama", "qwen2", "qwen3", "mistral")   # one block: RMSNorm, rope on halves, SwiGLU
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# safetensors dtype codes a weight may be stored in (cast to the requested dtype when loaded)
+FLOAT_CODES = ("F16", "BF16", "F32", "F64")
 # Buffers some checkpoints carry that are not weights (recomputed here): allowed, ignored.
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias")
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
 
 
 class CheckpointError(ValueError):
@@ -36,7 +42,7 @@ class CheckpointError(ValueError):
 # --------------------------------------------------------------------------------------- config
 @dataclass
 class Config:
-    arch: str                     # "llama" | "gptj"
+    arch: str                     # the checkpoint's model_type, one of SUPPORTED
     vocab_size: int
     d_model: int                  # hidden size
     n_layers: int
@@ -49,50 +55,138 @@ class Config:
     rope_scaling: dict | None = None   # Llama-3.1 style {"rope_type": "llama3", ...}
     rotary_dim: int = 0           # GPT-J: rotary over the first rotary_dim dims of each head
     tie_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # biases on q, k, v and the attention output projection
     mlp_bias: bool = False
-    max_positions: int = 2048
+    max_positions: int = 2048     # GPT-2: the learned positions (n_positions); others: informative
     bos_id: int | None = None
     eos_ids: list[int] = field(default_factory=list)
     pad_id: int | None = None
+    qkv_bias: bool = False        # Qwen2: biases on q, k, v only
+    qk_norm: bool = False         # Qwen3: RMSNorm over each head of q and k, before rope
+    sliding_window: int | None = None   # a query sees the keys of the last `sliding_window` positions...
+    window_layers: tuple[int, ...] = ()  # ...in these layers (Mistral: all; Qwen: layer_types)
+    attn_scale: float | None = None      # None: 1/sqrt(head_dim); GPT-2 without scale_attn_weights: 1
+
+    @property
+    def llama_like(self) -> bool:
+        return self.arch in LLAMA_LIKE
+
+    def window(self, layer: int) -> int | None:
+        """The sliding attention window of `layer`, or None for full causal attention."""
+        return self.sliding_window if layer in self.window_layers else None
 
     @staticmethod
     def from_hf(c: dict) -> "Config":
         mt = c.get("model_type")
-        if mt not in SUPPORTED:
+        if mt not in READERS:
             raise CheckpointError(f"unsupported model_type {mt!r} in config.json: supported are "
                                   + ", ".join(repr(s) for s in SUPPORTED))
-        eos = c.get("eos_token_id")
-        eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
         try:
-            if mt == "llama":
-                nh = c["num_attention_heads"]
-                rp = c.get("rope_parameters") or {}      # transformers >= 5 writes rope here
-                rs = c.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
-                if rs is not None and rs.get("rope_type", rs.get("type")) not in ("llama3", "default"):
-                    raise CheckpointError(f"unsupported rope_scaling {rs!r}: only 'llama3' is implemented")
-                return Config("llama", c["vocab_size"], c["hidden_size"], c["num_hidden_layers"], nh,
-                              c.get("num_key_value_heads") or nh,
-                              c.get("head_dim") or c["hidden_size"] // nh, c["intermediate_size"],
-                              c.get("rms_norm_eps", 1e-6), c.get("rope_theta", rp.get("rope_theta", 10000.0)), rs, 0,
-                              c.get("tie_word_embeddings", False), c.get("attention_bias", False),
-                              c.get("mlp_bias", False), c.get("max_position_embeddings", 2048),
-                              c.get("bos_token_id"), eos, c.get("pad_token_id"))
-            nh, d = c["n_head"], c["n_embd"]
-            return Config("gptj", c["vocab_size"], d, c["n_layer"], nh, nh, d // nh,
-                          c.get("n_inner") or 4 * d, c.get("layer_norm_epsilon", 1e-5), 10000.0, None,
-                          c.get("rotary_dim") or d // nh, False, False, True,
-                          c.get("n_positions", 2048), c.get("bos_token_id"), eos, c.get("pad_token_id"))
+            return READERS[mt](c)
         except KeyError as e:
             raise CheckpointError(f"config.json (model_type {mt!r}) lacks the field {e.args[0]!r}") from None
 
 
+def special_ids(c: dict) -> dict:
+    eos = c.get("eos_token_id")
+    eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    return dict(bos_id=c.get("bos_token_id"), eos_ids=eos, pad_id=c.get("pad_token_id"))
+
+
+def refuse(c: dict, what: str, why: str):
+    raise CheckpointError(f"config.json (model_type {c['model_type']!r}): {what} is not supported ({why})")
+
+
+def read_rope(c: dict) -> dict:
+    rp = c.get("rope_parameters") or {}      # transformers >= 5 writes rope here
+    rs = c.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
+    if rs is not None and rs.get("rope_type", rs.get("type")) not in ("llama3", "default"):
+        refuse(c, f"rope_scaling {rs!r}", "only 'llama3' is implemented")
+    return dict(rope_theta=c.get("rope_theta", rp.get("rope_theta", 10000.0)), rope_scaling=rs)
+
+
+def read_llama_like(c: dict, **family) -> Config:
+    """The LLaMA layout's fields; `family` adds or overrides the family's own."""
+    if c.get("hidden_act", "silu") != "silu":
+        refuse(c, f"hidden_act {c['hidden_act']!r}", "the LLaMA MLP here is SiLU-gated")
+    nh = c["num_attention_heads"]
+    fields = dict(arch=c["model_type"], vocab_size=c["vocab_size"], d_model=c["hidden_size"],
+                  n_layers=c["num_hidden_layers"], n_heads=nh, n_kv_heads=c.get("num_key_value_heads") or nh,
+                  head_dim=c.get("head_dim") or c["hidden_size"] // nh, d_mlp=c["intermediate_size"],
+                  norm_eps=c.get("rms_norm_eps", 1e-6), tie_embeddings=c.get("tie_word_embeddings", False),
+                  max_positions=c.get("max_position_embeddings", 2048))
+    return Config(**fields | read_rope(c) | special_ids(c) | family)
+
+
+def read_llama(c: dict) -> Config:
+    return read_llama_like(c, attention_bias=c.get("attention_bias", False), mlp_bias=c.get("mlp_bias", False))
+
+
+def qwen_window(c: dict) -> dict:
+    """Qwen's sliding window: only with use_sliding_window, in the layers `layer_types` marks
+    "sliding_attention" (by default those from max_window_layers on), as transformers does."""
+    window = c.get("sliding_window") if c.get("use_sliding_window") else None
+    if not window:
+        return {}
+    kinds = c.get("layer_types") or ["sliding_attention" if i >= c.get("max_window_layers", 28) else "full_attention"
+                                     for i in range(c["num_hidden_layers"])]
+    return dict(sliding_window=window, window_layers=tuple(i for i, k in enumerate(kinds) if k == "sliding_attention"))
+
+
+def read_qwen2(c: dict) -> Config:
+    return read_llama_like(c, qkv_bias=True, **qwen_window(c))
+
+
+def read_qwen3(c: dict) -> Config:
+    return read_llama_like(c, qk_norm=True, head_dim=c.get("head_dim", 128),
+                           attention_bias=c.get("attention_bias", False), **qwen_window(c))
+
+
+def read_mistral(c: dict) -> Config:
+    window = c.get("sliding_window")        # null in Mistral-7B-v0.3: full attention
+    return read_llama_like(c, sliding_window=window or None,
+                           window_layers=tuple(range(c["num_hidden_layers"])) if window else ())
+
+
+def check_gelu_new(c: dict):
+    if c.get("activation_function", "gelu_new") != "gelu_new":
+        refuse(c, f"activation_function {c['activation_function']!r}", "only gelu_new is implemented")
+
+
+def read_gptj(c: dict) -> Config:
+    check_gelu_new(c)
+    nh, d = c["n_head"], c["n_embd"]
+    return Config(arch="gptj", vocab_size=c["vocab_size"], d_model=d, n_layers=c["n_layer"], n_heads=nh,
+                  n_kv_heads=nh, head_dim=d // nh, d_mlp=c.get("n_inner") or 4 * d,
+                  norm_eps=c.get("layer_norm_epsilon", 1e-5), rotary_dim=c.get("rotary_dim") or d // nh,
+                  mlp_bias=True, max_positions=c.get("n_positions", 2048), **special_ids(c))
+
+
+def read_gpt2(c: dict) -> Config:
+    check_gelu_new(c)
+    for option in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
+        if c.get(option):
+            refuse(c, f"{option}: true", "only the standard GPT-2 attention is implemented")
+    nh, d = c["n_head"], c["n_embd"]
+    return Config(arch="gpt2", vocab_size=c["vocab_size"], d_model=d, n_layers=c["n_layer"], n_heads=nh,
+                  n_kv_heads=nh, head_dim=d // nh, d_mlp=c.get("n_inner") or 4 * d,
+                  norm_eps=c.get("layer_norm_epsilon", 1e-5), tie_embeddings=c.get("tie_word_embeddings", True),
+                  attention_bias=True, mlp_bias=True, max_positions=c.get("n_positions", 1024),
+                  attn_scale=None if c.get("scale_attn_weights", True) else 1.0, **special_ids(c))
+
+
+READERS = {"llama": read_llama, "gptj": read_gptj, "gpt2": read_gpt2, "qwen2": read_qwen2,
+           "qwen3": read_qwen3, "mistral": read_mistral}
+SUPPORTED = tuple(READERS)
+
+
 # ----------------------------------------------------------------------------------------- rope
 def rope_inv_freq(cfg: Config) -> torch.Tensor:
-    """Rotary inverse frequencies (GPT-J: over rotary_dim; LLaMA: over the head), with Llama-3.1
-    'llama3' scaling: long wavelengths slowed by `factor`, short ones kept, a blend in between."""
-    r = cfg.rotary_dim if cfg.arch == "gptj" else cfg.head_dim
-    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, r, 2, dtype=torch.float32) / r)
+    """Rotary inverse frequencies (GPT-J: over rotary_dim; LLaMA-like: over the head; GPT-2: none,
+    its positions are learned), with Llama-3.1 'llama3' scaling: long wavelengths slowed by
+    `factor`, short ones kept, a blend in between."""
+    r = {"gptj": cfg.rotary_dim, "gpt2": 0}.get(cfg.arch, cfg.head_dim)
+    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, r, 2, dtype=torch.float32) / max(r, 1))
     rs = cfg.rope_scaling
     if not rs or rs.get("rope_type", rs.get("type")) != "llama3":
         return inv
@@ -119,9 +213,10 @@ def rope_gptj(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     return torch.cat((rot, xp), dim=-1)
 
 
-# --------------------------------------------------------------------------------------- blocks
+# ------------------------------------------------------------------------------------ attention
 class KVCache:
-    """Preallocated keys/values for incremental decoding: (B, n_kv, max_len, hd) per layer."""
+    """Preallocated keys/values for incremental decoding: (B, n_kv, max_len, hd) per layer. Every
+    key is kept (a sliding window is applied by the mask, so decoding past it stays exact)."""
 
     def __init__(self, cfg: Config, batch: int, max_len: int, device, dtype):
         shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
@@ -130,35 +225,104 @@ class KVCache:
         self.length = 0
 
 
+def attention_mask(mask, past: int, window: int | None = None):
+    """(B, 1, T, S) bool, True where query i may read key j: j <= i, j a real token, and with a
+    window, i - window < j by real-token positions (as transformers' sliding window, which counts
+    padded indices: the same for a batch padded on one side). A pad query reads itself, so no row
+    is empty. None where plain causal attention is exact: right padding, no cache, no window
+    shorter than the batch. mask (B, S) with 1 on real tokens; the last T = S - past are queries."""
+    S = mask.shape[1]
+    T = S - past
+    right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all())
+    if not past and right_padded and (window is None or T <= window):
+        return None
+    qi = torch.arange(past, S, device=mask.device)
+    kj = torch.arange(S, device=mask.device)
+    allowed = (kj[None, :] <= qi[:, None])[None] & mask.bool()[:, None, :]       # (B, T, S)
+    if window is not None:
+        pos = mask.long().cumsum(-1)                                              # (B, S)
+        allowed &= (pos[:, past:, None] - pos[:, None, :]) < window
+    return (allowed | (kj[None, :] == qi[:, None])[None])[:, None]
+
+
+def attend(q, k, v, allowed, cache: KVCache | None, layer: int, scale: float | None):
+    """softmax(q kᵀ · scale, masked by `allowed`) v over the cached and the new keys.
+    q (B, nh, T, hd); k, v (B, nkv, T, hd), written into the cache first. Returns (B, T, nh * hd)."""
+    B, nh, T, hd = q.shape
+    if cache is not None:
+        s = cache.length
+        cache.k[layer][:, :, s:s + T], cache.v[layer][:, :, s:s + T] = k, v
+        k, v = cache.k[layer][:, :, :s + T], cache.v[layer][:, :, :s + T]   # (B, nkv, S, hd)
+    if k.shape[1] != nh:                           # grouped-query: head h reads kv head h // rep
+        rep = nh // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if allowed is None:     # right padding, no cache: plain causal (fused kernels)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)   # (B, nh, T, hd)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+    return y.transpose(1, 2).reshape(B, T, nh * hd)
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: Config, out_name: str, bias: bool):
+    """Separate q, k, v projections and an output projection (LLaMA-like: o_proj; GPT-J: out_proj);
+    rope on q and k; Qwen3 first normalises each head of q and k."""
+
+    def __init__(self, cfg: Config, out_name: str):
         super().__init__()
         self.cfg, self.out_name = cfg, out_name
         hd, nh, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
-        self.q_proj = nn.Linear(cfg.d_model, nh * hd, bias=bias)
-        self.k_proj = nn.Linear(cfg.d_model, nkv * hd, bias=bias)
-        self.v_proj = nn.Linear(cfg.d_model, nkv * hd, bias=bias)
-        setattr(self, out_name, nn.Linear(nh * hd, cfg.d_model, bias=bias))   # o_proj | out_proj
+        qkv_bias = cfg.attention_bias or cfg.qkv_bias
+        self.q_proj = nn.Linear(cfg.d_model, nh * hd, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, nkv * hd, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, nkv * hd, bias=qkv_bias)
+        setattr(self, out_name, nn.Linear(nh * hd, cfg.d_model, bias=cfg.attention_bias))
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.norm_eps)
 
     def forward(self, x, rope, cos, sin, allowed, cache: KVCache | None, layer: int):
         B, T, _ = x.shape
         hd, nh, nkv = self.cfg.head_dim, self.cfg.n_heads, self.cfg.n_kv_heads
-        q = rope(self.q_proj(x).view(B, T, nh, hd).transpose(1, 2), cos, sin)   # (B, nh, T, hd)
-        k = rope(self.k_proj(x).view(B, T, nkv, hd).transpose(1, 2), cos, sin)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, nkv, hd).transpose(1, 2)
-        if cache is not None:
-            s = cache.length
-            cache.k[layer][:, :, s:s + T], cache.v[layer][:, :, s:s + T] = k, v
-            k, v = cache.k[layer][:, :, :s + T], cache.v[layer][:, :, :s + T]
-        if nkv != nh:                                   # grouped-query: head h reads kv head h // rep
-            k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
-        if allowed is None:     # right padding, no cache: plain causal (fused kernels)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)     # (B, nh, T, hd)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-        return getattr(self, self.out_name)(y.transpose(1, 2).reshape(B, T, nh * hd))
+        q = self.q_proj(x).view(B, T, nh, hd)           # (B, T, nh, hd)
+        k = self.k_proj(x).view(B, T, nkv, hd)          # (B, T, nkv, hd)
+        v = self.v_proj(x).view(B, T, nkv, hd)
+        if self.cfg.qk_norm:                            # Qwen3: RMSNorm over each head
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = rope(q.transpose(1, 2), cos, sin)           # (B, nh, T, hd)
+        k = rope(k.transpose(1, 2), cos, sin)           # (B, nkv, T, hd)
+        y = attend(q, k, v.transpose(1, 2), allowed, cache, layer, self.cfg.attn_scale)   # (B, T, nh*hd)
+        return getattr(self, self.out_name)(y)
 
 
+class Conv1D(nn.Module):
+    """GPT-2's linear layer: the weight is stored [d_in, d_out] (nn.Linear's transpose); y = x W + b."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(d_in, d_out).normal_(std=0.02))
+        self.bias = nn.Parameter(torch.zeros(d_out))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+class GPT2Attention(nn.Module):
+    """One fused projection c_attn to q, k, v (no rope: positions are learned); output c_proj."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.c_attn = Conv1D(cfg.d_model, 3 * cfg.d_model)
+        self.c_proj = Conv1D(cfg.d_model, cfg.d_model)
+
+    def forward(self, x, allowed, cache: KVCache | None, layer: int):
+        B, T, d = x.shape
+        q, k, v = (t.view(B, T, self.cfg.n_heads, self.cfg.head_dim).transpose(1, 2)   # (B, nh, T, hd)
+                   for t in self.c_attn(x).split(d, dim=-1))
+        return self.c_proj(attend(q, k, v, allowed, cache, layer, self.cfg.attn_scale))
+
+
+# --------------------------------------------------------------------------------------- blocks
 class RMSNorm(nn.Module):
     def __init__(self, d: int, eps: float):
         super().__init__()
@@ -193,16 +357,29 @@ class GPTJMLP(nn.Module):
         return self.fc_out(key), key
 
 
+class GPT2MLP(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.c_fc = Conv1D(cfg.d_model, cfg.d_mlp)
+        self.c_proj = Conv1D(cfg.d_mlp, cfg.d_model)   # the edited weight, stored [d_mlp, d_model]
+
+    def forward(self, x):   # returns (output, key = input of c_proj, after gelu_new)
+        key = F.gelu(self.c_fc(x), approximate="tanh")
+        return self.c_proj(key), key
+
+
 class LlamaBlock(nn.Module):
+    """LLaMA, Qwen2, Qwen3 and Mistral: pre-norm, attention then MLP."""
+
     def __init__(self, cfg: Config):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.self_attn = Attention(cfg, "o_proj", cfg.attention_bias)
+        self.self_attn = Attention(cfg, "o_proj")
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, h, *attn_args):   # sequential: attention, then MLP
-        h = h + self.self_attn(self.input_layernorm(h), rope_llama, *attn_args)
+    def forward(self, h, cos, sin, allowed, cache, layer):   # sequential: attention, then MLP
+        h = h + self.self_attn(self.input_layernorm(h), rope_llama, cos, sin, allowed, cache, layer)
         out, key = self.mlp(self.post_attention_layernorm(h))
         return h + out, key
 
@@ -211,13 +388,27 @@ class GPTJBlock(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.attn = Attention(cfg, "out_proj", False)
+        self.attn = Attention(cfg, "out_proj")
         self.mlp = GPTJMLP(cfg)
 
-    def forward(self, h, *attn_args):   # parallel: attention and MLP both read one LayerNorm
+    def forward(self, h, cos, sin, allowed, cache, layer):   # parallel: attention and MLP read one LayerNorm
         x = self.ln_1(h)
         out, key = self.mlp(x)
-        return h + self.attn(x, rope_gptj, *attn_args) + out, key
+        return h + self.attn(x, rope_gptj, cos, sin, allowed, cache, layer) + out, key
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = GPT2Attention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = GPT2MLP(cfg)
+
+    def forward(self, h, cos, sin, allowed, cache, layer):   # sequential; no rope (cos, sin unused)
+        h = h + self.attn(self.ln_1(h), allowed, cache, layer)
+        out, key = self.mlp(self.ln_2(h))
+        return h + out, key
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -228,41 +419,103 @@ class Output:
     outs: dict = field(default_factory=dict)          # layer -> (B, T, d_model) residual after layer
 
 
+# the edited MLP output projection of each layout, by parameter name
+EDIT_WEIGHTS = {"llama": "model.layers.{}.mlp.down_proj.weight", "gptj": "transformer.h.{}.mlp.fc_out.weight",
+                "gpt2": "transformer.h.{}.mlp.c_proj.weight"}
+
+
 class CausalLM(nn.Module):
-    """LlamaForCausalLM / GPTJForCausalLM with the checkpoint's parameter names."""
+    """LlamaForCausalLM (and Qwen2/Qwen3/Mistral), GPTJForCausalLM, GPT2LMHeadModel, with the
+    checkpoint's parameter names."""
 
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
-        if cfg.arch == "llama":
+        if cfg.llama_like:
             self.model = nn.Module()
             self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
             self.model.layers = nn.ModuleList(LlamaBlock(cfg) for _ in range(cfg.n_layers))
             self.model.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         else:
+            block = GPT2Block if cfg.arch == "gpt2" else GPTJBlock
             self.transformer = nn.Module()
             self.transformer.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
-            self.transformer.h = nn.ModuleList(GPTJBlock(cfg) for _ in range(cfg.n_layers))
+            if cfg.arch == "gpt2":
+                self.transformer.wpe = nn.Embedding(cfg.max_positions, cfg.d_model)
+            self.transformer.h = nn.ModuleList(block(cfg) for _ in range(cfg.n_layers))
             self.transformer.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.arch == "gptj")
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.tokenizer: Tokenizer | None = None
+        # the prefix the checkpoint's names lack: "transformer." in GPT-2 files saved from
+        # GPT2Model (as OpenAI's gpt2 ... gpt2-xl on the Hub); set by load
+        self.missing_prefix = ""
 
     # the same three parts under each architecture's own names
-    embed = property(lambda s: s.model.embed_tokens if s.cfg.arch == "llama" else s.transformer.wte)
-    blocks = property(lambda s: s.model.layers if s.cfg.arch == "llama" else s.transformer.h)
-    norm = property(lambda s: s.model.norm if s.cfg.arch == "llama" else s.transformer.ln_f)
+    embed = property(lambda s: s.model.embed_tokens if s.cfg.llama_like else s.transformer.wte)
+    blocks = property(lambda s: s.model.layers if s.cfg.llama_like else s.transformer.h)
+    norm = property(lambda s: s.model.norm if s.cfg.llama_like else s.transformer.ln_f)
+
+    def checkpoint_name(self, name: str) -> str:
+        """The name parameter `name` has in the checkpoint's files."""
+        p = self.missing_prefix
+        return name[len(p):] if p and name.startswith(p) else name
+
+    def _edit_parameter(self, layer: int) -> nn.Parameter:
+        return self.get_parameter(EDIT_WEIGHTS["llama" if self.cfg.llama_like else self.cfg.arch].format(layer))
 
     def edit_weight_name(self, layer: int) -> str:
-        """Name of the edited MLP output projection ([d_model, d_mlp]) at `layer`."""
-        return (f"model.layers.{layer}.mlp.down_proj.weight" if self.cfg.arch == "llama"
-                else f"transformer.h.{layer}.mlp.fc_out.weight")
+        """Checkpoint name of the edited MLP output projection at `layer` (the tensor behind
+        edit_weight(layer); GPT-2 stores it transposed, so for anything written to disk use
+        edit_tensors / load_edit_tensors)."""
+        return self.checkpoint_name(EDIT_WEIGHTS["llama" if self.cfg.llama_like else self.cfg.arch].format(layer))
 
     def edit_weight(self, layer: int) -> torch.Tensor:
-        return self.blocks[layer].mlp.down_proj.weight if self.cfg.arch == "llama" \
-            else self.blocks[layer].mlp.fc_out.weight
+        """W (d_model, d_mlp), the edited projection as the method sees it (out = W key). It aliases
+        the parameter (for GPT-2 the transposed view of the stored [d_mlp, d_model]): write it with
+        copy_ or in-place operations and the model changes."""
+        w = self._edit_parameter(layer)
+        return w.T if self.cfg.arch == "gpt2" else w
+
+    def edit_tensors(self, layers) -> dict[str, torch.Tensor]:
+        """{checkpoint name: the stored parameter} of the edited projections at `layers`, in the
+        checkpoint's own layout (GPT-2: [d_mlp, d_model]): what `save` and run-state files take.
+        The live parameters, on the model's device, not copies."""
+        return {self.edit_weight_name(l): self._edit_parameter(l) for l in layers}
+
+    @torch.no_grad()
+    def load_edit_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy tensors in the layout edit_tensors returns into the edited parameters."""
+        layer_of = {self.edit_weight_name(l): l for l in range(self.cfg.n_layers)}
+        for name, t in tensors.items():
+            if name not in layer_of:
+                raise CheckpointError(f"{name!r} is not an edited weight of this {self.cfg.arch} model "
+                                      f"(those are named like {self.edit_weight_name(0)!r})")
+            w = self._edit_parameter(layer_of[name])
+            if tuple(t.shape) != tuple(w.shape):
+                raise CheckpointError(f"tensor {name} has shape {tuple(t.shape)}, the model stores "
+                                      f"{tuple(w.shape)} (the checkpoint's layout)")
+            w.copy_(t)
+
+    def names_through_layer(self, layer: int) -> list[str]:
+        """Checkpoint names of the tensors the computation up to and including block `layer`
+        depends on: the embeddings (GPT-2: with wpe) and blocks 0..layer."""
+        parts = [self.embed, *([self.transformer.wpe] if self.cfg.arch == "gpt2" else []),
+                 *self.blocks[:layer + 1]]
+        wanted = {id(p) for part in parts for p in part.parameters()}
+        return [self.checkpoint_name(n) for n, p in self.named_parameters() if id(p) in wanted]
+
+    def positions(self, mask, past: int) -> torch.Tensor:
+        """(B, T) position of each query among its sequence's real tokens (left or right padding
+        alike). GPT-2 has only max_positions learned positions: beyond them is an error."""
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        if self.cfg.arch == "gpt2" and mask.shape[1] > self.cfg.max_positions \
+                and int(pos.max()) >= self.cfg.max_positions:
+            raise ValueError(f"a sequence of {int(pos.max()) + 1} tokens is longer than this GPT-2's "
+                             f"{self.cfg.max_positions} learned positions (n_positions)")
+        return pos
 
     def forward(self, ids, mask=None, *, keys_at=(), outs_at=(), delta=None, stop_after=None,
                 logits_at=None, start=None, cache: KVCache | None = None) -> Output:
@@ -275,21 +528,19 @@ class CausalLM(nn.Module):
         B, T = ids.shape
         past = cache.length if cache is not None else 0
         mask = torch.ones(B, past + T, dtype=torch.long, device=ids.device) if mask is None else mask
-        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]                 # (B, T)
-        freqs = pos[:, None, :, None].float() * self.inv_freq                     # (B, 1, T, hd/2)
+        pos = self.positions(mask, past)                                           # (B, T)
+        freqs = pos[:, None, :, None].float() * self.inv_freq                      # (B, 1, T, hd/2)
         dt = self.embed.weight.dtype
         cos, sin = freqs.cos().to(dt), freqs.sin().to(dt)
-        allowed = None          # right padding without a cache: causal masking alone is exact
-        if past or not bool((mask[:, 1:] <= mask[:, :-1]).all()):    # for the real tokens
-            qi = torch.arange(past, past + T, device=ids.device)
-            kj = torch.arange(past + T, device=ids.device)
-            allowed = (kj[None, :] <= qi[:, None])[None] & mask.bool()[:, None, :]   # (B, T, S)
-            allowed = (allowed | (kj[None, :] == qi[:, None])[None])[:, None]       # a pad row sees itself
         first, h = (0, self.embed(ids)) if start is None else (start[0] + 1, start[1])
+        if start is None and self.cfg.arch == "gpt2":                              # learned positions
+            h = h + self.transformer.wpe(pos)
         last = self.cfg.n_layers - 1 if stop_after is None else stop_after
+        windows = {self.cfg.window(i) for i in range(first, last + 1)}
+        masks = {w: attention_mask(mask, past, w) for w in windows}                # (B, 1, T, S) or None
         out = Output(None)
         for i in range(first, last + 1):
-            h, key = self.blocks[i](h, cos, sin, allowed, cache, i)
+            h, key = self.blocks[i](h, cos, sin, masks[self.cfg.window(i)], cache, i)
             if i in keys_at:
                 out.keys[i] = key
             if delta is not None and delta[0] == i:
@@ -323,7 +574,7 @@ class Tokenizer:
             return self.tok.token_to_id(v) if isinstance(v, str) else None
         self.bos_id = cfg.bos_id if cfg.bos_id is not None else token_id(conf.get("bos_token"))
         self.eos_ids = cfg.eos_ids or [i for i in [token_id(conf.get("eos_token"))] if i is not None]
-        self.add_bos = conf.get("add_bos_token", cfg.arch == "llama") and self.bos_id is not None
+        self.add_bos = conf.get("add_bos_token", cfg.arch in ("llama", "mistral")) and self.bos_id is not None
         pad = cfg.pad_id if cfg.pad_id is not None else token_id(conf.get("pad_token"))
         self.pad_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
 
@@ -385,46 +636,74 @@ def check_device(device) -> torch.device:
     return dev
 
 
-def load(path, device="cpu", dtype="float32") -> CausalLM:
-    """Load config, weights and tokenizer of an HF checkpoint directory. The model is built on the
-    meta device and each tensor goes straight to `device` in `dtype`; names and shapes must match
-    exactly, and every weight must be finite."""
-    path, device = Path(path), str(check_device(device))
-    if not (path / "config.json").exists():
-        raise CheckpointError(f"{path}: config.json is missing (is this an HF checkpoint directory?)")
-    try:
-        cfg = Config.from_hf(json.loads((path / "config.json").read_text()))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path / 'config.json'}: not valid JSON ({e})") from None
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    with torch.device("meta"):
-        model = CausalLM(cfg)
-    expected = {n: tuple(p.shape) for n, p in model.state_dict().items()}
-    if cfg.tie_embeddings:            # tied: the head is the embedding (a stored copy is ignored)
-        del expected["lm_head.weight"]
-    files = weight_files(path)
-    names = {n for n in files if not n.endswith(IGNORED_SUFFIXES)
-             and not (cfg.tie_embeddings and n == "lm_head.weight")}
+def tensor_headers(files: dict[str, Path]) -> dict[str, tuple[Path, str, tuple]]:
+    """Tensor name -> (file, safetensors dtype code, shape), from the files' headers (no data read)."""
+    out = {}
+    for file in sorted(set(files.values())):
+        with _open(file) as f:
+            for name in f.keys():
+                part = f.get_slice(name)
+                out[name] = (file, part.get_dtype(), tuple(part.get_shape()))
+    return out
+
+
+def check_tensors(path: Path, cfg: Config, expected: dict[str, tuple], headers: dict) -> None:
+    """Every stored weight a float, no tensor missing or unexpected, every shape as config.json
+    implies. expected: checkpoint name -> shape."""
+    names = {n for n in headers if not n.endswith(IGNORED_SUFFIXES)
+             and not (cfg.tie_embeddings and n == "lm_head.weight")}   # tied: a stored head is ignored
+    for name in sorted(names):
+        file, code, _ = headers[name]
+        if code not in FLOAT_CODES:
+            raise CheckpointError(f"{file}: tensor {name} has dtype {code}: quantised or integer checkpoints "
+                                  f"are not supported (weights must be float16, bfloat16, float32 or float64)")
     if missing := sorted(set(expected) - names):
         raise CheckpointError(f"{path}: missing tensor(s) {', '.join(missing[:5])}"
                               + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
     if extra := sorted(names - set(expected)):
         raise CheckpointError(f"{path}: unexpected tensor(s) {', '.join(extra[:5])} for a "
                               f"{cfg.arch} model with this config.json")
+    for name, shape in expected.items():
+        file, _, stored = headers[name]
+        if stored != shape:
+            raise CheckpointError(f"{file}: tensor {name} has shape {stored}, config.json implies {shape}")
+
+
+def read_config(path: Path) -> Config:
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"{path}: config.json is missing (is this an HF checkpoint directory?)")
+    try:
+        return Config.from_hf(json.loads((path / "config.json").read_text()))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path / 'config.json'}: not valid JSON ({e})") from None
+
+
+def load(path, device="cpu", dtype="float32") -> CausalLM:
+    """Load config, weights and tokenizer of an HF checkpoint directory. The model is built on the
+    meta device and each tensor goes straight to `device` in `dtype`; names, shapes and (float)
+    dtypes are checked from the files' headers before any data is read, and every weight must be
+    finite."""
+    path, device = Path(path), str(check_device(device))
+    cfg = read_config(path)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    headers = tensor_headers(weight_files(path))
+    if cfg.arch == "gpt2" and "transformer.wte.weight" not in headers and "wte.weight" in headers:
+        model.missing_prefix = "transformer."          # saved from GPT2Model: h.0..., wte.weight
+    params = {model.checkpoint_name(n): n for n in model.state_dict()
+              if not (cfg.tie_embeddings and n == "lm_head.weight")}          # checkpoint -> parameter
+    shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    check_tensors(path, cfg, {c: shapes[n] for c, n in params.items()}, headers)
     state = {}
-    for file in sorted(set(files.values())):
+    for file in sorted({headers[c][0] for c in params}):
         with _open(file, device) as f:
-            for name in f.keys():
-                if name not in expected:
-                    continue
-                t = f.get_tensor(name)
-                if tuple(t.shape) != expected[name]:
-                    raise CheckpointError(f"{file}: tensor {name} has shape {tuple(t.shape)}, "
-                                          f"config.json implies {expected[name]}")
-                state[name] = t.to(DTYPES[dtype])
-                if not torch.isfinite(state[name]).all():
-                    raise CheckpointError(f"{file}: tensor {name} contains NaN or Inf")
+            for stored in (c for c in params if headers[c][0] == file):
+                t = f.get_tensor(stored).to(DTYPES[dtype])
+                if not torch.isfinite(t).all():
+                    raise CheckpointError(f"{file}: tensor {stored} contains NaN or Inf")
+                state[params[stored]] = t
     model.load_state_dict(state, assign=True, strict=False)   # names and shapes checked above
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
@@ -435,15 +714,22 @@ def load(path, device="cpu", dtype="float32") -> CausalLM:
 
 def save(src, out, tensors: dict[str, torch.Tensor]) -> None:
     """Write checkpoint `src` to `out` in its own layout (same files, names, dtypes, sharding and
-    index; config and tokenizer files copied) with the given tensors replaced."""
+    index; config and tokenizer files copied) with the given tensors replaced. `tensors` maps
+    checkpoint names to tensors in the stored layout, as CausalLM.edit_tensors returns them (for
+    GPT-2 [d_mlp, d_model], not edit_weight's (d_model, d_mlp) view); a shape that differs from
+    the stored one is an error."""
     src, out = Path(src), Path(out)
     if out.resolve() == src.resolve():
         raise ValueError(f"refusing to write the edited model into its input checkpoint {src}")
-    out.mkdir(parents=True, exist_ok=True)
-    files = weight_files(src)
-    if unknown := sorted(set(tensors) - set(files)):
+    headers = tensor_headers(weight_files(src))
+    if unknown := sorted(set(tensors) - set(headers)):
         raise KeyError(f"tensor(s) not in checkpoint {src}: {', '.join(unknown)}")
-    for file in sorted(set(files.values())):
+    for n, t in tensors.items():
+        if tuple(t.shape) != headers[n][2]:
+            raise ValueError(f"tensor {n}: shape {tuple(t.shape)} given, the checkpoint stores "
+                             f"{headers[n][2]} (pass model.edit_tensors(layers): the stored layout)")
+    out.mkdir(parents=True, exist_ok=True)
+    for file in sorted({file for file, _, _ in headers.values()}):
         with _open(file) as f:
             meta = f.metadata()
             data = {n: f.get_tensor(n) for n in f.keys()}
@@ -504,7 +790,7 @@ def main(argv=None):
     if not ids:
         raise SystemExit("error: the prompt encodes to no tokens and the tokenizer has no BOS token")
     out = generate(model, [ids], a.max_new_tokens, a.top_k, a.seed)[0]
-    print(a.prompt + model.tokenizer.decode(out) if a.prompt else model.tokenizer.decode(out))
+    print(model.tokenizer.decode(ids + out))   # decoded whole: the tokenizer places the spaces
 
 
 if __name__ == "__main__":
