@@ -168,6 +168,7 @@ class Method:
     locate: str = "memit"              # "memit": z* at the last edit layer, spread over the
                                        # layers (E4-E6); "rome": one layer, one request per update
     preset: str = "memit"              # whose published settings it takes: lyaplock | memit | rome
+    templates: tuple = ((10, 5),)      # context templates (E3): (length, count) per group
 
 
 def lyaplock_step(W, W0, C, K1, R, ls: LayerState, hp) -> torch.Tensor:
@@ -293,14 +294,19 @@ def preset(cfg: M.Config, method: str) -> HParams:
 
 # ----------------------------------------------------------------------------- the locate step
 
-def context_templates(model: M.CausalLM, seed: int) -> list[list[str]]:
-    """E3: "{}" plus five prefixes the model writes itself (10 tokens, top-k 5, seeded)."""
-    tok = model.tokenizer
-    starts = [tok.encode(s) for s in ("The", "Therefore", "Because", "I", "You")]
-    new = M.generate(model, starts, max(1, 10 - min(map(len, starts))), top_k=5, seed=seed,
-                     stop_at_eos=False)
-    texts = [tok.decode(s + g[:max(0, 10 - len(s))]) for s, g in zip(starts, new)]
-    return [["{}"], [t.replace("{", " ").replace("}", " ") + ". {}" for t in texts]]
+def context_templates(model: M.CausalLM, seed: int, groups=((10, 5),)) -> list[list[str]]:
+    """E3: "{}", then for each (length, count) of `groups` a group of `count` prefixes the model
+    writes itself from "The", "Therefore", "Because", "I", "You" (count/5 each; `length` tokens,
+    top-k 5, seeded), each as prefix + ". {}". MEMIT's family: one group (10, 5); ROME: (5, 10)
+    and (10, 10), 21 templates."""
+    tok, out = model.tokenizer, [["{}"]]
+    for g, (length, count) in enumerate(groups):
+        starts = [tok.encode(s) for s in ("The", "Therefore", "Because", "I", "You")] * (count // 5)
+        new = M.generate(model, starts, max(1, length - min(map(len, starts))), top_k=5, seed=seed + g,
+                         stop_at_eos=False)
+        texts = [tok.decode(s + n[:max(0, length - len(s))]) for s, n in zip(starts, new)]
+        out.append([t.replace("{", " ").replace("}", " ") + ". {}" for t in texts])
+    return out
 
 
 @dataclass
@@ -712,7 +718,8 @@ class Editor:
         hp = with_overrides(preset(model.cfg, method), **hparams)
         C = stats.load_or_collect_stats(model, model_path, stats_corpus or DEFAULT_CORPUS, stats_tokens,
                                         hp.layers, stats_cache, log=log)
-        return cls(model, hp, C, context_templates(model, seed), model_path, z_batch_tokens)
+        return cls(model, hp, C, context_templates(model, seed, method_of(method).templates), model_path,
+                   z_batch_tokens)
 
     def edit(self, requests) -> dict:
         """One editing step with all `requests`; returns the step's log."""
@@ -1214,7 +1221,8 @@ def run(a) -> int:
     if a.save_model and Path(a.save_model).resolve() == Path(settings.model).resolve():
         raise ValueError("--save-model must not be the input checkpoint's directory")
     if not (out / "templates.json").exists():
-        data.write_atomic(out / "templates.json", json.dumps(context_templates(model, settings.seed)))
+        data.write_atomic(out / "templates.json", json.dumps(context_templates(
+            model, settings.seed, method_of(settings.hparams.method).templates)))
     templates = json.loads((out / "templates.json").read_text())
     requests, too_long = fit_context(model, requests, templates, settings)
     skipped += too_long

@@ -1225,6 +1225,21 @@ def test_general_ability_score_for_the_stop_rule():
         L.collapsed(settings, {"general": {"cola": {"mcc": 0.0}}}, {"general": {"cola": {"mcc": 0.0}}})
 
 
+def test_readme_python_api_example_runs(tmp_path, capsys, monkeypatch):
+    text = (HERE / "README.md").read_text()
+    code = text.split("## Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(HERE)
+    scope = {}
+    exec(code.replace('"runs/', f'"{tmp_path}/'), scope)
+    first, z_and_log, last = capsys.readouterr().out.splitlines()
+    assert float(first) == 0.0 and float(last) == 70.0 and z_and_log.startswith("1.0 {'pl': ")
+    original, edited = M.load(FIX / "factmodel-ci"), M.load(tmp_path / "edited-factmodel")
+    assert not torch.equal(edited.edit_weight(2), original.edit_weight(2))
+    editor = scope["editor"]                       # reset: the original weights, a fresh state
+    assert all(torch.equal(editor.model.edit_weight(l), original.edit_weight(l)) for l in (1, 2))
+    assert editor.state.step == 0 and editor.state.layers[2].D_base is None
+
+
 def test_cli_without_arguments_points_to_the_quickstart(capsys):
     assert L.main([]) == 2
     assert L.QUICKSTART in capsys.readouterr().out
