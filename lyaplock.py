@@ -121,6 +121,8 @@ class LayerState:
     S_KK: torch.Tensor | None = None   # Σ K1K1ᵀ over past steps (E7), float64 (m, m)
     S_VK: torch.Tensor | None = None   # Σ (W K1)K1ᵀ over past steps (E7), float64 (d, m)
     P: torch.Tensor | None = field(default=None, repr=False)  # AlphaEdit projector; not saved
+    edits: dict = field(default_factory=dict, repr=False)  # prompt -> (k (m,), v (d,) | None) in
+    #   the memory, kept to take a superseded edit out again (E8a; HParams.superseded "remove")
 
     @property
     def z(self) -> float:
@@ -144,13 +146,28 @@ def update_queue(ls: LayerState, pl: float, alpha: float, b: float = 0.0):
     ls.Z = queue_update(ls.Z, pl, alpha * ls.D_base, ls.a, b, ls.zmax)      # E13
 
 
-def remember(ls: LayerState, K1, W_new=None):
-    """Add a step to the edit memory: S_KK += K1K1ᵀ, and S_VK += (W_new K1)K1ᵀ if W_new (E7)."""
+def remember(ls: LayerState, K1, W_new=None, prompts=None):
+    """Add a step to the edit memory: S_KK += K1K1ᵀ, and S_VK += (W_new K1)K1ᵀ if W_new (E7);
+    with `prompts` (one per column of K1) also each column's key and value, for `forget`."""
     K1 = f64(K1)
     ls.S_KK = K1 @ K1.T if ls.S_KK is None else ls.S_KK.addmm_(K1, K1.T)          # E7
+    WK = None
     if W_new is not None:
         WK = f64(W_new) @ K1
         ls.S_VK = WK @ K1.T if ls.S_VK is None else ls.S_VK.addmm_(WK, K1.T)     # E7
+    for j, prompt in enumerate(prompts or ()):
+        ls.edits[prompt] = (K1[:, j].clone(), None if WK is None else WK[:, j].clone())
+
+
+def forget(ls: LayerState, prompts):
+    """Take the earlier edits of these prompts out of the memory (E8a): S_KK −= kkᵀ and
+    S_VK −= vkᵀ with the key k and value v each was remembered with."""
+    for prompt in prompts:
+        if prompt in ls.edits:
+            k, v = ls.edits.pop(prompt)
+            ls.S_KK.sub_(torch.outer(k, k))                                          # E8a
+            if v is not None:
+                ls.S_VK.sub_(torch.outer(v, k))                                      # E8a
 
 
 # ----------------------------------------------------------------------------- the methods
@@ -202,11 +219,15 @@ def method_of(name: str) -> Method:
     return METHODS[name]
 
 
-def step_layer(W, W0, C, K1, R, ls: LayerState, hp) -> tuple[torch.Tensor, float]:
+def step_layer(W, W0, C, K1, R, ls: LayerState, hp, prompts=None) -> tuple[torch.Tensor, float]:
     """One layer's part of an editing step: solve → W + Δ → PL → queue → memory, for the method
-    hp.method with the hyper-parameters hp (an HParams). Returns (W_new, PL(W_new)); W_new has
-    W's dtype and device; ls is updated in place."""
+    hp.method with the hyper-parameters hp (an HParams). `prompts` names the requests (columns
+    of K1), for hp.superseded "remove" (E8a). Returns (W_new, PL(W_new)); W_new has W's dtype
+    and device; ls is updated in place."""
     method = method_of(hp.method)
+    prompts = prompts if method.memory and hp.superseded == "remove" else None
+    if prompts:
+        forget(ls, prompts)                               # E8a: the stale values leave first
     delta = method.solve(W, W0, C, K1, R, ls, hp)
     if method.mask is not None:
         delta = method.mask(delta, W)
@@ -215,7 +236,7 @@ def step_layer(W, W0, C, K1, R, ls: LayerState, hp) -> tuple[torch.Tensor, float
     if method.queue:
         update_queue(ls, pl, hp.alpha)
     if method.memory:
-        remember(ls, K1, W_new if "S_VK" in method.memory else None)              # E7
+        remember(ls, K1, W_new if "S_VK" in method.memory else None, prompts)     # E7
     return W_new, pl
 
 
@@ -237,6 +258,8 @@ class HParams:
     batch_size: int = 100
     l2: float = 10.0                # AlphaEdit's L2 (E12)
     mom2_adjustment: bool = True    # ROME: u = C⁻¹k̄ (False: u = k̄)
+    superseded: str = "keep"        # a re-edited prompt's earlier edit: "keep" it in the memory
+                                    # (the authors') or "remove" it (E8a)
 
 
 # Published settings by model shape (arch, d_model, n_layers, d_mlp) and preset family (Method.preset).
@@ -635,7 +658,7 @@ def update_layer(model, layer, K1, R, hp: HParams, state: EditState, C, W0, wher
     """Solve, check and write one layer's update (step_layer); its log entry (pl, D, z)."""
     W, ls = model.edit_weight(layer), state.layers[layer]
     try:
-        W_new, pl = step_layer(W, W0[layer], C[layer], K1, R, ls, hp)
+        W_new, pl = step_layer(W, W0[layer], C[layer], K1, R, ls, hp, [q.rewrite_prompt() for q in where.requests])
     except ValueError as e:   # e.g. a failed Cholesky: say where, write nothing more
         raise ValueError(f"step {where.step}, layer {layer} (case ids {where.ids}): {e}") from None
     where.check_finite(layer, update=W_new, **{"preservation loss": torch.tensor(pl)})
@@ -770,6 +793,8 @@ def with_overrides(hp: HParams, **changes) -> HParams:
     hp = replace(hp, **{k: v for k, v in changes.items() if v is not None})
     hp.layers = tuple(hp.layers)
     method_of(hp.method)
+    if hp.superseded not in ("keep", "remove"):
+        raise ValueError(f"superseded {hp.superseded!r}: choose 'keep' or 'remove'")
     return hp
 
 
@@ -823,8 +848,16 @@ class EditState:
         tensors = {f"{l}.{k}": getattr(ls, k).detach().cpu().contiguous()
                    for l, ls in self.layers.items() for k in method_of(self.method).memory
                    if getattr(ls, k) is not None}
+        edits = {str(l): list(ls.edits) for l, ls in self.layers.items() if ls.edits}
+        for l, ls in self.layers.items():              # E8a's per-prompt keys and values
+            if ls.edits:
+                ks, vs = zip(*ls.edits.values())
+                tensors[f"{l}.edit_K"] = torch.stack(ks, 1).cpu()
+                if vs[0] is not None:
+                    tensors[f"{l}.edit_V"] = torch.stack(vs, 1).cpu()
         save_file(tensors, str(d / "state.safetensors"))
-        meta = dict(method=self.method, step=self.step, n_edits=self.n_edits, layers=layers)
+        meta = dict(method=self.method, step=self.step, n_edits=self.n_edits, layers=layers,
+                    **({"edits": edits} if edits else {}))
         (d / "state.json").write_text(json.dumps(meta, indent=1))
 
     @classmethod
@@ -868,11 +901,27 @@ class EditState:
                     f"the layer has been edited (present: {have}, D_base: {q['D_base']})")
             ls = LayerState(**q, **{k: tensors.get(n) for k, n in zip(keeps, names)})
             _check_memory(ls, lambda m: bad(f"layer {l}: {m}"))
+            ls.edits = _edits_from(meta.get("edits", {}).get(l, []), tensors, l, ls, bad)
             layers[int(l)] = ls
-            seen.update(names)
+            seen.update(names + [f"{l}.edit_K", f"{l}.edit_V"])
         if set(tensors) - seen:
             bad(f"unexpected tensors {sorted(set(tensors) - seen)}")
         return cls(method, layers, meta["step"], meta["n_edits"])
+
+
+def _edits_from(prompts, tensors, l, ls: LayerState, bad) -> dict:
+    """E8a's prompt -> (k, v) of one layer from the saved columns, checked against the memory."""
+    K, V = tensors.get(f"{l}.edit_K"), tensors.get(f"{l}.edit_V")
+    if not prompts:
+        if K is not None or V is not None:
+            bad(f"layer {l}: edit_K/edit_V without the prompts they belong to")
+        return {}
+    m = None if ls.S_KK is None else ls.S_KK.shape[0]
+    d = None if ls.S_VK is None else ls.S_VK.shape[0]
+    if K is None or tuple(K.shape) != (m, len(prompts)) or (V is None) != (d is None) \
+            or (V is not None and tuple(V.shape) != (d, len(prompts))):
+        bad(f"layer {l}: edit_K/edit_V do not match {len(prompts)} prompts and the memory's shapes")
+    return {p: (K[:, j], None if V is None else V[:, j]) for j, p in enumerate(prompts)}
 
 
 def _check_memory(ls: LayerState, bad):
@@ -976,7 +1025,7 @@ class Settings:
 RESUMABLE = ("device", "z_batch_tokens", "stats_batch_tokens", "stats_cache", "checkpoint_every")
 FLAG_FIELDS = {"method": "hparams.method", "batch_size": "hparams.batch_size", "layers": "hparams.layers",
                "alpha": "hparams.alpha", "lam": "hparams.lam", "v": "hparams.V", "l2": "hparams.l2",
-               "stats": "stats_file", "no_generation": "generation"}
+               "stats": "stats_file", "no_generation": "generation", "superseded": "hparams.superseded"}
 PATHS = ("model", "edits", "stats_corpus", "stats", "heldout", "glue_dir", "snippets")
 NOT_SETTINGS = ("resume", "out", "save_model", "given")
 
@@ -998,6 +1047,9 @@ def parse_args(argv=None):
     p.add_argument("--lam", type=float, help="preservation weight λ (preset: 1000; baselines 15000)")
     p.add_argument("--v", type=float, help="editing weight V of the subproblem (default 1)")
     p.add_argument("--l2", type=float, help="AlphaEdit's regulariser L2 (E12; default 10)")
+    p.add_argument("--superseded", choices=("keep", "remove"), help="a request that re-edits a prompt an "
+                   "earlier step edited: keep that edit's key and value in the edit memory (the "
+                   "authors'), or remove them first (E8a); default keep")
     p.add_argument("--stats", help="a statistics file (lyaplock.py stats), or a directory of the "
                    "MEMIT/ROME code's layer statistics; checked against the model")
     p.add_argument("--stats-corpus", default=str(DEFAULT_CORPUS), help="text for the statistics C "

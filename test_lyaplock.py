@@ -741,6 +741,52 @@ def test_step_layer_memory_per_method():
         L.step_layer(*args, ls, L.HParams(method="no-such-method"))
 
 
+@pytest.mark.parametrize("method", ["lyaplock", "alphaedit"])
+def test_superseded_edits_leave_the_memory_exactly_when_removed(method):
+    """E8a: re-editing a prompt takes its earlier key and value out of the memory, so the memory
+    equals the sums over the live edits only; with "keep" (the default) both stay."""
+    P = problem(3, past=0)
+    g = torch.Generator().manual_seed(3)
+    m, d = P["C"].shape[0], P["W"].shape[0]
+    steps = [(torch.randn(m, 2, dtype=torch.float64, generator=g), ["a", "b"]),
+             (torch.randn(m, 2, dtype=torch.float64, generator=g), ["c", "a"]),     # "a" again
+             (torch.randn(m, 1, dtype=torch.float64, generator=g), ["b"])]          # "b" again
+    for mode in ("keep", "remove"):
+        hp, ls, W, live = L.HParams(method=method, lam=1.0, alpha=10.0, superseded=mode), L.LayerState(), P["W0"], {}
+        for K1, prompts in steps:
+            R = torch.randn(d, K1.shape[1], dtype=torch.float64, generator=g)
+            W, _ = L.step_layer(W, P["W0"], P["C"], K1, R, ls, hp, prompts)
+            for j, q in enumerate(prompts):
+                live[q] = (K1[:, j], (W @ K1)[:, j])
+        cols = live.values() if mode == "remove" else [(K1[:, j], None) for K1, _ in steps for j in range(K1.shape[1])]
+        close(ls.S_KK, sum(torch.outer(k, k) for k, _ in cols), 1e-12)
+        if mode == "remove":
+            assert set(ls.edits) == {"a", "b", "c"}
+            if method == "lyaplock":
+                close(ls.S_VK, sum(torch.outer(v, k) for k, v in live.values()), 1e-12)
+        else:
+            assert ls.edits == {}
+
+
+def test_superseded_memory_round_trips_through_the_state_file(tmp_path):
+    state = L.EditState.start("lyaplock", [3])
+    P, hp = problem(1, past=0), L.HParams(lam=1.0, alpha=10.0, superseded="remove")
+    W = P["W0"]
+    for prompts in (["x", "y"], ["y", "z"]):
+        W, _ = L.step_layer(W, P["W0"], P["C"], P["K1"][:, :1].repeat(1, 2) * (1 + len(prompts[0])), P["R"][:, :1].repeat(1, 2),
+                            state.layers[3], hp, prompts)
+    state.save(tmp_path)
+    back = L.EditState.load(tmp_path).layers[3]
+    assert list(back.edits) == ["x", "y", "z"]
+    for q, (k, v) in state.layers[3].edits.items():
+        assert torch.equal(back.edits[q][0], k) and torch.equal(back.edits[q][1], v)
+    meta = json.loads((tmp_path / "state.json").read_text())
+    meta["edits"]["3"] = ["x", "y"]                              # one prompt short
+    (tmp_path / "state.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="edit_K/edit_V do not match 2 prompts"):
+        L.EditState.load(tmp_path)
+
+
 # ----------------------------------------------------------------------------- the oracle
 
 def oracle():
