@@ -658,13 +658,40 @@ def update_layer(model, layer, K1, R, hp: HParams, state: EditState, C, W0, wher
     """Solve, check and write one layer's update (step_layer); its log entry (pl, D, z)."""
     W, ls = model.edit_weight(layer), state.layers[layer]
     try:
-        W_new, pl = step_layer(W, W0[layer], C[layer], K1, R, ls, hp, [q.rewrite_prompt() for q in where.requests])
+        with solving_on(W.device, ls, C[layer]) as C_here:
+            W_new, pl = step_layer(W, W0[layer], C_here, K1, R, ls, hp, [q.rewrite_prompt() for q in where.requests])
     except ValueError as e:   # e.g. a failed Cholesky: say where, write nothing more
         raise ValueError(f"step {where.step}, layer {layer} (case ids {where.ids}): {e}") from None
     where.check_finite(layer, update=W_new, **{"preservation loss": torch.tensor(pl)})
     W.copy_(W_new)
     queue = method_of(hp.method).queue
     return dict(pl=pl, D=hp.alpha * ls.D_base if queue else None, z=ls.z if queue else None)
+
+
+STATE_TENSORS = ("S_KK", "S_VK", "P")
+
+
+@contextmanager
+def solving_on(device, ls: LayerState, C):
+    """The layer's float64 state where its weight is, for one solve: C and the memory come from
+    where they live (C's device: --state-device) and the memory goes back there after, copied
+    into its old host tensors where it has them (no new allocation, pinned memory stays pinned)."""
+    home = C.device
+    if home == device:
+        yield C
+        return
+    kept = {k: getattr(ls, k) for k in STATE_TENSORS}
+    for k, t in kept.items():
+        setattr(ls, k, None if t is None else t.to(device, non_blocking=True))
+    ls.edits = {p: tuple(None if t is None else t.to(device) for t in kv) for p, kv in ls.edits.items()}
+    try:
+        yield C.to(device, non_blocking=True)
+    finally:
+        for k, old in kept.items():
+            new = getattr(ls, k)
+            setattr(ls, k, None if new is None else old.copy_(new) if old is not None and old.shape == new.shape
+                    else new.to(home).pin_memory() if home.type == "cpu" and new.is_cuda else new.to(home))
+        ls.edits = {p: tuple(None if t is None else t.to(home) for t in kv) for p, kv in ls.edits.items()}
 
 
 def step_log(state: EditState, layers: dict, clock: "Clock") -> dict:
@@ -725,8 +752,14 @@ class Editor:
     """
 
     def __init__(self, model: M.CausalLM, hparams: HParams, C: dict, templates, model_path=None,
-                 z_batch_tokens: int = 2048, state: EditState | None = None):
-        self.model, self.hparams, self.C, self.templates = model, hparams, C, templates
+                 z_batch_tokens: int = 2048, state: EditState | None = None, state_device=None):
+        """state_device: where C and the edit memory live between solves (default: with the
+        weights); "cpu" keeps them in host memory and brings one layer's to the GPU per solve."""
+        self.state_device = torch.device(state_device) if state_device else model.embed.weight.device
+        pin = self.state_device.type == "cpu" and torch.cuda.is_available()
+        C = {l: c.to(self.state_device) for l, c in C.items()}
+        self.C = {l: c.pin_memory() if pin else c for l, c in C.items()}
+        self.model, self.hparams, self.templates = model, hparams, templates
         self.model_path, self.z_batch_tokens = model_path, z_batch_tokens
         self.W0 = {l: model.edit_weight(l).detach().clone() for l in hparams.layers}
         self.state = state or EditState.start(hparams.method, hparams.layers)
@@ -734,7 +767,7 @@ class Editor:
     @classmethod
     def open(cls, model_path, method: str = "lyaplock", *, device: str = "cpu", dtype: str = "float32",
              stats_corpus=None, stats_tokens: int = 0, stats_cache="runs/stats-cache", seed: int = 0,
-             z_batch_tokens: int = 2048, log=lambda *a, **k: None, **hparams) -> "Editor":
+             z_batch_tokens: int = 2048, state_device=None, log=lambda *a, **k: None, **hparams) -> "Editor":
         """Load a checkpoint, its preset (hparams overrides any field of HParams), context
         templates (seeded) and statistics (cached)."""
         model = M.load(model_path, device, dtype)
@@ -742,7 +775,7 @@ class Editor:
         C = stats.load_or_collect_stats(model, model_path, stats_corpus or DEFAULT_CORPUS, stats_tokens,
                                         hp.layers, stats_cache, log=log)
         return cls(model, hp, C, context_templates(model, seed, method_of(method).templates), model_path,
-                   z_batch_tokens)
+                   z_batch_tokens, state_device=state_device)
 
     def edit(self, requests) -> dict:
         """One editing step with all `requests`; returns the step's log."""
@@ -1008,6 +1041,7 @@ class Settings:
     stats_batch_tokens: int = 8192
     stats_cache: str = "runs/stats-cache"
     checkpoint_every: int = 10
+    state_device: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self) | {"hparams": asdict(self.hparams) | {"layers": list(self.hparams.layers)}},
@@ -1022,7 +1056,7 @@ class Settings:
                    hparams=with_overrides(HParams(), **hp))
 
 
-RESUMABLE = ("device", "z_batch_tokens", "stats_batch_tokens", "stats_cache", "checkpoint_every")
+RESUMABLE = ("device", "z_batch_tokens", "stats_batch_tokens", "stats_cache", "checkpoint_every", "state_device")
 FLAG_FIELDS = {"method": "hparams.method", "batch_size": "hparams.batch_size", "layers": "hparams.layers",
                "alpha": "hparams.alpha", "lam": "hparams.lam", "v": "hparams.V", "l2": "hparams.l2",
                "stats": "stats_file", "no_generation": "generation", "superseded": "hparams.superseded"}
@@ -1060,6 +1094,9 @@ def parse_args(argv=None):
     p.add_argument("--z-batch-tokens", type=int, default=2048, help="tokens per pass of the target-value "
                    "optimisation (lower it to fit a smaller GPU; see the README's memory table)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--state-device", help="where the float64 statistics and edit memory live between "
+                   "solves: 'cpu' keeps them in host memory and brings one layer's to the GPU per solve "
+                   "(same results; for a card too small to hold them; see the README)")
     p.add_argument("--dtype", default="float32", choices=list(M.DTYPES))
     p.add_argument("--seed", type=int, default=0, help="seed of the context templates (E3)")
     p.add_argument("--out", help="run directory (default: a new runs/NNN)")
@@ -1096,6 +1133,8 @@ def check_settings(a):
             raise ValueError(f"--{name} must be positive, got {getattr(a, name)}")
     if a.stop_below is not None and not (0 < a.stop_below < 1 and a.eval_every > 0):
         raise ValueError(f"--stop-below {a.stop_below}: give a fraction between 0 and 1, with --eval-every K")
+    if a.state_device:
+        M.check_device(a.state_device)
     if a.resume and a.out:
         raise ValueError("--out and --resume: a resumed run stays in its own directory; give only --resume")
 
@@ -1281,9 +1320,9 @@ def run(a) -> int:
     if skipped:
         print(f"skipped {len(skipped)} bad record(s):\n  " + "\n  ".join(skipped[:10]))
     editor = Editor(model, settings.hparams, preservation_statistics(model, settings), templates,
-                    settings.model, settings.z_batch_tokens)
+                    settings.model, settings.z_batch_tokens, state_device=settings.state_device)
     if (out / "latest.json").exists():
-        editor.state = load_checkpoint(out, model, settings.device)
+        editor.state = load_checkpoint(out, model, editor.state_device)
         print(f"resuming {out} at step {editor.state.step} ({editor.state.n_edits} edits done)")
     else:
         data.write_jsonl(out / "cases_pre.jsonl", score_cases(model, requests, settings.generation,

@@ -1286,6 +1286,27 @@ def test_readme_python_api_example_runs(tmp_path, capsys, monkeypatch):
     assert editor.state.step == 0 and editor.state.layers[2].D_base is None
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", ["lyaplock", "alphaedit"])
+def test_state_kept_in_host_memory_gives_the_same_edits(tmp_path, device, method):
+    """--state-device cpu: C and the edit memory live on the host and come to the weights' device
+    for each solve. On a CUDA machine this moves them every step; the result is bitwise that of
+    the on-device run (on a CPU-only machine both runs are on the host: the flag's plumbing)."""
+    requests, _ = data.load_requests(FIX / "counterfact-rome.json", limit=9)
+    runs = []
+    for state_device in (None, "cpu"):
+        m = M.load(STORIES, device)
+        C = L.load_or_collect_stats(m, STORIES, L.DEFAULT_CORPUS, 2000, (1, 2), tmp_path, log=lambda *a, **k: None)
+        hp = L.HParams(method=method, layers=(1, 2), lam=15.0, alpha=1.0, l2=1.0, v_num_grad_steps=4)
+        editor = L.Editor(m, hp, C, [["{}"], ["Once upon a time. {}"]], state_device=state_device)
+        logs = [editor.edit(requests[k:k + 3]) for k in (0, 3, 6)]
+        runs.append((logs, {l: m.edit_weight(l).cpu() for l in (1, 2)}, editor.state.layers[2].S_KK))
+    assert all(torch.equal(runs[0][1][l], runs[1][1][l]) for l in (1, 2))
+    assert [[v["pl"] for v in e["layers"].values()] for e in runs[0][0]] == \
+           [[v["pl"] for v in e["layers"].values()] for e in runs[1][0]]
+    assert runs[1][2].device.type == "cpu" and torch.equal(runs[0][2].cpu(), runs[1][2])
+
+
 def test_cli_without_arguments_points_to_the_quickstart(capsys):
     assert L.main([]) == 2
     assert L.QUICKSTART in capsys.readouterr().out
