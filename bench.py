@@ -34,10 +34,23 @@ PRESETS = {   # config.json, edit layers
                                rope_theta=500000.0), (4, 5, 6, 7, 8)),
     "gptj-6b": (dict(model_type="gptj", n_embd=4096, n_layer=28, n_head=16, rotary_dim=64, n_inner=16384,
                      vocab_size=50400, n_positions=2048, bos_token_id=50256, eos_token_id=50256), (3, 4, 5, 6, 7, 8)),
+    "gpt2-xl": (dict(model_type="gpt2", n_embd=1600, n_layer=48, n_head=25, n_inner=6400, vocab_size=50257,
+                     n_positions=1024, bos_token_id=50256, eos_token_id=50256), (13, 14, 15, 16, 17)),
+    "qwen2.5-7b": (dict(model_type="qwen2", hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
+                        num_key_value_heads=4, intermediate_size=18944, vocab_size=152064, rope_theta=1e6,
+                        rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=131072,
+                        use_sliding_window=False, sliding_window=131072, max_window_layers=28,
+                        bos_token_id=151643, eos_token_id=151643), (4, 5, 6, 7, 8)),
+    "mistral-7b": (dict(model_type="mistral", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                        num_key_value_heads=8, intermediate_size=14336, vocab_size=32768, rope_theta=1e6,
+                        rms_norm_eps=1e-5, sliding_window=None, tie_word_embeddings=False,
+                        max_position_embeddings=32768, bos_token_id=1, eos_token_id=2), (4, 5, 6, 7, 8)),
     "small": (LLAMA | dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
                            intermediate_size=1536, vocab_size=50257, bos_token_id=50256, eos_token_id=50256), (1, 2, 3)),
     "tiny": (LLAMA | dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                           intermediate_size=128, vocab_size=50257, bos_token_id=50256, eos_token_id=50256), (1, 2)),
+    "gpt2-tiny": (dict(model_type="gpt2", n_embd=64, n_layer=4, n_head=4, vocab_size=50257, n_positions=1024,
+                       bos_token_id=50256, eos_token_id=50256), (1, 2)),
 }
 
 
@@ -55,11 +68,24 @@ def make_checkpoint(path: Path, config: dict, dtype, device) -> Path:
                    else torch.randn(s, device=device, dtype=dtype, generator=g) * 0.02).cpu()
                for n, s in shapes.items()}
     save_file(tensors, str(path / "model.safetensors"))
-    tok = HERE / "fixtures" / "gpt2-tokenizer"
-    (path / "tokenizer.json").write_bytes((tok / "tokenizer.json").read_bytes())
+    (path / "tokenizer.json").write_text(gpt2_tokenizer(cfg.vocab_size))
     (path / "tokenizer_config.json").write_text(json.dumps(
-        {"add_bos_token": cfg.arch == "llama", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}))
+        {"add_bos_token": cfg.arch in ("llama", "mistral"), "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}))
     return path
+
+
+def gpt2_tokenizer(vocab_size: int) -> str:
+    """tokenizer.json of the GPT-2 BPE; for a smaller vocabulary (Mistral's) its first merges only
+    (GPT-2's ids are the 256 bytes, then the merges in order), <|endoftext|> the last id, so that
+    every id it makes is one the model has."""
+    tok = json.loads((HERE / "fixtures" / "gpt2-tokenizer" / "tokenizer.json").read_text())
+    if vocab_size < len(tok["model"]["vocab"]):
+        last = vocab_size - 1
+        bpe = tok["model"]
+        bpe["vocab"] = {t: i for t, i in bpe["vocab"].items() if i < last} | {"<|endoftext|>": last}
+        bpe["merges"] = bpe["merges"][:last - 256]
+        tok["added_tokens"] = [t | {"id": last} for t in tok["added_tokens"] if t["content"] == "<|endoftext|>"]
+    return json.dumps(tok)
 
 
 def timed(fn, device, repeat=3):
@@ -110,7 +136,7 @@ def stats(m, layers, device, dtype, n_tokens, seq=700):
     t = timed(lambda: C.update(L.collect_stats(m, seqs, layers, batch_tokens=12 * seq)), device, repeat=1)
     c = m.cfg
     per_layer = 2 * (c.d_model * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)
-                     + (3 if c.arch == "llama" else 2) * c.d_model * c.d_mlp) + 2 * seq * c.n_heads * c.head_dim
+                     + (3 if c.llama_like else 2) * c.d_model * c.d_mlp) + 2 * seq * c.n_heads * c.head_dim
     fwd = len(seqs) * seq * per_layer * (max(layers) + 1)
     cflops = len(seqs) * seq * c.d_mlp * (c.d_mlp + 1) * len(layers)   # kkᵀ is symmetric: half of it
     roof = fwd / peak_flops(device, M.DTYPES[dtype]) + cflops / peak_flops(device, torch.float64)

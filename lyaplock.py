@@ -809,7 +809,7 @@ class Editor:
         if self.model_path is None:
             raise ValueError("this Editor was built without a model_path to copy the checkpoint from")
         with self.restrained():
-            M.save(self.model_path, directory, edit_tensors(self.model, self.hparams.layers))
+            M.save(self.model_path, directory, self.model.edit_tensors(self.hparams.layers))
 
     def reset(self):
         """The original weights back, and a fresh state (queues and memory)."""
@@ -829,18 +829,6 @@ def with_overrides(hp: HParams, **changes) -> HParams:
     if hp.superseded not in ("keep", "remove"):
         raise ValueError(f"superseded {hp.superseded!r}: choose 'keep' or 'remove'")
     return hp
-
-
-def edit_tensors(model: M.CausalLM, layers) -> dict:
-    """{checkpoint name: tensor as stored} of the edit weights."""
-    return {model.edit_weight_name(l): model.edit_weight(l) for l in layers}
-
-
-def load_edit_tensors(model: M.CausalLM, tensors: dict):
-    """Copy {checkpoint name: tensor as stored} into the model's edit weights."""
-    names = {model.edit_weight_name(l): l for l in range(model.cfg.n_layers)}
-    for name, t in tensors.items():
-        model.edit_weight(names[name]).copy_(t)
 
 
 def score_cases(model, requests, generation: bool, snippets=None, seed: int = 0) -> list[dict]:
@@ -898,7 +886,7 @@ class EditState:
         d = Path(directory)
         try:
             meta = json.loads((d / "state.json").read_text())
-            tensors = load_file(str(d / "state.safetensors"), device=device)
+            tensors = load_file(str(d / "state.safetensors"), device=str(device))
         except (OSError, ValueError, SafetensorError) as e:
             raise ValueError(f"cannot read edit state in {d}: {e}") from e
         return cls._from(meta, tensors, d)
@@ -978,7 +966,7 @@ def save_checkpoint(out: Path, state: EditState, model: M.CausalLM, layers):
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         state.save(tmp)
-        save_file({n: t.detach().cpu().contiguous() for n, t in edit_tensors(model, layers).items()},
+        save_file({n: t.detach().cpu().contiguous() for n, t in model.edit_tensors(layers).items()},
                   str(tmp / "weights.safetensors"))
         if d.exists():
             shutil.rmtree(d)
@@ -998,7 +986,7 @@ def save_checkpoint(out: Path, state: EditState, model: M.CausalLM, layers):
 def load_checkpoint(out: Path, model: M.CausalLM, device) -> EditState:
     d = out / json.loads((out / "latest.json").read_text())["checkpoint"]
     state = EditState.load(d, device)
-    load_edit_tensors(model, load_file(str(d / "weights.safetensors"), device=str(device)))
+    model.load_edit_tensors(load_file(str(d / "weights.safetensors"), device=str(device)))
     return state
 
 

@@ -128,9 +128,11 @@ def qwen_window(c: dict) -> dict:
     window = c.get("sliding_window") if c.get("use_sliding_window") else None
     if not window:
         return {}
-    kinds = c.get("layer_types") or ["sliding_attention" if i >= c.get("max_window_layers", 28) else "full_attention"
+    first = c.get("max_window_layers", 28)
+    kinds = c.get("layer_types") or ["sliding_attention" if i >= first else "full_attention"
                                      for i in range(c["num_hidden_layers"])]
-    return dict(sliding_window=window, window_layers=tuple(i for i, k in enumerate(kinds) if k == "sliding_attention"))
+    layers = tuple(i for i, kind in enumerate(kinds) if kind == "sliding_attention")
+    return dict(sliding_window=window, window_layers=layers)
 
 
 def read_qwen2(c: dict) -> Config:
@@ -463,14 +465,17 @@ class CausalLM(nn.Module):
         p = self.missing_prefix
         return name[len(p):] if p and name.startswith(p) else name
 
+    def _edit_parameter_name(self, layer: int) -> str:
+        return EDIT_WEIGHTS["llama" if self.cfg.llama_like else self.cfg.arch].format(layer)
+
     def _edit_parameter(self, layer: int) -> nn.Parameter:
-        return self.get_parameter(EDIT_WEIGHTS["llama" if self.cfg.llama_like else self.cfg.arch].format(layer))
+        return self.get_parameter(self._edit_parameter_name(layer))
 
     def edit_weight_name(self, layer: int) -> str:
         """Checkpoint name of the edited MLP output projection at `layer` (the tensor behind
         edit_weight(layer); GPT-2 stores it transposed, so for anything written to disk use
         edit_tensors / load_edit_tensors)."""
-        return self.checkpoint_name(EDIT_WEIGHTS["llama" if self.cfg.llama_like else self.cfg.arch].format(layer))
+        return self.checkpoint_name(self._edit_parameter_name(layer))
 
     def edit_weight(self, layer: int) -> torch.Tensor:
         """W (d_model, d_mlp), the edited projection as the method sees it (out = W key). It aliases
@@ -567,6 +572,8 @@ class Tokenizer:
         if not tj.exists():
             raise CheckpointError(f"{path}: tokenizer.json is missing (needed to encode prompts)")
         self.tok = HFTok.from_file(str(tj))
+        self.tok.no_truncation()     # a tokenizer.json may carry either (the GPT-2 one truncates at
+        self.tok.no_padding()        # 50 tokens); transformers does neither unless asked, nor do we
         conf = json.loads(tc.read_text()) if tc.exists() else {}
 
         def token_id(v):

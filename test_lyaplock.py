@@ -226,7 +226,7 @@ def _broken(tmp_path, how):
         (d / "config.json").unlink()
     elif how == "unknown-type":
         c = json.loads((d / "config.json").read_text())
-        (d / "config.json").write_text(json.dumps({**c, "model_type": "mistral"}))
+        (d / "config.json").write_text(json.dumps({**c, "model_type": "mamba"}))
     elif how == "missing":
         del w["model.layers.2.mlp.up_proj.weight"]
         save_file(w, st)
@@ -248,7 +248,7 @@ def _broken(tmp_path, how):
 
 @pytest.mark.parametrize("how,message", [
     ("no-config", "config.json is missing"),
-    ("unknown-type", "unsupported model_type 'mistral'.*'llama', 'gptj'"),
+    ("unknown-type", "unsupported model_type 'mamba'.*'llama', 'gptj'"),
     ("missing", "missing tensor.*model.layers.2.mlp.up_proj.weight"),
     ("extra", "unexpected tensor.*model.layers.2.mlp.extra.weight"),
     ("shape", r"model.layers.3.mlp.down_proj.weight has shape \(64, 171\).*\(64, 172\)"),
