@@ -484,6 +484,11 @@ class CausalLM(nn.Module):
         w = self._edit_parameter(layer)
         return w.T if self.cfg.arch == "gpt2" else w
 
+    def edit_bias(self, layer: int) -> torch.Tensor | None:
+        """The edited projection's bias (d_model,) where it has one (GPT-J, GPT-2; not edited)."""
+        name = self._edit_parameter_name(layer).removesuffix(".weight") + ".bias"
+        return dict(self.named_parameters()).get(name)
+
     def edit_tensors(self, layers) -> dict[str, torch.Tensor]:
         """{checkpoint name: the stored parameter} of the edited projections at `layers`, in the
         checkpoint's own layout (GPT-2: [d_mlp, d_model]): what `save` and run-state files take.
