@@ -1,5 +1,6 @@
-"""Evaluation: CounterFact and zsRE edit metrics, fluency and consistency, zero-shot general
-ability, perplexity, and the run summary.
+"""Evaluation: CounterFact and zsRE edit metrics (teacher-forced and generative), fluency and
+consistency, zero-shot general ability, perplexity, the run summary, and a run's report (its
+figures, the audit of theorem T1 on its log, a verdict).
 
 Definitions follow ../shared/docs/LYAPLOCK.md §8, i.e. the ROME/MEMIT conventions, so numbers
 compare with the literature. Every target (edit target, neighbourhood answer, label word) is
@@ -149,6 +150,60 @@ def edit_eval(m, requests: list[Request], batch_size: int = 64) -> list[dict]:
     if len(kinds) > 1:
         raise ValueError(f"requests of several kinds {sorted(kinds)}: evaluate each kind apart")
     return (zsre_eval if kinds == {"zsre"} else counterfact_eval)(m, requests, batch_size)
+
+
+# ------------------------------------------------------------------------ generative efficacy
+def continues_with(text: str, target: str) -> bool:
+    """The generative success rule: the continuation, its leading whitespace stripped, starts
+    with the target's text (stripped), and the target's last word ends there: a target ending
+    in a letter or digit must not be followed by one ("Parisian" is not "Paris"; "Paris," and
+    "Paris is" are). Case and inner whitespace must match exactly."""
+    t, c = target.strip(), text.lstrip()
+    if not t or not c.startswith(t):
+        return False
+    rest = c[len(t):]
+    return not (rest[:1].isalnum() and t[-1].isalnum())
+
+
+@torch.no_grad()
+def greedy_continuations(m, prompts, targets, batch_size: int = 32, spare_tokens: int = 2) -> list[str]:
+    """Greedy decoding after each prompt (encoded as target_nll encodes it, with the
+    checkpoint's BOS rule), left-padded batches as modeling.generate does. Each prompt gets
+    len(target_ids) + spare_tokens new tokens: room for the target, one token after it (to see
+    whether its word ends) and one more for a spelling in more tokens than target_ids's. Prompts
+    are batched by that length, and each text is decoded from its own first tokens only, so the
+    result does not depend on the batch."""
+    tok = m.tokenizer
+    seqs = [tok.encode(p) for p in prompts]
+    need = [len(target_ids(tok, t)) + spare_tokens for t in targets]
+    order = sorted(range(len(prompts)), key=need.__getitem__)
+    texts = [""] * len(prompts)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        new = modeling.generate(m, [seqs[i] for i in idx], max(need[i] for i in idx))
+        for i, n in zip(idx, new):
+            texts[i] = tok.decode(n[:need[i]])
+    return texts
+
+
+def generative_eval(m, requests: list[Request], batch_size: int = 32) -> list[dict]:
+    """Per case, what a user of the edited model sees: `efficacy_generative` (the rewrite prompt)
+    and `generalization_generative` (mean over the paraphrases; None without any), the fraction
+    of prompts whose greedy continuation `continues_with` target_new, and the continuations
+    (`greedy`: rewrite first). The same for zsRE: its target_new is the answer's text."""
+    rows = []                                                      # (case index, category, prompt)
+    for i, r in enumerate(requests):
+        rows.append((i, "efficacy", r.rewrite_prompt()))
+        rows += [(i, "generalization", q) for q in r.paraphrase_prompts]
+    targets = [requests[i].target_new for i, _, _ in rows]
+    texts = greedy_continuations(m, [p for *_, p in rows], targets, batch_size)
+    hits, seen = [{} for _ in requests], [[] for _ in requests]
+    for (i, cat, _), text, t in zip(rows, texts, targets):
+        hits[i].setdefault(cat, []).append(float(continues_with(text, t)))
+        seen[i].append(text)
+    return [{"efficacy_generative": _mean(h.get("efficacy", [])),
+             "generalization_generative": _mean(h.get("generalization", [])), "greedy": g}
+            for h, g in zip(hits, seen)]
 
 
 # -------------------------------------------------------------------- fluency and consistency
@@ -321,22 +376,24 @@ def perplexity(m, texts, max_len: int = 256, batch_size: int = 16) -> float:
 
 # -------------------------------------------------------------------------------- summaries
 METRICS = ("efficacy", "generalization", "specificity")
+GENERATIVE = ("efficacy_generative", "generalization_generative")
 EXTRA = tuple(k + "_magnitude" for k in METRICS) + ("fluency", "consistency")
 HEADER = ("method", "model", "n_edits", "batch_size")
 
 
 def summarize(cases: list[dict]) -> dict:
     """Means over cases ×100 of the metrics present (a case's None is left out); `score` is the
-    harmonic mean of efficacy, generalization and specificity (×100 already)."""
+    harmonic mean of efficacy, generalization and specificity (×100 already); the generative
+    efficacy and generalization (generative_eval) follow it, where the cases have them."""
     out = {"n_cases": len(cases)}
-    for k in METRICS + EXTRA:
+    for k in METRICS + GENERATIVE + EXTRA:
         vals = [c[k] for c in cases if c.get(k) is not None]
         if vals:
             out[k] = 100 * sum(vals) / len(vals)
     if all(k in out for k in METRICS):
         parts = [out[k] for k in METRICS]
         out["score"] = 0.0 if min(parts) <= 0 else len(parts) / sum(1 / v for v in parts)
-    order = ["n_cases", *METRICS, "score", *EXTRA]
+    order = ["n_cases", *METRICS, "score", *GENERATIVE, *EXTRA]
     return {k: out[k] for k in order if k in out}
 
 
@@ -366,3 +423,418 @@ def write_summary(out_dir, summary: dict, header: dict, pre: dict | None = None)
     for k, v in after.items():
         lines.append(f"| {k} | {fmt(before.get(k))} | {fmt(v)} |" if pre else f"| {k} | {fmt(v)} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+# ------------------------------------------------------------------------------------ figures
+def _esc(text) -> str:
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def svg_plot(series: dict, title: str, ylabel: str, hline: float | None = None, w=560, h=300) -> str:
+    """A small line plot as SVG text: series name -> (xs, ys); an optional dashed threshold D."""
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f"]
+    xs = [x for v in series.values() for x in v[0]]
+    ys = [y for v in series.values() for y in v[1]] + ([hline] if hline is not None else [])
+    x0, x1, y0 = min(xs), max(xs), min(0.0, min(ys))
+    y1 = max(ys) * 1.05 if max(ys) > 0 else 0.0 if y0 < 0 else 1.0
+    top = 36 + 14 * ((len(series) + 3) // 4)             # below the title and the legend's rows
+    px = lambda x: 60 + (x - x0) / max(x1 - x0, 1e-12) * (w - 80)
+    py = lambda y: h - 40 - (y - y0) / max(y1 - y0, 1e-12) * (h - 40 - top)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
+           f'font-size="11"><rect width="{w}" height="{h}" fill="white"/>',
+           f'<text x="{w / 2}" y="16" text-anchor="middle" font-size="13">{_esc(title)}</text>',
+           f'<line x1="60" y1="{h - 40}" x2="{w - 20}" y2="{h - 40}" stroke="black"/>',
+           f'<line x1="60" y1="{top}" x2="60" y2="{h - 40}" stroke="black"/>',
+           f'<text x="{w / 2}" y="{h - 8}" text-anchor="middle">edits</text>',
+           f'<text x="14" y="{h / 2}" transform="rotate(-90 14 {h / 2})" text-anchor="middle">'
+           f'{_esc(ylabel)}</text>']
+    for v in (y0, (y0 + y1) / 2, y1):
+        out.append(f'<text x="55" y="{py(v) + 4:.1f}" text-anchor="end">{v:.3g}</text>')
+    for v in (x0, x1):
+        out.append(f'<text x="{px(v):.1f}" y="{h - 26}" text-anchor="middle">{v:.0f}</text>')
+    if hline is not None:
+        out.append(f'<line x1="60" y1="{py(hline):.1f}" x2="{w - 20}" y2="{py(hline):.1f}" stroke="gray" '
+                   f'stroke-dasharray="5,4"/>')
+        out.append(f'<text x="{w - 22}" y="{py(hline) - 4:.1f}" text-anchor="end">D</text>')
+    for i, (name, (x, y)) in enumerate(series.items()):
+        c = colors[i % len(colors)]
+        pts = " ".join(f"{px(a):.1f},{py(b):.1f}" for a, b in zip(x, y))
+        out.append(f'<polyline points="{pts}" fill="none" stroke="{c}" stroke-width="1.6"/>')
+        out.append(f'<text x="{70 + 120 * (i % 4)}" y="{34 + 14 * (i // 4)}" fill="{c}">{_esc(name)}</text>')
+    return "\n".join(out + ["</svg>"])
+
+
+def svg_bars(values: dict, title: str, w=560, h=300) -> str:
+    """Grouped bars as SVG text: metric -> (before, after), each on 0..100 (None: no bar)."""
+    colors, n = ("#7f7f7f", "#1f77b4"), max(len(values), 1)
+    py = lambda y: h - 60 - max(0.0, min(y, 100.0)) / 100 * (h - 110)
+    gw = (w - 80) / n
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
+           f'font-size="10"><rect width="{w}" height="{h}" fill="white"/>',
+           f'<text x="{w / 2}" y="16" text-anchor="middle" font-size="13">{_esc(title)}</text>',
+           f'<line x1="60" y1="{h - 60}" x2="{w - 20}" y2="{h - 60}" stroke="black"/>',
+           f'<line x1="60" y1="50" x2="60" y2="{h - 60}" stroke="black"/>']
+    for v in (0, 50, 100):
+        out.append(f'<text x="55" y="{py(v) + 4:.1f}" text-anchor="end">{v}</text>')
+    for i, (name, pair) in enumerate(values.items()):
+        for j, v in enumerate(pair):
+            if v is not None:
+                x = 60 + i * gw + gw * (0.15 + 0.35 * j)
+                out.append(f'<rect x="{x:.1f}" y="{py(v):.1f}" width="{gw * 0.33:.1f}" '
+                           f'height="{h - 60 - py(v):.1f}" fill="{colors[j]}"/>')
+        out.append(f'<text x="{60 + (i + 0.5) * gw:.1f}" y="{h - 46}" text-anchor="middle">'
+                   f'{_esc(name)}</text>')
+    out += [f'<text x="70" y="34" fill="{colors[0]}">before</text>',
+            f'<text x="130" y="34" fill="{colors[1]}">after</text>']
+    return "\n".join(out + ["</svg>"])
+
+
+# ------------------------------------------------------------------ the audit of theorem T1
+GROWING = 0.02      # z rising more than this per step over the last half: "grows linearly"
+ROUNDING = 1e-9     # relative float tolerance of the bound and of the replayed queue
+
+
+def slope(ys) -> float:
+    """Least-squares slope of ys against 0, 1, 2, ... (per step); 0 for fewer than 2 points."""
+    n = len(ys)
+    if n < 2:
+        return 0.0
+    xm, ym = (n - 1) / 2, sum(ys) / n
+    return sum((x - xm) * (y - ym) for x, y in enumerate(ys)) / sum((x - xm) ** 2 for x in range(n))
+
+
+def last_half(ys) -> list:
+    """The steps a trend is fitted on: the last half, at least the last 3."""
+    return ys[-max(3, len(ys) // 2):]
+
+
+def replay_error(pl: list[float], z: list[float], D: float) -> float:
+    """Largest gap between the logged queue z and E14 replayed on the logged PL from z = 1."""
+    replay, error = 1.0, 0.0
+    for p, zt in zip(pl, z):
+        replay = max(replay + p / D - 1, 1.0)                                 # E14
+        error = max(error, abs(replay - zt))
+    return error
+
+
+def queue_trend(z: list[float]) -> tuple[str, float]:
+    """(trend, slope): "floor" if z = 1 at every step; "new" if the queue left its floor less
+    than 3 steps before the end (too early to tell); "growing" if z rose more than GROWING per
+    step over the last half; else "stable"."""
+    s = slope(last_half(z))
+    active = [t for t, v in enumerate(z) if v > 1]
+    if not active:
+        return "floor", s
+    if len(z) - active[0] < 3:
+        return "new", s
+    return ("growing" if s > GROWING else "stable"), s
+
+
+def audit_queue(pl: list[float], z: list[float], D: float) -> dict:
+    """T1 on one layer's log: pl[t], z[t] are PL(t) and the normalised queue after step t.
+
+    How a run's queue maps onto E13 (lyaplock.update_queue): step 0 measures PL(0), sets
+    D = α·PL(0), a = 1/√D, Z(0) = Zmax = √D (b = 0), and applies E13 already at step 0. So the
+    queue after step t is Z(t+1) = max(Z(t) + a(PL(t) − D), Zmax), logged as z[t] = a·Z(t+1), and a
+    log of T steps t = 0..T−1 is one sample path of E13 from Z(0). T1 then reads, step 0 included,
+
+        (1/T) Σ_{t=0}^{T−1} PL(t) ≤ D + (Z(T) − Z(0))/(aT),   Z(T) − Z(0) = (z[T−1] − 1)/a,
+
+    so the slack is (z[T−1] − 1)/(a²T) = D·(z[T−1] − 1)/T, with equality when the floor never
+    binds. `holds` allows float rounding only (relative ROUNDING); `replay_ok` says the logged z
+    is E14 on the logged PL.
+
+    Strong stability is Z(T)/T → 0. `slope`, the least-squares rise of z per step over the last
+    half (queue_trend), estimates lim z(T)/T; while the floor does not bind it is also the mean
+    of PL/D − 1 over those steps."""
+    T = len(pl)
+    mean_pl = math.fsum(pl) / T
+    slack = D * (z[-1] - 1) / T                                                # T1
+    error = replay_error(pl, z, D)
+    trend, s = queue_trend(z)
+    first = next((t for t, v in enumerate(z) if v > 1), None)
+    return dict(queue=True, T=T, mean_pl=mean_pl, D=D, slack=slack, bound=D + slack,
+                holds=mean_pl <= (D + slack) * (1 + ROUNDING), z_T=z[-1], z_over_T=z[-1] / T,
+                slope=s, trend=trend, first_active=first, max_pl_over_D=max(pl) / D, replay_error=error,
+                replay_ok=error <= ROUNDING * max(z))
+
+
+def audit_pl(pl: list[float]) -> dict:
+    """A baseline's layer (no queue): PL's time average, first and last value, and its growth per
+    step (least-squares slope over the last half); `grows` when that rises more than 1% of the
+    window's mean PL per step."""
+    tail = last_half(pl)
+    growth = slope(tail)
+    return dict(queue=False, T=len(pl), mean_pl=math.fsum(pl) / len(pl), first=pl[0], last=pl[-1],
+                growth=growth, grows=growth > 0.01 * sum(tail) / len(tail))
+
+
+def _close(x: float, y: float) -> bool:
+    return abs(x - y) <= ROUNDING * max(abs(x), abs(y))
+
+
+def check_state(state: dict, audits: dict, steps: list[dict], alpha) -> list[str]:
+    """Where the latest checkpoint's queue (state.json) disagrees with the log: a·Z against the
+    logged z of the step before it, a against 1/√D and α·D_base against D (problems, as text)."""
+    t, problems = state.get("step", 0) - 1, []
+    if not 0 <= t < len(steps):
+        return problems
+    for l, q in state.get("layers", {}).items():
+        if l not in audits or not audits[l]["queue"] or q.get("Z") is None:
+            continue
+        D, z = audits[l]["D"], steps[t]["layers"][l]["z"]
+        agrees = (_close(q["a"] * q["Z"], z) and _close(q["a"], 1 / math.sqrt(D))
+                  and (alpha is None or _close(alpha * q["D_base"], D)))
+        if not agrees:
+            problems.append(f"layer {l}: the checkpoint's queue (step {t + 1}) disagrees with the log")
+    return problems
+
+
+# --------------------------------------------------------------------------- a run's report
+def read_lines(path: Path) -> tuple[list[dict], int]:
+    """The JSON lines of a file up to the first unreadable one (a run killed while writing leaves
+    a torn last line) and how many lines that leaves out. Reads only: data.read_jsonl rewrites."""
+    if not path.exists():
+        return [], 0
+    lines, out = path.read_text().splitlines(), []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if not isinstance(entry, dict):
+            break
+        out.append(entry)
+    return out, len(lines) - len(out)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+@dataclass
+class Run:
+    """What a run directory holds, read as it is (finished, in progress or interrupted)."""
+    dir: Path
+    hparams: dict
+    steps: list           # log entries of steps 0..T−1 (the contiguous prefix of log.jsonl)
+    left_out: int         # log lines not used (torn, unreadable or past a gap)
+    ability: list         # ability.jsonl entries
+    before: dict | None   # editing metrics before (×100): summary.json's "pre", or cases_pre.jsonl
+    after: dict | None    # after: summary.json, or cases.jsonl
+    finished: bool        # summary.json exists
+    stop: dict | None     # stop.json: where --stop-below ended the run
+    state: dict | None    # the latest checkpoint's state.json
+
+
+def read_run(run_dir) -> Run:
+    """Read a run directory; only config.json is required."""
+    d = Path(run_dir)
+    config = _read_json(d / "config.json")
+    if not isinstance(config, dict):
+        raise ValueError(f"{d}: not a run directory (no readable config.json)")
+    entries, torn = read_lines(d / "log.jsonl")
+    by_step = {e.get("step"): e for e in entries}          # a step logged twice: the later line
+    steps = []
+    while len(steps) in by_step:
+        steps.append(by_step[len(steps)])
+    summary = _read_json(d / "summary.json")
+    cases_pre, _ = read_lines(d / "cases_pre.jsonl")
+    cases, _ = read_lines(d / "cases.jsonl")
+    latest = _read_json(d / "latest.json")
+    state = None
+    if isinstance(latest, dict) and "checkpoint" in latest:
+        state = _read_json(d / latest["checkpoint"] / "state.json")
+    return Run(dir=d, hparams=config.get("hparams", config), steps=steps,
+               left_out=torn + len(entries) - len(steps), ability=read_lines(d / "ability.jsonl")[0],
+               before=summary.get("pre") if summary else summarize(cases_pre) if cases_pre else None,
+               after=summary if summary else summarize(cases) if cases else None,
+               finished=summary is not None, stop=_read_json(d / "stop.json"), state=state)
+
+
+def run_layers(run: Run) -> list[str]:
+    return sorted(run.steps[0]["layers"], key=int) if run.steps else []
+
+
+def audit_run(run: Run) -> dict:
+    """{layer: audit_queue or audit_pl} over the run's logged steps ({} before step 0 is logged)."""
+    audits = {}
+    for l in run_layers(run):
+        rows = [s["layers"][l] for s in run.steps]
+        pl = [r["pl"] for r in rows]
+        D = rows[0].get("D")                         # None for the baselines: no queue
+        audits[l] = audit_pl(pl) if D is None else audit_queue(pl, [r["z"] for r in rows], D)
+    return audits
+
+
+def queue_findings(audits: dict) -> list[str]:
+    """The verdict's lines on the layers with a queue."""
+    out, joined = [], lambda ls: ", ".join(ls)
+    of = lambda trend: [l for l, a in audits.items() if a["queue"] and a["trend"] == trend]
+    if grow := of("growing"):
+        rates = ", ".join(f"+{audits[l]['slope']:.3g}/step on layer {l}" for l in grow)
+        out.append(f"the queue grows linearly on layer(s) {joined(grow)} (z {rates}: PL runs above D by "
+                   "that fraction each step): the budget α·D_base is below what these edits need; raise "
+                   "--alpha, or expect the edits to lose ground to preservation as z·λ keeps rising")
+    if new := of("new"):
+        first = min(audits[l]["first_active"] for l in new)
+        out.append(f"the queue has only just left its floor on layer(s) {joined(new)} (step {first}): "
+                   "too early to tell whether it holds PL at D; run longer")
+    if ok := of("stable") + of("floor"):
+        top = max(audits[l]["max_pl_over_D"] for l in ok)
+        floor = f"at its floor (PL ≤ D at every step, at most {top:.3g}·D)"
+        kind = "strongly stable" if of("stable") else floor
+        parts = "; ".join(f"layer {l}: time-average PL {audits[l]['mean_pl']:.4g} ≤ D {audits[l]['D']:.4g}"
+                          f" + slack {audits[l]['slack']:.3g}" for l in ok)
+        out.append(f"the queue is {kind} on layer(s) {joined(ok)} and T1's bound holds: {parts}")
+    return out
+
+
+def baseline_findings(audits: dict, method) -> list[str]:
+    """The verdict's line on the layers without a queue."""
+    base = [l for l, a in audits.items() if not a["queue"]]
+    if not base:
+        return []
+    grows = [l for l in base if audits[l]["grows"]]
+    what = f"PL grows on layer(s) {', '.join(grows)} with nothing to bound it" if grows else "PL is flat"
+    parts = "; ".join(f"layer {l}: {audits[l]['first']:.3g} → {audits[l]['last']:.3g}, "
+                      f"{audits[l]['growth']:+.3g}/step" for l in base)
+    return [f"no queue ({method}): {what} ({parts})"]
+
+
+def verdict(run: Run, audits: dict) -> list[str]:
+    """Short findings a reader can act on, the most urgent first: the stop, a log that breaks
+    E13 or disagrees with its checkpoint, then the queues and the baselines' PL."""
+    out = []
+    if s := run.stop:
+        out.append(f"the run stopped at step {s['step']} ({s['edits']} edits), the collapse point: its "
+                   f"{s['metric']} {s['value']:.4g} fell below {s['threshold']:.4g} (the rule's fraction of "
+                   f"{s['before']:.4g} before editing)")
+    if bad := [l for l, a in audits.items() if a["queue"] and not (a["holds"] and a["replay_ok"])]:
+        out.append(f"the log breaks E13/T1 on layer(s) {', '.join(bad)} (see the table): the queue in the "
+                   "log is not the one E14 gives on the logged PL; the run is not trustworthy")
+    if run.state:
+        out += check_state(run.state, audits, run.steps, run.hparams.get("alpha"))
+    out += queue_findings(audits) + baseline_findings(audits, run.hparams.get("method", "baseline"))
+    return out or ["nothing to audit yet: no editing step is logged"]
+
+
+def headline_of(task: str) -> str:
+    """The zero-shot task's headline metric (general_eval): mcc for CoLA, accuracy for MMLU, else f1."""
+    return {"cola": "mcc", "mmlu": "accuracy"}.get(task, "f1")
+
+
+def layer_figures(run: Run) -> dict:
+    """{file name: SVG}: PL per layer (D dashed where there is a queue) and the queues."""
+    figs, x = {}, [s["edits"] for s in run.steps]
+    column = lambda l, key: [s["layers"][l][key] for s in run.steps]
+    for l in run_layers(run):
+        D = run.steps[0]["layers"][l].get("D")
+        title = f"preservation loss, layer {l}" + (" (dashed: threshold D)" if D else "")
+        figs[f"pl_layer{l}.svg"] = svg_plot({"PL": (x, column(l, "pl"))}, title, "PL", D)
+    queues = [l for l in run_layers(run) if run.steps[0]["layers"][l].get("z") is not None]
+    if queues:
+        figs["queue.svg"] = svg_plot({f"layer {l}": (x, column(l, "z")) for l in queues},
+                                     "virtual queue z = a·Z (its weight on preservation is z·λ)", "z")
+    return figs
+
+
+def ability_figures(run: Run) -> dict:
+    """{file name: SVG}: perplexity and each zero-shot task's headline metric over the edits."""
+    entries, figs = [e for e in run.ability if "perplexity" in e], {}
+    if entries:
+        x = [e["edits"] for e in entries]
+        figs["perplexity.svg"] = svg_plot({"perplexity": (x, [e["perplexity"] for e in entries])},
+                                          "held-out perplexity", "perplexity")
+    general = [e for e in entries if e.get("general")]
+    if general:
+        x, tasks = [e["edits"] for e in general], list(general[0]["general"])
+        series = {f"{t} {headline_of(t)}": (x, [e["general"][t][headline_of(t)] for e in general])
+                  for t in tasks}
+        figs["general.svg"] = svg_plot(series, "zero-shot general ability", "score")
+    return figs
+
+
+def metrics_figure(run: Run) -> dict:
+    """{file name: SVG}: the editing metrics (×100) before and after, as bars."""
+    before, after = run.before or {}, run.after or {}
+    keys = [k for k in (*METRICS, "score", *GENERATIVE) if k in before or k in after]
+    if not keys:
+        return {}
+    bars = {k.replace("_generative", " (gen.)"): (before.get(k), after.get(k)) for k in keys}
+    return {"metrics.svg": svg_bars(bars, "editing metrics (×100), before and after")}
+
+
+def audit_table(audits: dict) -> list[str]:
+    """The audit as markdown table rows (queue layers, then baseline layers)."""
+    g, rows = (lambda v: f"{v:.4g}"), []
+    if queue := {l: a for l, a in audits.items() if a["queue"]}:
+        rows += ["| layer | steps T | time-average PL | D | slack D(z(T)−1)/T | bound holds | z(T) | "
+                 "z(T)/T | z slope, last half | queue |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for l, a in queue.items():
+            holds = ("yes" if a["holds"] else "NO") + ("" if a["replay_ok"] else " (log ≠ E14 replay)")
+            rows.append(f"| {l} | {a['T']} | {g(a['mean_pl'])} | {g(a['D'])} | {a['slack']:.3g} | {holds} | "
+                        f"{a['z_T']:.3f} | {a['z_over_T']:.3g} | {a['slope']:+.3g}/step | {a['trend']} |")
+    if base := {l: a for l, a in audits.items() if not a["queue"]}:
+        rows += ["| layer | steps T | time-average PL | PL at step 0 | PL now | growth, last half |",
+                 "|---|---|---|---|---|---|"]
+        rows += [f"| {l} | {a['T']} | {g(a['mean_pl'])} | {g(a['first'])} | {g(a['last'])} | "
+                 f"{a['growth']:+.3g}/step |" for l, a in base.items()]
+    return rows
+
+
+def metrics_table(run: Run) -> list[str]:
+    """Markdown rows: the editing metrics, perplexity and the zero-shot headlines, before and after."""
+    before, after = flat(run.before or {}), flat(run.after or {})
+    tasks = sorted({k.split(".")[1] for k in {**before, **after} if k.startswith("general.")})
+    keys = [*METRICS, "score", *GENERATIVE, *EXTRA, "perplexity"]
+    keys += [f"general.{t}.{headline_of(t)}" for t in tasks]
+    fmt = lambda v: "" if v is None else f"{v:.2f}"
+    rows = ["| metric | before | after |", "|---|---|---|"]
+    return rows + [f"| {k} | {fmt(before.get(k))} | {fmt(after.get(k))} |"
+                   for k in keys if k in before or k in after]
+
+
+def run_header(run: Run) -> list[str]:
+    hp, T = run.hparams, len(run.steps)
+    edits = run.steps[-1]["edits"] if run.steps else 0
+    status = "finished" if run.finished else "in progress or interrupted (no summary.json yet)"
+    lines = [f"- method {hp.get('method')}, layers {hp.get('layers')}, λ {hp.get('lam')}, "
+             f"α {hp.get('alpha')}, batch size {hp.get('batch_size')}",
+             f"- {status}: {T} steps logged, {edits} edits"
+             + (f"; {run.left_out} log line(s) left out (torn or past a gap)" if run.left_out else "")
+             + (f"; latest checkpoint at step {run.state['step']}" if run.state else "")]
+    if run.stop:
+        lines.append(f"- stopped by --stop-below at step {run.stop['step']} ({run.stop['edits']} edits): "
+                     "the collapse point")
+    return lines
+
+
+def report(run_dir) -> str:
+    """Read a run directory (finished, in progress or interrupted), write its figures (SVG) and
+    report.md into it, and return the report's text: status, verdict, the audit of T1 per layer
+    (audit_queue; audit_pl for the baselines), the figures and the metrics before and after."""
+    run = read_run(run_dir)
+    audits = audit_run(run)
+    figs = layer_figures(run) | ability_figures(run) | metrics_figure(run)
+    for name, svg in figs.items():
+        (run.dir / name).write_text(svg)
+    lines = [f"# Run report: {run.dir}", "", *run_header(run), "", "## Verdict", ""]
+    lines += [f"- {v}" for v in verdict(run, audits)]
+    if audits:
+        lines += ["", "## Audit of theorem T1 (docs/LYAPLOCK.md §6–7)", "",
+                  "T1 on this log: (1/T) Σ_{t=0}^{T−1} PL(t) ≤ D + (Z(T) − Z(0))/(aT) = D + D·(z(T) − 1)/T, "
+                  "z(T) the normalised queue after the last step. Strongly stable: z(T)/T → 0; a "
+                  f"steady rise of z (slope > {GROWING}/step over the last half) means the budget cannot "
+                  "be met.", ""]
+        lines += audit_table(audits)
+    lines += ["", "## Figures", ""] + [f"![{name[:-4]}]({name})" for name in figs]
+    if run.before or run.after:
+        lines += ["", "## Metrics before and after editing (all of them: summary.md)", ""]
+        lines += metrics_table(run)
+    text = "\n".join(lines) + "\n"
+    (run.dir / "report.md").write_text(text)
+    return text

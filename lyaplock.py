@@ -29,6 +29,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+if __name__ == "__main__":      # one module whether run or imported: baselines.py imports it back
+    sys.modules.setdefault("lyaplock", sys.modules["__main__"])
+import baselines as B  # noqa: E402
 import data
 import eval as ev
 import model as M
@@ -206,10 +209,48 @@ def alphaedit_step(W, W0, C, K1, R, ls: LayerState, hp) -> torch.Tensor:
     return solve_alphaedit(K1, R, ls.P, ls.S_KK, hp.l2)                            # E12
 
 
+def memit_seq_step(W, W0, C, K1, R, ls: LayerState, hp) -> torch.Tensor:
+    return B.solve_memit_seq(K1, R, C, hp.lam, ls.S_KK)                           # E15
+
+
+def lyaplock_memit_seq_step(W, W0, C, K1, R, ls: LayerState, hp) -> torch.Tensor:
+    V = 1.0 if ls.D_base is None else hp.V
+    return B.solve_lyaplock_memit_seq(W, W0, C, K1, R, ls.S_KK, ls.z, hp.lam, V)  # E21
+
+
+def lyaplock_alphaedit_step(W, W0, C, K1, R, ls: LayerState, hp) -> torch.Tensor:
+    if ls.P is None:
+        ls.P = alphaedit_projector(C)                                              # E11
+    V = 1.0 if ls.D_base is None else hp.V
+    return B.solve_lyaplock_alphaedit(W, W0, C, K1, R, ls.P, ls.S_KK, ls.z, hp.lam, V, hp.l2)   # E22
+
+
+def prune_restrain(W, W0) -> torch.Tensor:
+    return B.prune_weight(W, W0)                                                   # E17
+
+
+def rect_mask(delta, W) -> torch.Tensor:
+    return B.rect_update(delta, W)                                                 # E16
+
+
+# (baselines.py imports this module back; the entries reach it only when called)
+LYAPLOCK_MEMORY = ("S_KK", "S_VK")
 METHODS = {
-    "lyaplock": Method(lyaplock_step, memory=("S_KK", "S_VK"), queue=True, preset="lyaplock"),
+    "lyaplock": Method(lyaplock_step, memory=LYAPLOCK_MEMORY, queue=True, preset="lyaplock"),
+    # the comparison (baselines.py, LYAPLOCK.md §10)
     "memit": Method(memit_step),                  # memoryless: E10 on the current W each step
+    "memit-seq": Method(memit_seq_step, memory=("S_KK",)),       # the "MEMIT" of AlphaEdit's tables
     "alphaedit": Method(alphaedit_step, memory=("S_KK",)),
+    "prune": Method(memit_step, restrain=prune_restrain),
+    "rect": Method(memit_step, mask=rect_mask),
+    "rome": Method(None, locate="rome", preset="rome", templates=((5, 10), (10, 10))),
+    # LyapLock's queue over them (our definitions, §10)
+    "lyaplock+memit-seq": Method(lyaplock_memit_seq_step, memory=("S_KK",), queue=True, preset="lyaplock"),
+    "lyaplock+alphaedit": Method(lyaplock_alphaedit_step, memory=("S_KK",), queue=True, preset="lyaplock"),
+    "lyaplock+prune": Method(lyaplock_step, memory=LYAPLOCK_MEMORY, queue=True, restrain=prune_restrain,
+                             preset="lyaplock"),
+    "lyaplock+rect": Method(lyaplock_step, memory=LYAPLOCK_MEMORY, queue=True, mask=rect_mask,
+                            preset="lyaplock"),
 }
 
 
@@ -366,14 +407,6 @@ def z_rows(tok, requests, templates) -> list[Row]:
     return rows
 
 
-def _adam(p, g, m, v, t, lr, b1=0.9, b2=0.999, eps=1e-8):
-    """One Adam step on the rows of p that g covers (torch.optim.Adam's arithmetic)."""
-    m.lerp_(g, 1 - b1)
-    v.mul_(b2).addcmul_(g, g, value=1 - b2)
-    denom = (v.sqrt() / math.sqrt(1 - b2 ** t)).add_(eps)
-    p.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
-
-
 @dataclass
 class _Chunk:
     """Rows of one padded forward pass of the target-value optimisation, as tensors."""
@@ -427,53 +460,77 @@ def _chunks(model: M.CausalLM, rows: list[Row], layer: int, max_tokens: int) -> 
 
 
 def compute_z(model: M.CausalLM, rows: list[Row], n_req: int, layer: int, hp: HParams,
-              max_tokens: int = 2048):
+              max_tokens: int = 2048, norm_base=None):
     """E4: target values z* = h + δ at `layer`'s output, subject's last token, for all requests
     of a batch in one optimisation (one δ per request; requests are independent, so this equals
     one at a time). The layers up to `layer` run once; each step runs only the layers above, with
     logits only where the loss reads them, chunk by chunk (gradients summed), so memory stays
-    bounded. Returns (z* (n, d) float32, info)."""
+    bounded. norm_base (n, d): the vectors whose norms bound δ and scale its weight decay
+    (default h, MEMIT's; ROME passes the MLP output there, E18-E20). Returns (z* (n, d) float32,
+    info with the losses, h and δ)."""
     dev = model.embed.weight.device
     chunks = _chunks(model, rows, layer, max_tokens)
-    n_rw = torch.bincount(torch.tensor([r.req for r in rows if r.targets], device=dev), minlength=n_req).float()
     where = {i: (c, b) for c in chunks for b, i in enumerate(c.rows)}
     firsts = [where[next(i for i, r in enumerate(rows) if r.req == j)] for j in range(n_req)]
     h_init = torch.stack([c.h0[b, c.look[b]] for c, b in firsts]).float()       # (n, d), δ = 0
+    base_norm = (h_init if norm_base is None else norm_base.float()).norm(dim=1)  # (n,)
+    n_rewrites = torch.bincount(torch.tensor([r.req for r in rows if r.targets], device=dev),
+                                minlength=n_req).float()
     delta = torch.zeros_like(h_init)
-    m_, v_ = torch.zeros_like(delta), torch.zeros_like(delta)
+    moments = [torch.zeros_like(delta), torch.zeros_like(delta)]                 # Adam's m, v
     active, losses = torch.ones(n_req, dtype=torch.bool, device=dev), []
-    max_norm = hp.clamp_norm_factor * h_init.norm(dim=1)
     for it in range(hp.v_num_grad_steps):
-        grad = it < hp.v_num_grad_steps - 1          # the last pass only measures
-        total, g = torch.zeros(n_req, device=dev), torch.zeros_like(delta)
-        for c in chunks:
-            d = delta.clone().requires_grad_(grad)
-            h = c.h0.index_put((torch.arange(len(c.rows), device=dev), c.look), d[c.req].to(c.h0.dtype),
-                               accumulate=True)
-            logp = model(c.ids, c.mask, start=(layer, h), logits_at=c.pos).logits.log_softmax(-1)  # (b, k, V)
-            nll_row = -(logp.gather(-1, c.lab[..., None])[..., 0] * c.w).sum(1)              # (b,)
-            c.kl_init = logp[:, 0].detach() if c.kl_init is None else c.kl_init
-            kl_row = (logp[:, 0].exp() * (logp[:, 0] - c.kl_init)).sum(-1)  # KL(current ‖ initial)
-            part = torch.zeros(n_req, device=dev).index_add(      # E4: mean NLL over prompts + KL
-                0, c.req, torch.where(c.kl, hp.kl_factor * kl_row, nll_row / n_rw[c.req]))
-            total += part.detach()
-            if grad:
-                g += torch.autograd.grad(part.sum(), d)[0]
-        d = delta.clone().requires_grad_(grad)
-        wd = hp.v_weight_decay * d.norm(dim=1) / h_init.norm(dim=1) ** 2     # the code's form
-        loss = total + wd.detach()                                                          # E4
+        update = it < hp.v_num_grad_steps - 1                 # the last pass only measures
+        # 1. per request: mean target NLL over its rewriting prompts + KL, and the gradient in δ
+        fit, grad = _fit_loss(model, chunks, delta, layer, n_rewrites, hp.kl_factor, update)
+        # 2. the weight decay, in the authors' form wd·‖δ‖/‖base‖²
+        d = delta.clone().requires_grad_(update)
+        decay = hp.v_weight_decay * d.norm(dim=1) / base_norm ** 2
+        loss = fit + decay.detach()                                                       # E4
         losses.append(loss)
-        active &= loss >= 5e-2                               # a request stops when loss < 5e-2
-        if not grad or not active.any():
+        # 3. a request stops when its loss is under 5e-2
+        active &= loss >= 5e-2
+        if not update or not active.any():
             break
-        g += torch.autograd.grad(wd.sum(), d)[0]
-        a = active
-        pa, ma, va = delta[a], m_[a], v_[a]
-        _adam(pa, g[a], ma, va, it + 1, hp.v_lr)
-        scale = (max_norm[a] / pa.norm(dim=1)).clamp(max=1.0)   # project into the ball
-        delta[a], m_[a], v_[a] = torch.where(pa.norm(dim=1, keepdim=True) > max_norm[a, None],
-                                             pa * scale[:, None], pa), ma, va
+        grad += torch.autograd.grad(decay.sum(), d)[0]
+        # 4. Adam on the active rows only (why it is written out: torch.optim.Adam would move the
+        #    stopped requests' δ and moments too), then the projection into ‖δ‖ ≤ clamp·‖base‖
+        delta[active] = _adam_rows(delta, grad, moments, active, it + 1, hp.v_lr,
+                                   hp.clamp_norm_factor * base_norm[active])
     return h_init + delta, dict(loss=torch.stack(losses).T.tolist(), h_init=h_init, delta=delta)
+
+
+def _fit_loss(model, chunks: list[_Chunk], delta, layer: int, n_rewrites, kl_factor: float, need_grad: bool):
+    """E4's data terms per request (n,) and their gradient in δ (n, d) (zeros unless need_grad):
+    δ is added at each row's subject token in `layer`'s output, the layers above run from there."""
+    total, grad = torch.zeros_like(n_rewrites), torch.zeros_like(delta)
+    for c in chunks:
+        d = delta.clone().requires_grad_(need_grad)
+        rows = torch.arange(len(c.rows), device=delta.device)
+        h = c.h0.index_put((rows, c.look), d[c.req].to(c.h0.dtype), accumulate=True)      # (b, T, d)
+        logp = model(c.ids, c.mask, start=(layer, h), logits_at=c.pos).logits.log_softmax(-1)  # (b, k, V)
+        nll = -(logp.gather(-1, c.lab[..., None])[..., 0] * c.w).sum(1)               # (b,) mean per token
+        c.kl_init = logp[:, 0].detach() if c.kl_init is None else c.kl_init
+        kl = (logp[:, 0].exp() * (logp[:, 0] - c.kl_init)).sum(-1)                    # KL(current ‖ initial)
+        part = torch.zeros_like(total).index_add(                 # E4: mean NLL over prompts + KL
+            0, c.req, torch.where(c.kl, kl_factor * kl, nll / n_rewrites[c.req]))
+        total += part.detach()
+        if need_grad:
+            grad += torch.autograd.grad(part.sum(), d)[0]
+    return total, grad
+
+
+def _adam_rows(delta, grad, moments, rows, t: int, lr: float, max_norm, b1=0.9, b2=0.999, eps=1e-8):
+    """One Adam step (torch.optim.Adam's arithmetic) on `rows` of δ, updating their moments in
+    place, then each projected into its ball ‖δ‖ ≤ max_norm. Returns the new rows of δ."""
+    p, g = delta[rows], grad[rows]
+    m, v = moments[0][rows], moments[1][rows]
+    m.lerp_(g, 1 - b1)
+    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+    p.addcdiv_(m, (v.sqrt() / math.sqrt(1 - b2 ** t)).add_(eps), value=-lr / (1 - b1 ** t))
+    moments[0][rows], moments[1][rows] = m, v
+    norm = p.norm(dim=1, keepdim=True)
+    return torch.where(norm > max_norm[:, None], p * (max_norm[:, None] / norm).clamp(max=1.0), p)
 
 
 def key_rows(tok, requests, templates) -> list[Row]:
@@ -637,6 +694,8 @@ def edit_batch(model: M.CausalLM, requests, templates, hp: HParams, state: EditS
     """One step t: target values (E4) at the last edit layer, then for each edit layer in order
     keys (E5), residual (E6), the solve, the queue and the memory (update_layer). Returns the
     step's log. z_tokens bounds the tokens per pass of the target-value optimisation (memory)."""
+    if method_of(hp.method).locate == "rome":
+        return rome_batch(model, requests, templates, hp, state, C, W0, z_tokens)
     clock, where = Clock(model.embed.weight.device), Where(state.step, requests)
     z_layer, n = hp.layers[-1], len(hp.layers)
     zs, _ = compute_z(model, z_rows(model.tokenizer, requests, templates), len(requests), z_layer, hp, z_tokens)
@@ -652,6 +711,54 @@ def edit_batch(model: M.CausalLM, requests, templates, hp: HParams, state: EditS
         clock.lap("solve")
     state.finish_step(len(requests))
     return step_log(state, layers, clock)
+
+
+def rome_batch(model: M.CausalLM, requests, templates, hp: HParams, state: EditState, C, W0,
+               z_tokens: int = 2048) -> dict:
+    """One step of ROME (E18-E20): a rank-one update of its one layer per request, in order,
+    each on the model the previous one left (the authors' code edits only the first request of a
+    batch; every request is edited here). Per request: the keys k̄ (flat mean over the
+    templates) and k* (bare prompt); v* = W k* + b + δ, δ from E4 at the layer with the MLP
+    output W k* + b as the norm base (ROME's compute_v); then W += v uᵀ."""
+    if len(hp.layers) != 1:
+        raise ValueError(f"ROME edits one layer; got layers {list(hp.layers)} (use --layers L)")
+    (layer,) = hp.layers
+    clock, W = Clock(model.embed.weight.device), model.edit_weight(layer)
+    bias = model.edit_bias(layer)
+    C_here = C[layer].to(W.device)
+    C_u = C_here if hp.mom2_adjustment else torch.eye(C_here.shape[0], dtype=torch.float64, device=W.device)
+    for q in requests:
+        where = Where(state.step, [q])
+        k_mean, k_star = rome_keys(model, q, templates, layer)                 # E18's k̄, and k*
+        base = W.float() @ k_star + (0 if bias is None else bias.float())       # (d,) the MLP output
+        _, info = compute_z(model, z_rows(model.tokenizer, [q], templates), 1, layer, hp, z_tokens,
+                            norm_base=base[None])
+        v_star = base + info["delta"][0]
+        where.check_finite(layer, **{"target value": v_star})
+        clock.lap("z")
+        try:
+            delta = B.solve_rome(W, C_u, k_mean, k_star, v_star, bias)                 # E18-E20
+        except ValueError as e:
+            raise ValueError(f"step {where.step}, layer {layer} (case id {where.ids}): {e}") from None
+        W_new = W + delta.to(W.dtype)
+        pl = preservation_loss(W_new, W0[layer], C_here)
+        where.check_finite(layer, update=W_new, **{"preservation loss": torch.tensor(pl)})
+        W.copy_(W_new)
+        clock.lap("solve")
+    state.finish_step(len(requests))
+    return step_log(state, {layer: dict(pl=pl, D=None, z=None)}, clock)
+
+
+def rome_keys(model: M.CausalLM, q, templates, layer: int):
+    """The subject's last-token key at `layer` in every template: their flat mean k̄ (ROME's u,
+    not MEMIT's two-level mean E5) and the bare prompt's k* (template "{}")."""
+    rows = key_rows(model.tokenizer, [q], templates)
+    ids, mask = model.tokenizer.pad([r.ids for r in rows], device=model.embed.weight.device)
+    look = torch.tensor([r.lookup for r in rows], device=ids.device)
+    with torch.no_grad():
+        keys = model(ids, mask, keys_at={layer}, stop_after=layer).keys[layer]
+    keys = keys[torch.arange(len(rows), device=ids.device), look].float()          # (templates, m)
+    return keys.mean(0), keys[0]
 
 
 def update_layer(model, layer, K1, R, hp: HParams, state: EditState, C, W0, where) -> dict:
@@ -835,6 +942,7 @@ def score_cases(model, requests, generation: bool, snippets=None, seed: int = 0)
     """Per-case metrics (and fluency where the data has generation prompts)."""
     with stage("evaluation", "evaluate with fewer requests or a smaller dtype"):
         cases = ev.edit_eval(model, requests)
+        cases = [c | g for c, g in zip(cases, ev.generative_eval(model, requests))]   # greedy decoding
         if generation and any(q.generation_prompts for q in requests):
             cases = [c | g for c, g in zip(cases, ev.generation_eval(model, requests, snippets, seed=seed))]
     return cases

@@ -908,7 +908,7 @@ def corrupt_tensors(d, fn):
 CORRUPTIONS = {
     "cannot read": lambda d: (d / "state.safetensors").write_bytes(b"not a safetensors file"),
     "lacks method": lambda d: corrupt_json(d, lambda m: m.pop("method")),
-    "unknown method": lambda d: corrupt_json(d, lambda m: m.update(method="rome")),
+    "unknown method": lambda d: corrupt_json(d, lambda m: m.update(method="knn")),
     "positive floats": lambda d: corrupt_json(d, lambda m: m["layers"]["3"].update(Z=-1.0)),
     "must all be present": lambda d: corrupt_tensors(d, lambda t: t.pop("5.S_VK")),
     "unexpected tensors": lambda d: corrupt_tensors(d, lambda t: t.update(x=torch.ones(1))),

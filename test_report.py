@@ -1,0 +1,350 @@
+"""Tests of a run's report (eval.report: figures, the audit of theorem T1, the verdict) on
+hand-written run directories, and of the generative efficacy (eval.generative_eval) on a model
+whose greedy choices are set by hand. Run: python -m pytest -q test_report.py"""
+import dataclasses
+import json
+import math
+import random
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+
+import eval as E
+import lyaplock as L
+import model as M
+from data import Request, load_requests
+
+FACTMODEL = Path(__file__).parent / "fixtures" / "factmodel-ci"
+
+
+# ------------------------------------------------------------------- hand-written run directories
+def queue_log(pl: list[float], alpha: float) -> list[dict]:
+    """One layer's log entries as a run writes them: the raw queue E13 calibrated after step 0
+    (D_base = PL(0), D = α·D_base, a = 1/√D, Z(0) = Zmax = √D, E13 applied at step 0 too) and
+    z = a·Z logged after each step."""
+    D = alpha * pl[0]
+    a, Z = 1 / math.sqrt(D), math.sqrt(D)
+    out = []
+    for p in pl:
+        Z = max(Z + a * (p - D), math.sqrt(D))                                   # E13
+        out.append(dict(pl=p, D=D, z=a * Z))
+    return out
+
+
+def write_run(d: Path, layers: dict, method="lyaplock", alpha=2.0, batch=10, ability=None, summary=True,
+              torn=False, stop=None) -> Path:
+    """A run directory: config.json, log.jsonl from {layer: [entries]}, ability.jsonl, and
+    (summary=True) summary.json with "pre"."""
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps({"model": "m", "hparams": dict(
+        method=method, layers=[int(l) for l in layers], lam=30.0, alpha=alpha, batch_size=batch)}))
+    T = len(next(iter(layers.values())))
+    lines = [json.dumps({"step": t, "layers": {l: v[t] for l, v in layers.items()}, "edits": batch * (t + 1),
+                         "seconds": 1.0}) for t in range(T)]
+    tail = '{"step": %d, "layers": {"1": {"pl"' % T if torn else ""             # killed mid-write
+    (d / "log.jsonl").write_text("\n".join(lines) + "\n" + tail)
+    ab = ability or [dict(step=0, edits=0, final=False, perplexity=100.0,
+                          general={"sst2": {"f1": 0.6, "accuracy": 0.6}, "cola": {"mcc": -0.1, "f1": 0.4}}),
+                     dict(step=T, edits=batch * T, final=True, perplexity=120.0,
+                          general={"sst2": {"f1": 0.5, "accuracy": 0.5}, "cola": {"mcc": -0.2, "f1": 0.3}})]
+    (d / "ability.jsonl").write_text("".join(json.dumps(e) + "\n" for e in ab))
+    if summary:
+        (d / "summary.json").write_text(json.dumps(dict(
+            method=method, model="m", n_edits=batch * T, batch_size=batch, efficacy=80.0, generalization=60.0,
+            specificity=90.0, score=74.0, efficacy_generative=40.0, perplexity=120.0,
+            pre=dict(efficacy=0.0, generalization=0.0, specificity=95.0, score=0.0, perplexity=100.0))))
+    if stop:
+        (d / "stop.json").write_text(json.dumps(stop))
+    return d
+
+
+# ------------------------------------------------------------------------------- the T1 audit
+def test_audit_agrees_with_a_hand_computation(tmp_path):
+    # D_base = PL(0) = 0.1, α = 2: D = 0.2. E14 by hand, z = max(z + PL/D − 1, 1) from z = 1:
+    # step 0: 1 + 0.5 − 1 -> 1 (floor); 1: 1 + 1.5 − 1 = 1.5; 2: 1.5 + 1.25 − 1 = 1.75;
+    # 3: 1.75 + 0.5 − 1 = 1.25; 4: 1.25 + 1 − 1 = 1.25.
+    pl = [0.1, 0.3, 0.25, 0.1, 0.2]
+    log = queue_log(pl, alpha=2.0)
+    assert [e["z"] for e in log] == pytest.approx([1, 1.5, 1.75, 1.25, 1.25], rel=1e-12)
+    d = write_run(tmp_path / "run", {"1": log})
+    text = E.report(d)
+    a = E.audit_run(E.read_run(d))["1"]
+    assert a["T"] == 5 and a["mean_pl"] == pytest.approx(0.95 / 5, rel=1e-12)         # 0.19
+    assert a["D"] == pytest.approx(0.2) and a["slack"] == pytest.approx(0.2 * 0.25 / 5, rel=1e-9)   # 0.01
+    assert a["bound"] == pytest.approx(0.21) and a["holds"] and a["replay_ok"]
+    assert a["z_T"] == pytest.approx(1.25) and a["first_active"] == 1
+    assert a["slope"] == pytest.approx(E.slope([1.75, 1.25, 1.25]))              # last half: 3 steps
+    assert E.slope([1.75, 1.25, 1.25]) == pytest.approx(-0.25)
+    assert a["trend"] == "stable"
+    assert "| 1 | 5 | 0.19 | 0.2 | 0.01 | yes | 1.250 |" in text
+    assert ("strongly stable on layer(s) 1 and T1's bound holds: layer 1: time-average PL 0.19 ≤ D 0.2 "
+            "+ slack 0.01") in text
+    assert (d / "report.md").read_text() == text
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_audit_slack_is_T1_of_the_raw_queue_and_of_the_codes_queue(seed):
+    """The slack read from the logged normalised z equals (Z(T) − Z(0))/(aT) of E13 simulated
+    directly, step 0 included in the sum; the code's own queue (lyaplock.update_queue) logs the
+    same z; where the floor never binds (α < 1, PL ≥ D after step 0) T1 is an equality."""
+    rng = random.Random(seed)
+    alpha = rng.choice([0.5, 0.9, 2.0, 10.0])
+    pl0 = 10 ** rng.uniform(-3, 0)
+    tight = alpha < 1 and seed % 2 == 0
+    pl = [pl0] + [alpha * pl0 * (rng.uniform(1, 2) if tight else rng.choice([0, 0.5, 1.5, 3]) * rng.random())
+                  for _ in range(rng.randint(0, 60))]
+    D, a = alpha * pl0, 1 / math.sqrt(alpha * pl0)
+    Z = [math.sqrt(D)]
+    for p in pl:
+        Z.append(max(Z[-1] + a * (p - D), math.sqrt(D)))                         # E13, Z(0) = Zmax
+    ls, z_code = L.LayerState(), []
+    for p in pl:
+        L.update_queue(ls, p, alpha)
+        z_code.append(ls.z)
+    log = queue_log(pl, alpha)
+    assert [e["z"] for e in log] == pytest.approx(z_code, rel=1e-12)
+    r = E.audit_queue(pl, z_code, D)
+    T = len(pl)
+    assert r["slack"] == pytest.approx((Z[T] - Z[0]) / (a * T), rel=1e-9, abs=1e-15)
+    assert r["holds"] and r["replay_ok"]
+    assert math.fsum(pl) / T <= D + (Z[T] - Z[0]) / (a * T) + 1e-12 * D           # T1 itself
+    if tight:
+        assert r["mean_pl"] == pytest.approx(r["bound"], rel=1e-9)
+
+
+def test_a_queue_that_grows_is_flagged_and_a_stable_one_is_not(tmp_path):
+    pl0, alpha = 0.05, 4.0
+    D = alpha * pl0
+    growing = [pl0] + [1.5 * D] * 19                                     # always above D: z + 0.5 a step
+    rising = [D * (0.2 + 0.1 * t) for t in range(9)]                     # up to D, then around it
+    rising_then_held = [pl0] + rising + [D * (1.0 + 0.05 * (-1) ** t) for t in range(10)]
+    below = [pl0] + [0.9 * D] * 19
+    d = write_run(tmp_path / "run", {"1": queue_log(growing, alpha), "2": queue_log(rising_then_held, alpha),
+                                     "3": queue_log(below, alpha)}, alpha=alpha)
+    text = E.report(d)
+    audits = E.audit_run(E.read_run(d))
+    assert audits["1"]["trend"] == "growing" and audits["1"]["slope"] == pytest.approx(0.5)
+    assert audits["2"]["trend"] == "stable" and abs(audits["2"]["slope"]) < E.GROWING
+    assert audits["3"]["trend"] == "floor" and audits["3"]["z_T"] == 1
+    assert all(a["holds"] for a in audits.values())
+    verdict = text.split("## Verdict")[1].split("##")[0]
+    assert "the queue grows linearly on layer(s) 1 (z +0.5/step on layer 1" in verdict
+    assert "the budget α·D_base is below what these edits need; raise --alpha" in verdict
+    assert "layer(s) 2, 3 and T1's bound holds" in verdict
+
+
+def test_a_queue_that_just_left_its_floor_is_too_early_to_judge(tmp_path):
+    pl0, alpha = 0.05, 4.0
+    D = alpha * pl0
+    d = write_run(tmp_path / "run", {"1": queue_log([pl0, 0.5 * D, 0.9 * D, 1.1 * D], alpha)}, alpha=alpha)
+    a = E.audit_run(E.read_run(d))["1"]
+    assert a["trend"] == "new" and a["first_active"] == 3
+    assert "only just left its floor on layer(s) 1 (step 3)" in E.report(d)
+
+
+def test_a_log_that_breaks_E13_or_disagrees_with_the_checkpoint_is_flagged(tmp_path):
+    pl0, alpha = 0.05, 4.0
+    log = queue_log([pl0, 0.1, 0.3, 0.25, 0.2], alpha)
+    fine = write_run(tmp_path / "fine", {"1": log}, alpha=alpha)
+    assert "not trustworthy" not in E.report(fine)
+    bad = [dict(e) for e in log]
+    bad[2]["z"] += 0.5                                       # a queue E14 does not give
+    d = write_run(tmp_path / "bad", {"1": bad}, alpha=alpha)
+    text = E.report(d)
+    assert not E.audit_run(E.read_run(d))["1"]["replay_ok"]
+    assert "the log breaks E13/T1 on layer(s) 1" in text and "(log ≠ E14 replay)" in text
+    D = alpha * pl0                                         # a checkpoint after step 3 (4 steps done)
+    for name, Z in (("agrees", log[3]["z"] * math.sqrt(D)), ("differs", 1.01 * log[3]["z"] * math.sqrt(D))):
+        run = write_run(tmp_path / name, {"1": log}, alpha=alpha, summary=False)
+        (run / "ckpt-000004").mkdir()
+        (run / "latest.json").write_text(json.dumps({"checkpoint": "ckpt-000004", "step": 4}))
+        (run / "ckpt-000004" / "state.json").write_text(json.dumps({"step": 4, "layers": {"1": dict(
+            D_base=pl0, Z=Z, a=1 / math.sqrt(D), zmax=math.sqrt(D))}}))
+        text = E.report(run)
+        assert ("checkpoint's queue (step 4) disagrees with the log" in text) == (name == "differs")
+        assert "latest checkpoint at step 4" in text
+
+
+def test_baseline_pl_and_its_growth(tmp_path):
+    pl = [0.01 * (t + 1) for t in range(8)]                          # +0.01 per step
+    flat = [0.02] * 8
+    d = write_run(tmp_path / "run", {"1": [dict(pl=p, D=None, z=None) for p in pl],
+                                     "2": [dict(pl=p, D=None, z=None) for p in flat]}, method="memit")
+    text = E.report(d)
+    a = E.audit_run(E.read_run(d))
+    assert a["1"]["growth"] == pytest.approx(0.01) and a["1"]["grows"]
+    assert a["1"]["mean_pl"] == pytest.approx(0.045)
+    assert a["2"]["growth"] == pytest.approx(0.0, abs=1e-15) and not a["2"]["grows"]
+    assert "no queue (memit): PL grows on layer(s) 1 with nothing to bound it" in text
+    assert "| 1 | 8 | 0.045 | 0.01 | 0.08 | +0.01/step |" in text
+    assert not (d / "queue.svg").exists()
+
+
+def test_report_of_an_interrupted_run_reads_only(tmp_path):
+    """A torn last log line, no summary.json, no cases.jsonl: the report covers the steps that
+    are whole and leaves the run's files as they were."""
+    pl0, alpha = 0.05, 4.0
+    d = write_run(tmp_path / "run", {"1": queue_log([pl0, 0.1, 0.3], alpha)}, alpha=alpha, summary=False,
+                  torn=True, ability=[dict(step=0, edits=0, final=False, perplexity=100.0)])
+    case = {"efficacy": 0.0, "generalization": 0.5, "specificity": 1.0}
+    (d / "cases_pre.jsonl").write_text(json.dumps(case) + "\n")
+    files = {p.name: p.read_bytes() for p in d.iterdir()}
+    text = E.report(d)
+    assert {p.name: p.read_bytes() for p in d.iterdir() if p.name in files} == files
+    assert ("in progress or interrupted (no summary.json yet): 3 steps logged, 30 edits; "
+            "1 log line(s) left out") in text
+    assert E.audit_run(E.read_run(d))["1"]["T"] == 3
+    assert "| efficacy | 0.00 |  |" in text and "| generalization | 50.00 |  |" in text
+    for name in ("pl_layer1.svg", "queue.svg", "perplexity.svg", "metrics.svg"):
+        ET.parse(d / name)
+    assert not (d / "general.svg").exists()
+    only_config = tmp_path / "new"
+    only_config.mkdir()
+    (only_config / "config.json").write_text(json.dumps({"hparams": {"method": "lyaplock"}}))
+    assert "nothing to audit yet" in E.report(only_config)
+    with pytest.raises(ValueError, match="not a run directory"):
+        E.report(tmp_path / "missing")
+
+
+def test_report_marks_the_stop_and_writes_well_formed_figures(tmp_path):
+    pl0, alpha = 0.05, 4.0
+    stop = dict(step=4, edits=40, metric="mean zero-shot score", value=0.2, before=0.5, threshold=0.25)
+    d = write_run(tmp_path / "run", {"1": queue_log([pl0, 0.1, 0.3, 0.25], alpha),
+                                     "2": queue_log([pl0, 0.1, 0.1, 0.1], alpha)}, alpha=alpha, stop=stop)
+    text = E.report(d)
+    assert ("the run stopped at step 4 (40 edits), the collapse point: its mean zero-shot score 0.2 "
+            "fell below 0.25") in text
+    assert text.index("collapse point") < text.index("T1's bound holds")        # the most urgent first
+    assert "the queue is at its floor (PL ≤ D at every step, at most 0.5·D) on layer(s) 2 and T1's" in text
+    names = ["pl_layer1.svg", "pl_layer2.svg", "queue.svg", "perplexity.svg", "general.svg", "metrics.svg"]
+    for name in names:
+        root = ET.parse(d / name).getroot()
+        assert root.tag == "{http://www.w3.org/2000/svg}svg" and f"![{name[:-4]}]({name})" in text
+    pl_fig = (d / "pl_layer1.svg").read_text()
+    assert 'stroke-dasharray="5,4"' in pl_fig                                     # D drawn
+    assert "sst2 f1" in (d / "general.svg").read_text() and "cola mcc" in (d / "general.svg").read_text()
+    assert "efficacy (gen.)" in (d / "metrics.svg").read_text()
+    one_point = E.svg_plot({"a<b & c": ([1], [-0.5])}, "x < y", "z")         # escaped; a single point
+    assert ET.fromstring(one_point).tag.endswith("svg")
+
+
+# ----------------------------------------------------------------------- generative efficacy
+class GlueTok:
+    """Whitespace tokens over a word list (id 0 is BOS, prepended unless bos=False); a word not
+    in the list is its first letter and a "##" piece ("xer" -> x ##er). Decoding puts a space
+    before each word but glues "##" pieces to the previous one."""
+    bos_id, pad_id, eos_ids = 0, 0, []
+    pad = M.Tokenizer.pad
+
+    def __init__(self, words):
+        self.words = ["<s>", *words]
+        self.ids = {w: i for i, w in enumerate(self.words)}
+
+    def encode(self, text, bos=None):
+        ids = [0] if bos is not False else []
+        for w in text.split():                      # a word, or a word and its "##" piece
+            ids += [self.ids[w]] if w in self.ids else [self.ids[w[:1]], self.ids["##" + w[1:]]]
+        return ids
+
+    def decode(self, ids):
+        return "".join(self.words[i][2:] if self.words[i].startswith("##") else " " + self.words[i]
+                       for i in ids if i != 0)
+
+
+class GreedyBigram(nn.Module):
+    """Next-token probabilities set by the current word (probs[word] = {next: p}, the rest on
+    "_"), with what modeling.generate needs: a config for its (empty) KV cache and `embed`."""
+
+    def __init__(self, words, probs):
+        super().__init__()
+        self.tokenizer = GlueTok(words)
+        ids, V = self.tokenizer.ids, len(words) + 1
+        table = torch.full((V, V), 1e-30)
+        for w, row in probs.items():
+            table[ids[w], ids["_"]] = 1 - sum(row.values())
+            for nxt, p in row.items():
+                table[ids[w], ids[nxt]] = p
+        self.logp = nn.Parameter(table.log(), requires_grad=False)               # (V, V)
+        self.embed = nn.Embedding(V, 1)
+        self.cfg = SimpleNamespace(n_layers=0, n_kv_heads=1, head_dim=1)
+
+    def forward(self, ids, mask=None, logits_at=None, cache=None):
+        if logits_at is not None:
+            ids = ids.gather(1, logits_at)
+        return M.Output(self.logp[ids])
+
+
+WORDS = ["S", "r", "p1", "p2", "p3", "q", "new", "true", "a", "b", "c", "d", "x", "##er", "_"]
+
+
+def request(cid, rewrite_end, para_ends, new="new", true="true", kind="counterfact"):
+    return Request(cid, "{} " + rewrite_end, "S", new, true, tuple("S " + p for p in para_ends), ("S q",),
+                   (true,), kind=kind)
+
+
+def greedy_model():
+    return GreedyBigram(WORDS, {
+        "r": {"new": 0.3, "true": 0.2},                 # new beats true, but greedy says "_"
+        "p1": {"new": 0.6, "true": 0.1},                # both: new wins and is greedy
+        "p2": {"a": 0.7, "true": 0.1},                  # a b c by greedy steps
+        "a": {"b": 0.6}, "b": {"c": 0.5, "d": 0.4}, "c": {},
+        "p3": {"x": 0.8},                               # x, then "##er": "xer", not "x"
+        "x": {"##er": 0.9},
+        "q": {"true": 0.9}, "_": {},
+    })
+
+
+def test_teacher_forced_success_that_decoding_does_not_reproduce():
+    m = greedy_model()
+    reqs = [request(0, "r", ["p1"]), request(1, "p1", ["r", "p1"])]
+    tf = E.counterfact_eval(m, reqs)
+    gen = E.generative_eval(m, reqs, batch_size=3)
+    assert tf[0]["efficacy"] == 1 and gen[0]["efficacy_generative"] == 0        # NLL says yes, greedy "_"
+    assert gen[0]["greedy"][0].split()[0] == "_"
+    assert tf[1]["efficacy"] == 1 and gen[1]["efficacy_generative"] == 1        # both
+    assert gen[0]["generalization_generative"] == 1 and gen[1]["generalization_generative"] == 0.5
+    assert tf[1]["generalization"] == 1
+    s = E.summarize([t | g for t, g in zip(tf, gen)])
+    assert s["efficacy"] == 100 and s["efficacy_generative"] == 50 and s["generalization_generative"] == 75
+    assert list(s)[:7] == ["n_cases", "efficacy", "generalization", "specificity", "score",
+                           "efficacy_generative", "generalization_generative"]
+
+
+def test_multi_token_targets_and_word_ends():
+    m = greedy_model()
+    reqs = [request(0, "p2", ["p2"], new="a b c"),          # greedy a, b, c: success
+            request(1, "p2", [], new="a b d"),              # greedy goes c at the third token
+            request(2, "p3", [], new="x"),                  # decodes "xer": not the word x
+            request(3, "p3", [], new="xer"),                # the whole word: a success
+            request(4, "p2", ["p2"], new="a b c", kind="zsre")]
+    gen = E.generative_eval(m, reqs, batch_size=2)
+    assert [g["efficacy_generative"] for g in gen] == [1, 0, 0, 1, 1]
+    assert gen[1]["generalization_generative"] is None and gen[0]["generalization_generative"] == 1
+    assert gen[0]["greedy"][0].startswith(" a b c")
+    assert len(gen[0]["greedy"][0].split()) == 3 + 2                            # target tokens + 2
+    assert E.generative_eval(m, reqs, batch_size=1) == gen                      # batching is invisible
+    tf = E.counterfact_eval(m, reqs[:2])
+    assert tf[1]["efficacy"] == 1                       # mean NLL of "a b d" still beats "true"
+
+
+def test_continues_with_rules():
+    assert E.continues_with(" Paris is", "Paris") and E.continues_with("Paris", " Paris ")
+    assert E.continues_with("\n Paris, France", "Paris") and E.continues_with(" New York City", "New York")
+    assert not E.continues_with(" Parisian", "Paris") and not E.continues_with(" paris", "Paris")
+    assert E.continues_with(" U.S.A", "U.S.") and E.continues_with(" 1990s", "1990") is False
+    assert not E.continues_with(" Paris", "") and not E.continues_with("", "Paris")
+
+
+def test_generative_eval_on_the_fact_model_knows_its_true_facts():
+    """The trained fact model answers its true facts in greedy decoding (it knows 96% of them
+    teacher-forced) and none of the new targets before editing."""
+    m = M.load(FACTMODEL)
+    reqs, _ = load_requests(FACTMODEL / "edits.json", limit=30)
+    true = [dataclasses.replace(r, target_new=r.target_true) for r in reqs]
+    assert E.summarize(E.generative_eval(m, true))["efficacy_generative"] >= 90
+    s = E.summarize(E.generative_eval(m, reqs))
+    assert s["efficacy_generative"] == 0 and s["generalization_generative"] <= 5
