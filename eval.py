@@ -108,18 +108,26 @@ def counterfact_eval(m, requests: list[Request], batch_size: int = 64) -> list[d
     same averaged over paraphrases, Specificity 1[NLL(answer) < NLL(new)] averaged over neighbourhood
     prompts (answer = target_true in CounterFact). Magnitudes with P = exp(-mean token NLL):
     P(new) - P(true) for efficacy/generalization, P(answer) - P(new) for specificity (so for all
-    three, higher is better, as ROME's EM/PM/NM)."""
+    three, higher is better, as ROME's EM/PM/NM).
+
+    Also EasyEdit's convention, named apart so the two are never mixed: `<metric>_top1`, the
+    teacher-forced top-1 token accuracy (the fraction of target tokens that are the argmax given
+    the gold prefix) of target_new on the rewrite and paraphrase prompts, and of the true answer
+    on the neighbourhood prompts."""
     rows = _rows(requests, lambda r, k: r.target_true if k is None else r.neighborhood_answers[k])
     prompts = [p for _, _, p, _, _ in rows]
-    nll = target_nll(m, prompts + prompts, [t for *_, t, _ in rows] + [o for *_, o in rows],
-                     batch_size).nll_mean.tolist()
+    scores = target_nll(m, prompts + prompts, [t for *_, t, _ in rows] + [o for *_, o in rows], batch_size)
+    nll, hits = scores.nll_mean.tolist(), scores.token_correct
     new, other = nll[:len(rows)], nll[len(rows):]
-    success, magnitude = [{} for _ in requests], [{} for _ in requests]   # [case][category] lists
-    for (i, cat, *_), n, o in zip(rows, new, other):
+    success, magnitude, top1 = ([{} for _ in requests] for _ in range(3))   # [case][category] lists
+    for j, ((i, cat, *_), n, o) in enumerate(zip(rows, new, other)):
         sign = 1 if cat != "specificity" else -1                          # which target should win
         success[i].setdefault(cat, []).append(float(sign * (o - n) > 0))
         magnitude[i].setdefault(cat, []).append(sign * (math.exp(-n) - math.exp(-o)))
-    return [_case(r, success[i], magnitude[i]) for i, r in enumerate(requests)]
+        tokens = hits[j] if cat != "specificity" else hits[len(rows) + j]  # new target / true answer
+        top1[i].setdefault(cat, []).append(sum(tokens) / len(tokens))
+    return [_case(r, success[i], magnitude[i]) | {f"{c}_top1": _mean(v) for c, v in top1[i].items()}
+            for i, r in enumerate(requests)]
 
 
 def _case(r: Request, success: dict, magnitude: dict | None = None) -> dict:
@@ -377,6 +385,7 @@ def perplexity(m, texts, max_len: int = 256, batch_size: int = 16) -> float:
 # -------------------------------------------------------------------------------- summaries
 METRICS = ("efficacy", "generalization", "specificity")
 GENERATIVE = ("efficacy_generative", "generalization_generative")
+TOP1 = tuple(k + "_top1" for k in METRICS)        # EasyEdit's teacher-forced token accuracy
 EXTRA = tuple(k + "_magnitude" for k in METRICS) + ("fluency", "consistency")
 HEADER = ("method", "model", "n_edits", "batch_size")
 
@@ -386,14 +395,14 @@ def summarize(cases: list[dict]) -> dict:
     harmonic mean of efficacy, generalization and specificity (×100 already); the generative
     efficacy and generalization (generative_eval) follow it, where the cases have them."""
     out = {"n_cases": len(cases)}
-    for k in METRICS + GENERATIVE + EXTRA:
+    for k in METRICS + GENERATIVE + TOP1 + EXTRA:
         vals = [c[k] for c in cases if c.get(k) is not None]
         if vals:
             out[k] = 100 * sum(vals) / len(vals)
     if all(k in out for k in METRICS):
         parts = [out[k] for k in METRICS]
         out["score"] = 0.0 if min(parts) <= 0 else len(parts) / sum(1 / v for v in parts)
-    order = ["n_cases", *METRICS, "score", *GENERATIVE, *EXTRA]
+    order = ["n_cases", *METRICS, "score", *GENERATIVE, *TOP1, *EXTRA]
     return {k: out[k] for k in order if k in out}
 
 

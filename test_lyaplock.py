@@ -1403,6 +1403,31 @@ def test_counterfact_by_hand():
     assert E.summarize([perfect])["score"] == pytest.approx(100)
 
 
+def test_counterfact_top1_token_accuracy_by_hand():
+    """EasyEdit's convention beside ROME's: the argmax token after the prompt (the filler "_" takes
+    the rest of the mass). A neighbour whose true answer beats the new target but is not the
+    argmax counts for specificity, not for specificity_top1."""
+    m = Bigram(WORDS, {
+        "r": {"new": 0.6, "true": 0.2},     # argmax new
+        "p1": {"new": 0.5, "true": 0.25},   # argmax new
+        "p2": {"new": 0.1, "true": 0.4},    # argmax "_" (0.5): true wins the comparison, not top-1
+        "n1": {"new": 0.1, "true": 0.7},    # argmax true
+        "n2": {"new": 0.3, "true": 0.2},    # argmax "_"
+        "a": {"b": 0.9}, "b": {"c": 0.3, "d": 0.1},   # multi-token: "b" then "_" argmax after b
+    })
+    reqs = [cf_request(1, "r", ["p1", "p2"], ["n1", "n2", "n1"]), cf_request(2, "p2", ["r"], ["p2"]),
+            cf_request(3, "r", ["r"], ["n1"], new="a b c", true="d")]
+    c1, c2, c3 = E.counterfact_eval(m, reqs, batch_size=2)
+    assert (c1["efficacy_top1"], c1["generalization_top1"]) == (1.0, 0.5)
+    assert c1["specificity_top1"] == pytest.approx(2 / 3) and c1["specificity"] == pytest.approx(2 / 3)
+    assert (c2["efficacy"], c2["efficacy_top1"], c2["generalization_top1"]) == (0.0, 0.0, 1.0)
+    assert (c2["specificity"], c2["specificity_top1"]) == (1.0, 0.0)        # the two conventions part
+    assert c3["efficacy_top1"] == pytest.approx(1 / 3)       # after r: new, not a; after a: b; after b: _, not c
+    s = E.summarize([c1, c2])
+    assert s["efficacy_top1"] == 50.0 and s["specificity_top1"] == pytest.approx(100 / 3)
+    assert list(s).index("efficacy_top1") > list(s).index("score")
+
+
 def test_target_nll_multi_token_by_hand():
     m = Bigram(WORDS, {"r": {"a": 0.5, "b": 0.1}, "a": {"b": 0.4, "c": 0.5}, "b": {"c": 0.2, "d": 0.7},
                        "p1": {"b": 0.6, "a": 0.3}})
