@@ -24,6 +24,7 @@ import data
 import eval as E
 import lyaplock as L
 import model as M
+import stats as S
 
 HERE = Path(__file__).parent
 LLAMA = dict(model_type="llama", rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001,
@@ -133,7 +134,7 @@ def stats(m, layers, device, dtype, n_tokens, seq=700):
     seqs = [torch.randint(0, min(m.cfg.vocab_size, 50000), (seq,), generator=g).tolist()
             for _ in range(-(-n_tokens // seq))]
     C = {}
-    t = timed(lambda: C.update(L.collect_stats(m, seqs, layers, batch_tokens=12 * seq)), device, repeat=1)
+    t = timed(lambda: C.update(S.collect_stats(m, seqs, layers, batch_tokens=12 * seq)), device, repeat=1)
     c = m.cfg
     per_layer = 2 * (c.d_model * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)
                      + (3 if c.llama_like else 2) * c.d_model * c.d_mlp) + 2 * seq * c.n_heads * c.head_dim

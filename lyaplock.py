@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import math
 import shutil
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 if __name__ == "__main__":      # one module whether run or imported: baselines.py imports it back
@@ -35,6 +34,7 @@ import baselines as B  # noqa: E402
 import data
 import eval as ev
 import model as M
+import stats
 
 DEFAULT_CORPUS = Path(__file__).parent / "fixtures" / "wikitext-2-test-sample.txt"   # statistics text
 
@@ -423,23 +423,10 @@ class _Chunk:
     kl_init: torch.Tensor | None = None   # (b, V) log-probs at the KL position, first pass
 
 
-def length_batches(lengths, max_tokens: int) -> list[list[int]]:
-    """Indices sorted by length and cut into batches whose padded size (count × longest) stays
-    within max_tokens (at least one per batch): little padding, bounded memory."""
-    order, out = sorted(range(len(lengths)), key=lambda i: lengths[i]), []
-    while order:
-        n = 1
-        while n < len(order) and (n + 1) * lengths[order[n]] <= max_tokens:
-            n += 1
-        out.append(order[:n])
-        order = order[n:]
-    return out
-
-
 def _chunks(model: M.CausalLM, rows: list[Row], layer: int, max_tokens: int) -> list[_Chunk]:
     """Rows in length batches (length_batches), each run once through the layers up to `layer`."""
     dev, out = model.embed.weight.device, []
-    for idx in length_batches([len(r.ids) for r in rows], max_tokens):
+    for idx in stats.length_batches([len(r.ids) for r in rows], max_tokens):
         n, rs = len(idx), [rows[i] for i in idx]
         k = max(1, max(len(r.targets) for r in rs))
         pos, lab, w = torch.zeros(n, k, dtype=torch.long), torch.zeros(n, k, dtype=torch.long), torch.zeros(n, k)
@@ -571,122 +558,6 @@ def keys_and_outputs(model: M.CausalLM, rows: list[Row], templates, layer: int, 
     return K, outs[:, 0]                                  # template 0 is "{}": the bare prompt
 
 
-# ----------------------------------------------------------------------------- statistics (E1)
-
-def stats_sequences(tok, texts, n_tokens: int, max_len: int = 256) -> list[list[int]]:
-    """Each paragraph encoded alone (with BOS where the model uses one), cut to max_len, taken
-    in order until exactly n_tokens tokens (the last one shortened); n_tokens 0: all of them."""
-    seqs, total, want = [], 0, n_tokens or sys.maxsize
-    for t in texts:
-        ids = tok.encode(t)[:max_len][:want - total]
-        if ids:
-            seqs.append(ids)
-            total += len(ids)
-        if total == want:
-            break
-    if n_tokens and total < n_tokens:
-        raise ValueError(f"the statistics corpus has only {total} tokens, {n_tokens} were asked for "
-                         "(--stats-tokens)")
-    return seqs
-
-
-@torch.no_grad()
-def collect_stats(model: M.CausalLM, seqs, layers, batch_tokens: int = 8192, progress=None):
-    """C_l = (1/N) Σ k kᵀ over all N tokens (E1), float64, for every edit layer in ONE forward
-    pass per batch of text that stops after the last edit layer."""
-    dev = model.embed.weight.device
-    m = model.cfg.d_mlp
-    C = {l: torch.zeros(m, m, dtype=torch.float64, device=dev) for l in layers}
-    done = 0
-    for idx in length_batches([len(s) for s in seqs], batch_tokens):
-        ids, mask = model.tokenizer.pad([seqs[i] for i in idx], device=dev)
-        out = model(ids, mask, keys_at=set(layers), stop_after=max(layers))
-        real = mask.bool()
-        for l in layers:
-            add_gram_lower(C[l], out.keys[l][real].double())              # E1
-        done += int(real.sum())
-        if progress:
-            progress(done)
-    for c in C.values():   # mirror the lower triangle, then the mean; in place, one layer at a time
-        c.tril_().add_(c.tril(-1).T).div_(done)
-    return C
-
-
-def add_gram_lower(C, k, block: int = 2048):
-    """C += kᵀk on and below the diagonal, one column block at a time: kᵀk is symmetric, so this
-    does about half the float64 work; the caller mirrors the lower triangle at the end."""
-    for i in range(0, C.shape[0], block):
-        C[i:, i:i + block] += k[:, i:].T @ k[:, i:i + block]
-
-
-def weights_fingerprint(path, names) -> str:
-    """sha256 of config.json and of the stored bytes of the named tensors (read straight from the
-    safetensors files), so an edited copy of a checkpoint never reuses the original's statistics."""
-    path = Path(path)
-    h = hashlib.sha256((path / "config.json").read_bytes())
-    files = M.weight_files(path)
-    for name in sorted(names):
-        with open(files[name], "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            info = json.loads(f.read(n))[name]
-            s, e = info["data_offsets"]
-            f.seek(8 + n + s)
-            h.update(name.encode() + info["dtype"].encode() + f.read(e - s))
-    return h.hexdigest()
-
-
-def stats_key(model_path, model: M.CausalLM, layers, corpus: Path, n_tokens, max_len) -> dict:
-    """Everything C depends on: the weights up to the last edit layer, corpus, size, dtype."""
-    top = max(layers)
-    names = [n for n in model.state_dict() if n.startswith(("model.embed", "transformer.wte"))
-             or any(n.startswith(f"{p}.{i}.") for p in ("model.layers", "transformer.h") for i in range(top + 1))]
-    files = M.weight_files(Path(model_path))
-    return dict(weights=weights_fingerprint(model_path, [n for n in names if n in files]),
-                layers=sorted(layers), corpus=data.file_sha256(corpus), n_tokens=n_tokens,
-                max_len=max_len, dtype=str(model.embed.weight.dtype), version=1)
-
-
-def load_or_collect_stats(model, model_path, corpus, n_tokens, layers, cache_dir, max_len=256,
-                          log=print, batch_tokens=8192) -> dict:
-    """C for every edit layer, from the cache when its key matches and its tensors are sound,
-    else computed (and cached) anew."""
-    key = stats_key(model_path, model, layers, Path(corpus), n_tokens, max_len)
-    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    file = Path(cache_dir) / f"stats-{name}.safetensors"
-    m, dev = model.cfg.d_mlp, model.embed.weight.device
-    if file.exists():
-        try:
-            with safe_open(str(file), "pt") as f:
-                ok = json.loads(f.metadata().get("key", "null")) == key
-                C = {l: f.get_tensor(f"C.{l}").to(dev) for l in layers} if ok else None
-            if C and all(c.shape == (m, m) and c.dtype == torch.float64 and bool(torch.isfinite(c).all())
-                         for c in C.values()):
-                log(f"statistics: reusing {file}")
-                return C
-            log(f"statistics: {file} does not match this model/corpus; recomputing")
-        except (SafetensorError, OSError, ValueError, KeyError) as e:
-            log(f"statistics: {file} is unreadable ({e}); recomputing")
-    seqs = stats_sequences(model.tokenizer, data.read_corpus(corpus), n_tokens, max_len)
-    n_tokens = sum(map(len, seqs))
-    t0, shown = time.time(), [0.0]
-
-    def progress(n):                     # one line, refreshed at most once a second
-        if time.time() - shown[0] > 1 or n == n_tokens:
-            shown[0] = time.time()
-            log(f"\rstatistics: {n}/{n_tokens} tokens, {n / max(time.time() - t0, 1e-9):.0f} tok/s", end="")
-    C = collect_stats(model, seqs, layers, batch_tokens, progress)
-    log("")
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(".tmp")
-    save_file({f"C.{l}": c.cpu().contiguous() for l, c in C.items()}, str(tmp),
-              metadata={"key": json.dumps(key, sort_keys=True)})
-    tmp.replace(file)
-    return C
-
-
-stats = sys.modules[__name__]   # TEMP: until the statistics module lands
-
-
 # ----------------------------------------------------------------------------- one editing step
 
 def edit_batch(model: M.CausalLM, requests, templates, hp: HParams, state: EditState, C, W0,
@@ -764,6 +635,7 @@ def rome_keys(model: M.CausalLM, q, templates, layer: int):
 def update_layer(model, layer, K1, R, hp: HParams, state: EditState, C, W0, where) -> dict:
     """Solve, check and write one layer's update (step_layer); its log entry (pl, D, z)."""
     W, ls = model.edit_weight(layer), state.layers[layer]
+    K1, R = K1.to(W.device), R.to(W.device)        # the layer's device (--device cuda:0,cuda:1)
     try:
         with solving_on(W.device, ls, C[layer]) as C_here:
             W_new, pl = step_layer(W, W0[layer], C_here, K1, R, ls, hp, [q.rewrite_prompt() for q in where.requests])
@@ -862,9 +734,9 @@ class Editor:
                  z_batch_tokens: int = 2048, state: EditState | None = None, state_device=None):
         """state_device: where C and the edit memory live between solves (default: with the
         weights); "cpu" keeps them in host memory and brings one layer's to the GPU per solve."""
-        self.state_device = torch.device(state_device) if state_device else model.embed.weight.device
-        pin = self.state_device.type == "cpu" and torch.cuda.is_available()
-        C = {l: c.to(self.state_device) for l, c in C.items()}
+        self.state_device = torch.device(state_device) if state_device else None
+        pin = state_device is not None and self.state_device.type == "cpu" and torch.cuda.is_available()
+        C = {l: c.to(self.state_device or model.edit_weight(l).device) for l, c in C.items()}   # with its layer
         self.C = {l: c.pin_memory() if pin else c for l, c in C.items()}
         self.model, self.hparams, self.templates = model, hparams, templates
         self.model_path, self.z_batch_tokens = model_path, z_batch_tokens
@@ -1091,10 +963,11 @@ def save_checkpoint(out: Path, state: EditState, model: M.CausalLM, layers):
             shutil.rmtree(old)
 
 
-def load_checkpoint(out: Path, model: M.CausalLM, device) -> EditState:
+def load_checkpoint(out: Path, model: M.CausalLM) -> EditState:
+    """The run state of the latest checkpoint (on the host) and its edit weights (into the model)."""
     d = out / json.loads((out / "latest.json").read_text())["checkpoint"]
-    state = EditState.load(d, device)
-    model.load_edit_tensors(load_file(str(d / "weights.safetensors"), device=str(device)))
+    state = EditState.load(d)
+    model.load_edit_tensors(load_file(str(d / "weights.safetensors")))
     return state
 
 
@@ -1418,7 +1291,11 @@ def run(a) -> int:
     editor = Editor(model, settings.hparams, preservation_statistics(model, settings), templates,
                     settings.model, settings.z_batch_tokens, state_device=settings.state_device)
     if (out / "latest.json").exists():
-        editor.state = load_checkpoint(out, model, editor.state_device)
+        editor.state = load_checkpoint(out, model)
+        for l, ls in editor.state.layers.items():    # the memory lives with its C
+            for k in STATE_TENSORS:
+                if getattr(ls, k) is not None:
+                    setattr(ls, k, getattr(ls, k).to(editor.C[l].device))
         print(f"resuming {out} at step {editor.state.step} ({editor.state.n_edits} edits done)")
     else:
         data.write_jsonl(out / "cases_pre.jsonl", score_cases(model, requests, settings.generation,

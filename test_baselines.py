@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 import baselines as B
 import data
 import lyaplock as L
+import stats as S
 import model as M
 from test_lyaplock import FIX, ORACLE, STORIES, _oracle_z_rows, close
 
@@ -649,7 +650,7 @@ def test_prune_evaluates_and_saves_the_restrained_weights_and_streams_the_others
     """PRUNE's restraint (E17) is applied to a copy: evaluation and the saved model see
     W0 + restrain(W − W0), the stream (and its checkpoints) keeps W."""
     m = M.load(STORIES)
-    C = L.load_or_collect_stats(m, STORIES, L.DEFAULT_CORPUS, 2000, (1, 2), tmp_path, log=lambda *a, **k: None)
+    C = S.load_or_collect_stats(m, STORIES, L.DEFAULT_CORPUS, 2000, (1, 2), tmp_path, log=lambda *a, **k: None)
     hp = L.HParams(method="prune", layers=(1, 2), lam=15.0, v_lr=0.5, clamp_norm_factor=4.0)   # the oracle's
     editor = L.Editor(m, hp, C, [["{}"], ["Once upon a time. {}"]], model_path=STORIES)
     requests, _ = data.load_requests(ORACLE / "requests.json")

@@ -15,12 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import data
 import eval as E
 import lyaplock as L
 import model as M
+import stats as S
 from data import DataError, Request, file_sha256, load_requests, read_corpus
 import testbed as TB
 
@@ -1013,7 +1015,7 @@ def test_length_batches_cover_every_index_once_within_the_budget(seed):
     g = random.Random(seed)
     lengths = [g.randint(1, 50) for _ in range(g.randint(1, 60))]
     budget = g.randint(1, 200)
-    batches = L.length_batches(lengths, budget)
+    batches = S.length_batches(lengths, budget)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     flat = [lengths[i] for b in batches for i in b]
     assert flat == sorted(lengths)                                   # shortest first: little padding
@@ -1030,7 +1032,7 @@ def test_lower_gram_blocks_mirrored_equal_the_full_product(seed):
     k, C = torch.randn(n, m, generator=g, dtype=torch.float64), torch.randn(m, m, generator=g, dtype=torch.float64)
     C = C + C.T
     acc = C.clone()
-    L.add_gram_lower(acc, k, block)
+    S.add_gram_lower(acc, k, block)
     assert torch.allclose(acc.tril() + acc.tril(-1).T, C + k.T @ k, rtol=1e-12, atol=1e-12)
 
 
@@ -1040,9 +1042,9 @@ def test_statistics_match_the_authors_and_are_cached(tmp_path, device):
     the authors' run recorded float32(C)."""
     m = M.load(STORIES, device)
     st = load_file(ORACLE / "stats.safetensors", device=device)
-    seqs = L.stats_sequences(m.tokenizer, data.read_corpus(FIX / "wikitext-2-test-sample.txt"), 5000)
+    seqs = S.stats_sequences(m.tokenizer, data.read_corpus(FIX / "wikitext-2-test-sample.txt"), 5000)
     assert sum(map(len, seqs)) == 5000
-    C = L.collect_stats(m, seqs, [1, 2], batch_tokens=1000)
+    C = S.collect_stats(m, seqs, [1, 2], batch_tokens=1000)
     for l in (1, 2):
         assert C[l].dtype == torch.float64
         assert float((C[l] - st[f"C32.{l}"].double()).norm() / C[l].norm()) < 1e-6
@@ -1053,12 +1055,12 @@ def test_statistics_match_the_authors_and_are_cached(tmp_path, device):
     assert float((C[1] - direct / 5000).norm() / C[1].norm()) < 1e-6   # float32 keys
     logs = []
     args = (m, STORIES, FIX / "wikitext-2-test-sample.txt", 3000, [1, 2], tmp_path)
-    C1 = L.load_or_collect_stats(*args, log=lambda s, end="": logs.append(s))
-    C2 = L.load_or_collect_stats(*args, log=lambda s, end="": logs.append(s))
+    C1 = S.load_or_collect_stats(*args, log=lambda s, end="": logs.append(s))
+    C2 = S.load_or_collect_stats(*args, log=lambda s, end="": logs.append(s))
     assert any("reusing" in s for s in logs) and all(torch.equal(C1[l], C2[l]) for l in (1, 2))
     f = next(tmp_path.glob("stats-*.safetensors"))
     f.write_bytes(f.read_bytes()[:1000])                    # a corrupt cache is recomputed
-    C3 = L.load_or_collect_stats(*args, log=lambda s, end="": logs.append(s))
+    C3 = S.load_or_collect_stats(*args, log=lambda s, end="": logs.append(s))
     assert any("unreadable" in s for s in logs) and torch.equal(C3[1], C1[1])
 
 
@@ -1296,7 +1298,7 @@ def test_state_kept_in_host_memory_gives_the_same_edits(tmp_path, device, method
     runs = []
     for state_device in (None, "cpu"):
         m = M.load(STORIES, device)
-        C = L.load_or_collect_stats(m, STORIES, L.DEFAULT_CORPUS, 2000, (1, 2), tmp_path, log=lambda *a, **k: None)
+        C = S.load_or_collect_stats(m, STORIES, L.DEFAULT_CORPUS, 2000, (1, 2), tmp_path, log=lambda *a, **k: None)
         hp = L.HParams(method=method, layers=(1, 2), lam=15.0, alpha=1.0, l2=1.0, v_num_grad_steps=4)
         editor = L.Editor(m, hp, C, [["{}"], ["Once upon a time. {}"]], state_device=state_device)
         logs = [editor.edit(requests[k:k + 3]) for k in (0, 3, 6)]
@@ -1670,7 +1672,7 @@ def test_non_finite_target_values_stop_the_step_and_keep_the_checkpoint(tmp_path
 
 
 def test_a_failed_cholesky_names_step_layer_and_cases(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(L, "load_or_collect_stats", lambda model, *a, **k: {
+    monkeypatch.setattr(S, "load_or_collect_stats", lambda model, *a, **k: {
         l: -torch.eye(model.cfg.d_mlp, dtype=torch.float64) for l in (1, 2)})
     assert _small_run(tmp_path, tmp_path / "run") == 1
     err = capsys.readouterr().err
@@ -1692,17 +1694,17 @@ def test_a_statistics_cache_that_does_not_match_is_recomputed(tmp_path):
     m = M.load(STORIES)
     logs = []
     args = (m, STORIES, FIX / "wikitext-2-test-sample.txt", 2000, [1, 2], tmp_path)
-    C = L.load_or_collect_stats(*args, log=lambda s, end="": logs.append(s))
+    C = S.load_or_collect_stats(*args, log=lambda s, end="": logs.append(s))
     f = next(tmp_path.glob("stats-*.safetensors"))
-    with L.safe_open(str(f), "pt") as h:
+    with safe_open(str(f), "pt") as h:
         meta = h.metadata()
     save_file({"C.1": torch.zeros(3, 3, dtype=torch.float64), "C.2": C[2]}, str(f), metadata=meta)  # wrong shape
-    C2 = L.load_or_collect_stats(*args, log=lambda s, end="": logs.append(s))
+    C2 = S.load_or_collect_stats(*args, log=lambda s, end="": logs.append(s))
     assert any("does not match" in s for s in logs) and torch.equal(C2[1], C[1])
     key = json.loads(meta["key"]) | {"n_tokens": 1}                                   # another key
     save_file({k: v for k, v in C.items() for k in [f"C.{k}"]}, str(f), metadata={"key": json.dumps(key)})
     logs.clear()
-    L.load_or_collect_stats(*args, log=lambda s, end="": logs.append(s))
+    S.load_or_collect_stats(*args, log=lambda s, end="": logs.append(s))
     assert any("does not match" in s for s in logs)
 
 

@@ -464,7 +464,7 @@ def experiment(model_dir, n_edits: int, batch_size: int, methods=("lyaplock", "m
     heldout = read_corpus(L.DEFAULT_HELDOUT)[:64]
     layers = tuple(layers or L.preset(m.cfg, "lyaplock").layers)
     corpus = corpus or model_dir / "corpus.txt"
-    C = L.load_or_collect_stats(m, model_dir, corpus, stats_tokens, layers, stats_cache,
+    C = L.stats.load_or_collect_stats(m, model_dir, corpus, stats_tokens, layers, stats_cache,
                                 log=lambda *a, **k: None)
     templates = L.context_templates(m, seed)
     result = dict(model=str(model_dir), n_edits=n_edits, batch_size=batch_size, layers=list(layers),

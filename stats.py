@@ -1,0 +1,571 @@
+"""Preservation statistics C (E1): collected once, written to a file people can share, read back
+checked against the model being edited; also read from the files the MEMIT/ROME code wrote.
+
+    python stats.py --model CHECKPOINT --out FILE [--stats-corpus F] [--stats-tokens N]
+        [--layers 4,5,6] [--max-len 256] [--batch-tokens 8192] [--device D] [--dtype float32]
+    torchrun --nproc-per-node N stats.py --model CHECKPOINT --out FILE ...   (N processes)
+    (the same as `python lyaplock.py stats ...`; an editing run takes the file with --stats FILE)
+
+Why a module of its own: C — collected in one pass for all edit layers, optionally sharded over
+torch.distributed ranks, the shareable statistics file and its key, and the import of the
+MEMIT/ROME-family npz files — is one unit that the editing method only consumes (a dict
+{layer: C (m, m) float64}); lyaplock.py should read as the method. (Named stats.py, not
+statistics.py: a file of that name shadows Python's own `statistics`, which bench.py, pytest
+plugins and torch import.)
+
+The statistics file (safetensors): `C.<layer>` float64 (m, m) per layer, and in the metadata
+`format` ("lyaplock-statistics"), `version`, `tokens` (the count actually used), `sha256` (of
+each C's bytes, so a corrupted file is refused) and `key`: everything C depends on — the
+weights' fingerprint through the last layer of the file (sha256 over config.json and the
+stored bytes of every tensor up to that layer, each tensor's own digest kept too, so a refusal
+can name it), the corpus sha256, the requested token count (0: the whole corpus), max length,
+the forward pass's dtype, the layers and d_mlp. Weights above the file's last layer do not
+enter: editing a later layer's copy of the model keeps the file valid. --stats FILE refuses a
+file whose weights, layers, shape or format version differ from the run's, naming what differs.
+A different dtype is allowed with a warning line: C is float64 either way, and a bf16 forward
+pass moves C by about bf16's rounding (0.7% relative, Frobenius, on stories260K). The runtime
+cache (`--stats-cache`) stores the same files, named by the hash of their key.
+
+The MEMIT/ROME/AlphaEdit/LyapLock code (rome/layer_stats.py, util/runningstats.py) caches
+`<stats_dir>/<model>/<dataset>_stats/<module>_<precision>_mom2_<n>.npz` per layer, with
+`mom2.mom2` = Σ k kᵀ (the uncentred sum over all tokens), `mom2.count` = the number of tokens,
+`mom2.constructor` and `sample_size`; LyapLock's own rome/layer_stats_ab_t.py also writes
+`..._KK_T_<n>_kk_t.npz` with `KK_T.mom2`, `KK_T.count`, the same statistic. Their editing code
+uses `stat.mom2.moment()` = mom2.mom2 / mom2.count (then cast to float32); that is our C (E1), here
+kept in float64. The module is `model.layers.<l>.mlp.down_proj` (Llama family), `transformer.h.
+<l>.mlp.fc_out` (GPT-J), `transformer.h.<l>.mlp.c_proj` (GPT-2). `--stats` takes such a
+directory — `<stats_dir>/<model>` or its `<dataset>_stats/` — or one .npz file when the run edits
+one layer; where a layer has several files, the mom2 file is taken over KK_T, and two mom2 files
+(say, two sample sizes) are refused as ambiguous. They are read with numpy.load(allow_pickle=
+False): a member that needs unpickling is refused. They carry no weights fingerprint, so only
+the layers and the shape are checked, and a warning says so.
+
+Many GPUs: under torchrun (RANK and WORLD_SIZE set, more than one process) every rank tokenises
+the whole corpus, cuts the same length batches and takes batches rank, rank + N, rank + 2N, ...
+(dealt round-robin from the length-sorted list, so every rank gets a like mix of lengths); each
+accumulates its float64 Σ k kᵀ and token count in one buffer, ONE all_reduce sums them, rank 0
+divides (E1), writes the file and shows progress; the other ranks are silent. NCCL with each
+rank on cuda:LOCAL_RANK, gloo on the CPU. The result is the one-process C up to the order in
+which float64 batch sums are added.
+
+Why editing stays one process: each step's solve (E9) needs the weights, queue (E13) and edit
+memory the previous step left, and the next step's target values are optimised on that edited
+model, so steps cannot run side by side. Within a step the work is the target-value
+optimisation, whose requests are independent but small (100 requests are a few thousand tokens
+a pass), then a dense float64 solve per layer; spreading them over ranks would put the whole
+model on every rank and gather z and the keys before each solve, to save part of a ~15 s step.
+A model or state larger than one GPU is a placement problem (layers across devices), not a
+parallel one.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
+
+import data
+import model as M
+
+FORMAT = "lyaplock-statistics"
+VERSION = 1
+
+
+class StatisticsError(ValueError):
+    """A statistics file that cannot be used: unreadable, corrupt, or made for something else."""
+
+
+class UnreadableStatistics(StatisticsError):
+    """Not a safetensors file at all (truncated, or not one)."""
+
+
+# ----------------------------------------------------------------------------- collection (E1)
+
+def stats_sequences(tok, texts, n_tokens: int, max_len: int = 256) -> list[list[int]]:
+    """Each paragraph encoded alone (with BOS where the model uses one), cut to max_len, taken
+    in order until exactly n_tokens tokens (the last one shortened); n_tokens 0: all of them."""
+    seqs, total, want = [], 0, n_tokens or sys.maxsize
+    for t in texts:
+        ids = tok.encode(t)[:max_len][:want - total]
+        if ids:
+            seqs.append(ids)
+            total += len(ids)
+        if total == want:
+            break
+    if n_tokens and total < n_tokens:
+        raise ValueError(f"the statistics corpus has only {total} tokens, {n_tokens} were asked for "
+                         "(--stats-tokens)")
+    return seqs
+
+
+def length_batches(lengths, max_tokens: int) -> list[list[int]]:
+    """Indices sorted by length and cut into batches whose padded size (count × longest) stays
+    within max_tokens (at least one per batch): little padding, bounded memory."""
+    order, out = sorted(range(len(lengths)), key=lambda i: lengths[i]), []
+    while order:
+        n = 1
+        while n < len(order) and (n + 1) * lengths[order[n]] <= max_tokens:
+            n += 1
+        out.append(order[:n])
+        order = order[n:]
+    return out
+
+
+@torch.no_grad()
+def gram_sums(model: M.CausalLM, seqs, layers, batch_tokens: int, progress=None, rank: int = 0,
+              world: int = 1) -> torch.Tensor:
+    """One float64 buffer: Σ k kᵀ (lower triangle) for each of `layers`, as (len(layers), m, m),
+    then the token count, over this rank's share of the length batches (rank, rank + world, ...).
+    One forward pass per batch, stopped after the last edit layer."""
+    dev, m = model.embed.weight.device, model.cfg.d_mlp
+    flat = torch.zeros(len(layers) * m * m + 1, dtype=torch.float64, device=dev)
+    sums = flat[:-1].view(len(layers), m, m)
+    done = 0
+    for idx in length_batches([len(s) for s in seqs], batch_tokens)[rank::world]:
+        ids, mask = model.tokenizer.pad([seqs[i] for i in idx], device=dev)
+        out = model(ids, mask, keys_at=set(layers), stop_after=max(layers))
+        real = mask.bool()
+        for S, l in zip(sums, layers):
+            add_gram_lower(S, out.keys[l][real].double())                # E1, not yet divided
+        done += int(real.sum())
+        if progress:
+            progress(done)
+    flat[-1] = done
+    return flat
+
+
+def add_gram_lower(C, k, block: int = 2048):
+    """C += kᵀk on and below the diagonal, one column block at a time: kᵀk is symmetric, so this
+    does about half the float64 work; the caller mirrors the lower triangle at the end."""
+    for i in range(0, C.shape[0], block):
+        C[i:, i:i + block] += k[:, i:].T @ k[:, i:i + block]
+
+
+def finish_sums(flat: torch.Tensor, layers) -> dict[int, torch.Tensor]:
+    """C_l = (1/N) Σ k kᵀ (E1) from gram_sums' buffer (summed over ranks): the lower triangle
+    mirrored, then divided by the token count; in place, so the C are views of the buffer."""
+    m = math.isqrt((flat.numel() - 1) // len(layers))
+    sums, n = flat[:-1].view(len(layers), m, m), flat[-1].item()
+    for S in sums:
+        S.tril_().add_(S.tril(-1).T).div_(n)                              # E1
+    return dict(zip(layers, sums))
+
+
+def collect_stats(model: M.CausalLM, seqs, layers, batch_tokens: int = 8192, progress=None,
+                  rank: int = 0, world: int = 1) -> dict[int, torch.Tensor]:
+    """C_l = (1/N) Σ k kᵀ over all N tokens (E1), float64, for every edit layer in ONE forward
+    pass per batch of text that stops after the last edit layer. With world > 1 (an initialised
+    process group) each rank passes its share and one all_reduce sums the sums and counts."""
+    flat = gram_sums(model, seqs, layers, batch_tokens, progress, rank, world)
+    if world > 1:
+        dist.all_reduce(flat)
+    total = sum(map(len, seqs))
+    if flat[-1].item() != total:
+        raise StatisticsError(f"the ranks summed {flat[-1].item():.0f} tokens, the corpus has {total}: "
+                              "every rank must read the same model and corpus")
+    return finish_sums(flat, list(layers))
+
+
+# ----------------------------------------------------------------------------- the key
+
+def tensor_digests(path, names) -> dict[str, str]:
+    """{name: sha256 of its dtype, shape and stored bytes}, read in blocks straight from the
+    safetensors files (no tensor is built); names not in the checkpoint are left out."""
+    files = M.weight_files(Path(path))
+    out = {}
+    for file in sorted({files[n] for n in names if n in files}):
+        with open(file, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+            for name in sorted(n for n in names if files.get(n) == file):
+                info = header[name]
+                start, end = info["data_offsets"]
+                h = hashlib.sha256(f"{info['dtype']}{info['shape']}".encode())
+                f.seek(8 + size + start)
+                for at in range(start, end, 1 << 24):
+                    h.update(f.read(min(1 << 24, end - at)))
+                out[name] = h.hexdigest()
+    return out
+
+
+def fingerprint(config_sha: str, digests: dict) -> str:
+    """One sha256 over config.json's and the tensors' digests."""
+    return hashlib.sha256(json.dumps([config_sha, sorted(digests.items())]).encode()).hexdigest()
+
+
+def weights_fingerprint(path, names) -> str:
+    """sha256 of config.json and of the stored bytes of the named tensors, so an edited copy of a
+    checkpoint never reuses the original's statistics."""
+    return fingerprint(data.file_sha256(Path(path) / "config.json"), tensor_digests(path, names))
+
+
+def stats_key(model_path, model: M.CausalLM, layers, corpus: Path, n_tokens, max_len) -> dict:
+    """Everything C depends on: the weights up to the last edit layer, corpus, size, dtype."""
+    config = data.file_sha256(Path(model_path) / "config.json")
+    digests = tensor_digests(model_path, model.names_through_layer(max(layers)))
+    return dict(weights=fingerprint(config, digests), config=config, tensors=digests,
+                layers=sorted(layers), d_mlp=model.cfg.d_mlp, corpus=data.file_sha256(corpus),
+                n_tokens=n_tokens, max_len=max_len, dtype=str(model.embed.weight.dtype).removeprefix("torch."))
+
+
+# ----------------------------------------------------------------------------- the file
+
+def write_stats_file(path, C: dict, key: dict, tokens: int):
+    """The statistics file, whole or not at all (a temporary file, then a rename). Written as
+    safetensors one tensor at a time, so only one C at a time is copied off its device."""
+    path = Path(path)
+    names = {f"C.{l}": c for l, c in sorted(C.items())}
+    if any(c.dtype != torch.float64 for c in names.values()):
+        raise StatisticsError("C must be float64")
+    digests = {n: hashlib.sha256(c.cpu().contiguous().numpy()).hexdigest() for n, c in names.items()}
+    header, offset = {"__metadata__": dict(format=FORMAT, version=str(VERSION), tokens=str(tokens),
+                                           sha256=json.dumps(digests), key=json.dumps(key, sort_keys=True))}, 0
+    for n, c in names.items():
+        header[n] = dict(dtype="F64", shape=list(c.shape), data_offsets=[offset, offset + 8 * c.numel()])
+        offset += 8 * c.numel()
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)                           # the format's 8-byte alignment
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        for c in names.values():
+            f.write(c.cpu().contiguous().numpy().data)        # little-endian float64, row-major
+    os.replace(tmp, path)
+
+
+KEY_FIELDS = {"weights", "config", "tensors", "layers", "d_mlp", "corpus", "n_tokens", "max_len", "dtype"}
+
+
+def read_meta(path) -> tuple[dict, dict, dict]:
+    """(metadata, key, {tensor: sha256}) of a statistics file; a StatisticsError if it is not one."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise UnreadableStatistics(f"{path}: not a readable statistics file (truncated or corrupt?): {e}") from None
+    if meta.get("format") != FORMAT:
+        raise StatisticsError(f"{path}: not a statistics file (python lyaplock.py stats writes them)")
+    if meta.get("version") != str(VERSION):
+        raise StatisticsError(f"{path}: statistics format version {meta.get('version')}; this code reads "
+                              f"version {VERSION}: write the file again with this version")
+    try:
+        key, digests = json.loads(meta["key"]), json.loads(meta["sha256"])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise StatisticsError(f"{path}: the statistics file's metadata is damaged ({e})") from None
+    if not isinstance(key, dict) or KEY_FIELDS - set(key):
+        raise StatisticsError(f"{path}: the statistics file's key is damaged (it lacks "
+                              f"{', '.join(sorted(KEY_FIELDS - set(key or {})))})")
+    return meta, key, digests
+
+
+def read_C(path, layers, m: int, digests: dict, device) -> dict[int, torch.Tensor]:
+    """C.<layer> for each of `layers`, each checked: present, float64 (m, m), the bytes that were
+    written (sha256), finite, symmetric."""
+    C = {}
+    try:
+        with safe_open(str(path), "pt") as f:
+            for l in layers:
+                name = f"C.{l}"
+                if name not in f.keys():
+                    raise StatisticsError(f"{path}: tensor {name} is missing")
+                c = f.get_tensor(name)
+                if c.dtype != torch.float64 or tuple(c.shape) != (m, m):
+                    raise StatisticsError(f"{path}: {name} is {str(c.dtype).removeprefix('torch.')} "
+                                          f"{tuple(c.shape)}; float64 ({m}, {m}) is needed")
+                if hashlib.sha256(c.numpy()).hexdigest() != digests.get(name):
+                    raise StatisticsError(f"{path}: {name} is corrupt (its bytes are not the ones written)")
+                if not bool(torch.isfinite(c).all()) or not torch.equal(c, c.T):
+                    raise StatisticsError(f"{path}: {name} is not a finite symmetric matrix")
+                C[l] = c.to(device)
+    except (SafetensorError, OSError) as e:
+        raise UnreadableStatistics(f"{path}: unreadable statistics file (truncated or corrupt?): {e}") from None
+    return C
+
+
+def weights_difference(key: dict, model_path, model: M.CausalLM) -> str | None:
+    """What differs between the weights a file was made for and this model's, or None."""
+    top = max(key["layers"])
+    digests = tensor_digests(model_path, model.names_through_layer(top))
+    config = data.file_sha256(Path(model_path) / "config.json")
+    if fingerprint(config, digests) == key["weights"]:
+        return None
+    if config != key["config"]:
+        return "config.json differs"
+    changed = sorted(n for n in set(digests) | set(key["tensors"]) if digests.get(n) != key["tensors"].get(n))
+    more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+    return f"tensor{'s' * (len(changed) > 1)} {', '.join(changed[:3])}{more} differ{'s' * (len(changed) == 1)}"
+
+
+def check_key(path, key: dict, model: M.CausalLM, model_path, layers):
+    """Refuse a file made for other layers, another shape or other weights, naming what differs."""
+    missing = sorted(set(layers) - set(key["layers"]))
+    if missing:
+        raise StatisticsError(f"{path}: made for layers {key['layers']}; this run edits {sorted(layers)} "
+                              f"(no C for layer{'s' * (len(missing) > 1)} {', '.join(map(str, missing))})")
+    if key["d_mlp"] != model.cfg.d_mlp:
+        raise StatisticsError(f"{path}: made for d_mlp = {key['d_mlp']} (C {key['d_mlp']}×{key['d_mlp']}); "
+                              f"this model's d_mlp is {model.cfg.d_mlp}")
+    differs = weights_difference(key, model_path, model)
+    if differs:
+        raise StatisticsError(f"{path}: made for other weights: through layer {max(key['layers'])}, "
+                              f"{differs} ({model_path})")
+
+
+def load_stats_file(path, model: M.CausalLM, model_path, layers, log=print) -> dict[int, torch.Tensor]:
+    """C for `layers` from --stats: a statistics file (checked against this model's weights), or
+    the MEMIT/ROME code's .npz files (a directory, or one file; checked for layers and shape)."""
+    path = Path(path)
+    if not path.exists():
+        raise StatisticsError(f"--stats {path}: no such file or directory")
+    if path.is_dir() or path.suffix == ".npz":
+        return load_authors_stats(path, model, layers, log)
+    meta, key, digests = read_meta(path)
+    check_key(path, key, model, model_path, layers)
+    dtype = str(model.embed.weight.dtype).removeprefix("torch.")
+    if key["dtype"] != dtype:
+        log(f"warning: {path} was collected with a {key['dtype']} forward pass, this run is {dtype}; "
+            "used as it is (C is float64 either way)")
+    C = read_C(path, sorted(layers), model.cfg.d_mlp, digests, model.embed.weight.device)
+    log(f"statistics: {path} ({meta['tokens']} tokens, layers {','.join(map(str, sorted(layers)))})")
+    return C
+
+
+# ----------------------------------------------------------------------------- the MEMIT/ROME files
+
+def authors_module(model: M.CausalLM, layer: int) -> str:
+    """The module name their files are named by: the edited projection's HF module."""
+    return M.EDIT_WEIGHTS["llama" if model.cfg.llama_like else model.cfg.arch].format(layer).removesuffix(".weight")
+
+
+def authors_kind(file: Path) -> str | None:
+    """'mom2' (MEMIT/ROME/AlphaEdit's file), 'KK_T' (LyapLock's kk_t file) or None (another
+    statistic), from the members' names."""
+    try:
+        with np.load(file, allow_pickle=False) as z:
+            members = set(z.files)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise StatisticsError(f"{file}: not a readable .npz file ({e})") from None
+    return next((k for k in ("mom2", "KK_T") if f"{k}.mom2" in members), None)
+
+
+def authors_files(path: Path, model: M.CausalLM, layers) -> dict[int, tuple[Path, str | None]]:
+    """{layer: (file, kind)} in a directory of their layout, or for one file."""
+    if path.is_file():
+        if len(layers) > 1:
+            raise StatisticsError(f"--stats {path}: one .npz file is one layer's statistics; this run edits "
+                                  f"layers {list(layers)}: give the directory that holds them")
+        if not path.name.startswith(authors_module(model, layers[0]) + "_"):
+            raise StatisticsError(f"--stats {path}: not named for layer {layers[0]} "
+                                  f"({authors_module(model, layers[0])}_<precision>_mom2_<n>.npz)")
+        return {layers[0]: (path, authors_kind(path))}
+    out = {}
+    for l in layers:
+        module = authors_module(model, l)
+        files = sorted([*path.glob(f"{module}_*.npz"), *path.glob(f"*_stats/{module}_*.npz")])
+        kinds = {f: authors_kind(f) for f in files}
+        for kind in ("mom2", "KK_T"):
+            chosen = [f for f in files if kinds[f] == kind]
+            if len(chosen) > 1:
+                raise StatisticsError(f"--stats {path}: layer {l} has {len(chosen)} {kind} files "
+                                      f"({', '.join(f.name for f in chosen)}); keep one")
+            if chosen:
+                out[l] = (chosen[0], kind)
+                break
+        else:
+            raise StatisticsError(f"--stats {path}: no statistics for layer {l} (a file named {module}_"
+                                  "<precision>_mom2_<n>.npz, there or in a <dataset>_stats/ folder)")
+    return out
+
+
+def read_authors_file(file: Path, kind: str | None, m: int) -> torch.Tensor:
+    """C = <kind>.mom2 / <kind>.count (E1; their SecondMoment.moment()) in float64, from one of
+    their files, without unpickling. Their sum is symmetrised ((S + Sᵀ)/2: a GPU product need not
+    be bitwise symmetric) after checking it is symmetric to its precision."""
+    if kind not in ("mom2", "KK_T"):
+        raise StatisticsError(f"{file}: no mom2.mom2 or KK_T.mom2 array (not a second-moment file)")
+    try:
+        with np.load(file, allow_pickle=False) as z:
+            S, count = z[f"{kind}.mom2"], z[f"{kind}.count"]
+    except ValueError as e:
+        if "allow_pickle" in str(e):
+            raise StatisticsError(f"{file}: {kind}.mom2 or .count needs unpickling; refused") from None
+        raise StatisticsError(f"{file}: unreadable ({e})") from None
+    except (KeyError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise StatisticsError(f"{file}: unreadable ({e})") from None
+    if S.dtype not in (np.float32, np.float64) or S.shape != (m, m):
+        raise StatisticsError(f"{file}: {kind}.mom2 is {S.dtype} {S.shape}; a float ({m}, {m}) sum is needed")
+    if count.shape != () or not float(count) >= 1 or float(count) != int(count):
+        raise StatisticsError(f"{file}: {kind}.count is {count!r}, not a token count")
+    tolerance = float(np.finfo(S.dtype).eps) ** 0.5      # float64: 1.5e-8, float32: 3.5e-4 of the largest
+    S = torch.from_numpy(S).double()
+    if not bool(torch.isfinite(S).all()) or float((S - S.T).abs().max()) > tolerance * float(S.abs().max()):
+        raise StatisticsError(f"{file}: {kind}.mom2 is not a finite symmetric matrix")
+    return (S + S.T).div_(2).div_(int(count))                             # E1
+
+
+def load_authors_stats(path: Path, model: M.CausalLM, layers, log=print) -> dict[int, torch.Tensor]:
+    """C per layer from their files; they hold no fingerprint, so only layers and shape are checked."""
+    C, dev = {}, model.embed.weight.device
+    for l, (file, kind) in authors_files(path, model, sorted(layers)).items():
+        C[l] = read_authors_file(file, kind, model.cfg.d_mlp).to(dev)
+        log(f"statistics: layer {l} from {file} (C = {kind}.mom2 / {kind}.count)")
+    log(f"warning: the MEMIT/ROME statistics in {path} carry no fingerprint of the weights they were "
+        "collected on: only their layers and shape were checked; make sure they are this model's")
+    return C
+
+
+# ----------------------------------------------------------------------------- the cache
+
+def load_or_collect_stats(model, model_path, corpus, n_tokens, layers, cache_dir, max_len=256,
+                          log=print, batch_tokens=8192) -> dict:
+    """C for every edit layer, from the cache when its key matches and its tensors are sound,
+    else computed (and cached) anew."""
+    key = stats_key(model_path, model, layers, Path(corpus), n_tokens, max_len)
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    file = Path(cache_dir) / f"stats-{name}.safetensors"
+    if file.exists():
+        try:
+            _, found, digests = read_meta(file)
+            if found != key:
+                raise StatisticsError("another key")
+            C = read_C(file, layers, model.cfg.d_mlp, digests, model.embed.weight.device)
+            log(f"statistics: reusing {file}")
+            return C
+        except UnreadableStatistics as e:
+            log(f"statistics: {file} is unreadable ({e}); recomputing")
+        except StatisticsError as e:
+            log(f"statistics: {file} does not match this model/corpus ({e}); recomputing")
+    seqs = stats_sequences(model.tokenizer, data.read_corpus(corpus), n_tokens, max_len)
+    total = sum(map(len, seqs))
+    C = collect_stats(model, seqs, layers, batch_tokens, Progress(total, log))
+    log("")
+    write_stats_file(file, C, key, total)
+    return C
+
+
+# ----------------------------------------------------------------------------- the command
+
+class Progress:
+    """Tokens done, tok/s and time left: refreshed in place at most once a second (tty), else a
+    line every 10 s; always at the end."""
+
+    def __init__(self, total: int, log, tty: bool = True, share: str = ""):
+        self.total, self.log, self.tty, self.share = total, log, tty, share
+        self.start, self.shown = time.time(), 0.0
+
+    def __call__(self, done: int):
+        now = time.time()
+        if now - self.shown < (1 if self.tty else 10) and done < self.total:
+            return
+        self.shown = now
+        rate = done / max(now - self.start, 1e-9)
+        left = time.strftime("%H:%M:%S", time.gmtime((self.total - done) / max(rate, 1e-9)))
+        line = f"statistics: {done:,}/{self.total:,} tokens{self.share}, {rate:,.0f} tok/s, {left} left"
+        self.log("\r" + line if self.tty else line, end="" if self.tty else "\n")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="lyaplock.py stats", description="Collect the preservation statistics C (E1) of the edit layers "
+        "into a file that an editing run takes with --stats FILE. Under torchrun --nproc-per-node N the corpus "
+        "is shared out among the N processes (NCCL on GPUs, gloo on the CPU).")
+    p.add_argument("--model", required=True, help="HF checkpoint directory")
+    p.add_argument("--out", required=True, help="the statistics file to write (safetensors)")
+    p.add_argument("--stats-corpus", help="plain text, one paragraph a line (default: the bundled WikiText-2 sample)")
+    p.add_argument("--stats-tokens", type=int, default=0, help="tokens for C (default: the whole corpus)")
+    p.add_argument("--layers", help="edit layers, e.g. 4,5,6,7,8 (default: the model's LyapLock preset)")
+    p.add_argument("--max-len", type=int, default=256, help="tokens per paragraph at most")
+    p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward pass")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (under torchrun: cuda = cuda:LOCAL_RANK)")
+    p.add_argument("--dtype", default="float32", choices=list(M.DTYPES), help="the forward pass's dtype")
+    a = p.parse_args(argv)
+    for name in ("max_len", "batch_tokens"):
+        if getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
+    if a.stats_tokens < 0:
+        raise ValueError(f"--stats-tokens must be 0 (the whole corpus) or more, got {a.stats_tokens}")
+    return a
+
+
+def torchrun_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment variables; (0, 1, 0) without."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1, 0
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def rank_device(device: str, world: int, local_rank: int) -> str:
+    """This process's device: --device itself, or under torchrun with CUDA, cuda:LOCAL_RANK."""
+    dev = M.check_device(device)
+    if world == 1 or dev.type == "cpu":
+        return str(dev)
+    if dev.index is not None:
+        raise ValueError(f"--device {device}: under torchrun each process takes cuda:LOCAL_RANK; give --device cuda")
+    return str(M.check_device(f"cuda:{local_rank}"))
+
+
+def main(argv=None) -> int:
+    """`stats`: the statistics file, on one process or on each of torchrun's."""
+    rank, world, local_rank = torchrun_env()
+    try:
+        a = parse_args(sys.argv[1:] if argv is None else list(argv))
+        device = rank_device(a.device, world, local_rank)
+        if world > 1:
+            if device.startswith("cuda"):
+                torch.cuda.set_device(device)
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        try:
+            write_statistics(a, device, rank, world)
+        finally:
+            if world > 1:
+                dist.destroy_process_group()
+    except (M.CheckpointError, data.DataError, ValueError) as e:
+        print(f"error{f' (rank {rank})' if world > 1 else ''}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def write_statistics(a, device: str, rank: int, world: int):
+    """Load, tokenise, collect (this rank's share; one all_reduce), and on rank 0 write the file."""
+    import lyaplock                                   # here, not above: lyaplock imports this module
+    model = M.load(a.model, device, a.dtype)
+    layers = lyaplock.parse_layers(a.layers, model.cfg.n_layers) if a.layers else lyaplock.preset(model.cfg, "lyaplock").layers
+    corpus = Path(a.stats_corpus or lyaplock.DEFAULT_CORPUS)
+    seqs = stats_sequences(model.tokenizer, data.read_corpus(corpus), a.stats_tokens, a.max_len)
+    total = sum(map(len, seqs))
+    if total < model.cfg.d_mlp:
+        raise ValueError(f"{total} tokens: C ({model.cfg.d_mlp}×{model.cfg.d_mlp}) needs at least d_mlp = "
+                         f"{model.cfg.d_mlp} tokens, or it is singular (--stats-tokens, --stats-corpus)")
+    key = stats_key(a.model, model, layers, corpus, a.stats_tokens, a.max_len) if rank == 0 else None
+    progress = None
+    if rank == 0:
+        mine = sum(len(seqs[i]) for b in length_batches([len(s) for s in seqs], a.batch_tokens)[::world] for i in b)
+        progress = Progress(mine, lambda s, end="\n": print(s, end=end, file=sys.stderr, flush=True),
+                            tty=sys.stderr.isatty(), share=f" (rank 0's share of {world} processes)" * (world > 1))
+    start = time.time()
+    C = collect_stats(model, seqs, layers, a.batch_tokens, progress, rank, world)
+    seconds = time.time() - start                      # .item() in collect_stats has synchronised
+    if rank == 0:
+        if sys.stderr.isatty():
+            print(file=sys.stderr)
+        write_stats_file(a.out, C, key, total)
+        print(f"statistics: {total:,} tokens in {seconds:.1f} s, {total / seconds:,.0f} tok/s"
+              f"{f' on {world} processes' if world > 1 else ''}, layers {','.join(map(str, layers))}; "
+              f"wrote {a.out}", flush=True)
+
+
+if __name__ == "__main__":
+    import stats                    # the one copy of this module (lyaplock imports it by name too)
+    args = sys.argv[1:]
+    sys.exit(stats.main(args[1:] if args[:1] == ["stats"] else args))

@@ -1,0 +1,321 @@
+"""Tests of stats.py: the statistics file (round trip, refusals naming what differs), the
+MEMIT/ROME-family .npz files, and the collection sharded over torch.distributed ranks.
+Run: python -m pytest -q test_statistics.py"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import data
+import model as M
+import stats as S
+
+HERE = Path(__file__).parent
+FIX = HERE / "fixtures"
+STORIES = FIX / "stories260K-hf"
+CORPUS = FIX / "wikitext-2-test-sample.txt"
+
+
+@pytest.fixture(scope="module")
+def stories():
+    return M.load(STORIES)
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, stories):
+    """A statistics file for layers 1, 2 of stories260K (3,000 tokens), written by the command."""
+    out = tmp_path_factory.mktemp("stats") / "stories.safetensors"
+    assert S.main(["--model", str(STORIES), "--layers", "1,2", "--stats-tokens", "3000",
+                   "--batch-tokens", "1000", "--out", str(out)]) == 0
+    return out
+
+
+def quiet(*a, **k):
+    pass
+
+
+# ----------------------------------------------------------------------------- the file
+
+def test_the_file_holds_collect_stats_C_bitwise_and_its_key(made, stories):
+    seqs = S.stats_sequences(stories.tokenizer, data.read_corpus(CORPUS), 3000)
+    C = S.collect_stats(stories, seqs, [1, 2], batch_tokens=1000)
+    stored = load_file(str(made))
+    assert set(stored) == {"C.1", "C.2"} and all(torch.equal(stored[f"C.{l}"], C[l]) for l in (1, 2))
+    logs = []
+    back = S.load_stats_file(made, stories, STORIES, (2,), log=logs.append)
+    assert set(back) == {2} and torch.equal(back[2], C[2])
+    assert logs == [f"statistics: {made} (3000 tokens, layers 2)"]
+    with safe_open(str(made), "pt") as f:
+        meta = f.metadata()
+    key = json.loads(meta["key"])
+    assert (meta["format"], meta["version"], meta["tokens"]) == ("lyaplock-statistics", "1", "3000")
+    assert key == S.stats_key(STORIES, stories, [1, 2], CORPUS, 3000, 256)
+    assert (key["layers"], key["d_mlp"], key["dtype"], key["max_len"]) == ([1, 2], 172, "float32", 256)
+    assert key["corpus"] == data.file_sha256(CORPUS)
+    assert set(key["tensors"]) == set(stories.names_through_layer(2))    # tied head: not a separate file tensor
+
+
+def test_the_command_shows_progress_and_a_final_line(tmp_path, capsys):
+    out = tmp_path / "s.safetensors"
+    assert S.main(["--model", str(STORIES), "--stats-tokens", "2000", "--out", str(out)]) == 0
+    io = capsys.readouterr()
+    assert io.out.startswith("statistics: 2,000 tokens in ") and " tok/s, layers 1,2; wrote " in io.out
+    assert "statistics: 2,000/2,000 tokens, " in io.err and " left" in io.err     # the preset's layers
+    assert not list(tmp_path.glob("*.tmp"))
+    assert S.main(["--model", str(STORIES), "--stats-tokens", "100", "--out", str(out)]) == 1
+    assert "needs at least d_mlp = 172 tokens" in capsys.readouterr().err
+
+
+def copy_with(tmp_path, name: str, change=None) -> Path:
+    """A copy of stories260K whose tensor `name` is changed (config.json as it was)."""
+    path = tmp_path / name.replace(".", "_")
+    shutil.copytree(STORIES, path)
+    tensors = load_file(str(path / "model.safetensors"))
+    tensors[name] = tensors[name] + 1e-3 if change is None else change(tensors[name])
+    save_file(tensors, str(path / "model.safetensors"))
+    return path
+
+
+def test_a_file_for_other_weights_is_refused_above_the_last_layer_ignored(made, stories, tmp_path):
+    below = copy_with(tmp_path, "model.layers.1.self_attn.q_proj.weight")
+    with pytest.raises(S.StatisticsError, match=r"made for other weights: through layer 2, tensor "
+                                                r"model\.layers\.1\.self_attn\.q_proj\.weight differs"):
+        S.load_stats_file(made, M.load(below), below, (1, 2), log=quiet)
+    embed = copy_with(tmp_path, "model.embed_tokens.weight")
+    with pytest.raises(S.StatisticsError, match="tensor model.embed_tokens.weight differs"):
+        S.load_stats_file(made, M.load(embed), embed, (1, 2), log=quiet)
+    above = copy_with(tmp_path, "model.layers.3.mlp.down_proj.weight")
+    assert S.stats_key(above, stories, [1, 2], CORPUS, 3000, 256) == S.stats_key(STORIES, stories, [1, 2], CORPUS, 3000, 256)
+    assert S.stats_key(below, stories, [1, 2], CORPUS, 3000, 256)["weights"] != \
+        S.stats_key(STORIES, stories, [1, 2], CORPUS, 3000, 256)["weights"]
+    assert set(S.load_stats_file(made, M.load(above), above, (1, 2), log=quiet)) == {1, 2}
+    config = tmp_path / "config"
+    shutil.copytree(STORIES, config)
+    (config / "config.json").write_text((STORIES / "config.json").read_text().replace("1e-05", "1e-06"))
+    with pytest.raises(S.StatisticsError, match="config.json differs"):
+        S.load_stats_file(made, M.load(config), config, (1, 2), log=quiet)
+
+
+def test_other_layers_or_another_shape_are_refused(made, stories):
+    with pytest.raises(S.StatisticsError, match=r"made for layers \[1, 2\]; this run edits \[1, 3\] "
+                                                r"\(no C for layer 3\)"):
+        S.load_stats_file(made, stories, STORIES, (1, 3), log=quiet)
+    other = FIX / "factmodel-ci"
+    with pytest.raises(S.StatisticsError, match=r"made for d_mlp = 172 \(C 172×172\); this model's d_mlp is 384"):
+        S.load_stats_file(made, M.load(other), other, (1, 2), log=quiet)
+
+
+def rewritten(made, tmp_path, tensors=None, **meta_changes) -> Path:
+    """The statistics file written again with other tensors and/or metadata."""
+    with safe_open(str(made), "pt") as f:
+        meta = f.metadata() | meta_changes
+        old = {k: f.get_tensor(k) for k in f.keys()}
+    out = tmp_path / "changed.safetensors"
+    save_file(old if tensors is None else tensors, str(out), metadata=meta)
+    return out
+
+
+def test_a_corrupt_truncated_or_unsound_file_is_an_error_never_used(made, stories, tmp_path):
+    def refused(path, pattern):
+        with pytest.raises(S.StatisticsError, match=pattern):
+            S.load_stats_file(path, stories, STORIES, (1, 2), log=quiet)
+    raw = made.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(raw[:len(raw) // 2])
+    refused(cut, "not a readable statistics file \\(truncated or corrupt\\?\\)")
+    flipped = tmp_path / "flipped.safetensors"
+    flipped.write_bytes(raw[:-8] + bytes(8))                  # the last element, C.2[-1, -1], zeroed
+    refused(flipped, "C.2 is corrupt")
+    refused(rewritten(made, tmp_path, version="2"), "statistics format version 2; this code reads version 1")
+    refused(rewritten(made, tmp_path, format="something"), "not a statistics file")
+    C = load_file(str(made))
+    refused(rewritten(made, tmp_path, {"C.1": C["C.1"]}), "tensor C.2 is missing")
+    refused(rewritten(made, tmp_path, {"C.1": C["C.1"].float(), "C.2": C["C.2"]}),
+            r"C.1 is float32 \(172, 172\); float64 \(172, 172\) is needed")
+    for bad in (C["C.1"].clone().fill_diagonal_(float("nan")), C["C.1"] + torch.eye(172, dtype=torch.float64).roll(1, 0)):
+        path = tmp_path / "unsound.safetensors"
+        with safe_open(str(made), "pt") as f:
+            S.write_stats_file(path, {1: bad, 2: C["C.2"]}, json.loads(f.metadata()["key"]), 3000)
+        refused(path, "C.1 is not a finite symmetric matrix")
+
+
+def test_a_file_of_another_dtype_is_used_with_a_warning(tmp_path, stories):
+    out = tmp_path / "bf16.safetensors"
+    assert S.main(["--model", str(STORIES), "--layers", "1,2", "--stats-tokens", "1000", "--dtype", "bfloat16",
+                   "--out", str(out)]) == 0
+    logs = []
+    C = S.load_stats_file(out, stories, STORIES, (1, 2), log=logs.append)
+    assert C[1].dtype == torch.float64 and "was collected with a bfloat16 forward pass, this run is float32" in logs[0]
+
+
+# ----------------------------------------------------------------------------- the MEMIT/ROME files
+
+def their_file(folder: Path, layer: int, kind: str = "mom2", S_=None, count=1234, n=100000, m=172, seed=0) -> Path:
+    """A file as their rome/layer_stats.py writes it (util/runningstats.py's SecondMoment)."""
+    g = torch.Generator().manual_seed(seed + layer)
+    k = torch.randn(50, m, generator=g, dtype=torch.float64)
+    mom2 = (k.T @ k).numpy() if S_ is None else S_
+    folder.mkdir(parents=True, exist_ok=True)
+    tail = "mom2" if kind == "mom2" else "KK_T"
+    file = folder / f"model.layers.{layer}.mlp.down_proj_float64_{tail}_{n}{'_kk_t' * (kind == 'KK_T')}.npz"
+    np.savez(file, **{f"{kind}.constructor": np.array("util.runningstats.SecondMoment()"),
+                      f"{kind}.count": np.array(count), f"{kind}.mom2": mom2, "sample_size": np.array(n)})
+    return file
+
+
+def test_their_mom2_files_give_C_as_sum_over_count(tmp_path, stories):
+    """Their moment() is mom2.mom2 / mom2.count; ours the same in float64, their sum first made
+    exactly symmetric: a product kᵀk (their layer 2 here) need not be bitwise symmetric."""
+    folder = tmp_path / "data" / "stats" / "stories260K" / "wikipedia_stats"
+    k = torch.randn(50, 172, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    mirrored = (k.T @ k).tril() + (k.T @ k).tril(-1).T
+    files = {1: their_file(folder, 1, S_=mirrored.numpy()), 2: their_file(folder, 2)}
+    their_file(folder, 2, "KK_T", count=7)                    # LyapLock's kk_t beside it: mom2 is taken
+    for where in (folder, folder.parent):                      # <model>/wikipedia_stats or <model>
+        logs = []
+        C = S.load_stats_file(where, stories, STORIES, (1, 2), log=logs.append)
+        for l, f in files.items():
+            with np.load(f, allow_pickle=False) as z:
+                total = torch.from_numpy(z["mom2.mom2"])
+            moment = total / 1234                                                 # their moment()
+            assert C[l].dtype == torch.float64 and torch.equal(C[l], (total + total.T) / 2 / 1234)
+            assert float((C[l] - moment).abs().max()) <= 1e-15 * float(moment.abs().max())
+        assert torch.equal(C[1], mirrored / 1234)                                 # exactly their moment()
+        assert "carry no fingerprint of the weights" in logs[-1]
+        assert logs[1] == f"statistics: layer 2 from {files[2]} (C = mom2.mom2 / mom2.count)"
+    one = S.load_stats_file(files[2], stories, STORIES, (2,), log=quiet)      # one file, one layer
+    assert torch.equal(one[2], C[2])
+    kk = tmp_path / "kk"                                                       # only LyapLock's KK_T
+    their_file(kk, 1, "KK_T", S_=mirrored.numpy(), count=7)
+    assert torch.equal(S.load_stats_file(kk, stories, STORIES, (1,), log=quiet)[1], mirrored / 7)
+
+
+@pytest.mark.parametrize("family, theirs", [     # their hparams' rewrite_module_tmp
+    ("llama", "model.layers.{}.mlp.down_proj"), ("qwen2", "model.layers.{}.mlp.down_proj"),
+    ("gptj", "transformer.h.{}.mlp.fc_out"), ("gpt2", "transformer.h.{}.mlp.c_proj")])
+def test_their_files_are_found_by_their_module_names(family, theirs):
+    shape = dict(n_embd=64, n_layer=6, n_head=4, vocab_size=100) if family in ("gptj", "gpt2") else dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4, vocab_size=100)
+    with torch.device("meta"):
+        m = M.CausalLM(M.Config.from_hf(dict(model_type=family, **shape)))
+    assert S.authors_module(m, 5) == theirs.format(5)
+
+
+def test_their_files_that_do_not_fit_are_refused(tmp_path, stories):
+    def refused(path, layers, pattern):
+        with pytest.raises(S.StatisticsError, match=pattern):
+            S.load_stats_file(path, stories, STORIES, layers, log=quiet)
+    f1 = their_file(tmp_path / "a", 1)
+    refused(tmp_path / "a", (1, 2), "no statistics for layer 2")
+    refused(f1, (1, 2), "one .npz file is one layer's statistics")
+    refused(f1, (2,), "not named for layer 2")
+    their_file(tmp_path / "a", 1, n=1000)
+    refused(tmp_path / "a", (1,), r"layer 1 has 2 mom2 files \(.*_1000.npz, .*_100000.npz\); keep one")
+    refused(their_file(tmp_path / "b", 1, m=64), (1,), r"mom2.mom2 is float64 \(64, 64\); a float \(172, 172\)")
+    refused(their_file(tmp_path / "c", 1, count=0), (1,), "mom2.count is .*not a token count")
+    skew = np.triu(np.ones((172, 172)))
+    refused(their_file(tmp_path / "d", 1, S_=skew), (1,), "not a finite symmetric matrix")
+    pickled = tmp_path / "e" / "model.layers.1.mlp.down_proj_float64_mom2_100000.npz"
+    pickled.parent.mkdir()
+    np.savez(pickled, **{"mom2.mom2": np.array([{"a": 1}], dtype=object), "mom2.count": np.array(3)})
+    refused(pickled, (1,), "mom2.mom2 or .count needs unpickling; refused")
+    broken = tmp_path / "f" / "model.layers.1.mlp.down_proj_float64_mom2_100000.npz"
+    broken.parent.mkdir()
+    broken.write_bytes(f1.read_bytes()[:500])
+    refused(broken.parent, (1,), "not a readable .npz file")
+    refused(tmp_path / "nowhere", (1,), "no such file or directory")
+
+
+def test_the_module_never_unpickles():
+    src = (HERE / "stats.py").read_text()
+    assert "torch.load" not in src and "import pickle" not in src
+    assert src.count("np.load(") == src.count("np.load(file, allow_pickle=False)") == 2
+
+
+# ----------------------------------------------------------------------------- many processes
+
+def order_bound(C, batches: int) -> torch.Tensor:
+    """How far two float64 sums of the same `batches` batch terms, added in different orders and
+    divided by N, can be apart: 2 (batches) 2⁻⁵³ Σ|k_i k_j| / N, and Σ|k_i k_j| / N ≤ √(C_ii C_jj)."""
+    d = C.diagonal()
+    return batches * 2.0 ** -52 * (d[:, None] * d[None, :]).sqrt()
+
+
+def test_shards_sum_to_the_whole(stories, monkeypatch):
+    """Batches dealt round-robin to 3 ranks, their buffers added: C and the token count as one pass."""
+    seqs = S.stats_sequences(stories.tokenizer, data.read_corpus(CORPUS), 3000)
+    parts = [S.gram_sums(stories, seqs, [1, 2], 700, rank=r, world=3) for r in range(3)]
+    assert [int(p[-1]) for p in parts] != [1000] * 3 and sum(int(p[-1]) for p in parts) == 3000
+    C = S.finish_sums(sum(parts), [1, 2])
+    whole = S.collect_stats(stories, seqs, [1, 2], batch_tokens=700)
+    batches = len(S.length_batches([len(s) for s in seqs], 700))
+    assert all(bool((C[l] - whole[l]).abs().le(order_bound(whole[l], batches)).all()) for l in (1, 2))
+    monkeypatch.setattr(S.dist, "all_reduce", lambda t: None)            # a reduce that lost the others
+    with pytest.raises(S.StatisticsError, match=f"the ranks summed {int(parts[0][-1])} tokens, the corpus has 3000"):
+        S.collect_stats(stories, seqs, [1, 2], 700, rank=0, world=3)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_equal_one_to_summation_order(tmp_path, stories):
+    """torchrun, 2 processes on the CPU (gloo), against 1 process on the same corpus, both on one
+    thread. Each batch's keys and Σ k kᵀ are the same in both (same batches); only the order in
+    which the float64 batch sums are added differs (order_bound)."""
+    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    two = tmp_path / "two.safetensors"
+    run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                            "--master-port", str(free_port()), str(HERE / "stats.py"), "stats", "--model",
+                            str(STORIES), "--layers", "1,2", "--stats-tokens", "4000", "--batch-tokens", "500",
+                            "--out", str(two)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:                                                  # meanwhile, the one-process C here
+        seqs = S.stats_sequences(stories.tokenizer, data.read_corpus(CORPUS), 4000)
+        one = S.collect_stats(stories, seqs, [1, 2], batch_tokens=500)
+    finally:
+        torch.set_num_threads(threads)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 0, err
+    assert out.count("statistics: 4,000 tokens in ") == 1 and " on 2 processes" in out   # rank 0 alone speaks
+    assert "(rank 0's share of 2 processes)" in err
+    C2 = load_file(str(two))
+    batches = len(S.length_batches([len(s) for s in seqs], 500))
+    for l in (1, 2):
+        assert bool((C2[f"C.{l}"] - one[l]).abs().le(order_bound(one[l], batches)).all())
+    with safe_open(str(two), "pt") as f:
+        assert json.loads(f.metadata()["key"]) == S.stats_key(STORIES, stories, [1, 2], CORPUS, 4000, 256)
+        assert f.metadata()["tokens"] == "4000"
+
+
+def test_lyaplock_stats_then_an_editing_run_with_the_file_equals_the_cached_run(tmp_path, capsys):
+    """`lyaplock.py stats` writes the file; `--stats FILE` uses it (after checking its key) and
+    edits exactly as a run that collects the same statistics itself."""
+    from test_lyaplock import _cli, _final_weights
+    import lyaplock as L
+    file = tmp_path / "C.safetensors"
+    assert L.main(["stats", "--model", str(STORIES), "--stats-tokens", "4000", "--layers", "1,2",
+                   "--out", str(file)]) == 0
+    assert "statistics: 4,000 tokens" in capsys.readouterr().out
+    for name, extra in (("cached", []), ("file", ["--stats", str(file)])):
+        assert L.main(_cli(tmp_path, "--out", str(tmp_path / name), "--limit", "4", "--no-generation", *extra)) == 0
+    a, b = _final_weights(tmp_path / "cached"), _final_weights(tmp_path / "file")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "file" / "config.json").read_text())["stats_file"] == str(file.resolve())
+    other = tmp_path / "C12.safetensors"
+    assert L.main(["stats", "--model", str(STORIES), "--stats-tokens", "4000", "--layers", "1", "--out", str(other)]) == 0
+    assert L.main(_cli(tmp_path, "--out", str(tmp_path / "bad"), "--limit", "4", "--stats", str(other))) == 1
+    assert "layer" in capsys.readouterr().err
