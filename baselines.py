@@ -146,10 +146,10 @@ def solve_lyaplock_memit_seq(W, W0, C, K1, R, S_KK, z, lam, V=1.0):
 def lyaplock_alphaedit_system(W, W0, C, K1, R, P, S_KK, z, lam, V=1.0, l2=10.0):
     """E22 as (M, right) with Δ·M = right:
     M = (V(K1K1ᵀ + S_KK) + (z − 1)λC) P + V·L2·I, right = (V R K1ᵀ − (z − 1)λ(W − W0)C) P."""
-    if z < 1:
+    if z < 1 - 1e-9:                 # a·Z at the floor is 1 up to rounding (a = 1/√(αD), Z = √(αD))
         raise BaselineError(f"the queue value z must be at least 1 (its floor), got {z}")
     W, W0, C, K1, R, P = L.f64(W), L.f64(W0), L.f64(C), L.f64(K1), L.f64(R), L.f64(P)
-    excess = (z - 1.0) * lam                              # the queue's excess over its floor
+    excess = max(z - 1.0, 0.0) * lam                      # the queue's excess over its floor
     A = (K1 @ K1.T).mul_(V).add_(C, alpha=excess)         # E22: V K1K1ᵀ + (z − 1)λC
     if S_KK is not None:
         A.add_(L.f64(S_KK), alpha=V)                        # E22: + V S_KK

@@ -13,6 +13,7 @@ Nothing is downloaded: each preset's checkpoint is written in the HF layout with
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -151,14 +152,14 @@ def edit_step(m, ckpt, layers, method, C, device, n_edits, seed=0, z_tokens=2048
     timed on its own; the peak memory over both; then the standard metrics of the second batch
     (efficacy, generalization, specificity)."""
     requests, _ = data.load_requests(HERE / "fixtures" / "counterfact-easyedit.json", limit=2 * n_edits)
-    hp = L.preset(m.cfg, method)
-    hp.layers = tuple(layers)
+    hp = L.replace(L.preset(m.cfg, method), layers=bench_layers(m, layers, method))
+    layers = hp.layers
     W0 = {l: m.edit_weight(l).clone() for l in layers}
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sync(device)
     t = time.perf_counter()
-    templates = L.context_templates(m, seed)
+    templates = L.context_templates(m, seed, L.METHODS[method].templates)
     sync(device)
     out = dict(templates=time.perf_counter() - t)
     state = L.EditState.start(method, layers)
@@ -183,7 +184,19 @@ def edit_step(m, ckpt, layers, method, C, device, n_edits, seed=0, z_tokens=2048
     return out
 
 
-def run(preset, device, dtype, n_edits, stats_tokens, workdir, z_tokens=2048):
+def note(line: str):
+    """A progress line on stderr (stdout keeps the results)."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
+
+
+def bench_layers(m, layers, method) -> tuple:
+    """The edit layers a method's step uses: its preset's for a published shape, else the bench's."""
+    if (m.cfg.arch, m.cfg.d_model, m.cfg.n_layers, m.cfg.d_mlp) in L.PUBLISHED:
+        return L.preset(m.cfg, method).layers
+    return (layers[-1],) if L.METHODS[method].locate == "rome" else tuple(layers)
+
+
+def run(preset, device, dtype, n_edits, stats_tokens, workdir, z_tokens=2048, methods=("lyaplock", "memit", "alphaedit")):
     if preset == "stories":
         ckpt, layers = HERE / "fixtures" / "stories260K-hf", (1, 2)
     else:
@@ -193,12 +206,19 @@ def run(preset, device, dtype, n_edits, stats_tokens, workdir, z_tokens=2048):
     r = dict(preset=preset, device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
              dtype=dtype, layers=list(layers), date=time.strftime("%Y-%m-%d"))
     shape = (8, 512) if device == "cuda" else (2, 64) if preset == "tiny" else (4, 128)
+    note(f"{preset}: forward pass, ours and transformers'")
     r["forward"] = forward(ckpt, m, device, dtype, *shape)
     print(f"{preset}: forward {r['forward']}", flush=True)
-    r["stats"], C = stats(m, layers, device, dtype, max(stats_tokens, 2 * m.cfg.d_mlp))
+    n_stats = max(stats_tokens, 2 * m.cfg.d_mlp)
+    note(f"{preset}: statistics over {n_stats:,} tokens, all edit layers"
+         + (f" (at {r['forward']['ours_tok_s']:,.0f} tok/s forward)" if "ours_tok_s" in r["forward"] else ""))
+    all_layers = sorted({l for meth in methods for l in bench_layers(m, layers, meth)})
+    r["stats"], C = stats(m, all_layers, device, dtype, n_stats)
     print(f"{preset}: statistics {r['stats']}", flush=True)
-    r["steps"] = {}
-    for meth in ("lyaplock", "memit", "alphaedit"):
+    r["steps"], t0 = {}, time.time()
+    for i, meth in enumerate(methods):
+        eta = f", about {(time.time() - t0) / i * (len(methods) - i):.0f} s left" if i else ""
+        note(f"{preset}: method {i + 1}/{len(methods)} {meth}: two {n_edits}-edit steps and scoring{eta}")
         r["steps"][meth] = edit_step(m, ckpt, layers, meth, C, device, n_edits, z_tokens=z_tokens)
         print(f"{preset}: {meth} step {r['steps'][meth]}", flush=True)
     ly = r["steps"]["lyaplock"]
@@ -206,6 +226,15 @@ def run(preset, device, dtype, n_edits, stats_tokens, workdir, z_tokens=2048):
     r["projection_10k_edits_hours"] = dict(editing=(ly["first_step"] + (10_000 / n_edits - 1) * ly["total"]) / 3600,
                                            stats_100k_samples=full_stats / 3600)
     return r
+
+
+def method_table(results) -> str:
+    """Seconds of the steady-state step of every method timed, per preset."""
+    methods = list(results[0]["steps"])
+    rows = ["| preset | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for r in results:
+        rows.append(f"| {r['preset']} | " + " | ".join(f"{r['steps'][k]['total']:.2f}" for k in methods) + " |")
+    return "\n".join(rows)
 
 
 def table(results) -> str:
@@ -238,18 +267,24 @@ def main(argv=None):
     p.add_argument("--stats-tokens", type=int, default=None, help="tokens for the statistics timing")
     p.add_argument("--z-batch-tokens", type=int, default=2048, help="as lyaplock.py's (memory of the target values)")
     p.add_argument("--memory-gib", type=float, help="cap this process's GPU memory, e.g. 44.7 to act as a 48 GB card")
+    p.add_argument("--method", action="append", choices=[*L.METHODS, "all"],
+                   help="repeatable; 'all' for every method (default: lyaplock, memit, alphaedit)")
     p.add_argument("--json", help="write the results here")
     a = p.parse_args(argv)
     if a.memory_gib and a.device == "cuda":
         torch.cuda.set_per_process_memory_fraction(a.memory_gib * 2 ** 30 / torch.cuda.get_device_properties(0).total_memory)
     presets = a.preset or (["llama3-8b", "gptj-6b"] if a.device == "cuda" else ["tiny", "stories"])
+    methods = list(L.METHODS) if "all" in (a.method or []) else a.method or ["lyaplock", "memit", "alphaedit"]
+    methods = methods + [k for k in ("lyaplock", "memit", "alphaedit") if k not in methods]   # the main table's
     results = []
     with tempfile.TemporaryDirectory() as work:
         for name in presets:
             results.append(run(name, a.device, a.dtype, a.edits,
-                               a.stats_tokens or (33_600 if a.device == "cuda" else 8_400), work, a.z_batch_tokens))
+                               a.stats_tokens or (33_600 if a.device == "cuda" else 8_400), work, a.z_batch_tokens,
+                               methods))
             print(json.dumps(results[-1]), flush=True)
     print(table(results))
+    print(method_table(results))
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
     return results

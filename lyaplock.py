@@ -600,11 +600,12 @@ def rome_batch(model: M.CausalLM, requests, templates, hp: HParams, state: EditS
     C_u = C_here if hp.mom2_adjustment else torch.eye(C_here.shape[0], dtype=torch.float64, device=W.device)
     for q in requests:
         where = Where(state.step, [q])
-        k_mean, k_star = rome_keys(model, q, templates, layer)                 # E18's k̄, and k*
+        k_mean, k_star = (k.to(W.device) for k in rome_keys(model, q, templates, layer))   # E18's k̄, k*
         base = W.float() @ k_star + (0 if bias is None else bias.float())       # (d,) the MLP output
+        clock.lap("keys")
         _, info = compute_z(model, z_rows(model.tokenizer, [q], templates), 1, layer, hp, z_tokens,
-                            norm_base=base[None])
-        v_star = base + info["delta"][0]
+                            norm_base=base[None].to(model.embed.weight.device))
+        v_star = base + info["delta"][0].to(W.device)
         where.check_finite(layer, **{"target value": v_star})
         clock.lap("z")
         try:
@@ -749,7 +750,7 @@ class Editor:
              z_batch_tokens: int = 2048, state_device=None, log=lambda *a, **k: None, **hparams) -> "Editor":
         """Load a checkpoint, its preset (hparams overrides any field of HParams), context
         templates (seeded) and statistics (cached)."""
-        model = M.load(model_path, device, dtype)
+        model = M.load(model_path, device, dtype)     # (several devices: see M.load's reserve)
         hp = with_overrides(preset(model.cfg, method), **hparams)
         C = stats.load_or_collect_stats(model, model_path, stats_corpus or DEFAULT_CORPUS, stats_tokens,
                                         hp.layers, stats_cache, log=log)
@@ -1062,7 +1063,9 @@ def parse_args(argv=None):
     p.add_argument("--stats-cache", default="runs/stats-cache", help="where C is cached")
     p.add_argument("--z-batch-tokens", type=int, default=2048, help="tokens per pass of the target-value "
                    "optimisation (lower it to fit a smaller GPU; see the README's memory table)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, "
+                   "cuda:N, a list (cuda:0,cuda:1: the layers are placed across them by their memory, the "
+                   "float64 state of each edit layer with it) or auto (every visible GPU)")
     p.add_argument("--state-device", help="where the float64 statistics and edit memory live between "
                    "solves: 'cpu' keeps them in host memory and brings one layer's to the GPU per solve "
                    "(same results; for a card too small to hold them; see the README)")
@@ -1161,8 +1164,17 @@ def open_run(a):
             saved = json.loads((Path(a.resume) / "config.json").read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"--resume {a.resume}: not a run directory (config.json: {e})") from None
-    with stage("loading the model", "use --dtype bfloat16 or a larger GPU"):
-        model = M.load(a.model or saved["model"], a.device, saved["dtype"] if saved else a.dtype)
+    method = saved["hparams"]["method"] if saved else a.method
+    layers = saved["hparams"]["layers"] if saved else a.layers
+
+    def reserve(cfg):      # each edit layer's float64 C and edit memory, on that layer's device
+        m, d = cfg.d_mlp, cfg.d_model
+        chosen = layers if isinstance(layers, list) else parse_layers(layers, cfg.n_layers) if layers \
+            else preset(cfg, method).layers
+        return {l: (2 * m * m + d * m) * 8 for l in chosen}
+    with stage("loading the model", "use --dtype bfloat16, more GPUs (--device cuda:0,cuda:1) or --state-device cpu"):
+        model = M.load(a.model or saved["model"], a.device, saved["dtype"] if saved else a.dtype,
+                       reserve=None if (a.state_device or (saved or {}).get("state_device")) else reserve)
     settings = resumed_settings(a, saved, model) if saved else new_settings(a, model)
     if settings.stats_tokens and not settings.stats_file and settings.stats_tokens < model.cfg.d_mlp:
         raise ValueError(f"--stats-tokens {settings.stats_tokens}: C ({model.cfg.d_mlp}×{model.cfg.d_mlp}) "

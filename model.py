@@ -8,7 +8,9 @@ GPT-J and GPT-2 have their own. The forward pass returns what knowledge editing 
 hooks: the MLP keys (the input of `down_proj` / `fc_out` / GPT-2's `mlp.c_proj`) and residual-stream
 outputs at chosen layers; it accepts an additive delta on the residual stream at (layer,
 per-sequence position); it can stop after a layer, or start at one from a given residual stream,
-and compute logits only where asked.
+and compute logits only where asked. A model too large for one device is loaded across several
+(load(device="cuda:0,cuda:1")): its blocks in order, split by the devices' memory, the residual
+stream moving at the boundaries; forward takes and returns every tensor on the first device.
 
     python model.py CHECKPOINT --prompt "Once upon a time" --max-new-tokens 50
 """
@@ -218,12 +220,15 @@ def rope_gptj(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
 # ------------------------------------------------------------------------------------ attention
 class KVCache:
     """Preallocated keys/values for incremental decoding: (B, n_kv, max_len, hd) per layer. Every
-    key is kept (a sliding window is applied by the mask, so decoding past it stays exact)."""
+    key is kept (a sliding window is applied by the mask, so decoding past it stays exact).
+    device: one device, or a list with each layer's (model.placement: a layer's cache lives
+    where its block runs)."""
 
     def __init__(self, cfg: Config, batch: int, max_len: int, device, dtype):
         shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        devices = device if isinstance(device, (list, tuple)) else [device] * cfg.n_layers
+        self.k = [torch.zeros(shape, device=d, dtype=dtype) for d in devices]
+        self.v = [torch.zeros(shape, device=d, dtype=dtype) for d in devices]
         self.length = 0
 
 
@@ -454,11 +459,28 @@ class CausalLM(nn.Module):
         # the prefix the checkpoint's names lack: "transformer." in GPT-2 files saved from
         # GPT2Model (as OpenAI's gpt2 ... gpt2-xl on the Hub); set by load
         self.missing_prefix = ""
+        # set by load across several devices (None: one device, where the embeddings are; such a
+        # model may be moved with .to(), a spread one not): the listed devices, the first the
+        # home device, and stages[i], the index in devices of block i's device
+        self.devices: list[torch.device] | None = None
+        self.stages: list[int] | None = None
 
     # the same three parts under each architecture's own names
     embed = property(lambda s: s.model.embed_tokens if s.cfg.llama_like else s.transformer.wte)
     blocks = property(lambda s: s.model.layers if s.cfg.llama_like else s.transformer.h)
     norm = property(lambda s: s.model.norm if s.cfg.llama_like else s.transformer.ln_f)
+
+    @property
+    def placement(self) -> list[torch.device]:
+        """The device each block runs on (load(device="cuda:0,cuda:1") spreads them; else all on
+        the embeddings' device, the home device where forward takes and returns tensors)."""
+        if self.stages is None:
+            return [self.embed.weight.device] * self.cfg.n_layers
+        return [self.devices[j] for j in self.stages]
+
+    def device_of(self, layer: int) -> torch.device:
+        """The device block `layer` (its weights, its KV cache) lives on."""
+        return self.placement[layer]
 
     def checkpoint_name(self, name: str) -> str:
         """The name parameter `name` has in the checkpoint's files."""
@@ -534,8 +556,11 @@ class CausalLM(nn.Module):
         keys_at / outs_at: layers whose MLP keys / residual outputs to return.
         delta: (layer, pos (B,), vec (B, d)) adds vec[b] to layer's output at position pos[b].
         stop_after: last layer to run (no logits). start: (layer, h) runs layers > layer from the
-        residual h (B, T, d) instead of embedding ids. logits_at: (B, k) positions to score."""
+        residual h (B, T, d) instead of embedding ids. logits_at: (B, k) positions to score.
+        Every input and output lives on the home device (the embeddings'); with the blocks on
+        several devices the residual stream moves at each boundary (autograd follows it)."""
         B, T = ids.shape
+        home = self.embed.weight.device
         past = cache.length if cache is not None else 0
         mask = torch.ones(B, past + T, dtype=torch.long, device=ids.device) if mask is None else mask
         pos = self.positions(mask, past)                                           # (B, T)
@@ -548,23 +573,35 @@ class CausalLM(nn.Module):
         last = self.cfg.n_layers - 1 if stop_after is None else stop_after
         windows = {self.cfg.window(i) for i in range(first, last + 1)}
         masks = {w: attention_mask(mask, past, w) for w in windows}                # (B, 1, T, S) or None
+        place = self.placement
+        inputs = {dev: block_inputs(dev, cos, sin, masks) for dev in set(place[first:last + 1])}
         out = Output(None)
         for i in range(first, last + 1):
-            h, key = self.blocks[i](h, cos, sin, masks[self.cfg.window(i)], cache, i)
+            h = h.to(place[i])                       # a device boundary: the residual stream moves
+            cos_i, sin_i, masks_i = inputs[place[i]]
+            h, key = self.blocks[i](h, cos_i, sin_i, masks_i[self.cfg.window(i)], cache, i)
             if i in keys_at:
-                out.keys[i] = key
+                out.keys[i] = key.to(home)
             if delta is not None and delta[0] == i:
-                h = h.index_put((torch.arange(B, device=h.device), delta[1]), delta[2].to(h.dtype),
-                                accumulate=True)
+                rows, at = torch.arange(B, device=h.device), delta[1].to(h.device)
+                h = h.index_put((rows, at), delta[2].to(h.device, h.dtype), accumulate=True)
             if i in outs_at:
-                out.outs[i] = h
+                out.outs[i] = h.to(home)
         if cache is not None:
             cache.length += T
         if stop_after is None:
+            head = self.lm_head.weight.device        # the final norm lives with the head
+            h = h.to(head)
             if logits_at is not None:
-                h = h.gather(1, logits_at[..., None].expand(-1, -1, h.shape[-1]))
-            out.logits = self.lm_head(self.norm(h)).float()
+                h = h.gather(1, logits_at.to(head)[..., None].expand(-1, -1, h.shape[-1]))
+            out.logits = self.lm_head(self.norm(h)).float().to(home)
         return out
+
+
+def block_inputs(device, cos, sin, masks: dict):
+    """What every block reads besides the residual stream (rope's cos and sin, the attention mask
+    of each window) on `device` (the same tensors where they already are)."""
+    return cos.to(device), sin.to(device), {w: None if m is None else m.to(device) for w, m in masks.items()}
 
 
 # ------------------------------------------------------------------------------------ tokenizer
@@ -634,18 +671,128 @@ def _open(file: Path, device: str = "cpu"):
 
 
 def check_device(device) -> torch.device:
-    """The torch device for a --device value, or a ValueError that says why it cannot be used."""
+    """The torch device for a one-device value (cpu, cuda, cuda:N), or a ValueError that says why
+    it cannot be used."""
+    dev, problem = _device_problem(device)
+    if problem:
+        raise ValueError(f"device {device!r}: {problem}")
+    return dev
+
+
+def _device_problem(device) -> tuple[torch.device | None, str | None]:
+    """(the device, None), or (None, why `device` cannot be used)."""
+    if "," in str(device):
+        return None, "give one device here (cpu, cuda or cuda:N), not a list"
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         dev = None
     if dev is None or dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {device!r}: use cpu, cuda or cuda:N")
+        return None, "use cpu, cuda or cuda:N"
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: this machine has no CUDA GPU that torch can use; use --device cpu")
+        return None, "this machine has no CUDA GPU that torch can use; use --device cpu"
     if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r}: there are only {torch.cuda.device_count()} CUDA device(s)")
-    return dev
+        return None, f"there are only {torch.cuda.device_count()} CUDA device(s)"
+    return dev, None
+
+
+def check_devices(spec) -> list[torch.device]:
+    """The devices of a --device value: one device; a comma list, each entry checked (cpu may
+    repeat: cpu,cpu; "cuda" in a list is the current CUDA device); or "auto", every visible CUDA
+    device (cpu where there is none). A ValueError names the bad entry."""
+    if spec == "auto":
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())] or [torch.device("cpu")]
+    names = str(spec).split(",")
+    if len(names) == 1:
+        return [check_device(spec)]
+    devices = []
+    for name in names:
+        dev, problem = _device_problem(name.strip())
+        if problem:
+            raise ValueError(f"device {spec!r}: entry {name.strip()!r}: {problem}")
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        dev = torch.device("cpu") if dev.type == "cpu" else dev    # cpu:0 is cpu
+        if dev.type == "cuda" and dev in devices:
+            raise ValueError(f"device {spec!r}: {dev} is listed twice (only cpu may repeat)")
+        devices.append(dev)
+    return devices
+
+
+# ------------------------------------------------------------------------ blocks across devices
+def device_shares(devices: list[torch.device]) -> list[float]:
+    """The share of the model each listed device should hold, in proportion to its memory: a
+    CUDA device its total memory; a cpu entry the mean of the listed CUDA devices' (1 without
+    any: cpu entries share equally)."""
+    cuda = {d: torch.cuda.get_device_properties(d).total_memory for d in devices if d.type == "cuda"}
+    cpu = sum(cuda.values()) / len(cuda) if cuda else 1.0
+    return [float(cuda.get(d, cpu)) for d in devices]
+
+
+def split_blocks(loads: list[float], fixed: list[float], shares: list[float]) -> list[int]:
+    """The device index of each block: blocks in order, each device a contiguous run of them
+    (possibly none). It minimises the largest fill (fixed[j] + its blocks' loads) / shares[j]
+    over the devices; among splits with the same largest fill, the smaller sum of squared fills
+    (spread, not piled on one device). loads: each block's bytes (weights and reserve); fixed:
+    what each device holds besides blocks (the embeddings on the first, the head on the last)."""
+    starts = [0.0]
+    for b in loads:
+        starts.append(starts[-1] + b)                  # starts[i]: the loads of blocks < i
+
+    def fill(j, k, i):                                 # device j holding blocks k..i-1
+        return (fixed[j] + starts[i] - starts[k]) / shares[j]
+    def extend(prev, j, k, i):                         # the best of blocks < k on devices < j, then j
+        f = fill(j, k, i)
+        return max(prev[0], f), prev[1] + f * f, k
+    # best[j][i]: (largest fill, sum of squared fills, cut k) of blocks < i on devices 0..j,
+    # device j holding blocks k..i-1: a dynamic programme over the devices in order
+    n = len(loads)
+    best = [[(fill(0, 0, i), fill(0, 0, i) ** 2, 0) for i in range(n + 1)]]
+    for j in range(1, len(shares)):
+        best.append([min(extend(best[j - 1][k], j, k, i) for k in range(i + 1)) for i in range(n + 1)])
+    device, i = [0] * n, n
+    for j in range(len(shares) - 1, 0, -1):            # walk the cuts back from the last device
+        k = best[j][i][2]
+        device[k:i] = [j] * (i - k)
+        i = k
+    return device
+
+
+def place_blocks(model: "CausalLM", devices: list[torch.device], dtype: torch.dtype,
+                 reserve: dict[int, int]) -> list[int]:
+    """Each block's device as an index in `devices` (split_blocks over the devices' shares). A
+    block weighs its weights in `dtype` plus reserve[layer] bytes (what else its device must
+    hold, e.g. the layer's statistics); the embeddings count on the first device, the final
+    norm and the head on the last (tied to the embeddings: on the first, with them)."""
+    n = model.cfg.n_layers
+    if bad := sorted(set(reserve) - set(range(n))):
+        raise ValueError(f"reserve names layer(s) {bad}, not in 0..{n - 1}")
+    if any(not b >= 0 for b in reserve.values()):
+        raise ValueError(f"reserve: bytes must be non-negative, got {reserve}")
+
+    def size(*modules):
+        return sum(p.numel() for m in modules for p in m.parameters()) * dtype.itemsize
+    loads = [size(b) + reserve.get(i, 0) for i, b in enumerate(model.blocks)]
+    fixed = [0.0] * len(devices)
+    fixed[0] += size(model.embed, *([model.transformer.wpe] if model.cfg.arch == "gpt2" else []))
+    head = [model.norm] + ([] if model.cfg.tie_embeddings else [model.lm_head])   # tied: counted above
+    fixed[0 if model.cfg.tie_embeddings else -1] += size(*head)
+    return split_blocks(loads, fixed, device_shares(devices))
+
+
+def parameter_devices(model: "CausalLM", devices: list[torch.device],
+                      blocks: list[torch.device]) -> dict[str, torch.device]:
+    """Parameter name -> device: each block's on its device in `blocks`, the embeddings on the
+    first listed device (the home device), the final norm with the head: on the last listed
+    device, or on the first when the head is tied to the embeddings."""
+    home = devices[0]
+    head = home if model.cfg.tie_embeddings else devices[-1]
+    where = {id(p): home for p in model.parameters()}
+    for block, dev in zip(model.blocks, blocks):
+        where.update({id(p): dev for p in block.parameters()})
+    where.update({id(p): head for m in (model.norm, model.lm_head) for p in m.parameters()
+                  if p is not model.embed.weight})
+    return {n: where[id(p)] for n, p in model.named_parameters()}
 
 
 def tensor_headers(files: dict[str, Path]) -> dict[str, tuple[Path, str, tuple]]:
@@ -690,12 +837,14 @@ def read_config(path: Path) -> Config:
         raise CheckpointError(f"{path / 'config.json'}: not valid JSON ({e})") from None
 
 
-def load(path, device="cpu", dtype="float32") -> CausalLM:
+def load(path, device="cpu", dtype="float32", reserve=None) -> CausalLM:
     """Load config, weights and tokenizer of an HF checkpoint directory. The model is built on the
-    meta device and each tensor goes straight to `device` in `dtype`; names, shapes and (float)
+    meta device and each tensor goes straight to its device in `dtype`; names, shapes and (float)
     dtypes are checked from the files' headers before any data is read, and every weight must be
-    finite."""
-    path, device = Path(path), str(check_device(device))
+    finite. device: one device, or several (check_devices: "cuda:0,cuda:1", "cpu,cpu", "auto"),
+    over which the blocks are placed in order by the devices' memory (place_blocks); reserve:
+    None or a function config -> {layer: bytes} of what else a layer's device must hold."""
+    path, devices = Path(path), check_devices(device)
     cfg = read_config(path)
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -708,10 +857,15 @@ def load(path, device="cpu", dtype="float32") -> CausalLM:
               if not (cfg.tie_embeddings and n == "lm_head.weight")}          # checkpoint -> parameter
     shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
     check_tensors(path, cfg, {c: shapes[n] for c, n in params.items()}, headers)
+    if len(devices) > 1:
+        model.devices = devices
+        model.stages = place_blocks(model, devices, DTYPES[dtype], reserve(cfg) if reserve else {})
+    blocks = [devices[j] for j in model.stages] if model.stages else devices[:1] * cfg.n_layers
+    where = parameter_devices(model, devices, blocks)                           # name -> device
     state = {}
-    for file in sorted({headers[c][0] for c in params}):
-        with _open(file, device) as f:
-            for stored in (c for c in params if headers[c][0] == file):
+    for file, dev in sorted({(headers[c][0], where[n]) for c, n in params.items()}, key=str):
+        with _open(file, str(dev)) as f:
+            for stored in (c for c in params if headers[c][0] == file and where[params[c]] == dev):
                 t = f.get_tensor(stored).to(DTYPES[dtype])
                 if not torch.isfinite(t).all():
                     raise CheckpointError(f"{file}: tensor {stored} contains NaN or Inf")
@@ -719,7 +873,7 @@ def load(path, device="cpu", dtype="float32") -> CausalLM:
     model.load_state_dict(state, assign=True, strict=False)   # names and shapes checked above
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
-    model.inv_freq = rope_inv_freq(cfg).to(device)
+    model.inv_freq = rope_inv_freq(cfg).to(devices[0])
     model.tokenizer = Tokenizer(path, cfg)
     return model.eval().requires_grad_(False)
 
@@ -763,7 +917,7 @@ def generate(model: CausalLM, seqs: list[list[int]], max_new_tokens: int, top_k:
     dev = model.embed.weight.device
     ids, mask = model.tokenizer.pad(seqs, side="left", device=dev)
     B = len(seqs)
-    cache = KVCache(model.cfg, B, ids.shape[1] + max_new_tokens, dev, model.embed.weight.dtype)
+    cache = KVCache(model.cfg, B, ids.shape[1] + max_new_tokens, model.placement, model.embed.weight.dtype)
     gen = torch.Generator(device=dev).manual_seed(seed)
     new, done = [[] for _ in range(B)], torch.zeros(B, dtype=torch.bool, device=dev)
     eos = torch.tensor(model.tokenizer.eos_ids or [-1], device=dev)
@@ -791,7 +945,8 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, cuda:N, a list the layers are spread over (cuda:0,cuda:1) or auto")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     a = p.parse_args(argv)
     try:

@@ -506,9 +506,13 @@ def torchrun_env() -> tuple[int, int, int]:
 
 
 def rank_device(device: str, world: int, local_rank: int) -> str:
-    """This process's device: --device itself, or under torchrun with CUDA, cuda:LOCAL_RANK."""
+    """This process's device: --device itself (one process: also a list, as for editing), or under
+    torchrun with CUDA, cuda:LOCAL_RANK."""
+    if world == 1:
+        M.check_devices(device)
+        return device
     dev = M.check_device(device)
-    if world == 1 or dev.type == "cpu":
+    if dev.type == "cpu":
         return str(dev)
     if dev.index is not None:
         raise ValueError(f"--device {device}: under torchrun each process takes cuda:LOCAL_RANK; give --device cuda")

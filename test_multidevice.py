@@ -1,0 +1,301 @@
+"""A model across several devices (load(device="cuda:0,cuda:1" | "cpu,cpu" | "auto")): the blocks
+placed in order by the devices' memory, the residual stream moving at the boundaries, every
+result equal to the one-device run. On the CPU ("cpu,cpu", "cpu,cpu,cpu") every placement and
+move runs (the moves are no-ops) and results are bitwise equal; with CUDA the same checks run
+across cpu and GPU ("cpu,cuda", and "cuda:0,cuda:1" with two GPUs) to float tolerance. Run:
+python -m pytest -q test_multidevice.py"""
+import itertools
+import random
+
+import pytest
+import torch
+
+import lyaplock as L
+import model as M
+import stats as S
+from data import load_requests
+from test_lyaplock import FIX, STORIES, make_hf_checkpoint, padded_batch
+from test_models import make_checkpoint
+
+SPREADS = ["cpu,cpu", "cpu,cpu,cpu"]
+# the CUDA runs: blocks on cpu and a GPU, or on two GPUs, against the one-device run on the home device
+CUDA_SPREADS = [*(["cpu,cuda"] if torch.cuda.is_available() else []),
+                *(["cuda:0,cuda:1"] if torch.cuda.device_count() >= 2 else [])]
+# float tolerance of a CUDA spread against one device: float32 kernels on the CPU and the GPU sum
+# in other orders (about 1e-6 relative per op), as in the transformers parity tests' 1e-4 on logits
+CUDA_ATOL = 1e-4
+KINDS = ["stories", "gpt2", "gptj", "qwen2", "qwen2-gqa-tied-window"]   # tied and untied heads, windows
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one thread is faster than two, much faster on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """kind -> its checkpoint directory, made once per module."""
+    made = {"stories": STORIES}
+
+    def get(kind):
+        if kind not in made:
+            path = tmp_path_factory.mktemp(kind)
+            made[kind] = make_hf_checkpoint(path, kind) if kind == "gptj" else make_checkpoint(path, kind)
+        return made[kind]
+    return get
+
+
+def vocab(m):
+    return min(m.cfg.vocab_size, 500)
+
+
+# =============================================================================== placement
+def test_placement_covers_every_block_in_order_and_follows_the_reserve():
+    """Blocks in contiguous runs, in device order; a large reserve on a layer moves the split."""
+    one = M.load(STORIES)
+    assert one.stages is None and one.placement == [torch.device("cpu")] * 5
+    two, three = M.load(STORIES, "cpu,cpu"), M.load(STORIES, "cpu,cpu,cpu")
+    assert two.stages == [0, 0, 1, 1, 1]    # tied embeddings (33K) on the first, blocks of 45K each
+    assert three.stages == [0, 1, 1, 2, 2]
+    assert len(two.devices) == 2 and two.placement == [torch.device("cpu")] * 5
+    assert two.device_of(3) == two.edit_weight(3).device
+    for spec, layer, want in [("cpu,cpu", 4, [0, 0, 0, 0, 1]), ("cpu,cpu", 0, [0, 1, 1, 1, 1]),
+                              ("cpu,cpu,cpu", 2, [0, 0, 1, 2, 2])]:
+        m = M.load(STORIES, spec, reserve=lambda cfg: {layer: 50 * cfg.d_mlp ** 2 * 8})
+        assert m.stages == want, (spec, layer)
+
+
+def contiguous_splits(n, D):
+    """Every assignment of n blocks to D devices in order (non-decreasing device indices)."""
+    return [list(c) for c in itertools.combinations_with_replacement(range(D), n)]
+
+
+def largest_fill(split, loads, fixed, shares):
+    fill = list(fixed)
+    for j, b in zip(split, loads):
+        fill[j] += b
+    return max(f / s for f, s in zip(fill, shares))
+
+
+def test_split_blocks_minimises_the_largest_fill():
+    """The defining property, against all contiguous splits on random sizes; proportional shares."""
+    rng = random.Random(0)
+    for _ in range(60):
+        n, D = rng.randint(1, 7), rng.randint(1, 4)
+        loads = [rng.randint(1, 100) for _ in range(n)]
+        fixed = [rng.randint(0, 80) for _ in range(D)]
+        shares = [rng.choice([1.0, 2.0, 3.5]) for _ in range(D)]
+        got = M.split_blocks(loads, fixed, shares)
+        assert got in contiguous_splits(n, D)
+        best = min(largest_fill(s, loads, fixed, shares) for s in contiguous_splits(n, D))
+        assert largest_fill(got, loads, fixed, shares) == pytest.approx(best, rel=1e-12)
+    assert M.split_blocks([1] * 8, [0, 0], [3.0, 1.0]) == [0] * 6 + [1] * 2      # by memory
+    assert M.split_blocks([1] * 4, [10, 0, 0], [1.0] * 3) == [1, 1, 2, 2]       # spread among ties
+    assert M.device_shares([torch.device("cpu")] * 3) == [1.0] * 3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_parameters_go_to_their_blocks_device(ckpt, kind):
+    """Each block's weights on its device, the embeddings (GPT-2: with wpe) on the first, the final
+    norm and head on the last (tied: on the first). Checked with a second, fake device (meta)."""
+    path = ckpt(kind)
+    with torch.device("meta"):
+        m = M.CausalLM(M.read_config(path))
+    devices = [torch.device("cpu"), torch.device("meta")]
+    placed = M.place_blocks(m, devices, torch.float32, {})
+    assert placed == sorted(placed) and len(placed) == m.cfg.n_layers
+    stages = [0, 1, 1, 1, 1][-m.cfg.n_layers:]     # (GPT-2's 50257 embeddings outweigh its 3 blocks)
+    where = M.parameter_devices(m, devices, [devices[j] for j in stages])
+    assert set(where) == {n for n, _ in m.named_parameters()}
+    for i, block in enumerate(m.blocks):
+        assert {where[n] for n, p in m.named_parameters() if any(p is q for q in block.parameters())} \
+               == {devices[stages[i]]}
+    head = "cpu" if m.cfg.tie_embeddings else "meta"
+    for n in where:
+        if ".wte." in n or "embed_tokens" in n or ".wpe." in n:
+            assert where[n].type == "cpu", n
+        if n.startswith(("lm_head.", "model.norm.", "transformer.ln_f.")):
+            assert where[n].type == head, n
+
+
+# =============================================================================== equal results
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_forward_is_bitwise_the_one_device_run(ckpt, kind, side):
+    """Logits, every layer's keys and outputs, a delta, stop_after, start= and logits_at."""
+    path = ckpt(kind)
+    one = M.load(path)
+    ids, mask = padded_batch(vocab(one), side)
+    n_layers = one.cfg.n_layers
+    B = ids.shape[0]
+    pos, vec = torch.tensor([1, 4, 0, 2]), torch.randn(B, one.cfg.d_model)
+    at = torch.tensor([[0, 2]] * B)
+    runs = {}
+    for spec in ("cpu", *SPREADS):
+        m = one if spec == "cpu" else M.load(path, spec)
+        full = m(ids, mask, keys_at=range(n_layers), outs_at=range(n_layers))
+        moved = m(ids, mask, delta=(n_layers - 1, pos, vec), logits_at=at)
+        h = m(ids, mask, stop_after=0, outs_at={0}).outs[0]
+        resumed = m(ids, mask, start=(0, h), keys_at={n_layers - 1})
+        runs[spec] = [full.logits, *full.keys.values(), *full.outs.values(), moved.logits, h,
+                      resumed.logits, resumed.keys[n_layers - 1]]
+    for spec in SPREADS:
+        assert all(torch.equal(a, b) for a, b in zip(runs["cpu"], runs[spec])), spec
+
+
+@pytest.mark.parametrize("kind", ["stories", "qwen2-gqa-tied-window"])
+def test_cached_generation_is_the_one_device_generation(ckpt, kind):
+    """Greedy and top-k decoding with the KV cache (each layer's cache with its block)."""
+    one, two = M.load(ckpt(kind)), M.load(ckpt(kind), "cpu,cpu")
+    prompts = [[1, 5, 9, 33], [1, 44], [1, 7, 8, 9, 10, 11]]
+    for top_k in (None, 5):
+        assert M.generate(one, prompts, 10, top_k=top_k, seed=3, stop_at_eos=False) == \
+               M.generate(two, prompts, 10, top_k=top_k, seed=3, stop_at_eos=False)
+    cache = M.KVCache(two.cfg, 2, 8, two.placement, torch.float32)
+    assert [k.device for k in cache.k] == two.placement
+
+
+def grad_through_start(m, ids, mask, layer, vec):
+    """compute_z's pattern: δ added at one position of `layer`'s output (h0 on the home device),
+    the layers above run from there; d(target log-prob)/dδ."""
+    B = ids.shape[0]
+    with torch.no_grad():
+        h0 = m(ids, mask, stop_after=layer, outs_at={layer}).outs[layer]
+    d = vec.clone().requires_grad_(True)
+    h = h0.index_put((torch.arange(B), torch.tensor([2, 5, 1, 3])), d, accumulate=True)
+    logp = m(ids, mask, start=(layer, h), logits_at=torch.tensor([[2, 3]] * B)).logits.log_softmax(-1)
+    loss = logp.gather(-1, ids[:, 4:6, None]).sum()
+    return torch.autograd.grad(loss, d)[0]
+
+
+@pytest.mark.parametrize("kind", ["stories", "gptj"])
+def test_gradient_through_start_is_the_one_device_gradient(ckpt, kind):
+    """Autograd follows the residual stream across the boundaries: bitwise the same δ-gradient."""
+    one = M.load(ckpt(kind))
+    ids, mask = padded_batch(vocab(one), "right")
+    vec = torch.randn(ids.shape[0], one.cfg.d_model)
+    want = grad_through_start(one, ids, mask, 0, vec)
+    assert want.abs().sum() > 0
+    for spec in SPREADS:
+        assert torch.equal(grad_through_start(M.load(ckpt(kind), spec), ids, mask, 0, vec), want), spec
+
+
+@pytest.mark.parametrize("kind", ["stories", "gpt2", "gptj"])
+def test_save_and_load_edit_tensors_across_devices(tmp_path, ckpt, kind):
+    """Edited weights of blocks on either device are written (moved to cpu) and read back exactly,
+    by a one-device and by a spread model."""
+    path = ckpt(kind)
+    m = M.load(path, "cpu,cpu")
+    layers = (0, m.cfg.n_layers - 1)
+    assert m.stages[layers[-1]] == 1                # off the home device
+    with torch.no_grad():
+        for l in layers:
+            m.edit_weight(l).add_(0.01 * torch.randn_like(m.edit_weight(l)))
+    M.save(path, tmp_path / "out", m.edit_tensors(layers))
+    for spec in ("cpu", "cpu,cpu"):
+        back = M.load(tmp_path / "out", spec)
+        assert all(torch.equal(back.state_dict()[n], t) for n, t in m.state_dict().items()), spec
+    fresh = M.load(path, "cpu,cpu,cpu")
+    fresh.load_edit_tensors({n: t.clone() for n, t in m.edit_tensors(layers).items()})
+    assert all(torch.equal(fresh.edit_weight(l), m.edit_weight(l)) for l in layers)
+
+
+@pytest.mark.parametrize("spec", SPREADS)
+@pytest.mark.parametrize("method", ["lyaplock", "rome"])
+def test_editing_a_spread_model_gives_the_one_device_edits(tmp_path, spec, method):
+    """lyaplock's Editor, unchanged, on a spread model: two steps, edit layers on both sides of a
+    boundary (ROME: one layer on the second device); weights and pl bitwise as on one device."""
+    requests, _ = load_requests(FIX / "counterfact-rome.json", limit=4)
+    layers = (1, 2) if method == "lyaplock" else (3,)
+    runs = []
+    for device in ("cpu", spec):
+        m = M.load(STORIES, device)
+        C = S.load_or_collect_stats(m, STORIES, L.DEFAULT_CORPUS, 2000, layers, tmp_path / device,
+                                    log=lambda *a, **k: None)
+        hp = L.HParams(method=method, layers=layers, lam=15.0, alpha=1.0, l2=1.0, v_num_grad_steps=4)
+        editor = L.Editor(m, hp, C, [["{}"], ["Once upon a time. {}"]])
+        logs = [editor.edit(requests[k:k + 2]) for k in (0, 2)]
+        runs.append(([[v["pl"] for v in e["layers"].values()] for e in logs],
+                     {l: m.edit_weight(l).clone() for l in layers}))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(runs[0][1][l], runs[1][1][l]) for l in layers)
+
+
+# =============================================================================== bad input
+def test_bad_device_lists_are_one_line_errors(capsys):
+    for spec, message in [("cpu,tpu", "device 'cpu,tpu': entry 'tpu': use cpu, cuda or cuda:N"),
+                          ("cpu,", "device 'cpu,': entry '': use cpu, cuda or cuda:N"),
+                          ("cpu,cuda:99", "device 'cpu,cuda:99': entry 'cuda:99': ")]:
+        with pytest.raises(ValueError) as info:
+            M.load(STORIES, spec)
+        assert str(info.value).startswith(message) and "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="device 'cpu,cpu': give one device here"):
+        M.check_device("cpu,cpu")
+    with pytest.raises(ValueError, match=r"reserve names layer\(s\) \[7\], not in 0..4"):
+        M.load(STORIES, "cpu,cpu", reserve=lambda cfg: {7: 1})
+    assert M.check_devices("auto") == ([torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+                                       or [torch.device("cpu")])
+    assert M.check_devices("cpu, cpu") == [torch.device("cpu")] * 2
+    with pytest.raises(SystemExit, match="error: device 'cpu,tpu': entry 'tpu'"):
+        M.main([str(STORIES), "--device", "cpu,tpu"])
+
+
+# =============================================================================== CUDA
+@pytest.mark.parametrize("spec", CUDA_SPREADS)
+def test_spread_over_cuda_matches_one_device(tmp_path, spec):
+    """Blocks on cpu and a GPU (or two GPUs): weights and caches on their blocks' devices, every
+    output on the home device, results to float tolerance (CUDA_ATOL) of the one-device run on
+    the home device, greedy text and the saved model identical."""
+    devices = M.check_devices(spec)
+    one, m = M.load(STORIES, str(devices[0])), M.load(STORIES, spec)
+    home = devices[0]
+    assert m.stages == sorted(m.stages) and set(m.stages) == {0, 1}
+    assert M.device_shares(devices)[0] == M.device_shares(devices)[1]     # cpu: as much as the GPU
+    for i, block in enumerate(m.blocks):
+        assert {p.device for p in block.parameters()} == {devices[m.stages[i]]}
+    assert m.embed.weight.device == home and m.inv_freq.device == home
+    ids, mask = (t.to(home) for t in padded_batch(500, "left"))
+    real = mask.bool()
+    a, b = (x(ids, mask, keys_at=range(5), outs_at=range(5)) for x in (one, m))
+    assert b.logits.device == home and all(t.device == home for t in (*b.keys.values(), *b.outs.values()))
+    assert (a.logits - b.logits)[real].abs().max() < CUDA_ATOL
+    for i in range(5):
+        assert (a.keys[i] - b.keys[i])[real].abs().max() < CUDA_ATOL
+        assert (a.outs[i] - b.outs[i])[real].abs().max() < CUDA_ATOL
+    vec = torch.randn(4, one.cfg.d_model, device=home)
+    ga, gb = (grad_through_start(x, ids, mask, 0, vec) for x in (one, m))
+    assert gb.device == home and (ga - gb).norm() < 1e-4 * ga.norm()
+    prompts = [[1, 5, 9, 33], [1, 44]]
+    assert M.generate(one, prompts, 12, stop_at_eos=False) == M.generate(m, prompts, 12, stop_at_eos=False)
+    M.save(STORIES, tmp_path / "out", m.edit_tensors(range(5)))
+    back = M.load(tmp_path / "out")
+    assert all(torch.equal(back.state_dict()[n], t.cpu()) for n, t in m.state_dict().items())
+    with pytest.raises(ValueError, match="listed twice"):
+        M.check_devices(f"{devices[1]},{devices[1]}")
+    assert M.check_devices("auto") == [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+
+
+@pytest.mark.parametrize("spec", CUDA_SPREADS)
+def test_editing_spread_over_cuda_matches_one_device(tmp_path, spec):
+    """lyaplock and ROME edits with layers on the GPU: close to the one-device edits (the
+    target-value optimisation amplifies kernel rounding a little: relative 1e-3)."""
+    requests, _ = load_requests(FIX / "counterfact-rome.json", limit=4)
+    home = str(M.check_devices(spec)[0])
+    for method, layers in (("lyaplock", (1, 2)), ("rome", (3,))):
+        runs = []
+        for device in (home, spec):
+            m = M.load(STORIES, device)
+            C = S.load_or_collect_stats(m, STORIES, L.DEFAULT_CORPUS, 2000, layers, tmp_path / device,
+                                        log=lambda *a, **k: None)
+            hp = L.HParams(method=method, layers=layers, lam=15.0, alpha=1.0, l2=1.0, v_num_grad_steps=4)
+            editor = L.Editor(m, hp, C, [["{}"], ["Once upon a time. {}"]])
+            logs = [editor.edit(requests[k:k + 2]) for k in (0, 2)]
+            runs.append(([v["pl"] for e in logs for v in e["layers"].values()],
+                         {l: m.edit_weight(l).cpu() for l in layers}))
+        assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-3), method
+        for l in layers:
+            assert (runs[0][1][l] - runs[1][1][l]).norm() < 1e-3 * runs[0][1][l].norm(), (method, l)
