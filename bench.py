@@ -196,7 +196,28 @@ def bench_layers(m, layers, method) -> tuple:
     return (layers[-1],) if L.METHODS[method].locate == "rome" else tuple(layers)
 
 
-def run(preset, device, dtype, n_edits, stats_tokens, workdir, z_tokens=2048, methods=("lyaplock", "memit", "alphaedit")):
+def single_edits(m, layers, C, device, n_steps: int, z_tokens=2048) -> dict:
+    """The long-horizon protocol's rate: n_steps LyapLock steps of ONE request each (after one
+    to calibrate the queue), edits per second and the phases of a step."""
+    requests, _ = data.load_requests(HERE / "fixtures" / "counterfact-easyedit.json", limit=n_steps + 1)
+    hp = L.replace(L.preset(m.cfg, "lyaplock"), layers=bench_layers(m, layers, "lyaplock"), batch_size=1)
+    W0 = {l: m.edit_weight(l).clone() for l in hp.layers}
+    templates = L.context_templates(m, 0)
+    state = L.EditState.start("lyaplock", hp.layers)
+    L.edit_batch(m, requests[:1], templates, hp, state, C, W0, z_tokens)
+    sync(device)
+    t = time.perf_counter()
+    logs = [L.edit_batch(m, [q], templates, hp, state, C, W0, z_tokens) for q in requests[1:]]
+    sync(device)
+    seconds = time.perf_counter() - t
+    for l in hp.layers:
+        m.edit_weight(l).copy_(W0[l])
+    phase = {k: sum(e[f"seconds_{k}"] for e in logs) / len(logs) for k in ("z", "keys", "solve")}
+    return dict(steps=len(logs), edits_per_s=len(logs) / seconds, step_seconds=phase)
+
+
+def run(preset, device, dtype, n_edits, stats_tokens, workdir, z_tokens=2048, methods=("lyaplock", "memit", "alphaedit"),
+        state_device=None, batch1=0):
     if preset == "stories":
         ckpt, layers = HERE / "fixtures" / "stories260K-hf", (1, 2)
     else:
@@ -215,12 +236,19 @@ def run(preset, device, dtype, n_edits, stats_tokens, workdir, z_tokens=2048, me
     all_layers = sorted({l for meth in methods for l in bench_layers(m, layers, meth)})
     r["stats"], C = stats(m, all_layers, device, dtype, n_stats)
     print(f"{preset}: statistics {r['stats']}", flush=True)
+    if state_device:                  # --state-device cpu: C and the memory in (pinned) host memory
+        C = {l: c.to(state_device).pin_memory() if device == "cuda" else c.to(state_device) for l, c in C.items()}
+        r["state_device"] = state_device
     r["steps"], t0 = {}, time.time()
     for i, meth in enumerate(methods):
         eta = f", about {(time.time() - t0) / i * (len(methods) - i):.0f} s left" if i else ""
         note(f"{preset}: method {i + 1}/{len(methods)} {meth}: two {n_edits}-edit steps and scoring{eta}")
         r["steps"][meth] = edit_step(m, ckpt, layers, meth, C, device, n_edits, z_tokens=z_tokens)
         print(f"{preset}: {meth} step {r['steps'][meth]}", flush=True)
+    if batch1:
+        note(f"{preset}: {batch1} LyapLock steps of one request each (the long-horizon protocol)")
+        r["batch_size_1"] = single_edits(m, layers, C, device, batch1, z_tokens)
+        print(f"{preset}: one request per step {r['batch_size_1']}", flush=True)
     ly = r["steps"]["lyaplock"]
     full_stats = 100_000 * 700 / r["stats"]["tok_s"]
     r["projection_10k_edits_hours"] = dict(editing=(ly["first_step"] + (10_000 / n_edits - 1) * ly["total"]) / 3600,
@@ -269,6 +297,8 @@ def main(argv=None):
     p.add_argument("--memory-gib", type=float, help="cap this process's GPU memory, e.g. 44.7 to act as a 48 GB card")
     p.add_argument("--method", action="append", choices=[*L.METHODS, "all"],
                    help="repeatable; 'all' for every method (default: lyaplock, memit, alphaedit)")
+    p.add_argument("--state-device", help="as lyaplock.py's: cpu keeps C and the edit memory in host memory")
+    p.add_argument("--batch1", type=int, default=0, help="also time this many LyapLock steps of one request")
     p.add_argument("--json", help="write the results here")
     a = p.parse_args(argv)
     if a.memory_gib and a.device == "cuda":
@@ -281,7 +311,7 @@ def main(argv=None):
         for name in presets:
             results.append(run(name, a.device, a.dtype, a.edits,
                                a.stats_tokens or (33_600 if a.device == "cuda" else 8_400), work, a.z_batch_tokens,
-                               methods))
+                               methods, a.state_device, a.batch1))
             print(json.dumps(results[-1]), flush=True)
     print(table(results))
     print(method_table(results))
