@@ -799,7 +799,7 @@ def metrics_table(run: Run) -> list[str]:
     """Markdown rows: the editing metrics, perplexity and the zero-shot headlines, before and after."""
     before, after = flat(run.before or {}), flat(run.after or {})
     tasks = sorted({k.split(".")[1] for k in {**before, **after} if k.startswith("general.")})
-    keys = [*METRICS, "score", *GENERATIVE, *EXTRA, "perplexity"]
+    keys = [*METRICS, "score", *GENERATIVE, *TOP1, *EXTRA, "perplexity"]
     keys += [f"general.{t}.{headline_of(t)}" for t in tasks]
     fmt = lambda v: "" if v is None else f"{v:.2f}"
     rows = ["| metric | before | after |", "|---|---|---|"]

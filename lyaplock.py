@@ -978,7 +978,8 @@ DEFAULT_HELDOUT = Path(__file__).parent / "fixtures" / "wikitext-2-valid-sample.
 QUICKSTART = ("python lyaplock.py --model fixtures/factmodel-ci --edits fixtures/factmodel-ci/edits.json"
               " --stats-corpus fixtures/factmodel-ci/corpus.txt --limit 100 --batch-size 10 --lam 30 --alpha 10")
 HEADLINE = ("efficacy", "generalization", "specificity", "score", "efficacy_generative",
-            "generalization_generative", "fluency", "consistency", "perplexity",
+            "generalization_generative", "efficacy_top1", "generalization_top1", "specificity_top1",
+            "fluency", "consistency", "perplexity",
             "general.sst2.f1", "general.mrpc.f1", "general.cola.mcc", "general.rte.f1", "general.nli.f1",
             "general.mmlu.accuracy")
 
