@@ -36,6 +36,16 @@ DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
 
 # =============================================================================== model: oracles
+def roughen(hf):
+    """Make a random HF model's norms and biases non-trivial, so a mistake in them shows."""
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "norm" in n or "ln_" in n or n.endswith("bias"):
+                p.add_(0.3 * torch.randn_like(p))
+            else:
+                p.mul_(3.0)
+
+
 def make_hf_checkpoint(path: Path, kind: str, seed: int = 0, shard: bool = False) -> Path:
     """A random tiny HF checkpoint (saved by transformers itself) with a tokenizer beside it."""
     import transformers as T
@@ -62,12 +72,7 @@ def make_hf_checkpoint(path: Path, kind: str, seed: int = 0, shard: bool = False
                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
         hf = T.LlamaForCausalLM(T.LlamaConfig(**kw))
         tok = STORIES
-    with torch.no_grad():   # make norms and biases non-trivial so a mistake in them shows
-        for n, p in hf.named_parameters():
-            if "norm" in n or "ln_" in n or n.endswith("bias"):
-                p.add_(0.3 * torch.randn_like(p))
-            else:
-                p.mul_(3.0)
+    roughen(hf)
     hf.save_pretrained(path, max_shard_size="200KB" if shard else "5GB")
     if "rope3" in kind:   # write rope as real Llama-3.1 checkpoints do (rope_theta + rope_scaling)
         c = json.loads((path / "config.json").read_text())
@@ -117,13 +122,18 @@ def test_forward_matches_transformers(tmp_path, kind, side, device):
         ref = hf(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
     for h in hooks:
         h.remove()
-    out = ours(ids, mask, keys_at=range(L), outs_at=range(L))
+    assert_matches_hf(ours(ids, mask, keys_at=range(L), outs_at=range(L)), ref, seen, mask, L)
+
+
+def assert_matches_hf(out, ref, seen, mask, n_layers, tol=1e-4):
+    """Our logits, MLP keys and layer outputs equal transformers' (`ref` with hidden states,
+    `seen` the keys its hooks caught) on the real tokens."""
     real = mask.bool()
-    assert (out.logits - ref.logits)[real].abs().max() < 1e-4
-    for i in range(L):
-        assert (out.keys[i] - seen[i])[real].abs().max() < 1e-4
-        if i < L - 1:   # HF's last hidden state is after the final norm
-            assert (out.outs[i] - ref.hidden_states[i + 1])[real].abs().max() < 1e-4
+    assert (out.logits - ref.logits)[real].abs().max() < tol
+    for i in range(n_layers):
+        assert (out.keys[i] - seen[i])[real].abs().max() < tol
+        if i < n_layers - 1:   # HF's last hidden state is after the final norm
+            assert (out.outs[i] - ref.hidden_states[i + 1])[real].abs().max() < tol
 
 
 def test_padding_side_and_batching_do_not_change_logits(tmp_path):
@@ -148,15 +158,22 @@ def test_stories260K_golden_greedy(device):
     assert m.tokenizer.decode(out).startswith("Once upon a time, there was a little girl named Lily.")
 
 
-def test_kv_cache_matches_recompute_and_sampling_is_seeded(tmp_path):
-    m = M.load(make_hf_checkpoint(tmp_path / "m", "llama-gqa-rope3"))
+def assert_cached_generation_is_recompute(m, n_new=12):
+    """Cached greedy decoding of a left-padded batch equals re-running each whole sequence per
+    token; returns the prompts."""
     prompts = [[1, 5, 9, 33], [1, 44], [1, 7, 8, 9, 10, 11]]
-    got = M.generate(m, prompts, 12, stop_at_eos=False)
+    got = M.generate(m, prompts, n_new, stop_at_eos=False)
     for p, g in zip(prompts, got):   # no cache: re-run the whole sequence per token
         seq = list(p)
-        for _ in range(12):
+        for _ in range(n_new):
             seq.append(int(m(torch.tensor([seq])).logits[0, -1].argmax()))
         assert seq[len(p):] == g
+    return prompts
+
+
+def test_kv_cache_matches_recompute_and_sampling_is_seeded(tmp_path):
+    m = M.load(make_hf_checkpoint(tmp_path / "m", "llama-gqa-rope3"))
+    prompts = assert_cached_generation_is_recompute(m)
     a = M.generate(m, prompts, 10, top_k=5, seed=3, stop_at_eos=False)
     assert a == M.generate(m, prompts, 10, top_k=5, seed=3, stop_at_eos=False)
     assert a != M.generate(m, prompts, 10, top_k=5, seed=4, stop_at_eos=False)

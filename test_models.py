@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import model as M
-from test_lyaplock import DEVICES, FIX, STORIES, hf_load, padded_batch
+from test_lyaplock import (DEVICES, FIX, STORIES, assert_cached_generation_is_recompute, assert_matches_hf,
+                           hf_load, padded_batch, roughen)
 
 # kind -> (family, options); every family once plainly and once with its variants
 KINDS = {
@@ -44,12 +45,7 @@ def make_checkpoint(path, kind, seed=0):
         hf = {"qwen2": T.Qwen2ForCausalLM, "qwen3": T.Qwen3ForCausalLM, "mistral": T.MistralForCausalLM}[family](
             {"qwen2": T.Qwen2Config, "qwen3": T.Qwen3Config, "mistral": T.MistralConfig}[family](**kw))
         tok = STORIES
-    with torch.no_grad():   # make norms and biases non-trivial so a mistake in them shows
-        for n, p in hf.named_parameters():
-            if "norm" in n or "ln_" in n or n.endswith("bias"):
-                p.add_(0.3 * torch.randn_like(p))
-            else:
-                p.mul_(3.0)
+    roughen(hf)
     hf.save_pretrained(path)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tok / f, path / f)
@@ -103,13 +99,7 @@ def test_forward_matches_transformers(ckpt, kind, side, device):
     L = ours.cfg.n_layers
     ids, mask = (t.to(device) for t in padded_batch(500, side))
     ref, seen = hf_reference(hf, ids, mask)
-    out = ours(ids, mask, keys_at=range(L), outs_at=range(L))
-    real = mask.bool()
-    assert (out.logits - ref.logits)[real].abs().max() < 1e-4
-    for i in range(L):
-        assert (out.keys[i] - seen[i])[real].abs().max() < 1e-4
-        if i < L - 1:   # HF's last hidden state is after the final norm
-            assert (out.outs[i] - ref.hidden_states[i + 1])[real].abs().max() < 1e-4
+    assert_matches_hf(ours(ids, mask, keys_at=range(L), outs_at=range(L)), ref, seen, mask, L)
 
 
 def test_configs_read_as_transformers_does(ckpt):
@@ -151,13 +141,8 @@ def test_kv_cache_generation_equals_recompute(ckpt, kind):
     past the window (prompts up to 6 tokens + 12 new, window 4); and transformers' greedy
     generation of the longest prompt gives the same tokens."""
     m = M.load(ckpt(kind))
-    prompts = [[1, 5, 9, 33], [1, 44], [1, 7, 8, 9, 10, 11]]
+    prompts = assert_cached_generation_is_recompute(m)
     got = M.generate(m, prompts, 12, stop_at_eos=False)
-    for p, g in zip(prompts, got):   # no cache: re-run the whole sequence per token
-        seq = list(p)
-        for _ in range(12):
-            seq.append(int(m(torch.tensor([seq])).logits[0, -1].argmax()))
-        assert seq[len(p):] == g
     hf = hf_load(ckpt(kind))
     with torch.no_grad():
         ref = hf.generate(torch.tensor([prompts[2]]), max_new_tokens=12, do_sample=False,

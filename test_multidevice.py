@@ -15,7 +15,7 @@ import model as M
 import stats as S
 from data import load_requests
 from test_lyaplock import FIX, STORIES, make_hf_checkpoint, padded_batch
-from test_models import make_checkpoint
+from test_models import make_checkpoint, one_thread  # noqa: F401 (an autouse fixture)
 
 SPREADS = ["cpu,cpu", "cpu,cpu,cpu"]
 # the CUDA runs: blocks on cpu and a GPU, or on two GPUs, against the one-device run on the home device
@@ -25,15 +25,6 @@ CUDA_SPREADS = [*(["cpu,cuda"] if torch.cuda.is_available() else []),
 # in other orders (about 1e-6 relative per op), as in the transformers parity tests' 1e-4 on logits
 CUDA_ATOL = 1e-4
 KINDS = ["stories", "gpt2", "gptj", "qwen2", "qwen2-gqa-tied-window"]   # tied and untied heads, windows
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread is faster than two, much faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -204,23 +195,26 @@ def test_save_and_load_edit_tensors_across_devices(tmp_path, ckpt, kind):
     assert all(torch.equal(fresh.edit_weight(l), m.edit_weight(l)) for l in layers)
 
 
+def two_edit_steps(tmp_path, device, method, layers):
+    """Two 2-request steps of `method` through lyaplock's Editor on stories260K placed on
+    `device`: (the PL values logged, in order; the edited weights on the host)."""
+    requests, _ = load_requests(FIX / "counterfact-rome.json", limit=4)
+    m = M.load(STORIES, device)
+    C = S.load_or_collect_stats(m, STORIES, L.DEFAULT_CORPUS, 2000, layers, tmp_path / device.replace(",", "+"),
+                                log=lambda *a, **k: None)
+    hp = L.HParams(method=method, layers=layers, lam=15.0, alpha=1.0, l2=1.0, v_num_grad_steps=4)
+    editor = L.Editor(m, hp, C, [["{}"], ["Once upon a time. {}"]])
+    logs = [editor.edit(requests[k:k + 2]) for k in (0, 2)]
+    return [v["pl"] for e in logs for v in e["layers"].values()], {l: m.edit_weight(l).cpu() for l in layers}
+
+
 @pytest.mark.parametrize("spec", SPREADS)
 @pytest.mark.parametrize("method", ["lyaplock", "rome"])
 def test_editing_a_spread_model_gives_the_one_device_edits(tmp_path, spec, method):
     """lyaplock's Editor, unchanged, on a spread model: two steps, edit layers on both sides of a
     boundary (ROME: one layer on the second device); weights and pl bitwise as on one device."""
-    requests, _ = load_requests(FIX / "counterfact-rome.json", limit=4)
     layers = (1, 2) if method == "lyaplock" else (3,)
-    runs = []
-    for device in ("cpu", spec):
-        m = M.load(STORIES, device)
-        C = S.load_or_collect_stats(m, STORIES, L.DEFAULT_CORPUS, 2000, layers, tmp_path / device,
-                                    log=lambda *a, **k: None)
-        hp = L.HParams(method=method, layers=layers, lam=15.0, alpha=1.0, l2=1.0, v_num_grad_steps=4)
-        editor = L.Editor(m, hp, C, [["{}"], ["Once upon a time. {}"]])
-        logs = [editor.edit(requests[k:k + 2]) for k in (0, 2)]
-        runs.append(([[v["pl"] for v in e["layers"].values()] for e in logs],
-                     {l: m.edit_weight(l).clone() for l in layers}))
+    runs = [two_edit_steps(tmp_path, device, method, layers) for device in ("cpu", spec)]
     assert runs[0][0] == runs[1][0]
     assert all(torch.equal(runs[0][1][l], runs[1][1][l]) for l in layers)
 
@@ -283,19 +277,9 @@ def test_spread_over_cuda_matches_one_device(tmp_path, spec):
 def test_editing_spread_over_cuda_matches_one_device(tmp_path, spec):
     """lyaplock and ROME edits with layers on the GPU: close to the one-device edits (the
     target-value optimisation amplifies kernel rounding a little: relative 1e-3)."""
-    requests, _ = load_requests(FIX / "counterfact-rome.json", limit=4)
     home = str(M.check_devices(spec)[0])
     for method, layers in (("lyaplock", (1, 2)), ("rome", (3,))):
-        runs = []
-        for device in (home, spec):
-            m = M.load(STORIES, device)
-            C = S.load_or_collect_stats(m, STORIES, L.DEFAULT_CORPUS, 2000, layers, tmp_path / device,
-                                        log=lambda *a, **k: None)
-            hp = L.HParams(method=method, layers=layers, lam=15.0, alpha=1.0, l2=1.0, v_num_grad_steps=4)
-            editor = L.Editor(m, hp, C, [["{}"], ["Once upon a time. {}"]])
-            logs = [editor.edit(requests[k:k + 2]) for k in (0, 2)]
-            runs.append(([v["pl"] for e in logs for v in e["layers"].values()],
-                         {l: m.edit_weight(l).cpu() for l in layers}))
+        runs = [two_edit_steps(tmp_path, device, method, layers) for device in (home, spec)]
         assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-3), method
         for l in layers:
             assert (runs[0][1][l] - runs[1][1][l]).norm() < 1e-3 * runs[0][1][l].norm(), (method, l)
