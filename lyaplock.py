@@ -14,6 +14,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -340,9 +341,15 @@ def preset(cfg: M.Config, method: str) -> HParams:
     """The published settings of this model's shape (PUBLISHED), else the rule for other sizes.
 
     Other sizes: edit layers from n/8 to n/4 of the depth (at least two; ROME: the last of
-    them), and λ = 15, α = 1 — measured on the stories260K fixture, where the 8B values
-    (λ = 1000, α = 60) make each step close only ~10-30% of the gap and the queue never leaves
-    its floor (LYAPLOCK.md §9). The baselines keep the 8B presets' ratio 15000 / 1000: λ = 225.
+    them); λ in units of the MLP width m = d_mlp, α = 60 (the paper's) and AlphaEdit's L2 = 1.
+    λ is free of the activations' scale (K1K1ᵀ and C scale alike); what it sets is the share
+    s/(1 + s) of a key's gap one step closes, s = kᵀ(λC)⁻¹k, which is m/λ on average for keys
+    distributed as C's tokens (E[kᵀC⁻¹k] = m). The MEMIT family takes λ = m (s = 1; the published
+    MEMIT λ is 1.05 m on Llama-3-8B, 0.92 m on GPT-J-6B), LyapLock λ = m/4 (s = 4; its queue
+    raises the weight z·λ as PL outgrows its budget; published 0.07 m and 0.16 m on GPT2-XL).
+    These sit within a few points of the best efficacy-retention balance of 20-step sweeps on
+    both bundled models (docs/MEASUREMENTS.md). L2 is not scale-free (it weighs ‖Δ‖² against
+    K1K1ᵀ); 1 fits both bundled models (the authors' 10, set for 8B-scale keys, takes no edit).
     """
     family = method_of(method).preset
     shape = (cfg.arch, cfg.d_model, cfg.n_layers, cfg.d_mlp)
@@ -352,8 +359,8 @@ def preset(cfg: M.Config, method: str) -> HParams:
     last = min(cfg.n_layers - 2, max(first + 1, round(cfg.n_layers / 4)))
     if family == "rome":
         return HParams(method=method, layers=(last,), v_lr=0.5, v_weight_decay=1e-3, clamp_norm_factor=4.0)
-    return HParams(method=method, layers=tuple(range(first, last + 1)),
-                   lam=15.0 if family == "lyaplock" else 225.0, alpha=1.0)
+    lam = cfg.d_mlp / 4 if family == "lyaplock" else float(cfg.d_mlp)
+    return HParams(method=method, layers=tuple(range(first, last + 1)), lam=lam, alpha=60.0, l2=1.0)
 
 
 # ----------------------------------------------------------------------------- the locate step
@@ -972,6 +979,73 @@ def load_checkpoint(out: Path, model: M.CausalLM) -> EditState:
     return state
 
 
+# ----------------------------------------------------------------------------- a memory plan
+
+def memory_plan(cfg: M.Config, hp: HParams, dtype: str, z_tokens: int, shares: list[float],
+                state_on_host: bool = False) -> list[dict]:
+    """Per device (in the order of `shares`: what each holds, e.g. its memory), the bytes a run
+    needs at its peak, from the config alone: the weights in `dtype` (placed as M.load places
+    them); each edit layer's float64 state on its device — C, the method's edit memory (S_KK
+    m×m, S_VK d×m) and AlphaEdit's projector (m×m) — unless `state_on_host`; then the larger of
+    the two phases of a step: the target-value passes (z_tokens tokens through the blocks above
+    the last edit layer, keeping for backward about 6d + 4m values per token and block, 6d + 2m
+    for GPT-J and GPT-2) and a solve (the m×m system and its Cholesky factor, three d×m
+    temporaries; with the state on the host, also one layer's state). Against the measured
+    peaks of two Llama-3-8B steps (docs/bench/llama3-8b-two-steps.txt): 39.7 planned for 40.5 GiB
+    at 2048 tokens, 61.2 for 61.5 at 8192."""
+    with torch.device("meta"):
+        model = M.CausalLM(cfg)
+    dt, m, d = M.DTYPES[dtype], cfg.d_mlp, cfg.d_model
+    method = method_of(hp.method)
+    sizes = {"S_KK": m * m, "S_VK": d * m}
+    projector = method.solve in (alphaedit_step, lyaplock_alphaedit_step)
+    layer_state = 8 * (m * m + sum(sizes[k] for k in method.memory) + (m * m if projector else 0))
+    blocks = M.place_blocks(model, shares, dt, {} if state_on_host else {l: layer_state for l in hp.layers})
+    fixed = M.fixed_bytes(model, dt, len(shares))
+    per_token = (6 * d + (4 if cfg.llama_like else 2) * m) * dt.itemsize
+    rows = []
+    for j in range(len(shares)):
+        mine = [i for i, b in enumerate(blocks) if b == j]
+        edit = [l for l in hp.layers if blocks[l] == j]
+        row = dict(blocks=mine, weights=fixed[j] + M.weight_bytes(dt, *[model.blocks[i] for i in mine]),
+                   state=0 if state_on_host else layer_state * len(edit),
+                   target_values=z_tokens * per_token * sum(i > hp.layers[-1] for i in mine),
+                   solve=(8 * (2 * m * m + 3 * d * m) + (layer_state if state_on_host else 0)) if edit else 0)
+        rows.append(row | {"need": row["weights"] + row["state"] + max(row["target_values"], row["solve"])})
+    if state_on_host:
+        rows.append(dict(blocks=[], weights=0, state=layer_state * len(hp.layers), target_values=0, solve=0,
+                         need=layer_state * len(hp.layers), host=True))
+    return rows
+
+
+def device_memory(device: torch.device) -> int:
+    """A device's total memory in bytes (the host's RAM for cpu)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def print_plan(a) -> int:
+    """--plan: the memory plan of the run the flags describe, from config.json alone."""
+    cfg = M.read_config(Path(a.model))
+    hp = with_overrides(preset(cfg, a.method), layers=parse_layers(a.layers, cfg.n_layers) if a.layers else None)
+    if a.plan_gib:
+        names, capacity = [f"device {i}" for i in range(len(a.plan_gib))], [g * 2 ** 30 for g in a.plan_gib]
+    else:
+        devices = M.check_devices(a.device)
+        names, capacity = [str(dev) for dev in devices], [device_memory(dev) for dev in devices]
+    rows = memory_plan(cfg, hp, a.dtype, a.z_batch_tokens, capacity, state_on_host=bool(a.state_device))
+    gib = lambda b: f"{b / 2 ** 30:.1f}"
+    print(f"memory plan: {a.model} ({cfg.arch}), {hp.method}, layers {list(hp.layers)}, {a.dtype}, "
+          f"--z-batch-tokens {a.z_batch_tokens}{', --state-device cpu' if a.state_device else ''} (GiB)")
+    print(f"{'device':<12}{'blocks':>10}{'weights':>9}{'state':>8}{'z pass':>8}{'solve':>8}{'need':>8}{'has':>8}  fits")
+    for row, name, has in zip(rows, names + ["host"], capacity + [device_memory(torch.device("cpu"))]):
+        span = f"{row['blocks'][0]}-{row['blocks'][-1]}" if row["blocks"] else "-"
+        print(f"{name:<12}{span:>10}{gib(row['weights']):>9}{gib(row['state']):>8}{gib(row['target_values']):>8}"
+              f"{gib(row['solve']):>8}{gib(row['need']):>8}{gib(has):>8}  {'yes' if row['need'] <= has else 'NO'}")
+    return 0 if all(r["need"] <= h for r, h in zip(rows, capacity + [device_memory(torch.device("cpu"))])) else 1
+
+
 # ----------------------------------------------------------------------------- the command
 
 DEFAULT_HELDOUT = Path(__file__).parent / "fixtures" / "wikitext-2-valid-sample.txt"
@@ -1032,7 +1106,7 @@ FLAG_FIELDS = {"method": "hparams.method", "batch_size": "hparams.batch_size", "
                "alpha": "hparams.alpha", "lam": "hparams.lam", "v": "hparams.V", "l2": "hparams.l2",
                "stats": "stats_file", "no_generation": "generation", "superseded": "hparams.superseded"}
 PATHS = ("model", "edits", "stats_corpus", "stats", "heldout", "glue_dir", "snippets")
-NOT_SETTINGS = ("resume", "out", "save_model", "given")
+NOT_SETTINGS = ("resume", "out", "save_model", "given", "plan", "plan_gib")
 
 
 def parse_args(argv=None):
@@ -1071,6 +1145,11 @@ def parse_args(argv=None):
                    "solves: 'cpu' keeps them in host memory and brings one layer's to the GPU per solve "
                    "(same results; for a card too small to hold them; see the README)")
     p.add_argument("--dtype", default="float32", choices=list(M.DTYPES))
+    p.add_argument("--plan", action="store_true", help="print what the run needs on each device (weights, "
+                   "statistics and edit memory, the target-value passes, a solve) from config.json alone, "
+                   "and whether it fits; load nothing (exit 1 if it does not fit)")
+    p.add_argument("--plan-gib", type=lambda t: [float(x) for x in t.split(",")], help="with --plan: the "
+                   "memory of the devices to plan for, in GiB (e.g. 80,80), instead of this machine's")
     p.add_argument("--seed", type=int, default=0, help="seed of the context templates (E3)")
     p.add_argument("--out", help="run directory (default: a new runs/NNN)")
     p.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR")
@@ -1265,6 +1344,12 @@ def main(argv=None):
     if argv[:1] == ["report"]:
         return report(argv[1:])
     a = parse_args(argv)
+    if a.plan and a.model:
+        try:
+            return print_plan(a)
+        except (M.CheckpointError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     if not a.resume and not (a.model and a.edits):
         print(f"LyapLock: give --model and --edits (see --help). Quick start: 100 real CounterFact "
               f"edits into the bundled fact model (README, 'Testbed'), CPU, under a minute:\n  {QUICKSTART}")

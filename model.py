@@ -758,26 +758,34 @@ def split_blocks(loads: list[float], fixed: list[float], shares: list[float]) ->
     return device
 
 
-def place_blocks(model: "CausalLM", devices: list[torch.device], dtype: torch.dtype,
+def place_blocks(model: "CausalLM", shares: list[float], dtype: torch.dtype,
                  reserve: dict[int, int]) -> list[int]:
-    """Each block's device as an index in `devices` (split_blocks over the devices' shares). A
-    block weighs its weights in `dtype` plus reserve[layer] bytes (what else its device must
-    hold, e.g. the layer's statistics); the embeddings count on the first device, the final
-    norm and the head on the last (tied to the embeddings: on the first, with them)."""
+    """Each block's device as an index into `shares` (device_shares: what each device should
+    hold, e.g. its memory), by split_blocks. A block weighs its weights in `dtype` plus
+    reserve[layer] bytes (what else its device must hold, e.g. the layer's statistics); the
+    embeddings count on the first device, the final norm and the head on the last (tied to the
+    embeddings: on the first, with them). The model may be on the meta device (a plan)."""
     n = model.cfg.n_layers
     if bad := sorted(set(reserve) - set(range(n))):
         raise ValueError(f"reserve names layer(s) {bad}, not in 0..{n - 1}")
     if any(not b >= 0 for b in reserve.values()):
         raise ValueError(f"reserve: bytes must be non-negative, got {reserve}")
+    loads = [weight_bytes(dtype, b) + reserve.get(i, 0) for i, b in enumerate(model.blocks)]
+    return split_blocks(loads, fixed_bytes(model, dtype, len(shares)), shares)
 
-    def size(*modules):
-        return sum(p.numel() for m in modules for p in m.parameters()) * dtype.itemsize
-    loads = [size(b) + reserve.get(i, 0) for i, b in enumerate(model.blocks)]
-    fixed = [0.0] * len(devices)
-    fixed[0] += size(model.embed, *([model.transformer.wpe] if model.cfg.arch == "gpt2" else []))
+
+def weight_bytes(dtype: torch.dtype, *modules) -> int:
+    return sum(p.numel() for m in modules for p in m.parameters()) * dtype.itemsize
+
+
+def fixed_bytes(model: "CausalLM", dtype: torch.dtype, n_devices: int) -> list[int]:
+    """The weights outside the blocks on each of n devices: the embeddings (GPT-2: and its
+    positions) on the first; the final norm and an untied head on the last (tied: the first)."""
+    fixed = [0] * n_devices
+    fixed[0] += weight_bytes(dtype, model.embed, *([model.transformer.wpe] if model.cfg.arch == "gpt2" else []))
     head = [model.norm] + ([] if model.cfg.tie_embeddings else [model.lm_head])   # tied: counted above
-    fixed[0 if model.cfg.tie_embeddings else -1] += size(*head)
-    return split_blocks(loads, fixed, device_shares(devices))
+    fixed[0 if model.cfg.tie_embeddings else -1] += weight_bytes(dtype, *head)
+    return fixed
 
 
 def parameter_devices(model: "CausalLM", devices: list[torch.device],
@@ -859,7 +867,7 @@ def load(path, device="cpu", dtype="float32", reserve=None) -> CausalLM:
     check_tensors(path, cfg, {c: shapes[n] for c, n in params.items()}, headers)
     if len(devices) > 1:
         model.devices = devices
-        model.stages = place_blocks(model, devices, DTYPES[dtype], reserve(cfg) if reserve else {})
+        model.stages = place_blocks(model, device_shares(devices), DTYPES[dtype], reserve(cfg) if reserve else {})
     blocks = [devices[j] for j in model.stages] if model.stages else devices[:1] * cfg.n_layers
     where = parameter_devices(model, devices, blocks)                           # name -> device
     state = {}

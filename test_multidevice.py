@@ -97,7 +97,7 @@ def test_parameters_go_to_their_blocks_device(ckpt, kind):
     with torch.device("meta"):
         m = M.CausalLM(M.read_config(path))
     devices = [torch.device("cpu"), torch.device("meta")]
-    placed = M.place_blocks(m, devices, torch.float32, {})
+    placed = M.place_blocks(m, M.device_shares(devices), torch.float32, {})
     assert placed == sorted(placed) and len(placed) == m.cfg.n_layers
     stages = [0, 1, 1, 1, 1][-m.cfg.n_layers:]     # (GPT-2's 50257 embeddings outweigh its 3 blocks)
     where = M.parameter_devices(m, devices, [devices[j] for j in stages])
@@ -283,3 +283,37 @@ def test_editing_spread_over_cuda_matches_one_device(tmp_path, spec):
         assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-3), method
         for l in layers:
             assert (runs[0][1][l] - runs[1][1][l]).norm() < 1e-3 * runs[0][1][l].norm(), (method, l)
+
+
+# =============================================================================== the memory plan
+def test_memory_plan_matches_the_measured_peaks_of_llama3_8b():
+    """--plan's arithmetic against the peaks bench.py measured over two Llama-3-8B LyapLock steps
+    on an H100 (docs/bench/llama3-8b-two-steps.txt: 40.5 GiB at --z-batch-tokens 2048, 61.5 at
+    8192): within 5%."""
+    import bench
+    import re
+    cfg = M.Config.from_hf(bench.PRESETS["llama3-8b"][0])
+    text = (FIX.parent / "docs" / "bench" / "llama3-8b-two-steps.txt").read_text()
+    measured = {int(z): float(g) for z, g in re.findall(r"z (\d+) .*?'peak_gib': ([\d.]+)", text)}
+    assert set(measured) == {2048, 8192}
+    for z, peak in measured.items():
+        (row,) = L.memory_plan(cfg, L.preset(cfg, "lyaplock"), "bfloat16", z, [80 * 2 ** 30])
+        assert abs(row["need"] / 2 ** 30 - peak) < 0.05 * peak, (z, row["need"] / 2 ** 30, peak)
+        assert row["weights"] / 2 ** 30 == pytest.approx(14.96, abs=0.01)        # 8.03e9 bf16 parameters
+        assert row["state"] == 5 * 8 * (2 * 14336 ** 2 + 4096 * 14336)           # C, S_KK, S_VK per layer
+
+
+def test_memory_plan_places_as_load_does_and_the_command_says_whether_it_fits(capsys):
+    cfg = M.read_config(STORIES)
+    hp = L.HParams(method="lyaplock", layers=(1, 2))
+    m = M.load(STORIES, "cpu,cpu", reserve=lambda c: {l: (2 * c.d_mlp ** 2 + c.d_model * c.d_mlp) * 8 for l in (1, 2)})
+    rows = L.memory_plan(cfg, hp, "float32", 2048, M.device_shares(m.devices))
+    assert [b for j, r in enumerate(rows) for b in r["blocks"] if j >= 0] == list(range(cfg.n_layers))
+    assert [next(j for j, r in enumerate(rows) if i in r["blocks"]) for i in range(cfg.n_layers)] == m.stages
+    host = L.memory_plan(cfg, hp, "float32", 2048, [1.0], state_on_host=True)
+    assert host[0]["state"] == 0 and host[-1]["host"] and host[-1]["need"] == 2 * 8 * (2 * 172 ** 2 + 64 * 172)
+    assert L.main(["--plan", "--model", str(STORIES), "--layers", "1,2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("memory plan: ") and out.strip().endswith("yes")
+    assert L.main(["--plan", "--model", str(STORIES), "--layers", "1,2", "--plan-gib", "0.0001,0.0001"]) == 1
+    assert "NO" in capsys.readouterr().out
