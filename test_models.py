@@ -314,3 +314,13 @@ def test_tokenizer_does_not_truncate_as_transformers_does_not(ckpt):
     ids = m.tokenizer.encode(text)
     assert len(ids) > 200 and m.tokenizer.decode(ids) == text
     assert ids == T.AutoTokenizer.from_pretrained(ckpt("gpt2"))(text)["input_ids"]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "qwen2", "qwen3-gqa-bias", "mistral-gqa-window"])
+def test_model_cli_continues_a_prompt_with_a_tiny_random_checkpoint_of_each_family(ckpt, kind, capsys):
+    M.main([str(ckpt(kind)), "--prompt", "Once upon a time", "--max-new-tokens", "6", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    m = M.load(ckpt(kind))
+    ids = m.tokenizer.encode("Once upon a time")
+    assert printed == m.tokenizer.decode(ids + M.generate(m, [ids], 6)[0]) + "\n"
+    assert printed.startswith("Once upon a time") and len(printed) > len("Once upon a time\n")
