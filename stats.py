@@ -448,6 +448,9 @@ def load_or_collect_stats(model, model_path, corpus, n_tokens, layers, cache_dir
             log(f"statistics: {file} does not match this model/corpus ({e}); recomputing")
     seqs = stats_sequences(model.tokenizer, data.read_corpus(corpus), n_tokens, max_len)
     total = sum(map(len, seqs))
+    if total < model.cfg.d_mlp:           # before the pass, not at the first solve
+        raise StatisticsError(f"{corpus}: the statistics corpus has {total} tokens; C ({model.cfg.d_mlp}×"
+                              f"{model.cfg.d_mlp}) needs at least d_mlp = {model.cfg.d_mlp}, or it is singular")
     C = collect_stats(model, seqs, layers, batch_tokens, Progress(total, log))
     log("")
     write_stats_file(file, C, key, total)

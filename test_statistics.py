@@ -319,3 +319,11 @@ def test_lyaplock_stats_then_an_editing_run_with_the_file_equals_the_cached_run(
     assert L.main(["stats", "--model", str(STORIES), "--stats-tokens", "4000", "--layers", "1", "--out", str(other)]) == 0
     assert L.main(_cli(tmp_path, "--out", str(tmp_path / "bad"), "--limit", "4", "--stats", str(other))) == 1
     assert "layer" in capsys.readouterr().err
+
+
+def test_a_corpus_shorter_than_the_mlp_width_is_refused_before_the_pass(tmp_path, stories, monkeypatch):
+    corpus = tmp_path / "short.txt"
+    corpus.write_text("Once upon a time there was a girl.\nShe liked the sun.\n")
+    monkeypatch.setattr(S, "collect_stats", lambda *a, **k: pytest.fail("the pass ran"))
+    with pytest.raises(S.StatisticsError, match=r"has \d+ tokens; C \(172×172\) needs at least d_mlp = 172"):
+        S.load_or_collect_stats(stories, STORIES, corpus, 0, (1,), tmp_path, log=quiet)
