@@ -675,10 +675,18 @@ def solving_on(device, ls: LayerState, C):
         yield C.to(device, non_blocking=True)
     finally:
         for k, old in kept.items():
-            new = getattr(ls, k)
-            setattr(ls, k, None if new is None else old.copy_(new) if old is not None and old.shape == new.shape
-                    else new.to(home).pin_memory() if home.type == "cpu" and new.is_cuda else new.to(home))
+            setattr(ls, k, _back_home(getattr(ls, k), old, home))
         ls.edits = {p: tuple(None if t is None else t.to(home) for t in kv) for p, kv in ls.edits.items()}
+
+
+def _back_home(new, old, home: torch.device):
+    """A state tensor from the solve's device back where the state lives: into its old tensor when
+    the shape still fits, else a new one (pinned on the host when it comes from a GPU)."""
+    if new is None:
+        return None
+    if old is not None and old.shape == new.shape:
+        return old.copy_(new)
+    return new.to(home).pin_memory() if home.type == "cpu" and new.is_cuda else new.to(home)
 
 
 def step_log(state: EditState, layers: dict, clock: "Clock") -> dict:
@@ -757,7 +765,8 @@ class Editor:
              z_batch_tokens: int = 2048, state_device=None, log=lambda *a, **k: None, **hparams) -> "Editor":
         """Load a checkpoint, its preset (hparams overrides any field of HParams), context
         templates (seeded) and statistics (cached)."""
-        model = M.load(model_path, device, dtype)     # (several devices: see M.load's reserve)
+        model = M.load(model_path, device, dtype, reserve=None if state_device else
+                       state_reserve(method, hparams.get("layers")))
         hp = with_overrides(preset(model.cfg, method), **hparams)
         C = stats.load_or_collect_stats(model, model_path, stats_corpus or DEFAULT_CORPUS, stats_tokens,
                                         hp.layers, stats_cache, log=log)
@@ -803,6 +812,26 @@ class Editor:
         for l, W in self.W0.items():
             self.model.edit_weight(l).copy_(W)
         self.state = EditState.start(self.hparams.method, self.hparams.layers)
+
+
+def state_reserve(method: str, layers=None):
+    """M.load's reserve for a list of devices: each edit layer's float64 C and edit memory (an
+    m×m and a d×m matrix) on its layer's device. layers: a list, a --layers string, or None for
+    the method's preset."""
+    def reserve(cfg: M.Config) -> dict:
+        chosen = parse_layers(layers, cfg.n_layers) if isinstance(layers, str) else layers or preset(cfg, method).layers
+        return {l: layer_state_bytes(cfg, method) for l in chosen}
+    return reserve
+
+
+def layer_state_bytes(cfg: M.Config, method: str) -> int:
+    """One edit layer's float64 state: C, the method's edit memory (S_KK m×m, S_VK d×m) and
+    AlphaEdit's projector (m×m)."""
+    m, d = cfg.d_mlp, cfg.d_model
+    kept = method_of(method)
+    sizes = {"S_KK": m * m, "S_VK": d * m}
+    projector = kept.solve in (alphaedit_step, lyaplock_alphaedit_step)
+    return 8 * (m * m + sum(sizes[k] for k in kept.memory) + (m * m if projector else 0))
 
 
 def with_overrides(hp: HParams, **changes) -> HParams:
@@ -996,10 +1025,7 @@ def memory_plan(cfg: M.Config, hp: HParams, dtype: str, z_tokens: int, shares: l
     with torch.device("meta"):
         model = M.CausalLM(cfg)
     dt, m, d = M.DTYPES[dtype], cfg.d_mlp, cfg.d_model
-    method = method_of(hp.method)
-    sizes = {"S_KK": m * m, "S_VK": d * m}
-    projector = method.solve in (alphaedit_step, lyaplock_alphaedit_step)
-    layer_state = 8 * (m * m + sum(sizes[k] for k in method.memory) + (m * m if projector else 0))
+    layer_state = layer_state_bytes(cfg, hp.method)
     blocks = M.place_blocks(model, shares, dt, {} if state_on_host else {l: layer_state for l in hp.layers})
     fixed = M.fixed_bytes(model, dt, len(shares))
     per_token = (6 * d + (4 if cfg.llama_like else 2) * m) * dt.itemsize
@@ -1244,17 +1270,11 @@ def open_run(a):
             saved = json.loads((Path(a.resume) / "config.json").read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"--resume {a.resume}: not a run directory (config.json: {e})") from None
-    method = saved["hparams"]["method"] if saved else a.method
-    layers = saved["hparams"]["layers"] if saved else a.layers
-
-    def reserve(cfg):      # each edit layer's float64 C and edit memory, on that layer's device
-        m, d = cfg.d_mlp, cfg.d_model
-        chosen = layers if isinstance(layers, list) else parse_layers(layers, cfg.n_layers) if layers \
-            else preset(cfg, method).layers
-        return {l: (2 * m * m + d * m) * 8 for l in chosen}
+    method, layers = (saved["hparams"]["method"], saved["hparams"]["layers"]) if saved else (a.method, a.layers)
+    on_host = a.state_device or (saved or {}).get("state_device")
     with stage("loading the model", "use --dtype bfloat16, more GPUs (--device cuda:0,cuda:1) or --state-device cpu"):
         model = M.load(a.model or saved["model"], a.device, saved["dtype"] if saved else a.dtype,
-                       reserve=None if (a.state_device or (saved or {}).get("state_device")) else reserve)
+                       reserve=None if on_host else state_reserve(method, layers))
     settings = resumed_settings(a, saved, model) if saved else new_settings(a, model)
     if settings.stats_tokens and not settings.stats_file and settings.stats_tokens < model.cfg.d_mlp:
         raise ValueError(f"--stats-tokens {settings.stats_tokens}: C ({model.cfg.d_mlp}×{model.cfg.d_mlp}) "
