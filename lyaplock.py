@@ -1451,10 +1451,7 @@ def superseded_note(requests, hp: HParams, chosen: bool) -> str | None:
     more, hence the default."""
     if chosen or not method_of(hp.method).memory or hp.superseded != "keep":
         return None
-    seen, again = set(), 0
-    for q in requests:
-        again += q.rewrite_prompt() in seen
-        seen.add(q.rewrite_prompt())
+    again = len(requests) - len({q.rewrite_prompt() for q in requests})
     return (f"note: {again} request(s) re-edit a prompt edited earlier; {hp.method} keeps the earlier value "
             "in its edit memory and defends it (--superseded keep, the default and the authors'); "
             "--superseded remove takes it out first (E8a; README \"Testbed\": far higher efficacy "

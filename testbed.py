@@ -461,7 +461,7 @@ def churn_stream(requests: list[Request], pools: dict, n_edits: int, batch_size:
     """The same subjects rewritten again and again: pass 0 is `requests` as given; each later
     pass visits them in a new seeded order, each time with another answer of its relation the
     model can produce (neither its true answer nor its previous target). n_edits in all."""
-    gen, latest, passes, n = torch.Generator().manual_seed(seed), {}, [list(requests)], len(requests)
+    gen, passes, n = torch.Generator().manual_seed(seed), [list(requests)], len(requests)
     latest = {q.rewrite_prompt(): q.target_new for q in requests}
     every = sorted({a for pool in pools.values() for a in pool})
     for p in range(1, -(-n_edits // n)):
@@ -613,9 +613,9 @@ def parse_run(spec: str, hparams: dict) -> tuple[str, dict]:
         if not eq or not hasattr(defaults, name) or name in ("method", "layers"):
             raise ValueError(f"run {spec!r}: {item!r} is not field=value of an HParams field (not method, layers)")
         kind = type(getattr(defaults, name))
+        convert = {bool: lambda v: v.lower() in ("1", "true"), int: lambda v: int(float(v))}.get(kind, kind)
         try:
-            over[name] = (value if kind is str else value.lower() in ("1", "true") if kind is bool
-                          else kind(float(value)) if kind is int else kind(value))
+            over[name] = convert(value)
         except ValueError:
             raise ValueError(f"run {spec!r}: {name} needs a {kind.__name__}, got {value!r}") from None
     return method, over
