@@ -1,19 +1,25 @@
-"""Fast tests of the testbed's long-stream experiment (testbed.py): stream construction, run
-specs, the queue summary, a short run and its report. The long streams themselves are
+"""Tests of the testbed (testbed.py): its streams, run specs, queue summary, a short run and its
+report; the fact model's training and the committed model; and the paper's claim on a 200-edit
+stream (thresholds at about half the measured margins). The long streams themselves are
 measurements (README "Testbed"), not tests."""
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 
+import eval as E
 import lyaplock as L
 import model as M
 import testbed as TB
-from data import Request
+from data import Request, load_requests, read_corpus
 
-FIX = Path(__file__).parent / "fixtures"
+HERE = Path(__file__).parent
+FIX = HERE / "fixtures"
 FACTMODEL, STORIES = FIX / "factmodel-ci", FIX / "stories260K-hf"
 
 
@@ -183,3 +189,252 @@ def test_short_churn_run_survives_a_stop_logs_every_step_and_point_and_is_not_re
         assert (out / f).read_text().startswith("<svg")
     again = _short(out, cache, _stop)                                   # both complete: nothing reruns
     assert again["methods"] == json.loads(json.dumps(r["methods"]))
+
+
+# ==================== the fact model (moved from test_lyaplock.py)
+def test_training_is_deterministic_per_seed_and_the_cli_matches(tmp_path):
+    """Two trainings with one seed give bit-identical files (one through the CLI); another
+    seed gives other weights."""
+    TB.train(tmp_path / "a", "ci", seed=0, steps=3, log=lambda *_: None)
+    subprocess.run([sys.executable, "testbed.py", "train", "--size", "ci", "--out", str(tmp_path / "b"),
+                    "--seed", "0", "--steps", "3", "--threads", "2"], cwd=HERE, check=True,
+                   capture_output=True)
+    TB.train(tmp_path / "c", "ci", seed=1, steps=3, log=lambda *_: None)
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() != (tmp_path / "c" / "model.safetensors").read_bytes()
+    info = json.loads((tmp_path / "a" / "training.json").read_text())
+    assert info["steps"] == 3 and info["seed"] == 0 and info["threads"] == 2
+    assert info["parameters"] == sum(p.numel() for p in M.load(tmp_path / "a").parameters())
+
+
+def test_saved_model_matches_transformers(factmodel):
+    """The committed checkpoint: our loader and transformers give the same logits on a
+    right-padded batch; it is GQA with tied embeddings."""
+    T = pytest.importorskip("transformers")
+    hf = T.AutoModelForCausalLM.from_pretrained(FACTMODEL, dtype=torch.float32).eval()
+    cfg = factmodel.cfg
+    assert cfg.n_kv_heads < cfg.n_heads and cfg.tie_embeddings
+    tok = factmodel.tokenizer
+    ids, mask = tok.pad([tok.encode("The mother tongue of Danielle Darrieux is"),
+                         tok.encode("Paris is the capital of")])
+    ours = factmodel(ids, mask).logits
+    with torch.no_grad():
+        theirs = hf(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert torch.allclose(ours[real], theirs[real], atol=1e-4, rtol=0)
+
+
+def test_tokenizer_prepends_bos_and_targets_round_trip(factmodel):
+    tok = factmodel.tokenizer
+    ids = tok.encode("The capital of France is")
+    assert ids[0] == tok.bos_id == factmodel.cfg.bos_id and ids.count(tok.bos_id) == 1
+    assert tok.eos_ids == [factmodel.cfg.eos_ids[0]]
+    for target in ("Paris", "French", "Antarctica", "Danielle Darrieux", "Zürich"):
+        t = E.target_ids(tok, target)
+        assert t[0] != tok.bos_id and tok.decode(t) == " " + target
+        prompt = "The answer is"   # byte-level BPE: the target encodes the same after a prompt
+        assert tok.encode(prompt) + t == tok.encode(prompt + " " + target)
+
+
+class NextTokenOracle(nn.Module):
+    """A stub model that predicts the true next token, except that it never predicts `blind`."""
+
+    def __init__(self, tokenizer, blind: int, vocab: int):
+        super().__init__()
+        self.tokenizer, self.blind, self.vocab = tokenizer, blind, vocab
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, ids, mask=None, logits_at=None):
+        nxt = torch.cat([ids[:, 1:], ids[:, :1]], dim=1).gather(1, logits_at)
+        guess = torch.where(nxt == self.blind, (nxt + 1) % self.vocab, nxt)
+        return M.Output(nn.functional.one_hot(guess, self.vocab).float())
+
+
+def test_fact_accuracy_counts_facts_with_every_answer_token_right(factmodel):
+    tok = factmodel.tokenizer
+    paris = E.target_ids(tok, "Paris")
+    assert len(paris) == 1
+    stub = NextTokenOracle(tok, paris[0], factmodel.cfg.vocab_size)
+    pairs = [("The capital of France is", "French"),          # right
+             ("The capital of France is", "Paris"),           # its only token is never predicted
+             ("Home of", "Paris Saint-Germain"),             # the first of several tokens is wrong
+             ("A city:", "London")]                          # right
+    assert TB.fact_accuracy(stub, pairs, batch_size=3) == 0.5
+
+
+def test_facts_are_the_true_facts_of_both_record_sets_with_their_subjects():
+    edit, held = TB.records("ci")
+    assert len(edit) == 300 and len(held) == 300
+    assert not {r.case_id for r in edit} & {r.case_id for r in held}    # disjoint splits
+    fs = TB.facts(edit + held)
+    prompts = [p for p, _, _ in fs]
+    assert len(set(prompts)) == len(prompts) and len(fs) > 1700
+    r = edit[0]
+    assert (r.rewrite_prompt(), r.target_true, r.subject) == fs[0]
+    assert (r.paraphrase_prompts[0], r.target_true, r.subject) in fs
+    assert all(a != r.target_new for p, a, _ in fs if p == r.rewrite_prompt())
+    # a neighbourhood prompt's subject, found through the records' own templates
+    nb = {p: s for p, _, s in fs}
+    assert nb["Arend Lijphart is a native speaker of"] == "Arend Lijphart"
+    assert sum(s in p for p, _, s in fs) >= 0.99 * len(fs)          # the subject is in its prompt
+
+
+def test_facts_drop_subjects_with_two_answers_and_unmatched_prompts():
+    r = load_requests(FIX / "counterfact-easyedit.json", limit=1)[0][0]
+    same = dataclasses.replace(r, prompt="{} is located in", neighborhood_prompts=(
+        f"{r.subject} is located in", "Nobody knows this one"), neighborhood_answers=("Mars", "x"))
+    assert TB.facts([same]) == []             # the subject has two answers; no template matches
+    other = dataclasses.replace(same, neighborhood_prompts=("Paris is located in",),
+                                neighborhood_answers=("France",), paraphrase_prompts=())
+    assert TB.facts([other]) == [(f"{r.subject} is located in", r.target_true, r.subject),
+                                 ("Paris is located in", "France", "Paris")]
+
+
+def test_subject_cards_are_one_per_subject():
+    edit, held = TB.records("ci")
+    fs = TB.facts(edit + held)
+    cards = TB.subject_cards(fs)
+    assert cards[0] == ("Danielle Darrieux", "French", "Danielle Darrieux")
+    assert len({c[0] for c in cards}) == len(cards) == len({s for _, _, s in fs}) > 1000
+    answer = {s: a for _, a, s in fs}
+    assert all(answer[s] == a for s, a, _ in cards)
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_extract_phase_trains_only_the_upper_attention(tmp_path, share):
+    """store_share 1: one store step moves every weight; 0: one extract step moves only the
+    attention above the store layer (the answers stay where the store phase put them)."""
+    s = dataclasses.replace(TB.SIZES["ci"], store_share=share, batch_facts=8, batch_text=1)
+    m, edit, held, fs, stream = TB.prepare(s, tmp_path, seed=0)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    TB.fit(m.train(), fs, TB.subject_cards(fs), stream, s, 1, seed=1, log=lambda *_: None)
+    moved = {n for n, p in m.named_parameters() if not torch.equal(p, before[n])}
+    upper = {n for n in before if any(f"layers.{i}.self_attn." in n for i in range(s.store_layer + 1, s.n_layers))}
+    assert moved == (set(before) if share else upper) and upper
+    assert all(p.requires_grad for p in m.parameters())
+
+
+def test_subject_swap_replaces_the_state_after_the_store_layer(factmodel):
+    """Phase 2's swap = running the upper layers from a residual whose subject state is another
+    row's: the same as model(delta=...) with the difference of the two states."""
+    tok, s = factmodel.tokenizer, TB.SIZES["ci"]
+    seqs = [TB.fact_sequence(tok, "Danielle Darrieux speaks", "English"),
+            TB.fact_sequence(tok, "Toko Yasuda plays the", "guitar")]
+    ids, mask, pos, tgt, w = TB.fact_batch(seqs, tok.pad_id, s)
+    at, at1 = (L.subject_row(tok, t, subj, 0).lookup for t, subj in
+               (("{} speaks", "Danielle Darrieux"), ("{} plays the", "Toko Yasuda")))
+    swapped = TB.fact_loss(factmodel, ids, mask, pos, tgt, w, swap=(s.store_layer, [0], [at], [1], [at1]))
+    h = factmodel(ids, mask, stop_after=s.store_layer, outs_at=(s.store_layer,)).outs[s.store_layer]
+    vec = torch.stack([h[1, at1] - h[0, at], torch.zeros_like(h[0, at])])
+    logits = factmodel(ids, mask, delta=(s.store_layer, torch.tensor([at, 0]), vec), logits_at=pos).logits
+    expect = (nn.functional.cross_entropy(logits.transpose(1, 2), tgt, reduction="none") * w).sum() / w.sum()
+    assert swapped.item() == pytest.approx(expect.item(), rel=1e-5)
+    plain = TB.fact_loss(factmodel, ids, mask, pos, tgt, w)
+    assert plain.item() != pytest.approx(swapped.item(), rel=1e-3)     # the swap mattered
+
+
+def test_gpu_recipe_starts_and_trains_on_cpu(tmp_path):
+    """The larger recipe builds its data, tokenizer and model and takes steps (batch cut down:
+    full training is for a GPU)."""
+    s = dataclasses.replace(TB.SIZES["gpu"], batch_facts=2, batch_text=1, text_len=16)
+    m, edit, held, pairs, stream = TB.prepare(s, tmp_path, seed=0)
+    assert (len(edit), len(held)) == (14000, 3000) and len(pairs) > 40000     # room for 10,000 edits
+    assert not {r.case_id for r in edit} & {r.case_id for r in held}
+    assert sum(p.numel() for p in m.parameters()) > 10 * sum(
+        p.numel() for p in M.load(FACTMODEL).parameters())
+    before = m.model.layers[0].mlp.down_proj.weight.clone()
+    cards = TB.subject_cards(pairs)
+    loss = TB.fit(m.train(), pairs, cards, stream, s, steps=2, seed=1, log=lambda *_: None)
+    assert torch.isfinite(torch.tensor(loss))
+    assert not torch.equal(before, m.model.layers[0].mlp.down_proj.weight)
+
+
+def test_edit_stream_file_holds_the_records_of_both_sources(tmp_path, monkeypatch):
+    """write_edits copies the editable records from the .json.gz files, the train split's extra
+    ones included, unchanged: loading the file gives back the same requests."""
+    s = dataclasses.replace(TB.SIZES["gpu"], n_edit=40, n_held=20, more_edit=30)
+    edit, held = TB.records(s)
+    assert len(edit) == 70 and len(held) == 20
+    keep = edit[::3]
+    monkeypatch.setattr(TB, "editable", lambda m, e, h: keep)       # the model's choice, fixed
+    TB.write_edits(tmp_path / "edits.json", None, s, edit, held)
+    assert load_requests(tmp_path / "edits.json")[0] == keep
+
+
+def test_committed_ci_fact_model_knows_its_facts(factmodel):
+    """The fixture trained by `python testbed.py train --size ci` knows >= 95% of its
+    training facts, both of the records to edit and of the held-back ones, and ships its
+    training text as the statistics corpus."""
+    edit, held = TB.records("ci")
+    info = json.loads((FACTMODEL / "training.json").read_text())
+    fs = TB.facts(edit + held)
+    assert info["size"] == "ci" and info["n_facts"] == len(fs)
+    kept = TB.held_facts_of(edit, held)                 # facts of held-back records only
+    edited = [f for f in fs if f not in kept]
+    assert len(kept) > 800 and len(edited) > 800
+    for part in (edited, kept):
+        assert TB.fact_accuracy(factmodel, part) >= 0.95
+    # the answer is already there at the subject's last token (what editing relies on)
+    assert TB.fact_accuracy(factmodel, TB.subject_cards(fs)) >= 0.95
+    assert TB.fact_accuracy(factmodel, fs) == pytest.approx(info["fact_accuracy"])
+    assert len(TB.editable(factmodel, edit, held)) >= 200
+    corpus = read_corpus(FACTMODEL / "corpus.txt")
+    assert corpus[0] == f"{fs[0][0]} {fs[0][1]}." and corpus[len(fs):] == read_corpus(TB.TEXT_FILE)
+
+
+CLAIM_EDITS = 200
+# 200 edits (20 steps) are too few for the presets' budget α = 60 to bind (LyapLock's queue stays at
+# its floor: README "Testbed"), so the claim is tested with a tight budget, α = 10, against MEMIT's
+# preset. Measured on the committed model (2026-12-02): retention 79.5 vs 66.8, specificity 91.5
+# vs 81.5, LyapLock efficacy 37.5; the thresholds keep about half of each margin.
+CLAIM_RUNS = ("lyaplock:alpha=10", "memit")
+RETENTION_MARGIN, SPECIFICITY_MARGIN, LYAPLOCK_EFFICACY = 6.0, 5.0, 25.0
+
+
+@pytest.fixture(scope="module")
+def claim_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("testbed")
+    return out, TB.experiment(FACTMODEL, CLAIM_EDITS, 10, CLAIM_RUNS, eval_every=10,
+                              out=out / "tb", stats_cache=out / "c", log=lambda s: None)
+
+
+def test_testbed_lyaplock_keeps_pl_within_T1_while_memit_pl_grows(claim_run):
+    """On the real trained fact model, 200 sequential edits: LyapLock's time-average PL per
+    layer is at most D plus T1's slack from the queue, and once the queue acts its PL stops
+    growing; MEMIT's PL grows at every step."""
+    _, r = claim_run
+    ly, me = (r["methods"][name]["steps"] for name in CLAIM_RUNS)
+    for l in map(str, r["layers"]):
+        pls, D, z_T = [s["layers"][l]["pl"] for s in ly], ly[-1]["layers"][l]["D"], ly[-1]["layers"][l]["z"]
+        T = len(pls)   # T1 in normalised form (b = 0, a = 1/√D, Z(0) = √D): mean PL ≤ D (1 + (z(T) − 1)/T)
+        assert sum(pls) / T <= D * (1 + (z_T - 1) / T) * (1 + 1e-9)
+        assert z_T > 1.5                     # the queue did act (measured 2.3, 2.5)
+        mp = [s["layers"][l]["pl"] for s in me]
+        assert all(b > a for a, b in zip(mp, mp[1:]))
+        q = 3 * T // 4                       # growth over the last quarter of the steps
+        assert pls[-1] - pls[q] < 0.25 * (mp[-1] - mp[q])
+
+
+def test_testbed_lyaplock_retains_more_facts_than_memit(claim_run):
+    """The paper's claim at testbed scale (thresholds from measured runs, with margin): after
+    the stream LyapLock keeps clearly more of the held-back facts and of the neighbourhoods
+    than sequential MEMIT. Its efficacy does NOT stay as high as MEMIT's here (37.5 vs 63.5):
+    only the measured level is guarded (see README "Testbed")."""
+    _, r = claim_run
+    ly, me = (r["methods"][name]["points"][-1] for name in CLAIM_RUNS)
+    assert ly["edits"] == me["edits"] == CLAIM_EDITS
+    assert ly["retention"] >= me["retention"] + RETENTION_MARGIN
+    assert ly["specificity"] >= me["specificity"] + SPECIFICITY_MARGIN
+    assert ly["efficacy"] >= LYAPLOCK_EFFICACY
+    assert ly["perplexity"] <= 1.06 * r["before"]["perplexity"]          # measured +3.0% (1463 / 1420)
+
+
+def test_testbed_experiment_writes_table_and_figures(claim_run):
+    import xml.etree.ElementTree as ET
+    out, r = claim_run
+    assert [p["edits"] for p in r["methods"]["memit"]["points"]] == [100, 200]
+    for f in ("table.md", "result.json", "queue.svg", "retention.svg", *(f"pl_layer{l}.svg" for l in r["layers"])):
+        assert (out / "tb" / f).exists()
+    ET.parse(out / "tb" / "retention.svg")          # well-formed SVG
+    assert f"| {CLAIM_RUNS[0]} | 200 |" in (out / "tb" / "table.md").read_text()
