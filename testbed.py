@@ -78,6 +78,9 @@ class Size:
 SIZES = {
     "ci": Size("counterfact-easyedit.json", 300, 300, 4096, 128, 6, 4, 2, 384,
                steps=1200, batch_facts=64, batch_text=8, text_len=64, lr=2e-3),
+    "laptop": Size("counterfact-easyedit.json", 300, 300, 4096, 128, 6, 4, 2, 384,   # ci's shape, twice the
+                   steps=2400, batch_facts=64, batch_text=8, text_len=64, lr=2e-3,   # records and steps: a
+                   more_edit=600),                                                  # 1,694-edit distinct stream
     "gpu": Size("counterfact-edit.json.gz", 10000, 3000, 6144, 512, 8, 8, 4, 1376,   # 14,000 to edit:
                 steps=8000, batch_facts=256, batch_text=32, text_len=128, lr=1e-3, warmup=300,
                 more_edit=4000),                                      # room for a 10,000-edit stream
