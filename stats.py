@@ -534,6 +534,8 @@ def main(argv=None) -> int:
             dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         try:
             write_statistics(a, device, rank, world)
+            if world > 1:           # tear down together: a rank leaving while rank 0 still writes
+                dist.barrier()      # the file can abort in gloo's exit (seen once, 2026-12-02)
         finally:
             if world > 1:
                 dist.destroy_process_group()

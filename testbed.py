@@ -17,6 +17,7 @@ prompts the subject's state after the store layer is swapped for another fact's 
 asked for is that fact's (an interchange intervention), so the answer is read from there.
 
     python testbed.py train --size ci --out fixtures/factmodel-ci [--seed 0] [--device cpu]
+    python testbed.py train --size laptop --out fixtures/factmodel-laptop --threads 1   # 1,694 distinct edits
     python testbed.py experiment [--edits 200] [--batch-size 10] [--out runs/testbed]
 """
 from __future__ import annotations
@@ -800,7 +801,8 @@ def svg_frontier(points: dict, title: str, w=560, h=360) -> str:
     for k, (x, y) in points.items():
         c = colors[families.index(k.split(":")[0]) % len(colors)]
         out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{c}"/>')
-        out.append(f'<text x="{px(x) + 4:.1f}" y="{py(y) - 4:.1f}" fill="{c}">{E._esc(k)}</text>')
+        dx, anchor = (-4, "end") if x > 70 else (4, "start")       # labels stay inside the figure
+        out.append(f'<text x="{px(x) + dx:.1f}" y="{py(y) - 4:.1f}" text-anchor="{anchor}" fill="{c}">{E._esc(k)}</text>')
     for f in families:
         xy = sorted(v for k, v in points.items() if k.split(":")[0] == f)
         if len(xy) > 1:
