@@ -463,16 +463,16 @@ def test_testbed_memit_pl_grows_super_linearly_and_the_model_loses_facts(claim_r
     """The collapse's onset at testbed scale: sequential MEMIT at LyapLock's own λ (no queue, no
     W0 anchor) has a PL that more than doubles from half the stream to its end on every edit
     layer, loses over a quarter of the held-back facts and moves perplexity, while LyapLock at
-    that λ keeps nearly all of it (thresholds: half the measured margins)."""
+    that λ keeps far more of them (thresholds: half the measured margins)."""
     _, r = claim_run
-    steps, last = r["methods"][CLAIM_RUNS[2]]["steps"], r["methods"][CLAIM_RUNS[2]]["points"][-1]
-    T = len(steps)
-    assert r["methods"][CLAIM_RUNS[2]]["hparams"]["lam"] == r["methods"][CLAIM_RUNS[0]]["hparams"]["lam"]
+    ly, weak = (r["methods"][name] for name in CLAIM_RUNS[::2])
+    steps, last, T = weak["steps"], weak["points"][-1], len(weak["steps"])
+    assert weak["hparams"]["lam"] == ly["hparams"]["lam"]
     for l in map(str, r["layers"]):
         assert steps[-1]["layers"][l]["pl"] >= SUPERLINEAR[l] * steps[T // 2 - 1]["layers"][l]["pl"]
     assert last["retention"] <= 100 - 29                                 # measured 41.3
     assert last["perplexity"] >= 1.08 * r["before"]["perplexity"]        # measured +16.7%
-    assert r["methods"][CLAIM_RUNS[0]]["points"][-1]["retention"] >= last["retention"] + 19     # 79.5 vs 41.3
+    assert ly["points"][-1]["retention"] >= last["retention"] + 19     # 79.5 vs 41.3
 
 
 def test_testbed_experiment_writes_table_and_figures(claim_run):
