@@ -542,7 +542,7 @@ def queue_trend(z: list[float]) -> tuple[str, float]:
 def audit_queue(pl: list[float], z: list[float], D: float) -> dict:
     """T1 on one layer's log: pl[t], z[t] are PL(t) and the normalised queue after step t.
 
-    How a run's queue maps onto E13 (lyaplock.update_queue): step 0 measures PL(0), sets
+    How a run's queue maps onto E13 (lyaplock.feed_queue): step 0 measures PL(0), sets
     D = α·PL(0), a = 1/√D, Z(0) = Zmax = √D (b = 0), and applies E13 already at step 0. So the
     queue after step t is Z(t+1) = max(Z(t) + a(PL(t) − D), Zmax), logged as z[t] = a·Z(t+1), and a
     log of T steps t = 0..T−1 is one sample path of E13 from Z(0). T1 then reads, step 0 included,

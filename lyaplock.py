@@ -103,12 +103,12 @@ def solve_alphaedit(K1, R, P, S_KK=None, l2=10.0):
     return torch.linalg.solve(M, R @ K1.T @ P, left=False)                    # E12: Δ·M = R K1ᵀ P
 
 
-def queue_update(Z, pl, D, a, b=0.0, zmax=0.0):
+def queue_next(Z, pl, D, a, b=0.0, zmax=0.0):
     """Raw virtual queue Z(t+1) = max(Z(t) + a(PL − D) + b, Zmax) (E13); Zmax is a floor."""
     return max(Z + a * (pl - D) + b, zmax)                # E13
 
 
-def queue_update_normalised(z, pl, D):
+def queue_next_normalised(z, pl, D):
     """z ← max(z + PL/D − 1, 1) (E14): E13 with z = a·Z, a = 1/√D, Zmax = √D, b = 0."""
     return max(z + pl / D - 1.0, 1.0)                     # E14
 
@@ -134,7 +134,7 @@ class LayerState:
         return 1.0 if self.D_base is None else self.a * self.Z
 
 
-def update_queue(ls: LayerState, pl: float, alpha: float, b: float = 0.0):
+def feed_queue(ls: LayerState, pl: float, alpha: float, b: float = 0.0):
     """Feed one step's PL into the layer's queue (E13), calibrating it after step 0.
 
     As the authors' code does: D_base is the PL measured after step 0's update, then
@@ -147,7 +147,7 @@ def update_queue(ls: LayerState, pl: float, alpha: float, b: float = 0.0):
         ls.D_base = pl
         ls.a = 1.0 / math.sqrt(alpha * pl)
         ls.Z = ls.zmax = math.sqrt(alpha * pl)
-    ls.Z = queue_update(ls.Z, pl, alpha * ls.D_base, ls.a, b, ls.zmax)      # E13
+    ls.Z = queue_next(ls.Z, pl, alpha * ls.D_base, ls.a, b, ls.zmax)      # E13
 
 
 def remember(ls: LayerState, K1, W_new=None, prompts=None):
@@ -276,7 +276,7 @@ def step_layer(W, W0, C, K1, R, ls: LayerState, hp, prompts=None) -> tuple[torch
     W_new = W + delta.to(W.dtype)                         # as the authors: cast Δ, then add
     pl = preservation_loss(W_new, W0, C)
     if method.queue:
-        update_queue(ls, pl, hp.alpha)
+        feed_queue(ls, pl, hp.alpha)
     if method.memory:
         remember(ls, K1, W_new if "S_VK" in method.memory else None, prompts)     # E7
     return W_new, pl

@@ -285,7 +285,7 @@ def test_lyaplock_alphaedit_at_the_floor_is_alphaedit_at_any_step(seed):
     with pytest.raises(B.BaselineError, match="at least 1"):
         lm_alpha(P, Pr, z=0.5)
     ls = L.LayerState()                      # the floor as the queue computes it: a·Z, rounded
-    L.update_queue(ls, 0.3, 7.0)
+    L.feed_queue(ls, 0.3, 7.0)
     close(lm_alpha(P, Pr, z=ls.z), lm_alpha(P, Pr, z=1.0), 1e-12)
 
 

@@ -1,29 +1,24 @@
-"""Tests: oracles for the model (HF transformers, a real checkpoint's golden output), property
-tests for the theory, and agreement with the authors' own code. Run: python -m pytest -q"""
-import ast
-import copy
-import dataclasses
-import hashlib
+"""Tests of lyaplock.py: property tests for the theory (T1–T4) and every closed form, agreement
+with the authors' own code, the run state, the command, and reliability (kills, interrupts, bad
+numbers). The other test files take their shared paths and helpers (FIX, DEVICES, _cli) from
+here. Run everything: python -m pytest -q"""
 import json
 import math
 import random
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import data
-import eval as E
 import lyaplock as L
 import model as M
 import stats as S
-from data import DataError, Request, file_sha256, load_requests, read_corpus
+from data import Request
 
 HERE = Path(__file__).parent
 FIX = HERE / "fixtures"
@@ -34,500 +29,6 @@ torch.set_num_threads(2)
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
 
-# =============================================================================== model: oracles
-def roughen(hf):
-    """Make a random HF model's norms and biases non-trivial, so a mistake in them shows."""
-    with torch.no_grad():
-        for n, p in hf.named_parameters():
-            if "norm" in n or "ln_" in n or n.endswith("bias"):
-                p.add_(0.3 * torch.randn_like(p))
-            else:
-                p.mul_(3.0)
-
-
-def make_hf_checkpoint(path: Path, kind: str, seed: int = 0, shard: bool = False) -> Path:
-    """A random tiny HF checkpoint (saved by transformers itself) with a tokenizer beside it."""
-    import transformers as T
-    torch.manual_seed(seed)
-    if kind == "gptj":
-        c = T.GPTJConfig(vocab_size=50257, n_embd=64, n_layer=3, n_head=4, rotary_dim=8, n_positions=128)
-        hf = T.GPTJForCausalLM(c)
-        tok = FIX / "gpt2-tokenizer"
-    else:
-        kw = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                  bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5)
-        if "gqa" in kind:
-            kw["num_key_value_heads"] = 2
-        if "tied" in kind:
-            kw["tie_word_embeddings"] = True
-        if "headdim" in kind:
-            kw["head_dim"] = 24
-        if "bias" in kind:
-            kw["attention_bias"] = kw["mlp_bias"] = True
-        if "rope3" in kind:
-            kw["rope_theta"] = 500000.0
-            kw["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
-        hf = T.LlamaForCausalLM(T.LlamaConfig(**kw))
-        tok = STORIES
-    roughen(hf)
-    hf.save_pretrained(path, max_shard_size="200KB" if shard else "5GB")
-    if "rope3" in kind:   # write rope as real Llama-3.1 checkpoints do (rope_theta + rope_scaling)
-        c = json.loads((path / "config.json").read_text())
-        rp = c.pop("rope_parameters")
-        c["rope_theta"] = rp.pop("rope_theta")
-        c["rope_scaling"] = rp
-        (path / "config.json").write_text(json.dumps(c))
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tok / f, path / f)
-    return path
-
-
-def hf_load(path):
-    import transformers as T
-    return T.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-def padded_batch(vocab, side, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    lens = [7, 12, 3, 10]
-    seqs = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lens]
-    T = max(lens)
-    ids, mask = torch.zeros(len(lens), T, dtype=torch.long), torch.zeros(len(lens), T, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        sl = slice(0, len(s)) if side == "right" else slice(T - len(s), T)
-        ids[b, sl], mask[b, sl] = torch.tensor(s), 1
-    return ids, mask
-
-
-KINDS = ["llama", "llama-gqa-tied", "llama-gqa-rope3", "llama-headdim-bias", "gptj"]
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("side", ["right", "left"])
-def test_forward_matches_transformers(tmp_path, kind, side, device):
-    path = make_hf_checkpoint(tmp_path / kind, kind)
-    hf, ours = hf_load(path).to(device), M.load(path, device)
-    L = ours.cfg.n_layers
-    ids, mask = (t.to(device) for t in padded_batch(min(ours.cfg.vocab_size, 500), side))
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)   # HF needs explicit positions under left padding
-    seen = {}
-    mlps = [m.mlp for m in (hf.model.layers if kind != "gptj" else hf.transformer.h)]
-    hooks = [(m.down_proj if kind != "gptj" else m.fc_out).register_forward_pre_hook(
-        lambda mod, args, i=i: seen.__setitem__(i, args[0])) for i, m in enumerate(mlps)]
-    with torch.no_grad():
-        ref = hf(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
-    for h in hooks:
-        h.remove()
-    assert_matches_hf(ours(ids, mask, keys_at=range(L), outs_at=range(L)), ref, seen, mask, L)
-
-
-def assert_matches_hf(out, ref, seen, mask, n_layers, tol=1e-4):
-    """Our logits, MLP keys and layer outputs equal transformers' (`ref` with hidden states,
-    `seen` the keys its hooks caught) on the real tokens."""
-    real = mask.bool()
-    assert (out.logits - ref.logits)[real].abs().max() < tol
-    for i in range(n_layers):
-        assert (out.keys[i] - seen[i])[real].abs().max() < tol
-        if i < n_layers - 1:   # HF's last hidden state is after the final norm
-            assert (out.outs[i] - ref.hidden_states[i + 1])[real].abs().max() < tol
-
-
-def test_padding_side_and_batching_do_not_change_logits(tmp_path):
-    ours = M.load(make_hf_checkpoint(tmp_path / "m", "llama-gqa-rope3"))
-    (r_ids, r_mask), (l_ids, l_mask) = padded_batch(500, "right"), padded_batch(500, "left")
-    r, l = ours(r_ids, r_mask).logits, ours(l_ids, l_mask).logits
-    for b in range(r_ids.shape[0]):
-        n = int(r_mask[b].sum())
-        alone = ours(r_ids[b:b + 1, :n]).logits[0]
-        assert (r[b, :n] - alone).abs().max() < 1e-5
-        assert (l[b, -n:] - alone).abs().max() < 1e-5
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_stories260K_golden_greedy(device):
-    """A real trained LLaMA (GQA): 200 greedy tokens from BOS, token for token."""
-    golden = json.loads((STORIES / "golden_greedy.json").read_text())
-    m = M.load(STORIES, device)
-    assert m.tokenizer.encode("", bos=True) == golden["prompt_ids"]
-    out = M.generate(m, [golden["prompt_ids"]], 200, stop_at_eos=False)[0]
-    assert out == golden["greedy_ids"]
-    assert m.tokenizer.decode(out).startswith("Once upon a time, there was a little girl named Lily.")
-
-
-def assert_cached_generation_is_recompute(m, n_new=12):
-    """Cached greedy decoding of a left-padded batch equals re-running each whole sequence per
-    token; returns the prompts."""
-    prompts = [[1, 5, 9, 33], [1, 44], [1, 7, 8, 9, 10, 11]]
-    got = M.generate(m, prompts, n_new, stop_at_eos=False)
-    for p, g in zip(prompts, got):   # no cache: re-run the whole sequence per token
-        seq = list(p)
-        for _ in range(n_new):
-            seq.append(int(m(torch.tensor([seq])).logits[0, -1].argmax()))
-        assert seq[len(p):] == g
-    return prompts
-
-
-def test_kv_cache_matches_recompute_and_sampling_is_seeded(tmp_path):
-    m = M.load(make_hf_checkpoint(tmp_path / "m", "llama-gqa-rope3"))
-    prompts = assert_cached_generation_is_recompute(m)
-    a = M.generate(m, prompts, 10, top_k=5, seed=3, stop_at_eos=False)
-    assert a == M.generate(m, prompts, 10, top_k=5, seed=3, stop_at_eos=False)
-    assert a != M.generate(m, prompts, 10, top_k=5, seed=4, stop_at_eos=False)
-
-
-def test_delta_start_stop_and_logits_at(tmp_path):
-    m = M.load(make_hf_checkpoint(tmp_path / "m", "gptj"))
-    ids, mask = padded_batch(500, "left")
-    B, layer = ids.shape[0], 1
-    pos = mask.sum(1) * 0 + ids.shape[1] - 2
-    vec = torch.randn(B, m.cfg.d_model)
-    full = m(ids, mask, delta=(layer, pos, vec), outs_at={layer})
-    h = m(ids, mask, stop_after=layer, outs_at={layer}).outs[layer].clone()
-    assert full.logits is not None
-    h[torch.arange(B), pos] += vec   # the obvious way: edit the residual by hand, then go on
-    assert torch.allclose(full.outs[layer], h, atol=1e-6)
-    resumed = m(ids, mask, start=(layer, h))
-    assert (resumed.logits - full.logits).abs().max() < 1e-5
-    at = torch.tensor([[0, 3]] * B)
-    part = m(ids, mask, logits_at=at).logits
-    assert torch.allclose(part, m(ids, mask).logits.gather(1, at[..., None].expand(-1, -1, part.shape[-1])),
-                          atol=1e-5)
-    assert m(ids, mask, stop_after=0).logits is None
-
-
-def test_tokenizer_bos_rules(tmp_path):
-    llama = M.load(STORIES)
-    assert llama.tokenizer.encode("Once upon")[0] == 1
-    gptj = M.load(make_hf_checkpoint(tmp_path / "g", "gptj"))
-    assert gptj.tokenizer.encode("Hello world") == [15496, 995]   # GPT-2 BPE, no BOS
-    assert gptj.tokenizer.bos_id == 50256 and gptj.tokenizer.eos_ids == [50256]
-
-
-@pytest.mark.parametrize("kind,shard", [("llama-gqa-tied", False), ("gptj", True)])
-def test_save_then_load_is_exact_and_transformers_reads_it(tmp_path, kind, shard):
-    src = make_hf_checkpoint(tmp_path / "src", kind, shard=shard)
-    m = M.load(src)
-    name = m.edit_weight_name(1)
-    edited = m.edit_weight(1) + 0.01 * torch.randn_like(m.edit_weight(1))
-    M.save(src, tmp_path / "out", {name: edited})
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in src.iterdir())
-    if shard:
-        assert (tmp_path / "out" / "model.safetensors.index.json").exists()
-    m2 = M.load(tmp_path / "out")
-    for n, t in m2.state_dict().items():
-        want = edited if n == name else m.state_dict()[n]
-        assert torch.equal(t, want), n
-    ids, mask = padded_batch(500, "right")
-    with torch.no_grad():
-        ref = hf_load(tmp_path / "out")(input_ids=ids, attention_mask=mask).logits
-    assert (m2(ids, mask).logits - ref)[mask.bool()].abs().max() < 1e-4
-    with pytest.raises(ValueError, match="input checkpoint"):
-        M.save(src, src, {})
-
-
-def test_model_cli_prints_a_continuation():
-    r = subprocess.run([sys.executable, str(HERE / "model.py"), str(STORIES), "--max-new-tokens", "12"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("Once upon a time")
-
-
-def _broken(tmp_path, how):
-    d = tmp_path / how
-    shutil.copytree(STORIES, d)
-    st = d / "model.safetensors"
-    w = load_file(st)
-    if how == "no-config":
-        (d / "config.json").unlink()
-    elif how == "unknown-type":
-        c = json.loads((d / "config.json").read_text())
-        (d / "config.json").write_text(json.dumps({**c, "model_type": "mamba"}))
-    elif how == "missing":
-        del w["model.layers.2.mlp.up_proj.weight"]
-        save_file(w, st)
-    elif how == "extra":
-        w["model.layers.2.mlp.extra.weight"] = torch.zeros(2)
-        save_file(w, st)
-    elif how == "shape":
-        w["model.layers.3.mlp.down_proj.weight"] = torch.zeros(64, 171)
-        save_file(w, st)
-    elif how == "nan":
-        w["model.norm.weight"][3] = float("nan")
-        save_file(w, st)
-    elif how == "truncated":
-        st.write_bytes(st.read_bytes()[:50_000])
-    elif how == "no-tokenizer":
-        (d / "tokenizer.json").unlink()
-    return d
-
-
-@pytest.mark.parametrize("how,message", [
-    ("no-config", "config.json is missing"),
-    ("unknown-type", "unsupported model_type 'mamba'.*'llama', 'gptj'"),
-    ("missing", "missing tensor.*model.layers.2.mlp.up_proj.weight"),
-    ("extra", "unexpected tensor.*model.layers.2.mlp.extra.weight"),
-    ("shape", r"model.layers.3.mlp.down_proj.weight has shape \(64, 171\).*\(64, 172\)"),
-    ("nan", "model.norm.weight contains NaN"),
-    ("truncated", "model.safetensors: unreadable safetensors file"),
-    ("no-tokenizer", "tokenizer.json is missing"),
-])
-def test_bad_checkpoints_give_clear_errors(tmp_path, how, message):
-    with pytest.raises(M.CheckpointError, match=message):
-        M.load(_broken(tmp_path, how))
-
-
-# ==================== data: loading and validation
-
-ROME_REC = {
-    "case_id": 7,
-    "requested_rewrite": {"prompt": "The capital of {} is", "subject": "France",
-                          "target_new": {"str": "Rome", "id": "Q220"},
-                          "target_true": {"str": "Paris", "id": "Q90"}},
-    "paraphrase_prompts": ["France has its capital in"],
-    "neighborhood_prompts": ["The capital of the French Republic is", "France's seat of government is"],
-    "attribute_prompts": ["The capital of Italy is"],
-    "generation_prompts": ["France's capital city"],
-}
-EASY_REC = {"case_id": 7, "prompt": "The capital of France is", "target_new": "Rome",
-            "subject": "France", "ground_truth": "Paris",
-            "rephrase_prompt": "France has its capital in",
-            "locality_prompt": "The capital of the French Republic is",
-            "locality_ground_truth": "Paris"}
-ZSRE_REC = {"subject": "France", "src": "What is the capital of France?", "pred": "Paris",
-            "rephrase": "Which city is the capital of France?", "alt": "Rome", "answers": ["Paris"],
-            "loc": "nq question: who wrote hamlet", "loc_ans": "William Shakespeare",
-            "cond": "Paris >> Rome || What is the capital of France?"}
-
-
-def test_an_unusable_device_is_a_clear_error(tmp_path, capsys):
-    with pytest.raises(ValueError, match="device 'tpu': use cpu, cuda or cuda:N"):
-        M.load(STORIES, "tpu")
-    with pytest.raises(ValueError, match="device 'cuda:99'"):      # no GPU here, or not 100 of them
-        M.load(STORIES, "cuda:99")
-    assert L.main(_cli(tmp_path, "--out", str(tmp_path / "run"), "--device", "cuda:99")) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: device 'cuda:99'") and "Traceback" not in err
-    assert not (tmp_path / "run").exists()
-
-
-def _data_write(tmp_path, obj, name="edits.json"):
-    path = tmp_path / name
-    path.write_text(obj if isinstance(obj, str) else json.dumps(obj), encoding="utf-8")
-    return path
-
-
-def _data_error(path, *parts, **kwargs):
-    """Loading ``path`` raises a DataError whose message has the file name and all ``parts``."""
-    with pytest.raises(DataError) as info:
-        load_requests(path, **kwargs)
-    msg = str(info.value)
-    for part in (path.name, *parts):
-        assert part in msg, f"{part!r} not in {msg!r}"
-    return msg
-
-
-def test_data_easyedit_and_rome_layouts_give_the_same_requests():
-    rome, _ = load_requests(FIX / "counterfact-rome.json")
-    easy = {r.case_id: r for r in load_requests(FIX / "counterfact-easyedit.json")[0]}
-    assert len(rome) == 20
-    for r in rome:
-        e = easy[r.case_id]
-        assert (r.prompt, r.subject, r.target_new, r.target_true) == \
-            (e.prompt, e.subject, e.target_new, e.target_true)
-        assert r.paraphrase_prompts == e.paraphrase_prompts
-        assert (r.neighborhood_prompts, r.neighborhood_answers) == \
-            (e.neighborhood_prompts, e.neighborhood_answers)
-        assert r.kind == e.kind == "counterfact"
-        assert r.generation_prompts == (e.rewrite_prompt(), e.paraphrase_prompts[0])
-    first = easy[0]  # the real record, spelled out
-    assert first.prompt == "The mother tongue of {} is" and first.subject == "Danielle Darrieux"
-    assert first.rewrite_prompt() == "The mother tongue of Danielle Darrieux is"
-    assert (first.target_new, first.target_true) == ("English", "French")
-    assert first.neighborhood_prompts == ("Michel Rocard is a native speaker of",)
-    assert first.neighborhood_answers == ("French",)
-
-
-def test_data_zsre_record_maps_field_by_field():
-    path = FIX / "zsre-mend.json"
-    raw = json.loads(path.read_text(encoding="utf-8"))
-    reqs, skipped = load_requests(path)
-    assert len(reqs) == len(raw) == 300 and skipped == []
-    for i in (0, 174):  # 174's alt has a leading space: kept as written
-        r, rec = reqs[i], raw[i]
-        assert r.case_id == i and r.kind == "zsre"
-        assert r.subject == rec["subject"]
-        assert r.rewrite_prompt() == rec["src"] and r.prompt.count("{}") == 1
-        assert r.target_new == rec["alt"] and r.target_true == rec["answers"][0]
-        assert r.paraphrase_prompts == (rec["rephrase"],)
-        assert r.neighborhood_prompts == (rec["loc"],)
-        assert r.neighborhood_answers == (rec["loc_ans"],)
-        assert r.attribute_prompts == r.generation_prompts == ()
-    assert reqs[0].prompt == "What is the product made by {}?"
-    assert reqs[174].target_new == " Captain Universe"
-
-
-def test_data_rome_layout_fields(tmp_path):
-    path = _data_write(tmp_path, [ROME_REC])
-    (r,), _ = load_requests(path)
-    assert r == Request(7, "The capital of {} is", "France", "Rome", "Paris",
-                        ("France has its capital in",), tuple(ROME_REC["neighborhood_prompts"]),
-                        ("Paris", "Paris"), ("The capital of Italy is",), ("France's capital city",))
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        r.subject = "Spain"
-    rec = copy.deepcopy(ROME_REC)  # optional fields and ids may be left out
-    del rec["attribute_prompts"], rec["generation_prompts"], rec["requested_rewrite"]["target_new"]["id"]
-    (r,), _ = load_requests(_data_write(tmp_path, [rec]))
-    assert r.attribute_prompts == r.generation_prompts == ()
-
-
-def test_data_template_uses_first_occurrence_and_case_ids(tmp_path):
-    rec = dict(EASY_REC, prompt="Paris of France, France's capital, is", case_id="cf-7")
-    with pytest.warns(data.DataWarning, match=r"record 0 \(case_id cf-7\): field 'prompt': subject 'France' "
-                      r"occurs 2 times in .*; the first occurrence is edited"):
-        (r,), _ = load_requests(_data_write(tmp_path, [rec]))
-    assert r.prompt == "Paris of {}, France's capital, is" and r.case_id == "cf-7"
-    (z,), _ = load_requests(_data_write(tmp_path, [dict(ZSRE_REC, case_id=42)]))
-    assert z.case_id == 42
-
-
-def _mutated(base, field, value):
-    """A copy of ``base`` with dotted ``field`` set to ``value`` (deleted if value is ...)."""
-    rec = copy.deepcopy(base)
-    *parents, last = field.split(".")
-    obj = rec
-    for p in parents:
-        obj = obj[p]
-    if value is ...:
-        del obj[last]
-    else:
-        obj[last] = value
-    return rec
-
-
-RW = "requested_rewrite."
-BAD_RECORDS = [  # base, field to change, new value (... = delete), field named, problem named
-    (ROME_REC, RW + "subject", ..., RW + "subject", "missing"),
-    (ROME_REC, RW + "subject", "", RW + "subject", "empty"),
-    (ROME_REC, RW + "prompt", "The capital of France is", RW + "prompt", "exactly one"),
-    (ROME_REC, RW + "prompt", "{} and {} are", RW + "prompt", "exactly one"),
-    (ROME_REC, RW + "target_new.str", 5, RW + "target_new.str", "expected a string"),
-    (ROME_REC, RW + "target_new.str", "  ", RW + "target_new.str", "whitespace"),
-    (ROME_REC, RW + "target_new.str", "Paris", RW + "target_new.str", "equals target_true"),
-    (ROME_REC, RW + "target_true", "Paris", RW + "target_true", "expected an object"),
-    (ROME_REC, "paraphrase_prompts", "France has its capital in", "paraphrase_prompts", "expected a list"),
-    (ROME_REC, "paraphrase_prompts", ["ok", 3], "paraphrase_prompts[1]", "expected a string"),
-    (ROME_REC, "neighborhood_prompts", ..., "neighborhood_prompts", "missing"),
-    (ROME_REC, "case_id", 7.5, "case_id", "int or a string"),
-    (EASY_REC, "prompt", "The capital of Spain is", "prompt", "'France' does not occur"),
-    (EASY_REC, "subject", "  ", "subject", "empty"),
-    (EASY_REC, "target_new", "Paris", "target_new", "equals target_true"),
-    (EASY_REC, "rephrase_prompt", ["a", "b"], "rephrase_prompt", "expected a string"),
-    (EASY_REC, "locality_ground_truth", ..., "locality_ground_truth", "missing"),
-    (ZSRE_REC, "src", "What is the capital of Spain?", "src", "'France' does not occur"),
-    (ZSRE_REC, "alt", "", "alt", "empty"),
-    (ZSRE_REC, "answers", [], "answers", "empty list"),
-    (ZSRE_REC, "loc_ans", None, "loc_ans", "expected a string"),
-]
-
-
-@pytest.mark.parametrize("base,field,value,named,problem", BAD_RECORDS)
-def test_data_bad_record_errors_name_file_record_and_field(tmp_path, base, field, value, named, problem):
-    good = dict(base, case_id=3) if "case_id" in base else base
-    bad = _mutated(base, field, value)
-    cid = bad.get("case_id", 1)  # zsRE records without case_id use the index
-    path = _data_write(tmp_path, [good, bad])
-    _data_error(path, "record 1", f"case_id {cid}", f"field '{named}'", problem)
-
-
-def test_data_missing_case_id_and_duplicates(tmp_path):
-    path = _data_write(tmp_path, [EASY_REC, _mutated(EASY_REC, "case_id", ...)])
-    _data_error(path, "record 1", "field 'case_id'", "missing")
-    other = dict(EASY_REC, subject="Italy", prompt="The capital of Italy is")
-    path = _data_write(tmp_path, [EASY_REC, dict(EASY_REC, case_id=8), other])
-    _data_error(path, "record 2 (case_id 7)", "field 'case_id'", "duplicate", "record 0")
-
-
-@pytest.mark.parametrize("content,parts", [
-    ('[{"case_id": 1},\n {oops}]', ["not valid JSON", "line 2", "column 3"]),
-    ({"case_id": 1}, ["non-empty list", "dict"]),
-    ([], ["non-empty list", "empty list"]),
-    ([EASY_REC, 5], ["record 1", "expected an object", "int"]),
-    ([EASY_REC, {"question": "q", "answer": "a"}],
-     ["record 1", "unknown layout", "'answer'", "'question'",
-      "counterfact-rome", "counterfact-easyedit", "zsre-mend"]),
-    ([{"question": "q"}], ["no record has a supported layout", "'question'", "zsre-mend"]),
-])
-def test_data_file_level_errors(tmp_path, content, parts):
-    _data_error(_data_write(tmp_path, content), *parts)
-
-
-def test_data_mixed_layouts_and_unreadable_files_always_raise(tmp_path):
-    path = _data_write(tmp_path, [EASY_REC, ZSRE_REC])
-    _data_error(path, "record 1", "zsre-mend", "counterfact-easyedit", "one layout", skip_bad=True)
-    _data_error(tmp_path / "absent.json", "not found", skip_bad=True)
-    latin1 = tmp_path / "latin1.json"
-    latin1.write_bytes('[{"subject": "Café"}]'.encode("latin-1"))
-    _data_error(latin1, "UTF-8")
-
-
-def test_data_skip_bad_reports_and_limit(tmp_path):
-    recs = [dict(EASY_REC, case_id=i) for i in range(6)]
-    recs[1] = dict(recs[1], target_new="Paris")
-    recs[3] = 17
-    recs[5] = dict(recs[5], case_id=0)  # duplicate of record 0
-    path = _data_write(tmp_path, recs)
-    reqs, skipped = load_requests(path, skip_bad=True)
-    assert [r.case_id for r in reqs] == [0, 2, 4]
-    assert len(skipped) == 3
-    assert all(path.name in m for m in skipped)
-    assert ["record 1" in skipped[0], "record 3" in skipped[1], "record 5" in skipped[2]] == [True] * 3
-    assert [r.case_id for r in load_requests(path, skip_bad=True, limit=2)[0]] == [0, 2]
-    reqs, skipped = load_requests(path, skip_bad=True, limit=1)
-    assert [r.case_id for r in reqs] == [0] and skipped == []
-    reqs, skipped = load_requests(FIX / "counterfact-easyedit.json", limit=5)
-    assert [r.case_id for r in reqs] == [0, 1, 4, 5, 6] and skipped == []  # ids of the file
-
-
-def test_data_gzip_files_load_like_plain_ones(tmp_path):
-    import gzip
-    plain = FIX / "counterfact-easyedit.json"
-    packed = tmp_path / "cf.json.gz"
-    packed.write_bytes(gzip.compress(plain.read_bytes()))
-    assert load_requests(packed)[0] == load_requests(plain)[0]
-    assert load_requests(FIX / "counterfact-edit.json.gz", limit=300)[0] == load_requests(plain)[0]
-    packed.write_bytes(packed.read_bytes()[:500])                       # truncated
-    _data_error(packed, str(packed), "cannot read data")
-    packed.write_bytes(plain.read_bytes())                              # not gzip at all
-    _data_error(packed, str(packed), "Not a gzipped file")
-
-
-def test_data_read_corpus(tmp_path):
-    paragraphs = read_corpus(FIX / "wikitext-2-test-sample.txt")
-    assert paragraphs[0].startswith("Robert Boulter is an English film")
-    assert all(p and p == p.strip() for p in paragraphs)
-    assert not any(p.startswith("= ") and p.endswith(" =") for p in paragraphs)
-    assert "= = Career = =" not in paragraphs and len(paragraphs) > 100
-    assert any(p.startswith("Du Fu ( Wade") for p in paragraphs)  # a second article's text
-    (tmp_path / "blank.txt").write_text("\n \n = Title = \n\n", encoding="utf-8")
-    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00abc")
-    for name, problem in [("absent.txt", "not found"), ("blank.txt", "no text"), ("bin.txt", "UTF-8")]:
-        with pytest.raises(DataError, match=problem) as info:
-            read_corpus(tmp_path / name)
-        assert name in str(info.value)
-
-
-def test_data_file_sha256_and_stdlib_only(tmp_path):
-    path = _data_write(tmp_path, "hello")
-    assert file_sha256(path) == hashlib.sha256(b"hello").hexdigest()
-    with pytest.raises(DataError, match="absent"):
-        file_sha256(tmp_path / "absent")
-    tree = ast.parse((Path(__file__).parent / "data.py").read_text(encoding="utf-8"))
-    modules = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    modules |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert modules <= set(sys.stdlib_module_names), modules
 
 
 # ==================== lyaplock: the closed form, the queue, the run state
@@ -552,7 +53,7 @@ def queue_path(seed):
     pl = [rng.choice([0.0, rng.expovariate(1 / D), 5 * D * rng.random()])
           for _ in range(rng.randint(1, 300))]
     for p in pl:
-        Z.append(L.queue_update(Z[-1], p, D, a, b, zmax))
+        Z.append(L.queue_next(Z[-1], p, D, a, b, zmax))
     return pl, Z, a, b, D, zmax
 
 
@@ -576,7 +77,7 @@ def test_normalised_queue_is_raw_queue_scaled(seed):
     a = 1 / math.sqrt(D)
     Z, z = math.sqrt(D), 1.0            # code defaults: Z(0) = Zmax = √D, b = 0
     for p in pl:
-        Z, z = L.queue_update(Z, p, D, a, 0.0, math.sqrt(D)), L.queue_update_normalised(z, p, D)
+        Z, z = L.queue_next(Z, p, D, a, 0.0, math.sqrt(D)), L.queue_next_normalised(z, p, D)
         assert abs(a * Z - z) <= 1e-12 * z
 
 
@@ -586,20 +87,20 @@ def test_layer_queue_calibrates_after_step0_then_follows_E14(seed):
     alpha = 10 ** random.Random(seed).uniform(-1, 2)
     ls = L.LayerState()
     pl0 = 0.1 + pl[0]
-    L.update_queue(ls, pl0, alpha)
+    L.feed_queue(ls, pl0, alpha)
     assert ls.D_base == pl0 and ls.zmax == math.sqrt(alpha * pl0)
     assert abs(ls.a - 1 / math.sqrt(alpha * pl0)) <= 1e-15 * ls.a
-    z = L.queue_update_normalised(1.0, pl0, alpha * pl0)     # E13 applies at step 0 too
+    z = L.queue_next_normalised(1.0, pl0, alpha * pl0)     # E13 applies at step 0 too
     assert abs(ls.z - z) <= 1e-12 * z
     for p in pl:
-        L.update_queue(ls, p, alpha)
-        z = L.queue_update_normalised(z, p, alpha * pl0)
+        L.feed_queue(ls, p, alpha)
+        z = L.queue_next_normalised(z, p, alpha * pl0)
         assert abs(ls.z - z) <= 1e-12 * z and ls.D_base == pl0
 
 
 def test_layer_queue_needs_positive_pl_at_step0():
     with pytest.raises(ValueError, match="PL > 0"):
-        L.update_queue(L.LayerState(), 0.0, 1.0)
+        L.feed_queue(L.LayerState(), 0.0, 1.0)
 
 
 # ----------------------------------------------------------------------------- T4 direction
@@ -868,7 +369,7 @@ def test_oracle_step_by_step(i):
         fro = float(b[f"fro.{l}"][-1])
         assert abs(authors_pl(W, st, l) - fro) <= 1e-12 * fro
         assert abs(L.preservation_loss(W, W0, C) - fro) <= 1e-6 * fro               # E2
-        L.update_queue(ls, fro, alpha, hp["b"])                                       # E13
+        L.feed_queue(ls, fro, alpha, hp["b"])                                       # E13
         for name in ("Z", "a", "zmax", "D_base"):
             assert abs(getattr(ls, name) - float(b[f"{name}.{l}"])) <= 1e-14 * getattr(ls, name)
         L.remember(ls, K1, W)                                                         # E7
@@ -1362,249 +863,17 @@ def test_quickstart_edits_the_fact_model(tmp_path, capsys):
     assert after["specificity"] >= 80
 
 
-# ==================== eval: metrics against hand computations
 
 
-# ----------------------------------------------------------------------- a model we control
-class WordTok:
-    """Whitespace tokenizer over a fixed word list; id 0 is BOS (prepended unless bos=False)."""
-    bos_id, pad_id, eos_ids = 0, 0, []
-    pad = M.Tokenizer.pad
-
-    def __init__(self, words):
-        self.ids = {w: i + 1 for i, w in enumerate(words)}
-
-    def encode(self, text, bos=None):
-        return ([0] if bos is not False else []) + [self.ids[w] for w in text.split()]
-
-
-class Bigram(nn.Module):
-    """Next-token probabilities depend only on the current word: probs[word] = {next: p}, the rest
-    of the mass on the filler word "_" (every vocabulary contains it)."""
-
-    def __init__(self, words, probs):
-        super().__init__()
-        self.tokenizer = WordTok(words)
-        V = len(words) + 1
-        table = torch.full((V, V), 1e-30)
-        for w, row in probs.items():
-            ids = self.tokenizer.ids
-            table[ids[w], ids["_"]] = 1 - sum(row.values())
-            for nxt, p in row.items():
-                table[ids[w], ids[nxt]] = p
-        self.logp = nn.Parameter(table.log(), requires_grad=False)   # (V, V)
-
-    def forward(self, ids, mask=None, logits_at=None):
-        if logits_at is not None:
-            ids = ids.gather(1, logits_at)
-        return M.Output(self.logp[ids])
-
-
-def cf_request(cid, rewrite_end, para_ends, neigh_ends, kind="counterfact", new="new",
-               true="true", answer="true"):
-    """A request whose prompts end in the given words (the bigram model reads only those)."""
-    return Request(cid, "{} " + rewrite_end, "S", new, true, tuple("S " + p for p in para_ends),
-                   tuple("N " + p for p in neigh_ends), (answer,) * len(neigh_ends), kind=kind)
-
-
-WORDS = ["S", "N", "r", "r0", "p1", "p2", "n1", "n2", "new", "true", "a", "b", "c", "d", "_"]
-
-
-# ----------------------------------------------------------------------- CounterFact by hand
-def test_counterfact_by_hand():
-    m = Bigram(WORDS, {
-        "r": {"new": 0.6, "true": 0.2},     # efficacy 1, magnitude 0.4
-        "p1": {"new": 0.5, "true": 0.25},   # paraphrase right, 0.25
-        "p2": {"new": 0.1, "true": 0.4},    # paraphrase wrong, -0.3
-        "n1": {"new": 0.1, "true": 0.7},    # neighbour kept, 0.6
-        "n2": {"new": 0.3, "true": 0.2},    # neighbour lost, -0.1
-        "r0": {"new": 0.1, "true": 0.5},    # case 2: efficacy 0, magnitude -0.4
-    })
-    reqs = [cf_request(1, "r", ["p1", "p2"], ["n1", "n2", "n1"]),
-            cf_request(2, "r0", ["p2"], ["n2"])]
-    c1, c2 = E.counterfact_eval(m, reqs, batch_size=3)
-    assert c1["case_id"] == 1 and c1["kind"] == "counterfact"
-    assert c1["efficacy"] == 1 and c1["generalization"] == 0.5 and c1["specificity"] == pytest.approx(2 / 3)
-    assert c1["efficacy_magnitude"] == pytest.approx(0.4)
-    assert c1["generalization_magnitude"] == pytest.approx((0.25 - 0.3) / 2)
-    assert c1["specificity_magnitude"] == pytest.approx((0.6 - 0.1 + 0.6) / 3)
-    assert (c2["efficacy"], c2["generalization"], c2["specificity"]) == (0, 0, 0)
-    s = E.summarize([c1, c2])
-    eff, gen, spe = 50.0, 25.0, 100 / 3                     # means ×100 over the two cases
-    assert (s["efficacy"], s["generalization"]) == (eff, gen)
-    assert s["specificity"] == pytest.approx(spe)
-    assert s["score"] == pytest.approx(3 / (1 / eff + 1 / gen + 1 / spe))   # = 100/3
-    assert s["efficacy_magnitude"] == pytest.approx(100 * (0.4 - 0.4) / 2, abs=1e-4)
-    assert E.summarize([c2])["score"] == 0
-    perfect = {"efficacy": 1.0, "generalization": 1.0, "specificity": 1.0}
-    assert E.summarize([perfect])["score"] == pytest.approx(100)
-
-
-def test_counterfact_top1_token_accuracy_by_hand():
-    """EasyEdit's convention beside ROME's: the argmax token after the prompt (the filler "_" takes
-    the rest of the mass). A neighbour whose true answer beats the new target but is not the
-    argmax counts for specificity, not for specificity_top1."""
-    m = Bigram(WORDS, {
-        "r": {"new": 0.6, "true": 0.2},     # argmax new
-        "p1": {"new": 0.5, "true": 0.25},   # argmax new
-        "p2": {"new": 0.1, "true": 0.4},    # argmax "_" (0.5): true wins the comparison, not top-1
-        "n1": {"new": 0.1, "true": 0.7},    # argmax true
-        "n2": {"new": 0.3, "true": 0.2},    # argmax "_"
-        "a": {"b": 0.9}, "b": {"c": 0.3, "d": 0.1},   # multi-token: "b" then "_" argmax after b
-    })
-    reqs = [cf_request(1, "r", ["p1", "p2"], ["n1", "n2", "n1"]), cf_request(2, "p2", ["r"], ["p2"]),
-            cf_request(3, "r", ["r"], ["n1"], new="a b c", true="d")]
-    c1, c2, c3 = E.counterfact_eval(m, reqs, batch_size=2)
-    assert (c1["efficacy_top1"], c1["generalization_top1"]) == (1.0, 0.5)
-    assert c1["specificity_top1"] == pytest.approx(2 / 3) and c1["specificity"] == pytest.approx(2 / 3)
-    assert (c2["efficacy"], c2["efficacy_top1"], c2["generalization_top1"]) == (0.0, 0.0, 1.0)
-    assert (c2["specificity"], c2["specificity_top1"]) == (1.0, 0.0)        # the two conventions part
-    assert c3["efficacy_top1"] == pytest.approx(1 / 3)       # after r: new, not a; after a: b; after b: _, not c
-    s = E.summarize([c1, c2])
-    assert s["efficacy_top1"] == 50.0 and s["specificity_top1"] == pytest.approx(100 / 3)
-    assert list(s).index("efficacy_top1") > list(s).index("score")
-
-
-def test_target_nll_multi_token_by_hand():
-    m = Bigram(WORDS, {"r": {"a": 0.5, "b": 0.1}, "a": {"b": 0.4, "c": 0.5}, "b": {"c": 0.2, "d": 0.7},
-                       "p1": {"b": 0.6, "a": 0.3}})
-    s = E.target_nll(m, ["S r", "S p1", "S r"], ["a b c", "a b c", "a"], batch_size=2)
-    nll = [-math.log(0.5 * 0.4 * 0.2) / 3, -math.log(0.3 * 0.4 * 0.2) / 3, -math.log(0.5)]
-    assert s.nll_mean.tolist() == pytest.approx(nll, rel=1e-5)
-    assert s.prob.tolist() == pytest.approx([0.04, 0.024, 0.5], rel=1e-5)
-    assert s.token_correct == [[True, False, False], [False, False, False], [True]]
-
-
-def test_zsre_by_hand():
-    m = Bigram(WORDS, {"r": {"a": 0.6}, "a": {"b": 0.6}, "b": {"d": 0.5, "c": 0.3},
-                       "p1": {"b": 0.6, "a": 0.3}, "n1": {"c": 0.9}, "n2": {"c": 0.5, "d": 0.2}})
-    reqs = [cf_request(0, "r", ["p1"], ["n1"], "zsre", new="a b c", true="x", answer="c"),
-            cf_request(1, "p1", ["p1"], ["n2"], "zsre", new="a b c", true="x", answer="d")]
-    c0, c1 = E.edit_eval(m, reqs)
-    # "a b c" after r: a right (0.6), b right (0.6), c wrong (d is 0.5 > 0.3) -> 2/3
-    assert (c0["efficacy"], c0["generalization"], c0["specificity"]) == pytest.approx((2 / 3, 1 / 3, 1))
-    assert (c1["efficacy"], c1["generalization"], c1["specificity"]) == pytest.approx((1 / 3, 1 / 3, 0))
-    assert "efficacy_magnitude" not in c0
-
-
-# ------------------------------------------------------------------- text and classification
-def test_ngram_entropy_by_hand():
-    # words a b a b a: bigrams ab ba ab ba -> H2 = 1; trigrams aba bab aba -> H3 = h(1/3)
-    h3 = -(2 / 3) * math.log2(2 / 3) - (1 / 3) * math.log2(1 / 3)
-    assert E.ngram_entropy("a b a b a") == pytest.approx((2 / 3 * 1 + 4 / 3 * h3) / 2)
-    assert E.ngram_entropy("a a a a a a") == 0                  # one repeated n-gram: no entropy
-    # "x , y ." (punctuation marks are words): 3 distinct bigrams, 2 distinct trigrams
-    assert E.ngram_entropy("x, y.") == pytest.approx((2 / 3 * math.log2(3) + 4 / 3 * 1) / 2)
-
-
-def test_tfidf_by_hand():
-    snippets = ["paris is big", "paris city"]                  # N = 2
-    idf = E.fit_idf(snippets)
-    lo, hi = math.log(3 / 3) + 1, math.log(3 / 2) + 1            # df 2: paris; df 1: is, big, city
-    assert idf == pytest.approx({"paris": lo, "is": hi, "big": hi, "city": hi})
-    # "paris paris city x" (x: 1 char, not a term) vs "big city": shared term city only
-    a = {"paris": 2 * lo, "city": hi}                          # b = {"big": hi, "city": hi}
-    want = hi * hi / math.sqrt(sum(v * v for v in a.values())) / math.sqrt(2 * hi * hi)
-    assert E.tfidf_cosine("Paris paris city x", "big city", idf) == pytest.approx(want)
-    assert E.consistency(["paris city"], ["paris city"]) == pytest.approx(1)
-    assert E.consistency(["london"], snippets) == 0
-
-
-def test_f1_mcc_by_hand():
-    labels, preds = [1, 1, 1, 0, 0, 0, 0, 1], [1, 1, 0, 0, 0, 1, 0, 1]    # TP 3, FN 1, FP 1, TN 3
-    r = E.classification_metrics(labels, preds, 2)
-    assert r["accuracy"] == 0.75 and r["f1"] == pytest.approx(0.75) and r["macro_f1"] == pytest.approx(0.75)
-    assert r["mcc"] == pytest.approx((9 - 1) / 16)
-    unbalanced = E.classification_metrics([1, 1, 1, 0], [1, 1, 1, 1], 2)   # class 1: F1 6/7; class 0: 0
-    assert unbalanced["f1"] == pytest.approx(3 / 4 * 6 / 7) and unbalanced["macro_f1"] == pytest.approx(3 / 7)
-    assert unbalanced["mcc"] == 0                                          # an empty margin
-    assert E.classification_metrics([0, 1], [0, 1], 2)["mcc"] == 1
-    assert E.classification_metrics([0, 1], [1, 0], 2)["mcc"] == -1
-    assert E.classification_metrics([0, 1, 2, 3], [0, 1, 3, 3], 4)["accuracy"] == 0.75
-
-
-# --------------------------------------------------------------------- the real checkpoint
-@pytest.fixture(scope="module")
-def lm():
-    return M.load(FIX / "stories260K-hf")
-
-
-def plain_nll(m, prompt, target):
-    """Mean target NLL from one full forward pass (no logits_at, no batching)."""
-    p, t = m.tokenizer.encode(prompt), E.target_ids(m.tokenizer, target)
-    logp = m(torch.tensor([p + t])).logits[0].log_softmax(-1)
-    return -sum(logp[len(p) - 1 + j, tok] for j, tok in enumerate(t)) / len(t)
-
-
-def test_target_nll_matches_plain_forward(lm):
-    prompts = ["Once upon a time, there was a", "Tom and", "The sun was shining and the birds were"]
-    targets = ["little girl named Lily", "Sue went to the park", "happy"]
-    assert len(E.target_ids(lm.tokenizer, targets[0])) > 1
-    assert E.target_ids(lm.tokenizer, "happy") == E.target_ids(lm.tokenizer, " happy")
-    got = E.target_nll(lm, prompts, targets).nll_mean
-    want = torch.stack([plain_nll(lm, p, t) for p, t in zip(prompts, targets)])
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    one = E.target_nll(lm, prompts, targets, batch_size=1)
-    torch.testing.assert_close(one.nll_mean, got, atol=1e-5, rtol=1e-5)
-
-
-def test_batched_case_eval_equals_one_at_a_time(lm):
-    for name in ("counterfact-rome.json", "zsre-mend.json"):
-        reqs = load_requests(FIX / name, limit=4)[0]
-        batched = E.edit_eval(lm, reqs, batch_size=64)
-        single = [E.edit_eval(lm, [r], batch_size=1)[0] for r in reqs]
-        for b, s in zip(batched, single):
-            assert b.keys() == s.keys()
-            assert all(b[k] == (pytest.approx(s[k], abs=1e-5) if isinstance(s[k], float) else s[k])
-                       for k in b)
-
-
-def test_perplexity_matches_plain_forward(lm):
-    texts = ["Once upon a time, there was a little dog.", "Lily liked to play in the park with her friends."]
-    total, count = 0.0, 0
-    for t in texts:
-        ids = lm.tokenizer.encode(t, bos=True)[:12]
-        logp = lm(torch.tensor([ids])).logits[0].log_softmax(-1)
-        total -= sum(float(logp[i, ids[i + 1]]) for i in range(len(ids) - 1))
-        count += len(ids) - 1
-    assert E.perplexity(lm, texts, max_len=12) == pytest.approx(math.exp(total / count), rel=1e-5)
-
-
-def test_generation_eval_runs_and_is_seeded(lm):
-    reqs = load_requests(FIX / "counterfact-rome.json", limit=2)[0]
-    a = E.generation_eval(lm, reqs, snippets={reqs[0].case_id: ["the little dog ran"]}, max_new_tokens=20)
-    b = E.generation_eval(lm, reqs, max_new_tokens=20)
-    assert [c["generations"] for c in a] == [c["generations"] for c in b]
-    assert all(0 < c["fluency"] < 10 for c in a)
-    assert 0 <= a[0]["consistency"] <= 1 and "consistency" not in a[1]
-
-
-def test_general_eval_on_fixtures(lm):
-    r = E.general_eval(lm, FIX / "glue", n_per_task=6)
-    assert set(r) == {"sst2", "mrpc", "cola", "rte", "nli", "mmlu"}
-    for name, x in r.items():
-        assert x["n"] == 6 and 0 <= x["accuracy"] <= 1 and 0 <= x["f1"] <= 1 and 0 <= x["macro_f1"] <= 1
-        assert ("mcc" in x) == (name != "mmlu") and -1 <= x.get("mcc", 0) <= 1
-
-
-def test_write_summary(tmp_path):
-    s = E.summarize([{"efficacy": 1.0, "generalization": 0.5, "specificity": 1.0, "fluency": 6.0}])
-    s["general"] = {"sst2": {"f1": 0.5}}
-    header = {"method": "lyaplock", "model": "stories260K", "n_edits": 1, "batch_size": 1}
-    E.write_summary(tmp_path, s, header)
-    j = json.loads((tmp_path / "summary.json").read_text())
-    assert {*header, "efficacy", "generalization", "specificity", "score", "fluency"} <= set(j)
-    assert j["score"] == pytest.approx(300 / 4) and j["fluency"] == 600
-    md = (tmp_path / "summary.md").read_text()
-    assert md.startswith("- method: lyaplock\n- model: stories260K\n- n_edits: 1\n- batch_size: 1\n")
-    assert "| efficacy | 100.00 |" in md and "| general.sst2.f1 | 0.50 |" in md
-    E.write_summary(tmp_path, s, header, pre={"efficacy": 0.0})
-    md = (tmp_path / "summary.md").read_text()
-    assert "| metric | before | after |" in md and "| efficacy | 0.00 | 100.00 |" in md
-    assert "| score |  | 75.00 |" in md
-    assert json.loads((tmp_path / "summary.json").read_text())["pre"] == {"efficacy": 0.0}
-    with pytest.raises(ValueError, match="n_edits"):
-        E.write_summary(tmp_path, s, {"method": "x", "model": "y", "batch_size": 1})
+def test_an_unusable_device_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(ValueError, match="device 'tpu': use cpu, cuda or cuda:N"):
+        M.load(STORIES, "tpu")
+    with pytest.raises(ValueError, match="device 'cuda:99'"):      # no GPU here, or not 100 of them
+        M.load(STORIES, "cuda:99")
+    assert L.main(_cli(tmp_path, "--out", str(tmp_path / "run"), "--device", "cuda:99")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: device 'cuda:99'") and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("device,dtype", [("cpu", "float32")] + [(d, "bfloat16") for d in DEVICES if d != "cpu"])

@@ -1,17 +1,267 @@
-"""Tests of the model families beyond LLaMA and GPT-J (GPT-2, Qwen2, Qwen3, Mistral) against HF
-transformers, and of what loading refuses (unsupported dtypes and options). Run:
+"""Tests of model.py against HF transformers: LLaMA and GPT-J (logits, keys, generation, sharded
+and tied checkpoints, a real checkpoint's golden greedy output), then GPT-2, Qwen2, Qwen3 and
+Mistral, and what loading refuses (bad checkpoints, unsupported dtypes and options). Run:
 python -m pytest -q test_models.py"""
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import model as M
-from test_lyaplock import (DEVICES, FIX, STORIES, assert_cached_generation_is_recompute, assert_matches_hf,
-                           hf_load, padded_batch, roughen)
+from test_lyaplock import DEVICES, FIX, HERE, STORIES
 
+
+# ----------------------------------------------------------------------------- LLaMA and GPT-J
+def roughen(hf):
+    """Make a random HF model's norms and biases non-trivial, so a mistake in them shows."""
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "norm" in n or "ln_" in n or n.endswith("bias"):
+                p.add_(0.3 * torch.randn_like(p))
+            else:
+                p.mul_(3.0)
+
+
+def make_hf_checkpoint(path: Path, kind: str, seed: int = 0, shard: bool = False) -> Path:
+    """A random tiny HF checkpoint (saved by transformers itself) with a tokenizer beside it."""
+    import transformers as T
+    torch.manual_seed(seed)
+    if kind == "gptj":
+        c = T.GPTJConfig(vocab_size=50257, n_embd=64, n_layer=3, n_head=4, rotary_dim=8, n_positions=128)
+        hf = T.GPTJForCausalLM(c)
+        tok = FIX / "gpt2-tokenizer"
+    else:
+        kw = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                  bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5)
+        if "gqa" in kind:
+            kw["num_key_value_heads"] = 2
+        if "tied" in kind:
+            kw["tie_word_embeddings"] = True
+        if "headdim" in kind:
+            kw["head_dim"] = 24
+        if "bias" in kind:
+            kw["attention_bias"] = kw["mlp_bias"] = True
+        if "rope3" in kind:
+            kw["rope_theta"] = 500000.0
+            kw["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+        hf = T.LlamaForCausalLM(T.LlamaConfig(**kw))
+        tok = STORIES
+    roughen(hf)
+    hf.save_pretrained(path, max_shard_size="200KB" if shard else "5GB")
+    if "rope3" in kind:   # write rope as real Llama-3.1 checkpoints do (rope_theta + rope_scaling)
+        c = json.loads((path / "config.json").read_text())
+        rp = c.pop("rope_parameters")
+        c["rope_theta"] = rp.pop("rope_theta")
+        c["rope_scaling"] = rp
+        (path / "config.json").write_text(json.dumps(c))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok / f, path / f)
+    return path
+
+
+def hf_load(path):
+    import transformers as T
+    return T.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def padded_batch(vocab, side, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    lens = [7, 12, 3, 10]
+    seqs = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lens]
+    T = max(lens)
+    ids, mask = torch.zeros(len(lens), T, dtype=torch.long), torch.zeros(len(lens), T, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        sl = slice(0, len(s)) if side == "right" else slice(T - len(s), T)
+        ids[b, sl], mask[b, sl] = torch.tensor(s), 1
+    return ids, mask
+
+
+KINDS = ["llama", "llama-gqa-tied", "llama-gqa-rope3", "llama-headdim-bias", "gptj"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_forward_matches_transformers(tmp_path, kind, side, device):
+    path = make_hf_checkpoint(tmp_path / kind, kind)
+    hf, ours = hf_load(path).to(device), M.load(path, device)
+    L = ours.cfg.n_layers
+    ids, mask = (t.to(device) for t in padded_batch(min(ours.cfg.vocab_size, 500), side))
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)   # HF needs explicit positions under left padding
+    seen = {}
+    mlps = [m.mlp for m in (hf.model.layers if kind != "gptj" else hf.transformer.h)]
+    hooks = [(m.down_proj if kind != "gptj" else m.fc_out).register_forward_pre_hook(
+        lambda mod, args, i=i: seen.__setitem__(i, args[0])) for i, m in enumerate(mlps)]
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
+    for h in hooks:
+        h.remove()
+    assert_matches_hf(ours(ids, mask, keys_at=range(L), outs_at=range(L)), ref, seen, mask, L)
+
+
+def assert_matches_hf(out, ref, seen, mask, n_layers, tol=1e-4):
+    """Our logits, MLP keys and layer outputs equal transformers' (`ref` with hidden states,
+    `seen` the keys its hooks caught) on the real tokens."""
+    real = mask.bool()
+    assert (out.logits - ref.logits)[real].abs().max() < tol
+    for i in range(n_layers):
+        assert (out.keys[i] - seen[i])[real].abs().max() < tol
+        if i < n_layers - 1:   # HF's last hidden state is after the final norm
+            assert (out.outs[i] - ref.hidden_states[i + 1])[real].abs().max() < tol
+
+
+def test_padding_side_and_batching_do_not_change_logits(tmp_path):
+    ours = M.load(make_hf_checkpoint(tmp_path / "m", "llama-gqa-rope3"))
+    (r_ids, r_mask), (l_ids, l_mask) = padded_batch(500, "right"), padded_batch(500, "left")
+    r, l = ours(r_ids, r_mask).logits, ours(l_ids, l_mask).logits
+    for b in range(r_ids.shape[0]):
+        n = int(r_mask[b].sum())
+        alone = ours(r_ids[b:b + 1, :n]).logits[0]
+        assert (r[b, :n] - alone).abs().max() < 1e-5
+        assert (l[b, -n:] - alone).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stories260K_golden_greedy(device):
+    """A real trained LLaMA (GQA): 200 greedy tokens from BOS, token for token."""
+    golden = json.loads((STORIES / "golden_greedy.json").read_text())
+    m = M.load(STORIES, device)
+    assert m.tokenizer.encode("", bos=True) == golden["prompt_ids"]
+    out = M.generate(m, [golden["prompt_ids"]], 200, stop_at_eos=False)[0]
+    assert out == golden["greedy_ids"]
+    assert m.tokenizer.decode(out).startswith("Once upon a time, there was a little girl named Lily.")
+
+
+def assert_cached_generation_is_recompute(m, n_new=12):
+    """Cached greedy decoding of a left-padded batch equals re-running each whole sequence per
+    token; returns the prompts."""
+    prompts = [[1, 5, 9, 33], [1, 44], [1, 7, 8, 9, 10, 11]]
+    got = M.generate(m, prompts, n_new, stop_at_eos=False)
+    for p, g in zip(prompts, got):   # no cache: re-run the whole sequence per token
+        seq = list(p)
+        for _ in range(n_new):
+            seq.append(int(m(torch.tensor([seq])).logits[0, -1].argmax()))
+        assert seq[len(p):] == g
+    return prompts
+
+
+def test_kv_cache_matches_recompute_and_sampling_is_seeded(tmp_path):
+    m = M.load(make_hf_checkpoint(tmp_path / "m", "llama-gqa-rope3"))
+    prompts = assert_cached_generation_is_recompute(m)
+    a = M.generate(m, prompts, 10, top_k=5, seed=3, stop_at_eos=False)
+    assert a == M.generate(m, prompts, 10, top_k=5, seed=3, stop_at_eos=False)
+    assert a != M.generate(m, prompts, 10, top_k=5, seed=4, stop_at_eos=False)
+
+
+def test_delta_start_stop_and_logits_at(tmp_path):
+    m = M.load(make_hf_checkpoint(tmp_path / "m", "gptj"))
+    ids, mask = padded_batch(500, "left")
+    B, layer = ids.shape[0], 1
+    pos = mask.sum(1) * 0 + ids.shape[1] - 2
+    vec = torch.randn(B, m.cfg.d_model)
+    full = m(ids, mask, delta=(layer, pos, vec), outs_at={layer})
+    h = m(ids, mask, stop_after=layer, outs_at={layer}).outs[layer].clone()
+    assert full.logits is not None
+    h[torch.arange(B), pos] += vec   # the obvious way: edit the residual by hand, then go on
+    assert torch.allclose(full.outs[layer], h, atol=1e-6)
+    resumed = m(ids, mask, start=(layer, h))
+    assert (resumed.logits - full.logits).abs().max() < 1e-5
+    at = torch.tensor([[0, 3]] * B)
+    part = m(ids, mask, logits_at=at).logits
+    assert torch.allclose(part, m(ids, mask).logits.gather(1, at[..., None].expand(-1, -1, part.shape[-1])),
+                          atol=1e-5)
+    assert m(ids, mask, stop_after=0).logits is None
+
+
+def test_tokenizer_bos_rules(tmp_path):
+    llama = M.load(STORIES)
+    assert llama.tokenizer.encode("Once upon")[0] == 1
+    gptj = M.load(make_hf_checkpoint(tmp_path / "g", "gptj"))
+    assert gptj.tokenizer.encode("Hello world") == [15496, 995]   # GPT-2 BPE, no BOS
+    assert gptj.tokenizer.bos_id == 50256 and gptj.tokenizer.eos_ids == [50256]
+
+
+@pytest.mark.parametrize("kind,shard", [("llama-gqa-tied", False), ("gptj", True)])
+def test_save_then_load_is_exact_and_transformers_reads_it(tmp_path, kind, shard):
+    src = make_hf_checkpoint(tmp_path / "src", kind, shard=shard)
+    m = M.load(src)
+    name = m.edit_weight_name(1)
+    edited = m.edit_weight(1) + 0.01 * torch.randn_like(m.edit_weight(1))
+    M.save(src, tmp_path / "out", {name: edited})
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in src.iterdir())
+    if shard:
+        assert (tmp_path / "out" / "model.safetensors.index.json").exists()
+    m2 = M.load(tmp_path / "out")
+    for n, t in m2.state_dict().items():
+        want = edited if n == name else m.state_dict()[n]
+        assert torch.equal(t, want), n
+    ids, mask = padded_batch(500, "right")
+    with torch.no_grad():
+        ref = hf_load(tmp_path / "out")(input_ids=ids, attention_mask=mask).logits
+    assert (m2(ids, mask).logits - ref)[mask.bool()].abs().max() < 1e-4
+    with pytest.raises(ValueError, match="input checkpoint"):
+        M.save(src, src, {})
+
+
+def test_model_cli_prints_a_continuation():
+    r = subprocess.run([sys.executable, str(HERE / "model.py"), str(STORIES), "--max-new-tokens", "12"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Once upon a time")
+
+
+def _broken(tmp_path, how):
+    d = tmp_path / how
+    shutil.copytree(STORIES, d)
+    st = d / "model.safetensors"
+    w = load_file(st)
+    if how == "no-config":
+        (d / "config.json").unlink()
+    elif how == "unknown-type":
+        c = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**c, "model_type": "mamba"}))
+    elif how == "missing":
+        del w["model.layers.2.mlp.up_proj.weight"]
+        save_file(w, st)
+    elif how == "extra":
+        w["model.layers.2.mlp.extra.weight"] = torch.zeros(2)
+        save_file(w, st)
+    elif how == "shape":
+        w["model.layers.3.mlp.down_proj.weight"] = torch.zeros(64, 171)
+        save_file(w, st)
+    elif how == "nan":
+        w["model.norm.weight"][3] = float("nan")
+        save_file(w, st)
+    elif how == "truncated":
+        st.write_bytes(st.read_bytes()[:50_000])
+    elif how == "no-tokenizer":
+        (d / "tokenizer.json").unlink()
+    return d
+
+
+@pytest.mark.parametrize("how,message", [
+    ("no-config", "config.json is missing"),
+    ("unknown-type", "unsupported model_type 'mamba'.*'llama', 'gptj'"),
+    ("missing", "missing tensor.*model.layers.2.mlp.up_proj.weight"),
+    ("extra", "unexpected tensor.*model.layers.2.mlp.extra.weight"),
+    ("shape", r"model.layers.3.mlp.down_proj.weight has shape \(64, 171\).*\(64, 172\)"),
+    ("nan", "model.norm.weight contains NaN"),
+    ("truncated", "model.safetensors: unreadable safetensors file"),
+    ("no-tokenizer", "tokenizer.json is missing"),
+])
+def test_bad_checkpoints_give_clear_errors(tmp_path, how, message):
+    with pytest.raises(M.CheckpointError, match=message):
+        M.load(_broken(tmp_path, how))
+
+
+# ----------------------------------------------------------------------------- GPT-2, Qwen2, Qwen3, Mistral
 # kind -> (family, options); every family once plainly and once with its variants
 KINDS = {
     "gpt2": ("gpt2", {}),
@@ -91,7 +341,7 @@ def hf_reference(hf, ids, mask):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_forward_matches_transformers(ckpt, kind, side, device):
+def test_family_forward_matches_transformers(ckpt, kind, side, device):
     """float32 logits, MLP keys and layer outputs to 1e-4; the batch (lengths 7, 12, 3, 10) is
     longer than the window-4 kinds' window."""
     path = ckpt(kind)
@@ -165,7 +415,7 @@ def test_gpt2_learned_positions_end_with_a_clear_error(ckpt):
 # ============================================================================ edit weights, save
 @pytest.mark.parametrize("kind", ["gpt2", "gpt2-bare-unscaled", "qwen2-gqa-tied-window", "qwen3-gqa-bias",
                                   "mistral-gqa-window"])
-def test_save_then_load_is_exact_and_transformers_reads_it(ckpt, tmp_path, kind):
+def test_family_save_then_load_is_exact_and_transformers_reads_it(ckpt, tmp_path, kind):
     """An edit through the edit_weight alias, saved with edit_tensors: the file holds it in the
     stored layout under the checkpoint's own names, reloads bit-identically, and transformers
     reads it with our logits."""

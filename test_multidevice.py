@@ -14,8 +14,8 @@ import lyaplock as L
 import model as M
 import stats as S
 from data import load_requests
-from test_lyaplock import FIX, STORIES, make_hf_checkpoint, padded_batch
-from test_models import make_checkpoint, one_thread  # noqa: F401 (an autouse fixture)
+from test_lyaplock import FIX, STORIES
+from test_models import make_checkpoint, make_hf_checkpoint, one_thread, padded_batch  # noqa: F401 (one_thread: an autouse fixture)
 
 SPREADS = ["cpu,cpu", "cpu,cpu,cpu"]
 # the CUDA runs: blocks on cpu and a GPU, or on two GPUs, against the one-device run on the home device

@@ -89,7 +89,7 @@ def test_audit_agrees_with_a_hand_computation(tmp_path):
 @pytest.mark.parametrize("seed", range(30))
 def test_audit_slack_is_T1_of_the_raw_queue_and_of_the_codes_queue(seed):
     """The slack read from the logged normalised z equals (Z(T) − Z(0))/(aT) of E13 simulated
-    directly, step 0 included in the sum; the code's own queue (lyaplock.update_queue) logs the
+    directly, step 0 included in the sum; the code's own queue (lyaplock.feed_queue) logs the
     same z; where the floor never binds (α < 1, PL ≥ D after step 0) T1 is an equality."""
     rng = random.Random(seed)
     alpha = rng.choice([0.5, 0.9, 2.0, 10.0])
@@ -103,7 +103,7 @@ def test_audit_slack_is_T1_of_the_raw_queue_and_of_the_codes_queue(seed):
         Z.append(max(Z[-1] + a * (p - D), math.sqrt(D)))                         # E13, Z(0) = Zmax
     ls, z_code = L.LayerState(), []
     for p in pl:
-        L.update_queue(ls, p, alpha)
+        L.feed_queue(ls, p, alpha)
         z_code.append(ls.z)
     log = queue_log(pl, alpha)
     assert [e["z"] for e in log] == pytest.approx(z_code, rel=1e-12)

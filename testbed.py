@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import json
 import math
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass

@@ -1,0 +1,254 @@
+"""Tests of data.py: the edit datasets (CounterFact, zsRE, EasyEdit and MQuAKE layouts) and corpora
+are read exactly and bad input is refused with the file, record and field named. Run:
+python -m pytest -q test_data.py"""
+import ast
+import copy
+import dataclasses
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+import data
+from data import DataError, Request, file_sha256, load_requests, read_corpus
+from test_lyaplock import FIX
+
+
+ROME_REC = {
+    "case_id": 7,
+    "requested_rewrite": {"prompt": "The capital of {} is", "subject": "France",
+                          "target_new": {"str": "Rome", "id": "Q220"},
+                          "target_true": {"str": "Paris", "id": "Q90"}},
+    "paraphrase_prompts": ["France has its capital in"],
+    "neighborhood_prompts": ["The capital of the French Republic is", "France's seat of government is"],
+    "attribute_prompts": ["The capital of Italy is"],
+    "generation_prompts": ["France's capital city"],
+}
+EASY_REC = {"case_id": 7, "prompt": "The capital of France is", "target_new": "Rome",
+            "subject": "France", "ground_truth": "Paris",
+            "rephrase_prompt": "France has its capital in",
+            "locality_prompt": "The capital of the French Republic is",
+            "locality_ground_truth": "Paris"}
+ZSRE_REC = {"subject": "France", "src": "What is the capital of France?", "pred": "Paris",
+            "rephrase": "Which city is the capital of France?", "alt": "Rome", "answers": ["Paris"],
+            "loc": "nq question: who wrote hamlet", "loc_ans": "William Shakespeare",
+            "cond": "Paris >> Rome || What is the capital of France?"}
+
+
+def _data_write(tmp_path, obj, name="edits.json"):
+    path = tmp_path / name
+    path.write_text(obj if isinstance(obj, str) else json.dumps(obj), encoding="utf-8")
+    return path
+
+
+def _data_error(path, *parts, **kwargs):
+    """Loading ``path`` raises a DataError whose message has the file name and all ``parts``."""
+    with pytest.raises(DataError) as info:
+        load_requests(path, **kwargs)
+    msg = str(info.value)
+    for part in (path.name, *parts):
+        assert part in msg, f"{part!r} not in {msg!r}"
+    return msg
+
+
+def test_data_easyedit_and_rome_layouts_give_the_same_requests():
+    rome, _ = load_requests(FIX / "counterfact-rome.json")
+    easy = {r.case_id: r for r in load_requests(FIX / "counterfact-easyedit.json")[0]}
+    assert len(rome) == 20
+    for r in rome:
+        e = easy[r.case_id]
+        assert (r.prompt, r.subject, r.target_new, r.target_true) == \
+            (e.prompt, e.subject, e.target_new, e.target_true)
+        assert r.paraphrase_prompts == e.paraphrase_prompts
+        assert (r.neighborhood_prompts, r.neighborhood_answers) == \
+            (e.neighborhood_prompts, e.neighborhood_answers)
+        assert r.kind == e.kind == "counterfact"
+        assert r.generation_prompts == (e.rewrite_prompt(), e.paraphrase_prompts[0])
+    first = easy[0]  # the real record, spelled out
+    assert first.prompt == "The mother tongue of {} is" and first.subject == "Danielle Darrieux"
+    assert first.rewrite_prompt() == "The mother tongue of Danielle Darrieux is"
+    assert (first.target_new, first.target_true) == ("English", "French")
+    assert first.neighborhood_prompts == ("Michel Rocard is a native speaker of",)
+    assert first.neighborhood_answers == ("French",)
+
+
+def test_data_zsre_record_maps_field_by_field():
+    path = FIX / "zsre-mend.json"
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    reqs, skipped = load_requests(path)
+    assert len(reqs) == len(raw) == 300 and skipped == []
+    for i in (0, 174):  # 174's alt has a leading space: kept as written
+        r, rec = reqs[i], raw[i]
+        assert r.case_id == i and r.kind == "zsre"
+        assert r.subject == rec["subject"]
+        assert r.rewrite_prompt() == rec["src"] and r.prompt.count("{}") == 1
+        assert r.target_new == rec["alt"] and r.target_true == rec["answers"][0]
+        assert r.paraphrase_prompts == (rec["rephrase"],)
+        assert r.neighborhood_prompts == (rec["loc"],)
+        assert r.neighborhood_answers == (rec["loc_ans"],)
+        assert r.attribute_prompts == r.generation_prompts == ()
+    assert reqs[0].prompt == "What is the product made by {}?"
+    assert reqs[174].target_new == " Captain Universe"
+
+
+def test_data_rome_layout_fields(tmp_path):
+    path = _data_write(tmp_path, [ROME_REC])
+    (r,), _ = load_requests(path)
+    assert r == Request(7, "The capital of {} is", "France", "Rome", "Paris",
+                        ("France has its capital in",), tuple(ROME_REC["neighborhood_prompts"]),
+                        ("Paris", "Paris"), ("The capital of Italy is",), ("France's capital city",))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.subject = "Spain"
+    rec = copy.deepcopy(ROME_REC)  # optional fields and ids may be left out
+    del rec["attribute_prompts"], rec["generation_prompts"], rec["requested_rewrite"]["target_new"]["id"]
+    (r,), _ = load_requests(_data_write(tmp_path, [rec]))
+    assert r.attribute_prompts == r.generation_prompts == ()
+
+
+def test_data_template_uses_first_occurrence_and_case_ids(tmp_path):
+    rec = dict(EASY_REC, prompt="Paris of France, France's capital, is", case_id="cf-7")
+    with pytest.warns(data.DataWarning, match=r"record 0 \(case_id cf-7\): field 'prompt': subject 'France' "
+                      r"occurs 2 times in .*; the first occurrence is edited"):
+        (r,), _ = load_requests(_data_write(tmp_path, [rec]))
+    assert r.prompt == "Paris of {}, France's capital, is" and r.case_id == "cf-7"
+    (z,), _ = load_requests(_data_write(tmp_path, [dict(ZSRE_REC, case_id=42)]))
+    assert z.case_id == 42
+
+
+def _mutated(base, field, value):
+    """A copy of ``base`` with dotted ``field`` set to ``value`` (deleted if value is ...)."""
+    rec = copy.deepcopy(base)
+    *parents, last = field.split(".")
+    obj = rec
+    for p in parents:
+        obj = obj[p]
+    if value is ...:
+        del obj[last]
+    else:
+        obj[last] = value
+    return rec
+
+
+RW = "requested_rewrite."
+BAD_RECORDS = [  # base, field to change, new value (... = delete), field named, problem named
+    (ROME_REC, RW + "subject", ..., RW + "subject", "missing"),
+    (ROME_REC, RW + "subject", "", RW + "subject", "empty"),
+    (ROME_REC, RW + "prompt", "The capital of France is", RW + "prompt", "exactly one"),
+    (ROME_REC, RW + "prompt", "{} and {} are", RW + "prompt", "exactly one"),
+    (ROME_REC, RW + "target_new.str", 5, RW + "target_new.str", "expected a string"),
+    (ROME_REC, RW + "target_new.str", "  ", RW + "target_new.str", "whitespace"),
+    (ROME_REC, RW + "target_new.str", "Paris", RW + "target_new.str", "equals target_true"),
+    (ROME_REC, RW + "target_true", "Paris", RW + "target_true", "expected an object"),
+    (ROME_REC, "paraphrase_prompts", "France has its capital in", "paraphrase_prompts", "expected a list"),
+    (ROME_REC, "paraphrase_prompts", ["ok", 3], "paraphrase_prompts[1]", "expected a string"),
+    (ROME_REC, "neighborhood_prompts", ..., "neighborhood_prompts", "missing"),
+    (ROME_REC, "case_id", 7.5, "case_id", "int or a string"),
+    (EASY_REC, "prompt", "The capital of Spain is", "prompt", "'France' does not occur"),
+    (EASY_REC, "subject", "  ", "subject", "empty"),
+    (EASY_REC, "target_new", "Paris", "target_new", "equals target_true"),
+    (EASY_REC, "rephrase_prompt", ["a", "b"], "rephrase_prompt", "expected a string"),
+    (EASY_REC, "locality_ground_truth", ..., "locality_ground_truth", "missing"),
+    (ZSRE_REC, "src", "What is the capital of Spain?", "src", "'France' does not occur"),
+    (ZSRE_REC, "alt", "", "alt", "empty"),
+    (ZSRE_REC, "answers", [], "answers", "empty list"),
+    (ZSRE_REC, "loc_ans", None, "loc_ans", "expected a string"),
+]
+
+
+@pytest.mark.parametrize("base,field,value,named,problem", BAD_RECORDS)
+def test_data_bad_record_errors_name_file_record_and_field(tmp_path, base, field, value, named, problem):
+    good = dict(base, case_id=3) if "case_id" in base else base
+    bad = _mutated(base, field, value)
+    cid = bad.get("case_id", 1)  # zsRE records without case_id use the index
+    path = _data_write(tmp_path, [good, bad])
+    _data_error(path, "record 1", f"case_id {cid}", f"field '{named}'", problem)
+
+
+def test_data_missing_case_id_and_duplicates(tmp_path):
+    path = _data_write(tmp_path, [EASY_REC, _mutated(EASY_REC, "case_id", ...)])
+    _data_error(path, "record 1", "field 'case_id'", "missing")
+    other = dict(EASY_REC, subject="Italy", prompt="The capital of Italy is")
+    path = _data_write(tmp_path, [EASY_REC, dict(EASY_REC, case_id=8), other])
+    _data_error(path, "record 2 (case_id 7)", "field 'case_id'", "duplicate", "record 0")
+
+
+@pytest.mark.parametrize("content,parts", [
+    ('[{"case_id": 1},\n {oops}]', ["not valid JSON", "line 2", "column 3"]),
+    ({"case_id": 1}, ["non-empty list", "dict"]),
+    ([], ["non-empty list", "empty list"]),
+    ([EASY_REC, 5], ["record 1", "expected an object", "int"]),
+    ([EASY_REC, {"question": "q", "answer": "a"}],
+     ["record 1", "unknown layout", "'answer'", "'question'",
+      "counterfact-rome", "counterfact-easyedit", "zsre-mend"]),
+    ([{"question": "q"}], ["no record has a supported layout", "'question'", "zsre-mend"]),
+])
+def test_data_file_level_errors(tmp_path, content, parts):
+    _data_error(_data_write(tmp_path, content), *parts)
+
+
+def test_data_mixed_layouts_and_unreadable_files_always_raise(tmp_path):
+    path = _data_write(tmp_path, [EASY_REC, ZSRE_REC])
+    _data_error(path, "record 1", "zsre-mend", "counterfact-easyedit", "one layout", skip_bad=True)
+    _data_error(tmp_path / "absent.json", "not found", skip_bad=True)
+    latin1 = tmp_path / "latin1.json"
+    latin1.write_bytes('[{"subject": "Café"}]'.encode("latin-1"))
+    _data_error(latin1, "UTF-8")
+
+
+def test_data_skip_bad_reports_and_limit(tmp_path):
+    recs = [dict(EASY_REC, case_id=i) for i in range(6)]
+    recs[1] = dict(recs[1], target_new="Paris")
+    recs[3] = 17
+    recs[5] = dict(recs[5], case_id=0)  # duplicate of record 0
+    path = _data_write(tmp_path, recs)
+    reqs, skipped = load_requests(path, skip_bad=True)
+    assert [r.case_id for r in reqs] == [0, 2, 4]
+    assert len(skipped) == 3
+    assert all(path.name in m for m in skipped)
+    assert ["record 1" in skipped[0], "record 3" in skipped[1], "record 5" in skipped[2]] == [True] * 3
+    assert [r.case_id for r in load_requests(path, skip_bad=True, limit=2)[0]] == [0, 2]
+    reqs, skipped = load_requests(path, skip_bad=True, limit=1)
+    assert [r.case_id for r in reqs] == [0] and skipped == []
+    reqs, skipped = load_requests(FIX / "counterfact-easyedit.json", limit=5)
+    assert [r.case_id for r in reqs] == [0, 1, 4, 5, 6] and skipped == []  # ids of the file
+
+
+def test_data_gzip_files_load_like_plain_ones(tmp_path):
+    import gzip
+    plain = FIX / "counterfact-easyedit.json"
+    packed = tmp_path / "cf.json.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert load_requests(packed)[0] == load_requests(plain)[0]
+    assert load_requests(FIX / "counterfact-edit.json.gz", limit=300)[0] == load_requests(plain)[0]
+    packed.write_bytes(packed.read_bytes()[:500])                       # truncated
+    _data_error(packed, str(packed), "cannot read data")
+    packed.write_bytes(plain.read_bytes())                              # not gzip at all
+    _data_error(packed, str(packed), "Not a gzipped file")
+
+
+def test_data_read_corpus(tmp_path):
+    paragraphs = read_corpus(FIX / "wikitext-2-test-sample.txt")
+    assert paragraphs[0].startswith("Robert Boulter is an English film")
+    assert all(p and p == p.strip() for p in paragraphs)
+    assert not any(p.startswith("= ") and p.endswith(" =") for p in paragraphs)
+    assert "= = Career = =" not in paragraphs and len(paragraphs) > 100
+    assert any(p.startswith("Du Fu ( Wade") for p in paragraphs)  # a second article's text
+    (tmp_path / "blank.txt").write_text("\n \n = Title = \n\n", encoding="utf-8")
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00abc")
+    for name, problem in [("absent.txt", "not found"), ("blank.txt", "no text"), ("bin.txt", "UTF-8")]:
+        with pytest.raises(DataError, match=problem) as info:
+            read_corpus(tmp_path / name)
+        assert name in str(info.value)
+
+
+def test_data_file_sha256_and_stdlib_only(tmp_path):
+    path = _data_write(tmp_path, "hello")
+    assert file_sha256(path) == hashlib.sha256(b"hello").hexdigest()
+    with pytest.raises(DataError, match="absent"):
+        file_sha256(tmp_path / "absent")
+    tree = ast.parse((Path(__file__).parent / "data.py").read_text(encoding="utf-8"))
+    modules = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    modules |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert modules <= set(sys.stdlib_module_names), modules

@@ -1,0 +1,257 @@
+"""Tests of eval.py: the editing metrics against hand computations on a model we control, and the
+general-ability measures on the real checkpoint. Run: python -m pytest -q test_eval.py"""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import eval as E
+import model as M
+from data import Request, load_requests
+from test_lyaplock import FIX
+
+
+# ----------------------------------------------------------------------- a model we control
+class WordTok:
+    """Whitespace tokenizer over a fixed word list; id 0 is BOS (prepended unless bos=False)."""
+    bos_id, pad_id, eos_ids = 0, 0, []
+    pad = M.Tokenizer.pad
+
+    def __init__(self, words):
+        self.ids = {w: i + 1 for i, w in enumerate(words)}
+
+    def encode(self, text, bos=None):
+        return ([0] if bos is not False else []) + [self.ids[w] for w in text.split()]
+
+
+class Bigram(nn.Module):
+    """Next-token probabilities depend only on the current word: probs[word] = {next: p}, the rest
+    of the mass on the filler word "_" (every vocabulary contains it)."""
+
+    def __init__(self, words, probs):
+        super().__init__()
+        self.tokenizer = WordTok(words)
+        V = len(words) + 1
+        table = torch.full((V, V), 1e-30)
+        for w, row in probs.items():
+            ids = self.tokenizer.ids
+            table[ids[w], ids["_"]] = 1 - sum(row.values())
+            for nxt, p in row.items():
+                table[ids[w], ids[nxt]] = p
+        self.logp = nn.Parameter(table.log(), requires_grad=False)   # (V, V)
+
+    def forward(self, ids, mask=None, logits_at=None):
+        if logits_at is not None:
+            ids = ids.gather(1, logits_at)
+        return M.Output(self.logp[ids])
+
+
+def cf_request(cid, rewrite_end, para_ends, neigh_ends, kind="counterfact", new="new",
+               true="true", answer="true"):
+    """A request whose prompts end in the given words (the bigram model reads only those)."""
+    return Request(cid, "{} " + rewrite_end, "S", new, true, tuple("S " + p for p in para_ends),
+                   tuple("N " + p for p in neigh_ends), (answer,) * len(neigh_ends), kind=kind)
+
+
+WORDS = ["S", "N", "r", "r0", "p1", "p2", "n1", "n2", "new", "true", "a", "b", "c", "d", "_"]
+
+
+# ----------------------------------------------------------------------- CounterFact by hand
+def test_counterfact_by_hand():
+    m = Bigram(WORDS, {
+        "r": {"new": 0.6, "true": 0.2},     # efficacy 1, magnitude 0.4
+        "p1": {"new": 0.5, "true": 0.25},   # paraphrase right, 0.25
+        "p2": {"new": 0.1, "true": 0.4},    # paraphrase wrong, -0.3
+        "n1": {"new": 0.1, "true": 0.7},    # neighbour kept, 0.6
+        "n2": {"new": 0.3, "true": 0.2},    # neighbour lost, -0.1
+        "r0": {"new": 0.1, "true": 0.5},    # case 2: efficacy 0, magnitude -0.4
+    })
+    reqs = [cf_request(1, "r", ["p1", "p2"], ["n1", "n2", "n1"]),
+            cf_request(2, "r0", ["p2"], ["n2"])]
+    c1, c2 = E.counterfact_eval(m, reqs, batch_size=3)
+    assert c1["case_id"] == 1 and c1["kind"] == "counterfact"
+    assert c1["efficacy"] == 1 and c1["generalization"] == 0.5 and c1["specificity"] == pytest.approx(2 / 3)
+    assert c1["efficacy_magnitude"] == pytest.approx(0.4)
+    assert c1["generalization_magnitude"] == pytest.approx((0.25 - 0.3) / 2)
+    assert c1["specificity_magnitude"] == pytest.approx((0.6 - 0.1 + 0.6) / 3)
+    assert (c2["efficacy"], c2["generalization"], c2["specificity"]) == (0, 0, 0)
+    s = E.summarize([c1, c2])
+    eff, gen, spe = 50.0, 25.0, 100 / 3                     # means ×100 over the two cases
+    assert (s["efficacy"], s["generalization"]) == (eff, gen)
+    assert s["specificity"] == pytest.approx(spe)
+    assert s["score"] == pytest.approx(3 / (1 / eff + 1 / gen + 1 / spe))   # = 100/3
+    assert s["efficacy_magnitude"] == pytest.approx(100 * (0.4 - 0.4) / 2, abs=1e-4)
+    assert E.summarize([c2])["score"] == 0
+    perfect = {"efficacy": 1.0, "generalization": 1.0, "specificity": 1.0}
+    assert E.summarize([perfect])["score"] == pytest.approx(100)
+
+
+def test_counterfact_top1_token_accuracy_by_hand():
+    """EasyEdit's convention beside ROME's: the argmax token after the prompt (the filler "_" takes
+    the rest of the mass). A neighbour whose true answer beats the new target but is not the
+    argmax counts for specificity, not for specificity_top1."""
+    m = Bigram(WORDS, {
+        "r": {"new": 0.6, "true": 0.2},     # argmax new
+        "p1": {"new": 0.5, "true": 0.25},   # argmax new
+        "p2": {"new": 0.1, "true": 0.4},    # argmax "_" (0.5): true wins the comparison, not top-1
+        "n1": {"new": 0.1, "true": 0.7},    # argmax true
+        "n2": {"new": 0.3, "true": 0.2},    # argmax "_"
+        "a": {"b": 0.9}, "b": {"c": 0.3, "d": 0.1},   # multi-token: "b" then "_" argmax after b
+    })
+    reqs = [cf_request(1, "r", ["p1", "p2"], ["n1", "n2", "n1"]), cf_request(2, "p2", ["r"], ["p2"]),
+            cf_request(3, "r", ["r"], ["n1"], new="a b c", true="d")]
+    c1, c2, c3 = E.counterfact_eval(m, reqs, batch_size=2)
+    assert (c1["efficacy_top1"], c1["generalization_top1"]) == (1.0, 0.5)
+    assert c1["specificity_top1"] == pytest.approx(2 / 3) and c1["specificity"] == pytest.approx(2 / 3)
+    assert (c2["efficacy"], c2["efficacy_top1"], c2["generalization_top1"]) == (0.0, 0.0, 1.0)
+    assert (c2["specificity"], c2["specificity_top1"]) == (1.0, 0.0)        # the two conventions part
+    assert c3["efficacy_top1"] == pytest.approx(1 / 3)       # after r: new, not a; after a: b; after b: _, not c
+    s = E.summarize([c1, c2])
+    assert s["efficacy_top1"] == 50.0 and s["specificity_top1"] == pytest.approx(100 / 3)
+    assert list(s).index("efficacy_top1") > list(s).index("score")
+
+
+def test_target_nll_multi_token_by_hand():
+    m = Bigram(WORDS, {"r": {"a": 0.5, "b": 0.1}, "a": {"b": 0.4, "c": 0.5}, "b": {"c": 0.2, "d": 0.7},
+                       "p1": {"b": 0.6, "a": 0.3}})
+    s = E.target_nll(m, ["S r", "S p1", "S r"], ["a b c", "a b c", "a"], batch_size=2)
+    nll = [-math.log(0.5 * 0.4 * 0.2) / 3, -math.log(0.3 * 0.4 * 0.2) / 3, -math.log(0.5)]
+    assert s.nll_mean.tolist() == pytest.approx(nll, rel=1e-5)
+    assert s.prob.tolist() == pytest.approx([0.04, 0.024, 0.5], rel=1e-5)
+    assert s.token_correct == [[True, False, False], [False, False, False], [True]]
+
+
+def test_zsre_by_hand():
+    m = Bigram(WORDS, {"r": {"a": 0.6}, "a": {"b": 0.6}, "b": {"d": 0.5, "c": 0.3},
+                       "p1": {"b": 0.6, "a": 0.3}, "n1": {"c": 0.9}, "n2": {"c": 0.5, "d": 0.2}})
+    reqs = [cf_request(0, "r", ["p1"], ["n1"], "zsre", new="a b c", true="x", answer="c"),
+            cf_request(1, "p1", ["p1"], ["n2"], "zsre", new="a b c", true="x", answer="d")]
+    c0, c1 = E.edit_eval(m, reqs)
+    # "a b c" after r: a right (0.6), b right (0.6), c wrong (d is 0.5 > 0.3) -> 2/3
+    assert (c0["efficacy"], c0["generalization"], c0["specificity"]) == pytest.approx((2 / 3, 1 / 3, 1))
+    assert (c1["efficacy"], c1["generalization"], c1["specificity"]) == pytest.approx((1 / 3, 1 / 3, 0))
+    assert "efficacy_magnitude" not in c0
+
+
+# ------------------------------------------------------------------- text and classification
+def test_ngram_entropy_by_hand():
+    # words a b a b a: bigrams ab ba ab ba -> H2 = 1; trigrams aba bab aba -> H3 = h(1/3)
+    h3 = -(2 / 3) * math.log2(2 / 3) - (1 / 3) * math.log2(1 / 3)
+    assert E.ngram_entropy("a b a b a") == pytest.approx((2 / 3 * 1 + 4 / 3 * h3) / 2)
+    assert E.ngram_entropy("a a a a a a") == 0                  # one repeated n-gram: no entropy
+    # "x , y ." (punctuation marks are words): 3 distinct bigrams, 2 distinct trigrams
+    assert E.ngram_entropy("x, y.") == pytest.approx((2 / 3 * math.log2(3) + 4 / 3 * 1) / 2)
+
+
+def test_tfidf_by_hand():
+    snippets = ["paris is big", "paris city"]                  # N = 2
+    idf = E.fit_idf(snippets)
+    lo, hi = math.log(3 / 3) + 1, math.log(3 / 2) + 1            # df 2: paris; df 1: is, big, city
+    assert idf == pytest.approx({"paris": lo, "is": hi, "big": hi, "city": hi})
+    # "paris paris city x" (x: 1 char, not a term) vs "big city": shared term city only
+    a = {"paris": 2 * lo, "city": hi}                          # b = {"big": hi, "city": hi}
+    want = hi * hi / math.sqrt(sum(v * v for v in a.values())) / math.sqrt(2 * hi * hi)
+    assert E.tfidf_cosine("Paris paris city x", "big city", idf) == pytest.approx(want)
+    assert E.consistency(["paris city"], ["paris city"]) == pytest.approx(1)
+    assert E.consistency(["london"], snippets) == 0
+
+
+def test_f1_mcc_by_hand():
+    labels, preds = [1, 1, 1, 0, 0, 0, 0, 1], [1, 1, 0, 0, 0, 1, 0, 1]    # TP 3, FN 1, FP 1, TN 3
+    r = E.classification_metrics(labels, preds, 2)
+    assert r["accuracy"] == 0.75 and r["f1"] == pytest.approx(0.75) and r["macro_f1"] == pytest.approx(0.75)
+    assert r["mcc"] == pytest.approx((9 - 1) / 16)
+    unbalanced = E.classification_metrics([1, 1, 1, 0], [1, 1, 1, 1], 2)   # class 1: F1 6/7; class 0: 0
+    assert unbalanced["f1"] == pytest.approx(3 / 4 * 6 / 7) and unbalanced["macro_f1"] == pytest.approx(3 / 7)
+    assert unbalanced["mcc"] == 0                                          # an empty margin
+    assert E.classification_metrics([0, 1], [0, 1], 2)["mcc"] == 1
+    assert E.classification_metrics([0, 1], [1, 0], 2)["mcc"] == -1
+    assert E.classification_metrics([0, 1, 2, 3], [0, 1, 3, 3], 4)["accuracy"] == 0.75
+
+
+# --------------------------------------------------------------------- the real checkpoint
+@pytest.fixture(scope="module")
+def lm():
+    return M.load(FIX / "stories260K-hf")
+
+
+def plain_nll(m, prompt, target):
+    """Mean target NLL from one full forward pass (no logits_at, no batching)."""
+    p, t = m.tokenizer.encode(prompt), E.target_ids(m.tokenizer, target)
+    logp = m(torch.tensor([p + t])).logits[0].log_softmax(-1)
+    return -sum(logp[len(p) - 1 + j, tok] for j, tok in enumerate(t)) / len(t)
+
+
+def test_target_nll_matches_plain_forward(lm):
+    prompts = ["Once upon a time, there was a", "Tom and", "The sun was shining and the birds were"]
+    targets = ["little girl named Lily", "Sue went to the park", "happy"]
+    assert len(E.target_ids(lm.tokenizer, targets[0])) > 1
+    assert E.target_ids(lm.tokenizer, "happy") == E.target_ids(lm.tokenizer, " happy")
+    got = E.target_nll(lm, prompts, targets).nll_mean
+    want = torch.stack([plain_nll(lm, p, t) for p, t in zip(prompts, targets)])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    one = E.target_nll(lm, prompts, targets, batch_size=1)
+    torch.testing.assert_close(one.nll_mean, got, atol=1e-5, rtol=1e-5)
+
+
+def test_batched_case_eval_equals_one_at_a_time(lm):
+    for name in ("counterfact-rome.json", "zsre-mend.json"):
+        reqs = load_requests(FIX / name, limit=4)[0]
+        batched = E.edit_eval(lm, reqs, batch_size=64)
+        single = [E.edit_eval(lm, [r], batch_size=1)[0] for r in reqs]
+        for b, s in zip(batched, single):
+            assert b.keys() == s.keys()
+            assert all(b[k] == (pytest.approx(s[k], abs=1e-5) if isinstance(s[k], float) else s[k])
+                       for k in b)
+
+
+def test_perplexity_matches_plain_forward(lm):
+    texts = ["Once upon a time, there was a little dog.", "Lily liked to play in the park with her friends."]
+    total, count = 0.0, 0
+    for t in texts:
+        ids = lm.tokenizer.encode(t, bos=True)[:12]
+        logp = lm(torch.tensor([ids])).logits[0].log_softmax(-1)
+        total -= sum(float(logp[i, ids[i + 1]]) for i in range(len(ids) - 1))
+        count += len(ids) - 1
+    assert E.perplexity(lm, texts, max_len=12) == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def test_generation_eval_runs_and_is_seeded(lm):
+    reqs = load_requests(FIX / "counterfact-rome.json", limit=2)[0]
+    a = E.generation_eval(lm, reqs, snippets={reqs[0].case_id: ["the little dog ran"]}, max_new_tokens=20)
+    b = E.generation_eval(lm, reqs, max_new_tokens=20)
+    assert [c["generations"] for c in a] == [c["generations"] for c in b]
+    assert all(0 < c["fluency"] < 10 for c in a)
+    assert 0 <= a[0]["consistency"] <= 1 and "consistency" not in a[1]
+
+
+def test_general_eval_on_fixtures(lm):
+    r = E.general_eval(lm, FIX / "glue", n_per_task=6)
+    assert set(r) == {"sst2", "mrpc", "cola", "rte", "nli", "mmlu"}
+    for name, x in r.items():
+        assert x["n"] == 6 and 0 <= x["accuracy"] <= 1 and 0 <= x["f1"] <= 1 and 0 <= x["macro_f1"] <= 1
+        assert ("mcc" in x) == (name != "mmlu") and -1 <= x.get("mcc", 0) <= 1
+
+
+def test_write_summary(tmp_path):
+    s = E.summarize([{"efficacy": 1.0, "generalization": 0.5, "specificity": 1.0, "fluency": 6.0}])
+    s["general"] = {"sst2": {"f1": 0.5}}
+    header = {"method": "lyaplock", "model": "stories260K", "n_edits": 1, "batch_size": 1}
+    E.write_summary(tmp_path, s, header)
+    j = json.loads((tmp_path / "summary.json").read_text())
+    assert {*header, "efficacy", "generalization", "specificity", "score", "fluency"} <= set(j)
+    assert j["score"] == pytest.approx(300 / 4) and j["fluency"] == 600
+    md = (tmp_path / "summary.md").read_text()
+    assert md.startswith("- method: lyaplock\n- model: stories260K\n- n_edits: 1\n- batch_size: 1\n")
+    assert "| efficacy | 100.00 |" in md and "| general.sst2.f1 | 0.50 |" in md
+    E.write_summary(tmp_path, s, header, pre={"efficacy": 0.0})
+    md = (tmp_path / "summary.md").read_text()
+    assert "| metric | before | after |" in md and "| efficacy | 0.00 | 100.00 |" in md
+    assert "| score |  | 75.00 |" in md
+    assert json.loads((tmp_path / "summary.json").read_text())["pre"] == {"efficacy": 0.0}
+    with pytest.raises(ValueError, match="n_edits"):
+        E.write_summary(tmp_path, s, {"method": "x", "model": "y", "batch_size": 1})
+
+
