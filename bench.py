@@ -300,23 +300,24 @@ def main(argv=None):
     p.add_argument("--state-device", help="as lyaplock.py's: cpu keeps C and the edit memory in host memory")
     p.add_argument("--batch1", type=int, default=0, help="also time this many LyapLock steps of one request")
     p.add_argument("--json", help="write the results here")
-    a = p.parse_args(argv)
-    if a.memory_gib and a.device == "cuda":
-        torch.cuda.set_per_process_memory_fraction(a.memory_gib * 2 ** 30 / torch.cuda.get_device_properties(0).total_memory)
-    presets = a.preset or (["llama3-8b", "gptj-6b"] if a.device == "cuda" else ["tiny", "stories"])
-    methods = list(L.METHODS) if "all" in (a.method or []) else a.method or ["lyaplock", "memit", "alphaedit"]
+    args = p.parse_args(argv)
+    if args.memory_gib and args.device == "cuda":
+        card = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(args.memory_gib * 2 ** 30 / card)
+    presets = args.preset or (["llama3-8b", "gptj-6b"] if args.device == "cuda" else ["tiny", "stories"])
+    methods = list(L.METHODS) if "all" in (args.method or []) else args.method or ["lyaplock", "memit", "alphaedit"]
     methods = methods + [k for k in ("lyaplock", "memit", "alphaedit") if k not in methods]   # the main table's
     results = []
     with tempfile.TemporaryDirectory() as work:
         for name in presets:
-            results.append(run(name, a.device, a.dtype, a.edits,
-                               a.stats_tokens or (33_600 if a.device == "cuda" else 8_400), work, a.z_batch_tokens,
-                               methods, a.state_device, a.batch1))
+            tokens = args.stats_tokens or (33_600 if args.device == "cuda" else 8_400)
+            results.append(run(name, args.device, args.dtype, args.edits, tokens, work, args.z_batch_tokens,
+                               methods, args.state_device, args.batch1))
             print(json.dumps(results[-1]), flush=True)
     print(table(results))
     print(method_table(results))
-    if a.json:
-        Path(a.json).write_text(json.dumps(results, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
     return results
 
 

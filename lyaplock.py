@@ -1054,19 +1054,20 @@ def device_memory(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def print_plan(a) -> int:
+def print_plan(args) -> int:
     """--plan: the memory plan of the run the flags describe, from config.json alone."""
-    cfg = M.read_config(Path(a.model))
-    hp = with_overrides(preset(cfg, a.method), layers=parse_layers(a.layers, cfg.n_layers) if a.layers else None)
-    if a.plan_gib:
-        names, capacity = [f"device {i}" for i in range(len(a.plan_gib))], [g * 2 ** 30 for g in a.plan_gib]
+    cfg = M.read_config(Path(args.model))
+    layers = parse_layers(args.layers, cfg.n_layers) if args.layers else None
+    hp = with_overrides(preset(cfg, args.method), layers=layers)
+    if args.plan_gib:
+        names, capacity = [f"device {i}" for i in range(len(args.plan_gib))], [g * 2 ** 30 for g in args.plan_gib]
     else:
-        devices = M.check_devices(a.device)
+        devices = M.check_devices(args.device)
         names, capacity = [str(dev) for dev in devices], [device_memory(dev) for dev in devices]
-    rows = memory_plan(cfg, hp, a.dtype, a.z_batch_tokens, capacity, state_on_host=bool(a.state_device))
+    rows = memory_plan(cfg, hp, args.dtype, args.z_batch_tokens, capacity, state_on_host=bool(args.state_device))
     gib = lambda b: f"{b / 2 ** 30:.1f}"
-    print(f"memory plan: {a.model} ({cfg.arch}), {hp.method}, layers {list(hp.layers)}, {a.dtype}, "
-          f"--z-batch-tokens {a.z_batch_tokens}{', --state-device cpu' if a.state_device else ''} (GiB)")
+    print(f"memory plan: {args.model} ({cfg.arch}), {hp.method}, layers {list(hp.layers)}, {args.dtype}, "
+          f"--z-batch-tokens {args.z_batch_tokens}{', --state-device cpu' if args.state_device else ''} (GiB)")
     print(f"{'device':<12}{'blocks':>10}{'weights':>9}{'state':>8}{'z pass':>8}{'solve':>8}{'need':>8}{'has':>8}  fits")
     for row, name, has in zip(rows, names + ["host"], capacity + [device_memory(torch.device("cpu"))]):
         span = f"{row['blocks'][0]}-{row['blocks'][-1]}" if row["blocks"] else "-"
@@ -1197,27 +1198,27 @@ def parse_args(argv=None):
     p.add_argument("--no-generation", action="store_true", help="skip fluency (top-k generations)")
     p.add_argument("--snippets", help="consistency references: JSON {case_id: [text, ...]} (e.g. "
                    "Wikipedia snippets about each new target)")
-    a = p.parse_args(argv)
+    args = p.parse_args(argv)
     quiet = copy.deepcopy(p)               # the same parser with no defaults: what was typed
     for action in quiet._actions:
         action.default = argparse.SUPPRESS
-    a.given = set(vars(quiet.parse_args(argv)))
-    return a
+    args.given = set(vars(quiet.parse_args(argv)))
+    return args
 
 
-def check_settings(a):
+def check_settings(args):
     """Numeric flags out of range: a ValueError naming the flag, before any work."""
     for name in ("batch_size", "z_batch_tokens", "stats_batch_tokens", "checkpoint_every"):
-        if getattr(a, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     for name in ("alpha", "lam", "v", "l2"):
-        if getattr(a, name) is not None and not getattr(a, name) > 0:
-            raise ValueError(f"--{name} must be positive, got {getattr(a, name)}")
-    if a.stop_below is not None and not (0 < a.stop_below < 1 and a.eval_every > 0):
-        raise ValueError(f"--stop-below {a.stop_below}: give a fraction between 0 and 1, with --eval-every K")
-    if a.state_device:
-        M.check_device(a.state_device)
-    if a.resume and a.out:
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
+            raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.stop_below is not None and not (0 < args.stop_below < 1 and args.eval_every > 0):
+        raise ValueError(f"--stop-below {args.stop_below}: give a fraction between 0 and 1, with --eval-every K")
+    if args.state_device:
+        M.check_device(args.state_device)
+    if args.resume and args.out:
         raise ValueError("--out and --resume: a resumed run stays in its own directory; give only --resume")
 
 
@@ -1232,11 +1233,11 @@ def parse_layers(text: str, n_layers: int) -> tuple:
     return layers
 
 
-def typed_settings(a, names, model: M.CausalLM) -> dict:
+def typed_settings(args, names, model: M.CausalLM) -> dict:
     """The settings (dotted keys, as config.json holds them) that the flags `names` set."""
     out = {}
     for name in sorted(set(names) - set(NOT_SETTINGS)):
-        value = getattr(a, name)
+        value = getattr(args, name)
         if name in PATHS and value is not None:
             value = str(Path(value).resolve())
         if name in ("model", "edits"):
@@ -1248,44 +1249,44 @@ def typed_settings(a, names, model: M.CausalLM) -> dict:
     return out
 
 
-def new_settings(a, model: M.CausalLM) -> Settings:
+def new_settings(args, model: M.CausalLM) -> Settings:
     """A new run's settings: the method's preset, then every flag (None leaves the preset)."""
-    flat = typed_settings(a, [k for k, v in vars(a).items() if v is not None], model)
-    preset_hp = {f"hparams.{k}": v for k, v in asdict(preset(model.cfg, a.method)).items()}
+    flat = typed_settings(args, [k for k, v in vars(args).items() if v is not None], model)
+    preset_hp = {f"hparams.{k}": v for k, v in asdict(preset(model.cfg, args.method)).items()}
     return Settings.from_flat(preset_hp | flat)
 
 
-def resumed_settings(a, saved: dict, model: M.CausalLM) -> Settings:
+def resumed_settings(args, saved: dict, model: M.CausalLM) -> Settings:
     """A resumed run's settings: its own, with the typed flags that may change; any other typed
     flag that differs from the run's setting is refused, naming each."""
-    was, now = ev.flat(saved), typed_settings(a, a.given, model)
+    was, now = ev.flat(saved), typed_settings(args, args.given, model)
     if diff := [f"{k}: {was.get(k)!r} in the run, {v!r} now" for k, v in now.items()
                 if k not in RESUMABLE and was.get(k) != v]:
-        raise ValueError(f"--resume {a.resume}: the configuration differs: " + "; ".join(diff))
+        raise ValueError(f"--resume {args.resume}: the configuration differs: " + "; ".join(diff))
     return Settings.from_flat(was | {k: v for k, v in now.items() if k in RESUMABLE})
 
 
-def open_run(a):
+def open_run(args):
     """(run directory, settings, model): a new run, or the one --resume names."""
-    check_settings(a)
+    check_settings(args)
     saved = None
-    if a.resume:
+    if args.resume:
         try:
-            saved = json.loads((Path(a.resume) / "config.json").read_text())
+            saved = json.loads((Path(args.resume) / "config.json").read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"--resume {a.resume}: not a run directory (config.json: {e})") from None
-    method, layers = (saved["hparams"]["method"], saved["hparams"]["layers"]) if saved else (a.method, a.layers)
-    on_host = a.state_device or (saved or {}).get("state_device")
+            raise ValueError(f"--resume {args.resume}: not a run directory (config.json: {e})") from None
+    method, layers = (saved["hparams"]["method"], saved["hparams"]["layers"]) if saved else (args.method, args.layers)
+    on_host = args.state_device or (saved or {}).get("state_device")
     with stage("loading the model", "use --dtype bfloat16, more GPUs (--device cuda:0,cuda:1) or --state-device cpu"):
-        model = M.load(a.model or saved["model"], a.device, saved["dtype"] if saved else a.dtype,
+        model = M.load(args.model or saved["model"], args.device, saved["dtype"] if saved else args.dtype,
                        reserve=None if on_host else state_reserve(method, layers))
-    settings = resumed_settings(a, saved, model) if saved else new_settings(a, model)
+    settings = resumed_settings(args, saved, model) if saved else new_settings(args, model)
     if settings.stats_tokens and not settings.stats_file and settings.stats_tokens < model.cfg.d_mlp:
         raise ValueError(f"--stats-tokens {settings.stats_tokens}: C ({model.cfg.d_mlp}×{model.cfg.d_mlp}) "
                          f"needs at least d_mlp = {model.cfg.d_mlp} tokens, or it is singular")
     if saved:
-        return Path(a.resume), settings, model
-    out = Path(a.out) if a.out else new_run_dir()
+        return Path(args.resume), settings, model
+    out = Path(args.out) if args.out else new_run_dir()
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"--out {out} exists and is not empty; choose a new directory or --resume it")
     out.mkdir(parents=True, exist_ok=True)
@@ -1367,19 +1368,19 @@ def main(argv=None):
         return stats.main(argv[1:])
     if argv[:1] == ["report"]:
         return report(argv[1:])
-    a = parse_args(argv)
-    if a.plan and a.model:
+    args = parse_args(argv)
+    if args.plan and args.model:
         try:
-            return print_plan(a)
+            return print_plan(args)
         except (M.CheckpointError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
-    if not a.resume and not (a.model and a.edits):
+    if not args.resume and not (args.model and args.edits):
         print(f"LyapLock: give --model and --edits (see --help). Quick start: 100 real CounterFact "
               f"edits into the bundled fact model (README, 'Testbed'), CPU, under a minute:\n  {QUICKSTART}")
         return 2
     try:
-        return run(a)
+        return run(args)
     except (M.CheckpointError, data.DataError, ValueError, FloatingPointError, MemoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -1397,10 +1398,10 @@ def report(argv) -> int:
     return 0
 
 
-def run(a) -> int:
-    out, settings, model = open_run(a)
+def run(args) -> int:
+    out, settings, model = open_run(args)
     requests, skipped = load_requests(settings)
-    if a.save_model and Path(a.save_model).resolve() == Path(settings.model).resolve():
+    if args.save_model and Path(args.save_model).resolve() == Path(settings.model).resolve():
         raise ValueError("--save-model must not be the input checkpoint's directory")
     if not (out / "templates.json").exists():
         data.write_atomic(out / "templates.json", json.dumps(context_templates(
@@ -1410,7 +1411,7 @@ def run(a) -> int:
     skipped += too_long
     if skipped:
         print(f"skipped {len(skipped)} bad record(s):\n  " + "\n  ".join(skipped[:10]))
-    if note := superseded_note(requests, settings.hparams, "superseded" in a.given):
+    if note := superseded_note(requests, settings.hparams, "superseded" in args.given):
         print(note, file=sys.stderr)
     editor = Editor(model, settings.hparams, preservation_statistics(model, settings), templates,
                     settings.model, settings.z_batch_tokens, state_device=settings.state_device)
@@ -1436,9 +1437,9 @@ def run(a) -> int:
         print(f"stopped after step {editor.state.step}; continue with: python lyaplock.py --resume {out}")
         return 130
     finish(editor, requests, settings, out, len(skipped))
-    if a.save_model:
-        editor.save(a.save_model)
-        print(f"edited model written to {a.save_model}")
+    if args.save_model:
+        editor.save(args.save_model)
+        print(f"edited model written to {args.save_model}")
     return 0
 
 

@@ -956,15 +956,15 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda, cuda:N, a list the layers are spread over (cuda:0,cuda:1) or auto")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    a = p.parse_args(argv)
+    args = p.parse_args(argv)
     try:
-        model = load(a.checkpoint, a.device, a.dtype)
+        model = load(args.checkpoint, args.device, args.dtype)
     except ValueError as e:          # CheckpointError, a bad --device or --dtype
         raise SystemExit(f"error: {e}")
-    ids = model.tokenizer.encode(a.prompt, bos=True if not a.prompt else None)
+    ids = model.tokenizer.encode(args.prompt, bos=True if not args.prompt else None)
     if not ids:
         raise SystemExit("error: the prompt encodes to no tokens and the tokenizer has no BOS token")
-    out = generate(model, [ids], a.max_new_tokens, a.top_k, a.seed)[0]
+    out = generate(model, [ids], args.max_new_tokens, args.top_k, args.seed)[0]
     print(model.tokenizer.decode(ids + out))   # decoded whole: the tokenizer places the spaces
 
 

@@ -492,13 +492,13 @@ def parse_args(argv):
     p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward pass")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (under torchrun: cuda = cuda:LOCAL_RANK)")
     p.add_argument("--dtype", default="float32", choices=list(M.DTYPES), help="the forward pass's dtype")
-    a = p.parse_args(argv)
+    args = p.parse_args(argv)
     for name in ("max_len", "batch_tokens"):
-        if getattr(a, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
-    if a.stats_tokens < 0:
-        raise ValueError(f"--stats-tokens must be 0 (the whole corpus) or more, got {a.stats_tokens}")
-    return a
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.stats_tokens < 0:
+        raise ValueError(f"--stats-tokens must be 0 (the whole corpus) or more, got {args.stats_tokens}")
+    return args
 
 
 def torchrun_env() -> tuple[int, int, int]:
@@ -526,14 +526,14 @@ def main(argv=None) -> int:
     """`stats`: the statistics file, on one process or on each of torchrun's."""
     rank, world, local_rank = torchrun_env()
     try:
-        a = parse_args(sys.argv[1:] if argv is None else list(argv))
-        device = rank_device(a.device, world, local_rank)
+        args = parse_args(sys.argv[1:] if argv is None else list(argv))
+        device = rank_device(args.device, world, local_rank)
         if world > 1:
             if device.startswith("cuda"):
                 torch.cuda.set_device(device)
             dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         try:
-            write_statistics(a, device, rank, world)
+            write_statistics(args, device, rank, world)
             if world > 1:           # tear down together: a rank leaving while rank 0 still writes
                 dist.barrier()      # the file can abort in gloo's exit (seen once, 2026-12-02)
         finally:
@@ -545,33 +545,36 @@ def main(argv=None) -> int:
     return 0
 
 
-def write_statistics(a, device: str, rank: int, world: int):
+def write_statistics(args, device: str, rank: int, world: int):
     """Load, tokenise, collect (this rank's share; one all_reduce), and on rank 0 write the file."""
     import lyaplock                                   # here, not above: lyaplock imports this module
-    model = M.load(a.model, device, a.dtype)
-    layers = lyaplock.parse_layers(a.layers, model.cfg.n_layers) if a.layers else lyaplock.preset(model.cfg, "lyaplock").layers
-    corpus = Path(a.stats_corpus or lyaplock.DEFAULT_CORPUS)
-    seqs = stats_sequences(model.tokenizer, data.read_corpus(corpus), a.stats_tokens, a.max_len)
+    model = M.load(args.model, device, args.dtype)
+    if args.layers:
+        layers = lyaplock.parse_layers(args.layers, model.cfg.n_layers)
+    else:
+        layers = lyaplock.preset(model.cfg, "lyaplock").layers
+    corpus = Path(args.stats_corpus or lyaplock.DEFAULT_CORPUS)
+    seqs = stats_sequences(model.tokenizer, data.read_corpus(corpus), args.stats_tokens, args.max_len)
     total = sum(map(len, seqs))
     if total < model.cfg.d_mlp:
         raise ValueError(f"{total} tokens: C ({model.cfg.d_mlp}×{model.cfg.d_mlp}) needs at least d_mlp = "
                          f"{model.cfg.d_mlp} tokens, or it is singular (--stats-tokens, --stats-corpus)")
-    key = stats_key(a.model, model, layers, corpus, a.stats_tokens, a.max_len) if rank == 0 else None
+    key = stats_key(args.model, model, layers, corpus, args.stats_tokens, args.max_len) if rank == 0 else None
     progress = None
     if rank == 0:
-        mine = sum(len(seqs[i]) for b in length_batches([len(s) for s in seqs], a.batch_tokens)[::world] for i in b)
+        mine = sum(len(seqs[i]) for b in length_batches([len(s) for s in seqs], args.batch_tokens)[::world] for i in b)
         progress = Progress(mine, lambda s, end="\n": print(s, end=end, file=sys.stderr, flush=True),
                             tty=sys.stderr.isatty(), share=f" (rank 0's share of {world} processes)" * (world > 1))
     start = time.time()
-    C = collect_stats(model, seqs, layers, a.batch_tokens, progress, rank, world)
+    C = collect_stats(model, seqs, layers, args.batch_tokens, progress, rank, world)
     seconds = time.time() - start                      # .item() in collect_stats has synchronised
     if rank == 0:
         if sys.stderr.isatty():
             print(file=sys.stderr)
-        write_stats_file(a.out, C, key, total)
+        write_stats_file(args.out, C, key, total)
         print(f"statistics: {total:,} tokens in {seconds:.1f} s, {total / seconds:,.0f} tok/s"
               f"{f' on {world} processes' if world > 1 else ''}, layers {','.join(map(str, layers))}; "
-              f"wrote {a.out}", flush=True)
+              f"wrote {args.out}", flush=True)
 
 
 if __name__ == "__main__":

@@ -821,7 +821,7 @@ def main(argv=None):
     t.add_argument("--steps", type=int, default=None, help="override the size's step count")
     t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     t.add_argument("--threads", type=int, default=2, help="CPU threads (results depend on it)")
-    t.set_defaults(run=lambda a: train(a.out, a.size, a.seed, a.device, a.steps))
+    t.set_defaults(run=lambda args: train(args.out, args.size, args.seed, args.device, args.steps))
     e = sub.add_parser("experiment", help="a long edit stream with each method: table and SVG figures")
     e.add_argument("--model", default=str(FIX / "factmodel-ci"), help="a fact model trained by `train`, or stories260K")
     e.add_argument("--stream", choices=STREAMS, default="first",
@@ -839,12 +839,13 @@ def main(argv=None):
     e.add_argument("--out", default="runs/testbed")
     e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     e.add_argument("--threads", type=int, default=2)
-    e.set_defaults(run=lambda a: experiment(a.model, a.edits or None, a.batch_size, a.methods.split(","), a.eval_every,
-                                            seed=a.seed, device=a.device, out=a.out, corpus=a.corpus, stream=a.stream,
-                                            layers=a.layers and [int(x) for x in a.layers.split(",")]))
-    a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    a.run(a)
+    e.set_defaults(run=lambda args: experiment(
+        args.model, args.edits or None, args.batch_size, args.methods.split(","), args.eval_every,
+        seed=args.seed, device=args.device, out=args.out, corpus=args.corpus, stream=args.stream,
+        layers=args.layers and [int(x) for x in args.layers.split(",")]))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.run(args)
 
 
 if __name__ == "__main__":
