@@ -278,16 +278,26 @@ def write_atomic(path: Path, text: str):
     os.replace(tmp, path)
 
 
-def read_jsonl(path: Path, keep=lambda e: True) -> list[dict]:
-    """The entries of a JSON-lines file that `keep` accepts (a torn last line is dropped), and the
-    file rewritten to hold just those."""
-    entries = []
-    for line in path.read_text().splitlines() if path.exists() else []:
+def read_jsonl(path: Path) -> tuple[list[dict], int]:
+    """The JSON objects of a JSON-lines file up to the first unreadable line (a run killed while
+    writing leaves a torn last line), and how many lines that leaves out. Reads only."""
+    if not path.exists():
+        return [], 0
+    lines, entries = path.read_text().splitlines(), []
+    for line in lines:
         try:
-            entries.append(json.loads(line))
+            entry = json.loads(line)
         except json.JSONDecodeError:
             break
-    entries = [e for e in entries if keep(e)]
+        if not isinstance(entry, dict):
+            break
+        entries.append(entry)
+    return entries, len(lines) - len(entries)
+
+
+def trim_jsonl(path: Path, keep) -> list[dict]:
+    """Rewrite a JSON-lines file to hold just the readable entries that `keep` accepts; returns them."""
+    entries = [e for e in read_jsonl(path)[0] if keep(e)]
     write_jsonl(path, entries)
     return entries
 

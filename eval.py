@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import model as modeling
-from data import Request
+from data import Request, read_jsonl
 
 
 # ------------------------------------------------------------------------ target tokenisation
@@ -600,23 +600,6 @@ def check_state(state: dict, audits: dict, steps: list[dict], alpha) -> list[str
 
 
 # --------------------------------------------------------------------------- a run's report
-def read_lines(path: Path) -> tuple[list[dict], int]:
-    """The JSON lines of a file up to the first unreadable one (a run killed while writing leaves
-    a torn last line) and how many lines that leaves out. Reads only: data.read_jsonl rewrites."""
-    if not path.exists():
-        return [], 0
-    lines, out = path.read_text().splitlines(), []
-    for line in lines:
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            break
-        if not isinstance(entry, dict):
-            break
-        out.append(entry)
-    return out, len(lines) - len(out)
-
-
 def _read_json(path: Path):
     try:
         return json.loads(path.read_text())
@@ -645,20 +628,20 @@ def read_run(run_dir) -> Run:
     config = _read_json(d / "config.json")
     if not isinstance(config, dict):
         raise ValueError(f"{d}: not a run directory (no readable config.json)")
-    entries, torn = read_lines(d / "log.jsonl")
+    entries, torn = read_jsonl(d / "log.jsonl")
     by_step = {e.get("step"): e for e in entries}          # a step logged twice: the later line
     steps = []
     while len(steps) in by_step:
         steps.append(by_step[len(steps)])
     summary = _read_json(d / "summary.json")
-    cases_pre, _ = read_lines(d / "cases_pre.jsonl")
-    cases, _ = read_lines(d / "cases.jsonl")
+    cases_pre, _ = read_jsonl(d / "cases_pre.jsonl")
+    cases, _ = read_jsonl(d / "cases.jsonl")
     latest = _read_json(d / "latest.json")
     state = None
     if isinstance(latest, dict) and "checkpoint" in latest:
         state = _read_json(d / latest["checkpoint"] / "state.json")
     return Run(dir=d, hparams=config.get("hparams", config), steps=steps,
-               left_out=torn + len(entries) - len(steps), ability=read_lines(d / "ability.jsonl")[0],
+               left_out=torn + len(entries) - len(steps), ability=read_jsonl(d / "ability.jsonl")[0],
                before=summary.get("pre") if summary else summarize(cases_pre) if cases_pre else None,
                after=summary if summary else summarize(cases) if cases else None,
                finished=summary is not None, stop=_read_json(d / "stop.json"), state=state)

@@ -1428,8 +1428,8 @@ def run(args) -> int:
         data.write_jsonl(out / "ability.jsonl", [general_ability(editor, settings)])
         save_checkpoint(out, editor.state, model, settings.hparams.layers)
     step = editor.state.step
-    data.read_jsonl(out / "log.jsonl", lambda e: e["step"] < step)         # drop work after the checkpoint
-    data.read_jsonl(out / "ability.jsonl", lambda e: e["step"] <= step and not e["final"])
+    data.trim_jsonl(out / "log.jsonl", lambda e: e["step"] < step)         # drop work after the checkpoint
+    data.trim_jsonl(out / "ability.jsonl", lambda e: e["step"] <= step and not e["final"])
     stop = out / "stop.json"
     if stop.exists() and json.loads(stop.read_text())["step"] > step:
         stop.unlink()                                                        # recomputed below
@@ -1512,7 +1512,8 @@ def edit_stream(editor: Editor, requests, settings: Settings, out: Path) -> bool
     state, bs = editor.state, settings.hparams.batch_size
     n_steps = -(-len(requests) // bs)
     t_start, done0, saved, shown = time.time(), state.n_edits, state.step, 0.0
-    before = data.read_jsonl(out / "ability.jsonl")[0]
+    abilities, _ = data.read_jsonl(out / "ability.jsonl")
+    before = abilities[0]                     # measured before the first edit
     with DeferInterrupt() as interrupt:
         while state.step < n_steps:
             batch = requests[state.step * bs:(state.step + 1) * bs]
@@ -1557,8 +1558,9 @@ def finish(editor: Editor, requests, settings: Settings, out: Path, n_skipped: i
     with editor.restrained() as model:
         cases = score_cases(model, requests, settings.generation, snippets_of(settings), settings.seed)
     data.write_jsonl(out / "cases.jsonl", cases)
-    pre = data.read_jsonl(out / "cases_pre.jsonl")
-    first = data.read_jsonl(out / "ability.jsonl")[0]
+    pre, _ = data.read_jsonl(out / "cases_pre.jsonl")
+    abilities, _ = data.read_jsonl(out / "ability.jsonl")
+    first = abilities[0]
     final = general_ability(editor, settings, final=True)
     data.append_jsonl(out / "ability.jsonl", final)
     strip = lambda r: {k: v for k, v in r.items() if k not in ("step", "edits", "final")}

@@ -252,3 +252,14 @@ def test_data_file_sha256_and_stdlib_only(tmp_path):
     modules = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     modules |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert modules <= set(sys.stdlib_module_names), modules
+
+
+def test_data_read_jsonl_reads_only_and_trim_jsonl_rewrites(tmp_path):
+    path = tmp_path / "log.jsonl"
+    text = '{"step": 0}\n{"step": 1}\n[1]\n{"step": 3}\n{"step": 4, "torn'
+    path.write_text(text)
+    assert data.read_jsonl(path) == ([{"step": 0}, {"step": 1}], 3)   # stops at the non-object
+    assert path.read_text() == text                                    # reading leaves the file
+    assert data.read_jsonl(tmp_path / "absent.jsonl") == ([], 0)
+    assert data.trim_jsonl(path, lambda e: e["step"] < 1) == [{"step": 0}]
+    assert path.read_text() == '{"step": 0}\n'
