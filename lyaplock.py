@@ -1153,9 +1153,12 @@ def parse_args(argv=None):
     p.add_argument("--skip-bad", action="store_true", help="skip invalid records instead of stopping")
     p.add_argument("--layers", help="edit layers, e.g. 4,5,6,7,8 (default: the model's preset)")
     p.add_argument("--alpha", type=float, help="threshold multiplier α: D = α·D_base (preset: 60)")
-    p.add_argument("--lam", type=float, help="preservation weight λ (preset: 1000; baselines 15000)")
+    p.add_argument("--lam", type=float, help="preservation weight λ (preset: the published value for "
+                   "the model's shape, e.g. Llama-3-8B 1000, its MEMIT family 15000; other shapes "
+                   "d_mlp/4, the MEMIT family d_mlp; README \"Hyper-parameters\")")
     p.add_argument("--v", type=float, help="editing weight V of the subproblem (default 1)")
-    p.add_argument("--l2", type=float, help="AlphaEdit's regulariser L2 (E12; default 10)")
+    p.add_argument("--l2", type=float, help="AlphaEdit's regulariser L2 (E12; preset: 10 for the "
+                   "published shapes, else 1)")
     p.add_argument("--superseded", choices=("keep", "remove"), help="a request that re-edits a prompt an "
                    "earlier step edited: keep that edit's key and value in the edit memory (the "
                    "authors'), or remove them first (E8a; better on streams that re-edit, README \"Testbed\"); "
