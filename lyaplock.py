@@ -742,6 +742,8 @@ class Editor:
         editor.state.layers[2].z            # the queue of layer 2
         editor.evaluate(requests)           # efficacy, generalization, ... (×100)
         editor.save("edited-model")         # an HF checkpoint in the input's layout
+        editor.checkpoint("run")            # state + edited weights; later, on a new Editor
+        editor.restore("run")               #   built the same way, continue from there
 
     `editor.model` is edited in place, as a sequential editor must: every `edit` builds on the
     previous ones. `editor.W0` holds the original edit weights; `reset()` puts them back and
@@ -809,6 +811,21 @@ class Editor:
             raise ValueError("this Editor was built without a model_path to copy the checkpoint from")
         with self.restrained():
             M.save(self.model_path, directory, self.model.edit_tensors(self.hparams.layers))
+
+    def checkpoint(self, run_dir):
+        """Save the state and the edited weights into run_dir (save_checkpoint: atomic, the latest
+        one kept), to continue later with `restore`."""
+        save_checkpoint(Path(run_dir), self.state, self.model, self.hparams.layers)
+
+    def restore(self, run_dir):
+        """Continue where run_dir's latest checkpoint left off: its edited weights into the model,
+        its state (queues, edit memory) beside each layer's C. Build the Editor on the original
+        checkpoint first: W0 (the reference of PL) is the weights it was built on."""
+        self.state = load_checkpoint(Path(run_dir), self.model)
+        for l, ls in self.state.layers.items():
+            for k in STATE_TENSORS:
+                if getattr(ls, k) is not None:
+                    setattr(ls, k, getattr(ls, k).to(self.C[l].device))
 
     def reset(self):
         """The original weights back, and a fresh state (queues and memory)."""
@@ -1419,17 +1436,13 @@ def run(args) -> int:
     editor = Editor(model, settings.hparams, preservation_statistics(model, settings), templates,
                     settings.model, settings.z_batch_tokens, state_device=settings.state_device)
     if (out / "latest.json").exists():
-        editor.state = load_checkpoint(out, model)
-        for l, ls in editor.state.layers.items():    # the memory lives with its C
-            for k in STATE_TENSORS:
-                if getattr(ls, k) is not None:
-                    setattr(ls, k, getattr(ls, k).to(editor.C[l].device))
+        editor.restore(out)
         print(f"resuming {out} at step {editor.state.step} ({editor.state.n_edits} edits done)")
     else:
         data.write_jsonl(out / "cases_pre.jsonl", score_cases(model, requests, settings.generation,
                                                               snippets_of(settings), settings.seed))
         data.write_jsonl(out / "ability.jsonl", [general_ability(editor, settings)])
-        save_checkpoint(out, editor.state, model, settings.hparams.layers)
+        editor.checkpoint(out)
     step = editor.state.step
     data.trim_jsonl(out / "log.jsonl", lambda e: e["step"] < step)         # drop work after the checkpoint
     data.trim_jsonl(out / "ability.jsonl", lambda e: e["step"] <= step and not e["final"])
@@ -1537,7 +1550,7 @@ def edit_stream(editor: Editor, requests, settings: Settings, out: Path) -> bool
                 data.append_jsonl(out / "ability.jsonl", now)
                 stop = settings.stop_below and collapsed(settings, before, now)
             if state.step % settings.checkpoint_every == 0 or state.step == n_steps or interrupt.hit or stop:
-                save_checkpoint(out, state, editor.model, settings.hparams.layers)
+                editor.checkpoint(out)
                 saved = state.step
             if stop:
                 data.write_atomic(out / "stop.json", json.dumps(stop))

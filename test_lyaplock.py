@@ -818,7 +818,11 @@ def test_readme_python_api_example_runs(tmp_path, capsys, monkeypatch):
     assert float(first) == 0.0 and float(last) == 70.0 and z_and_log.startswith("1.0 {'pl': ")
     original, edited = M.load(FIX / "factmodel-ci"), M.load(tmp_path / "edited-factmodel")
     assert not torch.equal(edited.edit_weight(2), original.edit_weight(2))
-    editor = scope["editor"]                       # reset: the original weights, a fresh state
+    editor = scope["editor"]            # reset, then restore: back where the two steps left off
+    assert editor.state.step == 2 and editor.state.layers[2].D_base is not None
+    assert all(torch.equal(editor.model.edit_weight(l), edited.edit_weight(l)) for l in (1, 2))
+    assert all(torch.equal(editor.W0[l], original.edit_weight(l)) for l in (1, 2))
+    editor.reset()                      # the original weights, a fresh state
     assert all(torch.equal(editor.model.edit_weight(l), original.edit_weight(l)) for l in (1, 2))
     assert editor.state.step == 0 and editor.state.layers[2].D_base is None
 
