@@ -821,7 +821,7 @@ class Editor:
         """Continue where run_dir's latest checkpoint left off: its edited weights into the model,
         its state (queues, edit memory) beside each layer's C. Build the Editor on the original
         checkpoint first: W0 (the reference of PL) is the weights it was built on."""
-        self.state = load_checkpoint(Path(run_dir), self.model)
+        self.state = load_checkpoint(Path(run_dir), self.model, self.hparams)
         for l, ls in self.state.layers.items():
             for k in STATE_TENSORS:
                 if getattr(ls, k) is not None:
@@ -1020,11 +1020,22 @@ def save_checkpoint(out: Path, state: EditState, model: M.CausalLM, layers):
             shutil.rmtree(old)
 
 
-def load_checkpoint(out: Path, model: M.CausalLM) -> EditState:
-    """The run state of the latest checkpoint (on the host) and its edit weights (into the model)."""
-    d = out / json.loads((out / "latest.json").read_text())["checkpoint"]
+def load_checkpoint(out: Path, model: M.CausalLM, hp: HParams | None = None) -> EditState:
+    """The run state of the latest checkpoint (on the host) and its edit weights (into the model);
+    with hp, a state of another method or other layers is refused before the model is touched."""
+    try:
+        d = out / json.loads((out / "latest.json").read_text())["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{out}: no checkpoint to continue from (latest.json: {e})") from None
     state = EditState.load(d)
-    model.load_edit_tensors(load_file(str(d / "weights.safetensors")))
+    if hp is not None and (state.method, sorted(state.layers)) != (hp.method, sorted(hp.layers)):
+        raise ValueError(f"{d}: a checkpoint of {state.method} on layers {sorted(state.layers)}; this "
+                         f"Editor runs {hp.method} on layers {sorted(hp.layers)}")
+    try:
+        weights = load_file(str(d / "weights.safetensors"))
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"{d}: cannot read the edited weights ({e})") from None
+    model.load_edit_tensors(weights)
     return state
 
 

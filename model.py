@@ -519,7 +519,8 @@ class CausalLM(nn.Module):
 
     @torch.no_grad()
     def load_edit_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy tensors in the layout edit_tensors returns into the edited parameters."""
+        """Copy tensors in the layout edit_tensors returns into the edited parameters (all are
+        checked first: a bad one leaves the model as it was)."""
         layer_of = {self.edit_weight_name(l): l for l in range(self.cfg.n_layers)}
         for name, t in tensors.items():
             if name not in layer_of:
@@ -529,7 +530,8 @@ class CausalLM(nn.Module):
             if tuple(t.shape) != tuple(w.shape):
                 raise CheckpointError(f"tensor {name} has shape {tuple(t.shape)}, the model stores "
                                       f"{tuple(w.shape)} (the checkpoint's layout)")
-            w.copy_(t)
+        for name, t in tensors.items():
+            self._edit_parameter(layer_of[name]).copy_(t)
 
     def names_through_layer(self, layer: int) -> list[str]:
         """Checkpoint names of the tensors the computation up to and including block `layer`

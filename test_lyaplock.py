@@ -827,6 +827,27 @@ def test_readme_python_api_example_runs(tmp_path, capsys, monkeypatch):
     assert editor.state.step == 0 and editor.state.layers[2].D_base is None
 
 
+def test_restore_refuses_a_missing_or_foreign_checkpoint_and_leaves_the_model(tmp_path):
+    m = M.load(STORIES)
+    C = S.load_or_collect_stats(m, STORIES, L.DEFAULT_CORPUS, 2000, (1, 2), tmp_path, log=lambda *a, **k: None)
+    requests, _ = data.load_requests(FIX / "counterfact-rome.json", limit=2)
+    templates = [["{}"]]
+    editor = L.Editor(m, L.HParams(layers=(1, 2), lam=15.0, v_num_grad_steps=3), C, templates)
+    with pytest.raises(ValueError, match=r"no checkpoint to continue from \(latest.json"):
+        editor.restore(tmp_path / "nothing")
+    editor.edit(requests)
+    editor.checkpoint(tmp_path / "run")
+    for hp in (L.HParams(method="memit", layers=(1, 2)), L.HParams(layers=(2,))):
+        other = L.Editor(M.load(STORIES), hp, C, templates)
+        before = {l: other.model.edit_weight(l).clone() for l in (1, 2)}
+        with pytest.raises(ValueError, match=r"a checkpoint of lyaplock on layers \[1, 2\]; this Editor runs"):
+            other.restore(tmp_path / "run")
+        assert all(torch.equal(before[l], other.model.edit_weight(l)) for l in (1, 2))   # untouched
+    (tmp_path / "run" / "ckpt-000001" / "weights.safetensors").write_bytes(b"torn")
+    with pytest.raises(ValueError, match="cannot read the edited weights"):
+        L.Editor(M.load(STORIES), editor.hparams, C, templates).restore(tmp_path / "run")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", ["lyaplock", "alphaedit"])
 def test_state_kept_in_host_memory_gives_the_same_edits(tmp_path, device, method):

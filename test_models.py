@@ -470,6 +470,10 @@ def test_load_edit_tensors_round_trips_and_checks(ckpt):
         m.load_edit_tensors({"transformer.h.0.mlp.c_fc.weight": torch.zeros(64, 256)})
     with pytest.raises(M.CheckpointError, match=r"has shape \(64, 256\), the model stores \(256, 64\)"):
         m.load_edit_tensors({"transformer.h.0.mlp.c_proj.weight": torch.zeros(64, 256)})
+    with pytest.raises(M.CheckpointError, match="transformer.h.2.mlp.c_proj.weight has shape"):
+        m.load_edit_tensors({"transformer.h.0.mlp.c_proj.weight": torch.zeros(256, 64),   # fine, but
+                             "transformer.h.2.mlp.c_proj.weight": torch.zeros(64, 256)})  # this one is not
+    assert all(torch.equal(t, saved[n]) for n, t in m.edit_tensors([0, 2]).items())     # nothing copied
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "qwen3-gqa-bias", "mistral-gqa-window"])
