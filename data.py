@@ -169,7 +169,7 @@ _TARGET_NEW = {"counterfact-rome": "requested_rewrite.target_new.str",
                "counterfact-easyedit": "target_new"}
 
 
-def _read_record(path: Path, i: int, rec, layout: str, seen: dict) -> Request:
+def _read_record(path, i: int, rec, layout: str, seen: dict) -> Request:
     """Turn record ``i`` (of the file's ``layout``) into a checked Request."""
     if not isinstance(rec, dict):
         raise _Where(path, i).error(None, f"expected an object, got {type(rec).__name__}")
@@ -218,23 +218,30 @@ def load_requests(path, skip_bad: bool = False, limit: int | None = None
         records = json.loads(read_text(path, "data"))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON: line {e.lineno}, column {e.colno}: {e.msg}") from None
+    return requests_from(records, path, skip_bad, limit)
+
+
+def requests_from(records, source="records", skip_bad: bool = False, limit: int | None = None
+                  ) -> tuple[list[Request], list[str]]:
+    """load_requests on records already in memory (a list of dicts in one supported layout);
+    messages name ``source`` where they would name the file."""
     if not isinstance(records, list) or not records:
         got = "an empty list" if records == [] else type(records).__name__
-        raise DataError(f"{path}: top level must be a non-empty list of records, got {got}")
+        raise DataError(f"{source}: top level must be a non-empty list of records, got {got}")
     layout = next(filter(None, map(_layout_of, records)), None)  # the first recognised record's
     if layout is None:
         first = sorted(records[0]) if isinstance(records[0], dict) else type(records[0]).__name__
-        raise DataError(f"{path}: no record has a supported layout (record 0: {first}); "
+        raise DataError(f"{source}: no record has a supported layout (record 0: {first}); "
                         f"supported layouts: {_SUPPORTED}")
     requests, skipped, seen = [], [], {}  # seen: case_id -> record index
     for i, rec in enumerate(records):
         if limit is not None and len(requests) >= limit:
             break
         if _layout_of(rec) not in (None, layout):
-            raise DataError(f"{path}: record {i}: has the {_layout_of(rec)} layout but earlier "
+            raise DataError(f"{source}: record {i}: has the {_layout_of(rec)} layout but earlier "
                             f"records have {layout}; a file must use one layout")
         try:
-            req = _read_record(path, i, rec, layout, seen)
+            req = _read_record(source, i, rec, layout, seen)
         except DataError as e:
             if not skip_bad:
                 raise

@@ -779,8 +779,11 @@ class Editor:
                    z_batch_tokens, state_device=state_device)
 
     def edit(self, requests) -> dict:
-        """One editing step with all `requests`; returns the step's log."""
-        return edit_batch(self.model, list(requests), self.templates, self.hparams, self.state, self.C,
+        """One editing step with all `requests` (data.Request records); returns the step's log."""
+        requests = checked_requests(requests)
+        if not requests:
+            raise ValueError("edit: no requests; a step edits at least one")
+        return edit_batch(self.model, requests, self.templates, self.hparams, self.state, self.C,
                           self.W0, self.z_batch_tokens)
 
     @contextmanager
@@ -803,7 +806,7 @@ class Editor:
         """Means over the requests (×100): CounterFact or zsRE metrics, with fluency (and
         consistency, given snippets) when `generation`."""
         with self.restrained():
-            return ev.summarize(score_cases(self.model, list(requests), generation, snippets, seed))
+            return ev.summarize(score_cases(self.model, checked_requests(requests), generation, snippets, seed))
 
     def save(self, directory):
         """The edited model as an HF checkpoint in the input's own layout."""
@@ -832,6 +835,16 @@ class Editor:
         for l, W in self.W0.items():
             self.model.edit_weight(l).copy_(W)
         self.state = EditState.start(self.hparams.method, self.hparams.layers)
+
+
+def checked_requests(requests) -> list:
+    """The requests as a list, each a data.Request (a TypeError naming the first that is not)."""
+    requests = list(requests)
+    for i, q in enumerate(requests):
+        if not isinstance(q, data.Request):
+            raise TypeError(f"request {i} is a {type(q).__name__}, not a data.Request: read them with "
+                            "data.load_requests(file), or data.requests_from(records) for dicts in memory")
+    return requests
 
 
 def state_reserve(method: str, layers=None):

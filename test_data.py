@@ -263,3 +263,10 @@ def test_data_read_jsonl_reads_only_and_trim_jsonl_rewrites(tmp_path):
     assert data.read_jsonl(tmp_path / "absent.jsonl") == ([], 0)
     assert data.trim_jsonl(path, lambda e: e["step"] < 1) == [{"step": 0}]
     assert path.read_text() == '{"step": 0}\n'
+
+
+def test_data_requests_from_records_in_memory_is_load_requests(tmp_path):
+    records = [ROME_REC, {**ROME_REC, "case_id": 8}]
+    assert data.requests_from(records) == load_requests(_data_write(tmp_path, records))
+    with pytest.raises(DataError, match=r"^my list: record 1 \(case_id 7\): field 'case_id': duplicate"):
+        data.requests_from([ROME_REC, ROME_REC], "my list")

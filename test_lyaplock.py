@@ -827,6 +827,19 @@ def test_readme_python_api_example_runs(tmp_path, capsys, monkeypatch):
     assert editor.state.step == 0 and editor.state.layers[2].D_base is None
 
 
+def test_editor_refuses_what_is_not_a_request_by_name(tmp_path):
+    m = M.load(STORIES)
+    C = S.load_or_collect_stats(m, STORIES, L.DEFAULT_CORPUS, 2000, (1, 2), tmp_path, log=lambda *a, **k: None)
+    editor = L.Editor(m, L.HParams(layers=(1, 2)), C, [["{}"]])
+    with pytest.raises(ValueError, match="edit: no requests"):
+        editor.edit([])
+    record = json.loads((FIX / "counterfact-rome.json").read_text())[0]
+    for call in (editor.edit, editor.evaluate):
+        with pytest.raises(TypeError, match=r"request 0 is a dict, not a data.Request: .*data.requests_from"):
+            call([record])
+    assert editor.state.step == 0
+
+
 def test_restore_refuses_a_missing_or_foreign_checkpoint_and_leaves_the_model(tmp_path):
     m = M.load(STORIES)
     C = S.load_or_collect_stats(m, STORIES, L.DEFAULT_CORPUS, 2000, (1, 2), tmp_path, log=lambda *a, **k: None)
