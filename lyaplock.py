@@ -192,12 +192,16 @@ class Method:
     templates: tuple = ((10, 5),)      # context templates (E3): (length, count) per group
 
 
+def editing_weight(ls: LayerState, hp) -> float:
+    """V of E8 for this step: 1 at step 0, the authors' calibration step (their code ignores V
+    there; the paper does not single it out), hp.V after it."""
+    return 1.0 if ls.D_base is None else hp.V
+
+
 def lyaplock_step(W, W0, C, K1, R, ls: LayerState, hp) -> torch.Tensor:
     """E9 with the queue value after the previous step (drift-plus-penalty decides step t with
-    Z(t)). Step 0 is the authors' calibration step: z = 1 and V = 1 (their code ignores V there;
-    the paper does not single it out), i.e. MEMIT (E10)."""
-    V = 1.0 if ls.D_base is None else hp.V
-    return solve_lyaplock(W, W0, C, K1, R, ls.S_KK, ls.S_VK, ls.z, hp.lam, V)
+    Z(t)). Step 0 is the calibration step: z = 1 and V = 1, i.e. MEMIT (E10)."""
+    return solve_lyaplock(W, W0, C, K1, R, ls.S_KK, ls.S_VK, ls.z, hp.lam, editing_weight(ls, hp))
 
 
 def memit_step(W, W0, C, K1, R, ls: LayerState, hp) -> torch.Tensor:
@@ -215,14 +219,14 @@ def memit_seq_step(W, W0, C, K1, R, ls: LayerState, hp) -> torch.Tensor:
 
 
 def lyaplock_memit_seq_step(W, W0, C, K1, R, ls: LayerState, hp) -> torch.Tensor:
-    V = 1.0 if ls.D_base is None else hp.V
+    V = editing_weight(ls, hp)
     return B.solve_lyaplock_memit_seq(W, W0, C, K1, R, ls.S_KK, ls.z, hp.lam, V)  # E21
 
 
 def lyaplock_alphaedit_step(W, W0, C, K1, R, ls: LayerState, hp) -> torch.Tensor:
     if ls.P is None:
         ls.P = alphaedit_projector(C)                                              # E11
-    V = 1.0 if ls.D_base is None else hp.V
+    V = editing_weight(ls, hp)
     return B.solve_lyaplock_alphaedit(W, W0, C, K1, R, ls.P, ls.S_KK, ls.z, hp.lam, V, hp.l2)   # E22
 
 
