@@ -377,7 +377,8 @@ def context_templates(model: M.CausalLM, seed: int, groups=((10, 5),)) -> list[l
     writes itself from "The", "Therefore", "Because", "I", "You" (count/5 each; `length` tokens,
     top-k 5, seeded), each as prefix + ". {}". MEMIT's family: one group (10, 5); ROME: (5, 10)
     and (10, 10), 21 templates."""
-    tok, out = model.tokenizer, [["{}"]]
+    tok = model.tokenizer
+    out = [["{}"]]
     for g, (length, count) in enumerate(groups):
         starts = [tok.encode(s) for s in ("The", "Therefore", "Because", "I", "You")] * (count // 5)
         new = M.generate(model, starts, max(1, length - min(map(len, starts))), top_k=5, seed=seed + g,
@@ -414,7 +415,8 @@ def z_rows(tok, requests, templates) -> list[Row]:
         tgt = ev.target_ids(tok, q.target_new)
         for t in (t for group in templates for t in group):
             row = subject_row(tok, t.replace("{}", q.prompt, 1), q.subject, r)
-            row.first, row.targets = len(row.ids) - 1, tgt
+            row.first = len(row.ids) - 1
+            row.targets = tgt
             row.ids = row.ids + tgt[:-1]
             rows.append(row)
         rows.append(subject_row(tok, "{} is a", q.subject, r))
@@ -439,9 +441,11 @@ class _Chunk:
 
 def _chunks(model: M.CausalLM, rows: list[Row], layer: int, max_tokens: int) -> list[_Chunk]:
     """Rows in length batches (length_batches), each run once through the layers up to `layer`."""
-    dev, out = model.embed.weight.device, []
+    dev = model.embed.weight.device
+    out = []
     for idx in stats.length_batches([len(r.ids) for r in rows], max_tokens):
-        n, rs = len(idx), [rows[i] for i in idx]
+        n = len(idx)
+        rs = [rows[i] for i in idx]
         k = max(1, max(len(r.targets) for r in rs))
         pos, lab, w = torch.zeros(n, k, dtype=torch.long), torch.zeros(n, k, dtype=torch.long), torch.zeros(n, k)
         for b, r in enumerate(rs):
@@ -479,7 +483,8 @@ def compute_z(model: M.CausalLM, rows: list[Row], n_req: int, layer: int, hp: HP
                                 minlength=n_req).float()
     delta = torch.zeros_like(h_init)
     moments = [torch.zeros_like(delta), torch.zeros_like(delta)]                 # Adam's m, v
-    active, losses = torch.ones(n_req, dtype=torch.bool, device=dev), []
+    active = torch.ones(n_req, dtype=torch.bool, device=dev)
+    losses = []
     for it in range(hp.v_num_grad_steps):
         update = it < hp.v_num_grad_steps - 1                 # the last pass only measures
         # 1. per request: mean target NLL over its rewriting prompts + KL, and the gradient in δ
@@ -581,12 +586,15 @@ def edit_batch(model: M.CausalLM, requests, templates, hp: HParams, state: EditS
     step's log. z_tokens bounds the tokens per pass of the target-value optimisation (memory)."""
     if method_of(hp.method).locate == "rome":
         return rome_batch(model, requests, templates, hp, state, C, W0, z_tokens)
-    clock, where = Clock(model.embed.weight.device), Where(state.step, requests)
-    z_layer, n = hp.layers[-1], len(hp.layers)
+    clock = Clock(model.embed.weight.device)
+    where = Where(state.step, requests)
+    z_layer = hp.layers[-1]
+    n = len(hp.layers)
     zs, _ = compute_z(model, z_rows(model.tokenizer, requests, templates), len(requests), z_layer, hp, z_tokens)
     where.check_finite(z_layer, **{"target values": zs})
     clock.lap("z")
-    rows, layers = key_rows(model.tokenizer, requests, templates), {}
+    rows = key_rows(model.tokenizer, requests, templates)
+    layers = {}
     for i, layer in enumerate(hp.layers):
         K, cur = keys_and_outputs(model, rows, templates, layer, z_layer)          # E5
         R = f64(zs - cur) / (n - i)             # E6: formed in float32 first, as the authors
@@ -608,7 +616,8 @@ def rome_batch(model: M.CausalLM, requests, templates, hp: HParams, state: EditS
     if len(hp.layers) != 1:
         raise ValueError(f"ROME edits one layer; got layers {list(hp.layers)} (use --layers L)")
     (layer,) = hp.layers
-    clock, W = Clock(model.embed.weight.device), model.edit_weight(layer)
+    clock = Clock(model.embed.weight.device)
+    W = model.edit_weight(layer)
     bias = model.edit_bias(layer)
     C_here = C[layer].to(W.device)
     C_u = C_here if hp.mom2_adjustment else torch.eye(C_here.shape[0], dtype=torch.float64, device=W.device)
@@ -649,7 +658,8 @@ def rome_keys(model: M.CausalLM, q, templates, layer: int):
 
 def update_layer(model, layer, K1, R, hp: HParams, state: EditState, C, W0, where) -> dict:
     """Solve, check and write one layer's update (step_layer); its log entry (pl, D, z)."""
-    W, ls = model.edit_weight(layer), state.layers[layer]
+    W = model.edit_weight(layer)
+    ls = state.layers[layer]
     K1, R = K1.to(W.device), R.to(W.device)        # the layer's device (--device cuda:0,cuda:1)
     try:
         with solving_on(W.device, ls, C[layer]) as C_here:
@@ -705,7 +715,9 @@ class Clock:
     """Seconds per named phase (synchronising the GPU so each phase gets its own time)."""
 
     def __init__(self, device):
-        self.device, self.laps, self.t = torch.device(device), {}, time.perf_counter()
+        self.device = torch.device(device)
+        self.laps = {}
+        self.t = time.perf_counter()
 
     def lap(self, name):
         if self.device.type == "cuda":
@@ -763,8 +775,11 @@ class Editor:
         pin = state_device is not None and self.state_device.type == "cpu" and torch.cuda.is_available()
         C = {l: c.to(self.state_device or model.edit_weight(l).device) for l, c in C.items()}   # with its layer
         self.C = {l: c.pin_memory() if pin else c for l, c in C.items()}
-        self.model, self.hparams, self.templates = model, hparams, templates
-        self.model_path, self.z_batch_tokens = model_path, z_batch_tokens
+        self.model = model
+        self.hparams = hparams
+        self.templates = templates
+        self.model_path = model_path
+        self.z_batch_tokens = z_batch_tokens
         self.W0 = {l: model.edit_weight(l).detach().clone() for l in hparams.layers}
         self.state = state or EditState.start(hparams.method, hparams.layers)
 
@@ -1105,10 +1120,12 @@ def print_plan(args) -> int:
     layers = parse_layers(args.layers, cfg.n_layers) if args.layers else None
     hp = with_overrides(preset(cfg, args.method), layers=layers)
     if args.plan_gib:
-        names, capacity = [f"device {i}" for i in range(len(args.plan_gib))], [g * 2 ** 30 for g in args.plan_gib]
+        names = [f"device {i}" for i in range(len(args.plan_gib))]
+        capacity = [g * 2 ** 30 for g in args.plan_gib]
     else:
         devices = M.check_devices(args.device)
-        names, capacity = [str(dev) for dev in devices], [device_memory(dev) for dev in devices]
+        names = [str(dev) for dev in devices]
+        capacity = [device_memory(dev) for dev in devices]
     rows = memory_plan(cfg, hp, args.dtype, args.z_batch_tokens, capacity, state_on_host=bool(args.state_device))
     gib = lambda b: f"{b / 2 ** 30:.1f}"
     print(f"memory plan: {args.model} ({cfg.arch}), {hp.method}, layers {list(hp.layers)}, {args.dtype}, "
@@ -1307,7 +1324,8 @@ def new_settings(args, model: M.CausalLM) -> Settings:
 def resumed_settings(args, saved: dict, model: M.CausalLM) -> Settings:
     """A resumed run's settings: its own, with the typed flags that may change; any other typed
     flag that differs from the run's setting is refused, naming each."""
-    was, now = ev.flat(saved), typed_settings(args, args.given, model)
+    was = ev.flat(saved)
+    now = typed_settings(args, args.given, model)
     if diff := [f"{k}: {was.get(k)!r} in the run, {v!r} now" for k, v in now.items()
                 if k not in RESUMABLE and was.get(k) != v]:
         raise ValueError(f"--resume {args.resume}: the configuration differs: " + "; ".join(diff))
@@ -1363,7 +1381,8 @@ class DeferInterrupt:
     """Ctrl-C finishes the current step (then the run saves and stops); a second one stops at once."""
 
     def __enter__(self):
-        self.hit, self.old = False, signal.signal(signal.SIGINT, self._handle)
+        self.hit = False
+        self.old = signal.signal(signal.SIGINT, self._handle)
         return self
 
     def _handle(self, *_):
@@ -1553,9 +1572,13 @@ def edit_stream(editor: Editor, requests, settings: Settings, out: Path) -> bool
     """The editing steps from the state's step on, a checkpoint every --checkpoint-every steps
     and at the end, general ability every --eval-every steps (and the --stop-below rule).
     Returns False if Ctrl-C stopped it (after saving)."""
-    state, bs = editor.state, settings.hparams.batch_size
+    state = editor.state
+    bs = settings.hparams.batch_size
     n_steps = -(-len(requests) // bs)
-    t_start, done0, saved, shown = time.time(), state.n_edits, state.step, 0.0
+    t_start = time.time()
+    done0 = state.n_edits
+    saved = state.step
+    shown = 0.0
     abilities, _ = data.read_jsonl(out / "ability.jsonl")
     before = abilities[0]                     # measured before the first edit
     with DeferInterrupt() as interrupt:
@@ -1608,7 +1631,8 @@ def finish(editor: Editor, requests, settings: Settings, out: Path, n_skipped: i
     final = general_ability(editor, settings, final=True)
     data.append_jsonl(out / "ability.jsonl", final)
     strip = lambda r: {k: v for k, v in r.items() if k not in ("step", "edits", "final")}
-    summary, summary_pre = ev.summarize(cases) | strip(final), ev.summarize(pre) | strip(first)
+    summary = ev.summarize(cases) | strip(final)
+    summary_pre = ev.summarize(pre) | strip(first)
     header = dict(method=settings.hparams.method, model=settings.model, n_edits=editor.state.n_edits,
                   batch_size=settings.hparams.batch_size, skipped=n_skipped, templates=editor.templates)
     ev.write_summary(out, summary, header, pre=summary_pre)
