@@ -224,7 +224,8 @@ def ngram_entropy(text: str, ns=(2, 3), weights=(2 / 3, 4 / 3)) -> float:
     log2 entropy of the text's n-gram frequency distribution. Words: `_WORD` (close to nltk's
     word_tokenize, which ROME uses). LYAPLOCK.md §8 writes the sum (2/3)H2 + (4/3)H3; ROME's code
     and published numbers (~6 per text, ~600 as ×100) use this mean, half of that sum."""
-    words, hs = _WORD.findall(text), []
+    words = _WORD.findall(text)
+    hs = []
     for n, w in zip(ns, weights):
         counts = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
         total = sum(counts.values())
@@ -255,7 +256,8 @@ def consistency(texts: list[str], snippets: list[str], idf: dict | None = None) 
 
 def generate_texts(m, prompts, max_new_tokens=100, top_k=5, seed=0, batch_size=32) -> list[str]:
     """Prompt + sampled continuation (top-k), decoded together; batch j is seeded with seed + j."""
-    tok, texts = m.tokenizer, []
+    tok = m.tokenizer
+    texts = []
     for j, s in enumerate(range(0, len(prompts), batch_size)):
         seqs = [tok.encode(p) for p in prompts[s:s + batch_size]]
         new = modeling.generate(m, seqs, max_new_tokens, top_k=top_k, seed=seed + j)
@@ -331,7 +333,8 @@ def mcc(labels, preds) -> float:
 def classification_metrics(labels, preds, n_classes) -> dict:
     """accuracy; f1 = support-weighted mean of the classes' F1 (the authors' f1_score(average=
     'weighted')); macro_f1; mcc for two classes."""
-    f1s, n = f1_per_class(labels, preds, n_classes), len(labels)
+    f1s = f1_per_class(labels, preds, n_classes)
+    n = len(labels)
     support = [sum(l == c for l in labels) for c in range(n_classes)]
     out = {"n": n, "accuracy": sum(l == p for l, p in zip(labels, preds)) / n,
            "f1": sum(f * s for f, s in zip(f1s, support)) / n, "macro_f1": sum(f1s) / n_classes}
@@ -585,7 +588,8 @@ def _close(x: float, y: float) -> bool:
 def check_state(state: dict, audits: dict, steps: list[dict], alpha) -> list[str]:
     """Where the latest checkpoint's queue (state.json) disagrees with the log: a·Z against the
     logged z of the step before it, a against 1/√D and α·D_base against D (problems, as text)."""
-    t, problems = state.get("step", 0) - 1, []
+    t = state.get("step", 0) - 1
+    problems = []
     if not 0 <= t < len(steps):
         return problems
     for l, q in state.get("layers", {}).items():
@@ -664,7 +668,8 @@ def audit_run(run: Run) -> dict:
 
 def queue_findings(audits: dict) -> list[str]:
     """The verdict's lines on the layers with a queue."""
-    out, joined = [], lambda ls: ", ".join(ls)
+    out = []
+    joined = lambda ls: ", ".join(ls)
     of = lambda trend: [l for l, a in audits.items() if a["queue"] and a["trend"] == trend]
     if grow := of("growing"):
         rates = ", ".join(f"+{audits[l]['slope']:.3g}/step on layer {l}" for l in grow)
@@ -721,7 +726,8 @@ def headline_of(task: str) -> str:
 
 def layer_figures(run: Run) -> dict:
     """{file name: SVG}: PL per layer (D dashed where there is a queue) and the queues."""
-    figs, x = {}, [s["edits"] for s in run.steps]
+    figs = {}
+    x = [s["edits"] for s in run.steps]
     column = lambda l, key: [s["layers"][l][key] for s in run.steps]
     for l in run_layers(run):
         D = run.steps[0]["layers"][l].get("D")
@@ -736,14 +742,16 @@ def layer_figures(run: Run) -> dict:
 
 def ability_figures(run: Run) -> dict:
     """{file name: SVG}: perplexity and each zero-shot task's headline metric over the edits."""
-    entries, figs = [e for e in run.ability if "perplexity" in e], {}
+    entries = [e for e in run.ability if "perplexity" in e]
+    figs = {}
     if entries:
         x = [e["edits"] for e in entries]
         figs["perplexity.svg"] = svg_plot({"perplexity": (x, [e["perplexity"] for e in entries])},
                                           "held-out perplexity", "perplexity")
     general = [e for e in entries if e.get("general")]
     if general:
-        x, tasks = [e["edits"] for e in general], list(general[0]["general"])
+        x = [e["edits"] for e in general]
+        tasks = list(general[0]["general"])
         series = {f"{t} {headline_of(t)}": (x, [e["general"][t][headline_of(t)] for e in general])
                   for t in tasks}
         figs["general.svg"] = svg_plot(series, "zero-shot general ability", "score")
@@ -762,7 +770,8 @@ def metrics_figure(run: Run) -> dict:
 
 def audit_table(audits: dict) -> list[str]:
     """The audit as markdown table rows (queue layers, then baseline layers)."""
-    g, rows = (lambda v: f"{v:.4g}"), []
+    g = lambda v: f"{v:.4g}"
+    rows = []
     if queue := {l: a for l, a in audits.items() if a["queue"]}:
         rows += ["| layer | steps T | time-average PL | D | slack D(z(T)−1)/T | bound holds | z(T) | "
                  "z(T)/T | z slope, last half | queue |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -791,7 +800,8 @@ def metrics_table(run: Run) -> list[str]:
 
 
 def run_header(run: Run) -> list[str]:
-    hp, T = run.hparams, len(run.steps)
+    hp = run.hparams
+    T = len(run.steps)
     edits = run.steps[-1]["edits"] if run.steps else 0
     status = "finished" if run.finished else "in progress or interrupted (no summary.json yet)"
     lines = [f"- method {hp.get('method')}, layers {hp.get('layers')}, λ {hp.get('lam')}, "

@@ -276,7 +276,8 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: Config, out_name: str):
         super().__init__()
-        self.cfg, self.out_name = cfg, out_name
+        self.cfg = cfg
+        self.out_name = out_name
         hd, nh, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
         qkv_bias = cfg.attention_bias or cfg.qkv_bias
         self.q_proj = nn.Linear(cfg.d_model, nh * hd, bias=qkv_bias)
@@ -333,7 +334,8 @@ class GPT2Attention(nn.Module):
 class RMSNorm(nn.Module):
     def __init__(self, d: int, eps: float):
         super().__init__()
-        self.weight, self.eps = nn.Parameter(torch.ones(d)), eps
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
 
     def forward(self, x):   # computed in float32, cast back (as the reference implementation)
         xf = x.float()
@@ -650,7 +652,8 @@ class Tokenizer:
 # ------------------------------------------------------------------------------ load and save
 def weight_files(path: Path) -> dict[str, Path]:
     """Tensor name -> safetensors file, for a single-file or a sharded checkpoint."""
-    index, single = path / "model.safetensors.index.json", path / "model.safetensors"
+    index = path / "model.safetensors.index.json"
+    single = path / "model.safetensors"
     if index.exists():
         try:
             wm = json.loads(index.read_text())["weight_map"]
@@ -752,7 +755,8 @@ def split_blocks(loads: list[float], fixed: list[float], shares: list[float]) ->
     best = [[(fill(0, 0, i), fill(0, 0, i) ** 2, 0) for i in range(n + 1)]]
     for j in range(1, len(shares)):
         best.append([min(extend(best[j - 1][k], j, k, i) for k in range(i + 1)) for i in range(n + 1)])
-    device, i = [0] * n, n
+    device = [0] * n
+    i = n
     for j in range(len(shares) - 1, 0, -1):            # walk the cuts back from the last device
         k = best[j][i][2]
         device[k:i] = [j] * (i - k)
@@ -854,7 +858,8 @@ def load(path, device="cpu", dtype="float32", reserve=None) -> CausalLM:
     finite. device: one device, or several (check_devices: "cuda:0,cuda:1", "cpu,cpu", "auto"),
     over which the blocks are placed in order by the devices' memory (place_blocks); reserve:
     None or a function config -> {layer: bytes} of what else a layer's device must hold."""
-    path, devices = Path(path), check_devices(device)
+    path = Path(path)
+    devices = check_devices(device)
     cfg = read_config(path)
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -894,7 +899,8 @@ def save(src, out, tensors: dict[str, torch.Tensor]) -> None:
     checkpoint names to tensors in the stored layout, as CausalLM.edit_tensors returns them (for
     GPT-2 [d_mlp, d_model], not edit_weight's (d_model, d_mlp) view); a shape that differs from
     the stored one is an error."""
-    src, out = Path(src), Path(out)
+    src = Path(src)
+    out = Path(out)
     if out.resolve() == src.resolve():
         raise ValueError(f"refusing to write the edited model into its input checkpoint {src}")
     headers = tensor_headers(weight_files(src))
@@ -929,7 +935,8 @@ def generate(model: CausalLM, seqs: list[list[int]], max_new_tokens: int, top_k:
     B = len(seqs)
     cache = KVCache(model.cfg, B, ids.shape[1] + max_new_tokens, model.placement, model.embed.weight.dtype)
     gen = torch.Generator(device=dev).manual_seed(seed)
-    new, done = [[] for _ in range(B)], torch.zeros(B, dtype=torch.bool, device=dev)
+    new = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
     eos = torch.tensor(model.tokenizer.eos_ids or [-1], device=dev)
     for _ in range(max_new_tokens):
         logits = model(ids, mask, cache=cache).logits[:, -1]
@@ -944,7 +951,8 @@ def generate(model: CausalLM, seqs: list[list[int]], max_new_tokens: int, top_k:
         done |= torch.isin(nxt, eos) if stop_at_eos else done
         if done.all():
             break
-        ids, mask = nxt[:, None], torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        ids = nxt[:, None]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     return new
 
 

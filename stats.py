@@ -94,7 +94,9 @@ class UnreadableStatistics(StatisticsError):
 def stats_sequences(tok, texts, n_tokens: int, max_len: int = 256) -> list[list[int]]:
     """Each paragraph encoded alone (with BOS where the model uses one), cut to max_len, taken
     in order until exactly n_tokens tokens (the last one shortened); n_tokens 0: all of them."""
-    seqs, total, want = [], 0, n_tokens or sys.maxsize
+    seqs = []
+    total = 0
+    want = n_tokens or sys.maxsize
     for t in texts:
         ids = tok.encode(t)[:max_len][:want - total]
         if ids:
@@ -111,7 +113,8 @@ def stats_sequences(tok, texts, n_tokens: int, max_len: int = 256) -> list[list[
 def length_batches(lengths, max_tokens: int) -> list[list[int]]:
     """Indices sorted by length and cut into batches whose padded size (count × longest) stays
     within max_tokens (at least one per batch): little padding, bounded memory."""
-    order, out = sorted(range(len(lengths)), key=lambda i: lengths[i]), []
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    out = []
     while order:
         n = 1
         while n < len(order) and (n + 1) * lengths[order[n]] <= max_tokens:
@@ -127,7 +130,8 @@ def gram_sums(model: M.CausalLM, seqs, layers, batch_tokens: int, progress=None,
     """One float64 buffer: Σ k kᵀ (lower triangle) for each of `layers`, as (len(layers), m, m),
     then the token count, over this rank's share of the length batches (rank, rank + world, ...).
     One forward pass per batch, stopped after the last edit layer."""
-    dev, m = model.embed.weight.device, model.cfg.d_mlp
+    dev = model.embed.weight.device
+    m = model.cfg.d_mlp
     flat = torch.zeros(len(layers) * m * m + 1, dtype=torch.float64, device=dev)
     sums = flat[:-1].view(len(layers), m, m)
     done = 0
@@ -416,7 +420,8 @@ def read_authors_file(file: Path, kind: str | None, m: int) -> torch.Tensor:
 
 def load_authors_stats(path: Path, model: M.CausalLM, layers, log=print) -> dict[int, torch.Tensor]:
     """C per layer from their files; they hold no fingerprint, so only layers and shape are checked."""
-    C, dev = {}, model.embed.weight.device
+    C = {}
+    dev = model.embed.weight.device
     for l, (file, kind) in authors_files(path, model, sorted(layers)).items():
         C[l] = read_authors_file(file, kind, model.cfg.d_mlp).to(dev)
         log(f"statistics: layer {l} from {file} (C = {kind}.mom2 / {kind}.count)")
@@ -464,8 +469,12 @@ class Progress:
     line every 10 s; always at the end."""
 
     def __init__(self, total: int, log, tty: bool = True, share: str = ""):
-        self.total, self.log, self.tty, self.share = total, log, tty, share
-        self.start, self.shown = time.time(), 0.0
+        self.total = total
+        self.log = log
+        self.tty = tty
+        self.share = share
+        self.start = time.time()
+        self.shown = 0.0
 
     def __call__(self, done: int):
         now = time.time()
