@@ -1482,21 +1482,8 @@ def run(args) -> int:
         print(note, file=sys.stderr)
     editor = Editor(model, settings.hparams, preservation_statistics(model, settings), templates,
                     settings.model, settings.z_batch_tokens, state_device=settings.state_device)
-    if (out / "latest.json").exists():
-        editor.restore(out)
-        print(f"resuming {out} at step {editor.state.step} ({editor.state.n_edits} edits done)")
-    else:
-        data.write_jsonl(out / "cases_pre.jsonl", score_cases(model, requests, settings.generation,
-                                                              snippets_of(settings), settings.seed))
-        data.write_jsonl(out / "ability.jsonl", [general_ability(editor, settings)])
-        editor.checkpoint(out)
-    step = editor.state.step
-    data.trim_jsonl(out / "log.jsonl", lambda e: e["step"] < step)         # drop work after the checkpoint
-    data.trim_jsonl(out / "ability.jsonl", lambda e: e["step"] <= step and not e["final"])
-    stop = out / "stop.json"
-    if stop.exists() and json.loads(stop.read_text())["step"] > step:
-        stop.unlink()                                                        # recomputed below
-    if not stop.exists() and not edit_stream(editor, requests, settings, out):
+    start_or_resume(editor, requests, settings, out)
+    if not (out / "stop.json").exists() and not edit_stream(editor, requests, settings, out):
         print(f"stopped after step {editor.state.step}; continue with: python lyaplock.py --resume {out}")
         return 130
     finish(editor, requests, settings, out, len(skipped))
@@ -1504,6 +1491,26 @@ def run(args) -> int:
         editor.save(args.save_model)
         print(f"edited model written to {args.save_model}")
     return 0
+
+
+def start_or_resume(editor: Editor, requests, settings: Settings, out: Path):
+    """A run with a checkpoint continues from it; a new one scores the model before editing and
+    writes checkpoint 0. Either way, what was logged after the checkpoint's step is dropped (it is
+    done again), and so is a --stop-below record of a later step."""
+    if (out / "latest.json").exists():
+        editor.restore(out)
+        print(f"resuming {out} at step {editor.state.step} ({editor.state.n_edits} edits done)")
+    else:
+        data.write_jsonl(out / "cases_pre.jsonl", score_cases(editor.model, requests, settings.generation,
+                                                              snippets_of(settings), settings.seed))
+        data.write_jsonl(out / "ability.jsonl", [general_ability(editor, settings)])
+        editor.checkpoint(out)
+    step = editor.state.step
+    data.trim_jsonl(out / "log.jsonl", lambda e: e["step"] < step)
+    data.trim_jsonl(out / "ability.jsonl", lambda e: e["step"] <= step and not e["final"])
+    stop = out / "stop.json"
+    if stop.exists() and json.loads(stop.read_text())["step"] > step:
+        stop.unlink()
 
 
 def superseded_note(requests, hp: HParams, chosen: bool) -> str | None:
