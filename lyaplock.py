@@ -687,13 +687,18 @@ def solving_on(device, ls: LayerState, C):
     kept = {k: getattr(ls, k) for k in STATE_TENSORS}
     for k, t in kept.items():
         setattr(ls, k, None if t is None else t.to(device, non_blocking=True))
-    ls.edits = {p: tuple(None if t is None else t.to(device) for t in kv) for p, kv in ls.edits.items()}
+    ls.edits = edits_on(ls.edits, device)
     try:
         yield C.to(device, non_blocking=True)
     finally:
         for k, old in kept.items():
             setattr(ls, k, _back_home(getattr(ls, k), old, home))
-        ls.edits = {p: tuple(None if t is None else t.to(home) for t in kv) for p, kv in ls.edits.items()}
+        ls.edits = edits_on(ls.edits, home)
+
+
+def edits_on(edits: dict, device) -> dict:
+    """E8a's per-prompt (key, value) columns of a layer, on `device`."""
+    return {p: tuple(None if t is None else t.to(device) for t in kv) for p, kv in edits.items()}
 
 
 def _back_home(new, old, home: torch.device):
@@ -848,6 +853,7 @@ class Editor:
             for k in STATE_TENSORS:
                 if getattr(ls, k) is not None:
                     setattr(ls, k, getattr(ls, k).to(self.C[l].device))
+            ls.edits = edits_on(ls.edits, self.C[l].device)
 
     def reset(self):
         """The original weights back, and a fresh state (queues and memory)."""

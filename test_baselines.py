@@ -13,7 +13,7 @@ import data
 import lyaplock as L
 import stats as S
 import model as M
-from test_lyaplock import FIX, ORACLE, STORIES, _oracle_z_rows, close
+from test_lyaplock import DEVICES, FIX, ORACLE, STORIES, _oracle_z_rows, close
 
 BASE = FIX / "oracle-baselines"
 EPS32 = 2.0 ** -24            # float32 unit roundoff
@@ -671,12 +671,14 @@ def test_prune_evaluates_and_saves_the_restrained_weights_and_streams_the_others
     assert all(torch.equal(saved.edit_weight(l), restrained[l]) for l in (1, 2))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method,superseded", [(m, "keep") for m in L.METHODS] + [("lyaplock", "remove")])
-def test_every_method_resumes_from_a_checkpoint_to_the_same_bits(tmp_path, method, superseded):
+def test_every_method_resumes_from_a_checkpoint_to_the_same_bits(tmp_path, method, superseded, device):
     """Three steps straight, and two steps, a checkpoint, a new model and Editor restored from it,
     then the third: the same weights and state to the bit, for every method (AlphaEdit's projector
     is rebuilt from C, not saved; with --superseded remove the third step re-edits a prompt of the
-    first, so the per-prompt keys and values of the saved memory are used)."""
+    first, so the per-prompt keys and values of the saved memory are used). The restored state
+    lives where C does (on a GPU: not on the host, where the checkpoint is read)."""
     layers = (2,) if method == "rome" else (1, 2)
     hp = L.HParams(method=method, layers=layers, lam=15.0, v_lr=0.5, clamp_norm_factor=4.0, l2=1.0,
                    v_num_grad_steps=5, superseded=superseded)
@@ -685,7 +687,7 @@ def test_every_method_resumes_from_a_checkpoint_to_the_same_bits(tmp_path, metho
     quiet = lambda *a, **k: None
 
     def editor():
-        m = M.load(STORIES)
+        m = M.load(STORIES, device)
         C = S.load_or_collect_stats(m, STORIES, L.DEFAULT_CORPUS, 2000, layers, tmp_path / "cache", log=quiet)
         return L.Editor(m, hp, C, [["{}"], ["Once upon a time. {}"]], model_path=STORIES)
     straight = editor()
@@ -697,6 +699,9 @@ def test_every_method_resumes_from_a_checkpoint_to_the_same_bits(tmp_path, metho
     first.checkpoint(tmp_path / "run")
     resumed = editor()
     resumed.restore(tmp_path / "run")
+    for l, ls in resumed.state.layers.items():
+        tensors = [getattr(ls, k) for k in L.STATE_TENSORS] + [t for kv in ls.edits.values() for t in kv]
+        assert all(t.device == resumed.C[l].device for t in tensors if t is not None)
     resumed.edit(steps[2])
     assert all(torch.equal(straight.model.edit_weight(l), resumed.model.edit_weight(l)) for l in layers)
     for l in layers:
