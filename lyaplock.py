@@ -882,14 +882,16 @@ def state_reserve(method: str, layers=None):
     return reserve
 
 
-def layer_state_bytes(cfg: M.Config, method: str) -> int:
-    """One edit layer's float64 state: C, the method's edit memory (S_KK m×m, S_VK d×m) and
-    AlphaEdit's projector (m×m)."""
+def layer_state_bytes(cfg: M.Config, method: str, kept_edits: int = 0) -> int:
+    """One edit layer's float64 state: C, the method's edit memory (S_KK m×m, S_VK d×m),
+    AlphaEdit's projector (m×m), and with --superseded remove each of `kept_edits` edits' key
+    (m) and, with S_VK, value (d), kept to take it out again (E8a)."""
     m, d = cfg.d_mlp, cfg.d_model
     kept = method_of(method)
     sizes = {"S_KK": m * m, "S_VK": d * m}
     projector = kept.solve in (alphaedit_step, lyaplock_alphaedit_step)
-    return 8 * (m * m + sum(sizes[k] for k in kept.memory) + (m * m if projector else 0))
+    columns = kept_edits * (m + (d if "S_VK" in kept.memory else 0)) if kept.memory else 0
+    return 8 * (m * m + sum(sizes[k] for k in kept.memory) + (m * m if projector else 0) + columns)
 
 
 def with_overrides(hp: HParams, **changes) -> HParams:
@@ -1080,7 +1082,7 @@ def load_checkpoint(out: Path, model: M.CausalLM, hp: HParams | None = None) -> 
 # ----------------------------------------------------------------------------- a memory plan
 
 def memory_plan(cfg: M.Config, hp: HParams, dtype: str, z_tokens: int, shares: list[float],
-                state_on_host: bool = False) -> list[dict]:
+                state_on_host: bool = False, n_edits: int = 0) -> list[dict]:
     """Per device (in the order of `shares`: what each holds, e.g. its memory), the bytes a run
     needs at its peak, from the config alone: the weights in `dtype` (placed as M.load places
     them); each edit layer's float64 state on its device — C, the method's edit memory (S_KK
@@ -1090,11 +1092,12 @@ def memory_plan(cfg: M.Config, hp: HParams, dtype: str, z_tokens: int, shares: l
     for GPT-J and GPT-2) and a solve (the m×m system and its Cholesky factor, three d×m
     temporaries; with the state on the host, also one layer's state). Against the measured
     peaks of two Llama-3-8B steps (docs/bench/llama3-8b-two-steps.txt): 39.7 planned for 40.5 GiB
-    at 2048 tokens, 61.2 for 61.5 at 8192."""
+    at 2048 tokens, 61.2 for 61.5 at 8192. n_edits: the stream's length, which the state grows
+    with under hp.superseded "remove" (layer_state_bytes), at its end."""
     with torch.device("meta"):
         model = M.CausalLM(cfg)
     dt, m, d = M.DTYPES[dtype], cfg.d_mlp, cfg.d_model
-    layer_state = layer_state_bytes(cfg, hp.method)
+    layer_state = layer_state_bytes(cfg, hp.method, n_edits if hp.superseded == "remove" else 0)
     blocks = M.place_blocks(model, shares, dt, {} if state_on_host else {l: layer_state for l in hp.layers})
     fixed = M.fixed_bytes(model, dt, len(shares))
     per_token = (6 * d + (4 if cfg.llama_like else 2) * m) * dt.itemsize
@@ -1124,7 +1127,8 @@ def print_plan(args) -> int:
     """--plan: the memory plan of the run the flags describe, from config.json alone."""
     cfg = M.read_config(Path(args.model))
     layers = parse_layers(args.layers, cfg.n_layers) if args.layers else None
-    hp = with_overrides(preset(cfg, args.method), layers=layers)
+    hp = with_overrides(preset(cfg, args.method), layers=layers, superseded=args.superseded)
+    n_edits = len(data.load_requests(args.edits, skip_bad=True, limit=args.limit)[0]) if args.edits else 0
     if args.plan_gib:
         names = [f"device {i}" for i in range(len(args.plan_gib))]
         capacity = [g * 2 ** 30 for g in args.plan_gib]
@@ -1132,10 +1136,16 @@ def print_plan(args) -> int:
         devices = M.check_devices(args.device)
         names = [str(dev) for dev in devices]
         capacity = [device_memory(dev) for dev in devices]
-    rows = memory_plan(cfg, hp, args.dtype, args.z_batch_tokens, capacity, state_on_host=bool(args.state_device))
+    rows = memory_plan(cfg, hp, args.dtype, args.z_batch_tokens, capacity, state_on_host=bool(args.state_device),
+                       n_edits=n_edits)
     gib = lambda b: f"{b / 2 ** 30:.1f}"
     print(f"memory plan: {args.model} ({cfg.arch}), {hp.method}, layers {list(hp.layers)}, {args.dtype}, "
           f"--z-batch-tokens {args.z_batch_tokens}{', --state-device cpu' if args.state_device else ''} (GiB)")
+    if hp.superseded == "remove" and method_of(hp.method).memory:
+        per = layer_state_bytes(cfg, hp.method, 1000) - layer_state_bytes(cfg, hp.method)
+        counted = f"counted for the {n_edits} edits of --edits" if args.edits else "not counted: give --edits"
+        print(f"--superseded remove: the state grows by {per / 2 ** 20:.0f} MiB per 1,000 edits and edit "
+              f"layer ({counted}); every checkpoint holds it too")
     print(f"{'device':<12}{'blocks':>10}{'weights':>9}{'state':>8}{'z pass':>8}{'solve':>8}{'need':>8}{'has':>8}  fits")
     for row, name, has in zip(rows, names + ["host"], capacity + [device_memory(torch.device("cpu"))]):
         span = f"{row['blocks'][0]}-{row['blocks'][-1]}" if row["blocks"] else "-"
@@ -1229,7 +1239,8 @@ def parse_args(argv=None):
                    "published shapes, else 1)")
     p.add_argument("--superseded", choices=("keep", "remove"), help="a request that re-edits a prompt an "
                    "earlier step edited: keep that edit's key and value in the edit memory (the "
-                   "authors'), or remove them first (E8a; better on streams that re-edit, README \"Testbed\"); "
+                   "authors'), or remove them first (E8a; better on streams that re-edit, README \"Testbed\"; "
+                   "it keeps every edit's key and value: --plan shows the memory); "
                    "default keep, and a note when the edits re-edit a prompt")
     p.add_argument("--stats", help="a statistics file (lyaplock.py stats), or a directory of the "
                    "MEMIT/ROME code's layer statistics; checked against the model")

@@ -317,3 +317,28 @@ def test_memory_plan_places_as_load_does_and_the_command_says_whether_it_fits(ca
     assert out.startswith("memory plan: ") and out.strip().endswith("yes")
     assert L.main(["--plan", "--model", str(STORIES), "--layers", "1,2", "--plan-gib", "0.0001,0.0001"]) == 1
     assert "NO" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["lyaplock", "memit-seq"])
+def test_memory_plan_counts_what_superseded_remove_keeps(tmp_path, capsys, method):
+    """With --superseded remove the memory keeps each edit's key (and, with S_VK, value): the
+    plan's growth per edit is exactly the bytes the edited state holds, and --plan counts the
+    edits of --edits."""
+    cfg = M.read_config(STORIES)
+    m = M.load(STORIES)
+    C = S.load_or_collect_stats(m, STORIES, L.DEFAULT_CORPUS, 2000, (1, 2), tmp_path, log=lambda *a, **k: None)
+    hp = L.HParams(method=method, layers=(1, 2), lam=15.0, v_num_grad_steps=3, superseded="remove")
+    editor = L.Editor(m, hp, C, [["{}"]])
+    requests, _ = load_requests(FIX / "counterfact-rome.json", limit=6)
+    editor.edit(requests[:4])
+    editor.edit(requests[4:])
+    for ls in editor.state.layers.values():
+        held = sum(t.nbytes for kv in ls.edits.values() for t in kv if t is not None)
+        assert held == L.layer_state_bytes(cfg, method, 6) - L.layer_state_bytes(cfg, method, 0) > 0
+    plans = {n: L.memory_plan(cfg, hp, "float32", 2048, [1.0], n_edits=n)[0]["state"] for n in (0, 6)}
+    assert plans[6] - plans[0] == 2 * held
+    keep = L.memory_plan(cfg, L.with_overrides(hp, superseded="keep"), "float32", 2048, [1.0], n_edits=6)
+    assert keep[0]["state"] == plans[0]
+    args = ["--plan", "--model", str(STORIES), "--layers", "1,2", "--method", method, "--superseded", "remove"]
+    assert L.main(args + ["--edits", str(FIX / "counterfact-rome.json"), "--limit", "6"]) == 0
+    assert "counted for the 6 edits of --edits" in capsys.readouterr().out
