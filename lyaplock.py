@@ -20,6 +20,7 @@ import signal
 import sys
 import time
 import warnings
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -150,9 +151,10 @@ def feed_queue(ls: LayerState, pl: float, alpha: float, b: float = 0.0):
     ls.Z = queue_next(ls.Z, pl, alpha * ls.D_base, ls.a, b, ls.zmax)      # E13
 
 
-def remember(ls: LayerState, K1, W_new=None, prompts=None):
+def remember(ls: LayerState, K1, W_new=None, prompts=None, recurring=None):
     """Add a step to the edit memory: S_KK += K1K1ᵀ, and S_VK += (W_new K1)K1ᵀ if W_new (E7);
-    with `prompts` (one per column of K1) also each column's key and value, for `forget`."""
+    with `prompts` (one per column of K1) also each column's key and value, for `forget` — only
+    those of prompts in `recurring` when it is given (one never edited again is never taken out)."""
     K1 = f64(K1)
     ls.S_KK = K1 @ K1.T if ls.S_KK is None else ls.S_KK.addmm_(K1, K1.T)          # E7
     WK = None
@@ -160,7 +162,8 @@ def remember(ls: LayerState, K1, W_new=None, prompts=None):
         WK = f64(W_new) @ K1
         ls.S_VK = WK @ K1.T if ls.S_VK is None else ls.S_VK.addmm_(WK, K1.T)     # E7
     for j, prompt in enumerate(prompts or ()):
-        ls.edits[prompt] = (K1[:, j].clone(), None if WK is None else WK[:, j].clone())
+        if recurring is None or prompt in recurring:
+            ls.edits[prompt] = (K1[:, j].clone(), None if WK is None else WK[:, j].clone())
 
 
 def forget(ls: LayerState, prompts):
@@ -265,11 +268,13 @@ def method_of(name: str) -> Method:
     return METHODS[name]
 
 
-def step_layer(W, W0, C, K1, R, ls: LayerState, hp, prompts=None) -> tuple[torch.Tensor, float]:
+def step_layer(W, W0, C, K1, R, ls: LayerState, hp, prompts=None, recurring=None
+               ) -> tuple[torch.Tensor, float]:
     """One layer's part of an editing step: solve → W + Δ → PL → queue → memory, for the method
     hp.method with the hyper-parameters hp (an HParams). `prompts` names the requests (columns
-    of K1), for hp.superseded "remove" (E8a). Returns (W_new, PL(W_new)); W_new has W's dtype
-    and device; ls is updated in place."""
+    of K1), for hp.superseded "remove" (E8a); `recurring`, if known, the prompts the stream edits
+    more than once (only theirs are kept to be taken out). Returns (W_new, PL(W_new)); W_new has
+    W's dtype and device; ls is updated in place."""
     method = method_of(hp.method)
     prompts = prompts if method.memory and hp.superseded == "remove" else None
     if prompts:
@@ -282,7 +287,7 @@ def step_layer(W, W0, C, K1, R, ls: LayerState, hp, prompts=None) -> tuple[torch
     if method.queue:
         feed_queue(ls, pl, hp.alpha)
     if method.memory:
-        remember(ls, K1, W_new if "S_VK" in method.memory else None, prompts)     # E7
+        remember(ls, K1, W_new if "S_VK" in method.memory else None, prompts, recurring)     # E7
     return W_new, pl
 
 
@@ -663,7 +668,8 @@ def update_layer(model, layer, K1, R, hp: HParams, state: EditState, C, W0, wher
     K1, R = K1.to(W.device), R.to(W.device)        # the layer's device (--device cuda:0,cuda:1)
     try:
         with solving_on(W.device, ls, C[layer]) as C_here:
-            W_new, pl = step_layer(W, W0[layer], C_here, K1, R, ls, hp, [q.rewrite_prompt() for q in where.requests])
+            prompts = [q.rewrite_prompt() for q in where.requests]
+            W_new, pl = step_layer(W, W0[layer], C_here, K1, R, ls, hp, prompts, state.recurring)
     except ValueError as e:   # e.g. a failed Cholesky: say where, write nothing more
         raise ValueError(f"step {where.step}, layer {layer} (case ids {where.ids}): {e}") from None
     where.check_finite(layer, update=W_new, **{"preservation loss": torch.tensor(pl)})
@@ -929,6 +935,8 @@ class EditState:
     layers: dict[int, LayerState]
     step: int = 0       # editing steps (batches) done
     n_edits: int = 0    # requests edited so far
+    recurring: frozenset | None = None   # prompts the stream edits more than once, where known
+    #   (the command knows its stream; not saved): only their E8a columns are kept
 
     @classmethod
     def start(cls, method: str, layers) -> "EditState":
@@ -1128,7 +1136,9 @@ def print_plan(args) -> int:
     cfg = M.read_config(Path(args.model))
     layers = parse_layers(args.layers, cfg.n_layers) if args.layers else None
     hp = with_overrides(preset(cfg, args.method), layers=layers, superseded=args.superseded)
-    n_edits = len(data.load_requests(args.edits, skip_bad=True, limit=args.limit)[0]) if args.edits else 0
+    requests = data.load_requests(args.edits, skip_bad=True, limit=args.limit)[0] if args.edits else []
+    recurring = recurring_prompts(requests)
+    n_kept = sum(q.rewrite_prompt() in recurring for q in requests)     # the E8a columns a run keeps
     if args.plan_gib:
         names = [f"device {i}" for i in range(len(args.plan_gib))]
         capacity = [g * 2 ** 30 for g in args.plan_gib]
@@ -1137,13 +1147,14 @@ def print_plan(args) -> int:
         names = [str(dev) for dev in devices]
         capacity = [device_memory(dev) for dev in devices]
     rows = memory_plan(cfg, hp, args.dtype, args.z_batch_tokens, capacity, state_on_host=bool(args.state_device),
-                       n_edits=n_edits)
+                       n_edits=n_kept)
     gib = lambda b: f"{b / 2 ** 30:.1f}"
     print(f"memory plan: {args.model} ({cfg.arch}), {hp.method}, layers {list(hp.layers)}, {args.dtype}, "
           f"--z-batch-tokens {args.z_batch_tokens}{', --state-device cpu' if args.state_device else ''} (GiB)")
     if hp.superseded == "remove" and method_of(hp.method).memory:
         per = layer_state_bytes(cfg, hp.method, 1000) - layer_state_bytes(cfg, hp.method)
-        counted = f"counted for the {n_edits} edits of --edits" if args.edits else "not counted: give --edits"
+        counted = (f"counted for the {n_kept} of the {len(requests)} edits of --edits whose prompt is edited again"
+                   if args.edits else "not counted: give --edits")
         print(f"--superseded remove: the state grows by {per / 2 ** 20:.0f} MiB per 1,000 edits and edit "
               f"layer ({counted}); every checkpoint holds it too")
     print(f"{'device':<12}{'blocks':>10}{'weights':>9}{'state':>8}{'z pass':>8}{'solve':>8}{'need':>8}{'has':>8}  fits")
@@ -1240,7 +1251,7 @@ def parse_args(argv=None):
     p.add_argument("--superseded", choices=("keep", "remove"), help="a request that re-edits a prompt an "
                    "earlier step edited: keep that edit's key and value in the edit memory (the "
                    "authors'), or remove them first (E8a; better on streams that re-edit, README \"Testbed\"; "
-                   "it keeps every edit's key and value: --plan shows the memory); "
+                   "it keeps the key and value of each edit whose prompt comes again: --plan shows the memory); "
                    "default keep, and a note when the edits re-edit a prompt")
     p.add_argument("--stats", help="a statistics file (lyaplock.py stats), or a directory of the "
                    "MEMIT/ROME code's layer statistics; checked against the model")
@@ -1500,6 +1511,7 @@ def run(args) -> int:
     editor = Editor(model, settings.hparams, preservation_statistics(model, settings), templates,
                     settings.model, settings.z_batch_tokens, state_device=settings.state_device)
     start_or_resume(editor, requests, settings, out)
+    editor.state.recurring = recurring_prompts(requests)
     if not (out / "stop.json").exists() and not edit_stream(editor, requests, settings, out):
         print(f"stopped after step {editor.state.step}; continue with: python lyaplock.py --resume {out}")
         return 130
@@ -1528,6 +1540,12 @@ def start_or_resume(editor: Editor, requests, settings: Settings, out: Path):
     stop = out / "stop.json"
     if stop.exists() and json.loads(stop.read_text())["step"] > step:
         stop.unlink()
+
+
+def recurring_prompts(requests) -> frozenset:
+    """The prompts (subject filled in) that more than one of the requests edits."""
+    counts = Counter(q.rewrite_prompt() for q in requests)
+    return frozenset(p for p, n in counts.items() if n > 1)
 
 
 def superseded_note(requests, hp: HParams, chosen: bool) -> str | None:

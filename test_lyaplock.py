@@ -287,6 +287,45 @@ def test_superseded_edits_leave_the_memory_exactly_when_removed(method):
             assert ls.edits == {}
 
 
+@pytest.mark.parametrize("method", ["lyaplock", "alphaedit"])
+def test_superseded_remove_keeps_only_the_recurring_prompts_and_edits_the_same(method):
+    """Given the prompts the stream edits again (the command knows its stream), only their keys
+    and values are kept: the same weights and memory to the bit, and no column of a prompt that
+    is never taken out."""
+    P = problem(4, past=0)
+    g = torch.Generator().manual_seed(4)
+    m, d = P["C"].shape[0], P["W"].shape[0]
+    steps = [(torch.randn(m, 2, dtype=torch.float64, generator=g), torch.randn(d, 2, dtype=torch.float64, generator=g),
+              prompts) for prompts in (["a", "b"], ["c", "a"], ["d", "e"])]
+    recurring = L.recurring_prompts([Request(case_id=i, prompt="{} is in", subject=s, target_new="x", target_true="y",
+                                             paraphrase_prompts=(), neighborhood_prompts=(), neighborhood_answers=())
+                                     for i, s in enumerate("abcade")])
+    assert recurring == {"a is in"}
+    runs = []
+    for known in (None, {"a"}):
+        hp, ls, W = L.HParams(method=method, lam=1.0, alpha=10.0, superseded="remove"), L.LayerState(), P["W0"]
+        for K1, R, prompts in steps:
+            W, _ = L.step_layer(W, P["W0"], P["C"], K1, R, ls, hp, prompts, known)
+        runs.append((W, ls))
+    (W_all, all_), (W_few, few) = runs
+    assert torch.equal(W_all, W_few) and torch.equal(all_.S_KK, few.S_KK)
+    assert set(all_.edits) == {"a", "b", "c", "d", "e"} and set(few.edits) == {"a"}
+    assert torch.equal(all_.edits["a"][0], few.edits["a"][0])
+
+
+def test_the_command_keeps_superseded_columns_only_for_prompts_it_edits_again(tmp_path):
+    records = json.loads((FIX / "counterfact-rome.json").read_text())[:3]
+    again = dict(records[0], case_id=10 ** 6, requested_rewrite=dict(records[0]["requested_rewrite"],
+                                                                   target_new={"str": "Oslo"}))
+    (tmp_path / "edits.json").write_text(json.dumps(records + [again]))
+    out = tmp_path / "run"
+    assert L.main(_cli(tmp_path, "--out", str(out), "--no-generation", "--superseded", "remove", "--batch-size", "2",
+                       "--edits", str(tmp_path / "edits.json"), limit=None)) == 0
+    d = out / json.loads((out / "latest.json").read_text())["checkpoint"]
+    prompt = records[0]["requested_rewrite"]["prompt"].replace("{}", records[0]["requested_rewrite"]["subject"])
+    assert all(kept == [prompt] for kept in json.loads((d / "state.json").read_text())["edits"].values())
+
+
 def test_a_stream_that_re_edits_gets_a_note_unless_superseded_was_chosen():
     req = lambda subject, new: Request(case_id=subject + new, prompt="{} is in", subject=subject, target_new=new,
                                        target_true="y", paraphrase_prompts=(), neighborhood_prompts=(),
