@@ -151,10 +151,10 @@ def feed_queue(ls: LayerState, pl: float, alpha: float, b: float = 0.0):
     ls.Z = queue_next(ls.Z, pl, alpha * ls.D_base, ls.a, b, ls.zmax)      # E13
 
 
-def remember(ls: LayerState, K1, W_new=None, prompts=None, recurring=None):
+def remember(ls: LayerState, K1, W_new=None, prompts=None):
     """Add a step to the edit memory: S_KK += K1K1ᵀ, and S_VK += (W_new K1)K1ᵀ if W_new (E7);
-    with `prompts` (one per column of K1) also each column's key and value, for `forget` — only
-    those of prompts in `recurring` when it is given (one never edited again is never taken out)."""
+    with `prompts` (one per column of K1) also each column's key and value, for `forget` (a None
+    prompt: a column that will never be taken out, so not kept)."""
     K1 = f64(K1)
     ls.S_KK = K1 @ K1.T if ls.S_KK is None else ls.S_KK.addmm_(K1, K1.T)          # E7
     WK = None
@@ -162,7 +162,7 @@ def remember(ls: LayerState, K1, W_new=None, prompts=None, recurring=None):
         WK = f64(W_new) @ K1
         ls.S_VK = WK @ K1.T if ls.S_VK is None else ls.S_VK.addmm_(WK, K1.T)     # E7
     for j, prompt in enumerate(prompts or ()):
-        if recurring is None or prompt in recurring:
+        if prompt is not None:
             ls.edits[prompt] = (K1[:, j].clone(), None if WK is None else WK[:, j].clone())
 
 
@@ -268,13 +268,11 @@ def method_of(name: str) -> Method:
     return METHODS[name]
 
 
-def step_layer(W, W0, C, K1, R, ls: LayerState, hp, prompts=None, recurring=None
-               ) -> tuple[torch.Tensor, float]:
+def step_layer(W, W0, C, K1, R, ls: LayerState, hp, prompts=None) -> tuple[torch.Tensor, float]:
     """One layer's part of an editing step: solve → W + Δ → PL → queue → memory, for the method
     hp.method with the hyper-parameters hp (an HParams). `prompts` names the requests (columns
-    of K1), for hp.superseded "remove" (E8a); `recurring`, if known, the prompts the stream edits
-    more than once (only theirs are kept to be taken out). Returns (W_new, PL(W_new)); W_new has
-    W's dtype and device; ls is updated in place."""
+    of K1), for hp.superseded "remove" (E8a); None for one the stream never edits again. Returns
+    (W_new, PL(W_new)); W_new has W's dtype and device; ls is updated in place."""
     method = method_of(hp.method)
     prompts = prompts if method.memory and hp.superseded == "remove" else None
     if prompts:
@@ -287,7 +285,7 @@ def step_layer(W, W0, C, K1, R, ls: LayerState, hp, prompts=None, recurring=None
     if method.queue:
         feed_queue(ls, pl, hp.alpha)
     if method.memory:
-        remember(ls, K1, W_new if "S_VK" in method.memory else None, prompts, recurring)     # E7
+        remember(ls, K1, W_new if "S_VK" in method.memory else None, prompts)     # E7
     return W_new, pl
 
 
@@ -669,7 +667,9 @@ def update_layer(model, layer, K1, R, hp: HParams, state: EditState, C, W0, wher
     try:
         with solving_on(W.device, ls, C[layer]) as C_here:
             prompts = [q.rewrite_prompt() for q in where.requests]
-            W_new, pl = step_layer(W, W0[layer], C_here, K1, R, ls, hp, prompts, state.recurring)
+            if state.recurring is not None:          # only prompts edited again are taken out
+                prompts = [p if p in state.recurring else None for p in prompts]
+            W_new, pl = step_layer(W, W0[layer], C_here, K1, R, ls, hp, prompts)
     except ValueError as e:   # e.g. a failed Cholesky: say where, write nothing more
         raise ValueError(f"step {where.step}, layer {layer} (case ids {where.ids}): {e}") from None
     where.check_finite(layer, update=W_new, **{"preservation loss": torch.tensor(pl)})

@@ -305,7 +305,8 @@ def test_superseded_remove_keeps_only_the_recurring_prompts_and_edits_the_same(m
     for known in (None, {"a"}):
         hp, ls, W = L.HParams(method=method, lam=1.0, alpha=10.0, superseded="remove"), L.LayerState(), P["W0"]
         for K1, R, prompts in steps:
-            W, _ = L.step_layer(W, P["W0"], P["C"], K1, R, ls, hp, prompts, known)
+            kept = [q if known is None or q in known else None for q in prompts]   # None: never again
+            W, _ = L.step_layer(W, P["W0"], P["C"], K1, R, ls, hp, kept)
         runs.append((W, ls))
     (W_all, all_), (W_few, few) = runs
     assert torch.equal(W_all, W_few) and torch.equal(all_.S_KK, few.S_KK)
@@ -314,15 +315,13 @@ def test_superseded_remove_keeps_only_the_recurring_prompts_and_edits_the_same(m
 
 
 def test_the_command_keeps_superseded_columns_only_for_prompts_it_edits_again(tmp_path):
-    records = json.loads((FIX / "counterfact-rome.json").read_text())[:3]
-    again = dict(records[0], case_id=10 ** 6, requested_rewrite=dict(records[0]["requested_rewrite"],
-                                                                   target_new={"str": "Oslo"}))
-    (tmp_path / "edits.json").write_text(json.dumps(records + [again]))
+    edits = reedit_file(tmp_path, 3)
     out = tmp_path / "run"
     assert L.main(_cli(tmp_path, "--out", str(out), "--no-generation", "--superseded", "remove", "--batch-size", "2",
-                       "--edits", str(tmp_path / "edits.json"), limit=None)) == 0
+                       "--edits", str(edits), limit=None)) == 0
     d = out / json.loads((out / "latest.json").read_text())["checkpoint"]
-    prompt = records[0]["requested_rewrite"]["prompt"].replace("{}", records[0]["requested_rewrite"]["subject"])
+    rewrite = json.loads(edits.read_text())[0]["requested_rewrite"]
+    prompt = rewrite["prompt"].replace("{}", rewrite["subject"])
     assert all(kept == [prompt] for kept in json.loads((d / "state.json").read_text())["edits"].values())
 
 
@@ -652,6 +651,15 @@ def _cli(tmp_path, *extra, edits="counterfact-rome.json", limit=8, batch=4, toke
     return ["--model", str(STORIES), "--edits", str(FIX / edits), *(["--limit", str(limit)] if limit else []),
             "--batch-size", str(batch), "--stats-tokens", str(tokens), "--stats-cache", str(tmp_path / "cache"),
             "--checkpoint-every", "1", *extra]
+
+
+def reedit_file(tmp_path, n: int) -> Path:
+    """The first n records of counterfact-rome.json and the first again with another target."""
+    records = json.loads((FIX / "counterfact-rome.json").read_text())[:n]
+    again = dict(records[0], case_id=10 ** 6, requested_rewrite=dict(records[0]["requested_rewrite"],
+                                                                   target_new={"str": "Oslo"}))
+    (tmp_path / "edits.json").write_text(json.dumps(records + [again]))
+    return tmp_path / "edits.json"
 
 
 def _final_weights(out):

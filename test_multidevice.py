@@ -5,7 +5,6 @@ move runs (the moves are no-ops) and results are bitwise equal; with CUDA the sa
 across cpu and GPU ("cpu,cuda", and "cuda:0,cuda:1" with two GPUs) to float tolerance. Run:
 python -m pytest -q test_multidevice.py"""
 import itertools
-import json
 import random
 
 import pytest
@@ -15,7 +14,7 @@ import lyaplock as L
 import model as M
 import stats as S
 from data import load_requests
-from test_lyaplock import FIX, STORIES
+from test_lyaplock import FIX, STORIES, reedit_file
 from test_models import make_checkpoint, make_hf_checkpoint, one_thread, padded_batch  # noqa: F401 (one_thread: an autouse fixture)
 
 SPREADS = ["cpu,cpu", "cpu,cpu,cpu"]
@@ -340,10 +339,6 @@ def test_memory_plan_counts_what_superseded_remove_keeps(tmp_path, capsys, metho
     assert plans[6] - plans[0] == 2 * held
     keep = L.memory_plan(cfg, L.with_overrides(hp, superseded="keep"), "float32", 2048, [1.0], n_edits=6)
     assert keep[0]["state"] == plans[0]
-    records = json.loads((FIX / "counterfact-rome.json").read_text())[:5]
-    again = dict(records[0], case_id=10 ** 6, requested_rewrite=dict(records[0]["requested_rewrite"],
-                                                                   target_new={"str": "Oslo"}))
-    (tmp_path / "edits.json").write_text(json.dumps(records + [again]))      # one prompt edited twice
     args = ["--plan", "--model", str(STORIES), "--layers", "1,2", "--method", method, "--superseded", "remove"]
-    assert L.main(args + ["--edits", str(tmp_path / "edits.json")]) == 0
+    assert L.main(args + ["--edits", str(reedit_file(tmp_path, 5))]) == 0     # one prompt edited twice
     assert "counted for the 2 of the 6 edits of --edits whose prompt is edited again" in capsys.readouterr().out
