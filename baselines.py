@@ -34,7 +34,7 @@ def solve_memit_seq(K1, R, C, lam, S_KK=None):
     A = (K1 @ K1.T).add_(L.f64(C), alpha=lam)               # E15: K1K1ᵀ + λC
     if S_KK is not None:
         A.add_(L.f64(S_KK))                                 # E15: + S_KK
-    return L.solve_system(A, R @ K1.T)                      # E15
+    return L.solve_system(A, R @ K1.T, overwrite=True)      # E15
 
 
 # ----------------------------------------------------------------------------- RECT
@@ -140,7 +140,7 @@ def solve_lyaplock_memit_seq(W, W0, C, K1, R, S_KK, z, lam, V=1.0):
     A, left = L.lyaplock_system(W, W0, C, K1, R, None, None, z, lam, V)   # E9 without memory
     if S_KK is not None:
         A.add_(L.f64(S_KK), alpha=V)                                        # E21: + V S_KK
-    return L.solve_system(A, left)                                          # E21
+    return L.solve_system(A, left, overwrite=True)                          # E21
 
 
 def lyaplock_alphaedit_system(W, W0, C, K1, R, P, S_KK, z, lam, V=1.0, l2=10.0):

@@ -220,6 +220,41 @@ def test_preservation_trace_form_equals_frobenius(seed):
     assert abs(L.preservation_loss(P["W"], P["W0"], P["C"]) - direct) <= 1e-12 * direct
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed", range(4))
+def test_solve_system_solves_and_factors_in_place_only_when_told(seed, device):
+    """Δ·A = left to float64 rounding (against lstsq); overwrite=False leaves A as it was;
+    overwrite=True gives the same Δ to the bit with the factor in A's own memory (its lower
+    triangle is the Cholesky factor L of A = LLᵀ: no second m×m buffer; on CUDA the peak
+    over the solve is under a quarter of one m×m matrix)."""
+    g = torch.Generator().manual_seed(seed)
+    m, d = 40 + 7 * seed, 30
+    X = torch.randn(m, m + 5, dtype=torch.float64, generator=g)
+    A = (X @ X.T + 0.1 * torch.eye(m, dtype=torch.float64)).to(device)
+    left = torch.randn(d, m, dtype=torch.float64, generator=g).to(device)
+    kept = A.clone()
+    delta = L.solve_system(A, left)
+    assert torch.equal(A, kept)
+    want = torch.linalg.lstsq(kept.cpu(), left.T.cpu()).solution.T.to(device)   # A symmetric: A·Δᵀ = leftᵀ
+    assert (delta - want).norm() <= 1e-10 * want.norm()
+    assert (delta @ kept - left).norm() <= 1e-12 * left.norm() * torch.linalg.cond(kept)
+    storage = A.data_ptr()
+    if device == "cuda":
+        big = torch.randn(2048, 2100, dtype=torch.float64, device=device)
+        system = big @ big.T                                       # 32 MiB
+        rhs = torch.randn(8, 2048, dtype=torch.float64, device=device)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        L.solve_system(system, rhs, overwrite=True)
+        torch.cuda.synchronize()
+        assert torch.cuda.max_memory_allocated() - before < system.nbytes / 4
+    assert torch.equal(L.solve_system(A, left, overwrite=True), delta)
+    assert A.data_ptr() == storage
+    factor = torch.linalg.cholesky(kept)
+    assert (A.tril() - factor).norm() <= 1e-12 * factor.norm()
+
+
 def test_solve_system_rejects_indefinite():
     with pytest.raises(ValueError, match="positive definite"):
         L.solve_system(-torch.eye(3, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64))
