@@ -812,7 +812,7 @@ class Editor:
                        state_reserve(method, hparams.get("layers")))
         hp = with_overrides(preset(model.cfg, method), **hparams)
         C = stats.load_or_collect_stats(model, model_path, stats_corpus or DEFAULT_CORPUS, stats_tokens,
-                                        hp.layers, stats_cache, log=log)
+                                        hp.layers, stats_cache, log=log, state_device=state_device)
         return cls(model, hp, C, context_templates(model, seed, method_of(method).templates), model_path,
                    z_batch_tokens, state_device=state_device)
 
@@ -1612,10 +1612,11 @@ def preservation_statistics(model, settings: Settings) -> dict:
     layers = settings.hparams.layers
     with stage("the preservation statistics", f"lower --stats-batch-tokens (now {settings.stats_batch_tokens})"):
         if settings.stats_file:
-            return stats.load_stats_file(settings.stats_file, model, settings.model, layers)
+            return stats.load_stats_file(settings.stats_file, model, settings.model, layers,
+                                         state_device=settings.state_device)
         return stats.load_or_collect_stats(model, settings.model, Path(settings.stats_corpus), settings.stats_tokens,
                                            layers, settings.stats_cache, log=lambda s, end="\n": print(s, end=end, flush=True),
-                                           batch_tokens=settings.stats_batch_tokens)
+                                           batch_tokens=settings.stats_batch_tokens, state_device=settings.state_device)
 
 
 def edit_stream(editor: Editor, requests, settings: Settings, out: Path) -> bool:

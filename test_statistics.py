@@ -75,6 +75,77 @@ def test_the_command_shows_progress_and_a_final_line(tmp_path, capsys):
     assert "needs at least d_mlp = 172 tokens" in capsys.readouterr().err
 
 
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_with_the_state_on_the_host_one_layer_a_pass_gives_the_same_C_there(device, tmp_path):
+    """--state-device cpu: one pass per edit layer, so the device holds one layer's float64 sum at
+    a time, each C moved to the host as its pass ends: the same C to the bit as the one pass for
+    all layers (each layer's sum adds the same batches in the same order), on the host; and a
+    statistics file or the cache read with the state on the host puts C there directly. On
+    CUDA the device's peak holds one layer's sum, not two."""
+    model = M.load(STORIES, device)
+    seqs = S.stats_sequences(model.tokenizer, data.read_corpus(CORPUS), 3000)
+    assert S.collection_passes(model, (1, 2)) == [(1, 2)]
+    assert S.collection_passes(model, (2, 1), "cpu") == [(1,), (2,)]
+    seen = []
+    peaks = {}
+    results = {}
+    for state_device in (None, "cpu"):
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            start = torch.cuda.memory_allocated()
+        results[state_device] = S.collect_stats(model, seqs, [1, 2], batch_tokens=1000, state_device=state_device,
+                                                progress=seen.append if state_device else None)
+        if device == "cuda":
+            peaks[state_device] = torch.cuda.max_memory_allocated() - start
+    one, host = results[None], results["cpu"]
+    if device == "cuda":                 # at least one layer's float64 sum less at the peak
+        assert peaks[None] - peaks["cpu"] >= 8 * 172 ** 2, peaks
+    assert {l: c.device.type for l, c in host.items()} == {1: "cpu", 2: "cpu"}
+    assert {l: c.device.type for l, c in one.items()} == {1: device, 2: device}
+    assert all(torch.equal(host[l], one[l].cpu()) for l in (1, 2))
+    assert seen[-1] == 2 * 3000 and seen == sorted(seen)                 # two passes of 3,000 tokens
+    file = tmp_path / "C.safetensors"
+    S.write_stats_file(file, one, S.stats_key(STORIES, model, [1, 2], CORPUS, 3000, 256), 3000)
+    for state_device, kind in ((None, device), ("cpu", "cpu")):
+        back = S.load_stats_file(file, model, STORIES, (1, 2), log=quiet, state_device=state_device)
+        assert {c.device.type for c in back.values()} == {kind}
+        cached = S.load_or_collect_stats(model, STORIES, CORPUS, 3000, (1, 2), tmp_path / "cache", log=quiet,
+                                         batch_tokens=1000, state_device=state_device)
+        assert {c.device.type for c in cached.values()} == {kind}
+        assert all(torch.equal(cached[l].cpu(), one[l].cpu()) for l in (1, 2))
+
+
+def test_on_a_spread_model_each_device_collects_its_layers_C_beside_them():
+    """Layers across devices (cpu,cpu here; cpu,cuda in the CUDA tests of test_multidevice): one
+    pass for the edit layers of each device, their sums on that device; the same C to the bit."""
+    spread = M.load(STORIES, "cpu,cpu")
+    assert spread.stages[1] != spread.stages[4]
+    seqs = S.stats_sequences(spread.tokenizer, data.read_corpus(CORPUS), 2000)
+    assert S.collection_passes(spread, (1, 4)) == [(1,), (4,)]
+    whole = S.collect_stats(M.load(STORIES), seqs, [1, 4], batch_tokens=700)
+    C = S.collect_stats(spread, seqs, [1, 4], batch_tokens=700)
+    assert all(torch.equal(C[l], whole[l]) for l in (1, 4))
+
+
+def test_the_command_with_the_state_on_the_host_says_its_passes_and_writes_the_same_file(made, tmp_path, capsys):
+    out = tmp_path / "host.safetensors"
+    assert S.main(["--model", str(STORIES), "--layers", "1,2", "--stats-tokens", "3000", "--batch-tokens", "1000",
+                   "--state-device", "cpu", "--out", str(out)]) == 0
+    io = capsys.readouterr()
+    assert "statistics: 6,000/6,000 tokens over 2 passes, one a layer, " in io.err
+    assert io.out.startswith("statistics: 3,000 tokens in ")
+    a, b = load_file(str(made)), load_file(str(out))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    with safe_open(str(made), "pt") as f, safe_open(str(out), "pt") as g:
+        assert f.metadata() == g.metadata()
+    assert S.main(["--model", str(STORIES), "--state-device", "tpu", "--out", str(out)]) == 1
+    assert "tpu" in capsys.readouterr().err
+
+
 def copy_with(tmp_path, name: str, change=None) -> Path:
     """A copy of stories260K whose tensor `name` is changed (config.json as it was)."""
     path = tmp_path / name.replace(".", "_")
