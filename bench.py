@@ -113,33 +113,46 @@ def peak_flops(device, dtype, n=4096 if torch.cuda.is_available() else 1024):
     return 2 * n ** 3 / timed(lambda: a @ a, device)
 
 
-def forward(ckpt, m, device, dtype, batch=8, seq=512):
-    """Tokens/s of our forward, and of transformers' eager model on the same weights and inputs."""
+def forward(ckpt, m, device, dtype, batch=8, seq=512, compare=True):
+    """Tokens/s of our forward, and (compare) of transformers' eager model on the same weights and
+    inputs (a second copy of the weights on the device: not under a --memory-gib cap)."""
     ids = torch.randint(0, min(m.cfg.vocab_size, 50000), (batch, seq), device=device)
     with torch.no_grad():
         ours = batch * seq / timed(lambda: m(ids, logits_at=ids[:, -1:] * 0 + seq - 1), device)
         try:
             import transformers
         except ImportError:
+            compare = False
+        if not compare:
             return dict(ours_tok_s=ours)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(
-            ckpt, dtype=M.DTYPES[dtype], attn_implementation="eager").to(device).eval()
-        theirs = batch * seq / timed(lambda: hf(input_ids=ids, logits_to_keep=1), device)
+        theirs = batch * seq / hf_seconds(transformers, ckpt, ids, device, dtype)
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()              # its blocks back before the statistics and steps
     return dict(ours_tok_s=ours, hf_eager_tok_s=theirs, ratio=ours / theirs)
 
 
-def stats(m, layers, device, dtype, n_tokens, seq=700):
-    """Tokens/s collecting C for all edit layers in one pass, and that over its roofline; and C
+def hf_seconds(transformers, ckpt, ids, device, dtype) -> float:
+    """Seconds of transformers' eager forward over `ids` (its model freed on return)."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        ckpt, dtype=M.DTYPES[dtype], attn_implementation="eager").to(device).eval()
+    return timed(lambda: hf(input_ids=ids, logits_to_keep=1), device)
+
+
+def stats(m, layers, device, dtype, n_tokens, seq=700, state_device=None):
+    """Tokens/s collecting C for all edit layers in one pass (with state_device, one pass per
+    layer, each C to that device: stats.collection_passes), and that over its roofline; and C
     (random tokens: with random weights any text is as good, and C stays full rank)."""
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(0, min(m.cfg.vocab_size, 50000), (seq,), generator=g).tolist()
             for _ in range(-(-n_tokens // seq))]
     C = {}
-    t = timed(lambda: C.update(S.collect_stats(m, seqs, layers, batch_tokens=12 * seq)), device, repeat=1)
+    collect = lambda: C.update(S.collect_stats(m, seqs, layers, batch_tokens=12 * seq, state_device=state_device))
+    t = timed(collect, device, repeat=1)
     c = m.cfg
     per_layer = 2 * (c.d_model * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)
                      + (3 if c.llama_like else 2) * c.d_model * c.d_mlp) + 2 * seq * c.n_heads * c.head_dim
-    fwd = len(seqs) * seq * per_layer * (max(layers) + 1)
+    blocks_run = sum(max(p) + 1 for p in S.collection_passes(m, layers, state_device))   # every pass's forward
+    fwd = len(seqs) * seq * per_layer * blocks_run
     cflops = len(seqs) * seq * c.d_mlp * (c.d_mlp + 1) * len(layers)   # kkᵀ is symmetric: half of it
     roof = fwd / peak_flops(device, M.DTYPES[dtype]) + cflops / peak_flops(device, torch.float64)
     return dict(tok_s=len(seqs) * seq / t, seconds=t, roofline_seconds=roof, fraction_of_roofline=roof / t), C
@@ -217,7 +230,7 @@ def single_edits(m, layers, C, device, n_steps: int, z_tokens=2048) -> dict:
 
 
 def run(preset, device, dtype, n_edits, stats_tokens, workdir, z_tokens=2048, methods=("lyaplock", "memit", "alphaedit"),
-        state_device=None, batch1=0):
+        state_device=None, batch1=0, compare_hf=True):
     if preset == "stories":
         ckpt, layers = HERE / "fixtures" / "stories260K-hf", (1, 2)
     else:
@@ -228,16 +241,16 @@ def run(preset, device, dtype, n_edits, stats_tokens, workdir, z_tokens=2048, me
              dtype=dtype, layers=list(layers), date=time.strftime("%Y-%m-%d"))
     shape = (8, 512) if device == "cuda" else (2, 64) if preset == "tiny" else (4, 128)
     note(f"{preset}: forward pass, ours and transformers'")
-    r["forward"] = forward(ckpt, m, device, dtype, *shape)
+    r["forward"] = forward(ckpt, m, device, dtype, *shape, compare=compare_hf)
     print(f"{preset}: forward {r['forward']}", flush=True)
     n_stats = max(stats_tokens, 2 * m.cfg.d_mlp)
     note(f"{preset}: statistics over {n_stats:,} tokens, all edit layers"
          + (f" (at {r['forward']['ours_tok_s']:,.0f} tok/s forward)" if "ours_tok_s" in r["forward"] else ""))
     all_layers = sorted({l for meth in methods for l in bench_layers(m, layers, meth)})
-    r["stats"], C = stats(m, all_layers, device, dtype, n_stats)
+    r["stats"], C = stats(m, all_layers, device, dtype, n_stats, state_device=state_device)
     print(f"{preset}: statistics {r['stats']}", flush=True)
     if state_device:                  # --state-device cpu: C and the memory in (pinned) host memory
-        C = {l: c.to(state_device).pin_memory() if device == "cuda" else c.to(state_device) for l, c in C.items()}
+        C = {l: c.pin_memory() if device == "cuda" else c for l, c in C.items()}
         r["state_device"] = state_device
     r["steps"], t0 = {}, time.time()
     for i, meth in enumerate(methods):
@@ -312,7 +325,7 @@ def main(argv=None):
         for name in presets:
             tokens = args.stats_tokens or (33_600 if args.device == "cuda" else 8_400)
             results.append(run(name, args.device, args.dtype, args.edits, tokens, work, args.z_batch_tokens,
-                               methods, args.state_device, args.batch1))
+                               methods, args.state_device, args.batch1, compare_hf=not args.memory_gib))
             print(json.dumps(results[-1]), flush=True)
     print(table(results))
     print(method_table(results))

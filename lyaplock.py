@@ -1098,18 +1098,20 @@ def load_checkpoint(out: Path, model: M.CausalLM, hp: HParams | None = None) -> 
 # ----------------------------------------------------------------------------- a memory plan
 
 def memory_plan(cfg: M.Config, hp: HParams, dtype: str, z_tokens: int, shares: list[float],
-                state_on_host: bool = False, n_edits: int = 0) -> list[dict]:
+                state_on_host: bool = False, n_edits: int = 0, stats_tokens: int = 8192) -> list[dict]:
     """Per device (in the order of `shares`: what each holds, e.g. its memory), the bytes a run
     needs at its peak, from the config alone: the weights in `dtype` (placed as M.load places
     them); each edit layer's float64 state on its device — C, the method's edit memory (S_KK
-    m×m, S_VK d×m) and AlphaEdit's projector (m×m) — unless `state_on_host`; then the larger of
-    the two phases of a step: the target-value passes (z_tokens tokens through the blocks above
-    the last edit layer, keeping for backward about 6d + 4m values per token and block, 6d + 2m
-    for GPT-J and GPT-2) and a solve (the m×m system and its Cholesky factor, three d×m
-    temporaries; with the state on the host, also one layer's state). Against the measured
-    peaks of two Llama-3-8B steps (docs/bench/llama3-8b-two-steps.txt): 39.7 planned for 40.5 GiB
-    at 2048 tokens, 61.2 for 61.5 at 8192. n_edits: the stream's length, which the state grows
-    with under hp.superseded "remove" (layer_state_bytes), at its end."""
+    m×m, S_VK d×m) and AlphaEdit's projector (m×m) — unless `state_on_host`; then the largest of
+    the phases: the target-value passes (z_tokens tokens through the blocks above the last edit
+    layer, keeping for backward about 6d + 4m values per token and block, 6d + 2m for GPT-J and
+    GPT-2), a solve (solve_bytes; with the state on the host, also one layer's state) and the
+    collection of C (stats_bytes: its float64 sums, all the device's edit layers at once or,
+    with the state on the host, one). Against the measured peaks of two Llama-3-8B steps
+    (docs/bench/llama3-8b-two-steps.txt): 39.7 planned for 40.5 GiB at 2048 tokens, 61.2 for 61.5
+    at 8192 (the solve's and the statistics' terms are not measured on a GPU yet). n_edits: the
+    stream's length, which the state grows with under hp.superseded "remove"
+    (layer_state_bytes), at its end."""
     with torch.device("meta"):
         model = M.CausalLM(cfg)
     dt, m, d = M.DTYPES[dtype], cfg.d_mlp, cfg.d_model
@@ -1124,12 +1126,33 @@ def memory_plan(cfg: M.Config, hp: HParams, dtype: str, z_tokens: int, shares: l
         row = dict(blocks=mine, weights=fixed[j] + M.weight_bytes(dt, *[model.blocks[i] for i in mine]),
                    state=0 if state_on_host else layer_state * len(edit),
                    target_values=z_tokens * per_token * sum(i > hp.layers[-1] for i in mine),
-                   solve=(8 * (2 * m * m + 3 * d * m) + (layer_state if state_on_host else 0)) if edit else 0)
-        rows.append(row | {"need": row["weights"] + row["state"] + max(row["target_values"], row["solve"])})
+                   solve=(solve_bytes(cfg, hp.method) + (layer_state if state_on_host else 0)) if edit else 0,
+                   statistics=stats_bytes(cfg, dt, stats_tokens, 1 if state_on_host else len(edit)) if edit else 0)
+        work = max(row["state"] + max(row["target_values"], row["solve"]), row["statistics"])
+        rows.append(row | {"need": row["weights"] + work})
     if state_on_host:
         rows.append(dict(blocks=[], weights=0, state=layer_state * len(hp.layers), target_values=0, solve=0,
-                         need=layer_state * len(hp.layers), host=True))
+                         statistics=0, need=layer_state * len(hp.layers), host=True))
     return rows
+
+
+def solve_bytes(cfg: M.Config, method: str) -> int:
+    """A solve's float64 temporaries beside the state: for the Cholesky methods the m×m system
+    (factored in its own memory: solve_system) and four d×m (W, the right side, two products);
+    for AlphaEdit's LU ones (E12, E22) the system and its factor, and three d×m."""
+    m, d = cfg.d_mlp, cfg.d_model
+    lu = method_of(method).solve in (alphaedit_step, lyaplock_alphaedit_step)
+    return 8 * (2 * m * m + 3 * d * m if lu else m * m + 4 * d * m)
+
+
+def stats_bytes(cfg: M.Config, dt: torch.dtype, batch_tokens: int, layers: int) -> int:
+    """Collecting C for `layers` edit layers in one pass (stats.collect_stats): their float64
+    sums (m×m each, exact), and, estimated, a batch's activations — its keys at those layers,
+    one layer's keys in float64, the forward's MLP and residual values (3m + 4d a token) — and
+    a column block of the lower-triangle product (m × 2048, float64)."""
+    m, d = cfg.d_mlp, cfg.d_model
+    per_token = (layers * m + 3 * m + 4 * d) * dt.itemsize + 8 * m
+    return 8 * m * m * layers + batch_tokens * per_token + 8 * m * 2048
 
 
 def device_memory(device: torch.device) -> int:
@@ -1155,7 +1178,7 @@ def print_plan(args) -> int:
         names = [str(dev) for dev in devices]
         capacity = [device_memory(dev) for dev in devices]
     rows = memory_plan(cfg, hp, args.dtype, args.z_batch_tokens, capacity, state_on_host=bool(args.state_device),
-                       n_edits=n_kept)
+                       n_edits=n_kept, stats_tokens=args.stats_batch_tokens)
     gib = lambda b: f"{b / 2 ** 30:.1f}"
     print(f"memory plan: {args.model} ({cfg.arch}), {hp.method}, layers {list(hp.layers)}, {args.dtype}, "
           f"--z-batch-tokens {args.z_batch_tokens}{', --state-device cpu' if args.state_device else ''} (GiB)")
@@ -1165,11 +1188,13 @@ def print_plan(args) -> int:
                    if args.edits else "not counted: give --edits")
         print(f"--superseded remove: the state grows by {per / 2 ** 20:.0f} MiB per 1,000 edits and edit "
               f"layer ({counted}); every checkpoint holds it too")
-    print(f"{'device':<12}{'blocks':>10}{'weights':>9}{'state':>8}{'z pass':>8}{'solve':>8}{'need':>8}{'has':>8}  fits")
+    print(f"{'device':<12}{'blocks':>10}{'weights':>9}{'state':>8}{'z pass':>8}{'solve':>8}{'stats':>8}"
+          f"{'need':>8}{'has':>8}  fits")
     for row, name, has in zip(rows, names + ["host"], capacity + [device_memory(torch.device("cpu"))]):
         span = f"{row['blocks'][0]}-{row['blocks'][-1]}" if row["blocks"] else "-"
         print(f"{name:<12}{span:>10}{gib(row['weights']):>9}{gib(row['state']):>8}{gib(row['target_values']):>8}"
-              f"{gib(row['solve']):>8}{gib(row['need']):>8}{gib(has):>8}  {'yes' if row['need'] <= has else 'NO'}")
+              f"{gib(row['solve']):>8}{gib(row['statistics']):>8}{gib(row['need']):>8}{gib(has):>8}  "
+              f"{'yes' if row['need'] <= has else 'NO'}")
     return 0 if all(r["need"] <= h for r, h in zip(rows, capacity + [device_memory(torch.device("cpu"))])) else 1
 
 
@@ -1278,7 +1303,7 @@ def parse_args(argv=None):
                    "(same results; for a card too small to hold them; see the README)")
     p.add_argument("--dtype", default="float32", choices=list(M.DTYPES))
     p.add_argument("--plan", action="store_true", help="print what the run needs on each device (weights, "
-                   "statistics and edit memory, the target-value passes, a solve) from config.json alone, "
+                   "statistics and edit memory, the target-value passes, a solve, collecting C) from config.json alone, "
                    "and whether it fits; load nothing (exit 1 if it does not fit)")
     p.add_argument("--plan-gib", type=lambda t: [float(x) for x in t.split(",")], help="with --plan: the "
                    "memory of the devices to plan for, in GiB (e.g. 80,80), instead of this machine's")
