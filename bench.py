@@ -158,16 +158,17 @@ def stats(m, layers, device, dtype, n_tokens, seq=700, state_device=None):
     return dict(tok_s=len(seqs) * seq / t, seconds=t, roofline_seconds=roof, fraction_of_roofline=roof / t), C
 
 
-def edit_step(m, ckpt, layers, method, C, device, n_edits, seed=0, z_tokens=2048):
+def edit_step(m, ckpt, layers, method, C, device, n_edits, seed=0, z_tokens=2048, state_device=None):
     """Two editing steps of n_edits CounterFact requests each (real prompts): the context
     templates alone; the first step (with them, and AlphaEdit's projector) as a whole; the
     second (the steady state, with the edit memory on the device) split into phases, and PL
     timed on its own; the peak memory over both; then the standard metrics of the second batch
-    (efficacy, generalization, specificity)."""
+    (efficacy, generalization, specificity). With state_device, W0 lives there too, as the
+    command keeps it, and PL is not timed apart (it runs inside the solve's transfer)."""
     requests, _ = data.load_requests(HERE / "fixtures" / "counterfact-easyedit.json", limit=2 * n_edits)
     hp = L.replace(L.preset(m.cfg, method), layers=bench_layers(m, layers, method))
     layers = hp.layers
-    W0 = {l: m.edit_weight(l).clone() for l in layers}
+    W0 = {l: m.edit_weight(l).to(state_device or device, copy=True) for l in layers}
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sync(device)
@@ -183,8 +184,9 @@ def edit_step(m, ckpt, layers, method, C, device, n_edits, seed=0, z_tokens=2048
     log = L.edit_batch(m, batch, templates, hp, state, C, W0, z_tokens)
     out |= dict(target_values=log["seconds_z"], keys=log["seconds_keys"], solve_pl_queue=log["seconds_solve"])
     out["total"] = out["target_values"] + out["keys"] + out["solve_pl_queue"]
-    out["of_which_pl"] = timed(lambda: [L.preservation_loss(m.edit_weight(l), W0[l], C[l]) for l in layers],
-                               device, repeat=1)   # PL (E2) for every layer; the queue is scalar arithmetic
+    if not state_device:   # PL (E2) for every layer; the queue is scalar arithmetic
+        out["of_which_pl"] = timed(lambda: [L.preservation_loss(m.edit_weight(l), W0[l], C[l]) for l in layers],
+                                   device, repeat=1)
     if device == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
     sync(device)
@@ -209,12 +211,12 @@ def bench_layers(m, layers, method) -> tuple:
     return (layers[-1],) if L.METHODS[method].locate == "rome" else tuple(layers)
 
 
-def single_edits(m, layers, C, device, n_steps: int, z_tokens=2048) -> dict:
+def single_edits(m, layers, C, device, n_steps: int, z_tokens=2048, state_device=None) -> dict:
     """The long-horizon protocol's rate: n_steps LyapLock steps of ONE request each (after one
     to calibrate the queue), edits per second and the phases of a step."""
     requests, _ = data.load_requests(HERE / "fixtures" / "counterfact-easyedit.json", limit=n_steps + 1)
     hp = L.replace(L.preset(m.cfg, "lyaplock"), layers=bench_layers(m, layers, "lyaplock"), batch_size=1)
-    W0 = {l: m.edit_weight(l).clone() for l in hp.layers}
+    W0 = {l: m.edit_weight(l).to(state_device or device, copy=True) for l in hp.layers}
     templates = L.context_templates(m, 0)
     state = L.EditState.start("lyaplock", hp.layers)
     L.edit_batch(m, requests[:1], templates, hp, state, C, W0, z_tokens)
@@ -256,11 +258,12 @@ def run(preset, device, dtype, n_edits, stats_tokens, workdir, z_tokens=2048, me
     for i, meth in enumerate(methods):
         eta = f", about {(time.time() - t0) / i * (len(methods) - i):.0f} s left" if i else ""
         note(f"{preset}: method {i + 1}/{len(methods)} {meth}: two {n_edits}-edit steps and scoring{eta}")
-        r["steps"][meth] = edit_step(m, ckpt, layers, meth, C, device, n_edits, z_tokens=z_tokens)
+        r["steps"][meth] = edit_step(m, ckpt, layers, meth, C, device, n_edits, z_tokens=z_tokens,
+                                     state_device=state_device)
         print(f"{preset}: {meth} step {r['steps'][meth]}", flush=True)
     if batch1:
         note(f"{preset}: {batch1} LyapLock steps of one request each (the long-horizon protocol)")
-        r["batch_size_1"] = single_edits(m, layers, C, device, batch1, z_tokens)
+        r["batch_size_1"] = single_edits(m, layers, C, device, batch1, z_tokens, state_device)
         print(f"{preset}: one request per step {r['batch_size_1']}", flush=True)
     ly = r["steps"]["lyaplock"]
     full_stats = 100_000 * 700 / r["stats"]["tok_s"]

@@ -631,6 +631,7 @@ def rome_batch(model: M.CausalLM, requests, templates, hp: HParams, state: EditS
     W = model.edit_weight(layer)
     bias = model.edit_bias(layer)
     C_here = C[layer].to(W.device)
+    W0_here = W0[layer].to(W.device)
     C_u = C_here if hp.mom2_adjustment else torch.eye(C_here.shape[0], dtype=torch.float64, device=W.device)
     for q in requests:
         where = Where(state.step, [q])
@@ -647,7 +648,7 @@ def rome_batch(model: M.CausalLM, requests, templates, hp: HParams, state: EditS
         except ValueError as e:
             raise ValueError(f"step {where.step}, layer {layer} (case id {where.ids}): {e}") from None
         W_new = W + delta.to(W.dtype)
-        pl = preservation_loss(W_new, W0[layer], C_here)
+        pl = preservation_loss(W_new, W0_here, C_here)
         where.check_finite(layer, update=W_new, **{"preservation loss": torch.tensor(pl)})
         W.copy_(W_new)
         clock.lap("solve")
@@ -677,7 +678,7 @@ def update_layer(model, layer, K1, R, hp: HParams, state: EditState, C, W0, wher
             prompts = [q.rewrite_prompt() for q in where.requests]
             if state.recurring is not None:          # only prompts edited again are taken out
                 prompts = [p if p in state.recurring else None for p in prompts]
-            W_new, pl = step_layer(W, W0[layer], C_here, K1, R, ls, hp, prompts)
+            W_new, pl = step_layer(W, W0[layer].to(W.device), C_here, K1, R, ls, hp, prompts)
     except ValueError as e:   # e.g. a failed Cholesky: say where, write nothing more
         raise ValueError(f"step {where.step}, layer {layer} (case ids {where.ids}): {e}") from None
     where.check_finite(layer, update=W_new, **{"preservation loss": torch.tensor(pl)})
@@ -781,25 +782,28 @@ class Editor:
         editor.restore("run")               #   built the same way, continue from there
 
     `editor.model` is edited in place, as a sequential editor must: every `edit` builds on the
-    previous ones. `editor.W0` holds the original edit weights; `reset()` puts them back and
-    starts a fresh state. For PRUNE-style methods (a `restrain` rule) `evaluate` and `save` see
-    the restrained weights while the stream itself continues unrestrained.
+    previous ones. `editor.W0` holds the original edit weights (where the state lives);
+    `reset()` puts them back and starts a fresh state. For PRUNE-style methods (a `restrain`
+    rule) `evaluate` and `save` see the restrained weights while the stream itself continues
+    unrestrained.
     """
 
     def __init__(self, model: M.CausalLM, hparams: HParams, C: dict, templates, model_path=None,
                  z_batch_tokens: int = 2048, state: EditState | None = None, state_device=None):
-        """state_device: where C and the edit memory live between solves (default: with the
+        """state_device: where C, the edit memory and W0 live between solves (default: with the
         weights); "cpu" keeps them in host memory and brings one layer's to the GPU per solve."""
         self.state_device = torch.device(state_device) if state_device else None
         pin = state_device is not None and self.state_device.type == "cpu" and torch.cuda.is_available()
         C = {l: c.to(self.state_device or model.edit_weight(l).device) for l, c in C.items()}   # with its layer
         self.C = {l: c.pin_memory() if pin else c for l, c in C.items()}
+        W0 = {l: model.edit_weight(l).detach().to(self.state_device or model.edit_weight(l).device, copy=True)
+              for l in hparams.layers}                  # the reference of PL lives with the state
+        self.W0 = {l: W.pin_memory() if pin else W for l, W in W0.items()}
         self.model = model
         self.hparams = hparams
         self.templates = templates
         self.model_path = model_path
         self.z_batch_tokens = z_batch_tokens
-        self.W0 = {l: model.edit_weight(l).detach().clone() for l in hparams.layers}
         self.state = state or EditState.start(hparams.method, hparams.layers)
 
     @classmethod
@@ -834,7 +838,7 @@ class Editor:
         stream = {l: self.model.edit_weight(l).detach().clone() for l in self.hparams.layers}
         try:
             for l, W in stream.items():
-                self.model.edit_weight(l).copy_(restrain(W, self.W0[l]))
+                self.model.edit_weight(l).copy_(restrain(W, self.W0[l].to(W.device)))
             yield self.model
         finally:
             for l, W in stream.items():
@@ -1101,22 +1105,23 @@ def memory_plan(cfg: M.Config, hp: HParams, dtype: str, z_tokens: int, shares: l
                 state_on_host: bool = False, n_edits: int = 0, stats_tokens: int = 8192) -> list[dict]:
     """Per device (in the order of `shares`: what each holds, e.g. its memory), the bytes a run
     needs at its peak, from the config alone: the weights in `dtype` (placed as M.load places
-    them); each edit layer's float64 state on its device — C, the method's edit memory (S_KK
-    m×m, S_VK d×m) and AlphaEdit's projector (m×m) — unless `state_on_host`; then the largest of
-    the phases: the target-value passes (z_tokens tokens through the blocks above the last edit
-    layer, keeping for backward about 6d + 4m values per token and block, 6d + 2m for GPT-J and
-    GPT-2), a solve (solve_bytes; with the state on the host, also one layer's state) and the
-    collection of C (stats_bytes: its float64 sums, all the device's edit layers at once or,
-    with the state on the host, one). Against the measured peaks of two Llama-3-8B steps
-    (docs/bench/llama3-8b-two-steps.txt): 39.7 planned for 40.5 GiB at 2048 tokens, 61.2 for 61.5
-    at 8192 (the solve's and the statistics' terms are not measured on a GPU yet). n_edits: the
-    stream's length, which the state grows with under hp.superseded "remove"
-    (layer_state_bytes), at its end."""
+    them); each edit layer's state on its device — C, the method's edit memory (S_KK m×m, S_VK
+    d×m) and AlphaEdit's projector (m×m) in float64, and W0, its original weights — unless
+    `state_on_host`; then the largest of the phases: the target-value passes (z_tokens tokens
+    through the blocks above the last edit layer, keeping for backward about 6d + 4m values per
+    token and block, 6d + 2m for GPT-J and GPT-2), a solve (solve_bytes; with the state on the
+    host, also one layer's state) and the collection of C (stats_bytes: its float64 sums, all
+    the device's edit layers at once or, with the state on the host, one). Against the measured
+    peaks of two Llama-3-8B steps (docs/bench/llama3-8b-two-steps.txt): 40.2 planned for 40.5
+    GiB at 2048 tokens, 61.7 for 61.5 at 8192 (the solve's and the statistics' terms are not
+    measured on a GPU yet). n_edits: the stream's length, which the state grows with under
+    hp.superseded "remove" (layer_state_bytes), at its end."""
     with torch.device("meta"):
         model = M.CausalLM(cfg)
     dt, m, d = M.DTYPES[dtype], cfg.d_mlp, cfg.d_model
-    layer_state = layer_state_bytes(cfg, hp.method, n_edits if hp.superseded == "remove" else 0)
-    blocks = M.place_blocks(model, shares, dt, {} if state_on_host else {l: layer_state for l in hp.layers})
+    placed = layer_state_bytes(cfg, hp.method, n_edits if hp.superseded == "remove" else 0)
+    blocks = M.place_blocks(model, shares, dt, {} if state_on_host else {l: placed for l in hp.layers})
+    layer_state = placed + d * m * dt.itemsize             # and W0, in the model's dtype (M.load places without it)
     fixed = M.fixed_bytes(model, dt, len(shares))
     per_token = (6 * d + (4 if cfg.llama_like else 2) * m) * dt.itemsize
     rows = []
@@ -1298,7 +1303,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, "
                    "cuda:N, a list (cuda:0,cuda:1: the layers are placed across them by their memory, the "
                    "float64 state of each edit layer with it) or auto (every visible GPU)")
-    p.add_argument("--state-device", help="where the float64 statistics and edit memory live between "
+    p.add_argument("--state-device", help="where the float64 statistics, the edit memory and W0 live between "
                    "solves: 'cpu' keeps them in host memory and brings one layer's to the GPU per solve "
                    "(same results; for a card too small to hold them; see the README)")
     p.add_argument("--dtype", default="float32", choices=list(M.DTYPES))

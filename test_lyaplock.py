@@ -944,24 +944,31 @@ def test_restore_refuses_a_missing_or_foreign_checkpoint_and_leaves_the_model(tm
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("method", ["lyaplock", "alphaedit"])
+@pytest.mark.parametrize("method", ["lyaplock", "alphaedit", "rome", "lyaplock+prune"])
 def test_state_kept_in_host_memory_gives_the_same_edits(tmp_path, device, method):
-    """--state-device cpu: C and the edit memory live on the host and come to the weights' device
-    for each solve. On a CUDA machine this moves them every step; the result is bitwise that of
-    the on-device run (on a CPU-only machine both runs are on the host: the flag's plumbing)."""
+    """--state-device cpu: C, the edit memory and W0 live on the host and come to the weights'
+    device for each solve. On a CUDA machine this moves them every step; the result is bitwise
+    that of the on-device run, and so is the restrained model PRUNE-style methods are scored on
+    (on a CPU-only machine both runs are on the host: the flag's plumbing)."""
     requests, _ = data.load_requests(FIX / "counterfact-rome.json", limit=9)
     runs = []
     for state_device in (None, "cpu"):
         m = M.load(STORIES, device)
         C = S.load_or_collect_stats(m, STORIES, L.DEFAULT_CORPUS, 2000, (1, 2), tmp_path, log=lambda *a, **k: None)
-        hp = L.HParams(method=method, layers=(1, 2), lam=15.0, alpha=1.0, l2=1.0, v_num_grad_steps=4)
+        layers = (2,) if method == "rome" else (1, 2)
+        hp = L.HParams(method=method, layers=layers, lam=15.0, alpha=1.0, l2=1.0, v_num_grad_steps=4)
         editor = L.Editor(m, hp, C, [["{}"], ["Once upon a time. {}"]], state_device=state_device)
+        assert {W.device.type for W in editor.W0.values()} == {"cpu" if state_device else device}
         logs = [editor.edit(requests[k:k + 3]) for k in (0, 3, 6)]
-        runs.append((logs, {l: m.edit_weight(l).cpu() for l in (1, 2)}, editor.state.layers[2].S_KK))
-    assert all(torch.equal(runs[0][1][l], runs[1][1][l]) for l in (1, 2))
+        with editor.restrained() as used:
+            scored = {l: used.edit_weight(l).cpu() for l in layers}
+        runs.append((logs, {l: m.edit_weight(l).cpu() for l in layers}, editor.state.layers[2].S_KK, scored))
+    assert all(torch.equal(runs[0][1][l], runs[1][1][l]) for l in layers)
+    assert all(torch.equal(runs[0][3][l], runs[1][3][l]) for l in layers)
     assert [[v["pl"] for v in e["layers"].values()] for e in runs[0][0]] == \
            [[v["pl"] for v in e["layers"].values()] for e in runs[1][0]]
-    assert runs[1][2].device.type == "cpu" and torch.equal(runs[0][2].cpu(), runs[1][2])
+    if method != "rome":
+        assert runs[1][2].device.type == "cpu" and torch.equal(runs[0][2].cpu(), runs[1][2])
 
 
 def test_cli_without_arguments_points_to_the_quickstart(capsys):

@@ -631,7 +631,8 @@ def measure(m: M.CausalLM, stream: Stream, n_done: int, heldout, W0: dict) -> di
     never-edited facts, held-out perplexity, and per layer the relative change of the weight
     ‖W − W0‖/‖W0‖."""
     cases = E.summarize(E.edit_eval(m, latest_requests(stream.requests[:n_done or None])))
-    drift = {str(l): float((m.edit_weight(l) - W).norm() / W.norm()) for l, W in W0.items()}
+    drift = {str(l): float((m.edit_weight(l) - W.to(m.edit_weight(l).device)).norm() / W.norm())
+             for l, W in W0.items()}
     return dict(edits=n_done, efficacy=cases["efficacy"], generalization=cases["generalization"],
                 specificity=cases["specificity"], retention=100 * fact_accuracy(m, stream.retained),
                 perplexity=E.perplexity(m, heldout), drift=drift)
