@@ -154,6 +154,7 @@ def lyaplock_alphaedit_system(W, W0, C, K1, R, P, S_KK, z, lam, V=1.0, l2=10.0):
     if S_KK is not None:
         A.add_(L.f64(S_KK), alpha=V)                        # E22: + V S_KK
     M = A @ P                                             # E22: (…) P
+    del A                                                 # (two m×m at most, with the solve's LU)
     M.diagonal().add_(V * l2)                             # E22: + V·L2·I
     right = ((R @ K1.T).mul_(V).sub_((W - W0) @ C, alpha=excess)) @ P                 # E22
     return M, right

@@ -94,7 +94,7 @@ def solve_lyaplock(W, W0, C, K1, R, S_KK, S_VK, z, lam, V=1.0):
 def solve_memit(K1, R, C, lam):
     """MEMIT: Δ = R K1ᵀ (K1K1ᵀ + λC)⁻¹ (E10)."""
     K1, R = f64(K1), f64(R)
-    return solve_system(K1 @ K1.T + lam * f64(C), R @ K1.T, overwrite=True)          # E10
+    return solve_system((K1 @ K1.T).add_(f64(C), alpha=lam), R @ K1.T, overwrite=True)   # E10
 
 
 def alphaedit_projector(C, threshold=2e-2):
@@ -107,8 +107,10 @@ def alphaedit_projector(C, threshold=2e-2):
 def solve_alphaedit(K1, R, P, S_KK=None, l2=10.0):
     """AlphaEdit: Δ = R K1ᵀ P [(K1K1ᵀ + S_KK) P + L2·I]⁻¹ (E12); not symmetric, so LU."""
     K1, R, P = f64(K1), f64(R), f64(P)
-    KK = K1 @ K1.T if S_KK is None else K1 @ K1.T + f64(S_KK)
-    M = KK @ P + l2 * torch.eye(P.shape[0], dtype=P.dtype, device=P.device)   # E12
+    KK = K1 @ K1.T if S_KK is None else (K1 @ K1.T).add_(f64(S_KK))
+    M = KK @ P                                            # E12 (in place below: two m×m at most)
+    del KK
+    M.diagonal().add_(l2)                                 # E12: + L2·I
     return torch.linalg.solve(M, R @ K1.T @ P, left=False)                    # E12: Δ·M = R K1ᵀ P
 
 

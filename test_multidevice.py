@@ -5,7 +5,9 @@ move runs (the moves are no-ops) and results are bitwise equal; with CUDA the sa
 across cpu and GPU ("cpu,cuda", and "cuda:0,cuda:1" with two GPUs) to float tolerance. Run:
 python -m pytest -q test_multidevice.py"""
 import itertools
+import os
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -323,6 +325,61 @@ def test_memory_plan_of_llama3_8b_with_the_state_on_the_host_fits_a_24_gb_card()
     (alone,) = L.memory_plan(cfg, hp, "bfloat16", 1024, [80 * 2 ** 30])
     assert alone["statistics"] == L.stats_bytes(cfg, torch.bfloat16, 8192, 5)
     assert 36.0 < alone["need"] / 2 ** 30 < 37.0
+
+
+def resident_peak(fn) -> int:
+    """Bytes by which the process's resident memory rose at most while fn ran (sampled every
+    0.2 ms by a thread; torch's kernels release the GIL). Large blocks are mmapped, so freed
+    memory leaves at once and the resident size follows the live tensors."""
+    import ctypes
+    import threading
+    import time
+    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)        # M_MMAP_THRESHOLD: 1 MiB, fixed
+    page = os.sysconf("SC_PAGE_SIZE")
+    rss = lambda: int(Path("/proc/self/statm").read_text().split()[1]) * page
+    base = rss()
+    top = [base]
+    running = [True]
+
+    def sample():
+        while running[0]:
+            top[0] = max(top[0], rss())
+            time.sleep(0.0002)
+    thread = threading.Thread(target=sample)
+    thread.start()
+    try:
+        fn()
+    finally:
+        running[0] = False
+        thread.join()
+    return top[0] - base
+
+
+@pytest.mark.parametrize("method", ["lyaplock", "memit", "alphaedit", "lyaplock+alphaedit"])
+def test_memory_plan_solve_term_covers_a_measured_solve(method):
+    """The plan's solve term (solve_bytes) against the memory a real step_layer takes beyond its
+    inputs and state, on the CPU (the same tensors as on a GPU; its kernels' own workspace
+    aside): a step with memory at d = 1024, m = 2048 (an m×m is 32 MiB, a d×m 16 MiB) stays
+    within it. Fails if the factor is copied again (cholesky_solve: +1 m×m) or a sum is formed
+    out of place."""
+    d, m, n = 1024, 2048, 64
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(m, 64, generator=g, dtype=torch.float64)
+    C = torch.addmm(torch.eye(m, dtype=torch.float64), X, X.T, beta=0.01, alpha=1 / 64)   # a small eigenvalue
+    U0 = torch.linalg.qr(torch.randn(m, m - 64, generator=g, dtype=torch.float64)).Q    # AlphaEdit's null space
+    W0 = (torch.randn(d, m, generator=g) * 0.02).to(torch.bfloat16)
+    W = W0 + (torch.randn(d, m, generator=g) * 1e-3).to(torch.bfloat16)
+    K1 = torch.randn(m, n, generator=g, dtype=torch.float64)
+    R = torch.randn(d, n, generator=g, dtype=torch.float64) * 0.1
+    ls = L.LayerState(P=U0 @ U0.T)                        # (E11 by hand: no eigendecomposition here)
+    del U0
+    hp = L.HParams(method=method, layers=(0,), lam=m / 4, alpha=60.0, l2=1.0)
+    L.step_layer(W, W0, C, K1, R, ls, hp)                 # step 0: the memory made
+    cfg = M.Config.from_hf(dict(model_type="llama", hidden_size=d, intermediate_size=m, num_hidden_layers=1,
+                                num_attention_heads=8, vocab_size=10, max_position_embeddings=8))
+    planned = L.solve_bytes(cfg, method)
+    measured = resident_peak(lambda: L.step_layer(W, W0, C, K1, R, ls, hp))
+    assert measured <= planned + 2 ** 22, (method, measured / 2 ** 20, planned / 2 ** 20)
 
 
 def test_memory_plan_places_as_load_does_and_the_command_says_whether_it_fits(capsys):
