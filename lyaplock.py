@@ -273,6 +273,12 @@ METHODS = {
 }
 
 
+def projected(name: str) -> bool:
+    """AlphaEdit's family (E11, E12, E22): a projector P in the state and a non-symmetric system,
+    solved by LU."""
+    return method_of(name).solve in (alphaedit_step, lyaplock_alphaedit_step)
+
+
 def method_of(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}")
@@ -795,13 +801,14 @@ class Editor:
                  z_batch_tokens: int = 2048, state: EditState | None = None, state_device=None):
         """state_device: where C, the edit memory and W0 live between solves (default: with the
         weights); "cpu" keeps them in host memory and brings one layer's to the GPU per solve."""
-        self.state_device = torch.device(state_device) if state_device else None
-        pin = state_device is not None and self.state_device.type == "cpu" and torch.cuda.is_available()
-        C = {l: c.to(self.state_device or model.edit_weight(l).device) for l, c in C.items()}   # with its layer
-        self.C = {l: c.pin_memory() if pin else c for l, c in C.items()}
-        W0 = {l: model.edit_weight(l).detach().to(self.state_device or model.edit_weight(l).device, copy=True)
-              for l in hparams.layers}                  # the reference of PL lives with the state
-        self.W0 = {l: W.pin_memory() if pin else W for l, W in W0.items()}
+        where = stats.state_devices(model, {*C, *hparams.layers}, state_device)
+        pin = state_device is not None and torch.device(state_device).type == "cpu" and torch.cuda.is_available()
+
+        def kept(t, l, copy=False):                      # where layer l's state lives (pinned on the host)
+            t = t.to(where[l], copy=copy)
+            return t.pin_memory() if pin else t
+        self.C = {l: kept(c, l) for l, c in C.items()}
+        self.W0 = {l: kept(model.edit_weight(l).detach(), l, copy=True) for l in hparams.layers}   # PL's reference
         self.model = model
         self.hparams = hparams
         self.templates = templates
@@ -910,7 +917,7 @@ def layer_state_bytes(cfg: M.Config, method: str, kept_edits: int = 0) -> int:
     m, d = cfg.d_mlp, cfg.d_model
     kept = method_of(method)
     sizes = {"S_KK": m * m, "S_VK": d * m}
-    projector = kept.solve in (alphaedit_step, lyaplock_alphaedit_step)
+    projector = projected(method)
     columns = kept_edits * (m + (d if "S_VK" in kept.memory else 0)) if kept.memory else 0
     return 8 * (m * m + sum(sizes[k] for k in kept.memory) + (m * m if projector else 0) + columns)
 
@@ -1113,7 +1120,7 @@ def memory_plan(cfg: M.Config, hp: HParams, dtype: str, z_tokens: int, shares: l
     `state_on_host`; then the largest of the phases: the target-value passes (z_tokens tokens
     through the blocks above the last edit layer, keeping for backward about 6d + 4m values per
     token and block, 6d + 2m for GPT-J and GPT-2), a solve (solve_bytes; with the state on the
-    host, also one layer's state) and the collection of C (stats_bytes: its float64 sums, all
+    host, also one layer's state) and the collection of C (stats.collection_bytes: its sums, all
     the device's edit layers at once or, with the state on the host, one). Against the measured
     peaks of two Llama-3-8B steps (docs/bench/llama3-8b-two-steps.txt): 40.2 planned for 40.5
     GiB at 2048 tokens, 61.7 for 61.5 at 8192 (the solve's and the statistics' terms are not
@@ -1135,7 +1142,8 @@ def memory_plan(cfg: M.Config, hp: HParams, dtype: str, z_tokens: int, shares: l
                    state=0 if state_on_host else layer_state * len(edit),
                    target_values=z_tokens * per_token * sum(i > hp.layers[-1] for i in mine),
                    solve=(solve_bytes(cfg, hp.method) + (layer_state if state_on_host else 0)) if edit else 0,
-                   statistics=stats_bytes(cfg, dt, stats_tokens, 1 if state_on_host else len(edit)) if edit else 0)
+                   statistics=stats.collection_bytes(cfg, dt, stats_tokens, 1 if state_on_host else len(edit))
+                   if edit else 0)
         work = max(row["state"] + max(row["target_values"], row["solve"]), row["statistics"])
         rows.append(row | {"need": row["weights"] + work})
     if state_on_host:
@@ -1149,18 +1157,7 @@ def solve_bytes(cfg: M.Config, method: str) -> int:
     (factored in its own memory: solve_system) and four d×m (W, the right side, two products);
     for AlphaEdit's LU ones (E12, E22) the system and its factor, and three d×m."""
     m, d = cfg.d_mlp, cfg.d_model
-    lu = method_of(method).solve in (alphaedit_step, lyaplock_alphaedit_step)
-    return 8 * (2 * m * m + 3 * d * m if lu else m * m + 4 * d * m)
-
-
-def stats_bytes(cfg: M.Config, dt: torch.dtype, batch_tokens: int, layers: int) -> int:
-    """Collecting C for `layers` edit layers in one pass (stats.collect_stats): their float64
-    sums (m×m each, exact), and, estimated, a batch's activations — its keys at those layers,
-    one layer's keys in float64, the forward's MLP and residual values (3m + 4d a token) — and
-    a column block of the lower-triangle product (m × 2048, float64)."""
-    m, d = cfg.d_mlp, cfg.d_model
-    per_token = (layers * m + 3 * m + 4 * d) * dt.itemsize + 8 * m
-    return 8 * m * m * layers + batch_tokens * per_token + 8 * m * 2048
+    return 8 * (2 * m * m + 3 * d * m if projected(method) else m * m + 4 * d * m)
 
 
 def device_memory(device: torch.device) -> int:

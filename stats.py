@@ -190,6 +190,16 @@ def collection_passes(model: M.CausalLM, layers, state_device=None) -> list[tupl
     return [tuple(p) for p in passes.values()]
 
 
+def collection_bytes(cfg: M.Config, dt: torch.dtype, batch_tokens: int, layers: int) -> int:
+    """Device memory of one collection pass for `layers` edit layers (lyaplock.memory_plan):
+    their float64 sums (m×m each, exact), and, estimated, a batch's activations — its keys at
+    those layers, one layer's keys in float64, the forward's MLP and residual values (3m + 4d a
+    token) — and a column block of the lower-triangle product (m × 2048, float64)."""
+    m, d = cfg.d_mlp, cfg.d_model
+    per_token = (layers * m + 3 * m + 4 * d) * dt.itemsize + 8 * m
+    return 8 * m * m * layers + batch_tokens * per_token + 8 * m * 2048
+
+
 def collect_stats(model: M.CausalLM, seqs, layers, batch_tokens: int = 8192, progress=None,
                   rank: int = 0, world: int = 1, state_device=None) -> dict[int, torch.Tensor]:
     """C_l = (1/N) Σ k kᵀ over all N tokens (E1), float64, for every edit layer: one forward pass

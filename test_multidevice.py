@@ -319,11 +319,11 @@ def test_memory_plan_of_llama3_8b_with_the_state_on_the_host_fits_a_24_gb_card()
     layer = 8 * (2 * m * m + d * m) + 2 * d * m                 # C, S_KK, S_VK in float64, W0 in bf16
     assert card["state"] == 0 and host["state"] == 5 * layer
     assert card["solve"] == 8 * (m * m + 4 * d * m) + layer
-    assert card["statistics"] == L.stats_bytes(cfg, torch.bfloat16, 8192, 1) < card["solve"]
+    assert card["statistics"] == S.collection_bytes(cfg, torch.bfloat16, 8192, 1) < card["solve"]
     assert card["need"] == card["weights"] + card["solve"]
     assert 21.6 < card["need"] / 2 ** 30 < 22.0
     (alone,) = L.memory_plan(cfg, hp, "bfloat16", 1024, [80 * 2 ** 30])
-    assert alone["statistics"] == L.stats_bytes(cfg, torch.bfloat16, 8192, 5)
+    assert alone["statistics"] == S.collection_bytes(cfg, torch.bfloat16, 8192, 5)
     assert 36.0 < alone["need"] / 2 ** 30 < 37.0
 
 

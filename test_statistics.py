@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 import data
 import model as M
 import stats as S
+from test_lyaplock import DEVICES
 
 HERE = Path(__file__).parent
 FIX = HERE / "fixtures"
@@ -73,9 +74,6 @@ def test_the_command_shows_progress_and_a_final_line(tmp_path, capsys):
     assert not list(tmp_path.glob("*.tmp"))
     assert S.main(["--model", str(STORIES), "--stats-tokens", "100", "--out", str(out)]) == 1
     assert "needs at least d_mlp = 172 tokens" in capsys.readouterr().err
-
-
-DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
 
 @pytest.mark.parametrize("device", DEVICES)
