@@ -31,9 +31,9 @@ def solve_memit_seq(K1, R, C, lam, S_KK=None):
     their current values; with S_KK None (step 0) this is MEMIT's E10.
     """
     K1, R = L.f64(K1), L.f64(R)
-    A = (K1 @ K1.T).add_(L.f64(C), alpha=lam)               # E15: K1K1ᵀ + λC
+    A = L.add_scaled(K1 @ K1.T, C, lam)                     # E15: K1K1ᵀ + λC
     if S_KK is not None:
-        A.add_(L.f64(S_KK))                                 # E15: + S_KK
+        L.add_scaled(A, S_KK)                               # E15: + S_KK
     return L.solve_system(A, R @ K1.T, overwrite=True)      # E15
 
 
@@ -139,7 +139,7 @@ def solve_lyaplock_memit_seq(W, W0, C, K1, R, S_KK, z, lam, V=1.0):
     """
     A, left = L.lyaplock_system(W, W0, C, K1, R, None, None, z, lam, V)   # E9 without memory
     if S_KK is not None:
-        A.add_(L.f64(S_KK), alpha=V)                                        # E21: + V S_KK
+        L.add_scaled(A, S_KK, V)                                            # E21: + V S_KK
     return L.solve_system(A, left, overwrite=True)                          # E21
 
 
@@ -148,15 +148,15 @@ def lyaplock_alphaedit_system(W, W0, C, K1, R, P, S_KK, z, lam, V=1.0, l2=10.0):
     M = (V(K1K1ᵀ + S_KK) + (z − 1)λC) P + V·L2·I, right = (V R K1ᵀ − (z − 1)λ(W − W0)C) P."""
     if z < 1 - 1e-9:                 # a·Z at the floor is 1 up to rounding (a = 1/√(αD), Z = √(αD))
         raise BaselineError(f"the queue value z must be at least 1 (its floor), got {z}")
-    W, W0, C, K1, R, P = L.f64(W), L.f64(W0), L.f64(C), L.f64(K1), L.f64(R), L.f64(P)
+    W, W0, K1, R, P = L.f64(W), L.f64(W0), L.f64(K1), L.f64(R), L.f64(P)
     excess = max(z - 1.0, 0.0) * lam                      # the queue's excess over its floor
-    A = (K1 @ K1.T).mul_(V).add_(C, alpha=excess)         # E22: V K1K1ᵀ + (z − 1)λC
+    A = L.add_scaled((K1 @ K1.T).mul_(V), C, excess)      # E22: V K1K1ᵀ + (z − 1)λC
     if S_KK is not None:
-        A.add_(L.f64(S_KK), alpha=V)                        # E22: + V S_KK
+        L.add_scaled(A, S_KK, V)                            # E22: + V S_KK
     M = A @ P                                             # E22: (…) P
     del A                                                 # (two m×m at most, with the solve's LU)
     M.diagonal().add_(V * l2)                             # E22: + V·L2·I
-    right = ((R @ K1.T).mul_(V).sub_((W - W0) @ C, alpha=excess)) @ P                 # E22
+    right = ((R @ K1.T).mul_(V).sub_(L.times(W - W0, C), alpha=excess)) @ P           # E22
     return M, right
 
 

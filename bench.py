@@ -164,7 +164,7 @@ def edit_step(m, ckpt, layers, method, C, device, n_edits, seed=0, z_tokens=2048
     second (the steady state, with the edit memory on the device) split into phases, and PL
     timed on its own; the peak memory over both; then the standard metrics of the second batch
     (efficacy, generalization, specificity). With state_device, W0 lives there too, as the
-    command keeps it, and PL is not timed apart (it runs inside the solve's transfer)."""
+    command keeps it (and C comes over a block of rows at a time, PL's included)."""
     requests, _ = data.load_requests(HERE / "fixtures" / "counterfact-easyedit.json", limit=2 * n_edits)
     hp = L.replace(L.preset(m.cfg, method), layers=bench_layers(m, layers, method))
     layers = hp.layers
@@ -184,9 +184,8 @@ def edit_step(m, ckpt, layers, method, C, device, n_edits, seed=0, z_tokens=2048
     log = L.edit_batch(m, batch, templates, hp, state, C, W0, z_tokens)
     out |= dict(target_values=log["seconds_z"], keys=log["seconds_keys"], solve_pl_queue=log["seconds_solve"])
     out["total"] = out["target_values"] + out["keys"] + out["solve_pl_queue"]
-    if not state_device:   # PL (E2) for every layer; the queue is scalar arithmetic
-        out["of_which_pl"] = timed(lambda: [L.preservation_loss(m.edit_weight(l), W0[l], C[l]) for l in layers],
-                                   device, repeat=1)
+    out["of_which_pl"] = timed(lambda: [L.preservation_loss(m.edit_weight(l), W0[l].to(device), C[l]) for l in layers],
+                               device, repeat=1)      # PL (E2) for every layer; the queue is scalar arithmetic
     if device == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
     sync(device)

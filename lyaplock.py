@@ -47,10 +47,76 @@ def f64(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float64)
 
 
+# A layer's m×m float64 state (C, S_KK) may live on the host (--state-device cpu) while its
+# solve runs on a GPU. The algebra uses it only through the four operations below, which then
+# bring it over BLOCK_BYTES of rows at a time, so the GPU never holds it whole beside the system;
+# where it lives on the solve's device they are the plain expressions, to the bit.
+BLOCK_BYTES = 256 * 2 ** 20
+
+
+def elsewhere(X, device) -> bool:
+    """Whether X lives off `device` (then it is used a block of rows at a time)."""
+    return X.device != torch.device(device)
+
+
+def row_blocks(X, device):
+    """(rows, a float64 copy of X[rows] on `device`) for consecutive blocks of X's rows."""
+    step = max(1, BLOCK_BYTES // (8 * X.shape[1]))
+    for i in range(0, X.shape[0], step):
+        yield slice(i, i + step), X[i:i + step].to(device, torch.float64, non_blocking=True, copy=True)
+
+
+def add_scaled(A, X, alpha=1.0):
+    """A += αX in place (A on the solve's device, X anywhere); elementwise, so blocks change no bit."""
+    if not elsewhere(X, A.device):
+        return A.add_(f64(X), alpha=alpha)
+    for rows, block in row_blocks(X, A.device):
+        A[rows].add_(block, alpha=alpha)
+    return A
+
+
+def times(Y, X):
+    """Y X for Y (d, m) on the solve's device and X (m, m) anywhere; from the host, the sum over
+    X's row blocks of Y[:, rows] X[rows] (the same product, summed in another order)."""
+    if not elsewhere(X, Y.device):
+        return Y @ f64(X)
+    out = torch.zeros(Y.shape[0], X.shape[1], dtype=torch.float64, device=Y.device)
+    for rows, block in row_blocks(X, Y.device):
+        out.addmm_(Y[:, rows], block)
+    return out
+
+
+def add_gram(S, K):
+    """S += K Kᵀ in place (K (m, n) on the solve's device, S (m, m) anywhere: from the host, each
+    block of rows comes over, takes K[rows] Kᵀ and goes back)."""
+    if not elsewhere(S, K.device):
+        return S.addmm_(K, K.T)
+    for rows, block in row_blocks(S, K.device):
+        S[rows].copy_(block.addmm_(K[rows], K.T))
+    return S
+
+
+def subtract_outers(S, pairs):
+    """S −= a bᵀ for each (a, b) in `pairs`, in order (a, b on the solve's device, S anywhere); a
+    block of rows takes every subtraction before it goes back, so blocks change no bit."""
+    if not pairs:
+        return S
+    device = pairs[0][0].device
+    if not elsewhere(S, device):
+        for a, b in pairs:
+            S.sub_(torch.outer(a, b))
+        return S
+    for rows, block in row_blocks(S, device):
+        for a, b in pairs:
+            block.sub_(torch.outer(a[rows], b))
+        S[rows].copy_(block)
+    return S
+
+
 def preservation_loss(W, W0, C) -> float:
     """PL(W) = tr((W − W0) C (W − W0)ᵀ) (E2), in float64."""
     D = f64(W) - f64(W0)                                  # (d, m)
-    return float(((D @ f64(C)) * D).sum())                # E2
+    return float((times(D, C) * D).sum())                 # E2
 
 
 def solve_system(A, left, overwrite: bool = False):
@@ -76,13 +142,13 @@ def lyaplock_system(W, W0, C, K1, R, S_KK, S_VK, z, lam, V=1.0):
     z is the normalised queue value (z ≥ 1), lam is λ, V the editing weight; S_KK/S_VK is the
     edit memory (None when empty).
     """
-    W, C, K1, R = f64(W), f64(C), f64(K1), f64(R)
+    W, K1, R = f64(W), f64(K1), f64(R)
     zl = z * lam          # in place below: the m×m A and at most three d×m temporaries beside W
-    A = (K1 @ K1.T).mul_(V).add_(C, alpha=zl)             # E9: V K1K1ᵀ + zλC
-    left = (R @ K1.T).mul_(V).sub_((W - f64(W0)) @ C, alpha=zl)   # E9: V R K1ᵀ − zλ(W − W0)C
+    A = add_scaled((K1 @ K1.T).mul_(V), C, zl)           # E9: V K1K1ᵀ + zλC
+    left = (R @ K1.T).mul_(V).sub_(times(W - f64(W0), C), alpha=zl)   # E9: V R K1ᵀ − zλ(W − W0)C
     if S_KK is not None:
-        A.add_(f64(S_KK), alpha=V)                        # E9: + V S_KK
-        left.add_(f64(S_VK), alpha=V).sub_(W @ f64(S_KK), alpha=V)   # E9: + V(S_VK − W S_KK)
+        add_scaled(A, S_KK, V)                            # E9: + V S_KK
+        left.add_(f64(S_VK), alpha=V).sub_(times(W, S_KK), alpha=V)   # E9: + V(S_VK − W S_KK)
     return A, left
 
 
@@ -95,7 +161,7 @@ def solve_lyaplock(W, W0, C, K1, R, S_KK, S_VK, z, lam, V=1.0):
 def solve_memit(K1, R, C, lam):
     """MEMIT: Δ = R K1ᵀ (K1K1ᵀ + λC)⁻¹ (E10)."""
     K1, R = f64(K1), f64(R)
-    return solve_system((K1 @ K1.T).add_(f64(C), alpha=lam), R @ K1.T, overwrite=True)   # E10
+    return solve_system(add_scaled(K1 @ K1.T, C, lam), R @ K1.T, overwrite=True)        # E10
 
 
 def alphaedit_projector(C, threshold=2e-2):
@@ -108,7 +174,7 @@ def alphaedit_projector(C, threshold=2e-2):
 def solve_alphaedit(K1, R, P, S_KK=None, l2=10.0):
     """AlphaEdit: Δ = R K1ᵀ P [(K1K1ᵀ + S_KK) P + L2·I]⁻¹ (E12); not symmetric, so LU."""
     K1, R, P = f64(K1), f64(R), f64(P)
-    KK = K1 @ K1.T if S_KK is None else (K1 @ K1.T).add_(f64(S_KK))
+    KK = K1 @ K1.T if S_KK is None else add_scaled(K1 @ K1.T, S_KK)
     M = KK @ P                                            # E12 (in place below: two m×m at most)
     del KK
     M.diagonal().add_(l2)                                 # E12: + L2·I
@@ -167,7 +233,7 @@ def remember(ls: LayerState, K1, W_new=None, prompts=None):
     with `prompts` (one per column of K1) also each column's key and value, for `forget` (a None
     prompt: a column that will never be taken out, so not kept)."""
     K1 = f64(K1)
-    ls.S_KK = K1 @ K1.T if ls.S_KK is None else ls.S_KK.addmm_(K1, K1.T)          # E7
+    ls.S_KK = K1 @ K1.T if ls.S_KK is None else add_gram(ls.S_KK, K1)            # E7
     WK = None
     if W_new is not None:
         WK = f64(W_new) @ K1
@@ -180,12 +246,9 @@ def remember(ls: LayerState, K1, W_new=None, prompts=None):
 def forget(ls: LayerState, prompts):
     """Take the earlier edits of these prompts out of the memory (E8a): S_KK −= kkᵀ and
     S_VK −= vkᵀ with the key k and value v each was remembered with."""
-    for prompt in prompts:
-        if prompt in ls.edits:
-            k, v = ls.edits.pop(prompt)
-            ls.S_KK.sub_(torch.outer(k, k))                                          # E8a
-            if v is not None:
-                ls.S_VK.sub_(torch.outer(v, k))                                      # E8a
+    gone = [ls.edits.pop(prompt) for prompt in prompts if prompt in ls.edits]
+    subtract_outers(ls.S_KK, [(k, k) for k, _ in gone])                              # E8a
+    subtract_outers(ls.S_VK, [(v, k) for k, v in gone if v is not None])             # E8a
 
 
 # ----------------------------------------------------------------------------- the methods
@@ -224,7 +287,7 @@ def memit_step(W, W0, C, K1, R, ls: LayerState, hp) -> torch.Tensor:
 
 def alphaedit_step(W, W0, C, K1, R, ls: LayerState, hp) -> torch.Tensor:
     if ls.P is None:
-        ls.P = alphaedit_projector(C)                                              # E11
+        ls.P = alphaedit_projector(C.to(K1.device))        # E11 (C whole, once)
     return solve_alphaedit(K1, R, ls.P, ls.S_KK, hp.l2)                            # E12
 
 
@@ -239,7 +302,7 @@ def lyaplock_memit_seq_step(W, W0, C, K1, R, ls: LayerState, hp) -> torch.Tensor
 
 def lyaplock_alphaedit_step(W, W0, C, K1, R, ls: LayerState, hp) -> torch.Tensor:
     if ls.P is None:
-        ls.P = alphaedit_projector(C)                                              # E11
+        ls.P = alphaedit_projector(C.to(K1.device))                                # E11
     V = editing_weight(ls, hp)
     return B.solve_lyaplock_alphaedit(W, W0, C, K1, R, ls.P, ls.S_KK, ls.z, hp.lam, V, hp.l2)   # E22
 
@@ -683,11 +746,11 @@ def update_layer(model, layer, K1, R, hp: HParams, state: EditState, C, W0, wher
     ls = state.layers[layer]
     K1, R = K1.to(W.device), R.to(W.device)        # the layer's device (--device cuda:0,cuda:1)
     try:
-        with solving_on(W.device, ls, C[layer]) as C_here:
+        with solving_on(W.device, ls, C[layer].device):
             prompts = [q.rewrite_prompt() for q in where.requests]
             if state.recurring is not None:          # only prompts edited again are taken out
                 prompts = [p if p in state.recurring else None for p in prompts]
-            W_new, pl = step_layer(W, W0[layer].to(W.device), C_here, K1, R, ls, hp, prompts)
+            W_new, pl = step_layer(W, W0[layer].to(W.device), C[layer], K1, R, ls, hp, prompts)
     except ValueError as e:   # e.g. a failed Cholesky: say where, write nothing more
         raise ValueError(f"step {where.step}, layer {layer} (case ids {where.ids}): {e}") from None
     where.check_finite(layer, update=W_new, **{"preservation loss": torch.tensor(pl)})
@@ -697,23 +760,25 @@ def update_layer(model, layer, K1, R, hp: HParams, state: EditState, C, W0, wher
 
 
 STATE_TENSORS = ("S_KK", "S_VK", "P")
+WHOLE = ("S_VK", "P")          # brought over whole for a solve; C and S_KK stay (row_blocks)
 
 
 @contextmanager
-def solving_on(device, ls: LayerState, C):
-    """The layer's float64 state where its weight is, for one solve: C and the memory come from
-    where they live (C's device: --state-device) and the memory goes back there after, copied
-    into its old host tensors where it has them (no new allocation, pinned memory stays pinned)."""
-    home = C.device
+def solving_on(device, ls: LayerState, home):
+    """The layer's state for one solve on its weight's device, from `home`, where it lives
+    (--state-device): the d×m memory S_VK, AlphaEdit's projector and the kept edits come over
+    whole; C and S_KK stay, used a block of rows at a time (add_scaled, times, add_gram). After,
+    everything goes back, copied into its old host tensors where it has them (no new allocation,
+    pinned memory stays pinned), and an S_KK the step created joins them."""
     if home == device:
-        yield C
+        yield
         return
     kept = {k: getattr(ls, k) for k in STATE_TENSORS}
-    for k, t in kept.items():
-        setattr(ls, k, None if t is None else t.to(device, non_blocking=True))
+    for k in WHOLE:
+        setattr(ls, k, None if kept[k] is None else kept[k].to(device, non_blocking=True))
     ls.edits = edits_on(ls.edits, device)
     try:
-        yield C.to(device, non_blocking=True)
+        yield
     finally:
         for k, old in kept.items():
             setattr(ls, k, _back_home(getattr(ls, k), old, home))
@@ -728,8 +793,8 @@ def edits_on(edits: dict, device) -> dict:
 def _back_home(new, old, home: torch.device):
     """A state tensor from the solve's device back where the state lives: into its old tensor when
     the shape still fits, else a new one (pinned on the host when it comes from a GPU)."""
-    if new is None:
-        return None
+    if new is None or new is old:                      # (S_KK, updated where it lives)
+        return new
     if old is not None and old.shape == new.shape:
         return old.copy_(new)
     return new.to(home).pin_memory() if home.type == "cpu" and new.is_cuda else new.to(home)
@@ -1120,7 +1185,7 @@ def memory_plan(cfg: M.Config, hp: HParams, dtype: str, z_tokens: int, shares: l
     `state_on_host`; then the largest of the phases: the target-value passes (z_tokens tokens
     through the blocks above the last edit layer, keeping for backward about 6d + 4m values per
     token and block, 6d + 2m for GPT-J and GPT-2), a solve (solve_bytes; with the state on the
-    host, also one layer's state) and the collection of C (stats.collection_bytes: its sums, all
+    host, also what of a layer's state comes over: brought_bytes, and W0) and the collection of C (stats.collection_bytes: its sums, all
     the device's edit layers at once or, with the state on the host, one). Against the measured
     peaks of two Llama-3-8B steps (docs/bench/llama3-8b-two-steps.txt): 40.2 planned for 40.5
     GiB at 2048 tokens, 61.7 for 61.5 at 8192 (the solve's and the statistics' terms are not
@@ -1132,6 +1197,7 @@ def memory_plan(cfg: M.Config, hp: HParams, dtype: str, z_tokens: int, shares: l
     placed = layer_state_bytes(cfg, hp.method, n_edits if hp.superseded == "remove" else 0)
     blocks = M.place_blocks(model, shares, dt, {} if state_on_host else {l: placed for l in hp.layers})
     layer_state = placed + d * m * dt.itemsize             # and W0, in the model's dtype (M.load places without it)
+    brought = brought_bytes(cfg, hp.method, n_edits if hp.superseded == "remove" else 0)
     fixed = M.fixed_bytes(model, dt, len(shares))
     per_token = (6 * d + (4 if cfg.llama_like else 2) * m) * dt.itemsize
     rows = []
@@ -1141,7 +1207,8 @@ def memory_plan(cfg: M.Config, hp: HParams, dtype: str, z_tokens: int, shares: l
         row = dict(blocks=mine, weights=fixed[j] + M.weight_bytes(dt, *[model.blocks[i] for i in mine]),
                    state=0 if state_on_host else layer_state * len(edit),
                    target_values=z_tokens * per_token * sum(i > hp.layers[-1] for i in mine),
-                   solve=(solve_bytes(cfg, hp.method) + (layer_state if state_on_host else 0)) if edit else 0,
+                   solve=solve_bytes(cfg, hp.method) + (brought + d * m * dt.itemsize if state_on_host else 0)
+                   if edit else 0,
                    statistics=stats.collection_bytes(cfg, dt, stats_tokens, 1 if state_on_host else len(edit))
                    if edit else 0)
         work = max(row["state"] + max(row["target_values"], row["solve"]), row["statistics"])
@@ -1158,6 +1225,15 @@ def solve_bytes(cfg: M.Config, method: str) -> int:
     for AlphaEdit's LU ones (E12, E22) the system and its factor, and three d×m."""
     m, d = cfg.d_mlp, cfg.d_model
     return 8 * (2 * m * m + 3 * d * m if projected(method) else m * m + 4 * d * m)
+
+
+def brought_bytes(cfg: M.Config, method: str, kept_edits: int = 0) -> int:
+    """What of one layer's float64 state (layer_state_bytes) is on the GPU during its solve when
+    the state lives on the host: all of it but C and S_KK, which come two blocks of rows at a
+    time (row_blocks). AlphaEdit's step 0 takes C whole for its projector, in P's place."""
+    m = cfg.d_mlp
+    streamed = 1 + ("S_KK" in method_of(method).memory)
+    return layer_state_bytes(cfg, method, kept_edits) - streamed * 8 * m * m + 2 * min(BLOCK_BYTES, 8 * m * m)
 
 
 def device_memory(device: torch.device) -> int:

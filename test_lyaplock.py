@@ -947,9 +947,11 @@ def test_restore_refuses_a_missing_or_foreign_checkpoint_and_leaves_the_model(tm
 @pytest.mark.parametrize("method", ["lyaplock", "alphaedit", "rome", "lyaplock+prune"])
 def test_state_kept_in_host_memory_gives_the_same_edits(tmp_path, device, method):
     """--state-device cpu: C, the edit memory and W0 live on the host and come to the weights'
-    device for each solve. On a CUDA machine this moves them every step; the result is bitwise
-    that of the on-device run, and so is the restrained model PRUNE-style methods are scored on
-    (on a CPU-only machine both runs are on the host: the flag's plumbing)."""
+    device for each solve. On a CPU-only machine both runs are on the host (the flag's plumbing)
+    and the result is bitwise that of the on-device run, and so is the restrained model
+    PRUNE-style methods are scored on. On a CUDA machine the state moves every step and C and
+    S_KK are used a block of rows at a time, whose products sum in another order: the same to
+    rounding (test_multidevice.py checks the blocks on the CPU, method by method)."""
     requests, _ = data.load_requests(FIX / "counterfact-rome.json", limit=9)
     runs = []
     for state_device in (None, "cpu"):
@@ -963,12 +965,20 @@ def test_state_kept_in_host_memory_gives_the_same_edits(tmp_path, device, method
         with editor.restrained() as used:
             scored = {l: used.edit_weight(l).cpu() for l in layers}
         runs.append((logs, {l: m.edit_weight(l).cpu() for l in layers}, editor.state.layers[2].S_KK, scored))
-    assert all(torch.equal(runs[0][1][l], runs[1][1][l]) for l in layers)
-    assert all(torch.equal(runs[0][3][l], runs[1][3][l]) for l in layers)
-    assert [[v["pl"] for v in e["layers"].values()] for e in runs[0][0]] == \
-           [[v["pl"] for v in e["layers"].values()] for e in runs[1][0]]
+
+    def same(a, b):                     # bitwise on one device; to rounding from the host to CUDA
+        if device == "cpu":
+            assert torch.equal(a, b)
+        else:
+            close(a, b, 1e-5)
+    for l in layers:
+        same(runs[0][1][l], runs[1][1][l])
+        same(runs[0][3][l], runs[1][3][l])
+    pls = [[[v["pl"] for v in e["layers"].values()] for e in run[0]] for run in runs]
+    assert pls[0] == pls[1] if device == "cpu" else pls[1] == [pytest.approx(p, rel=1e-4) for p in pls[0]]
     if method != "rome":
-        assert runs[1][2].device.type == "cpu" and torch.equal(runs[0][2].cpu(), runs[1][2])
+        assert runs[1][2].device.type == "cpu"
+        same(runs[0][2].cpu(), runs[1][2])
 
 
 def test_cli_without_arguments_points_to_the_quickstart(capsys):

@@ -16,7 +16,7 @@ import lyaplock as L
 import model as M
 import stats as S
 from data import load_requests
-from test_lyaplock import FIX, STORIES, reedit_file
+from test_lyaplock import DEVICES, FIX, STORIES, close, reedit_file
 from test_models import make_checkpoint, make_hf_checkpoint, one_thread, padded_batch  # noqa: F401 (one_thread: an autouse fixture)
 
 SPREADS = ["cpu,cpu", "cpu,cpu,cpu"]
@@ -307,10 +307,11 @@ def test_memory_plan_matches_the_measured_peaks_of_llama3_8b():
 
 def test_memory_plan_of_llama3_8b_with_the_state_on_the_host_fits_a_24_gb_card():
     """--state-device cpu on a 24 GB card (22.3 GiB, as .ci/gpu 24gb caps it) at --z-batch-tokens
-    1024: the weights, then the largest phase — a solve with one layer's state brought over (C,
-    S_KK, S_VK: 3.5 GiB; W0: 0.1) and the system factored in its own memory (solve_bytes) —
-    21.9 GiB; the statistics, one layer a pass, take less. With every layer's state on the card,
-    36.6 GiB."""
+    1024: the weights, then the largest phase — a solve with what of one layer's state comes over
+    (S_VK 0.4 GiB, two 256 MiB blocks of C's or S_KK's rows, W0 0.1) and the system factored in
+    its own memory (solve_bytes) — 19.3 GiB; the target values and the statistics (one layer a
+    pass) take less. At the default 2,048 tokens the target values lead: 22.15 GiB. With every
+    layer's state on the card, 36.6 GiB."""
     import bench
     cfg = M.Config.from_hf(bench.PRESETS["llama3-8b"][0])
     hp = L.preset(cfg, "lyaplock")
@@ -318,13 +319,121 @@ def test_memory_plan_of_llama3_8b_with_the_state_on_the_host_fits_a_24_gb_card()
     card, host = L.memory_plan(cfg, hp, "bfloat16", 1024, [22.3 * 2 ** 30], state_on_host=True)
     layer = 8 * (2 * m * m + d * m) + 2 * d * m                 # C, S_KK, S_VK in float64, W0 in bf16
     assert card["state"] == 0 and host["state"] == 5 * layer
-    assert card["solve"] == 8 * (m * m + 4 * d * m) + layer
-    assert card["statistics"] == S.collection_bytes(cfg, torch.bfloat16, 8192, 1) < card["solve"]
+    assert L.brought_bytes(cfg, "lyaplock") == 8 * d * m + 2 * L.BLOCK_BYTES
+    assert card["solve"] == 8 * (m * m + 4 * d * m) + 8 * d * m + 2 * L.BLOCK_BYTES + 2 * d * m
+    assert card["target_values"] < card["statistics"] == S.collection_bytes(cfg, torch.bfloat16, 8192, 1) < card["solve"]
     assert card["need"] == card["weights"] + card["solve"]
-    assert 21.6 < card["need"] / 2 ** 30 < 22.0
+    assert 19.2 < card["need"] / 2 ** 30 < 19.4
+    card, _ = L.memory_plan(cfg, hp, "bfloat16", 2048, [22.3 * 2 ** 30], state_on_host=True)
+    assert card["need"] == card["weights"] + card["target_values"] and 22.1 < card["need"] / 2 ** 30 < 22.2
     (alone,) = L.memory_plan(cfg, hp, "bfloat16", 1024, [80 * 2 ** 30])
     assert alone["statistics"] == S.collection_bytes(cfg, torch.bfloat16, 8192, 5)
     assert 36.0 < alone["need"] / 2 ** 30 < 37.0
+
+
+# ======================================================================= the state on the host
+
+
+def from_the_host(monkeypatch, device, rows):
+    """Blocks of `rows` rows. On the CPU every matrix counts as elsewhere, so the blocked paths
+    run (copying each block as a transfer would); on CUDA the host's are elsewhere by right."""
+    if device == "cpu":
+        monkeypatch.setattr(L, "elsewhere", lambda X, device: True)
+    monkeypatch.setattr(L, "BLOCK_BYTES", 8 * 40 * rows)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_host_matrices_are_used_a_block_of_rows_at_a_time(monkeypatch, device):
+    """The four operations through which the algebra touches C and S_KK, with the matrix on the
+    host and blocks of 7 rows (the last one short): the sums and subtractions are bitwise the
+    whole-matrix ones, the products equal to float64 rounding, and S is updated in its own
+    memory. X is not symmetric, so a block of rows is never taken for a block of columns."""
+    from_the_host(monkeypatch, device, 7)
+    g = torch.Generator().manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, dtype=torch.float64, generator=g)
+    X, Y, K, A = r(40, 40), r(5, 40).to(device), r(40, 3).to(device), r(40, 40).to(device)
+    here = X.to(device)
+    assert torch.equal(L.add_scaled(A.clone(), X, 0.3), A.clone().add_(here, alpha=0.3))
+    close(L.times(Y, X), Y @ here, 1e-15)
+    S = X.clone()
+    storage = S.data_ptr()
+    assert L.add_gram(S, K) is S and S.data_ptr() == storage and S.device.type == "cpu"
+    close(S, X + (K @ K.T).cpu(), 1e-15)
+    pairs = [(K[:, 0], K[:, 1]), (K[:, 2], K[:, 2])]
+    want = here.clone()
+    for a, b in pairs:
+        want.sub_(torch.outer(a, b))
+    assert torch.equal(L.subtract_outers(S.copy_(X), pairs).to(device), want) and S.data_ptr() == storage
+    assert L.subtract_outers(None, []) is None
+
+
+def host_steps(method, device, home, monkeypatch=None):
+    """Three steps of `method` on one layer (d 6, m 40), with re-edited prompts (superseded
+    "remove", E8a): C and the memory live on `home`, the weights on `device` (update_layer's
+    path: solving_on, then step_layer). Returns the weights, PLs and the layer's state."""
+    g = torch.Generator().manual_seed(5)
+    r = lambda *shape: torch.randn(*shape, dtype=torch.float64, generator=g)
+    K0 = r(40, 30)
+    C = (K0 @ K0.T / 30 + 1e-3 * torch.eye(40, dtype=torch.float64)).to(home)   # small eigenvalues: AlphaEdit's P
+    W0 = r(6, 40).to(device)
+    W = W0 + 0.3 * r(6, 40).to(device)
+    hp = L.HParams(method=method, layers=(0,), lam=2.0, alpha=3.0, l2=1.0, superseded="remove")
+    ls, pls = L.LayerState(), []
+    for prompts in (["a", "b", "c"], ["d", "a"], ["b", "e", "a"]):
+        K1, R = r(40, len(prompts)).to(device), r(6, len(prompts)).to(device)
+        with L.solving_on(torch.device(device), ls, C.device):
+            W, pl = L.step_layer(W, W0, C, K1, R, ls, hp, prompts)
+        pls.append(pl)
+    return W, pls, ls
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", [m for m in L.METHODS if L.METHODS[m].locate == "memit"])
+def test_every_method_steps_the_same_with_its_state_on_the_host(monkeypatch, device, method):
+    """--state-device cpu: C and S_KK stay on the host and every method's algebra takes them in
+    blocks of rows (6 rows here), the rest of the state comes over whole for the solve: the same
+    updates, PL and memory as with everything on the weights' device, to float64 rounding; the
+    memory is back on the host after each step."""
+    W, pls, ls = host_steps(method, device, device)
+    from_the_host(monkeypatch, device, 6)
+    W_host, pls_host, ls_host = host_steps(method, device, "cpu")
+    close(W_host, W, 1e-12)
+    assert pls_host == pytest.approx(pls, rel=1e-12)
+    for k in ("S_KK", "S_VK", "P"):
+        assert (getattr(ls, k) is None) == (getattr(ls_host, k) is None), k
+        if getattr(ls, k) is not None:
+            assert getattr(ls_host, k).device.type == "cpu"
+            close(getattr(ls_host, k), getattr(ls, k).cpu(), 1e-12)
+    assert ls_host.edits.keys() == ls.edits.keys()
+    assert all(t is None or t.device.type == "cpu" for kv in ls_host.edits.values() for t in kv)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU's memory is what is measured")
+def test_a_lyaplock_step_with_its_state_on_the_host_holds_one_m_by_m_on_the_gpu(monkeypatch):
+    """With C and S_KK (32 MiB each at m = 2048) on the host, a LyapLock step with memory holds
+    on the GPU its system (one m×m), two blocks of rows, a few d×m (1 MiB each at d = 64) and
+    the factorisation's workspace — under two m×m; bringing C and S_KK over whole, three."""
+    m, d, n = 2048, 64, 16
+    monkeypatch.setattr(L, "BLOCK_BYTES", m * m // 2)           # a sixteenth of an m×m
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(m, 64, generator=g, dtype=torch.float64)
+    C = torch.addmm(torch.eye(m, dtype=torch.float64), X, X.T, beta=0.01, alpha=1 / 64).pin_memory()
+    W0 = (torch.randn(d, m, generator=g) * 0.02).cuda()
+    W = W0 + 1e-3 * torch.randn(d, m, generator=g).cuda()
+    hp, ls = L.HParams(method="lyaplock", layers=(0,), lam=m / 4, alpha=60.0), L.LayerState()
+    peaks = []
+    for _ in range(2):
+        K1 = torch.randn(m, n, generator=g, dtype=torch.float64).cuda()
+        R = 0.1 * torch.randn(d, n, generator=g, dtype=torch.float64).cuda()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        with L.solving_on(W.device, ls, C.device):
+            W, _ = L.step_layer(W, W0, C, K1, R, ls, hp)
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() - before)
+    assert ls.S_KK.device.type == "cpu" and ls.S_KK.is_pinned()
+    assert max(peaks) < 8 * 2 * m * m, [p / 2 ** 20 for p in peaks]
 
 
 def resident_peak(fn) -> int:
