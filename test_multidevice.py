@@ -409,7 +409,7 @@ def test_every_method_steps_the_same_with_its_state_on_the_host(monkeypatch, dev
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU's memory is what is measured")
-def test_a_lyaplock_step_with_its_state_on_the_host_holds_one_m_by_m_on_the_gpu(monkeypatch):
+def test_a_lyaplock_step_with_its_state_on_the_host_holds_under_two_m_by_m_on_cuda(monkeypatch):
     """With C and S_KK (32 MiB each at m = 2048) on the host, a LyapLock step with memory holds
     on the GPU its system (one m×m), two blocks of rows, a few d×m (1 MiB each at d = 64) and
     the factorisation's workspace — under two m×m; bringing C and S_KK over whole, three."""
