@@ -290,13 +290,22 @@ def table(results) -> str:
         ly = st["lyaplock"]
         fwd = f"{f['ours_tok_s']:.0f}" + (f" / {f['hf_eager_tok_s']:.0f} ({f['ratio']:.2f}x)" if "ratio" in f else "")
         peak = f"{ly['peak_gib']:.1f}" if "peak_gib" in ly else "-"
+        total = lambda k: f"{st[k]['total']:.2f}" if k in st else "-"       # (a method not asked for)
         rows.append(f"| {r['preset']} | {r['device']} {r['dtype']} | {fwd} | {s['tok_s']:.0f} "
                     f"({100 * s['fraction_of_roofline']:.0f}%); {proj['stats_100k_samples']:.2f} h | "
                     f"{ly['total']:.2f} = {ly['target_values']:.2f} + {ly['keys']:.2f} + {ly['solve_pl_queue']:.2f}; "
-                    f"{ly['first_step']:.2f} | {st['memit']['total']:.2f} | {st['alphaedit']['total']:.2f}; "
-                    f"{st['alphaedit']['first_step']:.2f} | "
+                    f"{ly['first_step']:.2f} | {total('memit')} | {total('alphaedit')}"
+                    f"{'; %.2f' % st['alphaedit']['first_step'] if 'alphaedit' in st else ''} | "
                     f"{ly['eval']:.2f} | {peak} | {proj['editing']:.2f} |")
     return "\n".join(rows)
+
+
+def methods_to_run(asked) -> list[str]:
+    """--method as given ('all': every method; none: LyapLock, MEMIT, AlphaEdit), LyapLock first
+    when missing (the projections are its). Only these run: under a --memory-gib cap a method
+    not asked for can run out of memory where the one asked for fits."""
+    methods = list(L.METHODS) if "all" in (asked or []) else asked or ["lyaplock", "memit", "alphaedit"]
+    return methods if "lyaplock" in methods else ["lyaplock", *methods]
 
 
 def main(argv=None):
@@ -311,7 +320,8 @@ def main(argv=None):
     p.add_argument("--z-batch-tokens", type=int, default=2048, help="as lyaplock.py's (memory of the target values)")
     p.add_argument("--memory-gib", type=float, help="cap this process's GPU memory, e.g. 44.7 to act as a 48 GB card")
     p.add_argument("--method", action="append", choices=[*L.METHODS, "all"],
-                   help="repeatable; 'all' for every method (default: lyaplock, memit, alphaedit)")
+                   help="repeatable; 'all' for every method (default: lyaplock, memit, alphaedit); "
+                        "LyapLock always runs")
     p.add_argument("--state-device", help="as lyaplock.py's: cpu keeps C and the edit memory in host memory")
     p.add_argument("--batch1", type=int, default=0, help="also time this many LyapLock steps of one request")
     p.add_argument("--json", help="write the results here")
@@ -320,8 +330,7 @@ def main(argv=None):
         card = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(args.memory_gib * 2 ** 30 / card)
     presets = args.preset or (["llama3-8b", "gptj-6b"] if args.device == "cuda" else ["tiny", "stories"])
-    methods = list(L.METHODS) if "all" in (args.method or []) else args.method or ["lyaplock", "memit", "alphaedit"]
-    methods = methods + [k for k in ("lyaplock", "memit", "alphaedit") if k not in methods]   # the main table's
+    methods = methods_to_run(args.method)
     results = []
     with tempfile.TemporaryDirectory() as work:
         for name in presets:

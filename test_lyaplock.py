@@ -1172,3 +1172,8 @@ def test_bench_tiny_preset_runs_and_reports_every_phase(tmp_path):
         assert s["total"] == pytest.approx(s["target_values"] + s["keys"] + s["solve_pl_queue"])
         assert s["first_step"] > 0 and s["eval"] > 0
     assert r["projection_10k_edits_hours"]["editing"] > 0
+    assert bench.methods_to_run(["lyaplock"]) == ["lyaplock"] and bench.methods_to_run(["rome"]) == ["lyaplock", "rome"]
+    assert bench.methods_to_run(None) == ["lyaplock", "memit", "alphaedit"] and len(bench.methods_to_run(["all"])) == len(L.METHODS)
+    alone = bench.table([dict(r, steps={"lyaplock": r["steps"]["lyaplock"]})]).splitlines()[-1].split("|")
+    assert alone[5].strip().startswith(f"{r['steps']['lyaplock']['total']:.2f} = ")
+    assert [c.strip() for c in alone[6:8]] == ["-", "-"]                  # MEMIT, AlphaEdit: not run
