@@ -48,9 +48,10 @@ def f64(x: torch.Tensor) -> torch.Tensor:
 
 
 # A layer's m×m float64 state (C, S_KK) may live on the host (--state-device cpu) while its
-# solve runs on a GPU. The algebra uses it only through the four operations below, which then
-# bring it over BLOCK_BYTES of rows at a time, so the GPU never holds it whole beside the system;
-# where it lives on the solve's device they are the plain expressions, to the bit.
+# solve runs on a GPU. The algebra uses it only through four operations (add_scaled, times,
+# add_gram, subtract_outers), which then bring it over BLOCK_BYTES of rows at a time, so the GPU
+# never holds it whole beside the system; where it lives on the solve's device they are the
+# plain expressions, to the bit.
 BLOCK_BYTES = 256 * 2 ** 20
 
 
@@ -86,31 +87,30 @@ def times(Y, X):
     return out
 
 
-def add_gram(S, K):
-    """S += K Kᵀ in place (K (m, n) on the solve's device, S (m, m) anywhere: from the host, each
-    block of rows comes over, takes K[rows] Kᵀ and goes back)."""
-    if not elsewhere(S, K.device):
-        return S.addmm_(K, K.T)
-    for rows, block in row_blocks(S, K.device):
-        S[rows].copy_(block.addmm_(K[rows], K.T))
+def update_rows(S, device, update):
+    """update(block, rows) on S in place: on S itself (rows = all) where it lives on `device`, else
+    on each block of its rows brought over, which then goes back."""
+    if not elsewhere(S, device):
+        update(S, slice(None))
+        return S
+    for rows, block in row_blocks(S, device):
+        update(block, rows)
+        S[rows].copy_(block)
     return S
+
+
+def add_gram(S, K):
+    """S += K Kᵀ in place (K (m, n) on the solve's device, S (m, m) anywhere)."""
+    return update_rows(S, K.device, lambda block, rows: block.addmm_(K[rows], K.T))
 
 
 def subtract_outers(S, pairs):
     """S −= a bᵀ for each (a, b) in `pairs`, in order (a, b on the solve's device, S anywhere); a
     block of rows takes every subtraction before it goes back, so blocks change no bit."""
-    if not pairs:
-        return S
-    device = pairs[0][0].device
-    if not elsewhere(S, device):
-        for a, b in pairs:
-            S.sub_(torch.outer(a, b))
-        return S
-    for rows, block in row_blocks(S, device):
+    def update(block, rows):
         for a, b in pairs:
             block.sub_(torch.outer(a[rows], b))
-        S[rows].copy_(block)
-    return S
+    return update_rows(S, pairs[0][0].device, update) if pairs else S
 
 
 def preservation_loss(W, W0, C) -> float:
@@ -1185,8 +1185,9 @@ def memory_plan(cfg: M.Config, hp: HParams, dtype: str, z_tokens: int, shares: l
     `state_on_host`; then the largest of the phases: the target-value passes (z_tokens tokens
     through the blocks above the last edit layer, keeping for backward about 6d + 4m values per
     token and block, 6d + 2m for GPT-J and GPT-2), a solve (solve_bytes; with the state on the
-    host, also what of a layer's state comes over: brought_bytes, and W0) and the collection of C (stats.collection_bytes: its sums, all
-    the device's edit layers at once or, with the state on the host, one). Against the measured
+    host, also what of a layer's state comes over: brought_bytes, and W0) and the collection of
+    C (stats.collection_bytes: its sums, all the device's edit layers at once or, with the state
+    on the host, one). Against the measured
     peaks of two Llama-3-8B steps (docs/bench/llama3-8b-two-steps.txt): 40.2 planned for 40.5
     GiB at 2048 tokens, 61.7 for 61.5 at 8192 (the solve's and the statistics' terms are not
     measured on a GPU yet). n_edits: the stream's length, which the state grows with under
@@ -1194,10 +1195,12 @@ def memory_plan(cfg: M.Config, hp: HParams, dtype: str, z_tokens: int, shares: l
     with torch.device("meta"):
         model = M.CausalLM(cfg)
     dt, m, d = M.DTYPES[dtype], cfg.d_mlp, cfg.d_model
-    placed = layer_state_bytes(cfg, hp.method, n_edits if hp.superseded == "remove" else 0)
+    kept_edits = n_edits if hp.superseded == "remove" else 0
+    placed = layer_state_bytes(cfg, hp.method, kept_edits)
     blocks = M.place_blocks(model, shares, dt, {} if state_on_host else {l: placed for l in hp.layers})
-    layer_state = placed + d * m * dt.itemsize             # and W0, in the model's dtype (M.load places without it)
-    brought = brought_bytes(cfg, hp.method, n_edits if hp.superseded == "remove" else 0)
+    W0 = d * m * dt.itemsize                               # in the model's dtype (M.load places without it)
+    layer_state = placed + W0
+    solve = solve_bytes(cfg, hp.method) + (brought_bytes(cfg, hp.method, kept_edits) + W0 if state_on_host else 0)
     fixed = M.fixed_bytes(model, dt, len(shares))
     per_token = (6 * d + (4 if cfg.llama_like else 2) * m) * dt.itemsize
     rows = []
@@ -1207,8 +1210,7 @@ def memory_plan(cfg: M.Config, hp: HParams, dtype: str, z_tokens: int, shares: l
         row = dict(blocks=mine, weights=fixed[j] + M.weight_bytes(dt, *[model.blocks[i] for i in mine]),
                    state=0 if state_on_host else layer_state * len(edit),
                    target_values=z_tokens * per_token * sum(i > hp.layers[-1] for i in mine),
-                   solve=solve_bytes(cfg, hp.method) + (brought + d * m * dt.itemsize if state_on_host else 0)
-                   if edit else 0,
+                   solve=solve if edit else 0,
                    statistics=stats.collection_bytes(cfg, dt, stats_tokens, 1 if state_on_host else len(edit))
                    if edit else 0)
         work = max(row["state"] + max(row["target_values"], row["solve"]), row["statistics"])

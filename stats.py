@@ -508,8 +508,7 @@ def load_or_collect_stats(model, model_path, corpus, n_tokens, layers, cache_dir
     if total < model.cfg.d_mlp:           # before the pass, not at the first solve
         raise StatisticsError(f"{corpus}: the statistics corpus has {total} tokens; C ({model.cfg.d_mlp}×"
                               f"{model.cfg.d_mlp}) needs at least d_mlp = {model.cfg.d_mlp}, or it is singular")
-    passes = len(collection_passes(model, layers, state_device))
-    progress = Progress(total * passes, log, share=passes_note(passes))
+    progress = Progress(total, log, passes=len(collection_passes(model, layers, state_device)))
     C = collect_stats(model, seqs, layers, batch_tokens, progress, state_device=state_device)
     log("")
     write_stats_file(file, C, key, total)
@@ -518,19 +517,15 @@ def load_or_collect_stats(model, model_path, corpus, n_tokens, layers, cache_dir
 
 # ----------------------------------------------------------------------------- the command
 
-def passes_note(passes: int) -> str:
-    return f" over {passes} passes, one a layer" if passes > 1 else ""
-
-
 class Progress:
     """Tokens done, tok/s and time left: refreshed in place at most once a second (tty), else a
-    line every 10 s; always at the end."""
+    line every 10 s; always at the end. `total`: the tokens of one pass of `passes`."""
 
-    def __init__(self, total: int, log, tty: bool = True, share: str = ""):
-        self.total = total
+    def __init__(self, total: int, log, tty: bool = True, share: str = "", passes: int = 1):
+        self.total = total * passes
         self.log = log
         self.tty = tty
-        self.share = share
+        self.share = share + (f" over {passes} passes, one a layer" if passes > 1 else "")
         self.start = time.time()
         self.shown = 0.0
 
@@ -633,11 +628,10 @@ def write_statistics(args, device: str, rank: int, world: int):
     key = stats_key(args.model, model, layers, corpus, args.stats_tokens, args.max_len) if rank == 0 else None
     progress = None
     if rank == 0:
-        passes = len(collection_passes(model, layers, args.state_device))
-        share = f" (rank 0's share of {world} processes)" * (world > 1) + passes_note(passes)
-        progress = Progress(rank_share(seqs, args.batch_tokens, rank, world) * passes,
+        progress = Progress(rank_share(seqs, args.batch_tokens, rank, world),
                             lambda s, end="\n": print(s, end=end, file=sys.stderr, flush=True),
-                            tty=sys.stderr.isatty(), share=share)
+                            tty=sys.stderr.isatty(), share=f" (rank 0's share of {world} processes)" * (world > 1),
+                            passes=len(collection_passes(model, layers, args.state_device)))
     start = time.time()
     C = collect_stats(model, seqs, layers, args.batch_tokens, progress, rank, world, args.state_device)
     seconds = time.time() - start                      # .item() in collect_stats has synchronised

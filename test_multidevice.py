@@ -367,7 +367,7 @@ def test_host_matrices_are_used_a_block_of_rows_at_a_time(monkeypatch, device):
     assert L.subtract_outers(None, []) is None
 
 
-def host_steps(method, device, home, monkeypatch=None):
+def host_steps(method, device, home):
     """Three steps of `method` on one layer (d 6, m 40), with re-edited prompts (superseded
     "remove", E8a): C and the memory live on `home`, the weights on `device` (update_layer's
     path: solving_on, then step_layer). Returns the weights, PLs and the layer's state."""
