@@ -148,15 +148,17 @@ def lyaplock_alphaedit_system(W, W0, C, K1, R, P, S_KK, z, lam, V=1.0, l2=10.0):
     M = (V(K1K1ᵀ + S_KK) + (z − 1)λC) P + V·L2·I, right = (V R K1ᵀ − (z − 1)λ(W − W0)C) P."""
     if z < 1 - 1e-9:                 # a·Z at the floor is 1 up to rounding (a = 1/√(αD), Z = √(αD))
         raise BaselineError(f"the queue value z must be at least 1 (its floor), got {z}")
-    W, W0, K1, R, P = L.f64(W), L.f64(W0), L.f64(K1), L.f64(R), L.f64(P)
+    K1, R, P = L.f64(K1), L.f64(R), L.f64(P)
     excess = max(z - 1.0, 0.0) * lam                      # the queue's excess over its floor
-    A = L.add_scaled((K1 @ K1.T).mul_(V), C, excess)      # E22: V K1K1ᵀ + (z − 1)λC
+    A = (K1 @ K1.T).mul_(V)                               # E22: V K1K1ᵀ
+    drift = L.add_scaled_and_times(A, C, excess, L.f64(W) - L.f64(W0))   # E22: A += (z − 1)λC; (W − W0)C
     if S_KK is not None:
         L.add_scaled(A, S_KK, V)                            # E22: + V S_KK
+    right = (R @ K1.T).mul_(V).sub_(drift, alpha=excess) @ P                          # E22
+    del drift
     M = A @ P                                             # E22: (…) P
     del A                                                 # (two m×m at most, with the solve's LU)
     M.diagonal().add_(V * l2)                             # E22: + V·L2·I
-    right = ((R @ K1.T).mul_(V).sub_(L.times(W - W0, C), alpha=excess)) @ P           # E22
     return M, right
 
 

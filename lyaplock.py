@@ -48,10 +48,10 @@ def f64(x: torch.Tensor) -> torch.Tensor:
 
 
 # A layer's m×m float64 state (C, S_KK) may live on the host (--state-device cpu) while its
-# solve runs on a GPU. The algebra uses it only through four operations (add_scaled, times,
-# add_gram, subtract_outers), which then bring it over BLOCK_BYTES of rows at a time, so the GPU
-# never holds it whole beside the system; where it lives on the solve's device they are the
-# plain expressions, to the bit.
+# solve runs on a GPU. The algebra uses it only through five operations (add_scaled, times,
+# add_scaled_and_times, add_gram, subtract_outers), which then bring it over BLOCK_BYTES of rows
+# at a time, so the GPU never holds it whole beside the system; where it lives on the solve's
+# device they are the plain expressions, to the bit.
 BLOCK_BYTES = 256 * 2 ** 20
 
 
@@ -83,6 +83,19 @@ def times(Y, X):
         return Y @ f64(X)
     out = torch.zeros(Y.shape[0], X.shape[1], dtype=torch.float64, device=Y.device)
     for rows, block in row_blocks(X, Y.device):
+        out.addmm_(Y[:, rows], block)
+    return out
+
+
+def add_scaled_and_times(A, X, alpha, Y):
+    """A += αX in place and return Y X, reading X once: from the host, one pass of its row blocks
+    serves both (E9 and E22 use C, and E9 S_KK, both ways)."""
+    if not elsewhere(X, A.device):
+        A.add_(f64(X), alpha=alpha)
+        return Y @ f64(X)
+    out = torch.zeros(Y.shape[0], X.shape[1], dtype=torch.float64, device=Y.device)
+    for rows, block in row_blocks(X, A.device):
+        A[rows].add_(block, alpha=alpha)
         out.addmm_(Y[:, rows], block)
     return out
 
@@ -144,11 +157,13 @@ def lyaplock_system(W, W0, C, K1, R, S_KK, S_VK, z, lam, V=1.0):
     """
     W, K1, R = f64(W), f64(K1), f64(R)
     zl = z * lam          # in place below: the m×m A and at most three d×m temporaries beside W
-    A = add_scaled((K1 @ K1.T).mul_(V), C, zl)           # E9: V K1K1ᵀ + zλC
-    left = (R @ K1.T).mul_(V).sub_(times(W - f64(W0), C), alpha=zl)   # E9: V R K1ᵀ − zλ(W − W0)C
+    A = (K1 @ K1.T).mul_(V)                               # E9: V K1K1ᵀ
+    drift = add_scaled_and_times(A, C, zl, W - f64(W0))   # E9: A += zλC; (W − W0)C
+    left = (R @ K1.T).mul_(V).sub_(drift, alpha=zl)       # E9: V R K1ᵀ − zλ(W − W0)C
+    del drift
     if S_KK is not None:
-        add_scaled(A, S_KK, V)                            # E9: + V S_KK
-        left.add_(f64(S_VK), alpha=V).sub_(times(W, S_KK), alpha=V)   # E9: + V(S_VK − W S_KK)
+        kept = add_scaled_and_times(A, S_KK, V, W)        # E9: A += V S_KK; W S_KK
+        left.add_(f64(S_VK), alpha=V).sub_(kept, alpha=V)             # E9: + V(S_VK − W S_KK)
     return A, left
 
 
@@ -767,7 +782,7 @@ WHOLE = ("S_VK", "P")          # brought over whole for a solve; C and S_KK stay
 def solving_on(device, ls: LayerState, home):
     """The layer's state for one solve on its weight's device, from `home`, where it lives
     (--state-device): the d×m memory S_VK, AlphaEdit's projector and the kept edits come over
-    whole; C and S_KK stay, used a block of rows at a time (add_scaled, times, add_gram). After,
+    whole; C and S_KK stay, used a block of rows at a time (add_scaled, times, ...). After,
     everything goes back, copied into its old host tensors where it has them (no new allocation,
     pinned memory stays pinned), and an S_KK the step created joins them."""
     if home == device:

@@ -344,7 +344,7 @@ def from_the_host(monkeypatch, device, rows):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_host_matrices_are_used_a_block_of_rows_at_a_time(monkeypatch, device):
-    """The four operations through which the algebra touches C and S_KK, with the matrix on the
+    """The five operations through which the algebra touches C and S_KK, with the matrix on the
     host and blocks of 7 rows (the last one short): the sums and subtractions are bitwise the
     whole-matrix ones, the products equal to float64 rounding, and S is updated in its own
     memory. X is not symmetric, so a block of rows is never taken for a block of columns."""
@@ -355,6 +355,9 @@ def test_host_matrices_are_used_a_block_of_rows_at_a_time(monkeypatch, device):
     here = X.to(device)
     assert torch.equal(L.add_scaled(A.clone(), X, 0.3), A.clone().add_(here, alpha=0.3))
     close(L.times(Y, X), Y @ here, 1e-15)
+    both = A.clone()
+    close(L.add_scaled_and_times(both, X, 0.3, Y), Y @ here, 1e-15)
+    assert torch.equal(both, A.clone().add_(here, alpha=0.3))
     S = X.clone()
     storage = S.data_ptr()
     assert L.add_gram(S, K) is S and S.data_ptr() == storage and S.device.type == "cpu"
@@ -406,6 +409,32 @@ def test_every_method_steps_the_same_with_its_state_on_the_host(monkeypatch, dev
             close(getattr(ls_host, k), getattr(ls, k).cpu(), 1e-12)
     assert ls_host.edits.keys() == ls.edits.keys()
     assert all(t is None or t.device.type == "cpu" for kv in ls_host.edits.values() for t in kv)
+
+
+@pytest.mark.parametrize("method", [m for m in L.METHODS if L.METHODS[m].locate == "memit"])
+def test_a_step_brings_each_host_matrix_over_at_most_twice(monkeypatch, method):
+    """The traffic of --state-device cpu (the README's 7.7 GiB per Llama-3-8B layer and step):
+    in a step with memory and nothing superseded, C and S_KK each cross in row blocks at most
+    twice. LyapLock's E9 (and E22) reads each once for both of its terms (add_scaled_and_times),
+    E2's PL reads C again, E7 updates S_KK; AlphaEdit's projector takes C whole only at step 0."""
+    from_the_host(monkeypatch, "cpu", 6)
+    passes, blocks = [], L.row_blocks
+    monkeypatch.setattr(L, "row_blocks", lambda X, device: passes.append(X.data_ptr()) or blocks(X, device))
+    g = torch.Generator().manual_seed(1)
+    r = lambda *shape: torch.randn(*shape, dtype=torch.float64, generator=g)
+    K0 = r(40, 30)
+    C = K0 @ K0.T / 30 + 1e-3 * torch.eye(40, dtype=torch.float64)
+    W0 = r(6, 40)
+    W = W0 + 0.3 * r(6, 40)
+    hp = L.HParams(method=method, layers=(0,), lam=2.0, alpha=3.0, l2=1.0, superseded="remove")
+    ls = L.LayerState()
+    for prompts in (["a", "b"], ["c", "d", "e"]):
+        passes.clear()
+        W, _ = L.step_layer(W, W0, C, r(40, len(prompts)), r(6, len(prompts)), ls, hp, prompts)
+    counts = {name: passes.count(X.data_ptr()) for name, X in (("C", C), ("S_KK", ls.S_KK)) if X is not None}
+    assert len(passes) == sum(counts.values()) and max(counts.values()) <= 2, counts
+    if method == "lyaplock":
+        assert counts == {"C": 2, "S_KK": 2}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU's memory is what is measured")
