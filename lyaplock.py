@@ -533,7 +533,8 @@ class _Chunk:
     lab: torch.Tensor     # (b, k) target ids there
     w: torch.Tensor       # (b, k) 1/len(target) on real targets, else 0
     kl: torch.Tensor      # (b,) True on the KL rows
-    h0: torch.Tensor | None = None        # (b, T, d) output of the target layer, δ = 0
+    h0: torch.Tensor | None = None        # (b, S, d) output of the target layer, δ = 0, from the subject on
+    prefix: M.KVCache | None = None       # keys and values of the tokens before the subject, layers above
     kl_init: torch.Tensor | None = None   # (b, V) log-probs at the KL position, first pass
 
 
@@ -557,17 +558,42 @@ def _chunks(model: M.CausalLM, rows: list[Row], layer: int, max_tokens: int) -> 
                                      ([r.lookup for r in rs], [r.req for r in rs])),
                    pos.to(dev), lab.to(dev), w.to(dev), torch.tensor([not r.targets for r in rs], device=dev))
         with torch.no_grad():
-            c.h0 = model(ids, mask, stop_after=layer, outs_at={layer}).outs[layer]
+            _split_at_subject(model, c, model(ids, mask, stop_after=layer, outs_at={layer}).outs[layer], layer)
         out.append(c)
     return out
+
+
+@torch.no_grad()
+def _split_at_subject(model: M.CausalLM, c: _Chunk, h0, layer: int):
+    """δ enters at each row's subject token and attention is causal, so nothing before that token
+    depends on δ: the layers above `layer` run over those prefixes once, into a key/value cache
+    (c.prefix, P = the longest prefix), and each step of E4 runs only the suffixes, from the subject
+    token on. The chunk keeps the suffixes left-aligned, (b, S) with the subject token at 0, its
+    loss positions shifted to match, and the mask (b, P + S): prefix part, then suffix part
+    (positions count real tokens, so each suffix token keeps its place in its sentence)."""
+    b, T = c.ids.shape
+    lengths = c.mask.sum(1)
+    P, S = int(c.look.max()), int((lengths - c.look).max())
+    at = torch.arange(max(P, S), device=c.ids.device)
+    before = (at[None, :P] < c.look[:, None]).to(c.mask.dtype)                   # (b, P)
+    idx = c.look[:, None] + at[None, :S]                                        # (b, S)
+    after = (idx < lengths[:, None]).to(c.mask.dtype)
+    idx = idx.clamp(max=T - 1)
+    c.prefix = M.KVCache(model.cfg, b, P + S, model.placement, model.embed.weight.dtype, first=layer + 1)
+    if P:
+        model(c.ids[:, :P], before, start=(layer, h0[:, :P]), cache=c.prefix, stop_after=model.cfg.n_layers - 1)
+    c.h0 = h0.gather(1, idx[..., None].expand(-1, -1, h0.shape[-1]))
+    c.ids, c.mask = c.ids.gather(1, idx), torch.cat((before, after), 1)
+    c.pos = (c.pos - c.look[:, None]).clamp(min=0)           # padded slots (weight 0) read the subject
 
 
 def compute_z(model: M.CausalLM, rows: list[Row], n_req: int, layer: int, hp: HParams,
               max_tokens: int = 2048, norm_base=None):
     """E4: target values z* = h + δ at `layer`'s output, subject's last token, for all requests
     of a batch in one optimisation (one δ per request; requests are independent, so this equals
-    one at a time). The layers up to `layer` run once; each step runs only the layers above, with
-    logits only where the loss reads them, chunk by chunk (gradients summed), so memory stays
+    one at a time). The layers up to `layer` run once, and so do the layers above over the tokens
+    before each subject (_split_at_subject); each step runs only the layers above over the tokens
+    from the subject on, with logits only where the loss reads them, chunk by chunk (gradients summed), so memory stays
     bounded. norm_base (n, d): the vectors whose norms bound δ and scale its weight decay
     (default h, MEMIT's; ROME passes the MLP output there, E18-E20). Returns (z* (n, d) float32,
     info with the losses, h and δ)."""
@@ -575,7 +601,7 @@ def compute_z(model: M.CausalLM, rows: list[Row], n_req: int, layer: int, hp: HP
     chunks = _chunks(model, rows, layer, max_tokens)
     where = {i: (c, b) for c in chunks for b, i in enumerate(c.rows)}
     firsts = [where[next(i for i, r in enumerate(rows) if r.req == j)] for j in range(n_req)]
-    h_init = torch.stack([c.h0[b, c.look[b]] for c, b in firsts]).float()       # (n, d), δ = 0
+    h_init = torch.stack([c.h0[b, 0] for c, b in firsts]).float()       # (n, d), δ = 0
     base_norm = (h_init if norm_base is None else norm_base.float()).norm(dim=1)  # (n,)
     n_rewrites = torch.bincount(torch.tensor([r.req for r in rows if r.targets], device=dev),
                                 minlength=n_req).float()
@@ -606,13 +632,15 @@ def compute_z(model: M.CausalLM, rows: list[Row], n_req: int, layer: int, hp: HP
 
 def _fit_loss(model, chunks: list[_Chunk], delta, layer: int, n_rewrites, kl_factor: float, need_grad: bool):
     """E4's data terms per request (n,) and their gradient in δ (n, d) (zeros unless need_grad):
-    δ is added at each row's subject token in `layer`'s output, the layers above run from there."""
+    δ is added at each row's subject token in `layer`'s output, the layers above run from there
+    (over the suffixes, reading the prefixes' cached keys and values)."""
     total, grad = torch.zeros_like(n_rewrites), torch.zeros_like(delta)
     for c in chunks:
         d = delta.clone().requires_grad_(need_grad)
         rows = torch.arange(len(c.rows), device=delta.device)
-        h = c.h0.index_put((rows, c.look), d[c.req].to(c.h0.dtype), accumulate=True)      # (b, T, d)
-        logp = model(c.ids, c.mask, start=(layer, h), logits_at=c.pos).logits.log_softmax(-1)  # (b, k, V)
+        h = c.h0.index_put((rows, 0 * rows), d[c.req].to(c.h0.dtype), accumulate=True)    # (b, S, d)
+        logp = model(c.ids, c.mask, start=(layer, h), logits_at=c.pos,
+                     cache=c.prefix.copy()).logits.log_softmax(-1)                      # (b, k, V)
         nll = -(logp.gather(-1, c.lab[..., None])[..., 0] * c.w).sum(1)               # (b,) mean per token
         c.kl_init = logp[:, 0].detach() if c.kl_init is None else c.kl_init
         kl = (logp[:, 0].exp() * (logp[:, 0] - c.kl_init)).sum(-1)                    # KL(current ‖ initial)

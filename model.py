@@ -222,14 +222,21 @@ class KVCache:
     """Preallocated keys/values for incremental decoding: (B, n_kv, max_len, hd) per layer. Every
     key is kept (a sliding window is applied by the mask, so decoding past it stays exact).
     device: one device, or a list with each layer's (model.placement: a layer's cache lives
-    where its block runs)."""
+    where its block runs). first: the layers below it hold nothing (a pass that starts above them)."""
 
-    def __init__(self, cfg: Config, batch: int, max_len: int, device, dtype):
+    def __init__(self, cfg: Config, batch: int, max_len: int, device, dtype, first: int = 0):
         shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
         devices = device if isinstance(device, (list, tuple)) else [device] * cfg.n_layers
-        self.k = [torch.zeros(shape, device=d, dtype=dtype) for d in devices]
-        self.v = [torch.zeros(shape, device=d, dtype=dtype) for d in devices]
+        self.k = [torch.zeros(shape, device=d, dtype=dtype) if i >= first else None for i, d in enumerate(devices)]
+        self.v = [torch.zeros(shape, device=d, dtype=dtype) if i >= first else None for i, d in enumerate(devices)]
         self.length = 0
+
+    def copy(self) -> "KVCache":
+        """A cache to extend without changing this one: the same keys and values, copied."""
+        new = KVCache.__new__(KVCache)
+        new.k, new.v = ([None if t is None else t.clone() for t in kv] for kv in (self.k, self.v))
+        new.length = self.length
+        return new
 
 
 def attention_mask(mask, past: int, window: int | None = None):
