@@ -527,7 +527,7 @@ class _Chunk:
     rows: list            # indices into the batch's rows
     ids: torch.Tensor     # (b, T) right-padded
     mask: torch.Tensor
-    look: torch.Tensor    # (b,) subject's last token
+    look: torch.Tensor    # (b,) subject's last token (0 once split at it)
     req: torch.Tensor     # (b,) request of each row
     pos: torch.Tensor     # (b, k) positions whose logits the loss reads
     lab: torch.Tensor     # (b, k) target ids there
@@ -585,6 +585,7 @@ def _split_at_subject(model: M.CausalLM, c: _Chunk, h0, layer: int):
     c.h0 = h0.gather(1, idx[..., None].expand(-1, -1, h0.shape[-1]))
     c.ids, c.mask = c.ids.gather(1, idx), torch.cat((before, after), 1)
     c.pos = (c.pos - c.look[:, None]).clamp(min=0)           # padded slots (weight 0) read the subject
+    c.look = torch.zeros_like(c.look)
 
 
 def compute_z(model: M.CausalLM, rows: list[Row], n_req: int, layer: int, hp: HParams,
@@ -593,15 +594,15 @@ def compute_z(model: M.CausalLM, rows: list[Row], n_req: int, layer: int, hp: HP
     of a batch in one optimisation (one δ per request; requests are independent, so this equals
     one at a time). The layers up to `layer` run once, and so do the layers above over the tokens
     before each subject (_split_at_subject); each step runs only the layers above over the tokens
-    from the subject on, with logits only where the loss reads them, chunk by chunk (gradients summed), so memory stays
-    bounded. norm_base (n, d): the vectors whose norms bound δ and scale its weight decay
+    from the subject on, with logits only where the loss reads them, chunk by chunk (gradients
+    summed), so memory stays bounded. norm_base (n, d): the vectors whose norms bound δ and scale its weight decay
     (default h, MEMIT's; ROME passes the MLP output there, E18-E20). Returns (z* (n, d) float32,
     info with the losses, h and δ)."""
     dev = model.embed.weight.device
     chunks = _chunks(model, rows, layer, max_tokens)
     where = {i: (c, b) for c in chunks for b, i in enumerate(c.rows)}
     firsts = [where[next(i for i, r in enumerate(rows) if r.req == j)] for j in range(n_req)]
-    h_init = torch.stack([c.h0[b, 0] for c, b in firsts]).float()       # (n, d), δ = 0
+    h_init = torch.stack([c.h0[b, c.look[b]] for c, b in firsts]).float()       # (n, d), δ = 0
     base_norm = (h_init if norm_base is None else norm_base.float()).norm(dim=1)  # (n,)
     n_rewrites = torch.bincount(torch.tensor([r.req for r in rows if r.targets], device=dev),
                                 minlength=n_req).float()
@@ -638,7 +639,7 @@ def _fit_loss(model, chunks: list[_Chunk], delta, layer: int, n_rewrites, kl_fac
     for c in chunks:
         d = delta.clone().requires_grad_(need_grad)
         rows = torch.arange(len(c.rows), device=delta.device)
-        h = c.h0.index_put((rows, 0 * rows), d[c.req].to(c.h0.dtype), accumulate=True)    # (b, S, d)
+        h = c.h0.index_put((rows, c.look), d[c.req].to(c.h0.dtype), accumulate=True)      # (b, S, d)
         logp = model(c.ids, c.mask, start=(layer, h), logits_at=c.pos,
                      cache=c.prefix.copy()).logits.log_softmax(-1)                      # (b, k, V)
         nll = -(logp.gather(-1, c.lab[..., None])[..., 0] * c.w).sum(1)               # (b,) mean per token

@@ -227,8 +227,8 @@ class KVCache:
     def __init__(self, cfg: Config, batch: int, max_len: int, device, dtype, first: int = 0):
         shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
         devices = device if isinstance(device, (list, tuple)) else [device] * cfg.n_layers
-        self.k = [torch.zeros(shape, device=d, dtype=dtype) if i >= first else None for i, d in enumerate(devices)]
-        self.v = [torch.zeros(shape, device=d, dtype=dtype) if i >= first else None for i, d in enumerate(devices)]
+        self.k, self.v = ([torch.zeros(shape, device=d, dtype=dtype) if i >= first else None
+                           for i, d in enumerate(devices)] for _ in "kv")
         self.length = 0
 
     def copy(self) -> "KVCache":
