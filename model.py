@@ -190,7 +190,7 @@ def rope_inv_freq(cfg: Config) -> torch.Tensor:
     its positions are learned), with Llama-3.1 'llama3' scaling: long wavelengths slowed by
     `factor`, short ones kept, a blend in between."""
     r = {"gptj": cfg.rotary_dim, "gpt2": 0}.get(cfg.arch, cfg.head_dim)
-    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, r, 2, dtype=torch.float32) / max(r, 1))
+    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, r, 2, dtype=torch.float32, device="cpu") / max(r, 1))
     rs = cfg.rope_scaling
     if not rs or rs.get("rope_type", rs.get("type")) != "llama3":
         return inv
@@ -314,7 +314,7 @@ class Conv1D(nn.Module):
 
     def __init__(self, d_in: int, d_out: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(d_in, d_out).normal_(std=0.02))
+        self.weight = nn.Parameter(torch.empty(d_in, d_out))     # from the checkpoint
         self.bias = nn.Parameter(torch.zeros(d_out))
 
     def forward(self, x):
@@ -447,17 +447,20 @@ class CausalLM(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
+        # nn.Embedding's random initialisation, which the checkpoint overwrites, would import
+        # torch's compiler on the meta device (1 s per process); an empty weight skips it
+        embedding = lambda n, d: nn.Embedding.from_pretrained(torch.empty(n, d), freeze=False)
         if cfg.llama_like:
             self.model = nn.Module()
-            self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+            self.model.embed_tokens = embedding(cfg.vocab_size, cfg.d_model)
             self.model.layers = nn.ModuleList(LlamaBlock(cfg) for _ in range(cfg.n_layers))
             self.model.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         else:
             block = GPT2Block if cfg.arch == "gpt2" else GPTJBlock
             self.transformer = nn.Module()
-            self.transformer.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+            self.transformer.wte = embedding(cfg.vocab_size, cfg.d_model)
             if cfg.arch == "gpt2":
-                self.transformer.wpe = nn.Embedding(cfg.max_positions, cfg.d_model)
+                self.transformer.wpe = embedding(cfg.max_positions, cfg.d_model)
             self.transformer.h = nn.ModuleList(block(cfg) for _ in range(cfg.n_layers))
             self.transformer.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.arch == "gptj")

@@ -217,6 +217,20 @@ def test_model_cli_prints_a_continuation():
     assert r.stdout.startswith("Once upon a time")
 
 
+def test_loading_and_running_a_model_does_not_import_torchs_compiler(ckpt):
+    """Building the modules on the meta device must not run tensor maths there (torch routes
+    meta ops through its reference implementations, which import the compiler: a second of
+    every command's start). Checked for a rotary model and one with learned positions."""
+    code = ("import sys, torch, model as M\n"
+            "for p in sys.argv[1:]:\n"
+            "    m = M.load(p); m(torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.long))\n"
+            "print('torch._dynamo' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code, str(STORIES), str(ckpt("gpt2"))], cwd=HERE,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
+
+
 def _broken(tmp_path, how):
     d = tmp_path / how
     shutil.copytree(STORIES, d)
