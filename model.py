@@ -490,10 +490,6 @@ class CausalLM(nn.Module):
             return [self.embed.weight.device] * self.cfg.n_layers
         return [self.devices[j] for j in self.stages]
 
-    def device_of(self, layer: int) -> torch.device:
-        """The device block `layer` (its weights, its KV cache) lives on."""
-        return self.placement[layer]
-
     def checkpoint_name(self, name: str) -> str:
         """The name parameter `name` has in the checkpoint's files."""
         p = self.missing_prefix

@@ -256,12 +256,6 @@ def fingerprint(config_sha: str, digests: dict) -> str:
     return hashlib.sha256(json.dumps([config_sha, sorted(digests.items())]).encode()).hexdigest()
 
 
-def weights_fingerprint(path, names) -> str:
-    """sha256 of config.json and of the stored bytes of the named tensors, so an edited copy of a
-    checkpoint never reuses the original's statistics."""
-    return fingerprint(data.file_sha256(Path(path) / "config.json"), tensor_digests(path, names))
-
-
 def stats_key(model_path, model: M.CausalLM, layers, corpus: Path, n_tokens, max_len) -> dict:
     """Everything C depends on: the weights up to the last edit layer, corpus, size, dtype."""
     config = data.file_sha256(Path(model_path) / "config.json")

@@ -55,7 +55,7 @@ def test_placement_covers_every_block_in_order_and_follows_the_reserve():
     assert two.stages == [0, 0, 1, 1, 1]    # tied embeddings (33K) on the first, blocks of 45K each
     assert three.stages == [0, 1, 1, 2, 2]
     assert len(two.devices) == 2 and two.placement == [torch.device("cpu")] * 5
-    assert two.device_of(3) == two.edit_weight(3).device
+    assert two.placement[3] == two.edit_weight(3).device
     for spec, layer, want in [("cpu,cpu", 4, [0, 0, 0, 0, 1]), ("cpu,cpu", 0, [0, 1, 1, 1, 1]),
                               ("cpu,cpu,cpu", 2, [0, 0, 1, 2, 2])]:
         m = M.load(STORIES, spec, reserve=lambda cfg: {layer: 50 * cfg.d_mlp ** 2 * 8})
