@@ -17,6 +17,7 @@ stream moving at the boundaries; forward takes and returns every tensor on the f
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import shutil
@@ -233,9 +234,8 @@ class KVCache:
 
     def copy(self) -> "KVCache":
         """A cache to extend without changing this one: the same keys and values, copied."""
-        new = KVCache.__new__(KVCache)
+        new = copy.copy(self)
         new.k, new.v = ([None if t is None else t.clone() for t in kv] for kv in (self.k, self.v))
-        new.length = self.length
         return new
 
 
