@@ -6,9 +6,8 @@ name-and-shape match. The LLaMA-like families share one block (Qwen2 adds biases
 an RMSNorm over each head of q and k; Mistral and windowed Qwen layers a sliding attention window);
 GPT-J and GPT-2 have their own. The forward pass returns what knowledge editing needs without
 hooks: the MLP keys (the input of `down_proj` / `fc_out` / GPT-2's `mlp.c_proj`) and residual-stream
-outputs at chosen layers; it accepts an additive delta on the residual stream at (layer,
-per-sequence position); it can stop after a layer, or start at one from a given residual stream,
-and compute logits only where asked. A model too large for one device is loaded across several
+outputs at chosen layers; it can stop after a layer, or start at one from a given residual
+stream (editing's residual delta: stop, add it, start again), and compute logits only where asked. A model too large for one device is loaded across several
 (load(device="cuda:0,cuda:1")): its blocks in order, split by the devices' memory, the residual
 stream moving at the boundaries; forward takes and returns every tensor on the first device.
 
@@ -559,12 +558,11 @@ class CausalLM(nn.Module):
                              f"{self.cfg.max_positions} learned positions (n_positions)")
         return pos
 
-    def forward(self, ids, mask=None, *, keys_at=(), outs_at=(), delta=None, stop_after=None,
+    def forward(self, ids, mask=None, *, keys_at=(), outs_at=(), stop_after=None,
                 logits_at=None, start=None, cache: KVCache | None = None) -> Output:
         """ids (B, T) long; mask (B, S) with 1 on real tokens (S = T, or cache length + T), left or
         right padding alike: positions count real tokens only.
         keys_at / outs_at: layers whose MLP keys / residual outputs to return.
-        delta: (layer, pos (B,), vec (B, d)) adds vec[b] to layer's output at position pos[b].
         stop_after: last layer to run (no logits). start: (layer, h) runs layers > layer from the
         residual h (B, T, d) instead of embedding ids. logits_at: (B, k) positions to score.
         Every input and output lives on the home device (the embeddings'); with the blocks on
@@ -592,9 +590,6 @@ class CausalLM(nn.Module):
             h, key = self.blocks[i](h, cos_i, sin_i, masks_i[self.cfg.window(i)], cache, i)
             if i in keys_at:
                 out.keys[i] = key.to(home)
-            if delta is not None and delta[0] == i:
-                rows, at = torch.arange(B, device=h.device), delta[1].to(h.device)
-                h = h.index_put((rows, at), delta[2].to(h.device, h.dtype), accumulate=True)
             if i in outs_at:
                 out.outs[i] = h.to(home)
         if cache is not None:

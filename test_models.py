@@ -160,19 +160,19 @@ def test_kv_cache_matches_recompute_and_sampling_is_seeded(tmp_path):
     assert a != M.generate(m, prompts, 10, top_k=5, seed=4, stop_at_eos=False)
 
 
-def test_delta_start_stop_and_logits_at(tmp_path):
+def test_stop_start_and_logits_at(tmp_path):
     m = M.load(make_hf_checkpoint(tmp_path / "m", "gptj"))
     ids, mask = padded_batch(500, "left")
     B, layer = ids.shape[0], 1
-    pos = mask.sum(1) * 0 + ids.shape[1] - 2
-    vec = torch.randn(B, m.cfg.d_model)
-    full = m(ids, mask, delta=(layer, pos, vec), outs_at={layer})
-    h = m(ids, mask, stop_after=layer, outs_at={layer}).outs[layer].clone()
-    assert full.logits is not None
-    h[torch.arange(B), pos] += vec   # the obvious way: edit the residual by hand, then go on
-    assert torch.allclose(full.outs[layer], h, atol=1e-6)
-    resumed = m(ids, mask, start=(layer, h))
+    full = m(ids, mask, outs_at={layer})
+    h = m(ids, mask, stop_after=layer, outs_at={layer}).outs[layer]
+    assert torch.equal(full.outs[layer], h)
+    resumed = m(ids, mask, start=(layer, h))       # the layers above from the given residual
     assert (resumed.logits - full.logits).abs().max() < 1e-5
+    pushed = h.clone()
+    pushed[:, -2] += torch.randn(B, m.cfg.d_model)  # a residual delta, as editing adds one
+    assert (m(ids, mask, start=(layer, pushed)).logits[:, -2:] - full.logits[:, -2:]).abs().max() > 1e-3
+    assert torch.equal(m(ids, mask, start=(layer, pushed)).logits[:, :-2], resumed.logits[:, :-2])
     at = torch.tensor([[0, 3]] * B)
     part = m(ids, mask, logits_at=at).logits
     assert torch.allclose(part, m(ids, mask).logits.gather(1, at[..., None].expand(-1, -1, part.shape[-1])),

@@ -119,7 +119,7 @@ def test_parameters_go_to_their_blocks_device(ckpt, kind):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_forward_is_bitwise_the_one_device_run(ckpt, kind, side):
-    """Logits, every layer's keys and outputs, a delta, stop_after, start= and logits_at."""
+    """Logits, every layer's keys and outputs, stop_after, start= (with a residual delta) and logits_at."""
     path = ckpt(kind)
     one = M.load(path)
     ids, mask = padded_batch(vocab(one), side)
@@ -131,8 +131,9 @@ def test_forward_is_bitwise_the_one_device_run(ckpt, kind, side):
     for spec in ("cpu", *SPREADS):
         m = one if spec == "cpu" else M.load(path, spec)
         full = m(ids, mask, keys_at=range(n_layers), outs_at=range(n_layers))
-        moved = m(ids, mask, delta=(n_layers - 1, pos, vec), logits_at=at)
         h = m(ids, mask, stop_after=0, outs_at={0}).outs[0]
+        pushed = h.index_put((torch.arange(B), pos), vec, accumulate=True)
+        moved = m(ids, mask, start=(0, pushed), logits_at=at)
         resumed = m(ids, mask, start=(0, h), keys_at={n_layers - 1})
         runs[spec] = [full.logits, *full.keys.values(), *full.outs.values(), moved.logits, h,
                       resumed.logits, resumed.keys[n_layers - 1]]

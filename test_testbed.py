@@ -319,7 +319,7 @@ def test_extract_phase_trains_only_the_upper_attention(tmp_path, share):
 
 def test_subject_swap_replaces_the_state_after_the_store_layer(factmodel):
     """Phase 2's swap = running the upper layers from a residual whose subject state is another
-    row's: the same as model(delta=...) with the difference of the two states."""
+    row's: the same as adding the difference of the two states to the subject's and running on."""
     tok, s = factmodel.tokenizer, TB.SIZES["ci"]
     seqs = [TB.fact_sequence(tok, "Danielle Darrieux speaks", "English"),
             TB.fact_sequence(tok, "Toko Yasuda plays the", "guitar")]
@@ -328,8 +328,9 @@ def test_subject_swap_replaces_the_state_after_the_store_layer(factmodel):
                (("{} speaks", "Danielle Darrieux"), ("{} plays the", "Toko Yasuda")))
     swapped = TB.fact_loss(factmodel, ids, mask, pos, tgt, w, swap=(s.store_layer, [0], [at], [1], [at1]))
     h = factmodel(ids, mask, stop_after=s.store_layer, outs_at=(s.store_layer,)).outs[s.store_layer]
-    vec = torch.stack([h[1, at1] - h[0, at], torch.zeros_like(h[0, at])])
-    logits = factmodel(ids, mask, delta=(s.store_layer, torch.tensor([at, 0]), vec), logits_at=pos).logits
+    pushed = h.clone()
+    pushed[0, at] = h[1, at1]                  # row 0's subject state is row 1's; row 1 unchanged
+    logits = factmodel(ids, mask, start=(s.store_layer, pushed), logits_at=pos).logits
     expect = (nn.functional.cross_entropy(logits.transpose(1, 2), tgt, reduction="none") * w).sum() / w.sum()
     assert swapped.item() == pytest.approx(expect.item(), rel=1e-5)
     plain = TB.fact_loss(factmodel, ids, mask, pos, tgt, w)
