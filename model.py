@@ -664,7 +664,21 @@ def weight_files(path: Path) -> dict[str, Path]:
     if single.exists():
         with _open(single) as f:
             return {name: single for name in f.keys()}
+    pickles = sorted(p.name for p in path.glob("pytorch_model*.bin"))
+    if pickles:
+        raise CheckpointError(f"{path}: its weights are PyTorch pickles ({', '.join(pickles[:2])}"
+                              f"{', ...' if len(pickles) > 2 else ''}), which this loader never unpickles; "
+                              f"write a safetensors copy once, with transformers: {convert_command(path)}")
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def convert_command(path: Path) -> str:
+    """The shell command that writes `path` (a checkpoint transformers reads) again as safetensors
+    with a tokenizer.json, beside it in `path`-safetensors, in its stored dtype."""
+    src, out = str(path), str(path.with_name(path.name + "-safetensors"))
+    return (f"python -c \"import transformers as t; t.AutoModelForCausalLM.from_pretrained({src!r}, "
+            f"torch_dtype='auto').save_pretrained({out!r}); "
+            f"t.AutoTokenizer.from_pretrained({src!r}).save_pretrained({out!r})\"")
 
 
 def _open(file: Path, device: str = "cpu"):

@@ -275,6 +275,27 @@ def test_bad_checkpoints_give_clear_errors(tmp_path, how, message):
         M.load(_broken(tmp_path, how))
 
 
+def test_pickled_weights_are_refused_with_a_conversion_that_works(tmp_path):
+    """A checkpoint with only pytorch_model.bin (GPT-J-6B's and many older uploads): never
+    unpickled; the error gives the transformers command that writes a safetensors copy, and that
+    copy (run here as given) loads with the same logits and tokens."""
+    src = tmp_path / "pickled"
+    src.mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(STORIES / f, src / f)
+    torch.save(load_file(STORIES / "model.safetensors"), src / "pytorch_model.bin")
+    with pytest.raises(M.CheckpointError, match="pytorch_model.bin.*never unpickles") as e:
+        M.load(src)
+    command = str(e.value).split("with transformers: ", 1)[1]
+    assert command == M.convert_command(src) and command.startswith("python -c ")
+    subprocess.run(sys.executable + command[len("python"):], shell=True, check=True, capture_output=True)
+    ours, copied = M.load(STORIES), M.load(tmp_path / "pickled-safetensors")
+    text = "Once upon a time, Lily found a red ball."
+    assert copied.tokenizer.encode(text) == ours.tokenizer.encode(text)
+    ids = torch.tensor([ours.tokenizer.encode(text)])
+    assert torch.equal(copied(ids).logits, ours(ids).logits)
+
+
 # ----------------------------------------------------------------------------- GPT-2, Qwen2, Qwen3, Mistral
 # kind -> (family, options); every family once plainly and once with its variants
 KINDS = {
