@@ -617,7 +617,11 @@ class Tokenizer:
         from tokenizers import Tokenizer as HFTok
         tj, tc = path / "tokenizer.json", path / "tokenizer_config.json"
         if not tj.exists():
-            raise CheckpointError(f"{path}: tokenizer.json is missing (needed to encode prompts)")
+            others = [f for f in ("tokenizer.model", "vocab.json", "merges.txt") if (path / f).exists()]
+            hint = (f"; write it from its {' and '.join(others)} with transformers: python -c \"import transformers "
+                    f"as t; t.AutoTokenizer.from_pretrained({str(path)!r}).backend_tokenizer.save({str(tj)!r})\""
+                    if others else "")
+            raise CheckpointError(f"{path}: tokenizer.json is missing (needed to encode prompts){hint}")
         self.tok = HFTok.from_file(str(tj))
         self.tok.no_truncation()     # a tokenizer.json may carry either (the GPT-2 one truncates at
         self.tok.no_padding()        # 50 tokens); transformers does neither unless asked, nor do we

@@ -296,6 +296,24 @@ def test_pickled_weights_are_refused_with_a_conversion_that_works(tmp_path):
     assert torch.equal(copied(ids).logits, ours(ids).logits)
 
 
+def test_a_missing_tokenizer_json_comes_with_the_command_that_writes_it(tmp_path):
+    """GPT-2 style vocab.json + merges.txt without tokenizer.json: the error's transformers
+    command, run as given, writes one that encodes as the original."""
+    tok = json.loads((FIX / "gpt2-tokenizer" / "tokenizer.json").read_text())
+    src = make_checkpoint(tmp_path / "g", "gpt2")
+    (src / "tokenizer.json").unlink()
+    (src / "vocab.json").write_text(json.dumps(tok["model"]["vocab"]))
+    merges = (m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"])
+    (src / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    with pytest.raises(M.CheckpointError, match="tokenizer.json is missing.*vocab.json and merges.txt") as e:
+        M.load(src)
+    command = str(e.value).split("with transformers: ", 1)[1]
+    subprocess.run(sys.executable + command[len("python"):], shell=True, check=True, capture_output=True)
+    text = "Hello world, the Eiffel Tower is in Paris. 12345 ünïcode"
+    m = M.load(src)
+    assert m.tokenizer.encode(text) == M.Tokenizer(FIX / "gpt2-tokenizer", m.cfg).encode(text)
+
+
 # ----------------------------------------------------------------------------- GPT-2, Qwen2, Qwen3, Mistral
 # kind -> (family, options); every family once plainly and once with its variants
 KINDS = {
