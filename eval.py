@@ -351,7 +351,10 @@ def general_eval(m, glue_dir, n_per_task: int = 100, tasks=tuple(TASKS), batch_s
     for name in tasks:
         prompt_of, words, label_of = TASKS[name]
         path = Path(glue_dir) / f"{name}.json"
-        items = json.loads(path.read_text(encoding="utf-8"))[:n_per_task]
+        try:
+            items = json.loads(path.read_text(encoding="utf-8"))[:n_per_task]
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: cannot read the task's items ({e})") from None
         if not items:
             raise ValueError(f"{path}: no items")
         try:

@@ -1461,9 +1461,10 @@ def parse_args(argv=None):
 
 def check_settings(args):
     """Numeric flags out of range: a ValueError naming the flag, before any work."""
-    for name in ("batch_size", "z_batch_tokens", "stats_batch_tokens", "checkpoint_every"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name, least in (("batch_size", 1), ("z_batch_tokens", 1), ("stats_batch_tokens", 1),
+                        ("checkpoint_every", 1), ("limit", 1), ("glue_n", 1), ("eval_every", 0)):
+        if getattr(args, name) is not None and getattr(args, name) < least:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
     for name in ("alpha", "lam", "v", "l2"):
         if getattr(args, name) is not None and not getattr(args, name) > 0:
             raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
@@ -1473,6 +1474,23 @@ def check_settings(args):
         M.check_device(args.state_device)
     if args.resume and args.out:
         raise ValueError("--out and --resume: a resumed run stays in its own directory; give only --resume")
+
+
+def check_inputs(args):
+    """Every file and directory the flags name exists, before any model work: a mistyped
+    --glue-dir or --heldout would otherwise surface only after the statistics and the first
+    scoring. A ValueError naming the flag and the path."""
+    for name in ("edits", "stats_corpus", "heldout", "snippets", "stats"):
+        path = getattr(args, name, None)
+        if path is not None and not Path(path).exists():
+            raise ValueError(f"--{name.replace('_', '-')} {path}: no such file or directory")
+    if args.glue_dir is not None and not Path(args.glue_dir).is_dir():
+        raise ValueError(f"--glue-dir {args.glue_dir}: no such directory")
+    if args.glue_dir is not None:
+        missing = [f"{t}.json" for t in ev.TASKS if not (Path(args.glue_dir) / f"{t}.json").is_file()]
+        if missing:
+            raise ValueError(f"--glue-dir {args.glue_dir}: lacks {', '.join(missing)} (it holds one JSON file "
+                             f"per task: {', '.join(ev.TASKS)}; e.g. fixtures/glue)")
 
 
 def parse_layers(text: str, n_layers: int) -> tuple:
@@ -1521,8 +1539,10 @@ def resumed_settings(args, saved: dict, model: M.CausalLM) -> Settings:
 
 
 def open_run(args):
-    """(run directory, settings, model): a new run, or the one --resume names."""
+    """(run directory, settings, model): the one --resume names, or a new run's --out (None for
+    the next runs/NNN), checked to be empty but not made yet (create_run_dir)."""
     check_settings(args)
+    check_inputs(args)
     saved = None
     if args.resume:
         try:
@@ -1540,12 +1560,21 @@ def open_run(args):
                          f"needs at least d_mlp = {model.cfg.d_mlp} tokens, or it is singular")
     if saved:
         return Path(args.resume), settings, model
-    out = Path(args.out) if args.out else new_run_dir()
-    if out.exists() and any(out.iterdir()):
+    out = Path(args.out) if args.out else None
+    if out and out.exists() and any(out.iterdir()):
         raise ValueError(f"--out {out} exists and is not empty; choose a new directory or --resume it")
-    out.mkdir(parents=True, exist_ok=True)
-    data.write_atomic(out / "config.json", settings.to_json())
     return out, settings, model
+
+
+def create_run_dir(out: Path | None, settings: Settings, templates) -> Path:
+    """A new run's directory (`out`, or the next runs/NNN), made only once its requests, templates
+    and statistics are in hand, so a run refused before it edits leaves nothing to clear away:
+    the templates, then config.json, which makes it a run --resume can continue."""
+    out = out or new_run_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    data.write_atomic(out / "templates.json", json.dumps(templates))
+    data.write_atomic(out / "config.json", settings.to_json())
+    return out
 
 
 def new_run_dir(root=Path("runs")) -> Path:
@@ -1636,7 +1665,7 @@ def main(argv=None):
         return 2
     try:
         return run(args)
-    except (M.CheckpointError, data.DataError, ValueError, FloatingPointError, MemoryError) as e:
+    except (M.CheckpointError, data.DataError, ValueError, FloatingPointError, MemoryError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
@@ -1658,10 +1687,9 @@ def run(args) -> int:
     requests, skipped = load_requests(settings)
     if args.save_model and Path(args.save_model).resolve() == Path(settings.model).resolve():
         raise ValueError("--save-model must not be the input checkpoint's directory")
-    if not (out / "templates.json").exists():
-        data.write_atomic(out / "templates.json", json.dumps(context_templates(
-            model, settings.seed, method_of(settings.hparams.method).templates)))
-    templates = json.loads((out / "templates.json").read_text())
+    saved = out / "templates.json" if args.resume else None
+    templates = json.loads(saved.read_text()) if saved and saved.exists() else context_templates(
+        model, settings.seed, method_of(settings.hparams.method).templates)
     requests, too_long = fit_context(model, requests, templates, settings)
     skipped += too_long
     if skipped:
@@ -1670,6 +1698,8 @@ def run(args) -> int:
         print(note, file=sys.stderr)
     editor = Editor(model, settings.hparams, preservation_statistics(model, settings), templates,
                     settings.model, settings.z_batch_tokens, state_device=settings.state_device)
+    if not args.resume:
+        out = create_run_dir(out, settings, templates)
     start_or_resume(editor, requests, settings, out)
     editor.state.recurring = recurring_prompts(requests)
     if not (out / "stop.json").exists() and not edit_stream(editor, requests, settings, out):

@@ -235,6 +235,14 @@ def test_general_eval_on_fixtures(lm):
         assert ("mcc" in x) == (name != "mmlu") and -1 <= x.get("mcc", 0) <= 1
 
 
+def test_general_eval_names_a_task_file_it_cannot_read(lm, tmp_path):
+    for task in E.TASKS:
+        (tmp_path / f"{task}.json").write_text((FIX / "glue" / f"{task}.json").read_text())
+    (tmp_path / "rte.json").write_text("[{")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'rte.json'}: cannot read the task's items"):
+        E.general_eval(lm, tmp_path, n_per_task=2)
+
+
 def test_write_summary(tmp_path):
     s = E.summarize([{"efficacy": 1.0, "generalization": 0.5, "specificity": 1.0, "fluency": 6.0}])
     s["general"] = {"sst2": {"f1": 0.5}}

@@ -5,6 +5,7 @@ here. Run everything: python -m pytest -q"""
 import json
 import math
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -768,11 +769,22 @@ def test_cli_resume_after_an_interruption_gives_the_same_weights_and_log(tmp_pat
     ("--stats-tokens", "10", "--stats-tokens 10: C (172×172) needs at least d_mlp = 172 tokens, or it is singular"),
     ("--stop-below", "0.5", "--stop-below 0.5: give a fraction between 0 and 1, with --eval-every K"),
     ("--l2", "-1", "--l2 must be positive, got -1.0"),
+    ("--limit", "0", "--limit must be at least 1, got 0"),
+    ("--eval-every", "-1", "--eval-every must be at least 0, got -1"),
+    ("--glue-n", "0", "--glue-n must be at least 1, got 0"),
+    ("--glue-dir", "{tmp}/glue", "--glue-dir {tmp}/glue: no such directory"),
+    ("--glue-dir", str(FIX), f"--glue-dir {FIX}: lacks sst2.json, mrpc.json, cola.json, rte.json, nli.json, "
+                             "mmlu.json (it holds one JSON file per task: sst2, mrpc, cola, rte, nli, mmlu; e.g. fixtures/glue)"),
+    ("--heldout", "{tmp}/heldout.txt", "--heldout {tmp}/heldout.txt: no such file or directory"),
+    ("--snippets", "{tmp}/snippets.json", "--snippets {tmp}/snippets.json: no such file or directory"),
 ])
 def test_cli_rejects_bad_settings_with_one_line(tmp_path, capsys, flag, value, message):
+    """{tmp}: a path in this test's own directory, which does not exist."""
+    value, message = value.replace("{tmp}", str(tmp_path)), message.replace("{tmp}", str(tmp_path))
     assert L.main(_cli(tmp_path, "--out", str(tmp_path / "run"), flag, value)) == 1
     err = capsys.readouterr().err
     assert err == f"error: {message}\n"
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_resume_refuses_another_configuration(tmp_path, capsys):
@@ -832,11 +844,12 @@ def test_a_prompt_longer_than_the_model_positions_is_named_before_any_model_work
     err = capsys.readouterr().err
     assert err.startswith(f"error: {edits}: case_id {cid}: its rewrite prompt in a context template, with its target is ")
     assert "longer than the model's 512 positions (max_position_embeddings); shorten it or use --skip-bad" in err
+    assert not (tmp_path / "run").exists()         # refused before it edits: nothing to clear away
     monkeypatch.undo()
-    assert L.main(_cli(tmp_path, "--out", str(tmp_path / "skip"), "--edits", str(edits), "--limit", "3",
+    assert L.main(_cli(tmp_path, "--out", str(tmp_path / "run"), "--edits", str(edits), "--limit", "3",
                        "--no-generation", "--skip-bad")) == 0
     assert f"skipped 1 bad record(s):\n  {edits}: case_id {cid}: its " in capsys.readouterr().out
-    assert json.loads((tmp_path / "skip" / "summary.json").read_text())["n_edits"] == 2
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["n_edits"] == 2
 
 
 @pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
@@ -1150,9 +1163,12 @@ def test_a_statistics_cache_that_does_not_match_is_recomputed(tmp_path):
 
 
 def test_the_library_never_unpickles():
-    for f in ("model.py", "data.py", "lyaplock.py", "eval.py"):
-        src = (HERE / f).read_text()
-        assert "torch.load" not in src and "pickle" not in src, f
+    """No torch.load, pickle or unpickling numpy load anywhere in the library (words about
+    pickles, in messages, are allowed)."""
+    unpickles = re.compile(r"torch\.load\b|import pickle|from pickle|pickle\.|allow_pickle=True|np\.load\((?!.*allow_pickle=False)")
+    for f in ("model.py", "data.py", "lyaplock.py", "eval.py", "stats.py", "baselines.py"):
+        found = [line for line in (HERE / f).read_text().splitlines() if unpickles.search(line)]
+        assert not found, (f, found)
 
 
 def test_save_model_never_writes_into_the_input_checkpoint(tmp_path, capsys):
