@@ -962,7 +962,7 @@ def generate(model: CausalLM, seqs: list[list[int]], max_new_tokens: int, top_k:
         if top_k is None:
             nxt = logits.argmax(-1)
         else:
-            v, i = logits.topk(top_k, dim=-1)
+            v, i = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
             nxt = i.gather(1, torch.multinomial(v.softmax(-1), 1, generator=gen)).squeeze(1)
         for b, (t, d) in enumerate(zip(nxt.tolist(), done.tolist())):   # one host sync per token
             if not d:
@@ -986,6 +986,8 @@ def main(argv=None):
                    help="cpu, cuda, cuda:N, a list the layers are spread over (cuda:0,cuda:1) or auto")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     args = p.parse_args(argv)
+    if args.max_new_tokens < 0 or (args.top_k is not None and args.top_k < 1):
+        p.error("--max-new-tokens must be at least 0 and --top-k at least 1")
     try:
         model = load(args.checkpoint, args.device, args.dtype)
     except ValueError as e:          # CheckpointError, a bad --device or --dtype
@@ -993,7 +995,10 @@ def main(argv=None):
     ids = model.tokenizer.encode(args.prompt, bos=True if not args.prompt else None)
     if not ids:
         raise SystemExit("error: the prompt encodes to no tokens and the tokenizer has no BOS token")
-    out = generate(model, [ids], args.max_new_tokens, args.top_k, args.seed)[0]
+    try:
+        out = generate(model, [ids], args.max_new_tokens, args.top_k, args.seed)[0]
+    except ValueError as e:          # e.g. a GPT-2 prompt past its learned positions
+        raise SystemExit(f"error: {e}")
     print(model.tokenizer.decode(ids + out))   # decoded whole: the tokenizer places the spaces
 
 

@@ -613,6 +613,19 @@ def test_model_cli_prints_the_decoded_sequence(capsys):
     assert printed.startswith(prompt + " ")
 
 
+@pytest.mark.parametrize("flags", [["--top-k", "0"], ["--max-new-tokens", "-1"]])
+def test_model_cli_refuses_bad_generation_flags(capsys, flags):
+    with pytest.raises(SystemExit):
+        M.main([str(STORIES), "--prompt", "Lily", "--device", "cpu", *flags])
+    assert "--max-new-tokens must be at least 0 and --top-k at least 1" in capsys.readouterr().err
+
+
+def test_top_k_past_the_vocabulary_samples_from_all_of_it():
+    m = M.load(STORIES)
+    ids = [m.tokenizer.encode("Lily")]
+    assert M.generate(m, ids, 5, top_k=10 ** 6, seed=1) == M.generate(m, ids, 5, top_k=m.cfg.vocab_size, seed=1)
+
+
 def test_tokenizer_does_not_truncate_as_transformers_does_not(ckpt):
     """The bundled GPT-2 tokenizer.json carries truncation at 50 tokens; encoding ignores it."""
     import transformers as T
