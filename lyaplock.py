@@ -910,6 +910,7 @@ class Editor:
                  z_batch_tokens: int = 2048, state: EditState | None = None, state_device=None):
         """state_device: where C, the edit memory and W0 live between solves (default: with the
         weights); "cpu" keeps them in host memory and brings one layer's to the GPU per solve."""
+        check_hparams(hparams, model.cfg.n_layers)
         where = stats.state_devices(model, {*C, *hparams.layers}, state_device)
         pin = state_device is not None and torch.device(state_device).type == "cpu" and torch.cuda.is_available()
 
@@ -934,6 +935,7 @@ class Editor:
         model = M.load(model_path, device, dtype, reserve=None if state_device else
                        state_reserve(method, hparams.get("layers")))
         hp = with_overrides(preset(model.cfg, method), **hparams)
+        check_hparams(hp, model.cfg.n_layers)           # before the statistics are collected
         C = stats.load_or_collect_stats(model, model_path, stats_corpus or DEFAULT_CORPUS, stats_tokens,
                                         hp.layers, stats_cache, log=log, state_device=state_device)
         return cls(model, hp, C, context_templates(model, seed, method_of(method).templates), model_path,
@@ -1038,10 +1040,32 @@ def with_overrides(hp: HParams, **changes) -> HParams:
         raise ValueError(f"unknown hyper-parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
     hp = replace(hp, **{k: v for k, v in changes.items() if v is not None})
     hp.layers = tuple(hp.layers)
+    check_hparams(hp)
+    return hp
+
+
+POSITIVE = ("lam", "alpha", "V", "l2", "v_lr", "clamp_norm_factor")
+AT_LEAST_ONE = ("v_num_grad_steps", "batch_size")
+NON_NEGATIVE = ("v_weight_decay", "kl_factor")
+
+
+def check_hparams(hp: HParams, n_layers: int | None = None):
+    """A ValueError naming the first hyper-parameter out of its range: the method known, the
+    layers increasing (the last is where the target values are found, E4-E6) and, given the
+    model's depth, within it; weights and rates positive, step counts at least 1."""
     method_of(hp.method)
+    layers = hp.layers
+    if not layers or not all(isinstance(l, int) for l in layers) or list(layers) != sorted(set(layers)) \
+            or layers[0] < 0 or (n_layers is not None and layers[-1] >= n_layers):
+        depth = f" in 0..{n_layers - 1}" if n_layers is not None else ""
+        raise ValueError(f"layers {list(layers)}: give increasing layer numbers{depth}")
+    for name in POSITIVE + AT_LEAST_ONE + NON_NEGATIVE:
+        value = getattr(hp, name)
+        if not (value > 0 if name in POSITIVE else value >= 1 if name in AT_LEAST_ONE else value >= 0):
+            need = "positive" if name in POSITIVE else "at least 1" if name in AT_LEAST_ONE else "at least 0"
+            raise ValueError(f"hyper-parameter {name} must be {need}, got {value}")
     if hp.superseded not in ("keep", "remove"):
         raise ValueError(f"superseded {hp.superseded!r}: choose 'keep' or 'remove'")
-    return hp
 
 
 def score_cases(model, requests, generation: bool, snippets=None, seed: int = 0) -> list[dict]:

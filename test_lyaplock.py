@@ -935,6 +935,27 @@ def test_editor_refuses_what_is_not_a_request_by_name(tmp_path):
     assert editor.state.step == 0
 
 
+@pytest.mark.parametrize("change,message", [
+    (dict(lam=-1.0), "hyper-parameter lam must be positive, got -1.0"),
+    (dict(alpha=0.0), "hyper-parameter alpha must be positive, got 0.0"),
+    (dict(v_num_grad_steps=0), "hyper-parameter v_num_grad_steps must be at least 1, got 0"),
+    (dict(kl_factor=-0.5), "hyper-parameter kl_factor must be at least 0, got -0.5"),
+    (dict(layers=(2, 1)), r"layers \[2, 1\]: give increasing layer numbers"),
+    (dict(layers=(1, 5)), r"layers \[1, 5\]: give increasing layer numbers in 0..4"),
+    (dict(layers=()), r"layers \[\]: give increasing layer numbers"),
+])
+def test_the_api_refuses_hyper_parameters_out_of_range_before_the_statistics(tmp_path, monkeypatch, change, message):
+    """Editor.open's overrides and an Editor built from parts: a ValueError naming the field
+    (a negative λ was a failed Cholesky, α = 0 a ZeroDivisionError, layers 5 an IndexError in
+    the statistics, decreasing layers accepted and edited wrongly)."""
+    monkeypatch.setattr(L.stats, "load_or_collect_stats", lambda *a, **k: pytest.fail("statistics were computed"))
+    with pytest.raises(ValueError, match=message):
+        L.Editor.open(STORIES, stats_cache=tmp_path, **change)
+    m = M.load(STORIES)
+    with pytest.raises(ValueError, match=message):
+        L.Editor(m, L.replace(L.HParams(layers=(1, 2)), **change), {}, [["{}"]])
+
+
 def test_restore_refuses_a_missing_or_foreign_checkpoint_and_leaves_the_model(tmp_path):
     m = M.load(STORIES)
     C = S.load_or_collect_stats(m, STORIES, L.DEFAULT_CORPUS, 2000, (1, 2), tmp_path, log=lambda *a, **k: None)
