@@ -532,10 +532,10 @@ class _Chunk:
     pos: torch.Tensor     # (b, k) positions whose logits the loss reads
     lab: torch.Tensor     # (b, k) target ids there
     w: torch.Tensor       # (b, k) 1/len(target) on real targets, else 0
-    kl: torch.Tensor      # (b,) True on the KL rows
+    kl: torch.Tensor      # (n_kl,) indices of the KL rows
     h0: torch.Tensor | None = None        # (b, S, d) output of the target layer, δ = 0, from the subject on
     prefix: M.KVCache | None = None       # keys and values of the tokens before the subject, layers above
-    kl_init: torch.Tensor | None = None   # (b, V) log-probs at the KL position, first pass
+    kl_init: torch.Tensor | None = None   # (n_kl, V) the KL rows' log-probs at their position, first pass
 
 
 def _chunks(model: M.CausalLM, rows: list[Row], layer: int, max_tokens: int) -> list[_Chunk]:
@@ -556,7 +556,8 @@ def _chunks(model: M.CausalLM, rows: list[Row], layer: int, max_tokens: int) -> 
         ids, mask = model.tokenizer.pad([r.ids for r in rs], device=dev)
         c = _Chunk(idx, ids, mask, *(torch.tensor(v, device=dev) for v in
                                      ([r.lookup for r in rs], [r.req for r in rs])),
-                   pos.to(dev), lab.to(dev), w.to(dev), torch.tensor([not r.targets for r in rs], device=dev))
+                   pos.to(dev), lab.to(dev), w.to(dev),
+                   torch.tensor([b for b, r in enumerate(rs) if not r.targets], dtype=torch.long, device=dev))
         with torch.no_grad():
             _split_at_subject(model, c, model(ids, mask, stop_after=layer, outs_at={layer}).outs[layer], layer)
         out.append(c)
@@ -643,10 +644,11 @@ def _fit_loss(model, chunks: list[_Chunk], delta, layer: int, n_rewrites, kl_fac
         logp = model(c.ids, c.mask, start=(layer, h), logits_at=c.pos,
                      cache=c.prefix.copy()).logits.log_softmax(-1)                      # (b, k, V)
         nll = -(logp.gather(-1, c.lab[..., None])[..., 0] * c.w).sum(1)               # (b,) mean per token
-        c.kl_init = logp[:, 0].detach() if c.kl_init is None else c.kl_init
-        kl = (logp[:, 0].exp() * (logp[:, 0] - c.kl_init)).sum(-1)                    # KL(current ‖ initial)
-        part = torch.zeros_like(total).index_add(                 # E4: mean NLL over prompts + KL
-            0, c.req, torch.where(c.kl, kl_factor * kl, nll / n_rewrites[c.req]))
+        at_kl = logp[c.kl, 0]                                                           # (n_kl, V)
+        c.kl_init = at_kl.detach() if c.kl_init is None else c.kl_init
+        kl = (at_kl.exp() * (at_kl - c.kl_init)).sum(-1)                              # KL(current ‖ initial)
+        per_row = (nll / n_rewrites[c.req]).index_put((c.kl,), kl_factor * kl)       # a KL row scores its KL
+        part = torch.zeros_like(total).index_add(0, c.req, per_row)   # E4: mean NLL over prompts + KL
         total += part.detach()
         if need_grad:
             grad += torch.autograd.grad(part.sum(), d)[0]
