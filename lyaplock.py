@@ -538,11 +538,29 @@ class _Chunk:
     kl_init: torch.Tensor | None = None   # (n_kl, V) the KL rows' log-probs at their position, first pass
 
 
+def suffix_batches(rows: list[Row], max_tokens: int) -> list[list[int]]:
+    """Row indices in batches for E4's passes, sorted by the length from the subject on (what each
+    step runs: _split_at_subject), then by the length before it, and cut so that count ×
+    (longest prefix + longest suffix), the batch's cache and attention width, stays within
+    max_tokens (at least one row a batch). Against batches by whole length, the steps run about
+    30% fewer padded tokens (CounterFact and zsRE, 100 requests, 1,024 or 2,048 tokens a pass)."""
+    prefix = [r.lookup for r in rows]
+    suffix = [len(r.ids) - r.lookup for r in rows]
+    out, batch, P, S = [], [], 0, 0
+    for i in sorted(range(len(rows)), key=lambda i: (suffix[i], prefix[i])):
+        P, S = max(P, prefix[i]), max(S, suffix[i])
+        if batch and (len(batch) + 1) * (P + S) > max_tokens:
+            out.append(batch)
+            batch, P, S = [], prefix[i], suffix[i]
+        batch.append(i)
+    return out + [batch]
+
+
 def _chunks(model: M.CausalLM, rows: list[Row], layer: int, max_tokens: int) -> list[_Chunk]:
-    """Rows in length batches (length_batches), each run once through the layers up to `layer`."""
+    """Rows in suffix_batches, each run once through the layers up to `layer`."""
     dev = model.embed.weight.device
     out = []
-    for idx in stats.length_batches([len(r.ids) for r in rows], max_tokens):
+    for idx in suffix_batches(rows, max_tokens):
         n = len(idx)
         rs = [rows[i] for i in idx]
         k = max(1, max(len(r.targets) for r in rs))
@@ -1252,15 +1270,15 @@ def memory_plan(cfg: M.Config, hp: HParams, dtype: str, z_tokens: int, shares: l
     needs at its peak, from the config alone: the weights in `dtype` (placed as M.load places
     them); each edit layer's state on its device — C, the method's edit memory (S_KK m×m, S_VK
     d×m) and AlphaEdit's projector (m×m) in float64, and W0, its original weights — unless
-    `state_on_host`; then the largest of the phases: the target-value passes (z_tokens tokens
-    through the blocks above the last edit layer, keeping for backward about 6d + 4m values per
-    token and block, 6d + 2m for GPT-J and GPT-2), a solve (solve_bytes; with the state on the
+    `state_on_host`; then the largest of the phases: the target values (target_value_bytes: a
+    pass of z_tokens tokens through the blocks above the last edit layer, and the prefix caches of
+    the step's hp.batch_size requests), a solve (solve_bytes; with the state on the
     host, also what of a layer's state comes over: brought_bytes, and W0) and the collection of
     C (stats.collection_bytes: its sums, all the device's edit layers at once or, with the state
     on the host, one). Against the measured
-    peaks of two Llama-3-8B steps (docs/bench/llama3-8b-two-steps.txt): 40.2 planned for 40.5
-    GiB at 2048 tokens, 61.7 for 61.5 at 8192 (the solve's and the statistics' terms are not
-    measured on a GPU yet). n_edits: the stream's length, which the state grows with under
+    peaks of two Llama-3-8B steps (docs/bench/llama3-8b-two-steps.txt, when E4's passes ran whole
+    rows): 42.6 planned for 40.5 GiB at 2048 tokens, 64.7 for 61.5 at 8192 (the solve's and the
+    statistics' terms are not measured on a GPU yet). n_edits: the stream's length, which the state grows with under
     hp.superseded "remove" (layer_state_bytes), at its end."""
     with torch.device("meta"):
         model = M.CausalLM(cfg)
@@ -1272,14 +1290,14 @@ def memory_plan(cfg: M.Config, hp: HParams, dtype: str, z_tokens: int, shares: l
     layer_state = placed + W0
     solve = solve_bytes(cfg, hp.method) + (brought_bytes(cfg, hp.method, kept_edits) + W0 if state_on_host else 0)
     fixed = M.fixed_bytes(model, dt, len(shares))
-    per_token = (6 * d + (4 if cfg.llama_like else 2) * m) * dt.itemsize
+    per_block, home = target_value_bytes(cfg, hp, dt, z_tokens)
     rows = []
     for j in range(len(shares)):
         mine = [i for i, b in enumerate(blocks) if b == j]
         edit = [l for l in hp.layers if blocks[l] == j]
         row = dict(blocks=mine, weights=fixed[j] + M.weight_bytes(dt, *[model.blocks[i] for i in mine]),
                    state=0 if state_on_host else layer_state * len(edit),
-                   target_values=z_tokens * per_token * sum(i > hp.layers[-1] for i in mine),
+                   target_values=per_block * sum(i > hp.layers[-1] for i in mine) + (home if j == 0 else 0),
                    solve=solve if edit else 0,
                    statistics=stats.collection_bytes(cfg, dt, stats_tokens, 1 if state_on_host else len(edit))
                    if edit else 0)
@@ -1289,6 +1307,28 @@ def memory_plan(cfg: M.Config, hp: HParams, dtype: str, z_tokens: int, shares: l
         rows.append(dict(blocks=[], weights=0, state=layer_state * len(hp.layers), target_values=0, solve=0,
                          statistics=0, need=layer_state * len(hp.layers), host=True))
     return rows
+
+
+ROW_SLOTS = 32      # token slots (prefix + suffix, padded) per target-value row: CounterFact and zsRE
+#   with GPT-2's BPE and the 10-token templates measured 20-35 (100 requests, 512-8,192 tokens a pass)
+
+
+def target_value_bytes(cfg: M.Config, hp: HParams, dt: torch.dtype, z_tokens: int) -> tuple[int, int]:
+    """E4's memory, (per block above the last edit layer, on the first device): one pass's
+    activations kept for backward, about 6d + 4m values per token and block (6d + 2m for GPT-J
+    and GPT-2) for at most z_tokens tokens, and its copy of the prefix cache (suffix_batches holds
+    a pass to z_tokens slots); beside them, all the step's passes keep their prefix caches
+    (rows × ROW_SLOTS keys and values per block) and, on the first device, the output of the
+    edit layer from each subject on and the KL rows' first log-probabilities (float32, V each).
+    Rows: each request in every template and a KL row (ROME: one request at a time)."""
+    d, m, kv = cfg.d_model, cfg.d_mlp, 2 * cfg.n_kv_heads * cfg.head_dim
+    one_at_a_time = method_of(hp.method).locate == "rome"
+    requests = 1 if one_at_a_time else hp.batch_size
+    templates = 1 + sum(count for _, count in method_of(hp.method).templates)
+    rows = requests * (templates + 1)
+    per_pass = z_tokens * (6 * d + (4 if cfg.llama_like else 2) * m + kv)
+    kept = rows * ROW_SLOTS * kv
+    return (per_pass + kept) * dt.itemsize, rows * ROW_SLOTS * d * dt.itemsize + requests * cfg.vocab_size * 4
 
 
 def solve_bytes(cfg: M.Config, method: str) -> int:

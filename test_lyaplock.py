@@ -629,6 +629,24 @@ def test_length_batches_cover_every_index_once_within_the_budget(seed):
         assert (len(b) + 1) * lengths[nxt[0]] > budget
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_suffix_batches_cover_every_row_once_within_the_budget(seed):
+    """E4's batches: every row once, sorted by the length from the subject on, each batch's
+    count × (longest prefix + longest suffix) within the budget (or one row), greedy."""
+    g = random.Random(seed)
+    rows = [L.Row(ids=[0] * g.randint(1, 40), lookup=0, req=0) for _ in range(g.randint(1, 60))]
+    for r in rows:
+        r.lookup = g.randrange(len(r.ids))
+    budget = g.randint(1, 200)
+    batches = L.suffix_batches(rows, budget)
+    assert sorted(i for b in batches for i in b) == list(range(len(rows)))
+    suffix = [len(rows[i].ids) - rows[i].lookup for b in batches for i in b]
+    assert suffix == sorted(suffix)
+    width = lambda b: len(b) * (max(rows[i].lookup for i in b) + max(len(rows[i].ids) - rows[i].lookup for i in b))
+    assert all(len(b) == 1 or width(b) <= budget for b in batches)
+    assert all(width(b + nxt[:1]) > budget for b, nxt in zip(batches, batches[1:]))
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_lower_gram_blocks_mirrored_equal_the_full_product(seed):
     g = torch.Generator().manual_seed(seed)

@@ -289,10 +289,13 @@ def test_editing_spread_over_cuda_matches_one_device(tmp_path, spec):
 
 
 # =============================================================================== the memory plan
-def test_memory_plan_matches_the_measured_peaks_of_llama3_8b():
+def test_memory_plan_bounds_the_measured_peaks_of_llama3_8b():
     """--plan's arithmetic against the peaks bench.py measured over two Llama-3-8B LyapLock steps
     on an H100 (docs/bench/llama3-8b-two-steps.txt: 40.5 GiB at --z-batch-tokens 2048, 61.5 at
-    8192): within 5%."""
+    8192), when each pass of E4 ran whole rows, the most its pass term allows: at or above them,
+    by at most 10% (the prefix caches of 100 requests, 2.2 GiB, are the difference). The passes
+    now run from each subject on (_split_at_subject), so these are bounds until a GPU measures
+    again (bash .ci/gpu pending)."""
     import bench
     import re
     cfg = M.Config.from_hf(bench.PRESETS["llama3-8b"][0])
@@ -301,35 +304,39 @@ def test_memory_plan_matches_the_measured_peaks_of_llama3_8b():
     assert set(measured) == {2048, 8192}
     for z, peak in measured.items():
         (row,) = L.memory_plan(cfg, L.preset(cfg, "lyaplock"), "bfloat16", z, [80 * 2 ** 30])
-        assert abs(row["need"] / 2 ** 30 - peak) < 0.05 * peak, (z, row["need"] / 2 ** 30, peak)
+        assert peak <= row["need"] / 2 ** 30 <= 1.1 * peak, (z, row["need"] / 2 ** 30, peak)
         assert row["weights"] / 2 ** 30 == pytest.approx(14.96, abs=0.01)        # 8.03e9 bf16 parameters
         assert row["state"] == 5 * (8 * (2 * 14336 ** 2 + 4096 * 14336) + 2 * 4096 * 14336)   # C, S_KK, S_VK; W0
 
 
 def test_memory_plan_of_llama3_8b_with_the_state_on_the_host_fits_a_24_gb_card():
     """--state-device cpu on a 24 GB card (22.3 GiB, as .ci/gpu 24gb caps it) at --z-batch-tokens
-    1024: the weights, then the largest phase — a solve with what of one layer's state comes over
+    1024: the weights, then the largest phase — the target values: a pass of 1,024 tokens through
+    the 23 blocks above layer 8 with its copy of the prefix cache, and the prefix caches of the
+    step's 100 requests × 7 rows — 20.8 GiB; a solve with what of one layer's state comes over
     (S_VK 0.4 GiB, two 256 MiB blocks of C's or S_KK's rows, W0 0.1) and the system factored in
-    its own memory (solve_bytes) — 19.3 GiB; the target values and the statistics (one layer a
-    pass) take less. At the default 2,048 tokens the target values lead: 22.15 GiB. With every
-    layer's state on the card, 36.6 GiB."""
+    its own memory (solve_bytes), and the statistics (one layer a pass), take less. At the
+    default 2,048 tokens it does not fit: 24.5 GiB. With every layer's state on the card, 38.9."""
     import bench
     cfg = M.Config.from_hf(bench.PRESETS["llama3-8b"][0])
     hp = L.preset(cfg, "lyaplock")
-    m, d = 14336, 4096
+    m, d, kv, V = 14336, 4096, 2 * 8 * 128, 128256
     card, host = L.memory_plan(cfg, hp, "bfloat16", 1024, [22.3 * 2 ** 30], state_on_host=True)
     layer = 8 * (2 * m * m + d * m) + 2 * d * m                 # C, S_KK, S_VK in float64, W0 in bf16
     assert card["state"] == 0 and host["state"] == 5 * layer
     assert L.brought_bytes(cfg, "lyaplock") == 8 * d * m + 2 * L.BLOCK_BYTES
     assert card["solve"] == 8 * (m * m + 4 * d * m) + 8 * d * m + 2 * L.BLOCK_BYTES + 2 * d * m
-    assert card["target_values"] < card["statistics"] == S.collection_bytes(cfg, torch.bfloat16, 8192, 1) < card["solve"]
-    assert card["need"] == card["weights"] + card["solve"]
-    assert 19.2 < card["need"] / 2 ** 30 < 19.4
+    rows = 100 * 7
+    assert card["target_values"] == 2 * 23 * (1024 * (6 * d + 4 * m + kv) + rows * L.ROW_SLOTS * kv) \
+        + 2 * rows * L.ROW_SLOTS * d + 4 * 100 * V
+    assert card["statistics"] == S.collection_bytes(cfg, torch.bfloat16, 8192, 1) < card["solve"] < card["target_values"]
+    assert card["need"] == card["weights"] + card["target_values"]
+    assert 20.7 < card["need"] / 2 ** 30 < 20.9 and card["need"] < 22.3 * 2 ** 30
     card, _ = L.memory_plan(cfg, hp, "bfloat16", 2048, [22.3 * 2 ** 30], state_on_host=True)
-    assert card["need"] == card["weights"] + card["target_values"] and 22.1 < card["need"] / 2 ** 30 < 22.2
+    assert card["need"] == card["weights"] + card["target_values"] and 24.4 < card["need"] / 2 ** 30 < 24.6
     (alone,) = L.memory_plan(cfg, hp, "bfloat16", 1024, [80 * 2 ** 30])
     assert alone["statistics"] == S.collection_bytes(cfg, torch.bfloat16, 8192, 5)
-    assert 36.0 < alone["need"] / 2 ** 30 < 37.0
+    assert 38.8 < alone["need"] / 2 ** 30 < 39.0
 
 
 # ======================================================================= the state on the host
@@ -519,6 +526,32 @@ def test_memory_plan_solve_term_covers_a_measured_solve(method):
     planned = L.solve_bytes(cfg, method)
     measured = resident_peak(lambda: L.step_layer(W, W0, C, K1, R, ls, hp))
     assert measured <= planned + 2 ** 22, (method, measured / 2 ** 20, planned / 2 ** 20)
+
+
+def test_memory_plan_target_value_term_covers_what_the_passes_keep(tmp_path):
+    """What E4 keeps across its passes — the prefix caches, the edit layer's output from each
+    subject on, the KL rows' first log-probabilities — counted tensor by tensor for 100
+    CounterFact and 100 zsRE requests through a model with GPT-2's BPE and its own 10-token
+    templates: within the plan's term for them (target_value_bytes less its one pass), and more
+    than half of it."""
+    import bench
+    config = bench.LLAMA | dict(hidden_size=128, num_hidden_layers=12, num_attention_heads=4, num_key_value_heads=4,
+                                intermediate_size=256, vocab_size=50257, bos_token_id=50256, eos_token_id=50256)
+    m = M.load(bench.make_checkpoint(tmp_path / "m", config, torch.float32, "cpu"))
+    hp = L.HParams(layers=(1,), batch_size=100)
+    templates = L.context_templates(m, 0)
+    per_block, home = L.target_value_bytes(m.cfg, hp, torch.float32, 1024)
+    one_pass = 1024 * (6 * 128 + 4 * 256 + 2 * 128) * 4
+    planned = (per_block - one_pass) * 10 + home                       # blocks 2..11 above layer 1
+    for name in ("counterfact-easyedit.json", "zsre-mend.json"):
+        requests = load_requests(FIX / name, limit=100)[0]
+        rows = L.z_rows(m.tokenizer, requests, templates)
+        chunks = L._chunks(m, rows, 1, 1024)
+        rewrites = torch.bincount(torch.tensor([r.req for r in rows if r.targets]), minlength=100).float()
+        L._fit_loss(m, chunks, torch.zeros(100, 128), 1, rewrites, hp.kl_factor, False)   # sets kl_init
+        kept = sum(t.numel() * t.element_size() for c in chunks
+                   for t in (*c.prefix.k, *c.prefix.v, c.h0, c.kl_init) if t is not None)
+        assert planned / 2 < kept <= planned, (name, kept / 2 ** 20, planned / 2 ** 20)
 
 
 def test_memory_plan_places_as_load_does_and_the_command_says_whether_it_fits(capsys):
