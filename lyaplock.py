@@ -1276,10 +1276,10 @@ def memory_plan(cfg: M.Config, hp: HParams, dtype: str, z_tokens: int, shares: l
     the step's hp.batch_size requests), a solve (solve_bytes; with the state on the
     host, also what of a layer's state comes over: brought_bytes, and W0) and the collection of
     C (stats.collection_bytes: its sums, all the device's edit layers at once or, with the state
-    on the host, one). Against the measured
-    peaks of two Llama-3-8B steps (docs/bench/llama3-8b-two-steps.txt, when E4's passes ran whole
-    rows): 42.6 planned for 40.5 GiB at 2048 tokens, 64.7 for 61.5 at 8192 (the solve's and the
-    statistics' terms are not measured on a GPU yet). n_edits: the stream's length, which the state grows with under
+    on the host, one). Against the measured peaks of two Llama-3-8B steps
+    (docs/bench/llama3-8b-two-steps.txt, when E4's passes ran whole rows): 42.6 planned for 40.5
+    GiB at 2048 tokens, 64.7 for 61.5 at 8192 (the solve's and the statistics' terms are not
+    measured on a GPU yet). n_edits: the stream's length, which the state grows with under
     hp.superseded "remove" (layer_state_bytes), at its end."""
     with torch.device("meta"):
         model = M.CausalLM(cfg)

@@ -7,9 +7,10 @@ an RMSNorm over each head of q and k; Mistral and windowed Qwen layers a sliding
 GPT-J and GPT-2 have their own. The forward pass returns what knowledge editing needs without
 hooks: the MLP keys (the input of `down_proj` / `fc_out` / GPT-2's `mlp.c_proj`) and residual-stream
 outputs at chosen layers; it can stop after a layer, or start at one from a given residual
-stream (editing's residual delta: stop, add it, start again), and compute logits only where asked. A model too large for one device is loaded across several
-(load(device="cuda:0,cuda:1")): its blocks in order, split by the devices' memory, the residual
-stream moving at the boundaries; forward takes and returns every tensor on the first device.
+stream (editing's residual delta: stop, add it, start again), and compute logits only where
+asked. A model too large for one device is loaded across several (load(device="cuda:0,cuda:1")):
+its blocks in order, split by the devices' memory, the residual stream moving at the boundaries;
+forward takes and returns every tensor on the first device.
 
     python model.py CHECKPOINT --prompt "Once upon a time" --max-new-tokens 50
 """
