@@ -1382,7 +1382,7 @@ def print_plan(args) -> int:
                    if args.edits else "not counted: give --edits")
         print(f"--superseded remove: the state grows by {per / 2 ** 20:.0f} MiB per 1,000 edits and edit "
               f"layer ({counted}); every checkpoint holds it too")
-    print(f"{'device':<12}{'blocks':>10}{'weights':>9}{'state':>8}{'z pass':>8}{'solve':>8}{'stats':>8}"
+    print(f"{'device':<12}{'blocks':>10}{'weights':>9}{'state':>8}{'targets':>8}{'solve':>8}{'stats':>8}"
           f"{'need':>8}{'has':>8}  fits")
     for row, name, has in zip(rows, names + ["host"], capacity + [device_memory(torch.device("cpu"))]):
         span = f"{row['blocks'][0]}-{row['blocks'][-1]}" if row["blocks"] else "-"
@@ -1497,7 +1497,7 @@ def parse_args(argv=None):
                    "(same results; for a card too small to hold them; see the README)")
     p.add_argument("--dtype", default="float32", choices=list(M.DTYPES))
     p.add_argument("--plan", action="store_true", help="print what the run needs on each device (weights, "
-                   "statistics and edit memory, the target-value passes, a solve, collecting C) from config.json alone, "
+                   "statistics and edit memory, the target values, a solve, collecting C) from config.json alone, "
                    "and whether it fits; load nothing (exit 1 if it does not fit)")
     p.add_argument("--plan-gib", type=lambda t: [float(x) for x in t.split(",")], help="with --plan: the "
                    "memory of the devices to plan for, in GiB (e.g. 80,80), instead of this machine's")
