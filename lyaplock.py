@@ -534,7 +534,7 @@ class _Chunk:
     w: torch.Tensor       # (b, k) 1/len(target) on real targets, else 0
     kl: torch.Tensor      # (n_kl,) indices of the KL rows
     h0: torch.Tensor | None = None        # (b, S, d) output of the target layer, δ = 0, from the subject on
-    prefix: M.KVCache | None = None       # keys and values of the tokens before the subject, layers above
+    prefix: M.KVCache | None = None       # keys and values of the tokens before the subject, layers above (b, P)
     kl_init: torch.Tensor | None = None   # (n_kl, V) the KL rows' log-probs at their position, first pass
 
 
@@ -587,8 +587,8 @@ def _chunks(model: M.CausalLM, rows: list[Row], layer: int, max_tokens: int) -> 
 def _split_at_subject(model: M.CausalLM, c: _Chunk, h0, layer: int):
     """δ enters at each row's subject token and attention is causal, so nothing before that token
     depends on δ: the layers above `layer` run over those prefixes once, into a key/value cache
-    (c.prefix, P = the longest prefix), and each step of E4 runs only the suffixes, from the subject
-    token on. The chunk keeps the suffixes left-aligned, (b, S) with the subject token at 0, its
+    (c.prefix, P slots: the longest prefix), and each step of E4 runs only the suffixes, from the
+    subject token on, extending a copy of it. The chunk keeps the suffixes left-aligned, (b, S) with the subject token at 0, its
     loss positions shifted to match, and the mask (b, P + S): prefix part, then suffix part
     (positions count real tokens, so each suffix token keeps its place in its sentence)."""
     b, T = c.ids.shape
@@ -599,7 +599,7 @@ def _split_at_subject(model: M.CausalLM, c: _Chunk, h0, layer: int):
     idx = c.look[:, None] + at[None, :S]                                        # (b, S)
     after = (idx < lengths[:, None]).to(c.mask.dtype)
     idx = idx.clamp(max=T - 1)
-    c.prefix = M.KVCache(model.cfg, b, P + S, model.placement, model.embed.weight.dtype, first=layer + 1)
+    c.prefix = M.KVCache(model.cfg, b, P, model.placement, model.embed.weight.dtype, first=layer + 1)
     if P:
         model(c.ids[:, :P], before, start=(layer, h0[:, :P]), cache=c.prefix, stop_after=model.cfg.n_layers - 1)
     c.h0 = h0.gather(1, idx[..., None].expand(-1, -1, h0.shape[-1]))
@@ -661,7 +661,7 @@ def _fit_loss(model, chunks: list[_Chunk], delta, layer: int, n_rewrites, kl_fac
         rows = torch.arange(len(c.rows), device=delta.device)
         h = c.h0.index_put((rows, c.look), d[c.req].to(c.h0.dtype), accumulate=True)      # (b, S, d)
         logp = model(c.ids, c.mask, start=(layer, h), logits_at=c.pos,
-                     cache=c.prefix.copy()).logits.log_softmax(-1)                      # (b, k, V)
+                     cache=c.prefix.copy(extend=c.ids.shape[1])).logits.log_softmax(-1)    # (b, k, V)
         nll = -(logp.gather(-1, c.lab[..., None])[..., 0] * c.w).sum(1)               # (b,) mean per token
         at_kl = logp[c.kl, 0]                                                           # (n_kl, V)
         c.kl_init = at_kl.detach() if c.kl_init is None else c.kl_init
@@ -1277,8 +1277,8 @@ def memory_plan(cfg: M.Config, hp: HParams, dtype: str, z_tokens: int, shares: l
     host, also what of a layer's state comes over: brought_bytes, and W0) and the collection of
     C (stats.collection_bytes: its sums, all the device's edit layers at once or, with the state
     on the host, one). Against the measured peaks of two Llama-3-8B steps
-    (docs/bench/llama3-8b-two-steps.txt, when E4's passes ran whole rows): 42.6 planned for 40.5
-    GiB at 2048 tokens, 64.7 for 61.5 at 8192 (the solve's and the statistics' terms are not
+    (docs/bench/llama3-8b-two-steps.txt, when E4's passes ran whole rows): 42.3 planned for 40.5
+    GiB at 2048 tokens, 64.4 for 61.5 at 8192 (the solve's and the statistics' terms are not
     measured on a GPU yet). n_edits: the stream's length, which the state grows with under
     hp.superseded "remove" (layer_state_bytes), at its end."""
     with torch.device("meta"):
@@ -1310,8 +1310,9 @@ def memory_plan(cfg: M.Config, hp: HParams, dtype: str, z_tokens: int, shares: l
     return rows
 
 
-ROW_SLOTS = 32      # token slots (prefix + suffix, padded) per target-value row: CounterFact and zsRE
-#   with GPT-2's BPE and the 10-token templates measured 20-35 (100 requests, 512-8,192 tokens a pass)
+ROW_SLOTS = 28      # token slots a target-value row keeps between passes: its padded prefix in the
+#   cache (CounterFact and zsRE with GPT-2's BPE and the 10-token templates: 15-28 measured, 100
+#   requests, 512-8,192 tokens a pass) and, fewer, its padded suffix of the edit layer's output
 
 
 def target_value_bytes(cfg: M.Config, hp: HParams, dt: torch.dtype, z_tokens: int) -> tuple[int, int]:

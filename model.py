@@ -232,10 +232,13 @@ class KVCache:
                            for i, d in enumerate(devices)] for _ in "kv")
         self.length = 0
 
-    def copy(self) -> "KVCache":
-        """A cache to extend without changing this one: the same keys and values, copied."""
+    def copy(self, extend: int = 0) -> "KVCache":
+        """A cache to extend without changing this one: the same keys and values, copied, with room
+        for `extend` more positions (uninitialised: each is written before it is read)."""
+        def grown(t):
+            return torch.cat((t, t.new_empty(*t.shape[:2], extend, t.shape[3])), 2)
         new = copy.copy(self)
-        new.k, new.v = ([None if t is None else t.clone() for t in kv] for kv in (self.k, self.v))
+        new.k, new.v = ([None if t is None else grown(t) for t in kv] for kv in (self.k, self.v))
         return new
 
 
