@@ -1065,9 +1065,15 @@ def with_overrides(hp: HParams, **changes) -> HParams:
     return hp
 
 
-POSITIVE = ("lam", "alpha", "V", "l2", "v_lr", "clamp_norm_factor")
-AT_LEAST_ONE = ("v_num_grad_steps", "batch_size")
-NON_NEGATIVE = ("v_weight_decay", "kl_factor")
+# the range of each numeric hyper-parameter (the command's flags for them share it: check_settings)
+RANGES = dict(lam="positive", alpha="positive", V="positive", l2="positive", v_lr="positive",
+              clamp_norm_factor="positive", v_num_grad_steps="at least 1", batch_size="at least 1",
+              v_weight_decay="at least 0", kl_factor="at least 0")
+
+
+def outside(value, need: str) -> bool:
+    """Whether `value` fails `need`: "positive" or "at least N"."""
+    return not (value > 0 if need == "positive" else value >= int(need.split()[-1]))
 
 
 def check_hparams(hp: HParams, n_layers: int | None = None):
@@ -1080,11 +1086,9 @@ def check_hparams(hp: HParams, n_layers: int | None = None):
             or layers[0] < 0 or (n_layers is not None and layers[-1] >= n_layers):
         depth = f" in 0..{n_layers - 1}" if n_layers is not None else ""
         raise ValueError(f"layers {list(layers)}: give increasing layer numbers{depth}")
-    for name in POSITIVE + AT_LEAST_ONE + NON_NEGATIVE:
-        value = getattr(hp, name)
-        if not (value > 0 if name in POSITIVE else value >= 1 if name in AT_LEAST_ONE else value >= 0):
-            need = "positive" if name in POSITIVE else "at least 1" if name in AT_LEAST_ONE else "at least 0"
-            raise ValueError(f"hyper-parameter {name} must be {need}, got {value}")
+    for name, need in RANGES.items():
+        if outside(getattr(hp, name), need):
+            raise ValueError(f"hyper-parameter {name} must be {need}, got {getattr(hp, name)}")
     if hp.superseded not in ("keep", "remove"):
         raise ValueError(f"superseded {hp.superseded!r}: choose 'keep' or 'remove'")
 
@@ -1452,6 +1456,10 @@ RESUMABLE = ("device", "z_batch_tokens", "stats_batch_tokens", "stats_cache", "c
 FLAG_FIELDS = {"method": "hparams.method", "batch_size": "hparams.batch_size", "layers": "hparams.layers",
                "alpha": "hparams.alpha", "lam": "hparams.lam", "v": "hparams.V", "l2": "hparams.l2",
                "stats": "stats_file", "no_generation": "generation", "superseded": "hparams.superseded"}
+FLAG_RANGES = {flag: RANGES[field.removeprefix("hparams.")] for flag, field in FLAG_FIELDS.items()
+               if field.removeprefix("hparams.") in RANGES} | dict(
+    z_batch_tokens="at least 1", stats_batch_tokens="at least 1", checkpoint_every="at least 1",
+    limit="at least 1", glue_n="at least 1", eval_every="at least 0")
 PATHS = ("model", "edits", "stats_corpus", "stats", "heldout", "glue_dir", "snippets")
 NOT_SETTINGS = ("resume", "out", "save_model", "given", "plan", "plan_gib")
 
@@ -1529,13 +1537,9 @@ def parse_args(argv=None):
 
 def check_settings(args):
     """Numeric flags out of range: a ValueError naming the flag, before any work."""
-    for name, least in (("batch_size", 1), ("z_batch_tokens", 1), ("stats_batch_tokens", 1),
-                        ("checkpoint_every", 1), ("limit", 1), ("glue_n", 1), ("eval_every", 0)):
-        if getattr(args, name) is not None and getattr(args, name) < least:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
-    for name in ("alpha", "lam", "v", "l2"):
-        if getattr(args, name) is not None and not getattr(args, name) > 0:
-            raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
+    for name, need in FLAG_RANGES.items():
+        if getattr(args, name) is not None and outside(getattr(args, name), need):
+            raise ValueError(f"--{name.replace('_', '-')} must be {need}, got {getattr(args, name)}")
     if args.stop_below is not None and not (0 < args.stop_below < 1 and args.eval_every > 0):
         raise ValueError(f"--stop-below {args.stop_below}: give a fraction between 0 and 1, with --eval-every K")
     if args.state_device:

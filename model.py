@@ -622,9 +622,8 @@ class Tokenizer:
         tj, tc = path / "tokenizer.json", path / "tokenizer_config.json"
         if not tj.exists():
             others = [f for f in ("tokenizer.model", "vocab.json", "merges.txt") if (path / f).exists()]
-            hint = (f"; write it from its {' and '.join(others)} with transformers: python -c \"import transformers "
-                    f"as t; t.AutoTokenizer.from_pretrained({str(path)!r}).backend_tokenizer.save({str(tj)!r})\""
-                    if others else "")
+            hint = (f"; write it from its {' and '.join(others)} with transformers: " + transformers_command(
+                f"t.AutoTokenizer.from_pretrained({str(path)!r}).backend_tokenizer.save({str(tj)!r})") if others else "")
             raise CheckpointError(f"{path}: tokenizer.json is missing (needed to encode prompts){hint}")
         self.tok = HFTok.from_file(str(tj))
         self.tok.no_truncation()     # a tokenizer.json may carry either (the GPT-2 one truncates at
@@ -680,13 +679,19 @@ def weight_files(path: Path) -> dict[str, Path]:
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
+def transformers_command(*statements: str) -> str:
+    """A shell command that runs `statements` with transformers imported as t (the fixes that
+    loading errors suggest: this library never imports transformers itself)."""
+    return f"python -c \"import transformers as t; {'; '.join(statements)}\""
+
+
 def convert_command(path: Path) -> str:
     """The shell command that writes `path` (a checkpoint transformers reads) again as safetensors
     with a tokenizer.json, beside it in `path`-safetensors, in its stored dtype."""
     src, out = str(path), str(path.with_name(path.name + "-safetensors"))
-    return (f"python -c \"import transformers as t; t.AutoModelForCausalLM.from_pretrained({src!r}, "
-            f"torch_dtype='auto').save_pretrained({out!r}); "
-            f"t.AutoTokenizer.from_pretrained({src!r}).save_pretrained({out!r})\"")
+    return transformers_command(f"t.AutoModelForCausalLM.from_pretrained({src!r}, torch_dtype='auto')"
+                                f".save_pretrained({out!r})",
+                                f"t.AutoTokenizer.from_pretrained({src!r}).save_pretrained({out!r})")
 
 
 def _open(file: Path, device: str = "cpu"):

@@ -275,6 +275,14 @@ def test_bad_checkpoints_give_clear_errors(tmp_path, how, message):
         M.load(_broken(tmp_path, how))
 
 
+def run_the_suggested_command(error) -> str:
+    """Run, with this interpreter, the transformers command a loading error ends with; return it."""
+    command = str(error).split("with transformers: ", 1)[1]
+    assert command.startswith("python -c ")
+    subprocess.run(sys.executable + command[len("python"):], shell=True, check=True, capture_output=True)
+    return command
+
+
 def test_pickled_weights_are_refused_with_a_conversion_that_works(tmp_path):
     """A checkpoint with only pytorch_model.bin (GPT-J-6B's and many older uploads): never
     unpickled; the error gives the transformers command that writes a safetensors copy, and that
@@ -286,9 +294,7 @@ def test_pickled_weights_are_refused_with_a_conversion_that_works(tmp_path):
     torch.save(load_file(STORIES / "model.safetensors"), src / "pytorch_model.bin")
     with pytest.raises(M.CheckpointError, match="pytorch_model.bin.*never unpickles") as e:
         M.load(src)
-    command = str(e.value).split("with transformers: ", 1)[1]
-    assert command == M.convert_command(src) and command.startswith("python -c ")
-    subprocess.run(sys.executable + command[len("python"):], shell=True, check=True, capture_output=True)
+    assert run_the_suggested_command(e.value) == M.convert_command(src)
     ours, copied = M.load(STORIES), M.load(tmp_path / "pickled-safetensors")
     text = "Once upon a time, Lily found a red ball."
     assert copied.tokenizer.encode(text) == ours.tokenizer.encode(text)
@@ -307,8 +313,7 @@ def test_a_missing_tokenizer_json_comes_with_the_command_that_writes_it(tmp_path
     (src / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     with pytest.raises(M.CheckpointError, match="tokenizer.json is missing.*vocab.json and merges.txt") as e:
         M.load(src)
-    command = str(e.value).split("with transformers: ", 1)[1]
-    subprocess.run(sys.executable + command[len("python"):], shell=True, check=True, capture_output=True)
+    run_the_suggested_command(e.value)
     text = "Hello world, the Eiffel Tower is in Paris. 12345 ünïcode"
     m = M.load(src)
     assert m.tokenizer.encode(text) == M.Tokenizer(FIX / "gpt2-tokenizer", m.cfg).encode(text)
