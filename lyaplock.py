@@ -1072,8 +1072,16 @@ RANGES = dict(lam="positive", alpha="positive", V="positive", l2="positive", v_l
 
 
 def outside(value, need: str) -> bool:
-    """Whether `value` fails `need`: "positive" or "at least N"."""
+    """Whether `value` fails `need`: "positive" or "at least N" (and finite: an infinite λ or α
+    passes a comparison but not a solve)."""
+    if not math.isfinite(value):
+        return True
     return not (value > 0 if need == "positive" else value >= int(need.split()[-1]))
+
+
+def range_problem(value, need: str) -> str:
+    """The end of an out-of-range message: "must be positive, got inf (not a finite number)"."""
+    return f"must be {need}, got {value}" + ("" if math.isfinite(value) else " (not a finite number)")
 
 
 def check_hparams(hp: HParams, n_layers: int | None = None):
@@ -1088,7 +1096,7 @@ def check_hparams(hp: HParams, n_layers: int | None = None):
         raise ValueError(f"layers {list(layers)}: give increasing layer numbers{depth}")
     for name, need in RANGES.items():
         if outside(getattr(hp, name), need):
-            raise ValueError(f"hyper-parameter {name} must be {need}, got {getattr(hp, name)}")
+            raise ValueError(f"hyper-parameter {name} {range_problem(getattr(hp, name), need)}")
     if hp.superseded not in ("keep", "remove"):
         raise ValueError(f"superseded {hp.superseded!r}: choose 'keep' or 'remove'")
 
@@ -1539,7 +1547,7 @@ def check_settings(args):
     """Numeric flags out of range: a ValueError naming the flag, before any work."""
     for name, need in FLAG_RANGES.items():
         if getattr(args, name) is not None and outside(getattr(args, name), need):
-            raise ValueError(f"--{name.replace('_', '-')} must be {need}, got {getattr(args, name)}")
+            raise ValueError(f"--{name.replace('_', '-')} {range_problem(getattr(args, name), need)}")
     if args.stop_below is not None and not (0 < args.stop_below < 1 and args.eval_every > 0):
         raise ValueError(f"--stop-below {args.stop_below}: give a fraction between 0 and 1, with --eval-every K")
     if args.state_device:
@@ -1621,6 +1629,7 @@ def open_run(args):
             saved = json.loads((Path(args.resume) / "config.json").read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"--resume {args.resume}: not a run directory (config.json: {e})") from None
+    check_outputs(args, args.model or saved["model"])
     method, layers = (saved["hparams"]["method"], saved["hparams"]["layers"]) if saved else (args.method, args.layers)
     on_host = args.state_device or (saved or {}).get("state_device")
     with stage("loading the model", "use --dtype bfloat16, more GPUs (--device cuda:0,cuda:1) or --state-device cpu"):
@@ -1632,10 +1641,21 @@ def open_run(args):
                          f"needs at least d_mlp = {model.cfg.d_mlp} tokens, or it is singular")
     if saved:
         return Path(args.resume), settings, model
-    out = Path(args.out) if args.out else None
-    if out and out.exists() and any(out.iterdir()):
-        raise ValueError(f"--out {out} exists and is not empty; choose a new directory or --resume it")
-    return out, settings, model
+    return Path(args.out) if args.out else None, settings, model
+
+
+def check_outputs(args, model_path):
+    """--out and --save-model name new or empty directories (the edited model never the input
+    checkpoint), checked before the model loads rather than after hours of editing."""
+    for flag, path, advice in (("--out", args.out, "choose a new directory or --resume it"),
+                               ("--save-model", args.save_model, "choose a new directory")):
+        path = Path(path) if path else None
+        if path and path.exists() and not path.is_dir():
+            raise ValueError(f"{flag} {path} is a file, not a directory; {advice}")
+        if path and path.exists() and any(path.iterdir()):
+            if flag == "--save-model" and path.resolve() == Path(model_path).resolve():
+                raise ValueError("--save-model must not be the input checkpoint's directory")
+            raise ValueError(f"{flag} {path} exists and is not empty; {advice}")
 
 
 def create_run_dir(out: Path | None, settings: Settings, templates) -> Path:
@@ -1757,8 +1777,6 @@ def report(argv) -> int:
 def run(args) -> int:
     out, settings, model = open_run(args)
     requests, skipped = load_requests(settings)
-    if args.save_model and Path(args.save_model).resolve() == Path(settings.model).resolve():
-        raise ValueError("--save-model must not be the input checkpoint's directory")
     saved = out / "templates.json" if args.resume else None
     templates = json.loads(saved.read_text()) if saved and saved.exists() else context_templates(
         model, settings.seed, method_of(settings.hparams.method).templates)

@@ -723,7 +723,7 @@ def _device_problem(device) -> tuple[torch.device | None, str | None]:
     if dev is None or dev.type not in ("cpu", "cuda"):
         return None, "use cpu, cuda or cuda:N"
     if dev.type == "cuda" and not torch.cuda.is_available():
-        return None, "this machine has no CUDA GPU that torch can use; use --device cpu"
+        return None, "this machine has no CUDA GPU that torch can use; use cpu"
     if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
         return None, f"there are only {torch.cuda.device_count()} CUDA device(s)"
     return dev, None

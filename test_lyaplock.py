@@ -787,6 +787,8 @@ def test_cli_resume_after_an_interruption_gives_the_same_weights_and_log(tmp_pat
     ("--stats-tokens", "10", "--stats-tokens 10: C (172×172) needs at least d_mlp = 172 tokens, or it is singular"),
     ("--stop-below", "0.5", "--stop-below 0.5: give a fraction between 0 and 1, with --eval-every K"),
     ("--l2", "-1", "--l2 must be positive, got -1.0"),
+    ("--lam", "inf", "--lam must be positive, got inf (not a finite number)"),
+    ("--alpha", "nan", "--alpha must be positive, got nan (not a finite number)"),
     ("--limit", "0", "--limit must be at least 1, got 0"),
     ("--eval-every", "-1", "--eval-every must be at least 0, got -1"),
     ("--glue-n", "0", "--glue-n must be at least 1, got 0"),
@@ -958,6 +960,7 @@ def test_editor_refuses_what_is_not_a_request_by_name(tmp_path):
     (dict(alpha=0.0), "hyper-parameter alpha must be positive, got 0.0"),
     (dict(v_num_grad_steps=0), "hyper-parameter v_num_grad_steps must be at least 1, got 0"),
     (dict(kl_factor=-0.5), "hyper-parameter kl_factor must be at least 0, got -0.5"),
+    (dict(V=float("inf")), r"hyper-parameter V must be positive, got inf \(not a finite number\)"),
     (dict(layers=(2, 1)), r"layers \[2, 1\]: give increasing layer numbers"),
     (dict(layers=(1, 5)), r"layers \[1, 5\]: give increasing layer numbers in 0..4"),
     (dict(layers=()), r"layers \[\]: give increasing layer numbers"),
@@ -1213,6 +1216,28 @@ def test_the_library_never_unpickles():
 def test_save_model_never_writes_into_the_input_checkpoint(tmp_path, capsys):
     assert _small_run(tmp_path, tmp_path / "run", "--save-model", str(STORIES)) == 1
     assert "--save-model must not be the input checkpoint's directory" in capsys.readouterr().err
+
+
+def test_cli_refuses_outputs_it_would_overwrite_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """A file, or a directory that holds something, as --out or --save-model: refused, naming the
+    flag, before any model work (a --save-model that was a file used to fail after the whole
+    stream; one holding another checkpoint was written into, mixing their files)."""
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "model.safetensors").write_text("x")
+    monkeypatch.setattr(L.M, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    for extra, message in [
+            (("--out", f"{tmp_path}/a-file"), f"--out {tmp_path}/a-file is a file, not a directory; choose a new "
+                                              "directory or --resume it"),
+            (("--out", f"{tmp_path}/full"), f"--out {tmp_path}/full exists and is not empty; choose a new "
+                                            "directory or --resume it"),
+            (("--out", f"{tmp_path}/run", "--save-model", f"{tmp_path}/a-file"),
+             f"--save-model {tmp_path}/a-file is a file, not a directory; choose a new directory"),
+            (("--out", f"{tmp_path}/run", "--save-model", f"{tmp_path}/full"),
+             f"--save-model {tmp_path}/full exists and is not empty; choose a new directory")]:
+        assert L.main(_cli(tmp_path, *extra)) == 1
+        assert capsys.readouterr().err == f"error: {message}\n"
+    assert not (tmp_path / "run").exists()
 
 
 # ==================== bench: the CPU smoke preset
