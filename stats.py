@@ -556,6 +556,9 @@ def parse_args(argv):
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.stats_tokens < 0:
         raise ValueError(f"--stats-tokens must be 0 (the whole corpus) or more, got {args.stats_tokens}")
+    if Path(args.out).is_dir():        # found before the collection, not when the file is written
+        raise ValueError(f"--out {args.out} is a directory; give the file to write, e.g. "
+                         f"{Path(args.out) / 'stats.safetensors'}")
     return args
 
 
@@ -599,7 +602,7 @@ def main(argv=None) -> int:
         finally:
             if world > 1:
                 dist.destroy_process_group()
-    except (M.CheckpointError, data.DataError, ValueError) as e:
+    except (M.CheckpointError, data.DataError, ValueError, OSError) as e:     # OSError: a full disk, ...
         print(f"error{f' (rank {rank})' if world > 1 else ''}: {e}", file=sys.stderr)
         return 1
     return 0

@@ -396,3 +396,11 @@ def test_a_corpus_shorter_than_the_mlp_width_is_refused_before_the_pass(tmp_path
     monkeypatch.setattr(S, "collect_stats", lambda *a, **k: pytest.fail("the pass ran"))
     with pytest.raises(S.StatisticsError, match=r"has \d+ tokens; C \(172×172\) needs at least d_mlp = 172"):
         S.load_or_collect_stats(stories, STORIES, corpus, 0, (1,), tmp_path, log=quiet)
+
+
+def test_stats_out_that_is_a_directory_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """It used to collect the whole corpus, then fail in os.replace with a traceback."""
+    monkeypatch.setattr(S.M, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert S.main(["--model", str(STORIES), "--out", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == (f"error: --out {tmp_path} is a directory; give the file to write, "
+                                       f"e.g. {tmp_path / 'stats.safetensors'}\n")
