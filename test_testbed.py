@@ -140,6 +140,21 @@ def test_run_specs_give_typed_overrides_and_clear_errors():
             TB.parse_run(bad, {})
 
 
+def test_experiment_checks_every_run_before_the_first_and_errors_in_one_line(tmp_path, monkeypatch, capsys):
+    """A bad run late in --methods used to surface as a traceback after the earlier runs' minutes."""
+    monkeypatch.setattr(TB, "make_stream", lambda *a, **k: pytest.fail("the stream was made"))
+    threads = ["--threads", str(torch.get_num_threads())]             # as the suite runs
+    for methods, message in (("lyaplock,memit:alpha=big", "run 'memit:alpha=big': alpha needs a float, got 'big'"),
+                             ("lyaplock,lyaplock:lam=inf", "hyper-parameter lam must be positive, got inf"),
+                             ("lyaplock,nosuch", "unknown method 'nosuch'")):
+        assert TB.main(["experiment", "--methods", methods, "--out", str(tmp_path / "out"), *threads]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and err.count("\n") == 1
+    assert TB.main(["experiment", "--layers", "1,x", "--out", str(tmp_path / "out"), *threads]) == 1
+    assert capsys.readouterr().err.startswith("error: --layers '1,x': give increasing layer numbers")
+    assert not (tmp_path / "out").exists()
+
+
 def test_queue_summary_tells_a_growing_queue_from_a_floor_and_a_growing_pl():
     z = [1.0, 1.0, 1.5, 2.2, 3.0, 3.9, 4.8, 5.9]
     steps = [{"layers": {"1": {"pl": 1.0 + t, "D": 2.0, "z": z[t]}, "2": {"pl": 0.1, "D": 2.0, "z": 1.0}}}

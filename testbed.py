@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 import eval as E
 import lyaplock as L
 import model as M
-from data import Request, load_requests, read_corpus, read_text
+from data import DataError, Request, load_requests, read_corpus, read_text
 
 FIX = Path(__file__).parent / "fixtures"
 HELD_FILE = FIX / "counterfact-train.json.gz"          # held-back records: never edited
@@ -696,9 +696,11 @@ def experiment(model_dir, n_edits: int | None, batch_size: int, methods=("lyaplo
     n_retained, n_heldout: at most that many retained facts and held-out texts (None: all)."""
     model_dir = Path(model_dir)
     m = M.load(model_dir, device)
+    layers = L.parse_layers(layers, m.cfg.n_layers) if isinstance(layers, str) else layers
+    layers = tuple(layers or L.preset(m.cfg, "lyaplock").layers)
+    runs = {spec: run_hparams(spec, m.cfg, layers, batch_size, hparams) for spec in methods}   # all checked first
     edits = make_stream(stream, m, model_dir, n_edits, batch_size, seed, n_retained)
     heldout = read_corpus(L.DEFAULT_HELDOUT)[:n_heldout]
-    layers = tuple(layers or L.preset(m.cfg, "lyaplock").layers)
     corpus = corpus or (model_dir / "corpus.txt" if (model_dir / "corpus.txt").exists() else L.DEFAULT_CORPUS)
     C = L.stats.load_or_collect_stats(m, model_dir, corpus, stats_tokens, layers, stats_cache, log=lambda *a, **k: None)
     result = dict(model=str(model_dir), stream=stream, n_edits=len(edits.requests), batch_size=batch_size,
@@ -706,12 +708,9 @@ def experiment(model_dir, n_edits: int | None, batch_size: int, methods=("lyaplo
     result["before"] = measure(m, edits, 0, heldout, {l: m.edit_weight(l) for l in layers})
     done = finished_runs(out, result)
     report = (lambda: write_report(result, Path(out))) if out else (lambda: None)
-    for spec in methods:
-        method, over = parse_run(spec, HPARAMS if hparams is None else hparams)
+    for spec, hp in runs.items():
         m = M.load(model_dir, device)
-        one = L.method_of(method).locate == "rome"               # ROME edits one layer: the last
-        hp = L.with_overrides(L.preset(m.cfg, method), batch_size=batch_size, layers=layers[-1:] if one else layers,
-                              **over)
+        method = hp.method
         settings = json.loads(json.dumps(asdict(hp)))
         if spec in done and done[spec]["hparams"] == settings:
             result["methods"][spec] = done[spec]
@@ -720,6 +719,15 @@ def experiment(model_dir, n_edits: int | None, batch_size: int, methods=("lyaplo
         editor = L.Editor(m, hp, C, L.context_templates(m, seed, L.method_of(method).templates), model_dir)
         run_stream(editor, edits, heldout, run, eval_every, report, log)
     return result
+
+
+def run_hparams(spec: str, cfg: M.Config, layers: tuple, batch_size: int, hparams=None) -> L.HParams:
+    """A run's settings: its method's preset for this model, the edit layers (ROME: the last),
+    `hparams`' settings for the method (default HPARAMS), then the spec's (parse_run)."""
+    method, over = parse_run(spec, HPARAMS if hparams is None else hparams)
+    one = L.method_of(method).locate == "rome"               # ROME edits one layer: the last
+    return L.with_overrides(L.preset(cfg, method), batch_size=batch_size, layers=layers[-1:] if one else layers,
+                            **over)
 
 
 def finished_runs(out, result: dict) -> dict:
@@ -843,11 +851,16 @@ def main(argv=None):
     e.set_defaults(run=lambda args: experiment(
         args.model, args.edits or None, args.batch_size, args.methods.split(","), args.eval_every,
         seed=args.seed, device=args.device, out=args.out, corpus=args.corpus, stream=args.stream,
-        layers=args.layers and [int(x) for x in args.layers.split(",")]))
+        layers=args.layers))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    args.run(args)
+    try:
+        args.run(args)
+    except (M.CheckpointError, DataError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
