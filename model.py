@@ -926,12 +926,17 @@ def save(src, out, tensors: dict[str, torch.Tensor]) -> None:
     index; config and tokenizer files copied) with the given tensors replaced. `tensors` maps
     checkpoint names to tensors in the stored layout, as CausalLM.edit_tensors returns them (for
     GPT-2 [d_mlp, d_model], not edit_weight's (d_model, d_mlp) view); a shape that differs from
-    the stored one is an error."""
+    the stored one is an error, and so is an `out` that holds weights files of another layout
+    (saving again over the same layout replaces them)."""
     src = Path(src)
     out = Path(out)
     if out.resolve() == src.resolve():
         raise ValueError(f"refusing to write the edited model into its input checkpoint {src}")
     headers = tensor_headers(weight_files(src))
+    ours = {file.name for file, _, _ in headers.values()}
+    if other := sorted(p.name for p in out.glob("*.safetensors") if p.name not in ours):
+        raise ValueError(f"{out} holds other weights ({', '.join(other[:3])}): writing this checkpoint "
+                         "beside them would mix two models; save into a new or empty directory")
     if unknown := sorted(set(tensors) - set(headers)):
         raise KeyError(f"tensor(s) not in checkpoint {src}: {', '.join(unknown)}")
     for n, t in tensors.items():

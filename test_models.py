@@ -208,6 +208,11 @@ def test_save_then_load_is_exact_and_transformers_reads_it(tmp_path, kind, shard
     assert (m2(ids, mask).logits - ref)[mask.bool()].abs().max() < 1e-4
     with pytest.raises(ValueError, match="input checkpoint"):
         M.save(src, src, {})
+    M.save(src, tmp_path / "out", {name: edited})          # again over the same layout: replaced
+    assert torch.equal(M.load(tmp_path / "out").state_dict()[name], edited)
+    (tmp_path / "out" / "model-00009-of-00009.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"holds other weights \(model-00009-of-00009.safetensors\)"):
+        M.save(src, tmp_path / "out", {name: edited})
 
 
 def test_model_cli_prints_a_continuation():
