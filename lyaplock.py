@@ -1832,7 +1832,7 @@ def superseded_note(requests, hp: HParams, chosen: bool) -> str | None:
     """A warning when the stream re-edits prompts, the method keeps an edit memory and the user
     left --superseded at its default: the stale values stay defended (E8a). Measured on the
     testbed's 2,230-edit rewrite stream (README "Testbed"): LyapLock with "remove" ends at latest-
-    target efficacy 81.6 / retention 29.1, with "keep" at 24.2 / 50.5 (MEMIT 55.6 / 0.1). On streams
+    target efficacy 81.2 / retention 29.4, with "keep" at 24.2 / 50.7 (MEMIT 55.6 / 0.4). On streams
     without re-edits (CounterFact, the paper's) the two are identical and "keep" stores nothing
     more, hence the default."""
     if chosen or not method_of(hp.method).memory or hp.superseded != "keep":
