@@ -932,6 +932,8 @@ def save(src, out, tensors: dict[str, torch.Tensor]) -> None:
     out = Path(out)
     if out.resolve() == src.resolve():
         raise ValueError(f"refusing to write the edited model into its input checkpoint {src}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; the checkpoint is a directory: save into a new or empty one")
     headers = tensor_headers(weight_files(src))
     ours = {file.name for file, _, _ in headers.values()}
     if other := sorted(p.name for p in out.glob("*.safetensors") if p.name not in ours):

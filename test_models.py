@@ -213,6 +213,8 @@ def test_save_then_load_is_exact_and_transformers_reads_it(tmp_path, kind, shard
     (tmp_path / "out" / "model-00009-of-00009.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match=r"holds other weights \(model-00009-of-00009.safetensors\)"):
         M.save(src, tmp_path / "out", {name: edited})
+    with pytest.raises(ValueError, match="is a file; the checkpoint is a directory"):
+        M.save(src, tmp_path / "out" / "model-00009-of-00009.safetensors", {name: edited})
 
 
 def test_model_cli_prints_a_continuation():
