@@ -1686,6 +1686,16 @@ def stage(name: str, advice: str):
         raise MemoryError(f"out of GPU memory during {name}: {advice}") from None
 
 
+@contextmanager
+def resume_hint(out: Path):
+    """A Ctrl-C outside the steps' deferral (the scoring before editing, the final evaluation) or a
+    second one within a step: the latest checkpoint is intact, so say how to continue."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"continue with: python lyaplock.py --resume {out}") from None
+
+
 class DeferInterrupt:
     """Ctrl-C finishes the current step (then the run saves and stops); a second one stops at once."""
 
@@ -1760,6 +1770,10 @@ def main(argv=None):
     except (M.CheckpointError, data.DataError, ValueError, FloatingPointError, MemoryError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:      # with a run directory, resume_hint names it
+        where = e.args[0] if e.args else "before the run directory was made: nothing to continue"
+        print(f"\ninterrupted; {where}", file=sys.stderr)
+        return 130
 
 
 def report(argv) -> int:
@@ -1790,12 +1804,13 @@ def run(args) -> int:
                     settings.model, settings.z_batch_tokens, state_device=settings.state_device)
     if not args.resume:
         out = create_run_dir(out, settings, templates)
-    start_or_resume(editor, requests, settings, out)
-    editor.state.recurring = recurring_prompts(requests)
-    if not (out / "stop.json").exists() and not edit_stream(editor, requests, settings, out):
-        print(f"stopped after step {editor.state.step}; continue with: python lyaplock.py --resume {out}")
-        return 130
-    finish(editor, requests, settings, out, len(skipped))
+    with resume_hint(out):
+        start_or_resume(editor, requests, settings, out)
+        editor.state.recurring = recurring_prompts(requests)
+        if not (out / "stop.json").exists() and not edit_stream(editor, requests, settings, out):
+            print(f"stopped after step {editor.state.step}; continue with: python lyaplock.py --resume {out}")
+            return 130
+        finish(editor, requests, settings, out, len(skipped))
     if args.save_model:
         editor.save(args.save_model)
         print(f"edited model written to {args.save_model}")

@@ -605,6 +605,9 @@ def main(argv=None) -> int:
     except (M.CheckpointError, data.DataError, ValueError, OSError) as e:     # OSError: a full disk, ...
         print(f"error{f' (rank {rank})' if world > 1 else ''}: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"\ninterrupted{f' (rank {rank})' if world > 1 else ''}: no statistics file written", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -1146,6 +1146,25 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes(tmp_path):
     assert len(_log_without_times(out)) == 5
 
 
+def test_ctrl_c_outside_a_step_is_one_line_that_says_how_to_continue(tmp_path, monkeypatch, capsys):
+    """Before the run directory exists there is nothing to continue; after it (here: while the
+    model is scored before editing) the run continues with --resume (was a traceback)."""
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(L, "preservation_statistics", interrupt)
+        assert _small_run(tmp_path, out) == 130
+    assert capsys.readouterr().err.endswith("interrupted; before the run directory was made: nothing to continue\n")
+    assert not out.exists()
+    with monkeypatch.context() as patch:
+        patch.setattr(L, "score_cases", interrupt)
+        assert _small_run(tmp_path, out) == 130
+    assert capsys.readouterr().err.endswith(f"interrupted; continue with: python lyaplock.py --resume {out}\n")
+    assert L.main(["--resume", str(out)]) == 0
+    assert (out / "summary.json").exists()
+
+
 def _small_run(tmp_path, out, *extra):
     return L.main(_cli(tmp_path, "--out", str(out), "--no-generation", *extra, edits="stories-edits.json",
                        limit=None, batch=2, tokens=3000))

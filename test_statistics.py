@@ -404,3 +404,12 @@ def test_stats_out_that_is_a_directory_is_refused_before_the_model_loads(tmp_pat
     assert S.main(["--model", str(STORIES), "--out", str(tmp_path)]) == 1
     assert capsys.readouterr().err == (f"error: --out {tmp_path} is a directory; give the file to write, "
                                        f"e.g. {tmp_path / 'stats.safetensors'}\n")
+
+
+def test_stats_ctrl_c_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(S, "collect_stats", interrupt)
+    assert S.main(["--model", str(STORIES), "--out", str(tmp_path / "C.safetensors")]) == 130
+    assert capsys.readouterr().err.endswith("interrupted: no statistics file written\n")
+    assert not list(tmp_path.iterdir())
