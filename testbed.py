@@ -859,6 +859,11 @@ def main(argv=None):
     except (M.CheckpointError, DataError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        kept = f"; the runs complete in {args.out} are kept and the same command does the rest" \
+            if args.command == "experiment" else ""
+        print(f"\ninterrupted{kept}", file=sys.stderr)
+        return 130
     return 0
 
 
