@@ -763,8 +763,7 @@ def test_cli_resume_after_an_interruption_gives_the_same_weights_and_log(tmp_pat
         return real(*a, **k)
     monkeypatch.setattr(L, "edit_batch", dies_after_two)
     part = tmp_path / "part"
-    with pytest.raises(KeyboardInterrupt):
-        L.main(_cli(tmp_path, "--out", str(part), "--limit", "12", "--device", device))
+    assert L.main(_cli(tmp_path, "--out", str(part), "--limit", "12", "--device", device)) == 130   # stopped mid-stream
     monkeypatch.setattr(L, "edit_batch", real)
     assert L.main(["--resume", str(part), "--stats-cache", str(tmp_path / "cache"), "--device", device]) == 0
     a, b = _final_weights(whole), _final_weights(part)
