@@ -1071,17 +1071,14 @@ RANGES = dict(lam="positive", alpha="positive", V="positive", l2="positive", v_l
               v_weight_decay="at least 0", kl_factor="at least 0")
 
 
-def outside(value, need: str) -> bool:
-    """Whether `value` fails `need`: "positive" or "at least N" (and finite: an infinite λ or α
-    passes a comparison but not a solve)."""
+def range_problem(value, need: str) -> str | None:
+    """None if `value` meets `need` ("positive" or "at least N", and finite: an infinite λ passes
+    a comparison but not a solve), else the end of the message: "must be positive, got 0"."""
     if not math.isfinite(value):
-        return True
-    return not (value > 0 if need == "positive" else value >= int(need.split()[-1]))
-
-
-def range_problem(value, need: str) -> str:
-    """The end of an out-of-range message: "must be positive, got inf (not a finite number)"."""
-    return f"must be {need}, got {value}" + ("" if math.isfinite(value) else " (not a finite number)")
+        return f"must be {need}, got {value} (not a finite number)"
+    if not (value > 0 if need == "positive" else value >= int(need.split()[-1])):
+        return f"must be {need}, got {value}"
+    return None
 
 
 def check_hparams(hp: HParams, n_layers: int | None = None):
@@ -1095,8 +1092,8 @@ def check_hparams(hp: HParams, n_layers: int | None = None):
         depth = f" in 0..{n_layers - 1}" if n_layers is not None else ""
         raise ValueError(f"layers {list(layers)}: give increasing layer numbers{depth}")
     for name, need in RANGES.items():
-        if outside(getattr(hp, name), need):
-            raise ValueError(f"hyper-parameter {name} {range_problem(getattr(hp, name), need)}")
+        if problem := range_problem(getattr(hp, name), need):
+            raise ValueError(f"hyper-parameter {name} {problem}")
     if hp.superseded not in ("keep", "remove"):
         raise ValueError(f"superseded {hp.superseded!r}: choose 'keep' or 'remove'")
 
@@ -1546,8 +1543,8 @@ def parse_args(argv=None):
 def check_settings(args):
     """Numeric flags out of range: a ValueError naming the flag, before any work."""
     for name, need in FLAG_RANGES.items():
-        if getattr(args, name) is not None and outside(getattr(args, name), need):
-            raise ValueError(f"--{name.replace('_', '-')} {range_problem(getattr(args, name), need)}")
+        if getattr(args, name) is not None and (problem := range_problem(getattr(args, name), need)):
+            raise ValueError(f"--{name.replace('_', '-')} {problem}")
     if args.stop_below is not None and not (0 < args.stop_below < 1 and args.eval_every > 0):
         raise ValueError(f"--stop-below {args.stop_below}: give a fraction between 0 and 1, with --eval-every K")
     if args.state_device:
@@ -1649,12 +1646,14 @@ def check_outputs(args, model_path):
     checkpoint), checked before the model loads rather than after hours of editing."""
     for flag, path, advice in (("--out", args.out, "choose a new directory or --resume it"),
                                ("--save-model", args.save_model, "choose a new directory")):
-        path = Path(path) if path else None
-        if path and path.exists() and not path.is_dir():
+        if not path or not Path(path).exists():
+            continue
+        path = Path(path)
+        if flag == "--save-model" and path.resolve() == Path(model_path).resolve():
+            raise ValueError("--save-model must not be the input checkpoint's directory")
+        if not path.is_dir():
             raise ValueError(f"{flag} {path} is a file, not a directory; {advice}")
-        if path and path.exists() and any(path.iterdir()):
-            if flag == "--save-model" and path.resolve() == Path(model_path).resolve():
-                raise ValueError("--save-model must not be the input checkpoint's directory")
+        if any(path.iterdir()):
             raise ValueError(f"{flag} {path} exists and is not empty; {advice}")
 
 
