@@ -188,6 +188,9 @@ def edit_step(m, ckpt, layers, method, C, device, n_edits, seed=0, z_tokens=2048
                                device, repeat=1)      # PL (E2) for every layer; the queue is scalar arithmetic
     if device == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    dtype = next(name for name, dt in M.DTYPES.items() if dt == m.embed.weight.dtype)
+    planned = L.memory_plan(m.cfg, hp, dtype, z_tokens, [1.0], state_on_host=bool(state_device))[0]
+    out["planned_gib"] = planned["need"] / 2 ** 30           # what --plan says for this step, beside the peak
     sync(device)
     t = time.perf_counter()
     E.edit_eval(m, batch)
@@ -283,13 +286,13 @@ def method_table(results) -> str:
 def table(results) -> str:
     rows = ["| preset | device | fwd tok/s: ours / HF eager | stats tok/s (of roofline); 70M tokens | "
             "LyapLock step (s) = z + keys + solve; first step | MEMIT | AlphaEdit; first step | eval (s) | "
-            "peak GiB | 10k edits (h) |",
+            "peak / planned GiB | 10k edits (h) |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         f, s, st, proj = r["forward"], r["stats"], r["steps"], r["projection_10k_edits_hours"]
         ly = st["lyaplock"]
         fwd = f"{f['ours_tok_s']:.0f}" + (f" / {f['hf_eager_tok_s']:.0f} ({f['ratio']:.2f}x)" if "ratio" in f else "")
-        peak = f"{ly['peak_gib']:.1f}" if "peak_gib" in ly else "-"
+        peak = (f"{ly['peak_gib']:.1f}" if "peak_gib" in ly else "-") + f" / {ly['planned_gib']:.1f}"
         total = lambda k: f"{st[k]['total']:.2f}" if k in st else "-"       # (a method not asked for)
         rows.append(f"| {r['preset']} | {r['device']} {r['dtype']} | {fwd} | {s['tok_s']:.0f} "
                     f"({100 * s['fraction_of_roofline']:.0f}%); {proj['stats_100k_samples']:.2f} h | "

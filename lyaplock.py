@@ -1286,8 +1286,8 @@ def memory_plan(cfg: M.Config, hp: HParams, dtype: str, z_tokens: int, shares: l
     host, also what of a layer's state comes over: brought_bytes, and W0) and the collection of
     C (stats.collection_bytes: its sums, all the device's edit layers at once or, with the state
     on the host, one). Against the measured peaks of two Llama-3-8B steps
-    (docs/bench/llama3-8b-two-steps.txt, when E4's passes ran whole rows): 42.3 planned for 40.5
-    GiB at 2048 tokens, 64.4 for 61.5 at 8192 (the solve's and the statistics' terms are not
+    (docs/bench/llama3-8b-two-steps.txt, when E4's passes ran whole rows): 43.0 planned for 40.5
+    GiB at 2048 tokens, 67.3 for 61.5 at 8192 (the solve's and the statistics' terms are not
     measured on a GPU yet). n_edits: the stream's length, which the state grows with under
     hp.superseded "remove" (layer_state_bytes), at its end."""
     with torch.device("meta"):
@@ -1300,14 +1300,16 @@ def memory_plan(cfg: M.Config, hp: HParams, dtype: str, z_tokens: int, shares: l
     layer_state = placed + W0
     solve = solve_bytes(cfg, hp.method) + (brought_bytes(cfg, hp.method, kept_edits) + W0 if state_on_host else 0)
     fixed = M.fixed_bytes(model, dt, len(shares))
-    per_block, home = target_value_bytes(cfg, hp, dt, z_tokens)
+    per_block, home, logits = target_value_bytes(cfg, hp, dt, z_tokens)
+    head = 0 if cfg.tie_embeddings else len(shares) - 1        # the device of the head (M.fixed_bytes)
     rows = []
     for j in range(len(shares)):
         mine = [i for i, b in enumerate(blocks) if b == j]
         edit = [l for l in hp.layers if blocks[l] == j]
         row = dict(blocks=mine, weights=fixed[j] + M.weight_bytes(dt, *[model.blocks[i] for i in mine]),
                    state=0 if state_on_host else layer_state * len(edit),
-                   target_values=per_block * sum(i > hp.layers[-1] for i in mine) + (home if j == 0 else 0),
+                   target_values=per_block * sum(i > hp.layers[-1] for i in mine) + (home if j == 0 else 0)
+                   + (logits if j in (0, head) else 0),
                    solve=solve if edit else 0,
                    statistics=stats.collection_bytes(cfg, dt, stats_tokens, 1 if state_on_host else len(edit))
                    if edit else 0)
@@ -1322,16 +1324,23 @@ def memory_plan(cfg: M.Config, hp: HParams, dtype: str, z_tokens: int, shares: l
 ROW_SLOTS = 28      # token slots a target-value row keeps between passes: its padded prefix in the
 #   cache (CounterFact and zsRE with GPT-2's BPE and the 10-token templates: 15-28 measured, 100
 #   requests, 512-8,192 tokens a pass) and, fewer, its padded suffix of the edit layer's output
+LOGIT_VALUES = 0.75  # vocabulary-wide float32 values a pass holds at its peak, per token slot: the loss
+#   reads at most 0.23 positions a slot (zsRE's longer targets; CounterFact 0.08), each held three
+#   times at the peak (the log-probabilities, their gradient, the logits' gradient), a KL row's six
+#   (its KL's terms); measured (resident memory of one pass on the CPU: test_memory_plan_target_
+#   value_term_covers_a_measured_pass) on CounterFact and zsRE, GPT-2's BPE, 1,024-2,048 tokens
 
 
-def target_value_bytes(cfg: M.Config, hp: HParams, dt: torch.dtype, z_tokens: int) -> tuple[int, int]:
-    """E4's memory, (per block above the last edit layer, on the first device): one pass's
-    activations kept for backward, about 6d + 4m values per token and block (6d + 2m for GPT-J
-    and GPT-2) for at most z_tokens tokens, and its copy of the prefix cache (suffix_batches holds
-    a pass to z_tokens slots); beside them, all the step's passes keep their prefix caches
-    (rows × ROW_SLOTS keys and values per block) and, on the first device, the output of the
-    edit layer from each subject on and the KL rows' first log-probabilities (float32, V each).
-    Rows: each request in every template and a KL row (ROME: one request at a time)."""
+def target_value_bytes(cfg: M.Config, hp: HParams, dt: torch.dtype, z_tokens: int) -> tuple[int, int, int]:
+    """E4's memory, (per block above the last edit layer, on the first device, vocabulary-wide):
+    one pass's activations kept for backward, about 6d + 4m values per token and block (6d + 2m
+    for GPT-J and GPT-2) for at most z_tokens tokens, and its copy of the prefix cache
+    (suffix_batches holds a pass to z_tokens slots); beside them, all the step's passes keep their
+    prefix caches (rows × ROW_SLOTS keys and values per block) and, on the first device, the
+    output of the edit layer from each subject on and the KL rows' first log-probabilities
+    (float32, V each); and a pass's logits at the positions the loss reads, with their gradients
+    (LOGIT_VALUES a token slot, float32, V each: on the first device, where the loss is, and on
+    the head's). Rows: each request in every template and a KL row (ROME: one request at a time)."""
     d, m, kv = cfg.d_model, cfg.d_mlp, 2 * cfg.n_kv_heads * cfg.head_dim
     one_at_a_time = method_of(hp.method).locate == "rome"
     requests = 1 if one_at_a_time else hp.batch_size
@@ -1339,7 +1348,9 @@ def target_value_bytes(cfg: M.Config, hp: HParams, dt: torch.dtype, z_tokens: in
     rows = requests * (templates + 1)
     per_pass = z_tokens * (6 * d + (4 if cfg.llama_like else 2) * m + kv)
     kept = rows * ROW_SLOTS * kv
-    return (per_pass + kept) * dt.itemsize, rows * ROW_SLOTS * d * dt.itemsize + requests * cfg.vocab_size * 4
+    home = rows * ROW_SLOTS * d * dt.itemsize + requests * cfg.vocab_size * 4
+    logits = math.ceil(LOGIT_VALUES * z_tokens) * cfg.vocab_size * 4
+    return (per_pass + kept) * dt.itemsize, home, logits
 
 
 def solve_bytes(cfg: M.Config, method: str) -> int:

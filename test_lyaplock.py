@@ -1275,3 +1275,5 @@ def test_bench_tiny_preset_runs_and_reports_every_phase(tmp_path):
     alone = bench.table([dict(r, steps={"lyaplock": r["steps"]["lyaplock"]})]).splitlines()[-1].split("|")
     assert alone[5].strip().startswith(f"{r['steps']['lyaplock']['total']:.2f} = ")
     assert [c.strip() for c in alone[6:8]] == ["-", "-"]                  # MEMIT, AlphaEdit: not run
+    planned = r["steps"]["lyaplock"]["planned_gib"]                        # --plan's figure, beside the peak
+    assert 0 < planned and alone[9].strip() == f"- / {planned:.1f}"        # (no peak on the CPU)
