@@ -1327,8 +1327,8 @@ ROW_SLOTS = 28      # token slots a target-value row keeps between passes: its p
 LOGIT_VALUES = 0.75  # vocabulary-wide float32 values a pass holds at its peak, per token slot: the loss
 #   reads at most 0.23 positions a slot (zsRE's longer targets; CounterFact 0.08), each held three
 #   times at the peak (the log-probabilities, their gradient, the logits' gradient), a KL row's six
-#   (its KL's terms); measured (resident memory of one pass on the CPU: test_memory_plan_target_
-#   value_term_covers_a_measured_pass) on CounterFact and zsRE, GPT-2's BPE, 1,024-2,048 tokens
+#   (its KL's terms); measured on CounterFact and zsRE, GPT-2's BPE, 1,024-2,048 tokens a pass, as
+#   the resident memory of each pass on the CPU (test_memory_plan_target_value_term_covers_a_...)
 
 
 def target_value_bytes(cfg: M.Config, hp: HParams, dt: torch.dtype, z_tokens: int) -> tuple[int, int, int]:
