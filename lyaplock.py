@@ -4,7 +4,7 @@
 
 Read top to bottom: the closed-form math (solver, queue), the run state, hyper-parameters, the
 locate step (context templates, target values, keys), preservation statistics, one editing step,
-run checkpoints, and the command. Equation tags (E1..E14) refer to docs/LYAPLOCK.md. Shapes: edited weight W (d, m) as stored
+run checkpoints, and the command. Equation tags (E1..E22) refer to docs/LYAPLOCK.md. Shapes: edited weight W (d, m) as stored
 ([d_out, d_in]); keys K1 (m, n) as columns; residuals R (d, n); statistics C (m, m).
 All algebra runs in float64 on the inputs' device.
 """
@@ -562,23 +562,27 @@ def _chunks(model: M.CausalLM, rows: list[Row], layer: int, max_tokens: int) -> 
     dev = model.embed.weight.device
     out = []
     for idx in suffix_batches(rows, max_tokens):
-        n = len(idx)
-        rs = [rows[i] for i in idx]
-        k = max(1, max(len(r.targets) for r in rs))
-        pos, lab, w = torch.zeros(n, k, dtype=torch.long), torch.zeros(n, k, dtype=torch.long), torch.zeros(n, k)
-        for b, r in enumerate(rs):
+        batch = [rows[i] for i in idx]
+        k = max(1, max(len(r.targets) for r in batch))
+        pos = torch.zeros(len(batch), k, dtype=torch.long)
+        lab = torch.zeros(len(batch), k, dtype=torch.long)
+        w = torch.zeros(len(batch), k)
+        for b, r in enumerate(batch):
             t = len(r.targets)
-            pos[b, :t], lab[b, :t] = torch.arange(r.first, r.first + t), torch.tensor(r.targets, dtype=torch.long)
+            pos[b, :t] = torch.arange(r.first, r.first + t)
+            lab[b, :t] = torch.tensor(r.targets, dtype=torch.long)
             w[b, :t] = 1.0 / max(t, 1)
             if not t:
                 pos[b, 0] = r.lookup          # KL rows: next-token distribution at the subject
-        ids, mask = model.tokenizer.pad([r.ids for r in rs], device=dev)
-        c = _Chunk(idx, ids, mask, *(torch.tensor(v, device=dev) for v in
-                                     ([r.lookup for r in rs], [r.req for r in rs])),
-                   pos.to(dev), lab.to(dev), w.to(dev),
-                   torch.tensor([b for b, r in enumerate(rs) if not r.targets], dtype=torch.long, device=dev))
+        ids, mask = model.tokenizer.pad([r.ids for r in batch], device=dev)
+        c = _Chunk(rows=idx, ids=ids, mask=mask,
+                   look=torch.tensor([r.lookup for r in batch], device=dev),
+                   req=torch.tensor([r.req for r in batch], device=dev),
+                   pos=pos.to(dev), lab=lab.to(dev), w=w.to(dev),
+                   kl=torch.tensor([b for b, r in enumerate(batch) if not r.targets], dtype=torch.long, device=dev))
         with torch.no_grad():
-            _split_at_subject(model, c, model(ids, mask, stop_after=layer, outs_at={layer}).outs[layer], layer)
+            h0 = model(ids, mask, stop_after=layer, outs_at={layer}).outs[layer]
+            _split_at_subject(model, c, h0, layer)
         out.append(c)
     return out
 
