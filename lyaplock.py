@@ -957,10 +957,11 @@ class Editor:
              z_batch_tokens: int = 2048, state_device=None, log=lambda *a, **k: None, **hparams) -> "Editor":
         """Load a checkpoint, its preset (hparams overrides any field of HParams), context
         templates (seeded) and statistics (cached)."""
-        model = M.load(model_path, device, dtype, reserve=None if state_device else
-                       state_reserve(method, hparams.get("layers")))
-        hp = with_overrides(preset(model.cfg, method), **hparams)
-        check_hparams(hp, model.cfg.n_layers)           # before the statistics are collected
+        cfg = M.read_config(Path(model_path))
+        hp = with_overrides(preset(cfg, method), **hparams)
+        check_hparams(hp, cfg.n_layers)                 # before the model loads
+        model = M.load(model_path, device, dtype, placement=planned_placement(
+            cfg, hp, dtype, z_batch_tokens, state_on_host=state_device is not None))
         C = stats.load_or_collect_stats(model, model_path, stats_corpus or DEFAULT_CORPUS, stats_tokens,
                                         hp.layers, stats_cache, log=log, state_device=state_device)
         return cls(model, hp, C, context_templates(model, seed, method_of(method).templates), model_path,
@@ -1034,16 +1035,6 @@ def checked_requests(requests) -> list:
             raise TypeError(f"request {i} is a {type(q).__name__}, not a data.Request: read them with "
                             "data.load_requests(file), or data.requests_from(records) for dicts in memory")
     return requests
-
-
-def state_reserve(method: str, layers=None):
-    """M.load's reserve for a list of devices: each edit layer's float64 C and edit memory (an
-    m×m and a d×m matrix) on its layer's device. layers: a list, a --layers string, or None for
-    the method's preset."""
-    def reserve(cfg: M.Config) -> dict:
-        chosen = parse_layers(layers, cfg.n_layers) if isinstance(layers, str) else layers or preset(cfg, method).layers
-        return {l: layer_state_bytes(cfg, method) for l in chosen}
-    return reserve
 
 
 def layer_state_bytes(cfg: M.Config, method: str, kept_edits: int = 0) -> int:
@@ -1281,48 +1272,80 @@ def load_checkpoint(out: Path, model: M.CausalLM, hp: HParams | None = None) -> 
 def memory_plan(cfg: M.Config, hp: HParams, dtype: str, z_tokens: int, shares: list[float],
                 state_on_host: bool = False, n_edits: int = 0, stats_tokens: int = 8192) -> list[dict]:
     """Per device (in the order of `shares`: what each holds, e.g. its memory), the bytes a run
-    needs at its peak, from the config alone: the weights in `dtype` (placed as M.load places
-    them); each edit layer's state on its device — C, the method's edit memory (S_KK m×m, S_VK
-    d×m) and AlphaEdit's projector (m×m) in float64, and W0, its original weights — unless
-    `state_on_host`; then the largest of the phases: the target values (target_value_bytes: a
-    pass of z_tokens tokens through the blocks above the last edit layer, and the prefix caches of
-    the step's hp.batch_size requests), a solve (solve_bytes; with the state on the
-    host, also what of a layer's state comes over: brought_bytes, and W0) and the collection of
-    C (stats.collection_bytes: its sums, all the device's edit layers at once or, with the state
-    on the host, one). Against the measured peaks of two Llama-3-8B steps
+    needs at its peak, from the config alone (device_need), with the blocks placed to make the
+    largest need / share as small as it can be (M.split_blocks; M.load places them so too:
+    planned_placement). Against the measured peaks of two Llama-3-8B steps
     (docs/bench/llama3-8b-two-steps.txt, when E4's passes ran whole rows): 43.0 planned for 40.5
     GiB at 2048 tokens, 67.3 for 61.5 at 8192 (the solve's and the statistics' terms are not
-    measured on a GPU yet). n_edits: the stream's length, which the state grows with under
-    hp.superseded "remove" (layer_state_bytes), at its end."""
-    with torch.device("meta"):
-        model = M.CausalLM(cfg)
-    dt, m, d = M.DTYPES[dtype], cfg.d_mlp, cfg.d_model
-    kept_edits = n_edits if hp.superseded == "remove" else 0
-    placed = layer_state_bytes(cfg, hp.method, kept_edits)
-    blocks = M.place_blocks(model, shares, dt, {} if state_on_host else {l: placed for l in hp.layers})
-    W0 = d * m * dt.itemsize                               # in the model's dtype (M.load places without it)
-    layer_state = placed + W0
-    solve = solve_bytes(cfg, hp.method) + (brought_bytes(cfg, hp.method, kept_edits) + W0 if state_on_host else 0)
-    fixed = M.fixed_bytes(model, dt, len(shares))
-    per_block, home, logits = target_value_bytes(cfg, hp, dt, z_tokens)
-    head = 0 if cfg.tie_embeddings else len(shares) - 1        # the device of the head (M.fixed_bytes)
+    measured on a GPU yet). With the state on the host a last row says what host memory it takes."""
+    need = device_need(cfg, hp, dtype, z_tokens, len(shares), state_on_host, n_edits, stats_tokens)
+    stages = M.split_blocks(cfg.n_layers, lambda j, k, i: need(j, k, i)["need"], shares)
     rows = []
     for j in range(len(shares)):
-        mine = [i for i, b in enumerate(blocks) if b == j]
-        edit = [l for l in hp.layers if blocks[l] == j]
-        row = dict(blocks=mine, weights=fixed[j] + M.weight_bytes(dt, *[model.blocks[i] for i in mine]),
-                   state=0 if state_on_host else layer_state * len(edit),
-                   target_values=per_block * sum(i > hp.layers[-1] for i in mine) + (home if j == 0 else 0)
-                   + (logits if j in (0, head) else 0),
+        mine = [i for i, s in enumerate(stages) if s == j]
+        rows.append(need(j, mine[0], mine[-1] + 1) if mine else need(j, 0, 0))
+    if state_on_host:
+        held = edit_layer_bytes(cfg, hp, dtype, n_edits) * len(hp.layers)
+        rows.append(dict(blocks=[], weights=0, state=held, target_values=0, solve=0, statistics=0, need=held, host=True))
+    return rows
+
+
+def edit_layer_bytes(cfg: M.Config, hp: HParams, dtype: str, n_edits: int = 0) -> int:
+    """What one edit layer keeps beside its weights (on its device, or on the host): its float64
+    state (layer_state_bytes, with the edits kept under hp.superseded "remove") and W0 in `dtype`."""
+    kept_edits = n_edits if hp.superseded == "remove" else 0
+    return layer_state_bytes(cfg, hp.method, kept_edits) + cfg.d_model * cfg.d_mlp * M.DTYPES[dtype].itemsize
+
+
+def device_need(cfg: M.Config, hp: HParams, dtype: str, z_tokens: int, n_devices: int,
+                state_on_host: bool = False, n_edits: int = 0, stats_tokens: int = 8192):
+    """need(j, k, i): what device j of n_devices holds at its peak when it runs blocks k..i-1, a
+    dict of bytes: the weights in `dtype` (with the embeddings on the first device and the head on
+    the last: M.fixed_bytes); each edit layer's state on its device — C, the method's edit memory
+    (S_KK m×m, S_VK d×m) and AlphaEdit's projector (m×m) in float64, and W0, its original weights —
+    unless `state_on_host`; then the largest of the phases: the target values (target_value_bytes:
+    a pass of z_tokens tokens through the blocks above the last edit layer, and the prefix caches of
+    the step's hp.batch_size requests), a solve (solve_bytes; with the state on the host, also what
+    of a layer's state comes over: brought_bytes, and W0) and the collection of C
+    (stats.collection_bytes: its sums, all the device's edit layers at once or, with the state on
+    the host, one). n_edits: the stream's edits whose prompt comes again, which the state keeps
+    under hp.superseded "remove" (layer_state_bytes), at its end."""
+    with torch.device("meta"):
+        model = M.CausalLM(cfg)
+    dt = M.DTYPES[dtype]
+    kept_edits = n_edits if hp.superseded == "remove" else 0
+    layer_state = edit_layer_bytes(cfg, hp, dtype, n_edits)
+    W0 = cfg.d_model * cfg.d_mlp * dt.itemsize             # comes over with a solve from the host
+    solve = solve_bytes(cfg, hp.method) + (brought_bytes(cfg, hp.method, kept_edits) + W0 if state_on_host else 0)
+    weights = M.weight_need(model, dt, n_devices)
+    per_block, home, logits = target_value_bytes(cfg, hp, dt, z_tokens)
+    head = 0 if cfg.tie_embeddings else n_devices - 1       # the device of the head (M.fixed_bytes)
+    last = hp.layers[-1]
+
+    def need(j: int, k: int, i: int) -> dict:
+        edit = sum(k <= l < i for l in hp.layers)
+        above = max(0, i - max(k, last + 1))               # blocks above the last edit layer
+        row = dict(blocks=list(range(k, i)), weights=weights(j, k, i),
+                   state=0 if state_on_host else layer_state * edit,
+                   target_values=per_block * above + (home if j == 0 else 0) + (logits if j in (0, head) else 0),
                    solve=solve if edit else 0,
-                   statistics=stats.collection_bytes(cfg, dt, stats_tokens, 1 if state_on_host else len(edit))
+                   statistics=stats.collection_bytes(cfg, dt, stats_tokens, 1 if state_on_host else edit)
                    if edit else 0)
         work = max(row["state"] + max(row["target_values"], row["solve"]), row["statistics"])
-        rows.append(row | {"need": row["weights"] + work})
-    if state_on_host:
-        rows.append(dict(blocks=[], weights=0, state=layer_state * len(hp.layers), target_values=0, solve=0,
-                         statistics=0, need=layer_state * len(hp.layers), host=True))
-    return rows
+        return row | {"need": row["weights"] + work}
+    return need
+
+
+def planned_placement(cfg: M.Config, hp: HParams, dtype: str, z_tokens: int = 2048, state_on_host: bool = False,
+                      n_edits: int = 0, stats_tokens: int = 8192):
+    """M.load's placement for this run: the blocks where its memory plan puts them."""
+    return lambda shares: plan_stages(memory_plan(cfg, hp, dtype, z_tokens, shares, state_on_host, n_edits,
+                                                  stats_tokens))
+
+
+def plan_stages(rows: list[dict]) -> list[int]:
+    """Each block's device index in a memory plan (M.load's placement)."""
+    return [j for j, row in enumerate(rows) for _ in row["blocks"]]
 
 
 ROW_SLOTS = 28      # token slots a target-value row keeps between passes: its padded prefix in the
@@ -1382,39 +1405,55 @@ def device_memory(device: torch.device) -> int:
 
 
 def print_plan(args) -> int:
-    """--plan: the memory plan of the run the flags describe, from config.json alone."""
-    cfg = M.read_config(Path(args.model))
-    layers = parse_layers(args.layers, cfg.n_layers) if args.layers else None
-    hp = with_overrides(preset(cfg, args.method), layers=layers, superseded=args.superseded)
-    requests = data.load_requests(args.edits, skip_bad=True, limit=args.limit)[0] if args.edits else []
-    recurring = recurring_prompts(requests)
-    n_kept = sum(q.rewrite_prompt() in recurring for q in requests)     # the E8a columns a run keeps
+    """--plan: the memory plan of the run the flags describe (with --resume, the run's settings and
+    the flags that may change), from config.json alone; the run's blocks are placed by it."""
+    _, settings, cfg = open_run(args)
+    requests = data.load_requests(settings.edits, skip_bad=True, limit=settings.limit)[0] if settings.edits else []
     if args.plan_gib:
         names = [f"device {i}" for i in range(len(args.plan_gib))]
         capacity = [g * 2 ** 30 for g in args.plan_gib]
     else:
-        devices = M.check_devices(args.device)
+        devices = M.check_devices(settings.device)
         names = [str(dev) for dev in devices]
         capacity = [device_memory(dev) for dev in devices]
-    rows = memory_plan(cfg, hp, args.dtype, args.z_batch_tokens, capacity, state_on_host=bool(args.state_device),
-                       n_edits=n_kept, stats_tokens=args.stats_batch_tokens)
-    gib = lambda b: f"{b / 2 ** 30:.1f}"
-    print(f"memory plan: {args.model} ({cfg.arch}), {hp.method}, layers {list(hp.layers)}, {args.dtype}, "
-          f"--z-batch-tokens {args.z_batch_tokens}{', --state-device cpu' if args.state_device else ''} (GiB)")
+    rows = run_memory_plan(settings, cfg, requests, capacity)
+    hp = settings.hparams
+    on_host = ", --state-device cpu" if settings.state_device else ""
+    print(f"memory plan: {settings.model} ({cfg.arch}), {hp.method}, layers {list(hp.layers)}, {settings.dtype}, "
+          f"--batch-size {hp.batch_size}, --z-batch-tokens {settings.z_batch_tokens}{on_host} (GiB)")
     if hp.superseded == "remove" and method_of(hp.method).memory:
         per = layer_state_bytes(cfg, hp.method, 1000) - layer_state_bytes(cfg, hp.method)
-        counted = (f"counted for the {n_kept} of the {len(requests)} edits of --edits whose prompt is edited again"
-                   if args.edits else "not counted: give --edits")
+        counted = (f"counted for the {kept_edit_count(requests)} of the {len(requests)} edits of --edits whose "
+                   "prompt is edited again" if settings.edits else "not counted: give --edits")
         print(f"--superseded remove: the state grows by {per / 2 ** 20:.0f} MiB per 1,000 edits and edit "
               f"layer ({counted}); every checkpoint holds it too")
+    gib = lambda b: f"{b / 2 ** 30:.1f}"
     print(f"{'device':<12}{'blocks':>10}{'weights':>9}{'state':>8}{'targets':>8}{'solve':>8}{'stats':>8}"
           f"{'need':>8}{'has':>8}  fits")
-    for row, name, has in zip(rows, names + ["host"], capacity + [device_memory(torch.device("cpu"))]):
+    has = capacity + [device_memory(torch.device("cpu"))]
+    for row, name, room in zip(rows, names + ["host"], has):
         span = f"{row['blocks'][0]}-{row['blocks'][-1]}" if row["blocks"] else "-"
         print(f"{name:<12}{span:>10}{gib(row['weights']):>9}{gib(row['state']):>8}{gib(row['target_values']):>8}"
-              f"{gib(row['solve']):>8}{gib(row['statistics']):>8}{gib(row['need']):>8}{gib(has):>8}  "
-              f"{'yes' if row['need'] <= has else 'NO'}")
-    return 0 if all(r["need"] <= h for r, h in zip(rows, capacity + [device_memory(torch.device("cpu"))])) else 1
+              f"{gib(row['solve']):>8}{gib(row['statistics']):>8}{gib(row['need']):>8}{gib(room):>8}  "
+              f"{'yes' if row['need'] <= room else 'NO'}")
+    return 0 if all(row["need"] <= room for row, room in zip(rows, has)) else 1
+
+
+def run_memory_plan(settings: "Settings", cfg: M.Config, requests, shares: list[float]) -> list[dict]:
+    """The memory plan of the command's run: its settings, and its stream (a step holds at most
+    --batch-size of its requests; --superseded remove keeps the edits whose prompt comes again)."""
+    hp = settings.hparams
+    if requests:
+        hp = replace(hp, batch_size=min(hp.batch_size, len(requests)))
+    return memory_plan(cfg, hp, settings.dtype, settings.z_batch_tokens, shares, bool(settings.state_device),
+                       kept_edit_count(requests), settings.stats_batch_tokens)
+
+
+def kept_edit_count(requests) -> int:
+    """How many of the requests edit a prompt that another one edits too: the E8a columns a run
+    with --superseded remove keeps (EditState.recurring)."""
+    recurring = recurring_prompts(requests)
+    return sum(q.rewrite_prompt() in recurring for q in requests)
 
 
 # ----------------------------------------------------------------------------- the command
@@ -1433,8 +1472,8 @@ HEADLINE = ("efficacy", "generalization", "specificity", "score", "efficacy_gene
 class Settings:
     """Everything one run of the command depends on; config.json is its JSON form."""
     model: str
-    edits: str
-    hparams: HParams
+    edits: str = ""                  # (empty only for --plan without --edits)
+    hparams: HParams = field(default_factory=HParams)
     model_config_sha256: str = ""
     edits_sha256: str = ""
     limit: int | None = None
@@ -1564,6 +1603,9 @@ def check_settings(args):
         raise ValueError(f"--stop-below {args.stop_below}: give a fraction between 0 and 1, with --eval-every K")
     if args.state_device:
         M.check_device(args.state_device)
+    for gib in args.plan_gib or ():
+        if problem := range_problem(gib, "positive"):
+            raise ValueError(f"--plan-gib: each device's memory {problem}")
     if args.resume and args.out:
         raise ValueError("--out and --resume: a resumed run stays in its own directory; give only --resume")
 
@@ -1596,7 +1638,7 @@ def parse_layers(text: str, n_layers: int) -> tuple:
     return layers
 
 
-def typed_settings(args, names, model: M.CausalLM) -> dict:
+def typed_settings(args, names, cfg: M.Config) -> dict:
     """The settings (dotted keys, as config.json holds them) that the flags `names` set."""
     out = {}
     for name in sorted(set(names) - set(NOT_SETTINGS)):
@@ -1607,32 +1649,33 @@ def typed_settings(args, names, model: M.CausalLM) -> dict:
             out[f"{name}_sha256" if name == "edits" else "model_config_sha256"] = data.file_sha256(
                 Path(value) / "config.json" if name == "model" else value)
         if name == "layers":
-            value = list(parse_layers(value, model.cfg.n_layers))
+            value = list(parse_layers(value, cfg.n_layers))
         out[FLAG_FIELDS.get(name, name)] = (not value) if name == "no_generation" else value
     return out
 
 
-def new_settings(args, model: M.CausalLM) -> Settings:
+def new_settings(args, cfg: M.Config) -> Settings:
     """A new run's settings: the method's preset, then every flag (None leaves the preset)."""
-    flat = typed_settings(args, [k for k, v in vars(args).items() if v is not None], model)
-    preset_hp = {f"hparams.{k}": v for k, v in asdict(preset(model.cfg, args.method)).items()}
+    flat = typed_settings(args, [k for k, v in vars(args).items() if v is not None], cfg)
+    preset_hp = {f"hparams.{k}": v for k, v in asdict(preset(cfg, args.method)).items()}
     return Settings.from_flat(preset_hp | flat)
 
 
-def resumed_settings(args, saved: dict, model: M.CausalLM) -> Settings:
+def resumed_settings(args, saved: dict, cfg: M.Config) -> Settings:
     """A resumed run's settings: its own, with the typed flags that may change; any other typed
     flag that differs from the run's setting is refused, naming each."""
     was = ev.flat(saved)
-    now = typed_settings(args, args.given, model)
+    now = typed_settings(args, args.given, cfg)
     if diff := [f"{k}: {was.get(k)!r} in the run, {v!r} now" for k, v in now.items()
                 if k not in RESUMABLE and was.get(k) != v]:
         raise ValueError(f"--resume {args.resume}: the configuration differs: " + "; ".join(diff))
     return Settings.from_flat(was | {k: v for k, v in now.items() if k in RESUMABLE})
 
 
-def open_run(args):
-    """(run directory, settings, model): the one --resume names, or a new run's --out (None for
-    the next runs/NNN), checked to be empty but not made yet (create_run_dir)."""
+def open_run(args) -> tuple[Path | None, Settings, M.Config]:
+    """(run directory, settings, the checkpoint's config): the run --resume names, or a new run's
+    --out (None for the next runs/NNN), checked to be empty but not made yet (create_run_dir);
+    from the flags, the run's config.json and the checkpoint's, before any weights are read."""
     check_settings(args)
     check_inputs(args)
     saved = None
@@ -1642,18 +1685,21 @@ def open_run(args):
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"--resume {args.resume}: not a run directory (config.json: {e})") from None
     check_outputs(args, args.model or saved["model"])
-    method, layers = (saved["hparams"]["method"], saved["hparams"]["layers"]) if saved else (args.method, args.layers)
-    on_host = args.state_device or (saved or {}).get("state_device")
-    with stage("loading the model", "use --dtype bfloat16, more GPUs (--device cuda:0,cuda:1) or --state-device cpu"):
-        model = M.load(args.model or saved["model"], args.device, saved["dtype"] if saved else args.dtype,
-                       reserve=None if on_host else state_reserve(method, layers))
-    settings = resumed_settings(args, saved, model) if saved else new_settings(args, model)
-    if settings.stats_tokens and not settings.stats_file and settings.stats_tokens < model.cfg.d_mlp:
-        raise ValueError(f"--stats-tokens {settings.stats_tokens}: C ({model.cfg.d_mlp}×{model.cfg.d_mlp}) "
-                         f"needs at least d_mlp = {model.cfg.d_mlp} tokens, or it is singular")
+    cfg = M.read_config(Path(args.model or saved["model"]))
+    settings = resumed_settings(args, saved, cfg) if saved else new_settings(args, cfg)
+    if settings.stats_tokens and not settings.stats_file and settings.stats_tokens < cfg.d_mlp:
+        raise ValueError(f"--stats-tokens {settings.stats_tokens}: C ({cfg.d_mlp}×{cfg.d_mlp}) "
+                         f"needs at least d_mlp = {cfg.d_mlp} tokens, or it is singular")
     if saved:
-        return Path(args.resume), settings, model
-    return Path(args.out) if args.out else None, settings, model
+        return Path(args.resume), settings, cfg
+    return Path(args.out) if args.out else None, settings, cfg
+
+
+def load_model(settings: Settings, cfg: M.Config, requests) -> M.CausalLM:
+    """The checkpoint on the run's devices, its blocks where the run's memory plan puts them."""
+    with stage("loading the model", "use --dtype bfloat16, more GPUs (--device cuda:0,cuda:1) or --state-device cpu"):
+        return M.load(settings.model, settings.device, settings.dtype,
+                      placement=lambda shares: plan_stages(run_memory_plan(settings, cfg, requests, shares)))
 
 
 def check_outputs(args, model_path):
@@ -1769,10 +1815,13 @@ def main(argv=None):
     if argv[:1] == ["report"]:
         return report(argv[1:])
     args = parse_args(argv)
-    if args.plan and args.model:
+    if args.plan and not (args.model or args.resume):
+        print("error: --plan needs --model (or --resume DIR)", file=sys.stderr)
+        return 2
+    if args.plan:
         try:
             return print_plan(args)
-        except (M.CheckpointError, ValueError) as e:
+        except (M.CheckpointError, data.DataError, ValueError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
     if not args.resume and not (args.model and args.edits):
@@ -1803,8 +1852,9 @@ def report(argv) -> int:
 
 
 def run(args) -> int:
-    out, settings, model = open_run(args)
+    out, settings, cfg = open_run(args)
     requests, skipped = load_requests(settings)
+    model = load_model(settings, cfg, requests)
     saved = out / "templates.json" if args.resume else None
     templates = json.loads(saved.read_text()) if saved and saved.exists() else context_templates(
         model, settings.seed, method_of(settings.hparams.method).templates)

@@ -762,50 +762,55 @@ def device_shares(devices: list[torch.device]) -> list[float]:
     return [float(cuda.get(d, cpu)) for d in devices]
 
 
-def split_blocks(loads: list[float], fixed: list[float], shares: list[float]) -> list[int]:
-    """The device index of each block: blocks in order, each device a contiguous run of them
-    (possibly none). It minimises the largest fill (fixed[j] + its blocks' loads) / shares[j]
-    over the devices; among splits with the same largest fill, the smaller sum of squared fills
-    (spread, not piled on one device). loads: each block's bytes (weights and reserve); fixed:
-    what each device holds besides blocks (the embeddings on the first, the head on the last)."""
-    starts = [0.0]
-    for b in loads:
-        starts.append(starts[-1] + b)                  # starts[i]: the loads of blocks < i
+def split_blocks(n: int, need, shares: list[float]) -> list[int]:
+    """The device index of each of n blocks: blocks in order, each device a contiguous run of them
+    (possibly none). need(j, k, i): the bytes device j needs when it holds blocks k..i-1 (its
+    weights, and whatever else it must hold then: weight_need, or a run's memory plan). It
+    minimises the largest fill need / shares[j] over the devices; among the splits that reach it,
+    the sum of squared fills (spread, not piled on one device). Two dynamic programmes over the
+    devices in order: the least largest fill, then the least sum of squares within it."""
+    fills = {}
 
     def fill(j, k, i):                                 # device j holding blocks k..i-1
-        return (fixed[j] + starts[i] - starts[k]) / shares[j]
-    def extend(prev, j, k, i):                         # the best of blocks < k on devices < j, then j
-        f = fill(j, k, i)
-        return max(prev[0], f), prev[1] + f * f, k
-    # best[j][i]: (largest fill, sum of squared fills, cut k) of blocks < i on devices 0..j,
-    # device j holding blocks k..i-1: a dynamic programme over the devices in order
-    n = len(loads)
-    best = [[(fill(0, 0, i), fill(0, 0, i) ** 2, 0) for i in range(n + 1)]]
-    for j in range(1, len(shares)):
-        best.append([min(extend(best[j - 1][k], j, k, i) for k in range(i + 1)) for i in range(n + 1)])
+        if (j, k, i) not in fills:
+            fills[j, k, i] = need(j, k, i) / shares[j]
+        return fills[j, k, i]
+    devices = range(len(shares))
+    # largest[j][i]: the least largest fill of blocks < i on devices 0..j
+    largest = [[fill(0, 0, i) for i in range(n + 1)]]
+    for j in devices[1:]:
+        largest.append([min(max(largest[j - 1][k], fill(j, k, i)) for k in range(i + 1)) for i in range(n + 1)])
+    bound = largest[-1][n]
+    # squares[j][i]: (least sum of squared fills of blocks < i on devices 0..j, each fill within
+    # the bound; the cut k where device j's blocks begin)
+    squares = [[(fill(0, 0, i) ** 2 if fill(0, 0, i) <= bound else math.inf, 0) for i in range(n + 1)]]
+    for j in devices[1:]:
+        squares.append([min((squares[j - 1][k][0] + fill(j, k, i) ** 2 if fill(j, k, i) <= bound else math.inf, k)
+                            for k in range(i + 1)) for i in range(n + 1)])
     device = [0] * n
     i = n
-    for j in range(len(shares) - 1, 0, -1):            # walk the cuts back from the last device
-        k = best[j][i][2]
+    for j in reversed(devices[1:]):                    # walk the cuts back from the last device
+        k = squares[j][i][1]
         device[k:i] = [j] * (i - k)
         i = k
     return device
 
 
-def place_blocks(model: "CausalLM", shares: list[float], dtype: torch.dtype,
-                 reserve: dict[int, int]) -> list[int]:
-    """Each block's device as an index into `shares` (device_shares: what each device should
-    hold, e.g. its memory), by split_blocks. A block weighs its weights in `dtype` plus
-    reserve[layer] bytes (what else its device must hold, e.g. the layer's statistics); the
-    embeddings count on the first device, the final norm and the head on the last (tied to the
-    embeddings: on the first, with them). The model may be on the meta device (a plan)."""
-    n = model.cfg.n_layers
-    if bad := sorted(set(reserve) - set(range(n))):
-        raise ValueError(f"reserve names layer(s) {bad}, not in 0..{n - 1}")
-    if any(not b >= 0 for b in reserve.values()):
-        raise ValueError(f"reserve: bytes must be non-negative, got {reserve}")
-    loads = [weight_bytes(dtype, b) + reserve.get(i, 0) for i, b in enumerate(model.blocks)]
-    return split_blocks(loads, fixed_bytes(model, dtype, len(shares)), shares)
+def weight_need(model: "CausalLM", dtype: torch.dtype, n_devices: int):
+    """split_blocks' need by the weights alone: device j's weights outside the blocks (fixed_bytes)
+    and those of blocks k..i-1, in `dtype`. The model may be on the meta device (a plan)."""
+    fixed = fixed_bytes(model, dtype, n_devices)
+    starts = [0]
+    for block in model.blocks:
+        starts.append(starts[-1] + weight_bytes(dtype, block))     # starts[i]: the blocks < i
+    return lambda j, k, i: fixed[j] + starts[i] - starts[k]
+
+
+def check_stages(stages: list[int], n_blocks: int, n_devices: int):
+    """A placement is each block's device index, in order (a contiguous run each); else a ValueError."""
+    if len(stages) != n_blocks or list(stages) != sorted(stages) or not all(0 <= j < n_devices for j in stages):
+        raise ValueError(f"placement {stages}: give each of the {n_blocks} blocks a device index in "
+                         f"0..{n_devices - 1}, in order")
 
 
 def weight_bytes(dtype: torch.dtype, *modules) -> int:
@@ -879,13 +884,14 @@ def read_config(path: Path) -> Config:
         raise CheckpointError(f"{path / 'config.json'}: not valid JSON ({e})") from None
 
 
-def load(path, device="cpu", dtype="float32", reserve=None) -> CausalLM:
+def load(path, device="cpu", dtype="float32", placement=None) -> CausalLM:
     """Load config, weights and tokenizer of an HF checkpoint directory. The model is built on the
     meta device and each tensor goes straight to its device in `dtype`; names, shapes and (float)
     dtypes are checked from the files' headers before any data is read, and every weight must be
     finite. device: one device, or several (check_devices: "cuda:0,cuda:1", "cpu,cpu", "auto"),
-    over which the blocks are placed in order by the devices' memory (place_blocks); reserve:
-    None or a function config -> {layer: bytes} of what else a layer's device must hold."""
+    over which the blocks are placed in order, in proportion to the devices' memory
+    (device_shares): by `placement`, a function shares -> each block's device index (a run's
+    memory plan: lyaplock.planned_placement), else by the weights alone (weight_need)."""
     path = Path(path)
     devices = check_devices(device)
     cfg = read_config(path)
@@ -901,8 +907,11 @@ def load(path, device="cpu", dtype="float32", reserve=None) -> CausalLM:
     shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
     check_tensors(path, cfg, {c: shapes[n] for c, n in params.items()}, headers)
     if len(devices) > 1:
+        shares = device_shares(devices)
         model.devices = devices
-        model.stages = place_blocks(model, device_shares(devices), DTYPES[dtype], reserve(cfg) if reserve else {})
+        model.stages = placement(shares) if placement else \
+            split_blocks(cfg.n_layers, weight_need(model, DTYPES[dtype], len(devices)), shares)
+        check_stages(model.stages, cfg.n_layers, len(devices))
     blocks = [devices[j] for j in model.stages] if model.stages else devices[:1] * cfg.n_layers
     where = parameter_devices(model, devices, blocks)                           # name -> device
     state = {}

@@ -47,8 +47,8 @@ def vocab(m):
 
 
 # =============================================================================== placement
-def test_placement_covers_every_block_in_order_and_follows_the_reserve():
-    """Blocks in contiguous runs, in device order; a large reserve on a layer moves the split."""
+def test_placement_covers_every_block_in_order_and_follows_the_need():
+    """Blocks in contiguous runs, in device order; what else a layer's device must hold moves the split."""
     one = M.load(STORIES)
     assert one.stages is None and one.placement == [torch.device("cpu")] * 5
     two, three = M.load(STORIES, "cpu,cpu"), M.load(STORIES, "cpu,cpu,cpu")
@@ -56,9 +56,13 @@ def test_placement_covers_every_block_in_order_and_follows_the_reserve():
     assert three.stages == [0, 1, 1, 2, 2]
     assert len(two.devices) == 2 and two.placement == [torch.device("cpu")] * 5
     assert two.placement[3] == two.edit_weight(3).device
+    with torch.device("meta"):
+        meta = M.CausalLM(M.read_config(STORIES))
     for spec, layer, want in [("cpu,cpu", 4, [0, 0, 0, 0, 1]), ("cpu,cpu", 0, [0, 1, 1, 1, 1]),
                               ("cpu,cpu,cpu", 2, [0, 0, 1, 2, 2])]:
-        m = M.load(STORIES, spec, reserve=lambda cfg: {layer: 50 * cfg.d_mlp ** 2 * 8})
+        weights = M.weight_need(meta, torch.float32, len(spec.split(",")))
+        need = lambda j, k, i: weights(j, k, i) + (50 * 172 ** 2 * 8 if k <= layer < i else 0)
+        m = M.load(STORIES, spec, placement=lambda shares: M.split_blocks(5, need, shares))
         assert m.stages == want, (spec, layer)
 
 
@@ -67,27 +71,47 @@ def contiguous_splits(n, D):
     return [list(c) for c in itertools.combinations_with_replacement(range(D), n)]
 
 
-def largest_fill(split, loads, fixed, shares):
-    fill = list(fixed)
-    for j, b in zip(split, loads):
-        fill[j] += b
-    return max(f / s for f, s in zip(fill, shares))
+def device_fills(split, need, shares):
+    fills = []
+    for j in range(len(shares)):
+        mine = [i for i, d in enumerate(split) if d == j]
+        fills.append(need(j, mine[0], mine[-1] + 1) / shares[j] if mine else need(j, 0, 0) / shares[j])
+    return fills
+
+
+def largest_fill(split, need, shares):
+    return max(device_fills(split, need, shares))
+
+
+def additive(loads, fixed):
+    """The need of weights alone: each device's fixed bytes and its blocks' loads."""
+    return lambda j, k, i: fixed[j] + sum(loads[k:i])
 
 
 def test_split_blocks_minimises_the_largest_fill():
-    """The defining property, against all contiguous splits on random sizes; proportional shares."""
+    """The defining property, against all contiguous splits on random sizes; proportional shares;
+    a need that is not a sum over blocks (a device's one solve beside any edit layer's state, as the
+    memory plan has) too."""
     rng = random.Random(0)
-    for _ in range(60):
+    for _ in range(300):
         n, D = rng.randint(1, 7), rng.randint(1, 4)
         loads = [rng.randint(1, 100) for _ in range(n)]
         fixed = [rng.randint(0, 80) for _ in range(D)]
         shares = [rng.choice([1.0, 2.0, 3.5]) for _ in range(D)]
-        got = M.split_blocks(loads, fixed, shares)
-        assert got in contiguous_splits(n, D)
-        best = min(largest_fill(s, loads, fixed, shares) for s in contiguous_splits(n, D))
-        assert largest_fill(got, loads, fixed, shares) == pytest.approx(best, rel=1e-12)
-    assert M.split_blocks([1] * 8, [0, 0], [3.0, 1.0]) == [0] * 6 + [1] * 2      # by memory
-    assert M.split_blocks([1] * 4, [10, 0, 0], [1.0] * 3) == [1, 1, 2, 2]       # spread among ties
+        edit = set(rng.sample(range(n), rng.randint(0, n)))
+        solve = rng.randint(0, 150)
+        per_device = lambda j, k, i: additive(loads, fixed)(j, k, i) + (solve if edit & set(range(k, i)) else 0)
+        for need in (additive(loads, fixed), per_device):
+            got = M.split_blocks(n, need, shares)
+            assert got in contiguous_splits(n, D)
+            best = min(largest_fill(s, need, shares) for s in contiguous_splits(n, D))
+            assert largest_fill(got, need, shares) == pytest.approx(best, rel=1e-12)
+            spread = min(sum(f * f for f in device_fills(s, need, shares)) for s in contiguous_splits(n, D)
+                         if largest_fill(s, need, shares) <= best * (1 + 1e-12))
+            assert sum(f * f for f in device_fills(got, need, shares)) == pytest.approx(spread, rel=1e-12)
+    assert M.split_blocks(8, additive([1] * 8, [0, 0]), [3.0, 1.0]) == [0] * 6 + [1] * 2      # by memory
+    assert M.split_blocks(4, additive([1] * 4, [10, 0, 0]), [1.0] * 3) == [1, 1, 2, 2]       # spread among ties
+    assert M.split_blocks(4, additive([6, 1, 4, 3], [2, 0, 0, 14]), [1.0] * 4) == [0, 1, 1, 2]  # squares 294 (one pass: 298)
     assert M.device_shares([torch.device("cpu")] * 3) == [1.0] * 3
 
 
@@ -99,7 +123,7 @@ def test_parameters_go_to_their_blocks_device(ckpt, kind):
     with torch.device("meta"):
         m = M.CausalLM(M.read_config(path))
     devices = [torch.device("cpu"), torch.device("meta")]
-    placed = M.place_blocks(m, M.device_shares(devices), torch.float32, {})
+    placed = M.split_blocks(m.cfg.n_layers, M.weight_need(m, torch.float32, 2), M.device_shares(devices))
     assert placed == sorted(placed) and len(placed) == m.cfg.n_layers
     stages = [0, 1, 1, 1, 1][-m.cfg.n_layers:]     # (GPT-2's 50257 embeddings outweigh its 3 blocks)
     where = M.parameter_devices(m, devices, [devices[j] for j in stages])
@@ -232,8 +256,9 @@ def test_bad_device_lists_are_one_line_errors(capsys):
         assert str(info.value).startswith(message) and "\n" not in str(info.value)
     with pytest.raises(ValueError, match="device 'cpu,cpu': give one device here"):
         M.check_device("cpu,cpu")
-    with pytest.raises(ValueError, match=r"reserve names layer\(s\) \[7\], not in 0..4"):
-        M.load(STORIES, "cpu,cpu", reserve=lambda cfg: {7: 1})
+    for stages in ([0, 1, 0, 1, 1], [0, 0, 1, 2, 2], [0, 1]):
+        with pytest.raises(ValueError, match=r"placement \[.*\]: give each of the 5 blocks a device index in 0..1, in order"):
+            M.load(STORIES, "cpu,cpu", placement=lambda shares: stages)
     assert M.check_devices("auto") == ([torch.device("cuda", i) for i in range(torch.cuda.device_count())]
                                        or [torch.device("cpu")])
     assert M.check_devices("cpu, cpu") == [torch.device("cpu")] * 2
@@ -606,13 +631,25 @@ def test_memory_plan_statistics_term_covers_a_measured_collection(tmp_path):
         assert planned / 2 < measured <= planned, (layers, measured / 2 ** 20, planned / 2 ** 20)
 
 
-def test_memory_plan_places_as_load_does_and_the_command_says_whether_it_fits(capsys):
-    cfg = M.read_config(STORIES)
+def test_memory_plan_places_as_load_does_and_the_command_says_whether_it_fits(tmp_path, capsys):
+    """The command loads its model where its memory plan puts the blocks (the run's settings and
+    stream: a step of at most --batch-size of its requests), and that placement makes the largest
+    need the smallest of all contiguous splits; --plan prints that plan."""
+    args = L.parse_args(["--model", str(STORIES), "--edits", str(FIX / "counterfact-rome.json"), "--limit", "8",
+                         "--layers", "1,2", "--device", "cpu,cpu,cpu", "--out", str(tmp_path / "run")])
+    _, settings, cfg = L.open_run(args)
+    requests, _ = load_requests(settings.edits, limit=8)
+    m = L.load_model(settings, cfg, requests)
+    shares = M.device_shares(m.devices)
+    rows = L.run_memory_plan(settings, cfg, requests, shares)
+    assert L.plan_stages(rows) == m.stages and [b for r in rows for b in r["blocks"]] == list(range(cfg.n_layers))
+    step = L.replace(settings.hparams, batch_size=8)
+    assert rows == L.memory_plan(cfg, step, "float32", 2048, shares)
+    need = L.device_need(cfg, step, "float32", 2048, 3)
+    best = min(largest_fill(split, lambda j, k, i: need(j, k, i)["need"], shares)
+               for split in contiguous_splits(cfg.n_layers, 3))
+    assert max(r["need"] for r in rows) == best
     hp = L.HParams(method="lyaplock", layers=(1, 2))
-    m = M.load(STORIES, "cpu,cpu", reserve=lambda c: {l: (2 * c.d_mlp ** 2 + c.d_model * c.d_mlp) * 8 for l in (1, 2)})
-    rows = L.memory_plan(cfg, hp, "float32", 2048, M.device_shares(m.devices))
-    assert [b for j, r in enumerate(rows) for b in r["blocks"] if j >= 0] == list(range(cfg.n_layers))
-    assert [next(j for j, r in enumerate(rows) if i in r["blocks"]) for i in range(cfg.n_layers)] == m.stages
     host = L.memory_plan(cfg, hp, "float32", 2048, [1.0], state_on_host=True)
     assert host[0]["state"] == 0 and host[-1]["host"]
     assert host[-1]["need"] == 2 * (8 * (2 * 172 ** 2 + 64 * 172) + 4 * 64 * 172)     # float64 state, float32 W0
@@ -621,6 +658,36 @@ def test_memory_plan_places_as_load_does_and_the_command_says_whether_it_fits(ca
     assert out.startswith("memory plan: ") and out.strip().endswith("yes") and "   stats " in out
     assert L.main(["--plan", "--model", str(STORIES), "--layers", "1,2", "--plan-gib", "0.0001,0.0001"]) == 1
     assert "NO" in capsys.readouterr().out
+
+
+def test_the_plan_follows_every_flag_of_the_run_and_refuses_what_the_run_refuses(tmp_path, capsys):
+    """--plan plans the run the same flags start: --batch-size sets the prefix caches a step keeps
+    (it was ignored), --resume plans the run in DIR with the flags that may change; flags out of
+    range and device sizes that are not positive are one-line errors, as for the run."""
+    plan = lambda *flags: (L.main(["--plan", "--model", str(STORIES), "--layers", "1,2", *flags]),
+                           capsys.readouterr())
+    targets = {}
+    for batch in ("10", "1000"):
+        rc, out = plan("--batch-size", batch)
+        assert rc == 0 and f"--batch-size {batch}," in out.out
+        targets[batch] = float(out.out.splitlines()[-1].split()[4])
+    assert targets["1000"] > targets["10"]
+    for flags, message in [(("--plan-gib", "80,0"), "--plan-gib: each device's memory must be positive, got 0.0"),
+                           (("--plan-gib", "nan"), "--plan-gib: each device's memory must be positive, got nan"),
+                           (("--z-batch-tokens", "0"), "--z-batch-tokens must be at least 1, got 0"),
+                           (("--batch-size", "-5"), "--batch-size must be at least 1, got -5"),
+                           (("--layers", "1,9"), "--layers '1,9': give increasing layer numbers in 0..4")]:
+        rc, out = plan(*flags)
+        assert rc == 1 and out.err.startswith(f"error: {message}") and "Traceback" not in out.err, flags
+    assert L.main(["--plan"]) == 2 and "--plan needs --model" in capsys.readouterr().err
+    run = tmp_path / "run"
+    run.mkdir()
+    settings = L.Settings(model=str(STORIES), edits=str(FIX / "counterfact-rome.json"), dtype="float32",
+                          hparams=L.HParams(method="memit", layers=(2, 3), batch_size=7))
+    (run / "config.json").write_text(settings.to_json())
+    assert L.main(["--plan", "--resume", str(run), "--z-batch-tokens", "512"]) == 0
+    out = capsys.readouterr().out
+    assert "memit, layers [2, 3], float32, --batch-size 7, --z-batch-tokens 512 (GiB)" in out
 
 
 @pytest.mark.parametrize("method", ["lyaplock", "memit-seq"])
