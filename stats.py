@@ -19,10 +19,12 @@ The statistics file (safetensors): `C.<layer>` float64 (m, m) per layer, and in 
 each C's bytes, so a corrupted file is refused) and `key`: everything C depends on — the
 weights' fingerprint through the last layer of the file (sha256 over config.json and the
 stored bytes of every tensor up to that layer, each tensor's own digest kept too, so a refusal
-can name it), the corpus sha256, the requested token count (0: the whole corpus), max length,
-the forward pass's dtype, the layers and d_mlp. Weights above the file's last layer do not
-enter: editing a later layer's copy of the model keeps the file valid. --stats FILE refuses a
-file whose weights, layers, shape or format version differ from the run's, naming what differs.
+can name it), the tokenizer's sha256 (over tokenizer.json and tokenizer_config.json, which
+make the token ids and the BOS rule), the corpus sha256, the requested token count (0: the
+whole corpus), max length, the forward pass's dtype, the layers and d_mlp. Weights above the
+file's last layer do not enter: editing a later layer's copy of the model keeps the file valid.
+--stats FILE refuses a file whose weights, tokenizer, layers, shape or format version differ
+from the run's, naming what differs.
 A different dtype is allowed with a warning line: C is float64 either way, and a bf16 forward
 pass moves C by about bf16's rounding (0.7% relative, Frobenius, on stories260K). The runtime
 cache (`--stats-cache`) stores the same files, named by the hash of their key.
@@ -46,9 +48,10 @@ the whole corpus, cuts the same length batches and takes batches rank, rank + N,
 (dealt round-robin from the length-sorted list, so every rank gets a like mix of lengths); each
 accumulates its float64 Σ k kᵀ and token count in one buffer, ONE all_reduce sums them (one
 per pass with --state-device cpu, which collects a layer a pass: collection_passes), rank 0
-divides (E1), writes the file and shows progress; the other ranks are silent. NCCL with each
-rank on cuda:LOCAL_RANK, gloo on the CPU. The result is the one-process C up to the order in
-which float64 batch sums are added.
+divides (E1), writes the file and shows progress; the other ranks are silent, save that each
+learns from rank 0 whether the file was written (one broadcast) and, if not, leaves with one
+error line. NCCL with each rank on cuda:LOCAL_RANK, gloo on the CPU. The result is the
+one-process C up to the order in which float64 batch sums are added.
 
 Why editing stays one process: each step's solve (E9) needs the weights, queue (E13) and edit
 memory the previous step left, and the next step's target values are optimised on that edited
@@ -80,7 +83,7 @@ import data
 import model as M
 
 FORMAT = "lyaplock-statistics"
-VERSION = 1
+VERSION = 2                  # 2: the key holds the tokenizer
 
 
 class StatisticsError(ValueError):
@@ -110,6 +113,17 @@ def stats_sequences(tok, texts, n_tokens: int, max_len: int = 256) -> list[list[
         raise ValueError(f"the statistics corpus has only {total} tokens, {n_tokens} were asked for "
                          "(--stats-tokens)")
     return seqs
+
+
+def positions_cap(cfg: M.Config, max_len: int, log=print) -> int:
+    """max_len, or GPT-2's max_positions where that is fewer, said in a line: GPT-2's positions
+    are learned, and a longer paragraph would fail only in the last (longest) batch, after all
+    the others' work. Capped, not refused: editing runs have no --max-len to lower."""
+    if cfg.arch != "gpt2" or max_len <= cfg.max_positions:
+        return max_len
+    log(f"statistics: paragraphs cut to {cfg.max_positions} tokens, not {max_len}: this "
+        f"GPT-2 has {cfg.max_positions} learned positions (n_positions)")
+    return cfg.max_positions
 
 
 def length_batches(lengths, max_tokens: int) -> list[list[int]]:
@@ -256,11 +270,21 @@ def fingerprint(config_sha: str, digests: dict) -> str:
     return hashlib.sha256(json.dumps([config_sha, sorted(digests.items())]).encode()).hexdigest()
 
 
+def tokenizer_sha(model_path) -> str:
+    """One sha256 over tokenizer.json and tokenizer_config.json (an absent file counts as empty):
+    they make the token ids C is collected on, the BOS rule included (add_bos_token)."""
+    files = [Path(model_path) / name for name in ("tokenizer.json", "tokenizer_config.json")]
+    digests = [data.file_sha256(f) if f.exists() else hashlib.sha256(b"").hexdigest() for f in files]
+    return hashlib.sha256(json.dumps(digests).encode()).hexdigest()
+
+
 def stats_key(model_path, model: M.CausalLM, layers, corpus: Path, n_tokens, max_len) -> dict:
-    """Everything C depends on: the weights up to the last edit layer, corpus, size, dtype."""
+    """Everything C depends on: the weights up to the last edit layer, tokenizer, corpus, size,
+    dtype."""
     config = data.file_sha256(Path(model_path) / "config.json")
     digests = tensor_digests(model_path, model.names_through_layer(max(layers)))
     return dict(weights=fingerprint(config, digests), config=config, tensors=digests,
+                tokenizer=tokenizer_sha(model_path),
                 layers=sorted(layers), d_mlp=model.cfg.d_mlp, corpus=data.file_sha256(corpus),
                 n_tokens=n_tokens, max_len=max_len, dtype=str(model.embed.weight.dtype).removeprefix("torch."))
 
@@ -291,7 +315,8 @@ def write_stats_file(path, C: dict, key: dict, tokens: int):
     os.replace(tmp, path)
 
 
-KEY_FIELDS = {"weights", "config", "tensors", "layers", "d_mlp", "corpus", "n_tokens", "max_len", "dtype"}
+KEY_FIELDS = {"weights", "config", "tensors", "tokenizer", "layers", "d_mlp", "corpus", "n_tokens", "max_len",
+              "dtype"}
 
 
 def read_meta(path) -> tuple[dict, dict, dict]:
@@ -355,7 +380,8 @@ def weights_difference(key: dict, model_path, model: M.CausalLM) -> str | None:
 
 
 def check_key(path, key: dict, model: M.CausalLM, model_path, layers):
-    """Refuse a file made for other layers, another shape or other weights, naming what differs."""
+    """Refuse a file made for other layers, another shape, other weights or with another
+    tokenizer, naming what differs."""
     missing = sorted(set(layers) - set(key["layers"]))
     if missing:
         raise StatisticsError(f"{path}: made for layers {key['layers']}; this run edits {sorted(layers)} "
@@ -367,6 +393,9 @@ def check_key(path, key: dict, model: M.CausalLM, model_path, layers):
     if differs:
         raise StatisticsError(f"{path}: made for other weights: through layer {max(key['layers'])}, "
                               f"{differs} ({model_path})")
+    if key["tokenizer"] != tokenizer_sha(model_path):
+        raise StatisticsError(f"{path}: made with another tokenizer: {model_path}'s tokenizer.json or "
+                              "tokenizer_config.json differs, so C was collected on other token ids")
 
 
 def load_stats_file(path, model: M.CausalLM, model_path, layers, log=print,
@@ -482,6 +511,7 @@ def load_or_collect_stats(model, model_path, corpus, n_tokens, layers, cache_dir
                           log=print, batch_tokens=8192, state_device=None) -> dict:
     """C for every edit layer, from the cache when its key matches and its tensors are sound,
     else computed (and cached) anew; each on state_devices(model, layers, state_device)."""
+    max_len = positions_cap(model.cfg, max_len, log)
     key = stats_key(model_path, model, layers, Path(corpus), n_tokens, max_len)
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     file = Path(cache_dir) / f"stats-{name}.safetensors"
@@ -502,9 +532,11 @@ def load_or_collect_stats(model, model_path, corpus, n_tokens, layers, cache_dir
     if total < model.cfg.d_mlp:           # before the pass, not at the first solve
         raise StatisticsError(f"{corpus}: the statistics corpus has {total} tokens; C ({model.cfg.d_mlp}×"
                               f"{model.cfg.d_mlp}) needs at least d_mlp = {model.cfg.d_mlp}, or it is singular")
-    progress = Progress(total, log, passes=len(collection_passes(model, layers, state_device)))
+    progress = Progress(total, log, passes=len(collection_passes(model, layers, state_device)),
+                        each="layer" if state_device else "device")
     C = collect_stats(model, seqs, layers, batch_tokens, progress, state_device=state_device)
-    log("")
+    if progress.tty:
+        log("")                           # ends the line refreshed in place
     write_stats_file(file, C, key, total)
     return C
 
@@ -513,13 +545,17 @@ def load_or_collect_stats(model, model_path, corpus, n_tokens, layers, cache_dir
 
 class Progress:
     """Tokens done, tok/s and time left: refreshed in place at most once a second (tty), else a
-    line every 10 s; always at the end. `total`: the tokens of one pass of `passes`."""
+    line every 10 s; always at the end. `total`: the tokens of one pass of `passes`, each pass
+    one `each` (collection_passes: a layer with the state on the host, else a device). `tty`:
+    whether `log` writes to a terminal (default: whether stdout is one), so a log file gets
+    lines, not carriage returns."""
 
-    def __init__(self, total: int, log, tty: bool = True, share: str = "", passes: int = 1):
+    def __init__(self, total: int, log, tty: bool | None = None, share: str = "", passes: int = 1,
+                 each: str = "device"):
         self.total = total * passes
         self.log = log
-        self.tty = tty
-        self.share = share + (f" over {passes} passes, one a layer" if passes > 1 else "")
+        self.tty = sys.stdout.isatty() if tty is None else tty
+        self.share = share + (f" over {passes} passes, one a {each}" if passes > 1 else "")
         self.start = time.time()
         self.shown = 0.0
 
@@ -529,9 +565,15 @@ class Progress:
             return
         self.shown = now
         rate = done / max(now - self.start, 1e-9)
-        left = time.strftime("%H:%M:%S", time.gmtime((self.total - done) / max(rate, 1e-9)))
+        left = hours_minutes_seconds((self.total - done) / max(rate, 1e-9))
         line = f"statistics: {done:,}/{self.total:,} tokens{self.share}, {rate:,.0f} tok/s, {left} left"
         self.log("\r" + line if self.tty else line, end="" if self.tty else "\n")
+
+
+def hours_minutes_seconds(seconds: float) -> str:
+    """277:45:00 for 999,900 s: hours unbounded (a day's worth does not wrap to 00)."""
+    minutes, s = divmod(round(seconds), 60)
+    return f"{minutes // 60:02d}:{minutes % 60:02d}:{s:02d}"
 
 
 def parse_args(argv):
@@ -556,9 +598,15 @@ def parse_args(argv):
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.stats_tokens < 0:
         raise ValueError(f"--stats-tokens must be 0 (the whole corpus) or more, got {args.stats_tokens}")
-    if Path(args.out).is_dir():        # found before the collection, not when the file is written
+    out = Path(args.out)                # found before the collection, not when the file is written
+    if out.is_dir():
         raise ValueError(f"--out {args.out} is a directory; give the file to write, e.g. "
-                         f"{Path(args.out) / 'stats.safetensors'}")
+                         f"{out / 'stats.safetensors'}")
+    folder = next(p for p in out.absolute().parents if p.exists())      # the rest is made (mkdir)
+    if not folder.is_dir():
+        raise ValueError(f"--out {args.out}: {folder} is a file, not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {args.out}: the directory {folder} is not writable")
     return args
 
 
@@ -597,8 +645,6 @@ def main(argv=None) -> int:
             dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         try:
             write_statistics(args, device, rank, world)
-            if world > 1:           # tear down together: a rank leaving while rank 0 still writes
-                dist.barrier()      # the file can abort in gloo's exit (seen once, 2026-12-02)
         finally:
             if world > 1:
                 dist.destroy_process_group()
@@ -612,33 +658,50 @@ def main(argv=None) -> int:
 
 
 def write_statistics(args, device: str, rank: int, world: int):
-    """Load, tokenise, collect (this rank's share; one all_reduce), and on rank 0 write the file."""
+    """Load, tokenise, collect (this rank's share; one all_reduce), and on rank 0 write the file;
+    every rank then learns whether rank 0 wrote it, so that on a failure each leaves with one
+    line (error (rank r): ...) instead of the others dying in gloo when rank 0 leaves."""
     import lyaplock                                   # here, not above: lyaplock imports this module
+    def say(line, end="\n"):                          # rank 0's progress and notes, on stderr
+        if rank == 0:
+            print(line, end=end, file=sys.stderr, flush=True)
     model = M.load(args.model, device, args.dtype)
     if args.layers:
         layers = lyaplock.parse_layers(args.layers, model.cfg.n_layers)
     else:
         layers = lyaplock.preset(model.cfg, "lyaplock").layers
     corpus = Path(args.stats_corpus or lyaplock.DEFAULT_CORPUS)
-    seqs = stats_sequences(model.tokenizer, data.read_corpus(corpus), args.stats_tokens, args.max_len)
+    max_len = positions_cap(model.cfg, args.max_len, say)
+    seqs = stats_sequences(model.tokenizer, data.read_corpus(corpus), args.stats_tokens, max_len)
     total = sum(map(len, seqs))
     if total < model.cfg.d_mlp:
         raise ValueError(f"{total} tokens: C ({model.cfg.d_mlp}×{model.cfg.d_mlp}) needs at least d_mlp = "
                          f"{model.cfg.d_mlp} tokens, or it is singular (--stats-tokens, --stats-corpus)")
-    key = stats_key(args.model, model, layers, corpus, args.stats_tokens, args.max_len) if rank == 0 else None
+    key = stats_key(args.model, model, layers, corpus, args.stats_tokens, max_len) if rank == 0 else None
     progress = None
     if rank == 0:
-        progress = Progress(rank_share(seqs, args.batch_tokens, rank, world),
-                            lambda s, end="\n": print(s, end=end, file=sys.stderr, flush=True),
-                            tty=sys.stderr.isatty(), share=f" (rank 0's share of {world} processes)" * (world > 1),
-                            passes=len(collection_passes(model, layers, args.state_device)))
+        progress = Progress(rank_share(seqs, args.batch_tokens, rank, world), say, tty=sys.stderr.isatty(),
+                            share=f" (rank 0's share of {world} processes)" * (world > 1),
+                            passes=len(collection_passes(model, layers, args.state_device)),
+                            each="layer" if args.state_device else "device")
     start = time.time()
     C = collect_stats(model, seqs, layers, args.batch_tokens, progress, rank, world, args.state_device)
     seconds = time.time() - start                      # .item() in collect_stats has synchronised
+    failed = None
     if rank == 0:
-        if sys.stderr.isatty():
+        if progress.tty:
             print(file=sys.stderr)
-        write_stats_file(args.out, C, key, total)
+        try:
+            write_stats_file(args.out, C, key, total)
+        except OSError as e:                           # a full disk, a folder removed meanwhile, ...
+            failed = f"could not write {args.out}: {e}"
+    if world > 1:           # rank 0's outcome to all, once it has written: a rank leaving while
+        outcome = [failed]  # rank 0 still writes can abort in gloo's exit (seen once, 2026-12-02)
+        dist.broadcast_object_list(outcome, src=0)
+        failed = outcome[0]
+    if failed:
+        raise OSError(failed if rank == 0 else f"rank 0 {failed}")
+    if rank == 0:
         print(f"statistics: {total:,} tokens in {seconds:.1f} s, {total / seconds:,.0f} tok/s"
               f"{f' on {world} processes' if world > 1 else ''}, layers {','.join(map(str, layers))}; "
               f"wrote {args.out}", flush=True)

@@ -1,6 +1,7 @@
 """Tests of stats.py: the statistics file (round trip, refusals naming what differs), the
 MEMIT/ROME-family .npz files, and the collection sharded over torch.distributed ranks.
 Run: python -m pytest -q test_statistics.py"""
+import io
 import json
 import os
 import shutil
@@ -58,8 +59,9 @@ def test_the_file_holds_collect_stats_C_bitwise_and_its_key(made, stories):
     with safe_open(str(made), "pt") as f:
         meta = f.metadata()
     key = json.loads(meta["key"])
-    assert (meta["format"], meta["version"], meta["tokens"]) == ("lyaplock-statistics", "1", "3000")
+    assert (meta["format"], meta["version"], meta["tokens"]) == ("lyaplock-statistics", "2", "3000")
     assert key == S.stats_key(STORIES, stories, [1, 2], CORPUS, 3000, 256)
+    assert key["tokenizer"] == S.tokenizer_sha(STORIES)
     assert (key["layers"], key["d_mlp"], key["dtype"], key["max_len"]) == ([1, 2], 172, "float32", 256)
     assert key["corpus"] == data.file_sha256(CORPUS)
     assert set(key["tensors"]) == set(stories.names_through_layer(2))    # tied head: not a separate file tensor
@@ -74,6 +76,42 @@ def test_the_command_shows_progress_and_a_final_line(tmp_path, capsys):
     assert not list(tmp_path.glob("*.tmp"))
     assert S.main(["--model", str(STORIES), "--stats-tokens", "100", "--out", str(out)]) == 1
     assert "needs at least d_mlp = 172 tokens" in capsys.readouterr().err
+
+
+def test_time_left_counts_hours_past_a_day(monkeypatch):
+    """70M tokens at 70 tok/s leave 277.75 h; it used to print 13:45:00 (a day's wrap)."""
+    now = [0.0]
+    monkeypatch.setattr(S.time, "time", lambda: now[0])
+    lines = []
+    progress = S.Progress(70_000_000, lambda s, end="\n": lines.append(s), tty=False)
+    for now[0], done in ((100.0, 7_000), (200.0, 2_800_000)):
+        progress(done)
+    assert lines == ["statistics: 7,000/70,000,000 tokens, 70 tok/s, 277:45:00 left",
+                     "statistics: 2,800,000/70,000,000 tokens, 14,000 tok/s, 01:20:00 left"]
+
+
+def test_an_editing_run_s_collection_writes_lines_where_stdout_is_no_terminal(stories, tmp_path, monkeypatch):
+    """load_or_collect_stats (editing runs) logs to stdout: redirected to a file (here pytest's
+    capture) it gets whole lines, no carriage-return refreshes and no empty line at the end; a
+    terminal gets the refreshes."""
+    calls = []
+    S.load_or_collect_stats(stories, STORIES, CORPUS, 1000, (1,), tmp_path, batch_tokens=300,
+                            log=lambda s, end="\n": calls.append((s, end)))
+    assert calls[-1][0].startswith("statistics: 1,000/1,000 tokens, ")
+    assert all(end == "\n" and s and "\r" not in s for s, end in calls)
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    assert S.Progress(1000, quiet).tty
+
+
+def test_a_spread_model_s_progress_says_one_pass_a_device(tmp_path, capsys):
+    """--device cpu,cpu puts layers 1 and 4 on two devices: two passes, one a device (not a layer)."""
+    assert S.main(["--model", str(STORIES), "--device", "cpu,cpu", "--layers", "1,4", "--stats-tokens", "1000",
+                   "--out", str(tmp_path / "C.safetensors")]) == 0
+    assert "statistics: 2,000/2,000 tokens over 2 passes, one a device, " in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -174,6 +212,30 @@ def test_a_file_for_other_weights_is_refused_above_the_last_layer_ignored(made, 
         S.load_stats_file(made, M.load(config), config, (1, 2), log=quiet)
 
 
+def test_a_file_or_cache_made_with_another_tokenizer_is_refused_or_recomputed(made, stories, tmp_path):
+    """The token ids come from tokenizer.json and tokenizer_config.json (the BOS rule): with
+    add_bos_token turned off, C differs, so the file is refused and the cache not reused. An
+    absent tokenizer_config.json counts as empty, a key of its own."""
+    nobos = tmp_path / "nobos"
+    shutil.copytree(STORIES, nobos)
+    config = nobos / "tokenizer_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"add_bos_token": False}))
+    model = M.load(nobos)
+    assert not model.tokenizer.add_bos and stories.tokenizer.add_bos
+    with pytest.raises(S.StatisticsError, match=r"made with another tokenizer: .*nobos's tokenizer\.json or "
+                                                r"tokenizer_config\.json differs"):
+        S.load_stats_file(made, model, nobos, (1, 2), log=quiet)
+    S.load_or_collect_stats(stories, STORIES, CORPUS, 1000, (1,), tmp_path / "cache", log=quiet)
+    logs = []
+    C = S.load_or_collect_stats(model, nobos, CORPUS, 1000, (1,), tmp_path / "cache", log=lambda s, **k: logs.append(s))
+    assert not any("reusing" in line for line in logs)
+    seqs = S.stats_sequences(model.tokenizer, data.read_corpus(CORPUS), 1000)
+    assert torch.equal(C[1], S.collect_stats(model, seqs, [1])[1])
+    turned_off = S.tokenizer_sha(nobos)
+    config.unlink()
+    assert S.tokenizer_sha(nobos) not in (turned_off, S.tokenizer_sha(STORIES))
+
+
 def test_other_layers_or_another_shape_are_refused(made, stories):
     with pytest.raises(S.StatisticsError, match=r"made for layers \[1, 2\]; this run edits \[1, 3\] "
                                                 r"\(no C for layer 3\)"):
@@ -204,7 +266,7 @@ def test_a_corrupt_truncated_or_unsound_file_is_an_error_never_used(made, storie
     flipped = tmp_path / "flipped.safetensors"
     flipped.write_bytes(raw[:-8] + bytes(8))                  # the last element, C.2[-1, -1], zeroed
     refused(flipped, "C.2 is corrupt")
-    refused(rewritten(made, tmp_path, version="2"), "statistics format version 2; this code reads version 1")
+    refused(rewritten(made, tmp_path, version="1"), "statistics format version 1; this code reads version 2")
     refused(rewritten(made, tmp_path, format="something"), "not a statistics file")
     C = load_file(str(made))
     refused(rewritten(made, tmp_path, {"C.1": C["C.1"]}), "tensor C.2 is missing")
@@ -370,6 +432,33 @@ def test_two_gloo_processes_equal_one_to_summation_order(tmp_path, stories):
         assert f.metadata()["tokens"] == "4000"
 
 
+def test_when_rank_0_cannot_write_the_file_every_rank_leaves_with_one_line(tmp_path):
+    """Two gloo processes (started as torchrun would, without its agent), rank 0's disk full at
+    the write: every rank learns it and leaves with one error line; rank 1 used to die in gloo
+    with a traceback once rank 0 had left."""
+    script = tmp_path / "full_disk.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(HERE)!r})\nimport stats\n\n\n"
+                      "def full(*a, **k):\n    raise OSError(28, 'No space left on device')\n\n\n"
+                      "stats.write_stats_file = full\nsys.exit(stats.main(sys.argv[1:]))\n")
+    out = tmp_path / "C.safetensors"
+    env = os.environ | dict(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+                            WORLD_SIZE="2")
+    ranks = [subprocess.Popen([sys.executable, str(script), "--model", str(STORIES), "--layers", "1",
+                               "--stats-tokens", "1000", "--batch-tokens", "300", "--out", str(out)],
+                              env=env | dict(RANK=str(r), LOCAL_RANK=str(r)), cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        errs = [r.communicate(timeout=120)[1] for r in ranks]
+    finally:
+        for r in ranks:
+            r.kill()
+    reason = "[Errno 28] No space left on device"
+    assert [r.returncode for r in ranks] == [1, 1], errs
+    assert errs[1] == f"error (rank 1): rank 0 could not write {out}: {reason}\n"
+    assert errs[0].splitlines()[-1] == f"error (rank 0): could not write {out}: {reason}" and "Traceback" not in errs[0]
+    assert not out.exists()
+
+
 def test_lyaplock_stats_then_an_editing_run_with_the_file_equals_the_cached_run(tmp_path, capsys):
     """`lyaplock.py stats` writes the file; `--stats FILE` uses it (after checking its key) and
     edits exactly as a run that collects the same statistics itself."""
@@ -406,6 +495,21 @@ def test_stats_out_that_is_a_directory_is_refused_before_the_model_loads(tmp_pat
                                        f"e.g. {tmp_path / 'stats.safetensors'}\n")
 
 
+def test_stats_out_in_a_folder_that_cannot_be_written_is_refused_before_the_model_loads(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """Missing folders are made; one under a file, or in a directory not writable, is refused."""
+    monkeypatch.setattr(S.M, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = blocker / "sub" / "C.safetensors"
+    assert S.main(["--model", str(STORIES), "--out", str(out)]) == 1
+    assert capsys.readouterr().err == f"error: --out {out}: {blocker} is a file, not a directory\n"
+    monkeypatch.setattr(S.os, "access", lambda path, mode: path != tmp_path)     # as a user without rights
+    out = tmp_path / "new" / "C.safetensors"
+    assert S.main(["--model", str(STORIES), "--out", str(out)]) == 1
+    assert capsys.readouterr().err == f"error: --out {out}: the directory {tmp_path} is not writable\n"
+
+
 def test_stats_ctrl_c_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
     def interrupt(*a, **k):
         raise KeyboardInterrupt
@@ -413,3 +517,27 @@ def test_stats_ctrl_c_is_one_line_and_writes_nothing(tmp_path, monkeypatch, caps
     assert S.main(["--model", str(STORIES), "--out", str(tmp_path / "C.safetensors")]) == 130
     assert capsys.readouterr().err.endswith("interrupted: no statistics file written\n")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_max_len_beyond_gpt2_s_learned_positions_is_capped_and_said(tmp_path, capsys):
+    """A GPT-2 of 64 learned positions, the default --max-len 256: the paragraphs are cut to 64
+    tokens before the pass, in the command and in an editing run's collection alike, and the key
+    says 64; it used to fail in the last (longest) batch, after all the others' work."""
+    import transformers as T
+    torch.manual_seed(0)
+    path = tmp_path / "gpt2"
+    config = T.GPT2Config(vocab_size=50257, n_embd=64, n_layer=3, n_head=4, n_positions=64)
+    T.GPT2LMHeadModel(config).save_pretrained(path)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(FIX / "gpt2-tokenizer" / f, path / f)
+    gpt2 = M.load(path)
+    assert max(map(len, S.stats_sequences(gpt2.tokenizer, data.read_corpus(CORPUS), 2000, 256))) > 64
+    out = tmp_path / "C.safetensors"
+    assert S.main(["--model", str(path), "--layers", "1", "--stats-tokens", "2000", "--out", str(out)]) == 0
+    said = "statistics: paragraphs cut to 64 tokens, not 256: this GPT-2 has 64 learned positions"
+    assert said in capsys.readouterr().err
+    with safe_open(str(out), "pt") as f:
+        assert json.loads(f.metadata()["key"])["max_len"] == 64
+    logs = []
+    C = S.load_or_collect_stats(gpt2, path, CORPUS, 2000, (1,), tmp_path / "cache", log=lambda s, **k: logs.append(s))
+    assert logs[0].startswith(said) and torch.equal(C[1], load_file(str(out))["C.1"])
