@@ -157,10 +157,16 @@ def _from_zsre(w: _Where, rec: dict) -> Request:
         case_id=w.case_id, prompt=w.template(rec, "src", subject), subject=subject,
         target_new=w.get(rec, "alt", "alt"), target_true=answers[0],
         paraphrase_prompts=(w.get(rec, "rephrase", "rephrase"),),
-        neighborhood_prompts=(w.get(rec, "loc", "loc"),),
+        neighborhood_prompts=(question(w.get(rec, "loc", "loc")),),
         neighborhood_answers=(w.get(rec, "loc_ans", "loc_ans"),),
         kind="zsre",
     )
+
+
+def question(loc: str) -> str:
+    """zsRE's neighbourhood prompt as MEMIT builds it (dsets/zsre.py: record["loc"] + "?"): the
+    Natural Questions question ends in "?" before its answer is scored."""
+    return loc if loc.rstrip().endswith("?") else loc + "?"
 
 
 _READERS = {"counterfact-rome": _from_rome, "counterfact-easyedit": _from_easyedit,

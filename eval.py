@@ -25,8 +25,15 @@ from data import Request, read_jsonl
 
 # ------------------------------------------------------------------------ target tokenisation
 def target_ids(tok, target: str) -> list[int]:
-    """Token ids of a target as it follows a prompt: a leading space unless present, no BOS."""
-    return tok.encode(target if target.startswith(" ") else " " + target, bos=False)
+    """Token ids of a target as it follows a prompt: a leading space unless present, no BOS, and
+    tokenised as inside a sentence: the ids of "x" + target past those of "x". Tokenising the
+    target alone is not that where a tokenizer marks the start of every text: Llama-2's and
+    Mistral's prepend "▁", so " Paris" alone is "▁" "▁Paris" (a stray token 29871 the model never
+    sees before a word). Where "x" does not stay one piece, the target alone."""
+    text = target if target.startswith(" ") else " " + target
+    lead = tok.encode("x", bos=False)
+    ids = tok.encode("x" + text, bos=False)
+    return ids[len(lead):] if ids[:len(lead)] == lead else tok.encode(text, bos=False)
 
 
 @dataclass
@@ -63,6 +70,7 @@ class TargetScores:
     nll_mean: torch.Tensor            # (n,) mean per-token NLL of each target
     prob: torch.Tensor                # (n,) exp(-sum NLL): the probability of the whole target
     token_correct: list[list[bool]]   # per target token: argmax (given the gold prefix) == gold
+    argmax: list[list[int]]           # per target token: the argmax given the gold prefix
 
 
 def _device(m) -> torch.device:
@@ -73,7 +81,7 @@ def _device(m) -> torch.device:
 def target_nll(m, prompts, targets, batch_size: int = 64) -> TargetScores:
     """Score each target after its prompt, `batch_size` pairs per forward pass, logits only at
     the positions that predict target tokens."""
-    nll, prob, correct = [torch.zeros(0)], [torch.zeros(0)], []
+    nll, prob, correct, argmax = [torch.zeros(0)], [torch.zeros(0)], [], []
     for s in range(0, len(prompts), batch_size):
         b = prompt_target_batch(m.tokenizer, prompts[s:s + batch_size], targets[s:s + batch_size],
                                 _device(m))
@@ -82,9 +90,11 @@ def target_nll(m, prompts, targets, batch_size: int = 64) -> TargetScores:
         n = b.tmask.sum(1)
         nll.append((tok_nll.sum(1) / n).cpu())
         prob.append(torch.exp(-tok_nll.sum(1)).cpu())
-        hit = (logp.argmax(-1) == b.tgt).cpu()
+        best = logp.argmax(-1).cpu()
+        hit = best == b.tgt.cpu()
         correct += [h[:k].tolist() for h, k in zip(hit, n.tolist())]
-    return TargetScores(torch.cat(nll), torch.cat(prob), correct)
+        argmax += [a[:k].tolist() for a, k in zip(best, n.tolist())]
+    return TargetScores(torch.cat(nll), torch.cat(prob), correct, argmax)
 
 
 # ------------------------------------------------------------------------ CounterFact and zsRE
@@ -110,24 +120,29 @@ def counterfact_eval(m, requests: list[Request], batch_size: int = 64) -> list[d
     P(new) - P(true) for efficacy/generalization, P(answer) - P(new) for specificity (so for all
     three, higher is better, as ROME's EM/PM/NM).
 
-    Also EasyEdit's convention, named apart so the two are never mixed: `<metric>_top1`, the
-    teacher-forced top-1 token accuracy (the fraction of target tokens that are the argmax given
-    the gold prefix) of target_new on the rewrite and paraphrase prompts, and of the true answer
-    on the neighbourhood prompts."""
+    Also the teacher-forced top-1 token accuracy, named apart so the conventions are never mixed:
+    `<metric>_top1`, the fraction of target tokens that are the argmax given the gold prefix, of
+    target_new on the rewrite and paraphrase prompts (EasyEdit's rewrite and rephrase accuracy)
+    and of the true answer on the neighbourhood prompts; and those argmax tokens on the
+    neighbourhood prompts (`neighborhood_argmax`), from which with_locality scores EasyEdit's
+    locality against the model before editing."""
     rows = _rows(requests, lambda r, k: r.target_true if k is None else r.neighborhood_answers[k])
     prompts = [p for _, _, p, _, _ in rows]
     scores = target_nll(m, prompts + prompts, [t for *_, t, _ in rows] + [o for *_, o in rows], batch_size)
     nll, hits = scores.nll_mean.tolist(), scores.token_correct
     new, other = nll[:len(rows)], nll[len(rows):]
     success, magnitude, top1 = ([{} for _ in requests] for _ in range(3))   # [case][category] lists
+    argmax = [[] for _ in requests]
     for j, ((i, cat, *_), n, o) in enumerate(zip(rows, new, other)):
         sign = 1 if cat != "specificity" else -1                          # which target should win
         success[i].setdefault(cat, []).append(float(sign * (o - n) > 0))
         magnitude[i].setdefault(cat, []).append(sign * (math.exp(-n) - math.exp(-o)))
         tokens = hits[j] if cat != "specificity" else hits[len(rows) + j]  # new target / true answer
         top1[i].setdefault(cat, []).append(sum(tokens) / len(tokens))
+        if cat == "specificity":
+            argmax[i].append(scores.argmax[len(rows) + j])
     return [_case(r, success[i], magnitude[i]) | {f"{c}_top1": _mean(v) for c, v in top1[i].items()}
-            for i, r in enumerate(requests)]
+            | {"neighborhood_argmax": argmax[i]} for i, r in enumerate(requests)]
 
 
 def _case(r: Request, success: dict, magnitude: dict | None = None) -> dict:
@@ -142,14 +157,34 @@ def _case(r: Request, success: dict, magnitude: dict | None = None) -> dict:
 def zsre_eval(m, requests: list[Request], batch_size: int = 64) -> list[dict]:
     """Per case (MEMIT): teacher-forced top-1 token accuracy of target_new after the rewrite prompt
     (Efficacy) and the paraphrases (Generalization), and of the recorded answer after the
-    neighbourhood prompt (Specificity); a prompt's accuracy is its fraction of correct tokens."""
+    neighbourhood prompt (Specificity); a prompt's accuracy is its fraction of correct tokens. With
+    the argmax tokens on the neighbourhood prompts (`neighborhood_argmax`, for with_locality)."""
     rows = _rows(requests, lambda r, k: None if k is None else r.neighborhood_answers[k])
     targets = [t if cat != "specificity" else o for _, cat, _, t, o in rows]
-    correct = target_nll(m, [p for _, _, p, _, _ in rows], targets, batch_size).token_correct
-    acc = [{} for _ in requests]
-    for (i, cat, *_), c in zip(rows, correct):
+    scores = target_nll(m, [p for _, _, p, _, _ in rows], targets, batch_size)
+    acc, argmax = [{} for _ in requests], [[] for _ in requests]
+    for (i, cat, *_), c, a in zip(rows, scores.token_correct, scores.argmax):
         acc[i].setdefault(cat, []).append(sum(c) / len(c))
-    return [_case(r, acc[i]) for i, r in enumerate(requests)]
+        if cat == "specificity":
+            argmax[i].append(a)
+    return [_case(r, acc[i]) | {"neighborhood_argmax": argmax[i]} for i, r in enumerate(requests)]
+
+
+def with_locality(before: list[dict], after: list[dict]) -> list[dict]:
+    """The cases `after` with EasyEdit's locality, `locality_top1`: on the neighbourhood prompts,
+    teacher-forced on the true answer, the fraction of positions whose argmax token is the one the
+    model gave before editing (`before`: the same cases scored then; 1 for an unchanged model),
+    averaged over a case's prompts (EasyEdit's editor.py: mean(post == pre))."""
+    was = {c["case_id"]: c.get("neighborhood_argmax") for c in before}
+    out = []
+    for c in after:
+        pre, now = was.get(c["case_id"]), c.get("neighborhood_argmax")
+        if not pre or not now or [len(t) for t in pre] != [len(t) for t in now]:
+            out.append(c)
+            continue
+        same = [sum(a == b for a, b in zip(p, q)) / len(p) for p, q in zip(pre, now)]
+        out.append(c | {"locality_top1": _mean(same)})
+    return out
 
 
 def edit_eval(m, requests: list[Request], batch_size: int = 64) -> list[dict]:
@@ -239,10 +274,13 @@ def fit_idf(docs: list[str]) -> dict[str, float]:
     return {t: math.log((1 + len(docs)) / (1 + c)) + 1 for t, c in df.items()}
 
 
-def tfidf_cosine(a: str, b: str, idf: dict[str, float]) -> float:
-    """Cosine of raw-count TF x IDF vectors; terms outside `idf` are dropped; 0 if a vector is 0."""
-    va, vb = ({t: c * idf[t] for t, c in Counter(_TERM.findall(x.lower())).items() if t in idf}
-              for x in (a, b))
+def tfidf_cosine(a: str, b: str, idf: dict[str, float], unseen: float | None = None) -> float:
+    """Cosine of raw-count TF x IDF vectors; a term outside `idf` weighs `unseen` (None: it is
+    dropped, as a fitted vectorizer drops it); 0 if a vector is 0."""
+    def vector(text):
+        counts = Counter(_TERM.findall(text.lower()))
+        return {t: c * idf.get(t, unseen) for t, c in counts.items() if t in idf or unseen is not None}
+    va, vb = vector(a), vector(b)
     dot = sum(v * vb.get(t, 0.0) for t, v in va.items())
     na, nb = (math.sqrt(sum(v * v for v in x.values())) for x in (va, vb))
     return dot / (na * nb) if na and nb else 0.0
@@ -250,27 +288,39 @@ def tfidf_cosine(a: str, b: str, idf: dict[str, float]) -> float:
 
 def consistency(texts: list[str], snippets: list[str], idf: dict | None = None) -> float:
     """ROME's consistency: TF-IDF cosine of the joined generations and the joined reference
-    snippets; IDF from `idf` or else from the snippets themselves (each snippet a document)."""
-    return tfidf_cosine(" ".join(texts), " ".join(snippets), idf if idf is not None else fit_idf(snippets))
+    snippets. IDF from `idf` (ROME's: fitted on Wikipedia, a vocabulary that drops few words), or
+    else fitted on the snippets themselves (each a document): that vocabulary would drop every
+    generated word the snippets lack, so off-topic text could not lower the score; such a word
+    weighs as a term of document frequency 0, ln(1 + N) + 1."""
+    if idf is not None:
+        return tfidf_cosine(" ".join(texts), " ".join(snippets), idf)
+    unseen = math.log(1 + len(snippets)) + 1
+    return tfidf_cosine(" ".join(texts), " ".join(snippets), fit_idf(snippets), unseen)
 
 
-def generate_texts(m, prompts, max_new_tokens=100, top_k=5, seed=0, batch_size=32) -> list[str]:
-    """Prompt + sampled continuation (top-k), decoded together; batch j is seeded with seed + j."""
+FLUENCY_TOKENS = 100    # ROME's max_out_len: a generated text's length in tokens, its prompt included
+
+
+def generate_texts(m, prompts, text_tokens=FLUENCY_TOKENS, top_k=5, seed=0, batch_size=32) -> list[str]:
+    """ROME's generate_fast for fluency and consistency: top-k sampling until each text, its prompt
+    (and BOS) included, is `text_tokens` tokens long, past any end-of-text token (decoding drops
+    it); prompt and continuation decoded together; batch j is seeded with seed + j."""
     tok = m.tokenizer
     texts = []
     for j, s in enumerate(range(0, len(prompts), batch_size)):
         seqs = [tok.encode(p) for p in prompts[s:s + batch_size]]
-        new = modeling.generate(m, seqs, max_new_tokens, top_k=top_k, seed=seed + j)
-        texts += [tok.decode(q + n) for q, n in zip(seqs, new)]
+        room = [max(0, text_tokens - len(q)) for q in seqs]
+        new = modeling.generate(m, seqs, max(room), top_k=top_k, seed=seed + j, stop_at_eos=False)
+        texts += [tok.decode(q + n[:r]) for q, n, r in zip(seqs, new, room)]
     return texts
 
 
 def generation_eval(m, requests: list[Request], snippets: dict | None = None, idf: dict | None = None,
-                    max_new_tokens=100, top_k=5, seed=0, batch_size=32) -> list[dict]:
+                    text_tokens=FLUENCY_TOKENS, top_k=5, seed=0, batch_size=32) -> list[dict]:
     """Per case: `fluency` (mean ngram_entropy over its generation prompts' texts), `consistency`
     where `snippets` (case_id -> reference texts) has the case, and the texts; {} if no prompts."""
     prompts = [(i, p) for i, r in enumerate(requests) for p in r.generation_prompts]
-    texts = generate_texts(m, [p for _, p in prompts], max_new_tokens, top_k, seed, batch_size)
+    texts = generate_texts(m, [p for _, p in prompts], text_tokens, top_k, seed, batch_size)
     per = [[] for _ in requests]
     for (i, _), t in zip(prompts, texts):
         per[i].append(t)
@@ -293,6 +343,8 @@ def _entail(x):
 
 
 def _mmlu(x):
+    if len(x["choices"]) != 4:
+        raise ValueError(f"an MMLU item has 4 choices, this one {len(x['choices'])}")
     opts = "".join(f"\n{'ABCD'[k]}. {c}" for k, c in enumerate(x["choices"]))
     topic = x["subject"].replace("_", " ")
     return f"The following is a multiple choice question about {topic}.\n\n{x['question']}{opts}\nAnswer:"
@@ -332,12 +384,14 @@ def mcc(labels, preds) -> float:
 
 def classification_metrics(labels, preds, n_classes) -> dict:
     """accuracy; f1 = support-weighted mean of the classes' F1 (the authors' f1_score(average=
-    'weighted')); macro_f1; mcc for two classes."""
+    'weighted')); macro_f1 = the plain mean over the classes that occur or are predicted
+    (scikit-learn's average='macro'); mcc for two classes."""
     f1s = f1_per_class(labels, preds, n_classes)
     n = len(labels)
     support = [sum(l == c for l in labels) for c in range(n_classes)]
+    seen = sorted(set(labels) | set(preds))
     out = {"n": n, "accuracy": sum(l == p for l, p in zip(labels, preds)) / n,
-           "f1": sum(f * s for f, s in zip(f1s, support)) / n, "macro_f1": sum(f1s) / n_classes}
+           "f1": sum(f * s for f, s in zip(f1s, support)) / n, "macro_f1": sum(f1s[c] for c in seen) / len(seen)}
     if n_classes == 2:
         out["mcc"] = mcc(labels, preds)
     return out
@@ -359,7 +413,7 @@ def general_eval(m, glue_dir, n_per_task: int = 100, tasks=tuple(TASKS), batch_s
             raise ValueError(f"{path}: no items")
         try:
             prompts, labels = [prompt_of(x) for x in items], [label_of(x) for x in items]
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, IndexError) as e:
             raise ValueError(f"{path}: an item lacks or has a bad field: {e!r}") from None
         L = len(words)
         nll = target_nll(m, [p for p in prompts for _ in words], list(words) * len(prompts),
@@ -391,7 +445,7 @@ def perplexity(m, texts, max_len: int = 256, batch_size: int = 16) -> float:
 # -------------------------------------------------------------------------------- summaries
 METRICS = ("efficacy", "generalization", "specificity")
 GENERATIVE = ("efficacy_generative", "generalization_generative")
-TOP1 = tuple(k + "_top1" for k in METRICS)        # EasyEdit's teacher-forced token accuracy
+TOP1 = tuple(k + "_top1" for k in METRICS) + ("locality_top1",)    # teacher-forced token accuracy; EasyEdit's locality
 EXTRA = tuple(k + "_magnitude" for k in METRICS) + ("fluency", "consistency")
 HEADER = ("method", "model", "n_edits", "batch_size")
 
@@ -684,12 +738,14 @@ def queue_findings(audits: dict) -> list[str]:
         out.append(f"the queue has only just left its floor on layer(s) {joined(new)} (step {first}): "
                    "too early to tell whether it holds PL at D; run longer")
     if ok := of("stable") + of("floor"):
-        top = max(audits[l]["max_pl_over_D"] for l in ok)
-        floor = f"at its floor (PL ≤ D at every step, at most {top:.3g}·D)"
-        kind = "strongly stable" if of("stable") else floor
+        at_floor = of("floor")
+        top = max([audits[l]["max_pl_over_D"] for l in at_floor], default=0.0)
+        kind = "strongly stable" if of("stable") else f"at its floor (PL ≤ D at every step, at most {top:.3g}·D)"
+        mixed = f" (at its floor on {joined(at_floor)}: PL ≤ D at every step, at most {top:.3g}·D)" \
+            if of("stable") and at_floor else ""
         parts = "; ".join(f"layer {l}: time-average PL {audits[l]['mean_pl']:.4g} ≤ D {audits[l]['D']:.4g}"
                           f" + slack {audits[l]['slack']:.3g}" for l in ok)
-        out.append(f"the queue is {kind} on layer(s) {joined(ok)} and T1's bound holds: {parts}")
+        out.append(f"the queue is {kind} on layer(s) {joined(ok)}{mixed} and T1's bound holds: {parts}")
     return out
 
 

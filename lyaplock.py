@@ -698,8 +698,9 @@ def key_rows(tok, requests, templates) -> list[Row]:
 
 
 def longest_input(tok, q, templates, generation_tokens: int = 0) -> tuple[str, int]:
-    """The longest sequence a request puts through the model (editing, scoring, generation):
-    (what it is, its length in tokens)."""
+    """The longest sequence a request puts through the model (editing, scoring, and generation:
+    texts of generation_tokens tokens, their prompt included, ev.generate_texts): (what it is,
+    its length in tokens)."""
     n_target = max(len(ev.target_ids(tok, t)) for t in (q.target_new, q.target_true or q.target_new,
                                                             *q.neighborhood_answers))
     found = [("rewrite prompt in a context template, with its target",
@@ -707,7 +708,7 @@ def longest_input(tok, q, templates, generation_tokens: int = 0) -> tuple[str, i
              for group in templates for t in group]
     found += [("paraphrase or neighbourhood prompt with its target", len(tok.encode(p)) + n_target)
               for p in (*q.paraphrase_prompts, *q.neighborhood_prompts)]
-    found += [(f"generation prompt with {generation_tokens} new tokens", len(tok.encode(p)) + generation_tokens)
+    found += [(f"generated text of {generation_tokens} tokens (fluency)", max(len(tok.encode(p)), generation_tokens))
               for p in q.generation_prompts if generation_tokens]
     return max(found, key=lambda f: f[1])
 
@@ -1462,7 +1463,7 @@ DEFAULT_HELDOUT = Path(__file__).parent / "fixtures" / "wikitext-2-valid-sample.
 QUICKSTART = ("python lyaplock.py --model fixtures/factmodel-ci --edits fixtures/factmodel-ci/edits.json"
               " --stats-corpus fixtures/factmodel-ci/corpus.txt --limit 100 --batch-size 10")
 HEADLINE = ("efficacy", "generalization", "specificity", "score", "efficacy_generative",
-            "generalization_generative", "efficacy_top1", "generalization_top1", "specificity_top1",
+            "generalization_generative", "efficacy_top1", "generalization_top1", "specificity_top1", "locality_top1",
             "fluency", "consistency", "perplexity",
             "general.sst2.f1", "general.mrpc.f1", "general.cola.mcc", "general.rte.f1", "general.nli.f1",
             "general.mmlu.accuracy")
@@ -1939,7 +1940,7 @@ def load_requests(settings: Settings) -> tuple[list, list[str]]:
 def fit_context(model, requests, templates, settings: Settings) -> tuple[list, list[str]]:
     """Requests whose every input fits the model's positions; the others are an error naming the
     record and its length (or, with --skip-bad, skipped with that message)."""
-    gen = 100 if settings.generation else 0
+    gen = ev.FLUENCY_TOKENS if settings.generation else 0
     ok, bad = [], []
     for q in requests:
         what, n = longest_input(model.tokenizer, q, templates, gen)
@@ -2026,8 +2027,9 @@ def finish(editor: Editor, requests, settings: Settings, out: Path, n_skipped: i
     """Score the final model; write cases.jsonl, summary.json/md; print the headline table."""
     with editor.restrained() as model:
         cases = score_cases(model, requests, settings.generation, snippets_of(settings), settings.seed)
-    data.write_jsonl(out / "cases.jsonl", cases)
     pre, _ = data.read_jsonl(out / "cases_pre.jsonl")
+    cases = ev.with_locality(pre, cases)                  # EasyEdit's: argmax tokens as before editing
+    data.write_jsonl(out / "cases.jsonl", cases)
     abilities, _ = data.read_jsonl(out / "ability.jsonl")
     first = abilities[0]
     final = general_ability(editor, settings, final=True)

@@ -86,7 +86,7 @@ def test_data_zsre_record_maps_field_by_field():
         assert r.rewrite_prompt() == rec["src"] and r.prompt.count("{}") == 1
         assert r.target_new == rec["alt"] and r.target_true == rec["answers"][0]
         assert r.paraphrase_prompts == (rec["rephrase"],)
-        assert r.neighborhood_prompts == (rec["loc"],)
+        assert r.neighborhood_prompts == (rec["loc"] + "?",)       # as MEMIT scores it (dsets/zsre.py)
         assert r.neighborhood_answers == (rec["loc_ans"],)
         assert r.attribute_prompts == r.generation_prompts == ()
     assert reqs[0].prompt == "What is the product made by {}?"

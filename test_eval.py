@@ -22,8 +22,8 @@ class WordTok:
     def __init__(self, words):
         self.ids = {w: i + 1 for i, w in enumerate(words)}
 
-    def encode(self, text, bos=None):
-        return ([0] if bos is not False else []) + [self.ids[w] for w in text.split()]
+    def encode(self, text, bos=None):      # a word outside the list (target_ids' probe "x"): one id past it
+        return ([0] if bos is not False else []) + [self.ids.get(w, len(self.ids) + 1) for w in text.split()]
 
 
 class Bigram(nn.Module):
@@ -113,6 +113,29 @@ def test_counterfact_top1_token_accuracy_by_hand():
     assert list(s).index("efficacy_top1") > list(s).index("score")
 
 
+def test_locality_is_easyedits_agreement_with_the_model_before_editing():
+    """EasyEdit's CounterFact and zsRE locality (editor.py: mean(post == pre)): on each neighbourhood
+    prompt, teacher-forced on the true answer, the share of argmax tokens unchanged by the edit.
+    An unchanged model scores 1 where specificity_top1 (accuracy against the answer) may be 0."""
+    before = Bigram(WORDS, {"n1": {"new": 0.1, "true": 0.7}, "n2": {"new": 0.3, "true": 0.2},
+                            "a": {"b": 0.9}, "b": {"c": 0.6}})
+    after = Bigram(WORDS, {"n1": {"new": 0.1, "true": 0.7}, "n2": {"new": 0.6, "true": 0.2},   # argmax "_" -> new
+                           "a": {"b": 0.9}, "b": {"d": 0.6}})                                  # after b: c -> d
+    reqs = [cf_request(1, "r", ["p1"], ["n1", "n2", "n1"]), cf_request(2, "r", ["r"], ["n2"]),
+            cf_request(3, "r", ["r"], ["a"], answer="b c")]
+    pre = E.counterfact_eval(before, reqs)
+    assert [c["neighborhood_argmax"] for c in pre][0] == [[before.tokenizer.ids[w]] for w in ("true", "_", "true")]
+    same = E.with_locality(pre, pre)
+    assert [c["locality_top1"] for c in same] == [1.0, 1.0, 1.0] and same[1]["specificity_top1"] == 0.0
+    post = E.with_locality(pre, E.counterfact_eval(after, reqs))
+    assert [c["locality_top1"] for c in post] == [pytest.approx(2 / 3), 0.0, 0.5]   # "a b c": b kept, c -> d
+    assert E.summarize(post)["locality_top1"] == pytest.approx(100 * (2 / 3 + 0 + 0.5) / 3)
+    zsre = [cf_request(4, "r", ["p1"], ["n2"], kind="zsre")]
+    post = E.with_locality(E.zsre_eval(before, zsre), E.zsre_eval(after, zsre))
+    assert post[0]["locality_top1"] == 0.0
+    assert "locality_top1" not in E.with_locality([], post[:0] + E.zsre_eval(after, zsre))[0]   # no before: none
+
+
 def test_target_nll_multi_token_by_hand():
     m = Bigram(WORDS, {"r": {"a": 0.5, "b": 0.1}, "a": {"b": 0.4, "c": 0.5}, "b": {"c": 0.2, "d": 0.7},
                        "p1": {"b": 0.6, "a": 0.3}})
@@ -156,6 +179,16 @@ def test_tfidf_by_hand():
     assert E.tfidf_cosine("Paris paris city x", "big city", idf) == pytest.approx(want)
     assert E.consistency(["paris city"], ["paris city"]) == pytest.approx(1)
     assert E.consistency(["london"], snippets) == 0
+    # with the IDF fitted on the snippets, a word they lack weighs as df 0 (ln(1 + N) + 1), so
+    # off-topic text lowers the score (it was dropped: the padded text scored as the plain one)
+    unseen = math.log(3) + 1
+    a = {"paris": lo, "city": hi, "london": unseen}
+    b = {"paris": 2 * lo, "is": hi, "big": hi, "city": hi}
+    want = (lo * 2 * lo + hi * hi) / math.sqrt(sum(v * v for v in a.values())) / math.sqrt(sum(v * v for v in b.values()))
+    assert E.consistency(["paris city london"], snippets) == pytest.approx(want)
+    on_topic = E.consistency(["paris is a big city"], snippets)
+    assert E.consistency(["paris is a big city " + "the cat sat on the mat " * 30], snippets) < on_topic / 3
+    assert E.tfidf_cosine("paris city london", "paris city", idf) == pytest.approx(1)   # a given IDF drops it
 
 
 def test_f1_mcc_by_hand():
@@ -169,6 +202,10 @@ def test_f1_mcc_by_hand():
     assert E.classification_metrics([0, 1], [0, 1], 2)["mcc"] == 1
     assert E.classification_metrics([0, 1], [1, 0], 2)["mcc"] == -1
     assert E.classification_metrics([0, 1, 2, 3], [0, 1, 3, 3], 4)["accuracy"] == 0.75
+    # macro F1 over the classes that occur or are predicted (scikit-learn): a perfect run on two of
+    # four MMLU letters is 1, not 0.5; a class predicted but absent counts (its F1 is 0)
+    assert E.classification_metrics([0, 1, 0, 1], [0, 1, 0, 1], 4)["macro_f1"] == 1.0
+    assert E.classification_metrics([0, 0, 1, 1], [0, 2, 1, 1], 4)["macro_f1"] == pytest.approx((2 / 3 + 1 + 0) / 3)
 
 
 # --------------------------------------------------------------------- the real checkpoint
@@ -196,6 +233,47 @@ def test_target_nll_matches_plain_forward(lm):
     torch.testing.assert_close(one.nll_mean, got, atol=1e-5, rtol=1e-5)
 
 
+def test_fluency_texts_are_romes_hundred_tokens_past_the_end_of_text(lm, monkeypatch):
+    """ROME's generate_fast(max_out_len=100): each text is 100 tokens with its prompt, sampling on
+    past an end-of-text token (decoding drops it); the texts were 100 NEW tokens, cut at EOS."""
+    made = []
+
+    def generate(m, seqs, n, **kw):
+        made.append((seqs, n, kw))
+        return [[lm.tokenizer.eos_ids[0]] + [300] * (n - 1) for _ in seqs]      # EOS first, then more
+    monkeypatch.setattr(M, "generate", generate)
+    prompts = ["Once upon a time", "The little dog ran to the park and saw a big red ball"]
+    texts = E.generate_texts(lm, prompts, top_k=5, seed=3)
+    (seqs, n, kw), = made
+    assert kw == dict(top_k=5, seed=3, stop_at_eos=False) and n == 100 - min(map(len, seqs))
+    for p, q, text in zip(prompts, seqs, texts):
+        assert text == lm.tokenizer.decode(q + [lm.tokenizer.eos_ids[0]] + [300] * (99 - len(q)))
+        assert text.startswith(p) and len(lm.tokenizer.encode(text)) > 90
+
+
+def test_target_ids_are_the_targets_ids_inside_the_sentence(tmp_path):
+    """A tokenizer that marks the start of every text (Llama-2's and Mistral-7B's tokenizer.json:
+    normalizer Prepend "▁", then " " -> "▁") encodes " girl" alone as "▁" "▁g" "ir" "l"; after a
+    prompt the target's ids are those it has in the joint sentence, and prompt + target_ids is the
+    sentence's encoding (so efficacy and E4's targets read the tokens the model sees)."""
+    import shutil
+    path = tmp_path / "llama2-style"
+    shutil.copytree(FIX / "stories260K-hf", path)
+    spec = json.loads((path / "tokenizer.json").read_text())
+    spec["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
+    (path / "tokenizer.json").write_text(json.dumps(spec))
+    tok = M.Tokenizer(path, M.read_config(path))
+    assert tok.tok.encode(" girl", add_special_tokens=False).tokens[0] == "▁"          # the stray piece
+    for prompt, target in [("Once upon a time there was a little", "girl"), ("Tom and", " Sue went home"),
+                           ("The sun was", "happy, and the birds sang")]:
+        sentence = prompt + (target if target.startswith(" ") else " " + target)
+        assert tok.encode(prompt) + E.target_ids(tok, target) == tok.encode(sentence), (prompt, target)
+        assert tok.tok.id_to_token(E.target_ids(tok, target)[0]) != "▁"
+    lm = M.load(FIX / "stories260K-hf")            # its own tokenizer: the ids alone were already these
+    assert E.target_ids(lm.tokenizer, "girl") == lm.tokenizer.encode(" girl", bos=False)
+
+
 def test_batched_case_eval_equals_one_at_a_time(lm):
     for name in ("counterfact-rome.json", "zsre-mend.json"):
         reqs = load_requests(FIX / name, limit=4)[0]
@@ -220,8 +298,8 @@ def test_perplexity_matches_plain_forward(lm):
 
 def test_generation_eval_runs_and_is_seeded(lm):
     reqs = load_requests(FIX / "counterfact-rome.json", limit=2)[0]
-    a = E.generation_eval(lm, reqs, snippets={reqs[0].case_id: ["the little dog ran"]}, max_new_tokens=20)
-    b = E.generation_eval(lm, reqs, max_new_tokens=20)
+    a = E.generation_eval(lm, reqs, snippets={reqs[0].case_id: ["the little dog ran"]}, text_tokens=30)
+    b = E.generation_eval(lm, reqs, text_tokens=30)
     assert [c["generations"] for c in a] == [c["generations"] for c in b]
     assert all(0 < c["fluency"] < 10 for c in a)
     assert 0 <= a[0]["consistency"] <= 1 and "consistency" not in a[1]
@@ -241,6 +319,11 @@ def test_general_eval_names_a_task_file_it_cannot_read(lm, tmp_path):
     (tmp_path / "rte.json").write_text("[{")
     with pytest.raises(ValueError, match=f"{tmp_path / 'rte.json'}: cannot read the task's items"):
         E.general_eval(lm, tmp_path, n_per_task=2)
+    items = json.loads((FIX / "glue" / "mmlu.json").read_text())[:2]
+    items[1]["choices"].append("a fifth")                   # was an IndexError from deep in the prompt
+    (tmp_path / "mmlu.json").write_text(json.dumps(items))
+    with pytest.raises(ValueError, match="mmlu.json: an item lacks or has a bad field: .*has 4 choices, this one 5"):
+        E.general_eval(lm, tmp_path, n_per_task=2, tasks=("mmlu",))
 
 
 def test_write_summary(tmp_path):

@@ -220,6 +220,10 @@ def test_report_marks_the_stop_and_writes_well_formed_figures(tmp_path):
             "fell below 0.25") in text
     assert text.index("collapse point") < text.index("T1's bound holds")        # the most urgent first
     assert "the queue is at its floor (PL ≤ D at every step, at most 0.5·D) on layer(s) 2 and T1's" in text
+    stable = dict(queue=True, trend="stable", max_pl_over_D=1.2, mean_pl=0.19, D=0.2, slack=0.01)
+    floor = dict(queue=True, trend="floor", max_pl_over_D=0.5, mean_pl=0.1, D=0.2, slack=0.0)
+    assert E.queue_findings({"1": stable, "2": floor})[0].startswith(      # both kinds: each named
+        "the queue is strongly stable on layer(s) 1, 2 (at its floor on 2: PL ≤ D at every step, at most 0.5·D) and")
     names = ["pl_layer1.svg", "pl_layer2.svg", "queue.svg", "perplexity.svg", "general.svg", "metrics.svg"]
     for name in names:
         root = ET.parse(d / name).getroot()
