@@ -2036,7 +2036,7 @@ def finish(editor: Editor, requests, settings: Settings, out: Path, n_skipped: i
     data.append_jsonl(out / "ability.jsonl", final)
     strip = lambda r: {k: v for k, v in r.items() if k not in ("step", "edits", "final")}
     summary = ev.summarize(cases) | strip(final)
-    summary_pre = ev.summarize(pre) | strip(first)
+    summary_pre = ev.summarize(ev.with_locality(pre, pre)) | strip(first)     # locality 100: itself
     header = dict(method=settings.hparams.method, model=settings.model, n_edits=editor.state.n_edits,
                   batch_size=settings.hparams.batch_size, skipped=n_skipped, templates=editor.templates)
     ev.write_summary(out, summary, header, pre=summary_pre)

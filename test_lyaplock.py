@@ -742,6 +742,7 @@ def test_cli_run_writes_the_run_directory_and_the_edited_model(tmp_path, capsys)
     assert summary["n_edits"] == 8 and len((out / "cases.jsonl").read_text().splitlines()) == 8
     assert {"fluency", "perplexity", "general"} <= set(summary) and "efficacy" in summary["pre"]
     assert "consistency" in summary and 0 <= summary["consistency"] <= 100
+    assert summary["pre"]["locality_top1"] == 100 and 0 <= summary["locality_top1"] <= 100   # EasyEdit's
     edited = M.load(tmp_path / "edited")
     w = _final_weights(out)
     assert torch.equal(edited.edit_weight(1), w["model.layers.1.mlp.down_proj.weight"])
