@@ -90,14 +90,20 @@ class Config:
             raise CheckpointError(f"config.json (model_type {mt!r}) lacks the field {e.args[0]!r}") from None
 
 
+def id_list(v) -> list:
+    """An HF token-id field (eos_token_id: an id, a list of them, or null) as a list."""
+    return [] if v is None else list(v) if isinstance(v, list) else [v]
+
+
 def special_ids(c: dict) -> dict:
-    eos = c.get("eos_token_id")
-    eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
-    return dict(bos_id=c.get("bos_token_id"), eos_ids=eos, pad_id=c.get("pad_token_id"))
+    return dict(bos_id=c.get("bos_token_id"), eos_ids=id_list(c.get("eos_token_id")), pad_id=c.get("pad_token_id"))
 
 
 def refuse(c: dict, what: str, why: str):
     raise CheckpointError(f"config.json (model_type {c['model_type']!r}): {what} is not supported ({why})")
+
+
+LLAMA3_ROPE_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 def read_rope(c: dict) -> dict:
@@ -105,6 +111,11 @@ def read_rope(c: dict) -> dict:
     rs = c.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
     if rs is not None and rs.get("rope_type", rs.get("type")) not in ("llama3", "default"):
         refuse(c, f"rope_scaling {rs!r}", "only 'llama3' is implemented")
+    if rs is not None and rs.get("rope_type", rs.get("type")) == "llama3":
+        for key in LLAMA3_ROPE_FIELDS:     # no guessed defaults: transformers requires or derives them
+            if rs.get(key) is None:
+                raise CheckpointError(f"config.json (model_type {c['model_type']!r}): llama3 rope_scaling "
+                                      f"{rs!r} lacks the field {key!r}")
     return dict(rope_theta=c.get("rope_theta", rp.get("rope_theta", 10000.0)), rope_scaling=rs)
 
 
@@ -126,9 +137,10 @@ def read_llama(c: dict) -> Config:
 
 
 def qwen_window(c: dict) -> dict:
-    """Qwen's sliding window: only with use_sliding_window, in the layers `layer_types` marks
-    "sliding_attention" (by default those from max_window_layers on), as transformers does."""
-    window = c.get("sliding_window") if c.get("use_sliding_window") else None
+    """Qwen's sliding window: only with use_sliding_window (of sliding_window tokens, 4096 where
+    the key is absent), in the layers `layer_types` marks "sliding_attention" (by default those
+    from max_window_layers on), as transformers does."""
+    window = c.get("sliding_window", 4096) if c.get("use_sliding_window") else None
     if not window:
         return {}
     first = c.get("max_window_layers", 28)
@@ -148,7 +160,7 @@ def read_qwen3(c: dict) -> Config:
 
 
 def read_mistral(c: dict) -> Config:
-    window = c.get("sliding_window")        # null in Mistral-7B-v0.3: full attention
+    window = c.get("sliding_window", 4096)  # absent: transformers' default; null (Mistral-7B-v0.3): full attention
     return read_llama_like(c, sliding_window=window or None,
                            window_layers=tuple(range(c["num_hidden_layers"])) if window else ())
 
@@ -164,6 +176,7 @@ def read_gptj(c: dict) -> Config:
     return Config(arch="gptj", vocab_size=c["vocab_size"], d_model=d, n_layers=c["n_layer"], n_heads=nh,
                   n_kv_heads=nh, head_dim=d // nh, d_mlp=c.get("n_inner") or 4 * d,
                   norm_eps=c.get("layer_norm_epsilon", 1e-5), rotary_dim=c.get("rotary_dim") or d // nh,
+                  tie_embeddings=c.get("tie_word_embeddings", False),   # tied: lm_head keeps its own bias
                   mlp_bias=True, max_positions=c.get("n_positions", 2048), **special_ids(c))
 
 
@@ -195,8 +208,8 @@ def rope_inv_freq(cfg: Config) -> torch.Tensor:
     rs = cfg.rope_scaling
     if not rs or rs.get("rope_type", rs.get("type")) != "llama3":
         return inv
-    factor, lo, hi = rs["factor"], rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
-    old = rs.get("original_max_position_embeddings", 8192)
+    factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old = rs["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv
     smooth = ((old / wavelen - lo) / (hi - lo)).clamp(0, 1)    # 0: long waves, 1: short waves
     blended = (1 - smooth) * inv / factor + smooth * inv
@@ -614,8 +627,20 @@ def block_inputs(device, cos, sin, masks: dict):
 
 
 # ------------------------------------------------------------------------------------ tokenizer
+def read_json(file: Path) -> dict:
+    """A checkpoint's JSON file (config, tokenizer or generation config); bad JSON names the file."""
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+
+
 class Tokenizer:
-    """tokenizer.json through the `tokenizers` library; BOS handled here, in one place."""
+    """tokenizer.json through the `tokenizers` library; BOS handled here, in one place. The BOS is
+    the tokenizer's own, as transformers takes it: tokenizer_config.json's bos_token (an explicit
+    null: none, as Qwen2's, whose config.json still names one), config.json's only where that file
+    is silent. Generation stops at config.json's EOS and at generation_config.json's (a chat
+    model's end of turn, as Llama-3-Instruct's <|eot_id|>)."""
 
     def __init__(self, path: Path, cfg: Config):
         from tokenizers import Tokenizer as HFTok
@@ -628,20 +653,31 @@ class Tokenizer:
         self.tok = HFTok.from_file(str(tj))
         self.tok.no_truncation()     # a tokenizer.json may carry either (the GPT-2 one truncates at
         self.tok.no_padding()        # 50 tokens); transformers does neither unless asked, nor do we
-        conf = json.loads(tc.read_text()) if tc.exists() else {}
+        conf = read_json(tc) if tc.exists() else {}
+        gc = path / "generation_config.json"
+        gen = read_json(gc) if gc.exists() else {}
 
         def token_id(v):
             v = v.get("content") if isinstance(v, dict) else v
             return self.tok.token_to_id(v) if isinstance(v, str) else None
-        self.bos_id = cfg.bos_id if cfg.bos_id is not None else token_id(conf.get("bos_token"))
-        self.eos_ids = cfg.eos_ids or [i for i in [token_id(conf.get("eos_token"))] if i is not None]
+        self.bos_id = token_id(conf["bos_token"]) if "bos_token" in conf else cfg.bos_id
+        if conf.get("bos_token") is not None and self.bos_id is None:
+            raise CheckpointError(f"{tc}: bos_token {conf['bos_token']!r} is not a token of {tj}")
+        self.eos_ids = list(cfg.eos_ids) or [i for i in [token_id(conf.get("eos_token"))] if i is not None]
+        end = id_list(gen.get("eos_token_id"))
+        if not all(isinstance(i, int) for i in end):
+            raise CheckpointError(f"{gc}: eos_token_id {gen['eos_token_id']!r} is not a token id or a list of them")
+        self.eos_ids += [i for i in end if i not in self.eos_ids]
         self.add_bos = conf.get("add_bos_token", cfg.arch in ("llama", "mistral")) and self.bos_id is not None
         pad = cfg.pad_id if cfg.pad_id is not None else token_id(conf.get("pad_token"))
         self.pad_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
 
     def encode(self, text: str, bos: bool | None = None) -> list[int]:
+        """The ids of `text`, after the BOS where asked (bos None: where this tokenizer adds one)
+        and the tokenizer has one."""
         ids = self.tok.encode(text, add_special_tokens=False).ids
-        return [self.bos_id] + ids if (self.add_bos if bos is None else bos) else ids
+        with_bos = self.add_bos if bos is None else bos
+        return [self.bos_id] + ids if with_bos and self.bos_id is not None else ids
 
     def decode(self, ids) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)
@@ -878,10 +914,7 @@ def check_tensors(path: Path, cfg: Config, expected: dict[str, tuple], headers: 
 def read_config(path: Path) -> Config:
     if not (path / "config.json").exists():
         raise CheckpointError(f"{path}: config.json is missing (is this an HF checkpoint directory?)")
-    try:
-        return Config.from_hf(json.loads((path / "config.json").read_text()))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path / 'config.json'}: not valid JSON ({e})") from None
+    return Config.from_hf(read_json(path / "config.json"))
 
 
 def load(path, device="cpu", dtype="float32", placement=None) -> CausalLM:
@@ -1017,9 +1050,12 @@ def main(argv=None):
         model = load(args.checkpoint, args.device, args.dtype)
     except ValueError as e:          # CheckpointError, a bad --device or --dtype
         raise SystemExit(f"error: {e}")
-    ids = model.tokenizer.encode(args.prompt, bos=True if not args.prompt else None)
+    ids = model.tokenizer.encode(args.prompt)
+    if not ids:                      # an empty prompt starts from BOS, where the tokenizer has one
+        ids = model.tokenizer.encode(args.prompt, bos=True)
     if not ids:
-        raise SystemExit("error: the prompt encodes to no tokens and the tokenizer has no BOS token")
+        raise SystemExit(f"error: the prompt {args.prompt!r} encodes to no tokens and the tokenizer of "
+                         f"{args.checkpoint} has no BOS token to start from: give a --prompt")
     try:
         out = generate(model, [ids], args.max_new_tokens, args.top_k, args.seed)[0]
     except ValueError as e:          # e.g. a GPT-2 prompt past its learned positions

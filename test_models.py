@@ -31,8 +31,9 @@ def make_hf_checkpoint(path: Path, kind: str, seed: int = 0, shard: bool = False
     """A random tiny HF checkpoint (saved by transformers itself) with a tokenizer beside it."""
     import transformers as T
     torch.manual_seed(seed)
-    if kind == "gptj":
-        c = T.GPTJConfig(vocab_size=50257, n_embd=64, n_layer=3, n_head=4, rotary_dim=8, n_positions=128)
+    if kind.startswith("gptj"):
+        c = T.GPTJConfig(vocab_size=50257, n_embd=64, n_layer=3, n_head=4, rotary_dim=8, n_positions=128,
+                         tie_word_embeddings="tied" in kind)
         hf = T.GPTJForCausalLM(c)
         tok = FIX / "gpt2-tokenizer"
     else:
@@ -83,7 +84,7 @@ def padded_batch(vocab, side, seed=1):
     return ids, mask
 
 
-KINDS = ["llama", "llama-gqa-tied", "llama-gqa-rope3", "llama-headdim-bias", "gptj"]
+KINDS = ["llama", "llama-gqa-tied", "llama-gqa-rope3", "llama-headdim-bias", "gptj", "gptj-tied"]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -96,8 +97,9 @@ def test_forward_matches_transformers(tmp_path, kind, side, device):
     ids, mask = (t.to(device) for t in padded_batch(min(ours.cfg.vocab_size, 500), side))
     pos = (mask.cumsum(-1) - 1).clamp(min=0)   # HF needs explicit positions under left padding
     seen = {}
-    mlps = [m.mlp for m in (hf.model.layers if kind != "gptj" else hf.transformer.h)]
-    hooks = [(m.down_proj if kind != "gptj" else m.fc_out).register_forward_pre_hook(
+    gptj = kind.startswith("gptj")
+    mlps = [m.mlp for m in (hf.transformer.h if gptj else hf.model.layers)]
+    hooks = [(m.fc_out if gptj else m.down_proj).register_forward_pre_hook(
         lambda mod, args, i=i: seen.__setitem__(i, args[0])) for i, m in enumerate(mlps)]
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
@@ -264,6 +266,12 @@ def _broken(tmp_path, how):
         st.write_bytes(st.read_bytes()[:50_000])
     elif how == "no-tokenizer":
         (d / "tokenizer.json").unlink()
+    elif how == "tokenizer-config-json":
+        (d / "tokenizer_config.json").write_text('{"bos_token": "<s>",')
+    elif how == "unknown-bos":
+        (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<bos>", "add_bos_token": True}))
+    elif how == "generation-config-eos":
+        (d / "generation_config.json").write_text(json.dumps({"eos_token_id": "</s>"}))
     return d
 
 
@@ -276,6 +284,9 @@ def _broken(tmp_path, how):
     ("nan", "model.norm.weight contains NaN"),
     ("truncated", "model.safetensors: unreadable safetensors file"),
     ("no-tokenizer", "tokenizer.json is missing"),
+    ("tokenizer-config-json", "tokenizer_config.json: not valid JSON"),
+    ("unknown-bos", "tokenizer_config.json: bos_token '<bos>' is not a token of .*tokenizer.json"),
+    ("generation-config-eos", "generation_config.json: eos_token_id '</s>' is not a token id"),
 ])
 def test_bad_checkpoints_give_clear_errors(tmp_path, how, message):
     with pytest.raises(M.CheckpointError, match=message):
@@ -426,6 +437,26 @@ def test_configs_read_as_transformers_does(ckpt):
     assert cfg["qwen2-gqa-tied-window"].window_layers == (1, 2) and cfg["qwen2-gqa-tied-window"].tie_embeddings
     assert cfg["qwen3-gqa-bias"].qk_norm and cfg["qwen3-gqa-bias"].head_dim == 16
     assert cfg["mistral"].window_layers == () and cfg["mistral-gqa-window"].window(0) == 4
+
+
+@pytest.mark.parametrize("kind", ["mistral-gqa-window", "qwen2-gqa-tied-window"])
+@pytest.mark.parametrize("window", ["absent", None])
+def test_a_sliding_window_left_out_is_that_of_transformers(ckpt, tmp_path, kind, window):
+    """config.json without sliding_window: transformers' default window of 4096 tokens (Mistral;
+    Qwen with use_sliding_window), in the layers it slides; an explicit null: no window."""
+    import transformers as T
+    d = tmp_path / "ckpt"
+    shutil.copytree(ckpt(kind), d)
+    c = json.loads((d / "config.json").read_text())
+    c.pop("sliding_window")
+    if window is None:
+        c["sliding_window"] = None
+    (d / "config.json").write_text(json.dumps(c))
+    hf, cfg = T.AutoConfig.from_pretrained(d), M.read_config(d)
+    assert hf.sliding_window == (4096 if window == "absent" else None)
+    slides = getattr(hf, "layer_types", None) or ["sliding_attention"] * cfg.n_layers   # Mistral: every layer
+    assert [cfg.window(i) for i in range(cfg.n_layers)] == \
+        [hf.sliding_window if k == "sliding_attention" else None for k in slides]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -612,6 +643,129 @@ def test_unsupported_options_are_refused(ckpt, tmp_path, kind, change, message):
         M.load(_config_with(tmp_path, ckpt(kind), **change))
 
 
+@pytest.mark.parametrize("layout", ["rope_scaling", "rope_parameters"])
+@pytest.mark.parametrize("field", ["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"])
+def test_llama3_rope_without_one_of_its_fields_is_refused_by_name(layout, field):
+    """No guessed default: transformers requires the first three and takes the fourth from
+    max_position_embeddings (a value a Llama-3.1 config never relies on); 8192 was assumed here."""
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16}
+    del rope[field]
+    c = dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=4, max_position_embeddings=256)
+    if layout == "rope_scaling":          # Llama-3.1's config.json
+        c |= dict(rope_theta=500000.0, rope_scaling=rope)
+    else:                                 # as transformers 5 writes it
+        c |= dict(rope_parameters=rope | {"rope_theta": 500000.0})
+    with pytest.raises(M.CheckpointError, match=f"llama3 rope_scaling .* lacks the field '{field}'"):
+        M.Config.from_hf(c)
+
+
+# ============================================================================ the tokenizer
+SENTENCES = ["Once upon a time there was a little girl named Lily.", "She liked to play in the park."]
+
+
+def added(token: str) -> dict:
+    """A special token as tokenizer_config.json spells it with its options."""
+    return {"__type": "AddedToken", "content": token, "lstrip": False, "normalized": True, "rstrip": False,
+            "single_word": False}
+
+
+# family -> (model_type, config.json's ids, special tokens (ids 0, 1, 2), the BOS tokenizer.json's
+# template adds or None, tokenizer_config.json): each family's real conventions
+TOKENIZER_CONVENTIONS = {
+    "llama-2": ("llama", dict(bos_token_id=1, eos_token_id=2), ["<unk>", "<s>", "</s>"], "<s>",
+                {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True, "add_eos_token": False,
+                 "tokenizer_class": "LlamaTokenizer"}),
+    "llama-3": ("llama", dict(bos_token_id=0, eos_token_id=1), ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"],
+                "<|begin_of_text|>", {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>",
+                                      "tokenizer_class": "PreTrainedTokenizerFast"}),
+    # no BOS, though config.json names one (151643, its EOS)
+    "qwen2.5": ("qwen2", dict(bos_token_id=0, eos_token_id=0), ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None,
+                {"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+                 "add_bos_token": False, "tokenizer_class": "Qwen2Tokenizer"}),
+    # config.json's bos_token_id (151643) is the tokenizer's EOS; its BOS is <｜begin▁of▁sentence｜>
+    "deepseek-r1-distill-qwen": ("qwen2", dict(bos_token_id=0, eos_token_id=0),
+                                 ["<｜end▁of▁sentence｜>", "<｜begin▁of▁sentence｜>", "<|im_start|>"],
+                                 "<｜begin▁of▁sentence｜>",
+                                 {"bos_token": added("<｜begin▁of▁sentence｜>"),
+                                  "eos_token": added("<｜end▁of▁sentence｜>"), "add_bos_token": True,
+                                  "add_eos_token": False, "tokenizer_class": "LlamaTokenizerFast"}),
+    "gpt2": ("gpt2", dict(bos_token_id=0, eos_token_id=0), ["<|endoftext|>"], None,
+             {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+              "tokenizer_class": "GPT2Tokenizer"}),
+}
+
+
+def tokenizer_checkpoint(path, model_type, ids, specials, template, tokenizer_config) -> Path:
+    """A directory with config.json (a tiny shape; no weights) and a byte-level BPE of 300 tokens
+    trained on SENTENCES, the special tokens first; tokenizer.json's post-processor puts
+    `template` before a sequence (None: nothing)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(SENTENCES, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=specials, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if template is None:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    else:
+        tok.post_processor = processors.TemplateProcessing(single=f"{template} $A",
+                                                           special_tokens=[(template, tok.token_to_id(template))])
+    shape = dict(n_embd=8, n_layer=1, n_head=2) if model_type == "gpt2" else \
+        dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
+    path.mkdir(parents=True)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    (path / "config.json").write_text(json.dumps(dict(model_type=model_type, vocab_size=300, **shape, **ids)))
+    return path
+
+
+@pytest.mark.parametrize("family", TOKENIZER_CONVENTIONS)
+def test_tokenizer_bos_is_that_of_transformers(tmp_path, family):
+    """The BOS is the tokenizer's own (tokenizer_config.json's bos_token), not config.json's; prompts
+    encode as transformers' AutoTokenizer encodes them, and a BOS asked for is its BOS or none."""
+    import transformers as T
+    d = tokenizer_checkpoint(tmp_path / family, *TOKENIZER_CONVENTIONS[family])
+    ours, theirs = M.Tokenizer(d, M.read_config(d)), T.AutoTokenizer.from_pretrained(d)
+    assert ours.bos_id == theirs.bos_token_id
+    bos = [] if theirs.bos_token_id is None else [theirs.bos_token_id]
+    for text in [SENTENCES[0], ""]:
+        assert ours.encode(text) == theirs(text)["input_ids"]
+        assert ours.encode(text, bos=True) == bos + theirs(text, add_special_tokens=False)["input_ids"]
+
+
+def test_without_a_bos_in_tokenizer_config_json_config_json_names_it_or_there_is_none(tmp_path):
+    """tokenizer_config.json silent on bos_token: config.json's bos_token_id; neither names one:
+    no BOS, even where one is asked for."""
+    d = tokenizer_checkpoint(tmp_path / "t", "llama", dict(eos_token_id=2), ["<unk>", "<s>", "</s>"], None,
+                             {"eos_token": "</s>"})
+    tok = M.Tokenizer(d, M.read_config(d))
+    assert tok.bos_id is None and tok.encode("", bos=True) == [] and tok.encode(SENTENCES[0], bos=True)[0] is not None
+    (d / "config.json").write_text(json.dumps(json.loads((d / "config.json").read_text()) | dict(bos_token_id=1)))
+    tok = M.Tokenizer(d, M.read_config(d))
+    assert tok.bos_id == 1 and tok.encode("") == tok.encode("", bos=True) == [1]
+
+
+@pytest.mark.parametrize("listed", [False, True])
+def test_generation_stops_at_generation_config_json_end_tokens_as_transformers_does(tmp_path, listed):
+    """generation_config.json's eos_token_id (an id or a list: a chat model's end of turn, as
+    Llama-3-Instruct's [128001, 128009]) ends generation, with config.json's."""
+    d = tmp_path / "s"
+    shutil.copytree(STORIES, d)
+    prompt = M.load(d).tokenizer.encode("Once upon a time")
+    stop = M.generate(M.load(d), [prompt], 10)[0][3]     # a token greedy decoding reaches: the end of turn
+    end = [2, stop] if listed else stop
+    (d / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": end}))
+    m = M.load(d)
+    assert m.tokenizer.eos_ids == [2, stop]
+    ours = M.generate(m, [prompt], 10)[0]
+    with torch.no_grad():
+        theirs = hf_load(d).generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)[0, len(prompt):]
+    assert ours == theirs.tolist() and len(ours) == 4 and ours[-1] == stop
+
+
 # ============================================================================ the command
 def test_model_cli_prints_the_decoded_sequence(capsys):
     """The prompt and its continuation decoded together, so the space between them stays."""
@@ -623,6 +777,19 @@ def test_model_cli_prints_the_decoded_sequence(capsys):
     new = M.generate(m, [ids], 8)[0]
     assert printed == m.tokenizer.decode(ids + new) + "\n"
     assert printed.startswith(prompt + " ")
+
+
+def test_model_cli_from_no_prompt_without_a_bos_token_says_so(ckpt, tmp_path):
+    """No prompt and no BOS to start from (neither tokenizer_config.json nor config.json names
+    one): a one-line error, not a TypeError from a None token."""
+    d = tmp_path / "nobos"
+    shutil.copytree(ckpt("qwen2"), d)
+    c = json.loads((d / "config.json").read_text())
+    del c["bos_token_id"]
+    (d / "config.json").write_text(json.dumps(c))
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    with pytest.raises(SystemExit, match="the prompt '' encodes to no tokens and the tokenizer of .* has no BOS token"):
+        M.main([str(d), "--max-new-tokens", "2", "--device", "cpu"])
 
 
 @pytest.mark.parametrize("flags", [["--top-k", "0"], ["--max-new-tokens", "-1"]])
