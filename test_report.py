@@ -134,7 +134,8 @@ def test_a_queue_that_grows_is_flagged_and_a_stable_one_is_not(tmp_path):
     verdict = text.split("## Verdict")[1].split("##")[0]
     assert "the queue grows linearly on layer(s) 1 (z +0.5/step on layer 1" in verdict
     assert "the budget α·D_base is below what these edits need; raise --alpha" in verdict
-    assert "layer(s) 2, 3 and T1's bound holds" in verdict
+    assert "strongly stable on layer(s) 2, 3 (at its floor on 3: PL ≤ D at every step, at most 0.9·D) and " \
+           "T1's bound holds" in verdict
 
 
 def test_a_queue_that_just_left_its_floor_is_too_early_to_judge(tmp_path):
