@@ -4,7 +4,9 @@ Layouts, detected from the records themselves (not the file name):
 
 * ``counterfact-rome``: ROME/MEMIT ``counterfact.json`` (``requested_rewrite`` ...).
 * ``counterfact-easyedit``: EasyEdit ``counterfact-{edit,train,val}.json``.
-* ``zsre-mend``: MEND ``zsre_mend_*.json`` (``src``, ``alt``, ``loc`` ...).
+* ``zsre-mend``: MEND ``zsre_mend_*.json`` (``src``, ``answers``, ``loc`` ...), each question
+  edited to its answer ``answers[0]`` as MEMIT's and the LyapLock authors' ``dsets/zsre.py`` do
+  (EasyEdit edits to ``alt`` instead; this loader does not read it).
 
 Everything is checked before any model work; each problem is a ``DataError``
 naming the file, the record (index and case id) and the field. Also the run files'
@@ -58,7 +60,7 @@ LAYOUTS = {
     "counterfact-easyedit": ({"prompt", "ground_truth"},
                              "case_id, prompt, subject, target_new, ground_truth, rephrase_prompt, "
                              "locality_prompt, locality_ground_truth"),
-    "zsre-mend": ({"src", "alt"}, "subject, src, rephrase, alt, answers, loc, loc_ans"),
+    "zsre-mend": ({"src", "answers"}, "subject, src, rephrase, answers, loc, loc_ans"),
 }
 _SUPPORTED = "; ".join(f"{name} ({keys})" for name, (_, keys) in LAYOUTS.items())
 
@@ -153,9 +155,9 @@ def _from_zsre(w: _Where, rec: dict) -> Request:
     answers = w.strs(rec, "answers", "answers")
     if not answers:
         raise w.error("answers", "empty list")
-    return Request(
+    return Request(                   # the target: answers[0] (MEMIT's and the authors' dsets/zsre.py)
         case_id=w.case_id, prompt=w.template(rec, "src", subject), subject=subject,
-        target_new=w.get(rec, "alt", "alt"), target_true=answers[0],
+        target_new=answers[0], target_true=None,
         paraphrase_prompts=(w.get(rec, "rephrase", "rephrase"),),
         neighborhood_prompts=(question(w.get(rec, "loc", "loc")),),
         neighborhood_answers=(w.get(rec, "loc_ans", "loc_ans"),),

@@ -1276,8 +1276,8 @@ def memory_plan(cfg: M.Config, hp: HParams, dtype: str, z_tokens: int, shares: l
     needs at its peak, from the config alone (device_need), with the blocks placed to make the
     largest need / share as small as it can be (M.split_blocks; M.load places them so too:
     planned_placement). Against the measured peaks of two Llama-3-8B steps
-    (docs/bench/llama3-8b-two-steps.txt, when E4's passes ran whole rows): 43.0 planned for 40.5
-    GiB at 2048 tokens, 67.3 for 61.5 at 8192 (the solve's and the statistics' terms are not
+    (docs/bench/llama3-8b-two-steps.txt, CounterFact, when E4's passes ran whole rows): 43.4
+    planned for 40.5 GiB at 2048 tokens, 68.4 for 61.5 at 8192 (the solve's and the statistics' terms are not
     measured on a GPU yet). With the state on the host a last row says what host memory it takes."""
     need = device_need(cfg, hp, dtype, z_tokens, len(shares), state_on_host, n_edits, stats_tokens)
     stages = M.split_blocks(cfg.n_layers, lambda j, k, i: need(j, k, i)["need"], shares)
@@ -1349,14 +1349,15 @@ def plan_stages(rows: list[dict]) -> list[int]:
     return [j for j, row in enumerate(rows) for _ in row["blocks"]]
 
 
-ROW_SLOTS = 28      # token slots a target-value row keeps between passes: its padded prefix in the
-#   cache (CounterFact and zsRE with GPT-2's BPE and the 10-token templates: 15-28 measured, 100
-#   requests, 512-8,192 tokens a pass) and, fewer, its padded suffix of the edit layer's output
-LOGIT_VALUES = 0.75  # vocabulary-wide float32 values a pass holds at its peak, per token slot: the loss
-#   reads at most 0.23 positions a slot (zsRE's longer targets; CounterFact 0.08), each held three
-#   times at the peak (the log-probabilities, their gradient, the logits' gradient), a KL row's six
-#   (its KL's terms); measured on CounterFact and zsRE, GPT-2's BPE, 1,024-2,048 tokens a pass, as
-#   the resident memory of each pass on the CPU (test_memory_plan_target_value_term_covers_a_...)
+ROW_SLOTS = 30      # token slots a target-value row keeps between passes: its padded prefix in the
+#   cache (CounterFact and zsRE with GPT-2's BPE and the 10-token templates, 100 requests: 15-23 and
+#   18-28.1 a row on average at 512-8,192 tokens a pass) and, fewer, its padded suffix of the edit
+#   layer's output (4-7)
+LOGIT_VALUES = 1.0   # vocabulary-wide float32 values a pass holds at its peak, per token slot: the loss
+#   reads at most 0.34 positions a slot (zsRE's answers at 512 tokens a pass, 0.28 at 1,024-2,048;
+#   CounterFact 0.15), each held three times at the peak (the log-probabilities, their gradient,
+#   the logits' gradient), a KL row's six (its KL's terms); measured on CounterFact and zsRE, GPT-2's
+#   BPE, as the resident memory of each pass on the CPU (test_memory_plan_target_value_term_covers_a_...)
 
 
 def target_value_bytes(cfg: M.Config, hp: HParams, dt: torch.dtype, z_tokens: int) -> tuple[int, int, int]:

@@ -74,23 +74,25 @@ def test_data_easyedit_and_rome_layouts_give_the_same_requests():
     assert first.neighborhood_answers == ("French",)
 
 
-def test_data_zsre_record_maps_field_by_field():
+def test_data_zsre_record_maps_field_by_field(tmp_path):
     path = FIX / "zsre-mend.json"
     raw = json.loads(path.read_text(encoding="utf-8"))
     reqs, skipped = load_requests(path)
     assert len(reqs) == len(raw) == 300 and skipped == []
-    for i in (0, 174):  # 174's alt has a leading space: kept as written
+    for i in (0, 174):
         r, rec = reqs[i], raw[i]
         assert r.case_id == i and r.kind == "zsre"
         assert r.subject == rec["subject"]
         assert r.rewrite_prompt() == rec["src"] and r.prompt.count("{}") == 1
-        assert r.target_new == rec["alt"] and r.target_true == rec["answers"][0]
+        assert r.target_new == rec["answers"][0] and r.target_true is None     # MEMIT's and the authors' target
         assert r.paraphrase_prompts == (rec["rephrase"],)
         assert r.neighborhood_prompts == (rec["loc"] + "?",)       # as MEMIT scores it (dsets/zsre.py)
         assert r.neighborhood_answers == (rec["loc_ans"],)
         assert r.attribute_prompts == r.generation_prompts == ()
     assert reqs[0].prompt == "What is the product made by {}?"
-    assert reqs[174].target_new == " Captain Universe"
+    assert reqs[174].target_new == "Marvel Universe" and raw[174]["alt"] == " Captain Universe"   # not EasyEdit's alt
+    blank_alt = dict(raw[0], alt="")            # records 534 and 723 of zsre_mend_train have one: not read
+    assert load_requests(_data_write(tmp_path, [blank_alt]))[0][0].target_new == raw[0]["answers"][0]
 
 
 def test_data_rome_layout_fields(tmp_path):
@@ -151,7 +153,7 @@ BAD_RECORDS = [  # base, field to change, new value (... = delete), field named,
     (EASY_REC, "rephrase_prompt", ["a", "b"], "rephrase_prompt", "expected a string"),
     (EASY_REC, "locality_ground_truth", ..., "locality_ground_truth", "missing"),
     (ZSRE_REC, "src", "What is the capital of Spain?", "src", "'France' does not occur"),
-    (ZSRE_REC, "alt", "", "alt", "empty"),
+    (ZSRE_REC, "answers", ["  "], "answers[0]", "empty"),
     (ZSRE_REC, "answers", [], "answers", "empty list"),
     (ZSRE_REC, "loc_ans", None, "loc_ans", "expected a string"),
 ]

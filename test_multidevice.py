@@ -317,10 +317,11 @@ def test_editing_spread_over_cuda_matches_one_device(tmp_path, spec):
 def test_memory_plan_bounds_the_measured_peaks_of_llama3_8b():
     """--plan's arithmetic against the peaks bench.py measured over two Llama-3-8B LyapLock steps
     on an H100 (docs/bench/llama3-8b-two-steps.txt: 40.5 GiB at --z-batch-tokens 2048, 61.5 at
-    8192), when each pass of E4 ran whole rows, the most its pass term allows: at or above them,
-    by at most 10% (the prefix caches of 100 requests, 1.7 GiB, are the difference). The passes
-    now run from each subject on (_split_at_subject), so these are bounds until a GPU measures
-    again (bash .ci/gpu pending)."""
+    8192), on CounterFact, when each pass of E4 ran whole rows, the most its pass term allows: at
+    or above them, by at most 12% (the prefix caches of 100 requests, 1.8 GiB, and the logits'
+    term, sized for zsRE's answers, which read four times CounterFact's positions: 3.9 GiB at 8,192
+    tokens, are the difference). The passes now run from each subject on (_split_at_subject), so
+    these are bounds until a GPU measures again (bash .ci/gpu pending)."""
     import bench
     import re
     cfg = M.Config.from_hf(bench.PRESETS["llama3-8b"][0])
@@ -329,7 +330,7 @@ def test_memory_plan_bounds_the_measured_peaks_of_llama3_8b():
     assert set(measured) == {2048, 8192}
     for z, peak in measured.items():
         (row,) = L.memory_plan(cfg, L.preset(cfg, "lyaplock"), "bfloat16", z, [80 * 2 ** 30])
-        assert peak <= row["need"] / 2 ** 30 <= 1.1 * peak, (z, row["need"] / 2 ** 30, peak)
+        assert peak <= row["need"] / 2 ** 30 <= 1.12 * peak, (z, row["need"] / 2 ** 30, peak)
         assert row["weights"] / 2 ** 30 == pytest.approx(14.96, abs=0.01)        # 8.03e9 bf16 parameters
         assert row["state"] == 5 * (8 * (2 * 14336 ** 2 + 4096 * 14336) + 2 * 4096 * 14336)   # C, S_KK, S_VK; W0
 
@@ -338,10 +339,10 @@ def test_memory_plan_of_llama3_8b_with_the_state_on_the_host_fits_a_24_gb_card()
     """--state-device cpu on a 24 GB card (22.3 GiB, as .ci/gpu 24gb caps it) at --z-batch-tokens
     1024: the weights, then the largest phase — the target values: a pass of 1,024 tokens through
     the 23 blocks above layer 8 with its copy of the prefix cache, and the prefix caches of the
-    step's 100 requests × 7 rows, and a pass's logits — 20.9 GiB; a solve with what of one layer's state comes over
+    step's 100 requests × 7 rows, and a pass's logits — 21.2 GiB; a solve with what of one layer's state comes over
     (S_VK 0.4 GiB, two 256 MiB blocks of C's or S_KK's rows, W0 0.1) and the system factored in
     its own memory (solve_bytes), and the statistics (one layer a pass), take less. At the
-    default 2,048 tokens it does not fit: 25.0 GiB. With every layer's state on the card, 39.0."""
+    default 2,048 tokens it does not fit: 25.4 GiB. With every layer's state on the card, 39.2."""
     import bench
     cfg = M.Config.from_hf(bench.PRESETS["llama3-8b"][0])
     hp = L.preset(cfg, "lyaplock")
@@ -353,15 +354,15 @@ def test_memory_plan_of_llama3_8b_with_the_state_on_the_host_fits_a_24_gb_card()
     assert card["solve"] == 8 * (m * m + 4 * d * m) + 8 * d * m + 2 * L.BLOCK_BYTES + 2 * d * m
     rows = 100 * 7
     assert card["target_values"] == 2 * 23 * (1024 * (6 * d + 4 * m + kv) + rows * L.ROW_SLOTS * kv) \
-        + 2 * rows * L.ROW_SLOTS * d + 4 * 100 * V + 4 * 768 * V              # 0.75 × 1,024 slots' logits
+        + 2 * rows * L.ROW_SLOTS * d + 4 * 100 * V + 4 * 1024 * V             # 1.0 × 1,024 slots' logits
     assert card["statistics"] == S.collection_bytes(cfg, torch.bfloat16, 8192, 1) < card["solve"] < card["target_values"]
     assert card["need"] == card["weights"] + card["target_values"]
-    assert 20.8 < card["need"] / 2 ** 30 < 21.0 and card["need"] < 22.3 * 2 ** 30
+    assert 21.1 < card["need"] / 2 ** 30 < 21.3 and card["need"] < 22.3 * 2 ** 30
     card, _ = L.memory_plan(cfg, hp, "bfloat16", 2048, [22.3 * 2 ** 30], state_on_host=True)
-    assert card["need"] == card["weights"] + card["target_values"] and 24.9 < card["need"] / 2 ** 30 < 25.1
+    assert card["need"] == card["weights"] + card["target_values"] and 25.3 < card["need"] / 2 ** 30 < 25.4
     (alone,) = L.memory_plan(cfg, hp, "bfloat16", 1024, [80 * 2 ** 30])
     assert alone["statistics"] == S.collection_bytes(cfg, torch.bfloat16, 8192, 5)
-    assert 38.9 < alone["need"] / 2 ** 30 < 39.1
+    assert 39.1 < alone["need"] / 2 ** 30 < 39.3
 
 
 # ======================================================================= the state on the host
@@ -629,6 +630,20 @@ def test_memory_plan_statistics_term_covers_a_measured_collection(tmp_path):
         planned = S.collection_bytes(m.cfg, torch.bfloat16, batch_tokens, len(layers))
         measured = resident_peak(lambda: S.collect_stats(m, seqs, layers, batch_tokens=batch_tokens))
         assert planned / 2 < measured <= planned, (layers, measured / 2 ** 20, planned / 2 ** 20)
+
+
+def test_finishing_the_sums_takes_one_diagonal_block_not_an_m_by_m_copy():
+    """finish_sums mirrors the lower triangle a block of rows at a time: beyond the buffer, the
+    resident memory rises by at most one 2048 × 2048 float64 block (+25%), not by an m × m
+    temporary (here m = 4096: 128 MiB, as tril(-1) made); C is the one-shot formula's, bitwise."""
+    m = 4096
+    flat = torch.randn(m * m + 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    flat[-1] = 1000.0
+    sums = flat[:-1].view(m, m)
+    expect = (sums.tril() + sums.tril(-1).T) / 1000.0
+    peak = resident_peak(lambda: S.finish_sums(flat, [3]))
+    assert peak <= 1.25 * 8 * 2048 ** 2, peak / 2 ** 20
+    assert torch.equal(sums, expect)
 
 
 def test_memory_plan_places_as_load_does_and_the_command_says_whether_it_fits(tmp_path, capsys):
