@@ -8,10 +8,15 @@ on random-weight checkpoints of real shapes.
     python bench.py --preset llama3-8b --memory-gib 44.7 --z-batch-tokens 1024   # as on a 48 GB card
 
 Nothing is downloaded: each preset's checkpoint is written in the HF layout with random weights
-(normal, std 0.02) and loaded through model.load, as a user's checkpoint would be.
+(normal, std 0.02) and loaded through model.load, as a user's checkpoint would be. --json is
+rewritten as each part ends (forward, statistics, each method's step, the one-request steps,
+which run right after LyapLock's), and SIGTERM (`timeout`) ends the run through Python's shutdown
+so the checkpoint's temporary directory is removed: a run stopped early keeps what it measured.
 """
 import argparse
 import json
+import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -234,7 +239,9 @@ def single_edits(m, layers, C, device, n_steps: int, z_tokens=2048, state_device
 
 
 def run(preset, device, dtype, n_edits, stats_tokens, workdir, z_tokens=2048, methods=("lyaplock", "memit", "alphaedit"),
-        state_device=None, batch1=0, compare_hf=True):
+        state_device=None, batch1=0, compare_hf=True, save=lambda r: None):
+    """One preset's results; save(r) is called with them so far as each part ends. The batch1
+    one-request steps run right after LyapLock's step (the first method), before the others."""
     if preset == "stories":
         ckpt, layers = HERE / "fixtures" / "stories260K-hf", (1, 2)
     else:
@@ -244,29 +251,36 @@ def run(preset, device, dtype, n_edits, stats_tokens, workdir, z_tokens=2048, me
     r = dict(preset=preset, device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
              dtype=dtype, layers=list(layers), date=time.strftime("%Y-%m-%d"))
     shape = (8, 512) if device == "cuda" else (2, 64) if preset == "tiny" else (4, 128)
-    note(f"{preset}: forward pass, ours and transformers'")
+    note(f"{preset}: forward pass, ours" + (" and transformers'" if compare_hf else ""))
     r["forward"] = forward(ckpt, m, device, dtype, *shape, compare=compare_hf)
     print(f"{preset}: forward {r['forward']}", flush=True)
+    save(r)
     n_stats = max(stats_tokens, 2 * m.cfg.d_mlp)
     note(f"{preset}: statistics over {n_stats:,} tokens, all edit layers"
          + (f" (at {r['forward']['ours_tok_s']:,.0f} tok/s forward)" if "ours_tok_s" in r["forward"] else ""))
     all_layers = sorted({l for meth in methods for l in bench_layers(m, layers, meth)})
     r["stats"], C = stats(m, all_layers, device, dtype, n_stats, state_device=state_device)
     print(f"{preset}: statistics {r['stats']}", flush=True)
+    save(r)
     if state_device:                  # --state-device cpu: C and the memory in (pinned) host memory
         C = {l: c.pin_memory() if device == "cuda" else c for l, c in C.items()}
         r["state_device"] = state_device
-    r["steps"], t0 = {}, time.time()
+    r["steps"] = {}
+    spent = 0.0                                              # seconds of the methods' steps so far
     for i, meth in enumerate(methods):
-        eta = f", about {(time.time() - t0) / i * (len(methods) - i):.0f} s left" if i else ""
+        eta = f", about {spent / i * (len(methods) - i):.0f} s left" if i else ""
         note(f"{preset}: method {i + 1}/{len(methods)} {meth}: two {n_edits}-edit steps and scoring{eta}")
+        t0 = time.time()
         r["steps"][meth] = edit_step(m, ckpt, layers, meth, C, device, n_edits, z_tokens=z_tokens,
                                      state_device=state_device)
+        spent += time.time() - t0
         print(f"{preset}: {meth} step {r['steps'][meth]}", flush=True)
-    if batch1:
-        note(f"{preset}: {batch1} LyapLock steps of one request each (the long-horizon protocol)")
-        r["batch_size_1"] = single_edits(m, layers, C, device, batch1, z_tokens, state_device)
-        print(f"{preset}: one request per step {r['batch_size_1']}", flush=True)
+        save(r)
+        if meth == "lyaplock" and batch1:    # before the other methods: a capped run gets it
+            note(f"{preset}: {batch1} LyapLock steps of one request each (the long-horizon protocol)")
+            r["batch_size_1"] = single_edits(m, layers, C, device, batch1, z_tokens, state_device)
+            print(f"{preset}: one request per step {r['batch_size_1']}", flush=True)
+            save(r)
     ly = r["steps"]["lyaplock"]
     full_stats = 100_000 * 700 / r["stats"]["tok_s"]
     r["projection_10k_edits_hours"] = dict(editing=(ly["first_step"] + (10_000 / n_edits - 1) * ly["total"]) / 3600,
@@ -304,11 +318,27 @@ def table(results) -> str:
 
 
 def methods_to_run(asked) -> list[str]:
-    """--method as given ('all': every method; none: LyapLock, MEMIT, AlphaEdit), LyapLock first
-    when missing (the projections are its). Only these run: under a --memory-gib cap a method
-    not asked for can run out of memory where the one asked for fits."""
+    """--method as given ('all': every method; none: LyapLock, MEMIT, AlphaEdit), always with
+    LyapLock, first (the projections and the one-request steps are its). Only these run: under a
+    --memory-gib cap a method not asked for can run out of memory where the one asked for fits."""
     methods = list(L.METHODS) if "all" in (asked or []) else asked or ["lyaplock", "memit", "alphaedit"]
-    return methods if "lyaplock" in methods else ["lyaplock", *methods]
+    return ["lyaplock", *(meth for meth in dict.fromkeys(methods) if meth != "lyaplock")]
+
+
+def write_json(path, results):
+    """The results so far, whole or not at all (a temporary file, then a rename): a run killed
+    while writing keeps the previous version."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, path)
+
+
+def exit_on_sigterm(signum, frame):
+    """SIGTERM (what `timeout` sends) would end the process at once, leaving the preset's random
+    checkpoint (16 GB for llama3-8b) in its temporary directory: leave through Python's normal
+    shutdown instead, so the `with` blocks clean up. A second SIGTERM is ignored meanwhile."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(128 + signum)
 
 
 def main(argv=None):
@@ -327,24 +357,37 @@ def main(argv=None):
                         "LyapLock always runs")
     p.add_argument("--state-device", help="as lyaplock.py's: cpu keeps C and the edit memory in host memory")
     p.add_argument("--batch1", type=int, default=0, help="also time this many LyapLock steps of one request")
-    p.add_argument("--json", help="write the results here")
+    p.add_argument("--json", help="write the results here (rewritten as each part ends)")
+    p.add_argument("--no-hf", action="store_true",
+                   help="skip the transformers forward comparison (it loads a second copy of the weights)")
     args = p.parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, exit_on_sigterm)
+    try:
+        return run_presets(args)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def run_presets(args) -> list[dict]:
+    """main's work, under its SIGTERM handler: every preset in one temporary directory."""
     if args.memory_gib and args.device == "cuda":
         card = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(args.memory_gib * 2 ** 30 / card)
     presets = args.preset or (["llama3-8b", "gptj-6b"] if args.device == "cuda" else ["tiny", "stories"])
     methods = methods_to_run(args.method)
     results = []
+    save = (lambda partial: write_json(args.json, results + [partial])) if args.json else (lambda partial: None)
     with tempfile.TemporaryDirectory() as work:
         for name in presets:
             tokens = args.stats_tokens or (33_600 if args.device == "cuda" else 8_400)
             results.append(run(name, args.device, args.dtype, args.edits, tokens, work, args.z_batch_tokens,
-                               methods, args.state_device, args.batch1, compare_hf=not args.memory_gib))
+                               methods, args.state_device, args.batch1,
+                               compare_hf=not (args.memory_gib or args.no_hf), save=save))
             print(json.dumps(results[-1]), flush=True)
     print(table(results))
     print(method_table(results))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        write_json(args.json, results)
     return results
 
 

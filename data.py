@@ -198,10 +198,12 @@ def _read_record(path, i: int, rec, layout: str, seen: dict) -> Request:
 
 
 def read_text(path: Path, what: str) -> str:
-    """A file's UTF-8 text (gzip-compressed if it ends in .gz); any failure is a DataError naming
-    the file."""
+    """A file's UTF-8 text (gzip-compressed if it starts with gzip's magic bytes, whatever its
+    name); any failure is a DataError naming the file."""
     try:
-        if path.suffix == ".gz":
+        with open(path, "rb") as f:
+            compressed = f.read(2) == b"\x1f\x8b"
+        if compressed:
             with gzip.open(path, "rt", encoding="utf-8") as f:
                 return f.read()
         return path.read_text(encoding="utf-8")
@@ -287,10 +289,33 @@ def file_sha256(path) -> str:
 
 # ------------------------------------------------------------------ run files
 def write_atomic(path: Path, text: str):
-    """Write a whole file or nothing: a temporary file, then an atomic rename."""
+    """Write a whole file or nothing: a temporary file, flushed to the disk, then an atomic rename
+    (and the directory flushed, so the rename survives a power loss, not only a killed process)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    sync_directory(path.parent)
+
+
+def sync_files(directory: Path):
+    """Flush every file of a directory, then the directory itself, to the disk."""
+    for file in Path(directory).iterdir():
+        if file.is_file():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+    sync_directory(Path(directory))
+
+
+def sync_directory(path: Path):
+    """Flush a directory's entries (a rename, a new file) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_jsonl(path: Path) -> tuple[list[dict], int]:
@@ -329,10 +354,10 @@ def append_jsonl(path: Path, entry: dict):
 def read_snippets(path) -> dict:
     """{case_id: [reference text, ...]} for consistency; keys may be ints or strings."""
     try:
-        raw = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"--snippets {path}: {e}") from None
     if not isinstance(raw, dict) or not all(isinstance(v, list) and all(isinstance(t, str) for t in v)
                                             for v in raw.values()):
         raise DataError(f"--snippets {path}: expected an object {{case_id: [text, ...]}}")
-    return {int(k) if k.lstrip("-").isdigit() else k: v for k, v in raw.items()}
+    return {int(k) if re.fullmatch(r"-?\d+", k) else k: v for k, v in raw.items()}

@@ -397,24 +397,34 @@ def classification_metrics(labels, preds, n_classes) -> dict:
     return out
 
 
+def read_task(glue_dir, name: str, n_per_task: int) -> tuple[list[str], list[int]]:
+    """The prompts and class ids of the first n_per_task items of `<glue_dir>/<name>.json` (a
+    JSON list of objects); a ValueError names the file and what is wrong."""
+    prompt_of, _, label_of = TASKS[name]
+    path = Path(glue_dir) / f"{name}.json"
+    try:
+        items = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the task's items ({e})") from None
+    if not isinstance(items, list) or not all(isinstance(x, dict) for x in items[:n_per_task]):
+        raise ValueError(f"{path}: expected a JSON list of items (objects), as in fixtures/glue")
+    items = items[:n_per_task]
+    if not items:
+        raise ValueError(f"{path}: no items")
+    try:
+        return [prompt_of(x) for x in items], [label_of(x) for x in items]
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise ValueError(f"{path}: an item lacks or has a bad field: {e!r}") from None
+
+
 def general_eval(m, glue_dir, n_per_task: int = 100, tasks=tuple(TASKS), batch_size: int = 64) -> dict:
     """Zero-shot classification on the first `n_per_task` items of each `<task>.json` in glue_dir
     (the items alternate classes, so these are balanced). Headline: f1 for sst2/mrpc/rte/nli,
     mcc for cola, accuracy for mmlu; all metrics are fractions."""
     results = {}
     for name in tasks:
-        prompt_of, words, label_of = TASKS[name]
-        path = Path(glue_dir) / f"{name}.json"
-        try:
-            items = json.loads(path.read_text(encoding="utf-8"))[:n_per_task]
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: cannot read the task's items ({e})") from None
-        if not items:
-            raise ValueError(f"{path}: no items")
-        try:
-            prompts, labels = [prompt_of(x) for x in items], [label_of(x) for x in items]
-        except (KeyError, TypeError, ValueError, IndexError) as e:
-            raise ValueError(f"{path}: an item lacks or has a bad field: {e!r}") from None
+        prompts, labels = read_task(glue_dir, name, n_per_task)
+        words = TASKS[name][1]
         L = len(words)
         nll = target_nll(m, [p for p in prompts for _ in words], list(words) * len(prompts),
                          batch_size).nll_mean.view(-1, L)                  # (n, L)

@@ -180,9 +180,14 @@ def solve_memit(K1, R, C, lam):
 
 
 def alphaedit_projector(C, threshold=2e-2):
-    """P = U0 U0ᵀ over the eigenvectors U0 of C with eigenvalue < threshold (E11)."""
+    """P = U0 U0ᵀ over the eigenvectors U0 of C with eigenvalue < threshold (E11). None below the
+    threshold (keys far larger than the authors' 8B-scale ones) would make P = 0 and every update
+    zero: refused, saying so."""
     evals, U = torch.linalg.eigh(f64(C))
     U0 = U[:, evals < threshold]                          # (m, k)
+    if U0.shape[1] == 0:
+        raise ValueError(f"AlphaEdit: no eigenvalue of C is below {threshold} (the smallest is "
+                         f"{float(evals[0]):.3g}), so its null-space projector is 0 and every update would be zero")
     return U0 @ U0.T                                      # E11
 
 
@@ -218,8 +223,9 @@ class LayerState:
     S_KK: torch.Tensor | None = None   # Σ K1K1ᵀ over past steps (E7), float64 (m, m)
     S_VK: torch.Tensor | None = None   # Σ (W K1)K1ᵀ over past steps (E7), float64 (d, m)
     P: torch.Tensor | None = field(default=None, repr=False)  # AlphaEdit projector; not saved
-    edits: dict = field(default_factory=dict, repr=False)  # prompt -> (k (m,), v (d,) | None) in
-    #   the memory, kept to take a superseded edit out again (E8a; HParams.superseded "remove")
+    edits: dict = field(default_factory=dict, repr=False)  # prompt -> [(k (m,), v (d,) | None), ...]
+    #   in the memory (a prompt edited twice in one step: two), kept to take a superseded edit out
+    #   again (E8a; HParams.superseded "remove")
 
     @property
     def z(self) -> float:
@@ -255,13 +261,14 @@ def remember(ls: LayerState, K1, W_new=None, prompts=None):
         ls.S_VK = WK @ K1.T if ls.S_VK is None else ls.S_VK.addmm_(WK, K1.T)     # E7
     for j, prompt in enumerate(prompts or ()):
         if prompt is not None:
-            ls.edits[prompt] = (K1[:, j].clone(), None if WK is None else WK[:, j].clone())
+            ls.edits.setdefault(prompt, []).append((K1[:, j].clone(), None if WK is None else WK[:, j].clone()))
 
 
 def forget(ls: LayerState, prompts):
     """Take the earlier edits of these prompts out of the memory (E8a): S_KK −= kkᵀ and
-    S_VK −= vkᵀ with the key k and value v each was remembered with."""
-    gone = [ls.edits.pop(prompt) for prompt in prompts if prompt in ls.edits]
+    S_VK −= vkᵀ with the key k and value v each was remembered with (every one of them: a prompt
+    the same step edited twice left two)."""
+    gone = [kv for prompt in dict.fromkeys(prompts) for kv in ls.edits.pop(prompt, [])]
     subtract_outers(ls.S_KK, [(k, k) for k, _ in gone])                              # E8a
     subtract_outers(ls.S_VK, [(v, k) for k, v in gone if v is not None])             # E8a
 
@@ -766,9 +773,7 @@ def rome_batch(model: M.CausalLM, requests, templates, hp: HParams, state: EditS
     batch; every request is edited here). Per request: the keys k̄ (flat mean over the
     templates) and k* (bare prompt); v* = W k* + b + δ, δ from E4 at the layer with the MLP
     output W k* + b as the norm base (ROME's compute_v); then W += v uᵀ."""
-    if len(hp.layers) != 1:
-        raise ValueError(f"ROME edits one layer; got layers {list(hp.layers)} (use --layers L)")
-    (layer,) = hp.layers
+    (layer,) = hp.layers                              # one layer (check_hparams)
     clock = Clock(model.embed.weight.device)
     W = model.edit_weight(layer)
     bias = model.edit_bias(layer)
@@ -792,6 +797,7 @@ def rome_batch(model: M.CausalLM, requests, templates, hp: HParams, state: EditS
         W_new = W + delta.to(W.dtype)
         pl = preservation_loss(W_new, W0_here, C_here)
         where.check_finite(layer, update=W_new, **{"preservation loss": torch.tensor(pl)})
+        state.partial = True
         W.copy_(W_new)
         clock.lap("solve")
     state.finish_step(len(requests))
@@ -815,6 +821,7 @@ def update_layer(model, layer, K1, R, hp: HParams, state: EditState, C, W0, wher
     W = model.edit_weight(layer)
     ls = state.layers[layer]
     K1, R = K1.to(W.device), R.to(W.device)        # the layer's device (--device cuda:0,cuda:1)
+    state.partial = True                           # from here the step changes the state (E8a, E13, E7)
     try:
         with solving_on(W.device, ls, C[layer].device):
             prompts = [q.rewrite_prompt() for q in where.requests]
@@ -857,7 +864,7 @@ def solving_on(device, ls: LayerState, home):
 
 def edits_on(edits: dict, device) -> dict:
     """E8a's per-prompt (key, value) columns of a layer, on `device`."""
-    return {p: tuple(None if t is None else t.to(device) for t in kv) for p, kv in edits.items()}
+    return {p: [tuple(None if t is None else t.to(device) for t in kv) for kv in kvs] for p, kvs in edits.items()}
 
 
 def _back_home(new, old, home: torch.device):
@@ -969,10 +976,16 @@ class Editor:
                    z_batch_tokens, state_device=state_device)
 
     def edit(self, requests) -> dict:
-        """One editing step with all `requests` (data.Request records); returns the step's log."""
+        """One editing step with all `requests` (data.Request records); returns the step's log. A
+        step that fails after it began writing (a failed solve on a later layer, non-finite
+        values) leaves the model and state half-way: the next edit is refused until restore or
+        reset."""
         requests = checked_requests(requests)
         if not requests:
             raise ValueError("edit: no requests; a step edits at least one")
+        if self.state.partial:
+            raise ValueError(f"edit: step {self.state.step} failed after it changed some layers' weights or "
+                             "state; restore(run_dir) from a checkpoint or reset() before editing again")
         return edit_batch(self.model, requests, self.templates, self.hparams, self.state, self.C,
                           self.W0, self.z_batch_tokens)
 
@@ -1014,7 +1027,7 @@ class Editor:
         """Continue where run_dir's latest checkpoint left off: its edited weights into the model,
         its state (queues, edit memory) beside each layer's C. Build the Editor on the original
         checkpoint first: W0 (the reference of PL) is the weights it was built on."""
-        self.state = load_checkpoint(Path(run_dir), self.model, self.hparams)
+        self.state = load_checkpoint(Path(run_dir), self.model, self.hparams)     # (partial: False)
         for l, ls in self.state.layers.items():
             for k in STATE_TENSORS:
                 if getattr(ls, k) is not None:
@@ -1087,6 +1100,8 @@ def check_hparams(hp: HParams, n_layers: int | None = None):
             or layers[0] < 0 or (n_layers is not None and layers[-1] >= n_layers):
         depth = f" in 0..{n_layers - 1}" if n_layers is not None else ""
         raise ValueError(f"layers {list(layers)}: give increasing layer numbers{depth}")
+    if method_of(hp.method).locate == "rome" and len(layers) != 1:
+        raise ValueError(f"layers {list(layers)}: ROME edits one layer (--layers L)")
     for name, need in RANGES.items():
         if problem := range_problem(getattr(hp, name), need):
             raise ValueError(f"hyper-parameter {name} {problem}")
@@ -1118,6 +1133,7 @@ class EditState:
     n_edits: int = 0    # requests edited so far
     recurring: frozenset | None = None   # prompts the stream edits more than once, where known
     #   (the command knows its stream; not saved): only their E8a columns are kept
+    partial: bool = False   # a step began changing weights or state and did not finish (not saved)
 
     @classmethod
     def start(cls, method: str, layers) -> "EditState":
@@ -1127,6 +1143,7 @@ class EditState:
     def finish_step(self, n_requests: int):
         self.step += 1
         self.n_edits += n_requests
+        self.partial = False
 
     def save(self, directory):
         d = Path(directory)
@@ -1135,10 +1152,10 @@ class EditState:
         tensors = {f"{l}.{k}": getattr(ls, k).detach().cpu().contiguous()
                    for l, ls in self.layers.items() for k in method_of(self.method).memory
                    if getattr(ls, k) is not None}
-        edits = {str(l): list(ls.edits) for l, ls in self.layers.items() if ls.edits}
-        for l, ls in self.layers.items():              # E8a's per-prompt keys and values
+        edits = {str(l): [p for p, kvs in ls.edits.items() for _ in kvs] for l, ls in self.layers.items() if ls.edits}
+        for l, ls in self.layers.items():              # E8a's per-prompt keys and values, a column each
             if ls.edits:
-                ks, vs = zip(*ls.edits.values())
+                ks, vs = zip(*(kv for kvs in ls.edits.values() for kv in kvs))
                 tensors[f"{l}.edit_K"] = torch.stack(ks, 1).cpu()
                 if vs[0] is not None:
                     tensors[f"{l}.edit_V"] = torch.stack(vs, 1).cpu()
@@ -1208,7 +1225,10 @@ def _edits_from(prompts, tensors, l, ls: LayerState, bad) -> dict:
     if K is None or tuple(K.shape) != (m, len(prompts)) or (V is None) != (d is None) \
             or (V is not None and tuple(V.shape) != (d, len(prompts))):
         bad(f"layer {l}: edit_K/edit_V do not match {len(prompts)} prompts and the memory's shapes")
-    return {p: (K[:, j], None if V is None else V[:, j]) for j, p in enumerate(prompts)}
+    edits = {}
+    for j, p in enumerate(prompts):                   # a prompt edited twice in a step: two columns
+        edits.setdefault(p, []).append((K[:, j], None if V is None else V[:, j]))
+    return edits
 
 
 def _check_memory(ls: LayerState, bad):
@@ -1223,19 +1243,23 @@ def _check_memory(ls: LayerState, bad):
 
 
 def save_checkpoint(out: Path, state: EditState, model: M.CausalLM, layers):
-    """Atomically: write ckpt-<step>.tmp/ (edit state + current edited weights), rename it to
-    ckpt-<step>/, point latest.json at it, then drop older checkpoints. A kill at any moment
-    leaves a valid one; a failed write (a full disk) removes its partial directory and says
-    which checkpoint is intact."""
+    """Atomically: write ckpt-<step>.tmp/ (edit state + current edited weights) and flush it to
+    the disk, rename it to ckpt-<step>/, point latest.json at it, then drop older checkpoints. A
+    kill (or a power loss) at any moment leaves a valid one; a failed write (a full disk) removes
+    its partial directory and says which checkpoint is intact. The same step saved again (the
+    API) gets a new name, ckpt-<step>-1, so the one latest.json names is never removed first."""
     d = out / f"ckpt-{state.step:06d}"
+    again = 0
+    while d.exists():
+        again += 1
+        d = out / f"ckpt-{state.step:06d}-{again}"
     tmp = d.with_name(d.name + ".tmp")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         state.save(tmp)
         save_file({n: t.detach().cpu().contiguous() for n, t in model.edit_tensors(layers).items()},
                   str(tmp / "weights.safetensors"))
-        if d.exists():
-            shutil.rmtree(d)
+        data.sync_files(tmp)
         tmp.rename(d)
         data.write_atomic(out / "latest.json", json.dumps({"checkpoint": d.name, "step": state.step}))
     except (OSError, SafetensorError) as e:
@@ -1613,9 +1637,10 @@ def check_settings(args):
 
 
 def check_inputs(args):
-    """Every file and directory the flags name exists, before any model work: a mistyped
-    --glue-dir or --heldout would otherwise surface only after the statistics and the first
-    scoring. A ValueError naming the flag and the path."""
+    """Every file and directory the flags name exists, and the general-ability tasks and held-out
+    text read as the scoring will read them, before any model work and before a run directory is
+    made: a mistyped --glue-dir or a malformed task file would otherwise surface only after the
+    statistics and the first scoring. A ValueError (DataError) naming the flag or the file."""
     for name in ("edits", "stats_corpus", "heldout", "snippets", "stats"):
         path = getattr(args, name, None)
         if path is not None and not Path(path).exists():
@@ -1627,6 +1652,10 @@ def check_inputs(args):
         if missing:
             raise ValueError(f"--glue-dir {args.glue_dir}: lacks {', '.join(missing)} (it holds one JSON file "
                              f"per task: {', '.join(ev.TASKS)}; e.g. fixtures/glue)")
+        for task in ev.TASKS:                       # every item read as the scoring will read it
+            ev.read_task(args.glue_dir, task, args.glue_n or 100)
+    if args.heldout is not None:
+        data.read_corpus(args.heldout)              # a corpus with text, or a DataError naming it
 
 
 def parse_layers(text: str, n_layers: int) -> tuple:
@@ -1665,13 +1694,34 @@ def new_settings(args, cfg: M.Config) -> Settings:
 
 def resumed_settings(args, saved: dict, cfg: M.Config) -> Settings:
     """A resumed run's settings: its own, with the typed flags that may change; any other typed
-    flag that differs from the run's setting is refused, naming each."""
+    flag that differs from the run's setting is refused, naming each, and so is an edits file or
+    a model config.json that changed on disk since the run began (it would edit another stream)."""
     was = ev.flat(saved)
     now = typed_settings(args, args.given, cfg)
     if diff := [f"{k}: {was.get(k)!r} in the run, {v!r} now" for k, v in now.items()
                 if k not in RESUMABLE and was.get(k) != v]:
         raise ValueError(f"--resume {args.resume}: the configuration differs: " + "; ".join(diff))
+    for what, file, digest in (("edits file", Path(saved["edits"]), saved.get("edits_sha256")),
+                               ("model's config.json", Path(saved["model"]) / "config.json",
+                                saved.get("model_config_sha256"))):
+        if digest and (not file.exists() or data.file_sha256(file) != digest):
+            raise ValueError(f"--resume {args.resume}: the run's {what} {file} is missing or has changed since the "
+                             "run began (its sha256 differs): the run would go on with other data; put it back "
+                             "or start a new run")
     return Settings.from_flat(was | {k: v for k, v in now.items() if k in RESUMABLE})
+
+
+def read_run_config(run_dir) -> dict:
+    """The config.json of a run directory (--resume), or a ValueError saying it is none: a model
+    checkpoint's config.json, for one, has no run settings."""
+    try:
+        saved = json.loads((Path(run_dir) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--resume {run_dir}: not a run directory (config.json: {e})") from None
+    if not isinstance(saved, dict) or {"model", "edits", "hparams"} - set(saved):
+        raise ValueError(f"--resume {run_dir}: not a run directory (its config.json holds no run settings: "
+                         "model, edits, hparams)")
+    return saved
 
 
 def open_run(args) -> tuple[Path | None, Settings, M.Config]:
@@ -1680,12 +1730,7 @@ def open_run(args) -> tuple[Path | None, Settings, M.Config]:
     from the flags, the run's config.json and the checkpoint's, before any weights are read."""
     check_settings(args)
     check_inputs(args)
-    saved = None
-    if args.resume:
-        try:
-            saved = json.loads((Path(args.resume) / "config.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"--resume {args.resume}: not a run directory (config.json: {e})") from None
+    saved = read_run_config(args.resume) if args.resume else None
     check_outputs(args, args.model or saved["model"])
     cfg = M.read_config(Path(args.model or saved["model"]))
     settings = resumed_settings(args, saved, cfg) if saved else new_settings(args, cfg)
@@ -1834,6 +1879,11 @@ def main(argv=None):
         return run(args)
     except (M.CheckpointError, data.DataError, ValueError, FloatingPointError, MemoryError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except torch.cuda.OutOfMemoryError:            # outside the stages that say where (stage)
+        print("error: out of GPU memory (loading, the context templates or the scoring): use --dtype bfloat16, "
+              "more GPUs (--device cuda:0,cuda:1) or --state-device cpu; --plan shows what each part needs",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:      # with a run directory, resume_hint names it
         where = e.args[0] if e.args else "before the run directory was made: nothing to continue"
@@ -2004,11 +2054,12 @@ def edit_stream(editor: Editor, requests, settings: Settings, out: Path) -> bool
                 now = general_ability(editor, settings)
                 data.append_jsonl(out / "ability.jsonl", now)
                 stop = settings.stop_below and collapsed(settings, before, now)
+            if stop:            # before the checkpoint: a kill between them resumes from the one before
+                data.write_atomic(out / "stop.json", json.dumps(stop))     # (start_or_resume drops it)
             if state.step % settings.checkpoint_every == 0 or state.step == n_steps or interrupt.hit or stop:
                 editor.checkpoint(out)
                 saved = state.step
             if stop:
-                data.write_atomic(out / "stop.json", json.dumps(stop))
                 print(f"general ability fell below {settings.stop_below} of its value before editing "
                       f"({stop['metric']} {stop['value']:.4g} < {stop['threshold']:.4g}): the run ends "
                       f"at step {stop['step']} ({stop['edits']} edits), the collapse point")
@@ -2025,10 +2076,14 @@ def progress_line(log: dict, state: EditState, total: int, rate: float) -> str:
 
 
 def finish(editor: Editor, requests, settings: Settings, out: Path, n_skipped: int):
-    """Score the final model; write cases.jsonl, summary.json/md; print the headline table."""
+    """Score the final model on the requests it edited (all, unless --stop-below ended the run
+    early); write cases.jsonl, summary.json/md (before and after, on those cases); print the
+    headline table."""
+    edited = requests[:editor.state.n_edits]
     with editor.restrained() as model:
-        cases = score_cases(model, requests, settings.generation, snippets_of(settings), settings.seed)
+        cases = score_cases(model, edited, settings.generation, snippets_of(settings), settings.seed)
     pre, _ = data.read_jsonl(out / "cases_pre.jsonl")
+    pre = pre[:len(edited)]                                # scored for every request, in order
     cases = ev.with_locality(pre, cases)                  # EasyEdit's: argmax tokens as before editing
     data.write_jsonl(out / "cases.jsonl", cases)
     abilities, _ = data.read_jsonl(out / "ability.jsonl")

@@ -968,14 +968,18 @@ def save(src, out, tensors: dict[str, torch.Tensor]) -> None:
     index; config and tokenizer files copied) with the given tensors replaced. `tensors` maps
     checkpoint names to tensors in the stored layout, as CausalLM.edit_tensors returns them (for
     GPT-2 [d_mlp, d_model], not edit_weight's (d_model, d_mlp) view); a shape that differs from
-    the stored one is an error, and so is an `out` that holds weights files of another layout
-    (saving again over the same layout replaces them)."""
+    the stored one is an error, and so is an `out` that holds another checkpoint (a config.json
+    not src's, or weights files of another layout); saving again over an earlier save of the same
+    checkpoint replaces it."""
     src = Path(src)
     out = Path(out)
     if out.resolve() == src.resolve():
         raise ValueError(f"refusing to write the edited model into its input checkpoint {src}")
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file; the checkpoint is a directory: save into a new or empty one")
+    if (out / "config.json").exists() and (out / "config.json").read_bytes() != (src / "config.json").read_bytes():
+        raise ValueError(f"{out} holds another checkpoint (its config.json is not {src}'s): writing this one "
+                         "over it would mix two models; save into a new or empty directory")
     headers = tensor_headers(weight_files(src))
     ours = {file.name for file, _, _ in headers.values()}
     if other := sorted(p.name for p in out.glob("*.safetensors") if p.name not in ours):

@@ -172,14 +172,28 @@ def add_gram_lower(C, k, block: int = 2048):
         C[i:, i:i + block] += k[:, i:].T @ k[:, i:i + block]
 
 
-def finish_sums(flat: torch.Tensor, layers) -> dict[int, torch.Tensor]:
+def finish_sums(flat: torch.Tensor, layers, block: int = 2048) -> dict[int, torch.Tensor]:
     """C_l = (1/N) Σ k kᵀ (E1) from gram_sums' buffer (summed over ranks): the lower triangle
     mirrored, then divided by the token count; in place, so the C are views of the buffer."""
     m = math.isqrt((flat.numel() - 1) // len(layers))
     sums, n = flat[:-1].view(len(layers), m, m), flat[-1].item()
     for S in sums:
-        S.tril_().add_(S.tril(-1).T).div_(n)                              # E1
+        mirror_lower(S, block)
+        S.div_(n)                                                         # E1
     return dict(zip(layers, sums))
+
+
+def mirror_lower(S: torch.Tensor, block: int = 2048):
+    """S's strict upper triangle := its strict lower one, transposed, in place, a block of rows
+    at a time: the largest temporary is one diagonal block (block², within the m × block of
+    add_gram_lower's product that the memory plan counts), not an m × m copy (1.5 GiB at
+    Llama-3-8B's m). Rows i:j right of their diagonal block are copied from columns i:j below
+    it (lower entries, never written here); the diagonal block mirrors itself."""
+    for i in range(0, S.shape[0], block):
+        j = i + block
+        S[i:j, j:].copy_(S[j:, i:j].T)
+        D = S[i:j, i:j]
+        D.tril_().add_(D.tril(-1).T)
 
 
 def state_devices(model: M.CausalLM, layers, state_device=None) -> dict[int, torch.device]:
@@ -234,6 +248,7 @@ def collect_stats(model: M.CausalLM, seqs, layers, batch_tokens: int = 8192, pro
             raise StatisticsError(f"the ranks summed {flat[-1].item():.0f} tokens, the corpus has {total}: "
                                   "every rank must read the same model and corpus")
         C |= {l: c.to(where[l]) for l, c in finish_sums(flat, list(group)).items()}
+        del flat        # copied to the state device: freed before the next pass allocates its own
     return C
 
 

@@ -700,7 +700,7 @@ def test_every_method_resumes_from_a_checkpoint_to_the_same_bits(tmp_path, metho
     resumed = editor()
     resumed.restore(tmp_path / "run")
     for l, ls in resumed.state.layers.items():
-        tensors = [getattr(ls, k) for k in L.STATE_TENSORS] + [t for kv in ls.edits.values() for t in kv]
+        tensors = [getattr(ls, k) for k in L.STATE_TENSORS] + [t for kvs in ls.edits.values() for kv in kvs for t in kv]
         assert all(t.device == resumed.C[l].device for t in tensors if t is not None)
     resumed.edit(steps[2])
     assert all(torch.equal(straight.model.edit_weight(l), resumed.model.edit_weight(l)) for l in layers)

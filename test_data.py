@@ -226,8 +226,17 @@ def test_data_gzip_files_load_like_plain_ones(tmp_path):
     assert load_requests(FIX / "counterfact-edit.json.gz", limit=300)[0] == load_requests(plain)[0]
     packed.write_bytes(packed.read_bytes()[:500])                       # truncated
     _data_error(packed, str(packed), "cannot read data")
-    packed.write_bytes(plain.read_bytes())                              # not gzip at all
-    _data_error(packed, str(packed), "Not a gzipped file")
+    packed.write_bytes(plain.read_bytes())              # by its bytes, not its name: plain under .gz
+    assert load_requests(packed)[0] == load_requests(plain)[0]
+    upper = tmp_path / "CF.JSON.GZ"                     # and gzip under another name (was "byte 0x8b")
+    upper.write_bytes(gzip.compress(plain.read_bytes()))
+    assert load_requests(upper)[0] == load_requests(plain)[0]
+
+
+def test_data_snippet_keys_are_case_ids(tmp_path):
+    path = tmp_path / "snippets.json"
+    path.write_text(json.dumps({"7": ["ä text"], "-3": ["b"], "--5": ["c"], "x1": ["d"]}), encoding="utf-8")
+    assert data.read_snippets(path) == {7: ["ä text"], -3: ["b"], "--5": ["c"], "x1": ["d"]}   # "--5" was a ValueError
 
 
 def test_data_read_corpus(tmp_path):

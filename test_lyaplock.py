@@ -147,6 +147,16 @@ def problem(seed, past=None):
     return P
 
 
+def null_spaced(P, method):
+    """P with C given a null space for AlphaEdit's family (its smaller half of eigenvalues at 1e-3,
+    under E11's 2e-2): problem's C is well conditioned, so P would be 0 and every update zero."""
+    if L.projected(method):
+        ev, U = torch.linalg.eigh(P["C"])
+        ev[:max(1, len(ev) // 2)] = 1e-3
+        P["C"] = U @ torch.diag(ev) @ U.T
+    return P
+
+
 def solve(P, **over):
     Q = {**P, **over}
     return L.solve_lyaplock(Q["W"], Q["W0"], Q["C"], Q["K1"], Q["R"], Q["S_KK"], Q["S_VK"],
@@ -269,6 +279,7 @@ def test_alphaedit_projects_and_solves_its_equation(seed):
     U = torch.linalg.qr(torch.randn(m, m, dtype=torch.float64, generator=g))[0]
     ev = torch.rand(m, dtype=torch.float64, generator=g)
     small = ev < 0.5
+    small[0] = True                                  # a null space of one direction at least
     ev[small] *= 1e-2                                # below the 2e-2 threshold
     C = U @ torch.diag(ev) @ U.T
     proj = L.alphaedit_projector(C)
@@ -279,6 +290,8 @@ def test_alphaedit_projects_and_solves_its_equation(seed):
     close(delta @ M, P["R"] @ P["K1"].T @ proj, 1e-12)                                # E12
     close(delta @ proj, delta, 1e-12)                # the update lies in P's subspace
     assert float((delta @ U[:, ~small]).norm()) <= 1e-12 * float(delta.norm())
+    with pytest.raises(ValueError, match="AlphaEdit: no eigenvalue of C is below 0.02 .*every update would be zero"):
+        L.alphaedit_projector(U @ torch.diag(ev + 0.05) @ U.T)      # no null space: P = 0, was silent
 
 
 def test_step_layer_memory_per_method():
@@ -298,27 +311,32 @@ def test_step_layer_memory_per_method():
 
 @pytest.mark.parametrize("method", ["lyaplock", "alphaedit"])
 def test_superseded_edits_leave_the_memory_exactly_when_removed(method):
-    """E8a: re-editing a prompt takes its earlier key and value out of the memory, so the memory
-    equals the sums over the live edits only; with "keep" (the default) both stay."""
-    P = problem(3, past=0)
+    """E8a: re-editing a prompt takes its earlier keys and values out of the memory, so the memory
+    equals the sums over the live edits only (a prompt one step edits twice: both of its columns
+    live, both taken out when it comes again); with "keep" (the default) all stay."""
+    P = null_spaced(problem(3, past=0), method)
     g = torch.Generator().manual_seed(3)
     m, d = P["C"].shape[0], P["W"].shape[0]
     steps = [(torch.randn(m, 2, dtype=torch.float64, generator=g), ["a", "b"]),
              (torch.randn(m, 2, dtype=torch.float64, generator=g), ["c", "a"]),     # "a" again
-             (torch.randn(m, 1, dtype=torch.float64, generator=g), ["b"])]          # "b" again
+             (torch.randn(m, 3, dtype=torch.float64, generator=g), ["d", "b", "d"]),  # "b" again; "d" twice
+             (torch.randn(m, 1, dtype=torch.float64, generator=g), ["d"])]          # "d" again: both go
     for mode in ("keep", "remove"):
         hp, ls, W, live = L.HParams(method=method, lam=1.0, alpha=10.0, superseded=mode), L.LayerState(), P["W0"], {}
         for K1, prompts in steps:
             R = torch.randn(d, K1.shape[1], dtype=torch.float64, generator=g)
             W, _ = L.step_layer(W, P["W0"], P["C"], K1, R, ls, hp, prompts)
+            for q in prompts:
+                live.pop(q, None)
             for j, q in enumerate(prompts):
-                live[q] = (K1[:, j], (W @ K1)[:, j])
-        cols = live.values() if mode == "remove" else [(K1[:, j], None) for K1, _ in steps for j in range(K1.shape[1])]
+                live.setdefault(q, []).append((K1[:, j], (W @ K1)[:, j]))
+        live_cols = [kv for kvs in live.values() for kv in kvs]
+        cols = live_cols if mode == "remove" else [(K1[:, j], None) for K1, _ in steps for j in range(K1.shape[1])]
         close(ls.S_KK, sum(torch.outer(k, k) for k, _ in cols), 1e-12)
         if mode == "remove":
-            assert set(ls.edits) == {"a", "b", "c"}
+            assert {q: len(kvs) for q, kvs in ls.edits.items()} == {"a": 1, "b": 1, "c": 1, "d": 1}
             if method == "lyaplock":
-                close(ls.S_VK, sum(torch.outer(v, k) for k, v in live.values()), 1e-12)
+                close(ls.S_VK, sum(torch.outer(v, k) for k, v in live_cols), 1e-12)
         else:
             assert ls.edits == {}
 
@@ -328,7 +346,7 @@ def test_superseded_remove_keeps_only_the_recurring_prompts_and_edits_the_same(m
     """Given the prompts the stream edits again (the command knows its stream), only their keys
     and values are kept: the same weights and memory to the bit, and no column of a prompt that
     is never taken out."""
-    P = problem(4, past=0)
+    P = null_spaced(problem(4, past=0), method)
     g = torch.Generator().manual_seed(4)
     m, d = P["C"].shape[0], P["W"].shape[0]
     steps = [(torch.randn(m, 2, dtype=torch.float64, generator=g), torch.randn(d, 2, dtype=torch.float64, generator=g),
@@ -347,7 +365,7 @@ def test_superseded_remove_keeps_only_the_recurring_prompts_and_edits_the_same(m
     (W_all, all_), (W_few, few) = runs
     assert torch.equal(W_all, W_few) and torch.equal(all_.S_KK, few.S_KK)
     assert set(all_.edits) == {"a", "b", "c", "d", "e"} and set(few.edits) == {"a"}
-    assert torch.equal(all_.edits["a"][0], few.edits["a"][0])
+    assert torch.equal(all_.edits["a"][0][0], few.edits["a"][0][0])
 
 
 def test_the_command_keeps_superseded_columns_only_for_prompts_it_edits_again(tmp_path):
@@ -378,14 +396,16 @@ def test_superseded_memory_round_trips_through_the_state_file(tmp_path):
     state = L.EditState.start("lyaplock", [3])
     P, hp = problem(1, past=0), L.HParams(lam=1.0, alpha=10.0, superseded="remove")
     W = P["W0"]
-    for prompts in (["x", "y"], ["y", "z"]):
+    for prompts in (["x", "y"], ["y", "z"], ["w", "w"]):         # "w": twice in one step, two columns
         W, _ = L.step_layer(W, P["W0"], P["C"], P["K1"][:, :1].repeat(1, 2) * (1 + len(prompts[0])), P["R"][:, :1].repeat(1, 2),
                             state.layers[3], hp, prompts)
     state.save(tmp_path)
     back = L.EditState.load(tmp_path).layers[3]
-    assert list(back.edits) == ["x", "y", "z"]
-    for q, (k, v) in state.layers[3].edits.items():
-        assert torch.equal(back.edits[q][0], k) and torch.equal(back.edits[q][1], v)
+    assert list(back.edits) == ["x", "y", "z", "w"] and len(back.edits["w"]) == 2
+    for q, kvs in state.layers[3].edits.items():
+        assert len(back.edits[q]) == len(kvs)
+        for (k, v), (k2, v2) in zip(kvs, back.edits[q]):
+            assert torch.equal(k2, k) and torch.equal(v2, v)
     meta = json.loads((tmp_path / "state.json").read_text())
     meta["edits"]["3"] = ["x", "y"]                              # one prompt short
     (tmp_path / "state.json").write_text(json.dumps(meta))
@@ -473,7 +493,7 @@ def test_oracle_run_with_step_layer(i):
 
 def edited_state(method, steps=2):
     state = L.EditState.start(method, [3, 5])
-    probs = {l: problem(j, past=0) for j, l in enumerate(state.layers)}
+    probs = {l: null_spaced(problem(j, past=0), method) for j, l in enumerate(state.layers)}
     for s in range(steps):
         for l, ls in state.layers.items():
             P = probs[l]
@@ -907,8 +927,87 @@ def test_stop_below_ends_the_run_at_the_collapse_point_and_resume_keeps_it(tmp_p
     assert "the collapse point" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_edits"] == 4 * k and len((out / "log.jsonl").read_text().splitlines()) == k
+    # scored on the edited requests only, before and after (all 12 were, the unedited ones with them)
+    assert summary["n_cases"] == summary["pre"]["n_cases"] == 4 * k
+    assert len((out / "cases.jsonl").read_text().splitlines()) == 4 * k
     assert L.main(["--resume", str(out), "--stats-cache", str(tmp_path / "cache")]) == 0   # stays stopped
     assert json.loads((out / "summary.json").read_text())["n_edits"] == 4 * k
+
+
+def test_a_kill_right_after_the_stop_steps_checkpoint_still_stops_there(tmp_path, monkeypatch):
+    """stop.json is written before the checkpoint of the collapse step: killed right after that
+    checkpoint, the resumed run stays stopped (it went on past the collapse when the checkpoint came
+    first and the kill fell between them)."""
+    out = tmp_path / "run"
+    monkeypatch.setattr(L, "collapsed", lambda settings, before, now: dict(
+        step=now["step"], edits=now["edits"], metric="1/perplexity", value=0.0, before=1.0, threshold=0.5)
+        if now["step"] == 2 else None)
+    real = L.Editor.checkpoint
+
+    def checkpoint_then_killed(editor, run_dir):
+        real(editor, run_dir)
+        if editor.state.step == 2:
+            raise RuntimeError("killed")
+    monkeypatch.setattr(L.Editor, "checkpoint", checkpoint_then_killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        L.main(_cli(tmp_path, "--out", str(out), "--limit", "12", "--no-generation", "--eval-every", "1",
+                    "--stop-below", "0.5"))
+    monkeypatch.setattr(L.Editor, "checkpoint", real)
+    assert L.main(["--resume", str(out), "--stats-cache", str(tmp_path / "cache")]) == 0
+    assert json.loads((out / "summary.json").read_text())["n_edits"] == 8
+    assert json.loads((out / "stop.json").read_text())["step"] == 2
+
+
+def test_a_resume_whose_edits_file_changed_is_refused(tmp_path, capsys):
+    """The run's edits file (or its model's config.json) changed on disk since the run began: the
+    resume would edit another stream against the scores before editing; refused, naming the file."""
+    edits = tmp_path / "edits.json"
+    records = json.loads((FIX / "counterfact-rome.json").read_text())
+    edits.write_text(json.dumps(records[:8]))
+    out = tmp_path / "run"
+    assert L.main(_cli(tmp_path, "--out", str(out), "--edits", str(edits), "--no-generation", limit=None)) == 0
+    edits.write_text(json.dumps(records[8:16]))
+    assert L.main(["--resume", str(out), "--stats-cache", str(tmp_path / "cache")]) == 1
+    err = capsys.readouterr().err
+    assert f"the run's edits file {edits.resolve()} is missing or has changed since the run began" in err
+    edits.unlink()
+    assert L.main(["--resume", str(out)]) == 1 and "is missing or has changed" in capsys.readouterr().err
+
+
+def test_out_of_gpu_memory_outside_a_step_is_one_line(tmp_path, capsys, monkeypatch):
+    """torch.cuda.OutOfMemoryError is a RuntimeError, not a MemoryError: where no stage names the
+    phase (the context templates here) it was a traceback."""
+    monkeypatch.setattr(L, "context_templates", lambda *a, **k: (_ for _ in ()).throw(
+        torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")))
+    assert L.main(_cli(tmp_path, "--out", str(tmp_path / "run"))) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of GPU memory (loading, the context templates or the scoring): use --dtype "
+                          "bfloat16") and err.count("\n") == 1
+
+
+def test_cli_refuses_before_any_work_what_would_fail_later(tmp_path, capsys, monkeypatch):
+    """Each a one-line error before the model loads and no run directory: ROME on two layers (it
+    failed at the first step, after the scoring and checkpoint 0), a malformed task file in
+    --glue-dir (a TypeError after the first scoring), an empty --heldout, and --resume on a model
+    checkpoint's directory (a KeyError: its config.json has no run settings)."""
+    monkeypatch.setattr(L.M, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    glue = tmp_path / "glue"
+    glue.mkdir()
+    for task in ("sst2", "mrpc", "cola", "rte", "nli", "mmlu"):
+        (glue / f"{task}.json").write_text((FIX / "glue" / f"{task}.json").read_text())
+    (glue / "mrpc.json").write_text('{"a": 1}')
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    for flags, message in [(["--method", "rome", "--layers", "1,2"], "layers [1, 2]: ROME edits one layer (--layers L)"),
+                           (["--glue-dir", str(glue)], f"{glue / 'mrpc.json'}: expected a JSON list of items"),
+                           (["--heldout", str(empty)], f"{empty}: corpus has no text")]:
+        assert L.main(_cli(tmp_path, "--out", str(tmp_path / "run"), *flags)) == 1, flags
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and err.count("\n") == 1, (flags, err)
+        assert not (tmp_path / "run").exists()
+    assert L.main(["--resume", str(STORIES)]) == 1
+    assert capsys.readouterr().err == (f"error: --resume {STORIES}: not a run directory (its config.json holds no "
+                                       "run settings: model, edits, hparams)\n")
 
 
 def test_general_ability_score_for_the_stop_rule():
@@ -955,6 +1054,38 @@ def test_editor_refuses_what_is_not_a_request_by_name(tmp_path):
     assert editor.state.step == 0
 
 
+def test_a_step_that_fails_half_way_must_be_restored_before_the_next(tmp_path, monkeypatch):
+    """A step that fails after its first layer changed weights and state (here layer 2's solve)
+    leaves the Editor half-way through it: the next edit is refused until reset or restore (it
+    applied layer 1 twice); a step that fails before writing anything leaves it usable."""
+    m = M.load(STORIES)
+    C = S.load_or_collect_stats(m, STORIES, L.DEFAULT_CORPUS, 2000, (1, 2), tmp_path, log=lambda *a, **k: None)
+    requests, _ = data.load_requests(FIX / "counterfact-rome.json", limit=4)
+    editor = L.Editor(m, L.HParams(layers=(1, 2), lam=15.0, v_num_grad_steps=3), C, [["{}"]])
+    editor.edit(requests[:2])
+    editor.checkpoint(tmp_path / "run")
+    real, calls = L.step_layer, []
+
+    def second_fails(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("system matrix is not positive definite")
+        return real(*args, **kw)
+    monkeypatch.setattr(L, "step_layer", second_fails)
+    with pytest.raises(ValueError, match="step 1, layer 2"):
+        editor.edit(requests[2:])
+    monkeypatch.setattr(L, "step_layer", real)
+    with pytest.raises(ValueError, match=r"edit: step 1 failed after it changed some layers' weights or state; "
+                                         r"restore\(run_dir\) from a checkpoint or reset\(\) before editing again"):
+        editor.edit(requests[2:])
+    editor.restore(tmp_path / "run")
+    assert editor.edit(requests[2:])["step"] == 1
+    monkeypatch.setattr(L, "compute_z", lambda *a, **k: (_ for _ in ()).throw(FloatingPointError("early")))
+    with pytest.raises(FloatingPointError, match="early"):          # before any write: still usable
+        editor.edit(requests[:1])
+    assert not editor.state.partial
+
+
 @pytest.mark.parametrize("change,message", [
     (dict(lam=-1.0), "hyper-parameter lam must be positive, got -1.0"),
     (dict(alpha=0.0), "hyper-parameter alpha must be positive, got 0.0"),
@@ -964,6 +1095,7 @@ def test_editor_refuses_what_is_not_a_request_by_name(tmp_path):
     (dict(layers=(2, 1)), r"layers \[2, 1\]: give increasing layer numbers"),
     (dict(layers=(1, 5)), r"layers \[1, 5\]: give increasing layer numbers in 0..4"),
     (dict(layers=()), r"layers \[\]: give increasing layer numbers"),
+    (dict(method="rome", layers=(1, 2)), r"layers \[1, 2\]: ROME edits one layer"),
 ])
 def test_the_api_refuses_hyper_parameters_out_of_range_before_the_statistics(tmp_path, monkeypatch, change, message):
     """Editor.open's overrides and an Editor built from parts: a ValueError naming the field
@@ -975,6 +1107,28 @@ def test_the_api_refuses_hyper_parameters_out_of_range_before_the_statistics(tmp
     m = M.load(STORIES)
     with pytest.raises(ValueError, match=message):
         L.Editor(m, L.replace(L.HParams(layers=(1, 2)), **change), {}, [["{}"]])
+
+
+def test_the_same_step_saved_again_never_removes_the_checkpoint_latest_names_first(tmp_path, monkeypatch):
+    """Editor.checkpoint twice at one step: the second goes to a new name and latest.json moves to
+    it before the first is removed; killed before latest.json moved, the first is whole (it was
+    removed before the rename)."""
+    m = M.load(STORIES)
+    C = S.load_or_collect_stats(m, STORIES, L.DEFAULT_CORPUS, 2000, (1, 2), tmp_path, log=lambda *a, **k: None)
+    requests, _ = data.load_requests(FIX / "counterfact-rome.json", limit=2)
+    editor = L.Editor(m, L.HParams(layers=(1, 2), lam=15.0, v_num_grad_steps=3), C, [["{}"]])
+    editor.edit(requests)
+    run = tmp_path / "run"
+    editor.checkpoint(run)
+    real = data.write_atomic
+    monkeypatch.setattr(L.data, "write_atomic", lambda *a: (_ for _ in ()).throw(SystemExit("killed")))
+    with pytest.raises(SystemExit):
+        editor.checkpoint(run)                                     # killed before latest.json moved
+    monkeypatch.setattr(L.data, "write_atomic", real)
+    assert json.loads((run / "latest.json").read_text())["checkpoint"] == "ckpt-000001"
+    L.Editor(M.load(STORIES), editor.hparams, C, [["{}"]]).restore(run)       # whole
+    editor.checkpoint(run)
+    assert [p.name for p in run.glob("ckpt-*")] == [json.loads((run / "latest.json").read_text())["checkpoint"]]
 
 
 def test_restore_refuses_a_missing_or_foreign_checkpoint_and_leaves_the_model(tmp_path):
@@ -1273,8 +1427,72 @@ def test_bench_tiny_preset_runs_and_reports_every_phase(tmp_path):
     assert r["projection_10k_edits_hours"]["editing"] > 0
     assert bench.methods_to_run(["lyaplock"]) == ["lyaplock"] and bench.methods_to_run(["rome"]) == ["lyaplock", "rome"]
     assert bench.methods_to_run(None) == ["lyaplock", "memit", "alphaedit"] and len(bench.methods_to_run(["all"])) == len(L.METHODS)
+    assert bench.methods_to_run(["memit", "lyaplock"]) == ["lyaplock", "memit"]     # LyapLock always first
     alone = bench.table([dict(r, steps={"lyaplock": r["steps"]["lyaplock"]})]).splitlines()[-1].split("|")
     assert alone[5].strip().startswith(f"{r['steps']['lyaplock']['total']:.2f} = ")
     assert [c.strip() for c in alone[6:8]] == ["-", "-"]                  # MEMIT, AlphaEdit: not run
     planned = r["steps"]["lyaplock"]["planned_gib"]                        # --plan's figure, beside the peak
     assert 0 < planned and alone[9].strip() == f"- / {planned:.1f}"        # (no peak on the CPU)
+
+
+def test_bench_json_keeps_each_part_as_it_ends_and_one_request_steps_follow_lyaplock(tmp_path, monkeypatch):
+    """--json is rewritten as each part ends, so a run stopped in its second method (a `timeout`)
+    keeps the forward pass, the statistics, LyapLock's step and the one-request steps, which run
+    right after LyapLock's step; --no-hf skips transformers' forward. (The steps are stubs: this
+    is the driver's order and bookkeeping; the smoke test above runs them.)"""
+    import bench
+    out = tmp_path / "bench.json"
+    seen = []
+    stop = ["memit"]
+    written = lambda: json.loads(out.read_text())[0] if out.exists() else {}
+
+    def step(m, ckpt, layers, method, *a, **k):
+        seen.append((method, sorted(written()), list(written().get("steps", {}))))
+        if method in stop:
+            raise InterruptedError("stopped here")                     # as a `timeout` would
+        return dict.fromkeys(["first_step", "target_values", "keys", "solve_pl_queue", "total", "planned_gib",
+                              "eval"], 1.0)
+
+    def single(*a, **k):
+        seen.append(("batch1", sorted(written()), list(written().get("steps", {}))))
+        return dict(steps=1)
+    monkeypatch.setattr(bench, "edit_step", step)
+    monkeypatch.setattr(bench, "single_edits", single)
+    monkeypatch.setattr(bench, "hf_seconds", lambda *a: 1.0)
+    args = ["--preset", "tiny", "--stats-tokens", "300", "--batch1", "1", "--json", str(out)]
+    with pytest.raises(InterruptedError, match="stopped here"):
+        bench.main(args + ["--method", "memit"])
+    head = ["date", "device", "dtype", "forward", "layers", "preset"]
+    assert seen == [("lyaplock", sorted(head + ["stats"]), []),
+                    ("batch1", sorted(head + ["stats", "steps"]), ["lyaplock"]),
+                    ("memit", sorted(head + ["batch_size_1", "stats", "steps"]), ["lyaplock"])]
+    r = written()
+    assert r["forward"]["hf_eager_tok_s"] == 2 * 64 and r["batch_size_1"] == {"steps": 1}
+    monkeypatch.setattr(bench, "hf_seconds", lambda *a: pytest.fail("transformers' forward ran"))
+    stop.clear()
+    r = bench.main(args + ["--no-hf"])[0]
+    assert list(r["forward"]) == ["ours_tok_s"] and list(r["steps"]) == ["lyaplock", "memit", "alphaedit"]
+    assert json.loads(out.read_text()) == [r]
+
+
+def test_bench_stopped_by_sigterm_removes_its_checkpoint(tmp_path):
+    """`timeout` sends SIGTERM: the run leaves through Python's shutdown, so the temporary
+    directory holding the preset's checkpoint (16 GB for llama3-8b) is removed."""
+    import signal
+    import time
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    run = subprocess.Popen([sys.executable, "bench.py", "--preset", "tiny", "--edits", "2", "--stats-tokens", "300",
+                            "--no-hf"], cwd=Path(__file__).parent, env={**__import__("os").environ, "TMPDIR": str(tmp)},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not list(tmp.glob("*/tiny/tokenizer_config.json")):     # the checkpoint's last file
+            assert run.poll() is None and time.time() < deadline, "the checkpoint never appeared"
+            time.sleep(0.05)
+        run.send_signal(signal.SIGTERM)
+        err = run.communicate(timeout=60)[1]
+    finally:
+        run.kill()
+    assert run.returncode == 143 and "Traceback" not in err, err
+    assert list(tmp.iterdir()) == []

@@ -217,6 +217,12 @@ def test_save_then_load_is_exact_and_transformers_reads_it(tmp_path, kind, shard
         M.save(src, tmp_path / "out", {name: edited})
     with pytest.raises(ValueError, match="is a file; the checkpoint is a directory"):
         M.save(src, tmp_path / "out" / "model-00009-of-00009.safetensors", {name: edited})
+    victim = tmp_path / "victim"                        # another model's checkpoint, same file names
+    shutil.copytree(STORIES, victim)
+    before = {p.name: p.read_bytes() for p in victim.iterdir()}
+    with pytest.raises(ValueError, match=f"{victim} holds another checkpoint \\(its config.json is not"):
+        M.save(src, victim, {name: edited})
+    assert {p.name: p.read_bytes() for p in victim.iterdir()} == before       # untouched
 
 
 def test_model_cli_prints_a_continuation():

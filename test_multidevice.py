@@ -442,7 +442,7 @@ def test_every_method_steps_the_same_with_its_state_on_the_host(monkeypatch, dev
             assert getattr(ls_host, k).device.type == "cpu"
             close(getattr(ls_host, k), getattr(ls, k).cpu(), 1e-12)
     assert ls_host.edits.keys() == ls.edits.keys()
-    assert all(t is None or t.device.type == "cpu" for kv in ls_host.edits.values() for t in kv)
+    assert all(t is None or t.device.type == "cpu" for kvs in ls_host.edits.values() for kv in kvs for t in kv)
 
 
 @pytest.mark.parametrize("method", [m for m in L.METHODS if L.METHODS[m].locate == "memit"])
@@ -719,7 +719,7 @@ def test_memory_plan_counts_what_superseded_remove_keeps(tmp_path, capsys, metho
     editor.edit(requests[:4])
     editor.edit(requests[4:])
     for ls in editor.state.layers.values():
-        held = sum(t.nbytes for kv in ls.edits.values() for t in kv if t is not None)
+        held = sum(t.nbytes for kvs in ls.edits.values() for kv in kvs for t in kv if t is not None)
         assert held == L.layer_state_bytes(cfg, method, 6) - L.layer_state_bytes(cfg, method, 0) > 0
     plans = {n: L.memory_plan(cfg, hp, "float32", 2048, [1.0], n_edits=n)[0]["state"] for n in (0, 6)}
     assert plans[6] - plans[0] == 2 * held

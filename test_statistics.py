@@ -155,6 +155,42 @@ def test_with_the_state_on_the_host_one_layer_a_pass_gives_the_same_C_there(devi
         assert all(torch.equal(cached[l].cpu(), one[l].cpu()) for l in (1, 2))
 
 
+def test_with_the_state_on_the_host_a_pass_frees_its_sum_before_the_next_allocates(stories, monkeypatch):
+    """One layer a pass, C copied to the state device: no earlier pass's float64 buffer is alive
+    when the next pass allocates its own, so a GPU holds one layer's sum at a time. (On CUDA the
+    copy to the host leaves the buffer to the pass alone; here a state device of "meta", whose
+    copy holds no storage, stands for it.)"""
+    import gc
+    import weakref
+    seqs = S.stats_sequences(stories.tokenizer, data.read_corpus(CORPUS), 600)
+    real, buffers, alive = S.gram_sums, [], []
+
+    def spy(*a, **k):
+        gc.collect()
+        alive.append(sum(b() is not None for b in buffers))
+        flat = real(*a, **k)
+        buffers.append(weakref.ref(flat))
+        return flat
+    monkeypatch.setattr(S, "gram_sums", spy)
+    C = S.collect_stats(stories, seqs, [1, 2, 3], batch_tokens=500, state_device="meta")
+    assert {c.device.type for c in C.values()} == {"meta"} and len(buffers) == 3
+    assert alive == [0, 0, 0]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mirroring_a_block_of_rows_at_a_time_is_the_whole_matrix_s_bitwise(seed):
+    """mirror_lower (finish_sums, no m × m temporary) against the one-shot tril + tril(-1)ᵀ on
+    random sizes and blocks, upper triangles holding other values (add_gram_lower's diagonal
+    blocks): the same bits."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(5):
+        m, block = (int(x) for x in torch.randint(1, 60, (2,), generator=g))
+        X = torch.randn(m, m, generator=g, dtype=torch.float64)
+        whole = X.tril() + X.tril(-1).T
+        S.mirror_lower(X, block)
+        assert torch.equal(X.view(torch.int64), whole.view(torch.int64)), (m, block)
+
+
 def test_on_a_spread_model_each_device_collects_its_layers_C_beside_them():
     """Layers across devices (cpu,cpu here; cpu,cuda in the CUDA tests of test_multidevice): one
     pass for the edit layers of each device, their sums on that device; the same C to the bit."""

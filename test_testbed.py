@@ -213,6 +213,33 @@ def test_short_churn_run_survives_a_stop_logs_every_step_and_point_and_is_not_re
 
 
 # ==================== the fact model (moved from test_lyaplock.py)
+@pytest.mark.parametrize("fails", [False, True])
+def test_training_on_cuda_turns_tf32_on_and_back_as_it_was(tmp_path, monkeypatch, fails):
+    """train on a GPU runs its matmuls in TF32, process-wide flags: after it, ended or failed,
+    they are as before (an experiment in the same process edits in float32). The training is a
+    stub here, which sees the flags on."""
+    seen = []
+
+    def stub(*a, **k):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        if fails:
+            raise InterruptedError("stopped")
+        return {}
+    monkeypatch.setattr(TB, "prepare" if fails else "train_model", stub)
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, False
+    try:
+        if fails:
+            with pytest.raises(InterruptedError):
+                TB.train(tmp_path / "m", "ci", device="cuda", steps=1, log=lambda *_: None)
+        else:
+            TB.train(tmp_path / "m", "ci", device="cuda", steps=1, log=lambda *_: None)
+        assert seen == [(True, True)]
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 def test_training_is_deterministic_per_seed_and_the_cli_matches(tmp_path):
     """Two trainings with one seed give bit-identical files (one through the CLI); another
     seed gives other weights."""

@@ -28,6 +28,7 @@ import json
 import math
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -373,11 +374,31 @@ def write_edits(path: Path, m: M.CausalLM, s: Size, edit, held) -> None:
 def train(out_dir, size: str = "ci", seed: int = 0, device: str = "cpu", steps: int | None = None,
           log=print) -> dict:
     """Train the fact model of `size` and write it to `out_dir` (HF layout + training.json)."""
+    tf32 = torch.device(device).type == "cuda"     # TF32 matmuls: the gpu size is ~13 PFLOP of float32 training
+    with tf32_matmuls(tf32):
+        return train_model(out_dir, size, seed, device, steps, tf32, log)
+
+
+@contextmanager
+def tf32_matmuls(on: bool):
+    """TF32 float32 matmuls (and cuDNN convolutions) within, when `on`; the previous settings back
+    after, even on an error. They are process-wide flags: left on, whatever runs next in the
+    process (an experiment's editing and scoring, the tests) would compute its float32 matmuls
+    with TF32's 10-bit mantissa where the method's numerics assume float32."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if on:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def train_model(out_dir, size: str, seed: int, device: str, steps: int | None, tf32: bool, log) -> dict:
+    """train's work, under its TF32 setting (recorded in training.json)."""
     t0, s, out = time.time(), SIZES[size], Path(out_dir)
     steps = s.steps if steps is None else steps
-    tf32 = torch.device(device).type == "cuda"     # TF32 matmuls: the gpu size is ~13 PFLOP of float32 training
-    if tf32:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     m, edit, held, pairs, stream = prepare(s, out, seed, device)
     n_params, cards = sum(p.numel() for p in m.parameters()), subject_cards(pairs)
     log(f"{size}: {len(edit)} edit + {len(held)} held-back records, {len(pairs)} facts, "
