@@ -1051,16 +1051,21 @@ def checked_requests(requests) -> list:
     return requests
 
 
-def layer_state_bytes(cfg: M.Config, method: str, kept_edits: int = 0) -> int:
-    """One edit layer's float64 state: C, the method's edit memory (S_KK m×m, S_VK d×m),
-    AlphaEdit's projector (m×m), and with --superseded remove each of `kept_edits` edits' key
-    (m) and, with S_VK, value (d), kept to take it out again (E8a)."""
+def state_tensor_bytes(cfg: M.Config, method: str) -> list[int]:
+    """The bytes of each float64 tensor of one edit layer's state: C, the method's edit memory
+    (S_KK m×m, S_VK d×m) and AlphaEdit's projector (m×m)."""
     m, d = cfg.d_mlp, cfg.d_model
-    kept = method_of(method)
     sizes = {"S_KK": m * m, "S_VK": d * m}
-    projector = projected(method)
-    columns = kept_edits * (m + (d if "S_VK" in kept.memory else 0)) if kept.memory else 0
-    return 8 * (m * m + sum(sizes[k] for k in kept.memory) + (m * m if projector else 0) + columns)
+    projector = [m * m] if projected(method) else []
+    return [8 * n for n in (m * m, *(sizes[k] for k in method_of(method).memory), *projector)]
+
+
+def layer_state_bytes(cfg: M.Config, method: str, kept_edits: int = 0) -> int:
+    """One edit layer's float64 state (state_tensor_bytes), and with --superseded remove each of
+    `kept_edits` edits' key (m) and, with S_VK, value (d), kept to take it out again (E8a)."""
+    memory = method_of(method).memory
+    columns = kept_edits * (cfg.d_mlp + (cfg.d_model if "S_VK" in memory else 0)) if memory else 0
+    return sum(state_tensor_bytes(cfg, method)) + 8 * columns
 
 
 def with_overrides(hp: HParams, **changes) -> HParams:
@@ -1310,9 +1315,18 @@ def memory_plan(cfg: M.Config, hp: HParams, dtype: str, z_tokens: int, shares: l
         mine = [i for i, s in enumerate(stages) if s == j]
         rows.append(need(j, mine[0], mine[-1] + 1) if mine else need(j, 0, 0))
     if state_on_host:
-        held = edit_layer_bytes(cfg, hp, dtype, n_edits) * len(hp.layers)
+        held = host_layer_bytes(cfg, hp, dtype, n_edits) * len(hp.layers)
         rows.append(dict(blocks=[], weights=0, state=held, target_values=0, solve=0, statistics=0, need=held, host=True))
     return rows
+
+
+def host_layer_bytes(cfg: M.Config, hp: HParams, dtype: str, n_edits: int = 0) -> int:
+    """What one edit layer keeps in host memory with --state-device cpu: edit_layer_bytes, its
+    tensors pinned on a GPU machine, where CUDA's pinned allocator gives each the next power of two
+    of bytes (C at Llama-3-8B's m: 2 GiB for 1.53); the E8a columns are not pinned."""
+    pinned = state_tensor_bytes(cfg, hp.method) + [cfg.d_model * cfg.d_mlp * M.DTYPES[dtype].itemsize]   # W0
+    columns = edit_layer_bytes(cfg, hp, dtype, n_edits) - edit_layer_bytes(cfg, hp, dtype)
+    return sum(1 << (n - 1).bit_length() for n in pinned) + columns
 
 
 def edit_layer_bytes(cfg: M.Config, hp: HParams, dtype: str, n_edits: int = 0) -> int:

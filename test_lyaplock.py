@@ -295,7 +295,7 @@ def test_alphaedit_projects_and_solves_its_equation(seed):
 
 
 def test_step_layer_memory_per_method():
-    P = problem(0, past=0)
+    P = null_spaced(problem(0, past=0), "alphaedit")
     args = (P["W"], P["W0"], P["C"], P["K1"], P["R"])
     KK = P["K1"] @ P["K1"].T
     ls = L.LayerState()

@@ -348,8 +348,10 @@ def test_memory_plan_of_llama3_8b_with_the_state_on_the_host_fits_a_24_gb_card()
     hp = L.preset(cfg, "lyaplock")
     m, d, kv, V = 14336, 4096, 2 * 8 * 128, 128256
     card, host = L.memory_plan(cfg, hp, "bfloat16", 1024, [22.3 * 2 ** 30], state_on_host=True)
-    layer = 8 * (2 * m * m + d * m) + 2 * d * m                 # C, S_KK, S_VK in float64, W0 in bf16
+    pinned = lambda n: 1 << (n - 1).bit_length()              # CUDA's pinned blocks: a power of two
+    layer = 2 * pinned(8 * m * m) + pinned(8 * d * m) + pinned(2 * d * m)   # C, S_KK, S_VK float64, W0 bf16
     assert card["state"] == 0 and host["state"] == 5 * layer
+    assert host["state"] == 5 * (2 * 2 ** 31 + 2 ** 29 + 2 ** 27) > 1.28 * 5 * L.edit_layer_bytes(cfg, hp, "bfloat16")
     assert L.brought_bytes(cfg, "lyaplock") == 8 * d * m + 2 * L.BLOCK_BYTES
     assert card["solve"] == 8 * (m * m + 4 * d * m) + 8 * d * m + 2 * L.BLOCK_BYTES + 2 * d * m
     rows = 100 * 7
@@ -667,7 +669,7 @@ def test_memory_plan_places_as_load_does_and_the_command_says_whether_it_fits(tm
     hp = L.HParams(method="lyaplock", layers=(1, 2))
     host = L.memory_plan(cfg, hp, "float32", 2048, [1.0], state_on_host=True)
     assert host[0]["state"] == 0 and host[-1]["host"]
-    assert host[-1]["need"] == 2 * (8 * (2 * 172 ** 2 + 64 * 172) + 4 * 64 * 172)     # float64 state, float32 W0
+    assert host[-1]["need"] == 2 * (2 * 2 ** 18 + 2 ** 17 + 2 ** 16)   # C, S_KK, S_VK (f64), W0 (f32), pinned: 2^k
     assert L.main(["--plan", "--model", str(STORIES), "--layers", "1,2"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("memory plan: ") and out.strip().endswith("yes") and "   stats " in out
