@@ -343,7 +343,7 @@ def exit_on_sigterm(signum, frame):
 
 def main(argv=None):
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--preset", action="append", choices=[*PRESETS, "stories"],
                    help="repeatable (default: llama3-8b and gptj-6b on a GPU, tiny and stories on a CPU)")
     p.add_argument("--device", default="cuda" if cuda else "cpu")

@@ -509,14 +509,33 @@ def _esc(text) -> str:
     return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f"]
+DASHES = ["", "6,3", "2,2", "8,3,2,3"]       # one per cycle through the palette, then longer dashes
+CHAR_W = 6.6                                 # a generous estimate of one character's width at 11 px
+
+
+def series_style(i: int) -> tuple[str, str]:
+    """The i-th series' (colour, dash pattern): the palette, then the palette again with the next
+    dash ("" is solid), so no two series of a figure look alike."""
+    cycle = i // len(PALETTE)
+    dash = DASHES[cycle] if cycle < len(DASHES) else f"{3 * cycle},3"
+    return PALETTE[i % len(PALETTE)], dash
+
+
 def svg_plot(series: dict, title: str, ylabel: str, hline: float | None = None, w=560, h=300) -> str:
-    """A small line plot as SVG text: series name -> (xs, ys); an optional dashed threshold D."""
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f"]
+    """A small line plot as SVG text: series name -> (xs, ys); an optional dashed threshold D.
+    The legend sits below the title in columns as wide as the longest label (the figure widens
+    for a label longer than it); each legend row added beyond the first makes the figure taller,
+    so the plot area keeps its size."""
     xs = [x for v in series.values() for x in v[0]]
     ys = [y for v in series.values() for y in v[1]] + ([hline] if hline is not None else [])
     x0, x1, y0 = min(xs), max(xs), min(0.0, min(ys))
     y1 = max(ys) * 1.05 if max(ys) > 0 else 0.0 if y0 < 0 else 1.0
-    top = 36 + 14 * ((len(series) + 3) // 4)             # below the title and the legend's rows
+    col = 28 + CHAR_W * max(len(str(k)) for k in series) + 16          # line sample, label, gap
+    w = max(w, int(70 + col + 10))
+    ncol = max(1, int((w - 80) // col))
+    rows = (len(series) + ncol - 1) // ncol
+    top, h = 36 + 14 * rows, h + 14 * max(rows - 1, 0)          # below the title and the legend's rows
     px = lambda x: 60 + (x - x0) / max(x1 - x0, 1e-12) * (w - 80)
     py = lambda y: h - 40 - (y - y0) / max(y1 - y0, 1e-12) * (h - 40 - top)
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
@@ -536,10 +555,13 @@ def svg_plot(series: dict, title: str, ylabel: str, hline: float | None = None, 
                    f'stroke-dasharray="5,4"/>')
         out.append(f'<text x="{w - 22}" y="{py(hline) - 4:.1f}" text-anchor="end">D</text>')
     for i, (name, (x, y)) in enumerate(series.items()):
-        c = colors[i % len(colors)]
+        c, dash = series_style(i)
+        style = f'stroke="{c}" stroke-width="1.6"' + (f' stroke-dasharray="{dash}"' if dash else "")
         pts = " ".join(f"{px(a):.1f},{py(b):.1f}" for a, b in zip(x, y))
-        out.append(f'<polyline points="{pts}" fill="none" stroke="{c}" stroke-width="1.6"/>')
-        out.append(f'<text x="{70 + 120 * (i % 4)}" y="{34 + 14 * (i // 4)}" fill="{c}">{_esc(name)}</text>')
+        out.append(f'<polyline points="{pts}" fill="none" {style}/>')
+        lx, ly = 70 + col * (i % ncol), 34 + 14 * (i // ncol)
+        out.append(f'<line x1="{lx:.0f}" y1="{ly - 4}" x2="{lx + 22:.0f}" y2="{ly - 4}" {style}/>')
+        out.append(f'<text x="{lx + 28:.0f}" y="{ly}" fill="{c}">{_esc(name)}</text>')
     return "\n".join(out + ["</svg>"])
 
 

@@ -358,6 +358,25 @@ METHODS = {
 }
 
 
+# The hyper-parameters only some methods read, with the rule and why not (the rest, the
+# target-value optimisation's, every method reads): one set for a method that ignores it would
+# be recorded as if it applied (the command and Editor.open refuse it; so does testbed's --methods).
+READ_BY = {
+    "lam": (lambda name, m: m.solve not in (None, alphaedit_step), "its solve has no λ (E12; ROME E18)"),
+    "alpha": (lambda name, m: m.queue, "it has no queue"),
+    "V": (lambda name, m: m.queue, "it has no queue"),
+    "superseded": (lambda name, m: bool(m.memory), "it keeps no edit memory"),
+    "l2": (lambda name, m: projected(name), "only AlphaEdit's family (E12, E22) has it"),
+    "mom2_adjustment": (lambda name, m: m.locate == "rome", "only ROME has it"),
+}
+
+
+def unread(method: str, field: str) -> str | None:
+    """Why `method` does not read the hyper-parameter `field` (None: it does)."""
+    reads, why = READ_BY.get(field, (lambda *_: True, ""))
+    return None if reads(method, method_of(method)) else why
+
+
 def projected(name: str) -> bool:
     """AlphaEdit's family (E11, E12, E22): a projector P in the state and a non-symmetric system,
     solved by LU."""
@@ -965,6 +984,9 @@ class Editor:
              z_batch_tokens: int = 2048, state_device=None, log=lambda *a, **k: None, **hparams) -> "Editor":
         """Load a checkpoint, its preset (hparams overrides any field of HParams), context
         templates (seeded) and statistics (cached)."""
+        for name, value in hparams.items():
+            if value is not None and name in READ_BY and (why := unread(method, name)):
+                raise ValueError(f"{name}: {method} does not read it ({why}); leave it out")
         cfg = M.read_config(Path(model_path))
         hp = with_overrides(preset(cfg, method), **hparams)
         check_hparams(hp, cfg.n_layers)                 # before the model loads
@@ -1043,6 +1065,9 @@ class Editor:
 
 def checked_requests(requests) -> list:
     """The requests as a list, each a data.Request (a TypeError naming the first that is not)."""
+    if isinstance(requests, tuple) and len(requests) == 2 and isinstance(requests[0], list):
+        raise TypeError("requests: a (requests, skipped) pair, as data.load_requests and data.requests_from "
+                        "return; pass its first item")
     requests = list(requests)
     for i, q in enumerate(requests):
         if not isinstance(q, data.Request):
@@ -1448,7 +1473,7 @@ def print_plan(args) -> int:
     """--plan: the memory plan of the run the flags describe (with --resume, the run's settings and
     the flags that may change), from config.json alone; the run's blocks are placed by it."""
     _, settings, cfg = open_run(args)
-    requests = data.load_requests(settings.edits, skip_bad=True, limit=settings.limit)[0] if settings.edits else []
+    requests = load_requests(settings)[0] if settings.edits else []        # as the run reads them
     if args.plan_gib:
         names = [f"device {i}" for i in range(len(args.plan_gib))]
         capacity = [g * 2 ** 30 for g in args.plan_gib]
@@ -1467,7 +1492,7 @@ def print_plan(args) -> int:
                    "prompt is edited again" if settings.edits else "not counted: give --edits")
         print(f"--superseded remove: the state grows by {per / 2 ** 20:.0f} MiB per 1,000 edits and edit "
               f"layer ({counted}); every checkpoint holds it too")
-    gib = lambda b: f"{b / 2 ** 30:.1f}"
+    gib = lambda b: f"{b / 2 ** 30:.1f}" if b == 0 or b >= 2 ** 29 else f"{b / 2 ** 30:.2g}"   # small: 2 digits
     print(f"{'device':<12}{'blocks':>10}{'weights':>9}{'state':>8}{'targets':>8}{'solve':>8}{'stats':>8}"
           f"{'need':>8}{'has':>8}  fits")
     has = capacity + [device_memory(torch.device("cpu"))]
@@ -1646,6 +1671,11 @@ def check_settings(args):
     for gib in args.plan_gib or ():
         if problem := range_problem(gib, "positive"):
             raise ValueError(f"--plan-gib: each device's memory {problem}")
+    for flag, field in FLAG_FIELDS.items():       # typed for a new run: the method must read it
+        name = field.removeprefix("hparams.")
+        if not args.resume and flag in args.given and (why := unread(args.method, name)):
+            raise ValueError(f"--{flag.replace('_', '-')}: --method {args.method} does not read it ({why}); "
+                             "leave it out")
     if args.resume and args.out:
         raise ValueError("--out and --resume: a resumed run stays in its own directory; give only --resume")
 
@@ -1807,6 +1837,13 @@ def stage(name: str, advice: str):
         raise MemoryError(f"out of GPU memory during {name}: {advice}") from None
 
 
+def resume_command(out: Path) -> str:
+    """The command that continues run `out`, runnable from where this one was started: the
+    script's path as seen from here (lyaplock.py in the repository, else its absolute path)."""
+    script = os.path.relpath(Path(__file__).resolve())
+    return f"python {script if not script.startswith('..') else Path(__file__).resolve()} --resume {out}"
+
+
 @contextmanager
 def resume_hint(out: Path):
     """A Ctrl-C outside the steps' deferral (the scoring before editing, the final evaluation) or a
@@ -1814,7 +1851,7 @@ def resume_hint(out: Path):
     try:
         yield
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"continue with: python lyaplock.py --resume {out}") from None
+        raise KeyboardInterrupt(f"continue with: {resume_command(out)}") from None
 
 
 class DeferInterrupt:
@@ -1938,7 +1975,7 @@ def run(args) -> int:
         start_or_resume(editor, requests, settings, out)
         editor.state.recurring = recurring_prompts(requests)
         if not (out / "stop.json").exists() and not edit_stream(editor, requests, settings, out):
-            print(f"stopped after step {editor.state.step}; continue with: python lyaplock.py --resume {out}")
+            print(f"stopped after step {editor.state.step}; continue with: {resume_command(out)}")
             return 130
         finish(editor, requests, settings, out, len(skipped))
     if args.save_model:
@@ -1965,6 +2002,14 @@ def start_or_resume(editor: Editor, requests, settings: Settings, out: Path):
     stop = out / "stop.json"
     if stop.exists() and json.loads(stop.read_text())["step"] > step:
         stop.unlink()
+
+
+def latest_edits(requests) -> list[int]:
+    """The indices of the requests a run's summary scores: of the requests that edit the same
+    prompt, the last (an earlier target is superseded: scoring it would count the edit that
+    replaced it as a failure); in stream order."""
+    last = {q.rewrite_prompt(): i for i, q in enumerate(requests)}
+    return sorted(last.values())
 
 
 def recurring_prompts(requests) -> frozenset:
@@ -2091,13 +2136,14 @@ def progress_line(log: dict, state: EditState, total: int, rate: float) -> str:
 
 def finish(editor: Editor, requests, settings: Settings, out: Path, n_skipped: int):
     """Score the final model on the requests it edited (all, unless --stop-below ended the run
-    early); write cases.jsonl, summary.json/md (before and after, on those cases); print the
-    headline table."""
-    edited = requests[:editor.state.n_edits]
+    early), each prompt at its latest target (latest_edits); write cases.jsonl, summary.json/md
+    (before and after, on those cases); print the headline table."""
+    scored = latest_edits(requests[:editor.state.n_edits])
     with editor.restrained() as model:
-        cases = score_cases(model, edited, settings.generation, snippets_of(settings), settings.seed)
+        cases = score_cases(model, [requests[i] for i in scored], settings.generation, snippets_of(settings),
+                            settings.seed)
     pre, _ = data.read_jsonl(out / "cases_pre.jsonl")
-    pre = pre[:len(edited)]                                # scored for every request, in order
+    pre = [pre[i] for i in scored]                         # cases_pre: every request, in order
     cases = ev.with_locality(pre, cases)                  # EasyEdit's: argmax tokens as before editing
     data.write_jsonl(out / "cases.jsonl", cases)
     abilities, _ = data.read_jsonl(out / "ability.jsonl")

@@ -377,6 +377,48 @@ def test_the_command_keeps_superseded_columns_only_for_prompts_it_edits_again(tm
     rewrite = json.loads(edits.read_text())[0]["requested_rewrite"]
     prompt = rewrite["prompt"].replace("{}", rewrite["subject"])
     assert all(kept == [prompt] for kept in json.loads((d / "state.json").read_text())["edits"].values())
+    # the summary scores each prompt at its latest target (the superseded one would count as a
+    # failure of the edit that replaced it), before and after on the same cases
+    summary = json.loads((out / "summary.json").read_text())
+    cases = [json.loads(l) for l in (out / "cases.jsonl").read_text().splitlines()]
+    ids = [r["case_id"] for r in json.loads(edits.read_text())]
+    assert [c["case_id"] for c in cases] == ids[1:] and summary["n_cases"] == summary["pre"]["n_cases"] == 3
+    assert len((out / "cases_pre.jsonl").read_text().splitlines()) == 4          # every request, before
+    assert L.latest_edits(L.load_requests(L.Settings(model="m", edits=str(edits)))[0]) == [1, 2, 3]
+
+
+def test_flags_the_method_does_not_read_are_refused(tmp_path, capsys, monkeypatch):
+    """--lam for ROME or AlphaEdit, --alpha/--v for a method without a queue, --superseded without
+    a memory, --l2 outside AlphaEdit's family: accepted, they changed nothing and were recorded as
+    if they applied (config.json, the report's header). One line, before any work; likewise
+    Editor.open's overrides."""
+    monkeypatch.setattr(L.M, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    for flags, message in [(["--method", "rome", "--lam", "5"], "--lam: --method rome does not read it (its solve has no λ"),
+                           (["--method", "alphaedit", "--lam", "5"], "--lam: --method alphaedit does not read it"),
+                           (["--method", "memit", "--alpha", "5"], "--alpha: --method memit does not read it (it has no queue)"),
+                           (["--method", "memit", "--superseded", "remove"], "--superseded: --method memit does not read it"),
+                           (["--l2", "3"], "--l2: --method lyaplock does not read it (only AlphaEdit's family")]:
+        assert L.main(_cli(tmp_path, "--out", str(tmp_path / "run"), *flags)) == 1, flags
+        assert capsys.readouterr().err.startswith(f"error: {message}"), flags
+        assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="lam: rome does not read it"):
+        L.Editor.open(STORIES, "rome", lam=5.0)
+
+
+def test_plan_refuses_the_records_the_run_refuses(tmp_path, capsys):
+    records = json.loads((FIX / "counterfact-rome.json").read_text())[:3]
+    del records[1]["requested_rewrite"]["target_new"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(records))
+    assert L.main(["--plan", "--model", str(STORIES), "--edits", str(bad)]) == 1
+    assert "record 1 (case_id" in capsys.readouterr().err                         # it said "fits yes"
+    assert L.main(["--plan", "--model", str(STORIES), "--edits", str(bad), "--skip-bad"]) == 0
+
+
+def test_the_resume_command_runs_from_where_the_run_was_started(tmp_path, monkeypatch):
+    assert L.resume_command(Path("runs/001")) == "python lyaplock.py --resume runs/001"    # in the repository
+    monkeypatch.chdir(tmp_path)
+    assert L.resume_command(Path("r")) == f"python {HERE.resolve() / 'lyaplock.py'} --resume r"
 
 
 def test_a_stream_that_re_edits_gets_a_note_unless_superseded_was_chosen():
@@ -1048,6 +1090,9 @@ def test_editor_refuses_what_is_not_a_request_by_name(tmp_path):
     with pytest.raises(ValueError, match="edit: no requests"):
         editor.edit([])
     record = json.loads((FIX / "counterfact-rome.json").read_text())[0]
+    with pytest.raises(TypeError, match=r"a \(requests, skipped\) pair, as data.load_requests and "
+                                        r"data.requests_from return; pass its first item"):
+        editor.edit(data.requests_from([record]))
     for call in (editor.edit, editor.evaluate):
         with pytest.raises(TypeError, match=r"request 0 is a dict, not a data.Request: .*data.requests_from"):
             call([record])

@@ -354,3 +354,26 @@ def test_generative_eval_on_the_fact_model_knows_its_true_facts():
     assert E.summarize(E.generative_eval(m, true))["efficacy_generative"] >= 90
     s = E.summarize(E.generative_eval(m, reqs))
     assert s["efficacy_generative"] == 0 and s["generalization_generative"] <= 5
+
+
+def test_plot_legend_labels_never_overlap_and_every_series_looks_different():
+    """Thirteen series with long names (the churn testbed's queue figure: 'lyaplock:superseded=remove
+    L1' and '... L2' overlapped at 120 px a column, and the ninth series took the first one's
+    colour): no two legend labels' boxes (at 6.6 px a character) overlap or leave the figure, and
+    no two series share both colour and dash pattern."""
+    names = [f"lyaplock:superseded=remove{'x' * (i % 3)} L{i}" for i in range(13)] + ["a"]
+    series = {n: ([0, 10, 20], [i, i + 1, i / 2]) for i, n in enumerate(names)}
+    root = ET.fromstring(E.svg_plot(series, "queues", "z"))
+    ns = "{http://www.w3.org/2000/svg}"
+    w, h = float(root.get("width")), float(root.get("height"))
+    boxes = [(float(t.get("x")), float(t.get("y")) - 11, float(t.get("x")) + 6.6 * len(t.text), float(t.get("y")) + 3)
+             for t in root.iter(ns + "text") if t.text in series]
+    assert len(boxes) == len(series)
+    for i, a in enumerate(boxes):
+        assert 0 <= a[0] and a[2] <= w and 0 <= a[1] and a[3] <= h, a
+        for b in boxes[:i]:
+            assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (a, b)
+    styles = [(p.get("stroke"), p.get("stroke-dasharray")) for p in root.iter(ns + "polyline")]
+    assert len(styles) == len(series) == len(set(styles))
+    plot_top = min(float(l.get("y1")) for l in root.iter(ns + "line") if l.get("x1") == l.get("x2") == "60")
+    assert plot_top > max(b[3] for b in boxes)                      # the plot starts below the legend

@@ -189,9 +189,9 @@ def test_run_specs_give_typed_overrides_and_clear_errors():
 
 @pytest.mark.parametrize("method", [m for m in L.METHODS if L.method_of(m).locate != "rome"])
 def test_run_specs_refuse_exactly_the_fields_a_method_does_not_read(method):
-    """READ_BY against the methods themselves: two steps of step_layer (the second re-editing a
+    """lyaplock.unread against the methods themselves: two steps of step_layer (the second re-editing a
     prompt, with the queue above its floor, where λ and V weigh E22) with one field changed give
-    other weights exactly when READ_BY says the method reads it. (mom2_adjustment is ROME's, whose
+    other weights exactly when unread says the method reads it. (mom2_adjustment is ROME's, whose
     one-request path is not step_layer: E18.)"""
     g = torch.Generator().manual_seed(0)
     r = lambda *shape: torch.randn(*shape, dtype=torch.float64, generator=g)
@@ -210,7 +210,7 @@ def test_run_specs_refuse_exactly_the_fields_a_method_does_not_read(method):
         return W
     plain = edited()
     for name, value in dict(lam=3.0, alpha=0.05, V=3.0, l2=10.0, superseded="remove").items():
-        reads = TB.READ_BY[name][0](method, L.method_of(method))
+        reads = not L.unread(method, name)
         assert (not torch.equal(edited(**{name: value}), plain)) == reads, name
 
 
@@ -336,10 +336,39 @@ def test_finished_runs_are_kept_only_under_the_same_settings(tmp_path):
     assert TB.finished_runs(tmp_path, {**base, "methods": {}}) == {"memit": done}
     for key, value in (("weights", "c" * 64), ("corpus_sha256", "d" * 64), ("stats_tokens", 0),
                        ("eval_every", 2), ("n_heldout", 3), ("n_edits", 4), ("layers", [2])):
-        assert TB.finished_runs(tmp_path, {**base, key: value, "methods": {}}) == {}, key
+        lines = []
+        assert TB.finished_runs(tmp_path, {**base, key: value, "methods": {}}, lines.append) == {}, key
+        assert lines == [f"{tmp_path / 'result.json'}: earlier runs dropped, their settings differ ({key}): "
+                         "memit, rome"]                         # one line names them and why
     older = {k: v for k, v in base.items() if k != "weights"}           # a report from before the key
     (tmp_path / "result.json").write_text(json.dumps({**older, "methods": {"memit": done}}))
     assert TB.finished_runs(tmp_path, {**base, "methods": {}}) == {}
+
+
+def _result(runs: dict, layers=(1, 2)) -> dict:
+    """A report's result.json with `runs`: name -> z (None: no queue), two points of fake numbers."""
+    step = lambda e, z: dict(edits=e, layers={str(l): dict(pl=0.1 * e, D=0.2, z=z) for l in layers})
+    point = lambda e: dict(edits=e, efficacy=50.0, generalization=40.0, specificity=90.0, retention=80.0,
+                           perplexity=100.0 + e, drift={str(l): 0.01 * e for l in layers})
+    methods = {k: dict(label=k, steps=[step(e, z) for e in (2, 4)], points=[point(e) for e in (2, 4)],
+                       seconds=1.0, hparams={}) for k, z in runs.items()}
+    return dict(layers=list(layers), methods=methods)
+
+
+def test_a_report_into_a_reused_out_removes_its_stale_figures(tmp_path):
+    """--methods lyaplock then --methods memit with other settings into one --out: result.json and
+    table.md held only memit, but queue.svg (and a layer no run edits now) still plotted lyaplock.
+    Only the report's own figure names are removed."""
+    out = tmp_path / "tb"
+    TB.write_report(_result({"lyaplock": 3.0}), out)
+    assert {"queue.svg", "pl_layer1.svg", "pl_layer2.svg"} <= {f.name for f in out.iterdir()}
+    (out / "notes.svg").write_text("<svg/>")
+    (out / "pl_layer1.svg.bak").write_text("keep")
+    TB.write_report(_result({"memit": None}, layers=(2,)), out)
+    names = {f.name for f in out.iterdir()}
+    assert names == {"result.json", "table.md", "pl_layer2.svg", "retention.svg", "efficacy.svg",
+                     "perplexity.svg", "frontier.svg", "notes.svg", "pl_layer1.svg.bak"}
+    assert all("lyaplock" not in (out / f).read_text() for f in names if f.endswith(".svg"))
 
 
 def test_a_rerun_keeps_the_other_finished_runs_and_reruns_on_a_retrained_model(tmp_path):
@@ -365,7 +394,8 @@ def test_a_rerun_keeps_the_other_finished_runs_and_reruns_on_a_retrained_model(t
     weights["model.norm.weight"] *= 1.01
     save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
     third = _tiny(model, out, (a,), lines.append)
-    assert len(lines) == 3 and list(third["methods"]) == [a] and third["weights"] != first["weights"]
+    assert len(lines) == 4 and list(third["methods"]) == [a] and third["weights"] != first["weights"]
+    assert lines[2] == f"{out / 'result.json'}: earlier runs dropped, their settings differ (weights): {a}, {b}"
     assert len(list((tmp_path / "c").iterdir())) == 1              # the statistics' key did not see it
 
 

@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import sys
 import time
 from contextlib import contextmanager
@@ -635,17 +636,6 @@ def latest_requests(requests: list[Request]) -> list[Request]:
     return list({q.rewrite_prompt(): q for q in requests}.values()) if requests else []
 
 
-# Which methods read a hyper-parameter, from their lyaplock.METHODS entry (name, Method); a run that
-# sets one its method does not read would be a copy of the plain run under another label. The
-# fields not listed (the target-value optimisation's v_*, clamp_norm_factor, kl_factor) every method reads.
-READ_BY = {
-    "lam": (lambda name, m: m.solve not in (None, L.alphaedit_step), "its solve has no λ (E12; ROME E18)"),
-    "alpha": (lambda name, m: m.queue, "it has no queue"),
-    "V": (lambda name, m: m.queue, "it has no queue"),
-    "superseded": (lambda name, m: bool(m.memory), "it keeps no edit memory"),
-    "l2": (lambda name, m: L.projected(name), "only AlphaEdit's family (E12, E22) has it"),
-    "mom2_adjustment": (lambda name, m: m.locate == "rome", "only ROME has it"),
-}
 NOT_IN_SPECS = {"method": "the name before the first ':'", "layers": "--layers", "batch_size": "--batch-size"}
 
 
@@ -653,7 +643,7 @@ def parse_run(spec: str, hparams: dict) -> tuple[str, dict]:
     """A run spec "method[:field=value...]" ("lyaplock:alpha=30:superseded=remove") -> (method,
     overrides): hparams' settings for the method, then the spec's, typed as HParams' fields (an
     int an integer, a bool true or false). A field is refused if the spec sets it twice, if a flag
-    sets it for every run (NOT_IN_SPECS) or if the method does not read it (READ_BY)."""
+    sets it for every run (NOT_IN_SPECS) or if the method does not read it (lyaplock.unread)."""
     method, *sets = spec.split(":")
     entry = L.method_of(method)
     over, defaults = dict(hparams.get(method) or {}), L.HParams()
@@ -667,8 +657,7 @@ def parse_run(spec: str, hparams: dict) -> tuple[str, dict]:
             raise ValueError(f"run {spec!r}: {name} is not set per run; give {NOT_IN_SPECS[name]}")
         if name in named:
             raise ValueError(f"run {spec!r}: {name} is set twice")
-        reads, why = READ_BY.get(name, (lambda *_: True, ""))
-        if not reads(method, entry):
+        if why := L.unread(method, name):
             raise ValueError(f"run {spec!r}: {method} does not read {name} ({why})")
         named.add(name)
         kind = type(getattr(defaults, name))
@@ -771,7 +760,7 @@ def experiment(model_dir, n_edits: int | None, batch_size: int, methods=("lyaplo
                   held_facts=len(edits.retained), seed=seed, corpus=str(corpus), corpus_sha256=file_sha256(corpus),
                   stats_tokens=stats_tokens, eval_every=eval_every, n_heldout=len(heldout), methods={})
     result["before"] = measure(m, edits, 0, heldout, {l: m.edit_weight(l) for l in layers})
-    done = finished_runs(out, result)
+    done = finished_runs(out, result, log)
     result["methods"] = dict(done)           # earlier runs of these settings stay in the report
     report = (lambda: write_report(result, Path(out))) if out else (lambda: None)
     for spec, hp in runs.items():
@@ -811,27 +800,45 @@ SAME_SETTINGS = ("model", "weights", "stream", "n_edits", "batch_size", "layers"
                  "corpus_sha256", "stats_tokens", "eval_every", "n_heldout")
 
 
-def finished_runs(out, result: dict) -> dict:
+def finished_runs(out, result: dict, log=print) -> dict:
     """The complete runs of an earlier report in `out` with the same SAME_SETTINGS (none if any
-    differs, or the report predates one of them)."""
+    differs, or the report predates one of them: one line names the runs dropped and why)."""
     path = Path(out) / "result.json" if out else None
     if not path or not path.exists():
         return {}
     old = json.loads(path.read_text())
-    if any(k not in old or old[k] != result[k] for k in SAME_SETTINGS):
+    if differ := [k for k in SAME_SETTINGS if k not in old or old[k] != result[k]]:
+        if old.get("methods"):
+            log(f"{path}: earlier runs dropped, their settings differ ({', '.join(differ)}): "
+                + ", ".join(old["methods"]))
         return {}
     finished = lambda r: r["points"] and r["points"][-1]["edits"] == result["n_edits"]
     return {k: r for k, r in old["methods"].items() if finished(r)}
 
 
+# The figures write_report writes: those of its names the new result does not produce are removed
+FIGURES = re.compile(r"pl_layer\d+\.svg|queue\.svg|retention\.svg|efficacy\.svg|perplexity\.svg|frontier\.svg")
+
+
 def write_report(result: dict, out: Path):
     """result.json, table.md and the SVG figures: PL per layer (against the first queue's D),
     each queue's z, retention, efficacy and perplexity over edits, and the efficacy-retention
-    frontier at the last point."""
+    frontier at the last point. A figure of an earlier report in `out` that this result does
+    not produce (a layer or a queue no run has now) is removed."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(result, indent=1))
     (out / "table.md").write_text("\n".join(report_table(result)) + "\n")
-    runs, layers = result["methods"], list(map(str, result["layers"]))
+    figs = report_figures(result)
+    for name, svg in figs.items():
+        (out / name).write_text(svg)
+    for f in out.iterdir():
+        if FIGURES.fullmatch(f.name) and f.name not in figs:
+            f.unlink()
+
+
+def report_figures(result: dict) -> dict:
+    """{file name: SVG} of write_report."""
+    figs, runs, layers = {}, result["methods"], list(map(str, result["layers"]))
     edits = lambda r: [s["edits"] for s in r["steps"]]
     has = lambda r, l: r["steps"] and l in r["steps"][-1]["layers"]          # ROME edits one layer
     queued = {k: r for k, r in runs.items() if has(r, layers[-1]) and r["steps"][-1]["layers"][layers[-1]]["z"] is not None}
@@ -840,22 +847,23 @@ def write_report(result: dict, out: Path):
         if not pl:                       # no run has edited this layer yet (ROME alone or first)
             continue
         D = next(iter(queued.values()))["steps"][-1]["layers"][l]["D"] if queued else None
-        (out / f"pl_layer{l}.svg").write_text(E.svg_plot(
-            pl, f"preservation loss PL, layer {l} (dashed: {next(iter(queued), 'LyapLock')}'s threshold D)", "PL", D))
+        figs[f"pl_layer{l}.svg"] = E.svg_plot(
+            pl, f"preservation loss PL, layer {l} (dashed: {next(iter(queued), 'LyapLock')}'s threshold D)", "PL", D)
     if queued:
-        (out / "queue.svg").write_text(E.svg_plot(
+        figs["queue.svg"] = E.svg_plot(
             {f"{k} L{l}": (edits(r), [s["layers"][l]["z"] for s in r["steps"]]) for k, r in queued.items() for l in layers},
-            "virtual queue z (the weight on preservation is z*lambda)", "z"))
+            "virtual queue z (the weight on preservation is z*lambda)", "z")
     for metric, title in (("retention", "never-edited facts still known (%)"),
                           ("efficacy", "efficacy of each edited prompt's latest target (%)"),
                           ("perplexity", "held-out perplexity")):
-        (out / f"{metric}.svg").write_text(E.svg_plot(
+        figs[f"{metric}.svg"] = E.svg_plot(
             {k: ([p["edits"] for p in r["points"]], [p[metric] for p in r["points"]]) for k, r in runs.items() if r["points"]},
-            title, metric))
+            title, metric)
     last = {k: r["points"][-1] for k, r in runs.items() if r["points"]}
-    (out / "frontier.svg").write_text(svg_frontier(
+    figs["frontier.svg"] = svg_frontier(
         {k: (p["retention"], p["efficacy"]) for k, p in last.items()},
-        f"efficacy against retention at the last point ({max((p['edits'] for p in last.values()), default=0)} edits)"))
+        f"efficacy against retention at the last point ({max((p['edits'] for p in last.values()), default=0)} edits)")
+    return figs
 
 
 def report_table(result: dict) -> list[str]:
