@@ -895,8 +895,12 @@ def run_header(run: Run) -> list[str]:
     T = len(run.steps)
     edits = run.steps[-1]["edits"] if run.steps else 0
     status = "finished" if run.finished else "in progress or interrupted (no summary.json yet)"
-    lines = [f"- method {hp.get('method')}, layers {hp.get('layers')}, λ {hp.get('lam')}, "
-             f"α {hp.get('alpha')}, batch size {hp.get('batch_size')}",
+    import lyaplock                         # (here: lyaplock imports this module)
+    method = hp.get("method")
+    known = method in lyaplock.METHODS
+    read = [f"{sign} {hp.get(name)}, " for name, sign in (("lam", "λ"), ("alpha", "α"), ("l2", "L2"))
+            if known and name in hp and not lyaplock.unread(method, name)]   # what the method reads
+    lines = [f"- method {method}, layers {hp.get('layers')}, {''.join(read)}batch size {hp.get('batch_size')}",
              f"- {status}: {T} steps logged, {edits} edits"
              + (f"; {run.left_out} log line(s) left out (torn or past a gap)" if run.left_out else "")
              + (f"; latest checkpoint at step {run.state['step']}" if run.state else "")]

@@ -183,6 +183,9 @@ def test_baseline_pl_and_its_growth(tmp_path):
     assert "no queue (memit): PL grows on layer(s) 1 with nothing to bound it" in text
     assert "| 1 | 8 | 0.045 | 0.01 | 0.08 | +0.01/step |" in text
     assert not (d / "queue.svg").exists()
+    assert "- method memit, layers [1, 2], λ 30.0, batch size 10" in text      # memit reads no α: not shown
+    queued = E.report(write_run(tmp_path / "queued", {"1": queue_log([0.1, 0.1], 2.0)}))
+    assert "- method lyaplock, layers [1], λ 30.0, α 2.0, batch size 10" in queued
 
 
 def test_report_of_an_interrupted_run_reads_only(tmp_path):
