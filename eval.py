@@ -292,10 +292,8 @@ def consistency(texts: list[str], snippets: list[str], idf: dict | None = None) 
     else fitted on the snippets themselves (each a document): that vocabulary would drop every
     generated word the snippets lack, so off-topic text could not lower the score; such a word
     weighs as a term of document frequency 0, ln(1 + N) + 1."""
-    if idf is not None:
-        return tfidf_cosine(" ".join(texts), " ".join(snippets), idf)
-    unseen = math.log(1 + len(snippets)) + 1
-    return tfidf_cosine(" ".join(texts), " ".join(snippets), fit_idf(snippets), unseen)
+    unseen = None if idf is not None else math.log(1 + len(snippets)) + 1
+    return tfidf_cosine(" ".join(texts), " ".join(snippets), fit_idf(snippets) if idf is None else idf, unseen)
 
 
 FLUENCY_TOKENS = 100    # ROME's max_out_len: a generated text's length in tokens, its prompt included
@@ -772,9 +770,9 @@ def queue_findings(audits: dict) -> list[str]:
     if ok := of("stable") + of("floor"):
         at_floor = of("floor")
         top = max([audits[l]["max_pl_over_D"] for l in at_floor], default=0.0)
-        kind = "strongly stable" if of("stable") else f"at its floor (PL ≤ D at every step, at most {top:.3g}·D)"
-        mixed = f" (at its floor on {joined(at_floor)}: PL ≤ D at every step, at most {top:.3g}·D)" \
-            if of("stable") and at_floor else ""
+        floor = f"PL ≤ D at every step, at most {top:.3g}·D"
+        kind = "strongly stable" if of("stable") else f"at its floor ({floor})"
+        mixed = f" (at its floor on {joined(at_floor)}: {floor})" if of("stable") and at_floor else ""
         parts = "; ".join(f"layer {l}: time-average PL {audits[l]['mean_pl']:.4g} ≤ D {audits[l]['D']:.4g}"
                           f" + slack {audits[l]['slack']:.3g}" for l in ok)
         out.append(f"the queue is {kind} on layer(s) {joined(ok)}{mixed} and T1's bound holds: {parts}")

@@ -377,6 +377,14 @@ def unread(method: str, field: str) -> str | None:
     return None if reads(method, method_of(method)) else why
 
 
+def check_reads(method: str, fields: dict):
+    """A ValueError for the first hyper-parameter set explicitly ({label: HParams field}) that
+    `method` does not read."""
+    for label, name in fields.items():
+        if why := unread(method, name):
+            raise ValueError(f"{label}: {method} does not read it ({why}); leave it out")
+
+
 def projected(name: str) -> bool:
     """AlphaEdit's family (E11, E12, E22): a projector P in the state and a non-symmetric system,
     solved by LU."""
@@ -984,14 +992,12 @@ class Editor:
              z_batch_tokens: int = 2048, state_device=None, log=lambda *a, **k: None, **hparams) -> "Editor":
         """Load a checkpoint, its preset (hparams overrides any field of HParams), context
         templates (seeded) and statistics (cached)."""
-        for name, value in hparams.items():
-            if value is not None and name in READ_BY and (why := unread(method, name)):
-                raise ValueError(f"{name}: {method} does not read it ({why}); leave it out")
+        check_reads(method, {name: name for name, value in hparams.items() if value is not None})
         cfg = M.read_config(Path(model_path))
         hp = with_overrides(preset(cfg, method), **hparams)
         check_hparams(hp, cfg.n_layers)                 # before the model loads
-        model = M.load(model_path, device, dtype, placement=planned_placement(
-            cfg, hp, dtype, z_batch_tokens, state_on_host=state_device is not None))
+        model = M.load(model_path, device, dtype, placement=lambda shares: plan_stages(
+            memory_plan(cfg, hp, dtype, z_batch_tokens, shares, state_on_host=state_device is not None)))
         C = stats.load_or_collect_stats(model, model_path, stats_corpus or DEFAULT_CORPUS, stats_tokens,
                                         hp.layers, stats_cache, log=log, state_device=state_device)
         return cls(model, hp, C, context_templates(model, seed, method_of(method).templates), model_path,
@@ -1085,12 +1091,21 @@ def state_tensor_bytes(cfg: M.Config, method: str) -> list[int]:
     return [8 * n for n in (m * m, *(sizes[k] for k in method_of(method).memory), *projector)]
 
 
-def layer_state_bytes(cfg: M.Config, method: str, kept_edits: int = 0) -> int:
-    """One edit layer's float64 state (state_tensor_bytes), and with --superseded remove each of
-    `kept_edits` edits' key (m) and, with S_VK, value (d), kept to take it out again (E8a)."""
+def edit_column_bytes(cfg: M.Config, method: str) -> int:
+    """One edit kept to take it out again (E8a, --superseded remove): its key (m) and, with S_VK,
+    its value (d), in float64; nothing for a method without memory."""
     memory = method_of(method).memory
-    columns = kept_edits * (cfg.d_mlp + (cfg.d_model if "S_VK" in memory else 0)) if memory else 0
-    return sum(state_tensor_bytes(cfg, method)) + 8 * columns
+    return 8 * (cfg.d_mlp + (cfg.d_model if "S_VK" in memory else 0)) if memory else 0
+
+
+def layer_state_bytes(cfg: M.Config, method: str, kept_edits: int = 0) -> int:
+    """One edit layer's float64 state (state_tensor_bytes) with `kept_edits` edits' columns."""
+    return sum(state_tensor_bytes(cfg, method)) + kept_edits * edit_column_bytes(cfg, method)
+
+
+def columns_kept(hp: HParams, n_edits: int) -> int:
+    """The edits whose columns a run keeps: n_edits under hp.superseded "remove", else none."""
+    return n_edits if hp.superseded == "remove" else 0
 
 
 def with_overrides(hp: HParams, **changes) -> HParams:
@@ -1329,7 +1344,7 @@ def memory_plan(cfg: M.Config, hp: HParams, dtype: str, z_tokens: int, shares: l
     """Per device (in the order of `shares`: what each holds, e.g. its memory), the bytes a run
     needs at its peak, from the config alone (device_need), with the blocks placed to make the
     largest need / share as small as it can be (M.split_blocks; M.load places them so too:
-    planned_placement). Against the measured peaks of two Llama-3-8B steps
+    plan_stages). Against the measured peaks of two Llama-3-8B steps
     (docs/bench/llama3-8b-two-steps.txt, CounterFact, when E4's passes ran whole rows): 43.4
     planned for 40.5 GiB at 2048 tokens, 68.4 for 61.5 at 8192 (the solve's and the statistics' terms are not
     measured on a GPU yet). With the state on the host a last row says what host memory it takes."""
@@ -1350,15 +1365,15 @@ def host_layer_bytes(cfg: M.Config, hp: HParams, dtype: str, n_edits: int = 0) -
     tensors pinned on a GPU machine, where CUDA's pinned allocator gives each the next power of two
     of bytes (C at Llama-3-8B's m: 2 GiB for 1.53); the E8a columns are not pinned."""
     pinned = state_tensor_bytes(cfg, hp.method) + [cfg.d_model * cfg.d_mlp * M.DTYPES[dtype].itemsize]   # W0
-    columns = edit_layer_bytes(cfg, hp, dtype, n_edits) - edit_layer_bytes(cfg, hp, dtype)
+    columns = columns_kept(hp, n_edits) * edit_column_bytes(cfg, hp.method)
     return sum(1 << (n - 1).bit_length() for n in pinned) + columns
 
 
 def edit_layer_bytes(cfg: M.Config, hp: HParams, dtype: str, n_edits: int = 0) -> int:
     """What one edit layer keeps beside its weights (on its device, or on the host): its float64
     state (layer_state_bytes, with the edits kept under hp.superseded "remove") and W0 in `dtype`."""
-    kept_edits = n_edits if hp.superseded == "remove" else 0
-    return layer_state_bytes(cfg, hp.method, kept_edits) + cfg.d_model * cfg.d_mlp * M.DTYPES[dtype].itemsize
+    W0 = cfg.d_model * cfg.d_mlp * M.DTYPES[dtype].itemsize
+    return layer_state_bytes(cfg, hp.method, columns_kept(hp, n_edits)) + W0
 
 
 def device_need(cfg: M.Config, hp: HParams, dtype: str, z_tokens: int, n_devices: int,
@@ -1377,10 +1392,10 @@ def device_need(cfg: M.Config, hp: HParams, dtype: str, z_tokens: int, n_devices
     with torch.device("meta"):
         model = M.CausalLM(cfg)
     dt = M.DTYPES[dtype]
-    kept_edits = n_edits if hp.superseded == "remove" else 0
     layer_state = edit_layer_bytes(cfg, hp, dtype, n_edits)
     W0 = cfg.d_model * cfg.d_mlp * dt.itemsize             # comes over with a solve from the host
-    solve = solve_bytes(cfg, hp.method) + (brought_bytes(cfg, hp.method, kept_edits) + W0 if state_on_host else 0)
+    brought = brought_bytes(cfg, hp.method, columns_kept(hp, n_edits)) + W0 if state_on_host else 0
+    solve = solve_bytes(cfg, hp.method) + brought
     weights = M.weight_need(model, dt, n_devices)
     per_block, home, logits = target_value_bytes(cfg, hp, dt, z_tokens)
     head = 0 if cfg.tie_embeddings else n_devices - 1       # the device of the head (M.fixed_bytes)
@@ -1400,15 +1415,9 @@ def device_need(cfg: M.Config, hp: HParams, dtype: str, z_tokens: int, n_devices
     return need
 
 
-def planned_placement(cfg: M.Config, hp: HParams, dtype: str, z_tokens: int = 2048, state_on_host: bool = False,
-                      n_edits: int = 0, stats_tokens: int = 8192):
-    """M.load's placement for this run: the blocks where its memory plan puts them."""
-    return lambda shares: plan_stages(memory_plan(cfg, hp, dtype, z_tokens, shares, state_on_host, n_edits,
-                                                  stats_tokens))
-
-
 def plan_stages(rows: list[dict]) -> list[int]:
-    """Each block's device index in a memory plan (M.load's placement)."""
+    """Each block's device index in a memory plan: M.load's placement, so a run's blocks are
+    where its plan puts them (Editor.open, load_model)."""
     return [j for j, row in enumerate(rows) for _ in row["blocks"]]
 
 
@@ -1487,7 +1496,7 @@ def print_plan(args) -> int:
     print(f"memory plan: {settings.model} ({cfg.arch}), {hp.method}, layers {list(hp.layers)}, {settings.dtype}, "
           f"--batch-size {hp.batch_size}, --z-batch-tokens {settings.z_batch_tokens}{on_host} (GiB)")
     if hp.superseded == "remove" and method_of(hp.method).memory:
-        per = layer_state_bytes(cfg, hp.method, 1000) - layer_state_bytes(cfg, hp.method)
+        per = 1000 * edit_column_bytes(cfg, hp.method)
         counted = (f"counted for the {kept_edit_count(requests)} of the {len(requests)} edits of --edits whose "
                    "prompt is edited again" if settings.edits else "not counted: give --edits")
         print(f"--superseded remove: the state grows by {per / 2 ** 20:.0f} MiB per 1,000 edits and edit "
@@ -1671,11 +1680,9 @@ def check_settings(args):
     for gib in args.plan_gib or ():
         if problem := range_problem(gib, "positive"):
             raise ValueError(f"--plan-gib: each device's memory {problem}")
-    for flag, field in FLAG_FIELDS.items():       # typed for a new run: the method must read it
-        name = field.removeprefix("hparams.")
-        if not args.resume and flag in args.given and (why := unread(args.method, name)):
-            raise ValueError(f"--{flag.replace('_', '-')}: --method {args.method} does not read it ({why}); "
-                             "leave it out")
+    if not args.resume:                           # typed for a new run: the method must read it
+        check_reads(args.method, {f"--{flag.replace('_', '-')}": FLAG_FIELDS[flag].removeprefix("hparams.")
+                                  for flag in args.given if flag in FLAG_FIELDS})
     if args.resume and args.out:
         raise ValueError("--out and --resume: a resumed run stays in its own directory; give only --resume")
 
@@ -1840,8 +1847,9 @@ def stage(name: str, advice: str):
 def resume_command(out: Path) -> str:
     """The command that continues run `out`, runnable from where this one was started: the
     script's path as seen from here (lyaplock.py in the repository, else its absolute path)."""
-    script = os.path.relpath(Path(__file__).resolve())
-    return f"python {script if not script.startswith('..') else Path(__file__).resolve()} --resume {out}"
+    script = Path(__file__).resolve()
+    here = os.path.relpath(script)
+    return f"python {script if here.startswith('..') else here} --resume {out}"
 
 
 @contextmanager

@@ -393,11 +393,11 @@ def test_flags_the_method_does_not_read_are_refused(tmp_path, capsys, monkeypatc
     if they applied (config.json, the report's header). One line, before any work; likewise
     Editor.open's overrides."""
     monkeypatch.setattr(L.M, "load", lambda *a, **k: pytest.fail("the model was loaded"))
-    for flags, message in [(["--method", "rome", "--lam", "5"], "--lam: --method rome does not read it (its solve has no λ"),
-                           (["--method", "alphaedit", "--lam", "5"], "--lam: --method alphaedit does not read it"),
-                           (["--method", "memit", "--alpha", "5"], "--alpha: --method memit does not read it (it has no queue)"),
-                           (["--method", "memit", "--superseded", "remove"], "--superseded: --method memit does not read it"),
-                           (["--l2", "3"], "--l2: --method lyaplock does not read it (only AlphaEdit's family")]:
+    for flags, message in [(["--method", "rome", "--lam", "5"], "--lam: rome does not read it (its solve has no λ"),
+                           (["--method", "alphaedit", "--lam", "5"], "--lam: alphaedit does not read it"),
+                           (["--method", "memit", "--alpha", "5"], "--alpha: memit does not read it (it has no queue)"),
+                           (["--method", "memit", "--superseded", "remove"], "--superseded: memit does not read it"),
+                           (["--l2", "3"], "--l2: lyaplock does not read it (only AlphaEdit's family")]:
         assert L.main(_cli(tmp_path, "--out", str(tmp_path / "run"), *flags)) == 1, flags
         assert capsys.readouterr().err.startswith(f"error: {message}"), flags
         assert not (tmp_path / "run").exists()

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import re
@@ -775,11 +774,12 @@ def experiment(model_dir, n_edits: int | None, batch_size: int, methods=("lyaplo
 
 
 def model_digest(model_dir: Path) -> str:
-    """One sha256 over the model's config.json, every stored tensor and its tokenizer files
-    (as stats.py keys its cache): a model retrained at the same path gets another."""
-    tensors = L.stats.tensor_digests(model_dir, M.weight_files(model_dir))
-    files = [file_sha256(model_dir / "config.json"), L.stats.tokenizer_sha(model_dir)]
-    return hashlib.sha256(json.dumps([files, sorted(tensors.items())]).encode()).hexdigest()
+    """The model's weights fingerprint (config.json and every stored tensor, stats.fingerprint)
+    and its tokenizer's sha256, as stats.py keys its cache: a model retrained at the same path
+    gets another."""
+    weights = L.stats.fingerprint(file_sha256(model_dir / "config.json"),
+                                  L.stats.tensor_digests(model_dir, M.weight_files(model_dir)))
+    return f"{weights}-{L.stats.tokenizer_sha(model_dir)}"
 
 
 def run_hparams(spec: str, cfg: M.Config, layers: tuple, batch_size: int, hparams=None) -> L.HParams:
