@@ -924,7 +924,7 @@ def load(path, device="cpu", dtype="float32", placement=None) -> CausalLM:
     finite. device: one device, or several (check_devices: "cuda:0,cuda:1", "cpu,cpu", "auto"),
     over which the blocks are placed in order, in proportion to the devices' memory
     (device_shares): by `placement`, a function shares -> each block's device index (a run's
-    memory plan: lyaplock.plan_stages), else by the weights alone (weight_need)."""
+    memory plan: plan.plan_stages), else by the weights alone (weight_need)."""
     path = Path(path)
     devices = check_devices(device)
     cfg = read_config(path)

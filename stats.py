@@ -219,7 +219,7 @@ def collection_passes(model: M.CausalLM, layers, state_device=None) -> list[tupl
 
 
 def collection_bytes(cfg: M.Config, dt: torch.dtype, batch_tokens: int, layers: int) -> int:
-    """Device memory of one collection pass for `layers` edit layers (lyaplock.memory_plan):
+    """Device memory of one collection pass for `layers` edit layers (plan.memory_plan):
     their float64 sums (m×m each, exact), and, estimated, a batch's activations — its keys at
     those layers, one layer's keys in float64, the forward's MLP and residual values (3m + 4d a
     token) — and a column block of the lower-triangle product (m × 2048, float64)."""

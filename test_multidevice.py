@@ -14,6 +14,7 @@ import torch
 
 import lyaplock as L
 import model as M
+import plan
 import stats as S
 from data import load_requests
 from test_lyaplock import DEVICES, FIX, STORIES, close, reedit_file
@@ -329,7 +330,7 @@ def test_memory_plan_bounds_the_measured_peaks_of_llama3_8b():
     measured = {int(z): float(g) for z, g in re.findall(r"z (\d+) .*?'peak_gib': ([\d.]+)", text)}
     assert set(measured) == {2048, 8192}
     for z, peak in measured.items():
-        (row,) = L.memory_plan(cfg, L.preset(cfg, "lyaplock"), "bfloat16", z, [80 * 2 ** 30])
+        (row,) = plan.memory_plan(cfg, L.preset(cfg, "lyaplock"), "bfloat16", z, [80 * 2 ** 30])
         assert peak <= row["need"] / 2 ** 30 <= 1.12 * peak, (z, row["need"] / 2 ** 30, peak)
         assert row["weights"] / 2 ** 30 == pytest.approx(14.96, abs=0.01)        # 8.03e9 bf16 parameters
         assert row["state"] == 5 * (8 * (2 * 14336 ** 2 + 4096 * 14336) + 2 * 4096 * 14336)   # C, S_KK, S_VK; W0
@@ -347,22 +348,22 @@ def test_memory_plan_of_llama3_8b_with_the_state_on_the_host_fits_a_24_gb_card()
     cfg = M.Config.from_hf(bench.PRESETS["llama3-8b"][0])
     hp = L.preset(cfg, "lyaplock")
     m, d, kv, V = 14336, 4096, 2 * 8 * 128, 128256
-    card, host = L.memory_plan(cfg, hp, "bfloat16", 1024, [22.3 * 2 ** 30], state_on_host=True)
+    card, host = plan.memory_plan(cfg, hp, "bfloat16", 1024, [22.3 * 2 ** 30], state_on_host=True)
     pinned = lambda n: 1 << (n - 1).bit_length()              # CUDA's pinned blocks: a power of two
     layer = 2 * pinned(8 * m * m) + pinned(8 * d * m) + pinned(2 * d * m)   # C, S_KK, S_VK float64, W0 bf16
     assert card["state"] == 0 and host["state"] == 5 * layer
-    assert host["state"] == 5 * (2 * 2 ** 31 + 2 ** 29 + 2 ** 27) > 1.28 * 5 * L.edit_layer_bytes(cfg, hp, "bfloat16")
-    assert L.brought_bytes(cfg, "lyaplock") == 8 * d * m + 2 * L.BLOCK_BYTES
+    assert host["state"] == 5 * (2 * 2 ** 31 + 2 ** 29 + 2 ** 27) > 1.28 * 5 * plan.edit_layer_bytes(cfg, hp, "bfloat16")
+    assert plan.brought_bytes(cfg, "lyaplock") == 8 * d * m + 2 * L.BLOCK_BYTES
     assert card["solve"] == 8 * (m * m + 4 * d * m) + 8 * d * m + 2 * L.BLOCK_BYTES + 2 * d * m
     rows = 100 * 7
-    assert card["target_values"] == 2 * 23 * (1024 * (6 * d + 4 * m + kv) + rows * L.ROW_SLOTS * kv) \
-        + 2 * rows * L.ROW_SLOTS * d + 4 * 100 * V + 4 * 1024 * V             # 1.0 × 1,024 slots' logits
+    assert card["target_values"] == 2 * 23 * (1024 * (6 * d + 4 * m + kv) + rows * plan.ROW_SLOTS * kv) \
+        + 2 * rows * plan.ROW_SLOTS * d + 4 * 100 * V + 4 * 1024 * V             # 1.0 × 1,024 slots' logits
     assert card["statistics"] == S.collection_bytes(cfg, torch.bfloat16, 8192, 1) < card["solve"] < card["target_values"]
     assert card["need"] == card["weights"] + card["target_values"]
     assert 21.1 < card["need"] / 2 ** 30 < 21.3 and card["need"] < 22.3 * 2 ** 30
-    card, _ = L.memory_plan(cfg, hp, "bfloat16", 2048, [22.3 * 2 ** 30], state_on_host=True)
+    card, _ = plan.memory_plan(cfg, hp, "bfloat16", 2048, [22.3 * 2 ** 30], state_on_host=True)
     assert card["need"] == card["weights"] + card["target_values"] and 25.3 < card["need"] / 2 ** 30 < 25.4
-    (alone,) = L.memory_plan(cfg, hp, "bfloat16", 1024, [80 * 2 ** 30])
+    (alone,) = plan.memory_plan(cfg, hp, "bfloat16", 1024, [80 * 2 ** 30])
     assert alone["statistics"] == S.collection_bytes(cfg, torch.bfloat16, 8192, 5)
     assert 39.1 < alone["need"] / 2 ** 30 < 39.3
 
@@ -551,7 +552,7 @@ def test_memory_plan_solve_term_covers_a_measured_solve(method):
     L.step_layer(W, W0, C, K1, R, ls, hp)                 # step 0: the memory made
     cfg = M.Config.from_hf(dict(model_type="llama", hidden_size=d, intermediate_size=m, num_hidden_layers=1,
                                 num_attention_heads=8, vocab_size=10, max_position_embeddings=8))
-    planned = L.solve_bytes(cfg, method)
+    planned = plan.solve_bytes(cfg, method)
     measured = resident_peak(lambda: L.step_layer(W, W0, C, K1, R, ls, hp))
     assert measured <= planned + 2 ** 22, (method, measured / 2 ** 20, planned / 2 ** 20)
 
@@ -568,7 +569,7 @@ def test_memory_plan_target_value_term_covers_what_the_passes_keep(tmp_path):
     m = M.load(bench.make_checkpoint(tmp_path / "m", config, torch.float32, "cpu"))
     hp = L.HParams(layers=(1,), batch_size=100)
     templates = L.context_templates(m, 0)
-    per_block, home, _ = L.target_value_bytes(m.cfg, hp, torch.float32, 1024)
+    per_block, home, _ = plan.target_value_bytes(m.cfg, hp, torch.float32, 1024)
     one_pass = 1024 * (6 * 128 + 4 * 256 + 2 * 128) * 4
     planned = (per_block - one_pass) * 10 + home                       # blocks 2..11 above layer 1
     for name in ("counterfact-easyedit.json", "zsre-mend.json"):
@@ -604,8 +605,8 @@ def test_memory_plan_target_value_term_covers_a_measured_pass(tmp_path, kind, d,
     for name in ("counterfact-easyedit.json", "zsre-mend.json"):
         requests = load_requests(FIX / name, limit=100)[0]
         rows = L.z_rows(m.tokenizer, requests, templates)
-        per_block, _, logits = L.target_value_bytes(m.cfg, hp, torch.bfloat16, 1024)
-        activations = (per_block - len(rows) * L.ROW_SLOTS * kv * 2) * 3          # blocks 2..4 above layer 1
+        per_block, _, logits = plan.target_value_bytes(m.cfg, hp, torch.bfloat16, 1024)
+        activations = (per_block - len(rows) * plan.ROW_SLOTS * kv * 2) * 3          # blocks 2..4 above layer 1
         chunks = L._chunks(m, rows, 1, 1024)
         rewrites = torch.bincount(torch.tensor([r.req for r in rows if r.targets]), minlength=100).float()
         delta = torch.zeros(100, d)
@@ -658,16 +659,16 @@ def test_memory_plan_places_as_load_does_and_the_command_says_whether_it_fits(tm
     requests, _ = load_requests(settings.edits, limit=8)
     m = L.load_model(settings, cfg, requests)
     shares = M.device_shares(m.devices)
-    rows = L.run_memory_plan(settings, cfg, requests, shares)
-    assert L.plan_stages(rows) == m.stages and [b for r in rows for b in r["blocks"]] == list(range(cfg.n_layers))
+    rows = plan.run_memory_plan(settings, cfg, requests, shares)
+    assert plan.plan_stages(rows) == m.stages and [b for r in rows for b in r["blocks"]] == list(range(cfg.n_layers))
     step = L.replace(settings.hparams, batch_size=8)
-    assert rows == L.memory_plan(cfg, step, "float32", 2048, shares)
-    need = L.device_need(cfg, step, "float32", 2048, 3)
+    assert rows == plan.memory_plan(cfg, step, "float32", 2048, shares)
+    need = plan.device_need(cfg, step, "float32", 2048, 3)
     best = min(largest_fill(split, lambda j, k, i: need(j, k, i)["need"], shares)
                for split in contiguous_splits(cfg.n_layers, 3))
     assert max(r["need"] for r in rows) == best
     hp = L.HParams(method="lyaplock", layers=(1, 2))
-    host = L.memory_plan(cfg, hp, "float32", 2048, [1.0], state_on_host=True)
+    host = plan.memory_plan(cfg, hp, "float32", 2048, [1.0], state_on_host=True)
     assert host[0]["state"] == 0 and host[-1]["host"]
     assert host[-1]["need"] == 2 * (2 * 2 ** 18 + 2 ** 17 + 2 ** 16)   # C, S_KK, S_VK (f64), W0 (f32), pinned: 2^k
     assert L.main(["--plan", "--model", str(STORIES), "--layers", "1,2"]) == 0
@@ -722,10 +723,10 @@ def test_memory_plan_counts_what_superseded_remove_keeps(tmp_path, capsys, metho
     editor.edit(requests[4:])
     for ls in editor.state.layers.values():
         held = sum(t.nbytes for kvs in ls.edits.values() for kv in kvs for t in kv if t is not None)
-        assert held == L.layer_state_bytes(cfg, method, 6) - L.layer_state_bytes(cfg, method, 0) > 0
-    plans = {n: L.memory_plan(cfg, hp, "float32", 2048, [1.0], n_edits=n)[0]["state"] for n in (0, 6)}
+        assert held == plan.layer_state_bytes(cfg, method, 6) - plan.layer_state_bytes(cfg, method, 0) > 0
+    plans = {n: plan.memory_plan(cfg, hp, "float32", 2048, [1.0], n_edits=n)[0]["state"] for n in (0, 6)}
     assert plans[6] - plans[0] == 2 * held
-    keep = L.memory_plan(cfg, L.with_overrides(hp, superseded="keep"), "float32", 2048, [1.0], n_edits=6)
+    keep = plan.memory_plan(cfg, L.with_overrides(hp, superseded="keep"), "float32", 2048, [1.0], n_edits=6)
     assert keep[0]["state"] == plans[0]
     args = ["--plan", "--model", str(STORIES), "--layers", "1,2", "--method", method, "--superseded", "remove"]
     assert L.main(args + ["--edits", str(reedit_file(tmp_path, 5))]) == 0     # one prompt edited twice

@@ -1,0 +1,236 @@
+"""A run's memory plan: what each device (and the host) holds at a step's peak, from config.json
+alone, so a user knows whether a run fits before loading anything (`python lyaplock.py --plan`),
+and where the model's blocks go so that it does (M.load's placement: Editor.open, the command).
+
+Kept apart from lyaplock.py, which reads as the method: this is arithmetic about the method's
+tensors (their sizes per model family and method), checked against peaks measured on the CPU and
+on an H100 (test_multidevice.py, docs/bench/). Sizes are bytes.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import replace
+
+import torch
+
+import lyaplock as L        # the method's facts (method_of, projected), read at call time
+import model as M
+import stats
+
+
+def memory_plan(cfg: M.Config, hp: "L.HParams", dtype: str, z_tokens: int, shares: list[float],
+                state_on_host: bool = False, n_edits: int = 0, stats_tokens: int = 8192) -> list[dict]:
+    """Per device (in the order of `shares`: what each holds, e.g. its memory), the bytes a run
+    needs at its peak, from the config alone (device_need), with the blocks placed to make the
+    largest need / share as small as it can be (M.split_blocks; M.load places them so too:
+    plan_stages). Against the measured peaks of two Llama-3-8B steps
+    (docs/bench/llama3-8b-two-steps.txt, CounterFact, when E4's passes ran whole rows): 43.4
+    planned for 40.5 GiB at 2048 tokens, 68.4 for 61.5 at 8192 (the solve's and the statistics' terms are not
+    measured on a GPU yet). With the state on the host a last row says what host memory it takes."""
+    need = device_need(cfg, hp, dtype, z_tokens, len(shares), state_on_host, n_edits, stats_tokens)
+    stages = M.split_blocks(cfg.n_layers, lambda j, k, i: need(j, k, i)["need"], shares)
+    rows = []
+    for j in range(len(shares)):
+        mine = [i for i, s in enumerate(stages) if s == j]
+        rows.append(need(j, mine[0], mine[-1] + 1) if mine else need(j, 0, 0))
+    if state_on_host:
+        held = host_layer_bytes(cfg, hp, dtype, n_edits) * len(hp.layers)
+        rows.append(dict(blocks=[], weights=0, state=held, target_values=0, solve=0, statistics=0, need=held, host=True))
+    return rows
+
+
+def host_layer_bytes(cfg: M.Config, hp: "L.HParams", dtype: str, n_edits: int = 0) -> int:
+    """What one edit layer keeps in host memory with --state-device cpu: edit_layer_bytes, its
+    tensors pinned on a GPU machine, where CUDA's pinned allocator gives each the next power of two
+    of bytes (C at Llama-3-8B's m: 2 GiB for 1.53); the E8a columns are not pinned."""
+    pinned = state_tensor_bytes(cfg, hp.method) + [cfg.d_model * cfg.d_mlp * M.DTYPES[dtype].itemsize]   # W0
+    columns = columns_kept(hp, n_edits) * edit_column_bytes(cfg, hp.method)
+    return sum(1 << (n - 1).bit_length() for n in pinned) + columns
+
+
+def edit_layer_bytes(cfg: M.Config, hp: "L.HParams", dtype: str, n_edits: int = 0) -> int:
+    """What one edit layer keeps beside its weights (on its device, or on the host): its float64
+    state (layer_state_bytes, with the edits kept under hp.superseded "remove") and W0 in `dtype`."""
+    W0 = cfg.d_model * cfg.d_mlp * M.DTYPES[dtype].itemsize
+    return layer_state_bytes(cfg, hp.method, columns_kept(hp, n_edits)) + W0
+
+
+def device_need(cfg: M.Config, hp: "L.HParams", dtype: str, z_tokens: int, n_devices: int,
+                state_on_host: bool = False, n_edits: int = 0, stats_tokens: int = 8192):
+    """need(j, k, i): what device j of n_devices holds at its peak when it runs blocks k..i-1, a
+    dict of bytes: the weights in `dtype` (with the embeddings on the first device and the head on
+    the last: M.fixed_bytes); each edit layer's state on its device — C, the method's edit memory
+    (S_KK m×m, S_VK d×m) and AlphaEdit's projector (m×m) in float64, and W0, its original weights —
+    unless `state_on_host`; then the largest of the phases: the target values (target_value_bytes:
+    a pass of z_tokens tokens through the blocks above the last edit layer, and the prefix caches of
+    the step's hp.batch_size requests), a solve (solve_bytes; with the state on the host, also what
+    of a layer's state comes over: brought_bytes, and W0) and the collection of C
+    (stats.collection_bytes: its sums, all the device's edit layers at once or, with the state on
+    the host, one). n_edits: the stream's edits whose prompt comes again, which the state keeps
+    under hp.superseded "remove" (layer_state_bytes), at its end."""
+    with torch.device("meta"):
+        model = M.CausalLM(cfg)
+    dt = M.DTYPES[dtype]
+    layer_state = edit_layer_bytes(cfg, hp, dtype, n_edits)
+    W0 = cfg.d_model * cfg.d_mlp * dt.itemsize             # comes over with a solve from the host
+    brought = brought_bytes(cfg, hp.method, columns_kept(hp, n_edits)) + W0 if state_on_host else 0
+    solve = solve_bytes(cfg, hp.method) + brought
+    weights = M.weight_need(model, dt, n_devices)
+    per_block, home, logits = target_value_bytes(cfg, hp, dt, z_tokens)
+    head = 0 if cfg.tie_embeddings else n_devices - 1       # the device of the head (M.fixed_bytes)
+    last = hp.layers[-1]
+
+    def need(j: int, k: int, i: int) -> dict:
+        edit = sum(k <= l < i for l in hp.layers)
+        above = max(0, i - max(k, last + 1))               # blocks above the last edit layer
+        row = dict(blocks=list(range(k, i)), weights=weights(j, k, i),
+                   state=0 if state_on_host else layer_state * edit,
+                   target_values=per_block * above + (home if j == 0 else 0) + (logits if j in (0, head) else 0),
+                   solve=solve if edit else 0,
+                   statistics=stats.collection_bytes(cfg, dt, stats_tokens, 1 if state_on_host else edit)
+                   if edit else 0)
+        work = max(row["state"] + max(row["target_values"], row["solve"]), row["statistics"])
+        return row | {"need": row["weights"] + work}
+    return need
+
+
+def plan_stages(rows: list[dict]) -> list[int]:
+    """Each block's device index in a memory plan: M.load's placement, so a run's blocks are
+    where its plan puts them (Editor.open, load_model)."""
+    return [j for j, row in enumerate(rows) for _ in row["blocks"]]
+
+
+ROW_SLOTS = 30      # token slots a target-value row keeps between passes: its padded prefix in the
+#   cache (CounterFact and zsRE with GPT-2's BPE and the 10-token templates, 100 requests: 15-23 and
+#   18-28.1 a row on average at 512-8,192 tokens a pass) and, fewer, its padded suffix of the edit
+#   layer's output (4-7)
+LOGIT_VALUES = 1.0   # vocabulary-wide float32 values a pass holds at its peak, per token slot: the loss
+#   reads at most 0.34 positions a slot (zsRE's answers at 512 tokens a pass, 0.28 at 1,024-2,048;
+#   CounterFact 0.15), each held three times at the peak (the log-probabilities, their gradient,
+#   the logits' gradient), a KL row's six (its KL's terms); measured on CounterFact and zsRE, GPT-2's
+#   BPE, as the resident memory of each pass on the CPU (test_memory_plan_target_value_term_covers_a_...)
+
+
+def target_value_bytes(cfg: M.Config, hp: "L.HParams", dt: torch.dtype, z_tokens: int) -> tuple[int, int, int]:
+    """E4's memory, (per block above the last edit layer, on the first device, vocabulary-wide):
+    one pass's activations kept for backward, about 6d + 4m values per token and block (6d + 2m
+    for GPT-J and GPT-2) for at most z_tokens tokens, and its copy of the prefix cache
+    (suffix_batches holds a pass to z_tokens slots); beside them, all the step's passes keep their
+    prefix caches (rows × ROW_SLOTS keys and values per block) and, on the first device, the
+    output of the edit layer from each subject on and the KL rows' first log-probabilities
+    (float32, V each); and a pass's logits at the positions the loss reads, with their gradients
+    (LOGIT_VALUES a token slot, float32, V each: on the first device, where the loss is, and on
+    the head's). Rows: each request in every template and a KL row (ROME: one request at a time)."""
+    d, m, kv = cfg.d_model, cfg.d_mlp, 2 * cfg.n_kv_heads * cfg.head_dim
+    one_at_a_time = L.method_of(hp.method).locate == "rome"
+    requests = 1 if one_at_a_time else hp.batch_size
+    templates = 1 + sum(count for _, count in L.method_of(hp.method).templates)
+    rows = requests * (templates + 1)
+    per_pass = z_tokens * (6 * d + (4 if cfg.llama_like else 2) * m + kv)
+    kept = rows * ROW_SLOTS * kv
+    home = rows * ROW_SLOTS * d * dt.itemsize + requests * cfg.vocab_size * 4
+    logits = math.ceil(LOGIT_VALUES * z_tokens) * cfg.vocab_size * 4
+    return (per_pass + kept) * dt.itemsize, home, logits
+
+
+def solve_bytes(cfg: M.Config, method: str) -> int:
+    """A solve's float64 temporaries beside the state: for the Cholesky methods the m×m system
+    (factored in its own memory: solve_system) and four d×m (W, the right side, two products);
+    for AlphaEdit's LU ones (E12, E22) the system and its factor, and three d×m."""
+    m, d = cfg.d_mlp, cfg.d_model
+    return 8 * (2 * m * m + 3 * d * m if L.projected(method) else m * m + 4 * d * m)
+
+
+def brought_bytes(cfg: M.Config, method: str, kept_edits: int = 0) -> int:
+    """What of one layer's float64 state (layer_state_bytes) is on the GPU during its solve when
+    the state lives on the host: all of it but C and S_KK, which come two blocks of rows at a
+    time (row_blocks). AlphaEdit's step 0 takes C whole for its projector, in P's place."""
+    m = cfg.d_mlp
+    streamed = 1 + ("S_KK" in L.method_of(method).memory)
+    return layer_state_bytes(cfg, method, kept_edits) - streamed * 8 * m * m + 2 * min(L.BLOCK_BYTES, 8 * m * m)
+
+
+def device_memory(device: torch.device) -> int:
+    """A device's total memory in bytes (the host's RAM for cpu)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def print_plan(args) -> int:
+    """--plan: the memory plan of the run the flags describe (with --resume, the run's settings and
+    the flags that may change), from config.json alone; the run's blocks are placed by it."""
+    _, settings, cfg = L.open_run(args)
+    requests = L.load_requests(settings)[0] if settings.edits else []        # as the run reads them
+    if args.plan_gib:
+        names = [f"device {i}" for i in range(len(args.plan_gib))]
+        capacity = [g * 2 ** 30 for g in args.plan_gib]
+    else:
+        devices = M.check_devices(settings.device)
+        names = [str(dev) for dev in devices]
+        capacity = [device_memory(dev) for dev in devices]
+    rows = run_memory_plan(settings, cfg, requests, capacity)
+    hp = settings.hparams
+    on_host = ", --state-device cpu" if settings.state_device else ""
+    print(f"memory plan: {settings.model} ({cfg.arch}), {hp.method}, layers {list(hp.layers)}, {settings.dtype}, "
+          f"--batch-size {hp.batch_size}, --z-batch-tokens {settings.z_batch_tokens}{on_host} (GiB)")
+    if hp.superseded == "remove" and L.method_of(hp.method).memory:
+        per = 1000 * edit_column_bytes(cfg, hp.method)
+        counted = (f"counted for the {kept_edit_count(requests)} of the {len(requests)} edits of --edits whose "
+                   "prompt is edited again" if settings.edits else "not counted: give --edits")
+        print(f"--superseded remove: the state grows by {per / 2 ** 20:.0f} MiB per 1,000 edits and edit "
+              f"layer ({counted}); every checkpoint holds it too")
+    gib = lambda b: f"{b / 2 ** 30:.1f}" if b == 0 or b >= 2 ** 29 else f"{b / 2 ** 30:.2g}"   # small: 2 digits
+    print(f"{'device':<12}{'blocks':>10}{'weights':>9}{'state':>8}{'targets':>8}{'solve':>8}{'stats':>8}"
+          f"{'need':>8}{'has':>8}  fits")
+    has = capacity + [device_memory(torch.device("cpu"))]
+    for row, name, room in zip(rows, names + ["host"], has):
+        span = f"{row['blocks'][0]}-{row['blocks'][-1]}" if row["blocks"] else "-"
+        print(f"{name:<12}{span:>10}{gib(row['weights']):>9}{gib(row['state']):>8}{gib(row['target_values']):>8}"
+              f"{gib(row['solve']):>8}{gib(row['statistics']):>8}{gib(row['need']):>8}{gib(room):>8}  "
+              f"{'yes' if row['need'] <= room else 'NO'}")
+    return 0 if all(row["need"] <= room for row, room in zip(rows, has)) else 1
+
+
+def run_memory_plan(settings: "L.Settings", cfg: M.Config, requests, shares: list[float]) -> list[dict]:
+    """The memory plan of the command's run: its settings, and its stream (a step holds at most
+    --batch-size of its requests; --superseded remove keeps the edits whose prompt comes again)."""
+    hp = settings.hparams
+    if requests:
+        hp = replace(hp, batch_size=min(hp.batch_size, len(requests)))
+    return memory_plan(cfg, hp, settings.dtype, settings.z_batch_tokens, shares, bool(settings.state_device),
+                       kept_edit_count(requests), settings.stats_batch_tokens)
+
+
+def kept_edit_count(requests) -> int:
+    """How many of the requests edit a prompt that another one edits too: the E8a columns a run
+    with --superseded remove keeps (EditState.recurring)."""
+    recurring = L.recurring_prompts(requests)
+    return sum(q.rewrite_prompt() in recurring for q in requests)
+
+
+def state_tensor_bytes(cfg: M.Config, method: str) -> list[int]:
+    """The bytes of each float64 tensor of one edit layer's state: C, the method's edit memory
+    (S_KK m×m, S_VK d×m) and AlphaEdit's projector (m×m)."""
+    m, d = cfg.d_mlp, cfg.d_model
+    sizes = {"S_KK": m * m, "S_VK": d * m}
+    projector = [m * m] if L.projected(method) else []
+    return [8 * n for n in (m * m, *(sizes[k] for k in L.method_of(method).memory), *projector)]
+
+
+def edit_column_bytes(cfg: M.Config, method: str) -> int:
+    """One edit kept to take it out again (E8a, --superseded remove): its key (m) and, with S_VK,
+    its value (d), in float64; nothing for a method without memory."""
+    memory = L.method_of(method).memory
+    return 8 * (cfg.d_mlp + (cfg.d_model if "S_VK" in memory else 0)) if memory else 0
+
+
+def layer_state_bytes(cfg: M.Config, method: str, kept_edits: int = 0) -> int:
+    """One edit layer's float64 state (state_tensor_bytes) with `kept_edits` edits' columns."""
+    return sum(state_tensor_bytes(cfg, method)) + kept_edits * edit_column_bytes(cfg, method)
+
+
+def columns_kept(hp: "L.HParams", n_edits: int) -> int:
+    """The edits whose columns a run keeps: n_edits under hp.superseded "remove", else none."""
+    return n_edits if hp.superseded == "remove" else 0
