@@ -1906,6 +1906,7 @@ def edit_stream(editor: Editor, requests, settings: Settings, out: Path) -> bool
             if stop:            # before the checkpoint: a kill between them resumes from the one before
                 data.write_atomic(out / "stop.json", json.dumps(stop))     # (start_or_resume drops it)
             if state.step % settings.checkpoint_every == 0 or state.step == n_steps or interrupt.hit or stop:
+                data.sync_files(out)        # the log lines the checkpoint keeps reach the disk before it
                 editor.checkpoint(out)
                 saved = state.step
             if stop:

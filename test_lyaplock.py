@@ -4,6 +4,7 @@ numbers). The other test files take their shared paths and helpers (FIX, DEVICES
 here. Run everything: python -m pytest -q"""
 import json
 import math
+import os
 import random
 import re
 import subprocess
@@ -952,6 +953,27 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys,
     monkeypatch.undo()
     assert L.main(["--resume", str(out), "--stats-cache", str(tmp_path / "cache")]) == 0
     assert json.loads((out / "summary.json").read_text())["n_edits"] == 12
+
+
+def test_log_lines_reach_the_disk_before_the_checkpoint_that_keeps_them(tmp_path, monkeypatch):
+    """A power loss after a checkpoint must not lose the log lines of the steps it holds (a resume
+    keeps them and edits on): each latest.json is written after log.jsonl was flushed with them."""
+    out, synced, real_fsync, real_write = tmp_path / "run", {}, os.fsync, data.write_atomic
+
+    def fsync(fd):
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        if path.name == "log.jsonl":
+            synced["log"] = len(path.read_text().splitlines())
+        return real_fsync(fd)
+
+    def write_atomic(path, text):
+        if path.name == "latest.json":
+            assert synced.get("log", 0) == json.loads(text)["step"]      # step k: k lines on the disk
+        return real_write(path, text)
+    monkeypatch.setattr(data.os, "fsync", fsync)
+    monkeypatch.setattr(data, "write_atomic", write_atomic)
+    assert L.main(_cli(tmp_path, "--out", str(out), "--limit", "12", "--no-generation")) == 0
+    assert synced["log"] == 3
 
 
 def test_stop_below_ends_the_run_at_the_collapse_point_and_resume_keeps_it(tmp_path, capsys):
