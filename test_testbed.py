@@ -728,3 +728,26 @@ def test_testbed_experiment_writes_table_and_figures(claim_run):
         assert (out / "tb" / f).exists()
     ET.parse(out / "tb" / "retention.svg")          # well-formed SVG
     assert f"| {CLAIM_RUNS[0]} | 200 |" in (out / "tb" / "table.md").read_text()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_frontier_labels_overlap_neither_one_another_nor_a_point(seed):
+    """svg_frontier's labels, read back from the SVG (6.5 px a character, 11 px high), are pairwise
+    disjoint and cover no point, on a cluster of points (some coincident, as two runs that end
+    alike) and on the committed figures' points."""
+    rng = torch.Generator().manual_seed(seed)
+    xy = (60 + 10 * torch.rand(12, 2, generator=rng)).tolist()
+    points = {f"{m}:{i}" if i else m: tuple(xy[j]) for j, (m, i) in
+              enumerate((m, i) for m in ("lyaplock", "memit", "alphaedit") for i in range(4))}
+    points["rome"] = points["memit"]
+    cases = [points] + [{k: (p["retention"], p["efficacy"]) for k, r in json.loads(f.read_text())["methods"].items()
+                         for p in r["points"][-1:]} for f in sorted(Path("docs").glob("testbed*/result.json"))]
+    for case in cases:
+        svg = TB.svg_frontier(case, "t")
+        dots = [tuple(map(float, m)) for m in re.findall(r'<circle cx="([\d.]+)" cy="([\d.]+)"', svg)]
+        boxes = [(float(x), float(y) - 9, float(x) + 6.5 * len(text), float(y) + 2)
+                 for x, y, text in re.findall(r'<text x="([\d.]+)" y="([\d.]+)" fill="[^"]+">([^<]+)<', svg)]
+        assert len(boxes) == len(dots) == len(case)
+        for i, a in enumerate(boxes):
+            assert all(a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1] for b in boxes[i + 1:]), case
+            assert not any(a[0] - 3 < x < a[2] + 3 and a[1] - 3 < y < a[3] + 3 for x, y in dots), case

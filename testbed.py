@@ -882,9 +882,38 @@ def report_table(result: dict) -> list[str]:
     return rows
 
 
+LABEL_HEIGHT = 11        # px of a line of 10 px sans-serif text; a character is at most 6.5 px wide
+
+
+def label_boxes(at: dict, w: int, h: int, lines=()) -> list[tuple[float, float, float, float]]:
+    """A box (left, top, right, bottom) for each label of svg_frontier, {label: (x, y) of its
+    point in px}, that overlaps no box placed before it and no point, inside the figure: beside
+    its point (above right, above left, below right, below left) or else the nearest place on a
+    vertical ladder of label heights beside it. Of those, the first that also crosses none of
+    `lines` (polylines, lists of (x, y)) and lies nearer its own point than any other is taken."""
+    placed, points = [], list(at.values())
+    disjoint = lambda a, b: a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]
+    gap = lambda box, x, y: math.hypot(max(box[0] - x, 0, x - box[2]), max(box[1] - y, 0, y - box[3]))
+    on_lines = [(a[0] + (b[0] - a[0]) * t / 20, a[1] + (b[1] - a[1]) * t / 20)       # 21 points a segment
+                for line in lines for a, b in zip(line, line[1:]) for t in range(21)]
+    for k, (x, y) in at.items():
+        width = 6.5 * len(k)
+        tops = [y - 4 - LABEL_HEIGHT - step * LABEL_HEIGHT if above else y + 4 + step * LABEL_HEIGHT
+                for step in range(2 * h // LABEL_HEIGHT) for above in (True, False)]
+        boxes = [(left, top, left + width, top + LABEL_HEIGHT) for top in tops for left in (x + 4, x - 4 - width)]
+        inside = [b for b in boxes if b[0] >= 62 and b[2] <= w and b[1] >= 20 and b[3] <= h - 42]   # off the axes
+        free = [b for b in inside if all(disjoint(b, o) for o in placed)
+                and all(disjoint(b, (px - 3, py - 3, px + 3, py + 3)) for px, py in points)]
+        clear = [b for b in free if not any(b[0] <= px <= b[2] and b[1] <= py <= b[3] for px, py in on_lines)
+                 and all(gap(b, px, py) > gap(b, x, y) + 3 for px, py in points if (px, py) != (x, y))]
+        placed.append((clear or free or inside or boxes)[0])
+    return placed
+
+
 def svg_frontier(points: dict, title: str, w=560, h=360) -> str:
     """Labelled points (x retention %, y efficacy %) on 0..100 axes as SVG text; runs of one
-    method (the label before ':') joined by a line in order of x."""
+    method (the label before ':') joined by a line in order of x. Labels never overlap one another
+    or a point (label_boxes); one moved away from its point is joined to it by a thin line."""
     colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f"]
     px = lambda x: 60 + x / 100 * (w - 80)
     py = lambda y: h - 40 - y / 100 * (h - 70)
@@ -899,17 +928,20 @@ def svg_frontier(points: dict, title: str, w=560, h=360) -> str:
         out.append(f'<text x="55" y="{py(v) + 4:.1f}" text-anchor="end">{v}</text>')
         out.append(f'<text x="{px(v):.1f}" y="{h - 26}" text-anchor="middle">{v}</text>')
     families = list(dict.fromkeys(k.split(":")[0] for k in points))
-    for k, (x, y) in points.items():
-        c = colors[families.index(k.split(":")[0]) % len(colors)]
-        out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{c}"/>')
-        dx, anchor = (-4, "end") if x > 70 else (4, "start")       # labels stay inside the figure
-        out.append(f'<text x="{px(x) + dx:.1f}" y="{py(y) - 4:.1f}" text-anchor="{anchor}" fill="{c}">{E._esc(k)}</text>')
-    for f in families:
-        xy = sorted(v for k, v in points.items() if k.split(":")[0] == f)
-        if len(xy) > 1:
-            pts = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in xy)
-            c = colors[families.index(f) % len(colors)]
-            out.append(f'<polyline points="{pts}" fill="none" stroke="{c}" stroke-width="1" stroke-opacity="0.5"/>')
+    color = lambda k: colors[families.index(k.split(":")[0]) % len(colors)]
+    at = {k: (px(x), py(y)) for k, (x, y) in points.items()}
+    lines = {f: sorted(xy for k, xy in at.items() if k.split(":")[0] == f) for f in families}
+    lines = {f: xy for f, xy in lines.items() if len(xy) > 1}
+    for f, xy in lines.items():
+        pts = " ".join(f"{x:.1f},{y:.1f}" for x, y in xy)
+        out.append(f'<polyline points="{pts}" fill="none" stroke="{color(f)}" stroke-width="1" stroke-opacity="0.5"/>')
+    for (k, (x, y)), (left, top, right, bottom) in zip(at.items(), label_boxes(at, w, h, lines.values())):
+        out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{color(k)}"/>')
+        if not (left - 5 <= x <= right + 5 and top - 5 <= y <= bottom + 5):           # moved: a leader
+            ex, ey = min(max(x, left), right), (bottom if y > bottom else top)
+            out.append(f'<line x1="{x:.1f}" y1="{y:.1f}" x2="{ex:.1f}" y2="{ey:.1f}" stroke="{color(k)}" '
+                       'stroke-width="0.5"/>')
+        out.append(f'<text x="{left:.1f}" y="{bottom - 2:.1f}" fill="{color(k)}">{E._esc(k)}</text>')
     return "\n".join(out + ["</svg>"])
 
 
