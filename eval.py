@@ -644,8 +644,10 @@ def audit_queue(pl: list[float], z: list[float], D: float) -> dict:
     is E14 on the logged PL.
 
     Strong stability is Z(T)/T → 0. `slope`, the least-squares rise of z per step over the last
-    half (queue_trend), estimates lim z(T)/T; while the floor does not bind it is also the mean
-    of PL/D − 1 over those steps."""
+    half (queue_trend), estimates lim z(T)/T: a weighted mean (weights k(n − k) over the n points,
+    heaviest mid-window) of the steps' rises, each PL/D − 1 while the floor does not bind.
+    `holds` follows from a log whose z is E14's (it is T1, the telescoped update): it audits the
+    log like `replay_ok`; the evidence that the queue does its work is the trend."""
     T = len(pl)
     mean_pl = math.fsum(pl) / T
     slack = D * (z[-1] - 1) / T                                                # T1

@@ -644,7 +644,7 @@ def parse_run(spec: str, hparams: dict) -> tuple[str, dict]:
     int an integer, a bool true or false). A field is refused if the spec sets it twice, if a flag
     sets it for every run (NOT_IN_SPECS) or if the method does not read it (lyaplock.unread)."""
     method, *sets = spec.split(":")
-    entry = L.method_of(method)
+    L.method_of(method)                                     # an unknown method: refused here
     over, defaults = dict(hparams.get(method) or {}), L.HParams()
     fields = {f.name for f in dataclasses.fields(L.HParams)}
     named = set()
