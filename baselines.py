@@ -97,10 +97,12 @@ def prune_weight(W, W0):
 
 # ----------------------------------------------------------------------------- ROME
 
-def rome_left_vector(k_mean, C):
+def rome_left_vector(k_mean, C_factor):
     """ROME's u = C⁻¹k̄ / ‖C⁻¹k̄‖ (E18), k̄ (m,) the flat mean of the subject's keys over all
-    context templates (not MEMIT's two-level mean E5); a solve, not their float32 inverse."""
-    c = L.solve_system(L.f64(C), L.f64(k_mean)[None, :])[0]     # C symmetric: (C⁻¹k̄)ᵀ = k̄ᵀC⁻¹
+    context templates (not MEMIT's two-level mean E5); C_factor is C's Cholesky factor
+    (L.cholesky_factor, once for a step's requests, as their code keeps C⁻¹): two triangular
+    solves, not their float32 inverse."""
+    c = L.solve_factored(C_factor, L.f64(k_mean)[None, :])[0]   # C symmetric: (C⁻¹k̄)ᵀ = k̄ᵀC⁻¹
     norm = c.norm()
     if not torch.isfinite(norm) or norm == 0:
         raise BaselineError("ROME: C⁻¹k̄ is zero or not finite; the mean key is zero?")
@@ -117,10 +119,10 @@ def rome_right_vector(current, k_star, v_star, u):
     return (L.f64(v_star) - L.f64(current)) / scale           # E19
 
 
-def solve_rome(W, C, k_mean, k_star, v_star, bias=None):
+def solve_rome(W, C_factor, k_mean, k_star, v_star, bias=None):
     """ROME's rank-one update Δ = v uᵀ (E20), so that (W + Δ) k* + b = v*; b is the edited
-    projection's bias (GPT-J's fc_out; it is not edited)."""
-    u = rome_left_vector(k_mean, C)                                            # E18
+    projection's bias (GPT-J's fc_out; it is not edited); C_factor: L.cholesky_factor(C)."""
+    u = rome_left_vector(k_mean, C_factor)                                     # E18
     current = L.f64(W) @ L.f64(k_star)                                             # (d,)
     if bias is not None:
         current = current + L.f64(bias)

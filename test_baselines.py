@@ -166,11 +166,11 @@ def test_rome_is_rank_one_and_maps_the_edited_key_to_its_target(seed, bias):
     g, d, m = P["g"], P["d"], P["m"]
     k_mean, k_star, v_star = (torch.randn(s, dtype=torch.float64, generator=g) for s in (m, m, d))
     b = torch.randn(d, dtype=torch.float64, generator=g) if bias else None
-    delta = B.solve_rome(P["W"], P["C"], k_mean, k_star, v_star, b)
+    delta = B.solve_rome(P["W"], L.cholesky_factor(L.f64(P["C"])), k_mean, k_star, v_star, b)
     s = torch.linalg.svdvals(delta)
     assert float(s[1] / s[0]) <= 1e-14                                        # rank one (E20)
     close((P["W"] + delta) @ k_star + (0 if b is None else b), v_star, 1e-12)   # W'k* + b = v*
-    u = B.rome_left_vector(k_mean, P["C"])                                    # E18
+    u = B.rome_left_vector(k_mean, L.cholesky_factor(L.f64(P["C"])))          # E18
     assert abs(float(u.norm()) - 1) <= 1e-14
     close(P["C"] @ u / (P["C"] @ u).norm(), k_mean / k_mean.norm(), 1e-11)     # u ∝ C⁻¹k̄
     close(delta, torch.outer(delta @ u, u), 1e-13)                            # Δ = v uᵀ
@@ -182,7 +182,7 @@ def test_rome_with_the_edited_key_as_mean_is_the_smallest_preserving_change(seed
     P = rnd(seed)
     g, d, m, C = P["g"], P["d"], P["m"], P["C"]
     k, v_star = torch.randn(m, dtype=torch.float64, generator=g), torch.randn(d, dtype=torch.float64, generator=g)
-    delta = B.solve_rome(P["W"], C, k, k, v_star)
+    delta = B.solve_rome(P["W"], L.cholesky_factor(C), k, k, v_star)
     feasible = lambda E: E - torch.outer(E @ k, k) / (k @ k)                   # E k* = 0
     assert_minimum(lambda D: ((D @ C) * D).sum(), delta, g, feasible)
 
@@ -190,9 +190,9 @@ def test_rome_with_the_edited_key_as_mean_is_the_smallest_preserving_change(seed
 def test_rome_rejects_an_orthogonal_key():
     C = torch.eye(3, dtype=torch.float64)
     with pytest.raises(B.BaselineError, match="orthogonal"):
-        B.solve_rome(torch.zeros(2, 3), C, torch.tensor([1.0, 0, 0]), torch.tensor([0, 1.0, 0]), torch.ones(2))
+        B.solve_rome(torch.zeros(2, 3), L.cholesky_factor(C), torch.tensor([1.0, 0, 0]), torch.tensor([0, 1.0, 0]), torch.ones(2))
     with pytest.raises(B.BaselineError, match="zero"):
-        B.rome_left_vector(torch.zeros(3), C)
+        B.rome_left_vector(torch.zeros(3), L.cholesky_factor(C))
 
 
 # ----------------------------------------------------------------------------- plug-ins (E21, E22)
@@ -411,14 +411,14 @@ def test_oracle_rome_one_request_at_a_time():
     for k in range(info["n_batches"]):
         k_mean, k_star, v_star = t[f"{k}.u.k_mean"], t[f"{k}.k_star"], t[f"{k}.v_star"]
         assert torch.equal(t[f"{k}.u.k_ctx"].mean(0), k_mean)              # flat mean over templates
-        u = B.rome_left_vector(k_mean, C)                                  # E18
+        u = B.rome_left_vector(k_mean, L.cholesky_factor(C))                                  # E18
         close(u, t[f"{k}.u"], cond * EPS32)                                # their float32 inverse
         current = W.double() @ k_star.double()
         close(current, t[f"{k}.v_cur_output"], 172 * EPS32)               # their float32 forward
         close(current, t[f"{k}.cv.target_init"], 172 * EPS32)             # compute_v's norm base: W k*
         v = B.rome_right_vector(t[f"{k}.v_cur_output"], k_star, v_star, t[f"{k}.u"])   # E19
         close(v, t[f"{k}.v"], 8 * EPS32)
-        delta = B.solve_rome(W, C, k_mean, k_star, v_star)                 # E20, all ours
+        delta = B.solve_rome(W, L.cholesky_factor(C), k_mean, k_star, v_star)                 # E20, all ours
         close((W.double() + delta) @ k_star.double(), v_star, 1e-12)       # W′k* = v*
         # u's error, and v's from our W k* against their float32 one, amplified by ‖v*‖/‖v* − Wk*‖ (≤ 2 here)
         close(delta @ X, t[f"{k}.W_after_X.2"] - W.double() @ X, cond * EPS32 + 2 * 172 * EPS32)
@@ -547,7 +547,7 @@ def rome_edit(C, target):
         keys = keys[torch.arange(len(rows), device=ids.device), look].float()       # (templates, m)
         k_mean, k_star, v_star = keys.mean(0), keys[0], target(m, j, q)
         W = m.edit_weight(layer)
-        delta = B.solve_rome(W, C[layer].to(W.device), k_mean, k_star, v_star)       # E18–E20
+        delta = B.solve_rome(W, L.cholesky_factor(C[layer].to(W.device)), k_mean, k_star, v_star)       # E18–E20
         return dict(k_mean=k_mean, k_star=k_star, v_star=v_star, W=W + delta.to(W.dtype))
     return edit
 
@@ -579,7 +579,7 @@ def our_rome_pieces(m, j, q, templates):
     current = W.float() @ k_star
     _, z_info = L.compute_z(m, their_rome_rows(j), 1, layer, hp, norm_base=current[None])
     v_star = current + z_info["delta"][0]
-    delta = B.solve_rome(W, C[layer].to(W.device), k_mean, k_star, v_star)
+    delta = B.solve_rome(W, L.cholesky_factor(C[layer].to(W.device)), k_mean, k_star, v_star)
     return dict(k_mean=k_mean, k_star=k_star, v_star=v_star, W=W + delta.to(W.dtype))
 
 
