@@ -1647,12 +1647,16 @@ def resume_command(out: Path) -> str:
 
 @contextmanager
 def resume_hint(out: Path):
-    """A Ctrl-C outside the steps' deferral (the scoring before editing, the final evaluation) or a
-    second one within a step: the latest checkpoint is intact, so say how to continue."""
+    """A Ctrl-C outside the steps' deferral (the scoring before editing, the final evaluation), a
+    second one within a step, or a failed read or write of the run's files (a full disk): the
+    latest checkpoint is intact (save_checkpoint replaces it whole), so say how to continue."""
     try:
         yield
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"continue with: {resume_command(out)}") from None
+    except OSError as e:
+        raise OSError(f"{e}; the run's latest checkpoint is intact: once that is fixed, continue with: "
+                      f"{resume_command(out)}") from None
 
 
 class DeferInterrupt:

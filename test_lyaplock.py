@@ -955,6 +955,24 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys,
     assert json.loads((out / "summary.json").read_text())["n_edits"] == 12
 
 
+def test_a_full_disk_during_the_stream_says_how_to_continue(tmp_path, monkeypatch, capsys):
+    out, real = tmp_path / "run", data.append_jsonl
+
+    def full_at_step_2(path, entry):
+        if entry.get("step") == 2:
+            raise OSError(28, "No space left on device", str(path))
+        return real(path, entry)
+    monkeypatch.setattr(data, "append_jsonl", full_at_step_2)
+    assert L.main(_cli(tmp_path, "--out", str(out), "--limit", "12", "--no-generation")) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err
+    assert err.endswith(f"; the run's latest checkpoint is intact: once that is fixed, continue with: "
+                        f"{L.resume_command(out)}\n")
+    monkeypatch.undo()
+    assert L.main(["--resume", str(out), "--stats-cache", str(tmp_path / "cache")]) == 0
+    assert [e["step"] for e in data.read_jsonl(out / "log.jsonl")[0]] == [0, 1, 2]
+
+
 def test_log_lines_reach_the_disk_before_the_checkpoint_that_keeps_them(tmp_path, monkeypatch):
     """A power loss after a checkpoint must not lose the log lines of the steps it holds (a resume
     keeps them and edits on): each latest.json is written after log.jsonl was flushed with them."""
