@@ -721,6 +721,8 @@ def read_run(run_dir) -> Run:
     config = _read_json(d / "config.json")
     if not isinstance(config, dict):
         raise ValueError(f"{d}: not a run directory (no readable config.json)")
+    if not isinstance(config.get("hparams"), dict):         # a model checkpoint's config.json, say
+        raise ValueError(f"{d}: not a run directory (its config.json holds no run settings: hparams)")
     entries, torn = read_jsonl(d / "log.jsonl")
     by_step = {e.get("step"): e for e in entries}          # a step logged twice: the later line
     steps = []
@@ -733,7 +735,7 @@ def read_run(run_dir) -> Run:
     state = None
     if isinstance(latest, dict) and "checkpoint" in latest:
         state = _read_json(d / latest["checkpoint"] / "state.json")
-    return Run(dir=d, hparams=config.get("hparams", config), steps=steps,
+    return Run(dir=d, hparams=config["hparams"], steps=steps,
                left_out=torn + len(entries) - len(steps), ability=read_jsonl(d / "ability.jsonl")[0],
                before=summary.get("pre") if summary else summarize(cases_pre) if cases_pre else None,
                after=summary if summary else summarize(cases) if cases else None,

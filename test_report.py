@@ -212,6 +212,12 @@ def test_report_of_an_interrupted_run_reads_only(tmp_path):
     assert "nothing to audit yet" in E.report(only_config)
     with pytest.raises(ValueError, match="not a run directory"):
         E.report(tmp_path / "missing")
+    model_dir = tmp_path / "model"                      # a checkpoint: refused, nothing written into it
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    with pytest.raises(ValueError, match=r"model: not a run directory \(its config.json holds no run settings"):
+        E.report(model_dir)
+    assert [p.name for p in model_dir.iterdir()] == ["config.json"]
 
 
 def test_report_marks_the_stop_and_writes_well_formed_figures(tmp_path):
