@@ -900,7 +900,8 @@ def run_header(run: Run) -> list[str]:
     import lyaplock                         # (here: lyaplock imports this module)
     method = hp.get("method")
     known = method in lyaplock.METHODS
-    read = [f"{sign} {hp.get(name)}, " for name, sign in (("lam", "λ"), ("alpha", "α"), ("l2", "L2"))
+    read = [f"{sign} {hp.get(name)}, " for name, sign in (("lam", "λ"), ("alpha", "α"), ("l2", "L2"),
+                                                              ("nullspace_threshold", "null-space threshold"))
             if known and name in hp and not lyaplock.unread(method, name)]   # what the method reads
     lines = [f"- method {method}, layers {hp.get('layers')}, {''.join(read)}batch size {hp.get('batch_size')}",
              f"- {status}: {T} steps logged, {edits} edits"

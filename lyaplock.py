@@ -193,13 +193,36 @@ def solve_memit(K1, R, C, lam):
 def alphaedit_projector(C, threshold=2e-2):
     """P = U0 U0ᵀ over the eigenvectors U0 of C with eigenvalue < threshold (E11). None below the
     threshold (keys far larger than the authors' 8B-scale ones) would make P = 0 and every update
-    zero: refused, saying so."""
+    zero: refused, saying so (check_null_spaces does before a run)."""
     evals, U = torch.linalg.eigh(f64(C))
     U0 = U[:, evals < threshold]                          # (m, k)
     if U0.shape[1] == 0:
-        raise ValueError(f"AlphaEdit: no eigenvalue of C is below {threshold} (the smallest is "
-                         f"{float(evals[0]):.3g}), so its null-space projector is 0 and every update would be zero")
+        raise no_null_space(float(evals[0]), threshold)
     return U0 @ U0.T                                      # E11
+
+
+def no_null_space(smallest: float, threshold: float, layer: int | None = None) -> ValueError:
+    at = f" on layer {layer}" if layer is not None else ""
+    return ValueError(f"AlphaEdit: no eigenvalue of C{at} is below the null-space threshold {threshold:.3g} "
+                      f"(the smallest is {smallest:.3g}), so its projector (E11) is 0 and every update would "
+                      f"be zero: raise --nullspace-threshold above {smallest:.3g} (the authors' 2e-2 is set "
+                      "for 8B-scale keys), or use another method")
+
+
+def check_null_spaces(C: dict, hp) -> None:
+    """Before a run of AlphaEdit's family, every edit layer's E11 projector is not 0: some
+    eigenvalue of C is below the threshold, i.e. C − threshold·I is not positive definite (one
+    Cholesky each, in one m×m copy; the eigendecomposition waits for step 0)."""
+    if not projected(hp.method):
+        return
+    for l in hp.layers:
+        shifted = C[l].to(torch.float64, copy=True)
+        shifted.diagonal().sub_(hp.nullspace_threshold)
+        try:
+            cholesky_factor(shifted, overwrite=True)
+        except ValueError:                                # an eigenvalue below: a null space
+            continue
+        raise no_null_space(float(torch.linalg.eigvalsh(f64(C[l]))[0]), hp.nullspace_threshold, l)
 
 
 def solve_alphaedit(K1, R, P, S_KK=None, l2=10.0):
@@ -320,7 +343,7 @@ def memit_step(W, W0, C, K1, R, ls: LayerState, hp) -> torch.Tensor:
 
 def alphaedit_step(W, W0, C, K1, R, ls: LayerState, hp) -> torch.Tensor:
     if ls.P is None:
-        ls.P = alphaedit_projector(C.to(K1.device))        # E11 (C whole, once)
+        ls.P = alphaedit_projector(C.to(K1.device), hp.nullspace_threshold)    # E11 (C whole, once)
     return solve_alphaedit(K1, R, ls.P, ls.S_KK, hp.l2)                            # E12
 
 
@@ -335,7 +358,7 @@ def lyaplock_memit_seq_step(W, W0, C, K1, R, ls: LayerState, hp) -> torch.Tensor
 
 def lyaplock_alphaedit_step(W, W0, C, K1, R, ls: LayerState, hp) -> torch.Tensor:
     if ls.P is None:
-        ls.P = alphaedit_projector(C.to(K1.device))                                # E11
+        ls.P = alphaedit_projector(C.to(K1.device), hp.nullspace_threshold)        # E11
     V = editing_weight(ls, hp)
     return B.solve_lyaplock_alphaedit(W, W0, C, K1, R, ls.P, ls.S_KK, ls.z, hp.lam, V, hp.l2)   # E22
 
@@ -378,6 +401,7 @@ READ_BY = {
     "V": (lambda name, m: m.queue, "it has no queue"),
     "superseded": (lambda name, m: bool(m.memory), "it keeps no edit memory"),
     "l2": (lambda name, m: projected(name), "only AlphaEdit's family (E12, E22) has it"),
+    "nullspace_threshold": (lambda name, m: projected(name), "only AlphaEdit's family (E11) has it"),
     "mom2_adjustment": (lambda name, m: m.locate == "rome", "only ROME has it"),
 }
 
@@ -446,6 +470,7 @@ class HParams:
     kl_factor: float = 0.0625
     batch_size: int = 100
     l2: float = 10.0                # AlphaEdit's L2 (E12)
+    nullspace_threshold: float = 2e-2   # AlphaEdit's: P over C's eigenvalues below it (E11)
     mom2_adjustment: bool = True    # ROME: u = C⁻¹k̄ (False: u = k̄)
     superseded: str = "keep"        # a re-edited prompt's earlier edit: "keep" it in the memory
                                     # (the authors') or "remove" it (E8a)
@@ -487,8 +512,9 @@ PUBLISHED = {
 def preset(cfg: M.Config, method: str) -> HParams:
     """The published settings of this model's shape (PUBLISHED), else the rule for other sizes.
 
-    Other sizes: edit layers from n/8 to n/4 of the depth (at least two; ROME: the last of
-    them); λ in units of the MLP width m = d_mlp, α = 60 (the paper's) and AlphaEdit's L2 = 1.
+    Other sizes: edit layers from n/8 to n/4 of the depth (at least two, from layer 1 on and below
+    the top block where the depth allows; ROME: the last of them); none where no such layers
+    exist (under 3 blocks; ROME: 1), and check_hparams asks for --layers; λ in units of the MLP width m = d_mlp, α = 60 (the paper's) and AlphaEdit's L2 = 1.
     λ is free of the activations' scale (K1K1ᵀ and C scale alike); what it sets is the share
     s/(1 + s) of a key's gap one step closes, s = kᵀ(λC)⁻¹k, which is m/λ on average for keys
     distributed as C's tokens (E[kᵀC⁻¹k] = m). The MEMIT family takes λ = m (s = 1; the published
@@ -505,12 +531,14 @@ def preset(cfg: M.Config, method: str) -> HParams:
     shape = (cfg.arch, cfg.d_model, cfg.n_layers, cfg.d_mlp)
     if shape in PUBLISHED:
         return HParams(method=method, **PUBLISHED[shape][family])
-    first = max(1, round(cfg.n_layers / 8))
+    first = min(max(1, round(cfg.n_layers / 8)), cfg.n_layers - 3)       # 3 blocks: layers 0, 1
     last = min(cfg.n_layers - 2, max(first + 1, round(cfg.n_layers / 4)))
+    layers = tuple(range(first, last + 1)) if cfg.n_layers >= 3 else ()  # fewer: --layers (check_hparams)
     if family == "rome":
-        return HParams(method=method, layers=(last,), v_lr=0.5, v_weight_decay=1e-3, clamp_norm_factor=4.0)
+        return HParams(method=method, layers=(last,) if cfg.n_layers >= 2 else (), v_lr=0.5,
+                       v_weight_decay=1e-3, clamp_norm_factor=4.0)
     lam = cfg.d_mlp / 4 if family == "lyaplock" else float(cfg.d_mlp)
-    return HParams(method=method, layers=tuple(range(first, last + 1)), lam=lam, alpha=60.0, l2=1.0)
+    return HParams(method=method, layers=layers, lam=lam, alpha=60.0, l2=1.0)
 
 
 # ----------------------------------------------------------------------------- the locate step
@@ -1106,7 +1134,8 @@ def with_overrides(hp: HParams, **changes) -> HParams:
 
 
 # the range of each numeric hyper-parameter (the command's flags for them share it: check_settings)
-RANGES = dict(lam="positive", alpha="positive", V="positive", l2="positive", v_lr="positive",
+RANGES = dict(lam="positive", alpha="positive", V="positive", l2="positive", nullspace_threshold="positive",
+              v_lr="positive",
               clamp_norm_factor="positive", v_num_grad_steps="at least 1", batch_size="at least 1",
               v_weight_decay="at least 0", kl_factor="at least 0")
 
@@ -1127,6 +1156,10 @@ def check_hparams(hp: HParams, n_layers: int | None = None):
     model's depth, within it; weights and rates positive, step counts at least 1."""
     method_of(hp.method)
     layers = hp.layers
+    if not layers and n_layers is not None and n_layers < 3:
+        raise ValueError(f"the model has {n_layers} block(s), too few for the preset's edit layers (n/8..n/4 "
+                         f"of the depth, below the top block): give them, e.g. --layers "
+                         f"{','.join(map(str, range(min(2, n_layers))))}")
     if not layers or not all(isinstance(l, int) for l in layers) or list(layers) != sorted(set(layers)) \
             or layers[0] < 0 or (n_layers is not None and layers[-1] >= n_layers):
         depth = f" in 0..{n_layers - 1}" if n_layers is not None else ""
@@ -1381,6 +1414,7 @@ class Settings:
 RESUMABLE = ("device", "z_batch_tokens", "stats_batch_tokens", "stats_cache", "checkpoint_every", "state_device")
 FLAG_FIELDS = {"method": "hparams.method", "batch_size": "hparams.batch_size", "layers": "hparams.layers",
                "alpha": "hparams.alpha", "lam": "hparams.lam", "v": "hparams.V", "l2": "hparams.l2",
+               "nullspace_threshold": "hparams.nullspace_threshold",
                "stats": "stats_file", "no_generation": "generation", "superseded": "hparams.superseded"}
 FLAG_RANGES = {flag: RANGES[field.removeprefix("hparams.")] for flag, field in FLAG_FIELDS.items()
                if field.removeprefix("hparams.") in RANGES} | dict(
@@ -1388,6 +1422,14 @@ FLAG_RANGES = {flag: RANGES[field.removeprefix("hparams.")] for flag, field in F
     limit="at least 1", glue_n="at least 1", eval_every="at least 0")
 PATHS = ("model", "edits", "stats_corpus", "stats", "heldout", "glue_dir", "snippets")
 NOT_SETTINGS = ("resume", "out", "save_model", "given", "plan", "plan_gib")
+
+
+def gib_list(text: str) -> list[float]:
+    """--plan-gib's devices: GiB numbers separated by commas."""
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give each device's memory in GiB, a number, e.g. 80,80") from None
 
 
 def parse_args(argv=None):
@@ -1398,7 +1440,9 @@ def parse_args(argv=None):
                f"may differ from the run's settings. Quick start (CPU, under a minute): {QUICKSTART}")
     p.add_argument("--model", help="HF checkpoint directory (config.json, *.safetensors, tokenizer.json)")
     p.add_argument("--edits", help="requests: CounterFact (ROME or EasyEdit layout) or zsRE (MEND) JSON")
-    p.add_argument("--method", choices=list(METHODS), default="lyaplock")
+    p.add_argument("--method", choices=list(METHODS), default="lyaplock", help="the update rule (README "
+                   "\"Methods\"): lyaplock, the baselines of the paper's comparison, and LyapLock's queue "
+                   "plugged into some of them (default lyaplock)")
     p.add_argument("--batch-size", type=int, default=100, help="requests per editing step")
     p.add_argument("--limit", type=int, help="edit only the first N requests")
     p.add_argument("--skip-bad", action="store_true", help="skip invalid records instead of stopping")
@@ -1410,6 +1454,8 @@ def parse_args(argv=None):
     p.add_argument("--v", type=float, help="editing weight V of the subproblem (default 1)")
     p.add_argument("--l2", type=float, help="AlphaEdit's regulariser L2 (E12; preset: 10 for the "
                    "published shapes, else 1)")
+    p.add_argument("--nullspace-threshold", type=float, help="AlphaEdit's null space: C's eigenvectors "
+                   "with eigenvalue below it (E11; default 2e-2, the authors')")
     p.add_argument("--superseded", choices=("keep", "remove"), help="a request that re-edits a prompt an "
                    "earlier step edited: keep that edit's key and value in the edit memory (the "
                    "authors'), or remove them first (E8a; better on streams that re-edit, README \"Testbed\"; "
@@ -1430,11 +1476,13 @@ def parse_args(argv=None):
     p.add_argument("--state-device", help="where the float64 statistics, the edit memory and W0 live between "
                    "solves: 'cpu' keeps them in host memory and brings one layer's to the GPU per solve "
                    "(same results; for a card too small to hold them; see the README)")
-    p.add_argument("--dtype", default="float32", choices=list(M.DTYPES))
+    p.add_argument("--dtype", default="float32", choices=list(M.DTYPES), help="the model's weights and "
+                   "activations whatever the checkpoint stores (default float32; bfloat16 halves the memory); "
+                   "statistics and solves are float64 either way, and --save-model keeps the checkpoint's dtype")
     p.add_argument("--plan", action="store_true", help="print what the run needs on each device (weights, "
                    "statistics and edit memory, the target values, a solve, collecting C) from config.json alone, "
                    "and whether it fits; load nothing (exit 1 if it does not fit)")
-    p.add_argument("--plan-gib", type=lambda t: [float(x) for x in t.split(",")], help="with --plan: the "
+    p.add_argument("--plan-gib", type=gib_list, help="with --plan: the "
                    "memory of the devices to plan for, in GiB (e.g. 80,80), instead of this machine's")
     p.add_argument("--seed", type=int, default=0, help="seed of the context templates (E3)")
     p.add_argument("--out", help="run directory (default: a new runs/NNN)")
@@ -1478,6 +1526,9 @@ def check_settings(args):
                                   for flag in args.given if flag in FLAG_FIELDS})
     if args.resume and args.out:
         raise ValueError("--out and --resume: a resumed run stays in its own directory; give only --resume")
+    if args.stats and (unread := sorted({"stats_corpus", "stats_tokens"} & args.given)):
+        raise ValueError(f"--{unread[0].replace('_', '-')} with --stats: the file holds the statistics (and "
+                         "the corpus and token count they came from); the flag would be recorded, not used")
 
 
 def check_inputs(args):
@@ -1775,6 +1826,7 @@ def run(args) -> int:
     editor = Editor(model, settings.hparams, preservation_statistics(model, settings), templates,
                     settings.model, settings.z_batch_tokens, state_device=settings.state_device)
     if not args.resume:
+        check_null_spaces(editor.C, settings.hparams)           # AlphaEdit's, before any scoring
         out = create_run_dir(out, settings, templates)
     with resume_hint(out):
         start_or_resume(editor, requests, settings, out)
@@ -1856,6 +1908,7 @@ def fit_context(model, requests, templates, settings: Settings) -> tuple[list, l
     """Requests whose every input fits the model's positions; the others are an error naming the
     record and its length (or, with --skip-bad, skipped with that message)."""
     gen = ev.FLUENCY_TOKENS if settings.generation else 0
+    field = "n_positions" if model.cfg.arch in ("gpt2", "gptj") else "max_position_embeddings"   # config.json's
     ok, bad = [], []
     for q in requests:
         what, n = longest_input(model.tokenizer, q, templates, gen)
@@ -1863,7 +1916,7 @@ def fit_context(model, requests, templates, settings: Settings) -> tuple[list, l
             ok.append(q)
             continue
         msg = (f"{settings.edits}: case_id {q.case_id}: its {what} is {n} tokens, longer than the "
-               f"model's {model.cfg.max_positions} positions (max_position_embeddings)")
+               f"model's {model.cfg.max_positions} positions ({field})")
         if not settings.skip_bad:
             raise data.DataError(msg + "; shorten it or use --skip-bad")
         bad.append(msg)

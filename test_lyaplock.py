@@ -2,6 +2,7 @@
 with the authors' own code, the run state, the command, and reliability (kills, interrupts, bad
 numbers). The other test files take their shared paths and helpers (FIX, DEVICES, _cli) from
 here. Run everything: python -m pytest -q"""
+import dataclasses
 import json
 import math
 import os
@@ -291,8 +292,17 @@ def test_alphaedit_projects_and_solves_its_equation(seed):
     close(delta @ M, P["R"] @ P["K1"].T @ proj, 1e-12)                                # E12
     close(delta @ proj, delta, 1e-12)                # the update lies in P's subspace
     assert float((delta @ U[:, ~small]).norm()) <= 1e-12 * float(delta.norm())
-    with pytest.raises(ValueError, match="AlphaEdit: no eigenvalue of C is below 0.02 .*every update would be zero"):
-        L.alphaedit_projector(U @ torch.diag(ev + 0.05) @ U.T)      # no null space: P = 0, was silent
+    full = U @ torch.diag(ev + 0.05) @ U.T                          # no eigenvalue below 0.02
+    with pytest.raises(ValueError, match="AlphaEdit: no eigenvalue of C is below the null-space threshold "
+                                         "0.02 .*every update would be zero: raise --nullspace-threshold"):
+        L.alphaedit_projector(full)                                  # no null space: P = 0, was silent
+    hp = L.HParams(method="alphaedit", layers=(3, 5))                # the same, before a run (a Cholesky)
+    L.check_null_spaces({3: C, 5: C}, hp)
+    smallest = float(torch.linalg.eigvalsh(full)[0])
+    with pytest.raises(ValueError, match=rf"no eigenvalue of C on layer 5 .*\(the smallest is {smallest:.3g}\)"):
+        L.check_null_spaces({3: C, 5: full}, hp)
+    L.check_null_spaces({3: C, 5: full}, dataclasses.replace(hp, nullspace_threshold=smallest * 1.01))
+    L.check_null_spaces({3: full}, dataclasses.replace(hp, method="lyaplock", layers=(3,)))   # not projected
 
 
 def test_step_layer_memory_per_method():
@@ -404,6 +414,46 @@ def test_flags_the_method_does_not_read_are_refused(tmp_path, capsys, monkeypatc
         assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="lam: rome does not read it"):
         L.Editor.open(STORIES, "rome", lam=5.0)
+
+
+def test_alphaedit_without_a_null_space_is_refused_before_the_run_directory(tmp_path, capsys):
+    """AlphaEdit refused it at step 0, after the statistics, the templates and the scoring before
+    editing, leaving a run directory that the same command then refused as existing."""
+    out = tmp_path / "run"
+    argv = _cli(tmp_path, "--out", str(out), "--method", "alphaedit", "--no-generation")
+    assert L.main([*argv, "--nullspace-threshold", "1e-9"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: AlphaEdit: no eigenvalue of C on layer 1 is below the null-space threshold 1e-09")
+    assert err.count("\n") == 1 and not out.exists()
+    assert L.main([*argv, "--nullspace-threshold", "0"]) == 1
+    assert capsys.readouterr().err.startswith("error: --nullspace-threshold must be positive")
+    assert L.main(_cli(tmp_path, "--out", str(out), "--nullspace-threshold", "1")) == 1
+    assert capsys.readouterr().err.startswith("error: --nullspace-threshold: lyaplock does not read it")
+    assert L.main(argv) == 0 and json.loads((out / "config.json").read_text())["hparams"]["nullspace_threshold"] == 2e-2
+
+
+def test_the_preset_rule_on_shallow_models():
+    """The rule's layers (n/8..n/4, at least two, from layer 1 on, below the top block) as far as the
+    depth allows: 3 blocks edit 0, 1 (it gave one layer, [1]); under 3 (ROME: 1) it has none, and
+    the check asks for --layers (it said "layers []: give increasing layer numbers"); from 4 blocks
+    on, as before."""
+    stories = M.Config.from_hf(json.loads((STORIES / "config.json").read_text()))
+    for n in range(1, 49):
+        cfg = dataclasses.replace(stories, n_layers=n)
+        for method in ("lyaplock", "memit", "alphaedit", "rome"):
+            layers = L.preset(cfg, method).layers
+            few = 2 if method == "rome" else 3
+            if n < few:
+                assert layers == ()
+                with pytest.raises(ValueError, match=rf"the model has {n} block\(s\), too few .*--layers 0"):
+                    L.check_hparams(L.preset(cfg, method), n)
+                continue
+            L.check_hparams(L.preset(cfg, method), n)
+            assert layers[-1] <= n - 2 and len(layers) == (1 if method == "rome" else max(2, len(layers)))
+            if n >= 4:
+                first = max(1, round(n / 8))
+                last = min(n - 2, max(first + 1, round(n / 4)))
+                assert layers == ((last,) if method == "rome" else tuple(range(first, last + 1)))
 
 
 def test_plan_refuses_the_records_the_run_refuses(tmp_path, capsys):
@@ -764,9 +814,11 @@ def test_subject_missing_from_prompt_is_a_clear_error():
 
 
 def _cli(tmp_path, *extra, edits="counterfact-rome.json", limit=8, batch=4, tokens=4000):
-    """Arguments of a small run on stories260K (`extra` last, so it overrides)."""
+    """Arguments of a small run on stories260K (`extra` last, so it overrides; tokens 0: no
+    --stats-tokens)."""
     return ["--model", str(STORIES), "--edits", str(FIX / edits), *(["--limit", str(limit)] if limit else []),
-            "--batch-size", str(batch), "--stats-tokens", str(tokens), "--stats-cache", str(tmp_path / "cache"),
+            "--batch-size", str(batch), *(["--stats-tokens", str(tokens)] if tokens else []),
+            "--stats-cache", str(tmp_path / "cache"),
             "--checkpoint-every", "1", *extra]
 
 
@@ -933,6 +985,24 @@ def test_a_prompt_longer_than_the_model_positions_is_named_before_any_model_work
                        "--no-generation", "--skip-bad")) == 0
     assert f"skipped 1 bad record(s):\n  {edits}: case_id {cid}: its " in capsys.readouterr().out
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["n_edits"] == 2
+
+
+def test_the_positions_field_is_named_as_the_checkpoint_names_it(tmp_path):
+    """GPT-2 and GPT-J configs call it n_positions (the message said max_position_embeddings)."""
+    from types import SimpleNamespace
+    from test_models import make_checkpoint
+    gpt2 = M.load(make_checkpoint(tmp_path / "gpt2", "gpt2"))             # 64 positions
+    q = data.Request(case_id=7, prompt="{} is " + "very " * 80 + "in", subject="Paris", target_new=" France",
+                     target_true=" Spain", paraphrase_prompts=(), neighborhood_prompts=(), neighborhood_answers=())
+    settings = SimpleNamespace(generation=False, skip_bad=True, edits="e.json")
+    _, (msg,) = L.fit_context(gpt2, [q], [["{}"]], settings)
+    assert msg.startswith("e.json: case_id 7: its ") and msg.endswith("longer than the model's 64 positions (n_positions)")
+
+
+def test_plan_gib_that_is_not_a_number_is_named(capsys):
+    with pytest.raises(SystemExit):
+        L.parse_args(["--plan", "--model", str(STORIES), "--plan-gib", "80GB"])
+    assert "argument --plan-gib: '80GB': give each device's memory in GiB, a number, e.g. 80,80" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("error", [OSError(28, "No space left on device"),

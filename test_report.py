@@ -186,6 +186,11 @@ def test_baseline_pl_and_its_growth(tmp_path):
     assert "- method memit, layers [1, 2], λ 30.0, batch size 10" in text      # memit reads no α: not shown
     queued = E.report(write_run(tmp_path / "queued", {"1": queue_log([0.1, 0.1], 2.0)}))
     assert "- method lyaplock, layers [1], λ 30.0, α 2.0, batch size 10" in queued
+    projected = write_run(tmp_path / "alphaedit", {"1": [dict(pl=0.01, D=None, z=None)] * 2}, method="alphaedit")
+    config = json.loads((projected / "config.json").read_text())
+    config["hparams"] |= dict(l2=1.0, nullspace_threshold=0.02)
+    (projected / "config.json").write_text(json.dumps(config))
+    assert "- method alphaedit, layers [1], L2 1.0, null-space threshold 0.02, batch size 10" in E.report(projected)
 
 
 def test_report_of_an_interrupted_run_reads_only(tmp_path):

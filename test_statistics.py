@@ -505,14 +505,20 @@ def test_lyaplock_stats_then_an_editing_run_with_the_file_equals_the_cached_run(
                    "--out", str(file)]) == 0
     assert "statistics: 4,000 tokens" in capsys.readouterr().out
     for name, extra in (("cached", []), ("file", ["--stats", str(file)])):
-        assert L.main(_cli(tmp_path, "--out", str(tmp_path / name), "--limit", "4", "--no-generation", *extra)) == 0
+        tokens = 0 if extra else 4000                 # the file holds its token count: the flag is refused
+        assert L.main(_cli(tmp_path, "--out", str(tmp_path / name), "--limit", "4", "--no-generation", *extra,
+                           tokens=tokens)) == 0
     a, b = _final_weights(tmp_path / "cached"), _final_weights(tmp_path / "file")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((tmp_path / "file" / "config.json").read_text())["stats_file"] == str(file.resolve())
     other = tmp_path / "C12.safetensors"
     assert L.main(["stats", "--model", str(STORIES), "--stats-tokens", "4000", "--layers", "1", "--out", str(other)]) == 0
-    assert L.main(_cli(tmp_path, "--out", str(tmp_path / "bad"), "--limit", "4", "--stats", str(other))) == 1
+    assert L.main(_cli(tmp_path, "--out", str(tmp_path / "bad"), "--limit", "4", "--stats", str(other), tokens=0)) == 1
     assert "layer" in capsys.readouterr().err
+    for flag, value in (("--stats-tokens", "500"), ("--stats-corpus", str(FIX / "wikitext-2-test-sample.txt"))):
+        assert L.main(_cli(tmp_path, "--out", str(tmp_path / "both"), "--stats", str(file), flag, value, tokens=0)) == 1
+        assert capsys.readouterr().err.startswith(f"error: {flag} with --stats: the file holds the statistics")
+        assert not (tmp_path / "both").exists()
 
 
 def test_a_corpus_shorter_than_the_mlp_width_is_refused_before_the_pass(tmp_path, stories, monkeypatch):
