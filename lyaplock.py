@@ -1079,12 +1079,14 @@ class Editor:
         with self.restrained():
             return ev.summarize(score_cases(self.model, checked_requests(requests), generation, snippets, seed))
 
-    def save(self, directory):
-        """The edited model as an HF checkpoint in the input's own layout."""
+    def save(self, directory) -> list[str]:
+        """The edited model as an HF checkpoint in the input's own layout; returns the input's files
+        left out of it (M.save: weights in other formats, which hold the unedited model, and
+        training state)."""
         if self.model_path is None:
             raise ValueError("this Editor was built without a model_path to copy the checkpoint from")
         with self.restrained():
-            M.save(self.model_path, directory, self.model.edit_tensors(self.hparams.layers))
+            return M.save(self.model_path, directory, self.model.edit_tensors(self.hparams.layers))
 
     def checkpoint(self, run_dir):
         """Save the state and the edited weights into run_dir (save_checkpoint: atomic, the latest
@@ -1836,8 +1838,11 @@ def run(args) -> int:
             return 130
         finish(editor, requests, settings, out, len(skipped))
     if args.save_model:
-        editor.save(args.save_model)
+        left_out = editor.save(args.save_model)
         print(f"edited model written to {args.save_model}")
+        if left_out:
+            print(f"not copied from {settings.model}: {', '.join(left_out)} (weights in other formats, which "
+                  "hold the unedited model, and training state)")
     return 0
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import fnmatch
 import json
 import math
 import shutil
@@ -651,6 +652,7 @@ class Tokenizer:
                 f"t.AutoTokenizer.from_pretrained({str(path)!r}).backend_tokenizer.save({str(tj)!r})") if others else "")
             raise CheckpointError(f"{path}: tokenizer.json is missing (needed to encode prompts){hint}")
         self.tok = HFTok.from_file(str(tj))
+        check_vocabulary(self.tok, cfg, tj)
         self.tok.no_truncation()     # a tokenizer.json may carry either (the GPT-2 one truncates at
         self.tok.no_padding()        # 50 tokens); transformers does neither unless asked, nor do we
         conf = read_json(tc) if tc.exists() else {}
@@ -691,6 +693,19 @@ class Tokenizer:
             sl = slice(0, len(s)) if side == "right" else slice(T - len(s), T)
             ids[b, sl], mask[b, sl] = torch.tensor(s, dtype=torch.long), 1
         return ids.to(device), mask.to(device)
+
+
+def check_vocabulary(tok, cfg: Config, file: Path):
+    """Every id of the tokenizer (its added tokens' too) has a row in the embedding: below
+    config.json's vocab_size. A smaller vocabulary is fine (checkpoints pad the embedding to a
+    round size: Qwen2.5's 151,665 tokens in 151,936 rows)."""
+    vocab = tok.get_vocab(with_added_tokens=True)                   # token -> id
+    if past := sorted((i, t) for t, i in vocab.items() if i >= cfg.vocab_size):
+        (first, token), (last, _) = past[0], past[-1]
+        raise CheckpointError(f"{file}: the tokenizer has {len(vocab)} tokens with ids up to {last}, but "
+                              f"config.json's vocab_size is {cfg.vocab_size}: {len(past)} of them (the first "
+                              f"{token!r}, id {first}) have no row in the model's embedding (a tokenizer "
+                              f"of another model?)")
 
 
 # ------------------------------------------------------------------------------ load and save
@@ -917,19 +932,15 @@ def read_config(path: Path) -> Config:
     return Config.from_hf(read_json(path / "config.json"))
 
 
-def load(path, device="cpu", dtype="float32", placement=None) -> CausalLM:
-    """Load config, weights and tokenizer of an HF checkpoint directory. The model is built on the
-    meta device and each tensor goes straight to its device in `dtype`; names, shapes and (float)
-    dtypes are checked from the files' headers before any data is read, and every weight must be
-    finite. device: one device, or several (check_devices: "cuda:0,cuda:1", "cpu,cpu", "auto"),
-    over which the blocks are placed in order, in proportion to the devices' memory
-    (device_shares): by `placement`, a function shares -> each block's device index (a run's
-    memory plan: plan.plan_stages), else by the weights alone (weight_need)."""
+def check_checkpoint(path) -> tuple[CausalLM, dict, dict[str, str]]:
+    """Everything loading checks from the checkpoint's files alone, before any tensor data is
+    read: config.json, the stored tensors' names, shapes and float dtypes (the safetensors
+    headers) against the model config.json implies, and the tokenizer. load runs it first, and
+    so does --plan (plan.print_plan), which thus refuses what the run would, in the same words.
+    Returns the model on the meta device (its tokenizer set), the headers (tensor_headers) and
+    checkpoint name -> parameter name of each tensor to read."""
     path = Path(path)
-    devices = check_devices(device)
     cfg = read_config(path)
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     with torch.device("meta"):
         model = CausalLM(cfg)
     headers = tensor_headers(weight_files(path))
@@ -939,6 +950,24 @@ def load(path, device="cpu", dtype="float32", placement=None) -> CausalLM:
               if not (cfg.tie_embeddings and n == "lm_head.weight")}          # checkpoint -> parameter
     shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
     check_tensors(path, cfg, {c: shapes[n] for c, n in params.items()}, headers)
+    model.tokenizer = Tokenizer(path, cfg)
+    return model, headers, params
+
+
+def load(path, device="cpu", dtype="float32", placement=None) -> CausalLM:
+    """Load config, weights and tokenizer of an HF checkpoint directory. The model is built on the
+    meta device and each tensor goes straight to its device in `dtype`; names, shapes and (float)
+    dtypes, and the tokenizer, are checked from the files before any data is read
+    (check_checkpoint), and every weight must be finite. device: one device, or several
+    (check_devices: "cuda:0,cuda:1", "cpu,cpu", "auto"), over which the blocks are placed in
+    order, in proportion to the devices' memory (device_shares): by `placement`, a function
+    shares -> each block's device index (a run's memory plan: plan.plan_stages), else by the
+    weights alone (weight_need)."""
+    devices = check_devices(device)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    model, headers, params = check_checkpoint(path)
+    cfg = model.cfg
     if len(devices) > 1:
         shares = device_shares(devices)
         model.devices = devices
@@ -959,18 +988,36 @@ def load(path, device="cpu", dtype="float32", placement=None) -> CausalLM:
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     model.inv_freq = rope_inv_freq(cfg).to(devices[0])
-    model.tokenizer = Tokenizer(path, cfg)
     return model.eval().requires_grad_(False)
 
 
-def save(src, out, tensors: dict[str, torch.Tensor]) -> None:
+# What save leaves out of the edited checkpoint, by file name (lower-cased): weights in any other
+# format than the safetensors it writes, and their indexes (they hold the unedited model, which a
+# loader that prefers them, as from_pretrained(..., use_safetensors=False), would silently get),
+# and a trainer's state (optimizer.pt, scheduler.pt, scaler.pt, rng_state*.pth, training_args.bin
+# fall under the patterns; trainer_state.json is named).
+LEFT_OUT = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.gguf", "*.ggml",
+            "*.onnx", "*.onnx_data", "*.onnx.data", "*.ot", "*.tflite", "*.npz", "*.npy", "*.pkl", "*.pickle",
+            "*.index.json", "trainer_state.json")
+
+
+def left_out_of_save(name: str) -> bool:
+    """Whether save leaves a file of the input checkpoint out of the edited one: LEFT_OUT, but
+    for the safetensors index (save writes the files it names)."""
+    name = name.lower()
+    return name != "model.safetensors.index.json" and any(fnmatch.fnmatchcase(name, p) for p in LEFT_OUT)
+
+
+def save(src, out, tensors: dict[str, torch.Tensor]) -> list[str]:
     """Write checkpoint `src` to `out` in its own layout (same files, names, dtypes, sharding and
-    index; config and tokenizer files copied) with the given tensors replaced. `tensors` maps
-    checkpoint names to tensors in the stored layout, as CausalLM.edit_tensors returns them (for
-    GPT-2 [d_mlp, d_model], not edit_weight's (d_model, d_mlp) view); a shape that differs from
-    the stored one is an error, and so is an `out` that holds another checkpoint (a config.json
-    not src's, or weights files of another layout); saving again over an earlier save of the same
-    checkpoint replaces it."""
+    index) with the given tensors replaced, and copy the files that describe the model (config,
+    tokenizer, generation config, README, licence, ...): every other file at src's top level but
+    those LEFT_OUT, weights of other formats and training state, whose names it returns (sorted).
+    `tensors` maps checkpoint names to tensors in the stored layout, as CausalLM.edit_tensors
+    returns them (for GPT-2 [d_mlp, d_model], not edit_weight's (d_model, d_mlp) view); a shape
+    that differs from the stored one is an error, and so is an `out` that holds another
+    checkpoint (a config.json not src's, or weights files save does not write: another layout's,
+    another format's); saving again over an earlier save of the same checkpoint replaces it."""
     src = Path(src)
     out = Path(out)
     if out.resolve() == src.resolve():
@@ -981,8 +1028,8 @@ def save(src, out, tensors: dict[str, torch.Tensor]) -> None:
         raise ValueError(f"{out} holds another checkpoint (its config.json is not {src}'s): writing this one "
                          "over it would mix two models; save into a new or empty directory")
     headers = tensor_headers(weight_files(src))
-    ours = {file.name for file, _, _ in headers.values()}
-    if other := sorted(p.name for p in out.glob("*.safetensors") if p.name not in ours):
+    ours = {file.name for file, _, _ in headers.values()}       # the weights files written below
+    if other := sorted(p.name for p in out.glob("*") if p.name not in ours and left_out_of_save(p.name)):
         raise ValueError(f"{out} holds other weights ({', '.join(other[:3])}): writing this checkpoint "
                          "beside them would mix two models; save into a new or empty directory")
     if unknown := sorted(set(tensors) - set(headers)):
@@ -1000,9 +1047,15 @@ def save(src, out, tensors: dict[str, torch.Tensor]) -> None:
             if n in tensors:
                 data[n] = tensors[n].detach().to("cpu", data[n].dtype).contiguous()
         save_file(data, str(out / file.name), metadata=meta)
-    for p in src.iterdir():   # config, tokenizer, generation config, the index, ...
-        if p.is_file() and not p.name.endswith(".safetensors"):
+    left_out = []
+    for p in sorted(src.iterdir()):          # config, tokenizer, generation config, the index, ...
+        if not p.is_file() or p.name in ours:
+            continue
+        if left_out_of_save(p.name):
+            left_out.append(p.name)
+        else:
             shutil.copy2(p, out / p.name)
+    return left_out
 
 
 # ----------------------------------------------------------------------------------- generation

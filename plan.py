@@ -1,6 +1,7 @@
 """A run's memory plan: what each device (and the host) holds at a step's peak, from config.json
-alone, so a user knows whether a run fits before loading anything (`python lyaplock.py --plan`),
-and where the model's blocks go so that it does (M.load's placement: Editor.open, the command).
+alone, so a user knows whether a run fits before loading anything (`python lyaplock.py --plan`,
+which first checks the checkpoint's files as loading does, without reading a tensor), and where
+the model's blocks go so that it does (M.load's placement: Editor.open, the command).
 
 Kept apart from lyaplock.py, which reads as the method: this is arithmetic about the method's
 tensors (their sizes per model family and method), checked against peaks measured on the CPU and
@@ -160,9 +161,12 @@ def device_memory(device: torch.device) -> int:
 
 def print_plan(args) -> int:
     """--plan: the memory plan of the run the flags describe (with --resume, the run's settings and
-    the flags that may change), from config.json alone; the run's blocks are placed by it."""
+    the flags that may change), from config.json alone; the run's blocks are placed by it. A
+    checkpoint the run would refuse at load, from its files alone (M.check_checkpoint: tensor
+    names, shapes and dtypes, the tokenizer; no tensor data read), is refused here in its words."""
     _, settings, cfg = L.open_run(args)
     requests = L.load_requests(settings)[0] if settings.edits else []        # as the run reads them
+    M.check_checkpoint(settings.model)
     if args.plan_gib:
         names = [f"device {i}" for i in range(len(args.plan_gib))]
         capacity = [g * 2 ** 30 for g in args.plan_gib]

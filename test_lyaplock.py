@@ -8,6 +8,7 @@ import math
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -1539,6 +1540,21 @@ def test_the_library_never_unpickles():
     for f in ("model.py", "data.py", "lyaplock.py", "eval.py", "stats.py", "baselines.py"):
         found = [line for line in (HERE / f).read_text().splitlines() if unpickles.search(line)]
         assert not found, (f, found)
+
+
+def test_save_model_says_which_files_of_the_input_it_left_out(tmp_path, capsys):
+    """A checkpoint shipped with pytorch_model.bin beside its safetensors: the saved model leaves the
+    unedited .bin out (M.save), and the command says so."""
+    src = tmp_path / "model"
+    shutil.copytree(STORIES, src)
+    for name in ("pytorch_model.bin", "optimizer.pt"):
+        (src / name).write_bytes(b"unedited")
+    argv = _cli(tmp_path, "--out", str(tmp_path / "run"), "--no-generation", "--save-model", str(tmp_path / "edited"),
+                edits="stories-edits.json", limit=2, batch=2, tokens=3000)
+    assert L.main(["--model", str(src), *argv[2:]]) == 0
+    assert (f"not copied from {src}: optimizer.pt, pytorch_model.bin (weights in other formats, which hold the "
+            "unedited model, and training state)") in capsys.readouterr().out
+    assert not {"optimizer.pt", "pytorch_model.bin"} & {p.name for p in (tmp_path / "edited").iterdir()}
 
 
 def test_save_model_never_writes_into_the_input_checkpoint(tmp_path, capsys):

@@ -225,6 +225,39 @@ def test_save_then_load_is_exact_and_transformers_reads_it(tmp_path, kind, shard
     assert {p.name: p.read_bytes() for p in victim.iterdir()} == before       # untouched
 
 
+def test_save_leaves_out_weights_of_other_formats_and_training_state(tmp_path):
+    """Beside its safetensors a checkpoint may hold the same (unedited) weights in other formats
+    and a trainer's state: the saved directory leaves them out (a loader that prefers them, as
+    from_pretrained(use_safetensors=False), would get the unedited model) and save names them;
+    the files that describe the model are copied byte for byte; an `out` holding such weights
+    is refused as other weights are."""
+    src = tmp_path / "src"
+    shutil.copytree(STORIES, src)
+    describe = {"generation_config.json": '{"eos_token_id": 2}', "special_tokens_map.json": "{}",
+                "README.md": "# stories\n", "LICENSE": "MIT\n", "merges.txt": "#version: 0.2\n",
+                "tokenizer.model": "\x00sentencepiece"}
+    other = ["pytorch_model.bin", "pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json",
+             "tf_model.h5", "flax_model.msgpack", "model.Q4_K_M.gguf", "consolidated.00.pth", "rust_model.ot",
+             "optimizer.pt", "scheduler.pt", "rng_state_0.pth", "training_args.bin", "trainer_state.json",
+             "consolidated.safetensors"]
+    for name, text in describe.items():
+        (src / name).write_text(text)
+    for name in other:
+        (src / name).write_bytes(b"unedited weights or training state")
+    m = M.load(src)
+    edited = {m.edit_weight_name(1): m.edit_weight(1) + 0.01}
+    out = tmp_path / "out"
+    assert M.save(src, out, edited) == sorted(other)
+    kept = {p.name for p in STORIES.iterdir()} | set(describe)
+    assert {p.name for p in out.iterdir()} == kept
+    for name in kept - {"model.safetensors"}:
+        assert (out / name).read_bytes() == (src / name).read_bytes(), name
+    assert torch.equal(M.load(out).edit_weight(1), edited[m.edit_weight_name(1)])
+    (out / "pytorch_model.bin").write_bytes(b"stale")
+    with pytest.raises(ValueError, match=r"holds other weights \(pytorch_model.bin\)"):
+        M.save(src, out, edited)
+
+
 def test_model_cli_prints_a_continuation():
     r = subprocess.run([sys.executable, str(HERE / "model.py"), str(STORIES), "--max-new-tokens", "12"],
                        capture_output=True, text=True, timeout=120)
@@ -278,6 +311,11 @@ def _broken(tmp_path, how):
         (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<bos>", "add_bos_token": True}))
     elif how == "generation-config-eos":
         (d / "generation_config.json").write_text(json.dumps({"eos_token_id": "</s>"}))
+    elif how == "vocab":           # config.json and the weights of 400 tokens, the tokenizer's 512
+        c = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**c, "vocab_size": 400}))
+        w["model.embed_tokens.weight"] = w["model.embed_tokens.weight"][:400].clone()
+        save_file(w, st)
     return d
 
 
@@ -293,10 +331,30 @@ def _broken(tmp_path, how):
     ("tokenizer-config-json", "tokenizer_config.json: not valid JSON"),
     ("unknown-bos", "tokenizer_config.json: bos_token '<bos>' is not a token of .*tokenizer.json"),
     ("generation-config-eos", "generation_config.json: eos_token_id '</s>' is not a token id"),
+    ("vocab", r"tokenizer.json: the tokenizer has 512 tokens with ids up to 511, but config.json's vocab_size "
+              r"is 400: 112 of them \(the first '.+', id 400\) have no row in the model's embedding"),
 ])
 def test_bad_checkpoints_give_clear_errors(tmp_path, how, message):
     with pytest.raises(M.CheckpointError, match=message):
         M.load(_broken(tmp_path, how))
+
+
+def test_a_tokenizer_past_vocab_size_is_one_line_from_the_cli_and_a_smaller_one_loads(tmp_path, capsys):
+    """Ids past config.json's vocab_size would index past the embedding (an IndexError deep in the
+    forward pass): the model CLI says so in one line. A vocabulary smaller than vocab_size, as
+    checkpoints pad their embedding to a round size, loads and gives the unpadded logits."""
+    with pytest.raises(SystemExit, match=r"^error: .*tokenizer.json: the tokenizer has 512 tokens .* vocab_size is 400"):
+        M.main([str(_broken(tmp_path, "vocab")), "--prompt", "Once upon a time", "--max-new-tokens", "2"])
+    padded = tmp_path / "padded"
+    shutil.copytree(STORIES, padded)
+    w = load_file(padded / "model.safetensors")
+    w["model.embed_tokens.weight"] = torch.cat([w["model.embed_tokens.weight"], torch.zeros(128, 64)])
+    save_file(w, padded / "model.safetensors")
+    c = json.loads((padded / "config.json").read_text())
+    (padded / "config.json").write_text(json.dumps({**c, "vocab_size": 640}))
+    ours, theirs = M.load(STORIES), M.load(padded)
+    ids = torch.tensor([ours.tokenizer.encode("Once upon a time, Lily found a red ball.")])
+    assert torch.equal(theirs(ids).logits[..., :512], ours(ids).logits)
 
 
 def run_the_suggested_command(error) -> str:

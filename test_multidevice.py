@@ -5,12 +5,15 @@ move runs (the moves are no-ops) and results are bitwise equal; with CUDA the sa
 across cpu and GPU ("cpu,cuda", and "cuda:0,cuda:1" with two GPUs) to float tolerance. Run:
 python -m pytest -q test_multidevice.py"""
 import itertools
+import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import lyaplock as L
 import model as M
@@ -731,3 +734,33 @@ def test_memory_plan_counts_what_superseded_remove_keeps(tmp_path, capsys, metho
     args = ["--plan", "--model", str(STORIES), "--layers", "1,2", "--method", method, "--superseded", "remove"]
     assert L.main(args + ["--edits", str(reedit_file(tmp_path, 5))]) == 0     # one prompt edited twice
     assert "counted for the 2 of the 6 edits of --edits whose prompt is edited again" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("how", ["no-tokenizer", "no-weights", "shape", "vocab"])
+def test_the_plan_refuses_a_checkpoint_the_run_refuses_at_load_with_its_message(tmp_path, capsys, how):
+    """A checkpoint the run refuses at load from its files alone — no tokenizer.json, no weights
+    file, a config.json whose sizes are not the stored tensors', a tokenizer past vocab_size — is
+    refused by --plan too (it said "fits: yes"), with the message of the run and of M.load."""
+    d = tmp_path / how
+    shutil.copytree(STORIES, d)
+    config = json.loads((d / "config.json").read_text())
+    if how == "no-tokenizer":
+        (d / "tokenizer.json").unlink()
+    elif how == "no-weights":
+        (d / "model.safetensors").unlink()
+    else:
+        change = {"intermediate_size": 128} if how == "shape" else {"vocab_size": 400}
+        (d / "config.json").write_text(json.dumps(config | change))
+        if how == "vocab":                  # the weights as config.json says: the tokenizer is past them
+            w = load_file(d / "model.safetensors")
+            w["model.embed_tokens.weight"] = w["model.embed_tokens.weight"][:400].clone()
+            save_file(w, d / "model.safetensors")
+    with pytest.raises(M.CheckpointError) as refused:
+        M.load(d)
+    flags = ["--model", str(d), "--edits", str(FIX / "counterfact-rome.json"), "--limit", "2", "--layers", "1,2"]
+    assert L.main(["--plan", *flags]) == 1
+    plan_out = capsys.readouterr()
+    assert L.main([*flags, "--out", str(tmp_path / "run"), "--stats-tokens", "200"]) == 1
+    run_out = capsys.readouterr()
+    assert plan_out.err == run_out.err == f"error: {refused.value}\n" and plan_out.out == ""
+    assert not (tmp_path / "run").exists()
