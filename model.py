@@ -671,8 +671,13 @@ class Tokenizer:
             raise CheckpointError(f"{gc}: eos_token_id {gen['eos_token_id']!r} is not a token id or a list of them")
         self.eos_ids += [i for i in end if i not in self.eos_ids]
         self.add_bos = conf.get("add_bos_token", cfg.arch in ("llama", "mistral")) and self.bos_id is not None
+        if self.bos_id is not None and not 0 <= self.bos_id < cfg.vocab_size:
+            raise CheckpointError(f"{path}: the BOS token id {self.bos_id} has no row in the embedding "
+                                  f"(config.json's vocab_size {cfg.vocab_size})")
         pad = cfg.pad_id if cfg.pad_id is not None else token_id(conf.get("pad_token"))
-        self.pad_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
+        if pad is None or not 0 <= pad < cfg.vocab_size:      # old Llama configs say -1: any real id
+            pad = self.eos_ids[0] if self.eos_ids and 0 <= self.eos_ids[0] < cfg.vocab_size else 0
+        self.pad_id = pad                                     # does, padded positions are masked
 
     def encode(self, text: str, bos: bool | None = None) -> list[int]:
         """The ids of `text`, after the BOS where asked (bos None: where this tokenizer adds one)

@@ -190,6 +190,25 @@ def test_tokenizer_bos_rules(tmp_path):
     assert gptj.tokenizer.bos_id == 50256 and gptj.tokenizer.eos_ids == [50256]
 
 
+@pytest.mark.parametrize("pad", [-1, 10 ** 6])
+def test_a_pad_id_outside_the_embedding_pads_with_a_real_token(tmp_path, pad):
+    """Old Llama configs say pad_token_id -1: a padded batch indexed the embedding with it (an
+    IndexError); padded positions are masked, so any real id pads as well. A BOS id outside the
+    embedding is named (it would begin every prompt)."""
+    d = tmp_path / "m"
+    shutil.copytree(STORIES, d)
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(config | {"pad_token_id": pad}))
+    m = M.load(d)
+    assert m.tokenizer.pad_id == m.tokenizer.eos_ids[0] == 2
+    ids, mask = m.tokenizer.pad([[1, 5, 6], [1, 7]])
+    assert ids[1, 2] == 2 and torch.allclose(m(ids, mask).logits[1, :2], m(ids[1:, :2], mask[1:, :2]).logits[0], atol=1e-5)
+    (d / "config.json").write_text(json.dumps(config | {"bos_token_id": config["vocab_size"]}))
+    (d / "tokenizer_config.json").unlink(missing_ok=True)
+    with pytest.raises(M.CheckpointError, match=f"the BOS token id {config['vocab_size']} has no row in the embedding"):
+        M.load(d)
+
+
 @pytest.mark.parametrize("kind,shard", [("llama-gqa-tied", False), ("gptj", True)])
 def test_save_then_load_is_exact_and_transformers_reads_it(tmp_path, kind, shard):
     src = make_hf_checkpoint(tmp_path / "src", kind, shard=shard)
