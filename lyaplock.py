@@ -514,7 +514,8 @@ def preset(cfg: M.Config, method: str) -> HParams:
 
     Other sizes: edit layers from n/8 to n/4 of the depth (at least two, from layer 1 on and below
     the top block where the depth allows; ROME: the last of them); none where no such layers
-    exist (under 3 blocks; ROME: 1), and check_hparams asks for --layers; λ in units of the MLP width m = d_mlp, α = 60 (the paper's) and AlphaEdit's L2 = 1.
+    exist (under 3 blocks; ROME: under 2), and check_hparams asks for --layers. λ in units of the
+    MLP width m = d_mlp, α = 60 (the paper's) and AlphaEdit's L2 = 1.
     λ is free of the activations' scale (K1K1ᵀ and C scale alike); what it sets is the share
     s/(1 + s) of a key's gap one step closes, s = kᵀ(λC)⁻¹k, which is m/λ on average for keys
     distributed as C's tokens (E[kᵀC⁻¹k] = m). The MEMIT family takes λ = m (s = 1; the published
@@ -1431,7 +1432,8 @@ def gib_list(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give each device's memory in GiB, a number, e.g. 80,80") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: give each device's memory in GiB, a number, "
+                                         "e.g. 80,80") from None
 
 
 def parse_args(argv=None):
