@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -163,10 +164,15 @@ def print_plan(args) -> int:
     """--plan: the memory plan of the run the flags describe (with --resume, the run's settings and
     the flags that may change), from config.json alone; the run's blocks are placed by it. A
     checkpoint the run would refuse at load, from its files alone (M.check_checkpoint: tensor
-    names, shapes and dtypes, the tokenizer; no tensor data read), is refused here in its words."""
+    names, shapes and dtypes, the tokenizer; no tensor data read), is refused here in its words;
+    a directory without weights yet (config.json downloaded first, to plan) is planned as it is."""
     _, settings, cfg = L.open_run(args)
     requests = L.load_requests(settings)[0] if settings.edits else []        # as the run reads them
-    M.check_checkpoint(settings.model)
+    if any(Path(settings.model).glob("*.safetensors")):
+        M.check_checkpoint(settings.model)
+    else:                      # planning before the download: config.json (and the tokenizer) only
+        print(f"no weights in {settings.model} yet: planned from config.json alone (the run checks the "
+              "checkpoint's files when it loads them)")
     if args.plan_gib:
         names = [f"device {i}" for i in range(len(args.plan_gib))]
         capacity = [g * 2 ** 30 for g in args.plan_gib]
