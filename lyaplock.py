@@ -1827,6 +1827,8 @@ def run(args) -> int:
         print(f"skipped {len(skipped)} bad record(s):\n  " + "\n  ".join(skipped[:10]))
     if note := superseded_note(requests, settings.hparams, "superseded" in args.given):
         print(note, file=sys.stderr)
+    if model.cfg.post_norms:
+        print(POST_NORM_NOTE, file=sys.stderr)
     editor = Editor(model, settings.hparams, preservation_statistics(model, settings), templates,
                     settings.model, settings.z_batch_tokens, state_device=settings.state_device)
     if not args.resume:
@@ -1880,6 +1882,15 @@ def recurring_prompts(requests) -> frozenset:
     """The prompts (subject filled in) that more than one of the requests edits."""
     counts = Counter(q.rewrite_prompt() for q in requests)
     return frozenset(p for p, n in counts.items() if n > 1)
+
+
+# Gemma 2 normalises the MLP's output (post_feedforward_layernorm) before it joins the residual
+# stream; E6 spreads the target's residual over the edit layers' MLP outputs as if they joined it as
+# they are (docs/LYAPLOCK.md §4), so there an edit meets its residual in the MLP output's space only.
+POST_NORM_NOTE = ("note: this model normalises each MLP's output before adding it to the residual stream "
+                  "(Gemma 2's post_feedforward_layernorm); the edit's residual (E6) is met in the MLP output's "
+                  "space, not exactly in the residual stream, as the MEMIT-style methods assume: efficacy "
+                  "on it is not measured here")
 
 
 def superseded_note(requests, hp: HParams, chosen: bool) -> str | None:

@@ -1,9 +1,11 @@
 """A small, hand-written forward pass on HF-format checkpoints: LLaMA (Llama-2/3/3.1/3.2), Qwen2 /
-Qwen2.5, Qwen3, Mistral, GPT-J and GPT-2.
+Qwen2.5, Qwen3, Mistral, Gemma, Gemma 2, GPT-J and GPT-2.
 
 Parameter names mirror the checkpoint's tensor names one to one, so loading is a strict
 name-and-shape match. The LLaMA-like families share one block (Qwen2 adds biases on q, k, v; Qwen3
-an RMSNorm over each head of q and k; Mistral and windowed Qwen layers a sliding attention window);
+an RMSNorm over each head of q and k; Mistral and windowed Qwen layers a sliding attention window;
+Gemma (1 + w) norms, scaled embeddings and a GELU gate; Gemma 2 also norms on the outputs of
+attention and the MLP, soft-capped attention scores and logits, and a window on alternate layers);
 GPT-J and GPT-2 have their own. The forward pass returns what knowledge editing needs without
 hooks: the MLP keys (the input of `down_proj` / `fc_out` / GPT-2's `mlp.c_proj`) and residual-stream
 outputs at chosen layers; it can stop after a layer, or start at one from a given residual
@@ -31,7 +33,10 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-LLAMA_LIKE = ("llama", "qwen2", "qwen3", "mistral")   # one block: RMSNorm, rope on halves, SwiGLU
+# one layout (model.embed_tokens, model.layers, model.norm): RMSNorm, rope on halves, a gated MLP
+LLAMA_LIKE = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2")
+# the gate activations of the gated MLP, by HF's names: SwiGLU (LLaMA ...) and GeGLU (Gemma)
+GATE_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # safetensors dtype codes a weight may be stored in (cast to the requested dtype when loaded)
 FLOAT_CODES = ("F16", "BF16", "F32", "F64")
@@ -70,6 +75,12 @@ class Config:
     sliding_window: int | None = None   # a query sees the keys of the last `sliding_window` positions...
     window_layers: tuple[int, ...] = ()  # ...in these layers (Mistral: all; Qwen: layer_types)
     attn_scale: float | None = None      # None: 1/sqrt(head_dim); GPT-2 without scale_attn_weights: 1
+    mlp_act: str = "silu"         # the gated MLP's gate activation, one of GATE_ACTIVATIONS (Gemma: GELU)
+    norm_plus_one: bool = False   # Gemma: RMSNorm's weight applied as (1 + w), in float32 (GemmaRMSNorm)
+    embed_scale: float | None = None     # Gemma: embeddings times sqrt(d_model), rounded to their dtype
+    post_norms: bool = False      # Gemma 2: attention's and the MLP's outputs normalised before the add
+    attn_softcap: float | None = None    # Gemma 2: attention scores capped to tanh(s / c) * c
+    final_softcap: float | None = None   # Gemma 2: logits capped so too
 
     @property
     def llama_like(self) -> bool:
@@ -121,16 +132,18 @@ def read_rope(c: dict) -> dict:
 
 
 def read_llama_like(c: dict, **family) -> Config:
-    """The LLaMA layout's fields; `family` adds or overrides the family's own."""
-    if c.get("hidden_act", "silu") != "silu":
-        refuse(c, f"hidden_act {c['hidden_act']!r}", "the LLaMA MLP here is SiLU-gated")
+    """The LLaMA layout's fields; `family` adds or overrides the family's own (Gemma: its gate
+    activation, checked by its reader)."""
     nh = c["num_attention_heads"]
     fields = dict(arch=c["model_type"], vocab_size=c["vocab_size"], d_model=c["hidden_size"],
                   n_layers=c["num_hidden_layers"], n_heads=nh, n_kv_heads=c.get("num_key_value_heads") or nh,
                   head_dim=c.get("head_dim") or c["hidden_size"] // nh, d_mlp=c["intermediate_size"],
                   norm_eps=c.get("rms_norm_eps", 1e-6), tie_embeddings=c.get("tie_word_embeddings", False),
-                  max_positions=c.get("max_position_embeddings", 2048))
-    return Config(**fields | read_rope(c) | special_ids(c) | family)
+                  max_positions=c.get("max_position_embeddings", 2048), mlp_act=c.get("hidden_act", "silu"))
+    cfg = Config(**fields | read_rope(c) | special_ids(c) | family)
+    if cfg.mlp_act not in GATE_ACTIVATIONS:
+        refuse(c, f"hidden_act {cfg.mlp_act!r}", "the gated MLP here is SiLU- or tanh-GELU-gated")
+    return cfg
 
 
 def read_llama(c: dict) -> Config:
@@ -166,6 +179,53 @@ def read_mistral(c: dict) -> Config:
                            window_layers=tuple(range(c["num_hidden_layers"])) if window else ())
 
 
+def check_gelu_tanh(c: dict, key: str, legacy: tuple = ()):
+    """Gemma's gate activation, config.json's `key`: the tanh GELU (transformers' gelu_pytorch_tanh,
+    the default, and any `legacy` name it reads as that)."""
+    act = c.get(key) or "gelu_pytorch_tanh"
+    if act != "gelu_pytorch_tanh" and act not in legacy:
+        refuse(c, f"{key} {act!r}", "Gemma's MLP here is gated by the tanh GELU, gelu_pytorch_tanh")
+
+
+def gemma_family(c: dict) -> dict:
+    """What Gemma and Gemma 2 add to the LLaMA layout: (1 + w) norms, embeddings scaled by
+    sqrt(hidden_size), the tanh-GELU gate, head_dim 256 and a tied head where config.json is silent."""
+    if c.get("use_bidirectional_attention"):
+        refuse(c, "use_bidirectional_attention: true", "the models here are causal")
+    return dict(mlp_act="gelu_pytorch_tanh", norm_plus_one=True, embed_scale=c["hidden_size"] ** 0.5,
+                head_dim=c.get("head_dim") or 256, tie_embeddings=c.get("tie_word_embeddings", True),
+                attention_bias=c.get("attention_bias", False))
+
+
+def read_gemma(c: dict) -> Config:
+    check_gelu_tanh(c, "hidden_act", legacy=("gelu",))   # transformers reads the releases' "gelu" as tanh
+    check_gelu_tanh(c, "hidden_activation")               # older transformers read this key first
+    return read_llama_like(c, **gemma_family(c))
+
+
+def gemma2_window(c: dict) -> dict:
+    """Gemma 2's sliding window: sliding_window tokens (4096 where the key is absent) in the layers
+    `layer_types` marks "sliding_attention" (by default the even ones: 0, 2, ...), as transformers
+    does; a null window with sliding layers is refused (transformers cannot build their mask)."""
+    n = c["num_hidden_layers"]
+    kinds = c.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+    if len(kinds) != n or not set(kinds) <= {"sliding_attention", "full_attention"}:
+        refuse(c, f"layer_types {kinds!r}", f"{n} entries of sliding_attention or full_attention are")
+    layers = tuple(i for i, kind in enumerate(kinds) if kind == "sliding_attention")
+    window = c.get("sliding_window", 4096)
+    if layers and not window:
+        refuse(c, f"sliding_window {window!r} with sliding_attention layers", "a window needs its size")
+    return dict(sliding_window=window if layers else None, window_layers=layers)
+
+
+def read_gemma2(c: dict) -> Config:
+    check_gelu_tanh(c, "hidden_activation")     # the key transformers reads for Gemma 2 (hidden_act: unused)
+    return read_llama_like(c, **gemma_family(c), **gemma2_window(c), post_norms=True,
+                           attn_scale=c.get("query_pre_attn_scalar", 256) ** -0.5,
+                           attn_softcap=c.get("attn_logit_softcapping", 50.0),
+                           final_softcap=c.get("final_logit_softcapping", 30.0))
+
+
 def check_gelu_new(c: dict):
     if c.get("activation_function", "gelu_new") != "gelu_new":
         refuse(c, f"activation_function {c['activation_function']!r}", "only gelu_new is implemented")
@@ -195,7 +255,7 @@ def read_gpt2(c: dict) -> Config:
 
 
 READERS = {"llama": read_llama, "gptj": read_gptj, "gpt2": read_gpt2, "qwen2": read_qwen2,
-           "qwen3": read_qwen3, "mistral": read_mistral}
+           "qwen3": read_qwen3, "mistral": read_mistral, "gemma": read_gemma, "gemma2": read_gemma2}
 SUPPORTED = tuple(READERS)
 
 
@@ -276,9 +336,28 @@ def attention_mask(mask, past: int, window: int | None = None):
     return (allowed | (kj[None, :] == qi[:, None])[None])[:, None]
 
 
-def attend(q, k, v, allowed, cache: KVCache | None, layer: int, scale: float | None):
-    """softmax(q kᵀ · scale, masked by `allowed`) v over the cached and the new keys.
-    q (B, nh, T, hd); k, v (B, nkv, T, hd), written into the cache first. Returns (B, T, nh * hd)."""
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Gemma 2's soft-capping: tanh(x / cap) * cap, in x's dtype (as transformers); None: x."""
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
+def capped_attention(q, k, v, allowed, scale: float | None, cap: float):
+    """softmax(softcap(q kᵀ · scale, cap), masked by `allowed`) v, written out (no fused kernel caps
+    scores): the scores in q's dtype, capped before the mask, softmax in float32 and cast back (as
+    transformers' eager attention). q, k, v (B, nh, T|S, hd); allowed None: causal. Returns (B, nh, T, hd)."""
+    T, S = q.shape[2], k.shape[2]
+    scores = (q @ k.transpose(2, 3)) * (q.shape[-1] ** -0.5 if scale is None else scale)   # (B, nh, T, S)
+    scores = softcap(scores, cap)
+    if allowed is None:                            # no cache (S == T): plain causal
+        allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+def attend(q, k, v, allowed, cache: KVCache | None, layer: int, scale: float | None, cap: float | None = None):
+    """softmax(q kᵀ · scale, masked by `allowed`) v over the cached and the new keys (scores
+    soft-capped at `cap` where given: Gemma 2). q (B, nh, T, hd); k, v (B, nkv, T, hd), written
+    into the cache first. Returns (B, T, nh * hd)."""
     B, nh, T, hd = q.shape
     if cache is not None:
         s = cache.length
@@ -287,7 +366,9 @@ def attend(q, k, v, allowed, cache: KVCache | None, layer: int, scale: float | N
     if k.shape[1] != nh:                           # grouped-query: head h reads kv head h // rep
         rep = nh // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    if allowed is None:     # right padding, no cache: plain causal (fused kernels)
+    if cap is not None:
+        y = capped_attention(q, k, v, allowed, scale, cap)                        # (B, nh, T, hd)
+    elif allowed is None:     # right padding, no cache: plain causal (fused kernels)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)   # (B, nh, T, hd)
     else:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
@@ -322,7 +403,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = rope(q.transpose(1, 2), cos, sin)           # (B, nh, T, hd)
         k = rope(k.transpose(1, 2), cos, sin)           # (B, nkv, T, hd)
-        y = attend(q, k, v.transpose(1, 2), allowed, cache, layer, self.cfg.attn_scale)   # (B, T, nh*hd)
+        y = attend(q, k, v.transpose(1, 2), allowed, cache, layer, self.cfg.attn_scale,
+                   self.cfg.attn_softcap)                                         # (B, T, nh * hd)
         return getattr(self, self.out_name)(y)
 
 
@@ -366,16 +448,41 @@ class RMSNorm(nn.Module):
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
+class GemmaRMSNorm(nn.Module):
+    """Gemma's RMSNorm: the weight is stored as an offset from 1, and applied in float32 before
+    the cast back (LLaMA's casts first, then multiplies)."""
+
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(d))
+        self.eps = eps
+
+    def forward(self, x):   # normalised and scaled in float32, then cast back (as transformers)
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * (1.0 + self.weight.float())).to(x.dtype)
+
+
+def rms_norm(cfg: Config) -> nn.Module:
+    """An RMSNorm over the residual stream, in the family's convention."""
+    return (GemmaRMSNorm if cfg.norm_plus_one else RMSNorm)(cfg.d_model, cfg.norm_eps)
+
+
 class LlamaMLP(nn.Module):
+    """The gated MLP: down(act(gate(x)) * up(x)), act SiLU (SwiGLU) or the tanh GELU (Gemma's GeGLU)."""
+
     def __init__(self, cfg: Config):
         super().__init__()
+        self.gelu = cfg.mlp_act == "gelu_pytorch_tanh"
         b = cfg.mlp_bias
         self.gate_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=b)
         self.up_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=b)
         self.down_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=b)
 
     def forward(self, x):   # returns (output, key = input of down_proj)
-        key = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        gate = self.gate_proj(x)
+        act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        key = act * self.up_proj(x)
         return self.down_proj(key), key
 
 
@@ -402,19 +509,40 @@ class GPT2MLP(nn.Module):
 
 
 class LlamaBlock(nn.Module):
-    """LLaMA, Qwen2, Qwen3 and Mistral: pre-norm, attention then MLP."""
+    """LLaMA, Qwen2, Qwen3, Mistral and Gemma: pre-norm, attention then MLP."""
 
     def __init__(self, cfg: Config):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.input_layernorm = rms_norm(cfg)
         self.self_attn = Attention(cfg, "o_proj")
-        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.post_attention_layernorm = rms_norm(cfg)
         self.mlp = LlamaMLP(cfg)
 
     def forward(self, h, cos, sin, allowed, cache, layer):   # sequential: attention, then MLP
         h = h + self.self_attn(self.input_layernorm(h), rope_llama, cos, sin, allowed, cache, layer)
         out, key = self.mlp(self.post_attention_layernorm(h))
         return h + out, key
+
+
+class Gemma2Block(nn.Module):
+    """Gemma 2: LLaMA's block with the outputs of attention and of the MLP normalised before each
+    joins the residual stream; its post_attention_layernorm is thus on attention's output (LLaMA's
+    of that name is on the MLP's input: here pre_feedforward_layernorm)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.input_layernorm = rms_norm(cfg)
+        self.self_attn = Attention(cfg, "o_proj")
+        self.post_attention_layernorm = rms_norm(cfg)
+        self.pre_feedforward_layernorm = rms_norm(cfg)
+        self.mlp = LlamaMLP(cfg)
+        self.post_feedforward_layernorm = rms_norm(cfg)
+
+    def forward(self, h, cos, sin, allowed, cache, layer):
+        a = self.self_attn(self.input_layernorm(h), rope_llama, cos, sin, allowed, cache, layer)
+        h = h + self.post_attention_layernorm(a)
+        out, key = self.mlp(self.pre_feedforward_layernorm(h))
+        return h + self.post_feedforward_layernorm(out), key
 
 
 class GPTJBlock(nn.Module):
@@ -458,8 +586,8 @@ EDIT_WEIGHTS = {"llama": "model.layers.{}.mlp.down_proj.weight", "gptj": "transf
 
 
 class CausalLM(nn.Module):
-    """LlamaForCausalLM (and Qwen2/Qwen3/Mistral), GPTJForCausalLM, GPT2LMHeadModel, with the
-    checkpoint's parameter names."""
+    """LlamaForCausalLM (and Qwen2/Qwen3/Mistral/Gemma/Gemma2), GPTJForCausalLM, GPT2LMHeadModel,
+    with the checkpoint's parameter names."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -470,8 +598,9 @@ class CausalLM(nn.Module):
         if cfg.llama_like:
             self.model = nn.Module()
             self.model.embed_tokens = embedding(cfg.vocab_size, cfg.d_model)
-            self.model.layers = nn.ModuleList(LlamaBlock(cfg) for _ in range(cfg.n_layers))
-            self.model.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+            block = Gemma2Block if cfg.post_norms else LlamaBlock
+            self.model.layers = nn.ModuleList(block(cfg) for _ in range(cfg.n_layers))
+            self.model.norm = rms_norm(cfg)
         else:
             block = GPT2Block if cfg.arch == "gpt2" else GPTJBlock
             self.transformer = nn.Module()
@@ -596,6 +725,8 @@ class CausalLM(nn.Module):
         first, h = (0, self.embed(ids)) if start is None else (start[0] + 1, start[1])
         if start is None and self.cfg.arch == "gpt2":                              # learned positions
             h = h + self.transformer.wpe(pos)
+        if start is None and self.cfg.embed_scale is not None:   # Gemma: a float32 scalar cast to dt
+            h = h * torch.tensor(self.cfg.embed_scale).to(h.device, dt)
         last = self.cfg.n_layers - 1 if stop_after is None else stop_after
         windows = {self.cfg.window(i) for i in range(first, last + 1)}
         masks = {w: attention_mask(mask, past, w) for w in windows}                # (B, 1, T, S) or None
@@ -617,7 +748,8 @@ class CausalLM(nn.Module):
             h = h.to(head)
             if logits_at is not None:
                 h = h.gather(1, logits_at.to(head)[..., None].expand(-1, -1, h.shape[-1]))
-            out.logits = self.lm_head(self.norm(h)).float().to(home)
+            logits = softcap(self.lm_head(self.norm(h)), self.cfg.final_softcap)    # capped in dt
+            out.logits = logits.float().to(home)
         return out
 
 
@@ -670,7 +802,8 @@ class Tokenizer:
         if not all(isinstance(i, int) for i in end):
             raise CheckpointError(f"{gc}: eos_token_id {gen['eos_token_id']!r} is not a token id or a list of them")
         self.eos_ids += [i for i in end if i not in self.eos_ids]
-        self.add_bos = conf.get("add_bos_token", cfg.arch in ("llama", "mistral")) and self.bos_id is not None
+        self.add_bos = conf.get("add_bos_token", cfg.arch in ("llama", "mistral", "gemma", "gemma2")) \
+            and self.bos_id is not None
         if self.bos_id is not None and not 0 <= self.bos_id < cfg.vocab_size:
             raise CheckpointError(f"{path}: the BOS token id {self.bos_id} has no row in the embedding "
                                   f"(config.json's vocab_size {cfg.vocab_size})")

@@ -433,6 +433,18 @@ def test_alphaedit_without_a_null_space_is_refused_before_the_run_directory(tmp_
     assert L.main(argv) == 0 and json.loads((out / "config.json").read_text())["hparams"]["nullspace_threshold"] == 2e-2
 
 
+def test_a_gemma2_run_notes_that_its_mlp_output_is_normalised(tmp_path, capsys):
+    """Gemma 2's post_feedforward_layernorm sits between the edited MLP output and the residual
+    stream, which E6 does not model: the command edits it and says so; Gemma (1) has none."""
+    from test_models import make_checkpoint
+    for kind in ("gemma2", "gemma"):
+        model = make_checkpoint(tmp_path / kind, kind)
+        argv = _cli(tmp_path, "--out", str(tmp_path / f"run-{kind}"), "--no-generation", "--layers", "1,2",
+                    limit=2, batch=2, tokens=0)
+        assert L.main(["--model", str(model), *argv[2:]]) == 0
+        assert (L.POST_NORM_NOTE in capsys.readouterr().err) == (kind == "gemma2")
+
+
 def test_the_preset_rule_on_shallow_models():
     """The rule's layers (n/8..n/4, at least two, from layer 1 on, below the top block) as far as the
     depth allows: 3 blocks edit 0, 1 (it gave one layer, [1]); under 3 (ROME: 1) it has none, and

@@ -1,6 +1,6 @@
 """Tests of model.py against HF transformers: LLaMA and GPT-J (logits, keys, generation, sharded
-and tied checkpoints, a real checkpoint's golden greedy output), then GPT-2, Qwen2, Qwen3 and
-Mistral, and what loading refuses (bad checkpoints, unsupported dtypes and options). Run:
+and tied checkpoints, a real checkpoint's golden greedy output), then GPT-2, Qwen2, Qwen3,
+Mistral, Gemma and Gemma 2, and what loading refuses (bad checkpoints, unsupported dtypes and options). Run:
 python -m pytest -q test_models.py"""
 import json
 import shutil
@@ -420,7 +420,7 @@ def test_a_missing_tokenizer_json_comes_with_the_command_that_writes_it(tmp_path
     assert m.tokenizer.encode(text) == M.Tokenizer(FIX / "gpt2-tokenizer", m.cfg).encode(text)
 
 
-# ----------------------------------------------------------------------------- GPT-2, Qwen2, Qwen3, Mistral
+# ----------------------------------------------------------------------------- GPT-2, Qwen2, Qwen3, Mistral, Gemma
 # kind -> (family, options); every family once plainly and once with its variants
 KINDS = {
     "gpt2": ("gpt2", {}),
@@ -432,7 +432,20 @@ KINDS = {
     "qwen3-gqa-bias": ("qwen3", dict(num_key_value_heads=2, head_dim=16, attention_bias=True)),
     "mistral": ("mistral", dict(sliding_window=None)),
     "mistral-gqa-window": ("mistral", dict(num_key_value_heads=2, sliding_window=4, rope_theta=1e6)),
+    # Gemma: head_dim not hidden / heads (16), as the real ones' 256; the head tied by default;
+    # config.json's hidden_act "gelu" as Gemma's releases say it (transformers: the tanh GELU)
+    "gemma": ("gemma", dict(head_dim=32, hidden_act="gelu")),
+    "gemma-gqa-untied": ("gemma", dict(num_key_value_heads=2, head_dim=24, tie_word_embeddings=False)),
+    # Gemma 2 with transformers' defaults (window 4096 on layers 0, 2; caps 50 and 30) ...
+    "gemma2": ("gemma2", dict(head_dim=32, num_hidden_layers=4, query_pre_attn_scalar=32)),
+    # ... and with a window of 4 (shorter than the test batches) on layers 1, 2, caps 1 and 3
+    "gemma2-gqa-window-caps": ("gemma2", dict(num_key_value_heads=2, head_dim=24, num_hidden_layers=4,
+                                              sliding_window=4, query_pre_attn_scalar=20,
+                                              attn_logit_softcapping=1.0, final_logit_softcapping=3.0,
+                                              layer_types=["full_attention", "sliding_attention",
+                                                           "sliding_attention", "full_attention"])),
 }
+FAMILY_CLASSES = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "gemma": "Gemma", "gemma2": "Gemma2"}
 
 
 def make_checkpoint(path, kind, seed=0):
@@ -451,8 +464,8 @@ def make_checkpoint(path, kind, seed=0):
         kw = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
                   bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5) | opts
-        hf = {"qwen2": T.Qwen2ForCausalLM, "qwen3": T.Qwen3ForCausalLM, "mistral": T.MistralForCausalLM}[family](
-            {"qwen2": T.Qwen2Config, "qwen3": T.Qwen3Config, "mistral": T.MistralConfig}[family](**kw))
+        name = FAMILY_CLASSES[family]
+        hf = getattr(T, name + "ForCausalLM")(getattr(T, name + "Config")(**kw))
         tok = STORIES
     roughen(hf)
     hf.save_pretrained(path)
@@ -522,6 +535,62 @@ def test_configs_read_as_transformers_does(ckpt):
     assert cfg["mistral"].window_layers == () and cfg["mistral-gqa-window"].window(0) == 4
 
 
+@pytest.mark.parametrize("kind", ["gemma", "gemma-gqa-untied", "gemma2", "gemma2-gqa-window-caps"])
+def test_gemma_configs_read_as_transformers_does(ckpt, kind):
+    """Gemma's options as transformers reads them: head_dim from config.json, embeddings scaled by
+    sqrt(hidden_size), the head tied unless config.json unties it; Gemma 2's attention scale
+    query_pre_attn_scalar^-0.5, its two caps, and its window in the layers layer_types slides (by
+    default the even ones)."""
+    import transformers as T
+    hf, cfg = T.AutoConfig.from_pretrained(ckpt(kind)), M.load(ckpt(kind)).cfg
+    assert cfg.head_dim == hf.head_dim != cfg.d_model // cfg.n_heads and cfg.embed_scale == hf.hidden_size ** 0.5
+    assert cfg.tie_embeddings == hf.tie_word_embeddings and cfg.norm_plus_one and cfg.mlp_act == "gelu_pytorch_tanh"
+    if kind.startswith("gemma2"):
+        assert cfg.post_norms and cfg.attn_scale == hf.query_pre_attn_scalar ** -0.5
+        assert (cfg.attn_softcap, cfg.final_softcap) == (hf.attn_logit_softcapping, hf.final_logit_softcapping)
+        assert [cfg.window(i) for i in range(cfg.n_layers)] == \
+            [hf.sliding_window if k == "sliding_attention" else None for k in hf.layer_types]
+    else:
+        assert not cfg.post_norms and (cfg.attn_softcap, cfg.final_softcap, cfg.window_layers) == (None, None, ())
+
+
+@pytest.mark.parametrize("kind,drop,change", [
+    ("gemma", [], dict(hidden_act="gelu")),     # Gemma's releases say "gelu", which transformers reads as tanh
+    ("gemma2-gqa-window-caps", ["layer_types", "sliding_window", "attn_logit_softcapping",
+                                "final_logit_softcapping", "query_pre_attn_scalar", "hidden_activation"], {}),
+])
+def test_gemma_config_json_left_to_defaults_reads_as_transformers_does(ckpt, tmp_path, kind, drop, change):
+    """config.json as released or with Gemma 2's options left out: transformers' defaults (the
+    window on the even layers, caps 50 and 30, scale 256^-0.5), and its logits."""
+    import transformers as T
+    d = tmp_path / "ckpt"
+    shutil.copytree(ckpt(kind), d)
+    c = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({k: v for k, v in c.items() if k not in drop} | change))
+    cfg = M.read_config(d)
+    if kind.startswith("gemma2"):
+        assert cfg.window_layers == (0, 2) and cfg.sliding_window == 4096
+        assert (cfg.attn_softcap, cfg.final_softcap, cfg.attn_scale) == (50.0, 30.0, 1 / 16)
+    ids, mask = padded_batch(500, "left")
+    ref, _ = hf_reference(hf_load(d), ids, mask)
+    assert (M.load(d)(ids, mask).logits - ref.logits)[mask.bool()].abs().max() < 1e-4
+
+
+def test_gemma2_caps_and_window_change_the_logits(ckpt):
+    """The parity tests mean something: on the test batch, each of Gemma 2's attention cap, final
+    cap and window (of the kind that sets them small) moves the logits far past their tolerance."""
+    m = M.load(ckpt("gemma2-gqa-window-caps"))
+    ids, mask = padded_batch(500, "left")
+    real = mask.bool()
+    base = m(ids, mask).logits[real]
+    for option, off in (("attn_softcap", None), ("final_softcap", None), ("window_layers", ())):
+        on = getattr(m.cfg, option)
+        setattr(m.cfg, option, off)
+        moved = (m(ids, mask).logits[real] - base).abs().max()
+        setattr(m.cfg, option, on)
+        assert moved > 0.05, (option, float(moved))
+
+
 @pytest.mark.parametrize("kind", ["mistral-gqa-window", "qwen2-gqa-tied-window"])
 @pytest.mark.parametrize("window", ["absent", None])
 def test_a_sliding_window_left_out_is_that_of_transformers(ckpt, tmp_path, kind, window):
@@ -543,7 +612,8 @@ def test_a_sliding_window_left_out_is_that_of_transformers(ckpt, tmp_path, kind,
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind", ["gpt2", "qwen2-gqa-tied-window", "qwen3-gqa-bias", "mistral-gqa-window"])
+@pytest.mark.parametrize("kind", ["gpt2", "qwen2-gqa-tied-window", "qwen3-gqa-bias", "mistral-gqa-window", "gemma",
+                                  "gemma2-gqa-window-caps"])
 def test_bfloat16_error_is_that_of_transformers(ckpt, kind, device):
     """In bfloat16 our logits are as close to the float32 reference as transformers' own bfloat16
     logits are (mean absolute error within 1.5x of theirs, plus 0.1% of the logits' scale; on the
@@ -564,7 +634,8 @@ def test_bfloat16_error_is_that_of_transformers(ckpt, kind, device):
 
 
 # ============================================================================ generation
-@pytest.mark.parametrize("kind", ["gpt2", "qwen2-gqa-tied-window", "qwen3-gqa-bias", "mistral-gqa-window"])
+@pytest.mark.parametrize("kind", ["gpt2", "qwen2-gqa-tied-window", "qwen3-gqa-bias", "mistral-gqa-window",
+                                  "gemma-gqa-untied", "gemma2-gqa-window-caps"])
 def test_kv_cache_generation_equals_recompute(ckpt, kind):
     """Cached decoding (left-padded batch) equals re-running the whole sequence per token, well
     past the window (prompts up to 6 tokens + 12 new, window 4); and transformers' greedy
@@ -593,7 +664,7 @@ def test_gpt2_learned_positions_end_with_a_clear_error(ckpt):
 
 # ============================================================================ edit weights, save
 @pytest.mark.parametrize("kind", ["gpt2", "gpt2-bare-unscaled", "qwen2-gqa-tied-window", "qwen3-gqa-bias",
-                                  "mistral-gqa-window"])
+                                  "mistral-gqa-window", "gemma", "gemma2-gqa-window-caps"])
 def test_family_save_then_load_is_exact_and_transformers_reads_it(ckpt, tmp_path, kind):
     """An edit through the edit_weight alias, saved with edit_tensors: the file holds it in the
     stored layout under the checkpoint's own names, reloads bit-identically, and transformers
@@ -655,7 +726,7 @@ def test_load_edit_tensors_round_trips_and_checks(ckpt):
     assert all(torch.equal(t, saved[n]) for n, t in m.edit_tensors([0, 2]).items())     # nothing copied
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "qwen3-gqa-bias", "mistral-gqa-window"])
+@pytest.mark.parametrize("kind", ["gpt2", "qwen3-gqa-bias", "mistral-gqa-window", "gemma2-gqa-window-caps"])
 def test_names_through_layer_are_exactly_what_the_layer_depends_on(ckpt, kind):
     """Perturbing any tensor outside names_through_layer(1) leaves layer 1's output unchanged;
     perturbing any one inside changes it; the names are the checkpoint's."""
@@ -719,7 +790,14 @@ def _config_with(tmp_path, ckpt_dir, **change):
     ("qwen2", dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
     ("mistral", dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling .*only 'llama3'"),
     ("qwen3", dict(model_type="mamba"), "unsupported model_type 'mamba'.*"
-                                        "'llama', 'gptj', 'gpt2', 'qwen2', 'qwen3', 'mistral'"),
+                                        "'llama', 'gptj', 'gpt2', 'qwen2', 'qwen3', 'mistral', 'gemma', 'gemma2'"),
+    ("gemma", dict(hidden_act="silu"), "hidden_act 'silu' is not supported"),
+    ("gemma", dict(hidden_activation="gelu"), "hidden_activation 'gelu' is not supported"),
+    ("gemma2", dict(hidden_activation="gelu"), "hidden_activation 'gelu' is not supported"),
+    ("gemma2", dict(use_bidirectional_attention=True), "use_bidirectional_attention: true is not supported"),
+    ("gemma2", dict(layer_types=["chunked_attention"] * 4), r"layer_types \['chunked_attention'.* is not supported"),
+    ("gemma2", dict(layer_types=["full_attention"] * 3), r"layer_types \['full_attention'.* is not supported"),
+    ("gemma2", dict(sliding_window=None), "sliding_window None with sliding_attention layers is not supported"),
 ])
 def test_unsupported_options_are_refused(ckpt, tmp_path, kind, change, message):
     with pytest.raises(M.CheckpointError, match=message):
@@ -898,7 +976,7 @@ def test_tokenizer_does_not_truncate_as_transformers_does_not(ckpt):
     assert ids == T.AutoTokenizer.from_pretrained(ckpt("gpt2"))(text)["input_ids"]
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "qwen2", "qwen3-gqa-bias", "mistral-gqa-window"])
+@pytest.mark.parametrize("kind", ["gpt2", "qwen2", "qwen3-gqa-bias", "mistral-gqa-window", "gemma2-gqa-window-caps"])
 def test_model_cli_continues_a_prompt_with_a_tiny_random_checkpoint_of_each_family(ckpt, kind, capsys):
     M.main([str(ckpt(kind)), "--prompt", "Once upon a time", "--max-new-tokens", "6", "--device", "cpu"])
     printed = capsys.readouterr().out
