@@ -562,7 +562,6 @@ def test_gemma_configs_read_as_transformers_does(ckpt, kind):
 def test_gemma_config_json_left_to_defaults_reads_as_transformers_does(ckpt, tmp_path, kind, drop, change):
     """config.json as released or with Gemma 2's options left out: transformers' defaults (the
     window on the even layers, caps 50 and 30, scale 256^-0.5), and its logits."""
-    import transformers as T
     d = tmp_path / "ckpt"
     shutil.copytree(ckpt(kind), d)
     c = json.loads((d / "config.json").read_text())
