@@ -1159,10 +1159,11 @@ def check_hparams(hp: HParams, n_layers: int | None = None):
     model's depth, within it; weights and rates positive, step counts at least 1."""
     method_of(hp.method)
     layers = hp.layers
-    if not layers and n_layers is not None and n_layers < 3:
-        raise ValueError(f"the model has {n_layers} block(s), too few for the preset's edit layers (n/8..n/4 "
-                         f"of the depth, below the top block): give them, e.g. --layers "
-                         f"{','.join(map(str, range(min(2, n_layers))))}")
+    if not layers:                  # the preset's rule on a model of under 3 blocks (ROME: 2)
+        blocks = f" for a model of {n_layers} block(s)" if n_layers is not None else ""
+        example = "0" if n_layers == 1 else "0,1"
+        raise ValueError(f"no edit layers{blocks}: the preset's rule (n/8..n/4 of the depth, below the top "
+                         f"block) finds none under 3 blocks (ROME: 2); give them, e.g. --layers {example}")
     if not layers or not all(isinstance(l, int) for l in layers) or list(layers) != sorted(set(layers)) \
             or layers[0] < 0 or (n_layers is not None and layers[-1] >= n_layers):
         depth = f" in 0..{n_layers - 1}" if n_layers is not None else ""
@@ -1424,7 +1425,7 @@ FLAG_RANGES = {flag: RANGES[field.removeprefix("hparams.")] for flag, field in F
     z_batch_tokens="at least 1", stats_batch_tokens="at least 1", checkpoint_every="at least 1",
     limit="at least 1", glue_n="at least 1", eval_every="at least 0")
 PATHS = ("model", "edits", "stats_corpus", "stats", "heldout", "glue_dir", "snippets")
-NOT_SETTINGS = ("resume", "out", "save_model", "given", "plan", "plan_gib")
+NOT_SETTINGS = ("resume", "out", "save_model", "given", "plan", "plan_gib", "plan_host_gib")
 
 
 def gib_list(text: str) -> list[float]:
@@ -1488,6 +1489,8 @@ def parse_args(argv=None):
                    "and whether it fits; load nothing (exit 1 if it does not fit)")
     p.add_argument("--plan-gib", type=gib_list, help="with --plan: the "
                    "memory of the devices to plan for, in GiB (e.g. 80,80), instead of this machine's")
+    p.add_argument("--plan-host-gib", type=float, help="with --plan and --state-device cpu: the host memory "
+                   "to plan for, in GiB, instead of this machine's")
     p.add_argument("--seed", type=int, default=0, help="seed of the context templates (E3)")
     p.add_argument("--out", help="run directory (default: a new runs/NNN)")
     p.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR")
@@ -1525,6 +1528,8 @@ def check_settings(args):
     for gib in args.plan_gib or ():
         if problem := range_problem(gib, "positive"):
             raise ValueError(f"--plan-gib: each device's memory {problem}")
+    if args.plan_host_gib is not None and (problem := range_problem(args.plan_host_gib, "positive")):
+        raise ValueError(f"--plan-host-gib {problem}")
     if not args.resume:                           # typed for a new run: the method must read it
         check_reads(args.method, {f"--{flag.replace('_', '-')}": FLAG_FIELDS[flag].removeprefix("hparams.")
                                   for flag in args.given if flag in FLAG_FIELDS})

@@ -194,7 +194,8 @@ def print_plan(args) -> int:
     gib = lambda b: f"{b / 2 ** 30:.1f}" if b == 0 or b >= 2 ** 29 else f"{b / 2 ** 30:.2g}"   # small: 2 digits
     print(f"{'device':<12}{'blocks':>10}{'weights':>9}{'state':>8}{'targets':>8}{'solve':>8}{'stats':>8}"
           f"{'need':>8}{'has':>8}  fits")
-    has = capacity + [device_memory(torch.device("cpu"))]
+    host = args.plan_host_gib * 2 ** 30 if args.plan_host_gib else device_memory(torch.device("cpu"))
+    has = capacity + [host]
     for row, name, room in zip(rows, names + ["host"], has):
         span = f"{row['blocks'][0]}-{row['blocks'][-1]}" if row["blocks"] else "-"
         print(f"{name:<12}{span:>10}{gib(row['weights']):>9}{gib(row['state']):>8}{gib(row['target_values']):>8}"

@@ -417,6 +417,24 @@ def test_flags_the_method_does_not_read_are_refused(tmp_path, capsys, monkeypatc
         L.Editor.open(STORIES, "rome", lam=5.0)
 
 
+def test_a_two_block_model_without_layers_is_asked_for_them_by_the_command(tmp_path, capsys):
+    """The command, --plan and Editor.open on a 2-block checkpoint (the rule finds no layers): the
+    message asks for --layers (it said "layers []: give increasing layer numbers")."""
+    d = tmp_path / "two"
+    shutil.copytree(STORIES, d)
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 2}))
+    weights = load_file(d / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not re.search(r"layers\.[2-9]\.", k)}, d / "model.safetensors")
+    message = "no edit layers: the preset's rule (n/8..n/4 of the depth, below the top block) finds none under 3 blocks"
+    for flags in (["--plan"], ["--out", str(tmp_path / "run")]):
+        assert L.main([*flags, "--model", str(d), "--edits", str(FIX / "counterfact-rome.json"), "--limit", "2"]) == 1
+        assert capsys.readouterr().err.startswith(f"error: {message}")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        L.Editor.open(d)
+    assert L.main(["--plan", "--model", str(d), "--layers", "0,1"]) == 0
+
+
 def test_alphaedit_without_a_null_space_is_refused_before_the_run_directory(tmp_path, capsys):
     """AlphaEdit refused it at step 0, after the statistics, the templates and the scoring before
     editing, leaving a run directory that the same command then refused as existing."""
@@ -458,7 +476,7 @@ def test_the_preset_rule_on_shallow_models():
             few = 2 if method == "rome" else 3
             if n < few:
                 assert layers == ()
-                with pytest.raises(ValueError, match=rf"the model has {n} block\(s\), too few .*--layers 0"):
+                with pytest.raises(ValueError, match=rf"no edit layers for a model of {n} block\(s\): .*--layers 0"):
                     L.check_hparams(L.preset(cfg, method), n)
                 continue
             L.check_hparams(L.preset(cfg, method), n)
@@ -1262,7 +1280,7 @@ def test_a_step_that_fails_half_way_must_be_restored_before_the_next(tmp_path, m
     (dict(V=float("inf")), r"hyper-parameter V must be positive, got inf \(not a finite number\)"),
     (dict(layers=(2, 1)), r"layers \[2, 1\]: give increasing layer numbers"),
     (dict(layers=(1, 5)), r"layers \[1, 5\]: give increasing layer numbers in 0..4"),
-    (dict(layers=()), r"layers \[\]: give increasing layer numbers"),
+    (dict(layers=()), r"no edit layers.*give them, e.g. --layers 0,1"),
     (dict(method="rome", layers=(1, 2)), r"layers \[1, 2\]: ROME edits one layer"),
 ])
 def test_the_api_refuses_hyper_parameters_out_of_range_before_the_statistics(tmp_path, monkeypatch, change, message):

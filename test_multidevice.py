@@ -679,6 +679,13 @@ def test_memory_plan_places_as_load_does_and_the_command_says_whether_it_fits(tm
     assert out.startswith("memory plan: ") and out.strip().endswith("yes") and "   stats " in out
     assert L.main(["--plan", "--model", str(STORIES), "--layers", "1,2", "--plan-gib", "0.0001,0.0001"]) == 1
     assert "NO" in capsys.readouterr().out
+    on_host = ["--plan", "--model", str(STORIES), "--layers", "1,2", "--state-device", "cpu", "--plan-gib", "80"]
+    for host_gib, rc in (("0.000001", 1), ("100", 0)):    # the host of the machine planned for (was this one's)
+        assert L.main([*on_host, "--plan-host-gib", host_gib]) == rc
+        row = capsys.readouterr().out.splitlines()[-1].split()
+        assert row[0] == "host" and row[-1] == ("NO" if rc else "yes") and row[-2] == ("1e-06" if rc else "100.0")
+    assert L.main([*on_host, "--plan-host-gib", "0"]) == 1
+    assert capsys.readouterr().err == "error: --plan-host-gib must be positive, got 0.0\n"
 
 
 def test_the_plan_follows_every_flag_of_the_run_and_refuses_what_the_run_refuses(tmp_path, capsys):
