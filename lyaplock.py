@@ -1164,7 +1164,7 @@ def check_hparams(hp: HParams, n_layers: int | None = None):
         example = "0" if n_layers == 1 else "0,1"
         raise ValueError(f"no edit layers{blocks}: the preset's rule (n/8..n/4 of the depth, below the top "
                          f"block) finds none under 3 blocks (ROME: 2); give them, e.g. --layers {example}")
-    if not layers or not all(isinstance(l, int) for l in layers) or list(layers) != sorted(set(layers)) \
+    if not all(isinstance(l, int) for l in layers) or list(layers) != sorted(set(layers)) \
             or layers[0] < 0 or (n_layers is not None and layers[-1] >= n_layers):
         depth = f" in 0..{n_layers - 1}" if n_layers is not None else ""
         raise ValueError(f"layers {list(layers)}: give increasing layer numbers{depth}")

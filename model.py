@@ -150,18 +150,24 @@ def read_llama(c: dict) -> Config:
     return read_llama_like(c, attention_bias=c.get("attention_bias", False), mlp_bias=c.get("mlp_bias", False))
 
 
+def sliding_layers(c: dict, default) -> tuple[int, ...]:
+    """The layers config.json's `layer_types` marks "sliding_attention" (without it, those
+    `default(i)` picks), as transformers reads them; a list of another length or kind is refused."""
+    n = c["num_hidden_layers"]
+    kinds = c.get("layer_types") or ["sliding_attention" if default(i) else "full_attention" for i in range(n)]
+    if len(kinds) != n or not set(kinds) <= {"sliding_attention", "full_attention"}:
+        refuse(c, f"layer_types {kinds!r}", f"{n} entries of sliding_attention or full_attention are")
+    return tuple(i for i, kind in enumerate(kinds) if kind == "sliding_attention")
+
+
 def qwen_window(c: dict) -> dict:
     """Qwen's sliding window: only with use_sliding_window (of sliding_window tokens, 4096 where
-    the key is absent), in the layers `layer_types` marks "sliding_attention" (by default those
-    from max_window_layers on), as transformers does."""
+    the key is absent), in its sliding layers (by default those from max_window_layers on)."""
     window = c.get("sliding_window", 4096) if c.get("use_sliding_window") else None
     if not window:
         return {}
     first = c.get("max_window_layers", 28)
-    kinds = c.get("layer_types") or ["sliding_attention" if i >= first else "full_attention"
-                                     for i in range(c["num_hidden_layers"])]
-    layers = tuple(i for i, kind in enumerate(kinds) if kind == "sliding_attention")
-    return dict(sliding_window=window, window_layers=layers)
+    return dict(sliding_window=window, window_layers=sliding_layers(c, lambda i: i >= first))
 
 
 def read_qwen2(c: dict) -> Config:
@@ -204,14 +210,10 @@ def read_gemma(c: dict) -> Config:
 
 
 def gemma2_window(c: dict) -> dict:
-    """Gemma 2's sliding window: sliding_window tokens (4096 where the key is absent) in the layers
-    `layer_types` marks "sliding_attention" (by default the even ones: 0, 2, ...), as transformers
-    does; a null window with sliding layers is refused (transformers cannot build their mask)."""
-    n = c["num_hidden_layers"]
-    kinds = c.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
-    if len(kinds) != n or not set(kinds) <= {"sliding_attention", "full_attention"}:
-        refuse(c, f"layer_types {kinds!r}", f"{n} entries of sliding_attention or full_attention are")
-    layers = tuple(i for i, kind in enumerate(kinds) if kind == "sliding_attention")
+    """Gemma 2's sliding window: sliding_window tokens (4096 where the key is absent) in its
+    sliding layers (by default the even ones: 0, 2, ...); a null window with sliding layers is
+    refused (transformers cannot build their mask)."""
+    layers = sliding_layers(c, lambda i: i % 2 == 0)
     window = c.get("sliding_window", 4096)
     if layers and not window:
         refuse(c, f"sliding_window {window!r} with sliding_attention layers", "a window needs its size")

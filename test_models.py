@@ -797,6 +797,7 @@ def _config_with(tmp_path, ckpt_dir, **change):
     ("gemma2", dict(layer_types=["chunked_attention"] * 4), r"layer_types \['chunked_attention'.* is not supported"),
     ("gemma2", dict(layer_types=["full_attention"] * 3), r"layer_types \['full_attention'.* is not supported"),
     ("gemma2", dict(sliding_window=None), "sliding_window None with sliding_attention layers is not supported"),
+    ("qwen2-gqa-tied-window", dict(layer_types=["linear_attention"] * 3), r"layer_types \['linear_attention'"),
 ])
 def test_unsupported_options_are_refused(ckpt, tmp_path, kind, change, message):
     with pytest.raises(M.CheckpointError, match=message):
