@@ -6,7 +6,8 @@ Read top to bottom: the closed-form math (solver, queue), the run state, hyper-p
 locate step (context templates, target values, keys), preservation statistics, one editing step,
 run checkpoints, and the command (its memory plan, --plan, is plan.py). Equation tags (E1..E22)
 refer to docs/LYAPLOCK.md. Shapes: edited weight W (d, m) as stored ([d_out, d_in]); keys K1
-(m, n) as columns; residuals R (d, n); statistics C (m, m). All algebra runs in float64 on the inputs' device.
+(m, n) as columns; residuals R (d, n); statistics C (m, m). All algebra runs in float64 on the
+inputs' device.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-if __name__ == "__main__":      # one module whether run or imported: baselines.py and plan.py import it back
+if __name__ == "__main__":      # one module whether run or imported (baselines.py, plan.py import it)
     sys.modules.setdefault("lyaplock", sys.modules["__main__"])
 import baselines as B  # noqa: E402
 import data
