@@ -609,6 +609,7 @@ class _Chunk:
     w: torch.Tensor       # (b, k) 1/len(target) on real targets, else 0
     kl: torch.Tensor      # (n_kl,) indices of the KL rows
     h0: torch.Tensor | None = None        # (b, S, d) output of the target layer, δ = 0, from the subject on
+    out0: torch.Tensor | None = None      # (b, d) post-norm models: the MLP output at the subject, δ = 0 (E4b)
     prefix: M.KVCache | None = None       # keys and values of the tokens before the subject, layers above (b, P)
     kl_init: torch.Tensor | None = None   # (n_kl, V) the KL rows' log-probs at their position, first pass
 
@@ -632,8 +633,9 @@ def suffix_batches(rows: list[Row], max_tokens: int) -> list[list[int]]:
     return out + [batch]
 
 
-def _chunks(model: M.CausalLM, rows: list[Row], layer: int, max_tokens: int) -> list[_Chunk]:
-    """Rows in suffix_batches, each run once through the layers up to `layer`."""
+def _chunks(model: M.CausalLM, rows: list[Row], layer: int, max_tokens: int, post_norm: bool = False) -> list[_Chunk]:
+    """Rows in suffix_batches, each run once through the layers up to `layer` (post_norm: keeping
+    the MLP outputs at the subjects, E4b)."""
     dev = model.embed.weight.device
     out = []
     for idx in suffix_batches(rows, max_tokens):
@@ -656,8 +658,10 @@ def _chunks(model: M.CausalLM, rows: list[Row], layer: int, max_tokens: int) -> 
                    pos=pos.to(dev), lab=lab.to(dev), w=w.to(dev),
                    kl=torch.tensor([b for b, r in enumerate(batch) if not r.targets], dtype=torch.long, device=dev))
         with torch.no_grad():
-            h0 = model(ids, mask, stop_after=layer, outs_at={layer}).outs[layer]
-            _split_at_subject(model, c, h0, layer)
+            o = model(ids, mask, stop_after=layer, outs_at={layer}, keys_at={layer} if post_norm else ())
+            if post_norm:                                                      # E4b: δ joins the MLP output
+                c.out0 = mlp_outputs(model, layer, o.keys[layer][torch.arange(len(batch), device=dev), c.look])
+            _split_at_subject(model, c, o.outs[layer], layer)
         out.append(c)
     return out
 
@@ -688,20 +692,22 @@ def _split_at_subject(model: M.CausalLM, c: _Chunk, h0, layer: int):
 
 
 def compute_z(model: M.CausalLM, rows: list[Row], n_req: int, layer: int, hp: HParams,
-              max_tokens: int = 2048, norm_base=None):
+              max_tokens: int = 2048, norm_base=None, at_mlp: bool = False):
     """E4: target values z* = h + δ at `layer`'s output, subject's last token, for all requests
     of a batch in one optimisation (one δ per request; requests are independent, so this equals
     one at a time). The layers up to `layer` run once, and so do the layers above over the tokens
     before each subject (_split_at_subject); each step runs only the layers above over the tokens
     from the subject on, with logits only where the loss reads them, chunk by chunk (gradients
     summed), so memory stays bounded. norm_base (n, d): the vectors whose norms bound δ and scale its weight decay
-    (default h, MEMIT's; ROME passes the MLP output there, E18-E20). Returns (z* (n, d) float32,
-    info with the losses, h and δ)."""
+    (default h, MEMIT's; ROME passes the MLP output there, E18-E20). at_mlp: δ joins the MLP's
+    output (ROME's compute_v), not the layer's (MEMIT's), which is one place but on a model that
+    normalises the MLP output before the residual add (Gemma 2): there h is the MLP output and
+    δ reaches the residual stream through the norm (E4b). Returns (z* (n, d) float32, info with the losses, h and δ)."""
     dev = model.embed.weight.device
-    chunks = _chunks(model, rows, layer, max_tokens)
+    chunks = _chunks(model, rows, layer, max_tokens, at_mlp and model.cfg.post_norms)
     where = {i: (c, b) for c in chunks for b, i in enumerate(c.rows)}
     firsts = [where[next(i for i, r in enumerate(rows) if r.req == j)] for j in range(n_req)]
-    h_init = torch.stack([c.h0[b, c.look[b]] for c, b in firsts]).float()       # (n, d), δ = 0
+    h_init = torch.stack([c.h0[b, c.look[b]] if c.out0 is None else c.out0[b] for c, b in firsts]).float()
     base_norm = (h_init if norm_base is None else norm_base.float()).norm(dim=1)  # (n,)
     n_rewrites = torch.bincount(torch.tensor([r.req for r in rows if r.targets], device=dev),
                                 minlength=n_req).float()
@@ -732,13 +738,15 @@ def compute_z(model: M.CausalLM, rows: list[Row], n_req: int, layer: int, hp: HP
 
 def _fit_loss(model, chunks: list[_Chunk], delta, layer: int, n_rewrites, kl_factor: float, need_grad: bool):
     """E4's data terms per request (n,) and their gradient in δ (n, d) (zeros unless need_grad):
-    δ is added at each row's subject token in `layer`'s output, the layers above run from there
-    (over the suffixes, reading the prefixes' cached keys and values)."""
+    δ is added at each row's subject token in `layer`'s output (E4b: through the post-norm), the
+    layers above run from there (over the suffixes, reading the prefixes' cached keys and values)."""
     total, grad = torch.zeros_like(n_rewrites), torch.zeros_like(delta)
     for c in chunks:
         d = delta.clone().requires_grad_(need_grad)
         rows = torch.arange(len(c.rows), device=delta.device)
-        h = c.h0.index_put((rows, c.look), d[c.req].to(c.h0.dtype), accumulate=True)      # (b, S, d)
+        change = d[c.req] if c.out0 is None else \
+            model.mlp_contribution(layer, c.out0 + d[c.req]) - model.mlp_contribution(layer, c.out0)  # E4b
+        h = c.h0.index_put((rows, c.look), change.to(c.h0.dtype), accumulate=True)         # (b, S, d)
         logp = model(c.ids, c.mask, start=(layer, h), logits_at=c.pos,
                      cache=c.prefix.copy(extend=c.ids.shape[1])).logits.log_softmax(-1)    # (b, k, V)
         nll = -(logp.gather(-1, c.lab[..., None])[..., 0] * c.w).sum(1)               # (b,) mean per token
@@ -788,9 +796,30 @@ def longest_input(tok, q, templates, generation_tokens: int = 0) -> tuple[str, i
     return max(found, key=lambda f: f[1])
 
 
+def mlp_change(model: M.CausalLM, layer: int, out, R) -> torch.Tensor:
+    """E6b, on a model that normalises the MLP output before the residual add (Gemma 2): the change
+    of the MLP outputs `out` (n, d) at `layer` that moves their contributions to the residual
+    stream by R (n, d) float64. Through the post-norm N(o) = (1 + w) ⊙ o / rms(o), whose outputs
+    have one length, it is o' − o for the o' whose N(o') points where N(o) + R does (N(o) + R
+    itself where reachable): o' = rms(o) · u / rms(u), u = (N(o) + R) ⊘ (1 + w) = o / rms(o) + R ⊘ (1 + w)."""
+    norm = model.blocks[layer].post_feedforward_layernorm
+    o, scale = out.to(R), 1 + norm.weight.detach().to(R)
+    rms = o.pow(2).mean(1, keepdim=True).sqrt()
+    u = o / (rms ** 2 + norm.eps).sqrt() + torch.where(scale != 0, R / scale, 0)   # a zero scale: unreachable
+    return rms * u / u.pow(2).mean(1, keepdim=True).sqrt() - o
+
+
+def mlp_outputs(model: M.CausalLM, layer: int, keys) -> torch.Tensor:
+    """The MLP outputs W k + b (n, d) of keys (n, m) at `layer`, computed as the model does (in
+    its dtype), as float32 on the keys' device."""
+    W, b = model.edit_weight(layer), model.edit_bias(layer)
+    return (keys.to(W) @ W.T + (0 if b is None else b)).to(keys.device, torch.float32)
+
+
 def keys_and_outputs(model: M.CausalLM, rows: list[Row], templates, layer: int, z_layer: int):
-    """K1 at `layer` (E5: mean within each template group, then across groups) and the current
-    output of z_layer at the bare prompts (the "{}" group), in one forward pass."""
+    """K1 at `layer` (E5: mean within each template group, then across groups), the current
+    output of z_layer at the bare prompts (the "{}" group) and their keys at `layer`, in one
+    forward pass."""
     dev = model.embed.weight.device
     ids, mask = model.tokenizer.pad([r.ids for r in rows], device=dev)
     look = torch.tensor([r.lookup for r in rows], device=dev)
@@ -802,7 +831,7 @@ def keys_and_outputs(model: M.CausalLM, rows: list[Row], templates, layer: int, 
     keys, outs = keys.view(-1, per, keys.shape[-1]), outs.view(-1, per, outs.shape[-1])
     bounds = torch.tensor([0] + [len(g) for g in templates]).cumsum(0).tolist()
     K = torch.stack([keys[:, s:e].mean(1) for s, e in zip(bounds, bounds[1:])], 1).mean(1)   # E5
-    return K, outs[:, 0]                                  # template 0 is "{}": the bare prompt
+    return K, outs[:, 0], keys[:, 0]                      # template 0 is "{}": the bare prompt
 
 
 # ----------------------------------------------------------------------------- one editing step
@@ -824,8 +853,10 @@ def edit_batch(model: M.CausalLM, requests, templates, hp: HParams, state: EditS
     rows = key_rows(model.tokenizer, requests, templates)
     layers = {}
     for i, layer in enumerate(hp.layers):
-        K, cur = keys_and_outputs(model, rows, templates, layer, z_layer)          # E5
+        K, cur, bare = keys_and_outputs(model, rows, templates, layer, z_layer)    # E5
         R = f64(zs - cur) / (n - i)             # E6: formed in float32 first, as the authors
+        if model.cfg.post_norms:                # E6b: R reaches the residual stream through a norm
+            R = mlp_change(model, layer, mlp_outputs(model, layer, bare), R)
         where.check_finite(layer, keys=K, residual=R)
         clock.lap("keys")
         layers[layer] = update_layer(model, layer, K.T, R.T, hp, state, C, W0, where)
@@ -855,7 +886,7 @@ def rome_batch(model: M.CausalLM, requests, templates, hp: HParams, state: EditS
         base = W.float() @ k_star + (0 if bias is None else bias.float())       # (d,) the MLP output
         clock.lap("keys")
         _, info = compute_z(model, z_rows(model.tokenizer, [q], templates), 1, layer, hp, z_tokens,
-                            norm_base=base[None].to(model.embed.weight.device))
+                            norm_base=base[None].to(model.embed.weight.device), at_mlp=True)
         v_star = base + info["delta"][0].to(W.device)
         where.check_finite(layer, **{"target value": v_star})
         clock.lap("z")
@@ -1833,8 +1864,6 @@ def run(args) -> int:
         print(f"skipped {len(skipped)} bad record(s):\n  " + "\n  ".join(skipped[:10]))
     if note := superseded_note(requests, settings.hparams, "superseded" in args.given):
         print(note, file=sys.stderr)
-    if model.cfg.post_norms:
-        print(POST_NORM_NOTE, file=sys.stderr)
     editor = Editor(model, settings.hparams, preservation_statistics(model, settings), templates,
                     settings.model, settings.z_batch_tokens, state_device=settings.state_device)
     if not args.resume:
@@ -1888,15 +1917,6 @@ def recurring_prompts(requests) -> frozenset:
     """The prompts (subject filled in) that more than one of the requests edits."""
     counts = Counter(q.rewrite_prompt() for q in requests)
     return frozenset(p for p, n in counts.items() if n > 1)
-
-
-# Gemma 2 normalises the MLP's output (post_feedforward_layernorm) before it joins the residual
-# stream; E6 spreads the target's residual over the edit layers' MLP outputs as if they joined it as
-# they are (docs/LYAPLOCK.md §4), so there an edit meets its residual in the MLP output's space only.
-POST_NORM_NOTE = ("note: this model normalises each MLP's output before adding it to the residual stream "
-                  "(Gemma 2's post_feedforward_layernorm); the edit's residual (E6) is met in the MLP output's "
-                  "space, not exactly in the residual stream, as the MEMIT-style methods assume: efficacy "
-                  "on it is not measured here")
 
 
 def superseded_note(requests, hp: HParams, chosen: bool) -> str | None:

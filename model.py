@@ -667,6 +667,14 @@ class CausalLM(nn.Module):
         name = self._edit_parameter_name(layer).removesuffix(".weight") + ".bias"
         return dict(self.named_parameters()).get(name)
 
+    def mlp_contribution(self, layer: int, out: torch.Tensor) -> torch.Tensor:
+        """What the MLP output `out` (..., d) adds to the residual stream at `layer`, on out's
+        device: out itself, or with Gemma 2's post-norm post_feedforward_layernorm(out)."""
+        if not self.cfg.post_norms:
+            return out
+        norm = self.blocks[layer].post_feedforward_layernorm
+        return norm(out.to(norm.weight.device)).to(out.device)
+
     def edit_tensors(self, layers) -> dict[str, torch.Tensor]:
         """{checkpoint name: the stored parameter} of the edited projections at `layers`, in the
         checkpoint's own layout (GPT-2: [d_mlp, d_model]): what `save` and run-state files take.

@@ -462,7 +462,7 @@ def check_pipeline(method, step, device="cpu"):
         rows = L.key_rows(m.tokenizer, requests[k * n:(k + 1) * n], templates)
         kept = {}
         for i, l in enumerate(layers):
-            K, cur = L.keys_and_outputs(m, rows, templates, l, layers[-1])
+            K, cur, _ = L.keys_and_outputs(m, rows, templates, l, layers[-1])
             assert rel(K, t[f"{k}.ks.{l}"]) < tol and rel(cur, t[f"{k}.cur_zs.{l}"]) < tol    # E5
             R = L.f64(t[f"{k}.z"].to(device) - cur) / (len(layers) - i)                      # E6
             seen, kept[l] = step(l, m.edit_weight(l), K.T, R.T)

@@ -451,16 +451,94 @@ def test_alphaedit_without_a_null_space_is_refused_before_the_run_directory(tmp_
     assert L.main(argv) == 0 and json.loads((out / "config.json").read_text())["hparams"]["nullspace_threshold"] == 2e-2
 
 
-def test_a_gemma2_run_notes_that_its_mlp_output_is_normalised(tmp_path, capsys):
-    """Gemma 2's post_feedforward_layernorm sits between the edited MLP output and the residual
-    stream, which E6 does not model: the command edits it and says so; Gemma (1) has none."""
+@pytest.fixture(scope="module")
+def gemma2(tmp_path_factory):
     from test_models import make_checkpoint
-    for kind in ("gemma2", "gemma"):
-        model = make_checkpoint(tmp_path / kind, kind)
-        argv = _cli(tmp_path, "--out", str(tmp_path / f"run-{kind}"), "--no-generation", "--layers", "1,2",
-                    limit=2, batch=2, tokens=0)
-        assert L.main(["--model", str(model), *argv[2:]]) == 0
-        assert (L.POST_NORM_NOTE in capsys.readouterr().err) == (kind == "gemma2")
+    return M.load(make_checkpoint(tmp_path_factory.mktemp("gemma2"), "gemma2"))
+
+
+def test_e6b_moves_a_post_normed_mlp_output_to_the_target_or_its_nearest_direction(gemma2):
+    """Through Gemma 2's post-norm N, E6b's change o' − o puts N(o') at N(o) + R where that is
+    reachable (N of another output), else where it points ((1 + w)-scaled), keeps o's length, and
+    is the linearised inverse rms(o)(I − ôôᵀ)(R ⊘ (1 + w)) for a small R."""
+    layer, g = 1, torch.Generator().manual_seed(0)
+    o, other = (3 * torch.randn(5, gemma2.cfg.d_model, generator=g, dtype=torch.float64) for _ in range(2))
+    N = lambda x: gemma2.mlp_contribution(layer, x.float()).double()
+    scale = 1 + gemma2.blocks[layer].post_feedforward_layernorm.weight.detach().double()
+    new = o + L.mlp_change(gemma2, layer, o, N(other) - N(o))
+    close(N(new), N(other), 1e-6)
+    close(new.norm(dim=1), o.norm(dim=1), 1e-12)
+    R = 50 * torch.randn(o.shape, generator=g, dtype=torch.float64)          # far out of reach
+    reached, wanted = N(o + L.mlp_change(gemma2, layer, o, R)) / scale, (N(o) + R) / scale
+    assert torch.cosine_similarity(reached, wanted, dim=1).min() > 1 - 1e-6
+    R = 1e-5 * torch.randn(o.shape, generator=g, dtype=torch.float64)
+    unit = o / o.norm(dim=1, keepdim=True)
+    v = R / scale
+    close(L.mlp_change(gemma2, layer, o, R), o.pow(2).mean(1, keepdim=True).sqrt() * (v - (v * unit).sum(1, keepdim=True) * unit), 1e-4)
+
+
+@pytest.mark.parametrize("at_mlp", [False, True])
+def test_target_values_on_gemma2_score_what_the_model_computes_with_delta_where_it_joins(gemma2, at_mlp):
+    """E4 on a post-norm model, checked by hooks: δ added to the layer's output (MEMIT's) or to the
+    MLP's output before the post-norm (ROME's, E4b), the model's mean target NLL per request is
+    the loss compute_z reports for its final δ, and z* − h is δ."""
+    requests, _ = data.load_requests(FIX / "counterfact-rome.json")
+    rows = L.z_rows(gemma2.tokenizer, requests[:3], [["{}"], ["Then. {}", "So. {}"]])
+    layer = 1
+    hp = L.HParams(layers=(layer,), v_num_grad_steps=4, kl_factor=0.0, v_weight_decay=0.0, v_lr=0.5)
+    z, info = L.compute_z(gemma2, rows, 3, layer, hp, at_mlp=at_mlp)
+    close(z - info["h_init"], info["delta"], 1e-6)
+    assert float(info["delta"].norm()) > 0
+    site = gemma2.blocks[layer].mlp.down_proj if at_mlp else gemma2.blocks[layer]
+    nll = torch.zeros(3)
+    for r in (r for r in rows if r.targets):
+        def add(module, args, out, r=r):
+            h = out if at_mlp else out[0]
+            h = h.clone()
+            h[0, r.lookup] += info["delta"][r.req]
+            return h if at_mlp else (h, *out[1:])
+        hook = site.register_forward_hook(add)
+        try:
+            with torch.no_grad():
+                logp = gemma2(torch.tensor([r.ids])).logits.log_softmax(-1)[0]
+        finally:
+            hook.remove()
+        t = torch.arange(len(r.targets))
+        nll[r.req] -= logp[r.first + t, torch.tensor(r.targets)].mean() / sum(q.req == r.req and bool(q.targets) for q in rows)
+    close(torch.tensor([l[-1] for l in info["loss"]]), nll, 1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_a_one_layer_step_with_no_penalty_meets_the_target_or_the_post_norms_nearest_point(gemma2, family):
+    """MEMIT with λ → 0, one request, the bare prompt only (K1 is its key): the layer's output at
+    the subject becomes z* (LLaMA), and on Gemma 2 the post-normed MLP output points where
+    z* − (the output before the MLP) does, at the MLP output's length (E6b) — the old E6 added R
+    to the MLP output as if it joined the residual stream as it is."""
+    m = gemma2 if family == "gemma2" else M.load(STORIES)
+    layer, templates = 1, [["{}"]]
+    before = {k: v.clone() for k, v in m.edit_tensors([layer]).items()}
+    requests, _ = data.load_requests(FIX / "counterfact-rome.json")
+    hp = L.with_overrides(L.preset(m.cfg, "memit"), layers=(layer,), lam=1e-6)
+    rows = L.key_rows(m.tokenizer, requests[:1], templates)
+    try:
+        _, h, key = L.keys_and_outputs(m, rows, templates, layer, layer)
+        o = L.mlp_outputs(m, layer, key)
+        z, _ = L.compute_z(m, L.z_rows(m.tokenizer, requests[:1], templates), 1, layer, hp)
+        C = {layer: torch.eye(m.cfg.d_mlp, dtype=torch.float64)}
+        W0 = {layer: m.edit_weight(layer).detach().clone()}
+        L.edit_batch(m, requests[:1], templates, hp, L.EditState.start("memit", (layer,)), C, W0)
+        _, h_after, key_after = L.keys_and_outputs(m, rows, templates, layer, layer)
+        if family == "llama":
+            close(h_after, z, 1e-5)
+            return
+        o_after = L.mlp_outputs(m, layer, key_after)
+        mid = h - m.mlp_contribution(layer, o)              # the stream before the MLP's add
+        scale = 1 + m.blocks[layer].post_feedforward_layernorm.weight.detach()
+        reached = (h_after - mid) / scale
+        assert torch.cosine_similarity(reached, (z - mid) / scale, dim=1).item() > 1 - 1e-5
+        close(o_after.norm(), o.norm(), 1e-5)
+    finally:
+        m.load_edit_tensors(before)
 
 
 def test_the_preset_rule_on_shallow_models():
@@ -716,7 +794,7 @@ def test_pipeline_matches_the_authors_code_batch_by_batch(device):
         assert rel(zs, b["z"]) < 1e-5                                    # E4, batched
         batch, rows = requests[k * n:(k + 1) * n], L.key_rows(m.tokenizer, requests[k * n:(k + 1) * n], templates)
         for i, l in enumerate(hp.layers):
-            K, cur = L.keys_and_outputs(m, rows, templates, l, hp.layers[-1])
+            K, cur, _ = L.keys_and_outputs(m, rows, templates, l, hp.layers[-1])
             assert rel(K, b[f"ks.{l}"]) < 1e-5 and rel(cur, b[f"cur_zs.{l}"]) < 1e-5   # E5
             R = L.f64(b["z"] - cur) / (len(hp.layers) - i)                              # E6
             W_new, _ = L.step_layer(m.edit_weight(l), W0[l], C[l], K.T, R.T, state.layers[l], hp)

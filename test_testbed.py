@@ -443,6 +443,23 @@ def test_training_is_deterministic_per_seed_and_the_cli_matches(tmp_path):
     assert info["parameters"] == sum(p.numel() for p in M.load(tmp_path / "a").parameters())
 
 
+def test_a_gemma2_fact_model_trains_and_transformers_reads_it_as_we_do(tmp_path):
+    """--family gemma2: the same recipe in Gemma 2's layout (post-norms, caps, (1 + w) norms at
+    w = 0); transformers' logits equal ours; training.json names the family."""
+    T = pytest.importorskip("transformers")
+    TB.train(tmp_path / "g", "ci", steps=3, log=lambda *_: None, family="gemma2")
+    ours = M.load(tmp_path / "g")
+    assert ours.cfg.arch == "gemma2" and ours.cfg.post_norms and ours.cfg.tie_embeddings
+    assert json.loads((tmp_path / "g" / "training.json").read_text())["family"] == "gemma2"
+    hf = T.AutoModelForCausalLM.from_pretrained(tmp_path / "g", dtype=torch.float32).eval()
+    tok = ours.tokenizer
+    ids, mask = tok.pad([tok.encode("The mother tongue of Danielle Darrieux is"), tok.encode("Paris is")])
+    with torch.no_grad():
+        theirs = hf(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert torch.allclose(ours(ids, mask).logits[real], theirs[real], atol=1e-4, rtol=0)
+
+
 def test_saved_model_matches_transformers(factmodel):
     """The committed checkpoint: our loader and transformers give the same logits on a
     right-padded batch; it is GQA with tied embeddings."""

@@ -4,8 +4,9 @@ It learns the TRUE facts of real CounterFact records (rewrite, rephrase and neig
 prompts -> the true answer) of two disjoint sets: the records an edit stream will rewrite
 (from counterfact-edit) and held-back records that are never edited (from counterfact-train),
 on which retention is measured; WikiText paragraphs are mixed in for general language. The
-result is an ordinary HF-layout LLaMA checkpoint that `model.load` (and transformers) reads,
-with its training text (`corpus.txt`, the statistics corpus) and its edit stream (`edits.json`).
+result is an ordinary HF-layout LLaMA checkpoint (or Gemma 2: `--family gemma2`) that `model.load`
+(and transformers) reads, with its training text (`corpus.txt`, the statistics corpus) and its
+edit stream (`edits.json`).
 
 Editing methods of the ROME/MEMIT family assume an LLM's way of recalling a fact: MLPs of the
 early layers put the answer at the subject's last token, attention later reads it from there.
@@ -18,6 +19,7 @@ asked for is that fact's (an interchange intervention), so the answer is read fr
 
     python testbed.py train --size ci --out fixtures/factmodel-ci [--seed 0] [--device cpu]
     python testbed.py train --size laptop --out fixtures/factmodel-laptop --threads 1   # 1,694 distinct edits
+    python testbed.py train --size ci --family gemma2 --out runs/factmodel-gemma2       # Gemma 2's layout
     python testbed.py experiment [--edits 200] [--batch-size 10] [--out runs/testbed]
 """
 from __future__ import annotations
@@ -181,29 +183,42 @@ def text_stream(tok: M.Tokenizer, paragraphs: list[str]) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------- model
 def init_weights(m: M.CausalLM, gen: torch.Generator) -> None:
     """GPT-2/LLaMA style: N(0, 0.02), residual output projections scaled by 1/sqrt(2 n_layers),
-    norms to one."""
+    norms to one (Gemma's (1 + w): w to zero)."""
     out_std = 0.02 / math.sqrt(2 * m.cfg.n_layers)
     with torch.no_grad():
         for name, p in m.named_parameters():
             if name.endswith("norm.weight"):
-                p.fill_(1.0)
+                p.fill_(0.0 if m.cfg.norm_plus_one else 1.0)
             else:
                 std = out_std if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
+def hf_config(family: str, s: Size, vocab: int, bos: int, eos: int) -> dict:
+    """The fact model's config.json: LLaMA (RMSNorm, SwiGLU), or Gemma 2 ((1 + w) norms also on
+    the attention and MLP outputs, tanh-GELU gate, scaled embeddings, soft caps; its window is
+    longer than any training text), which trains on the same recipe to measure editing through
+    a normalised MLP output (E6b)."""
+    hf = {"architectures": [FAMILIES[family]], "model_type": family, "hidden_size": s.d_model,
+          "intermediate_size": s.d_mlp, "num_hidden_layers": s.n_layers,
+          "num_attention_heads": s.n_heads, "num_key_value_heads": s.n_kv_heads,
+          "head_dim": s.d_model // s.n_heads, "vocab_size": vocab}
+    if family == "llama":
+        hf |= {"hidden_act": "silu", "max_position_embeddings": 512, "rms_norm_eps": 1e-5}
+    else:
+        hf |= {"hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 512, "rms_norm_eps": 1e-6,
+               "query_pre_attn_scalar": s.d_model // s.n_heads, "attn_logit_softcapping": 50.0,
+               "final_logit_softcapping": 30.0, "sliding_window": 4096}
+    return hf | {"rope_theta": 10000.0, "tie_word_embeddings": True, "bos_token_id": bos, "eos_token_id": eos,
+                 "attention_bias": False, **({"mlp_bias": False} if family == "llama" else {}),
+                 "initializer_range": 0.02, "torch_dtype": "float32"}
+
+
+FAMILIES = {"llama": "LlamaForCausalLM", "gemma2": "Gemma2ForCausalLM"}
+
+
 def save_weights(m: M.CausalLM, out: Path) -> None:
-    """config.json and model.safetensors (HF names, float32; a tied head is not stored)."""
-    c = m.cfg
-    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": c.d_model,
-          "intermediate_size": c.d_mlp, "num_hidden_layers": c.n_layers,
-          "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
-          "head_dim": c.head_dim, "vocab_size": c.vocab_size, "hidden_act": "silu",
-          "max_position_embeddings": c.max_positions, "rms_norm_eps": c.norm_eps,
-          "rope_theta": c.rope_theta, "tie_word_embeddings": c.tie_embeddings,
-          "bos_token_id": c.bos_id, "eos_token_id": c.eos_ids[0], "attention_bias": False,
-          "mlp_bias": False, "initializer_range": 0.02, "torch_dtype": "float32"}
-    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    """model.safetensors (HF names, float32; a tied head is not stored)."""
     state = {n: t.detach().to("cpu", torch.float32).contiguous() for n, t in m.state_dict().items()
              if not (m.cfg.tie_embeddings and n == "lm_head.weight")}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -340,17 +355,17 @@ def fact_accuracy(m: M.CausalLM, pairs, batch_size: int = 128) -> float:
     return sum(knows(m, pairs, batch_size)) / len(pairs)
 
 
-def prepare(s: Size, out: Path, seed: int, device="cpu"):
-    """Records, facts and text of recipe `s`; a tokenizer trained on the text (saved to
-    `out`); the initialised model. Returns (model, edit, held, facts, text stream)."""
+def prepare(s: Size, out: Path, seed: int, device="cpu", family: str = "llama"):
+    """Records, facts and text of recipe `s`; a tokenizer trained on the text and the model's
+    config.json (saved to `out`); the initialised model. Returns (model, edit, held, facts, text
+    stream)."""
     edit, held = records(s)
     pairs, paragraphs = facts(edit + held), read_corpus(TEXT_FILE)
     hf_tok = make_tokenizer(paragraphs, s.vocab, out)
-    bos, eos = hf_tok.token_to_id(BOS), hf_tok.token_to_id(EOS)
-    cfg = M.Config("llama", hf_tok.get_vocab_size(), s.d_model, s.n_layers, s.n_heads,
-                   s.n_kv_heads, s.d_model // s.n_heads, s.d_mlp, 1e-5, tie_embeddings=True,
-                   max_positions=512, bos_id=bos, eos_ids=[eos])
-    m = M.CausalLM(cfg)     # GQA, RMSNorm, SwiGLU, tied embeddings
+    hf = hf_config(family, s, hf_tok.get_vocab_size(), hf_tok.token_to_id(BOS), hf_tok.token_to_id(EOS))
+    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    cfg = M.Config.from_hf(hf)
+    m = M.CausalLM(cfg)     # GQA, tied embeddings
     init_weights(m, torch.Generator().manual_seed(seed))
     m.tokenizer = M.Tokenizer(out, cfg)
     return m.to(device), edit, held, pairs, text_stream(m.tokenizer, paragraphs)
@@ -373,11 +388,12 @@ def write_edits(path: Path, m: M.CausalLM, s: Size, edit, held) -> None:
 
 
 def train(out_dir, size: str = "ci", seed: int = 0, device: str = "cpu", steps: int | None = None,
-          log=print) -> dict:
-    """Train the fact model of `size` and write it to `out_dir` (HF layout + training.json)."""
+          log=print, family: str = "llama") -> dict:
+    """Train the fact model of `size` and `family` (FAMILIES) and write it to `out_dir` (HF
+    layout + training.json)."""
     tf32 = torch.device(device).type == "cuda"     # TF32 matmuls: the gpu size is ~13 PFLOP of float32 training
     with tf32_matmuls(tf32):
-        return train_model(out_dir, size, seed, device, steps, tf32, log)
+        return train_model(out_dir, size, seed, device, steps, tf32, log, family)
 
 
 @contextmanager
@@ -396,11 +412,12 @@ def tf32_matmuls(on: bool):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
-def train_model(out_dir, size: str, seed: int, device: str, steps: int | None, tf32: bool, log) -> dict:
+def train_model(out_dir, size: str, seed: int, device: str, steps: int | None, tf32: bool, log,
+                family: str = "llama") -> dict:
     """train's work, under its TF32 setting (recorded in training.json)."""
     t0, s, out = time.time(), SIZES[size], Path(out_dir)
     steps = s.steps if steps is None else steps
-    m, edit, held, pairs, stream = prepare(s, out, seed, device)
+    m, edit, held, pairs, stream = prepare(s, out, seed, device, family)
     n_params, cards = sum(p.numel() for p in m.parameters()), subject_cards(pairs)
     log(f"{size}: {len(edit)} edit + {len(held)} held-back records, {len(pairs)} facts, "
         f"{len(cards)} cards, {len(stream)} text tokens, {n_params} parameters")
@@ -409,7 +426,7 @@ def train_model(out_dir, size: str, seed: int, device: str, steps: int | None, t
     save_weights(m, out)
     write_corpus(out / "corpus.txt", pairs)
     write_edits(out / "edits.json", m.eval(), s, edit, held)
-    info = {"size": size, "seed": seed, "steps": steps, "seconds": round(time.time() - t0, 1),
+    info = {"size": size, "family": family, "seed": seed, "steps": steps, "seconds": round(time.time() - t0, 1),
             "parameters": n_params, "n_edit_records": len(edit), "n_held_records": len(held),
             "n_facts": len(pairs), "n_cards": len(cards), "text_tokens": len(stream),
             "final_loss": round(final_loss, 4), "fact_accuracy": acc, "device": str(device),
@@ -948,14 +965,17 @@ def svg_frontier(points: dict, title: str, w=560, h=360) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description="The laptop-scale fact-model testbed.")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train a fact model and save it in the HF LLaMA layout")
+    t = sub.add_parser("train", help="train a fact model and save it in the HF layout")
     t.add_argument("--size", choices=list(SIZES), default="ci")
+    t.add_argument("--family", choices=list(FAMILIES), default="llama",
+                   help="the model's family: LLaMA, or Gemma 2 (its MLP output normalised before the residual add)")
     t.add_argument("--out", required=True, help="output directory")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--steps", type=int, default=None, help="override the size's step count")
     t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     t.add_argument("--threads", type=int, default=2, help="CPU threads (results depend on it)")
-    t.set_defaults(run=lambda args: train(args.out, args.size, args.seed, args.device, args.steps))
+    t.set_defaults(run=lambda args: train(args.out, args.size, args.seed, args.device, args.steps,
+                                          family=args.family))
     e = sub.add_parser("experiment", help="a long edit stream with each method: table and SVG figures")
     e.add_argument("--model", default=str(FIX / "factmodel-ci"), help="a fact model trained by `train`, or stories260K")
     e.add_argument("--stream", choices=STREAMS, default="first",
