@@ -701,7 +701,7 @@ def compute_z(model: M.CausalLM, rows: list[Row], n_req: int, layer: int, hp: HP
     summed), so memory stays bounded. norm_base (n, d): the vectors whose norms bound δ and scale its weight decay
     (default h, MEMIT's; ROME passes the MLP output there, E18-E20). at_mlp: δ joins the MLP's
     output (ROME's compute_v), not the layer's (MEMIT's), which is one place but on a model that
-    normalises the MLP output before the residual add (Gemma 2): there h is the MLP output and
+    normalises the MLP output before the residual add (Gemma 2, 3): there h is the MLP output and
     δ reaches the residual stream through the norm (E4b). Returns (z* (n, d) float32, info with the losses, h and δ)."""
     dev = model.embed.weight.device
     chunks = _chunks(model, rows, layer, max_tokens, at_mlp and model.cfg.post_norms)
@@ -797,7 +797,7 @@ def longest_input(tok, q, templates, generation_tokens: int = 0) -> tuple[str, i
 
 
 def mlp_change(model: M.CausalLM, layer: int, out, R) -> torch.Tensor:
-    """E6b, on a model that normalises the MLP output before the residual add (Gemma 2): the change
+    """E6b, on a model that normalises the MLP output before the residual add (Gemma 2, 3): the change
     of the MLP outputs `out` (n, d) at `layer` that moves their contributions to the residual
     stream by R (n, d) float64. Through the post-norm N(o) = (1 + w) ⊙ o / rms(o), whose outputs
     have one length, it is o' − o for the o' whose N(o') points where N(o) + R does (N(o) + R

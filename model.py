@@ -34,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 # one layout (model.embed_tokens, model.layers, model.norm): RMSNorm, rope on halves, a gated MLP
-LLAMA_LIKE = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2")
+LLAMA_LIKE = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text")
 # the gate activations of the gated MLP, by HF's names: SwiGLU (LLaMA ...) and GeGLU (Gemma)
 GATE_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -61,7 +61,8 @@ class Config:
     d_mlp: int                    # MLP inner size (the edited weight is d_model x d_mlp)
     norm_eps: float
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None   # Llama-3.1 style {"rope_type": "llama3", ...}
+    rope_scaling: dict | None = None   # Llama-3.1 style {"rope_type": "llama3", ...}; Gemma 3's "linear"
+    local_rope_theta: float | None = None   # Gemma 3: the sliding layers' own rope base (no scaling)
     rotary_dim: int = 0           # GPT-J: rotary over the first rotary_dim dims of each head
     tie_embeddings: bool = False
     attention_bias: bool = False  # biases on q, k, v and the attention output projection
@@ -78,7 +79,7 @@ class Config:
     mlp_act: str = "silu"         # the gated MLP's gate activation, one of GATE_ACTIVATIONS (Gemma: GELU)
     norm_plus_one: bool = False   # Gemma: RMSNorm's weight applied as (1 + w), in float32 (GemmaRMSNorm)
     embed_scale: float | None = None     # Gemma: embeddings times sqrt(d_model), rounded to their dtype
-    post_norms: bool = False      # Gemma 2: attention's and the MLP's outputs normalised before the add
+    post_norms: bool = False      # Gemma 2, 3: attention's and the MLP's outputs normalised before the add
     attn_softcap: float | None = None    # Gemma 2: attention scores capped to tanh(s / c) * c
     final_softcap: float | None = None   # Gemma 2: logits capped so too
 
@@ -90,12 +91,16 @@ class Config:
         """The sliding attention window of `layer`, or None for full causal attention."""
         return self.sliding_window if layer in self.window_layers else None
 
+    def local_rope(self, layer: int) -> bool:
+        """Whether `layer` turns q and k by the local rope (Gemma 3's sliding layers)."""
+        return self.local_rope_theta is not None and layer in self.window_layers
+
     @staticmethod
     def from_hf(c: dict) -> "Config":
         mt = c.get("model_type")
         if mt not in READERS:
-            raise CheckpointError(f"unsupported model_type {mt!r} in config.json: supported are "
-                                  + ", ".join(repr(s) for s in SUPPORTED))
+            raise CheckpointError(f"unsupported model_type {mt!r} in config.json{NEAR_MISSES.get(mt, '')}: "
+                                  "supported are " + ", ".join(repr(s) for s in SUPPORTED))
         try:
             return READERS[mt](c)
         except KeyError as e:
@@ -131,16 +136,16 @@ def read_rope(c: dict) -> dict:
     return dict(rope_theta=c.get("rope_theta", rp.get("rope_theta", 10000.0)), rope_scaling=rs)
 
 
-def read_llama_like(c: dict, **family) -> Config:
+def read_llama_like(c: dict, rope: dict | None = None, **family) -> Config:
     """The LLaMA layout's fields; `family` adds or overrides the family's own (Gemma: its gate
-    activation, checked by its reader)."""
+    activation, checked by its reader); `rope` replaces read_rope's reading (Gemma 3's two)."""
     nh = c["num_attention_heads"]
     fields = dict(arch=c["model_type"], vocab_size=c["vocab_size"], d_model=c["hidden_size"],
                   n_layers=c["num_hidden_layers"], n_heads=nh, n_kv_heads=c.get("num_key_value_heads") or nh,
                   head_dim=c.get("head_dim") or c["hidden_size"] // nh, d_mlp=c["intermediate_size"],
                   norm_eps=c.get("rms_norm_eps", 1e-6), tie_embeddings=c.get("tie_word_embeddings", False),
                   max_positions=c.get("max_position_embeddings", 2048), mlp_act=c.get("hidden_act", "silu"))
-    cfg = Config(**fields | read_rope(c) | special_ids(c) | family)
+    cfg = Config(**fields | (read_rope(c) if rope is None else rope) | special_ids(c) | family)
     if cfg.mlp_act not in GATE_ACTIVATIONS:
         refuse(c, f"hidden_act {cfg.mlp_act!r}", "the gated MLP here is SiLU- or tanh-GELU-gated")
     return cfg
@@ -220,6 +225,44 @@ def gemma2_window(c: dict) -> dict:
     return dict(sliding_window=window if layers else None, window_layers=layers)
 
 
+def gemma3_rope(c: dict) -> dict:
+    """Gemma 3's two ropes, as transformers reads them: rope_parameters per layer kind (transformers
+    5), else rope_theta (1e6) with rope_scaling for the full-attention layers and
+    rope_local_base_freq (1e4) for the sliding ones; only the full layers' may be scaled (linear)."""
+    rp = c.get("rope_parameters") or {}
+    full, local = rp.get("full_attention") or {}, rp.get("sliding_attention") or {}
+    scaling = c.get("rope_scaling") or (full if full.get("rope_type", "default") != "default" else None)
+    for name, r in (("rope_scaling", scaling), ("the sliding layers' rope_parameters", local)):
+        kind = (r or {}).get("rope_type", (r or {}).get("type", "default"))
+        if kind not in ("default", "linear") or (kind == "linear" and r is local):
+            refuse(c, f"{name} {r!r}", "Gemma 3's full-attention rope may be linear-scaled, nothing else")
+    if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "linear":
+        if not isinstance(scaling.get("factor"), (int, float)):
+            refuse(c, f"rope_scaling {scaling!r} without a factor", "a linear rope needs its factor")
+        scaling = {"rope_type": "linear", "factor": float(scaling["factor"])}
+    else:
+        scaling = None
+    return dict(rope_theta=full.get("rope_theta", c.get("rope_theta", 1e6)), rope_scaling=scaling,
+                local_rope_theta=local.get("rope_theta", c.get("rope_local_base_freq", 1e4)))
+
+
+def read_gemma3_text(c: dict) -> Config:
+    """Gemma 3's text model (Gemma3ForCausalLM: the 270M and 1B releases): Gemma 2's block with
+    (1 + w) norms over each head of q and k, a local rope on the sliding layers (by default five
+    in six), and no caps unless config.json sets them."""
+    check_gelu_tanh(c, "hidden_activation")
+    pattern = c.get("sliding_window_pattern", 6)
+    layers = sliding_layers(c, lambda i: (i + 1) % pattern != 0)
+    window = c.get("sliding_window", 4096)
+    if layers and not window:
+        refuse(c, f"sliding_window {window!r} with sliding_attention layers", "a window needs its size")
+    return read_llama_like(c, gemma3_rope(c), **gemma_family(c), post_norms=True, qk_norm=True,
+                           sliding_window=window if layers else None, window_layers=layers,
+                           attn_scale=c.get("query_pre_attn_scalar", 256) ** -0.5,
+                           attn_softcap=c.get("attn_logit_softcapping"),
+                           final_softcap=c.get("final_logit_softcapping"))
+
+
 def read_gemma2(c: dict) -> Config:
     check_gelu_tanh(c, "hidden_activation")     # the key transformers reads for Gemma 2 (hidden_act: unused)
     return read_llama_like(c, **gemma_family(c), **gemma2_window(c), post_norms=True,
@@ -257,19 +300,27 @@ def read_gpt2(c: dict) -> Config:
 
 
 READERS = {"llama": read_llama, "gptj": read_gptj, "gpt2": read_gpt2, "qwen2": read_qwen2,
-           "qwen3": read_qwen3, "mistral": read_mistral, "gemma": read_gemma, "gemma2": read_gemma2}
+           "qwen3": read_qwen3, "mistral": read_mistral, "gemma": read_gemma, "gemma2": read_gemma2,
+           "gemma3_text": read_gemma3_text}
 SUPPORTED = tuple(READERS)
+NEAR_MISSES = {"gemma3": " (Gemma 3's image-text checkpoint, 4B and up: its language model under "
+                         "text_config is not read here; Gemma 3's text-only releases are gemma3_text)"}
 
 
 # ----------------------------------------------------------------------------------------- rope
-def rope_inv_freq(cfg: Config) -> torch.Tensor:
+def rope_inv_freq(cfg: Config, local: bool = False) -> torch.Tensor:
     """Rotary inverse frequencies (GPT-J: over rotary_dim; LLaMA-like: over the head; GPT-2: none,
-    its positions are learned), with Llama-3.1 'llama3' scaling: long wavelengths slowed by
-    `factor`, short ones kept, a blend in between."""
+    its positions are learned; local: Gemma 3's sliding layers', unscaled), with Llama-3.1
+    'llama3' scaling: long wavelengths slowed by `factor`, short ones kept, a blend in between;
+    or 'linear' (Gemma 3): all slowed by `factor`."""
     r = {"gptj": cfg.rotary_dim, "gpt2": 0}.get(cfg.arch, cfg.head_dim)
-    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, r, 2, dtype=torch.float32, device="cpu") / max(r, 1))
-    rs = cfg.rope_scaling
-    if not rs or rs.get("rope_type", rs.get("type")) != "llama3":
+    base = cfg.local_rope_theta if local else cfg.rope_theta
+    inv = 1.0 / base ** (torch.arange(0, r, 2, dtype=torch.float32, device="cpu") / max(r, 1))
+    rs = None if local else cfg.rope_scaling
+    kind = rs and rs.get("rope_type", rs.get("type"))
+    if kind == "linear":
+        return inv / rs["factor"]
+    if kind != "llama3":
         return inv
     factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
     old = rs["original_max_position_embeddings"]
@@ -392,8 +443,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, nkv * hd, bias=qkv_bias)
         setattr(self, out_name, nn.Linear(nh * hd, cfg.d_model, bias=cfg.attention_bias))
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(hd, cfg.norm_eps)
-            self.k_norm = RMSNorm(hd, cfg.norm_eps)
+            self.q_norm = rms_norm(cfg, hd)
+            self.k_norm = rms_norm(cfg, hd)
 
     def forward(self, x, rope, cos, sin, allowed, cache: KVCache | None, layer: int):
         B, T, _ = x.shape
@@ -401,7 +452,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, nh, hd)           # (B, T, nh, hd)
         k = self.k_proj(x).view(B, T, nkv, hd)          # (B, T, nkv, hd)
         v = self.v_proj(x).view(B, T, nkv, hd)
-        if self.cfg.qk_norm:                            # Qwen3: RMSNorm over each head
+        if self.cfg.qk_norm:                            # Qwen3, Gemma 3: RMSNorm over each head
             q, k = self.q_norm(q), self.k_norm(k)
         q = rope(q.transpose(1, 2), cos, sin)           # (B, nh, T, hd)
         k = rope(k.transpose(1, 2), cos, sin)           # (B, nkv, T, hd)
@@ -465,9 +516,9 @@ class GemmaRMSNorm(nn.Module):
         return (normed * (1.0 + self.weight.float())).to(x.dtype)
 
 
-def rms_norm(cfg: Config) -> nn.Module:
-    """An RMSNorm over the residual stream, in the family's convention."""
-    return (GemmaRMSNorm if cfg.norm_plus_one else RMSNorm)(cfg.d_model, cfg.norm_eps)
+def rms_norm(cfg: Config, d: int | None = None) -> nn.Module:
+    """An RMSNorm over the residual stream (or d features: a head), in the family's convention."""
+    return (GemmaRMSNorm if cfg.norm_plus_one else RMSNorm)(d or cfg.d_model, cfg.norm_eps)
 
 
 class LlamaMLP(nn.Module):
@@ -527,7 +578,7 @@ class LlamaBlock(nn.Module):
 
 
 class Gemma2Block(nn.Module):
-    """Gemma 2: LLaMA's block with the outputs of attention and of the MLP normalised before each
+    """Gemma 2 (and 3): LLaMA's block with the outputs of attention and of the MLP normalised before each
     joins the residual stream; its post_attention_layernorm is thus on attention's output (LLaMA's
     of that name is on the MLP's input: here pre_feedforward_layernorm)."""
 
@@ -615,6 +666,8 @@ class CausalLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        if cfg.local_rope_theta is not None:
+            self.register_buffer("inv_freq_local", rope_inv_freq(cfg, local=True), persistent=False)
         self.tokenizer: Tokenizer | None = None
         # the prefix the checkpoint's names lack: "transformer." in GPT-2 files saved from
         # GPT2Model (as OpenAI's gpt2 ... gpt2-xl on the Hub); set by load
@@ -669,7 +722,7 @@ class CausalLM(nn.Module):
 
     def mlp_contribution(self, layer: int, out: torch.Tensor) -> torch.Tensor:
         """What the MLP output `out` (..., d) adds to the residual stream at `layer`, on out's
-        device: out itself, or with Gemma 2's post-norm post_feedforward_layernorm(out)."""
+        device: out itself, or with Gemma 2 and 3's post-norm post_feedforward_layernorm(out)."""
         if not self.cfg.post_norms:
             return out
         norm = self.blocks[layer].post_feedforward_layernorm
@@ -729,9 +782,10 @@ class CausalLM(nn.Module):
         past = cache.length if cache is not None else 0
         mask = torch.ones(B, past + T, dtype=torch.long, device=ids.device) if mask is None else mask
         pos = self.positions(mask, past)                                           # (B, T)
-        freqs = pos[:, None, :, None].float() * self.inv_freq                      # (B, 1, T, hd/2)
         dt = self.embed.weight.dtype
-        cos, sin = freqs.cos().to(dt), freqs.sin().to(dt)
+        ropes = {False: rope_tables(pos, self.inv_freq, dt)}                     # (cos, sin) (B, 1, T, hd/2)
+        if self.cfg.local_rope_theta is not None:                               # Gemma 3's sliding layers
+            ropes[True] = rope_tables(pos, self.inv_freq_local, dt)
         first, h = (0, self.embed(ids)) if start is None else (start[0] + 1, start[1])
         if start is None and self.cfg.arch == "gpt2":                              # learned positions
             h = h + self.transformer.wpe(pos)
@@ -741,12 +795,12 @@ class CausalLM(nn.Module):
         windows = {self.cfg.window(i) for i in range(first, last + 1)}
         masks = {w: attention_mask(mask, past, w) for w in windows}                # (B, 1, T, S) or None
         place = self.placement
-        inputs = {dev: block_inputs(dev, cos, sin, masks) for dev in set(place[first:last + 1])}
+        inputs = {dev: block_inputs(dev, ropes, masks) for dev in set(place[first:last + 1])}
         out = Output(None)
         for i in range(first, last + 1):
             h = h.to(place[i])                       # a device boundary: the residual stream moves
-            cos_i, sin_i, masks_i = inputs[place[i]]
-            h, key = self.blocks[i](h, cos_i, sin_i, masks_i[self.cfg.window(i)], cache, i)
+            ropes_i, masks_i = inputs[place[i]]
+            h, key = self.blocks[i](h, *ropes_i[self.cfg.local_rope(i)], masks_i[self.cfg.window(i)], cache, i)
             if i in keys_at:
                 out.keys[i] = key.to(home)
             if i in outs_at:
@@ -763,10 +817,17 @@ class CausalLM(nn.Module):
         return out
 
 
-def block_inputs(device, cos, sin, masks: dict):
-    """What every block reads besides the residual stream (rope's cos and sin, the attention mask
-    of each window) on `device` (the same tensors where they already are)."""
-    return cos.to(device), sin.to(device), {w: None if m is None else m.to(device) for w, m in masks.items()}
+def rope_tables(pos, inv_freq, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (B, 1, T, hd/2) of positions pos (B, T) at inverse frequencies inv_freq, in dtype."""
+    freqs = pos[:, None, :, None].float() * inv_freq
+    return freqs.cos().to(dtype), freqs.sin().to(dtype)
+
+
+def block_inputs(device, ropes: dict, masks: dict):
+    """What every block reads besides the residual stream (rope's cos and sin, per rope; the
+    attention mask of each window) on `device` (the same tensors where they already are)."""
+    return ({k: (cos.to(device), sin.to(device)) for k, (cos, sin) in ropes.items()},
+            {w: None if m is None else m.to(device) for w, m in masks.items()})
 
 
 # ------------------------------------------------------------------------------------ tokenizer
@@ -1136,6 +1197,8 @@ def load(path, device="cpu", dtype="float32", placement=None) -> CausalLM:
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     model.inv_freq = rope_inv_freq(cfg).to(devices[0])
+    if cfg.local_rope_theta is not None:
+        model.inv_freq_local = rope_inv_freq(cfg, local=True).to(devices[0])
     return model.eval().requires_grad_(False)
 
 

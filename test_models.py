@@ -444,8 +444,19 @@ KINDS = {
                                               attn_logit_softcapping=1.0, final_logit_softcapping=3.0,
                                               layer_types=["full_attention", "sliding_attention",
                                                            "sliding_attention", "full_attention"])),
+    # Gemma 3 with transformers' defaults (window 4096 on five layers in six: here all 3) ...
+    "gemma3": ("gemma3_text", dict(head_dim=32, query_pre_attn_scalar=32)),
+    # ... and a window of 4 on layers 0, 1, 3, its local rope base 100, the global one 1e4 scaled by 8
+    "gemma3-gqa-window-ropes": ("gemma3_text", dict(num_key_value_heads=2, head_dim=24, num_hidden_layers=4,
+                                                     sliding_window=4, query_pre_attn_scalar=20,
+                                                     rope_theta=1e4, rope_local_base_freq=100.0,
+                                                     rope_scaling={"rope_type": "linear", "factor": 8.0},
+                                                     layer_types=["sliding_attention", "sliding_attention",
+                                                                  "full_attention", "sliding_attention"])),
 }
-FAMILY_CLASSES = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "gemma": "Gemma", "gemma2": "Gemma2"}
+FAMILY_CLASSES = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "gemma": "Gemma", "gemma2": "Gemma2",
+                  "gemma3_text": "Gemma3"}
+CONFIG_CLASSES = {"gemma3_text": "Gemma3TextConfig"}     # Gemma3Config is the multimodal one
 
 
 def make_checkpoint(path, kind, seed=0):
@@ -465,7 +476,7 @@ def make_checkpoint(path, kind, seed=0):
                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
                   bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5) | opts
         name = FAMILY_CLASSES[family]
-        hf = getattr(T, name + "ForCausalLM")(getattr(T, name + "Config")(**kw))
+        hf = getattr(T, name + "ForCausalLM")(getattr(T, CONFIG_CLASSES.get(family, name + "Config"))(**kw))
         tok = STORIES
     roughen(hf)
     hf.save_pretrained(path)
@@ -535,17 +546,23 @@ def test_configs_read_as_transformers_does(ckpt):
     assert cfg["mistral"].window_layers == () and cfg["mistral-gqa-window"].window(0) == 4
 
 
-@pytest.mark.parametrize("kind", ["gemma", "gemma-gqa-untied", "gemma2", "gemma2-gqa-window-caps"])
+@pytest.mark.parametrize("kind", ["gemma", "gemma-gqa-untied", "gemma2", "gemma2-gqa-window-caps", "gemma3",
+                                  "gemma3-gqa-window-ropes"])
 def test_gemma_configs_read_as_transformers_does(ckpt, kind):
     """Gemma's options as transformers reads them: head_dim from config.json, embeddings scaled by
     sqrt(hidden_size), the head tied unless config.json unties it; Gemma 2's attention scale
     query_pre_attn_scalar^-0.5, its two caps, and its window in the layers layer_types slides (by
-    default the even ones)."""
+    default the even ones); Gemma 3's per-head norms and two ropes (the full layers' scaled)."""
     import transformers as T
     hf, cfg = T.AutoConfig.from_pretrained(ckpt(kind)), M.load(ckpt(kind)).cfg
     assert cfg.head_dim == hf.head_dim != cfg.d_model // cfg.n_heads and cfg.embed_scale == hf.hidden_size ** 0.5
     assert cfg.tie_embeddings == hf.tie_word_embeddings and cfg.norm_plus_one and cfg.mlp_act == "gelu_pytorch_tanh"
-    if kind.startswith("gemma2"):
+    if kind.startswith("gemma3"):
+        rope = hf.rope_parameters
+        assert cfg.qk_norm and (cfg.rope_theta, cfg.local_rope_theta) == \
+            (rope["full_attention"]["rope_theta"], rope["sliding_attention"]["rope_theta"])
+        assert (cfg.rope_scaling or {}).get("factor", 1.0) == rope["full_attention"].get("factor", 1.0)
+    if kind.startswith(("gemma2", "gemma3")):
         assert cfg.post_norms and cfg.attn_scale == hf.query_pre_attn_scalar ** -0.5
         assert (cfg.attn_softcap, cfg.final_softcap) == (hf.attn_logit_softcapping, hf.final_logit_softcapping)
         assert [cfg.window(i) for i in range(cfg.n_layers)] == \
@@ -558,10 +575,19 @@ def test_gemma_configs_read_as_transformers_does(ckpt, kind):
     ("gemma", [], dict(hidden_act="gelu")),     # Gemma's releases say "gelu", which transformers reads as tanh
     ("gemma2-gqa-window-caps", ["layer_types", "sliding_window", "attn_logit_softcapping",
                                 "final_logit_softcapping", "query_pre_attn_scalar", "hidden_activation"], {}),
+    # Gemma 3 as released (transformers 4 wrote its ropes flat: rope_theta, rope_local_base_freq,
+    # rope_scaling; the sliding layers by sliding_window_pattern) ...
+    ("gemma3-gqa-window-ropes", ["rope_parameters", "layer_types", "_sliding_window_pattern"],
+     dict(rope_theta=1e4, rope_local_base_freq=100.0, rope_scaling={"rope_type": "linear", "factor": 8.0},
+          sliding_window_pattern=3)),
+    # ... and with everything left to the defaults
+    ("gemma3", ["rope_parameters", "layer_types", "_sliding_window_pattern", "sliding_window", "attn_logit_softcapping",
+                "final_logit_softcapping", "query_pre_attn_scalar", "hidden_activation"], {}),
 ])
 def test_gemma_config_json_left_to_defaults_reads_as_transformers_does(ckpt, tmp_path, kind, drop, change):
-    """config.json as released or with Gemma 2's options left out: transformers' defaults (the
-    window on the even layers, caps 50 and 30, scale 256^-0.5), and its logits."""
+    """config.json as released or with Gemma 2's or 3's options left out: transformers' defaults
+    (Gemma 2: the window on the even layers, caps 50 and 30, scale 256^-0.5; Gemma 3: the window
+    on five layers in six, ropes 1e6 and 1e4, no caps), and its logits."""
     d = tmp_path / "ckpt"
     shutil.copytree(ckpt(kind), d)
     c = json.loads((d / "config.json").read_text())
@@ -570,6 +596,11 @@ def test_gemma_config_json_left_to_defaults_reads_as_transformers_does(ckpt, tmp
     if kind.startswith("gemma2"):
         assert cfg.window_layers == (0, 2) and cfg.sliding_window == 4096
         assert (cfg.attn_softcap, cfg.final_softcap, cfg.attn_scale) == (50.0, 30.0, 1 / 16)
+    if kind == "gemma3-gqa-window-ropes":
+        assert cfg == M.read_config(ckpt(kind))             # the same model as transformers 5 writes it
+    if kind == "gemma3":
+        assert (cfg.window_layers, cfg.sliding_window, cfg.rope_theta, cfg.local_rope_theta) == ((0, 1, 2), 4096, 1e6, 1e4)
+        assert (cfg.attn_softcap, cfg.final_softcap, cfg.attn_scale, cfg.rope_scaling) == (None, None, 1 / 16, None)
     ids, mask = padded_batch(500, "left")
     ref, _ = hf_reference(hf_load(d), ids, mask)
     assert (M.load(d)(ids, mask).logits - ref.logits)[mask.bool()].abs().max() < 1e-4
@@ -612,7 +643,7 @@ def test_a_sliding_window_left_out_is_that_of_transformers(ckpt, tmp_path, kind,
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["gpt2", "qwen2-gqa-tied-window", "qwen3-gqa-bias", "mistral-gqa-window", "gemma",
-                                  "gemma2-gqa-window-caps"])
+                                  "gemma2-gqa-window-caps", "gemma3-gqa-window-ropes"])
 def test_bfloat16_error_is_that_of_transformers(ckpt, kind, device):
     """In bfloat16 our logits are as close to the float32 reference as transformers' own bfloat16
     logits are (mean absolute error within 1.5x of theirs, plus 0.1% of the logits' scale; on the
@@ -634,7 +665,7 @@ def test_bfloat16_error_is_that_of_transformers(ckpt, kind, device):
 
 # ============================================================================ generation
 @pytest.mark.parametrize("kind", ["gpt2", "qwen2-gqa-tied-window", "qwen3-gqa-bias", "mistral-gqa-window",
-                                  "gemma-gqa-untied", "gemma2-gqa-window-caps"])
+                                  "gemma-gqa-untied", "gemma2-gqa-window-caps", "gemma3-gqa-window-ropes"])
 def test_kv_cache_generation_equals_recompute(ckpt, kind):
     """Cached decoding (left-padded batch) equals re-running the whole sequence per token, well
     past the window (prompts up to 6 tokens + 12 new, window 4); and transformers' greedy
@@ -663,7 +694,7 @@ def test_gpt2_learned_positions_end_with_a_clear_error(ckpt):
 
 # ============================================================================ edit weights, save
 @pytest.mark.parametrize("kind", ["gpt2", "gpt2-bare-unscaled", "qwen2-gqa-tied-window", "qwen3-gqa-bias",
-                                  "mistral-gqa-window", "gemma", "gemma2-gqa-window-caps"])
+                                  "mistral-gqa-window", "gemma", "gemma2-gqa-window-caps", "gemma3"])
 def test_family_save_then_load_is_exact_and_transformers_reads_it(ckpt, tmp_path, kind):
     """An edit through the edit_weight alias, saved with edit_tensors: the file holds it in the
     stored layout under the checkpoint's own names, reloads bit-identically, and transformers
@@ -725,7 +756,8 @@ def test_load_edit_tensors_round_trips_and_checks(ckpt):
     assert all(torch.equal(t, saved[n]) for n, t in m.edit_tensors([0, 2]).items())     # nothing copied
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "qwen3-gqa-bias", "mistral-gqa-window", "gemma2-gqa-window-caps"])
+@pytest.mark.parametrize("kind", ["gpt2", "qwen3-gqa-bias", "mistral-gqa-window", "gemma2-gqa-window-caps",
+                                  "gemma3-gqa-window-ropes"])
 def test_names_through_layer_are_exactly_what_the_layer_depends_on(ckpt, kind):
     """Perturbing any tensor outside names_through_layer(1) leaves layer 1's output unchanged;
     perturbing any one inside changes it; the names are the checkpoint's."""
@@ -789,7 +821,7 @@ def _config_with(tmp_path, ckpt_dir, **change):
     ("qwen2", dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
     ("mistral", dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling .*only 'llama3'"),
     ("qwen3", dict(model_type="mamba"), "unsupported model_type 'mamba'.*"
-                                        "'llama', 'gptj', 'gpt2', 'qwen2', 'qwen3', 'mistral', 'gemma', 'gemma2'"),
+                                        "'llama', 'gptj', 'gpt2', 'qwen2', 'qwen3', 'mistral', 'gemma', 'gemma2', 'gemma3_text'"),
     ("gemma", dict(hidden_act="silu"), "hidden_act 'silu' is not supported"),
     ("gemma", dict(hidden_activation="gelu"), "hidden_activation 'gelu' is not supported"),
     ("gemma2", dict(hidden_activation="gelu"), "hidden_activation 'gelu' is not supported"),
@@ -798,6 +830,16 @@ def _config_with(tmp_path, ckpt_dir, **change):
     ("gemma2", dict(layer_types=["full_attention"] * 3), r"layer_types \['full_attention'.* is not supported"),
     ("gemma2", dict(sliding_window=None), "sliding_window None with sliding_attention layers is not supported"),
     ("qwen2-gqa-tied-window", dict(layer_types=["linear_attention"] * 3), r"layer_types \['linear_attention'"),
+    ("gemma3", dict(rope_parameters={"full_attention": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6},
+                                     "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+     "rope_scaling .*yarn.* is not supported .Gemma 3's full-attention rope may be linear-scaled"),
+    ("gemma3", dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                     "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}),
+     "the sliding layers' rope_parameters .* is not supported"),
+    ("gemma3", dict(use_bidirectional_attention=True), "use_bidirectional_attention: true is not supported"),
+    ("gemma3", dict(model_type="gemma3"), r"unsupported model_type 'gemma3' in config.json \(Gemma 3's image-text "
+                                          r"checkpoint, 4B and up: .* gemma3_text\): supported are 'llama'"),
+    ("gemma3", dict(sliding_window=None), "sliding_window None with sliding_attention layers is not supported"),
 ])
 def test_unsupported_options_are_refused(ckpt, tmp_path, kind, change, message):
     with pytest.raises(M.CheckpointError, match=message):
@@ -976,7 +1018,8 @@ def test_tokenizer_does_not_truncate_as_transformers_does_not(ckpt):
     assert ids == T.AutoTokenizer.from_pretrained(ckpt("gpt2"))(text)["input_ids"]
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "qwen2", "qwen3-gqa-bias", "mistral-gqa-window", "gemma2-gqa-window-caps"])
+@pytest.mark.parametrize("kind", ["gpt2", "qwen2", "qwen3-gqa-bias", "mistral-gqa-window", "gemma2-gqa-window-caps",
+                                  "gemma3"])
 def test_model_cli_continues_a_prompt_with_a_tiny_random_checkpoint_of_each_family(ckpt, kind, capsys):
     M.main([str(ckpt(kind)), "--prompt", "Once upon a time", "--max-new-tokens", "6", "--device", "cpu"])
     printed = capsys.readouterr().out

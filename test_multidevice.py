@@ -30,7 +30,8 @@ CUDA_SPREADS = [*(["cpu,cuda"] if torch.cuda.is_available() else []),
 # float tolerance of a CUDA spread against one device: float32 kernels on the CPU and the GPU sum
 # in other orders (about 1e-6 relative per op), as in the transformers parity tests' 1e-4 on logits
 CUDA_ATOL = 1e-4
-KINDS = ["stories", "gpt2", "gptj", "qwen2", "qwen2-gqa-tied-window"]   # tied and untied heads, windows
+KINDS = ["stories", "gpt2", "gptj", "qwen2", "qwen2-gqa-tied-window",   # tied and untied heads, windows,
+         "gemma3-gqa-window-ropes"]                                    # two ropes
 
 
 @pytest.fixture(scope="module")
