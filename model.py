@@ -34,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 # one layout (model.embed_tokens, model.layers, model.norm): RMSNorm, rope on halves, a gated MLP
-LLAMA_LIKE = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text")
+LLAMA_LIKE = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "gemma3")
 # the gate activations of the gated MLP, by HF's names: SwiGLU (LLaMA ...) and GeGLU (Gemma)
 GATE_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -82,6 +82,7 @@ class Config:
     post_norms: bool = False      # Gemma 2, 3: attention's and the MLP's outputs normalised before the add
     attn_softcap: float | None = None    # Gemma 2: attention scores capped to tanh(s / c) * c
     final_softcap: float | None = None   # Gemma 2: logits capped so too
+    weights_prefix: str = ""      # Gemma 3 image-text: the language model's names begin "language_model."
 
     @property
     def llama_like(self) -> bool:
@@ -99,8 +100,8 @@ class Config:
     def from_hf(c: dict) -> "Config":
         mt = c.get("model_type")
         if mt not in READERS:
-            raise CheckpointError(f"unsupported model_type {mt!r} in config.json{NEAR_MISSES.get(mt, '')}: "
-                                  "supported are " + ", ".join(repr(s) for s in SUPPORTED))
+            raise CheckpointError(f"unsupported model_type {mt!r} in config.json: supported are "
+                                  + ", ".join(repr(s) for s in SUPPORTED))
         try:
             return READERS[mt](c)
         except KeyError as e:
@@ -246,10 +247,19 @@ def gemma3_rope(c: dict) -> dict:
                 local_rope_theta=local.get("rope_theta", c.get("rope_local_base_freq", 1e4)))
 
 
-def read_gemma3_text(c: dict) -> Config:
+# transformers' Gemma3TextConfig defaults, which a Gemma 3 config.json relies on (the image-text
+# releases' text_config names only what differs: sizes, window, rope scaling)
+GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                            num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                            max_position_embeddings=131_072, rms_norm_eps=1e-6, pad_token_id=0, eos_token_id=1,
+                            bos_token_id=2, tie_word_embeddings=True, query_pre_attn_scalar=256, sliding_window=4096)
+
+
+def read_gemma3_text(c: dict, **more) -> Config:
     """Gemma 3's text model (Gemma3ForCausalLM: the 270M and 1B releases): Gemma 2's block with
     (1 + w) norms over each head of q and k, a local rope on the sliding layers (by default five
     in six), and no caps unless config.json sets them."""
+    c = GEMMA3_TEXT_DEFAULTS | c
     check_gelu_tanh(c, "hidden_activation")
     pattern = c.get("sliding_window_pattern", 6)
     layers = sliding_layers(c, lambda i: (i + 1) % pattern != 0)
@@ -260,7 +270,18 @@ def read_gemma3_text(c: dict) -> Config:
                            sliding_window=window if layers else None, window_layers=layers,
                            attn_scale=c.get("query_pre_attn_scalar", 256) ** -0.5,
                            attn_softcap=c.get("attn_logit_softcapping"),
-                           final_softcap=c.get("final_logit_softcapping"))
+                           final_softcap=c.get("final_logit_softcapping"), **more)
+
+
+def read_gemma3(c: dict) -> Config:
+    """Gemma 3's image-text checkpoint (Gemma3ForConditionalGeneration: 4B and up): its language
+    model, text_config (the special ids config.json names at its top level over it), whose
+    weights are named "language_model." + the text model's names; the vision tower and the
+    projector are not read (and save copies them as they are). Text in, text out: images are
+    not taken."""
+    text = c.get("text_config") or {}
+    top = {k: c[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in c}
+    return read_gemma3_text(text | top | {"model_type": "gemma3"}, weights_prefix="language_model.")
 
 
 def read_gemma2(c: dict) -> Config:
@@ -301,10 +322,8 @@ def read_gpt2(c: dict) -> Config:
 
 READERS = {"llama": read_llama, "gptj": read_gptj, "gpt2": read_gpt2, "qwen2": read_qwen2,
            "qwen3": read_qwen3, "mistral": read_mistral, "gemma": read_gemma, "gemma2": read_gemma2,
-           "gemma3_text": read_gemma3_text}
+           "gemma3_text": read_gemma3_text, "gemma3": read_gemma3}
 SUPPORTED = tuple(READERS)
-NEAR_MISSES = {"gemma3": " (Gemma 3's image-text checkpoint, 4B and up: its language model under "
-                         "text_config is not read here; Gemma 3's text-only releases are gemma3_text)"}
 
 
 # ----------------------------------------------------------------------------------------- rope
@@ -694,7 +713,7 @@ class CausalLM(nn.Module):
     def checkpoint_name(self, name: str) -> str:
         """The name parameter `name` has in the checkpoint's files."""
         p = self.missing_prefix
-        return name[len(p):] if p and name.startswith(p) else name
+        return self.cfg.weights_prefix + (name[len(p):] if p and name.startswith(p) else name)
 
     def _edit_parameter_name(self, layer: int) -> str:
         return EDIT_WEIGHTS["llama" if self.cfg.llama_like else self.cfg.arch].format(layer)
@@ -1116,8 +1135,8 @@ def tensor_headers(files: dict[str, Path]) -> dict[str, tuple[Path, str, tuple]]
 def check_tensors(path: Path, cfg: Config, expected: dict[str, tuple], headers: dict) -> None:
     """Every stored weight a float, no tensor missing or unexpected, every shape as config.json
     implies. expected: checkpoint name -> shape."""
-    names = {n for n in headers if not n.endswith(IGNORED_SUFFIXES)
-             and not (cfg.tie_embeddings and n == "lm_head.weight")}   # tied: a stored head is ignored
+    names = {n for n in headers if not n.endswith(IGNORED_SUFFIXES) and n.startswith(cfg.weights_prefix)
+             and not (cfg.tie_embeddings and n == cfg.weights_prefix + "lm_head.weight")}   # tied: ignored
     for name in sorted(names):
         file, code, _ = headers[name]
         if code not in FLOAT_CODES:

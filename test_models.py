@@ -453,6 +453,11 @@ KINDS = {
                                                      rope_scaling={"rope_type": "linear", "factor": 8.0},
                                                      layer_types=["sliding_attention", "sliding_attention",
                                                                   "full_attention", "sliding_attention"])),
+    # Gemma 3's image-text checkpoint (4B and up): a vision tower beside the language model
+    "gemma3-image-text": ("gemma3", dict(num_key_value_heads=2, head_dim=24, num_hidden_layers=4, sliding_window=4,
+                                         query_pre_attn_scalar=20, rope_scaling={"rope_type": "linear", "factor": 8.0},
+                                         layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                                                      "sliding_attention"])),
 }
 FAMILY_CLASSES = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "gemma": "Gemma", "gemma2": "Gemma2",
                   "gemma3_text": "Gemma3"}
@@ -475,8 +480,15 @@ def make_checkpoint(path, kind, seed=0):
         kw = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
                   bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5) | opts
-        name = FAMILY_CLASSES[family]
-        hf = getattr(T, name + "ForCausalLM")(getattr(T, CONFIG_CLASSES.get(family, name + "Config"))(**kw))
+        if family == "gemma3":     # the language model as text_config, a tiny vision tower beside it
+            vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                          image_size=28, patch_size=14)
+            hf = T.Gemma3ForConditionalGeneration(T.Gemma3Config(
+                text_config=kw, vision_config=vision, mm_tokens_per_image=4, image_token_index=510,
+                boi_token_index=508, eoi_token_index=509))
+        else:
+            name = FAMILY_CLASSES[family]
+            hf = getattr(T, name + "ForCausalLM")(getattr(T, CONFIG_CLASSES.get(family, name + "Config"))(**kw))
         tok = STORIES
     roughen(hf)
     hf.save_pretrained(path)
@@ -508,7 +520,7 @@ def ckpt(tmp_path_factory):
 
 def hf_reference(hf, ids, mask):
     """transformers' logits, MLP keys (hooks on the edited projection) and hidden states."""
-    blocks = hf.transformer.h if hasattr(hf, "transformer") else hf.model.layers
+    blocks = hf.transformer.h if hasattr(hf, "transformer") else getattr(hf.model, "language_model", hf.model).layers
     seen = {}
     hooks = [(b.mlp.c_proj if hasattr(b.mlp, "c_proj") else b.mlp.down_proj).register_forward_pre_hook(
         lambda mod, args, i=i: seen.__setitem__(i, args[0])) for i, b in enumerate(blocks)]
@@ -694,7 +706,7 @@ def test_gpt2_learned_positions_end_with_a_clear_error(ckpt):
 
 # ============================================================================ edit weights, save
 @pytest.mark.parametrize("kind", ["gpt2", "gpt2-bare-unscaled", "qwen2-gqa-tied-window", "qwen3-gqa-bias",
-                                  "mistral-gqa-window", "gemma", "gemma2-gqa-window-caps", "gemma3"])
+                                  "mistral-gqa-window", "gemma", "gemma2-gqa-window-caps", "gemma3", "gemma3-image-text"])
 def test_family_save_then_load_is_exact_and_transformers_reads_it(ckpt, tmp_path, kind):
     """An edit through the edit_weight alias, saved with edit_tensors: the file holds it in the
     stored layout under the checkpoint's own names, reloads bit-identically, and transformers
@@ -720,6 +732,23 @@ def test_family_save_then_load_is_exact_and_transformers_reads_it(ckpt, tmp_path
     with torch.no_grad():
         ref = hf_load(tmp_path / "out")(input_ids=ids, attention_mask=mask).logits
     assert (m2(ids, mask).logits - ref)[mask.bool()].abs().max() < 1e-4
+
+
+def test_gemma3_image_text_edits_its_language_model_and_save_keeps_the_vision_tower(ckpt, tmp_path):
+    """Gemma 3's image-text checkpoint: text_config's omissions are transformers' Gemma3TextConfig
+    defaults; the language model's weights are read under "language_model."; a saved edit changes
+    that one tensor and leaves the vision tower and projector bit-identical."""
+    import transformers as T
+    defaults = T.Gemma3TextConfig()
+    assert {k: getattr(defaults, k) for k in M.GEMMA3_TEXT_DEFAULTS} == M.GEMMA3_TEXT_DEFAULTS
+    src = ckpt("gemma3-image-text")
+    m = M.load(src)
+    assert m.edit_weight_name(1) == "language_model.model.layers.1.mlp.down_proj.weight"
+    m.edit_weight(1).add_(1.0)
+    M.save(src, tmp_path / "out", m.edit_tensors([1]))
+    before, after = load_file(src / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert before.keys() == after.keys() and any(k.startswith("vision_tower.") for k in before)
+    assert [k for k in before if not torch.equal(before[k], after[k])] == [m.edit_weight_name(1)]
 
 
 def test_gpt2_edit_weight_is_the_transposed_stored_weight(ckpt, tmp_path):
@@ -821,7 +850,7 @@ def _config_with(tmp_path, ckpt_dir, **change):
     ("qwen2", dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
     ("mistral", dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling .*only 'llama3'"),
     ("qwen3", dict(model_type="mamba"), "unsupported model_type 'mamba'.*"
-                                        "'llama', 'gptj', 'gpt2', 'qwen2', 'qwen3', 'mistral', 'gemma', 'gemma2', 'gemma3_text'"),
+                                        "'llama', 'gptj', 'gpt2', 'qwen2', 'qwen3', 'mistral', 'gemma', 'gemma2', 'gemma3_text', 'gemma3'"),
     ("gemma", dict(hidden_act="silu"), "hidden_act 'silu' is not supported"),
     ("gemma", dict(hidden_activation="gelu"), "hidden_activation 'gelu' is not supported"),
     ("gemma2", dict(hidden_activation="gelu"), "hidden_activation 'gelu' is not supported"),
@@ -837,8 +866,6 @@ def _config_with(tmp_path, ckpt_dir, **change):
                                      "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}),
      "the sliding layers' rope_parameters .* is not supported"),
     ("gemma3", dict(use_bidirectional_attention=True), "use_bidirectional_attention: true is not supported"),
-    ("gemma3", dict(model_type="gemma3"), r"unsupported model_type 'gemma3' in config.json \(Gemma 3's image-text "
-                                          r"checkpoint, 4B and up: .* gemma3_text\): supported are 'llama'"),
     ("gemma3", dict(sliding_window=None), "sliding_window None with sliding_attention layers is not supported"),
 ])
 def test_unsupported_options_are_refused(ckpt, tmp_path, kind, change, message):
