@@ -797,16 +797,38 @@ def longest_input(tok, q, templates, generation_tokens: int = 0) -> tuple[str, i
 
 
 def mlp_change(model: M.CausalLM, layer: int, out, R) -> torch.Tensor:
-    """E6b, on a model that normalises the MLP output before the residual add (Gemma 2, 3): the change
-    of the MLP outputs `out` (n, d) at `layer` that moves their contributions to the residual
-    stream by R (n, d) float64. Through the post-norm N(o) = (1 + w) ⊙ o / rms(o), whose outputs
-    have one length, it is o' − o for the o' whose N(o') points where N(o) + R does (N(o) + R
-    itself where reachable): o' = rms(o) · u / rms(u), u = (N(o) + R) ⊘ (1 + w) = o / rms(o) + R ⊘ (1 + w)."""
+    """E6b, on a model that normalises the MLP output before the residual add (Gemma 2, 3): the
+    change of the MLP outputs `out` (n, d) at `layer` that moves their contributions to the
+    residual stream by R (n, d) float64, as near as the norm allows. N(o) = s ⊙ o / r(o) with
+    s = 1 + w, r(o) = sqrt(mean(o²) + ε): for every o' of o's length N(o') = s ⊙ v with
+    rms(v) = ρ = rms(o) / r(o) (≈ 1), so the MLP can turn its contribution, not stretch it. The
+    target T = N(o) + R is met at the nearest such point (T itself where reachable), and o' = r(o) v."""
     norm = model.blocks[layer].post_feedforward_layernorm
-    o, scale = out.to(R), 1 + norm.weight.detach().to(R)
-    rms = o.pow(2).mean(1, keepdim=True).sqrt()
-    u = o / (rms ** 2 + norm.eps).sqrt() + torch.where(scale != 0, R / scale, 0)   # a zero scale: unreachable
-    return rms * u / u.pow(2).mean(1, keepdim=True).sqrt() - o
+    o, s = out.to(R), 1 + norm.weight.detach().to(R)
+    r = (o.pow(2).mean(1, keepdim=True) + norm.eps).sqrt()                          # (n, 1)
+    v = nearest_scaled_point(s, s * o / r + R, o.pow(2).mean(1, keepdim=True) / r ** 2)
+    return r * v - o
+
+
+def nearest_scaled_point(s, T, rho2, steps: int = 200) -> torch.Tensor:
+    """Per row of T (n, d): the v minimising ‖s ⊙ v − T‖ subject to mean(v²) = rho2 (n, 1), s (d,)
+    (E6b). Stationarity gives v = s ⊙ T / (s² + μ) with μ ≥ −min s² (the global minimum of this
+    trust-region problem), and mean(v²) falls as μ rises: μ by bisection. Where even the least μ
+    leaves mean(v²) short (T has nothing on the least-scaled coordinate k, as when s_k = 0), the
+    rest of the length goes to v_k, which moves s ⊙ v least."""
+    b, s2 = s * T, s ** 2
+    lo = (-s2.min()).expand_as(rho2).clone()
+    hi = lo + 2 * (b.pow(2).mean(1, keepdim=True) / rho2).sqrt() + 1      # there mean(v²) < rho2
+    solve = lambda mu: b / (s2 + mu).clamp_min(torch.finfo(b.dtype).tiny)
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        long = solve(mid).pow(2).mean(1, keepdim=True) > rho2
+        lo, hi = torch.where(long, mid, lo), torch.where(long, hi, mid)
+    v = solve(hi)
+    short = (rho2 - v.pow(2).mean(1, keepdim=True)).clamp_min(0) * T.shape[1]            # (n, 1)
+    k = int(s2.argmin())
+    v[:, k:k + 1] += torch.where(short > 1e-12 * rho2 * T.shape[1], short.sqrt(), 0) * torch.where(T[:, k:k + 1] < 0, -1, 1)
+    return v
 
 
 def mlp_outputs(model: M.CausalLM, layer: int, keys) -> torch.Tensor:

@@ -234,10 +234,13 @@ def gemma3_rope(c: dict) -> dict:
     full, local = rp.get("full_attention") or {}, rp.get("sliding_attention") or {}
     scaling = c.get("rope_scaling") or (full if full.get("rope_type", "default") != "default" else None)
     for name, r in (("rope_scaling", scaling), ("the sliding layers' rope_parameters", local)):
-        kind = (r or {}).get("rope_type", (r or {}).get("type", "default"))
+        if r and "type" in r and "rope_type" not in r:       # the old key, which transformers 5 ignores here
+            refuse(c, f"{name} {r!r} (its kind under 'type')", "transformers applies no scaling then; "
+                   "name the kind under 'rope_type'")
+        kind = (r or {}).get("rope_type", "default")
         if kind not in ("default", "linear") or (kind == "linear" and r is local):
             refuse(c, f"{name} {r!r}", "Gemma 3's full-attention rope may be linear-scaled, nothing else")
-    if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "linear":
+    if scaling is not None and scaling.get("rope_type") == "linear":
         if not isinstance(scaling.get("factor"), (int, float)):
             refuse(c, f"rope_scaling {scaling!r} without a factor", "a linear rope needs its factor")
         scaling = {"rope_type": "linear", "factor": float(scaling["factor"])}

@@ -451,45 +451,94 @@ def test_alphaedit_without_a_null_space_is_refused_before_the_run_directory(tmp_
     assert L.main(argv) == 0 and json.loads((out / "config.json").read_text())["hparams"]["nullspace_threshold"] == 2e-2
 
 
+POST_NORM_KINDS = ["gemma2", "gemma3-gqa-window-ropes"]
+
+
 @pytest.fixture(scope="module")
-def gemma2(tmp_path_factory):
+def post_norm(tmp_path_factory):
+    """kind -> a tiny random model whose MLP output is normalised before the residual add."""
     from test_models import make_checkpoint
-    return M.load(make_checkpoint(tmp_path_factory.mktemp("gemma2"), "gemma2"))
+    made = {}
+
+    def get(kind):
+        if kind not in made:
+            made[kind] = M.load(make_checkpoint(tmp_path_factory.mktemp(kind), kind))
+        return made[kind]
+    return get
 
 
-def test_e6b_moves_a_post_normed_mlp_output_to_the_target_or_its_nearest_direction(gemma2):
-    """Through Gemma 2's post-norm N, E6b's change o' − o puts N(o') at N(o) + R where that is
-    reachable (N of another output), else where it points ((1 + w)-scaled), keeps o's length, and
-    is the linearised inverse rms(o)(I − ôôᵀ)(R ⊘ (1 + w)) for a small R."""
-    layer, g = 1, torch.Generator().manual_seed(0)
-    o, other = (3 * torch.randn(5, gemma2.cfg.d_model, generator=g, dtype=torch.float64) for _ in range(2))
-    N = lambda x: gemma2.mlp_contribution(layer, x.float()).double()
-    scale = 1 + gemma2.blocks[layer].post_feedforward_layernorm.weight.detach().double()
-    new = o + L.mlp_change(gemma2, layer, o, N(other) - N(o))
+def assert_nearest(s, p, T, rho2):
+    """p = s ⊙ v is the point of {s ⊙ v: mean(v²) = rho2} nearest T (rows), by the global
+    optimality conditions of this trust-region problem: (s² + μ) v = s ⊙ T for one μ ≥ −min s²;
+    and no random point of the set is nearer."""
+    v = p / s
+    close(v.pow(2).mean(1, keepdim=True), rho2.expand(len(v), 1), 1e-9)
+    mu = s * (T - p) / v                                             # each coordinate's μ
+    assert (mu.std(1) <= 1e-6 * mu.abs().mean(1) + 1e-9).all() and (mu.mean(1) >= -(s ** 2).min() - 1e-9).all()
+    g = torch.Generator().manual_seed(1)
+    rand = torch.randn(500, *v.shape, generator=g, dtype=torch.float64)
+    rand *= (rho2 / rand.pow(2).mean(-1, keepdim=True)).sqrt()
+    assert ((s * rand - T).norm(dim=-1) >= (p - T).norm(dim=-1) - 1e-9).all()
+
+
+def test_the_nearest_scaled_point_meets_the_optimality_conditions_also_at_a_zero_scale():
+    """E6b's trust-region solve: at the optimum for random scales, targets near and far; T itself
+    where T ⊘ s has the right length; with a zero scale (w = −1) and a target inside the reach of
+    the rest, the missing length goes to the coordinate no output sees (the "hard case")."""
+    g = torch.Generator().manual_seed(0)
+    s = 0.2 + torch.rand(16, generator=g, dtype=torch.float64) * 2
+    for size in (0.1, 1.0, 30.0):
+        T = size * torch.randn(6, 16, generator=g, dtype=torch.float64)
+        rho2 = torch.tensor([[0.9]], dtype=torch.float64)
+        assert_nearest(s, s * L.nearest_scaled_point(s, T, rho2), T, rho2)
+    v = torch.randn(3, 16, generator=g, dtype=torch.float64)
+    rho2 = v.pow(2).mean(1, keepdim=True)
+    close(L.nearest_scaled_point(s, s * v, rho2), v, 1e-9)
+    s[4] = 0.0
+    T = 0.01 * torch.randn(2, 16, generator=g, dtype=torch.float64)           # well inside the reach
+    v = L.nearest_scaled_point(s, T, torch.tensor([[1.0]], dtype=torch.float64))
+    close(v.pow(2).mean(1), torch.ones(2, dtype=torch.float64), 1e-9)
+    mask = s != 0
+    close((s * v)[:, mask], T[:, mask], 1e-9)                        # the rest meets T exactly
+
+
+@pytest.mark.parametrize("kind", POST_NORM_KINDS)
+def test_e6b_moves_a_post_normed_mlp_output_to_the_target_or_the_nearest_reachable_point(post_norm, kind):
+    """Through the post-norm N (Gemma 2, 3), E6b's change o' − o puts N(o') at N(o) + R where that
+    is reachable (N of another output of o's length), else at the reachable point nearest it,
+    and keeps o's length."""
+    m, layer, g = post_norm(kind), 1, torch.Generator().manual_seed(0)
+    o, other = (3 * torch.randn(5, m.cfg.d_model, generator=g, dtype=torch.float64) for _ in range(2))
+    other *= o.norm(dim=1, keepdim=True) / other.norm(dim=1, keepdim=True)
+    N = lambda x: m.mlp_contribution(layer, x.float()).double()
+    norm = m.blocks[layer].post_feedforward_layernorm
+    s = 1 + norm.weight.detach().double()
+    new = o + L.mlp_change(m, layer, o, N(other) - N(o))
     close(N(new), N(other), 1e-6)
     close(new.norm(dim=1), o.norm(dim=1), 1e-12)
     R = 50 * torch.randn(o.shape, generator=g, dtype=torch.float64)          # far out of reach
-    reached, wanted = N(o + L.mlp_change(gemma2, layer, o, R)) / scale, (N(o) + R) / scale
-    assert torch.cosine_similarity(reached, wanted, dim=1).min() > 1 - 1e-6
-    R = 1e-5 * torch.randn(o.shape, generator=g, dtype=torch.float64)
-    unit = o / o.norm(dim=1, keepdim=True)
-    v = R / scale
-    close(L.mlp_change(gemma2, layer, o, R), o.pow(2).mean(1, keepdim=True).sqrt() * (v - (v * unit).sum(1, keepdim=True) * unit), 1e-4)
+    rho2 = o.pow(2).mean(1, keepdim=True) / (o.pow(2).mean(1, keepdim=True) + norm.eps)
+    reached = s * (o + L.mlp_change(m, layer, o, R)) / (o.pow(2).mean(1, keepdim=True) + norm.eps).sqrt()
+    close(reached, N(o + L.mlp_change(m, layer, o, R)), 1e-6)
+    for row in range(len(o)):
+        assert_nearest(s, reached[row:row + 1], (N(o) + R)[row:row + 1], rho2[row:row + 1])
 
 
+@pytest.mark.parametrize("kind", POST_NORM_KINDS)
 @pytest.mark.parametrize("at_mlp", [False, True])
-def test_target_values_on_gemma2_score_what_the_model_computes_with_delta_where_it_joins(gemma2, at_mlp):
+def test_target_values_on_a_post_norm_model_score_what_it_computes_with_delta_where_it_joins(post_norm, kind, at_mlp):
     """E4 on a post-norm model, checked by hooks: δ added to the layer's output (MEMIT's) or to the
     MLP's output before the post-norm (ROME's, E4b), the model's mean target NLL per request is
     the loss compute_z reports for its final δ, and z* − h is δ."""
+    m = post_norm(kind)
     requests, _ = data.load_requests(FIX / "counterfact-rome.json")
-    rows = L.z_rows(gemma2.tokenizer, requests[:3], [["{}"], ["Then. {}", "So. {}"]])
+    rows = L.z_rows(m.tokenizer, requests[:3], [["{}"], ["Then. {}", "So. {}"]])
     layer = 1
     hp = L.HParams(layers=(layer,), v_num_grad_steps=4, kl_factor=0.0, v_weight_decay=0.0, v_lr=0.5)
-    z, info = L.compute_z(gemma2, rows, 3, layer, hp, at_mlp=at_mlp)
+    z, info = L.compute_z(m, rows, 3, layer, hp, at_mlp=at_mlp)
     close(z - info["h_init"], info["delta"], 1e-6)
     assert float(info["delta"].norm()) > 0
-    site = gemma2.blocks[layer].mlp.down_proj if at_mlp else gemma2.blocks[layer]
+    site = m.blocks[layer].mlp.down_proj if at_mlp else m.blocks[layer]
     nll = torch.zeros(3)
     for r in (r for r in rows if r.targets):
         def add(module, args, out, r=r):
@@ -500,7 +549,7 @@ def test_target_values_on_gemma2_score_what_the_model_computes_with_delta_where_
         hook = site.register_forward_hook(add)
         try:
             with torch.no_grad():
-                logp = gemma2(torch.tensor([r.ids])).logits.log_softmax(-1)[0]
+                logp = m(torch.tensor([r.ids])).logits.log_softmax(-1)[0]
         finally:
             hook.remove()
         t = torch.arange(len(r.targets))
@@ -508,13 +557,13 @@ def test_target_values_on_gemma2_score_what_the_model_computes_with_delta_where_
     close(torch.tensor([l[-1] for l in info["loss"]]), nll, 1e-5)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
-def test_a_one_layer_step_with_no_penalty_meets_the_target_or_the_post_norms_nearest_point(gemma2, family):
+@pytest.mark.parametrize("kind", ["llama", *POST_NORM_KINDS])
+def test_a_one_layer_step_with_no_penalty_meets_the_target_or_the_post_norms_nearest_point(post_norm, kind):
     """MEMIT with λ → 0, one request, the bare prompt only (K1 is its key): the layer's output at
-    the subject becomes z* (LLaMA), and on Gemma 2 the post-normed MLP output points where
-    z* − (the output before the MLP) does, at the MLP output's length (E6b) — the old E6 added R
-    to the MLP output as if it joined the residual stream as it is."""
-    m = gemma2 if family == "gemma2" else M.load(STORIES)
+    the subject becomes z* (LLaMA), and on Gemma 2 and 3 the post-normed MLP output becomes the
+    point it can reach nearest z* − (the output before the MLP), at the MLP output's length
+    (E6b) — the old E6 added R to the MLP output as if it joined the residual stream as it is."""
+    m = M.load(STORIES) if kind == "llama" else post_norm(kind)
     layer, templates = 1, [["{}"]]
     before = {k: v.clone() for k, v in m.edit_tensors([layer]).items()}
     requests, _ = data.load_requests(FIX / "counterfact-rome.json")
@@ -528,15 +577,19 @@ def test_a_one_layer_step_with_no_penalty_meets_the_target_or_the_post_norms_nea
         W0 = {layer: m.edit_weight(layer).detach().clone()}
         L.edit_batch(m, requests[:1], templates, hp, L.EditState.start("memit", (layer,)), C, W0)
         _, h_after, key_after = L.keys_and_outputs(m, rows, templates, layer, layer)
-        if family == "llama":
+        if kind == "llama":
             close(h_after, z, 1e-5)
             return
         o_after = L.mlp_outputs(m, layer, key_after)
         mid = h - m.mlp_contribution(layer, o)              # the stream before the MLP's add
-        scale = 1 + m.blocks[layer].post_feedforward_layernorm.weight.detach()
-        reached = (h_after - mid) / scale
-        assert torch.cosine_similarity(reached, (z - mid) / scale, dim=1).item() > 1 - 1e-5
+        norm = m.blocks[layer].post_feedforward_layernorm
+        rho2 = o.double().pow(2).mean(1, keepdim=True) / (o.double().pow(2).mean(1, keepdim=True) + norm.eps)
+        s = 1 + norm.weight.detach().double()
         close(o_after.norm(), o.norm(), 1e-5)
+        reached = s * o_after.double() / (o.double().pow(2).mean(1, keepdim=True) + norm.eps).sqrt()
+        best = s * L.nearest_scaled_point(s, (z - mid).double(), rho2)
+        close(reached, best, 1e-4)
+        assert (reached - (z - mid)).norm() < (m.mlp_contribution(layer, o) - (z - mid)).norm()
     finally:
         m.load_edit_tensors(before)
 

@@ -866,6 +866,8 @@ def _config_with(tmp_path, ckpt_dir, **change):
                                      "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}),
      "the sliding layers' rope_parameters .* is not supported"),
     ("gemma3", dict(use_bidirectional_attention=True), "use_bidirectional_attention: true is not supported"),
+    ("gemma3", dict(rope_parameters=None, rope_scaling={"type": "linear", "factor": 4.0}),
+     r"rope_scaling \{'type': 'linear', 'factor': 4.0\} \(its kind under 'type'\) is not supported"),
     ("gemma3", dict(sliding_window=None), "sliding_window None with sliding_attention layers is not supported"),
 ])
 def test_unsupported_options_are_refused(ckpt, tmp_path, kind, change, message):
