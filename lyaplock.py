@@ -701,7 +701,7 @@ def compute_z(model: M.CausalLM, rows: list[Row], n_req: int, layer: int, hp: HP
     summed), so memory stays bounded. norm_base (n, d): the vectors whose norms bound δ and scale its weight decay
     (default h, MEMIT's; ROME passes the MLP output there, E18-E20). at_mlp: δ joins the MLP's
     output (ROME's compute_v), not the layer's (MEMIT's), which is one place but on a model that
-    normalises the MLP output before the residual add (Gemma 2, 3): there h is the MLP output and
+    normalises the MLP output before the residual add (Gemma 2, 3, OLMo 2): there h is the MLP output and
     δ reaches the residual stream through the norm (E4b). Returns (z* (n, d) float32, info with the losses, h and δ)."""
     dev = model.embed.weight.device
     chunks = _chunks(model, rows, layer, max_tokens, at_mlp and model.cfg.post_norms)
@@ -797,14 +797,15 @@ def longest_input(tok, q, templates, generation_tokens: int = 0) -> tuple[str, i
 
 
 def mlp_change(model: M.CausalLM, layer: int, out, R) -> torch.Tensor:
-    """E6b, on a model that normalises the MLP output before the residual add (Gemma 2, 3): the
-    change of the MLP outputs `out` (n, d) at `layer` that moves their contributions to the
+    """E6b, on a model that normalises the MLP output before the residual add (Gemma 2, 3, OLMo 2):
+    the change of the MLP outputs `out` (n, d) at `layer` that moves their contributions to the
     residual stream by R (n, d) float64, as near as the norm allows. N(o) = s ⊙ o / r(o) with
-    s = 1 + w, r(o) = sqrt(mean(o²) + ε): for every o' of o's length N(o') = s ⊙ v with
+    s the norm's scale (Gemma: 1 + w; OLMo 2: w), r(o) = sqrt(mean(o²) + ε): for every o' of
+    o's length N(o') = s ⊙ v with
     rms(v) = ρ = rms(o) / r(o) (≈ 1), so the MLP can turn its contribution, not stretch it. The
     target T = N(o) + R is met at the nearest such point (T itself where reachable), and o' = r(o) v."""
     norm = model.blocks[layer].post_feedforward_layernorm
-    o, s = out.to(R), 1 + norm.weight.detach().to(R)
+    o, s = out.to(R), norm.scale().to(R)
     r = (o.pow(2).mean(1, keepdim=True) + norm.eps).sqrt()                          # (n, 1)
     v = nearest_scaled_point(s, s * o / r + R, o.pow(2).mean(1, keepdim=True) / r ** 2)
     return r * v - o

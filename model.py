@@ -34,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 # one layout (model.embed_tokens, model.layers, model.norm): RMSNorm, rope on halves, a gated MLP
-LLAMA_LIKE = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "gemma3")
+LLAMA_LIKE = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo2")
 # the gate activations of the gated MLP, by HF's names: SwiGLU (LLaMA ...) and GeGLU (Gemma)
 GATE_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -73,13 +73,16 @@ class Config:
     pad_id: int | None = None
     qkv_bias: bool = False        # Qwen2: biases on q, k, v only
     qk_norm: bool = False         # Qwen3: RMSNorm over each head of q and k, before rope
+    qk_norm_whole: bool = False   # OLMo 2: ... over the whole q and k projections instead
     sliding_window: int | None = None   # a query sees the keys of the last `sliding_window` positions...
     window_layers: tuple[int, ...] = ()  # ...in these layers (Mistral: all; Qwen: layer_types)
     attn_scale: float | None = None      # None: 1/sqrt(head_dim); GPT-2 without scale_attn_weights: 1
     mlp_act: str = "silu"         # the gated MLP's gate activation, one of GATE_ACTIVATIONS (Gemma: GELU)
-    norm_plus_one: bool = False   # Gemma: RMSNorm's weight applied as (1 + w), in float32 (GemmaRMSNorm)
+    norm_plus_one: bool = False   # Gemma: RMSNorm's weight applied as (1 + w), in float32 (FloatRMSNorm)
+    norm_weight_float32: bool = False   # OLMo 2: the weight w applied in float32 before the cast
     embed_scale: float | None = None     # Gemma: embeddings times sqrt(d_model), rounded to their dtype
-    post_norms: bool = False      # Gemma 2, 3: attention's and the MLP's outputs normalised before the add
+    post_norms: bool = False      # Gemma 2, 3, OLMo 2: attention's and the MLP's outputs normalised before the add
+    pre_norms: bool = True        # OLMo 2: False, the block's inputs are not normalised
     attn_softcap: float | None = None    # Gemma 2: attention scores capped to tanh(s / c) * c
     final_softcap: float | None = None   # Gemma 2: logits capped so too
     weights_prefix: str = ""      # Gemma 3 image-text: the language model's names begin "language_model."
@@ -287,6 +290,15 @@ def read_gemma3(c: dict) -> Config:
     return read_gemma3_text(text | top | {"model_type": "gemma3"}, weights_prefix="language_model.")
 
 
+def read_olmo2(c: dict) -> Config:
+    """OLMo 2: LLaMA's layout with the norms moved from the block's inputs to the outputs of
+    attention and of the MLP, RMSNorm over the whole q and k projections, norm weights applied
+    in float32."""
+    return read_llama_like(c, pre_norms=False, post_norms=True, qk_norm=True, qk_norm_whole=True,
+                           norm_weight_float32=True, norm_eps=c.get("rms_norm_eps", 1e-5),
+                           attention_bias=c.get("attention_bias", False))
+
+
 def read_gemma2(c: dict) -> Config:
     check_gelu_tanh(c, "hidden_activation")     # the key transformers reads for Gemma 2 (hidden_act: unused)
     return read_llama_like(c, **gemma_family(c), **gemma2_window(c), post_norms=True,
@@ -325,7 +337,7 @@ def read_gpt2(c: dict) -> Config:
 
 READERS = {"llama": read_llama, "gptj": read_gptj, "gpt2": read_gpt2, "qwen2": read_qwen2,
            "qwen3": read_qwen3, "mistral": read_mistral, "gemma": read_gemma, "gemma2": read_gemma2,
-           "gemma3_text": read_gemma3_text, "gemma3": read_gemma3}
+           "gemma3_text": read_gemma3_text, "gemma3": read_gemma3, "olmo2": read_olmo2}
 SUPPORTED = tuple(READERS)
 
 
@@ -464,17 +476,20 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, nkv * hd, bias=qkv_bias)
         self.v_proj = nn.Linear(cfg.d_model, nkv * hd, bias=qkv_bias)
         setattr(self, out_name, nn.Linear(nh * hd, cfg.d_model, bias=cfg.attention_bias))
-        if cfg.qk_norm:
-            self.q_norm = rms_norm(cfg, hd)
-            self.k_norm = rms_norm(cfg, hd)
+        if cfg.qk_norm:                                 # over each head, or the whole projection
+            self.q_norm = rms_norm(cfg, nh * hd if cfg.qk_norm_whole else hd)
+            self.k_norm = rms_norm(cfg, nkv * hd if cfg.qk_norm_whole else hd)
 
     def forward(self, x, rope, cos, sin, allowed, cache: KVCache | None, layer: int):
         B, T, _ = x.shape
         hd, nh, nkv = self.cfg.head_dim, self.cfg.n_heads, self.cfg.n_kv_heads
-        q = self.q_proj(x).view(B, T, nh, hd)           # (B, T, nh, hd)
-        k = self.k_proj(x).view(B, T, nkv, hd)          # (B, T, nkv, hd)
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self.cfg.qk_norm_whole:                      # OLMo 2: RMSNorm over the whole projection
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, nh, hd)                        # (B, T, nh, hd)
+        k = k.view(B, T, nkv, hd)                       # (B, T, nkv, hd)
         v = self.v_proj(x).view(B, T, nkv, hd)
-        if self.cfg.qk_norm:                            # Qwen3, Gemma 3: RMSNorm over each head
+        if self.cfg.qk_norm and not self.cfg.qk_norm_whole:   # Qwen3, Gemma 3: over each head
             q, k = self.q_norm(q), self.k_norm(k)
         q = rope(q.transpose(1, 2), cos, sin)           # (B, nh, T, hd)
         k = rope(k.transpose(1, 2), cos, sin)           # (B, nkv, T, hd)
@@ -522,25 +537,37 @@ class RMSNorm(nn.Module):
         xf = x.float()
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
+    def scale(self) -> torch.Tensor:
+        """The per-feature factor applied after normalising."""
+        return self.weight.detach()
 
-class GemmaRMSNorm(nn.Module):
-    """Gemma's RMSNorm: the weight is stored as an offset from 1, and applied in float32 before
-    the cast back (LLaMA's casts first, then multiplies)."""
 
-    def __init__(self, d: int, eps: float):
+class FloatRMSNorm(nn.Module):
+    """An RMSNorm whose weight is applied in float32 before the cast back (LLaMA's casts first,
+    then multiplies): Gemma's, whose weight is stored as an offset from 1 (offset 1), and
+    OLMo 2's (offset 0)."""
+
+    def __init__(self, d: int, eps: float, offset: float):
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(d))
+        self.weight = nn.Parameter(torch.full((d,), 1.0 - offset))
         self.eps = eps
+        self.offset = offset
 
     def forward(self, x):   # normalised and scaled in float32, then cast back (as transformers)
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * (1.0 + self.weight.float())).to(x.dtype)
+        return (normed * (self.offset + self.weight.float())).to(x.dtype)
+
+    def scale(self) -> torch.Tensor:
+        """The per-feature factor applied after normalising."""
+        return self.offset + self.weight.detach().float()
 
 
 def rms_norm(cfg: Config, d: int | None = None) -> nn.Module:
     """An RMSNorm over the residual stream (or d features: a head), in the family's convention."""
-    return (GemmaRMSNorm if cfg.norm_plus_one else RMSNorm)(d or cfg.d_model, cfg.norm_eps)
+    if cfg.norm_plus_one or cfg.norm_weight_float32:
+        return FloatRMSNorm(d or cfg.d_model, cfg.norm_eps, offset=1.0 if cfg.norm_plus_one else 0.0)
+    return RMSNorm(d or cfg.d_model, cfg.norm_eps)
 
 
 class LlamaMLP(nn.Module):
@@ -599,17 +626,19 @@ class LlamaBlock(nn.Module):
         return h + out, key
 
 
-class Gemma2Block(nn.Module):
-    """Gemma 2 (and 3): LLaMA's block with the outputs of attention and of the MLP normalised before each
-    joins the residual stream; its post_attention_layernorm is thus on attention's output (LLaMA's
-    of that name is on the MLP's input: here pre_feedforward_layernorm)."""
+class PostNormBlock(nn.Module):
+    """Gemma 2 and 3: LLaMA's block with the outputs of attention and of the MLP normalised before
+    each joins the residual stream; its post_attention_layernorm is thus on attention's output
+    (LLaMA's of that name is on the MLP's input: here pre_feedforward_layernorm). OLMo 2: the same
+    without the norms on the inputs (identities, with no weights to name)."""
 
     def __init__(self, cfg: Config):
         super().__init__()
-        self.input_layernorm = rms_norm(cfg)
+        pre = rms_norm if cfg.pre_norms else lambda cfg: nn.Identity()
+        self.input_layernorm = pre(cfg)
         self.self_attn = Attention(cfg, "o_proj")
         self.post_attention_layernorm = rms_norm(cfg)
-        self.pre_feedforward_layernorm = rms_norm(cfg)
+        self.pre_feedforward_layernorm = pre(cfg)
         self.mlp = LlamaMLP(cfg)
         self.post_feedforward_layernorm = rms_norm(cfg)
 
@@ -673,7 +702,7 @@ class CausalLM(nn.Module):
         if cfg.llama_like:
             self.model = nn.Module()
             self.model.embed_tokens = embedding(cfg.vocab_size, cfg.d_model)
-            block = Gemma2Block if cfg.post_norms else LlamaBlock
+            block = PostNormBlock if cfg.post_norms else LlamaBlock
             self.model.layers = nn.ModuleList(block(cfg) for _ in range(cfg.n_layers))
             self.model.norm = rms_norm(cfg)
         else:

@@ -451,7 +451,7 @@ def test_alphaedit_without_a_null_space_is_refused_before_the_run_directory(tmp_
     assert L.main(argv) == 0 and json.loads((out / "config.json").read_text())["hparams"]["nullspace_threshold"] == 2e-2
 
 
-POST_NORM_KINDS = ["gemma2", "gemma3-gqa-window-ropes"]
+POST_NORM_KINDS = ["gemma2", "gemma3-gqa-window-ropes", "olmo2"]
 
 
 @pytest.fixture(scope="module")
@@ -512,7 +512,7 @@ def test_e6b_moves_a_post_normed_mlp_output_to_the_target_or_the_nearest_reachab
     other *= o.norm(dim=1, keepdim=True) / other.norm(dim=1, keepdim=True)
     N = lambda x: m.mlp_contribution(layer, x.float()).double()
     norm = m.blocks[layer].post_feedforward_layernorm
-    s = 1 + norm.weight.detach().double()
+    s = norm.scale().double()
     new = o + L.mlp_change(m, layer, o, N(other) - N(o))
     close(N(new), N(other), 1e-6)
     close(new.norm(dim=1), o.norm(dim=1), 1e-12)
@@ -584,7 +584,7 @@ def test_a_one_layer_step_with_no_penalty_meets_the_target_or_the_post_norms_nea
         mid = h - m.mlp_contribution(layer, o)              # the stream before the MLP's add
         norm = m.blocks[layer].post_feedforward_layernorm
         rho2 = o.double().pow(2).mean(1, keepdim=True) / (o.double().pow(2).mean(1, keepdim=True) + norm.eps)
-        s = 1 + norm.weight.detach().double()
+        s = norm.scale().double()
         close(o_after.norm(), o.norm(), 1e-5)
         reached = s * o_after.double() / (o.double().pow(2).mean(1, keepdim=True) + norm.eps).sqrt()
         best = s * L.nearest_scaled_point(s, (z - mid).double(), rho2)

@@ -453,6 +453,8 @@ KINDS = {
                                                      rope_scaling={"rope_type": "linear", "factor": 8.0},
                                                      layer_types=["sliding_attention", "sliding_attention",
                                                                   "full_attention", "sliding_attention"])),
+    # OLMo 2: norms on the outputs only, over the whole q and k projections; with GQA and biases
+    "olmo2": ("olmo2", dict(num_key_value_heads=2, attention_bias=True)),
     # Gemma 3's image-text checkpoint (4B and up): a vision tower beside the language model
     "gemma3-image-text": ("gemma3", dict(num_key_value_heads=2, head_dim=24, num_hidden_layers=4, sliding_window=4,
                                          query_pre_attn_scalar=20, rope_scaling={"rope_type": "linear", "factor": 8.0},
@@ -460,7 +462,7 @@ KINDS = {
                                                       "sliding_attention"])),
 }
 FAMILY_CLASSES = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "gemma": "Gemma", "gemma2": "Gemma2",
-                  "gemma3_text": "Gemma3"}
+                  "gemma3_text": "Gemma3", "olmo2": "Olmo2"}
 CONFIG_CLASSES = {"gemma3_text": "Gemma3TextConfig"}     # Gemma3Config is the multimodal one
 
 
@@ -655,7 +657,7 @@ def test_a_sliding_window_left_out_is_that_of_transformers(ckpt, tmp_path, kind,
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["gpt2", "qwen2-gqa-tied-window", "qwen3-gqa-bias", "mistral-gqa-window", "gemma",
-                                  "gemma2-gqa-window-caps", "gemma3-gqa-window-ropes"])
+                                  "gemma2-gqa-window-caps", "gemma3-gqa-window-ropes", "olmo2"])
 def test_bfloat16_error_is_that_of_transformers(ckpt, kind, device):
     """In bfloat16 our logits are as close to the float32 reference as transformers' own bfloat16
     logits are (mean absolute error within 1.5x of theirs, plus 0.1% of the logits' scale; on the
@@ -677,7 +679,7 @@ def test_bfloat16_error_is_that_of_transformers(ckpt, kind, device):
 
 # ============================================================================ generation
 @pytest.mark.parametrize("kind", ["gpt2", "qwen2-gqa-tied-window", "qwen3-gqa-bias", "mistral-gqa-window",
-                                  "gemma-gqa-untied", "gemma2-gqa-window-caps", "gemma3-gqa-window-ropes"])
+                                  "gemma-gqa-untied", "gemma2-gqa-window-caps", "gemma3-gqa-window-ropes", "olmo2"])
 def test_kv_cache_generation_equals_recompute(ckpt, kind):
     """Cached decoding (left-padded batch) equals re-running the whole sequence per token, well
     past the window (prompts up to 6 tokens + 12 new, window 4); and transformers' greedy
@@ -706,7 +708,8 @@ def test_gpt2_learned_positions_end_with_a_clear_error(ckpt):
 
 # ============================================================================ edit weights, save
 @pytest.mark.parametrize("kind", ["gpt2", "gpt2-bare-unscaled", "qwen2-gqa-tied-window", "qwen3-gqa-bias",
-                                  "mistral-gqa-window", "gemma", "gemma2-gqa-window-caps", "gemma3", "gemma3-image-text"])
+                                  "mistral-gqa-window", "gemma", "gemma2-gqa-window-caps", "gemma3", "gemma3-image-text",
+                                  "olmo2"])
 def test_family_save_then_load_is_exact_and_transformers_reads_it(ckpt, tmp_path, kind):
     """An edit through the edit_weight alias, saved with edit_tensors: the file holds it in the
     stored layout under the checkpoint's own names, reloads bit-identically, and transformers
@@ -786,7 +789,7 @@ def test_load_edit_tensors_round_trips_and_checks(ckpt):
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "qwen3-gqa-bias", "mistral-gqa-window", "gemma2-gqa-window-caps",
-                                  "gemma3-gqa-window-ropes"])
+                                  "gemma3-gqa-window-ropes", "olmo2"])
 def test_names_through_layer_are_exactly_what_the_layer_depends_on(ckpt, kind):
     """Perturbing any tensor outside names_through_layer(1) leaves layer 1's output unchanged;
     perturbing any one inside changes it; the names are the checkpoint's."""
@@ -850,7 +853,7 @@ def _config_with(tmp_path, ckpt_dir, **change):
     ("qwen2", dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
     ("mistral", dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling .*only 'llama3'"),
     ("qwen3", dict(model_type="mamba"), "unsupported model_type 'mamba'.*"
-                                        "'llama', 'gptj', 'gpt2', 'qwen2', 'qwen3', 'mistral', 'gemma', 'gemma2', 'gemma3_text', 'gemma3'"),
+                                        "'llama', 'gptj', 'gpt2', 'qwen2', 'qwen3', 'mistral', 'gemma', 'gemma2', 'gemma3_text', 'gemma3', 'olmo2'"),
     ("gemma", dict(hidden_act="silu"), "hidden_act 'silu' is not supported"),
     ("gemma", dict(hidden_activation="gelu"), "hidden_activation 'gelu' is not supported"),
     ("gemma2", dict(hidden_activation="gelu"), "hidden_activation 'gelu' is not supported"),

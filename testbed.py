@@ -4,7 +4,7 @@ It learns the TRUE facts of real CounterFact records (rewrite, rephrase and neig
 prompts -> the true answer) of two disjoint sets: the records an edit stream will rewrite
 (from counterfact-edit) and held-back records that are never edited (from counterfact-train),
 on which retention is measured; WikiText paragraphs are mixed in for general language. The
-result is an ordinary HF-layout LLaMA checkpoint (or Gemma 2: `--family gemma2`) that `model.load`
+result is an ordinary HF-layout LLaMA checkpoint (or Gemma 2, OLMo 2: `--family`) that `model.load`
 (and transformers) reads, with its training text (`corpus.txt`, the statistics corpus) and its
 edit stream (`edits.json`).
 
@@ -197,13 +197,14 @@ def init_weights(m: M.CausalLM, gen: torch.Generator) -> None:
 def hf_config(family: str, s: Size, vocab: int, bos: int, eos: int) -> dict:
     """The fact model's config.json: LLaMA (RMSNorm, SwiGLU), or Gemma 2 ((1 + w) norms also on
     the attention and MLP outputs, tanh-GELU gate, scaled embeddings, soft caps; its window is
-    longer than any training text), which trains on the same recipe to measure editing through
-    a normalised MLP output (E6b)."""
+    longer than any training text) or OLMo 2 (LLaMA's with the norms on those outputs instead of
+    the inputs), which train on the same recipe to measure editing through a normalised MLP
+    output (E6b)."""
     hf = {"architectures": [FAMILIES[family]], "model_type": family, "hidden_size": s.d_model,
           "intermediate_size": s.d_mlp, "num_hidden_layers": s.n_layers,
           "num_attention_heads": s.n_heads, "num_key_value_heads": s.n_kv_heads,
           "head_dim": s.d_model // s.n_heads, "vocab_size": vocab}
-    if family == "llama":
+    if family in ("llama", "olmo2"):
         hf |= {"hidden_act": "silu", "max_position_embeddings": 512, "rms_norm_eps": 1e-5}
     else:
         hf |= {"hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 512, "rms_norm_eps": 1e-6,
@@ -214,7 +215,7 @@ def hf_config(family: str, s: Size, vocab: int, bos: int, eos: int) -> dict:
                  "initializer_range": 0.02, "torch_dtype": "float32"}
 
 
-FAMILIES = {"llama": "LlamaForCausalLM", "gemma2": "Gemma2ForCausalLM"}
+FAMILIES = {"llama": "LlamaForCausalLM", "gemma2": "Gemma2ForCausalLM", "olmo2": "Olmo2ForCausalLM"}
 
 
 def save_weights(m: M.CausalLM, out: Path) -> None:
@@ -968,7 +969,8 @@ def main(argv=None):
     t = sub.add_parser("train", help="train a fact model and save it in the HF layout")
     t.add_argument("--size", choices=list(SIZES), default="ci")
     t.add_argument("--family", choices=list(FAMILIES), default="llama",
-                   help="the model's family: LLaMA, or Gemma 2 (its MLP output normalised before the residual add)")
+                   help="the model's family: LLaMA, or Gemma 2 or OLMo 2 (their MLP outputs normalised "
+                        "before the residual add)")
     t.add_argument("--out", required=True, help="output directory")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--steps", type=int, default=None, help="override the size's step count")
