@@ -819,7 +819,8 @@ def nearest_scaled_point(s, T, rho2, steps: int = 200) -> torch.Tensor:
     rest of the length goes to v_k, which moves s ⊙ v least."""
     b, s2 = s * T, s ** 2
     lo = (-s2.min()).expand_as(rho2).clone()
-    hi = lo + 2 * (b.pow(2).mean(1, keepdim=True) / rho2).sqrt() + 1      # there mean(v²) < rho2
+    hi = lo + 2 * (b.pow(2).mean(1, keepdim=True) / rho2.clamp_min(torch.finfo(b.dtype).tiny)).sqrt() + 1
+    # at hi mean(v²) < rho2: the root lies in (lo, hi]
     solve = lambda mu: b / (s2 + mu).clamp_min(torch.finfo(b.dtype).tiny)
     for _ in range(steps):
         mid = (lo + hi) / 2
@@ -828,7 +829,9 @@ def nearest_scaled_point(s, T, rho2, steps: int = 200) -> torch.Tensor:
     v = solve(hi)
     short = (rho2 - v.pow(2).mean(1, keepdim=True)).clamp_min(0) * T.shape[1]            # (n, 1)
     k = int(s2.argmin())
-    v[:, k:k + 1] += torch.where(short > 1e-12 * rho2 * T.shape[1], short.sqrt(), 0) * torch.where(T[:, k:k + 1] < 0, -1, 1)
+    fill = short > 1e-12 * rho2 * T.shape[1]           # the length v_k must take (v_k's own sign: b_k's)
+    v_k = torch.where(b[:, k:k + 1] < 0, -1.0, 1.0) * (v[:, k:k + 1].pow(2) + short).sqrt()
+    v[:, k:k + 1] = torch.where(fill, v_k, v[:, k:k + 1])
     return v
 
 

@@ -482,11 +482,13 @@ def assert_nearest(s, p, T, rho2):
 
 
 def test_the_nearest_scaled_point_meets_the_optimality_conditions_also_at_a_zero_scale():
-    """E6b's trust-region solve: at the optimum for random scales, targets near and far; T itself
-    where T ⊘ s has the right length; with a zero scale (w = −1) and a target inside the reach of
-    the rest, the missing length goes to the coordinate no output sees (the "hard case")."""
+    """E6b's trust-region solve: at the optimum for random scales of both signs, targets near and
+    far; T itself where T ⊘ s has the right length; with a zero scale (w = −1) and a target inside
+    the reach of the rest, the missing length goes to the coordinate no output sees (the "hard
+    case"), and so where T's part there is too small for the bisection to resolve; all zero for
+    an all-zero output with nothing to reach."""
     g = torch.Generator().manual_seed(0)
-    s = 0.2 + torch.rand(16, generator=g, dtype=torch.float64) * 2
+    s = (0.2 + torch.rand(16, generator=g, dtype=torch.float64) * 2) * torch.tensor([1.0, -1.0]).repeat(8)  # OLMo's w < 0 too
     for size in (0.1, 1.0, 30.0):
         T = size * torch.randn(6, 16, generator=g, dtype=torch.float64)
         rho2 = torch.tensor([[0.9]], dtype=torch.float64)
@@ -500,6 +502,13 @@ def test_the_nearest_scaled_point_meets_the_optimality_conditions_also_at_a_zero
     close(v.pow(2).mean(1), torch.ones(2, dtype=torch.float64), 1e-9)
     mask = s != 0
     close((s * v)[:, mask], T[:, mask], 1e-9)                        # the rest meets T exactly
+    s[4] = 1e-4                                                       # nearly so: T_4 below what μ resolves
+    T[:, 4] = -1e-20
+    v = L.nearest_scaled_point(s, T, torch.tensor([[1.0]], dtype=torch.float64))
+    close(v.pow(2).mean(1), torch.ones(2, dtype=torch.float64), 1e-9)
+    assert (v[:, 4] < 0).all()                                       # b_4 = s_4 T_4's sign
+    zero = torch.zeros(1, 16, dtype=torch.float64)                   # an all-zero MLP output, R = 0
+    assert torch.equal(L.nearest_scaled_point(s, zero, zero[:, :1]), zero)
 
 
 @pytest.mark.parametrize("kind", POST_NORM_KINDS)

@@ -453,8 +453,10 @@ KINDS = {
                                                      rope_scaling={"rope_type": "linear", "factor": 8.0},
                                                      layer_types=["sliding_attention", "sliding_attention",
                                                                   "full_attention", "sliding_attention"])),
-    # OLMo 2: norms on the outputs only, over the whole q and k projections; with GQA and biases
-    "olmo2": ("olmo2", dict(num_key_value_heads=2, attention_bias=True)),
+    # OLMo 2 as released (rope 5e5, untied) and with GQA and biases: norms on the outputs only,
+    # over the whole q and k projections
+    "olmo2": ("olmo2", dict(rope_theta=500000.0, rms_norm_eps=1e-6)),
+    "olmo2-gqa-bias": ("olmo2", dict(num_key_value_heads=2, attention_bias=True)),
     # Gemma 3's image-text checkpoint (4B and up): a vision tower beside the language model
     "gemma3-image-text": ("gemma3", dict(num_key_value_heads=2, head_dim=24, num_hidden_layers=4, sliding_window=4,
                                          query_pre_attn_scalar=20, rope_scaling={"rope_type": "linear", "factor": 8.0},
