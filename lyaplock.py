@@ -801,9 +801,9 @@ def mlp_change(model: M.CausalLM, layer: int, out, R) -> torch.Tensor:
     the change of the MLP outputs `out` (n, d) at `layer` that moves their contributions to the
     residual stream by R (n, d) float64, as near as the norm allows. N(o) = s ⊙ o / r(o) with
     s the norm's scale (Gemma: 1 + w; OLMo 2: w), r(o) = sqrt(mean(o²) + ε): for every o' of
-    o's length N(o') = s ⊙ v with
-    rms(v) = ρ = rms(o) / r(o) (≈ 1), so the MLP can turn its contribution, not stretch it. The
-    target T = N(o) + R is met at the nearest such point (T itself where reachable), and o' = r(o) v."""
+    o's length N(o') = s ⊙ v with rms(v) = ρ = rms(o) / r(o) (≈ 1), so the MLP can turn its
+    contribution, not stretch it. The target T = N(o) + R is met at the nearest such point (T
+    itself where reachable), and o' = r(o) v."""
     norm = model.blocks[layer].post_feedforward_layernorm
     o, s = out.to(R), norm.scale().to(R)
     r = (o.pow(2).mean(1, keepdim=True) + norm.eps).sqrt()                          # (n, 1)
@@ -1196,8 +1196,7 @@ def with_overrides(hp: HParams, **changes) -> HParams:
 
 # the range of each numeric hyper-parameter (the command's flags for them share it: check_settings)
 RANGES = dict(lam="positive", alpha="positive", V="positive", l2="positive", nullspace_threshold="positive",
-              v_lr="positive",
-              clamp_norm_factor="positive", v_num_grad_steps="at least 1", batch_size="at least 1",
+              v_lr="positive", clamp_norm_factor="positive", v_num_grad_steps="at least 1", batch_size="at least 1",
               v_weight_decay="at least 0", kl_factor="at least 0")
 
 

@@ -203,7 +203,7 @@ def check_gelu_tanh(c: dict, key: str, legacy: tuple = ()):
 
 
 def gemma_family(c: dict) -> dict:
-    """What Gemma and Gemma 2 add to the LLaMA layout: (1 + w) norms, embeddings scaled by
+    """What Gemma (1-3) adds to the LLaMA layout: (1 + w) norms, embeddings scaled by
     sqrt(hidden_size), the tanh-GELU gate, head_dim 256 and a tied head where config.json is silent."""
     if c.get("use_bidirectional_attention"):
         refuse(c, "use_bidirectional_attention: true", "the models here are causal")
@@ -218,15 +218,20 @@ def read_gemma(c: dict) -> Config:
     return read_llama_like(c, **gemma_family(c))
 
 
-def gemma2_window(c: dict) -> dict:
-    """Gemma 2's sliding window: sliding_window tokens (4096 where the key is absent) in its
-    sliding layers (by default the even ones: 0, 2, ...); a null window with sliding layers is
+def gemma2_layout(c: dict, sliding, caps: tuple) -> dict:
+    """What Gemma 2 and 3 add to Gemma's: norms on the outputs of attention and the MLP, the
+    attention scale query_pre_attn_scalar^-0.5, soft caps (attention, logits; `caps` where
+    config.json is silent), and sliding_window tokens (4096 where the key is absent) in the
+    sliding layers (by default those `sliding(i)` picks); a null window with sliding layers is
     refused (transformers cannot build their mask)."""
-    layers = sliding_layers(c, lambda i: i % 2 == 0)
+    layers = sliding_layers(c, sliding)
     window = c.get("sliding_window", 4096)
     if layers and not window:
         refuse(c, f"sliding_window {window!r} with sliding_attention layers", "a window needs its size")
-    return dict(sliding_window=window if layers else None, window_layers=layers)
+    return dict(**gemma_family(c), post_norms=True, sliding_window=window if layers else None,
+                window_layers=layers, attn_scale=c.get("query_pre_attn_scalar", 256) ** -0.5,
+                attn_softcap=c.get("attn_logit_softcapping", caps[0]),
+                final_softcap=c.get("final_logit_softcapping", caps[1]))
 
 
 def gemma3_rope(c: dict) -> dict:
@@ -268,15 +273,8 @@ def read_gemma3_text(c: dict, **more) -> Config:
     c = GEMMA3_TEXT_DEFAULTS | c
     check_gelu_tanh(c, "hidden_activation")
     pattern = c.get("sliding_window_pattern", 6)
-    layers = sliding_layers(c, lambda i: (i + 1) % pattern != 0)
-    window = c.get("sliding_window", 4096)
-    if layers and not window:
-        refuse(c, f"sliding_window {window!r} with sliding_attention layers", "a window needs its size")
-    return read_llama_like(c, gemma3_rope(c), **gemma_family(c), post_norms=True, qk_norm=True,
-                           sliding_window=window if layers else None, window_layers=layers,
-                           attn_scale=c.get("query_pre_attn_scalar", 256) ** -0.5,
-                           attn_softcap=c.get("attn_logit_softcapping"),
-                           final_softcap=c.get("final_logit_softcapping"), **more)
+    return read_llama_like(c, gemma3_rope(c), **gemma2_layout(c, lambda i: (i + 1) % pattern != 0, (None, None)),
+                           qk_norm=True, **more)
 
 
 def read_gemma3(c: dict) -> Config:
@@ -301,10 +299,7 @@ def read_olmo2(c: dict) -> Config:
 
 def read_gemma2(c: dict) -> Config:
     check_gelu_tanh(c, "hidden_activation")     # the key transformers reads for Gemma 2 (hidden_act: unused)
-    return read_llama_like(c, **gemma_family(c), **gemma2_window(c), post_norms=True,
-                           attn_scale=c.get("query_pre_attn_scalar", 256) ** -0.5,
-                           attn_softcap=c.get("attn_logit_softcapping", 50.0),
-                           final_softcap=c.get("final_logit_softcapping", 30.0))
+    return read_llama_like(c, **gemma2_layout(c, lambda i: i % 2 == 0, (50.0, 30.0)))   # even layers slide
 
 
 def check_gelu_new(c: dict):
