@@ -53,6 +53,10 @@ PRESETS = {   # config.json, edit layers
                         num_key_value_heads=8, intermediate_size=14336, vocab_size=32768, rope_theta=1e6,
                         rms_norm_eps=1e-5, sliding_window=None, tie_word_embeddings=False,
                         max_position_embeddings=32768, bos_token_id=1, eos_token_id=2), (4, 5, 6, 7, 8)),
+    "pythia-6.9b": (dict(model_type="gpt_neox", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                         intermediate_size=16384, vocab_size=50432, rotary_pct=0.25, rotary_emb_base=10000,
+                         hidden_act="gelu", use_parallel_residual=True, max_position_embeddings=2048,
+                         bos_token_id=0, eos_token_id=0), (4, 5, 6, 7, 8)),
     "small": (LLAMA | dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
                            intermediate_size=1536, vocab_size=50257, bos_token_id=50256, eos_token_id=50256), (1, 2, 3)),
     "tiny": (LLAMA | dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -70,7 +74,7 @@ def make_checkpoint(path: Path, config: dict, dtype, device) -> Path:
     with torch.device("meta"):
         shapes = {n: p.shape for n, p in M.CausalLM(cfg).state_dict().items()}
     if cfg.tie_embeddings:
-        del shapes["lm_head.weight"]
+        del shapes[cfg.head_weight]
     g = torch.Generator(device).manual_seed(0)
     tensors = {n: (torch.ones(s, device=device, dtype=dtype) if ("norm" in n or "ln_" in n) and n.endswith("weight")
                    else torch.randn(s, device=device, dtype=dtype, generator=g) * 0.02).cpu()

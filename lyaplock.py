@@ -507,6 +507,12 @@ PUBLISHED = {
         "lyaplock": dict(layers=LAYERS_4_8, lam=1000.0, v_lr=0.5, v_weight_decay=1e-3, clamp_norm_factor=4.0),
         "memit": dict(layers=LAYERS_4_8, lam=15000.0, v_lr=0.5, v_weight_decay=1e-3, clamp_norm_factor=4.0),
         "rome": dict(layers=(5,), v_lr=0.5, v_weight_decay=1e-3, clamp_norm_factor=4.0, mom2_adjustment=False)},
+    # GPT-NeoX-20B: JoveReCode/OrthoEdit @ 9212a67 hparams/MEMIT/EleutherAI_gpt-neox-20b.json (no LyapLock
+    # file); wpwpwpyo/LyapLock @ c5e6186 hparams/ROME/EleutherAI_gpt-neox-20b.json
+    ("gpt_neox", 6144, 44, 24576): {
+        "lyaplock": dict(layers=(6, 7, 8, 9, 10), lam=400.0, v_lr=0.5, v_num_grad_steps=20, clamp_norm_factor=0.8),
+        "memit": dict(layers=(6, 7, 8, 9, 10), lam=6000.0, v_lr=0.5, v_num_grad_steps=20, clamp_norm_factor=0.8),
+        "rome": dict(layers=(15,), v_lr=0.5, clamp_norm_factor=4.0, v_num_grad_steps=20)},
 }
 
 

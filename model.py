@@ -1,13 +1,14 @@
 """A small, hand-written forward pass on HF-format checkpoints: LLaMA (Llama-2/3/3.1/3.2), Qwen2 /
-Qwen2.5, Qwen3, Mistral, Gemma, Gemma 2, GPT-J and GPT-2.
+Qwen2.5, Qwen3, Mistral, Gemma, Gemma 2 and 3, OLMo 2, GPT-J, GPT-2 and GPT-NeoX (Pythia).
 
 Parameter names mirror the checkpoint's tensor names one to one, so loading is a strict
 name-and-shape match. The LLaMA-like families share one block (Qwen2 adds biases on q, k, v; Qwen3
 an RMSNorm over each head of q and k; Mistral and windowed Qwen layers a sliding attention window;
 Gemma (1 + w) norms, scaled embeddings and a GELU gate; Gemma 2 also norms on the outputs of
 attention and the MLP, soft-capped attention scores and logits, and a window on alternate layers);
-GPT-J and GPT-2 have their own. The forward pass returns what knowledge editing needs without
-hooks: the MLP keys (the input of `down_proj` / `fc_out` / GPT-2's `mlp.c_proj`) and residual-stream
+GPT-J, GPT-2 and GPT-NeoX have their own. The forward pass returns what knowledge editing needs
+without hooks: the MLP keys (the input of `down_proj` / `fc_out` / GPT-2's `mlp.c_proj` /
+`dense_4h_to_h`) and residual-stream
 outputs at chosen layers; it can stop after a layer, or start at one from a given residual
 stream (editing's residual delta: stop, add it, start again), and compute logits only where
 asked. A model too large for one device is loaded across several (load(device="cuda:0,cuda:1")):
@@ -37,11 +38,17 @@ from safetensors.torch import save_file
 LLAMA_LIKE = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo2")
 # the gate activations of the gated MLP, by HF's names: SwiGLU (LLaMA ...) and GeGLU (Gemma)
 GATE_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+# each layout's module names: (the body, its embeddings, its blocks, its final norm; the head)
+LAYOUTS = {"llama": ("model", "embed_tokens", "layers", "norm", "lm_head"),
+           "gptj": ("transformer", "wte", "h", "ln_f", "lm_head"),
+           "gpt2": ("transformer", "wte", "h", "ln_f", "lm_head"),
+           "gpt_neox": ("gpt_neox", "embed_in", "layers", "final_layer_norm", "embed_out")}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # safetensors dtype codes a weight may be stored in (cast to the requested dtype when loaded)
 FLOAT_CODES = ("F16", "BF16", "F32", "F64")
 # Buffers some checkpoints carry that are not weights (recomputed here): allowed, ignored.
-IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias", ".attention.bias",
+                    ".attention.masked_bias")
 
 
 class CheckpointError(ValueError):
@@ -63,7 +70,7 @@ class Config:
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None   # Llama-3.1 style {"rope_type": "llama3", ...}; Gemma 3's "linear"
     local_rope_theta: float | None = None   # Gemma 3: the sliding layers' own rope base (no scaling)
-    rotary_dim: int = 0           # GPT-J: rotary over the first rotary_dim dims of each head
+    rotary_dim: int = 0           # GPT-J, GPT-NeoX: rotary over the first rotary_dim dims of each head
     tie_embeddings: bool = False
     attention_bias: bool = False  # biases on q, k, v and the attention output projection
     mlp_bias: bool = False
@@ -77,7 +84,9 @@ class Config:
     sliding_window: int | None = None   # a query sees the keys of the last `sliding_window` positions...
     window_layers: tuple[int, ...] = ()  # ...in these layers (Mistral: all; Qwen: layer_types)
     attn_scale: float | None = None      # None: 1/sqrt(head_dim); GPT-2 without scale_attn_weights: 1
-    mlp_act: str = "silu"         # the gated MLP's gate activation, one of GATE_ACTIVATIONS (Gemma: GELU)
+    mlp_act: str = "silu"         # the gated MLP's gate activation, one of GATE_ACTIVATIONS (Gemma: GELU);
+                                  # GPT-NeoX's MLP: "gelu" (erf) or "gelu_pytorch_tanh"
+    parallel_residual: bool = False      # GPT-NeoX: attention and the MLP both read the block's input
     norm_plus_one: bool = False   # Gemma: RMSNorm's weight applied as (1 + w), in float32 (FloatRMSNorm)
     norm_weight_float32: bool = False   # OLMo 2: the weight w applied in float32 before the cast
     embed_scale: float | None = None     # Gemma: embeddings times sqrt(d_model), rounded to their dtype
@@ -90,6 +99,16 @@ class Config:
     @property
     def llama_like(self) -> bool:
         return self.arch in LLAMA_LIKE
+
+    @property
+    def layout(self) -> tuple[str, str, str, str, str]:
+        """The names of the body, embeddings, blocks, final norm and head (LAYOUTS)."""
+        return LAYOUTS["llama" if self.llama_like else self.arch]
+
+    @property
+    def head_weight(self) -> str:
+        """The head weight's name: not in the checkpoint's files where tied to the embeddings."""
+        return self.layout[4] + ".weight"
 
     def window(self, layer: int) -> int | None:
         """The sliding attention window of `layer`, or None for full causal attention."""
@@ -330,19 +349,49 @@ def read_gpt2(c: dict) -> Config:
                   attn_scale=None if c.get("scale_attn_weights", True) else 1.0, **special_ids(c))
 
 
+# GPT-NeoX's MLP activations, by config.json's hidden_act: the erf GELU, or the tanh approximation
+# under any of its names (gelu_fast and gelu_new are its formula written out: equal to rounding)
+NEOX_ACTIVATIONS = {"gelu": "gelu", "gelu_fast": "gelu_pytorch_tanh", "gelu_new": "gelu_pytorch_tanh",
+                    "gelu_pytorch_tanh": "gelu_pytorch_tanh"}
+
+
+def read_gpt_neox(c: dict) -> Config:
+    """GPT-NeoX (Pythia, GPT-NeoX-20B): LayerNorms, one fused q/k/v projection, rope over the
+    first rotary_pct of each head, attention and the MLP in parallel off two LayerNorms (or one
+    after the other without use_parallel_residual). The rope as transformers reads it: base and
+    share from rope_scaling or rope_parameters, else rotary_emb_base and rotary_pct; unscaled."""
+    rope = c.get("rope_scaling") or c.get("rope_parameters") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        refuse(c, f"rope scaling {rope!r}", "GPT-NeoX's rope is implemented unscaled")
+    act = c.get("hidden_act", "gelu")
+    if act not in NEOX_ACTIVATIONS:
+        refuse(c, f"hidden_act {act!r}", "GPT-NeoX's MLP here is " + ", ".join(NEOX_ACTIVATIONS))
+    nh, d = c["num_attention_heads"], c["hidden_size"]
+    rotary = int(d // nh * rope.get("partial_rotary_factor", c.get("rotary_pct", 0.25)))
+    if rotary < 2 or rotary % 2:
+        refuse(c, f"a rotary share giving {rotary} of {d // nh} head dims", "rope turns an even number of them")
+    return Config(arch="gpt_neox", vocab_size=c["vocab_size"], d_model=d, n_layers=c["num_hidden_layers"],
+                  n_heads=nh, n_kv_heads=nh, head_dim=d // nh, d_mlp=c["intermediate_size"],
+                  norm_eps=c.get("layer_norm_eps", 1e-5), rope_theta=rope.get("rope_theta", c.get("rotary_emb_base", 1e4)),
+                  rotary_dim=rotary, tie_embeddings=c.get("tie_word_embeddings", False),
+                  attention_bias=c.get("attention_bias", True), mlp_bias=True, mlp_act=NEOX_ACTIVATIONS[act],
+                  parallel_residual=c.get("use_parallel_residual", True),
+                  max_positions=c.get("max_position_embeddings", 2048), **special_ids(c))
+
+
 READERS = {"llama": read_llama, "gptj": read_gptj, "gpt2": read_gpt2, "qwen2": read_qwen2,
            "qwen3": read_qwen3, "mistral": read_mistral, "gemma": read_gemma, "gemma2": read_gemma2,
-           "gemma3_text": read_gemma3_text, "gemma3": read_gemma3, "olmo2": read_olmo2}
+           "gemma3_text": read_gemma3_text, "gemma3": read_gemma3, "olmo2": read_olmo2, "gpt_neox": read_gpt_neox}
 SUPPORTED = tuple(READERS)
 
 
 # ----------------------------------------------------------------------------------------- rope
 def rope_inv_freq(cfg: Config, local: bool = False) -> torch.Tensor:
-    """Rotary inverse frequencies (GPT-J: over rotary_dim; LLaMA-like: over the head; GPT-2: none,
+    """Rotary inverse frequencies (GPT-J, GPT-NeoX: over rotary_dim; LLaMA-like: over the head; GPT-2: none,
     its positions are learned; local: Gemma 3's sliding layers', unscaled), with Llama-3.1
     'llama3' scaling: long wavelengths slowed by `factor`, short ones kept, a blend in between;
     or 'linear' (Gemma 3): all slowed by `factor`."""
-    r = {"gptj": cfg.rotary_dim, "gpt2": 0}.get(cfg.arch, cfg.head_dim)
+    r = {"gptj": cfg.rotary_dim, "gpt_neox": cfg.rotary_dim, "gpt2": 0}.get(cfg.arch, cfg.head_dim)
     base = cfg.local_rope_theta if local else cfg.rope_theta
     inv = 1.0 / base ** (torch.arange(0, r, 2, dtype=torch.float32, device="cpu") / max(r, 1))
     rs = None if local else cfg.rope_scaling
@@ -372,6 +421,12 @@ def rope_gptj(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     x1, x2 = xr[..., 0::2], xr[..., 1::2]
     rot = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
     return torch.cat((rot, xp), dim=-1)
+
+
+def rope_neox(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """GPT-NeoX: LLaMA's rotation (halves) of the first rotary_dim dims; the rest pass."""
+    r = 2 * cos.shape[-1]
+    return torch.cat((rope_llama(x[..., :r], cos, sin), x[..., r:]), dim=-1)
 
 
 # ------------------------------------------------------------------------------------ attention
@@ -521,6 +576,24 @@ class GPT2Attention(nn.Module):
         return self.c_proj(attend(q, k, v, allowed, cache, layer, self.cfg.attn_scale))
 
 
+class NeoXAttention(nn.Module):
+    """GPT-NeoX: one fused projection query_key_value whose output holds, head by head, that head's
+    q, k and v side by side; rope over the first rotary_dim dims of each; output dense."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.query_key_value = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.attention_bias)
+        self.dense = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.attention_bias)
+
+    def forward(self, x, cos, sin, allowed, cache: KVCache | None, layer: int):
+        B, T, _ = x.shape
+        qkv = self.query_key_value(x).view(B, T, self.cfg.n_heads, 3 * self.cfg.head_dim)   # (B, T, nh, 3 hd)
+        q, k, v = qkv.transpose(1, 2).chunk(3, dim=-1)                                    # (B, nh, T, hd)
+        q, k = rope_neox(q, cos, sin), rope_neox(k, cos, sin)
+        return self.dense(attend(q, k, v, allowed, cache, layer, None))
+
+
 # --------------------------------------------------------------------------------------- blocks
 class RMSNorm(nn.Module):
     def __init__(self, d: int, eps: float):
@@ -605,6 +678,18 @@ class GPT2MLP(nn.Module):
         return self.c_proj(key), key
 
 
+class NeoXMLP(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.approximate = "tanh" if cfg.mlp_act == "gelu_pytorch_tanh" else "none"
+        self.dense_h_to_4h = nn.Linear(cfg.d_model, cfg.d_mlp)
+        self.dense_4h_to_h = nn.Linear(cfg.d_mlp, cfg.d_model)
+
+    def forward(self, x):   # returns (output, key = input of dense_4h_to_h)
+        key = F.gelu(self.dense_h_to_4h(x), approximate=self.approximate)
+        return self.dense_4h_to_h(key), key
+
+
 class LlamaBlock(nn.Module):
     """LLaMA, Qwen2, Qwen3, Mistral and Gemma: pre-norm, attention then MLP."""
 
@@ -657,6 +742,28 @@ class GPTJBlock(nn.Module):
         return h + self.attn(x, rope_gptj, cos, sin, allowed, cache, layer) + out, key
 
 
+class NeoXBlock(nn.Module):
+    """GPT-NeoX: attention off input_layernorm; the MLP off post_attention_layernorm of the
+    block's input, in parallel (use_parallel_residual), or of the stream after attention."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.parallel = cfg.parallel_residual
+        self.input_layernorm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.post_attention_layernorm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attention = NeoXAttention(cfg)
+        self.mlp = NeoXMLP(cfg)
+
+    def forward(self, h, cos, sin, allowed, cache, layer):
+        a = self.attention(self.input_layernorm(h), cos, sin, allowed, cache, layer)
+        if self.parallel:                       # summed in transformers' order
+            out, key = self.mlp(self.post_attention_layernorm(h))
+            return out + a + h, key
+        h = a + h
+        out, key = self.mlp(self.post_attention_layernorm(h))
+        return out + h, key
+
+
 class GPT2Block(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
@@ -681,36 +788,37 @@ class Output:
 
 # the edited MLP output projection of each layout, by parameter name
 EDIT_WEIGHTS = {"llama": "model.layers.{}.mlp.down_proj.weight", "gptj": "transformer.h.{}.mlp.fc_out.weight",
-                "gpt2": "transformer.h.{}.mlp.c_proj.weight"}
+                "gpt2": "transformer.h.{}.mlp.c_proj.weight", "gpt_neox": "gpt_neox.layers.{}.mlp.dense_4h_to_h.weight"}
+# the blocks of the layouts that are not LLaMA's
+BLOCKS = {"gptj": lambda cfg: GPTJBlock(cfg), "gpt2": lambda cfg: GPT2Block(cfg), "gpt_neox": lambda cfg: NeoXBlock(cfg)}
 
 
 class CausalLM(nn.Module):
-    """LlamaForCausalLM (and Qwen2/Qwen3/Mistral/Gemma/Gemma2), GPTJForCausalLM, GPT2LMHeadModel,
-    with the checkpoint's parameter names."""
+    """LlamaForCausalLM (and the Qwen, Mistral, Gemma and OLMo 2 models in its layout),
+    GPTJForCausalLM, GPT2LMHeadModel, GPTNeoXForCausalLM, with the checkpoint's parameter names
+    (each layout's in LAYOUTS)."""
 
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
+        body_name, embed_name, blocks_name, norm_name, head_name = cfg.layout
         # nn.Embedding's random initialisation, which the checkpoint overwrites, would import
         # torch's compiler on the meta device (1 s per process); an empty weight skips it
         embedding = lambda n, d: nn.Embedding.from_pretrained(torch.empty(n, d), freeze=False)
         if cfg.llama_like:
-            self.model = nn.Module()
-            self.model.embed_tokens = embedding(cfg.vocab_size, cfg.d_model)
-            block = PostNormBlock if cfg.post_norms else LlamaBlock
-            self.model.layers = nn.ModuleList(block(cfg) for _ in range(cfg.n_layers))
-            self.model.norm = rms_norm(cfg)
+            block, norm = PostNormBlock if cfg.post_norms else LlamaBlock, rms_norm(cfg)
         else:
-            block = GPT2Block if cfg.arch == "gpt2" else GPTJBlock
-            self.transformer = nn.Module()
-            self.transformer.wte = embedding(cfg.vocab_size, cfg.d_model)
-            if cfg.arch == "gpt2":
-                self.transformer.wpe = embedding(cfg.max_positions, cfg.d_model)
-            self.transformer.h = nn.ModuleList(block(cfg) for _ in range(cfg.n_layers))
-            self.transformer.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.arch == "gptj")
+            block, norm = BLOCKS[cfg.arch], nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        body = nn.Module()
+        setattr(body, embed_name, embedding(cfg.vocab_size, cfg.d_model))
+        if cfg.arch == "gpt2":
+            body.wpe = embedding(cfg.max_positions, cfg.d_model)
+        setattr(body, blocks_name, nn.ModuleList(block(cfg) for _ in range(cfg.n_layers)))
+        setattr(body, norm_name, norm)
+        setattr(self, body_name, body)
+        setattr(self, head_name, nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.arch == "gptj"))
         if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed.weight
+            self.head.weight = self.embed.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         if cfg.local_rope_theta is not None:
             self.register_buffer("inv_freq_local", rope_inv_freq(cfg, local=True), persistent=False)
@@ -724,10 +832,12 @@ class CausalLM(nn.Module):
         self.devices: list[torch.device] | None = None
         self.stages: list[int] | None = None
 
-    # the same three parts under each architecture's own names
-    embed = property(lambda s: s.model.embed_tokens if s.cfg.llama_like else s.transformer.wte)
-    blocks = property(lambda s: s.model.layers if s.cfg.llama_like else s.transformer.h)
-    norm = property(lambda s: s.model.norm if s.cfg.llama_like else s.transformer.ln_f)
+    # the same four parts under each layout's own names
+    body = property(lambda s: getattr(s, s.cfg.layout[0]))
+    embed = property(lambda s: getattr(s.body, s.cfg.layout[1]))
+    blocks = property(lambda s: getattr(s.body, s.cfg.layout[2]))
+    norm = property(lambda s: getattr(s.body, s.cfg.layout[3]))
+    head = property(lambda s: getattr(s, s.cfg.layout[4]))
 
     @property
     def placement(self) -> list[torch.device]:
@@ -799,7 +909,7 @@ class CausalLM(nn.Module):
     def names_through_layer(self, layer: int) -> list[str]:
         """Checkpoint names of the tensors the computation up to and including block `layer`
         depends on: the embeddings (GPT-2: with wpe) and blocks 0..layer."""
-        parts = [self.embed, *([self.transformer.wpe] if self.cfg.arch == "gpt2" else []),
+        parts = [self.embed, *([self.body.wpe] if self.cfg.arch == "gpt2" else []),
                  *self.blocks[:layer + 1]]
         wanted = {id(p) for part in parts for p in part.parameters()}
         return [self.checkpoint_name(n) for n, p in self.named_parameters() if id(p) in wanted]
@@ -834,7 +944,7 @@ class CausalLM(nn.Module):
             ropes[True] = rope_tables(pos, self.inv_freq_local, dt)
         first, h = (0, self.embed(ids)) if start is None else (start[0] + 1, start[1])
         if start is None and self.cfg.arch == "gpt2":                              # learned positions
-            h = h + self.transformer.wpe(pos)
+            h = h + self.body.wpe(pos)
         if start is None and self.cfg.embed_scale is not None:   # Gemma: a float32 scalar cast to dt
             h = h * torch.tensor(self.cfg.embed_scale).to(h.device, dt)
         last = self.cfg.n_layers - 1 if stop_after is None else stop_after
@@ -854,11 +964,11 @@ class CausalLM(nn.Module):
         if cache is not None:
             cache.length += T
         if stop_after is None:
-            head = self.lm_head.weight.device        # the final norm lives with the head
+            head = self.head.weight.device           # the final norm lives with the head
             h = h.to(head)
             if logits_at is not None:
                 h = h.gather(1, logits_at.to(head)[..., None].expand(-1, -1, h.shape[-1]))
-            logits = softcap(self.lm_head(self.norm(h)), self.cfg.final_softcap)    # capped in dt
+            logits = softcap(self.head(self.norm(h)), self.cfg.final_softcap)       # capped in dt
             out.logits = logits.float().to(home)
         return out
 
@@ -1127,8 +1237,8 @@ def fixed_bytes(model: "CausalLM", dtype: torch.dtype, n_devices: int) -> list[i
     """The weights outside the blocks on each of n devices: the embeddings (GPT-2: and its
     positions) on the first; the final norm and an untied head on the last (tied: the first)."""
     fixed = [0] * n_devices
-    fixed[0] += weight_bytes(dtype, model.embed, *([model.transformer.wpe] if model.cfg.arch == "gpt2" else []))
-    head = [model.norm] + ([] if model.cfg.tie_embeddings else [model.lm_head])   # tied: counted above
+    fixed[0] += weight_bytes(dtype, model.embed, *([model.body.wpe] if model.cfg.arch == "gpt2" else []))
+    head = [model.norm] + ([] if model.cfg.tie_embeddings else [model.head])      # tied: counted above
     fixed[0 if model.cfg.tie_embeddings else -1] += weight_bytes(dtype, *head)
     return fixed
 
@@ -1143,7 +1253,7 @@ def parameter_devices(model: "CausalLM", devices: list[torch.device],
     where = {id(p): home for p in model.parameters()}
     for block, dev in zip(model.blocks, blocks):
         where.update({id(p): dev for p in block.parameters()})
-    where.update({id(p): head for m in (model.norm, model.lm_head) for p in m.parameters()
+    where.update({id(p): head for m in (model.norm, model.head) for p in m.parameters()
                   if p is not model.embed.weight})
     return {n: where[id(p)] for n, p in model.named_parameters()}
 
@@ -1163,7 +1273,7 @@ def check_tensors(path: Path, cfg: Config, expected: dict[str, tuple], headers: 
     """Every stored weight a float, no tensor missing or unexpected, every shape as config.json
     implies. expected: checkpoint name -> shape."""
     names = {n for n in headers if not n.endswith(IGNORED_SUFFIXES) and n.startswith(cfg.weights_prefix)
-             and not (cfg.tie_embeddings and n == cfg.weights_prefix + "lm_head.weight")}   # tied: ignored
+             and not (cfg.tie_embeddings and n == cfg.weights_prefix + cfg.head_weight)}    # tied: ignored
     for name in sorted(names):
         file, code, _ = headers[name]
         if code not in FLOAT_CODES:
@@ -1202,7 +1312,7 @@ def check_checkpoint(path) -> tuple[CausalLM, dict, dict[str, str]]:
     if cfg.arch == "gpt2" and "transformer.wte.weight" not in headers and "wte.weight" in headers:
         model.missing_prefix = "transformer."          # saved from GPT2Model: h.0..., wte.weight
     params = {model.checkpoint_name(n): n for n in model.state_dict()
-              if not (cfg.tie_embeddings and n == "lm_head.weight")}          # checkpoint -> parameter
+              if not (cfg.tie_embeddings and n == cfg.head_weight)}           # checkpoint -> parameter
     shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
     check_tensors(path, cfg, {c: shapes[n] for c, n in params.items()}, headers)
     model.tokenizer = Tokenizer(path, cfg)
@@ -1241,7 +1351,7 @@ def load(path, device="cpu", dtype="float32", placement=None) -> CausalLM:
                 state[params[stored]] = t
     model.load_state_dict(state, assign=True, strict=False)   # names and shapes checked above
     if cfg.tie_embeddings:
-        model.lm_head.weight = model.embed.weight
+        model.head.weight = model.embed.weight
     model.inv_freq = rope_inv_freq(cfg).to(devices[0])
     if cfg.local_rope_theta is not None:
         model.inv_freq_local = rope_inv_freq(cfg, local=True).to(devices[0])

@@ -455,8 +455,8 @@ POST_NORM_KINDS = ["gemma2", "gemma3-gqa-window-ropes", "olmo2"]
 
 
 @pytest.fixture(scope="module")
-def post_norm(tmp_path_factory):
-    """kind -> a tiny random model whose MLP output is normalised before the residual add."""
+def family_model(tmp_path_factory):
+    """kind (test_models.KINDS) -> a tiny random model of that family."""
     from test_models import make_checkpoint
     made = {}
 
@@ -512,11 +512,11 @@ def test_the_nearest_scaled_point_meets_the_optimality_conditions_also_at_a_zero
 
 
 @pytest.mark.parametrize("kind", POST_NORM_KINDS)
-def test_e6b_moves_a_post_normed_mlp_output_to_the_target_or_the_nearest_reachable_point(post_norm, kind):
+def test_e6b_moves_a_post_normed_mlp_output_to_the_target_or_the_nearest_reachable_point(family_model, kind):
     """Through the post-norm N (Gemma 2, 3), E6b's change o' − o puts N(o') at N(o) + R where that
     is reachable (N of another output of o's length), else at the reachable point nearest it,
     and keeps o's length."""
-    m, layer, g = post_norm(kind), 1, torch.Generator().manual_seed(0)
+    m, layer, g = family_model(kind), 1, torch.Generator().manual_seed(0)
     o, other = (3 * torch.randn(5, m.cfg.d_model, generator=g, dtype=torch.float64) for _ in range(2))
     other *= o.norm(dim=1, keepdim=True) / other.norm(dim=1, keepdim=True)
     N = lambda x: m.mlp_contribution(layer, x.float()).double()
@@ -535,11 +535,11 @@ def test_e6b_moves_a_post_normed_mlp_output_to_the_target_or_the_nearest_reachab
 
 @pytest.mark.parametrize("kind", POST_NORM_KINDS)
 @pytest.mark.parametrize("at_mlp", [False, True])
-def test_target_values_on_a_post_norm_model_score_what_it_computes_with_delta_where_it_joins(post_norm, kind, at_mlp):
+def test_target_values_on_a_post_norm_model_score_what_it_computes_with_delta_where_it_joins(family_model, kind, at_mlp):
     """E4 on a post-norm model, checked by hooks: δ added to the layer's output (MEMIT's) or to the
     MLP's output before the post-norm (ROME's, E4b), the model's mean target NLL per request is
     the loss compute_z reports for its final δ, and z* − h is δ."""
-    m = post_norm(kind)
+    m = family_model(kind)
     requests, _ = data.load_requests(FIX / "counterfact-rome.json")
     rows = L.z_rows(m.tokenizer, requests[:3], [["{}"], ["Then. {}", "So. {}"]])
     layer = 1
@@ -566,13 +566,14 @@ def test_target_values_on_a_post_norm_model_score_what_it_computes_with_delta_wh
     close(torch.tensor([l[-1] for l in info["loss"]]), nll, 1e-5)
 
 
-@pytest.mark.parametrize("kind", ["llama", *POST_NORM_KINDS])
-def test_a_one_layer_step_with_no_penalty_meets_the_target_or_the_post_norms_nearest_point(post_norm, kind):
+@pytest.mark.parametrize("kind", ["llama", "gpt-neox", *POST_NORM_KINDS])
+def test_a_one_layer_step_with_no_penalty_meets_the_target_or_the_post_norms_nearest_point(family_model, kind):
     """MEMIT with λ → 0, one request, the bare prompt only (K1 is its key): the layer's output at
-    the subject becomes z* (LLaMA), and on Gemma 2 and 3 the post-normed MLP output becomes the
+    the subject becomes z* (LLaMA; GPT-NeoX, its MLP beside attention), and on Gemma 2 and 3 and
+    OLMo 2 the post-normed MLP output becomes the
     point it can reach nearest z* − (the output before the MLP), at the MLP output's length
     (E6b) — the old E6 added R to the MLP output as if it joined the residual stream as it is."""
-    m = M.load(STORIES) if kind == "llama" else post_norm(kind)
+    m = M.load(STORIES) if kind == "llama" else family_model(kind)
     layer, templates = 1, [["{}"]]
     before = {k: v.clone() for k, v in m.edit_tensors([layer]).items()}
     requests, _ = data.load_requests(FIX / "counterfact-rome.json")
@@ -586,7 +587,7 @@ def test_a_one_layer_step_with_no_penalty_meets_the_target_or_the_post_norms_nea
         W0 = {layer: m.edit_weight(layer).detach().clone()}
         L.edit_batch(m, requests[:1], templates, hp, L.EditState.start("memit", (layer,)), C, W0)
         _, h_after, key_after = L.keys_and_outputs(m, rows, templates, layer, layer)
-        if kind == "llama":
+        if not m.cfg.post_norms:
             close(h_after, z, 1e-5)
             return
         o_after = L.mlp_outputs(m, layer, key_after)

@@ -457,6 +457,15 @@ KINDS = {
     # over the whole q and k projections
     "olmo2": ("olmo2", dict(rope_theta=500000.0, rms_norm_eps=1e-6)),
     "olmo2-gqa-bias": ("olmo2", dict(num_key_value_heads=2, attention_bias=True)),
+    # GPT-NeoX as Pythia is released (rope over a quarter of each head, the erf GELU, parallel
+    # attention and MLP, untied) and as its other configs can say (rope over half a head at base
+    # 100, the tanh GELU under NeoX-20B's name gelu_fast, attention then MLP, tied, no biases on
+    # attention, rope keys as transformers 5 writes them)
+    "gpt-neox": ("gpt_neox", dict(rotary_pct=0.25, rotary_emb_base=10000, hidden_act="gelu")),
+    "gpt-neox-sequential": ("gpt_neox", dict(use_parallel_residual=False, hidden_act="gelu_fast",
+                                             tie_word_embeddings=True, attention_bias=False,
+                                             rope_parameters={"rope_type": "default", "rope_theta": 100.0,
+                                                              "partial_rotary_factor": 0.5})),
     # Gemma 3's image-text checkpoint (4B and up): a vision tower beside the language model
     "gemma3-image-text": ("gemma3", dict(num_key_value_heads=2, head_dim=24, num_hidden_layers=4, sliding_window=4,
                                          query_pre_attn_scalar=20, rope_scaling={"rope_type": "linear", "factor": 8.0},
@@ -464,7 +473,7 @@ KINDS = {
                                                       "sliding_attention"])),
 }
 FAMILY_CLASSES = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "gemma": "Gemma", "gemma2": "Gemma2",
-                  "gemma3_text": "Gemma3", "olmo2": "Olmo2"}
+                  "gemma3_text": "Gemma3", "olmo2": "Olmo2", "gpt_neox": "GPTNeoX"}
 CONFIG_CLASSES = {"gemma3_text": "Gemma3TextConfig"}     # Gemma3Config is the multimodal one
 
 
@@ -482,8 +491,10 @@ def make_checkpoint(path, kind, seed=0):
         tok = FIX / "gpt2-tokenizer"
     else:
         kw = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                  bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5) | opts
+                  num_attention_heads=4, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+        if family != "gpt_neox":      # LayerNorm, no grouped queries
+            kw |= dict(num_key_value_heads=4, rms_norm_eps=1e-5)
+        kw |= opts
         if family == "gemma3":     # the language model as text_config, a tiny vision tower beside it
             vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                           image_size=28, patch_size=14)
@@ -524,9 +535,11 @@ def ckpt(tmp_path_factory):
 
 def hf_reference(hf, ids, mask):
     """transformers' logits, MLP keys (hooks on the edited projection) and hidden states."""
-    blocks = hf.transformer.h if hasattr(hf, "transformer") else getattr(hf.model, "language_model", hf.model).layers
+    blocks = hf.transformer.h if hasattr(hf, "transformer") else hf.gpt_neox.layers if hasattr(hf, "gpt_neox") \
+        else getattr(hf.model, "language_model", hf.model).layers
+    edited = ("c_proj", "dense_4h_to_h", "down_proj")
     seen = {}
-    hooks = [(b.mlp.c_proj if hasattr(b.mlp, "c_proj") else b.mlp.down_proj).register_forward_pre_hook(
+    hooks = [next(getattr(b.mlp, n) for n in edited if hasattr(b.mlp, n)).register_forward_pre_hook(
         lambda mod, args, i=i: seen.__setitem__(i, args[0])) for i, b in enumerate(blocks)]
     pos = (mask.cumsum(-1) - 1).clamp(min=0)   # HF needs explicit positions under left padding
     with torch.no_grad():
@@ -622,6 +635,30 @@ def test_gemma_config_json_left_to_defaults_reads_as_transformers_does(ckpt, tmp
     assert (M.load(d)(ids, mask).logits - ref.logits)[mask.bool()].abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("kind,drop,change", [
+    # as Pythia and GPT-NeoX-20B are released (transformers 4 wrote the rope flat) ...
+    ("gpt-neox-sequential", ["rope_parameters"], dict(rotary_pct=0.5, rotary_emb_base=100)),
+    # ... and with everything left to the defaults (a quarter of each head at base 1e4, parallel,
+    # the erf GELU, biases on attention, untied)
+    ("gpt-neox", ["rope_parameters", "use_parallel_residual", "hidden_act", "attention_bias",
+                             "tie_word_embeddings"], {}),
+])
+def test_gpt_neox_config_json_as_released_reads_as_transformers_does(ckpt, tmp_path, kind, drop, change):
+    d = tmp_path / "ckpt"
+    shutil.copytree(ckpt(kind), d)
+    c = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({k: v for k, v in c.items() if k not in drop} | change))
+    cfg = M.read_config(d)
+    if change:
+        assert cfg == M.read_config(ckpt(kind))             # the same model as transformers 5 writes it
+    else:
+        assert (cfg.rotary_dim, cfg.rope_theta, cfg.parallel_residual, cfg.mlp_act, cfg.attention_bias,
+                cfg.tie_embeddings) == (4, 1e4, True, "gelu", True, False)
+    ids, mask = padded_batch(500, "left")
+    ref, _ = hf_reference(hf_load(d), ids, mask)
+    assert (M.load(d)(ids, mask).logits - ref.logits)[mask.bool()].abs().max() < 1e-4
+
+
 def test_gemma2_caps_and_window_change_the_logits(ckpt):
     """The parity tests mean something: on the test batch, each of Gemma 2's attention cap, final
     cap and window (of the kind that sets them small) moves the logits far past their tolerance."""
@@ -659,7 +696,8 @@ def test_a_sliding_window_left_out_is_that_of_transformers(ckpt, tmp_path, kind,
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["gpt2", "qwen2-gqa-tied-window", "qwen3-gqa-bias", "mistral-gqa-window", "gemma",
-                                  "gemma2-gqa-window-caps", "gemma3-gqa-window-ropes", "olmo2"])
+                                  "gemma2-gqa-window-caps", "gemma3-gqa-window-ropes", "olmo2", "gpt-neox",
+                                  "gpt-neox-sequential"])
 def test_bfloat16_error_is_that_of_transformers(ckpt, kind, device):
     """In bfloat16 our logits are as close to the float32 reference as transformers' own bfloat16
     logits are (mean absolute error within 1.5x of theirs, plus 0.1% of the logits' scale; on the
@@ -681,7 +719,8 @@ def test_bfloat16_error_is_that_of_transformers(ckpt, kind, device):
 
 # ============================================================================ generation
 @pytest.mark.parametrize("kind", ["gpt2", "qwen2-gqa-tied-window", "qwen3-gqa-bias", "mistral-gqa-window",
-                                  "gemma-gqa-untied", "gemma2-gqa-window-caps", "gemma3-gqa-window-ropes", "olmo2"])
+                                  "gemma-gqa-untied", "gemma2-gqa-window-caps", "gemma3-gqa-window-ropes", "olmo2",
+                                  "gpt-neox"])
 def test_kv_cache_generation_equals_recompute(ckpt, kind):
     """Cached decoding (left-padded batch) equals re-running the whole sequence per token, well
     past the window (prompts up to 6 tokens + 12 new, window 4); and transformers' greedy
@@ -711,7 +750,7 @@ def test_gpt2_learned_positions_end_with_a_clear_error(ckpt):
 # ============================================================================ edit weights, save
 @pytest.mark.parametrize("kind", ["gpt2", "gpt2-bare-unscaled", "qwen2-gqa-tied-window", "qwen3-gqa-bias",
                                   "mistral-gqa-window", "gemma", "gemma2-gqa-window-caps", "gemma3", "gemma3-image-text",
-                                  "olmo2"])
+                                  "olmo2", "gpt-neox", "gpt-neox-sequential"])
 def test_family_save_then_load_is_exact_and_transformers_reads_it(ckpt, tmp_path, kind):
     """An edit through the edit_weight alias, saved with edit_tensors: the file holds it in the
     stored layout under the checkpoint's own names, reloads bit-identically, and transformers
@@ -791,14 +830,15 @@ def test_load_edit_tensors_round_trips_and_checks(ckpt):
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "qwen3-gqa-bias", "mistral-gqa-window", "gemma2-gqa-window-caps",
-                                  "gemma3-gqa-window-ropes", "olmo2"])
+                                  "gemma3-gqa-window-ropes", "olmo2", "gpt-neox"])
 def test_names_through_layer_are_exactly_what_the_layer_depends_on(ckpt, kind):
     """Perturbing any tensor outside names_through_layer(1) leaves layer 1's output unchanged;
     perturbing any one inside changes it; the names are the checkpoint's."""
     m = M.load(ckpt(kind))
     names = m.names_through_layer(1)
     assert set(names) <= set(M.weight_files(ckpt(kind)))
-    assert not any(".2." in n or "norm.weight" == n.split("model.")[-1] or "ln_f" in n for n in names)
+    assert not any(".2." in n or "norm.weight" == n.split("model.")[-1] or "ln_f" in n or "final_layer_norm" in n
+                   for n in names)
     ids = torch.randint(3, 500, (2, 9))
     base = m(ids, stop_after=1, outs_at={1}).outs[1]
     by_name = {m.checkpoint_name(n): p for n, p in m.named_parameters()}
@@ -855,7 +895,8 @@ def _config_with(tmp_path, ckpt_dir, **change):
     ("qwen2", dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
     ("mistral", dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling .*only 'llama3'"),
     ("qwen3", dict(model_type="mamba"), "unsupported model_type 'mamba'.*"
-                                        "'llama', 'gptj', 'gpt2', 'qwen2', 'qwen3', 'mistral', 'gemma', 'gemma2', 'gemma3_text', 'gemma3', 'olmo2'"),
+                                        "'llama', 'gptj', 'gpt2', 'qwen2', 'qwen3', 'mistral', 'gemma', 'gemma2', 'gemma3_text', 'gemma3', "
+                                        "'olmo2', 'gpt_neox'"),
     ("gemma", dict(hidden_act="silu"), "hidden_act 'silu' is not supported"),
     ("gemma", dict(hidden_activation="gelu"), "hidden_activation 'gelu' is not supported"),
     ("gemma2", dict(hidden_activation="gelu"), "hidden_activation 'gelu' is not supported"),
@@ -874,6 +915,10 @@ def _config_with(tmp_path, ckpt_dir, **change):
     ("gemma3", dict(rope_parameters=None, rope_scaling={"type": "linear", "factor": 4.0}),
      r"rope_scaling \{'type': 'linear', 'factor': 4.0\} \(its kind under 'type'\) is not supported"),
     ("gemma3", dict(sliding_window=None), "sliding_window None with sliding_attention layers is not supported"),
+    ("gpt-neox", dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope scaling .* is not supported .GPT-NeoX's rope is implemented unscaled"),
+    ("gpt-neox", dict(hidden_act="relu"), "hidden_act 'relu' is not supported .GPT-NeoX's MLP here is gelu, gelu_fast"),
+    ("gpt-neox", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.2}),
+     "a rotary share giving 3 of 16 head dims is not supported .rope turns an even number of them"),
 ])
 def test_unsupported_options_are_refused(ckpt, tmp_path, kind, change, message):
     with pytest.raises(M.CheckpointError, match=message):
@@ -931,6 +976,10 @@ TOKENIZER_CONVENTIONS = {
     "gpt2": ("gpt2", dict(bos_token_id=0, eos_token_id=0), ["<|endoftext|>"], None,
              {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
               "tokenizer_class": "GPT2Tokenizer"}),
+    # Pythia's (the GPT-NeoX-20B tokenizer): no BOS added, though its bos_token is <|endoftext|>
+    "pythia": ("gpt_neox", dict(bos_token_id=0, eos_token_id=0, rotary_pct=0.5), ["<|endoftext|>", "<|padding|>"], None,
+               {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                "add_prefix_space": False, "tokenizer_class": "GPTNeoXTokenizer"}),
 }
 
 
@@ -1053,7 +1102,7 @@ def test_tokenizer_does_not_truncate_as_transformers_does_not(ckpt):
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "qwen2", "qwen3-gqa-bias", "mistral-gqa-window", "gemma2-gqa-window-caps",
-                                  "gemma3"])
+                                  "gemma3", "gpt-neox-sequential"])
 def test_model_cli_continues_a_prompt_with_a_tiny_random_checkpoint_of_each_family(ckpt, kind, capsys):
     M.main([str(ckpt(kind)), "--prompt", "Once upon a time", "--max-new-tokens", "6", "--device", "cpu"])
     printed = capsys.readouterr().out

@@ -31,7 +31,7 @@ CUDA_SPREADS = [*(["cpu,cuda"] if torch.cuda.is_available() else []),
 # in other orders (about 1e-6 relative per op), as in the transformers parity tests' 1e-4 on logits
 CUDA_ATOL = 1e-4
 KINDS = ["stories", "gpt2", "gptj", "qwen2", "qwen2-gqa-tied-window",   # tied and untied heads, windows,
-         "gemma3-gqa-window-ropes"]                                    # two ropes
+         "gemma3-gqa-window-ropes", "gpt-neox"]                        # two ropes, GPT-NeoX's names
 
 
 @pytest.fixture(scope="module")
@@ -137,10 +137,11 @@ def test_parameters_go_to_their_blocks_device(ckpt, kind):
         assert {where[n] for n, p in m.named_parameters() if any(p is q for q in block.parameters())} \
                == {devices[stages[i]]}
     head = "cpu" if m.cfg.tie_embeddings else "meta"
+    body, embed, _, norm, head_name = m.cfg.layout
     for n in where:
-        if ".wte." in n or "embed_tokens" in n or ".wpe." in n:
+        if n.startswith((f"{body}.{embed}.", f"{body}.wpe.")):
             assert where[n].type == "cpu", n
-        if n.startswith(("lm_head.", "model.norm.", "transformer.ln_f.")):
+        if n.startswith((f"{head_name}.", f"{body}.{norm}.")):
             assert where[n].type == head, n
 
 

@@ -51,6 +51,9 @@ def test_bundled_models_get_the_rule_for_other_sizes(path, d_mlp):
         assert (hp.layers, hp.lam, hp.alpha, hp.l2) == ((1, 2), lam, 60.0, 1.0), method
     llama3_8b = dataclasses.replace(cfg, arch="llama", d_model=4096, n_layers=32, d_mlp=14336)
     assert L.preset(llama3_8b, "lyaplock").lam == 1000.0 and L.preset(llama3_8b, "memit").lam == 15000.0
+    neox_20b = dataclasses.replace(cfg, arch="gpt_neox", d_model=6144, n_layers=44, d_mlp=24576)
+    assert (L.preset(neox_20b, "memit").lam, L.preset(neox_20b, "lyaplock").lam) == (6000.0, 400.0)
+    assert L.preset(neox_20b, "rome").layers == (15,)
 
 
 def _request(i, prompt="{} is in", subject=None, new="x", true="y"):

@@ -221,7 +221,7 @@ FAMILIES = {"llama": "LlamaForCausalLM", "gemma2": "Gemma2ForCausalLM", "olmo2":
 def save_weights(m: M.CausalLM, out: Path) -> None:
     """model.safetensors (HF names, float32; a tied head is not stored)."""
     state = {n: t.detach().to("cpu", torch.float32).contiguous() for n, t in m.state_dict().items()
-             if not (m.cfg.tie_embeddings and n == "lm_head.weight")}
+             if not (m.cfg.tie_embeddings and n == m.cfg.head_weight)}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
@@ -258,7 +258,7 @@ def fact_loss(m, ids, mask, pos, tgt, w, exit_layer=None, swap=None) -> torch.Te
     `layer` are frozen then, so they run without grad)."""
     if exit_layer is not None:
         h = m(ids, mask, stop_after=exit_layer, outs_at=(exit_layer,)).outs[exit_layer]
-        logits = m.lm_head(m.norm(h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1])))).float()
+        logits = m.head(m.norm(h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1])))).float()
     elif swap is not None:
         layer, rows, at, src_rows, src_at = swap
         with torch.no_grad():
