@@ -1,17 +1,18 @@
 """A small, hand-written forward pass on HF-format checkpoints: LLaMA (Llama-2/3/3.1/3.2), Qwen2 /
-Qwen2.5, Qwen3, Mistral, Gemma, Gemma 2 and 3, OLMo 2, GPT-J, GPT-2 and GPT-NeoX (Pythia).
+Qwen2.5, Qwen3, Mistral, Gemma, Gemma 2 and 3, OLMo 2, Phi-3 (3.5, 4), GPT-J, GPT-2 and GPT-NeoX
+(Pythia).
 
 Parameter names mirror the checkpoint's tensor names one to one, so loading is a strict
 name-and-shape match. The LLaMA-like families share one block (Qwen2 adds biases on q, k, v; Qwen3
 an RMSNorm over each head of q and k; Mistral and windowed Qwen layers a sliding attention window;
 Gemma (1 + w) norms, scaled embeddings and a GELU gate; Gemma 2 also norms on the outputs of
-attention and the MLP, soft-capped attention scores and logits, and a window on alternate layers);
-GPT-J, GPT-2 and GPT-NeoX have their own. The forward pass returns what knowledge editing needs
-without hooks: the MLP keys (the input of `down_proj` / `fc_out` / GPT-2's `mlp.c_proj` /
-`dense_4h_to_h`) and residual-stream
-outputs at chosen layers; it can stop after a layer, or start at one from a given residual
-stream (editing's residual delta: stop, add it, start again), and compute logits only where
-asked. A model too large for one device is loaded across several (load(device="cuda:0,cuda:1")):
+attention and the MLP, soft-capped attention scores and logits, and a window on alternate layers;
+Gemma 3 and OLMo 2 variations of those; Phi-3 fused projections and LongRoPE); GPT-J, GPT-2 and
+GPT-NeoX have their own. The forward pass returns what knowledge editing needs without hooks: the
+MLP keys (the input of `down_proj` / `fc_out` / GPT-2's `mlp.c_proj` / `dense_4h_to_h`) and
+residual-stream outputs at chosen layers; it can stop after a layer, or start at one from a given
+residual stream (editing's residual delta: stop, add it, start again), and compute logits only
+where asked. A model too large for one device is loaded across several (load(device="cuda:0,cuda:1")):
 its blocks in order, split by the devices' memory, the residual stream moving at the boundaries;
 forward takes and returns every tensor on the first device.
 
@@ -35,7 +36,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 # one layout (model.embed_tokens, model.layers, model.norm): RMSNorm, rope on halves, a gated MLP
-LLAMA_LIKE = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo2")
+LLAMA_LIKE = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo2", "phi3")
 # the gate activations of the gated MLP, by HF's names: SwiGLU (LLaMA ...) and GeGLU (Gemma)
 GATE_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 # each layout's module names: (the body, its embeddings, its blocks, its final norm; the head)
@@ -68,9 +69,10 @@ class Config:
     d_mlp: int                    # MLP inner size (the edited weight is d_model x d_mlp)
     norm_eps: float
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None   # Llama-3.1 style {"rope_type": "llama3", ...}; Gemma 3's "linear"
+    rope_scaling: dict | None = None   # Llama-3.1 style {"rope_type": "llama3", ...}; Gemma 3's "linear";
+                                       # Phi's "longrope" (read_phi3's fields)
     local_rope_theta: float | None = None   # Gemma 3: the sliding layers' own rope base (no scaling)
-    rotary_dim: int = 0           # GPT-J, GPT-NeoX: rotary over the first rotary_dim dims of each head
+    rotary_dim: int = 0           # GPT-J, GPT-NeoX, Phi: rotary over the first rotary_dim dims of each head (0: all)
     tie_embeddings: bool = False
     attention_bias: bool = False  # biases on q, k, v and the attention output projection
     mlp_bias: bool = False
@@ -87,6 +89,7 @@ class Config:
     mlp_act: str = "silu"         # the gated MLP's gate activation, one of GATE_ACTIVATIONS (Gemma: GELU);
                                   # GPT-NeoX's MLP: "gelu" (erf) or "gelu_pytorch_tanh"
     parallel_residual: bool = False      # GPT-NeoX: attention and the MLP both read the block's input
+    fused_projections: bool = False      # Phi-3: q, k, v in one qkv_proj; the MLP's gate and up in gate_up_proj
     norm_plus_one: bool = False   # Gemma: RMSNorm's weight applied as (1 + w), in float32 (FloatRMSNorm)
     norm_weight_float32: bool = False   # OLMo 2: the weight w applied in float32 before the cast
     embed_scale: float | None = None     # Gemma: embeddings times sqrt(d_model), rounded to their dtype
@@ -349,6 +352,50 @@ def read_gpt2(c: dict) -> Config:
                   attn_scale=None if c.get("scale_attn_weights", True) else 1.0, **special_ids(c))
 
 
+def phi3_rope(c: dict, head_dim: int) -> tuple[dict, int]:
+    """Phi-3's rope as transformers reads it: rope_scaling, else rope_parameters, for the base and
+    the share of each head turned (else rope_theta, partial_rotary_factor); LongRoPE ("longrope",
+    or the older "su" and "yarn") divides each frequency by short_factor's entry, or long_factor's
+    in a pass with a position past original_max_position_embeddings (config.json's top-level
+    key, 4096 where absent), and scales cos and sin by attention_factor (by default
+    sqrt(1 + ln s / ln original), s = factor or max_position_embeddings / original). Returns the
+    rope fields and rotary_dim (0: the whole head)."""
+    rp = c.get("rope_scaling") or c.get("rope_parameters") or {}
+    kind = rp.get("rope_type", rp.get("type", "default"))
+    kind = "longrope" if kind in ("su", "yarn") else kind
+    share = rp.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0))
+    rotary = int(head_dim * share)
+    if rotary < 2 or rotary % 2:
+        refuse(c, f"a rotary share giving {rotary} of {head_dim} head dims", "rope turns an even number of them")
+    fields = dict(rope_theta=rp.get("rope_theta", c.get("rope_theta", 10000.0)), rope_scaling=None)
+    if kind == "longrope":
+        original = c.get("original_max_position_embeddings", 4096)
+        factor = rp.get("factor") or c.get("max_position_embeddings", 4096) / original
+        attention = rp.get("attention_factor") or (math.sqrt(1 + math.log(factor) / math.log(original))
+                                                   if factor > 1 else 1.0)
+        for key in ("short_factor", "long_factor"):
+            if not isinstance(rp.get(key), list) or len(rp[key]) != rotary // 2:
+                refuse(c, f"longrope {key} {rp.get(key)!r}", f"a list of {rotary // 2} numbers, one per frequency, is needed")
+        fields["rope_scaling"] = dict(rope_type="longrope", short_factor=rp["short_factor"],
+                                      long_factor=rp["long_factor"], original_max_position_embeddings=original,
+                                      attention_factor=attention)
+    elif kind != "default":
+        refuse(c, f"rope scaling {rp!r}", "Phi-3's rope is implemented plain or longrope")
+    return fields, rotary if rotary < head_dim else 0
+
+
+def read_phi3(c: dict) -> Config:
+    """Phi-3, 3.5 and 4 (mini and full): LLaMA's layout with q, k and v in one projection
+    (qkv_proj, in that order) and the MLP's gate and up in one (gate_up_proj); rope on a share
+    of each head, plain or LongRoPE; a sliding window over every layer where config.json sets one."""
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    rope, rotary = phi3_rope(c, head_dim)
+    window = c.get("sliding_window")
+    return read_llama_like(c, rope, fused_projections=True, rotary_dim=rotary, sliding_window=window,
+                           window_layers=tuple(range(c["num_hidden_layers"])) if window else (),
+                           norm_eps=c.get("rms_norm_eps", 1e-5))
+
+
 # GPT-NeoX's MLP activations, by config.json's hidden_act: the erf GELU, or the tanh approximation
 # under any of its names (gelu_fast and gelu_new are its formula written out: equal to rounding)
 NEOX_ACTIVATIONS = {"gelu": "gelu", "gelu_fast": "gelu_pytorch_tanh", "gelu_new": "gelu_pytorch_tanh",
@@ -381,23 +428,28 @@ def read_gpt_neox(c: dict) -> Config:
 
 READERS = {"llama": read_llama, "gptj": read_gptj, "gpt2": read_gpt2, "qwen2": read_qwen2,
            "qwen3": read_qwen3, "mistral": read_mistral, "gemma": read_gemma, "gemma2": read_gemma2,
-           "gemma3_text": read_gemma3_text, "gemma3": read_gemma3, "olmo2": read_olmo2, "gpt_neox": read_gpt_neox}
+           "gemma3_text": read_gemma3_text, "gemma3": read_gemma3, "olmo2": read_olmo2, "gpt_neox": read_gpt_neox,
+           "phi3": read_phi3}
 SUPPORTED = tuple(READERS)
 
 
 # ----------------------------------------------------------------------------------------- rope
-def rope_inv_freq(cfg: Config, local: bool = False) -> torch.Tensor:
-    """Rotary inverse frequencies (GPT-J, GPT-NeoX: over rotary_dim; LLaMA-like: over the head; GPT-2: none,
-    its positions are learned; local: Gemma 3's sliding layers', unscaled), with Llama-3.1
+def rope_inv_freq(cfg: Config, local: bool = False, long: bool = False) -> torch.Tensor:
+    """Rotary inverse frequencies (over rotary_dim where set: GPT-J, GPT-NeoX, Phi's share; else over
+    the head; GPT-2: none, its positions are learned; local: Gemma 3's sliding layers', unscaled), with Llama-3.1
     'llama3' scaling: long wavelengths slowed by `factor`, short ones kept, a blend in between;
-    or 'linear' (Gemma 3): all slowed by `factor`."""
-    r = {"gptj": cfg.rotary_dim, "gpt_neox": cfg.rotary_dim, "gpt2": 0}.get(cfg.arch, cfg.head_dim)
+    'linear' (Gemma 3): all slowed by `factor`; or 'longrope' (Phi): each slowed by its entry of
+    short_factor, or with `long` of long_factor."""
+    r = 0 if cfg.arch == "gpt2" else cfg.rotary_dim or cfg.head_dim
     base = cfg.local_rope_theta if local else cfg.rope_theta
     inv = 1.0 / base ** (torch.arange(0, r, 2, dtype=torch.float32, device="cpu") / max(r, 1))
     rs = None if local else cfg.rope_scaling
     kind = rs and rs.get("rope_type", rs.get("type"))
     if kind == "linear":
         return inv / rs["factor"]
+    if kind == "longrope":        # written as transformers does, to the last bit
+        shape = torch.arange(0, r, 2, dtype=torch.float32) / r
+        return 1.0 / (torch.tensor(rs["long_factor" if long else "short_factor"], dtype=torch.float32) * base ** shape)
     if kind != "llama3":
         return inv
     factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
@@ -409,7 +461,11 @@ def rope_inv_freq(cfg: Config, local: bool = False) -> torch.Tensor:
 
 
 def rope_llama(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """LLaMA (HF layout): rotate the two halves of the whole head. x (B, nh, T, hd); cos/sin (B, 1, T, hd/2)."""
+    """LLaMA (HF layout): rotate the two halves of the head, or of its first r = 2 · cos.shape[-1]
+    dims, the rest passing (GPT-NeoX, Phi's partial_rotary_factor). x (B, nh, T, hd); cos/sin (B, 1, T, r/2)."""
+    r = 2 * cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat((rope_llama(x[..., :r], cos, sin), x[..., r:]), dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
@@ -421,12 +477,6 @@ def rope_gptj(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     x1, x2 = xr[..., 0::2], xr[..., 1::2]
     rot = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
     return torch.cat((rot, xp), dim=-1)
-
-
-def rope_neox(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """GPT-NeoX: LLaMA's rotation (halves) of the first rotary_dim dims; the rest pass."""
-    r = 2 * cos.shape[-1]
-    return torch.cat((rope_llama(x[..., :r], cos, sin), x[..., r:]), dim=-1)
 
 
 # ------------------------------------------------------------------------------------ attention
@@ -513,8 +563,8 @@ def attend(q, k, v, allowed, cache: KVCache | None, layer: int, scale: float | N
 
 
 class Attention(nn.Module):
-    """Separate q, k, v projections and an output projection (LLaMA-like: o_proj; GPT-J: out_proj);
-    rope on q and k; Qwen3 first normalises each head of q and k."""
+    """q, k, v projections (Phi-3: one, qkv_proj) and an output projection (LLaMA-like: o_proj;
+    GPT-J: out_proj); rope on q and k; Qwen3 first normalises each head of q and k."""
 
     def __init__(self, cfg: Config, out_name: str):
         super().__init__()
@@ -522,9 +572,13 @@ class Attention(nn.Module):
         self.out_name = out_name
         hd, nh, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
         qkv_bias = cfg.attention_bias or cfg.qkv_bias
-        self.q_proj = nn.Linear(cfg.d_model, nh * hd, bias=qkv_bias)
-        self.k_proj = nn.Linear(cfg.d_model, nkv * hd, bias=qkv_bias)
-        self.v_proj = nn.Linear(cfg.d_model, nkv * hd, bias=qkv_bias)
+        self.widths = (nh * hd, nkv * hd, nkv * hd)
+        if cfg.fused_projections:                       # Phi-3: one projection, q then k then v
+            self.qkv_proj = nn.Linear(cfg.d_model, sum(self.widths), bias=qkv_bias)
+        else:
+            self.q_proj = nn.Linear(cfg.d_model, nh * hd, bias=qkv_bias)
+            self.k_proj = nn.Linear(cfg.d_model, nkv * hd, bias=qkv_bias)
+            self.v_proj = nn.Linear(cfg.d_model, nkv * hd, bias=qkv_bias)
         setattr(self, out_name, nn.Linear(nh * hd, cfg.d_model, bias=cfg.attention_bias))
         if cfg.qk_norm:                                 # over each head, or the whole projection
             self.q_norm = rms_norm(cfg, nh * hd if cfg.qk_norm_whole else hd)
@@ -533,12 +587,15 @@ class Attention(nn.Module):
     def forward(self, x, rope, cos, sin, allowed, cache: KVCache | None, layer: int):
         B, T, _ = x.shape
         hd, nh, nkv = self.cfg.head_dim, self.cfg.n_heads, self.cfg.n_kv_heads
-        q, k = self.q_proj(x), self.k_proj(x)
+        if self.cfg.fused_projections:
+            q, k, v = self.qkv_proj(x).split(self.widths, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.cfg.qk_norm_whole:                      # OLMo 2: RMSNorm over the whole projection
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, nh, hd)                        # (B, T, nh, hd)
         k = k.view(B, T, nkv, hd)                       # (B, T, nkv, hd)
-        v = self.v_proj(x).view(B, T, nkv, hd)
+        v = v.view(B, T, nkv, hd)
         if self.cfg.qk_norm and not self.cfg.qk_norm_whole:   # Qwen3, Gemma 3: over each head
             q, k = self.q_norm(q), self.k_norm(k)
         q = rope(q.transpose(1, 2), cos, sin)           # (B, nh, T, hd)
@@ -590,7 +647,7 @@ class NeoXAttention(nn.Module):
         B, T, _ = x.shape
         qkv = self.query_key_value(x).view(B, T, self.cfg.n_heads, 3 * self.cfg.head_dim)   # (B, T, nh, 3 hd)
         q, k, v = qkv.transpose(1, 2).chunk(3, dim=-1)                                    # (B, nh, T, hd)
-        q, k = rope_neox(q, cos, sin), rope_neox(k, cos, sin)
+        q, k = rope_llama(q, cos, sin), rope_llama(k, cos, sin)
         return self.dense(attend(q, k, v, allowed, cache, layer, None))
 
 
@@ -639,20 +696,25 @@ def rms_norm(cfg: Config, d: int | None = None) -> nn.Module:
 
 
 class LlamaMLP(nn.Module):
-    """The gated MLP: down(act(gate(x)) * up(x)), act SiLU (SwiGLU) or the tanh GELU (Gemma's GeGLU)."""
+    """The gated MLP: down(act(gate(x)) * up(x)), act SiLU (SwiGLU) or the tanh GELU (Gemma's GeGLU);
+    Phi-3 has gate and up in one projection, gate_up_proj (gate first)."""
 
     def __init__(self, cfg: Config):
         super().__init__()
         self.gelu = cfg.mlp_act == "gelu_pytorch_tanh"
+        self.fused = cfg.fused_projections
         b = cfg.mlp_bias
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=b)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=b)
+        if self.fused:
+            self.gate_up_proj = nn.Linear(cfg.d_model, 2 * cfg.d_mlp, bias=b)
+        else:
+            self.gate_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=b)
+            self.up_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=b)
         self.down_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=b)
 
     def forward(self, x):   # returns (output, key = input of down_proj)
-        gate = self.gate_proj(x)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1) if self.fused else (self.gate_proj(x), self.up_proj(x))
         act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
-        key = act * self.up_proj(x)
+        key = act * up
         return self.down_proj(key), key
 
 
@@ -819,9 +881,8 @@ class CausalLM(nn.Module):
         setattr(self, head_name, nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.arch == "gptj"))
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-        if cfg.local_rope_theta is not None:
-            self.register_buffer("inv_freq_local", rope_inv_freq(cfg, local=True), persistent=False)
+        for name, inv_freq in rope_buffers(cfg).items():
+            self.register_buffer(name, inv_freq, persistent=False)
         self.tokenizer: Tokenizer | None = None
         # the prefix the checkpoint's names lack: "transformer." in GPT-2 files saved from
         # GPT2Model (as OpenAI's gpt2 ... gpt2-xl on the Hub); set by load
@@ -939,7 +1000,11 @@ class CausalLM(nn.Module):
         mask = torch.ones(B, past + T, dtype=torch.long, device=ids.device) if mask is None else mask
         pos = self.positions(mask, past)                                           # (B, T)
         dt = self.embed.weight.dtype
-        ropes = {False: rope_tables(pos, self.inv_freq, dt)}                     # (cos, sin) (B, 1, T, hd/2)
+        rs = self.cfg.rope_scaling or {}
+        inv_freq, scale = self.inv_freq, rs.get("attention_factor", 1.0)
+        if rs.get("rope_type") == "longrope" and int(pos.max()) + 1 > rs["original_max_position_embeddings"]:
+            inv_freq = self.inv_freq_long       # Phi's LongRoPE: a pass past the trained length (as transformers)
+        ropes = {False: rope_tables(pos, inv_freq, dt, scale)}                   # (cos, sin) (B, 1, T, hd/2)
         if self.cfg.local_rope_theta is not None:                               # Gemma 3's sliding layers
             ropes[True] = rope_tables(pos, self.inv_freq_local, dt)
         first, h = (0, self.embed(ids)) if start is None else (start[0] + 1, start[1])
@@ -973,10 +1038,22 @@ class CausalLM(nn.Module):
         return out
 
 
-def rope_tables(pos, inv_freq, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (B, 1, T, hd/2) of positions pos (B, T) at inverse frequencies inv_freq, in dtype."""
+def rope_tables(pos, inv_freq, dtype, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (B, 1, T, hd/2) of positions pos (B, T) at inverse frequencies inv_freq, times
+    `scale` (LongRoPE's attention factor) in float32, in dtype."""
     freqs = pos[:, None, :, None].float() * inv_freq
-    return freqs.cos().to(dtype), freqs.sin().to(dtype)
+    return (freqs.cos() * scale).to(dtype), (freqs.sin() * scale).to(dtype)
+
+
+def rope_buffers(cfg: Config) -> dict[str, torch.Tensor]:
+    """The model's inverse frequencies by buffer name: inv_freq; Gemma 3's sliding layers'
+    inv_freq_local; LongRoPE's long-context inv_freq_long."""
+    out = {"inv_freq": rope_inv_freq(cfg)}
+    if cfg.local_rope_theta is not None:
+        out["inv_freq_local"] = rope_inv_freq(cfg, local=True)
+    if (cfg.rope_scaling or {}).get("rope_type") == "longrope":
+        out["inv_freq_long"] = rope_inv_freq(cfg, long=True)
+    return out
 
 
 def block_inputs(device, ropes: dict, masks: dict):
@@ -1352,9 +1429,8 @@ def load(path, device="cpu", dtype="float32", placement=None) -> CausalLM:
     model.load_state_dict(state, assign=True, strict=False)   # names and shapes checked above
     if cfg.tie_embeddings:
         model.head.weight = model.embed.weight
-    model.inv_freq = rope_inv_freq(cfg).to(devices[0])
-    if cfg.local_rope_theta is not None:
-        model.inv_freq_local = rope_inv_freq(cfg, local=True).to(devices[0])
+    for name, inv_freq in rope_buffers(cfg).items():        # built on the meta device: made again
+        setattr(model, name, inv_freq.to(devices[0]))
     return model.eval().requires_grad_(False)
 
 

@@ -421,6 +421,9 @@ def test_a_missing_tokenizer_json_comes_with_the_command_that_writes_it(tmp_path
 
 
 # ----------------------------------------------------------------------------- GPT-2, Qwen2, Qwen3, Mistral, Gemma
+# LongRoPE's per-frequency factors for 3/4 of a 16-dim head (6 frequencies), short and long
+PHI_LONGROPE = {"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(6)],
+                "long_factor": [1.0 + 2.0 * i for i in range(6)]}
 # kind -> (family, options); every family once plainly and once with its variants
 KINDS = {
     "gpt2": ("gpt2", {}),
@@ -466,6 +469,13 @@ KINDS = {
                                              tie_word_embeddings=True, attention_bias=False,
                                              rope_parameters={"rope_type": "default", "rope_theta": 100.0,
                                                               "partial_rotary_factor": 0.5})),
+    # Phi-3 (q, k, v and gate, up each in one projection) with GQA as Phi-3-medium and Phi-4; and as
+    # Phi-3.5-mini and Phi-4-mini: LongRoPE (here trained to 8 positions, so the test batches' 12 take
+    # the long factors), rope over 3/4 of each head, a window over every layer, tied
+    "phi3": ("phi3", dict(num_key_value_heads=2, pad_token_id=0)),
+    "phi3-longrope-window": ("phi3", dict(pad_token_id=0, partial_rotary_factor=0.75, rope_scaling=PHI_LONGROPE,
+                                          original_max_position_embeddings=8, max_position_embeddings=64,
+                                          sliding_window=5, tie_word_embeddings=True)),
     # Gemma 3's image-text checkpoint (4B and up): a vision tower beside the language model
     "gemma3-image-text": ("gemma3", dict(num_key_value_heads=2, head_dim=24, num_hidden_layers=4, sliding_window=4,
                                          query_pre_attn_scalar=20, rope_scaling={"rope_type": "linear", "factor": 8.0},
@@ -473,7 +483,7 @@ KINDS = {
                                                       "sliding_attention"])),
 }
 FAMILY_CLASSES = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "gemma": "Gemma", "gemma2": "Gemma2",
-                  "gemma3_text": "Gemma3", "olmo2": "Olmo2", "gpt_neox": "GPTNeoX"}
+                  "gemma3_text": "Gemma3", "olmo2": "Olmo2", "gpt_neox": "GPTNeoX", "phi3": "Phi3"}
 CONFIG_CLASSES = {"gemma3_text": "Gemma3TextConfig"}     # Gemma3Config is the multimodal one
 
 
@@ -659,6 +669,45 @@ def test_gpt_neox_config_json_as_released_reads_as_transformers_does(ckpt, tmp_p
     assert (M.load(d)(ids, mask).logits - ref.logits)[mask.bool()].abs().max() < 1e-4
 
 
+def test_phi3_config_json_as_released_reads_as_transformers_does(ckpt, tmp_path):
+    """Phi-3.5-mini's and Phi-4-mini's spelling (rope_scaling with LongRoPE's older name "su",
+    partial_rotary_factor and rope_theta at the top level): the model transformers 5's
+    rope_parameters describe, and transformers' logits."""
+    d = tmp_path / "ckpt"
+    shutil.copytree(ckpt("phi3-longrope-window"), d)
+    c = json.loads((d / "config.json").read_text())
+    del c["rope_parameters"]
+    short, long = PHI_LONGROPE["short_factor"], PHI_LONGROPE["long_factor"]
+    c |= dict(rope_scaling={"type": "su", "short_factor": short, "long_factor": long}, partial_rotary_factor=0.75,
+              rope_theta=10000.0)
+    (d / "config.json").write_text(json.dumps(c))
+    assert M.read_config(d) == M.read_config(ckpt("phi3-longrope-window"))
+    ids, mask = padded_batch(500, "left")
+    ref, _ = hf_reference(hf_load(d), ids, mask)
+    assert (M.load(d)(ids, mask).logits - ref.logits)[mask.bool()].abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("length", [6, 8, 9])
+def test_phi3_longrope_takes_the_long_factors_past_the_trained_length_as_transformers_does(ckpt, length):
+    """A pass whose positions stay within original_max_position_embeddings (8) turns q and k by
+    the short factors, one past it by the long ones (for all its positions, as transformers
+    decides per pass); both scaled by the attention factor sqrt(1 + ln 8 / ln 8). Each choice
+    matters: the other factors move the logits far past the tolerance."""
+    m = M.load(ckpt("phi3-longrope-window"))
+    assert m.cfg.rope_scaling["attention_factor"] == 2 ** 0.5
+    ids = torch.randint(3, 500, (2, length), generator=torch.Generator().manual_seed(length))
+    mask = torch.ones_like(ids)
+    ref, _ = hf_reference(hf_load(ckpt("phi3-longrope-window")), ids, mask)
+    ours = m(ids, mask).logits
+    assert (ours - ref.logits).abs().max() < 1e-4
+    short, long = m.inv_freq.clone(), m.inv_freq_long.clone()
+    m.inv_freq, m.inv_freq_long = long, short                 # the other factors in each regime
+    try:
+        assert (m(ids, mask).logits - ours).abs().max() > 0.02      # 200 times the parity's tolerance
+    finally:
+        m.inv_freq, m.inv_freq_long = short, long
+
+
 def test_gemma2_caps_and_window_change_the_logits(ckpt):
     """The parity tests mean something: on the test batch, each of Gemma 2's attention cap, final
     cap and window (of the kind that sets them small) moves the logits far past their tolerance."""
@@ -697,7 +746,7 @@ def test_a_sliding_window_left_out_is_that_of_transformers(ckpt, tmp_path, kind,
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["gpt2", "qwen2-gqa-tied-window", "qwen3-gqa-bias", "mistral-gqa-window", "gemma",
                                   "gemma2-gqa-window-caps", "gemma3-gqa-window-ropes", "olmo2", "gpt-neox",
-                                  "gpt-neox-sequential"])
+                                  "gpt-neox-sequential", "phi3", "phi3-longrope-window"])
 def test_bfloat16_error_is_that_of_transformers(ckpt, kind, device):
     """In bfloat16 our logits are as close to the float32 reference as transformers' own bfloat16
     logits are (mean absolute error within 1.5x of theirs, plus 0.1% of the logits' scale; on the
@@ -720,7 +769,7 @@ def test_bfloat16_error_is_that_of_transformers(ckpt, kind, device):
 # ============================================================================ generation
 @pytest.mark.parametrize("kind", ["gpt2", "qwen2-gqa-tied-window", "qwen3-gqa-bias", "mistral-gqa-window",
                                   "gemma-gqa-untied", "gemma2-gqa-window-caps", "gemma3-gqa-window-ropes", "olmo2",
-                                  "gpt-neox"])
+                                  "gpt-neox", "phi3"])
 def test_kv_cache_generation_equals_recompute(ckpt, kind):
     """Cached decoding (left-padded batch) equals re-running the whole sequence per token, well
     past the window (prompts up to 6 tokens + 12 new, window 4); and transformers' greedy
@@ -750,7 +799,7 @@ def test_gpt2_learned_positions_end_with_a_clear_error(ckpt):
 # ============================================================================ edit weights, save
 @pytest.mark.parametrize("kind", ["gpt2", "gpt2-bare-unscaled", "qwen2-gqa-tied-window", "qwen3-gqa-bias",
                                   "mistral-gqa-window", "gemma", "gemma2-gqa-window-caps", "gemma3", "gemma3-image-text",
-                                  "olmo2", "gpt-neox", "gpt-neox-sequential"])
+                                  "olmo2", "gpt-neox", "gpt-neox-sequential", "phi3", "phi3-longrope-window"])
 def test_family_save_then_load_is_exact_and_transformers_reads_it(ckpt, tmp_path, kind):
     """An edit through the edit_weight alias, saved with edit_tensors: the file holds it in the
     stored layout under the checkpoint's own names, reloads bit-identically, and transformers
@@ -830,7 +879,7 @@ def test_load_edit_tensors_round_trips_and_checks(ckpt):
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "qwen3-gqa-bias", "mistral-gqa-window", "gemma2-gqa-window-caps",
-                                  "gemma3-gqa-window-ropes", "olmo2", "gpt-neox"])
+                                  "gemma3-gqa-window-ropes", "olmo2", "gpt-neox", "phi3-longrope-window"])
 def test_names_through_layer_are_exactly_what_the_layer_depends_on(ckpt, kind):
     """Perturbing any tensor outside names_through_layer(1) leaves layer 1's output unchanged;
     perturbing any one inside changes it; the names are the checkpoint's."""
@@ -896,7 +945,7 @@ def _config_with(tmp_path, ckpt_dir, **change):
     ("mistral", dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling .*only 'llama3'"),
     ("qwen3", dict(model_type="mamba"), "unsupported model_type 'mamba'.*"
                                         "'llama', 'gptj', 'gpt2', 'qwen2', 'qwen3', 'mistral', 'gemma', 'gemma2', 'gemma3_text', 'gemma3', "
-                                        "'olmo2', 'gpt_neox'"),
+                                        "'olmo2', 'gpt_neox', 'phi3'"),
     ("gemma", dict(hidden_act="silu"), "hidden_act 'silu' is not supported"),
     ("gemma", dict(hidden_activation="gelu"), "hidden_activation 'gelu' is not supported"),
     ("gemma2", dict(hidden_activation="gelu"), "hidden_activation 'gelu' is not supported"),
@@ -919,6 +968,11 @@ def _config_with(tmp_path, ckpt_dir, **change):
     ("gpt-neox", dict(hidden_act="relu"), "hidden_act 'relu' is not supported .GPT-NeoX's MLP here is gelu, gelu_fast"),
     ("gpt-neox", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.2}),
      "a rotary share giving 3 of 16 head dims is not supported .rope turns an even number of them"),
+    ("phi3", dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}),
+     "rope scaling .* is not supported .Phi-3's rope is implemented plain or longrope"),
+    ("phi3-longrope-window", dict(rope_parameters=PHI_LONGROPE | {"short_factor": [1.0] * 8, "rope_theta": 1e4,
+                                                                  "partial_rotary_factor": 0.75}),
+     r"longrope short_factor \[1.0, .*\] is not supported .a list of 6 numbers, one per frequency"),
 ])
 def test_unsupported_options_are_refused(ckpt, tmp_path, kind, change, message):
     with pytest.raises(M.CheckpointError, match=message):
@@ -1102,7 +1156,7 @@ def test_tokenizer_does_not_truncate_as_transformers_does_not(ckpt):
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "qwen2", "qwen3-gqa-bias", "mistral-gqa-window", "gemma2-gqa-window-caps",
-                                  "gemma3", "gpt-neox-sequential"])
+                                  "gemma3", "gpt-neox-sequential", "phi3"])
 def test_model_cli_continues_a_prompt_with_a_tiny_random_checkpoint_of_each_family(ckpt, kind, capsys):
     M.main([str(ckpt(kind)), "--prompt", "Once upon a time", "--max-new-tokens", "6", "--device", "cpu"])
     printed = capsys.readouterr().out

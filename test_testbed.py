@@ -446,15 +446,17 @@ def test_training_is_deterministic_per_seed_and_the_cli_matches(tmp_path):
     assert info["parameters"] == sum(p.numel() for p in M.load(tmp_path / "a").parameters())
 
 
-@pytest.mark.parametrize("family", ["gemma2", "olmo2"])
-def test_a_post_norm_fact_model_trains_and_transformers_reads_it_as_we_do(tmp_path, family):
-    """--family gemma2, olmo2: the same recipe in their layouts (norms on the attention and MLP
-    outputs; Gemma 2's caps and (1 + w) norms at w = 0); transformers' logits equal ours;
-    training.json names the family."""
+@pytest.mark.parametrize("family", ["gemma2", "olmo2", "phi3", "gpt_neox"])
+def test_a_fact_model_of_another_family_trains_and_transformers_reads_it_as_we_do(tmp_path, family):
+    """--family gemma2, olmo2, phi3, gpt_neox: the same recipe in their layouts (Gemma 2 and
+    OLMo 2: norms on the attention and MLP outputs, Gemma 2's caps and (1 + w) norms at w = 0;
+    Phi-3's fused projections; GPT-NeoX's LayerNorms, biases at zero, MLP beside attention);
+    transformers' logits equal ours; training.json names the family."""
     T = pytest.importorskip("transformers")
     TB.train(tmp_path / "g", "ci", steps=3, log=lambda *_: None, family=family)
     ours = M.load(tmp_path / "g")
-    assert ours.cfg.arch == family and ours.cfg.post_norms and ours.cfg.tie_embeddings
+    assert ours.cfg.arch == family and ours.cfg.tie_embeddings
+    assert ours.cfg.post_norms == (family in ("gemma2", "olmo2"))
     assert json.loads((tmp_path / "g" / "training.json").read_text())["family"] == family
     hf = T.AutoModelForCausalLM.from_pretrained(tmp_path / "g", dtype=torch.float32).eval()
     tok = ours.tokenizer

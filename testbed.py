@@ -4,7 +4,7 @@ It learns the TRUE facts of real CounterFact records (rewrite, rephrase and neig
 prompts -> the true answer) of two disjoint sets: the records an edit stream will rewrite
 (from counterfact-edit) and held-back records that are never edited (from counterfact-train),
 on which retention is measured; WikiText paragraphs are mixed in for general language. The
-result is an ordinary HF-layout LLaMA checkpoint (or Gemma 2, OLMo 2: `--family`) that `model.load`
+result is an ordinary HF-layout LLaMA checkpoint (or Gemma 2, OLMo 2, Phi-3, GPT-NeoX: `--family`) that `model.load`
 (and transformers) reads, with its training text (`corpus.txt`, the statistics corpus) and its
 edit stream (`edits.json`).
 
@@ -183,14 +183,17 @@ def text_stream(tok: M.Tokenizer, paragraphs: list[str]) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------- model
 def init_weights(m: M.CausalLM, gen: torch.Generator) -> None:
     """GPT-2/LLaMA style: N(0, 0.02), residual output projections scaled by 1/sqrt(2 n_layers),
-    norms to one (Gemma's (1 + w): w to zero)."""
+    norms to one (Gemma's (1 + w): w to zero), biases (GPT-NeoX's) to zero."""
     out_std = 0.02 / math.sqrt(2 * m.cfg.n_layers)
+    outputs = ("o_proj.weight", "down_proj.weight", "attention.dense.weight", "dense_4h_to_h.weight")
     with torch.no_grad():
         for name, p in m.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(0.0 if m.cfg.norm_plus_one else 1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
             else:
-                std = out_std if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+                std = out_std if name.endswith(outputs) else 0.02
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
@@ -199,23 +202,35 @@ def hf_config(family: str, s: Size, vocab: int, bos: int, eos: int) -> dict:
     the attention and MLP outputs, tanh-GELU gate, scaled embeddings, soft caps; its window is
     longer than any training text) or OLMo 2 (LLaMA's with the norms on those outputs instead of
     the inputs), which train on the same recipe to measure editing through a normalised MLP
-    output (E6b)."""
+    output (E6b); or Phi-3 (LLaMA's with fused projections) or GPT-NeoX (Pythia's: LayerNorms,
+    erf-GELU MLP beside attention, rope on a quarter of each head, no grouped queries), to
+    measure editing in those layouts."""
+    if family == "gpt_neox":
+        return {"architectures": [FAMILIES[family]], "model_type": family, "hidden_size": s.d_model,
+                "intermediate_size": s.d_mlp, "num_hidden_layers": s.n_layers, "num_attention_heads": s.n_heads,
+                "vocab_size": vocab, "hidden_act": "gelu", "rotary_pct": 0.25, "rotary_emb_base": 10000,
+                "use_parallel_residual": True, "layer_norm_eps": 1e-5, "max_position_embeddings": 512,
+                "tie_word_embeddings": True, "attention_bias": True, "bos_token_id": bos, "eos_token_id": eos,
+                "initializer_range": 0.02, "torch_dtype": "float32"}
     hf = {"architectures": [FAMILIES[family]], "model_type": family, "hidden_size": s.d_model,
           "intermediate_size": s.d_mlp, "num_hidden_layers": s.n_layers,
           "num_attention_heads": s.n_heads, "num_key_value_heads": s.n_kv_heads,
           "head_dim": s.d_model // s.n_heads, "vocab_size": vocab}
-    if family in ("llama", "olmo2"):
-        hf |= {"hidden_act": "silu", "max_position_embeddings": 512, "rms_norm_eps": 1e-5}
-    else:
+    if family == "gemma2":
         hf |= {"hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 512, "rms_norm_eps": 1e-6,
                "query_pre_attn_scalar": s.d_model // s.n_heads, "attn_logit_softcapping": 50.0,
                "final_logit_softcapping": 30.0, "sliding_window": 4096}
+    else:
+        hf |= {"hidden_act": "silu", "max_position_embeddings": 512, "rms_norm_eps": 1e-5}
+    if family == "phi3":      # transformers' Phi3Config would pad with id 32000, past this vocabulary
+        hf |= {"original_max_position_embeddings": 512, "sliding_window": None, "pad_token_id": eos}
     return hf | {"rope_theta": 10000.0, "tie_word_embeddings": True, "bos_token_id": bos, "eos_token_id": eos,
                  "attention_bias": False, **({"mlp_bias": False} if family == "llama" else {}),
                  "initializer_range": 0.02, "torch_dtype": "float32"}
 
 
-FAMILIES = {"llama": "LlamaForCausalLM", "gemma2": "Gemma2ForCausalLM", "olmo2": "Olmo2ForCausalLM"}
+FAMILIES = {"llama": "LlamaForCausalLM", "gemma2": "Gemma2ForCausalLM", "olmo2": "Olmo2ForCausalLM",
+            "phi3": "Phi3ForCausalLM", "gpt_neox": "GPTNeoXForCausalLM"}
 
 
 def save_weights(m: M.CausalLM, out: Path) -> None:
@@ -321,7 +336,8 @@ def fit(m, pairs, cards, stream, s: Size, steps: int, seed: int, device="cpu", l
     opt = torch.optim.AdamW([{"params": groups[0], "weight_decay": s.weight_decay},
                              {"params": groups[1], "weight_decay": 0.0}], lr=s.lr, betas=(0.9, 0.95))
     n1 = round(s.store_share * steps)
-    upper = tuple(f"layers.{i}.self_attn." for i in range(s.store_layer + 1, m.cfg.n_layers))
+    upper = tuple(f"layers.{i}.{attention}." for i in range(s.store_layer + 1, m.cfg.n_layers)
+                  for attention in ("self_attn", "attention"))                      # GPT-NeoX: attention
     for phase, (start, n, pool) in enumerate([(0, n1, cards), (n1, steps - n1, pairs)]):
         for name, p in m.named_parameters():
             p.requires_grad_(phase == 0 or any(u in name for u in upper))
@@ -970,7 +986,7 @@ def main(argv=None):
     t.add_argument("--size", choices=list(SIZES), default="ci")
     t.add_argument("--family", choices=list(FAMILIES), default="llama",
                    help="the model's family: LLaMA, or Gemma 2 or OLMo 2 (their MLP outputs normalised "
-                        "before the residual add)")
+                        "before the residual add), or Phi-3 or GPT-NeoX (their layouts)")
     t.add_argument("--out", required=True, help="output directory")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--steps", type=int, default=None, help="override the size's step count")
