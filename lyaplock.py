@@ -507,6 +507,11 @@ PUBLISHED = {
         "lyaplock": dict(layers=LAYERS_4_8, lam=1000.0, v_lr=0.5, v_weight_decay=1e-3, clamp_norm_factor=4.0),
         "memit": dict(layers=LAYERS_4_8, lam=15000.0, v_lr=0.5, v_weight_decay=1e-3, clamp_norm_factor=4.0),
         "rome": dict(layers=(5,), v_lr=0.5, v_weight_decay=1e-3, clamp_norm_factor=4.0, mom2_adjustment=False)},
+    # Phi-3-mini's shape (also Phi-3.5-mini's, Phi-4-mini's): JoveReCode/OrthoEdit @ 9212a67
+    # hparams/MEMIT/phi-3.json (no LyapLock or ROME file: LyapLock λ / 15, ROME by the rule)
+    ("phi3", 3072, 32, 8192): {
+        "lyaplock": dict(layers=LAYERS_4_8, lam=1000.0, v_lr=0.1, v_num_grad_steps=30),
+        "memit": dict(layers=LAYERS_4_8, lam=15000.0, v_lr=0.1, v_num_grad_steps=30)},
     # GPT-NeoX-20B: JoveReCode/OrthoEdit @ 9212a67 hparams/MEMIT/EleutherAI_gpt-neox-20b.json (no LyapLock
     # file); wpwpwpyo/LyapLock @ c5e6186 hparams/ROME/EleutherAI_gpt-neox-20b.json
     ("gpt_neox", 6144, 44, 24576): {
@@ -537,7 +542,7 @@ def preset(cfg: M.Config, method: str) -> HParams:
     """
     family = method_of(method).preset
     shape = (cfg.arch, cfg.d_model, cfg.n_layers, cfg.d_mlp)
-    if shape in PUBLISHED:
+    if family in PUBLISHED.get(shape, {}):
         return HParams(method=method, **PUBLISHED[shape][family])
     first = min(max(1, round(cfg.n_layers / 8)), cfg.n_layers - 3)       # 3 blocks: layers 0, 1
     last = min(cfg.n_layers - 2, max(first + 1, round(cfg.n_layers / 4)))

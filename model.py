@@ -109,6 +109,13 @@ class Config:
         return LAYOUTS["llama" if self.llama_like else self.arch]
 
     @property
+    def longrope_switch(self) -> int | None:
+        """LongRoPE's original_max_position_embeddings: a pass with a position past it takes the
+        long factors (None: another rope)."""
+        rs = self.rope_scaling or {}
+        return rs["original_max_position_embeddings"] if rs.get("rope_type") == "longrope" else None
+
+    @property
     def head_weight(self) -> str:
         """The head weight's name: not in the checkpoint's files where tied to the embeddings."""
         return self.layout[4] + ".weight"
@@ -375,7 +382,8 @@ def phi3_rope(c: dict, head_dim: int) -> tuple[dict, int]:
                                                    if factor > 1 else 1.0)
         for key in ("short_factor", "long_factor"):
             if not isinstance(rp.get(key), list) or len(rp[key]) != rotary // 2:
-                refuse(c, f"longrope {key} {rp.get(key)!r}", f"a list of {rotary // 2} numbers, one per frequency, is needed")
+                refuse(c, f"longrope {key} {rp.get(key)!r}",
+                       f"a list of {rotary // 2} numbers, one per frequency, is needed")
         fields["rope_scaling"] = dict(rope_type="longrope", short_factor=rp["short_factor"],
                                       long_factor=rp["long_factor"], original_max_position_embeddings=original,
                                       attention_factor=attention)
@@ -419,8 +427,9 @@ def read_gpt_neox(c: dict) -> Config:
         refuse(c, f"a rotary share giving {rotary} of {d // nh} head dims", "rope turns an even number of them")
     return Config(arch="gpt_neox", vocab_size=c["vocab_size"], d_model=d, n_layers=c["num_hidden_layers"],
                   n_heads=nh, n_kv_heads=nh, head_dim=d // nh, d_mlp=c["intermediate_size"],
-                  norm_eps=c.get("layer_norm_eps", 1e-5), rope_theta=rope.get("rope_theta", c.get("rotary_emb_base", 1e4)),
-                  rotary_dim=rotary, tie_embeddings=c.get("tie_word_embeddings", False),
+                  norm_eps=c.get("layer_norm_eps", 1e-5), rotary_dim=rotary,
+                  rope_theta=rope.get("rope_theta", c.get("rotary_emb_base", 1e4)),
+                  tie_embeddings=c.get("tie_word_embeddings", False),
                   attention_bias=c.get("attention_bias", True), mlp_bias=True, mlp_act=NEOX_ACTIVATIONS[act],
                   parallel_residual=c.get("use_parallel_residual", True),
                   max_positions=c.get("max_position_embeddings", 2048), **special_ids(c))
@@ -492,6 +501,7 @@ class KVCache:
         self.k, self.v = ([torch.zeros(shape, device=d, dtype=dtype) if i >= first else None
                            for i, d in enumerate(devices)] for _ in "kv")
         self.length = 0
+        self.long_rope: bool | None = None    # LongRoPE: whether the cached keys took the long factors
 
     def copy(self, extend: int = 0) -> "KVCache":
         """A cache to extend without changing this one: the same keys and values, copied, with room
@@ -852,11 +862,11 @@ class Output:
 EDIT_WEIGHTS = {"llama": "model.layers.{}.mlp.down_proj.weight", "gptj": "transformer.h.{}.mlp.fc_out.weight",
                 "gpt2": "transformer.h.{}.mlp.c_proj.weight", "gpt_neox": "gpt_neox.layers.{}.mlp.dense_4h_to_h.weight"}
 # the blocks of the layouts that are not LLaMA's
-BLOCKS = {"gptj": lambda cfg: GPTJBlock(cfg), "gpt2": lambda cfg: GPT2Block(cfg), "gpt_neox": lambda cfg: NeoXBlock(cfg)}
+BLOCKS = {"gptj": GPTJBlock, "gpt2": GPT2Block, "gpt_neox": NeoXBlock}
 
 
 class CausalLM(nn.Module):
-    """LlamaForCausalLM (and the Qwen, Mistral, Gemma and OLMo 2 models in its layout),
+    """LlamaForCausalLM (and the Qwen, Mistral, Gemma, OLMo 2 and Phi-3 models in its layout),
     GPTJForCausalLM, GPT2LMHeadModel, GPTNeoXForCausalLM, with the checkpoint's parameter names
     (each layout's in LAYOUTS)."""
 
@@ -1000,10 +1010,12 @@ class CausalLM(nn.Module):
         mask = torch.ones(B, past + T, dtype=torch.long, device=ids.device) if mask is None else mask
         pos = self.positions(mask, past)                                           # (B, T)
         dt = self.embed.weight.dtype
-        rs = self.cfg.rope_scaling or {}
-        inv_freq, scale = self.inv_freq, rs.get("attention_factor", 1.0)
-        if rs.get("rope_type") == "longrope" and int(pos.max()) + 1 > rs["original_max_position_embeddings"]:
-            inv_freq = self.inv_freq_long       # Phi's LongRoPE: a pass past the trained length (as transformers)
+        inv_freq, scale = self.inv_freq, 1.0
+        if self.cfg.longrope_switch is not None:        # Phi's LongRoPE: scaled; long past the trained length
+            scale = self.cfg.rope_scaling["attention_factor"]
+            long = int(pos.max()) + 1 > self.cfg.longrope_switch                  # for the pass, as transformers
+            inv_freq = self.inv_freq_long if long else inv_freq
+            check_rope_regime(cache, long)
         ropes = {False: rope_tables(pos, inv_freq, dt, scale)}                   # (cos, sin) (B, 1, T, hd/2)
         if self.cfg.local_rope_theta is not None:                               # Gemma 3's sliding layers
             ropes[True] = rope_tables(pos, self.inv_freq_local, dt)
@@ -1036,6 +1048,18 @@ class CausalLM(nn.Module):
             logits = softcap(self.head(self.norm(h)), self.cfg.final_softcap)       # capped in dt
             out.logits = logits.float().to(home)
         return out
+
+
+def check_rope_regime(cache: KVCache | None, long: bool):
+    """LongRoPE turns a pass by the long factors when a position is past the trained length: keys
+    cached by the short ones cannot join such a pass (generate starts again, as transformers'
+    Phi-3 does)."""
+    if cache is None:
+        return
+    if cache.length and cache.long_rope is False and long:
+        raise ValueError("a pass past LongRoPE's original_max_position_embeddings turns q and k by the long "
+                         "factors, the cached keys were turned by the short ones: run the whole sequence at once")
+    cache.long_rope = long
 
 
 def rope_tables(pos, inv_freq, dtype, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1390,6 +1414,9 @@ def check_checkpoint(path) -> tuple[CausalLM, dict, dict[str, str]]:
         model.missing_prefix = "transformer."          # saved from GPT2Model: h.0..., wte.weight
     params = {model.checkpoint_name(n): n for n in model.state_dict()
               if not (cfg.tie_embeddings and n == cfg.head_weight)}           # checkpoint -> parameter
+    if cfg.arch == "gpt_neox" and "embed_out.weight" in params and "embed_out.weight" not in headers \
+            and "lm_head.weight" in headers:          # as transformers 5 saves it without save_original_format
+        params["lm_head.weight"] = params.pop("embed_out.weight")
     shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
     check_tensors(path, cfg, {c: shapes[n] for c, n in params.items()}, headers)
     model.tokenizer = Tokenizer(path, cfg)
@@ -1515,7 +1542,11 @@ def generate(model: CausalLM, seqs: list[list[int]], max_new_tokens: int, top_k:
     new = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     eos = torch.tensor(model.tokenizer.eos_ids or [-1], device=dev)
+    switch = model.cfg.longrope_switch
+    seq = ids
     for _ in range(max_new_tokens):
+        if switch is not None and cache.length and cache.length <= switch < mask.shape[1]:
+            cache.length, ids = 0, seq        # LongRoPE's first long pass: every key again (transformers' Phi-3)
         logits = model(ids, mask, cache=cache).logits[:, -1]
         if top_k is None:
             nxt = logits.argmax(-1)
@@ -1529,6 +1560,7 @@ def generate(model: CausalLM, seqs: list[list[int]], max_new_tokens: int, top_k:
         if done.all():
             break
         ids = nxt[:, None]
+        seq = torch.cat([seq, ids], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     return new
 

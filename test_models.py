@@ -708,6 +708,52 @@ def test_phi3_longrope_takes_the_long_factors_past_the_trained_length_as_transfo
         m.inv_freq, m.inv_freq_long = short, long
 
 
+def test_phi3_longrope_generation_past_the_trained_length_is_transformers(ckpt):
+    """Decoding past original_max_position_embeddings (8): the first pass past it turns every key
+    again by the long factors (transformers' Phi-3 drops its cache there), so cached decoding
+    equals re-running the sequence per token and transformers' generate; a cached pass that would
+    mix the two (keys of the short factors, a query of the long) is refused by name."""
+    m, hf = M.load(ckpt("phi3-longrope-window")), hf_load(ckpt("phi3-longrope-window"))
+    prompt = [1, 5, 9, 33, 7]
+    got = M.generate(m, [prompt], 8, stop_at_eos=False)[0]
+    seq = list(prompt)
+    for _ in range(8):
+        seq.append(int(m(torch.tensor([seq])).logits[0, -1].argmax()))
+    assert seq[len(prompt):] == got
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert ref[0, len(prompt):].tolist() == got
+    cache = M.KVCache(m.cfg, 1, 12, "cpu", torch.float32)
+    m(torch.tensor([seq[:8]]), cache=cache)
+    with pytest.raises(ValueError, match="cached keys were turned by the short ones"):
+        m(torch.tensor([seq[8:9]]), torch.ones(1, 9, dtype=torch.long), cache=cache)
+
+
+def test_only_longrope_scales_cos_and_sin_by_an_attention_factor(tmp_path):
+    """An attention_factor beside another rope's fields (a Llama-3.1 rope_scaling) scales nothing,
+    as in transformers, which warns of the unknown key and applies no scaling."""
+    src = make_hf_checkpoint(tmp_path / "m", "llama-gqa-rope3")
+    d = tmp_path / "stray"
+    shutil.copytree(src, d)
+    c = json.loads((d / "config.json").read_text())
+    c["rope_scaling"]["attention_factor"] = 2.0
+    (d / "config.json").write_text(json.dumps(c))
+    ids, mask = padded_batch(500, "left")
+    assert torch.equal(M.load(d)(ids, mask).logits, M.load(src)(ids, mask).logits)
+
+
+def test_a_gpt_neox_head_saved_under_transformers_5s_name_loads(ckpt, tmp_path):
+    """transformers 5 names GPT-NeoX's head lm_head inside and writes it so where it saves without
+    save_original_format (an offloaded or PEFT model): read as embed_out, the same logits."""
+    d = tmp_path / "ckpt"
+    shutil.copytree(ckpt("gpt-neox"), d)
+    tensors = load_file(d / "model.safetensors")
+    tensors["lm_head.weight"] = tensors.pop("embed_out.weight")
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    ids, mask = padded_batch(500, "right")
+    assert torch.equal(M.load(d)(ids, mask).logits, M.load(ckpt("gpt-neox"))(ids, mask).logits)
+
+
 def test_gemma2_caps_and_window_change_the_logits(ckpt):
     """The parity tests mean something: on the test batch, each of Gemma 2's attention cap, final
     cap and window (of the kind that sets them small) moves the logits far past their tolerance."""

@@ -54,6 +54,9 @@ def test_bundled_models_get_the_rule_for_other_sizes(path, d_mlp):
     neox_20b = dataclasses.replace(cfg, arch="gpt_neox", d_model=6144, n_layers=44, d_mlp=24576)
     assert (L.preset(neox_20b, "memit").lam, L.preset(neox_20b, "lyaplock").lam) == (6000.0, 400.0)
     assert L.preset(neox_20b, "rome").layers == (15,)
+    phi3_mini = dataclasses.replace(cfg, arch="phi3", d_model=3072, n_layers=32, d_mlp=8192)
+    assert (L.preset(phi3_mini, "memit").lam, L.preset(phi3_mini, "lyaplock").lam) == (15000.0, 1000.0)
+    assert L.preset(phi3_mini, "rome").layers == (8,)            # no ROME file: the rule for other sizes
 
 
 def _request(i, prompt="{} is in", subject=None, new="x", true="y"):
