@@ -1,15 +1,15 @@
 """A small, hand-written forward pass on HF-format checkpoints: LLaMA (Llama-2/3/3.1/3.2), Qwen2 /
-Qwen2.5, Qwen3, Mistral, Gemma, Gemma 2 and 3, OLMo 2, Phi-3 (3.5, 4), GPT-J, GPT-2 and GPT-NeoX
-(Pythia).
+Qwen2.5, Qwen3, Mistral, Gemma, Gemma 2 and 3, OLMo 2, Phi-3 (3.5, 4), GPT-J, GPT-2, GPT-NeoX
+(Pythia) and Phi (1.5, 2).
 
 Parameter names mirror the checkpoint's tensor names one to one, so loading is a strict
 name-and-shape match. The LLaMA-like families share one block (Qwen2 adds biases on q, k, v; Qwen3
 an RMSNorm over each head of q and k; Mistral and windowed Qwen layers a sliding attention window;
 Gemma (1 + w) norms, scaled embeddings and a GELU gate; Gemma 2 also norms on the outputs of
 attention and the MLP, soft-capped attention scores and logits, and a window on alternate layers;
-Gemma 3 and OLMo 2 variations of those; Phi-3 fused projections and LongRoPE); GPT-J, GPT-2 and
-GPT-NeoX have their own. The forward pass returns what knowledge editing needs without hooks: the
-MLP keys (the input of `down_proj` / `fc_out` / GPT-2's `mlp.c_proj` / `dense_4h_to_h`) and
+Gemma 3 and OLMo 2 variations of those; Phi-3 fused projections and LongRoPE); GPT-J, GPT-2,
+GPT-NeoX and Phi have their own. The forward pass returns what knowledge editing needs without hooks:
+the MLP keys (the input of `down_proj` / `fc_out` / GPT-2's `mlp.c_proj` / `dense_4h_to_h` / `fc2`) and
 residual-stream outputs at chosen layers; it can stop after a layer, or start at one from a given
 residual stream (editing's residual delta: stop, add it, start again), and compute logits only
 where asked. A model too large for one device is loaded across several (load(device="cuda:0,cuda:1")):
@@ -43,7 +43,8 @@ GATE_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 LAYOUTS = {"llama": ("model", "embed_tokens", "layers", "norm", "lm_head"),
            "gptj": ("transformer", "wte", "h", "ln_f", "lm_head"),
            "gpt2": ("transformer", "wte", "h", "ln_f", "lm_head"),
-           "gpt_neox": ("gpt_neox", "embed_in", "layers", "final_layer_norm", "embed_out")}
+           "gpt_neox": ("gpt_neox", "embed_in", "layers", "final_layer_norm", "embed_out"),
+           "phi": ("model", "embed_tokens", "layers", "final_layernorm", "lm_head")}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # safetensors dtype codes a weight may be stored in (cast to the requested dtype when loaded)
 FLOAT_CODES = ("F16", "BF16", "F32", "F64")
@@ -87,8 +88,9 @@ class Config:
     window_layers: tuple[int, ...] = ()  # ...in these layers (Mistral: all; Qwen: layer_types)
     attn_scale: float | None = None      # None: 1/sqrt(head_dim); GPT-2 without scale_attn_weights: 1
     mlp_act: str = "silu"         # the gated MLP's gate activation, one of GATE_ACTIVATIONS (Gemma: GELU);
-                                  # GPT-NeoX's MLP: "gelu" (erf) or "gelu_pytorch_tanh"
+                                  # an ungated MLP's (GPT-J, GPT-NeoX, Phi): "gelu" (erf) or "gelu_pytorch_tanh"
     parallel_residual: bool = False      # GPT-NeoX: attention and the MLP both read the block's input
+    head_bias: bool = False       # GPT-J, Phi: the head has a bias (kept apart where the weight is tied)
     fused_projections: bool = False      # Phi-3: q, k, v in one qkv_proj; the MLP's gate and up in gate_up_proj
     norm_plus_one: bool = False   # Gemma: RMSNorm's weight applied as (1 + w), in float32 (FloatRMSNorm)
     norm_weight_float32: bool = False   # OLMo 2: the weight w applied in float32 before the cast
@@ -343,7 +345,8 @@ def read_gptj(c: dict) -> Config:
                   n_kv_heads=nh, head_dim=d // nh, d_mlp=c.get("n_inner") or 4 * d,
                   norm_eps=c.get("layer_norm_epsilon", 1e-5), rotary_dim=c.get("rotary_dim") or d // nh,
                   tie_embeddings=c.get("tie_word_embeddings", False),   # tied: lm_head keeps its own bias
-                  mlp_bias=True, max_positions=c.get("n_positions", 2048), **special_ids(c))
+                  mlp_bias=True, mlp_act="gelu_pytorch_tanh", head_bias=True,
+                  max_positions=c.get("n_positions", 2048), **special_ids(c))
 
 
 def read_gpt2(c: dict) -> Config:
@@ -404,9 +407,10 @@ def read_phi3(c: dict) -> Config:
                            norm_eps=c.get("rms_norm_eps", 1e-5))
 
 
-# GPT-NeoX's MLP activations, by config.json's hidden_act: the erf GELU, or the tanh approximation
-# under any of its names (gelu_fast and gelu_new are its formula written out: equal to rounding)
-NEOX_ACTIVATIONS = {"gelu": "gelu", "gelu_fast": "gelu_pytorch_tanh", "gelu_new": "gelu_pytorch_tanh",
+# the ungated MLPs' activations (GPT-NeoX, Phi), by config.json's hidden_act: the erf GELU, or the
+# tanh approximation under any of its names (gelu_fast and gelu_new are its formula written out:
+# equal to rounding)
+GELU_ACTIVATIONS = {"gelu": "gelu", "gelu_fast": "gelu_pytorch_tanh", "gelu_new": "gelu_pytorch_tanh",
                     "gelu_pytorch_tanh": "gelu_pytorch_tanh"}
 
 
@@ -419,8 +423,8 @@ def read_gpt_neox(c: dict) -> Config:
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         refuse(c, f"rope scaling {rope!r}", "GPT-NeoX's rope is implemented unscaled")
     act = c.get("hidden_act", "gelu")
-    if act not in NEOX_ACTIVATIONS:
-        refuse(c, f"hidden_act {act!r}", "GPT-NeoX's MLP here is " + ", ".join(NEOX_ACTIVATIONS))
+    if act not in GELU_ACTIVATIONS:
+        refuse(c, f"hidden_act {act!r}", "GPT-NeoX's MLP here is " + ", ".join(GELU_ACTIVATIONS))
     nh, d = c["num_attention_heads"], c["hidden_size"]
     rotary = int(d // nh * rope.get("partial_rotary_factor", c.get("rotary_pct", 0.25)))
     if rotary < 2 or rotary % 2:
@@ -430,15 +434,41 @@ def read_gpt_neox(c: dict) -> Config:
                   norm_eps=c.get("layer_norm_eps", 1e-5), rotary_dim=rotary,
                   rope_theta=rope.get("rope_theta", c.get("rotary_emb_base", 1e4)),
                   tie_embeddings=c.get("tie_word_embeddings", False),
-                  attention_bias=c.get("attention_bias", True), mlp_bias=True, mlp_act=NEOX_ACTIVATIONS[act],
+                  attention_bias=c.get("attention_bias", True), mlp_bias=True, mlp_act=GELU_ACTIVATIONS[act],
                   parallel_residual=c.get("use_parallel_residual", True),
+                  max_positions=c.get("max_position_embeddings", 2048), **special_ids(c))
+
+
+def read_phi(c: dict) -> Config:
+    """Phi-1, 1.5 and 2: GPT-J's parallel block (attention and the MLP off one LayerNorm) under
+    LLaMA-like names, biases everywhere (the head too), rope over partial_rotary_factor of each
+    head (0.5 where config.json is silent, as transformers), unscaled; a GELU MLP (fc1, fc2)."""
+    if c.get("qk_layernorm"):
+        refuse(c, "qk_layernorm: true", "Phi's q and k are used as projected")
+    rope = c.get("rope_scaling") or c.get("rope_parameters") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        refuse(c, f"rope scaling {rope!r}", "Phi's rope is implemented unscaled")
+    act = c.get("hidden_act", "gelu_new")
+    if act not in GELU_ACTIVATIONS:
+        refuse(c, f"hidden_act {act!r}", "Phi's MLP here is " + ", ".join(GELU_ACTIVATIONS))
+    nh, d = c["num_attention_heads"], c["hidden_size"]
+    head_dim = c.get("head_dim") or d // nh
+    rotary = int(head_dim * rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 0.5)))
+    if rotary < 2 or rotary % 2:
+        refuse(c, f"a rotary share giving {rotary} of {head_dim} head dims", "rope turns an even number of them")
+    return Config(arch="phi", vocab_size=c["vocab_size"], d_model=d, n_layers=c["num_hidden_layers"], n_heads=nh,
+                  n_kv_heads=c.get("num_key_value_heads") or nh, head_dim=head_dim, d_mlp=c["intermediate_size"],
+                  norm_eps=c.get("layer_norm_eps", 1e-5), rotary_dim=rotary if rotary < head_dim else 0,
+                  rope_theta=rope.get("rope_theta", c.get("rope_theta", 1e4)),
+                  tie_embeddings=c.get("tie_word_embeddings", False), attention_bias=True, mlp_bias=True,
+                  mlp_act=GELU_ACTIVATIONS[act], head_bias=True, parallel_residual=True,
                   max_positions=c.get("max_position_embeddings", 2048), **special_ids(c))
 
 
 READERS = {"llama": read_llama, "gptj": read_gptj, "gpt2": read_gpt2, "qwen2": read_qwen2,
            "qwen3": read_qwen3, "mistral": read_mistral, "gemma": read_gemma, "gemma2": read_gemma2,
            "gemma3_text": read_gemma3_text, "gemma3": read_gemma3, "olmo2": read_olmo2, "gpt_neox": read_gpt_neox,
-           "phi3": read_phi3}
+           "phi3": read_phi3, "phi": read_phi}
 SUPPORTED = tuple(READERS)
 
 
@@ -574,7 +604,7 @@ def attend(q, k, v, allowed, cache: KVCache | None, layer: int, scale: float | N
 
 class Attention(nn.Module):
     """q, k, v projections (Phi-3: one, qkv_proj) and an output projection (LLaMA-like: o_proj;
-    GPT-J: out_proj); rope on q and k; Qwen3 first normalises each head of q and k."""
+    GPT-J: out_proj; Phi: dense); rope on q and k; Qwen3 first normalises each head of q and k."""
 
     def __init__(self, cfg: Config, out_name: str):
         super().__init__()
@@ -728,15 +758,22 @@ class LlamaMLP(nn.Module):
         return self.down_proj(key), key
 
 
-class GPTJMLP(nn.Module):
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.fc_in = nn.Linear(cfg.d_model, cfg.d_mlp)
-        self.fc_out = nn.Linear(cfg.d_mlp, cfg.d_model)
+class GeluMLP(nn.Module):
+    """An ungated MLP, out(gelu(in(x))) with biases, the GELU erf or tanh (cfg.mlp_act), under the
+    checkpoint's names for in and out: GPT-J's fc_in, fc_out; GPT-NeoX's dense_h_to_4h,
+    dense_4h_to_h; Phi's fc1, fc2."""
 
-    def forward(self, x):   # gelu_new is the tanh approximation
-        key = F.gelu(self.fc_in(x), approximate="tanh")
-        return self.fc_out(key), key
+    def __init__(self, cfg: Config, names: tuple[str, str]):
+        super().__init__()
+        self.names = names
+        self.approximate = "tanh" if cfg.mlp_act == "gelu_pytorch_tanh" else "none"
+        setattr(self, names[0], nn.Linear(cfg.d_model, cfg.d_mlp))
+        setattr(self, names[1], nn.Linear(cfg.d_mlp, cfg.d_model))
+
+    def forward(self, x):   # returns (output, key = input of the out projection)
+        fc_in, fc_out = (getattr(self, name) for name in self.names)
+        key = F.gelu(fc_in(x), approximate=self.approximate)
+        return fc_out(key), key
 
 
 class GPT2MLP(nn.Module):
@@ -748,18 +785,6 @@ class GPT2MLP(nn.Module):
     def forward(self, x):   # returns (output, key = input of c_proj, after gelu_new)
         key = F.gelu(self.c_fc(x), approximate="tanh")
         return self.c_proj(key), key
-
-
-class NeoXMLP(nn.Module):
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.approximate = "tanh" if cfg.mlp_act == "gelu_pytorch_tanh" else "none"
-        self.dense_h_to_4h = nn.Linear(cfg.d_model, cfg.d_mlp)
-        self.dense_4h_to_h = nn.Linear(cfg.d_mlp, cfg.d_model)
-
-    def forward(self, x):   # returns (output, key = input of dense_4h_to_h)
-        key = F.gelu(self.dense_h_to_4h(x), approximate=self.approximate)
-        return self.dense_4h_to_h(key), key
 
 
 class LlamaBlock(nn.Module):
@@ -806,12 +831,28 @@ class GPTJBlock(nn.Module):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = Attention(cfg, "out_proj")
-        self.mlp = GPTJMLP(cfg)
+        self.mlp = GeluMLP(cfg, ("fc_in", "fc_out"))
 
     def forward(self, h, cos, sin, allowed, cache, layer):   # parallel: attention and MLP read one LayerNorm
         x = self.ln_1(h)
         out, key = self.mlp(x)
         return h + self.attn(x, rope_gptj, cos, sin, allowed, cache, layer) + out, key
+
+
+class PhiBlock(nn.Module):
+    """Phi-1, 1.5, 2: GPT-J's block under LLaMA-like names: attention (output `dense`) and the
+    MLP in parallel off one LayerNorm."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.self_attn = Attention(cfg, "dense")
+        self.mlp = GeluMLP(cfg, ("fc1", "fc2"))
+
+    def forward(self, h, cos, sin, allowed, cache, layer):   # summed in transformers' order
+        x = self.input_layernorm(h)
+        out, key = self.mlp(x)
+        return self.self_attn(x, rope_llama, cos, sin, allowed, cache, layer) + out + h, key
 
 
 class NeoXBlock(nn.Module):
@@ -824,7 +865,7 @@ class NeoXBlock(nn.Module):
         self.input_layernorm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.post_attention_layernorm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attention = NeoXAttention(cfg)
-        self.mlp = NeoXMLP(cfg)
+        self.mlp = GeluMLP(cfg, ("dense_h_to_4h", "dense_4h_to_h"))
 
     def forward(self, h, cos, sin, allowed, cache, layer):
         a = self.attention(self.input_layernorm(h), cos, sin, allowed, cache, layer)
@@ -860,14 +901,15 @@ class Output:
 
 # the edited MLP output projection of each layout, by parameter name
 EDIT_WEIGHTS = {"llama": "model.layers.{}.mlp.down_proj.weight", "gptj": "transformer.h.{}.mlp.fc_out.weight",
-                "gpt2": "transformer.h.{}.mlp.c_proj.weight", "gpt_neox": "gpt_neox.layers.{}.mlp.dense_4h_to_h.weight"}
+                "gpt2": "transformer.h.{}.mlp.c_proj.weight", "phi": "model.layers.{}.mlp.fc2.weight",
+                "gpt_neox": "gpt_neox.layers.{}.mlp.dense_4h_to_h.weight"}
 # the blocks of the layouts that are not LLaMA's
-BLOCKS = {"gptj": GPTJBlock, "gpt2": GPT2Block, "gpt_neox": NeoXBlock}
+BLOCKS = {"gptj": GPTJBlock, "gpt2": GPT2Block, "gpt_neox": NeoXBlock, "phi": PhiBlock}
 
 
 class CausalLM(nn.Module):
     """LlamaForCausalLM (and the Qwen, Mistral, Gemma, OLMo 2 and Phi-3 models in its layout),
-    GPTJForCausalLM, GPT2LMHeadModel, GPTNeoXForCausalLM, with the checkpoint's parameter names
+    GPTJForCausalLM, GPT2LMHeadModel, GPTNeoXForCausalLM, PhiForCausalLM, with the checkpoint's parameter names
     (each layout's in LAYOUTS)."""
 
     def __init__(self, cfg: Config):
@@ -888,7 +930,7 @@ class CausalLM(nn.Module):
         setattr(body, blocks_name, nn.ModuleList(block(cfg) for _ in range(cfg.n_layers)))
         setattr(body, norm_name, norm)
         setattr(self, body_name, body)
-        setattr(self, head_name, nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.arch == "gptj"))
+        setattr(self, head_name, nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.head_bias))
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         for name, inv_freq in rope_buffers(cfg).items():

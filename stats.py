@@ -37,7 +37,7 @@ The MEMIT/ROME/AlphaEdit/LyapLock code (rome/layer_stats.py, util/runningstats.p
 uses `stat.mom2.moment()` = mom2.mom2 / mom2.count (then cast to float32); that is our C (E1), here
 kept in float64. The module is `model.layers.<l>.mlp.down_proj` (Llama family), `transformer.h.
 <l>.mlp.fc_out` (GPT-J), `transformer.h.<l>.mlp.c_proj` (GPT-2), `gpt_neox.layers.<l>.mlp.
-dense_4h_to_h` (GPT-NeoX). `--stats` takes such a
+dense_4h_to_h` (GPT-NeoX), `model.layers.<l>.mlp.fc2` (Phi). `--stats` takes such a
 directory — `<stats_dir>/<model>` or its `<dataset>_stats/` — or one .npz file when the run edits
 one layer; where a layer has several files, the mom2 file is taken over KK_T, and two mom2 files
 (say, two sample sizes) are refused as ambiguous. They are read with numpy.load(allow_pickle=

@@ -476,6 +476,11 @@ KINDS = {
     "phi3-longrope-window": ("phi3", dict(pad_token_id=0, partial_rotary_factor=0.75, rope_scaling=PHI_LONGROPE,
                                           original_max_position_embeddings=8, max_position_embeddings=64,
                                           sliding_window=5, tie_word_embeddings=True)),
+    # Phi-1.5 and Phi-2 (attention and MLP in parallel off one LayerNorm, biases everywhere, the head's
+    # too; rope over half of each head), and with GQA, a tied head, the erf GELU, a quarter turned
+    "phi": ("phi", dict(partial_rotary_factor=0.5)),
+    "phi-gqa-tied-erf": ("phi", dict(num_key_value_heads=2, tie_word_embeddings=True, hidden_act="gelu",
+                                     partial_rotary_factor=0.25, rope_theta=100.0)),
     # Gemma 3's image-text checkpoint (4B and up): a vision tower beside the language model
     "gemma3-image-text": ("gemma3", dict(num_key_value_heads=2, head_dim=24, num_hidden_layers=4, sliding_window=4,
                                          query_pre_attn_scalar=20, rope_scaling={"rope_type": "linear", "factor": 8.0},
@@ -483,7 +488,7 @@ KINDS = {
                                                       "sliding_attention"])),
 }
 FAMILY_CLASSES = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "gemma": "Gemma", "gemma2": "Gemma2",
-                  "gemma3_text": "Gemma3", "olmo2": "Olmo2", "gpt_neox": "GPTNeoX", "phi3": "Phi3"}
+                  "gemma3_text": "Gemma3", "olmo2": "Olmo2", "gpt_neox": "GPTNeoX", "phi3": "Phi3", "phi": "Phi"}
 CONFIG_CLASSES = {"gemma3_text": "Gemma3TextConfig"}     # Gemma3Config is the multimodal one
 
 
@@ -502,7 +507,7 @@ def make_checkpoint(path, kind, seed=0):
     else:
         kw = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                   num_attention_heads=4, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
-        if family != "gpt_neox":      # LayerNorm, no grouped queries
+        if family not in ("gpt_neox", "phi"):      # LayerNorm (GPT-NeoX: no grouped queries)
             kw |= dict(num_key_value_heads=4, rms_norm_eps=1e-5)
         kw |= opts
         if family == "gemma3":     # the language model as text_config, a tiny vision tower beside it
@@ -547,7 +552,7 @@ def hf_reference(hf, ids, mask):
     """transformers' logits, MLP keys (hooks on the edited projection) and hidden states."""
     blocks = hf.transformer.h if hasattr(hf, "transformer") else hf.gpt_neox.layers if hasattr(hf, "gpt_neox") \
         else getattr(hf.model, "language_model", hf.model).layers
-    edited = ("c_proj", "dense_4h_to_h", "down_proj")
+    edited = ("c_proj", "dense_4h_to_h", "fc2", "down_proj")
     seen = {}
     hooks = [next(getattr(b.mlp, n) for n in edited if hasattr(b.mlp, n)).register_forward_pre_hook(
         lambda mod, args, i=i: seen.__setitem__(i, args[0])) for i, b in enumerate(blocks)]
@@ -643,6 +648,22 @@ def test_gemma_config_json_left_to_defaults_reads_as_transformers_does(ckpt, tmp
     ids, mask = padded_batch(500, "left")
     ref, _ = hf_reference(hf_load(d), ids, mask)
     assert (M.load(d)(ids, mask).logits - ref.logits)[mask.bool()].abs().max() < 1e-4
+
+
+def test_phi_config_json_as_released_reads_as_transformers_does(ckpt, tmp_path):
+    """Phi-1.5's and Phi-2's spelling (rope_theta and partial_rotary_factor at the top level, the
+    older resid_pdrop keys, no rope_parameters) and Phi-1's (no partial_rotary_factor: transformers'
+    default, half of each head): the model transformers 5's rope_parameters describe, its logits."""
+    for change in (dict(partial_rotary_factor=0.5, rope_theta=10000.0, rope_scaling=None, resid_pdrop=0.1), {}):
+        d = tmp_path / f"ckpt{len(change)}"
+        shutil.copytree(ckpt("phi"), d)
+        c = json.loads((d / "config.json").read_text())
+        del c["rope_parameters"]
+        (d / "config.json").write_text(json.dumps(c | change))
+        assert M.read_config(d) == M.read_config(ckpt("phi")) and M.read_config(d).rotary_dim == 8
+        ids, mask = padded_batch(500, "left")
+        ref, _ = hf_reference(hf_load(d), ids, mask)
+        assert (M.load(d)(ids, mask).logits - ref.logits)[mask.bool()].abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("kind,drop,change", [
@@ -792,7 +813,7 @@ def test_a_sliding_window_left_out_is_that_of_transformers(ckpt, tmp_path, kind,
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["gpt2", "qwen2-gqa-tied-window", "qwen3-gqa-bias", "mistral-gqa-window", "gemma",
                                   "gemma2-gqa-window-caps", "gemma3-gqa-window-ropes", "olmo2", "gpt-neox",
-                                  "gpt-neox-sequential", "phi3", "phi3-longrope-window"])
+                                  "gpt-neox-sequential", "phi3", "phi3-longrope-window", "phi", "phi-gqa-tied-erf"])
 def test_bfloat16_error_is_that_of_transformers(ckpt, kind, device):
     """In bfloat16 our logits are as close to the float32 reference as transformers' own bfloat16
     logits are (mean absolute error within 1.5x of theirs, plus 0.1% of the logits' scale; on the
@@ -815,7 +836,7 @@ def test_bfloat16_error_is_that_of_transformers(ckpt, kind, device):
 # ============================================================================ generation
 @pytest.mark.parametrize("kind", ["gpt2", "qwen2-gqa-tied-window", "qwen3-gqa-bias", "mistral-gqa-window",
                                   "gemma-gqa-untied", "gemma2-gqa-window-caps", "gemma3-gqa-window-ropes", "olmo2",
-                                  "gpt-neox", "phi3"])
+                                  "gpt-neox", "phi3", "phi-gqa-tied-erf"])
 def test_kv_cache_generation_equals_recompute(ckpt, kind):
     """Cached decoding (left-padded batch) equals re-running the whole sequence per token, well
     past the window (prompts up to 6 tokens + 12 new, window 4); and transformers' greedy
@@ -845,7 +866,8 @@ def test_gpt2_learned_positions_end_with_a_clear_error(ckpt):
 # ============================================================================ edit weights, save
 @pytest.mark.parametrize("kind", ["gpt2", "gpt2-bare-unscaled", "qwen2-gqa-tied-window", "qwen3-gqa-bias",
                                   "mistral-gqa-window", "gemma", "gemma2-gqa-window-caps", "gemma3", "gemma3-image-text",
-                                  "olmo2", "gpt-neox", "gpt-neox-sequential", "phi3", "phi3-longrope-window"])
+                                  "olmo2", "gpt-neox", "gpt-neox-sequential", "phi3", "phi3-longrope-window", "phi",
+                                  "phi-gqa-tied-erf"])
 def test_family_save_then_load_is_exact_and_transformers_reads_it(ckpt, tmp_path, kind):
     """An edit through the edit_weight alias, saved with edit_tensors: the file holds it in the
     stored layout under the checkpoint's own names, reloads bit-identically, and transformers
@@ -925,14 +947,14 @@ def test_load_edit_tensors_round_trips_and_checks(ckpt):
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "qwen3-gqa-bias", "mistral-gqa-window", "gemma2-gqa-window-caps",
-                                  "gemma3-gqa-window-ropes", "olmo2", "gpt-neox", "phi3-longrope-window"])
+                                  "gemma3-gqa-window-ropes", "olmo2", "gpt-neox", "phi3-longrope-window", "phi"])
 def test_names_through_layer_are_exactly_what_the_layer_depends_on(ckpt, kind):
     """Perturbing any tensor outside names_through_layer(1) leaves layer 1's output unchanged;
     perturbing any one inside changes it; the names are the checkpoint's."""
     m = M.load(ckpt(kind))
     names = m.names_through_layer(1)
     assert set(names) <= set(M.weight_files(ckpt(kind)))
-    assert not any(".2." in n or "norm.weight" == n.split("model.")[-1] or "ln_f" in n or "final_layer_norm" in n
+    assert not any(".2." in n or "norm.weight" == n.split("model.")[-1] or "ln_f" in n or "final_layer" in n
                    for n in names)
     ids = torch.randint(3, 500, (2, 9))
     base = m(ids, stop_after=1, outs_at={1}).outs[1]
@@ -989,9 +1011,9 @@ def _config_with(tmp_path, ckpt_dir, **change):
     ("gpt2", dict(activation_function="relu"), "activation_function 'relu' is not supported"),
     ("qwen2", dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
     ("mistral", dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling .*only 'llama3'"),
-    ("qwen3", dict(model_type="mamba"), "unsupported model_type 'mamba'.*"
-                                        "'llama', 'gptj', 'gpt2', 'qwen2', 'qwen3', 'mistral', 'gemma', 'gemma2', 'gemma3_text', 'gemma3', "
-                                        "'olmo2', 'gpt_neox', 'phi3'"),
+    ("qwen3", dict(model_type="mamba"), "unsupported model_type 'mamba'.*'llama', 'gptj', 'gpt2', 'qwen2', "
+                                        "'qwen3', 'mistral', 'gemma', 'gemma2', 'gemma3_text', 'gemma3', "
+                                        "'olmo2', 'gpt_neox', 'phi3', 'phi'"),
     ("gemma", dict(hidden_act="silu"), "hidden_act 'silu' is not supported"),
     ("gemma", dict(hidden_activation="gelu"), "hidden_activation 'gelu' is not supported"),
     ("gemma2", dict(hidden_activation="gelu"), "hidden_activation 'gelu' is not supported"),
@@ -1019,6 +1041,10 @@ def _config_with(tmp_path, ckpt_dir, **change):
     ("phi3-longrope-window", dict(rope_parameters=PHI_LONGROPE | {"short_factor": [1.0] * 8, "rope_theta": 1e4,
                                                                   "partial_rotary_factor": 0.75}),
      r"longrope short_factor \[1.0, .*\] is not supported .a list of 6 numbers, one per frequency"),
+    ("phi", dict(qk_layernorm=True), "qk_layernorm: true is not supported"),
+    ("phi", dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}),
+     "rope scaling .* is not supported .Phi's rope is implemented unscaled"),
+    ("phi", dict(hidden_act="relu"), "hidden_act 'relu' is not supported .Phi's MLP here is gelu"),
 ])
 def test_unsupported_options_are_refused(ckpt, tmp_path, kind, change, message):
     with pytest.raises(M.CheckpointError, match=message):
@@ -1202,7 +1228,7 @@ def test_tokenizer_does_not_truncate_as_transformers_does_not(ckpt):
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "qwen2", "qwen3-gqa-bias", "mistral-gqa-window", "gemma2-gqa-window-caps",
-                                  "gemma3", "gpt-neox-sequential", "phi3"])
+                                  "gemma3", "gpt-neox-sequential", "phi3", "phi"])
 def test_model_cli_continues_a_prompt_with_a_tiny_random_checkpoint_of_each_family(ckpt, kind, capsys):
     M.main([str(ckpt(kind)), "--prompt", "Once upon a time", "--max-new-tokens", "6", "--device", "cpu"])
     printed = capsys.readouterr().out

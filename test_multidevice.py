@@ -31,7 +31,8 @@ CUDA_SPREADS = [*(["cpu,cuda"] if torch.cuda.is_available() else []),
 # in other orders (about 1e-6 relative per op), as in the transformers parity tests' 1e-4 on logits
 CUDA_ATOL = 1e-4
 KINDS = ["stories", "gpt2", "gptj", "qwen2", "qwen2-gqa-tied-window",   # tied and untied heads, windows,
-         "gemma3-gqa-window-ropes", "gpt-neox", "phi3-longrope-window"]  # two ropes, GPT-NeoX's names, LongRoPE
+         "gemma3-gqa-window-ropes", "gpt-neox", "phi3-longrope-window",  # two ropes, GPT-NeoX's names, LongRoPE,
+         "phi-gqa-tied-erf"]                                            # a tied head with a bias
 
 
 @pytest.fixture(scope="module")

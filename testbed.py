@@ -4,9 +4,9 @@ It learns the TRUE facts of real CounterFact records (rewrite, rephrase and neig
 prompts -> the true answer) of two disjoint sets: the records an edit stream will rewrite
 (from counterfact-edit) and held-back records that are never edited (from counterfact-train),
 on which retention is measured; WikiText paragraphs are mixed in for general language. The
-result is an ordinary HF-layout LLaMA checkpoint (or Gemma 2, OLMo 2, Phi-3, GPT-NeoX: `--family`) that `model.load`
-(and transformers) reads, with its training text (`corpus.txt`, the statistics corpus) and its
-edit stream (`edits.json`).
+result is an ordinary HF-layout LLaMA checkpoint (or Gemma 2, OLMo 2, Phi-3, GPT-NeoX, Phi:
+`--family`) that `model.load` (and transformers) reads, with its training text (`corpus.txt`, the
+statistics corpus) and its edit stream (`edits.json`).
 
 Editing methods of the ROME/MEMIT family assume an LLM's way of recalling a fact: MLPs of the
 early layers put the answer at the subject's last token, attention later reads it from there.
@@ -185,7 +185,8 @@ def init_weights(m: M.CausalLM, gen: torch.Generator) -> None:
     """GPT-2/LLaMA style: N(0, 0.02), residual output projections scaled by 1/sqrt(2 n_layers),
     norms to one (Gemma's (1 + w): w to zero), biases (GPT-NeoX's) to zero."""
     out_std = 0.02 / math.sqrt(2 * m.cfg.n_layers)
-    outputs = ("o_proj.weight", "down_proj.weight", "attention.dense.weight", "dense_4h_to_h.weight")
+    outputs = ("o_proj.weight", "down_proj.weight", "attention.dense.weight", "dense_4h_to_h.weight",
+               "self_attn.dense.weight", "fc2.weight")
     with torch.no_grad():
         for name, p in m.named_parameters():
             if name.endswith("norm.weight"):
@@ -202,9 +203,10 @@ def hf_config(family: str, s: Size, vocab: int, bos: int, eos: int) -> dict:
     the attention and MLP outputs, tanh-GELU gate, scaled embeddings, soft caps; its window is
     longer than any training text) or OLMo 2 (LLaMA's with the norms on those outputs instead of
     the inputs), which train on the same recipe to measure editing through a normalised MLP
-    output (E6b); or Phi-3 (LLaMA's with fused projections) or GPT-NeoX (Pythia's: LayerNorms,
-    erf-GELU MLP beside attention, rope on a quarter of each head, no grouped queries), to
-    measure editing in those layouts."""
+    output (E6b); or Phi-3 (LLaMA's with fused projections), GPT-NeoX (Pythia's: LayerNorms,
+    erf-GELU MLP beside attention, rope on a quarter of each head, no grouped queries) or Phi
+    (Phi-2's: GPT-J's block, one LayerNorm, biases, rope on half of each head), to measure
+    editing in those layouts."""
     if family == "gpt_neox":
         return {"architectures": [FAMILIES[family]], "model_type": family, "hidden_size": s.d_model,
                 "intermediate_size": s.d_mlp, "num_hidden_layers": s.n_layers, "num_attention_heads": s.n_heads,
@@ -212,6 +214,13 @@ def hf_config(family: str, s: Size, vocab: int, bos: int, eos: int) -> dict:
                 "use_parallel_residual": True, "layer_norm_eps": 1e-5, "max_position_embeddings": 512,
                 "tie_word_embeddings": True, "attention_bias": True, "bos_token_id": bos, "eos_token_id": eos,
                 "initializer_range": 0.02, "torch_dtype": "float32"}
+    if family == "phi":
+        return {"architectures": [FAMILIES[family]], "model_type": family, "hidden_size": s.d_model,
+                "intermediate_size": s.d_mlp, "num_hidden_layers": s.n_layers, "num_attention_heads": s.n_heads,
+                "num_key_value_heads": s.n_kv_heads, "vocab_size": vocab, "hidden_act": "gelu_new",
+                "partial_rotary_factor": 0.5, "rope_theta": 10000.0, "layer_norm_eps": 1e-5,
+                "max_position_embeddings": 512, "tie_word_embeddings": True, "bos_token_id": bos,
+                "eos_token_id": eos, "initializer_range": 0.02, "torch_dtype": "float32"}
     hf = {"architectures": [FAMILIES[family]], "model_type": family, "hidden_size": s.d_model,
           "intermediate_size": s.d_mlp, "num_hidden_layers": s.n_layers,
           "num_attention_heads": s.n_heads, "num_key_value_heads": s.n_kv_heads,
@@ -230,7 +239,7 @@ def hf_config(family: str, s: Size, vocab: int, bos: int, eos: int) -> dict:
 
 
 FAMILIES = {"llama": "LlamaForCausalLM", "gemma2": "Gemma2ForCausalLM", "olmo2": "Olmo2ForCausalLM",
-            "phi3": "Phi3ForCausalLM", "gpt_neox": "GPTNeoXForCausalLM"}
+            "phi3": "Phi3ForCausalLM", "gpt_neox": "GPTNeoXForCausalLM", "phi": "PhiForCausalLM"}
 
 
 def save_weights(m: M.CausalLM, out: Path) -> None:
@@ -986,7 +995,7 @@ def main(argv=None):
     t.add_argument("--size", choices=list(SIZES), default="ci")
     t.add_argument("--family", choices=list(FAMILIES), default="llama",
                    help="the model's family: LLaMA, or Gemma 2 or OLMo 2 (their MLP outputs normalised "
-                        "before the residual add), or Phi-3 or GPT-NeoX (their layouts)")
+                        "before the residual add), or Phi-3, GPT-NeoX or Phi (their layouts)")
     t.add_argument("--out", required=True, help="output directory")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--steps", type=int, default=None, help="override the size's step count")
