@@ -1,6 +1,6 @@
 """A small, hand-written forward pass on HF-format checkpoints: LLaMA (Llama-2/3/3.1/3.2), Qwen2 /
 Qwen2.5, Qwen3, Mistral, Gemma, Gemma 2 and 3, OLMo 2, Phi-3 (3.5, 4), GPT-J, GPT-2, GPT-NeoX
-(Pythia) and Phi (1.5, 2).
+(Pythia) and Phi (1, 1.5, 2).
 
 Parameter names mirror the checkpoint's tensor names one to one, so loading is a strict
 name-and-shape match. The LLaMA-like families share one block (Qwen2 adds biases on q, k, v; Qwen3
@@ -461,7 +461,7 @@ def read_phi(c: dict) -> Config:
                   norm_eps=c.get("layer_norm_eps", 1e-5), rotary_dim=rotary if rotary < head_dim else 0,
                   rope_theta=rope.get("rope_theta", c.get("rope_theta", 1e4)),
                   tie_embeddings=c.get("tie_word_embeddings", False), attention_bias=True, mlp_bias=True,
-                  mlp_act=GELU_ACTIVATIONS[act], head_bias=True, parallel_residual=True,
+                  mlp_act=GELU_ACTIVATIONS[act], head_bias=True,
                   max_positions=c.get("max_position_embeddings", 2048), **special_ids(c))
 
 

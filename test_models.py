@@ -651,9 +651,10 @@ def test_gemma_config_json_left_to_defaults_reads_as_transformers_does(ckpt, tmp
 
 
 def test_phi_config_json_as_released_reads_as_transformers_does(ckpt, tmp_path):
-    """Phi-1.5's and Phi-2's spelling (rope_theta and partial_rotary_factor at the top level, the
-    older resid_pdrop keys, no rope_parameters) and Phi-1's (no partial_rotary_factor: transformers'
-    default, half of each head): the model transformers 5's rope_parameters describe, its logits."""
+    """The releases' spelling (rope_theta and partial_rotary_factor at the top level, the older
+    resid_pdrop keys, no rope_parameters), and a config.json without partial_rotary_factor
+    (transformers' default, half of each head): the model transformers 5's rope_parameters
+    describe, its logits."""
     for change in (dict(partial_rotary_factor=0.5, rope_theta=10000.0, rope_scaling=None, resid_pdrop=0.1), {}):
         d = tmp_path / f"ckpt{len(change)}"
         shutil.copytree(ckpt("phi"), d)

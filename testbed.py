@@ -205,8 +205,8 @@ def hf_config(family: str, s: Size, vocab: int, bos: int, eos: int) -> dict:
     the inputs), which train on the same recipe to measure editing through a normalised MLP
     output (E6b); or Phi-3 (LLaMA's with fused projections), GPT-NeoX (Pythia's: LayerNorms,
     erf-GELU MLP beside attention, rope on a quarter of each head, no grouped queries) or Phi
-    (Phi-2's: GPT-J's block, one LayerNorm, biases, rope on half of each head), to measure
-    editing in those layouts."""
+    (Phi-1.5's block: GPT-J's, one LayerNorm, biases, rope on half of each head; grouped queries
+    and a tied head here), to measure editing in those layouts."""
     if family == "gpt_neox":
         return {"architectures": [FAMILIES[family]], "model_type": family, "hidden_size": s.d_model,
                 "intermediate_size": s.d_mlp, "num_hidden_layers": s.n_layers, "num_attention_heads": s.n_heads,
