@@ -362,6 +362,38 @@ def read_gpt2(c: dict) -> Config:
                   attn_scale=None if c.get("scale_attn_weights", True) else 1.0, **special_ids(c))
 
 
+# the ungated MLPs' activations (GPT-NeoX, Phi), by config.json's hidden_act: the erf GELU, or the
+# tanh approximation under any of its names (gelu_fast and gelu_new are its formula written out:
+# equal to rounding)
+GELU_ACTIVATIONS = {"gelu": "gelu", "gelu_fast": "gelu_pytorch_tanh", "gelu_new": "gelu_pytorch_tanh",
+                    "gelu_pytorch_tanh": "gelu_pytorch_tanh"}
+
+
+def unscaled_rope(c: dict, family: str) -> dict:
+    """The rope fields transformers reads (rope_scaling, else rope_parameters) of a family whose
+    rope is implemented here unscaled; a scaling is refused."""
+    rope = c.get("rope_scaling") or c.get("rope_parameters") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        refuse(c, f"rope scaling {rope!r}", f"{family}'s rope is implemented unscaled")
+    return rope
+
+
+def rotary_dims(c: dict, head_dim: int, share: float) -> int:
+    """The head dims rope turns, int(head_dim · share) as transformers: an even number, or refused."""
+    rotary = int(head_dim * share)
+    if rotary < 2 or rotary % 2:
+        refuse(c, f"a rotary share giving {rotary} of {head_dim} head dims", "rope turns an even number of them")
+    return rotary
+
+
+def gelu_activation(c: dict, family: str, default: str) -> str:
+    """An ungated MLP's GELU (GELU_ACTIVATIONS' reading of config.json's hidden_act)."""
+    act = c.get("hidden_act", default)
+    if act not in GELU_ACTIVATIONS:
+        refuse(c, f"hidden_act {act!r}", f"{family}'s MLP here is " + ", ".join(GELU_ACTIVATIONS))
+    return GELU_ACTIVATIONS[act]
+
+
 def phi3_rope(c: dict, head_dim: int) -> tuple[dict, int]:
     """Phi-3's rope as transformers reads it: rope_scaling, else rope_parameters, for the base and
     the share of each head turned (else rope_theta, partial_rotary_factor); LongRoPE ("longrope",
@@ -373,10 +405,7 @@ def phi3_rope(c: dict, head_dim: int) -> tuple[dict, int]:
     rp = c.get("rope_scaling") or c.get("rope_parameters") or {}
     kind = rp.get("rope_type", rp.get("type", "default"))
     kind = "longrope" if kind in ("su", "yarn") else kind
-    share = rp.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0))
-    rotary = int(head_dim * share)
-    if rotary < 2 or rotary % 2:
-        refuse(c, f"a rotary share giving {rotary} of {head_dim} head dims", "rope turns an even number of them")
+    rotary = rotary_dims(c, head_dim, rp.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)))
     fields = dict(rope_theta=rp.get("rope_theta", c.get("rope_theta", 10000.0)), rope_scaling=None)
     if kind == "longrope":
         original = c.get("original_max_position_embeddings", 4096)
@@ -407,34 +436,21 @@ def read_phi3(c: dict) -> Config:
                            norm_eps=c.get("rms_norm_eps", 1e-5))
 
 
-# the ungated MLPs' activations (GPT-NeoX, Phi), by config.json's hidden_act: the erf GELU, or the
-# tanh approximation under any of its names (gelu_fast and gelu_new are its formula written out:
-# equal to rounding)
-GELU_ACTIVATIONS = {"gelu": "gelu", "gelu_fast": "gelu_pytorch_tanh", "gelu_new": "gelu_pytorch_tanh",
-                    "gelu_pytorch_tanh": "gelu_pytorch_tanh"}
-
-
 def read_gpt_neox(c: dict) -> Config:
     """GPT-NeoX (Pythia, GPT-NeoX-20B): LayerNorms, one fused q/k/v projection, rope over the
     first rotary_pct of each head, attention and the MLP in parallel off two LayerNorms (or one
     after the other without use_parallel_residual). The rope as transformers reads it: base and
     share from rope_scaling or rope_parameters, else rotary_emb_base and rotary_pct; unscaled."""
-    rope = c.get("rope_scaling") or c.get("rope_parameters") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        refuse(c, f"rope scaling {rope!r}", "GPT-NeoX's rope is implemented unscaled")
-    act = c.get("hidden_act", "gelu")
-    if act not in GELU_ACTIVATIONS:
-        refuse(c, f"hidden_act {act!r}", "GPT-NeoX's MLP here is " + ", ".join(GELU_ACTIVATIONS))
+    rope = unscaled_rope(c, "GPT-NeoX")
     nh, d = c["num_attention_heads"], c["hidden_size"]
-    rotary = int(d // nh * rope.get("partial_rotary_factor", c.get("rotary_pct", 0.25)))
-    if rotary < 2 or rotary % 2:
-        refuse(c, f"a rotary share giving {rotary} of {d // nh} head dims", "rope turns an even number of them")
+    rotary = rotary_dims(c, d // nh, rope.get("partial_rotary_factor", c.get("rotary_pct", 0.25)))
     return Config(arch="gpt_neox", vocab_size=c["vocab_size"], d_model=d, n_layers=c["num_hidden_layers"],
                   n_heads=nh, n_kv_heads=nh, head_dim=d // nh, d_mlp=c["intermediate_size"],
                   norm_eps=c.get("layer_norm_eps", 1e-5), rotary_dim=rotary,
                   rope_theta=rope.get("rope_theta", c.get("rotary_emb_base", 1e4)),
                   tie_embeddings=c.get("tie_word_embeddings", False),
-                  attention_bias=c.get("attention_bias", True), mlp_bias=True, mlp_act=GELU_ACTIVATIONS[act],
+                  attention_bias=c.get("attention_bias", True), mlp_bias=True,
+                  mlp_act=gelu_activation(c, "GPT-NeoX", "gelu"),
                   parallel_residual=c.get("use_parallel_residual", True),
                   max_positions=c.get("max_position_embeddings", 2048), **special_ids(c))
 
@@ -445,23 +461,16 @@ def read_phi(c: dict) -> Config:
     head (0.5 where config.json is silent, as transformers), unscaled; a GELU MLP (fc1, fc2)."""
     if c.get("qk_layernorm"):
         refuse(c, "qk_layernorm: true", "Phi's q and k are used as projected")
-    rope = c.get("rope_scaling") or c.get("rope_parameters") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        refuse(c, f"rope scaling {rope!r}", "Phi's rope is implemented unscaled")
-    act = c.get("hidden_act", "gelu_new")
-    if act not in GELU_ACTIVATIONS:
-        refuse(c, f"hidden_act {act!r}", "Phi's MLP here is " + ", ".join(GELU_ACTIVATIONS))
+    rope = unscaled_rope(c, "Phi")
     nh, d = c["num_attention_heads"], c["hidden_size"]
     head_dim = c.get("head_dim") or d // nh
-    rotary = int(head_dim * rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 0.5)))
-    if rotary < 2 or rotary % 2:
-        refuse(c, f"a rotary share giving {rotary} of {head_dim} head dims", "rope turns an even number of them")
+    rotary = rotary_dims(c, head_dim, rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 0.5)))
     return Config(arch="phi", vocab_size=c["vocab_size"], d_model=d, n_layers=c["num_hidden_layers"], n_heads=nh,
                   n_kv_heads=c.get("num_key_value_heads") or nh, head_dim=head_dim, d_mlp=c["intermediate_size"],
                   norm_eps=c.get("layer_norm_eps", 1e-5), rotary_dim=rotary if rotary < head_dim else 0,
                   rope_theta=rope.get("rope_theta", c.get("rope_theta", 1e4)),
                   tie_embeddings=c.get("tie_word_embeddings", False), attention_bias=True, mlp_bias=True,
-                  mlp_act=GELU_ACTIVATIONS[act], head_bias=True,
+                  mlp_act=gelu_activation(c, "Phi", "gelu_new"), head_bias=True,
                   max_positions=c.get("max_position_embeddings", 2048), **special_ids(c))
 
 
