@@ -632,10 +632,7 @@ def test_gemma_config_json_left_to_defaults_reads_as_transformers_does(ckpt, tmp
     """config.json as released or with Gemma 2's or 3's options left out: transformers' defaults
     (Gemma 2: the window on the even layers, caps 50 and 30, scale 256^-0.5; Gemma 3: the window
     on five layers in six, ropes 1e6 and 1e4, no caps), and its logits."""
-    d = tmp_path / "ckpt"
-    shutil.copytree(ckpt(kind), d)
-    c = json.loads((d / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps({k: v for k, v in c.items() if k not in drop} | change))
+    d = _config_with(tmp_path, ckpt(kind), drop, **change)
     cfg = M.read_config(d)
     if kind.startswith("gemma2"):
         assert cfg.window_layers == (0, 2) and cfg.sliding_window == 4096
@@ -645,68 +642,40 @@ def test_gemma_config_json_left_to_defaults_reads_as_transformers_does(ckpt, tmp
     if kind == "gemma3":
         assert (cfg.window_layers, cfg.sliding_window, cfg.rope_theta, cfg.local_rope_theta) == ((0, 1, 2), 4096, 1e6, 1e4)
         assert (cfg.attn_softcap, cfg.final_softcap, cfg.attn_scale, cfg.rope_scaling) == (None, None, 1 / 16, None)
+    assert_logits_are_transformers(d)
+
+
+def assert_logits_are_transformers(d: Path):
+    """Our float32 logits of checkpoint `d` on a left-padded batch equal transformers' to 1e-4."""
     ids, mask = padded_batch(500, "left")
     ref, _ = hf_reference(hf_load(d), ids, mask)
     assert (M.load(d)(ids, mask).logits - ref.logits)[mask.bool()].abs().max() < 1e-4
-
-
-def test_phi_config_json_as_released_reads_as_transformers_does(ckpt, tmp_path):
-    """The releases' spelling (rope_theta and partial_rotary_factor at the top level, the older
-    resid_pdrop keys, no rope_parameters), and a config.json without partial_rotary_factor
-    (transformers' default, half of each head): the model transformers 5's rope_parameters
-    describe, its logits."""
-    for change in (dict(partial_rotary_factor=0.5, rope_theta=10000.0, rope_scaling=None, resid_pdrop=0.1), {}):
-        d = tmp_path / f"ckpt{len(change)}"
-        shutil.copytree(ckpt("phi"), d)
-        c = json.loads((d / "config.json").read_text())
-        del c["rope_parameters"]
-        (d / "config.json").write_text(json.dumps(c | change))
-        assert M.read_config(d) == M.read_config(ckpt("phi")) and M.read_config(d).rotary_dim == 8
-        ids, mask = padded_batch(500, "left")
-        ref, _ = hf_reference(hf_load(d), ids, mask)
-        assert (M.load(d)(ids, mask).logits - ref.logits)[mask.bool()].abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("kind,drop,change", [
-    # as Pythia and GPT-NeoX-20B are released (transformers 4 wrote the rope flat) ...
+    # GPT-NeoX as Pythia and GPT-NeoX-20B are released (transformers 4 wrote the rope flat) ...
     ("gpt-neox-sequential", ["rope_parameters"], dict(rotary_pct=0.5, rotary_emb_base=100)),
     # ... and with everything left to the defaults (a quarter of each head at base 1e4, parallel,
-    # the erf GELU, biases on attention, untied)
+    # the erf GELU, biases on attention, untied: the kind's values)
     ("gpt-neox", ["rope_parameters", "use_parallel_residual", "hidden_act", "attention_bias",
-                             "tie_word_embeddings"], {}),
+                  "tie_word_embeddings"], {}),
+    # Phi-3.5-mini's and Phi-4-mini's spelling: rope_scaling with LongRoPE's older name "su",
+    # partial_rotary_factor and rope_theta at the top level
+    ("phi3-longrope-window", ["rope_parameters"],
+     dict(rope_scaling={"type": "su", "short_factor": PHI_LONGROPE["short_factor"],
+                        "long_factor": PHI_LONGROPE["long_factor"]}, partial_rotary_factor=0.75, rope_theta=10000.0)),
+    # Phi-1.5's and Phi-2's: the rope at the top level, the older resid_pdrop key; and a config.json
+    # without partial_rotary_factor (transformers' default, half of each head: the kind's)
+    ("phi", ["rope_parameters"], dict(partial_rotary_factor=0.5, rope_theta=10000.0, rope_scaling=None,
+                                      resid_pdrop=0.1)),
+    ("phi", ["rope_parameters"], {}),
 ])
-def test_gpt_neox_config_json_as_released_reads_as_transformers_does(ckpt, tmp_path, kind, drop, change):
-    d = tmp_path / "ckpt"
-    shutil.copytree(ckpt(kind), d)
-    c = json.loads((d / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps({k: v for k, v in c.items() if k not in drop} | change))
-    cfg = M.read_config(d)
-    if change:
-        assert cfg == M.read_config(ckpt(kind))             # the same model as transformers 5 writes it
-    else:
-        assert (cfg.rotary_dim, cfg.rope_theta, cfg.parallel_residual, cfg.mlp_act, cfg.attention_bias,
-                cfg.tie_embeddings) == (4, 1e4, True, "gelu", True, False)
-    ids, mask = padded_batch(500, "left")
-    ref, _ = hf_reference(hf_load(d), ids, mask)
-    assert (M.load(d)(ids, mask).logits - ref.logits)[mask.bool()].abs().max() < 1e-4
-
-
-def test_phi3_config_json_as_released_reads_as_transformers_does(ckpt, tmp_path):
-    """Phi-3.5-mini's and Phi-4-mini's spelling (rope_scaling with LongRoPE's older name "su",
-    partial_rotary_factor and rope_theta at the top level): the model transformers 5's
-    rope_parameters describe, and transformers' logits."""
-    d = tmp_path / "ckpt"
-    shutil.copytree(ckpt("phi3-longrope-window"), d)
-    c = json.loads((d / "config.json").read_text())
-    del c["rope_parameters"]
-    short, long = PHI_LONGROPE["short_factor"], PHI_LONGROPE["long_factor"]
-    c |= dict(rope_scaling={"type": "su", "short_factor": short, "long_factor": long}, partial_rotary_factor=0.75,
-              rope_theta=10000.0)
-    (d / "config.json").write_text(json.dumps(c))
-    assert M.read_config(d) == M.read_config(ckpt("phi3-longrope-window"))
-    ids, mask = padded_batch(500, "left")
-    ref, _ = hf_reference(hf_load(d), ids, mask)
-    assert (M.load(d)(ids, mask).logits - ref.logits)[mask.bool()].abs().max() < 1e-4
+def test_config_json_as_released_reads_as_transformers_5_writes_it(ckpt, tmp_path, kind, drop, change):
+    """The releases' spellings (and options left to the defaults) read as the same model as
+    config.json written by transformers 5, with transformers' logits."""
+    d = _config_with(tmp_path, ckpt(kind), drop, **change)
+    assert M.read_config(d) == M.read_config(ckpt(kind))
+    assert_logits_are_transformers(d)
 
 
 @pytest.mark.parametrize("length", [6, 8, 9])
@@ -755,11 +724,8 @@ def test_only_longrope_scales_cos_and_sin_by_an_attention_factor(tmp_path):
     """An attention_factor beside another rope's fields (a Llama-3.1 rope_scaling) scales nothing,
     as in transformers, which warns of the unknown key and applies no scaling."""
     src = make_hf_checkpoint(tmp_path / "m", "llama-gqa-rope3")
-    d = tmp_path / "stray"
-    shutil.copytree(src, d)
-    c = json.loads((d / "config.json").read_text())
-    c["rope_scaling"]["attention_factor"] = 2.0
-    (d / "config.json").write_text(json.dumps(c))
+    rope = json.loads((src / "config.json").read_text())["rope_scaling"]
+    d = _config_with(tmp_path, src, rope_scaling=rope | {"attention_factor": 2.0})
     ids, mask = padded_batch(500, "left")
     assert torch.equal(M.load(d)(ids, mask).logits, M.load(src)(ids, mask).logits)
 
@@ -797,13 +763,7 @@ def test_a_sliding_window_left_out_is_that_of_transformers(ckpt, tmp_path, kind,
     """config.json without sliding_window: transformers' default window of 4096 tokens (Mistral;
     Qwen with use_sliding_window), in the layers it slides; an explicit null: no window."""
     import transformers as T
-    d = tmp_path / "ckpt"
-    shutil.copytree(ckpt(kind), d)
-    c = json.loads((d / "config.json").read_text())
-    c.pop("sliding_window")
-    if window is None:
-        c["sliding_window"] = None
-    (d / "config.json").write_text(json.dumps(c))
+    d = _config_with(tmp_path, ckpt(kind), ["sliding_window"], **({} if window == "absent" else {"sliding_window": None}))
     hf, cfg = T.AutoConfig.from_pretrained(d), M.read_config(d)
     assert hf.sliding_window == (4096 if window == "absent" else None)
     slides = getattr(hf, "layer_types", None) or ["sliding_attention"] * cfg.n_layers   # Mistral: every layer
@@ -998,11 +958,12 @@ def test_float_weights_of_any_width_load_cast(tmp_path, dtype):
         assert t.dtype == torch.float32 and torch.equal(t, ref.state_dict()[n].to(dtype).float()), n
 
 
-def _config_with(tmp_path, ckpt_dir, **change):
+def _config_with(tmp_path, ckpt_dir, drop=(), **change):
+    """A copy of the checkpoint whose config.json lacks the keys `drop` and takes `change`."""
     d = tmp_path / "ckpt"
     shutil.copytree(ckpt_dir, d)
     c = json.loads((d / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps(c | change))
+    (d / "config.json").write_text(json.dumps({k: v for k, v in c.items() if k not in drop} | change))
     return d
 
 

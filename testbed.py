@@ -207,24 +207,19 @@ def hf_config(family: str, s: Size, vocab: int, bos: int, eos: int) -> dict:
     erf-GELU MLP beside attention, rope on a quarter of each head, no grouped queries) or Phi
     (Phi-1.5's block: GPT-J's, one LayerNorm, biases, rope on half of each head; grouped queries
     and a tied head here), to measure editing in those layouts."""
+    sizes = {"architectures": [FAMILIES[family]], "model_type": family, "hidden_size": s.d_model,
+             "intermediate_size": s.d_mlp, "num_hidden_layers": s.n_layers, "num_attention_heads": s.n_heads}
+    ids = {"tie_word_embeddings": True, "bos_token_id": bos, "eos_token_id": eos}
+    rest = {"initializer_range": 0.02, "torch_dtype": "float32"}
     if family == "gpt_neox":
-        return {"architectures": [FAMILIES[family]], "model_type": family, "hidden_size": s.d_model,
-                "intermediate_size": s.d_mlp, "num_hidden_layers": s.n_layers, "num_attention_heads": s.n_heads,
-                "vocab_size": vocab, "hidden_act": "gelu", "rotary_pct": 0.25, "rotary_emb_base": 10000,
-                "use_parallel_residual": True, "layer_norm_eps": 1e-5, "max_position_embeddings": 512,
-                "tie_word_embeddings": True, "attention_bias": True, "bos_token_id": bos, "eos_token_id": eos,
-                "initializer_range": 0.02, "torch_dtype": "float32"}
+        return sizes | {"vocab_size": vocab, "hidden_act": "gelu", "rotary_pct": 0.25, "rotary_emb_base": 10000,
+                        "use_parallel_residual": True, "layer_norm_eps": 1e-5, "max_position_embeddings": 512,
+                        **ids, "attention_bias": True} | rest
+    sizes["num_key_value_heads"] = s.n_kv_heads
     if family == "phi":
-        return {"architectures": [FAMILIES[family]], "model_type": family, "hidden_size": s.d_model,
-                "intermediate_size": s.d_mlp, "num_hidden_layers": s.n_layers, "num_attention_heads": s.n_heads,
-                "num_key_value_heads": s.n_kv_heads, "vocab_size": vocab, "hidden_act": "gelu_new",
-                "partial_rotary_factor": 0.5, "rope_theta": 10000.0, "layer_norm_eps": 1e-5,
-                "max_position_embeddings": 512, "tie_word_embeddings": True, "bos_token_id": bos,
-                "eos_token_id": eos, "initializer_range": 0.02, "torch_dtype": "float32"}
-    hf = {"architectures": [FAMILIES[family]], "model_type": family, "hidden_size": s.d_model,
-          "intermediate_size": s.d_mlp, "num_hidden_layers": s.n_layers,
-          "num_attention_heads": s.n_heads, "num_key_value_heads": s.n_kv_heads,
-          "head_dim": s.d_model // s.n_heads, "vocab_size": vocab}
+        return sizes | {"vocab_size": vocab, "hidden_act": "gelu_new", "partial_rotary_factor": 0.5,
+                        "rope_theta": 10000.0, "layer_norm_eps": 1e-5, "max_position_embeddings": 512, **ids} | rest
+    hf = sizes | {"head_dim": s.d_model // s.n_heads, "vocab_size": vocab}
     if family == "gemma2":
         hf |= {"hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 512, "rms_norm_eps": 1e-6,
                "query_pre_attn_scalar": s.d_model // s.n_heads, "attn_logit_softcapping": 50.0,
@@ -233,9 +228,8 @@ def hf_config(family: str, s: Size, vocab: int, bos: int, eos: int) -> dict:
         hf |= {"hidden_act": "silu", "max_position_embeddings": 512, "rms_norm_eps": 1e-5}
     if family == "phi3":      # transformers' Phi3Config would pad with id 32000, past this vocabulary
         hf |= {"original_max_position_embeddings": 512, "sliding_window": None, "pad_token_id": eos}
-    return hf | {"rope_theta": 10000.0, "tie_word_embeddings": True, "bos_token_id": bos, "eos_token_id": eos,
-                 "attention_bias": False, **({"mlp_bias": False} if family == "llama" else {}),
-                 "initializer_range": 0.02, "torch_dtype": "float32"}
+    return hf | {"rope_theta": 10000.0, **ids, "attention_bias": False,
+                 **({"mlp_bias": False} if family == "llama" else {})} | rest
 
 
 FAMILIES = {"llama": "LlamaForCausalLM", "gemma2": "Gemma2ForCausalLM", "olmo2": "Olmo2ForCausalLM",
