@@ -1988,15 +1988,15 @@ def fit_context(model, requests, templates, settings: Settings) -> tuple[list, l
     """Requests whose every input fits the model's positions; the others are an error naming the
     record and its length (or, with --skip-bad, skipped with that message)."""
     gen = ev.FLUENCY_TOKENS if settings.generation else 0
-    field = "n_positions" if model.cfg.arch in ("gpt2", "gptj") else "max_position_embeddings"   # config.json's
+    limit, field = model.cfg.position_limit
     ok, bad = [], []
     for q in requests:
         what, n = longest_input(model.tokenizer, q, templates, gen)
-        if n <= model.cfg.max_positions:
+        if n <= limit:
             ok.append(q)
             continue
         msg = (f"{settings.edits}: case_id {q.case_id}: its {what} is {n} tokens, longer than the "
-               f"model's {model.cfg.max_positions} positions ({field})")
+               f"model's {limit} positions ({field})")
         if not settings.skip_bad:
             raise data.DataError(msg + "; shorten it or use --skip-bad")
         bad.append(msg)

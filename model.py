@@ -118,6 +118,15 @@ class Config:
         return rs["original_max_position_embeddings"] if rs.get("rope_type") == "longrope" else None
 
     @property
+    def position_limit(self) -> tuple[int, str]:
+        """How many positions an input may take, and config.json's field that says so: LongRoPE's
+        trained length (past it a pass turns every row by the long factors, so a row's keys would
+        hang on its batch's longest), else GPT-2's learned positions or the model's maximum."""
+        if self.longrope_switch is not None:
+            return self.longrope_switch, "original_max_position_embeddings"
+        return self.max_positions, "n_positions" if self.arch in ("gpt2", "gptj") else "max_position_embeddings"
+
+    @property
     def head_weight(self) -> str:
         """The head weight's name: not in the checkpoint's files where tied to the embeddings."""
         return self.layout[4] + ".weight"

@@ -117,14 +117,17 @@ def stats_sequences(tok, texts, n_tokens: int, max_len: int = 256) -> list[list[
 
 
 def positions_cap(cfg: M.Config, max_len: int, log=print) -> int:
-    """max_len, or GPT-2's max_positions where that is fewer, said in a line: GPT-2's positions
-    are learned, and a longer paragraph would fail only in the last (longest) batch, after all
-    the others' work. Capped, not refused: editing runs have no --max-len to lower."""
-    if cfg.arch != "gpt2" or max_len <= cfg.max_positions:
+    """max_len, or the model's position limit where that is fewer (GPT-2's learned positions,
+    LongRoPE's trained length), said in a line: a longer paragraph would fail in GPT-2's last
+    (longest) batch, after all the others' work, and would turn LongRoPE's longest batches by
+    other factors than the rest. Capped, not refused: editing runs have no --max-len to lower."""
+    limit, field = cfg.position_limit
+    if max_len <= limit or not (cfg.arch == "gpt2" or cfg.longrope_switch is not None):
         return max_len
-    log(f"statistics: paragraphs cut to {cfg.max_positions} tokens, not {max_len}: this "
-        f"GPT-2 has {cfg.max_positions} learned positions (n_positions)")
-    return cfg.max_positions
+    why = (f"this GPT-2 has {limit} learned positions" if cfg.arch == "gpt2" else
+           f"LongRoPE turns a longer pass by its long factors")
+    log(f"statistics: paragraphs cut to {limit} tokens, not {max_len}: {why} ({field})")
+    return limit
 
 
 def length_batches(lengths, max_tokens: int) -> list[list[int]]:

@@ -1160,16 +1160,22 @@ def test_a_prompt_longer_than_the_model_positions_is_named_before_any_model_work
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["n_edits"] == 2
 
 
-def test_the_positions_field_is_named_as_the_checkpoint_names_it(tmp_path):
-    """GPT-2 and GPT-J configs call it n_positions (the message said max_position_embeddings)."""
+@pytest.mark.parametrize("kind, very, limit, field", [("gpt2", 80, 64, "n_positions"),
+                                                      ("phi3-longrope-window", 8, 8, "original_max_position_embeddings")])
+def test_the_positions_field_is_named_as_the_checkpoint_names_it(tmp_path, kind, very, limit, field):
+    """GPT-2 and GPT-J configs call it n_positions (the message said max_position_embeddings).
+    LongRoPE's limit is its trained length (8 here, of 64 positions): past it a pass turns every
+    row by the long factors, and an edit's keys would hang on its batch's longest row."""
     from types import SimpleNamespace
     from test_models import make_checkpoint
-    gpt2 = M.load(make_checkpoint(tmp_path / "gpt2", "gpt2"))             # 64 positions
-    q = data.Request(case_id=7, prompt="{} is " + "very " * 80 + "in", subject="Paris", target_new=" France",
+    model = M.load(make_checkpoint(tmp_path / kind, kind))
+    q = data.Request(case_id=7, prompt="{} is " + "very " * very + "in", subject="Paris", target_new=" France",
                      target_true=" Spain", paraphrase_prompts=(), neighborhood_prompts=(), neighborhood_answers=())
     settings = SimpleNamespace(generation=False, skip_bad=True, edits="e.json")
-    _, (msg,) = L.fit_context(gpt2, [q], [["{}"]], settings)
-    assert msg.startswith("e.json: case_id 7: its ") and msg.endswith("longer than the model's 64 positions (n_positions)")
+    _, (msg,) = L.fit_context(model, [q], [["{}"]], settings)
+    assert msg.startswith("e.json: case_id 7: its ") and msg.endswith(f"longer than the model's {limit} positions ({field})")
+    short = dataclasses.replace(q, prompt="{}", subject="a", target_new=" b")              # 6 tokens
+    assert L.fit_context(model, [short], [["{}"]], settings) == ([short], [])
 
 
 def test_plan_gib_that_is_not_a_number_is_named(capsys):

@@ -584,3 +584,18 @@ def test_a_max_len_beyond_gpt2_s_learned_positions_is_capped_and_said(tmp_path, 
     logs = []
     C = S.load_or_collect_stats(gpt2, path, CORPUS, 2000, (1,), tmp_path / "cache", log=lambda s, **k: logs.append(s))
     assert logs[0].startswith(said) and torch.equal(C[1], load_file(str(out))["C.1"])
+
+
+def test_a_max_len_beyond_longrope_s_trained_length_is_capped_and_said(tmp_path):
+    """LongRoPE (Phi-3) turns a pass longer than original_max_position_embeddings by other factors:
+    paragraphs past it would give the longest batches other keys than the rest; they are cut to it,
+    said in a line. Other models' paragraphs keep --max-len (beyond GPT-2's learned positions)."""
+    from test_models import make_checkpoint
+    phi3 = M.load(make_checkpoint(tmp_path / "phi3", "phi3-longrope-window"))        # trained on 8 of 64
+    logs = []
+    assert S.positions_cap(phi3.cfg, 256, logs.append) == 8
+    assert logs == ["statistics: paragraphs cut to 8 tokens, not 256: LongRoPE turns a longer pass by its "
+                    "long factors (original_max_position_embeddings)"]
+    assert S.positions_cap(phi3.cfg, 8, logs.append) == 8 and len(logs) == 1
+    phi3 = M.load(make_checkpoint(tmp_path / "phi3-plain", "phi3"))                      # plain rope, 256 positions
+    assert S.positions_cap(phi3.cfg, 4096, logs.append) == 4096 and len(logs) == 1
