@@ -125,7 +125,7 @@ def positions_cap(cfg: M.Config, max_len: int, log=print) -> int:
     if max_len <= limit or not (cfg.arch == "gpt2" or cfg.longrope_switch is not None):
         return max_len
     why = (f"this GPT-2 has {limit} learned positions" if cfg.arch == "gpt2" else
-           f"LongRoPE turns a longer pass by its long factors")
+           "LongRoPE turns a longer pass by its long factors")
     log(f"statistics: paragraphs cut to {limit} tokens, not {max_len}: {why} ({field})")
     return limit
 
