@@ -1,14 +1,14 @@
 """A small, hand-written forward pass on HF-format checkpoints: LLaMA (Llama-2/3/3.1/3.2), Qwen2 /
-Qwen2.5, Qwen3, Mistral, Gemma, Gemma 2 and 3, OLMo 2, Phi-3 (3.5, 4), GPT-J, GPT-2, GPT-NeoX
-(Pythia) and Phi (1, 1.5, 2).
+Qwen2.5, Qwen3, Mistral, Gemma, Gemma 2 and 3, OLMo 2, SmolLM3, Phi-3 (3.5, 4), GPT-J, GPT-2,
+GPT-NeoX (Pythia) and Phi (1, 1.5, 2).
 
 Parameter names mirror the checkpoint's tensor names one to one, so loading is a strict
 name-and-shape match. The LLaMA-like families share one block (Qwen2 adds biases on q, k, v; Qwen3
 an RMSNorm over each head of q and k; Mistral and windowed Qwen layers a sliding attention window;
 Gemma (1 + w) norms, scaled embeddings and a GELU gate; Gemma 2 also norms on the outputs of
 attention and the MLP, soft-capped attention scores and logits, and a window on alternate layers;
-Gemma 3 and OLMo 2 variations of those; Phi-3 fused projections and LongRoPE); GPT-J, GPT-2,
-GPT-NeoX and Phi have their own. The forward pass returns what knowledge editing needs without hooks:
+Gemma 3 and OLMo 2 variations of those; SmolLM3 layers without rope; Phi-3 fused projections and
+LongRoPE); GPT-J, GPT-2, GPT-NeoX and Phi have their own. The forward pass returns what knowledge editing needs without hooks:
 the MLP keys (the input of `down_proj` / `fc_out` / GPT-2's `mlp.c_proj` / `dense_4h_to_h` / `fc2`) and
 residual-stream outputs at chosen layers; it can stop after a layer, or start at one from a given
 residual stream (editing's residual delta: stop, add it, start again), and compute logits only
@@ -36,7 +36,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 # one layout (model.embed_tokens, model.layers, model.norm): RMSNorm, rope on halves, a gated MLP
-LLAMA_LIKE = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo2", "phi3")
+LLAMA_LIKE = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo2", "phi3",
+              "smollm3")
 # the gate activations of the gated MLP, by HF's names: SwiGLU (LLaMA ...) and GeGLU (Gemma)
 GATE_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 # each layout's module names: (the body, its embeddings, its blocks, its final norm; the head)
@@ -73,6 +74,7 @@ class Config:
     rope_scaling: dict | None = None   # Llama-3.1 style {"rope_type": "llama3", ...}; Gemma 3's "linear";
                                        # Phi's "longrope" (read_phi3's fields)
     local_rope_theta: float | None = None   # Gemma 3: the sliding layers' own rope base (no scaling)
+    nope_layers: tuple[int, ...] = ()       # SmolLM3: layers whose q and k are not turned (NoPE)
     rotary_dim: int = 0           # GPT-J, GPT-NeoX, Phi: rotary over the first rotary_dim dims of each head (0: all)
     tie_embeddings: bool = False
     attention_bias: bool = False  # biases on q, k, v and the attention output projection
@@ -135,9 +137,12 @@ class Config:
         """The sliding attention window of `layer`, or None for full causal attention."""
         return self.sliding_window if layer in self.window_layers else None
 
-    def local_rope(self, layer: int) -> bool:
-        """Whether `layer` turns q and k by the local rope (Gemma 3's sliding layers)."""
-        return self.local_rope_theta is not None and layer in self.window_layers
+    def rope(self, layer: int) -> str:
+        """The rope that turns q and k in `layer`: "local" (Gemma 3's sliding layers), "none"
+        (SmolLM3's NoPE layers) or "global"."""
+        if self.local_rope_theta is not None and layer in self.window_layers:
+            return "local"
+        return "none" if layer in self.nope_layers else "global"
 
     @staticmethod
     def from_hf(c: dict) -> "Config":
@@ -167,7 +172,7 @@ def refuse(c: dict, what: str, why: str):
 LLAMA3_ROPE_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
-def read_rope(c: dict) -> dict:
+def read_rope(c: dict, theta: float = 10000.0) -> dict:
     rp = c.get("rope_parameters") or {}      # transformers >= 5 writes rope here
     rs = c.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
     if rs is not None and rs.get("rope_type", rs.get("type")) not in ("llama3", "default"):
@@ -177,7 +182,7 @@ def read_rope(c: dict) -> dict:
             if rs.get(key) is None:
                 raise CheckpointError(f"config.json (model_type {c['model_type']!r}): llama3 rope_scaling "
                                       f"{rs!r} lacks the field {key!r}")
-    return dict(rope_theta=c.get("rope_theta", rp.get("rope_theta", 10000.0)), rope_scaling=rs)
+    return dict(rope_theta=c.get("rope_theta", rp.get("rope_theta", theta)), rope_scaling=rs)
 
 
 def read_llama_like(c: dict, rope: dict | None = None, **family) -> Config:
@@ -483,10 +488,32 @@ def read_phi(c: dict) -> Config:
                   max_positions=c.get("max_position_embeddings", 2048), **special_ids(c))
 
 
+def read_smollm3(c: dict) -> Config:
+    """SmolLM3: LLaMA's layout with a tied head where config.json is silent, and no rope in some
+    layers (no_rope_layers: 1 turns q and k, 0 leaves them unturned; by default every
+    no_rope_layer_interval-th layer is NoPE); with use_sliding_window, a window in the layers
+    layer_types marks sliding (by default the NoPE ones), as transformers reads them."""
+    n = c["num_hidden_layers"]
+    every = c.get("no_rope_layer_interval", 4)
+    marks = c.get("no_rope_layers") or [int((i + 1) % every != 0) for i in range(n)]
+    if len(marks) < n or not set(marks[:n]) <= {0, 1}:
+        refuse(c, f"no_rope_layers {marks!r}", f"a 1 (rope) or 0 (NoPE) for each of the {n} layers is")
+    nope = tuple(i for i in range(n) if marks[i] == 0)
+    window = c.get("sliding_window") if c.get("use_sliding_window") else None
+    sliding = sliding_layers(c, lambda i: bool(window) and i in nope)
+    if sliding and not window:
+        refuse(c, "layer_types' sliding_attention without use_sliding_window and sliding_window",
+               "transformers' attention kernels disagree on such a layer")
+    windows = dict(sliding_window=window, window_layers=sliding) if sliding else {}
+    return read_llama_like(c, read_rope(c, theta=2e6), nope_layers=nope,
+                           tie_embeddings=c.get("tie_word_embeddings", True),
+                           attention_bias=c.get("attention_bias", False), mlp_bias=c.get("mlp_bias", False), **windows)
+
+
 READERS = {"llama": read_llama, "gptj": read_gptj, "gpt2": read_gpt2, "qwen2": read_qwen2,
            "qwen3": read_qwen3, "mistral": read_mistral, "gemma": read_gemma, "gemma2": read_gemma2,
            "gemma3_text": read_gemma3_text, "gemma3": read_gemma3, "olmo2": read_olmo2, "gpt_neox": read_gpt_neox,
-           "phi3": read_phi3, "phi": read_phi}
+           "phi3": read_phi3, "phi": read_phi, "smollm3": read_smollm3}
 SUPPORTED = tuple(READERS)
 
 
@@ -519,8 +546,11 @@ def rope_inv_freq(cfg: Config, local: bool = False, long: bool = False) -> torch
 
 def rope_llama(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """LLaMA (HF layout): rotate the two halves of the head, or of its first r = 2 · cos.shape[-1]
-    dims, the rest passing (GPT-NeoX, Phi's partial_rotary_factor). x (B, nh, T, hd); cos/sin (B, 1, T, r/2)."""
+    dims, the rest passing (GPT-NeoX, Phi's partial_rotary_factor; SmolLM3's NoPE layers: r = 0).
+    x (B, nh, T, hd); cos/sin (B, 1, T, r/2)."""
     r = 2 * cos.shape[-1]
+    if r == 0:
+        return x
     if r < x.shape[-1]:
         return torch.cat((rope_llama(x[..., :r], cos, sin), x[..., r:]), dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
@@ -926,7 +956,7 @@ BLOCKS = {"gptj": GPTJBlock, "gpt2": GPT2Block, "gpt_neox": NeoXBlock, "phi": Ph
 
 
 class CausalLM(nn.Module):
-    """LlamaForCausalLM (and the Qwen, Mistral, Gemma, OLMo 2 and Phi-3 models in its layout),
+    """LlamaForCausalLM (and the Qwen, Mistral, Gemma, OLMo 2, SmolLM3 and Phi-3 models in its layout),
     GPTJForCausalLM, GPT2LMHeadModel, GPTNeoXForCausalLM, PhiForCausalLM, with the checkpoint's parameter names
     (each layout's in LAYOUTS)."""
 
@@ -1076,9 +1106,11 @@ class CausalLM(nn.Module):
             long = int(pos.max()) + 1 > self.cfg.longrope_switch                  # for the pass, as transformers
             inv_freq = self.inv_freq_long if long else inv_freq
             check_rope_regime(cache, long)
-        ropes = {False: rope_tables(pos, inv_freq, dt, scale)}                   # (cos, sin) (B, 1, T, hd/2)
+        ropes = {"global": rope_tables(pos, inv_freq, dt, scale)}                # (cos, sin) (B, 1, T, hd/2)
         if self.cfg.local_rope_theta is not None:                               # Gemma 3's sliding layers
-            ropes[True] = rope_tables(pos, self.inv_freq_local, dt)
+            ropes["local"] = rope_tables(pos, self.inv_freq_local, dt)
+        if self.cfg.nope_layers:                              # SmolLM3's NoPE layers: turned over no dims
+            ropes["none"] = rope_tables(pos, inv_freq[:0], dt)
         first, h = (0, self.embed(ids)) if start is None else (start[0] + 1, start[1])
         if start is None and self.cfg.arch == "gpt2":                              # learned positions
             h = h + self.body.wpe(pos)
@@ -1093,7 +1125,7 @@ class CausalLM(nn.Module):
         for i in range(first, last + 1):
             h = h.to(place[i])                       # a device boundary: the residual stream moves
             ropes_i, masks_i = inputs[place[i]]
-            h, key = self.blocks[i](h, *ropes_i[self.cfg.local_rope(i)], masks_i[self.cfg.window(i)], cache, i)
+            h, key = self.blocks[i](h, *ropes_i[self.cfg.rope(i)], masks_i[self.cfg.window(i)], cache, i)
             if i in keys_at:
                 out.keys[i] = key.to(home)
             if i in outs_at:

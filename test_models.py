@@ -481,6 +481,12 @@ KINDS = {
     "phi": ("phi", dict(partial_rotary_factor=0.5)),
     "phi-gqa-tied-erf": ("phi", dict(num_key_value_heads=2, tie_word_embeddings=True, hidden_act="gelu",
                                      partial_rotary_factor=0.25, rope_theta=100.0)),
+    # SmolLM3 as released (GQA, tied, rope base 2e6, every fourth layer NoPE: here layer 3), and with
+    # its NoPE layers named (1, 2), a window of 4 on them, untied, biases on attention and the MLP
+    "smollm3": ("smollm3", dict(num_key_value_heads=2, num_hidden_layers=4, pad_token_id=0)),
+    "smollm3-nope-window-bias": ("smollm3", dict(pad_token_id=0, no_rope_layers=[1, 0, 0], use_sliding_window=True, sliding_window=4,
+                                                 tie_word_embeddings=False, attention_bias=True, mlp_bias=True,
+                                                 rope_theta=1e4)),
     # Gemma 3's image-text checkpoint (4B and up): a vision tower beside the language model
     "gemma3-image-text": ("gemma3", dict(num_key_value_heads=2, head_dim=24, num_hidden_layers=4, sliding_window=4,
                                          query_pre_attn_scalar=20, rope_scaling={"rope_type": "linear", "factor": 8.0},
@@ -488,7 +494,8 @@ KINDS = {
                                                       "sliding_attention"])),
 }
 FAMILY_CLASSES = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "gemma": "Gemma", "gemma2": "Gemma2",
-                  "gemma3_text": "Gemma3", "olmo2": "Olmo2", "gpt_neox": "GPTNeoX", "phi3": "Phi3", "phi": "Phi"}
+                  "gemma3_text": "Gemma3", "olmo2": "Olmo2", "gpt_neox": "GPTNeoX", "phi3": "Phi3", "phi": "Phi",
+                  "smollm3": "SmolLM3"}
 CONFIG_CLASSES = {"gemma3_text": "Gemma3TextConfig"}     # Gemma3Config is the multimodal one
 
 
@@ -669,6 +676,13 @@ def assert_logits_are_transformers(d: Path):
     ("phi", ["rope_parameters"], dict(partial_rotary_factor=0.5, rope_theta=10000.0, rope_scaling=None,
                                       resid_pdrop=0.1)),
     ("phi", ["rope_parameters"], {}),
+    # SmolLM3-3B's spelling (rope_theta at the top level, no_rope_layers listed, no window), and
+    # everything left to the defaults (base 2e6, NoPE every fourth layer, tied: the kind's values)
+    ("smollm3", ["rope_parameters", "layer_types"], dict(rope_theta=2e6, rope_scaling=None, no_rope_layers=[1, 1, 1, 0],
+                                                          no_rope_layer_interval=4, use_sliding_window=False,
+                                                          sliding_window=None, max_window_layers=28)),
+    ("smollm3", ["rope_parameters", "no_rope_layers", "no_rope_layer_interval", "layer_types",
+                 "tie_word_embeddings"], {}),
 ])
 def test_config_json_as_released_reads_as_transformers_5_writes_it(ckpt, tmp_path, kind, drop, change):
     """The releases' spellings (and options left to the defaults) read as the same model as
@@ -774,7 +788,8 @@ def test_a_sliding_window_left_out_is_that_of_transformers(ckpt, tmp_path, kind,
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["gpt2", "qwen2-gqa-tied-window", "qwen3-gqa-bias", "mistral-gqa-window", "gemma",
                                   "gemma2-gqa-window-caps", "gemma3-gqa-window-ropes", "olmo2", "gpt-neox",
-                                  "gpt-neox-sequential", "phi3", "phi3-longrope-window", "phi", "phi-gqa-tied-erf"])
+                                  "gpt-neox-sequential", "phi3", "phi3-longrope-window", "phi", "phi-gqa-tied-erf",
+                                  "smollm3-nope-window-bias"])
 def test_bfloat16_error_is_that_of_transformers(ckpt, kind, device):
     """In bfloat16 our logits are as close to the float32 reference as transformers' own bfloat16
     logits are (mean absolute error within 1.5x of theirs, plus 0.1% of the logits' scale; on the
@@ -797,7 +812,7 @@ def test_bfloat16_error_is_that_of_transformers(ckpt, kind, device):
 # ============================================================================ generation
 @pytest.mark.parametrize("kind", ["gpt2", "qwen2-gqa-tied-window", "qwen3-gqa-bias", "mistral-gqa-window",
                                   "gemma-gqa-untied", "gemma2-gqa-window-caps", "gemma3-gqa-window-ropes", "olmo2",
-                                  "gpt-neox", "phi3", "phi-gqa-tied-erf"])
+                                  "gpt-neox", "phi3", "phi-gqa-tied-erf", "smollm3-nope-window-bias"])
 def test_kv_cache_generation_equals_recompute(ckpt, kind):
     """Cached decoding (left-padded batch) equals re-running the whole sequence per token, well
     past the window (prompts up to 6 tokens + 12 new, window 4); and transformers' greedy
@@ -828,7 +843,7 @@ def test_gpt2_learned_positions_end_with_a_clear_error(ckpt):
 @pytest.mark.parametrize("kind", ["gpt2", "gpt2-bare-unscaled", "qwen2-gqa-tied-window", "qwen3-gqa-bias",
                                   "mistral-gqa-window", "gemma", "gemma2-gqa-window-caps", "gemma3", "gemma3-image-text",
                                   "olmo2", "gpt-neox", "gpt-neox-sequential", "phi3", "phi3-longrope-window", "phi",
-                                  "phi-gqa-tied-erf"])
+                                  "phi-gqa-tied-erf", "smollm3", "smollm3-nope-window-bias"])
 def test_family_save_then_load_is_exact_and_transformers_reads_it(ckpt, tmp_path, kind):
     """An edit through the edit_weight alias, saved with edit_tensors: the file holds it in the
     stored layout under the checkpoint's own names, reloads bit-identically, and transformers
@@ -908,7 +923,8 @@ def test_load_edit_tensors_round_trips_and_checks(ckpt):
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "qwen3-gqa-bias", "mistral-gqa-window", "gemma2-gqa-window-caps",
-                                  "gemma3-gqa-window-ropes", "olmo2", "gpt-neox", "phi3-longrope-window", "phi"])
+                                  "gemma3-gqa-window-ropes", "olmo2", "gpt-neox", "phi3-longrope-window", "phi",
+                                  "smollm3"])     # (a k bias is inert in a NoPE layer: no bias here)
 def test_names_through_layer_are_exactly_what_the_layer_depends_on(ckpt, kind):
     """Perturbing any tensor outside names_through_layer(1) leaves layer 1's output unchanged;
     perturbing any one inside changes it; the names are the checkpoint's."""
@@ -1007,6 +1023,10 @@ def _config_with(tmp_path, ckpt_dir, drop=(), **change):
     ("phi", dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}),
      "rope scaling .* is not supported .Phi's rope is implemented unscaled"),
     ("phi", dict(hidden_act="relu"), "hidden_act 'relu' is not supported .Phi's MLP here is gelu"),
+    ("smollm3", dict(no_rope_layers=[1, 1, 2, 0]), r"no_rope_layers \[1, 1, 2, 0\] is not supported .a 1 .rope. or 0"),
+    ("smollm3", dict(no_rope_layers=[1, 0]), r"no_rope_layers \[1, 0\] is not supported .* each of the 4 layers"),
+    ("smollm3-nope-window-bias", dict(use_sliding_window=False),
+     "layer_types' sliding_attention without use_sliding_window and sliding_window is not supported"),
 ])
 def test_unsupported_options_are_refused(ckpt, tmp_path, kind, change, message):
     with pytest.raises(M.CheckpointError, match=message):
@@ -1190,7 +1210,7 @@ def test_tokenizer_does_not_truncate_as_transformers_does_not(ckpt):
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "qwen2", "qwen3-gqa-bias", "mistral-gqa-window", "gemma2-gqa-window-caps",
-                                  "gemma3", "gpt-neox-sequential", "phi3", "phi"])
+                                  "gemma3", "gpt-neox-sequential", "phi3", "phi", "smollm3"])
 def test_model_cli_continues_a_prompt_with_a_tiny_random_checkpoint_of_each_family(ckpt, kind, capsys):
     M.main([str(ckpt(kind)), "--prompt", "Once upon a time", "--max-new-tokens", "6", "--device", "cpu"])
     printed = capsys.readouterr().out
