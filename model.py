@@ -1,5 +1,5 @@
 """A small, hand-written forward pass on HF-format checkpoints: LLaMA (Llama-2/3/3.1/3.2), Qwen2 /
-Qwen2.5, Qwen3, Mistral, Gemma, Gemma 2 and 3, OLMo 2, SmolLM3, Phi-3 (3.5, 4), GPT-J, GPT-2,
+Qwen2.5, Qwen3, Mistral, Gemma, Gemma 2 and 3, OLMo 2 and 3, SmolLM3, Phi-3 (3.5, 4), GPT-J, GPT-2,
 GPT-NeoX (Pythia) and Phi (1, 1.5, 2).
 
 Parameter names mirror the checkpoint's tensor names one to one, so loading is a strict
@@ -7,7 +7,7 @@ name-and-shape match. The LLaMA-like families share one block (Qwen2 adds biases
 an RMSNorm over each head of q and k; Mistral and windowed Qwen layers a sliding attention window;
 Gemma (1 + w) norms, scaled embeddings and a GELU gate; Gemma 2 also norms on the outputs of
 attention and the MLP, soft-capped attention scores and logits, and a window on alternate layers;
-Gemma 3 and OLMo 2 variations of those; SmolLM3 layers without rope; Phi-3 fused projections and
+Gemma 3 and OLMo 2 and 3 variations of those; SmolLM3 layers without rope; Phi-3 fused projections and
 LongRoPE); GPT-J, GPT-2, GPT-NeoX and Phi have their own. The forward pass returns what knowledge editing needs without hooks:
 the MLP keys (the input of `down_proj` / `fc_out` / GPT-2's `mlp.c_proj` / `dense_4h_to_h` / `fc2`) and
 residual-stream outputs at chosen layers; it can stop after a layer, or start at one from a given
@@ -36,8 +36,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 # one layout (model.embed_tokens, model.layers, model.norm): RMSNorm, rope on halves, a gated MLP
-LLAMA_LIKE = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo2", "phi3",
-              "smollm3")
+LLAMA_LIKE = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo2", "olmo3",
+              "phi3", "smollm3")
 # the gate activations of the gated MLP, by HF's names: SwiGLU (LLaMA ...) and GeGLU (Gemma)
 GATE_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 # each layout's module names: (the body, its embeddings, its blocks, its final norm; the head)
@@ -71,9 +71,9 @@ class Config:
     d_mlp: int                    # MLP inner size (the edited weight is d_model x d_mlp)
     norm_eps: float
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None   # Llama-3.1 style {"rope_type": "llama3", ...}; Gemma 3's "linear";
+    rope_scaling: dict | None = None   # Llama-3.1 style {"rope_type": "llama3", ...}; "yarn"; Gemma 3's "linear";
                                        # Phi's "longrope" (read_phi3's fields)
-    local_rope_theta: float | None = None   # Gemma 3: the sliding layers' own rope base (no scaling)
+    local_rope_theta: float | None = None   # Gemma 3, OLMo 3: the sliding layers' own rope base (no scaling)
     nope_layers: tuple[int, ...] = ()       # SmolLM3: layers whose q and k are not turned (NoPE)
     rotary_dim: int = 0           # GPT-J, GPT-NeoX, Phi: rotary over the first rotary_dim dims of each head (0: all)
     tie_embeddings: bool = False
@@ -120,6 +120,13 @@ class Config:
         return rs["original_max_position_embeddings"] if rs.get("rope_type") == "longrope" else None
 
     @property
+    def rope_attention_factor(self) -> float:
+        """What LongRoPE and YaRN multiply cos and sin by (1.0 for other ropes, whatever config.json
+        adds beside them, as transformers)."""
+        rs = self.rope_scaling or {}
+        return rs["attention_factor"] if rs.get("rope_type") in ("longrope", "yarn") else 1.0
+
+    @property
     def position_limit(self) -> tuple[int, str]:
         """How many positions an input may take, and config.json's field that says so: LongRoPE's
         trained length (past it a pass turns every row by the long factors, so a row's keys would
@@ -138,7 +145,7 @@ class Config:
         return self.sliding_window if layer in self.window_layers else None
 
     def rope(self, layer: int) -> str:
-        """The rope that turns q and k in `layer`: "local" (Gemma 3's sliding layers), "none"
+        """The rope that turns q and k in `layer`: "local" (Gemma 3's, OLMo 3's sliding layers), "none"
         (SmolLM3's NoPE layers) or "global"."""
         if self.local_rope_theta is not None and layer in self.window_layers:
             return "local"
@@ -170,19 +177,40 @@ def refuse(c: dict, what: str, why: str):
 
 
 LLAMA3_ROPE_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+YARN_ROPE_FIELDS = ("factor", "original_max_position_embeddings")
 
 
 def read_rope(c: dict, theta: float = 10000.0) -> dict:
+    """The rope base (`theta` where config.json is silent) and its scaling: none, Llama-3.1's
+    'llama3' or YaRN ('yarn', read by yarn_scaling)."""
     rp = c.get("rope_parameters") or {}      # transformers >= 5 writes rope here
     rs = c.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
-    if rs is not None and rs.get("rope_type", rs.get("type")) not in ("llama3", "default"):
-        refuse(c, f"rope_scaling {rs!r}", "only 'llama3' is implemented")
-    if rs is not None and rs.get("rope_type", rs.get("type")) == "llama3":
-        for key in LLAMA3_ROPE_FIELDS:     # no guessed defaults: transformers requires or derives them
-            if rs.get(key) is None:
-                raise CheckpointError(f"config.json (model_type {c['model_type']!r}): llama3 rope_scaling "
-                                      f"{rs!r} lacks the field {key!r}")
-    return dict(rope_theta=c.get("rope_theta", rp.get("rope_theta", theta)), rope_scaling=rs)
+    kind = rs and rs.get("rope_type", rs.get("type"))
+    if rs is not None and kind not in ("llama3", "yarn", "default"):
+        refuse(c, f"rope_scaling {rs!r}", "only 'llama3' and 'yarn' are implemented")
+    for key in LLAMA3_ROPE_FIELDS if kind == "llama3" else YARN_ROPE_FIELDS if kind == "yarn" else ():
+        if rs.get(key) is None:            # no guessed defaults: transformers requires or derives them
+            raise CheckpointError(f"config.json (model_type {c['model_type']!r}): {kind} rope_scaling "
+                                  f"{rs!r} lacks the field {key!r}")
+    return dict(rope_theta=c.get("rope_theta", rp.get("rope_theta", theta)),
+                rope_scaling=yarn_scaling(rs) if kind == "yarn" else rs)
+
+
+def yarn_scaling(rs: dict, truncate: bool | None = None) -> dict:
+    """YaRN's fields as transformers reads them: factor, the trained length
+    original_max_position_embeddings, the attention factor (given, else 0.1 ln(factor) + 1, or
+    the ratio of two such with DeepSeek's mscale and mscale_all_dim), beta_fast 32 and beta_slow 1
+    where unset, truncate (the correction range rounded out to whole dims; true where unset, or
+    `truncate` where the caller knows better)."""
+    factor = float(rs["factor"])
+    mscale = lambda m: 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+    attention = rs.get("attention_factor")
+    if attention is None:
+        both = rs.get("mscale") and rs.get("mscale_all_dim")
+        attention = mscale(rs["mscale"]) / mscale(rs["mscale_all_dim"]) if both else mscale(1.0)
+    return dict(rope_type="yarn", factor=factor, original_max_position_embeddings=rs["original_max_position_embeddings"],
+                attention_factor=float(attention), beta_fast=rs.get("beta_fast") or 32, beta_slow=rs.get("beta_slow") or 1,
+                truncate=rs.get("truncate", True) if truncate is None else truncate)
 
 
 def read_llama_like(c: dict, rope: dict | None = None, **family) -> Config:
@@ -333,13 +361,40 @@ def read_gemma3(c: dict) -> Config:
     return read_gemma3_text(text | top | {"model_type": "gemma3"}, weights_prefix="language_model.")
 
 
-def read_olmo2(c: dict) -> Config:
+def read_olmo2(c: dict, rope: dict | None = None, **more) -> Config:
     """OLMo 2: LLaMA's layout with the norms moved from the block's inputs to the outputs of
     attention and of the MLP, RMSNorm over the whole q and k projections, norm weights applied
-    in float32."""
-    return read_llama_like(c, pre_norms=False, post_norms=True, qk_norm=True, qk_norm_whole=True,
+    in float32 (OLMo 3 adds `rope` and `more`)."""
+    return read_llama_like(c, rope, pre_norms=False, post_norms=True, qk_norm=True, qk_norm_whole=True,
                            norm_weight_float32=True, norm_eps=c.get("rms_norm_eps", 1e-5),
-                           attention_bias=c.get("attention_bias", False))
+                           attention_bias=c.get("attention_bias", False), **more)
+
+
+def read_olmo3(c: dict) -> Config:
+    """OLMo 3: OLMo 2's block with a window (sliding_window, 4096 where absent) in the layers
+    layer_types marks sliding (by default three in four, every fourth full), their rope
+    unscaled, the full layers' perhaps YaRN-scaled (the released long-context models), as
+    transformers 5 reads them: rope_parameters per layer kind, or rope_theta (5e5) with
+    rope_scaling for the full layers."""
+    layers = sliding_layers(c, lambda i: (i + 1) % 4 != 0)
+    window = c.get("sliding_window", 4096)
+    if layers and not window:
+        refuse(c, f"sliding_window {window!r} with sliding_attention layers", "a window needs its size")
+    rp = c.get("rope_parameters") or {}
+    if rp and not set(rp) <= {"full_attention", "sliding_attention"}:
+        refuse(c, f"rope_parameters {rp!r}", "OLMo 3's are given per layer kind, full_attention and sliding_attention")
+    full, local = rp.get("full_attention") or {}, rp.get("sliding_attention") or {}
+    if not rp and c.get("rope_theta", 5e5) != 5e5:     # transformers 5 turns the sliding layers at 5e5 then
+        refuse(c, f"rope_theta {c['rope_theta']!r} without rope_parameters", "transformers 5 turns the sliding "
+               "layers at 500000 whatever it says, earlier versions at it; give rope_parameters per layer kind")
+    if local.get("rope_type", "default") != "default":
+        refuse(c, f"the sliding layers' rope_parameters {local!r}", "OLMo 3's sliding layers turn unscaled")
+    if "truncate" in (c.get("rope_scaling") or full):  # transformers reads it beside the layer kinds: never there
+        refuse(c, "YaRN's truncate for the full layers", "transformers ignores it in OLMo 3")
+    scaling = c.get("rope_scaling") or (full if full.get("rope_type", "default") != "default" else None)
+    rope = read_rope(dict(model_type=c["model_type"], rope_scaling=scaling), theta=full.get("rope_theta", c.get("rope_theta", 5e5)))
+    return read_olmo2(c, rope | dict(local_rope_theta=local.get("rope_theta", 5e5)),
+                      sliding_window=window if layers else None, window_layers=layers)
 
 
 def read_gemma2(c: dict) -> Config:
@@ -512,16 +567,17 @@ def read_smollm3(c: dict) -> Config:
 
 READERS = {"llama": read_llama, "gptj": read_gptj, "gpt2": read_gpt2, "qwen2": read_qwen2,
            "qwen3": read_qwen3, "mistral": read_mistral, "gemma": read_gemma, "gemma2": read_gemma2,
-           "gemma3_text": read_gemma3_text, "gemma3": read_gemma3, "olmo2": read_olmo2, "gpt_neox": read_gpt_neox,
-           "phi3": read_phi3, "phi": read_phi, "smollm3": read_smollm3}
+           "gemma3_text": read_gemma3_text, "gemma3": read_gemma3, "olmo2": read_olmo2, "olmo3": read_olmo3,
+           "gpt_neox": read_gpt_neox, "phi3": read_phi3, "phi": read_phi, "smollm3": read_smollm3}
 SUPPORTED = tuple(READERS)
 
 
 # ----------------------------------------------------------------------------------------- rope
 def rope_inv_freq(cfg: Config, local: bool = False, long: bool = False) -> torch.Tensor:
     """Rotary inverse frequencies (over rotary_dim where set: GPT-J, GPT-NeoX, Phi's share; else over
-    the head; GPT-2: none, its positions are learned; local: Gemma 3's sliding layers', unscaled), with Llama-3.1
-    'llama3' scaling: long wavelengths slowed by `factor`, short ones kept, a blend in between;
+    the head; GPT-2: none, its positions are learned; local: Gemma 3's and OLMo 3's sliding layers',
+    unscaled), with Llama-3.1 'llama3' scaling: long wavelengths slowed by `factor`, short ones
+    kept, a blend in between; YaRN's ('yarn', yarn_inv_freq), a ramp of the same kind;
     'linear' (Gemma 3): all slowed by `factor`; or 'longrope' (Phi): each slowed by its entry of
     short_factor, or with `long` of long_factor."""
     r = 0 if cfg.arch == "gpt2" else cfg.rotary_dim or cfg.head_dim
@@ -534,6 +590,8 @@ def rope_inv_freq(cfg: Config, local: bool = False, long: bool = False) -> torch
     if kind == "longrope":        # written as transformers does, to the last bit
         shape = torch.arange(0, r, 2, dtype=torch.float32) / r
         return 1.0 / (torch.tensor(rs["long_factor" if long else "short_factor"], dtype=torch.float32) * base ** shape)
+    if kind == "yarn":
+        return yarn_inv_freq(rs, base, r)
     if kind != "llama3":
         return inv
     factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
@@ -542,6 +600,22 @@ def rope_inv_freq(cfg: Config, local: bool = False, long: bool = False) -> torch
     smooth = ((old / wavelen - lo) / (hi - lo)).clamp(0, 1)    # 0: long waves, 1: short waves
     blended = (1 - smooth) * inv / factor + smooth * inv
     return torch.where(wavelen > old / lo, inv / factor, torch.where(wavelen < old / hi, inv, blended))
+
+
+def yarn_inv_freq(rs: dict, base: float, r: int) -> torch.Tensor:
+    """YaRN's inverse frequencies, as transformers computes them to the last bit: each
+    frequency slowed by `factor` (interpolated) or kept (extrapolated), by a ramp over the dims
+    between those that turn beta_fast and beta_slow times within the trained length."""
+    turns = base ** (torch.arange(0, r, 2, dtype=torch.float32) / r)
+    kept, slowed = 1.0 / turns, 1.0 / (rs["factor"] * turns)
+    trained = rs["original_max_position_embeddings"]
+    low, high = (r * math.log(trained / (b * 2 * math.pi)) / (2 * math.log(base)) for b in (rs["beta_fast"], rs["beta_slow"]))
+    if rs["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, r - 1)
+    high = high + 0.001 if low == high else high          # (transformers: no division by zero)
+    share_kept = 1 - ((torch.arange(r // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    return slowed * (1 - share_kept) + kept * share_kept
 
 
 def rope_llama(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -956,7 +1030,7 @@ BLOCKS = {"gptj": GPTJBlock, "gpt2": GPT2Block, "gpt_neox": NeoXBlock, "phi": Ph
 
 
 class CausalLM(nn.Module):
-    """LlamaForCausalLM (and the Qwen, Mistral, Gemma, OLMo 2, SmolLM3 and Phi-3 models in its layout),
+    """LlamaForCausalLM (and the Qwen, Mistral, Gemma, OLMo, SmolLM3 and Phi-3 models in its layout),
     GPTJForCausalLM, GPT2LMHeadModel, GPTNeoXForCausalLM, PhiForCausalLM, with the checkpoint's parameter names
     (each layout's in LAYOUTS)."""
 
@@ -1100,9 +1174,8 @@ class CausalLM(nn.Module):
         mask = torch.ones(B, past + T, dtype=torch.long, device=ids.device) if mask is None else mask
         pos = self.positions(mask, past)                                           # (B, T)
         dt = self.embed.weight.dtype
-        inv_freq, scale = self.inv_freq, 1.0
-        if self.cfg.longrope_switch is not None:        # Phi's LongRoPE: scaled; long past the trained length
-            scale = self.cfg.rope_scaling["attention_factor"]
+        inv_freq, scale = self.inv_freq, self.cfg.rope_attention_factor
+        if self.cfg.longrope_switch is not None:        # Phi's LongRoPE: long past the trained length
             long = int(pos.max()) + 1 > self.cfg.longrope_switch                  # for the pass, as transformers
             inv_freq = self.inv_freq_long if long else inv_freq
             check_rope_regime(cache, long)

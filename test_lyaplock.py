@@ -451,7 +451,7 @@ def test_alphaedit_without_a_null_space_is_refused_before_the_run_directory(tmp_
     assert L.main(argv) == 0 and json.loads((out / "config.json").read_text())["hparams"]["nullspace_threshold"] == 2e-2
 
 
-POST_NORM_KINDS = ["gemma2", "gemma3-gqa-window-ropes", "olmo2"]
+POST_NORM_KINDS = ["gemma2", "gemma3-gqa-window-ropes", "olmo2", "olmo3"]
 
 
 @pytest.fixture(scope="module")

@@ -481,6 +481,19 @@ KINDS = {
     "phi": ("phi", dict(partial_rotary_factor=0.5)),
     "phi-gqa-tied-erf": ("phi", dict(num_key_value_heads=2, tie_word_embeddings=True, hidden_act="gelu",
                                      partial_rotary_factor=0.25, rope_theta=100.0)),
+    # OLMo 3 as released (a window on three layers in four; YaRN on the full layers, its attention
+    # factor given) and with the layer kinds named, each kind's rope base its own, GQA
+    "olmo3": ("olmo3", dict(num_hidden_layers=4, sliding_window=4, max_position_embeddings=1024, rope_theta=5e5,
+                            rope_scaling=dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=128,
+                                              attention_factor=1.2079441541679836, beta_fast=32, beta_slow=1))),
+    "olmo3-gqa-kinds": ("olmo3", dict(num_key_value_heads=2, sliding_window=4,
+                                      layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                      rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e4},
+                                                       "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}})),
+    # YaRN on Qwen2 (as Qwen's model cards tell to add it), its ramp over most dims (base 100, 256
+    # trained positions), the attention factor 0.1 ln 4 + 1 derived
+    "qwen2-yarn": ("qwen2", dict(rope_theta=100.0, max_position_embeddings=1024,
+                                 rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=256))),
     # SmolLM3 as released (GQA, tied, rope base 2e6, every fourth layer NoPE: here layer 3), and with
     # its NoPE layers named (1, 2), a window of 4 on them, untied, biases on attention and the MLP
     "smollm3": ("smollm3", dict(num_key_value_heads=2, num_hidden_layers=4, pad_token_id=0)),
@@ -494,7 +507,7 @@ KINDS = {
                                                       "sliding_attention"])),
 }
 FAMILY_CLASSES = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "gemma": "Gemma", "gemma2": "Gemma2",
-                  "gemma3_text": "Gemma3", "olmo2": "Olmo2", "gpt_neox": "GPTNeoX", "phi3": "Phi3", "phi": "Phi",
+                  "gemma3_text": "Gemma3", "olmo2": "Olmo2", "olmo3": "Olmo3", "gpt_neox": "GPTNeoX", "phi3": "Phi3", "phi": "Phi",
                   "smollm3": "SmolLM3"}
 CONFIG_CLASSES = {"gemma3_text": "Gemma3TextConfig"}     # Gemma3Config is the multimodal one
 
@@ -676,6 +689,16 @@ def assert_logits_are_transformers(d: Path):
     ("phi", ["rope_parameters"], dict(partial_rotary_factor=0.5, rope_theta=10000.0, rope_scaling=None,
                                       resid_pdrop=0.1)),
     ("phi", ["rope_parameters"], {}),
+    # OLMo 3's (7B, 32B) spelling: rope_theta and the full layers' YaRN at the top level, the
+    # layer kinds listed; and with the kinds and the rope base left to the defaults (three
+    # sliding layers in four, 5e5: the kind's)
+    ("olmo3", ["rope_parameters"], dict(rope_theta=5e5, rope_scaling=KINDS["olmo3"][1]["rope_scaling"])),
+    ("olmo3", ["rope_parameters", "layer_types"], dict(rope_scaling=KINDS["olmo3"][1]["rope_scaling"])),
+    # YaRN as Qwen2.5's model cards tell to add it (its kind under "type") and as Qwen3's ("rope_type")
+    ("qwen2-yarn", ["rope_parameters"], dict(rope_theta=100.0, rope_scaling=dict(
+        type="yarn", factor=4.0, original_max_position_embeddings=256))),
+    ("qwen2-yarn", ["rope_parameters"], dict(rope_theta=100.0, rope_scaling=dict(
+        rope_type="yarn", factor=4.0, original_max_position_embeddings=256))),
     # SmolLM3-3B's spelling (rope_theta at the top level, no_rope_layers listed, no window), and
     # everything left to the defaults (base 2e6, NoPE every fourth layer, tied: the kind's values)
     ("smollm3", ["rope_parameters", "layer_types"], dict(rope_theta=2e6, rope_scaling=None, no_rope_layers=[1, 1, 1, 0],
@@ -690,6 +713,45 @@ def test_config_json_as_released_reads_as_transformers_5_writes_it(ckpt, tmp_pat
     d = _config_with(tmp_path, ckpt(kind), drop, **change)
     assert M.read_config(d) == M.read_config(ckpt(kind))
     assert_logits_are_transformers(d)
+
+
+def test_olmo3_defaults_are_transformers():
+    """A config.json naming only sizes reads as transformers' Olmo3Config defaults: a window of
+    4096 on three layers in four, rope 5e5 on both kinds, unscaled; OLMo 2's eps 1e-5."""
+    import transformers as T
+    sizes = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=8, num_attention_heads=4)
+    cfg, theirs = M.Config.from_hf(dict(model_type="olmo3", **sizes)), T.Olmo3Config(**sizes)
+    assert cfg.sliding_window == theirs.sliding_window == 4096
+    assert [cfg.window(i) is not None for i in range(8)] == [t == "sliding_attention" for t in theirs.layer_types]
+    assert (cfg.rope_theta, cfg.local_rope_theta, cfg.rope_scaling, cfg.norm_eps) == (5e5, 5e5, None, theirs.rms_norm_eps)
+    assert theirs.rope_parameters == {k: {"rope_type": "default", "rope_theta": 5e5} for k in ("full_attention", "sliding_attention")}
+
+
+@pytest.mark.parametrize("kind", ["qwen2-yarn", "olmo3"])
+def test_yarn_is_transformers_to_the_bit_and_each_part_matters(ckpt, kind):
+    """YaRN's frequencies and attention factor equal transformers' bit for bit (on OLMo 3 the full
+    layers'; its sliding layers turn unscaled, at their own base), and each part matters: plain
+    frequencies (no ramp, no slowing) or cos and sin left unscaled move the logits far past the
+    parity's tolerance."""
+    m, rotary = M.load(ckpt(kind)), hf_load(ckpt(kind)).model.rotary_emb
+    full = "" if kind == "qwen2-yarn" else "full_attention_"
+    assert torch.equal(m.inv_freq, getattr(rotary, f"{full}inv_freq"))
+    assert m.cfg.rope_attention_factor == getattr(rotary, f"{full}attention_scaling")
+    if kind == "olmo3":
+        assert torch.equal(m.inv_freq_local, rotary.sliding_attention_inv_freq)
+        assert rotary.sliding_attention_attention_scaling == 1.0
+    ids, mask = padded_batch(500, "left")
+    ours = m(ids, mask).logits
+    plain = 1.0 / m.cfg.rope_theta ** (torch.arange(0, m.cfg.head_dim, 2).float() / m.cfg.head_dim)
+    assert not torch.equal(plain, m.inv_freq)
+    yarn, scaling = m.inv_freq.clone(), m.cfg.rope_scaling
+    try:
+        m.inv_freq = plain
+        assert (m(ids, mask).logits - ours)[mask.bool()].abs().max() > 0.01       # 100 times the tolerance
+        m.inv_freq, m.cfg.rope_scaling = yarn, None                               # no attention factor
+        assert (m(ids, mask).logits - ours)[mask.bool()].abs().max() > 0.01
+    finally:
+        m.inv_freq, m.cfg.rope_scaling = yarn, scaling
 
 
 @pytest.mark.parametrize("length", [6, 8, 9])
@@ -789,7 +851,7 @@ def test_a_sliding_window_left_out_is_that_of_transformers(ckpt, tmp_path, kind,
 @pytest.mark.parametrize("kind", ["gpt2", "qwen2-gqa-tied-window", "qwen3-gqa-bias", "mistral-gqa-window", "gemma",
                                   "gemma2-gqa-window-caps", "gemma3-gqa-window-ropes", "olmo2", "gpt-neox",
                                   "gpt-neox-sequential", "phi3", "phi3-longrope-window", "phi", "phi-gqa-tied-erf",
-                                  "smollm3-nope-window-bias"])
+                                  "smollm3-nope-window-bias", "olmo3", "qwen2-yarn"])
 def test_bfloat16_error_is_that_of_transformers(ckpt, kind, device):
     """In bfloat16 our logits are as close to the float32 reference as transformers' own bfloat16
     logits are (mean absolute error within 1.5x of theirs, plus 0.1% of the logits' scale; on the
@@ -812,7 +874,8 @@ def test_bfloat16_error_is_that_of_transformers(ckpt, kind, device):
 # ============================================================================ generation
 @pytest.mark.parametrize("kind", ["gpt2", "qwen2-gqa-tied-window", "qwen3-gqa-bias", "mistral-gqa-window",
                                   "gemma-gqa-untied", "gemma2-gqa-window-caps", "gemma3-gqa-window-ropes", "olmo2",
-                                  "gpt-neox", "phi3", "phi-gqa-tied-erf", "smollm3-nope-window-bias"])
+                                  "gpt-neox", "phi3", "phi-gqa-tied-erf", "smollm3-nope-window-bias",
+                                  "olmo3", "qwen2-yarn"])
 def test_kv_cache_generation_equals_recompute(ckpt, kind):
     """Cached decoding (left-padded batch) equals re-running the whole sequence per token, well
     past the window (prompts up to 6 tokens + 12 new, window 4); and transformers' greedy
@@ -843,7 +906,7 @@ def test_gpt2_learned_positions_end_with_a_clear_error(ckpt):
 @pytest.mark.parametrize("kind", ["gpt2", "gpt2-bare-unscaled", "qwen2-gqa-tied-window", "qwen3-gqa-bias",
                                   "mistral-gqa-window", "gemma", "gemma2-gqa-window-caps", "gemma3", "gemma3-image-text",
                                   "olmo2", "gpt-neox", "gpt-neox-sequential", "phi3", "phi3-longrope-window", "phi",
-                                  "phi-gqa-tied-erf", "smollm3", "smollm3-nope-window-bias"])
+                                  "phi-gqa-tied-erf", "smollm3", "smollm3-nope-window-bias", "olmo3", "olmo3-gqa-kinds"])
 def test_family_save_then_load_is_exact_and_transformers_reads_it(ckpt, tmp_path, kind):
     """An edit through the edit_weight alias, saved with edit_tensors: the file holds it in the
     stored layout under the checkpoint's own names, reloads bit-identically, and transformers
@@ -924,7 +987,7 @@ def test_load_edit_tensors_round_trips_and_checks(ckpt):
 
 @pytest.mark.parametrize("kind", ["gpt2", "qwen3-gqa-bias", "mistral-gqa-window", "gemma2-gqa-window-caps",
                                   "gemma3-gqa-window-ropes", "olmo2", "gpt-neox", "phi3-longrope-window", "phi",
-                                  "smollm3"])     # (a k bias is inert in a NoPE layer: no bias here)
+                                  "smollm3", "olmo3"])     # (a k bias is inert in a NoPE layer: no bias here)
 def test_names_through_layer_are_exactly_what_the_layer_depends_on(ckpt, kind):
     """Perturbing any tensor outside names_through_layer(1) leaves layer 1's output unchanged;
     perturbing any one inside changes it; the names are the checkpoint's."""
@@ -988,10 +1051,10 @@ def _config_with(tmp_path, ckpt_dir, drop=(), **change):
     ("gpt2", dict(reorder_and_upcast_attn=True), "reorder_and_upcast_attn: true is not supported"),
     ("gpt2", dict(activation_function="relu"), "activation_function 'relu' is not supported"),
     ("qwen2", dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
-    ("mistral", dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling .*only 'llama3'"),
+    ("mistral", dict(rope_scaling={"rope_type": "dynamic", "factor": 4.0}), "rope_scaling .*only 'llama3' and 'yarn'"),
     ("qwen3", dict(model_type="mamba"), "unsupported model_type 'mamba'.*'llama', 'gptj', 'gpt2', 'qwen2', "
                                         "'qwen3', 'mistral', 'gemma', 'gemma2', 'gemma3_text', 'gemma3', "
-                                        "'olmo2', 'gpt_neox', 'phi3', 'phi'"),
+                                        "'olmo2', 'olmo3', 'gpt_neox', 'phi3', 'phi', 'smollm3'"),
     ("gemma", dict(hidden_act="silu"), "hidden_act 'silu' is not supported"),
     ("gemma", dict(hidden_activation="gelu"), "hidden_activation 'gelu' is not supported"),
     ("gemma2", dict(hidden_activation="gelu"), "hidden_activation 'gelu' is not supported"),
@@ -1023,6 +1086,19 @@ def _config_with(tmp_path, ckpt_dir, drop=(), **change):
     ("phi", dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}),
      "rope scaling .* is not supported .Phi's rope is implemented unscaled"),
     ("phi", dict(hidden_act="relu"), "hidden_act 'relu' is not supported .Phi's MLP here is gelu"),
+    ("olmo3", dict(rope_parameters=None, rope_theta=1e4), "rope_theta 10000.0 without rope_parameters is not supported"),
+    ("olmo3-gqa-kinds", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4}),
+     "rope_parameters .* is not supported .OLMo 3's are given per layer kind"),
+    ("olmo3-gqa-kinds", dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e4},
+                                              "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}),
+     "the sliding layers' rope_parameters .* is not supported .OLMo 3's sliding layers turn unscaled"),
+    ("olmo3", dict(rope_parameters=None, rope_theta=5e5, rope_scaling=KINDS["olmo3"][1]["rope_scaling"] | {"truncate": False}),
+     "YaRN's truncate for the full layers is not supported"),
+    ("olmo3-gqa-kinds", dict(sliding_window=None), "sliding_window None with sliding_attention layers is not supported"),
+    ("qwen2-yarn", dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 100.0}),
+     "yarn rope_scaling .* lacks the field 'original_max_position_embeddings'"),
+    ("qwen2", dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}),
+     "rope_scaling .* is not supported .only 'llama3' and 'yarn' are implemented"),
     ("smollm3", dict(no_rope_layers=[1, 1, 2, 0]), r"no_rope_layers \[1, 1, 2, 0\] is not supported .a 1 .rope. or 0"),
     ("smollm3", dict(no_rope_layers=[1, 0]), r"no_rope_layers \[1, 0\] is not supported .* each of the 4 layers"),
     ("smollm3-nope-window-bias", dict(use_sliding_window=False),
@@ -1210,7 +1286,7 @@ def test_tokenizer_does_not_truncate_as_transformers_does_not(ckpt):
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "qwen2", "qwen3-gqa-bias", "mistral-gqa-window", "gemma2-gqa-window-caps",
-                                  "gemma3", "gpt-neox-sequential", "phi3", "phi", "smollm3"])
+                                  "gemma3", "gpt-neox-sequential", "phi3", "phi", "smollm3", "olmo3"])
 def test_model_cli_continues_a_prompt_with_a_tiny_random_checkpoint_of_each_family(ckpt, kind, capsys):
     M.main([str(ckpt(kind)), "--prompt", "Once upon a time", "--max-new-tokens", "6", "--device", "cpu"])
     printed = capsys.readouterr().out

@@ -32,7 +32,7 @@ CUDA_SPREADS = [*(["cpu,cuda"] if torch.cuda.is_available() else []),
 CUDA_ATOL = 1e-4
 KINDS = ["stories", "gpt2", "gptj", "qwen2", "qwen2-gqa-tied-window",   # tied and untied heads, windows,
          "gemma3-gqa-window-ropes", "gpt-neox", "phi3-longrope-window",  # two ropes, GPT-NeoX's names, LongRoPE,
-         "phi-gqa-tied-erf", "smollm3-nope-window-bias"]                # a tied head with a bias, NoPE
+         "phi-gqa-tied-erf", "smollm3-nope-window-bias", "olmo3"]       # a tied head with a bias, NoPE, YaRN
 
 
 @pytest.fixture(scope="module")
