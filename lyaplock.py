@@ -793,8 +793,9 @@ def key_rows(tok, requests, templates) -> list[Row]:
 
 def longest_input(tok, q, templates, generation_tokens: int = 0) -> tuple[str, int]:
     """The longest sequence a request puts through the model (editing, scoring, and generation:
-    texts of generation_tokens tokens, their prompt included, ev.generate_texts): (what it is,
-    its length in tokens)."""
+    texts of generation_tokens tokens, their prompt included, ev.generate_texts, whose batch
+    samples as many tokens as its shortest prompt needs, so a prompt may go on by up to
+    generation_tokens): (what it is, its length in tokens)."""
     n_target = max(len(ev.target_ids(tok, t)) for t in (q.target_new, q.target_true or q.target_new,
                                                             *q.neighborhood_answers))
     found = [("rewrite prompt in a context template, with its target",
@@ -802,7 +803,8 @@ def longest_input(tok, q, templates, generation_tokens: int = 0) -> tuple[str, i
              for group in templates for t in group]
     found += [("paraphrase or neighbourhood prompt with its target", len(tok.encode(p)) + n_target)
               for p in (*q.paraphrase_prompts, *q.neighborhood_prompts)]
-    found += [(f"generated text of {generation_tokens} tokens (fluency)", max(len(tok.encode(p)), generation_tokens))
+    found += [(f"generation prompt with up to {generation_tokens} tokens sampled after it (fluency: a batch "
+               "samples for its shortest prompt)", len(tok.encode(p)) + generation_tokens)
               for p in q.generation_prompts if generation_tokens]
     return max(found, key=lambda f: f[1])
 

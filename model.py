@@ -158,7 +158,7 @@ class Config:
             raise CheckpointError(f"unsupported model_type {mt!r} in config.json: supported are "
                                   + ", ".join(repr(s) for s in SUPPORTED))
         try:
-            return READERS[mt](c)
+            return READERS[mt](HF_DEFAULTS.get(mt, {}) | c)
         except KeyError as e:
             raise CheckpointError(f"config.json (model_type {mt!r}) lacks the field {e.args[0]!r}") from None
 
@@ -558,12 +558,31 @@ def read_smollm3(c: dict) -> Config:
     sliding = sliding_layers(c, lambda i: bool(window) and i in nope)
     if sliding and not window:
         refuse(c, "layer_types' sliding_attention without use_sliding_window and sliding_window",
-               "transformers' attention kernels disagree on such a layer")
+               "transformers' eager and sdpa attention apply the window there, its flash attention does not")
     windows = dict(sliding_window=window, window_layers=sliding) if sliding else {}
     return read_llama_like(c, read_rope(c, theta=2e6), nope_layers=nope,
                            tie_embeddings=c.get("tie_word_embeddings", True),
                            attention_bias=c.get("attention_bias", False), mlp_bias=c.get("mlp_bias", False), **windows)
 
+
+# transformers' defaults for the keys a config.json may leave out that change what is read here
+# (the positions, the key-value heads, the end and padding ids; each family's other defaults are
+# its reader's; not the BOS, the tokenizer's, which falls back on config.json's only where named),
+# checked against each family's config class (test_models); Gemma 3's text model:
+# GEMMA3_TEXT_DEFAULTS, its sizes too
+LLAMA_IDS = dict(eos_token_id=2)
+OLMO_IDS = dict(eos_token_id=50279, pad_token_id=1)
+GEMMA_IDS = dict(max_position_embeddings=8192, eos_token_id=1, pad_token_id=0)
+GPT2_IDS = dict(eos_token_id=50256)
+HF_DEFAULTS = {"llama": LLAMA_IDS, "phi": LLAMA_IDS, "gpt_neox": LLAMA_IDS, "gptj": GPT2_IDS, "gpt2": GPT2_IDS,
+               "olmo2": OLMO_IDS, "olmo3": OLMO_IDS,
+               "qwen2": dict(num_key_value_heads=32, max_position_embeddings=32768),
+               "qwen3": dict(num_key_value_heads=32, max_position_embeddings=32768),
+               "mistral": dict(LLAMA_IDS, num_key_value_heads=8, max_position_embeddings=131072),
+               "gemma": dict(GEMMA_IDS, num_key_value_heads=16), "gemma2": dict(GEMMA_IDS, num_key_value_heads=4),
+               "phi3": dict(max_position_embeddings=4096, eos_token_id=32000, pad_token_id=32000),
+               "smollm3": dict(num_key_value_heads=4, max_position_embeddings=32768, eos_token_id=128001,
+                               pad_token_id=128004)}
 
 READERS = {"llama": read_llama, "gptj": read_gptj, "gpt2": read_gpt2, "qwen2": read_qwen2,
            "qwen3": read_qwen3, "mistral": read_mistral, "gemma": read_gemma, "gemma2": read_gemma2,

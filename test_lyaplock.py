@@ -1178,6 +1178,32 @@ def test_the_positions_field_is_named_as_the_checkpoint_names_it(tmp_path, kind,
     assert L.fit_context(model, [short], [["{}"]], settings) == ([short], [])
 
 
+def test_a_generation_prompt_counts_with_the_tokens_its_batch_may_sample_after_it(tmp_path):
+    """Fluency samples each batch until its shortest prompt's text is 100 tokens long, so a longer
+    prompt beside it goes on by up to 100 tokens: a GPT-2 of 160 learned positions fails mid-run on
+    an 80-token prompt beside a short one (counted as 100 tokens, it passed validation); it is
+    now refused before any model work, naming the generation."""
+    import transformers as T
+    from types import SimpleNamespace
+    torch.manual_seed(0)
+    T.GPT2LMHeadModel(T.GPT2Config(vocab_size=50257, n_embd=32, n_layer=2, n_head=2, n_positions=160)).save_pretrained(tmp_path)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(FIX / "gpt2-tokenizer" / f, tmp_path / f)
+    gpt2 = M.load(tmp_path)
+    long = "word " * 79
+    assert len(gpt2.tokenizer.encode(long)) == 80
+    with pytest.raises(ValueError, match="160 learned positions"):
+        L.ev.generate_texts(gpt2, ["A", long])
+    q = data.Request(case_id=3, prompt="{} is in", subject="Paris", target_new=" France", target_true=" Spain",
+                     paraphrase_prompts=(), neighborhood_prompts=(), neighborhood_answers=(), generation_prompts=(long,))
+    _, (msg,) = L.fit_context(gpt2, [q], [["{}"]], SimpleNamespace(generation=True, skip_bad=True, edits="e.json"))
+    assert msg == ("e.json: case_id 3: its generation prompt with up to 100 tokens sampled after it (fluency: a batch "
+                   "samples for its shortest prompt) is 180 tokens, longer than the model's 160 positions (n_positions)")
+    short = dataclasses.replace(q, generation_prompts=("word " * 59,))                # 60 + 100 tokens: fits
+    assert L.fit_context(gpt2, [short], [["{}"]], SimpleNamespace(generation=True, skip_bad=True, edits="e.json"))[1] == []
+    assert len(L.ev.generate_texts(gpt2, ["A", "word " * 59])) == 2
+
+
 def test_plan_gib_that_is_not_a_number_is_named(capsys):
     with pytest.raises(SystemExit):
         L.parse_args(["--plan", "--model", str(STORIES), "--plan-gib", "80GB"])

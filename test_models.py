@@ -715,6 +715,31 @@ def test_config_json_as_released_reads_as_transformers_5_writes_it(ckpt, tmp_pat
     assert_logits_are_transformers(d)
 
 
+@pytest.mark.parametrize("family", [f for f in M.SUPPORTED if f != "gemma3"])
+def test_a_config_json_left_to_the_defaults_reads_as_transformers(family):
+    """Sizes only (the rest left to the defaults): the key-value heads, the positions, the end
+    and padding ids, the norm's eps, the tied head and the rope base are transformers' config
+    class's (SmolLM3's positions were 2048 here and its eos absent, so generation ran past it;
+    Qwen's positions 2048, refusing prompts transformers takes). Not the BOS: the tokenizer's
+    (test_tokenizer_bos_is_that_of_transformers), config.json's only where it names one."""
+    import transformers as T
+    gpt = family in ("gpt2", "gptj")
+    sizes = dict(n_embd=512, n_layer=4, n_head=32) if gpt else dict(
+        hidden_size=512, intermediate_size=96, num_hidden_layers=4, num_attention_heads=32)
+    sizes["vocab_size"] = 512
+    cfg = M.Config.from_hf(dict(model_type=family, **sizes))
+    theirs = T.AutoConfig.for_model(family, **sizes)
+    first = lambda *keys: next(getattr(theirs, k) for k in keys if getattr(theirs, k, None) is not None)
+    assert cfg.n_kv_heads == first("num_key_value_heads", "num_attention_heads", "n_head")
+    assert cfg.max_positions == first("max_position_embeddings", "n_positions")
+    assert (cfg.eos_ids, cfg.pad_id) == (M.id_list(theirs.eos_token_id), theirs.pad_token_id)
+    assert cfg.bos_id in (None, theirs.bos_token_id)              # (Gemma 3's text defaults name it)
+    assert cfg.norm_eps == first("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon")
+    assert cfg.tie_embeddings == theirs.tie_word_embeddings
+    rope = getattr(theirs, "rope_parameters", None) or {}
+    assert cfg.rope_theta == rope.get("rope_theta", rope.get("full_attention", {}).get("rope_theta", cfg.rope_theta))
+
+
 def test_olmo3_defaults_are_transformers():
     """A config.json naming only sizes reads as transformers' Olmo3Config defaults: a window of
     4096 on three layers in four, rope 5e5 on both kinds, unscaled; OLMo 2's eps 1e-5."""
