@@ -809,6 +809,16 @@ def longest_input(tok, q, templates, generation_tokens: int = 0) -> tuple[str, i
     return max(found, key=lambda f: f[1])
 
 
+def length_problem(model: M.CausalLM, q, templates, generation_tokens: int = 0) -> str | None:
+    """Why request q is too long for the model (its longest input, named, past the model's
+    position limit: M.Config.position_limit), or None."""
+    limit, field = model.cfg.position_limit
+    what, n = longest_input(model.tokenizer, q, templates, generation_tokens)
+    if n <= limit:
+        return None
+    return f"case_id {q.case_id}: its {what} is {n} tokens, longer than the model's {limit} positions ({field})"
+
+
 def mlp_change(model: M.CausalLM, layer: int, out, R) -> torch.Tensor:
     """E6b, on a model that normalises the MLP output before the residual add (Gemma 2, 3, OLMo 2):
     the change of the MLP outputs `out` (n, d) at `layer` that moves their contributions to the
@@ -1120,7 +1130,7 @@ class Editor:
         step that fails after it began writing (a failed solve on a later layer, non-finite
         values) leaves the model and state half-way: the next edit is refused until restore or
         reset."""
-        requests = checked_requests(requests)
+        requests = self.fitting(checked_requests(requests), "edit")
         if not requests:
             raise ValueError("edit: no requests; a step edits at least one")
         if self.state.partial:
@@ -1148,8 +1158,17 @@ class Editor:
     def evaluate(self, requests, generation: bool = False, snippets=None, seed: int = 0) -> dict:
         """Means over the requests (×100): CounterFact or zsRE metrics, with fluency (and
         consistency, given snippets) when `generation`."""
+        requests = self.fitting(checked_requests(requests), "evaluate", ev.FLUENCY_TOKENS if generation else 0)
         with self.restrained():
-            return ev.summarize(score_cases(self.model, checked_requests(requests), generation, snippets, seed))
+            return ev.summarize(score_cases(self.model, requests, generation, snippets, seed))
+
+    def fitting(self, requests, call: str, generation_tokens: int = 0) -> list:
+        """The requests, or a ValueError naming the first too long for the model (length_problem),
+        before any work."""
+        for q in requests:
+            if problem := length_problem(self.model, q, self.templates, generation_tokens):
+                raise ValueError(f"{call}: {problem}")
+        return requests
 
     def save(self, directory) -> list[str]:
         """The edited model as an HF checkpoint in the input's own layout; returns the input's files
@@ -1990,15 +2009,13 @@ def fit_context(model, requests, templates, settings: Settings) -> tuple[list, l
     """Requests whose every input fits the model's positions; the others are an error naming the
     record and its length (or, with --skip-bad, skipped with that message)."""
     gen = ev.FLUENCY_TOKENS if settings.generation else 0
-    limit, field = model.cfg.position_limit
     ok, bad = [], []
     for q in requests:
-        what, n = longest_input(model.tokenizer, q, templates, gen)
-        if n <= limit:
+        problem = length_problem(model, q, templates, gen)
+        if problem is None:
             ok.append(q)
             continue
-        msg = (f"{settings.edits}: case_id {q.case_id}: its {what} is {n} tokens, longer than the "
-               f"model's {limit} positions ({field})")
+        msg = f"{settings.edits}: {problem}"
         if not settings.skip_bad:
             raise data.DataError(msg + "; shorten it or use --skip-bad")
         bad.append(msg)

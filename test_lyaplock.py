@@ -1411,6 +1411,11 @@ def test_editor_refuses_what_is_not_a_request_by_name(tmp_path):
     for call in (editor.edit, editor.evaluate):
         with pytest.raises(TypeError, match=r"request 0 is a dict, not a data.Request: .*data.requests_from"):
             call([record])
+    long = dataclasses.replace(data.requests_from([record])[0][0], paraphrase_prompts=("Once upon a time " * 150,))
+    for name in ("edit", "evaluate"):            # as the command's validation, before any work
+        with pytest.raises(ValueError, match=rf"^{name}: case_id {long.case_id}: its paraphrase or neighbourhood "
+                                             r"prompt with its target is \d+ tokens, longer than the model's 512 positions"):
+            getattr(editor, name)([long])
     assert editor.state.step == 0
 
 
