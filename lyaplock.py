@@ -1624,6 +1624,10 @@ def check_settings(args):
                                   for flag in args.given if flag in FLAG_FIELDS})
     if args.resume and args.out:
         raise ValueError("--out and --resume: a resumed run stays in its own directory; give only --resume")
+    for flag, needs in (("glue_n", "glue_dir"), ("plan_gib", "plan"), ("plan_host_gib", "plan")):
+        if flag in args.given and needs not in args.given and not (args.resume and needs == "glue_dir"):
+            raise ValueError(f"--{flag.replace('_', '-')} without --{needs.replace('_', '-')}: it would be "
+                             "recorded, not used")
     if args.stats and (unread := sorted({"stats_corpus", "stats_tokens"} & args.given)):
         raise ValueError(f"--{unread[0].replace('_', '-')} with --stats: the file holds the statistics (and "
                          "the corpus and token count they came from); the flag would be recorded, not used")
@@ -1877,8 +1881,9 @@ def main(argv=None):
             print(f"error: {e}", file=sys.stderr)
             return 1
     if not args.resume and not (args.model and args.edits):
-        print(f"LyapLock: give --model and --edits (see --help). Quick start: 100 real CounterFact "
-              f"edits into the bundled fact model (README, 'Testbed'), CPU, under a minute:\n  {QUICKSTART}")
+        missing = " and ".join(f"--{k}" for k in ("model", "edits") if not getattr(args, k))
+        print(f"LyapLock: give {missing} (see --help). Quick start: 100 real CounterFact edits into the "
+              f"bundled fact model (README, 'Testbed'), CPU, under a minute:\n  {QUICKSTART}")
         return 2
     try:
         return run(args)

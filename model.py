@@ -1284,7 +1284,11 @@ class Tokenizer:
     """tokenizer.json through the `tokenizers` library; BOS handled here, in one place. The BOS is
     the tokenizer's own, as transformers takes it: tokenizer_config.json's bos_token (an explicit
     null: none, as Qwen2's, whose config.json still names one), config.json's only where that file
-    is silent. Generation stops at config.json's EOS and at generation_config.json's (a chat
+    is silent. It is added where tokenizer_config.json's add_bos_token says so, else where
+    tokenizer.json's post-processor puts a special token before the text (template_lead), as
+    transformers' fast tokenizer does; transformers 5 reads only the latter, so a release whose two
+    files disagree (an early Phi-3-mini-128k: add_bos_token true, no BOS in its template) gets the
+    BOS here, as in transformers 4, and none in transformers 5. Generation stops at config.json's EOS and at generation_config.json's (a chat
     model's end of turn, as Llama-3-Instruct's <|eot_id|>)."""
 
     def __init__(self, path: Path, cfg: Config):
@@ -1314,8 +1318,7 @@ class Tokenizer:
         if not all(isinstance(i, int) for i in end):
             raise CheckpointError(f"{gc}: eos_token_id {gen['eos_token_id']!r} is not a token id or a list of them")
         self.eos_ids += [i for i in end if i not in self.eos_ids]
-        self.add_bos = conf.get("add_bos_token", cfg.arch in ("llama", "mistral", "gemma", "gemma2")) \
-            and self.bos_id is not None
+        self.add_bos = conf.get("add_bos_token", bool(template_lead(self.tok))) and self.bos_id is not None
         if self.bos_id is not None and not 0 <= self.bos_id < cfg.vocab_size:
             raise CheckpointError(f"{path}: the BOS token id {self.bos_id} has no row in the embedding "
                                   f"(config.json's vocab_size {cfg.vocab_size})")
@@ -1343,6 +1346,21 @@ class Tokenizer:
             sl = slice(0, len(s)) if side == "right" else slice(T - len(s), T)
             ids[b, sl], mask[b, sl] = torch.tensor(s, dtype=torch.long), 1
         return ids.to(device), mask.to(device)
+
+
+def template_lead(tok) -> list[int]:
+    """The ids tokenizer.json's post-processor (a TemplateProcessing, alone or in a Sequence) puts
+    before a single sequence ($A): Llama's and Gemma's BOS; [] for none (GPT-2's ByteLevel)."""
+    pp = json.loads(tok.to_str()).get("post_processor") or {}
+    for p in pp.get("processors", []) if pp.get("type") == "Sequence" else [pp]:
+        if p.get("type") == "TemplateProcessing":
+            lead = []
+            for piece in p["single"]:
+                if "SpecialToken" not in piece:
+                    break
+                lead += p["special_tokens"][piece["SpecialToken"]["id"]]["ids"]
+            return lead
+    return []
 
 
 def check_vocabulary(tok, cfg: Config, file: Path):

@@ -606,7 +606,8 @@ def parse_args(argv):
     p.add_argument("--stats-tokens", type=int, default=0, help="tokens for C (default: the whole corpus)")
     p.add_argument("--layers", help="edit layers, e.g. 4,5,6,7,8 (default: the model's LyapLock preset)")
     p.add_argument("--max-len", type=int, default=256, help="tokens per paragraph at most")
-    p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward pass")
+    p.add_argument("--batch-tokens", "--stats-batch-tokens", dest="batch_tokens", type=int, default=8192,
+                   help="padded tokens per forward pass (the editing command's --stats-batch-tokens)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (under torchrun: cuda = cuda:LOCAL_RANK)")
     p.add_argument("--dtype", default="float32", choices=list(M.DTYPES), help="the forward pass's dtype")
     p.add_argument("--state-device", help="cpu: keep each finished C in host memory and collect one layer per "
@@ -626,7 +627,22 @@ def parse_args(argv):
         raise ValueError(f"--out {args.out}: {folder} is a file, not a directory")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"--out {args.out}: the directory {folder} is not writable")
+    if Path(args.model).resolve() in out.resolve().parents:
+        raise ValueError(f"--out {args.out} is inside --model {args.model}: keep the statistics file apart from "
+                         "the checkpoint (it would replace or add to the checkpoint's files)")
+    if out.exists() and not is_statistics_file(out):
+        raise ValueError(f"--out {args.out} exists and is not a statistics file: give a new path (only an "
+                         "earlier statistics file is written over)")
     return args
+
+
+def is_statistics_file(path) -> bool:
+    """Whether `path` is a statistics file this code (any version) wrote."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except (SafetensorError, OSError):
+        return False
 
 
 def torchrun_env() -> tuple[int, int, int]:

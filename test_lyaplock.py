@@ -1204,10 +1204,29 @@ def test_a_generation_prompt_counts_with_the_tokens_its_batch_may_sample_after_i
     assert len(L.ev.generate_texts(gpt2, ["A", "word " * 59])) == 2
 
 
+def test_without_model_or_edits_the_command_names_what_is_missing_and_the_quick_start(capsys):
+    assert L.main([]) == 2
+    assert capsys.readouterr().out.startswith("LyapLock: give --model and --edits (see --help). Quick start:")
+    assert L.main(["--model", str(STORIES)]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("LyapLock: give --edits (see --help)") and out.endswith(f"  {L.QUICKSTART}\n")
+
+
 def test_plan_gib_that_is_not_a_number_is_named(capsys):
     with pytest.raises(SystemExit):
         L.parse_args(["--plan", "--model", str(STORIES), "--plan-gib", "80GB"])
     assert "argument --plan-gib: '80GB': give each device's memory in GiB, a number, e.g. 80,80" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, companion", [(["--glue-n", "5"], ["--glue-dir", "fixtures/glue"]),
+                                              (["--plan-gib", "80"], ["--plan"]), (["--plan-host-gib", "5"], ["--plan"])])
+def test_a_flag_whose_companion_is_missing_is_refused(flags, companion):
+    """--glue-n without --glue-dir ran and recorded glue_n; --plan-gib and --plan-host-gib without
+    --plan were ignored: refused by name, as other flags the run would not read."""
+    edit = ["--model", str(STORIES), "--edits", str(FIX / "counterfact-rome.json"), *flags]
+    with pytest.raises(ValueError, match=f"^{flags[0]} without {companion[0]}: it would be recorded, not used$"):
+        L.check_settings(L.parse_args(edit))
+    L.check_settings(L.parse_args(edit + companion))
 
 
 @pytest.mark.parametrize("error", [OSError(28, "No space left on device"),

@@ -1189,6 +1189,13 @@ TOKENIZER_CONVENTIONS = {
     "pythia": ("gpt_neox", dict(bos_token_id=0, eos_token_id=0, rotary_pct=0.5), ["<|endoftext|>", "<|padding|>"], None,
                {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
                 "add_prefix_space": False, "tokenizer_class": "GPTNeoXTokenizer"}),
+    # Phi-3-mini-4k's and -medium's (their 2025 files): add_bos_token false, no BOS in the template
+    "phi-3-mini": ("phi3", dict(bos_token_id=1, eos_token_id=2), ["<unk>", "<s>", "</s>"], None,
+                   {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": False, "tokenizer_class": "LlamaTokenizer"}),
+    # tokenizer_config.json silent on add_bos_token (as SmolLM3's, Phi-4's, OLMo's): the template
+    # decides, here a BOS first (the rule read Llama's, Mistral's and Gemma's as adding one, no other)
+    "template-only": ("phi3", dict(eos_token_id=2), ["<unk>", "<s>", "</s>"], "<s>",
+                      {"bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "PreTrainedTokenizerFast"}),
 }
 
 
@@ -1232,15 +1239,28 @@ def test_tokenizer_bos_is_that_of_transformers(tmp_path, family):
 
 
 def test_without_a_bos_in_tokenizer_config_json_config_json_names_it_or_there_is_none(tmp_path):
-    """tokenizer_config.json silent on bos_token: config.json's bos_token_id; neither names one:
-    no BOS, even where one is asked for."""
+    """tokenizer_config.json silent on bos_token: config.json's bos_token_id, added only where asked
+    (the template puts none first, and the file is silent on add_bos_token: transformers adds
+    none); neither names one: no BOS, even where one is asked for."""
     d = tokenizer_checkpoint(tmp_path / "t", "llama", dict(eos_token_id=2), ["<unk>", "<s>", "</s>"], None,
                              {"eos_token": "</s>"})
     tok = M.Tokenizer(d, M.read_config(d))
     assert tok.bos_id is None and tok.encode("", bos=True) == [] and tok.encode(SENTENCES[0], bos=True)[0] is not None
     (d / "config.json").write_text(json.dumps(json.loads((d / "config.json").read_text()) | dict(bos_token_id=1)))
     tok = M.Tokenizer(d, M.read_config(d))
-    assert tok.bos_id == 1 and tok.encode("") == tok.encode("", bos=True) == [1]
+    assert tok.bos_id == 1 and tok.encode("") == [] and tok.encode("", bos=True) == [1]
+
+
+def test_add_bos_token_is_followed_where_the_template_disagrees_as_transformers_4_did(tmp_path):
+    """An early Phi-3-mini-128k's files: add_bos_token true, no BOS in tokenizer.json's template.
+    transformers 4 (its LlamaTokenizerFast rebuilt the template from add_bos_token) added the BOS,
+    transformers 5 reads the template alone and adds none; the release's own word is followed."""
+    import transformers as T
+    d = tokenizer_checkpoint(tmp_path / "t", "phi3", dict(bos_token_id=1, eos_token_id=2), ["<unk>", "<s>", "</s>"],
+                             None, {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True,
+                                    "tokenizer_class": "LlamaTokenizer"})
+    ours, theirs = M.Tokenizer(d, M.read_config(d)), T.AutoTokenizer.from_pretrained(d)
+    assert ours.encode(SENTENCES[0]) == [1] + theirs(SENTENCES[0])["input_ids"]
 
 
 @pytest.mark.parametrize("listed", [False, True])

@@ -553,6 +553,37 @@ def test_stats_out_in_a_folder_that_cannot_be_written_is_refused_before_the_mode
     assert capsys.readouterr().err == f"error: --out {out}: the directory {tmp_path} is not writable\n"
 
 
+def test_stats_out_never_writes_over_the_checkpoint_or_a_file_that_is_not_statistics(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """`--out <model>/model.safetensors` replaced the weights (and `--out <model>/config.json` the
+    config): a path in the checkpoint, or an existing file that is not a statistics file, is
+    refused before the model loads; an earlier statistics file is written over."""
+    model = tmp_path / "model"
+    shutil.copytree(STORIES, model)
+    before = {f.name: f.read_bytes() for f in model.iterdir() if f.is_file()}
+    load = S.M.load
+    monkeypatch.setattr(S.M, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    for out in (model / "model.safetensors", model / "config.json", model / "stats" / "C.safetensors"):
+        assert S.main(["--model", str(model), "--out", str(out)]) == 1
+        assert capsys.readouterr().err == (f"error: --out {out} is inside --model {model}: keep the statistics "
+                                           "file apart from the checkpoint (it would replace or add to the "
+                                           "checkpoint's files)\n")
+    other = tmp_path / "notes.txt"
+    other.write_text("mine")
+    assert S.main(["--model", str(model), "--out", str(other)]) == 1
+    assert capsys.readouterr().err == (f"error: --out {other} exists and is not a statistics file: give a new "
+                                       "path (only an earlier statistics file is written over)\n")
+    assert other.read_text() == "mine"
+    assert {f.name: f.read_bytes() for f in model.iterdir() if f.is_file()} == before
+    monkeypatch.setattr(S.M, "load", load)
+    out = tmp_path / "C.safetensors"
+    for tokens in ("2000", "3000"):      # the second run writes over the first's file (the editing name too)
+        assert S.main(["--model", str(model), "--out", str(out), "--layers", "1", "--stats-tokens", tokens,
+                       "--stats-batch-tokens", "4096"]) == 0
+    with safe_open(str(out), "pt") as f:
+        assert json.loads(f.metadata()["key"])["n_tokens"] == 3000
+
+
 def test_stats_ctrl_c_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
     def interrupt(*a, **k):
         raise KeyboardInterrupt

@@ -332,7 +332,8 @@ def test_rome_alone_writes_its_report(tmp_path):
 def test_finished_runs_are_kept_only_under_the_same_settings(tmp_path):
     """A finished run in --out is reused (and kept in the report) only if everything its figures
     depend on is the same: among them the statistics corpus's bytes, the statistics' token count,
-    the evaluation points, the held-out texts and the model's weights at the same path."""
+    the evaluation points, the held-out texts and the model's weights (not its path: the same
+    model given as fixtures/factmodel-ci or by its absolute path dropped every run)."""
     base = dict(model="m", weights="a" * 64, stream="first", n_edits=2, batch_size=2, layers=[1, 2], seed=0,
                 held_facts=10, corpus="m/corpus.txt", corpus_sha256="b" * 64, stats_tokens=3000, eval_every=1,
                 n_heldout=2)
@@ -340,6 +341,7 @@ def test_finished_runs_are_kept_only_under_the_same_settings(tmp_path):
     (tmp_path / "result.json").write_text(json.dumps({**base, "methods": {
         "memit": done, "rome": dict(done, points=[dict(edits=1)])}}))      # rome: not finished
     assert TB.finished_runs(tmp_path, {**base, "methods": {}}) == {"memit": done}
+    assert TB.finished_runs(tmp_path, {**base, "model": "/elsewhere/m", "methods": {}}) == {"memit": done}
     for key, value in (("weights", "c" * 64), ("corpus_sha256", "d" * 64), ("stats_tokens", 0),
                        ("eval_every", 2), ("n_heldout", 3), ("n_edits", 4), ("layers", [2])):
         lines = []

@@ -650,7 +650,8 @@ def make_stream(kind: str, m: M.CausalLM, model_dir: Path, n_edits: int | None, 
             raise ValueError(f"unknown stream {kind!r}; expected one of {', '.join(STREAMS)}")
         info = model_dir / "training.json"
         if not info.exists():
-            raise ValueError(f"{model_dir} has no training.json: the {kind!r} stream needs a fact model trained by `train`")
+            raise ValueError(f"{model_dir} has no training.json: the {kind!r} stream needs a fact model trained by "
+                             "`train` (for another model, such as stories260K, --stream stories)")
         edit, held = records(SIZES[json.loads(info.read_text())["size"]])
         if kind == "distinct":
             stream = distinct_stream(m, edit, held, seed)
@@ -832,8 +833,9 @@ def run_hparams(spec: str, cfg: M.Config, layers: tuple, batch_size: int, hparam
 
 
 # What a run's figures depend on beside its own hyper-parameters: a report's runs are comparable,
-# and an earlier run is reused, only where all of these are the same.
-SAME_SETTINGS = ("model", "weights", "stream", "n_edits", "batch_size", "layers", "seed", "held_facts",
+# and an earlier run is reused, only where all of these are the same (the model by its weights,
+# tokenizer and config, wherever it lies: not its path).
+SAME_SETTINGS = ("weights", "stream", "n_edits", "batch_size", "layers", "seed", "held_facts",
                  "corpus_sha256", "stats_tokens", "eval_every", "n_heldout")
 
 
