@@ -745,7 +745,8 @@ def attend(q, k, v, allowed, cache: KVCache | None, layer: int, scale: float | N
 
 class Attention(nn.Module):
     """q, k, v projections (Phi-3: one, qkv_proj) and an output projection (LLaMA-like: o_proj;
-    GPT-J: out_proj; Phi: dense); rope on q and k; Qwen3 first normalises each head of q and k."""
+    GPT-J: out_proj; Phi: dense); rope on q and k (none in SmolLM3's NoPE layers); Qwen3 first
+    normalises each head of q and k."""
 
     def __init__(self, cfg: Config, out_name: str):
         super().__init__()
