@@ -184,16 +184,25 @@ def read_rope(c: dict, theta: float = 10000.0) -> dict:
     """The rope base (`theta` where config.json is silent) and its scaling: none, Llama-3.1's
     'llama3' or YaRN ('yarn', read by yarn_scaling)."""
     rp = c.get("rope_parameters") or {}      # transformers >= 5 writes rope here
+    if rp and c.get("rope_scaling"):         # (a scaling added to a file transformers 5 wrote)
+        refuse(c, "rope_scaling beside rope_parameters", "transformers 5 then takes rope_scaling alone, at the "
+               "family's default rope base; put the scaling into rope_parameters")
     rs = c.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
     kind = rs and rs.get("rope_type", rs.get("type"))
     if rs is not None and kind not in ("llama3", "yarn", "default"):
         refuse(c, f"rope_scaling {rs!r}", "only 'llama3' and 'yarn' are implemented")
+    if kind == "yarn" and c.get("original_max_position_embeddings") is not None:   # transformers 5: this one
+        trained = rs.get("original_max_position_embeddings")
+        if trained not in (None, c["original_max_position_embeddings"]):
+            refuse(c, f"original_max_position_embeddings {c['original_max_position_embeddings']} beside YaRN's "
+                   f"{trained}", "transformers 5 takes the first, earlier versions the second; give one")
+        rs = rs | {"original_max_position_embeddings": c["original_max_position_embeddings"]}
     for key in LLAMA3_ROPE_FIELDS if kind == "llama3" else YARN_ROPE_FIELDS if kind == "yarn" else ():
         if rs.get(key) is None:            # no guessed defaults: transformers requires or derives them
             raise CheckpointError(f"config.json (model_type {c['model_type']!r}): {kind} rope_scaling "
                                   f"{rs!r} lacks the field {key!r}")
-    return dict(rope_theta=c.get("rope_theta", rp.get("rope_theta", theta)),
-                rope_scaling=yarn_scaling(rs) if kind == "yarn" else rs)
+    return dict(rope_theta=rp.get("rope_theta", c.get("rope_theta", theta)),     # rope_parameters' first,
+                rope_scaling=yarn_scaling(rs) if kind == "yarn" else rs)           # as transformers 5
 
 
 def yarn_scaling(rs: dict, truncate: bool | None = None) -> dict:
@@ -389,9 +398,10 @@ def read_olmo3(c: dict) -> Config:
                "layers at 500000 whatever it says, earlier versions at it; give rope_parameters per layer kind")
     if local.get("rope_type", "default") != "default":
         refuse(c, f"the sliding layers' rope_parameters {local!r}", "OLMo 3's sliding layers turn unscaled")
-    if "truncate" in (c.get("rope_scaling") or full):  # transformers reads it beside the layer kinds: never there
+    if "truncate" in full | (c.get("rope_scaling") or {}):   # transformers reads it beside the layer kinds: never there
         refuse(c, "YaRN's truncate for the full layers", "transformers ignores it in OLMo 3")
-    scaling = c.get("rope_scaling") or (full if full.get("rope_type", "default") != "default" else None)
+    scaling = full | (c.get("rope_scaling") or {})        # transformers 5 updates the one with the other
+    scaling = scaling if scaling.get("rope_type", "default") != "default" else None
     rope = read_rope(dict(model_type=c["model_type"], rope_scaling=scaling), theta=full.get("rope_theta", c.get("rope_theta", 5e5)))
     return read_olmo2(c, rope | dict(local_rope_theta=local.get("rope_theta", 5e5)),
                       sliding_window=window if layers else None, window_layers=layers)
@@ -566,23 +576,19 @@ def read_smollm3(c: dict) -> Config:
 
 
 # transformers' defaults for the keys a config.json may leave out that change what is read here
-# (the positions, the key-value heads, the end and padding ids; each family's other defaults are
-# its reader's; not the BOS, the tokenizer's, which falls back on config.json's only where named),
-# checked against each family's config class (test_models); Gemma 3's text model:
-# GEMMA3_TEXT_DEFAULTS, its sizes too
-LLAMA_IDS = dict(eos_token_id=2)
-OLMO_IDS = dict(eos_token_id=50279, pad_token_id=1)
-GEMMA_IDS = dict(max_position_embeddings=8192, eos_token_id=1, pad_token_id=0)
-GPT2_IDS = dict(eos_token_id=50256)
-HF_DEFAULTS = {"llama": LLAMA_IDS, "phi": LLAMA_IDS, "gpt_neox": LLAMA_IDS, "gptj": GPT2_IDS, "gpt2": GPT2_IDS,
-               "olmo2": OLMO_IDS, "olmo3": OLMO_IDS,
-               "qwen2": dict(num_key_value_heads=32, max_position_embeddings=32768),
-               "qwen3": dict(num_key_value_heads=32, max_position_embeddings=32768),
-               "mistral": dict(LLAMA_IDS, num_key_value_heads=8, max_position_embeddings=131072),
-               "gemma": dict(GEMMA_IDS, num_key_value_heads=16), "gemma2": dict(GEMMA_IDS, num_key_value_heads=4),
-               "phi3": dict(max_position_embeddings=4096, eos_token_id=32000, pad_token_id=32000),
-               "smollm3": dict(num_key_value_heads=4, max_position_embeddings=32768, eos_token_id=128001,
-                               pad_token_id=128004)}
+# (the positions, the key-value heads, the padding id; each family's other defaults are its
+# reader's), checked against each family's config class (test_models); not the special ids a
+# run starts and ends with, the tokenizer's (its BOS and EOS where config.json names none: a
+# config class's default EOS is not what transformers' generate stops at); Gemma 3's text
+# model: GEMMA3_TEXT_DEFAULTS, its sizes too
+OLMO = dict(pad_token_id=1)
+GEMMA = dict(max_position_embeddings=8192, pad_token_id=0)
+QWEN = dict(num_key_value_heads=32, max_position_embeddings=32768)
+HF_DEFAULTS = {"olmo2": OLMO, "olmo3": OLMO, "qwen2": QWEN, "qwen3": QWEN,
+               "mistral": dict(num_key_value_heads=8, max_position_embeddings=131072),
+               "gemma": dict(GEMMA, num_key_value_heads=16), "gemma2": dict(GEMMA, num_key_value_heads=4),
+               "phi3": dict(max_position_embeddings=4096, pad_token_id=32000),
+               "smollm3": dict(num_key_value_heads=4, max_position_embeddings=32768, pad_token_id=128004)}
 
 READERS = {"llama": read_llama, "gptj": read_gptj, "gpt2": read_gpt2, "qwen2": read_qwen2,
            "qwen3": read_qwen3, "mistral": read_mistral, "gemma": read_gemma, "gemma2": read_gemma2,
@@ -1285,11 +1291,12 @@ class Tokenizer:
     """tokenizer.json through the `tokenizers` library; BOS handled here, in one place. The BOS is
     the tokenizer's own, as transformers takes it: tokenizer_config.json's bos_token (an explicit
     null: none, as Qwen2's, whose config.json still names one), config.json's only where that file
-    is silent. It is added where tokenizer_config.json's add_bos_token says so, else where
-    tokenizer.json's post-processor puts a special token before the text (template_lead), as
-    transformers' fast tokenizer does; transformers 5 reads only the latter, so a release whose two
-    files disagree (an early Phi-3-mini-128k: add_bos_token true, no BOS in its template) gets the
-    BOS here, as in transformers 4, and none in transformers 5. Generation stops at config.json's EOS and at generation_config.json's (a chat
+    is silent. A prompt begins with what tokenizer.json's post-processor puts before a text
+    (template_lead: Llama's and Gemma's BOS, none for GPT-2's and Qwen's), as transformers 5 encodes
+    it: it reads tokenizer_config.json's add_bos_token only where tokenizer.json is absent, so a
+    release whose two files disagree (an early Phi-3-mini-128k: add_bos_token true, no BOS in its
+    template) gets no BOS, as there (transformers 4's LlamaTokenizerFast added one). A special
+    token the template puts after the text (an EOS) is not added: a prompt is to be continued. Generation stops at config.json's EOS and at generation_config.json's (a chat
     model's end of turn, as Llama-3-Instruct's <|eot_id|>)."""
 
     def __init__(self, path: Path, cfg: Config):
@@ -1319,7 +1326,7 @@ class Tokenizer:
         if not all(isinstance(i, int) for i in end):
             raise CheckpointError(f"{gc}: eos_token_id {gen['eos_token_id']!r} is not a token id or a list of them")
         self.eos_ids += [i for i in end if i not in self.eos_ids]
-        self.add_bos = conf.get("add_bos_token", bool(template_lead(self.tok))) and self.bos_id is not None
+        self.lead = template_lead(self.tok)              # what a prompt begins with
         if self.bos_id is not None and not 0 <= self.bos_id < cfg.vocab_size:
             raise CheckpointError(f"{path}: the BOS token id {self.bos_id} has no row in the embedding "
                                   f"(config.json's vocab_size {cfg.vocab_size})")
@@ -1329,11 +1336,12 @@ class Tokenizer:
         self.pad_id = pad                                     # does, padded positions are masked
 
     def encode(self, text: str, bos: bool | None = None) -> list[int]:
-        """The ids of `text`, after the BOS where asked (bos None: where this tokenizer adds one)
-        and the tokenizer has one."""
+        """The ids of `text`: after what the tokenizer puts first (bos None: its template's lead),
+        or after its BOS where asked (bos True) and it has one, or alone (bos False)."""
         ids = self.tok.encode(text, add_special_tokens=False).ids
-        with_bos = self.add_bos if bos is None else bos
-        return [self.bos_id] + ids if with_bos and self.bos_id is not None else ids
+        if bos is None:
+            return self.lead + ids
+        return [self.bos_id] + ids if bos and self.bos_id is not None else ids
 
     def decode(self, ids) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)

@@ -84,7 +84,7 @@ import data
 import model as M
 
 FORMAT = "lyaplock-statistics"
-VERSION = 2                  # 2: the key holds the tokenizer
+VERSION = 3                  # 2: the key holds the tokenizer; 3: a prompt's BOS is tokenizer.json's template's
 
 
 class StatisticsError(ValueError):
@@ -291,7 +291,7 @@ def fingerprint(config_sha: str, digests: dict) -> str:
 
 def tokenizer_sha(model_path) -> str:
     """One sha256 over tokenizer.json and tokenizer_config.json (an absent file counts as empty):
-    they make the token ids C is collected on, the BOS rule included (add_bos_token)."""
+    they make the token ids C is collected on, the BOS included (the template's, the bos_token)."""
     files = [Path(model_path) / name for name in ("tokenizer.json", "tokenizer_config.json")]
     digests = [data.file_sha256(f) if f.exists() else hashlib.sha256(b"").hexdigest() for f in files]
     return hashlib.sha256(json.dumps(digests).encode()).hexdigest()

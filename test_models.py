@@ -699,6 +699,14 @@ def assert_logits_are_transformers(d: Path):
         type="yarn", factor=4.0, original_max_position_embeddings=256))),
     ("qwen2-yarn", ["rope_parameters"], dict(rope_theta=100.0, rope_scaling=dict(
         rope_type="yarn", factor=4.0, original_max_position_embeddings=256))),
+    # ... its trained length at the top level (transformers 5 takes it from there)
+    ("qwen2-yarn", ["rope_parameters"], dict(rope_theta=100.0, original_max_position_embeddings=256,
+                                             rope_scaling=dict(rope_type="yarn", factor=4.0))),
+    # ... and a stray rope_theta beside rope_parameters' (transformers 5 reads the latter)
+    ("qwen2-yarn", [], dict(rope_theta=5.0)),
+    # OLMo 3 with the layer kinds and a flat rope_scaling beside them: transformers 5 updates the
+    # full layers' rope with it
+    ("olmo3", [], dict(rope_scaling=dict(beta_fast=32))),
     # SmolLM3-3B's spelling (rope_theta at the top level, no_rope_layers listed, no window), and
     # everything left to the defaults (base 2e6, NoPE every fourth layer, tied: the kind's values)
     ("smollm3", ["rope_parameters", "layer_types"], dict(rope_theta=2e6, rope_scaling=None, no_rope_layers=[1, 1, 1, 0],
@@ -717,11 +725,11 @@ def test_config_json_as_released_reads_as_transformers_5_writes_it(ckpt, tmp_pat
 
 @pytest.mark.parametrize("family", [f for f in M.SUPPORTED if f != "gemma3"])
 def test_a_config_json_left_to_the_defaults_reads_as_transformers(family):
-    """Sizes only (the rest left to the defaults): the key-value heads, the positions, the end
-    and padding ids, the norm's eps, the tied head and the rope base are transformers' config
-    class's (SmolLM3's positions were 2048 here and its eos absent, so generation ran past it;
-    Qwen's positions 2048, refusing prompts transformers takes). Not the BOS: the tokenizer's
-    (test_tokenizer_bos_is_that_of_transformers), config.json's only where it names one."""
+    """Sizes only (the rest left to the defaults): the key-value heads, the positions, the
+    padding id, the norm's eps, the tied head and the rope base are transformers' config class's
+    (SmolLM3's and Qwen's positions were 2048 here, refusing prompts transformers takes). Not the
+    BOS and EOS: the tokenizer's where config.json names none (a config class's default EOS is
+    not what transformers' generate stops at)."""
     import transformers as T
     gpt = family in ("gpt2", "gptj")
     sizes = dict(n_embd=512, n_layer=4, n_head=32) if gpt else dict(
@@ -732,8 +740,8 @@ def test_a_config_json_left_to_the_defaults_reads_as_transformers(family):
     first = lambda *keys: next(getattr(theirs, k) for k in keys if getattr(theirs, k, None) is not None)
     assert cfg.n_kv_heads == first("num_key_value_heads", "num_attention_heads", "n_head")
     assert cfg.max_positions == first("max_position_embeddings", "n_positions")
-    assert (cfg.eos_ids, cfg.pad_id) == (M.id_list(theirs.eos_token_id), theirs.pad_token_id)
-    assert cfg.bos_id in (None, theirs.bos_token_id)              # (Gemma 3's text defaults name it)
+    assert cfg.pad_id == theirs.pad_token_id
+    assert (cfg.bos_id, cfg.eos_ids) == ((2, [1]) if family == "gemma3_text" else (None, []))   # its defaults name them
     assert cfg.norm_eps == first("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon")
     assert cfg.tie_embeddings == theirs.tie_word_embeddings
     rope = getattr(theirs, "rope_parameters", None) or {}
@@ -1076,7 +1084,12 @@ def _config_with(tmp_path, ckpt_dir, drop=(), **change):
     ("gpt2", dict(reorder_and_upcast_attn=True), "reorder_and_upcast_attn: true is not supported"),
     ("gpt2", dict(activation_function="relu"), "activation_function 'relu' is not supported"),
     ("qwen2", dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
-    ("mistral", dict(rope_scaling={"rope_type": "dynamic", "factor": 4.0}), "rope_scaling .*only 'llama3' and 'yarn'"),
+    ("mistral", dict(rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1e4}),
+     "rope_scaling .*only 'llama3' and 'yarn'"),
+    ("qwen2-yarn", dict(rope_scaling={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 256}),
+     "rope_scaling beside rope_parameters is not supported .transformers 5 then takes rope_scaling alone"),
+    ("qwen2-yarn", dict(original_max_position_embeddings=64),
+     "original_max_position_embeddings 64 beside YaRN's 256 is not supported .transformers 5 takes the first"),
     ("qwen3", dict(model_type="mamba"), "unsupported model_type 'mamba'.*'llama', 'gptj', 'gpt2', 'qwen2', "
                                         "'qwen3', 'mistral', 'gemma', 'gemma2', 'gemma3_text', 'gemma3', "
                                         "'olmo2', 'olmo3', 'gpt_neox', 'phi3', 'phi', 'smollm3'"),
@@ -1194,7 +1207,8 @@ TOKENIZER_CONVENTIONS = {
                    {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": False, "tokenizer_class": "LlamaTokenizer"}),
     # tokenizer_config.json silent on add_bos_token (as SmolLM3's, Phi-4's, OLMo's): the template
     # decides, here a BOS first (the rule read Llama's, Mistral's and Gemma's as adding one, no other)
-    "template-only": ("phi3", dict(eos_token_id=2), ["<unk>", "<s>", "</s>"], "<s>",
+    # and a second special token after it: what a prompt begins with, exactly
+    "template-only": ("phi3", dict(eos_token_id=2), ["<unk>", "<s>", "</s>", "<x>"], "<s> <x>",
                       {"bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "PreTrainedTokenizerFast"}),
 }
 
@@ -1202,7 +1216,7 @@ TOKENIZER_CONVENTIONS = {
 def tokenizer_checkpoint(path, model_type, ids, specials, template, tokenizer_config) -> Path:
     """A directory with config.json (a tiny shape; no weights) and a byte-level BPE of 300 tokens
     trained on SENTENCES, the special tokens first; tokenizer.json's post-processor puts
-    `template` before a sequence (None: nothing)."""
+    `template` (special tokens separated by spaces) before a sequence (None: nothing)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -1213,8 +1227,8 @@ def tokenizer_checkpoint(path, model_type, ids, specials, template, tokenizer_co
     if template is None:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     else:
-        tok.post_processor = processors.TemplateProcessing(single=f"{template} $A",
-                                                           special_tokens=[(template, tok.token_to_id(template))])
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{template} $A", special_tokens=[(t, tok.token_to_id(t)) for t in template.split()])
     shape = dict(n_embd=8, n_layer=1, n_head=2) if model_type == "gpt2" else \
         dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
     path.mkdir(parents=True)
@@ -1251,16 +1265,21 @@ def test_without_a_bos_in_tokenizer_config_json_config_json_names_it_or_there_is
     assert tok.bos_id == 1 and tok.encode("") == [] and tok.encode("", bos=True) == [1]
 
 
-def test_add_bos_token_is_followed_where_the_template_disagrees_as_transformers_4_did(tmp_path):
-    """An early Phi-3-mini-128k's files: add_bos_token true, no BOS in tokenizer.json's template.
-    transformers 4 (its LlamaTokenizerFast rebuilt the template from add_bos_token) added the BOS,
-    transformers 5 reads the template alone and adds none; the release's own word is followed."""
+@pytest.mark.parametrize("add_bos_token, template", [(True, None), (False, "<s>")])
+def test_the_template_decides_the_bos_where_add_bos_token_disagrees_as_transformers_5(tmp_path, add_bos_token,
+                                                                                        template):
+    """An early Phi-3-mini-128k's files: add_bos_token true, no BOS in tokenizer.json's template
+    (transformers 4's LlamaTokenizerFast rebuilt the template from add_bos_token and added one);
+    and the reverse. transformers 5 reads the template alone (add_bos_token only without a
+    tokenizer.json), and so does the tokenizer here."""
     import transformers as T
     d = tokenizer_checkpoint(tmp_path / "t", "phi3", dict(bos_token_id=1, eos_token_id=2), ["<unk>", "<s>", "</s>"],
-                             None, {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True,
-                                    "tokenizer_class": "LlamaTokenizer"})
+                             template, {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": add_bos_token,
+                                        "tokenizer_class": "LlamaTokenizer"})
     ours, theirs = M.Tokenizer(d, M.read_config(d)), T.AutoTokenizer.from_pretrained(d)
-    assert ours.encode(SENTENCES[0]) == [1] + theirs(SENTENCES[0])["input_ids"]
+    for text in (SENTENCES[0], ""):
+        assert ours.encode(text) == theirs(text)["input_ids"]
+    assert ours.lead == ([] if template is None else [1])
 
 
 @pytest.mark.parametrize("listed", [False, True])
@@ -1296,13 +1315,15 @@ def test_model_cli_prints_the_decoded_sequence(capsys):
 
 def test_model_cli_from_no_prompt_without_a_bos_token_says_so(ckpt, tmp_path):
     """No prompt and no BOS to start from (neither tokenizer_config.json nor config.json names
-    one): a one-line error, not a TypeError from a None token."""
+    one, and tokenizer.json's template puts none first): a one-line error, not a TypeError from
+    a None token."""
     d = tmp_path / "nobos"
     shutil.copytree(ckpt("qwen2"), d)
     c = json.loads((d / "config.json").read_text())
     del c["bos_token_id"]
     (d / "config.json").write_text(json.dumps(c))
     (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    (d / "tokenizer.json").write_text(json.dumps(json.loads((d / "tokenizer.json").read_text()) | {"post_processor": None}))
     with pytest.raises(SystemExit, match="the prompt '' encodes to no tokens and the tokenizer of .* has no BOS token"):
         M.main([str(d), "--max-new-tokens", "2", "--device", "cpu"])
 

@@ -59,7 +59,7 @@ def test_the_file_holds_collect_stats_C_bitwise_and_its_key(made, stories):
     with safe_open(str(made), "pt") as f:
         meta = f.metadata()
     key = json.loads(meta["key"])
-    assert (meta["format"], meta["version"], meta["tokens"]) == ("lyaplock-statistics", "2", "3000")
+    assert (meta["format"], meta["version"], meta["tokens"]) == ("lyaplock-statistics", "3", "3000")
     assert key == S.stats_key(STORIES, stories, [1, 2], CORPUS, 3000, 256)
     assert key["tokenizer"] == S.tokenizer_sha(STORIES)
     assert (key["layers"], key["d_mlp"], key["dtype"], key["max_len"]) == ([1, 2], 172, "float32", 256)
@@ -249,15 +249,16 @@ def test_a_file_for_other_weights_is_refused_above_the_last_layer_ignored(made, 
 
 
 def test_a_file_or_cache_made_with_another_tokenizer_is_refused_or_recomputed(made, stories, tmp_path):
-    """The token ids come from tokenizer.json and tokenizer_config.json (the BOS rule): with
-    add_bos_token turned off, C differs, so the file is refused and the cache not reused. An
+    """The token ids come from tokenizer.json and tokenizer_config.json (the BOS: the template's):
+    with no BOS in the template, C differs, so the file is refused and the cache not reused. An
     absent tokenizer_config.json counts as empty, a key of its own."""
     nobos = tmp_path / "nobos"
     shutil.copytree(STORIES, nobos)
+    tokenizer = nobos / "tokenizer.json"
+    tokenizer.write_text(json.dumps(json.loads(tokenizer.read_text()) | {"post_processor": None}))
     config = nobos / "tokenizer_config.json"
-    config.write_text(json.dumps(json.loads(config.read_text()) | {"add_bos_token": False}))
     model = M.load(nobos)
-    assert not model.tokenizer.add_bos and stories.tokenizer.add_bos
+    assert model.tokenizer.lead == [] and stories.tokenizer.lead == [1]
     with pytest.raises(S.StatisticsError, match=r"made with another tokenizer: .*nobos's tokenizer\.json or "
                                                 r"tokenizer_config\.json differs"):
         S.load_stats_file(made, model, nobos, (1, 2), log=quiet)
@@ -302,7 +303,8 @@ def test_a_corrupt_truncated_or_unsound_file_is_an_error_never_used(made, storie
     flipped = tmp_path / "flipped.safetensors"
     flipped.write_bytes(raw[:-8] + bytes(8))                  # the last element, C.2[-1, -1], zeroed
     refused(flipped, "C.2 is corrupt")
-    refused(rewritten(made, tmp_path, version="1"), "statistics format version 1; this code reads version 2")
+    for old in ("1", "2"):        # 2: made when tokenizer_config.json's add_bos_token could decide the BOS
+        refused(rewritten(made, tmp_path, version=old), f"statistics format version {old}; this code reads version 3")
     refused(rewritten(made, tmp_path, format="something"), "not a statistics file")
     C = load_file(str(made))
     refused(rewritten(made, tmp_path, {"C.1": C["C.1"]}), "tensor C.2 is missing")
