@@ -99,16 +99,16 @@ def make_checkpoint(path: Path, config: dict, dtype, device) -> Path:
                    else torch.randn(s, device=device, dtype=dtype, generator=g) * 0.02).cpu()
                for n, s in shapes.items()}
     save_file(tensors, str(path / "model.safetensors"))
-    (path / "tokenizer.json").write_text(gpt2_tokenizer(cfg.vocab_size))
-    (path / "tokenizer_config.json").write_text(json.dumps(
-        {"add_bos_token": cfg.arch in ("llama", "mistral"), "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}))
+    (path / "tokenizer.json").write_text(gpt2_tokenizer(cfg.vocab_size, bos=cfg.arch in ("llama", "mistral")))
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}))
     return path
 
 
-def gpt2_tokenizer(vocab_size: int) -> str:
+def gpt2_tokenizer(vocab_size: int, bos: bool = False) -> str:
     """tokenizer.json of the GPT-2 BPE; for a smaller vocabulary (Mistral's) its first merges only
     (GPT-2's ids are the 256 bytes, then the merges in order), <|endoftext|> the last id, so that
-    every id it makes is one the model has."""
+    every id it makes is one the model has; with `bos`, its template puts <|endoftext|> before a
+    text, as LLaMA's and Mistral's put their BOS."""
     tok = json.loads((HERE / "fixtures" / "gpt2-tokenizer" / "tokenizer.json").read_text())
     if vocab_size < len(tok["model"]["vocab"]):
         last = vocab_size - 1
@@ -116,6 +116,12 @@ def gpt2_tokenizer(vocab_size: int) -> str:
         bpe["vocab"] = {t: i for t, i in bpe["vocab"].items() if i < last} | {"<|endoftext|>": last}
         bpe["merges"] = bpe["merges"][:last - 256]
         tok["added_tokens"] = [t | {"id": last} for t in tok["added_tokens"] if t["content"] == "<|endoftext|>"]
+    if bos:
+        eot = tok["model"]["vocab"]["<|endoftext|>"]
+        tok["post_processor"] = {"type": "TemplateProcessing", "single": [
+            {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [eot], "tokens": ["<|endoftext|>"]}}}
     return json.dumps(tok)
 
 
