@@ -712,7 +712,7 @@ def compute_z(model: M.CausalLM, rows: list[Row], n_req: int, layer: int, hp: HP
     summed), so memory stays bounded. norm_base (n, d): the vectors whose norms bound δ and scale its weight decay
     (default h, MEMIT's; ROME passes the MLP output there, E18-E20). at_mlp: δ joins the MLP's
     output (ROME's compute_v), not the layer's (MEMIT's), which is one place but on a model that
-    normalises the MLP output before the residual add (Gemma 2, 3, OLMo 2): there h is the MLP output and
+    normalises the MLP output before the residual add (Gemma 2, 3, OLMo 2, 3): there h is the MLP output and
     δ reaches the residual stream through the norm (E4b). Returns (z* (n, d) float32, info with the losses, h and δ)."""
     dev = model.embed.weight.device
     chunks = _chunks(model, rows, layer, max_tokens, at_mlp and model.cfg.post_norms)
@@ -820,7 +820,7 @@ def length_problem(model: M.CausalLM, q, templates, generation_tokens: int = 0) 
 
 
 def mlp_change(model: M.CausalLM, layer: int, out, R) -> torch.Tensor:
-    """E6b, on a model that normalises the MLP output before the residual add (Gemma 2, 3, OLMo 2):
+    """E6b, on a model that normalises the MLP output before the residual add (Gemma 2, 3, OLMo 2, 3):
     the change of the MLP outputs `out` (n, d) at `layer` that moves their contributions to the
     residual stream by R (n, d) float64, as near as the norm allows. N(o) = s ⊙ o / r(o) with
     s the norm's scale (Gemma: 1 + w; OLMo 2: w), r(o) = sqrt(mean(o²) + ε): for every o' of
@@ -1625,7 +1625,8 @@ def check_settings(args):
     if args.resume and args.out:
         raise ValueError("--out and --resume: a resumed run stays in its own directory; give only --resume")
     for flag, needs in (("glue_n", "glue_dir"), ("plan_gib", "plan"), ("plan_host_gib", "plan")):
-        if flag in args.given and needs not in args.given and not (args.resume and needs == "glue_dir"):
+        resumed = args.resume and needs == "glue_dir"          # (a resumed run recorded its --glue-dir)
+        if flag in args.given and needs not in args.given and not resumed:
             raise ValueError(f"--{flag.replace('_', '-')} without --{needs.replace('_', '-')}: it would be "
                              "recorded, not used")
     if args.stats and (unread := sorted({"stats_corpus", "stats_tokens"} & args.given)):

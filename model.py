@@ -7,13 +7,14 @@ name-and-shape match. The LLaMA-like families share one block (Qwen2 adds biases
 an RMSNorm over each head of q and k; Mistral and windowed Qwen layers a sliding attention window;
 Gemma (1 + w) norms, scaled embeddings and a GELU gate; Gemma 2 also norms on the outputs of
 attention and the MLP, soft-capped attention scores and logits, and a window on alternate layers;
-Gemma 3 and OLMo 2 and 3 variations of those; SmolLM3 layers without rope; Phi-3 fused projections and
-LongRoPE); GPT-J, GPT-2, GPT-NeoX and Phi have their own. The forward pass returns what knowledge editing needs without hooks:
-the MLP keys (the input of `down_proj` / `fc_out` / GPT-2's `mlp.c_proj` / `dense_4h_to_h` / `fc2`) and
-residual-stream outputs at chosen layers; it can stop after a layer, or start at one from a given
-residual stream (editing's residual delta: stop, add it, start again), and compute logits only
-where asked. A model too large for one device is loaded across several (load(device="cuda:0,cuda:1")):
-its blocks in order, split by the devices' memory, the residual stream moving at the boundaries;
+Gemma 3 and OLMo 2 and 3 variations of those; SmolLM3 layers without rope; Phi-3 fused
+projections and LongRoPE); GPT-J, GPT-2, GPT-NeoX and Phi have their own. The forward pass returns
+what knowledge editing needs without hooks: the MLP keys (the input of `down_proj` / `fc_out` /
+GPT-2's `mlp.c_proj` / `dense_4h_to_h` / `fc2`) and residual-stream outputs at chosen layers; it
+can stop after a layer, or start at one from a given residual stream (editing's residual delta:
+stop, add it, start again), and compute logits only where asked. A model too large for one device
+is loaded across several (load(device="cuda:0,cuda:1")): its blocks in order, split by the
+devices' memory, the residual stream moving at the boundaries;
 forward takes and returns every tensor on the first device.
 
     python model.py CHECKPOINT --prompt "Once upon a time" --max-new-tokens 50
@@ -97,7 +98,7 @@ class Config:
     norm_plus_one: bool = False   # Gemma: RMSNorm's weight applied as (1 + w), in float32 (FloatRMSNorm)
     norm_weight_float32: bool = False   # OLMo 2: the weight w applied in float32 before the cast
     embed_scale: float | None = None     # Gemma: embeddings times sqrt(d_model), rounded to their dtype
-    post_norms: bool = False      # Gemma 2, 3, OLMo 2: attention's and the MLP's outputs normalised before the add
+    post_norms: bool = False      # Gemma 2, 3, OLMo 2, 3: attention's and the MLP's outputs normalised before the add
     pre_norms: bool = True        # OLMo 2: False, the block's inputs are not normalised
     attn_softcap: float | None = None    # Gemma 2: attention scores capped to tanh(s / c) * c
     final_softcap: float | None = None   # Gemma 2: logits capped so too
@@ -191,12 +192,13 @@ def read_rope(c: dict, theta: float = 10000.0) -> dict:
     kind = rs and rs.get("rope_type", rs.get("type"))
     if rs is not None and kind not in ("llama3", "yarn", "default"):
         refuse(c, f"rope_scaling {rs!r}", "only 'llama3' and 'yarn' are implemented")
-    if kind == "yarn" and c.get("original_max_position_embeddings") is not None:   # transformers 5: this one
+    top = c.get("original_max_position_embeddings")
+    if kind in ("llama3", "yarn") and top is not None:       # transformers 5 takes the top-level one
         trained = rs.get("original_max_position_embeddings")
-        if trained not in (None, c["original_max_position_embeddings"]):
-            refuse(c, f"original_max_position_embeddings {c['original_max_position_embeddings']} beside YaRN's "
-                   f"{trained}", "transformers 5 takes the first, earlier versions the second; give one")
-        rs = rs | {"original_max_position_embeddings": c["original_max_position_embeddings"]}
+        if trained not in (None, top):
+            refuse(c, f"original_max_position_embeddings {top} beside {kind}'s {trained}",
+                   "transformers 5 takes the first, earlier versions the second; give one")
+        rs = rs | {"original_max_position_embeddings": top}
     for key in LLAMA3_ROPE_FIELDS if kind == "llama3" else YARN_ROPE_FIELDS if kind == "yarn" else ():
         if rs.get(key) is None:            # no guessed defaults: transformers requires or derives them
             raise CheckpointError(f"config.json (model_type {c['model_type']!r}): {kind} rope_scaling "
@@ -205,26 +207,27 @@ def read_rope(c: dict, theta: float = 10000.0) -> dict:
                 rope_scaling=yarn_scaling(rs) if kind == "yarn" else rs)           # as transformers 5
 
 
-def yarn_scaling(rs: dict, truncate: bool | None = None) -> dict:
+def yarn_scaling(rs: dict) -> dict:
     """YaRN's fields as transformers reads them: factor, the trained length
     original_max_position_embeddings, the attention factor (given, else 0.1 ln(factor) + 1, or
     the ratio of two such with DeepSeek's mscale and mscale_all_dim), beta_fast 32 and beta_slow 1
-    where unset, truncate (the correction range rounded out to whole dims; true where unset, or
-    `truncate` where the caller knows better)."""
+    where unset, truncate (the correction range rounded out to whole dims; true where unset)."""
     factor = float(rs["factor"])
     mscale = lambda m: 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
     attention = rs.get("attention_factor")
     if attention is None:
         both = rs.get("mscale") and rs.get("mscale_all_dim")
         attention = mscale(rs["mscale"]) / mscale(rs["mscale_all_dim"]) if both else mscale(1.0)
-    return dict(rope_type="yarn", factor=factor, original_max_position_embeddings=rs["original_max_position_embeddings"],
-                attention_factor=float(attention), beta_fast=rs.get("beta_fast") or 32, beta_slow=rs.get("beta_slow") or 1,
-                truncate=rs.get("truncate", True) if truncate is None else truncate)
+    return dict(rope_type="yarn", factor=factor, attention_factor=float(attention),
+                original_max_position_embeddings=rs["original_max_position_embeddings"],
+                beta_fast=rs.get("beta_fast") or 32, beta_slow=rs.get("beta_slow") or 1,
+                truncate=rs.get("truncate", True))
 
 
 def read_llama_like(c: dict, rope: dict | None = None, **family) -> Config:
     """The LLaMA layout's fields; `family` adds or overrides the family's own (Gemma: its gate
-    activation, checked by its reader); `rope` replaces read_rope's reading (Gemma 3's two)."""
+    activation, checked by its reader); `rope` replaces read_rope's reading (Gemma 3's, OLMo 3's
+    two ropes, Phi-3's, SmolLM3's base)."""
     nh = c["num_attention_heads"]
     fields = dict(arch=c["model_type"], vocab_size=c["vocab_size"], d_model=c["hidden_size"],
                   n_layers=c["num_hidden_layers"], n_heads=nh, n_kv_heads=c.get("num_key_value_heads") or nh,
@@ -398,11 +401,12 @@ def read_olmo3(c: dict) -> Config:
                "layers at 500000 whatever it says, earlier versions at it; give rope_parameters per layer kind")
     if local.get("rope_type", "default") != "default":
         refuse(c, f"the sliding layers' rope_parameters {local!r}", "OLMo 3's sliding layers turn unscaled")
-    if "truncate" in full | (c.get("rope_scaling") or {}):   # transformers reads it beside the layer kinds: never there
-        refuse(c, "YaRN's truncate for the full layers", "transformers ignores it in OLMo 3")
+    if (full | (c.get("rope_scaling") or {})).get("truncate", True) is not True:   # read beside the layer kinds
+        refuse(c, "YaRN's truncate false for the full layers", "transformers ignores it in OLMo 3, truncating")
     scaling = full | (c.get("rope_scaling") or {})        # transformers 5 updates the one with the other
     scaling = scaling if scaling.get("rope_type", "default") != "default" else None
-    rope = read_rope(dict(model_type=c["model_type"], rope_scaling=scaling), theta=full.get("rope_theta", c.get("rope_theta", 5e5)))
+    theta = full.get("rope_theta", c.get("rope_theta", 5e5))
+    rope = read_rope(dict(model_type=c["model_type"], rope_scaling=scaling), theta=theta)
     return read_olmo2(c, rope | dict(local_rope_theta=local.get("rope_theta", 5e5)),
                       sliding_window=window if layers else None, window_layers=layers)
 
@@ -580,7 +584,7 @@ def read_smollm3(c: dict) -> Config:
 # reader's), checked against each family's config class (test_models); not the special ids a
 # run starts and ends with, the tokenizer's (its BOS and EOS where config.json names none: a
 # config class's default EOS is not what transformers' generate stops at); Gemma 3's text
-# model: GEMMA3_TEXT_DEFAULTS, its sizes too
+# model: GEMMA3_TEXT_DEFAULTS, its sizes and special ids too (its image-text releases rely on them)
 OLMO = dict(pad_token_id=1)
 GEMMA = dict(max_position_embeddings=8192, pad_token_id=0)
 QWEN = dict(num_key_value_heads=32, max_position_embeddings=32768)
@@ -634,7 +638,8 @@ def yarn_inv_freq(rs: dict, base: float, r: int) -> torch.Tensor:
     turns = base ** (torch.arange(0, r, 2, dtype=torch.float32) / r)
     kept, slowed = 1.0 / turns, 1.0 / (rs["factor"] * turns)
     trained = rs["original_max_position_embeddings"]
-    low, high = (r * math.log(trained / (b * 2 * math.pi)) / (2 * math.log(base)) for b in (rs["beta_fast"], rs["beta_slow"]))
+    dims = lambda turns: r * math.log(trained / (turns * 2 * math.pi)) / (2 * math.log(base))   # turning so often
+    low, high = dims(rs["beta_fast"]), dims(rs["beta_slow"])
     if rs["truncate"]:
         low, high = math.floor(low), math.ceil(high)
     low, high = max(low, 0), min(high, r - 1)
@@ -1206,7 +1211,7 @@ class CausalLM(nn.Module):
             inv_freq = self.inv_freq_long if long else inv_freq
             check_rope_regime(cache, long)
         ropes = {"global": rope_tables(pos, inv_freq, dt, scale)}                # (cos, sin) (B, 1, T, hd/2)
-        if self.cfg.local_rope_theta is not None:                               # Gemma 3's sliding layers
+        if self.cfg.local_rope_theta is not None:                       # Gemma 3's, OLMo 3's sliding layers
             ropes["local"] = rope_tables(pos, self.inv_freq_local, dt)
         if self.cfg.nope_layers:                              # SmolLM3's NoPE layers: turned over no dims
             ropes["none"] = rope_tables(pos, inv_freq[:0], dt)
@@ -1261,8 +1266,8 @@ def rope_tables(pos, inv_freq, dtype, scale: float = 1.0) -> tuple[torch.Tensor,
 
 
 def rope_buffers(cfg: Config) -> dict[str, torch.Tensor]:
-    """The model's inverse frequencies by buffer name: inv_freq; Gemma 3's sliding layers'
-    inv_freq_local; LongRoPE's long-context inv_freq_long."""
+    """The model's inverse frequencies by buffer name: inv_freq; Gemma 3's and OLMo 3's sliding
+    layers' inv_freq_local; LongRoPE's long-context inv_freq_long."""
     out = {"inv_freq": rope_inv_freq(cfg)}
     if cfg.local_rope_theta is not None:
         out["inv_freq_local"] = rope_inv_freq(cfg, local=True)
@@ -1296,8 +1301,9 @@ class Tokenizer:
     it: it reads tokenizer_config.json's add_bos_token only where tokenizer.json is absent, so a
     release whose two files disagree (an early Phi-3-mini-128k: add_bos_token true, no BOS in its
     template) gets no BOS, as there (transformers 4's LlamaTokenizerFast added one). A special
-    token the template puts after the text (an EOS) is not added: a prompt is to be continued. Generation stops at config.json's EOS and at generation_config.json's (a chat
-    model's end of turn, as Llama-3-Instruct's <|eot_id|>)."""
+    token the template puts after the text (an EOS) is not added: a prompt is to be continued.
+    Generation stops at config.json's EOS and at generation_config.json's (a chat model's end of
+    turn, as Llama-3-Instruct's <|eot_id|>)."""
 
     def __init__(self, path: Path, cfg: Config):
         from tokenizers import Tokenizer as HFTok

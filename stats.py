@@ -349,7 +349,8 @@ def read_meta(path) -> tuple[dict, dict, dict]:
         raise StatisticsError(f"{path}: not a statistics file (python lyaplock.py stats writes them)")
     if meta.get("version") != str(VERSION):
         raise StatisticsError(f"{path}: statistics format version {meta.get('version')}; this code reads "
-                              f"version {VERSION}: write the file again with this version")
+                              f"version {VERSION} (3: the BOS a prompt begins with is tokenizer.json's "
+                              "template's): write the file again with this version")
     try:
         key, digests = json.loads(meta["key"]), json.loads(meta["sha256"])
     except (KeyError, json.JSONDecodeError) as e:

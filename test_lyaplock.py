@@ -1435,6 +1435,12 @@ def test_editor_refuses_what_is_not_a_request_by_name(tmp_path):
         with pytest.raises(ValueError, match=rf"^{name}: case_id {long.case_id}: its paraphrase or neighbourhood "
                                              r"prompt with its target is \d+ tokens, longer than the model's 512 positions"):
             getattr(editor, name)([long])
+    prompt = "Once upon a time " * 105                                    # 421 tokens: with 100 sampled, 521
+    talks = dataclasses.replace(data.requests_from([record])[0][0], generation_prompts=(prompt,))
+    with pytest.raises(ValueError, match=r"^evaluate: case_id \d+: its generation prompt with up to 100 tokens "
+                                         r"sampled after it .* is 521 tokens, longer than the model's 512 positions"):
+        editor.evaluate([talks], generation=True)
+    assert editor.fitting([talks], "evaluate") == [talks]                 # without generation it fits
     assert editor.state.step == 0
 
 

@@ -732,8 +732,8 @@ def test_a_config_json_left_to_the_defaults_reads_as_transformers(family):
     not what transformers' generate stops at)."""
     import transformers as T
     gpt = family in ("gpt2", "gptj")
-    sizes = dict(n_embd=512, n_layer=4, n_head=32) if gpt else dict(
-        hidden_size=512, intermediate_size=96, num_hidden_layers=4, num_attention_heads=32)
+    sizes = dict(n_embd=512, n_layer=4, n_head=64) if gpt else dict(     # 64 heads: no default's count
+        hidden_size=512, intermediate_size=96, num_hidden_layers=4, num_attention_heads=64)
     sizes["vocab_size"] = 512
     cfg = M.Config.from_hf(dict(model_type=family, **sizes))
     theirs = T.AutoConfig.for_model(family, **sizes)
@@ -1089,7 +1089,7 @@ def _config_with(tmp_path, ckpt_dir, drop=(), **change):
     ("qwen2-yarn", dict(rope_scaling={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 256}),
      "rope_scaling beside rope_parameters is not supported .transformers 5 then takes rope_scaling alone"),
     ("qwen2-yarn", dict(original_max_position_embeddings=64),
-     "original_max_position_embeddings 64 beside YaRN's 256 is not supported .transformers 5 takes the first"),
+     "original_max_position_embeddings 64 beside yarn's 256 is not supported .transformers 5 takes the first"),
     ("qwen3", dict(model_type="mamba"), "unsupported model_type 'mamba'.*'llama', 'gptj', 'gpt2', 'qwen2', "
                                         "'qwen3', 'mistral', 'gemma', 'gemma2', 'gemma3_text', 'gemma3', "
                                         "'olmo2', 'olmo3', 'gpt_neox', 'phi3', 'phi', 'smollm3'"),
@@ -1131,7 +1131,7 @@ def _config_with(tmp_path, ckpt_dir, drop=(), **change):
                                               "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}),
      "the sliding layers' rope_parameters .* is not supported .OLMo 3's sliding layers turn unscaled"),
     ("olmo3", dict(rope_parameters=None, rope_theta=5e5, rope_scaling=KINDS["olmo3"][1]["rope_scaling"] | {"truncate": False}),
-     "YaRN's truncate for the full layers is not supported"),
+     "YaRN's truncate false for the full layers is not supported"),
     ("olmo3-gqa-kinds", dict(sliding_window=None), "sliding_window None with sliding_attention layers is not supported"),
     ("qwen2-yarn", dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 100.0}),
      "yarn rope_scaling .* lacks the field 'original_max_position_embeddings'"),
@@ -1145,6 +1145,22 @@ def _config_with(tmp_path, ckpt_dir, drop=(), **change):
 def test_unsupported_options_are_refused(ckpt, tmp_path, kind, change, message):
     with pytest.raises(M.CheckpointError, match=message):
         M.load(_config_with(tmp_path, ckpt(kind), **change))
+
+
+def test_a_trained_length_at_the_top_level_is_read_as_transformers_5_or_refused_where_it_differs():
+    """transformers 5 takes config.json's top-level original_max_position_embeddings over the one in
+    a llama3 or YaRN rope_scaling: read so where it stands alone, refused where the two differ
+    (earlier versions read the scaling's)."""
+    c = dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=4, max_position_embeddings=256, rope_theta=500000.0)
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    yarn = {"rope_type": "yarn", "factor": 4.0}
+    for rope in (llama3, yarn):
+        cfg = M.Config.from_hf(c | dict(rope_scaling=rope, original_max_position_embeddings=16))
+        assert cfg.rope_scaling["original_max_position_embeddings"] == 16
+        with pytest.raises(M.CheckpointError, match=f"original_max_position_embeddings 16 beside {rope['rope_type']}'s 64"):
+            M.Config.from_hf(c | dict(rope_scaling=rope | {"original_max_position_embeddings": 64},
+                                      original_max_position_embeddings=16))
 
 
 @pytest.mark.parametrize("layout", ["rope_scaling", "rope_parameters"])

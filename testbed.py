@@ -137,8 +137,8 @@ def subject_cards(fact_list) -> list[tuple[str, str, str]]:
 
 def make_tokenizer(texts: list[str], vocab: int, out: Path):
     """Byte-level BPE trained on `texts` (GPT-2 style: a word carries its leading space, so
-    " " + target encodes alike alone and after a prompt), with <s> and </s>; saved to `out`
-    with a tokenizer_config.json that makes `model.Tokenizer` prepend BOS. Trained on the
+    " " + target encodes alike alone and after a prompt), with <s> and </s>; saved to `out`,
+    its template putting <s> first (the BOS `model.Tokenizer` and transformers prepend). Trained on the
     WikiText only, as an LLM's tokenizer is not fitted to the facts: names split into common
     pieces, so a subject is composed at its last token, where editing finds it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
