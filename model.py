@@ -159,9 +159,13 @@ class Config:
             raise CheckpointError(f"unsupported model_type {mt!r} in config.json: supported are "
                                   + ", ".join(repr(s) for s in SUPPORTED))
         try:
-            return READERS[mt](HF_DEFAULTS.get(mt, {}) | c)
+            cfg = READERS[mt](HF_DEFAULTS.get(mt, {}) | c)
         except KeyError as e:
             raise CheckpointError(f"config.json (model_type {mt!r}) lacks the field {e.args[0]!r}") from None
+        limit, field = cfg.position_limit
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:     # (transformers refuses it too)
+            raise CheckpointError(f"config.json (model_type {mt!r}): {field} {limit!r} is not a number of positions")
+        return cfg
 
 
 def id_list(v) -> list:

@@ -1137,6 +1137,8 @@ def _config_with(tmp_path, ckpt_dir, drop=(), **change):
      "yarn rope_scaling .* lacks the field 'original_max_position_embeddings'"),
     ("qwen2", dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}),
      "rope_scaling .* is not supported .only 'llama3' and 'yarn' are implemented"),
+    ("qwen3", dict(max_position_embeddings=None), "max_position_embeddings None is not a number of positions"),
+    ("gpt2", dict(n_positions=0), "n_positions 0 is not a number of positions"),
     ("smollm3", dict(no_rope_layers=[1, 1, 2, 0]), r"no_rope_layers \[1, 1, 2, 0\] is not supported .a 1 .rope. or 0"),
     ("smollm3", dict(no_rope_layers=[1, 0]), r"no_rope_layers \[1, 0\] is not supported .* each of the 4 layers"),
     ("smollm3-nope-window-bias", dict(use_sliding_window=False),
