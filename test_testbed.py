@@ -435,6 +435,25 @@ def test_training_on_cuda_turns_tf32_on_and_back_as_it_was(tmp_path, monkeypatch
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
+def test_training_refuses_a_directory_of_other_files_and_says_it_replaces_a_fact_model(tmp_path, monkeypatch):
+    """--out holding files and no fact model is refused before any work (the README's command
+    wrote over the committed fixture without a word); an earlier fact model's is trained again,
+    said in a line."""
+    monkeypatch.setattr(TB, "train_model", lambda *a, **k: {})
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=f"--out {other} holds files and no fact model .training.json.: give a new"):
+        TB.train(other, "ci", log=lambda *_: pytest.fail("it went on"))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "training.json").write_text("{}")
+    lines = []
+    TB.train(model, "ci", log=lines.append)
+    assert lines == [f"training again into {model}: its fact model is replaced"]
+    TB.train(tmp_path / "new", "ci", log=lambda *_: pytest.fail("a line for a new directory"))
+
+
 def test_training_is_deterministic_per_seed_and_the_cli_matches(tmp_path):
     """Two trainings with one seed give bit-identical files (one through the CLI); another
     seed gives other weights."""

@@ -410,7 +410,14 @@ def write_edits(path: Path, m: M.CausalLM, s: Size, edit, held) -> None:
 def train(out_dir, size: str = "ci", seed: int = 0, device: str = "cpu", steps: int | None = None,
           log=print, family: str = "llama") -> dict:
     """Train the fact model of `size` and `family` (FAMILIES) and write it to `out_dir` (HF
-    layout + training.json)."""
+    layout + training.json): a new or empty directory, or an earlier fact model's (replaced, said
+    in a line); a directory holding other files is refused before any work."""
+    out = Path(out_dir)
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / "training.json").exists():
+            raise ValueError(f"--out {out_dir} holds files and no fact model (training.json): give a new or "
+                             "empty directory, or an earlier fact model's to train it again")
+        log(f"training again into {out_dir}: its fact model is replaced")
     tf32 = torch.device(device).type == "cuda"     # TF32 matmuls: the gpu size is ~13 PFLOP of float32 training
     with tf32_matmuls(tf32):
         return train_model(out_dir, size, seed, device, steps, tf32, log, family)
