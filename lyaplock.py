@@ -827,7 +827,7 @@ def mlp_change(model: M.CausalLM, layer: int, out, R) -> torch.Tensor:
     o's length N(o') = s ⊙ v with rms(v) = ρ = rms(o) / r(o) (≈ 1), so the MLP can turn its
     contribution, not stretch it. The target T = N(o) + R is met at the nearest such point (T
     itself where reachable), and o' = r(o) v."""
-    norm = model.blocks[layer].post_feedforward_layernorm
+    norm = model.blocks[layer].mlp_output_norm
     o, s = out.to(R), norm.scale().to(R)
     r = (o.pow(2).mean(1, keepdim=True) + norm.eps).sqrt()                          # (n, 1)
     v = nearest_scaled_point(s, s * o / r + R, o.pow(2).mean(1, keepdim=True) / r ** 2)

@@ -1,14 +1,14 @@
 """A small, hand-written forward pass on HF-format checkpoints: LLaMA (Llama-2/3/3.1/3.2), Qwen2 /
-Qwen2.5, Qwen3, Mistral, Gemma, Gemma 2 and 3, OLMo 2 and 3, SmolLM3, Phi-3 (3.5, 4), GPT-J, GPT-2,
-GPT-NeoX (Pythia) and Phi (1, 1.5, 2).
+Qwen2.5, Qwen3, Mistral, Gemma, Gemma 2 and 3, OLMo 2 and 3, SmolLM3, GLM-4, Phi-3 (3.5, 4), GPT-J,
+GPT-2, GPT-NeoX (Pythia) and Phi (1, 1.5, 2).
 
 Parameter names mirror the checkpoint's tensor names one to one, so loading is a strict
 name-and-shape match. The LLaMA-like families share one block (Qwen2 adds biases on q, k, v; Qwen3
 an RMSNorm over each head of q and k; Mistral and windowed Qwen layers a sliding attention window;
 Gemma (1 + w) norms, scaled embeddings and a GELU gate; Gemma 2 also norms on the outputs of
 attention and the MLP, soft-capped attention scores and logits, and a window on alternate layers;
-Gemma 3 and OLMo 2 and 3 variations of those; SmolLM3 layers without rope; Phi-3 fused
-projections and LongRoPE); GPT-J, GPT-2, GPT-NeoX and Phi have their own. The forward pass returns
+Gemma 3 and OLMo 2 and 3 variations of those; SmolLM3 layers without rope; GLM-4 interleaved
+rope, its 0414 release Gemma 2's norms under its own names; Phi-3 fused projections and LongRoPE); GPT-J, GPT-2, GPT-NeoX and Phi have their own. The forward pass returns
 what knowledge editing needs without hooks: the MLP keys (the input of `down_proj` / `fc_out` /
 GPT-2's `mlp.c_proj` / `dense_4h_to_h` / `fc2`) and residual-stream outputs at chosen layers; it
 can stop after a layer, or start at one from a given residual stream (editing's residual delta:
@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 
 # one layout (model.embed_tokens, model.layers, model.norm): RMSNorm, rope on halves, a gated MLP
 LLAMA_LIKE = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo2", "olmo3",
-              "phi3", "smollm3")
+              "phi3", "smollm3", "glm", "glm4")
 # the gate activations of the gated MLP, by HF's names: SwiGLU (LLaMA ...) and GeGLU (Gemma)
 GATE_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 # each layout's module names: (the body, its embeddings, its blocks, its final norm; the head)
@@ -94,7 +94,9 @@ class Config:
                                   # an ungated MLP's (GPT-J, GPT-NeoX, Phi): "gelu" (erf) or "gelu_pytorch_tanh"
     parallel_residual: bool = False      # GPT-NeoX: attention and the MLP both read the block's input
     head_bias: bool = False       # GPT-J, Phi: the head has a bias (kept apart where the weight is tied)
-    fused_projections: bool = False      # Phi-3: q, k, v in one qkv_proj; the MLP's gate and up in gate_up_proj
+    fused_qkv: bool = False       # Phi-3: q, k, v in one qkv_proj
+    fused_gate_up: bool = False   # Phi-3, GLM: the MLP's gate and up in one gate_up_proj
+    rope_interleaved: bool = False       # GLM: rope turns interleaved pairs (GPT-J's), not the two halves
     norm_plus_one: bool = False   # Gemma: RMSNorm's weight applied as (1 + w), in float32 (FloatRMSNorm)
     norm_weight_float32: bool = False   # OLMo 2: the weight w applied in float32 before the cast
     embed_scale: float | None = None     # Gemma: embeddings times sqrt(d_model), rounded to their dtype
@@ -518,7 +520,7 @@ def read_phi3(c: dict) -> Config:
     head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
     rope, rotary = phi3_rope(c, head_dim)
     window = c.get("sliding_window")
-    return read_llama_like(c, rope, fused_projections=True, rotary_dim=rotary, sliding_window=window,
+    return read_llama_like(c, rope, fused_qkv=True, fused_gate_up=True, rotary_dim=rotary, sliding_window=window,
                            window_layers=tuple(range(c["num_hidden_layers"])) if window else (),
                            norm_eps=c.get("rms_norm_eps", 1e-5))
 
@@ -592,16 +594,35 @@ def read_smollm3(c: dict) -> Config:
 OLMO = dict(pad_token_id=1)
 GEMMA = dict(max_position_embeddings=8192, pad_token_id=0)
 QWEN = dict(num_key_value_heads=32, max_position_embeddings=32768)
+GLM = dict(num_key_value_heads=2, head_dim=128, max_position_embeddings=131072, pad_token_id=151329)
 HF_DEFAULTS = {"olmo2": OLMO, "olmo3": OLMO, "qwen2": QWEN, "qwen3": QWEN,
                "mistral": dict(num_key_value_heads=8, max_position_embeddings=131072),
                "gemma": dict(GEMMA, num_key_value_heads=16), "gemma2": dict(GEMMA, num_key_value_heads=4),
                "phi3": dict(max_position_embeddings=4096, pad_token_id=32000),
-               "smollm3": dict(num_key_value_heads=4, max_position_embeddings=32768, pad_token_id=128004)}
+               "smollm3": dict(num_key_value_heads=4, max_position_embeddings=32768, pad_token_id=128004),
+               "glm": GLM, "glm4": GLM}
+
+def read_glm(c: dict, **more) -> Config:
+    """GLM-4 (GLM-4-9B, model_type glm): LLaMA's layout with biases on q, k and v, the MLP's gate
+    and up in one gate_up_proj, and rope on interleaved pairs (GPT-J's) of the first
+    partial_rotary_factor (0.5 where silent) of each head; GLM-4-0414 (glm4) adds norms on the
+    outputs of attention and the MLP (`more`)."""
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    share = (c.get("rope_parameters") or {}).get("partial_rotary_factor", c.get("partial_rotary_factor", 0.5))
+    return read_llama_like(c, qkv_bias=c.get("attention_bias", True), fused_gate_up=True, rope_interleaved=True,
+                           rotary_dim=rotary_dims(c, head_dim, share), norm_eps=c.get("rms_norm_eps", 1.5625e-07),
+                           **more)
+
+
+def read_glm4(c: dict) -> Config:
+    return read_glm(c, post_norms=True)
+
 
 READERS = {"llama": read_llama, "gptj": read_gptj, "gpt2": read_gpt2, "qwen2": read_qwen2,
            "qwen3": read_qwen3, "mistral": read_mistral, "gemma": read_gemma, "gemma2": read_gemma2,
            "gemma3_text": read_gemma3_text, "gemma3": read_gemma3, "olmo2": read_olmo2, "olmo3": read_olmo3,
-           "gpt_neox": read_gpt_neox, "phi3": read_phi3, "phi": read_phi, "smollm3": read_smollm3}
+           "gpt_neox": read_gpt_neox, "phi3": read_phi3, "phi": read_phi, "smollm3": read_smollm3,
+           "glm": read_glm, "glm4": read_glm4}
 SUPPORTED = tuple(READERS)
 
 
@@ -770,7 +791,7 @@ class Attention(nn.Module):
         hd, nh, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
         qkv_bias = cfg.attention_bias or cfg.qkv_bias
         self.widths = (nh * hd, nkv * hd, nkv * hd)
-        if cfg.fused_projections:                       # Phi-3: one projection, q then k then v
+        if cfg.fused_qkv:                               # Phi-3: one projection, q then k then v
             self.qkv_proj = nn.Linear(cfg.d_model, sum(self.widths), bias=qkv_bias)
         else:
             self.q_proj = nn.Linear(cfg.d_model, nh * hd, bias=qkv_bias)
@@ -784,7 +805,7 @@ class Attention(nn.Module):
     def forward(self, x, rope, cos, sin, allowed, cache: KVCache | None, layer: int):
         B, T, _ = x.shape
         hd, nh, nkv = self.cfg.head_dim, self.cfg.n_heads, self.cfg.n_kv_heads
-        if self.cfg.fused_projections:
+        if self.cfg.fused_qkv:
             q, k, v = self.qkv_proj(x).split(self.widths, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -894,12 +915,12 @@ def rms_norm(cfg: Config, d: int | None = None) -> nn.Module:
 
 class LlamaMLP(nn.Module):
     """The gated MLP: down(act(gate(x)) * up(x)), act SiLU (SwiGLU) or the tanh GELU (Gemma's GeGLU);
-    Phi-3 has gate and up in one projection, gate_up_proj (gate first)."""
+    Phi-3 and GLM have gate and up in one projection, gate_up_proj (gate first)."""
 
     def __init__(self, cfg: Config):
         super().__init__()
         self.gelu = cfg.mlp_act == "gelu_pytorch_tanh"
-        self.fused = cfg.fused_projections
+        self.fused = cfg.fused_gate_up
         b = cfg.mlp_bias
         if self.fused:
             self.gate_up_proj = nn.Linear(cfg.d_model, 2 * cfg.d_mlp, bias=b)
@@ -945,42 +966,59 @@ class GPT2MLP(nn.Module):
 
 
 class LlamaBlock(nn.Module):
-    """LLaMA, Qwen2, Qwen3, Mistral and Gemma: pre-norm, attention then MLP."""
+    """LLaMA, Qwen2, Qwen3, Mistral, Gemma and GLM: pre-norm, attention then MLP."""
 
     def __init__(self, cfg: Config):
         super().__init__()
+        self.rope = rope_gptj if cfg.rope_interleaved else rope_llama
         self.input_layernorm = rms_norm(cfg)
         self.self_attn = Attention(cfg, "o_proj")
         self.post_attention_layernorm = rms_norm(cfg)
         self.mlp = LlamaMLP(cfg)
 
     def forward(self, h, cos, sin, allowed, cache, layer):   # sequential: attention, then MLP
-        h = h + self.self_attn(self.input_layernorm(h), rope_llama, cos, sin, allowed, cache, layer)
+        h = h + self.self_attn(self.input_layernorm(h), self.rope, cos, sin, allowed, cache, layer)
         out, key = self.mlp(self.post_attention_layernorm(h))
         return h + out, key
+
+
+# The names of a post-norm block's norms after attention, before and after the MLP: Gemma 2's
+# (OLMo 2's) where not listed; GLM-4 keeps LLaMA's post_attention_layernorm on the MLP's input
+POST_NORM_NAMES = {"glm4": ("post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm")}
+GEMMA_POST_NORM_NAMES = ("post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
 
 
 class PostNormBlock(nn.Module):
     """Gemma 2 and 3: LLaMA's block with the outputs of attention and of the MLP normalised before
     each joins the residual stream; its post_attention_layernorm is thus on attention's output
     (LLaMA's of that name is on the MLP's input: here pre_feedforward_layernorm). OLMo 2: the same
-    without the norms on the inputs (identities, with no weights to name)."""
+    without the norms on the inputs (identities, with no weights to name). GLM-4: the same under
+    its own names (POST_NORM_NAMES), its rope on interleaved pairs."""
 
     def __init__(self, cfg: Config):
         super().__init__()
         pre = rms_norm if cfg.pre_norms else lambda cfg: nn.Identity()
+        self.rope = rope_gptj if cfg.rope_interleaved else rope_llama
+        self.names = POST_NORM_NAMES.get(cfg.arch, GEMMA_POST_NORM_NAMES)
+        after_attention, before_mlp, after_mlp = self.names
         self.input_layernorm = pre(cfg)
         self.self_attn = Attention(cfg, "o_proj")
-        self.post_attention_layernorm = rms_norm(cfg)
-        self.pre_feedforward_layernorm = pre(cfg)
+        setattr(self, after_attention, rms_norm(cfg))
+        setattr(self, before_mlp, pre(cfg))
         self.mlp = LlamaMLP(cfg)
-        self.post_feedforward_layernorm = rms_norm(cfg)
+        setattr(self, after_mlp, rms_norm(cfg))
+
+    @property
+    def mlp_output_norm(self) -> nn.Module:
+        """The norm on the MLP's output (Gemma 2's post_feedforward_layernorm): editing's E6b."""
+        return getattr(self, self.names[2])
 
     def forward(self, h, cos, sin, allowed, cache, layer):
-        a = self.self_attn(self.input_layernorm(h), rope_llama, cos, sin, allowed, cache, layer)
-        h = h + self.post_attention_layernorm(a)
-        out, key = self.mlp(self.pre_feedforward_layernorm(h))
-        return h + self.post_feedforward_layernorm(out), key
+        after_attention, before_mlp, after_mlp = (getattr(self, n) for n in self.names)
+        a = self.self_attn(self.input_layernorm(h), self.rope, cos, sin, allowed, cache, layer)
+        h = h + after_attention(a)
+        out, key = self.mlp(before_mlp(h))
+        return h + after_mlp(out), key
 
 
 class GPTJBlock(nn.Module):
@@ -1065,7 +1103,7 @@ BLOCKS = {"gptj": GPTJBlock, "gpt2": GPT2Block, "gpt_neox": NeoXBlock, "phi": Ph
 
 
 class CausalLM(nn.Module):
-    """LlamaForCausalLM (and the Qwen, Mistral, Gemma, OLMo, SmolLM3 and Phi-3 models in its layout),
+    """LlamaForCausalLM (and the Qwen, Mistral, Gemma, OLMo, SmolLM3, GLM and Phi-3 models in its layout),
     GPTJForCausalLM, GPT2LMHeadModel, GPTNeoXForCausalLM, PhiForCausalLM, with the checkpoint's parameter names
     (each layout's in LAYOUTS)."""
 
@@ -1148,10 +1186,10 @@ class CausalLM(nn.Module):
 
     def mlp_contribution(self, layer: int, out: torch.Tensor) -> torch.Tensor:
         """What the MLP output `out` (..., d) adds to the residual stream at `layer`, on out's
-        device: out itself, or with Gemma 2 and 3's post-norm post_feedforward_layernorm(out)."""
+        device: out itself, or with a post-norm block's norm on it (Gemma 2's post_feedforward_layernorm)."""
         if not self.cfg.post_norms:
             return out
-        norm = self.blocks[layer].post_feedforward_layernorm
+        norm = self.blocks[layer].mlp_output_norm
         return norm(out.to(norm.weight.device)).to(out.device)
 
     def edit_tensors(self, layers) -> dict[str, torch.Tensor]:

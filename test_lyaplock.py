@@ -451,7 +451,7 @@ def test_alphaedit_without_a_null_space_is_refused_before_the_run_directory(tmp_
     assert L.main(argv) == 0 and json.loads((out / "config.json").read_text())["hparams"]["nullspace_threshold"] == 2e-2
 
 
-POST_NORM_KINDS = ["gemma2", "gemma3-gqa-window-ropes", "olmo2", "olmo3"]
+POST_NORM_KINDS = ["gemma2", "gemma3-gqa-window-ropes", "olmo2", "olmo3", "glm4"]
 
 
 @pytest.fixture(scope="module")
@@ -520,7 +520,7 @@ def test_e6b_moves_a_post_normed_mlp_output_to_the_target_or_the_nearest_reachab
     o, other = (3 * torch.randn(5, m.cfg.d_model, generator=g, dtype=torch.float64) for _ in range(2))
     other *= o.norm(dim=1, keepdim=True) / other.norm(dim=1, keepdim=True)
     N = lambda x: m.mlp_contribution(layer, x.float()).double()
-    norm = m.blocks[layer].post_feedforward_layernorm
+    norm = m.blocks[layer].mlp_output_norm
     s = norm.scale().double()
     new = o + L.mlp_change(m, layer, o, N(other) - N(o))
     close(N(new), N(other), 1e-6)
@@ -566,7 +566,7 @@ def test_target_values_on_a_post_norm_model_score_what_it_computes_with_delta_wh
     close(torch.tensor([l[-1] for l in info["loss"]]), nll, 1e-5)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt-neox", "phi3", "phi", "smollm3", *POST_NORM_KINDS])
+@pytest.mark.parametrize("kind", ["llama", "gpt-neox", "phi3", "phi", "smollm3", "glm", *POST_NORM_KINDS])
 def test_a_one_layer_step_with_no_penalty_meets_the_target_or_the_post_norms_nearest_point(family_model, kind):
     """MEMIT with λ → 0, one request, the bare prompt only (K1 is its key): the layer's output at
     the subject becomes z* (LLaMA; GPT-NeoX and Phi, their MLP beside attention; Phi-3, its fused
@@ -593,7 +593,7 @@ def test_a_one_layer_step_with_no_penalty_meets_the_target_or_the_post_norms_nea
             return
         o_after = L.mlp_outputs(m, layer, key_after)
         mid = h - m.mlp_contribution(layer, o)              # the stream before the MLP's add
-        norm = m.blocks[layer].post_feedforward_layernorm
+        norm = m.blocks[layer].mlp_output_norm
         rho2 = o.double().pow(2).mean(1, keepdim=True) / (o.double().pow(2).mean(1, keepdim=True) + norm.eps)
         s = norm.scale().double()
         close(o_after.norm(), o.norm(), 1e-5)
