@@ -714,6 +714,10 @@ def assert_logits_are_transformers(d: Path):
     # OLMo 3 with the layer kinds and a flat rope_scaling beside them: transformers 5 updates the
     # full layers' rope with it
     ("olmo3", [], dict(rope_scaling=dict(beta_fast=32))),
+    # GLM-4-0414's spelling (partial_rotary_factor and rope_theta at the top level), and GLM-4-9B's
+    # with the share left to the default (half of each head)
+    ("glm4", ["rope_parameters"], dict(partial_rotary_factor=0.5, rope_theta=10000.0)),
+    ("glm", ["rope_parameters"], dict(rope_theta=10000.0)),
     # SmolLM3-3B's spelling (rope_theta at the top level, no_rope_layers listed, no window), and
     # everything left to the defaults (base 2e6, NoPE every fourth layer, tied: the kind's values)
     ("smollm3", ["rope_parameters", "layer_types"], dict(rope_theta=2e6, rope_scaling=None, no_rope_layers=[1, 1, 1, 0],
