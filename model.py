@@ -209,8 +209,9 @@ def read_rope(c: dict, theta: float = 10000.0) -> dict:
         if rs.get(key) is None:            # no guessed defaults: transformers requires or derives them
             raise CheckpointError(f"config.json (model_type {c['model_type']!r}): {kind} rope_scaling "
                                   f"{rs!r} lacks the field {key!r}")
-    return dict(rope_theta=rp.get("rope_theta", c.get("rope_theta", theta)),     # rope_parameters' first,
-                rope_scaling=yarn_scaling(rs) if kind == "yarn" else rs)           # as transformers 5
+    given = c.get("rope_scaling") or rp          # transformers 5 takes rope_scaling as rope_parameters
+    return dict(rope_theta=given.get("rope_theta", c.get("rope_theta", theta)),   # its base first, as there
+                rope_scaling=yarn_scaling(rs) if kind == "yarn" else rs)
 
 
 def yarn_scaling(rs: dict) -> dict:
@@ -608,9 +609,11 @@ def read_glm(c: dict, **more) -> Config:
     partial_rotary_factor (0.5 where silent) of each head; GLM-4-0414 (glm4) adds norms on the
     outputs of attention and the MLP (`more`)."""
     head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
-    share = (c.get("rope_parameters") or {}).get("partial_rotary_factor", c.get("partial_rotary_factor", 0.5))
+    given = c.get("rope_scaling") or c.get("rope_parameters") or {}      # (as read_rope reads them)
+    share = given.get("partial_rotary_factor", c.get("partial_rotary_factor", 0.5))
     return read_llama_like(c, qkv_bias=c.get("attention_bias", True), fused_gate_up=True, rope_interleaved=True,
-                           rotary_dim=rotary_dims(c, head_dim, share), norm_eps=c.get("rms_norm_eps", 1.5625e-07),
+                           rotary_dim=rotary_dims(c, head_dim, 1.0 if share is None else share),   # null: whole
+                           norm_eps=c.get("rms_norm_eps", 1.5625e-07),
                            **more)
 
 

@@ -759,6 +759,21 @@ def test_a_config_json_left_to_the_defaults_reads_as_transformers(family):
     assert cfg.rope_theta == rope.get("rope_theta", rope.get("full_attention", {}).get("rope_theta", cfg.rope_theta))
 
 
+@pytest.mark.parametrize("kind", ["glm", "glm4"])
+def test_glm_reads_its_rotary_share_and_rope_base_where_transformers_5_does(ckpt, tmp_path, kind):
+    """A share and a base inside a flat rope_scaling (transformers 5 takes it as rope_parameters:
+    a quarter of each head here, not the top-level half), and a null share (the whole head)."""
+    scaling = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=8, partial_rotary_factor=0.25,
+                   rope_theta=100.0)
+    d = _config_with(tmp_path / "a", ckpt(kind), ["rope_parameters"], rope_theta=5.0, partial_rotary_factor=0.5,
+                     rope_scaling=scaling)
+    assert (M.read_config(d).rotary_dim, M.read_config(d).rope_theta) == (4, 100.0)
+    assert_logits_are_transformers(d)
+    d = _config_with(tmp_path / "b", ckpt(kind), ["rope_parameters"], rope_theta=1e4, partial_rotary_factor=None)
+    assert M.read_config(d).rotary_dim == 16
+    assert_logits_are_transformers(d)
+
+
 def test_olmo3_defaults_are_transformers():
     """A config.json naming only sizes reads as transformers' Olmo3Config defaults: a window of
     4096 on three layers in four, rope 5e5 on both kinds, unscaled; OLMo 2's eps 1e-5."""
