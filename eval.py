@@ -433,10 +433,11 @@ def general_eval(m, glue_dir, n_per_task: int = 100, tasks=tuple(TASKS), batch_s
 # ------------------------------------------------------------------------------- perplexity
 @torch.no_grad()
 def perplexity(m, texts, max_len: int = 256, batch_size: int = 16) -> float:
-    """exp(total NLL / number of predicted tokens) over texts, each encoded alone with BOS (where
-    the tokenizer has one) and cut to `max_len` tokens; texts under 2 tokens are skipped."""
+    """exp(total NLL / number of predicted tokens) over texts, each encoded alone after what the
+    tokenizer puts first (its template's lead: GLM's [gMASK]<sop>), else its BOS where it has one
+    (GPT-2's), and cut to `max_len` tokens; texts under 2 tokens are skipped."""
     tok = m.tokenizer
-    seqs = [tok.encode(t, bos=tok.bos_id is not None)[:max_len] for t in texts]
+    seqs = [tok.encode(t, bos=None if tok.lead else tok.bos_id is not None)[:max_len] for t in texts]
     seqs = [s for s in seqs if len(s) >= 2]
     if not seqs:
         raise ValueError("perplexity: no text has 2 or more tokens")

@@ -2,6 +2,7 @@
 general-ability measures on the real checkpoint. Run: python -m pytest -q test_eval.py"""
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -294,6 +295,28 @@ def test_perplexity_matches_plain_forward(lm):
         total -= sum(float(logp[i, ids[i + 1]]) for i in range(len(ids) - 1))
         count += len(ids) - 1
     assert E.perplexity(lm, texts, max_len=12) == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def test_perplexity_scores_after_what_the_template_puts_first(tmp_path):
+    """A tokenizer with no BOS whose template puts two special tokens first (as GLM's [gMASK]<sop>):
+    each text is scored after them, as a prompt is encoded (it was scored with nothing before)."""
+    d = tmp_path / "glm-like"
+    shutil.copytree(FIX / "stories260K-hf", d)
+    tj = json.loads((d / "tokenizer.json").read_text())
+    tj["post_processor"] = {"type": "TemplateProcessing", "single": [
+        {"SpecialToken": {"id": "<s>", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}},
+        {"Sequence": {"id": "A", "type_id": 0}}], "pair": [{"Sequence": {"id": "A", "type_id": 0}}],
+        "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]},
+                           "</s>": {"id": "</s>", "ids": [2], "tokens": ["</s>"]}}}
+    (d / "tokenizer.json").write_text(json.dumps(tj))
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": None, "eos_token": "</s>"}))
+    m = M.load(d)
+    assert m.tokenizer.bos_id is None and m.tokenizer.lead == [1, 2]
+    text = "Once upon a time, there was a little dog."
+    ids = [1, 2] + m.tokenizer.encode(text, bos=False)
+    logp = m(torch.tensor([ids])).logits[0].log_softmax(-1)
+    nll = -sum(float(logp[i, ids[i + 1]]) for i in range(len(ids) - 1)) / (len(ids) - 1)
+    assert E.perplexity(m, [text]) == pytest.approx(math.exp(nll), rel=1e-5)
 
 
 def test_generation_eval_runs_and_is_seeded(lm):
