@@ -209,8 +209,7 @@ def read_rope(c: dict, theta: float = 10000.0) -> dict:
         if rs.get(key) is None:            # no guessed defaults: transformers requires or derives them
             raise CheckpointError(f"config.json (model_type {c['model_type']!r}): {kind} rope_scaling "
                                   f"{rs!r} lacks the field {key!r}")
-    given = c.get("rope_scaling") or rp          # transformers 5 takes rope_scaling as rope_parameters
-    return dict(rope_theta=given.get("rope_theta", c.get("rope_theta", theta)),   # its base first, as there
+    return dict(rope_theta=rope_given(c).get("rope_theta", c.get("rope_theta", theta)),   # its base first
                 rope_scaling=yarn_scaling(rs) if kind == "yarn" else rs)
 
 
@@ -310,18 +309,24 @@ def read_gemma(c: dict) -> Config:
     return read_llama_like(c, **gemma_family(c))
 
 
-def gemma2_layout(c: dict, sliding, caps: tuple) -> dict:
-    """What Gemma 2 and 3 add to Gemma's: norms on the outputs of attention and the MLP, the
-    attention scale query_pre_attn_scalar^-0.5, soft caps (attention, logits; `caps` where
-    config.json is silent), and sliding_window tokens (4096 where the key is absent) in the
-    sliding layers (by default those `sliding(i)` picks); a null window with sliding layers is
-    refused (transformers cannot build their mask)."""
+def window_fields(c: dict, sliding) -> dict:
+    """sliding_window tokens (4096 where the key is absent) in the layers layer_types marks
+    sliding (by default those `sliding(i)` picks), as Gemma 2 and 3 and OLMo 3 read them; a null
+    window with sliding layers is refused (transformers cannot build their mask)."""
     layers = sliding_layers(c, sliding)
     window = c.get("sliding_window", 4096)
     if layers and not window:
         refuse(c, f"sliding_window {window!r} with sliding_attention layers", "a window needs its size")
-    return dict(**gemma_family(c), post_norms=True, sliding_window=window if layers else None,
-                window_layers=layers, attn_scale=c.get("query_pre_attn_scalar", 256) ** -0.5,
+    return dict(sliding_window=window if layers else None, window_layers=layers)
+
+
+def gemma2_layout(c: dict, sliding, caps: tuple) -> dict:
+    """What Gemma 2 and 3 add to Gemma's: norms on the outputs of attention and the MLP, the
+    attention scale query_pre_attn_scalar^-0.5, soft caps (attention, logits; `caps` where
+    config.json is silent), and sliding_window tokens (4096 where the key is absent) in the
+    sliding layers (by default those `sliding(i)` picks: window_fields)."""
+    return dict(**gemma_family(c), **window_fields(c, sliding), post_norms=True,
+                attn_scale=c.get("query_pre_attn_scalar", 256) ** -0.5,
                 attn_softcap=c.get("attn_logit_softcapping", caps[0]),
                 final_softcap=c.get("final_logit_softcapping", caps[1]))
 
@@ -395,10 +400,6 @@ def read_olmo3(c: dict) -> Config:
     unscaled, the full layers' perhaps YaRN-scaled (the released long-context models), as
     transformers 5 reads them: rope_parameters per layer kind, or rope_theta (5e5) with
     rope_scaling for the full layers."""
-    layers = sliding_layers(c, lambda i: (i + 1) % 4 != 0)
-    window = c.get("sliding_window", 4096)
-    if layers and not window:
-        refuse(c, f"sliding_window {window!r} with sliding_attention layers", "a window needs its size")
     rp = c.get("rope_parameters") or {}
     if rp and not set(rp) <= {"full_attention", "sliding_attention"}:
         refuse(c, f"rope_parameters {rp!r}", "OLMo 3's are given per layer kind, full_attention and sliding_attention")
@@ -408,14 +409,14 @@ def read_olmo3(c: dict) -> Config:
                "layers at 500000 whatever it says, earlier versions at it; give rope_parameters per layer kind")
     if local.get("rope_type", "default") != "default":
         refuse(c, f"the sliding layers' rope_parameters {local!r}", "OLMo 3's sliding layers turn unscaled")
-    if (full | (c.get("rope_scaling") or {})).get("truncate", True) is not True:   # read beside the layer kinds
-        refuse(c, "YaRN's truncate false for the full layers", "transformers ignores it in OLMo 3, truncating")
     scaling = full | (c.get("rope_scaling") or {})        # transformers 5 updates the one with the other
+    if scaling.get("truncate", True) is not True:         # it reads truncate beside the layer kinds
+        refuse(c, "YaRN's truncate false for the full layers", "transformers ignores it in OLMo 3, truncating")
     scaling = scaling if scaling.get("rope_type", "default") != "default" else None
     theta = full.get("rope_theta", c.get("rope_theta", 5e5))
     rope = read_rope(dict(model_type=c["model_type"], rope_scaling=scaling), theta=theta)
     return read_olmo2(c, rope | dict(local_rope_theta=local.get("rope_theta", 5e5)),
-                      sliding_window=window if layers else None, window_layers=layers)
+                      **window_fields(c, lambda i: (i + 1) % 4 != 0))
 
 
 def read_gemma2(c: dict) -> Config:
@@ -459,18 +460,27 @@ GELU_ACTIVATIONS = {"gelu": "gelu", "gelu_fast": "gelu_pytorch_tanh", "gelu_new"
                     "gelu_pytorch_tanh": "gelu_pytorch_tanh"}
 
 
+def rope_given(c: dict) -> dict:
+    """The rope fields as transformers 5 takes them: rope_scaling (the older key, which it copies
+    over), else rope_parameters."""
+    return c.get("rope_scaling") or c.get("rope_parameters") or {}
+
+
 def unscaled_rope(c: dict, family: str) -> dict:
-    """The rope fields transformers reads (rope_scaling, else rope_parameters) of a family whose
-    rope is implemented here unscaled; a scaling is refused."""
-    rope = c.get("rope_scaling") or c.get("rope_parameters") or {}
+    """The rope fields transformers reads (rope_given) of a family whose rope is implemented here
+    unscaled; a scaling is refused."""
+    rope = rope_given(c)
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         refuse(c, f"rope scaling {rope!r}", f"{family}'s rope is implemented unscaled")
     return rope
 
 
-def rotary_dims(c: dict, head_dim: int, share: float) -> int:
-    """The head dims rope turns, int(head_dim · share) as transformers: an even number, or refused."""
-    rotary = int(head_dim * share)
+def rotary_dims(c: dict, head_dim: int, default: float, key: str = "partial_rotary_factor") -> int:
+    """The head dims rope turns, int(head_dim · share) as transformers: an even number, or refused.
+    The share is partial_rotary_factor of the rope fields (rope_given), else config.json's `key`
+    (GPT-NeoX's rotary_pct), else `default`; null turns the whole head."""
+    share = rope_given(c).get("partial_rotary_factor", c.get(key, default))
+    rotary = int(head_dim * (1.0 if share is None else share))
     if rotary < 2 or rotary % 2:
         refuse(c, f"a rotary share giving {rotary} of {head_dim} head dims", "rope turns an even number of them")
     return rotary
@@ -492,10 +502,10 @@ def phi3_rope(c: dict, head_dim: int) -> tuple[dict, int]:
     key, 4096 where absent), and scales cos and sin by attention_factor (by default
     sqrt(1 + ln s / ln original), s = factor or max_position_embeddings / original). Returns the
     rope fields and rotary_dim (0: the whole head)."""
-    rp = c.get("rope_scaling") or c.get("rope_parameters") or {}
+    rp = rope_given(c)
     kind = rp.get("rope_type", rp.get("type", "default"))
     kind = "longrope" if kind in ("su", "yarn") else kind
-    rotary = rotary_dims(c, head_dim, rp.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)))
+    rotary = rotary_dims(c, head_dim, 1.0)
     fields = dict(rope_theta=rp.get("rope_theta", c.get("rope_theta", 10000.0)), rope_scaling=None)
     if kind == "longrope":
         original = c.get("original_max_position_embeddings", 4096)
@@ -533,7 +543,7 @@ def read_gpt_neox(c: dict) -> Config:
     share from rope_scaling or rope_parameters, else rotary_emb_base and rotary_pct; unscaled."""
     rope = unscaled_rope(c, "GPT-NeoX")
     nh, d = c["num_attention_heads"], c["hidden_size"]
-    rotary = rotary_dims(c, d // nh, rope.get("partial_rotary_factor", c.get("rotary_pct", 0.25)))
+    rotary = rotary_dims(c, d // nh, 0.25, key="rotary_pct")
     return Config(arch="gpt_neox", vocab_size=c["vocab_size"], d_model=d, n_layers=c["num_hidden_layers"],
                   n_heads=nh, n_kv_heads=nh, head_dim=d // nh, d_mlp=c["intermediate_size"],
                   norm_eps=c.get("layer_norm_eps", 1e-5), rotary_dim=rotary,
@@ -554,7 +564,7 @@ def read_phi(c: dict) -> Config:
     rope = unscaled_rope(c, "Phi")
     nh, d = c["num_attention_heads"], c["hidden_size"]
     head_dim = c.get("head_dim") or d // nh
-    rotary = rotary_dims(c, head_dim, rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 0.5)))
+    rotary = rotary_dims(c, head_dim, 0.5)
     return Config(arch="phi", vocab_size=c["vocab_size"], d_model=d, n_layers=c["num_hidden_layers"], n_heads=nh,
                   n_kv_heads=c.get("num_key_value_heads") or nh, head_dim=head_dim, d_mlp=c["intermediate_size"],
                   norm_eps=c.get("layer_norm_eps", 1e-5), rotary_dim=rotary if rotary < head_dim else 0,
@@ -609,11 +619,8 @@ def read_glm(c: dict, **more) -> Config:
     partial_rotary_factor (0.5 where silent) of each head; GLM-4-0414 (glm4) adds norms on the
     outputs of attention and the MLP (`more`)."""
     head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
-    given = c.get("rope_scaling") or c.get("rope_parameters") or {}      # (as read_rope reads them)
-    share = given.get("partial_rotary_factor", c.get("partial_rotary_factor", 0.5))
     return read_llama_like(c, qkv_bias=c.get("attention_bias", True), fused_gate_up=True, rope_interleaved=True,
-                           rotary_dim=rotary_dims(c, head_dim, 1.0 if share is None else share),   # null: whole
-                           norm_eps=c.get("rms_norm_eps", 1.5625e-07),
+                           rotary_dim=rotary_dims(c, head_dim, 0.5), norm_eps=c.get("rms_norm_eps", 1.5625e-07),
                            **more)
 
 

@@ -338,13 +338,18 @@ KEY_FIELDS = {"weights", "config", "tensors", "tokenizer", "layers", "d_mlp", "c
               "dtype"}
 
 
-def read_meta(path) -> tuple[dict, dict, dict]:
-    """(metadata, key, {tensor: sha256}) of a statistics file; a StatisticsError if it is not one."""
+def file_metadata(path) -> dict:
+    """A safetensors file's metadata; an UnreadableStatistics if it cannot be read."""
     try:
         with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
+            return f.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise UnreadableStatistics(f"{path}: not a readable statistics file (truncated or corrupt?): {e}") from None
+
+
+def read_meta(path) -> tuple[dict, dict, dict]:
+    """(metadata, key, {tensor: sha256}) of a statistics file; a StatisticsError if it is not one."""
+    meta = file_metadata(path)
     if meta.get("format") != FORMAT:
         raise StatisticsError(f"{path}: not a statistics file (python lyaplock.py stats writes them)")
     if meta.get("version") != str(VERSION):
@@ -640,9 +645,8 @@ def parse_args(argv):
 def is_statistics_file(path) -> bool:
     """Whether `path` is a statistics file this code (any version) wrote."""
     try:
-        with safe_open(str(path), "pt") as f:
-            return (f.metadata() or {}).get("format") == FORMAT
-    except (SafetensorError, OSError):
+        return file_metadata(path).get("format") == FORMAT
+    except UnreadableStatistics:
         return False
 
 

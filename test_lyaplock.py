@@ -1183,13 +1183,9 @@ def test_a_generation_prompt_counts_with_the_tokens_its_batch_may_sample_after_i
     prompt beside it goes on by up to 100 tokens: a GPT-2 of 160 learned positions fails mid-run on
     an 80-token prompt beside a short one (counted as 100 tokens, it passed validation); it is
     now refused before any model work, naming the generation."""
-    import transformers as T
     from types import SimpleNamespace
-    torch.manual_seed(0)
-    T.GPT2LMHeadModel(T.GPT2Config(vocab_size=50257, n_embd=32, n_layer=2, n_head=2, n_positions=160)).save_pretrained(tmp_path)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(FIX / "gpt2-tokenizer" / f, tmp_path / f)
-    gpt2 = M.load(tmp_path)
+    from test_models import make_checkpoint
+    gpt2 = M.load(make_checkpoint(tmp_path / "gpt2", "gpt2", n_positions=160))
     long = "word " * 79
     assert len(gpt2.tokenizer.encode(long)) == 80
     with pytest.raises(ValueError, match="160 learned positions"):

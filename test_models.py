@@ -519,16 +519,17 @@ FAMILY_CLASSES = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "gem
 CONFIG_CLASSES = {"gemma3_text": "Gemma3TextConfig"}     # Gemma3Config is the multimodal one
 
 
-def make_checkpoint(path, kind, seed=0):
-    """A random tiny checkpoint of `kind`, saved by transformers itself, with a tokenizer. GPT-2
-    "bare" is saved from GPT2Model, whose names lack "transformer." (as OpenAI's GPT-2 files)."""
+def make_checkpoint(path, kind, seed=0, **change):
+    """A random tiny checkpoint of `kind` (with the config keys `change`), saved by transformers
+    itself, with a tokenizer. GPT-2 "bare" is saved from GPT2Model, whose names lack
+    "transformer." (as OpenAI's GPT-2 files)."""
     import transformers as T
     family, opts = KINDS[kind]
-    opts = dict(opts)
+    opts = dict(opts) | change
     torch.manual_seed(seed)
     if family == "gpt2":
         bare = opts.pop("bare", False)
-        c = T.GPT2Config(vocab_size=50257, n_embd=64, n_layer=3, n_head=4, n_positions=64, **opts)
+        c = T.GPT2Config(**dict(vocab_size=50257, n_embd=64, n_layer=3, n_head=4, n_positions=64) | opts)
         hf = (T.GPT2Model if bare else T.GPT2LMHeadModel)(c)
         tok = FIX / "gpt2-tokenizer"
     else:

@@ -600,13 +600,8 @@ def test_a_max_len_beyond_gpt2_s_learned_positions_is_capped_and_said(tmp_path, 
     """A GPT-2 of 64 learned positions, the default --max-len 256: the paragraphs are cut to 64
     tokens before the pass, in the command and in an editing run's collection alike, and the key
     says 64; it used to fail in the last (longest) batch, after all the others' work."""
-    import transformers as T
-    torch.manual_seed(0)
-    path = tmp_path / "gpt2"
-    config = T.GPT2Config(vocab_size=50257, n_embd=64, n_layer=3, n_head=4, n_positions=64)
-    T.GPT2LMHeadModel(config).save_pretrained(path)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(FIX / "gpt2-tokenizer" / f, path / f)
+    from test_models import make_checkpoint
+    path = make_checkpoint(tmp_path / "gpt2", "gpt2")
     gpt2 = M.load(path)
     assert max(map(len, S.stats_sequences(gpt2.tokenizer, data.read_corpus(CORPUS), 2000, 256))) > 64
     out = tmp_path / "C.safetensors"
