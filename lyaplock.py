@@ -712,10 +712,11 @@ def compute_z(model: M.CausalLM, rows: list[Row], n_req: int, layer: int, hp: HP
     summed), so memory stays bounded. norm_base (n, d): the vectors whose norms bound δ and scale its weight decay
     (default h, MEMIT's; ROME passes the MLP output there, E18-E20). at_mlp: δ joins the MLP's
     output (ROME's compute_v), not the layer's (MEMIT's), which is one place but on a model that
-    normalises the MLP output before the residual add (Gemma 2, 3, OLMo 2, 3): there h is the MLP output and
-    δ reaches the residual stream through the norm (E4b). Returns (z* (n, d) float32, info with the losses, h and δ)."""
+    normalises or scales the MLP output before the residual add (Gemma 2, 3, OLMo 2, 3, GLM-4-0414;
+    Granite): there h is the MLP output and δ reaches the residual stream through the norm or the
+    scale (E4b). Returns (z* (n, d) float32, info with the losses, h and δ)."""
     dev = model.embed.weight.device
-    chunks = _chunks(model, rows, layer, max_tokens, at_mlp and model.cfg.post_norms)
+    chunks = _chunks(model, rows, layer, max_tokens, at_mlp and model.cfg.mlp_output_mapped)
     where = {i: (c, b) for c in chunks for b, i in enumerate(c.rows)}
     firsts = [where[next(i for i, r in enumerate(rows) if r.req == j)] for j in range(n_req)]
     h_init = torch.stack([c.h0[b, c.look[b]] if c.out0 is None else c.out0[b] for c, b in firsts]).float()
@@ -820,13 +821,16 @@ def length_problem(model: M.CausalLM, q, templates, generation_tokens: int = 0) 
 
 
 def mlp_change(model: M.CausalLM, layer: int, out, R) -> torch.Tensor:
-    """E6b, on a model that normalises the MLP output before the residual add (Gemma 2, 3, OLMo 2, 3):
-    the change of the MLP outputs `out` (n, d) at `layer` that moves their contributions to the
-    residual stream by R (n, d) float64, as near as the norm allows. N(o) = s ⊙ o / r(o) with
+    """The change of the MLP outputs `out` (n, d) at `layer` that moves their contributions to the
+    residual stream by R (n, d) float64: R / m where the output joins it times Granite's
+    residual_multiplier m (E6c); else (E6b), on a model that normalises the MLP output before the
+    residual add (Gemma 2, 3, OLMo 2, 3, GLM-4-0414), as near as the norm allows. N(o) = s ⊙ o / r(o) with
     s the norm's scale (Gemma: 1 + w; OLMo 2: w), r(o) = sqrt(mean(o²) + ε): for every o' of
     o's length N(o') = s ⊙ v with rms(v) = ρ = rms(o) / r(o) (≈ 1), so the MLP can turn its
     contribution, not stretch it. The target T = N(o) + R is met at the nearest such point (T
     itself where reachable), and o' = r(o) v."""
+    if not model.cfg.post_norms:
+        return R / model.cfg.residual_multiplier                                  # E6c
     norm = model.blocks[layer].mlp_output_norm
     o, s = out.to(R), norm.scale().to(R)
     r = (o.pow(2).mean(1, keepdim=True) + norm.eps).sqrt()                          # (n, 1)
@@ -904,8 +908,8 @@ def edit_batch(model: M.CausalLM, requests, templates, hp: HParams, state: EditS
     for i, layer in enumerate(hp.layers):
         K, cur, bare = keys_and_outputs(model, rows, templates, layer, z_layer)    # E5
         R = f64(zs - cur) / (n - i)             # E6: formed in float32 first, as the authors
-        if model.cfg.post_norms:                # E6b: R reaches the residual stream through a norm
-            R = mlp_change(model, layer, mlp_outputs(model, layer, bare), R)
+        if model.cfg.mlp_output_mapped:         # E6b, E6c: R reaches the residual stream through a norm
+            R = mlp_change(model, layer, mlp_outputs(model, layer, bare), R)             # or a scale
         where.check_finite(layer, keys=K, residual=R)
         clock.lap("keys")
         layers[layer] = update_layer(model, layer, K.T, R.T, hp, state, C, W0, where)

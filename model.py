@@ -1,6 +1,6 @@
 """A small, hand-written forward pass on HF-format checkpoints: LLaMA (Llama-2/3/3.1/3.2), Qwen2 /
-Qwen2.5, Qwen3, Mistral, Gemma, Gemma 2 and 3, OLMo 2 and 3, SmolLM3, GLM-4, Phi-3 (3.5, 4), GPT-J,
-GPT-2, GPT-NeoX (Pythia) and Phi (1, 1.5, 2).
+Qwen2.5, Qwen3, Mistral, Gemma, Gemma 2 and 3, OLMo 2 and 3, SmolLM3, GLM-4, Granite 3, Phi-3 (3.5,
+4), GPT-J, GPT-2, GPT-NeoX (Pythia) and Phi (1, 1.5, 2).
 
 Parameter names mirror the checkpoint's tensor names one to one, so loading is a strict
 name-and-shape match. The LLaMA-like families share one block (Qwen2 adds biases on q, k, v; Qwen3
@@ -8,7 +8,8 @@ an RMSNorm over each head of q and k; Mistral and windowed Qwen layers a sliding
 Gemma (1 + w) norms, scaled embeddings and a GELU gate; Gemma 2 also norms on the outputs of
 attention and the MLP, soft-capped attention scores and logits, and a window on alternate layers;
 Gemma 3 and OLMo 2 and 3 variations of those; SmolLM3 layers without rope; GLM-4 interleaved
-rope, its 0414 release Gemma 2's norms under its own names; Phi-3 fused projections and LongRoPE); GPT-J, GPT-2, GPT-NeoX and Phi have their own. The forward pass returns
+rope, its 0414 release Gemma 2's norms under its own names; Granite scaled embeddings, attention,
+residual adds and logits; Phi-3 fused projections and LongRoPE); GPT-J, GPT-2, GPT-NeoX and Phi have their own. The forward pass returns
 what knowledge editing needs without hooks: the MLP keys (the input of `down_proj` / `fc_out` /
 GPT-2's `mlp.c_proj` / `dense_4h_to_h` / `fc2`) and residual-stream outputs at chosen layers; it
 can stop after a layer, or start at one from a given residual stream (editing's residual delta:
@@ -38,7 +39,7 @@ from safetensors.torch import save_file
 
 # one layout (model.embed_tokens, model.layers, model.norm): RMSNorm, rope on halves, a gated MLP
 LLAMA_LIKE = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo2", "olmo3",
-              "phi3", "smollm3", "glm", "glm4")
+              "phi3", "smollm3", "glm", "glm4", "granite")
 # the gate activations of the gated MLP, by HF's names: SwiGLU (LLaMA ...) and GeGLU (Gemma)
 GATE_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 # each layout's module names: (the body, its embeddings, its blocks, its final norm; the head)
@@ -100,6 +101,9 @@ class Config:
     norm_plus_one: bool = False   # Gemma: RMSNorm's weight applied as (1 + w), in float32 (FloatRMSNorm)
     norm_weight_float32: bool = False   # OLMo 2: the weight w applied in float32 before the cast
     embed_scale: float | None = None     # Gemma: embeddings times sqrt(d_model), rounded to their dtype
+    embedding_multiplier: float = 1.0    # Granite: embeddings times this float (not rounded: its own arithmetic)
+    residual_multiplier: float = 1.0     # Granite: attention's and the MLP's outputs times this before the add
+    logits_scaling: float = 1.0          # Granite: the logits divided by this
     post_norms: bool = False      # Gemma 2, 3, OLMo 2, 3: attention's and the MLP's outputs normalised before the add
     pre_norms: bool = True        # OLMo 2: False, the block's inputs are not normalised
     attn_softcap: float | None = None    # Gemma 2: attention scores capped to tanh(s / c) * c
@@ -109,6 +113,12 @@ class Config:
     @property
     def llama_like(self) -> bool:
         return self.arch in LLAMA_LIKE
+
+    @property
+    def mlp_output_mapped(self) -> bool:
+        """The MLP's output joins the residual stream changed (normalised: Gemma 2, 3, OLMo 2, 3,
+        GLM-4-0414; scaled: Granite), not as it is: editing's E4b and E6b, E6c."""
+        return self.post_norms or self.residual_multiplier != 1.0
 
     @property
     def layout(self) -> tuple[str, str, str, str, str]:
@@ -628,11 +638,23 @@ def read_glm4(c: dict) -> Config:
     return read_glm(c, post_norms=True)
 
 
+def read_granite(c: dict) -> Config:
+    """Granite (3.0-3.3; model_type granite): LLaMA's layout with four scalars: the embeddings
+    times embedding_multiplier, the attention scores times attention_multiplier (not
+    1/sqrt(head_dim)), attention's and the MLP's outputs times residual_multiplier before each
+    joins the residual stream, the logits divided by logits_scaling (1.0 each where silent)."""
+    return read_llama_like(c, attention_bias=c.get("attention_bias", False), mlp_bias=c.get("mlp_bias", False),
+                           embedding_multiplier=c.get("embedding_multiplier", 1.0),
+                           attn_scale=c.get("attention_multiplier", 1.0),
+                           residual_multiplier=c.get("residual_multiplier", 1.0),
+                           logits_scaling=c.get("logits_scaling", 1.0))
+
+
 READERS = {"llama": read_llama, "gptj": read_gptj, "gpt2": read_gpt2, "qwen2": read_qwen2,
            "qwen3": read_qwen3, "mistral": read_mistral, "gemma": read_gemma, "gemma2": read_gemma2,
            "gemma3_text": read_gemma3_text, "gemma3": read_gemma3, "olmo2": read_olmo2, "olmo3": read_olmo3,
            "gpt_neox": read_gpt_neox, "phi3": read_phi3, "phi": read_phi, "smollm3": read_smollm3,
-           "glm": read_glm, "glm4": read_glm4}
+           "glm": read_glm, "glm4": read_glm4, "granite": read_granite}
 SUPPORTED = tuple(READERS)
 
 
@@ -976,20 +998,24 @@ class GPT2MLP(nn.Module):
 
 
 class LlamaBlock(nn.Module):
-    """LLaMA, Qwen2, Qwen3, Mistral, Gemma and GLM: pre-norm, attention then MLP."""
+    """LLaMA, Qwen2, Qwen3, Mistral, Gemma, GLM and Granite: pre-norm, attention then MLP (Granite:
+    each output scaled by residual_multiplier before the add, in the model's dtype; 1.0 elsewhere,
+    which changes nothing)."""
 
     def __init__(self, cfg: Config):
         super().__init__()
         self.rope = rope_gptj if cfg.rope_interleaved else rope_llama
+        self.residual_multiplier = cfg.residual_multiplier
         self.input_layernorm = rms_norm(cfg)
         self.self_attn = Attention(cfg, "o_proj")
         self.post_attention_layernorm = rms_norm(cfg)
         self.mlp = LlamaMLP(cfg)
 
     def forward(self, h, cos, sin, allowed, cache, layer):   # sequential: attention, then MLP
-        h = h + self.self_attn(self.input_layernorm(h), self.rope, cos, sin, allowed, cache, layer)
+        a = self.self_attn(self.input_layernorm(h), self.rope, cos, sin, allowed, cache, layer)
+        h = h + a * self.residual_multiplier
         out, key = self.mlp(self.post_attention_layernorm(h))
-        return h + out, key
+        return h + out * self.residual_multiplier, key
 
 
 # The names of a post-norm block's norms after attention, before and after the MLP: Gemma 2's
@@ -1196,9 +1222,10 @@ class CausalLM(nn.Module):
 
     def mlp_contribution(self, layer: int, out: torch.Tensor) -> torch.Tensor:
         """What the MLP output `out` (..., d) adds to the residual stream at `layer`, on out's
-        device: out itself, or with a post-norm block's norm on it (Gemma 2's post_feedforward_layernorm)."""
+        device: out itself, or with a post-norm block's norm on it (Gemma 2's
+        post_feedforward_layernorm), or times Granite's residual_multiplier."""
         if not self.cfg.post_norms:
-            return out
+            return out * self.cfg.residual_multiplier
         norm = self.blocks[layer].mlp_output_norm
         return norm(out.to(norm.weight.device)).to(out.device)
 
@@ -1272,6 +1299,8 @@ class CausalLM(nn.Module):
             h = h + self.body.wpe(pos)
         if start is None and self.cfg.embed_scale is not None:   # Gemma: a float32 scalar cast to dt
             h = h * torch.tensor(self.cfg.embed_scale).to(h.device, dt)
+        if start is None and self.cfg.embedding_multiplier != 1.0:             # Granite: a Python float
+            h = h * self.cfg.embedding_multiplier
         last = self.cfg.n_layers - 1 if stop_after is None else stop_after
         windows = {self.cfg.window(i) for i in range(first, last + 1)}
         masks = {w: attention_mask(mask, past, w) for w in windows}                # (B, 1, T, S) or None
@@ -1294,6 +1323,8 @@ class CausalLM(nn.Module):
             if logits_at is not None:
                 h = h.gather(1, logits_at.to(head)[..., None].expand(-1, -1, h.shape[-1]))
             logits = softcap(self.head(self.norm(h)), self.cfg.final_softcap)       # capped in dt
+            if self.cfg.logits_scaling != 1.0:                                       # Granite, in dt
+                logits = logits / self.cfg.logits_scaling
             out.logits = logits.float().to(home)
         return out
 

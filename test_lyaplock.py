@@ -452,6 +452,7 @@ def test_alphaedit_without_a_null_space_is_refused_before_the_run_directory(tmp_
 
 
 POST_NORM_KINDS = ["gemma2", "gemma3-gqa-window-ropes", "olmo2", "olmo3", "glm4"]
+MAPPED_KINDS = [*POST_NORM_KINDS, "granite"]      # the MLP output joins the stream normed or scaled
 
 
 @pytest.fixture(scope="module")
@@ -533,11 +534,11 @@ def test_e6b_moves_a_post_normed_mlp_output_to_the_target_or_the_nearest_reachab
         assert_nearest(s, reached[row:row + 1], (N(o) + R)[row:row + 1], rho2[row:row + 1])
 
 
-@pytest.mark.parametrize("kind", POST_NORM_KINDS)
+@pytest.mark.parametrize("kind", MAPPED_KINDS)
 @pytest.mark.parametrize("at_mlp", [False, True])
 def test_target_values_on_a_post_norm_model_score_what_it_computes_with_delta_where_it_joins(family_model, kind, at_mlp):
-    """E4 on a post-norm model, checked by hooks: δ added to the layer's output (MEMIT's) or to the
-    MLP's output before the post-norm (ROME's, E4b), the model's mean target NLL per request is
+    """E4 on a post-norm (or Granite's scaled) model, checked by hooks: δ added to the layer's output
+    (MEMIT's) or to the MLP's output before the post-norm or the scale (ROME's, E4b), the model's mean target NLL per request is
     the loss compute_z reports for its final δ, and z* − h is δ."""
     m = family_model(kind)
     requests, _ = data.load_requests(FIX / "counterfact-rome.json")
@@ -566,11 +567,11 @@ def test_target_values_on_a_post_norm_model_score_what_it_computes_with_delta_wh
     close(torch.tensor([l[-1] for l in info["loss"]]), nll, 1e-5)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt-neox", "phi3", "phi", "smollm3", "glm", *POST_NORM_KINDS])
+@pytest.mark.parametrize("kind", ["llama", "gpt-neox", "phi3", "phi", "smollm3", "glm", *MAPPED_KINDS])
 def test_a_one_layer_step_with_no_penalty_meets_the_target_or_the_post_norms_nearest_point(family_model, kind):
     """MEMIT with λ → 0, one request, the bare prompt only (K1 is its key): the layer's output at
     the subject becomes z* (LLaMA; GPT-NeoX and Phi, their MLP beside attention; Phi-3, its fused
-    gate and up), and on Gemma 2 and 3 and
+    gate and up; Granite, its MLP output scaled before the add: E6c), and on Gemma 2 and 3 and
     OLMo 2 the post-normed MLP output becomes the
     point it can reach nearest z* − (the output before the MLP), at the MLP output's length
     (E6b) — the old E6 added R to the MLP output as if it joined the residual stream as it is."""

@@ -507,6 +507,15 @@ KINDS = {
     "glm4": ("glm4", dict(num_key_value_heads=2, head_dim=16, pad_token_id=0)),
     "glm4-full-rope-tied": ("glm4", dict(head_dim=24, partial_rotary_factor=1.0, attention_bias=False,
                                          tie_word_embeddings=True, pad_token_id=0)),
+    # Granite 3.3-8B's four scalars (embeddings x12, attention scores x1/128, attention's and the MLP's
+    # outputs x0.22 before the add, logits /16), GQA, tied, as released but for sizes; and other
+    # values of each (the scores x0.3, not 1/sqrt(16)), biases on attention and the MLP, untied
+    "granite": ("granite", dict(num_key_value_heads=2, embedding_multiplier=12.0, attention_multiplier=0.0078125,
+                                residual_multiplier=0.22, logits_scaling=16.0, tie_word_embeddings=True,
+                                rope_theta=1e7, pad_token_id=0)),
+    "granite-bias-untied": ("granite", dict(embedding_multiplier=3.0, attention_multiplier=0.3, residual_multiplier=0.5,
+                                            logits_scaling=2.0, attention_bias=True, mlp_bias=True,
+                                            tie_word_embeddings=False)),
     # Gemma 3's image-text checkpoint (4B and up): a vision tower beside the language model
     "gemma3-image-text": ("gemma3", dict(num_key_value_heads=2, head_dim=24, num_hidden_layers=4, sliding_window=4,
                                          query_pre_attn_scalar=20, rope_scaling={"rope_type": "linear", "factor": 8.0},
@@ -515,7 +524,7 @@ KINDS = {
 }
 FAMILY_CLASSES = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "gemma": "Gemma", "gemma2": "Gemma2",
                   "gemma3_text": "Gemma3", "olmo2": "Olmo2", "olmo3": "Olmo3", "gpt_neox": "GPTNeoX", "phi3": "Phi3", "phi": "Phi",
-                  "smollm3": "SmolLM3", "glm": "Glm", "glm4": "Glm4"}
+                  "smollm3": "SmolLM3", "glm": "Glm", "glm4": "Glm4", "granite": "Granite"}
 CONFIG_CLASSES = {"gemma3_text": "Gemma3TextConfig"}     # Gemma3Config is the multimodal one
 
 
@@ -911,7 +920,7 @@ def test_a_sliding_window_left_out_is_that_of_transformers(ckpt, tmp_path, kind,
 @pytest.mark.parametrize("kind", ["gpt2", "qwen2-gqa-tied-window", "qwen3-gqa-bias", "mistral-gqa-window", "gemma",
                                   "gemma2-gqa-window-caps", "gemma3-gqa-window-ropes", "olmo2", "gpt-neox",
                                   "gpt-neox-sequential", "phi3", "phi3-longrope-window", "phi", "phi-gqa-tied-erf",
-                                  "smollm3-nope-window-bias", "olmo3", "qwen2-yarn", "glm", "glm4"])
+                                  "smollm3-nope-window-bias", "olmo3", "qwen2-yarn", "glm", "glm4", "granite"])
 def test_bfloat16_error_is_that_of_transformers(ckpt, kind, device):
     """In bfloat16 our logits are as close to the float32 reference as transformers' own bfloat16
     logits are (mean absolute error within 1.5x of theirs, plus 0.1% of the logits' scale; on the
@@ -935,7 +944,7 @@ def test_bfloat16_error_is_that_of_transformers(ckpt, kind, device):
 @pytest.mark.parametrize("kind", ["gpt2", "qwen2-gqa-tied-window", "qwen3-gqa-bias", "mistral-gqa-window",
                                   "gemma-gqa-untied", "gemma2-gqa-window-caps", "gemma3-gqa-window-ropes", "olmo2",
                                   "gpt-neox", "phi3", "phi-gqa-tied-erf", "smollm3-nope-window-bias",
-                                  "olmo3", "qwen2-yarn", "glm4-full-rope-tied"])
+                                  "olmo3", "qwen2-yarn", "glm4-full-rope-tied", "granite"])
 def test_kv_cache_generation_equals_recompute(ckpt, kind):
     """Cached decoding (left-padded batch) equals re-running the whole sequence per token, well
     past the window (prompts up to 6 tokens + 12 new, window 4); and transformers' greedy
@@ -967,7 +976,7 @@ def test_gpt2_learned_positions_end_with_a_clear_error(ckpt):
                                   "mistral-gqa-window", "gemma", "gemma2-gqa-window-caps", "gemma3", "gemma3-image-text",
                                   "olmo2", "gpt-neox", "gpt-neox-sequential", "phi3", "phi3-longrope-window", "phi",
                                   "phi-gqa-tied-erf", "smollm3", "smollm3-nope-window-bias", "olmo3", "olmo3-gqa-kinds",
-                                  "glm", "glm4", "glm4-full-rope-tied"])
+                                  "glm", "glm4", "glm4-full-rope-tied", "granite", "granite-bias-untied"])
 def test_family_save_then_load_is_exact_and_transformers_reads_it(ckpt, tmp_path, kind):
     """An edit through the edit_weight alias, saved with edit_tensors: the file holds it in the
     stored layout under the checkpoint's own names, reloads bit-identically, and transformers
@@ -1048,7 +1057,7 @@ def test_load_edit_tensors_round_trips_and_checks(ckpt):
 
 @pytest.mark.parametrize("kind", ["gpt2", "qwen3-gqa-bias", "mistral-gqa-window", "gemma2-gqa-window-caps",
                                   "gemma3-gqa-window-ropes", "olmo2", "gpt-neox", "phi3-longrope-window", "phi",
-                                  "smollm3", "olmo3", "glm4"])     # (a k bias is inert in a NoPE layer: no bias here)
+                                  "smollm3", "olmo3", "glm4", "granite"])     # (a k bias is inert in a NoPE layer: no bias here)
 def test_names_through_layer_are_exactly_what_the_layer_depends_on(ckpt, kind):
     """Perturbing any tensor outside names_through_layer(1) leaves layer 1's output unchanged;
     perturbing any one inside changes it; the names are the checkpoint's."""
@@ -1120,7 +1129,8 @@ def _config_with(tmp_path, ckpt_dir, drop=(), **change):
      "original_max_position_embeddings 64 beside yarn's 256 is not supported .transformers 5 takes the first"),
     ("qwen3", dict(model_type="mamba"), "unsupported model_type 'mamba'.*'llama', 'gptj', 'gpt2', 'qwen2', "
                                         "'qwen3', 'mistral', 'gemma', 'gemma2', 'gemma3_text', 'gemma3', "
-                                        "'olmo2', 'olmo3', 'gpt_neox', 'phi3', 'phi', 'smollm3', 'glm', 'glm4'"),
+                                        "'olmo2', 'olmo3', 'gpt_neox', 'phi3', 'phi', 'smollm3', 'glm', 'glm4', "
+                                        "'granite'"),
     ("gemma", dict(hidden_act="silu"), "hidden_act 'silu' is not supported"),
     ("gemma", dict(hidden_activation="gelu"), "hidden_activation 'gelu' is not supported"),
     ("gemma2", dict(hidden_activation="gelu"), "hidden_activation 'gelu' is not supported"),
@@ -1400,7 +1410,7 @@ def test_tokenizer_does_not_truncate_as_transformers_does_not(ckpt):
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "qwen2", "qwen3-gqa-bias", "mistral-gqa-window", "gemma2-gqa-window-caps",
-                                  "gemma3", "gpt-neox-sequential", "phi3", "phi", "smollm3", "olmo3", "glm"])
+                                  "gemma3", "gpt-neox-sequential", "phi3", "phi", "smollm3", "olmo3", "glm", "granite"])
 def test_model_cli_continues_a_prompt_with_a_tiny_random_checkpoint_of_each_family(ckpt, kind, capsys):
     M.main([str(ckpt(kind)), "--prompt", "Once upon a time", "--max-new-tokens", "6", "--device", "cpu"])
     printed = capsys.readouterr().out
