@@ -638,16 +638,24 @@ def read_glm4(c: dict) -> Config:
     return read_glm(c, post_norms=True)
 
 
+GRANITE_SCALARS = ("embedding_multiplier", "attention_multiplier", "residual_multiplier", "logits_scaling")
+
+
 def read_granite(c: dict) -> Config:
     """Granite (3.0-3.3; model_type granite): LLaMA's layout with four scalars: the embeddings
     times embedding_multiplier, the attention scores times attention_multiplier (not
     1/sqrt(head_dim)), attention's and the MLP's outputs times residual_multiplier before each
-    joins the residual stream, the logits divided by logits_scaling (1.0 each where silent)."""
+    joins the residual stream, the logits divided by logits_scaling (1.0 each where silent; a null
+    one is refused, as transformers refuses it)."""
+    scalars = {key: c.get(key, 1.0) for key in GRANITE_SCALARS}
+    for key, value in scalars.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            refuse(c, f"{key} {value!r}", "Granite's scalars are numbers")
     return read_llama_like(c, attention_bias=c.get("attention_bias", False), mlp_bias=c.get("mlp_bias", False),
-                           embedding_multiplier=c.get("embedding_multiplier", 1.0),
-                           attn_scale=c.get("attention_multiplier", 1.0),
-                           residual_multiplier=c.get("residual_multiplier", 1.0),
-                           logits_scaling=c.get("logits_scaling", 1.0))
+                           embedding_multiplier=float(scalars["embedding_multiplier"]),
+                           attn_scale=float(scalars["attention_multiplier"]),
+                           residual_multiplier=float(scalars["residual_multiplier"]),
+                           logits_scaling=float(scalars["logits_scaling"]))
 
 
 READERS = {"llama": read_llama, "gptj": read_gptj, "gpt2": read_gpt2, "qwen2": read_qwen2,

@@ -616,6 +616,18 @@ def test_family_forward_matches_transformers(ckpt, kind, side, device):
     assert_matches_hf(ours(ids, mask, keys_at=range(L), outs_at=range(L)), ref, seen, mask, L)
 
 
+@pytest.mark.parametrize("kind", ["granite", "granite-bias-untied"])
+def test_each_of_granites_scalars_moves_the_logits_past_the_parity_tolerance(ckpt, tmp_path, kind):
+    """The parity above fails with any one of Granite's four scalars left at 1: each moves the
+    logits by over 1e-3 (measured 5.4e-3 to 4.3), ten times the tolerance."""
+    ids, mask = padded_batch(500, "right")
+    ref, _ = hf_reference(hf_load(ckpt(kind)), ids, mask)
+    real = mask.bool()
+    for key in M.GRANITE_SCALARS:
+        ours = M.load(_config_with(tmp_path / key, ckpt(kind), **{key: 1.0}))
+        assert (ours(ids, mask).logits[real] - ref.logits[real]).abs().max() > 1e-3, key
+
+
 def test_configs_read_as_transformers_does(ckpt):
     """The family options land in the config; a window only where transformers applies one."""
     cfg = {k: M.load(ckpt(k)).cfg for k in ("gpt2-bare-unscaled", "qwen2", "qwen2-gqa-tied-window",
@@ -1179,6 +1191,8 @@ def _config_with(tmp_path, ckpt_dir, drop=(), **change):
     ("gpt2", dict(n_positions=0), "n_positions 0 is not a number of positions"),
     ("glm4", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.1}),
      "a rotary share giving 1 of 16 head dims is not supported"),
+    ("granite", dict(attention_multiplier=None), "attention_multiplier None is not supported .Granite's scalars are numbers"),
+    ("granite", dict(embedding_multiplier="12"), "embedding_multiplier '12' is not supported"),
     ("smollm3", dict(no_rope_layers=[1, 1, 2, 0]), r"no_rope_layers \[1, 1, 2, 0\] is not supported .a 1 .rope. or 0"),
     ("smollm3", dict(no_rope_layers=[1, 0]), r"no_rope_layers \[1, 0\] is not supported .* each of the 4 layers"),
     ("smollm3-nope-window-bias", dict(use_sliding_window=False),
