@@ -470,11 +470,12 @@ def test_training_is_deterministic_per_seed_and_the_cli_matches(tmp_path):
     assert info["parameters"] == sum(p.numel() for p in M.load(tmp_path / "a").parameters())
 
 
-@pytest.mark.parametrize("family", ["gemma2", "olmo2", "phi3", "gpt_neox", "phi"])
+@pytest.mark.parametrize("family", ["gemma2", "olmo2", "phi3", "gpt_neox", "phi", "granite"])
 def test_a_fact_model_of_another_family_trains_and_transformers_reads_it_as_we_do(tmp_path, family):
-    """--family gemma2, olmo2, phi3, gpt_neox, phi: the same recipe in their layouts (Gemma 2 and
+    """--family gemma2, olmo2, phi3, gpt_neox, phi, granite: the same recipe in their layouts (Gemma 2 and
     OLMo 2: norms on the attention and MLP outputs, Gemma 2's caps and (1 + w) norms at w = 0;
-    Phi-3's fused projections; GPT-NeoX's and Phi's LayerNorms, biases at zero, MLP beside attention);
+    Phi-3's fused projections; GPT-NeoX's and Phi's LayerNorms, biases at zero, MLP beside attention;
+    Granite's four scalars);
     transformers' logits equal ours; training.json names the family."""
     T = pytest.importorskip("transformers")
     TB.train(tmp_path / "g", "ci", steps=3, log=lambda *_: None, family=family)

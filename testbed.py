@@ -206,7 +206,8 @@ def hf_config(family: str, s: Size, vocab: int, bos: int, eos: int) -> dict:
     output (E6b); or Phi-3 (LLaMA's with fused projections), GPT-NeoX (Pythia's: LayerNorms,
     erf-GELU MLP beside attention, rope on a quarter of each head, no grouped queries) or Phi
     (Phi-1.5's block: GPT-J's, one LayerNorm, biases, rope on half of each head; grouped queries
-    and a tied head here), to measure editing in those layouts."""
+    and a tied head here), or Granite (LLaMA's with its four scalars: the MLP output joins the
+    stream scaled, E6c), to measure editing in those layouts."""
     sizes = {"architectures": [FAMILIES[family]], "model_type": family, "hidden_size": s.d_model,
              "intermediate_size": s.d_mlp, "num_hidden_layers": s.n_layers, "num_attention_heads": s.n_heads}
     ids = {"tie_word_embeddings": True, "bos_token_id": bos, "eos_token_id": eos}
@@ -228,12 +229,17 @@ def hf_config(family: str, s: Size, vocab: int, bos: int, eos: int) -> dict:
         hf |= {"hidden_act": "silu", "max_position_embeddings": 512, "rms_norm_eps": 1e-5}
     if family == "phi3":      # transformers' Phi3Config would pad with id 32000, past this vocabulary
         hf |= {"original_max_position_embeddings": 512, "sliding_window": None, "pad_token_id": eos}
+    if family == "granite":   # Granite 3.3's scalars (its attention scale 1/head_dim, not 1/sqrt) but
+        # its logits / 16, through which this recipe (init, learning rate) does not train: 0% known
+        hf |= {"embedding_multiplier": 12.0, "attention_multiplier": s.n_heads / s.d_model,
+               "residual_multiplier": 0.22, "logits_scaling": 1.0}
     return hf | {"rope_theta": 10000.0, **ids, "attention_bias": False,
                  **({"mlp_bias": False} if family == "llama" else {})} | rest
 
 
 FAMILIES = {"llama": "LlamaForCausalLM", "gemma2": "Gemma2ForCausalLM", "olmo2": "Olmo2ForCausalLM",
-            "phi3": "Phi3ForCausalLM", "gpt_neox": "GPTNeoXForCausalLM", "phi": "PhiForCausalLM"}
+            "phi3": "Phi3ForCausalLM", "gpt_neox": "GPTNeoXForCausalLM", "phi": "PhiForCausalLM",
+            "granite": "GraniteForCausalLM"}
 
 
 def save_weights(m: M.CausalLM, out: Path) -> None:
@@ -277,6 +283,7 @@ def fact_loss(m, ids, mask, pos, tgt, w, exit_layer=None, swap=None) -> torch.Te
     if exit_layer is not None:
         h = m(ids, mask, stop_after=exit_layer, outs_at=(exit_layer,)).outs[exit_layer]
         logits = m.head(m.norm(h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1])))).float()
+        logits = logits / m.cfg.logits_scaling                                   # Granite's readout
     elif swap is not None:
         layer, rows, at, src_rows, src_at = swap
         with torch.no_grad():
@@ -998,7 +1005,7 @@ def main(argv=None):
     t.add_argument("--size", choices=list(SIZES), default="ci")
     t.add_argument("--family", choices=list(FAMILIES), default="llama",
                    help="the model's family: LLaMA, or Gemma 2 or OLMo 2 (their MLP outputs normalised "
-                        "before the residual add), or Phi-3, GPT-NeoX or Phi (their layouts)")
+                        "before the residual add), Granite (scaled), or Phi-3, GPT-NeoX or Phi (their layouts)")
     t.add_argument("--out", required=True, help="output directory")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--steps", type=int, default=None, help="override the size's step count")
