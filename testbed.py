@@ -283,7 +283,8 @@ def fact_loss(m, ids, mask, pos, tgt, w, exit_layer=None, swap=None) -> torch.Te
     if exit_layer is not None:
         h = m(ids, mask, stop_after=exit_layer, outs_at=(exit_layer,)).outs[exit_layer]
         logits = m.head(m.norm(h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1])))).float()
-        logits = logits / m.cfg.logits_scaling                                   # Granite's readout
+        logits = logits / m.cfg.logits_scaling          # Granite's readout (Gemma 2's final soft cap
+        # is not applied here: its fact model, measured in the README, was trained so)
     elif swap is not None:
         layer, rows, at, src_rows, src_at = swap
         with torch.no_grad():
