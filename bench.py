@@ -82,6 +82,10 @@ PRESETS = {   # config.json, edit layers
                             residual_multiplier=0.22, logits_scaling=16.0, tie_word_embeddings=True,
                             max_position_embeddings=131072, bos_token_id=0, eos_token_id=0, pad_token_id=0),
                        (4, 5, 6, 7, 8)),
+    "ministral3-8b": (dict(model_type="ministral3", hidden_size=4096, num_hidden_layers=34, num_attention_heads=32,
+                           num_key_value_heads=8, head_dim=128, intermediate_size=14336, vocab_size=131072,
+                           rms_norm_eps=1e-5, max_position_embeddings=262144, tie_word_embeddings=False,
+                           bos_token_id=1, eos_token_id=2, pad_token_id=11), (4, 5, 6, 7, 8)),   # YaRN: the default
     "smollm3-3b": (dict(model_type="smollm3", hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,
                         num_key_value_heads=4, intermediate_size=11008, vocab_size=128256, rope_theta=5e6,
                         rms_norm_eps=1e-6, tie_word_embeddings=True, max_position_embeddings=65536,

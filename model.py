@@ -1,6 +1,6 @@
 """A small, hand-written forward pass on HF-format checkpoints: LLaMA (Llama-2/3/3.1/3.2), Qwen2 /
-Qwen2.5, Qwen3, Mistral, Gemma, Gemma 2 and 3, OLMo 2 and 3, SmolLM3, GLM-4, Granite 3, Phi-3 (3.5,
-4), GPT-J, GPT-2, GPT-NeoX (Pythia) and Phi (1, 1.5, 2).
+Qwen2.5, Qwen3, Mistral (and Mistral 3's language models), Gemma, Gemma 2 and 3, OLMo 2 and 3,
+SmolLM3, GLM-4, Granite 3, Phi-3 (3.5, 4), GPT-J, GPT-2, GPT-NeoX (Pythia) and Phi (1, 1.5, 2).
 
 Parameter names mirror the checkpoint's tensor names one to one, so loading is a strict
 name-and-shape match. The LLaMA-like families share one block (Qwen2 adds biases on q, k, v; Qwen3
@@ -28,7 +28,7 @@ import fnmatch
 import json
 import math
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 
 # one layout (model.embed_tokens, model.layers, model.norm): RMSNorm, rope on halves, a gated MLP
 LLAMA_LIKE = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo2", "olmo3",
-              "phi3", "smollm3", "glm", "glm4", "granite")
+              "phi3", "smollm3", "glm", "glm4", "granite", "ministral3", "mistral3")
 # the gate activations of the gated MLP, by HF's names: SwiGLU (LLaMA ...) and GeGLU (Gemma)
 GATE_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 # each layout's module names: (the body, its embeddings, its blocks, its final norm; the head)
@@ -108,7 +108,8 @@ class Config:
     pre_norms: bool = True        # OLMo 2: False, the block's inputs are not normalised
     attn_softcap: float | None = None    # Gemma 2: attention scores capped to tanh(s / c) * c
     final_softcap: float | None = None   # Gemma 2: logits capped so too
-    weights_prefix: str = ""      # Gemma 3 image-text: the language model's names begin "language_model."
+    weights_prefix: str = ""      # Gemma 3, Mistral 3 image-text: the language model's names begin "language_model."
+    query_scale_start: int | None = None   # Ministral 3: past it transformers scales q (not implemented)
 
     @property
     def llama_like(self) -> bool:
@@ -146,6 +147,8 @@ class Config:
         hang on its batch's longest), else GPT-2's learned positions or the model's maximum."""
         if self.longrope_switch is not None:
             return self.longrope_switch, "original_max_position_embeddings"
+        if self.query_scale_start is not None:          # Ministral 3: its query scaling starts there
+            return min(self.query_scale_start, self.max_positions), "YaRN's original_max_position_embeddings"
         return self.max_positions, "n_positions" if self.arch in ("gpt2", "gptj") else "max_position_embeddings"
 
     @property
@@ -204,7 +207,7 @@ def read_rope(c: dict, theta: float = 10000.0) -> dict:
     if rp and c.get("rope_scaling"):         # (a scaling added to a file transformers 5 wrote)
         refuse(c, "rope_scaling beside rope_parameters", "transformers 5 then takes rope_scaling alone, at the "
                "family's default rope base; put the scaling into rope_parameters")
-    rs = c.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
+    rs = c.get("rope_scaling") or (rp if rp.get("rope_type", rp.get("type", "default")) != "default" else None)
     kind = rs and rs.get("rope_type", rs.get("type"))
     if rs is not None and kind not in ("llama3", "yarn", "default"):
         refuse(c, f"rope_scaling {rs!r}", "only 'llama3' and 'yarn' are implemented")
@@ -289,10 +292,39 @@ def read_qwen3(c: dict) -> Config:
                            attention_bias=c.get("attention_bias", False), **qwen_window(c))
 
 
-def read_mistral(c: dict) -> Config:
-    window = c.get("sliding_window", 4096)  # absent: transformers' default; null (Mistral-7B-v0.3): full attention
+def read_mistral(c: dict, default_window: int | None = 4096, **more) -> Config:
+    window = c.get("sliding_window", default_window)  # absent: transformers' default; null (Mistral-7B-v0.3): none
     return read_llama_like(c, sliding_window=window or None,
-                           window_layers=tuple(range(c["num_hidden_layers"])) if window else ())
+                           window_layers=tuple(range(c["num_hidden_layers"])) if window else (), **more)
+
+
+def read_ministral3(c: dict) -> Config:
+    """Ministral 3's text model (Ministral3ForCausalLM): Mistral's, with YaRN where config.json is
+    silent (MINISTRAL3's rope_parameters, as transformers) and no window. Past YaRN's trained
+    length transformers also scales each query by 1 + β ln(1 + ⌊position / trained length⌋)
+    (Llama 4's, β = llama_4_scaling_beta): not implemented, so inputs are held within that
+    length (Config.query_scale_start, position_limit; there the scale is exactly 1)."""
+    beta = rope_given(c).get("llama_4_scaling_beta")
+    cfg = read_mistral(c, default_window=None)
+    start = (cfg.rope_scaling or {}).get("original_max_position_embeddings") if beta else None
+    return replace(cfg, query_scale_start=start)
+
+
+def read_mistral3(c: dict) -> Config:
+    """Mistral 3's image-text checkpoint (Mistral3ForConditionalGeneration: Mistral Small 3.1 and
+    3.2, Magistral and Devstral Small, Ministral 3): its language model, text_config (Mistral's or
+    Ministral 3's, read by theirs), whose weights are named "language_model." + the text model's
+    names, its head tied as the top-level tie_word_embeddings says (true where silent; a
+    checkpoint that stores a head of its own is untied where it differs: check_checkpoint); the
+    vision tower and the projector are not read (and save copies them as they are). Text in,
+    text out: images are not taken."""
+    text = c.get("text_config") or {}
+    kind = text.get("model_type", "mistral")
+    if kind not in ("mistral", "ministral3"):
+        refuse(c, f"text_config's model_type {kind!r}", "Mistral 3's language model here is 'mistral' or 'ministral3'")
+    text = HF_DEFAULTS[kind] | text | {"model_type": kind, "tie_word_embeddings": c.get("tie_word_embeddings", True)}
+    cfg = READERS[kind](text)
+    return replace(cfg, arch="mistral3", weights_prefix="language_model.")
 
 
 def check_gelu_tanh(c: dict, key: str, legacy: tuple = ()):
@@ -616,12 +648,16 @@ OLMO = dict(pad_token_id=1)
 GEMMA = dict(max_position_embeddings=8192, pad_token_id=0)
 QWEN = dict(num_key_value_heads=32, max_position_embeddings=32768)
 GLM = dict(num_key_value_heads=2, head_dim=128, max_position_embeddings=131072, pad_token_id=151329)
+MINISTRAL3 = dict(num_key_value_heads=8, head_dim=128, max_position_embeddings=262144, pad_token_id=11, rms_norm_eps=1e-5,
+                  rope_parameters=dict(rope_type="yarn", rope_theta=1e6, factor=16.0, original_max_position_embeddings=16384,
+                                       beta_fast=32.0, beta_slow=1.0, mscale_all_dim=1.0, mscale=1.0,
+                                       llama_4_scaling_beta=0.1))
 HF_DEFAULTS = {"olmo2": OLMO, "olmo3": OLMO, "qwen2": QWEN, "qwen3": QWEN,
                "mistral": dict(num_key_value_heads=8, max_position_embeddings=131072),
                "gemma": dict(GEMMA, num_key_value_heads=16), "gemma2": dict(GEMMA, num_key_value_heads=4),
                "phi3": dict(max_position_embeddings=4096, pad_token_id=32000),
                "smollm3": dict(num_key_value_heads=4, max_position_embeddings=32768, pad_token_id=128004),
-               "glm": GLM, "glm4": GLM}
+               "glm": GLM, "glm4": GLM, "ministral3": MINISTRAL3}
 
 def read_glm(c: dict, **more) -> Config:
     """GLM-4 (GLM-4-9B, model_type glm): LLaMA's layout with biases on q, k and v, the MLP's gate
@@ -662,7 +698,8 @@ READERS = {"llama": read_llama, "gptj": read_gptj, "gpt2": read_gpt2, "qwen2": r
            "qwen3": read_qwen3, "mistral": read_mistral, "gemma": read_gemma, "gemma2": read_gemma2,
            "gemma3_text": read_gemma3_text, "gemma3": read_gemma3, "olmo2": read_olmo2, "olmo3": read_olmo3,
            "gpt_neox": read_gpt_neox, "phi3": read_phi3, "phi": read_phi, "smollm3": read_smollm3,
-           "glm": read_glm, "glm4": read_glm4, "granite": read_granite}
+           "glm": read_glm, "glm4": read_glm4, "granite": read_granite, "ministral3": read_ministral3,
+           "mistral3": read_mistral3}
 SUPPORTED = tuple(READERS)
 
 
@@ -1708,18 +1745,19 @@ def read_config(path: Path) -> Config:
 
 def check_checkpoint(path) -> tuple[CausalLM, dict, dict[str, str]]:
     """Everything loading checks from the checkpoint's files alone, before any tensor data is
-    read: config.json, the stored tensors' names, shapes and float dtypes (the safetensors
-    headers) against the model config.json implies, and the tokenizer. load runs it first, and
-    so does --plan (plan.print_plan), which thus refuses what the run would, in the same words.
-    Returns the model on the meta device (its tokenizer set), the headers (tensor_headers) and
-    checkpoint name -> parameter name of each tensor to read."""
+    read (but a tied head the files also store: untied_by_files): config.json, the stored
+    tensors' names, shapes and float dtypes (the safetensors headers) against the model
+    config.json implies, and the tokenizer. load runs it first, and so does --plan
+    (plan.print_plan), which thus refuses what the run would, in the same words. Returns the
+    model on the meta device (its tokenizer set), the headers (tensor_headers) and checkpoint
+    name -> parameter name of each tensor to read."""
     path = Path(path)
     cfg = read_config(path)
-    with torch.device("meta"):
-        model = CausalLM(cfg)
     headers = tensor_headers(weight_files(path))
-    if cfg.arch == "gpt2" and "transformer.wte.weight" not in headers and "wte.weight" in headers:
-        model.missing_prefix = "transformer."          # saved from GPT2Model: h.0..., wte.weight
+    model = meta_model(cfg, headers)
+    if untied_by_files(model, headers):
+        cfg = replace(cfg, tie_embeddings=False)
+        model = meta_model(cfg, headers)
     params = {model.checkpoint_name(n): n for n in model.state_dict()
               if not (cfg.tie_embeddings and n == cfg.head_weight)}           # checkpoint -> parameter
     if cfg.arch == "gpt_neox" and "embed_out.weight" in params and "embed_out.weight" not in headers \
@@ -1729,6 +1767,27 @@ def check_checkpoint(path) -> tuple[CausalLM, dict, dict[str, str]]:
     check_tensors(path, cfg, {c: shapes[n] for c, n in params.items()}, headers)
     model.tokenizer = Tokenizer(path, cfg)
     return model, headers, params
+
+
+def meta_model(cfg: Config, headers: dict) -> CausalLM:
+    """The model of `cfg` on the meta device, named as the files name its tensors."""
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    if cfg.arch == "gpt2" and "transformer.wte.weight" not in headers and "wte.weight" in headers:
+        model.missing_prefix = "transformer."          # saved from GPT2Model: h.0..., wte.weight
+    return model
+
+
+def untied_by_files(model: CausalLM, headers: dict) -> bool:
+    """Whether the files store a head of other values than the embeddings where config.json ties
+    them: transformers 5 then reads the head (Mistral 3's releases leave tie_word_embeddings to
+    its default, true, and store their own head), and so does load; where they are equal, tied."""
+    cfg = model.cfg
+    head, embed = (model.checkpoint_name(n) for n in (cfg.head_weight, f"{cfg.layout[0]}.{cfg.layout[1]}.weight"))
+    if not cfg.tie_embeddings or head not in headers or embed not in headers:
+        return False
+    read = lambda name: _open(headers[name][0]).get_tensor(name)
+    return not torch.equal(read(head), read(embed))
 
 
 def load(path, device="cpu", dtype="float32", placement=None) -> CausalLM:

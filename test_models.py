@@ -67,9 +67,11 @@ def make_hf_checkpoint(path: Path, kind: str, seed: int = 0, shard: bool = False
     return path
 
 
-def hf_load(path):
+def hf_load(path, dtype=torch.float32):
     import transformers as T
-    return T.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    image_text = json.loads((Path(path) / "config.json").read_text())["model_type"] == "mistral3"
+    auto = T.AutoModelForImageTextToText if image_text else T.AutoModelForCausalLM   # (Gemma 3's is both)
+    return auto.from_pretrained(path, dtype=dtype).eval()
 
 
 def padded_batch(vocab, side, seed=1):
@@ -424,6 +426,8 @@ def test_a_missing_tokenizer_json_comes_with_the_command_that_writes_it(tmp_path
 # LongRoPE's per-frequency factors for 3/4 of a 16-dim head (6 frequencies), short and long
 PHI_LONGROPE = {"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(6)],
                 "long_factor": [1.0 + 2.0 * i for i in range(6)]}
+MINISTRAL3_ROPE = dict(rope_type="yarn", rope_theta=1e6, factor=4.0, original_max_position_embeddings=64,
+                       beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=0.1)
 # kind -> (family, options); every family once plainly and once with its variants
 KINDS = {
     "gpt2": ("gpt2", {}),
@@ -516,6 +520,15 @@ KINDS = {
     "granite-bias-untied": ("granite", dict(embedding_multiplier=3.0, attention_multiplier=0.3, residual_multiplier=0.5,
                                             logits_scaling=2.0, attention_bias=True, mlp_bias=True,
                                             tie_word_embeddings=False)),
+    # Ministral 3's text model: YaRN (x4 from 64 trained positions, beyond the test batches) with
+    # Llama 4's query scale past them, GQA; and Mistral 3's image-text checkpoints: Ministral 3's
+    # (tied, as transformers writes it where the release leaves it out) and Mistral Small 3.1's (a
+    # Mistral text model, its head its own)
+    "ministral3": ("ministral3", dict(num_key_value_heads=2, head_dim=16, pad_token_id=0, rope_parameters=MINISTRAL3_ROPE)),
+    "mistral3": ("mistral3", dict(model_type="ministral3", num_key_value_heads=2, head_dim=16, pad_token_id=0,
+                                  rope_parameters=MINISTRAL3_ROPE, top={})),
+    "mistral3-small": ("mistral3", dict(model_type="mistral", num_key_value_heads=2, head_dim=16, pad_token_id=0,
+                                        sliding_window=None, rope_theta=1e9, top=dict(tie_word_embeddings=False))),
     # Gemma 3's image-text checkpoint (4B and up): a vision tower beside the language model
     "gemma3-image-text": ("gemma3", dict(num_key_value_heads=2, head_dim=24, num_hidden_layers=4, sliding_window=4,
                                          query_pre_attn_scalar=20, rope_scaling={"rope_type": "linear", "factor": 8.0},
@@ -524,7 +537,7 @@ KINDS = {
 }
 FAMILY_CLASSES = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "gemma": "Gemma", "gemma2": "Gemma2",
                   "gemma3_text": "Gemma3", "olmo2": "Olmo2", "olmo3": "Olmo3", "gpt_neox": "GPTNeoX", "phi3": "Phi3", "phi": "Phi",
-                  "smollm3": "SmolLM3", "glm": "Glm", "glm4": "Glm4", "granite": "Granite"}
+                  "smollm3": "SmolLM3", "glm": "Glm", "glm4": "Glm4", "granite": "Granite", "ministral3": "Ministral3"}
 CONFIG_CLASSES = {"gemma3_text": "Gemma3TextConfig"}     # Gemma3Config is the multimodal one
 
 
@@ -547,12 +560,16 @@ def make_checkpoint(path, kind, seed=0, **change):
         if family not in ("gpt_neox", "phi"):      # LayerNorm (GPT-NeoX: no grouped queries)
             kw |= dict(num_key_value_heads=4, rms_norm_eps=1e-5)
         kw |= opts
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      image_size=28, patch_size=14)
         if family == "gemma3":     # the language model as text_config, a tiny vision tower beside it
-            vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                          image_size=28, patch_size=14)
             hf = T.Gemma3ForConditionalGeneration(T.Gemma3Config(
                 text_config=kw, vision_config=vision, mm_tokens_per_image=4, image_token_index=510,
                 boi_token_index=508, eoi_token_index=509))
+        elif family == "mistral3":   # so too, a Pixtral tower; `top`: the image-text config's own keys
+            top = kw.pop("top")
+            hf = T.Mistral3ForConditionalGeneration(T.Mistral3Config(
+                text_config=kw, vision_config=dict(vision, model_type="pixtral", head_dim=16), **top))
         else:
             name = FAMILY_CLASSES[family]
             hf = getattr(T, name + "ForCausalLM")(getattr(T, CONFIG_CLASSES.get(family, name + "Config"))(**kw))
@@ -626,6 +643,36 @@ def test_each_of_granites_scalars_moves_the_logits_past_the_parity_tolerance(ckp
     for key in M.GRANITE_SCALARS:
         ours = M.load(_config_with(tmp_path / key, ckpt(kind), **{key: 1.0}))
         assert (ours(ids, mask).logits[real] - ref.logits[real]).abs().max() > 1e-3, key
+
+
+def test_ministral3_inputs_are_held_where_its_query_scale_begins(ckpt, tmp_path):
+    """Ministral 3 scales each query past YaRN's trained length (Llama 4's 1 + β ln(1 + ⌊p / n⌋)),
+    which is not implemented: the position limit is that length, within which the logits are
+    transformers' and past which they are not (trained length 6 here, the batch 12 long)."""
+    d = _config_with(tmp_path, ckpt("ministral3"), rope_parameters=dict(MINISTRAL3_ROPE, original_max_position_embeddings=6))
+    ours = M.load(d)
+    assert ours.cfg.position_limit == (6, "YaRN's original_max_position_embeddings")
+    ids, mask = padded_batch(500, "right")
+    ref, _ = hf_reference(hf_load(d), ids, mask)
+    gap = (ours(ids, mask).logits - ref.logits).abs().amax(-1)                     # (B, T)
+    assert gap[1, :6].max() < 1e-4 < gap[1, 6:].min()                # row 1: 12 real tokens
+    assert M.load(_config_with(tmp_path / "b", ckpt("ministral3"), rope_parameters=dict(
+        MINISTRAL3_ROPE, llama_4_scaling_beta=None))).cfg.position_limit == (256, "max_position_embeddings")
+
+
+def test_a_tied_config_whose_files_store_another_head_reads_it_as_transformers_5(ckpt, tmp_path):
+    """Mistral Small 3.1's config.json as released leaves the top-level tie_word_embeddings to its
+    default (true) and stores its own head: transformers 5 reads that head, and so does load
+    (the logits are transformers'); a stored head equal to the embeddings stays tied."""
+    untied = _config_with(tmp_path / "a", ckpt("mistral3-small"), ["tie_word_embeddings"])
+    assert M.read_config(untied).tie_embeddings and not M.load(untied).cfg.tie_embeddings
+    assert_logits_are_transformers(untied)
+    tied = _config_with(tmp_path / "b", ckpt("mistral3"))
+    weights = load_file(tied / "model.safetensors")
+    weights["language_model.lm_head.weight"] = weights["language_model.model.embed_tokens.weight"].clone()
+    save_file(weights, tied / "model.safetensors", metadata={"format": "pt"})
+    assert M.load(tied).cfg.tie_embeddings
+    assert_logits_are_transformers(tied)
 
 
 def test_configs_read_as_transformers_does(ckpt):
@@ -756,7 +803,7 @@ def test_config_json_as_released_reads_as_transformers_5_writes_it(ckpt, tmp_pat
     assert_logits_are_transformers(d)
 
 
-@pytest.mark.parametrize("family", [f for f in M.SUPPORTED if f != "gemma3"])
+@pytest.mark.parametrize("family", [f for f in M.SUPPORTED if f not in ("gemma3", "mistral3")])   # (image-text: text_config)
 def test_a_config_json_left_to_the_defaults_reads_as_transformers(family):
     """Sizes only (the rest left to the defaults): the key-value heads, the positions, the
     padding id, the norm's eps, the tied head and the rope base are transformers' config class's
@@ -932,7 +979,8 @@ def test_a_sliding_window_left_out_is_that_of_transformers(ckpt, tmp_path, kind,
 @pytest.mark.parametrize("kind", ["gpt2", "qwen2-gqa-tied-window", "qwen3-gqa-bias", "mistral-gqa-window", "gemma",
                                   "gemma2-gqa-window-caps", "gemma3-gqa-window-ropes", "olmo2", "gpt-neox",
                                   "gpt-neox-sequential", "phi3", "phi3-longrope-window", "phi", "phi-gqa-tied-erf",
-                                  "smollm3-nope-window-bias", "olmo3", "qwen2-yarn", "glm", "glm4", "granite"])
+                                  "smollm3-nope-window-bias", "olmo3", "qwen2-yarn", "glm", "glm4", "granite",
+                                  "mistral3"])
 def test_bfloat16_error_is_that_of_transformers(ckpt, kind, device):
     """In bfloat16 our logits are as close to the float32 reference as transformers' own bfloat16
     logits are (mean absolute error within 1.5x of theirs, plus 0.1% of the logits' scale; on the
@@ -943,8 +991,7 @@ def test_bfloat16_error_is_that_of_transformers(ckpt, kind, device):
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         ref = hf_load(path).to(device)(input_ids=ids, attention_mask=mask, position_ids=pos).logits[real]
-        import transformers as T
-        hf16 = T.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
+        hf16 = hf_load(path, torch.bfloat16).to(device)
         theirs = hf16(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()[real]
     ours = M.load(path, device, "bfloat16")(ids, mask).logits[real]
     err_ours, err_theirs = (ours - ref).abs().mean(), (theirs - ref).abs().mean()
@@ -956,7 +1003,7 @@ def test_bfloat16_error_is_that_of_transformers(ckpt, kind, device):
 @pytest.mark.parametrize("kind", ["gpt2", "qwen2-gqa-tied-window", "qwen3-gqa-bias", "mistral-gqa-window",
                                   "gemma-gqa-untied", "gemma2-gqa-window-caps", "gemma3-gqa-window-ropes", "olmo2",
                                   "gpt-neox", "phi3", "phi-gqa-tied-erf", "smollm3-nope-window-bias",
-                                  "olmo3", "qwen2-yarn", "glm4-full-rope-tied", "granite"])
+                                  "olmo3", "qwen2-yarn", "glm4-full-rope-tied", "granite", "ministral3"])
 def test_kv_cache_generation_equals_recompute(ckpt, kind):
     """Cached decoding (left-padded batch) equals re-running the whole sequence per token, well
     past the window (prompts up to 6 tokens + 12 new, window 4); and transformers' greedy
@@ -988,7 +1035,8 @@ def test_gpt2_learned_positions_end_with_a_clear_error(ckpt):
                                   "mistral-gqa-window", "gemma", "gemma2-gqa-window-caps", "gemma3", "gemma3-image-text",
                                   "olmo2", "gpt-neox", "gpt-neox-sequential", "phi3", "phi3-longrope-window", "phi",
                                   "phi-gqa-tied-erf", "smollm3", "smollm3-nope-window-bias", "olmo3", "olmo3-gqa-kinds",
-                                  "glm", "glm4", "glm4-full-rope-tied", "granite", "granite-bias-untied"])
+                                  "glm", "glm4", "glm4-full-rope-tied", "granite", "granite-bias-untied",
+                                  "ministral3", "mistral3", "mistral3-small"])
 def test_family_save_then_load_is_exact_and_transformers_reads_it(ckpt, tmp_path, kind):
     """An edit through the edit_weight alias, saved with edit_tensors: the file holds it in the
     stored layout under the checkpoint's own names, reloads bit-identically, and transformers
@@ -1069,7 +1117,7 @@ def test_load_edit_tensors_round_trips_and_checks(ckpt):
 
 @pytest.mark.parametrize("kind", ["gpt2", "qwen3-gqa-bias", "mistral-gqa-window", "gemma2-gqa-window-caps",
                                   "gemma3-gqa-window-ropes", "olmo2", "gpt-neox", "phi3-longrope-window", "phi",
-                                  "smollm3", "olmo3", "glm4", "granite"])     # (a k bias is inert in a NoPE layer: no bias here)
+                                  "smollm3", "olmo3", "glm4", "granite", "mistral3"])     # (a k bias is inert in a NoPE layer: no bias here)
 def test_names_through_layer_are_exactly_what_the_layer_depends_on(ckpt, kind):
     """Perturbing any tensor outside names_through_layer(1) leaves layer 1's output unchanged;
     perturbing any one inside changes it; the names are the checkpoint's."""
@@ -1142,7 +1190,7 @@ def _config_with(tmp_path, ckpt_dir, drop=(), **change):
     ("qwen3", dict(model_type="mamba"), "unsupported model_type 'mamba'.*'llama', 'gptj', 'gpt2', 'qwen2', "
                                         "'qwen3', 'mistral', 'gemma', 'gemma2', 'gemma3_text', 'gemma3', "
                                         "'olmo2', 'olmo3', 'gpt_neox', 'phi3', 'phi', 'smollm3', 'glm', 'glm4', "
-                                        "'granite'"),
+                                        "'granite', 'ministral3', 'mistral3'"),
     ("gemma", dict(hidden_act="silu"), "hidden_act 'silu' is not supported"),
     ("gemma", dict(hidden_activation="gelu"), "hidden_activation 'gelu' is not supported"),
     ("gemma2", dict(hidden_activation="gelu"), "hidden_activation 'gelu' is not supported"),
@@ -1191,6 +1239,8 @@ def _config_with(tmp_path, ckpt_dir, drop=(), **change):
     ("gpt2", dict(n_positions=0), "n_positions 0 is not a number of positions"),
     ("glm4", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.1}),
      "a rotary share giving 1 of 16 head dims is not supported"),
+    ("mistral3", dict(text_config=dict(model_type="mistral4")),
+     "text_config's model_type 'mistral4' is not supported .Mistral 3's language model here is 'mistral' or 'ministral3'"),
     ("granite", dict(attention_multiplier=None), "attention_multiplier None is not supported .Granite's scalars are numbers"),
     ("granite", dict(embedding_multiplier="12"), "embedding_multiplier '12' is not supported"),
     ("smollm3", dict(no_rope_layers=[1, 1, 2, 0]), r"no_rope_layers \[1, 1, 2, 0\] is not supported .a 1 .rope. or 0"),
@@ -1424,7 +1474,8 @@ def test_tokenizer_does_not_truncate_as_transformers_does_not(ckpt):
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "qwen2", "qwen3-gqa-bias", "mistral-gqa-window", "gemma2-gqa-window-caps",
-                                  "gemma3", "gpt-neox-sequential", "phi3", "phi", "smollm3", "olmo3", "glm", "granite"])
+                                  "gemma3", "gpt-neox-sequential", "phi3", "phi", "smollm3", "olmo3", "glm", "granite",
+                                  "mistral3-small"])
 def test_model_cli_continues_a_prompt_with_a_tiny_random_checkpoint_of_each_family(ckpt, kind, capsys):
     M.main([str(ckpt(kind)), "--prompt", "Once upon a time", "--max-new-tokens", "6", "--device", "cpu"])
     printed = capsys.readouterr().out

@@ -33,7 +33,7 @@ CUDA_ATOL = 1e-4
 KINDS = ["stories", "gpt2", "gptj", "qwen2", "qwen2-gqa-tied-window",   # tied and untied heads, windows,
          "gemma3-gqa-window-ropes", "gpt-neox", "phi3-longrope-window",  # two ropes, GPT-NeoX's names, LongRoPE,
          "phi-gqa-tied-erf", "smollm3-nope-window-bias", "olmo3",       # a tied head with a bias, NoPE, YaRN,
-         "glm4", "granite"]                                              # GLM-4's post-norms by its names, Granite's scales
+         "glm4", "granite", "mistral3"]                                              # GLM-4's post-norms by its names, Granite's scales
 
 
 @pytest.fixture(scope="module")
