@@ -1904,6 +1904,11 @@ def generate(model: CausalLM, seqs: list[list[int]], max_new_tokens: int, top_k:
     dev = model.embed.weight.device
     ids, mask = model.tokenizer.pad(seqs, side="left", device=dev)
     B = len(seqs)
+    limit = model.cfg.query_scale_start               # Ministral 3: held within it (read_ministral3)
+    if limit is not None and ids.shape[1] + max_new_tokens - 1 > limit:     # (the last token is not fed)
+        raise ValueError(f"{ids.shape[1]} prompt tokens and {max_new_tokens} new ones go past this model's "
+                         f"{limit} positions (YaRN's original_max_position_embeddings: past them its "
+                         "queries are scaled, which is not implemented here)")
     cache = KVCache(model.cfg, B, ids.shape[1] + max_new_tokens, model.placement, model.embed.weight.dtype)
     gen = torch.Generator(device=dev).manual_seed(seed)
     new = [[] for _ in range(B)]

@@ -656,6 +656,9 @@ def test_ministral3_inputs_are_held_where_its_query_scale_begins(ckpt, tmp_path)
     ref, _ = hf_reference(hf_load(d), ids, mask)
     gap = (ours(ids, mask).logits - ref.logits).abs().amax(-1)                     # (B, T)
     assert gap[1, :6].max() < 1e-4 < gap[1, 6:].min()                # row 1: 12 real tokens
+    assert len(M.generate(ours, [[5, 6, 7, 8]], 3, stop_at_eos=False)[0]) == 3      # fed up to position 5
+    with pytest.raises(ValueError, match="4 prompt tokens and 4 new ones go past this model's 6 positions"):
+        M.generate(ours, [[5, 6, 7, 8]], 4)
     assert M.load(_config_with(tmp_path / "b", ckpt("ministral3"), rope_parameters=dict(
         MINISTRAL3_ROPE, llama_4_scaling_beta=None))).cfg.position_limit == (256, "max_position_embeddings")
 
