@@ -1119,7 +1119,7 @@ class Editor:
         """Load a checkpoint, its preset (hparams overrides any field of HParams), context
         templates (seeded) and statistics (cached)."""
         check_reads(method, {name: name for name, value in hparams.items() if value is not None})
-        cfg = M.read_config(Path(model_path))
+        cfg = M.checkpoint_config(model_path)
         hp = with_overrides(preset(cfg, method), **hparams)
         check_hparams(hp, cfg.n_layers)                 # before the model loads
         model = M.load(model_path, device, dtype, placement=lambda shares: plan.plan_stages(
@@ -1729,12 +1729,13 @@ def read_run_config(run_dir) -> dict:
 def open_run(args) -> tuple[Path | None, Settings, M.Config]:
     """(run directory, settings, the checkpoint's config): the run --resume names, or a new run's
     --out (None for the next runs/NNN), checked to be empty but not made yet (create_run_dir);
-    from the flags, the run's config.json and the checkpoint's, before any weights are read."""
+    from the flags, the run's config.json and the checkpoint's (M.checkpoint_config: its files
+    checked, as load will), before any weights are read."""
     check_settings(args)
     check_inputs(args)
     saved = read_run_config(args.resume) if args.resume else None
     check_outputs(args, args.model or saved["model"])
-    cfg = M.read_config(Path(args.model or saved["model"]))
+    cfg = M.checkpoint_config(args.model or saved["model"])
     settings = resumed_settings(args, saved, cfg) if saved else new_settings(args, cfg)
     if settings.stats_tokens and not settings.stats_file and settings.stats_tokens < cfg.d_mlp:
         raise ValueError(f"--stats-tokens {settings.stats_tokens}: C ({cfg.d_mlp}×{cfg.d_mlp}) "

@@ -298,16 +298,25 @@ def read_mistral(c: dict, default_window: int | None = 4096, **more) -> Config:
                            window_layers=tuple(range(c["num_hidden_layers"])) if window else (), **more)
 
 
+# Ministral3Config's rope where config.json gives none
+MINISTRAL3_ROPE = dict(rope_type="yarn", rope_theta=1e6, factor=16.0, original_max_position_embeddings=16384,
+                       beta_fast=32.0, beta_slow=1.0, mscale_all_dim=1.0, mscale=1.0, llama_4_scaling_beta=0.1)
+
+
 def read_ministral3(c: dict) -> Config:
     """Ministral 3's text model (Ministral3ForCausalLM): Mistral's, with YaRN where config.json is
-    silent (MINISTRAL3's rope_parameters, as transformers) and no window. Past YaRN's trained
-    length transformers also scales each query by 1 + β ln(1 + ⌊position / trained length⌋)
-    (Llama 4's, β = llama_4_scaling_beta): not implemented, so inputs are held within that
-    length (Config.query_scale_start, position_limit; there the scale is exactly 1)."""
-    beta = rope_given(c).get("llama_4_scaling_beta")
-    cfg = read_mistral(c, default_window=None)
-    start = (cfg.rope_scaling or {}).get("original_max_position_embeddings") if beta else None
-    return replace(cfg, query_scale_start=start)
+    silent (MINISTRAL3_ROPE, as transformers) and no window. From YaRN's trained length n on,
+    transformers also scales each query by 1 + β ln(1 + ⌊position / n⌋) (Llama 4's, β =
+    llama_4_scaling_beta; its forward fails without β or n): not implemented, so inputs are held
+    within n (Config.query_scale_start, position_limit; there the scale is exactly 1)."""
+    if not rope_given(c):
+        c = c | {"rope_parameters": MINISTRAL3_ROPE}
+    rope = rope_given(c)
+    start, beta = rope.get("original_max_position_embeddings"), rope.get("llama_4_scaling_beta")
+    if start is None or beta is None:
+        refuse(c, f"a rope without llama_4_scaling_beta and original_max_position_embeddings ({rope!r})",
+               "Ministral 3 scales its queries by them; transformers' forward fails without them")
+    return replace(read_mistral(c, default_window=None), query_scale_start=start)
 
 
 def read_mistral3(c: dict) -> Config:
@@ -648,10 +657,7 @@ OLMO = dict(pad_token_id=1)
 GEMMA = dict(max_position_embeddings=8192, pad_token_id=0)
 QWEN = dict(num_key_value_heads=32, max_position_embeddings=32768)
 GLM = dict(num_key_value_heads=2, head_dim=128, max_position_embeddings=131072, pad_token_id=151329)
-MINISTRAL3 = dict(num_key_value_heads=8, head_dim=128, max_position_embeddings=262144, pad_token_id=11, rms_norm_eps=1e-5,
-                  rope_parameters=dict(rope_type="yarn", rope_theta=1e6, factor=16.0, original_max_position_embeddings=16384,
-                                       beta_fast=32.0, beta_slow=1.0, mscale_all_dim=1.0, mscale=1.0,
-                                       llama_4_scaling_beta=0.1))
+MINISTRAL3 = dict(num_key_value_heads=8, head_dim=128, max_position_embeddings=262144, pad_token_id=11, rms_norm_eps=1e-5)
 HF_DEFAULTS = {"olmo2": OLMO, "olmo3": OLMO, "qwen2": QWEN, "qwen3": QWEN,
                "mistral": dict(num_key_value_heads=8, max_position_embeddings=131072),
                "gemma": dict(GEMMA, num_key_value_heads=16), "gemma2": dict(GEMMA, num_key_value_heads=4),
@@ -1306,12 +1312,15 @@ class CausalLM(nn.Module):
 
     def positions(self, mask, past: int) -> torch.Tensor:
         """(B, T) position of each query among its sequence's real tokens (left or right padding
-        alike). GPT-2 has only max_positions learned positions: beyond them is an error."""
+        alike). GPT-2 has only max_positions learned positions, and Ministral 3 is implemented
+        up to its query_scale_start: beyond them is an error."""
         pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-        if self.cfg.arch == "gpt2" and mask.shape[1] > self.cfg.max_positions \
-                and int(pos.max()) >= self.cfg.max_positions:
-            raise ValueError(f"a sequence of {int(pos.max()) + 1} tokens is longer than this GPT-2's "
-                             f"{self.cfg.max_positions} learned positions (n_positions)")
+        limit, field = self.cfg.position_limit
+        held = self.cfg.arch == "gpt2" or self.cfg.query_scale_start is not None
+        if held and mask.shape[1] > limit and int(pos.max()) >= limit:
+            what = "GPT-2's {} learned positions" if self.cfg.arch == "gpt2" else "model's {} positions"
+            raise ValueError(f"a sequence of {int(pos.max()) + 1} tokens is longer than this "
+                             f"{what.format(limit)} ({field})")
         return pos
 
     def forward(self, ids, mask=None, *, keys_at=(), outs_at=(), stop_after=None,
@@ -1741,6 +1750,16 @@ def read_config(path: Path) -> Config:
     if not (path / "config.json").exists():
         raise CheckpointError(f"{path}: config.json is missing (is this an HF checkpoint directory?)")
     return Config.from_hf(read_json(path / "config.json"))
+
+
+def checkpoint_config(path) -> Config:
+    """The model's config as loading will read it: config.json completed by the checkpoint's files
+    (check_checkpoint: a head they store where config.json ties it, untied_by_files); config.json
+    alone where no weights are there yet (--plan before the download)."""
+    path = Path(path)
+    if not any(path.glob("*.safetensors")):
+        return read_config(path)
+    return check_checkpoint(path)[0].cfg
 
 
 def check_checkpoint(path) -> tuple[CausalLM, dict, dict[str, str]]:

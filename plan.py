@@ -166,11 +166,9 @@ def print_plan(args) -> int:
     checkpoint the run would refuse at load, from its files alone (M.check_checkpoint: tensor
     names, shapes and dtypes, the tokenizer; no tensor data read), is refused here in its words;
     a directory without weights yet (config.json downloaded first, to plan) is planned as it is."""
-    _, settings, cfg = L.open_run(args)
+    _, settings, cfg = L.open_run(args)             # (M.checkpoint_config: the files checked, if any)
     requests = L.load_requests(settings)[0] if settings.edits else []        # as the run reads them
-    if any(Path(settings.model).glob("*.safetensors")):
-        M.check_checkpoint(settings.model)
-    else:                      # planning before the download: config.json (and the tokenizer) only
+    if not any(Path(settings.model).glob("*.safetensors")):   # planning before the download: config.json only
         print(f"no weights in {settings.model} yet: planned from config.json alone (the run checks the "
               "checkpoint's files when it loads them)")
     if args.plan_gib:

@@ -646,21 +646,27 @@ def test_each_of_granites_scalars_moves_the_logits_past_the_parity_tolerance(ckp
 
 
 def test_ministral3_inputs_are_held_where_its_query_scale_begins(ckpt, tmp_path):
-    """Ministral 3 scales each query past YaRN's trained length (Llama 4's 1 + β ln(1 + ⌊p / n⌋)),
-    which is not implemented: the position limit is that length, within which the logits are
-    transformers' and past which they are not (trained length 6 here, the batch 12 long)."""
+    """Ministral 3 scales each query from YaRN's trained length n on (Llama 4's 1 + β ln(1 + ⌊p / n⌋)),
+    which is not implemented: the position limit is n (6 here), within which the logits are
+    transformers' (and past which transformers' own move with β); a longer pass or generation is
+    refused, and a rope without β or n (transformers' forward fails on it)."""
     d = _config_with(tmp_path, ckpt("ministral3"), rope_parameters=dict(MINISTRAL3_ROPE, original_max_position_embeddings=6))
     ours = M.load(d)
     assert ours.cfg.position_limit == (6, "YaRN's original_max_position_embeddings")
     ids, mask = padded_batch(500, "right")
     ref, _ = hf_reference(hf_load(d), ids, mask)
-    gap = (ours(ids, mask).logits - ref.logits).abs().amax(-1)                     # (B, T)
-    assert gap[1, :6].max() < 1e-4 < gap[1, 6:].min()                # row 1: 12 real tokens
+    assert (ours(ids[:, :6], mask[:, :6]).logits - ref.logits[:, :6])[mask[:, :6].bool()].abs().max() < 1e-4
+    unscaled, _ = hf_reference(hf_load(_config_with(tmp_path / "b", d, rope_parameters=dict(
+        MINISTRAL3_ROPE, original_max_position_embeddings=6, llama_4_scaling_beta=0.0))), ids, mask)
+    gap = (unscaled.logits - ref.logits).abs().amax(-1)[1]            # row 1: 12 real tokens
+    assert gap[:6].max() == 0 < gap[6:].min()
+    with pytest.raises(ValueError, match="a sequence of 12 tokens is longer than this model's 6 positions"):
+        ours(ids, mask)
     assert len(M.generate(ours, [[5, 6, 7, 8]], 3, stop_at_eos=False)[0]) == 3      # fed up to position 5
     with pytest.raises(ValueError, match="4 prompt tokens and 4 new ones go past this model's 6 positions"):
         M.generate(ours, [[5, 6, 7, 8]], 4)
-    assert M.load(_config_with(tmp_path / "b", ckpt("ministral3"), rope_parameters=dict(
-        MINISTRAL3_ROPE, llama_4_scaling_beta=None))).cfg.position_limit == (256, "max_position_embeddings")
+    with pytest.raises(M.CheckpointError, match="a rope without llama_4_scaling_beta and original_max_position"):
+        M.read_config(_config_with(tmp_path / "c", d, rope_parameters=dict(MINISTRAL3_ROPE, llama_4_scaling_beta=None)))
 
 
 def test_a_tied_config_whose_files_store_another_head_reads_it_as_transformers_5(ckpt, tmp_path):
