@@ -292,10 +292,10 @@ def read_qwen3(c: dict) -> Config:
                            attention_bias=c.get("attention_bias", False), **qwen_window(c))
 
 
-def read_mistral(c: dict, default_window: int | None = 4096, **more) -> Config:
+def read_mistral(c: dict, default_window: int | None = 4096) -> Config:
     window = c.get("sliding_window", default_window)  # absent: transformers' default; null (Mistral-7B-v0.3): none
     return read_llama_like(c, sliding_window=window or None,
-                           window_layers=tuple(range(c["num_hidden_layers"])) if window else (), **more)
+                           window_layers=tuple(range(c["num_hidden_layers"])) if window else ())
 
 
 # Ministral3Config's rope where config.json gives none
@@ -321,7 +321,7 @@ def read_ministral3(c: dict) -> Config:
 
 def read_mistral3(c: dict) -> Config:
     """Mistral 3's image-text checkpoint (Mistral3ForConditionalGeneration: Mistral Small 3.1 and
-    3.2, Magistral and Devstral Small, Ministral 3): its language model, text_config (Mistral's or
+    3.2, Ministral 3): its language model, text_config (Mistral's or
     Ministral 3's, read by theirs), whose weights are named "language_model." + the text model's
     names, its head tied as the top-level tie_word_embeddings says (true where silent; a
     checkpoint that stores a head of its own is untied where it differs: check_checkpoint); the

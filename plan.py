@@ -162,10 +162,11 @@ def device_memory(device: torch.device) -> int:
 
 def print_plan(args) -> int:
     """--plan: the memory plan of the run the flags describe (with --resume, the run's settings and
-    the flags that may change), from config.json alone; the run's blocks are placed by it. A
-    checkpoint the run would refuse at load, from its files alone (M.check_checkpoint: tensor
-    names, shapes and dtypes, the tokenizer; no tensor data read), is refused here in its words;
-    a directory without weights yet (config.json downloaded first, to plan) is planned as it is."""
+    the flags that may change), from the model's config as the run reads it; the run's blocks are
+    placed by it. A checkpoint the run would refuse at load, from its files alone
+    (M.checkpoint_config: tensor names, shapes and dtypes, the tokenizer; no tensor data read but
+    a tied head the files also store), is refused here in its words; a directory without weights
+    yet (config.json downloaded first, to plan) is planned from config.json alone."""
     _, settings, cfg = L.open_run(args)             # (M.checkpoint_config: the files checked, if any)
     requests = L.load_requests(settings)[0] if settings.edits else []        # as the run reads them
     if not any(Path(settings.model).glob("*.safetensors")):   # planning before the download: config.json only
