@@ -852,6 +852,24 @@ def test_glm_reads_its_rotary_share_and_rope_base_where_transformers_5_does(ckpt
     assert_logits_are_transformers(d)
 
 
+@pytest.mark.parametrize("text_type", ["mistral", "ministral3"])
+def test_mistral3_text_config_left_to_the_defaults_reads_as_transformers(text_type):
+    """Mistral 3's text_config naming only sizes reads as transformers' Mistral3Config reads it:
+    the text model's own defaults (Ministral 3: YaRN ×16 from 16,384 positions, no window, head_dim
+    128), the head tied by the top-level default."""
+    import transformers as T
+    sizes = dict(model_type=text_type, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, vocab_size=512)
+    ours, theirs = M.Config.from_hf(dict(model_type="mistral3", text_config=sizes)), T.Mistral3Config(text_config=sizes)
+    text, rope = theirs.text_config, theirs.text_config.rope_parameters
+    assert (ours.n_kv_heads, ours.head_dim, ours.norm_eps, ours.max_positions, ours.pad_id, ours.sliding_window) == \
+        (text.num_key_value_heads, text.head_dim, text.rms_norm_eps, text.max_position_embeddings, text.pad_token_id,
+         text.sliding_window)
+    assert ours.tie_embeddings == theirs.tie_word_embeddings and ours.rope_theta == rope["rope_theta"]
+    assert (ours.rope_scaling or {}).get("factor") == rope.get("factor")
+    assert ours.query_scale_start == rope.get("original_max_position_embeddings")
+
+
 def test_olmo3_defaults_are_transformers():
     """A config.json naming only sizes reads as transformers' Olmo3Config defaults: a window of
     4096 on three layers in four, rope 5e5 on both kinds, unscaled; OLMo 2's eps 1e-5."""
