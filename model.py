@@ -29,6 +29,7 @@ import json
 import math
 import shutil
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 from pathlib import Path
 
 import torch
@@ -109,7 +110,7 @@ class Config:
     attn_softcap: float | None = None    # Gemma 2: attention scores capped to tanh(s / c) * c
     final_softcap: float | None = None   # Gemma 2: logits capped so too
     weights_prefix: str = ""      # Gemma 3, Mistral 3 image-text: the language model's names begin "language_model."
-    query_scale_start: int | None = None   # Ministral 3: past it transformers scales q (not implemented)
+    query_scale: tuple[float, int] | None = None   # Ministral 3: (β, n), q times 1 + β ln(1 + ⌊position / n⌋)
 
     @property
     def llama_like(self) -> bool:
@@ -147,8 +148,6 @@ class Config:
         hang on its batch's longest), else GPT-2's learned positions or the model's maximum."""
         if self.longrope_switch is not None:
             return self.longrope_switch, "original_max_position_embeddings"
-        if self.query_scale_start is not None:          # Ministral 3: its query scaling starts there
-            return min(self.query_scale_start, self.max_positions), "YaRN's original_max_position_embeddings"
         return self.max_positions, "n_positions" if self.arch in ("gpt2", "gptj") else "max_position_embeddings"
 
     @property
@@ -305,10 +304,9 @@ MINISTRAL3_ROPE = dict(rope_type="yarn", rope_theta=1e6, factor=16.0, original_m
 
 def read_ministral3(c: dict) -> Config:
     """Ministral 3's text model (Ministral3ForCausalLM): Mistral's, with YaRN where config.json is
-    silent (MINISTRAL3_ROPE, as transformers) and no window. From YaRN's trained length n on,
-    transformers also scales each query by 1 + β ln(1 + ⌊position / n⌋) (Llama 4's, β =
-    llama_4_scaling_beta; its forward fails without β or n): not implemented, so inputs are held
-    within n (Config.query_scale_start, position_limit; there the scale is exactly 1)."""
+    silent (MINISTRAL3_ROPE, as transformers) and no window, and from YaRN's trained length n on
+    each query (after rope) times 1 + β ln(1 + ⌊position / n⌋) (Llama 4's, β =
+    llama_4_scaling_beta: Config.query_scale; transformers' forward fails without β or n)."""
     if not rope_given(c):
         c = c | {"rope_parameters": MINISTRAL3_ROPE}
     rope = rope_given(c)
@@ -316,7 +314,7 @@ def read_ministral3(c: dict) -> Config:
     if start is None or beta is None:
         refuse(c, f"a rope without llama_4_scaling_beta and original_max_position_embeddings ({rope!r})",
                "Ministral 3 scales its queries by them; transformers' forward fails without them")
-    return replace(read_mistral(c, default_window=None), query_scale_start=start)
+    return replace(read_mistral(c, default_window=None), query_scale=(float(beta), start))
 
 
 def read_mistral3(c: dict) -> Config:
@@ -885,7 +883,7 @@ class Attention(nn.Module):
             self.q_norm = rms_norm(cfg, nh * hd if cfg.qk_norm_whole else hd)
             self.k_norm = rms_norm(cfg, nkv * hd if cfg.qk_norm_whole else hd)
 
-    def forward(self, x, rope, cos, sin, allowed, cache: KVCache | None, layer: int):
+    def forward(self, x, rope, tables: RopeTables, allowed, cache: KVCache | None, layer: int):
         B, T, _ = x.shape
         hd, nh, nkv = self.cfg.head_dim, self.cfg.n_heads, self.cfg.n_kv_heads
         if self.cfg.fused_qkv:
@@ -899,8 +897,10 @@ class Attention(nn.Module):
         v = v.view(B, T, nkv, hd)
         if self.cfg.qk_norm and not self.cfg.qk_norm_whole:   # Qwen3, Gemma 3: over each head
             q, k = self.q_norm(q), self.k_norm(k)
-        q = rope(q.transpose(1, 2), cos, sin)           # (B, nh, T, hd)
-        k = rope(k.transpose(1, 2), cos, sin)           # (B, nkv, T, hd)
+        q = rope(q.transpose(1, 2), tables.cos, tables.sin)     # (B, nh, T, hd)
+        k = rope(k.transpose(1, 2), tables.cos, tables.sin)     # (B, nkv, T, hd)
+        if tables.q_scale is not None:                  # Ministral 3: each query scaled by its position
+            q = q * tables.q_scale
         y = attend(q, k, v.transpose(1, 2), allowed, cache, layer, self.cfg.attn_scale,
                    self.cfg.attn_softcap)                                         # (B, T, nh * hd)
         return getattr(self, self.out_name)(y)
@@ -944,11 +944,11 @@ class NeoXAttention(nn.Module):
         self.query_key_value = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.attention_bias)
         self.dense = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.attention_bias)
 
-    def forward(self, x, cos, sin, allowed, cache: KVCache | None, layer: int):
+    def forward(self, x, tables: RopeTables, allowed, cache: KVCache | None, layer: int):
         B, T, _ = x.shape
         qkv = self.query_key_value(x).view(B, T, self.cfg.n_heads, 3 * self.cfg.head_dim)   # (B, T, nh, 3 hd)
         q, k, v = qkv.transpose(1, 2).chunk(3, dim=-1)                                    # (B, nh, T, hd)
-        q, k = rope_llama(q, cos, sin), rope_llama(k, cos, sin)
+        q, k = rope_llama(q, tables.cos, tables.sin), rope_llama(k, tables.cos, tables.sin)
         return self.dense(attend(q, k, v, allowed, cache, layer, None))
 
 
@@ -1062,8 +1062,8 @@ class LlamaBlock(nn.Module):
         self.post_attention_layernorm = rms_norm(cfg)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, h, cos, sin, allowed, cache, layer):   # sequential: attention, then MLP
-        a = self.self_attn(self.input_layernorm(h), self.rope, cos, sin, allowed, cache, layer)
+    def forward(self, h, tables, allowed, cache, layer):   # sequential: attention, then MLP
+        a = self.self_attn(self.input_layernorm(h), self.rope, tables, allowed, cache, layer)
         h = h + a * self.residual_multiplier
         out, key = self.mlp(self.post_attention_layernorm(h))
         return h + out * self.residual_multiplier, key
@@ -1100,9 +1100,9 @@ class PostNormBlock(nn.Module):
         """The norm on the MLP's output (Gemma 2's post_feedforward_layernorm): editing's E6b."""
         return getattr(self, self.names[2])
 
-    def forward(self, h, cos, sin, allowed, cache, layer):
+    def forward(self, h, tables, allowed, cache, layer):
         after_attention, before_mlp, after_mlp = (getattr(self, n) for n in self.names)
-        a = self.self_attn(self.input_layernorm(h), self.rope, cos, sin, allowed, cache, layer)
+        a = self.self_attn(self.input_layernorm(h), self.rope, tables, allowed, cache, layer)
         h = h + after_attention(a)
         out, key = self.mlp(before_mlp(h))
         return h + after_mlp(out), key
@@ -1115,10 +1115,10 @@ class GPTJBlock(nn.Module):
         self.attn = Attention(cfg, "out_proj")
         self.mlp = GeluMLP(cfg, ("fc_in", "fc_out"))
 
-    def forward(self, h, cos, sin, allowed, cache, layer):   # parallel: attention and MLP read one LayerNorm
+    def forward(self, h, tables, allowed, cache, layer):   # parallel: attention and MLP read one LayerNorm
         x = self.ln_1(h)
         out, key = self.mlp(x)
-        return h + self.attn(x, rope_gptj, cos, sin, allowed, cache, layer) + out, key
+        return h + self.attn(x, rope_gptj, tables, allowed, cache, layer) + out, key
 
 
 class PhiBlock(nn.Module):
@@ -1131,10 +1131,10 @@ class PhiBlock(nn.Module):
         self.self_attn = Attention(cfg, "dense")
         self.mlp = GeluMLP(cfg, ("fc1", "fc2"))
 
-    def forward(self, h, cos, sin, allowed, cache, layer):   # summed in transformers' order
+    def forward(self, h, tables, allowed, cache, layer):   # summed in transformers' order
         x = self.input_layernorm(h)
         out, key = self.mlp(x)
-        return self.self_attn(x, rope_llama, cos, sin, allowed, cache, layer) + out + h, key
+        return self.self_attn(x, rope_llama, tables, allowed, cache, layer) + out + h, key
 
 
 class NeoXBlock(nn.Module):
@@ -1149,8 +1149,8 @@ class NeoXBlock(nn.Module):
         self.attention = NeoXAttention(cfg)
         self.mlp = GeluMLP(cfg, ("dense_h_to_4h", "dense_4h_to_h"))
 
-    def forward(self, h, cos, sin, allowed, cache, layer):
-        a = self.attention(self.input_layernorm(h), cos, sin, allowed, cache, layer)
+    def forward(self, h, tables, allowed, cache, layer):
+        a = self.attention(self.input_layernorm(h), tables, allowed, cache, layer)
         if self.parallel:                       # summed in transformers' order
             out, key = self.mlp(self.post_attention_layernorm(h))
             return out + a + h, key
@@ -1167,7 +1167,7 @@ class GPT2Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = GPT2MLP(cfg)
 
-    def forward(self, h, cos, sin, allowed, cache, layer):   # sequential; no rope (cos, sin unused)
+    def forward(self, h, tables, allowed, cache, layer):   # sequential; no rope (tables unused)
         h = h + self.attn(self.ln_1(h), allowed, cache, layer)
         out, key = self.mlp(self.ln_2(h))
         return h + out, key
@@ -1312,15 +1312,12 @@ class CausalLM(nn.Module):
 
     def positions(self, mask, past: int) -> torch.Tensor:
         """(B, T) position of each query among its sequence's real tokens (left or right padding
-        alike). GPT-2 has only max_positions learned positions, and Ministral 3 is implemented
-        up to its query_scale_start: beyond them is an error."""
+        alike). GPT-2 has only max_positions learned positions: beyond them is an error."""
         pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-        limit, field = self.cfg.position_limit
-        held = self.cfg.arch == "gpt2" or self.cfg.query_scale_start is not None
-        if held and mask.shape[1] > limit and int(pos.max()) >= limit:
-            what = "GPT-2's {} learned positions" if self.cfg.arch == "gpt2" else "model's {} positions"
-            raise ValueError(f"a sequence of {int(pos.max()) + 1} tokens is longer than this "
-                             f"{what.format(limit)} ({field})")
+        if self.cfg.arch == "gpt2" and mask.shape[1] > self.cfg.max_positions \
+                and int(pos.max()) >= self.cfg.max_positions:
+            raise ValueError(f"a sequence of {int(pos.max()) + 1} tokens is longer than this GPT-2's "
+                             f"{self.cfg.max_positions} learned positions (n_positions)")
         return pos
 
     def forward(self, ids, mask=None, *, keys_at=(), outs_at=(), stop_after=None,
@@ -1343,7 +1340,7 @@ class CausalLM(nn.Module):
             long = int(pos.max()) + 1 > self.cfg.longrope_switch                  # for the pass, as transformers
             inv_freq = self.inv_freq_long if long else inv_freq
             check_rope_regime(cache, long)
-        ropes = {"global": rope_tables(pos, inv_freq, dt, scale)}                # (cos, sin) (B, 1, T, hd/2)
+        ropes = {"global": rope_tables(pos, inv_freq, dt, scale, self.cfg.query_scale)}   # RopeTables
         if self.cfg.local_rope_theta is not None:                       # Gemma 3's, OLMo 3's sliding layers
             ropes["local"] = rope_tables(pos, self.inv_freq_local, dt)
         if self.cfg.nope_layers:                              # SmolLM3's NoPE layers: turned over no dims
@@ -1364,7 +1361,7 @@ class CausalLM(nn.Module):
         for i in range(first, last + 1):
             h = h.to(place[i])                       # a device boundary: the residual stream moves
             ropes_i, masks_i = inputs[place[i]]
-            h, key = self.blocks[i](h, *ropes_i[self.cfg.rope(i)], masks_i[self.cfg.window(i)], cache, i)
+            h, key = self.blocks[i](h, ropes_i[self.cfg.rope(i)], masks_i[self.cfg.window(i)], cache, i)
             if i in keys_at:
                 out.keys[i] = key.to(home)
             if i in outs_at:
@@ -1395,11 +1392,24 @@ def check_rope_regime(cache: KVCache | None, long: bool):
     cache.long_rope = long
 
 
-def rope_tables(pos, inv_freq, dtype, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (B, 1, T, hd/2) of positions pos (B, T) at inverse frequencies inv_freq, times
-    `scale` (LongRoPE's attention factor) in float32, in dtype."""
+class RopeTables(NamedTuple):
+    """What turns q and k at each position: cos and sin (B, 1, T, hd/2); Ministral 3's query
+    scale (B, 1, T, 1), else None."""
+    cos: torch.Tensor
+    sin: torch.Tensor
+    q_scale: torch.Tensor | None = None
+
+
+def rope_tables(pos, inv_freq, dtype, scale: float = 1.0, query_scale=None) -> RopeTables:
+    """cos and sin of positions pos (B, T) at inverse frequencies inv_freq, times `scale`
+    (LongRoPE's and YaRN's attention factor) in float32, in dtype; with query_scale (β, n),
+    Ministral 3's 1 + β ln(1 + ⌊pos / n⌋) (Llama 4's), in float32, in dtype, as transformers."""
     freqs = pos[:, None, :, None].float() * inv_freq
-    return (freqs.cos() * scale).to(dtype), (freqs.sin() * scale).to(dtype)
+    q_scale = None
+    if query_scale is not None:
+        beta, n = query_scale
+        q_scale = (1 + beta * torch.log(1 + torch.floor(pos / n)))[:, None, :, None].to(dtype)
+    return RopeTables((freqs.cos() * scale).to(dtype), (freqs.sin() * scale).to(dtype), q_scale)
 
 
 def rope_buffers(cfg: Config) -> dict[str, torch.Tensor]:
@@ -1416,7 +1426,7 @@ def rope_buffers(cfg: Config) -> dict[str, torch.Tensor]:
 def block_inputs(device, ropes: dict, masks: dict):
     """What every block reads besides the residual stream (rope's cos and sin, per rope; the
     attention mask of each window) on `device` (the same tensors where they already are)."""
-    return ({k: (cos.to(device), sin.to(device)) for k, (cos, sin) in ropes.items()},
+    return ({k: RopeTables(*(t if t is None else t.to(device) for t in tables)) for k, tables in ropes.items()},
             {w: None if m is None else m.to(device) for w, m in masks.items()})
 
 
@@ -1925,11 +1935,6 @@ def generate(model: CausalLM, seqs: list[list[int]], max_new_tokens: int, top_k:
     dev = model.embed.weight.device
     ids, mask = model.tokenizer.pad(seqs, side="left", device=dev)
     B = len(seqs)
-    limit = model.cfg.query_scale_start               # Ministral 3: held within it (read_ministral3)
-    if limit is not None and ids.shape[1] + max_new_tokens - 1 > limit:     # (the last token is not fed)
-        raise ValueError(f"{ids.shape[1]} prompt tokens and {max_new_tokens} new ones go past this model's "
-                         f"{limit} positions (YaRN's original_max_position_embeddings: past them its "
-                         "queries are scaled, which is not implemented here)")
     cache = KVCache(model.cfg, B, ids.shape[1] + max_new_tokens, model.placement, model.embed.weight.dtype)
     gen = torch.Generator(device=dev).manual_seed(seed)
     new = [[] for _ in range(B)]

@@ -122,12 +122,10 @@ def positions_cap(cfg: M.Config, max_len: int, log=print) -> int:
     (longest) batch, after all the others' work, and would turn LongRoPE's longest batches by
     other factors than the rest. Capped, not refused: editing runs have no --max-len to lower."""
     limit, field = cfg.position_limit
-    if max_len <= limit or not (cfg.arch == "gpt2" or cfg.longrope_switch is not None
-                                or cfg.query_scale_start is not None):
+    if max_len <= limit or not (cfg.arch == "gpt2" or cfg.longrope_switch is not None):
         return max_len
     why = (f"this GPT-2 has {limit} learned positions" if cfg.arch == "gpt2" else
-           "LongRoPE turns a longer pass by its long factors" if cfg.longrope_switch is not None else
-           "past it Ministral 3 scales its queries, which is not implemented here")
+           "LongRoPE turns a longer pass by its long factors")
     log(f"statistics: paragraphs cut to {limit} tokens, not {max_len}: {why} ({field})")
     return limit
 

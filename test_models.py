@@ -426,7 +426,7 @@ def test_a_missing_tokenizer_json_comes_with_the_command_that_writes_it(tmp_path
 # LongRoPE's per-frequency factors for 3/4 of a 16-dim head (6 frequencies), short and long
 PHI_LONGROPE = {"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(6)],
                 "long_factor": [1.0 + 2.0 * i for i in range(6)]}
-MINISTRAL3_ROPE = dict(rope_type="yarn", rope_theta=1e6, factor=4.0, original_max_position_embeddings=64,
+MINISTRAL3_ROPE = dict(rope_type="yarn", rope_theta=1e6, factor=4.0, original_max_position_embeddings=4,
                        beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=0.1)
 # kind -> (family, options); every family once plainly and once with its variants
 KINDS = {
@@ -520,8 +520,8 @@ KINDS = {
     "granite-bias-untied": ("granite", dict(embedding_multiplier=3.0, attention_multiplier=0.3, residual_multiplier=0.5,
                                             logits_scaling=2.0, attention_bias=True, mlp_bias=True,
                                             tie_word_embeddings=False)),
-    # Ministral 3's text model: YaRN (x4 from 64 trained positions, beyond the test batches) with
-    # Llama 4's query scale past them, GQA; and Mistral 3's image-text checkpoints: Ministral 3's
+    # Ministral 3's text model: YaRN (x4 from 4 trained positions) with Llama 4's query scale from
+    # there on (the test batches' positions take three scales), GQA; and Mistral 3's image-text checkpoints: Ministral 3's
     # (tied, as transformers writes it where the release leaves it out) and Mistral Small 3.1's (a
     # Mistral text model, its head its own)
     "ministral3": ("ministral3", dict(num_key_value_heads=2, head_dim=16, pad_token_id=0, rope_parameters=MINISTRAL3_ROPE)),
@@ -645,26 +645,24 @@ def test_each_of_granites_scalars_moves_the_logits_past_the_parity_tolerance(ckp
         assert (ours(ids, mask).logits[real] - ref.logits[real]).abs().max() > 1e-3, key
 
 
-def test_ministral3_inputs_are_held_where_its_query_scale_begins(ckpt, tmp_path):
-    """Ministral 3 scales each query from YaRN's trained length n on (Llama 4's 1 + β ln(1 + ⌊p / n⌋)),
-    which is not implemented: the position limit is n (6 here), within which the logits are
-    transformers' (and past which transformers' own move with β); a longer pass or generation is
-    refused, and a rope without β or n (transformers' forward fails on it)."""
-    d = _config_with(tmp_path, ckpt("ministral3"), rope_parameters=dict(MINISTRAL3_ROPE, original_max_position_embeddings=6))
-    ours = M.load(d)
-    assert ours.cfg.position_limit == (6, "YaRN's original_max_position_embeddings")
+def test_ministral3_scales_its_queries_from_yarns_trained_length_on_as_transformers(ckpt, tmp_path):
+    """Ministral 3 scales each query from YaRN's trained length n on (Llama 4's 1 + β ln(1 + ⌊p / n⌋)):
+    with n = 4 the test batches' positions take three scales (the parity tests hold: logits,
+    bf16, KV cache); greedy generation equals transformers'; without the scale (β = 0) the
+    logits move from position n on; a rope without β or n is refused (transformers' forward
+    fails on it)."""
+    d = ckpt("ministral3")
+    assert M.load(d).cfg.query_scale == (0.1, 4)
     ids, mask = padded_batch(500, "right")
     ref, _ = hf_reference(hf_load(d), ids, mask)
-    assert (ours(ids[:, :6], mask[:, :6]).logits - ref.logits[:, :6])[mask[:, :6].bool()].abs().max() < 1e-4
-    unscaled, _ = hf_reference(hf_load(_config_with(tmp_path / "b", d, rope_parameters=dict(
-        MINISTRAL3_ROPE, original_max_position_embeddings=6, llama_4_scaling_beta=0.0))), ids, mask)
-    gap = (unscaled.logits - ref.logits).abs().amax(-1)[1]            # row 1: 12 real tokens
-    assert gap[:6].max() == 0 < gap[6:].min()
-    with pytest.raises(ValueError, match="a sequence of 12 tokens is longer than this model's 6 positions"):
-        ours(ids, mask)
-    assert len(M.generate(ours, [[5, 6, 7, 8]], 3, stop_at_eos=False)[0]) == 3      # fed up to position 5
-    with pytest.raises(ValueError, match="4 prompt tokens and 4 new ones go past this model's 6 positions"):
-        M.generate(ours, [[5, 6, 7, 8]], 4)
+    unscaled = M.load(_config_with(tmp_path / "b", d, rope_parameters=dict(MINISTRAL3_ROPE, llama_4_scaling_beta=0.0)))
+    gap = (unscaled(ids, mask).logits - ref.logits).abs().amax(-1)[1]       # row 1: 12 real tokens
+    assert gap[:4].max() < 1e-4 < gap[4:].min()
+    prompt = [5, 6, 7]
+    ours = M.generate(M.load(d), [prompt], 8, stop_at_eos=False)[0]
+    theirs = hf_load(d).generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0)[0, 3:].tolist()
+    assert ours == theirs
     with pytest.raises(M.CheckpointError, match="a rope without llama_4_scaling_beta and original_max_position"):
         M.read_config(_config_with(tmp_path / "c", d, rope_parameters=dict(MINISTRAL3_ROPE, llama_4_scaling_beta=None)))
 
@@ -867,7 +865,8 @@ def test_mistral3_text_config_left_to_the_defaults_reads_as_transformers(text_ty
          text.sliding_window)
     assert ours.tie_embeddings == theirs.tie_word_embeddings and ours.rope_theta == rope["rope_theta"]
     assert (ours.rope_scaling or {}).get("factor") == rope.get("factor")
-    assert ours.query_scale_start == rope.get("original_max_position_embeddings")
+    assert ours.query_scale == ((rope["llama_4_scaling_beta"], rope["original_max_position_embeddings"])
+                                if text_type == "ministral3" else None)
 
 
 def test_olmo3_defaults_are_transformers():
@@ -1007,7 +1006,7 @@ def test_a_sliding_window_left_out_is_that_of_transformers(ckpt, tmp_path, kind,
                                   "gemma2-gqa-window-caps", "gemma3-gqa-window-ropes", "olmo2", "gpt-neox",
                                   "gpt-neox-sequential", "phi3", "phi3-longrope-window", "phi", "phi-gqa-tied-erf",
                                   "smollm3-nope-window-bias", "olmo3", "qwen2-yarn", "glm", "glm4", "granite",
-                                  "mistral3"])
+                                  "mistral3", "ministral3"])
 def test_bfloat16_error_is_that_of_transformers(ckpt, kind, device):
     """In bfloat16 our logits are as close to the float32 reference as transformers' own bfloat16
     logits are (mean absolute error within 1.5x of theirs, plus 0.1% of the logits' scale; on the

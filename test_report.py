@@ -289,7 +289,7 @@ class GreedyBigram(nn.Module):
                 table[ids[w], ids[nxt]] = p
         self.logp = nn.Parameter(table.log(), requires_grad=False)               # (V, V)
         self.embed = nn.Embedding(V, 1)
-        self.cfg = SimpleNamespace(n_layers=0, n_kv_heads=1, head_dim=1, longrope_switch=None, query_scale_start=None)
+        self.cfg = SimpleNamespace(n_layers=0, n_kv_heads=1, head_dim=1, longrope_switch=None)
         self.placement = []                         # no layers, so no cache tensors anywhere
 
     def forward(self, ids, mask=None, logits_at=None, cache=None):
