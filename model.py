@@ -329,8 +329,7 @@ def read_mistral3(c: dict) -> Config:
     kind = text.get("model_type", "mistral")
     if kind not in ("mistral", "ministral3"):
         refuse(c, f"text_config's model_type {kind!r}", "Mistral 3's language model here is 'mistral' or 'ministral3'")
-    text = HF_DEFAULTS[kind] | text | {"model_type": kind, "tie_word_embeddings": c.get("tie_word_embeddings", True)}
-    cfg = READERS[kind](text)
+    cfg = Config.from_hf(text | {"model_type": kind, "tie_word_embeddings": c.get("tie_word_embeddings", True)})
     return replace(cfg, arch="mistral3", weights_prefix="language_model.")
 
 
