@@ -1780,11 +1780,17 @@ def create_run_dir(out: Path | None, settings: Settings, templates) -> Path:
 
 
 def new_run_dir(root=Path("runs")) -> Path:
+    """The next runs/NNN, made here: a run that takes the same number at the same moment leaves
+    this one the next free number."""
     root.mkdir(parents=True, exist_ok=True)
-    n = 1 + max([int(p.name) for p in root.iterdir() if p.name.isdigit()], default=0)
-    d = root / f"{n:03d}"
-    d.mkdir()
-    return d
+    n = max([int(p.name) for p in root.iterdir() if p.name.isdigit()], default=0)
+    while True:
+        n += 1
+        try:
+            (root / f"{n:03d}").mkdir()
+            return root / f"{n:03d}"
+        except FileExistsError:
+            continue
 
 
 @contextmanager

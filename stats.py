@@ -311,8 +311,9 @@ def stats_key(model_path, model: M.CausalLM, layers, corpus: Path, n_tokens, max
 # ----------------------------------------------------------------------------- the file
 
 def write_stats_file(path, C: dict, key: dict, tokens: int):
-    """The statistics file, whole or not at all (a temporary file, then a rename). Written as
-    safetensors one tensor at a time, so only one C at a time is copied off its device."""
+    """The statistics file, whole or not at all (a temporary file of this process, then a rename:
+    runs that share a cache and collect the same statistics at once each put a whole file there).
+    Written as safetensors one tensor at a time, so only one C at a time is copied off its device."""
     path = Path(path)
     names = {f"C.{l}": c for l, c in sorted(C.items())}
     if any(c.dtype != torch.float64 for c in names.values()):
@@ -326,7 +327,7 @@ def write_stats_file(path, C: dict, key: dict, tokens: int):
     head = json.dumps(header).encode()
     head += b" " * (-len(head) % 8)                           # the format's 8-byte alignment
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         f.write(len(head).to_bytes(8, "little") + head)
         for c in names.values():

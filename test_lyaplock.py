@@ -648,6 +648,16 @@ def test_the_resume_command_runs_from_where_the_run_was_started(tmp_path, monkey
     assert L.resume_command(Path("r")) == f"python {HERE.resolve() / 'lyaplock.py'} --resume r"
 
 
+def test_runs_started_at_the_same_moment_take_different_run_directories(tmp_path, monkeypatch):
+    """Without --out a run takes the next runs/NNN; one that read the same listing while another
+    run made that directory takes the number after (was: FileExistsError)."""
+    (tmp_path / "001").mkdir()
+    (tmp_path / "002").mkdir()                   # the other run's, made after this one's listing
+    assert L.new_run_dir(tmp_path) == tmp_path / "003"
+    monkeypatch.setattr(Path, "iterdir", lambda self: iter([self / "001"]))
+    assert L.new_run_dir(tmp_path) == tmp_path / "004"
+
+
 def test_a_stream_that_re_edits_gets_a_note_unless_superseded_was_chosen():
     req = lambda subject, new: Request(case_id=subject + new, prompt="{} is in", subject=subject, target_new=new,
                                        target_true="y", paraphrase_prompts=(), neighborhood_prompts=(),
@@ -1649,24 +1659,34 @@ def _resume(tmp_path, out):
 def test_a_run_killed_at_any_point_resumes_to_the_same_result(tmp_path):
     """SIGKILL a real run at several points (before its first checkpoint, between the log line
     and the checkpoint of a step, late in the stream, during the final evaluation); each resumed
-    run ends with bit-identical weights and the same log as the uninterrupted one."""
+    run ends with bit-identical weights and the same log as the uninterrupted one. (The runs, one
+    thread each, go side by side: the kill points are read from their files, not from time.)"""
     import time
-    whole = tmp_path / "whole"
-    subprocess.run(_run_args(tmp_path, whole), check=True, capture_output=True, env=_env(), timeout=300)
-    want_w, want_log = _final_weights(whole), _log_without_times(whole)
     lines = lambda out: len((out / "log.jsonl").read_text().splitlines()) if (out / "log.jsonl").exists() else 0
     points = {"start": lambda out: (out / "config.json").exists(),
               "step1": lambda out: lines(out) >= 1,
               "step3": lambda out: lines(out) >= 3,
               "final": lambda out: lines(out) >= 5}
-    for name, reached in points.items():
+    start = lambda out: subprocess.Popen(_run_args(tmp_path, out), stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL, env=_env())
+    whole = start(tmp_path / "whole")
+    running = {name: start(tmp_path / name) for name in points}
+    while running:
+        for name, p in list(running.items()):
+            if p.poll() is None and not points[name](tmp_path / name):
+                continue
+            p.kill()
+            p.wait()
+            del running[name]
+        time.sleep(0.005)
+    resumes = [subprocess.Popen([sys.executable, str(HERE / "lyaplock.py"), "--resume", str(tmp_path / name),
+                                 "--stats-cache", str(tmp_path / "cache")], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, env=_env()) for name in points]
+    assert whole.wait(timeout=300) == 0
+    want_w, want_log = _final_weights(tmp_path / "whole"), _log_without_times(tmp_path / "whole")
+    for name, p in zip(points, resumes):
+        assert p.wait(timeout=300) == 0, p.stderr.read()
         out = tmp_path / name
-        p = subprocess.Popen(_run_args(tmp_path, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
-        while p.poll() is None and not reached(out):
-            time.sleep(0.005)
-        p.kill()
-        p.wait()
-        _resume(tmp_path, out)
         got = _final_weights(out)
         assert got.keys() == want_w.keys() and all(torch.equal(got[k], want_w[k]) for k in got), name
         assert _log_without_times(out) == want_log, name

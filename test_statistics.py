@@ -317,6 +317,27 @@ def test_a_corrupt_truncated_or_unsound_file_is_an_error_never_used(made, storie
         refused(path, "C.1 is not a finite symmetric matrix")
 
 
+def test_a_second_writer_of_the_same_file_neither_truncates_nor_removes_this_ones(tmp_path, monkeypatch):
+    """Runs that share a statistics cache may collect the same statistics at once. Another
+    process's write, begun while this one's is finishing (here: called from inside this one's
+    rename, under another pid), goes to a temporary file of its own: both renames succeed and
+    the file is whole (with one temporary name for all, the second writer truncated the first's
+    file and took it away before its rename: FileNotFoundError)."""
+    path, key = tmp_path / "s.safetensors", dict(layers=[1])
+    C = {1: torch.eye(3, dtype=torch.float64)}
+    real_replace, others = os.replace, []
+
+    def replace(src, dst):
+        if not others:
+            others.append(src)
+            monkeypatch.setattr(os, "getpid", lambda: 12345)
+            S.write_stats_file(path, {1: 2 * C[1]}, key, 7)
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", replace)
+    S.write_stats_file(path, C, key, 5)
+    assert torch.equal(load_file(str(path))["C.1"], C[1]) and not list(tmp_path.glob("*.tmp"))
+
+
 def test_a_file_of_another_dtype_is_used_with_a_warning(tmp_path, stories):
     out = tmp_path / "bf16.safetensors"
     assert S.main(["--model", str(STORIES), "--layers", "1,2", "--stats-tokens", "1000", "--dtype", "bfloat16",

@@ -659,13 +659,14 @@ def test_committed_fact_models_know_their_facts(path, size, cards):
     fs = TB.facts(edit + held)
     assert info["size"] == size and info["n_facts"] == len(fs)
     assert info["recipe"].items() <= dataclasses.asdict(TB.SIZES[size]).items()    # ci's predates more_edit
-    kept = TB.held_facts_of(edit, held)                 # facts of held-back records only
+    kept = set(TB.held_facts_of(edit, held))            # facts of held-back records only
+    known = dict(zip(fs, TB.knows(m, fs, 128)))         # each fact scored once, as fact_accuracy does
     edited = [f for f in fs if f not in kept]
     assert len(kept) > 800 and len(edited) > 800
     for part in (edited, kept):
-        assert TB.fact_accuracy(m, part) >= 0.95
+        assert sum(known[f] for f in part) >= 0.95 * len(part)
     assert TB.fact_accuracy(m, TB.subject_cards(fs)) >= cards
-    assert TB.fact_accuracy(m, fs) == pytest.approx(info["fact_accuracy"])
+    assert sum(known.values()) / len(fs) == pytest.approx(info["fact_accuracy"])
     assert len(TB.editable(m, edit, held)) >= 200
     corpus = read_corpus(path / "corpus.txt")
     assert corpus[0] == f"{fs[0][0]} {fs[0][1]}." and corpus[len(fs):] == read_corpus(TB.TEXT_FILE)
@@ -708,7 +709,7 @@ QUEUE_SHARE = 0.6      # LyapLock's z(T)/T over the open-loop queue's: measured 
 @pytest.fixture(scope="module")
 def claim_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("testbed")
-    return out, TB.experiment(FACTMODEL, CLAIM_EDITS, 10, CLAIM_RUNS, eval_every=10,
+    return out, TB.experiment(FACTMODEL, CLAIM_EDITS, 10, CLAIM_RUNS, eval_every=20,
                               out=out / "tb", stats_cache=out / "c", log=lambda s: None)
 
 
@@ -772,7 +773,7 @@ def test_testbed_memit_pl_grows_super_linearly_and_the_model_loses_facts(claim_r
 def test_testbed_experiment_writes_table_and_figures(claim_run):
     import xml.etree.ElementTree as ET
     out, r = claim_run
-    assert [p["edits"] for p in r["methods"]["memit"]["points"]] == [100, 200]
+    assert [p["edits"] for p in r["methods"]["memit"]["points"]] == [200]     # eval_every 20 steps: the end only
     for f in ("table.md", "result.json", "queue.svg", "retention.svg", *(f"pl_layer{l}.svg" for l in r["layers"])):
         assert (out / "tb" / f).exists()
     ET.parse(out / "tb" / "retention.svg")          # well-formed SVG
