@@ -94,6 +94,11 @@ class _Where:
             raise self.error(field, f"expected {want}, got {type(value).__name__} {value!r:.60}")
         if kind is str and not value.strip():
             raise self.error(field, f"empty or whitespace-only string {value!r}")
+        if kind is str and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:             # JSON's "\ud800": no text a tokenizer takes
+                raise self.error(field, f"not valid text: {e.reason} at character {e.start} of {value!r:.60}") from None
         return value
 
     def strs(self, obj: dict, key: str, field: str, optional: bool = False) -> tuple[str, ...]:

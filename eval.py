@@ -410,9 +410,15 @@ def read_task(glue_dir, name: str, n_per_task: int) -> tuple[list[str], list[int
     if not items:
         raise ValueError(f"{path}: no items")
     try:
-        return [prompt_of(x) for x in items], [label_of(x) for x in items]
+        prompts, labels = [prompt_of(x) for x in items], [label_of(x) for x in items]
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise ValueError(f"{path}: an item lacks or has a bad field: {e!r}") from None
+    words = TASKS[name][1]
+    for i, label in enumerate(labels):
+        if not 0 <= label < len(words):           # (-1 would score as the last class)
+            raise ValueError(f"{path}: item {i}: class id {label} is not one of 0..{len(words) - 1} "
+                             f"({', '.join(w.strip() for w in words)})")
+    return prompts, labels
 
 
 def general_eval(m, glue_dir, n_per_task: int = 100, tasks=tuple(TASKS), batch_size: int = 64) -> dict:

@@ -1658,6 +1658,8 @@ def check_inputs(args):
             ev.read_task(args.glue_dir, task, args.glue_n or 100)
     if args.heldout is not None:
         data.read_corpus(args.heldout)              # a corpus with text, or a DataError naming it
+    if args.snippets is not None:
+        data.read_snippets(args.snippets)           # (was read only after the statistics)
 
 
 def parse_layers(text: str, n_layers: int) -> tuple:

@@ -1108,6 +1108,29 @@ def test_cli_rejects_bad_settings_with_one_line(tmp_path, capsys, flag, value, m
     assert not (tmp_path / "run").exists()
 
 
+def test_bad_snippets_and_class_ids_out_of_range_are_refused_before_any_work(tmp_path, capsys):
+    """A --snippets file of the wrong shape, and a general-ability item whose class id is not one
+    of its task's classes (-1 scored as the last class, silently; 9 an IndexError after the
+    statistics), are named before the model loads and before a run directory is made."""
+    snippets = tmp_path / "snippets.json"
+    snippets.write_text("[1]")
+    glue = tmp_path / "glue"
+    shutil.copytree(FIX / "glue", glue)
+    sst2, mmlu = json.loads((glue / "sst2.json").read_text()), json.loads((glue / "mmlu.json").read_text())
+    sst2[0]["label"], mmlu[3]["answer"] = -1, 9
+    (glue / "sst2.json").write_text(json.dumps(sst2))
+    cases = [(["--snippets", str(snippets)], f"--snippets {snippets}: expected an object {{case_id: [text, ...]}}"),
+             (["--glue-dir", str(glue)], f"{glue}/sst2.json: item 0: class id -1 is not one of 0..1 (negative, positive)")]
+    for flags, message in cases:
+        assert L.main(_cli(tmp_path, "--out", str(tmp_path / "run"), *flags)) == 1
+        assert capsys.readouterr().err == f"error: {message}\n"
+        assert not (tmp_path / "run").exists()
+    (glue / "sst2.json").write_text((FIX / "glue" / "sst2.json").read_text())
+    (glue / "mmlu.json").write_text(json.dumps(mmlu))
+    with pytest.raises(ValueError, match=r"mmlu.json: item 3: class id 9 is not one of 0..3 \(A, B, C, D\)"):
+        L.ev.read_task(glue, "mmlu", 100)
+
+
 def test_cli_resume_refuses_another_configuration(tmp_path, capsys):
     out = tmp_path / "run"
     assert L.main(_cli(tmp_path, "--out", str(out), "--limit", "4")) == 0
