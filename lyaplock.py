@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import fcntl
+import hashlib
 import json
 import math
 import os
@@ -22,7 +24,7 @@ import sys
 import time
 import warnings
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
@@ -1494,6 +1496,7 @@ class Settings:
     stats_cache: str = "runs/stats-cache"
     checkpoint_every: int = 10
     state_device: str | None = None
+    save_model: str | None = None       # where the edited model goes at the end (a resume may name another)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self) | {"hparams": asdict(self.hparams) | {"layers": list(self.hparams.layers)}},
@@ -1508,7 +1511,8 @@ class Settings:
                    hparams=with_overrides(HParams(), **hp))
 
 
-RESUMABLE = ("device", "z_batch_tokens", "stats_batch_tokens", "stats_cache", "checkpoint_every", "state_device")
+RESUMABLE = ("device", "z_batch_tokens", "stats_batch_tokens", "stats_cache", "checkpoint_every", "state_device",
+             "save_model")
 FLAG_FIELDS = {"method": "hparams.method", "batch_size": "hparams.batch_size", "layers": "hparams.layers",
                "alpha": "hparams.alpha", "lam": "hparams.lam", "v": "hparams.V", "l2": "hparams.l2",
                "nullspace_threshold": "hparams.nullspace_threshold",
@@ -1517,8 +1521,8 @@ FLAG_RANGES = {flag: RANGES[field.removeprefix("hparams.")] for flag, field in F
                if field.removeprefix("hparams.") in RANGES} | dict(
     z_batch_tokens="at least 1", stats_batch_tokens="at least 1", checkpoint_every="at least 1",
     limit="at least 1", glue_n="at least 1", eval_every="at least 0")
-PATHS = ("model", "edits", "stats_corpus", "stats", "heldout", "glue_dir", "snippets")
-NOT_SETTINGS = ("resume", "out", "save_model", "given", "plan", "plan_gib", "plan_host_gib")
+PATHS = ("model", "edits", "stats_corpus", "stats", "heldout", "glue_dir", "snippets", "save_model")
+NOT_SETTINGS = ("resume", "out", "given", "plan", "plan_gib", "plan_host_gib")
 
 
 def gib_list(text: str) -> list[float]:
@@ -1770,15 +1774,82 @@ def check_outputs(args, model_path):
             raise ValueError(f"{flag} {path} exists and is not empty; {advice}")
 
 
-def create_run_dir(out: Path | None, settings: Settings, templates) -> Path:
+def input_digests(settings: Settings, model: M.CausalLM) -> dict[str, str]:
+    """sha256 digests of what a run reads beyond its settings and its edits file (Settings keeps
+    that one's): the model's weights through the last edit layer (the tensors the statistics'
+    key reads; a whole checkpoint would take minutes to read at every start) and its tokenizer,
+    the statistics' source (a statistics file's header, which holds its tensors' digests, or the
+    MEMIT-layout files, or the corpus), the held-out text, the general-ability tasks and the
+    snippets. Recorded at a run's start (inputs.json) and compared when it is resumed."""
+    path, last = Path(settings.model), max(settings.hparams.layers)
+    sha = lambda parts: hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    out = {f"model weights through layer {last}": sha(stats.tensor_digests(path, model.names_through_layer(last))),
+           "tokenizer": stats.tokenizer_sha(path)}
+    if settings.stats_file:
+        source = Path(settings.stats_file)
+        out[f"statistics {source}"] = sha(stats.file_metadata(source)) if stats.is_statistics_file(source) else \
+            sha([data.file_sha256(f) for f, _ in stats.authors_files(source, model, settings.hparams.layers).values()])
+    else:
+        out[f"statistics corpus {settings.stats_corpus}"] = data.file_sha256(settings.stats_corpus)
+    out[f"held-out text {settings.heldout}"] = data.file_sha256(settings.heldout)
+    if settings.glue_dir:
+        out[f"general-ability tasks {settings.glue_dir}"] = sha(
+            [data.file_sha256(Path(settings.glue_dir) / f"{task}.json") for task in ev.TASKS])
+    if settings.snippets:
+        out[f"snippets {settings.snippets}"] = data.file_sha256(settings.snippets)
+    return out
+
+
+def check_inputs_unchanged(out: Path, inputs: dict):
+    """A resumed run reads what it began with (input_digests, against its inputs.json; a run begun
+    before runs recorded them is not checked): else a ValueError naming each input that changed."""
+    file = out / "inputs.json"
+    if not file.exists():
+        return
+    try:
+        began = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--resume {out}: {file} is unreadable ({e})") from None
+    if changed := [name for name, digest in began.items() if inputs.get(name) != digest]:
+        raise ValueError(f"--resume {out}: the run's {'; '.join(changed)} changed since the run began (its "
+                         "sha256 differs): the run would go on with other data; put it back or start a new run")
+
+
+def create_run_dir(out: Path | None, settings: Settings, hold: Callable, files: dict) -> Path:
     """A new run's directory (`out`, or the next runs/NNN), made only once its requests, templates
-    and statistics are in hand, so a run refused before it edits leaves nothing to clear away:
-    the templates, then config.json, which makes it a run --resume can continue."""
+    and statistics are in hand, so a run refused before it edits leaves nothing to clear away;
+    held (`hold`: holding) before anything is written, then `files` ({name: JSON value}: the
+    templates, the inputs' digests), then config.json, which makes it a run --resume can
+    continue. A run that took the same --out after this one checked it (check_outputs) is found
+    here: this one is refused, not mixed into it."""
     out = out or new_run_dir()
     out.mkdir(parents=True, exist_ok=True)
-    data.write_atomic(out / "templates.json", json.dumps(templates))
+    hold(out)
+    if any((out / name).exists() for name in (*files, "config.json")):
+        raise ValueError(f"--out {out}: another run began in this directory since this one checked it; "
+                         "choose another directory")
+    for name, value in files.items():
+        data.write_atomic(out / name, json.dumps(value, indent=1))
     data.write_atomic(out / "config.json", settings.to_json())
     return out
+
+
+@contextmanager
+def holding(out: Path):
+    """This process's hold on run directory `out` while its run goes on: an exclusive lock on
+    out/run.lock, which the system releases when the process ends (killed or not). A second run
+    or --resume of the directory meanwhile is refused: both would write its log and checkpoints."""
+    fd = os.open(out / "run.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(f"{out}: another process is running this run (started or resumed there); wait "
+                         "for it to end, or choose another --out") from None
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 def new_run_dir(root=Path("runs")) -> Path:
@@ -1929,35 +2000,42 @@ def report(argv) -> int:
 
 def run(args) -> int:
     out, settings, cfg = open_run(args)
-    requests, skipped = load_requests(settings)
-    model = load_model(settings, cfg, requests)
-    saved = out / "templates.json" if args.resume else None
-    templates = json.loads(saved.read_text()) if saved and saved.exists() else context_templates(
-        model, settings.seed, method_of(settings.hparams.method).templates)
-    requests, too_long = fit_context(model, requests, templates, settings)
-    skipped += too_long
-    if skipped:
-        print(f"skipped {len(skipped)} bad record(s):\n  " + "\n  ".join(skipped[:10]))
-    if note := superseded_note(requests, settings.hparams, "superseded" in args.given):
-        print(note, file=sys.stderr)
-    editor = Editor(model, settings.hparams, preservation_statistics(model, settings), templates,
-                    settings.model, settings.z_batch_tokens, state_device=settings.state_device)
-    if not args.resume:
-        check_null_spaces(editor.C, settings.hparams)           # AlphaEdit's, before any scoring
-        out = create_run_dir(out, settings, templates)
-    with resume_hint(out):
-        start_or_resume(editor, requests, settings, out)
-        editor.state.recurring = recurring_prompts(requests)
-        if not (out / "stop.json").exists() and not edit_stream(editor, requests, settings, out):
-            print(f"stopped after step {editor.state.step}; continue with: {resume_command(out)}")
-            return 130
-        finish(editor, requests, settings, out, len(skipped))
-    if args.save_model:
-        left_out = editor.save(args.save_model)
-        print(f"edited model written to {args.save_model}")
-        if left_out:
-            print(f"not copied from {settings.model}: {', '.join(left_out)} (weights in other formats, which "
-                  "hold the unedited model, and training state)")
+    with ExitStack() as held:
+        if args.resume:
+            held.enter_context(holding(out))
+        requests, skipped = load_requests(settings)
+        model = load_model(settings, cfg, requests)
+        inputs = input_digests(settings, model)
+        if args.resume:
+            check_inputs_unchanged(out, inputs)
+        saved = out / "templates.json" if args.resume else None
+        templates = json.loads(saved.read_text()) if saved and saved.exists() else context_templates(
+            model, settings.seed, method_of(settings.hparams.method).templates)
+        requests, too_long = fit_context(model, requests, templates, settings)
+        skipped += too_long
+        if skipped:
+            print(f"skipped {len(skipped)} bad record(s):\n  " + "\n  ".join(skipped[:10]))
+        if note := superseded_note(requests, settings.hparams, "superseded" in args.given):
+            print(note, file=sys.stderr)
+        editor = Editor(model, settings.hparams, preservation_statistics(model, settings), templates,
+                        settings.model, settings.z_batch_tokens, state_device=settings.state_device)
+        if not args.resume:
+            check_null_spaces(editor.C, settings.hparams)           # AlphaEdit's, before any scoring
+            out = create_run_dir(out, settings, hold=lambda d: held.enter_context(holding(d)),
+                                 files={"templates.json": templates, "inputs.json": inputs})
+        with resume_hint(out):
+            start_or_resume(editor, requests, settings, out)
+            editor.state.recurring = recurring_prompts(requests)
+            if not (out / "stop.json").exists() and not edit_stream(editor, requests, settings, out):
+                print(f"stopped after step {editor.state.step}; continue with: {resume_command(out)}")
+                return 130
+            finish(editor, requests, settings, out, len(skipped))
+        if settings.save_model:                  # typed, or recorded by the run a --resume continues
+            left_out = editor.save(settings.save_model)
+            print(f"edited model written to {settings.save_model}")
+            if left_out:
+                print(f"not copied from {settings.model}: {', '.join(left_out)} (weights in other formats, "
+                      "which hold the unedited model, and training state)")
     return 0
 
 

@@ -658,6 +658,33 @@ def test_runs_started_at_the_same_moment_take_different_run_directories(tmp_path
     assert L.new_run_dir(tmp_path) == tmp_path / "004"
 
 
+def test_a_run_directory_is_run_by_one_process_at_a_time(tmp_path, capsys, monkeypatch):
+    """A --resume of a run that another process is running (here: held by this test, as that
+    process holds it) is refused before any work, and so is a new run into an --out that another
+    run began writing after this one checked it (two runs into one directory mixed their logs
+    and checkpoints); the directory is free again once its run ends."""
+    out = tmp_path / "run"
+    assert L.main(_cli(tmp_path, "--out", str(out), "--limit", "4", "--no-generation")) == 0
+    capsys.readouterr()
+    with L.holding(out):
+        assert L.main(["--resume", str(out)]) == 1
+    assert capsys.readouterr().err == (f"error: {out}: another process is running this run (started or "
+                                       "resumed there); wait for it to end, or choose another --out\n")
+    assert L.main(["--resume", str(out)]) == 0
+    other = tmp_path / "other"
+    real = L.preservation_statistics
+
+    def meanwhile(*a, **k):                   # another run writes its settings into --out meanwhile
+        other.mkdir()
+        (other / "config.json").write_text("{}")
+        return real(*a, **k)
+    monkeypatch.setattr(L, "preservation_statistics", meanwhile)
+    assert L.main(_cli(tmp_path, "--out", str(other), "--limit", "4", "--no-generation")) == 1
+    assert capsys.readouterr().err.endswith(f"error: --out {other}: another run began in this directory since "
+                                            "this one checked it; choose another directory\n")
+    assert (other / "config.json").read_text() == "{}"
+
+
 def test_a_stream_that_re_edits_gets_a_note_unless_superseded_was_chosen():
     req = lambda subject, new: Request(case_id=subject + new, prompt="{} is in", subject=subject, target_new=new,
                                        target_true="y", paraphrase_prompts=(), neighborhood_prompts=(),
@@ -1075,6 +1102,30 @@ def test_cli_resume_after_an_interruption_gives_the_same_weights_and_log(tmp_pat
     assert strip(whole / "log.jsonl") == strip(part / "log.jsonl")
 
 
+def test_a_resumed_run_saves_the_model_where_the_run_was_told_to(tmp_path, monkeypatch, capsys):
+    """--save-model is a setting of the run: interrupted, the run continues with the command it
+    prints (only --resume), and that writes the edited model where the first command said; a
+    resume may name another directory."""
+    real = L.edit_batch
+
+    def dies_after_one(*a, **k):
+        monkeypatch.setattr(L, "edit_batch", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        return real(*a, **k)
+    monkeypatch.setattr(L, "edit_batch", dies_after_one)
+    out, edited = tmp_path / "run", tmp_path / "edited"
+    assert L.main(_cli(tmp_path, "--out", str(out), "--limit", "4", "--batch-size", "2", "--no-generation",
+                       "--save-model", str(edited))) == 130
+    assert not edited.exists() and f"continue with: python lyaplock.py --resume {out}" in capsys.readouterr().err
+    monkeypatch.setattr(L, "edit_batch", real)
+    assert L.main(["--resume", str(out)]) == 0
+    assert f"edited model written to {edited}" in capsys.readouterr().out
+    saved, final = load_file(edited / "model.safetensors"), _final_weights(out)
+    assert final and all(torch.equal(saved[name], w) for name, w in final.items())   # the run's last weights
+    elsewhere = tmp_path / "elsewhere"
+    assert L.main(["--resume", str(out), "--save-model", str(elsewhere)]) == 0
+    assert (elsewhere / "config.json").exists()
+
+
 @pytest.mark.parametrize("flag,value,message", [
     ("--z-batch-tokens", "0", "--z-batch-tokens must be at least 1, got 0"),
     ("--stats-batch-tokens", "-5", "--stats-batch-tokens must be at least 1, got -5"),
@@ -1380,6 +1431,33 @@ def test_a_resume_whose_edits_file_changed_is_refused(tmp_path, capsys):
     assert f"the run's edits file {edits.resolve()} is missing or has changed since the run began" in err
     edits.unlink()
     assert L.main(["--resume", str(out)]) == 1 and "is missing or has changed" in capsys.readouterr().err
+
+
+def test_a_resume_whose_weights_or_statistics_source_changed_is_refused_naming_them(tmp_path, capsys):
+    """What the run read beyond its settings changed on disk between the interruption and the
+    resume — the weights (another model of the same shape copied over them), the statistics
+    corpus (C recomputed from it), the held-out text — : the resume would go on with other data
+    (was: silently, to other results); refused, naming each; put back, it resumes."""
+    model, corpus = tmp_path / "model", tmp_path / "corpus.txt"
+    shutil.copytree(STORIES, model)
+    shutil.copy(L.DEFAULT_CORPUS, corpus)
+    out = tmp_path / "run"
+    assert L.main(_cli(tmp_path, "--out", str(out), "--model", str(model), "--stats-corpus", str(corpus),
+                       "--limit", "4", "--no-generation")) == 0
+    assert {*json.loads((out / "inputs.json").read_text())} == {
+        "model weights through layer 2", "tokenizer", f"statistics corpus {corpus}", f"held-out text {L.DEFAULT_HELDOUT}"}
+    weights, text = (model / "model.safetensors").read_bytes(), corpus.read_bytes()
+    other = load_file(model / "model.safetensors")
+    other["model.layers.0.mlp.down_proj.weight"] += 1e-3
+    save_file(other, model / "model.safetensors", metadata={"format": "pt"})
+    corpus.write_bytes(b"\n".join(reversed(text.splitlines())))
+    assert L.main(["--resume", str(out)]) == 1
+    assert capsys.readouterr().err == (f"error: --resume {out}: the run's model weights through layer 2; statistics "
+                                       f"corpus {corpus} changed since the run began (its sha256 differs): the run "
+                                       "would go on with other data; put it back or start a new run\n")
+    (model / "model.safetensors").write_bytes(weights)
+    corpus.write_bytes(text)
+    assert L.main(["--resume", str(out)]) == 0
 
 
 def test_out_of_gpu_memory_outside_a_step_is_one_line(tmp_path, capsys, monkeypatch):
