@@ -1520,7 +1520,7 @@ FLAG_FIELDS = {"method": "hparams.method", "batch_size": "hparams.batch_size", "
 FLAG_RANGES = {flag: RANGES[field.removeprefix("hparams.")] for flag, field in FLAG_FIELDS.items()
                if field.removeprefix("hparams.") in RANGES} | dict(
     z_batch_tokens="at least 1", stats_batch_tokens="at least 1", checkpoint_every="at least 1",
-    limit="at least 1", glue_n="at least 1", eval_every="at least 0")
+    limit="at least 1", glue_n="at least 1", eval_every="at least 0", stats_tokens="at least 0")
 PATHS = ("model", "edits", "stats_corpus", "stats", "heldout", "glue_dir", "snippets", "save_model")
 NOT_SETTINGS = ("resume", "out", "given", "plan", "plan_gib", "plan_host_gib")
 
@@ -1637,7 +1637,7 @@ def check_settings(args):
         if flag in args.given and needs not in args.given and not resumed:
             raise ValueError(f"--{flag.replace('_', '-')} without --{needs.replace('_', '-')}: it would be "
                              "recorded, not used")
-    if args.stats and (unread := sorted({"stats_corpus", "stats_tokens"} & args.given)):
+    if args.stats and (unread := sorted({"stats_corpus", "stats_tokens", "stats_batch_tokens"} & args.given)):
         raise ValueError(f"--{unread[0].replace('_', '-')} with --stats: the file holds the statistics (and "
                          "the corpus and token count they came from); the flag would be recorded, not used")
 
@@ -1761,6 +1761,11 @@ def load_model(settings: Settings, cfg: M.Config, requests) -> M.CausalLM:
 def check_outputs(args, model_path):
     """--out and --save-model name new or empty directories (the edited model never the input
     checkpoint), checked before the model loads rather than after hours of editing."""
+    for flag, path in (("--out", args.out), ("--save-model", args.save_model), ("--stats-cache", args.stats_cache)):
+        if path and not Path(path).exists() and not (above := existing_parent(Path(path))).is_dir():
+            raise ValueError(f"{flag} {path}: {above} is a file, so no directory can be made there")
+    if args.stats_cache and Path(args.stats_cache).is_file():
+        raise ValueError(f"--stats-cache {args.stats_cache} is a file; give a directory (made where missing)")
     for flag, path, advice in (("--out", args.out, "choose a new directory or --resume it"),
                                ("--save-model", args.save_model, "choose a new directory")):
         if not path or not Path(path).exists():
@@ -1813,6 +1818,11 @@ def check_inputs_unchanged(out: Path, inputs: dict):
     if changed := [name for name, digest in began.items() if inputs.get(name) != digest]:
         raise ValueError(f"--resume {out}: the run's {'; '.join(changed)} changed since the run began (its "
                          "sha256 differs): the run would go on with other data; put it back or start a new run")
+
+
+def existing_parent(path: Path) -> Path:
+    """The nearest directory above `path` that exists (the working directory at the end)."""
+    return next(p for p in path.absolute().parents if p.exists())
 
 
 def create_run_dir(out: Path | None, settings: Settings, hold: Callable, files: dict) -> Path:

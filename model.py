@@ -179,7 +179,26 @@ class Config:
         limit, field = cfg.position_limit
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:     # (transformers refuses it too)
             raise CheckpointError(f"config.json (model_type {mt!r}): {field} {limit!r} is not a number of positions")
+        cfg.check_sizes()
         return cfg
+
+    SIZES = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_mlp")
+
+    def check_sizes(self):
+        """The sizes whole numbers of at least 1, the norm's epsilon and the rope base positive
+        numbers, and the heads dividing evenly: a string or a negative number would otherwise fail
+        deep in torch, or (a negative rope base) give nonsense without a word."""
+        for name in self.SIZES:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise CheckpointError(f"config.json (model_type {self.arch!r}): {name} {v!r} is not a whole number of at least 1")
+        for name in ("norm_eps", "rope_theta"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < math.inf:
+                raise CheckpointError(f"config.json (model_type {self.arch!r}): {name} {v!r} is not a positive number")
+        if self.n_heads % self.n_kv_heads:
+            raise CheckpointError(f"config.json (model_type {self.arch!r}): {self.n_heads} attention heads do not "
+                                  f"share {self.n_kv_heads} key-value heads evenly")
 
 
 def id_list(v) -> list:
@@ -1431,11 +1450,15 @@ def block_inputs(device, ropes: dict, masks: dict):
 
 # ------------------------------------------------------------------------------------ tokenizer
 def read_json(file: Path) -> dict:
-    """A checkpoint's JSON file (config, tokenizer or generation config); bad JSON names the file."""
+    """A checkpoint's JSON object file (config, tokenizer or generation config); a file that is
+    not one is named."""
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: not a readable JSON file ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 class Tokenizer:
@@ -1459,7 +1482,10 @@ class Tokenizer:
             hint = (f"; write it from its {' and '.join(others)} with transformers: " + transformers_command(
                 f"t.AutoTokenizer.from_pretrained({str(path)!r}).backend_tokenizer.save({str(tj)!r})") if others else "")
             raise CheckpointError(f"{path}: tokenizer.json is missing (needed to encode prompts){hint}")
-        self.tok = HFTok.from_file(str(tj))
+        try:
+            self.tok = HFTok.from_file(str(tj))
+        except Exception as e:           # the library raises a bare Exception (truncated, not UTF-8, no model)
+            raise CheckpointError(f"{tj}: not a readable tokenizer ({e})") from None
         check_vocabulary(self.tok, cfg, tj)
         self.tok.no_truncation()     # a tokenizer.json may carry either (the GPT-2 one truncates at
         self.tok.no_padding()        # 50 tokens); transformers does neither unless asked, nor do we
@@ -1756,6 +1782,9 @@ def check_tensors(path: Path, cfg: Config, expected: dict[str, tuple], headers: 
 
 
 def read_config(path: Path) -> Config:
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory" if not path.exists() else
+                              f"{path} is a file; give the checkpoint's directory (config.json, *.safetensors, tokenizer.json)")
     if not (path / "config.json").exists():
         raise CheckpointError(f"{path}: config.json is missing (is this an HF checkpoint directory?)")
     return Config.from_hf(read_json(path / "config.json"))

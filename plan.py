@@ -172,6 +172,10 @@ def print_plan(args) -> int:
     if not any(Path(settings.model).glob("*.safetensors")):   # planning before the download: config.json only
         print(f"no weights in {settings.model} yet: planned from config.json alone (the run checks the "
               "checkpoint's files when it loads them)")
+    typed = args.device.split(",") if "device" in args.given and args.device != "auto" else None
+    if args.plan_gib and typed and len(typed) != len(args.plan_gib):
+        raise ValueError(f"--plan-gib gives the memory of {len(args.plan_gib)} device(s), --device {args.device} "
+                         f"names {len(typed)}: give one figure per device")
     if args.plan_gib:
         names = [f"device {i}" for i in range(len(args.plan_gib))]
         capacity = [g * 2 ** 30 for g in args.plan_gib]

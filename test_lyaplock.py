@@ -1143,6 +1143,7 @@ def test_a_resumed_run_saves_the_model_where_the_run_was_told_to(tmp_path, monke
     ("--alpha", "nan", "--alpha must be positive, got nan (not a finite number)"),
     ("--limit", "0", "--limit must be at least 1, got 0"),
     ("--eval-every", "-1", "--eval-every must be at least 0, got -1"),
+    ("--stats-tokens", "-1", "--stats-tokens must be at least 0, got -1"),
     ("--glue-n", "0", "--glue-n must be at least 1, got 0"),
     ("--glue-dir", "{tmp}/glue", "--glue-dir {tmp}/glue: no such directory"),
     ("--glue-dir", str(FIX), f"--glue-dir {FIX}: lacks sst2.json, mrpc.json, cola.json, rte.json, nli.json, "
@@ -1932,7 +1933,13 @@ def test_cli_refuses_outputs_it_would_overwrite_before_the_model_loads(tmp_path,
             (("--out", f"{tmp_path}/run", "--save-model", f"{tmp_path}/a-file"),
              f"--save-model {tmp_path}/a-file is a file, not a directory; choose a new directory"),
             (("--out", f"{tmp_path}/run", "--save-model", f"{tmp_path}/full"),
-             f"--save-model {tmp_path}/full exists and is not empty; choose a new directory")]:
+             f"--save-model {tmp_path}/full exists and is not empty; choose a new directory"),
+            (("--out", f"{tmp_path}/a-file/run"),            # (these three failed late, naming no flag)
+             f"--out {tmp_path}/a-file/run: {tmp_path}/a-file is a file, so no directory can be made there"),
+            (("--out", f"{tmp_path}/run", "--save-model", f"{tmp_path}/a-file/x/y"),
+             f"--save-model {tmp_path}/a-file/x/y: {tmp_path}/a-file is a file, so no directory can be made there"),
+            (("--out", f"{tmp_path}/run", "--stats-cache", f"{tmp_path}/a-file"),
+             f"--stats-cache {tmp_path}/a-file is a file; give a directory (made where missing)")]:
         assert L.main(_cli(tmp_path, *extra)) == 1
         assert capsys.readouterr().err == f"error: {message}\n"
     assert not (tmp_path / "run").exists()

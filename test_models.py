@@ -332,6 +332,14 @@ def _broken(tmp_path, how):
         (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<bos>", "add_bos_token": True}))
     elif how == "generation-config-eos":
         (d / "generation_config.json").write_text(json.dumps({"eos_token_id": "</s>"}))
+    elif how == "tokenizer-truncated":
+        (d / "tokenizer.json").write_bytes((d / "tokenizer.json").read_bytes()[:1000])
+    elif how.startswith("config:"):            # config:<field>=<JSON value>, or config:<JSON document>
+        c = json.loads((d / "config.json").read_text())
+        field, _, value = how.removeprefix("config:").partition("=")
+        (d / "config.json").write_text(json.dumps({**c, field: json.loads(value)}) if value else field)
+    elif how == "config-not-utf8":
+        (d / "config.json").write_bytes(b'{"model_type": "llama\xff"}')
     elif how == "vocab":           # config.json and the weights of 400 tokens, the tokenizer's 512
         c = json.loads((d / "config.json").read_text())
         (d / "config.json").write_text(json.dumps({**c, "vocab_size": 400}))
@@ -349,7 +357,15 @@ def _broken(tmp_path, how):
     ("nan", "model.norm.weight contains NaN"),
     ("truncated", "model.safetensors: unreadable safetensors file"),
     ("no-tokenizer", "tokenizer.json is missing"),
-    ("tokenizer-config-json", "tokenizer_config.json: not valid JSON"),
+    ("tokenizer-config-json", "tokenizer_config.json: not a readable JSON file"),
+    ("tokenizer-truncated", "tokenizer.json: not a readable tokenizer"),
+    ("config:[1, 2]", "config.json: expected a JSON object, got list"),
+    ("config-not-utf8", "config.json: not a readable JSON file .*utf-8"),
+    ('config:num_hidden_layers="5"', "n_layers '5' is not a whole number of at least 1"),
+    ("config:num_attention_heads=-8", "n_heads -8 is not a whole number of at least 1"),
+    ("config:num_key_value_heads=3", "8 attention heads do not share 3 key-value heads evenly"),
+    ('config:rms_norm_eps="tiny"', "norm_eps 'tiny' is not a positive number"),
+    ("config:rope_theta=-1", "rope_theta -1 is not a positive number"),
     ("unknown-bos", "tokenizer_config.json: bos_token '<bos>' is not a token of .*tokenizer.json"),
     ("generation-config-eos", "generation_config.json: eos_token_id '</s>' is not a token id"),
     ("vocab", r"tokenizer.json: the tokenizer has 512 tokens with ids up to 511, but config.json's vocab_size "
@@ -358,6 +374,14 @@ def _broken(tmp_path, how):
 def test_bad_checkpoints_give_clear_errors(tmp_path, how, message):
     with pytest.raises(M.CheckpointError, match=message):
         M.load(_broken(tmp_path, how))
+
+
+def test_a_model_path_that_is_no_directory_is_named_so(tmp_path):
+    """--model naming a file, or nothing (was: "<path>/config.json: config.json is missing")."""
+    with pytest.raises(M.CheckpointError, match=f"{tmp_path / 'nope'}: no such checkpoint directory"):
+        M.checkpoint_config(tmp_path / "nope")
+    with pytest.raises(M.CheckpointError, match="config.json is a file; give the checkpoint's directory"):
+        M.load(STORIES / "config.json")
 
 
 def test_a_tokenizer_past_vocab_size_is_one_line_from_the_cli_and_a_smaller_one_loads(tmp_path, capsys):

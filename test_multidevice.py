@@ -730,7 +730,9 @@ def test_the_plan_follows_every_flag_of_the_run_and_refuses_what_the_run_refuses
                            (("--plan-gib", "nan"), "--plan-gib: each device's memory must be positive, got nan"),
                            (("--z-batch-tokens", "0"), "--z-batch-tokens must be at least 1, got 0"),
                            (("--batch-size", "-5"), "--batch-size must be at least 1, got -5"),
-                           (("--layers", "1,9"), "--layers '1,9': give increasing layer numbers in 0..4")]:
+                           (("--layers", "1,9"), "--layers '1,9': give increasing layer numbers in 0..4"),
+                           (("--device", "cpu,cpu,cpu", "--plan-gib", "80,80"), "--plan-gib gives the memory of "
+                            "2 device(s), --device cpu,cpu,cpu names 3: give one figure per device")]:
         rc, out = plan(*flags)
         assert rc == 1 and out.err.startswith(f"error: {message}") and "Traceback" not in out.err, flags
     assert L.main(["--plan"]) == 2 and "--plan needs --model" in capsys.readouterr().err

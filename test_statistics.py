@@ -541,7 +541,8 @@ def test_lyaplock_stats_then_an_editing_run_with_the_file_equals_the_cached_run(
     assert L.main(["stats", "--model", str(STORIES), "--stats-tokens", "4000", "--layers", "1", "--out", str(other)]) == 0
     assert L.main(_cli(tmp_path, "--out", str(tmp_path / "bad"), "--limit", "4", "--stats", str(other), tokens=0)) == 1
     assert "layer" in capsys.readouterr().err
-    for flag, value in (("--stats-tokens", "500"), ("--stats-corpus", str(FIX / "wikitext-2-test-sample.txt"))):
+    for flag, value in (("--stats-tokens", "500"), ("--stats-corpus", str(FIX / "wikitext-2-test-sample.txt")),
+                        ("--stats-batch-tokens", "512")):
         assert L.main(_cli(tmp_path, "--out", str(tmp_path / "both"), "--stats", str(file), flag, value, tokens=0)) == 1
         assert capsys.readouterr().err.startswith(f"error: {flag} with --stats: the file holds the statistics")
         assert not (tmp_path / "both").exists()

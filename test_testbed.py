@@ -454,6 +454,17 @@ def test_training_refuses_a_directory_of_other_files_and_says_it_replaces_a_fact
     TB.train(tmp_path / "new", "ci", log=lambda *_: pytest.fail("a line for a new directory"))
 
 
+@pytest.mark.parametrize("argv", [["train", "--steps", "0"], ["train", "--threads", "-1"],
+                                  ["experiment", "--threads", "0"]])
+def test_counts_below_one_are_one_line(tmp_path, capsys, argv):
+    """--steps 0 (an UnboundLocalError after the tokenizer's training) and --threads 0 (torch's
+    RuntimeError) are named before any work."""
+    assert TB.main([*argv, "--out", str(tmp_path / "out")]) == 1
+    flag, value = argv[1:]
+    assert capsys.readouterr().err == f"error: {flag} {value}: give a whole number of at least 1\n"
+    assert not (tmp_path / "out").exists()
+
+
 def test_training_is_deterministic_per_seed_and_the_cli_matches(tmp_path):
     """Two trainings with one seed give bit-identical files (one through the CLI); another
     seed gives other weights."""

@@ -1036,8 +1036,11 @@ def main(argv=None):
         seed=args.seed, device=args.device, out=args.out, corpus=args.corpus, stream=args.stream,
         layers=args.layers))
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
     try:
+        for flag in ("threads", "steps", "batch_size"):
+            if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
+                raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give a whole number of at least 1")
+        torch.set_num_threads(args.threads)
         args.run(args)
     except (M.CheckpointError, DataError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
