@@ -2000,10 +2000,15 @@ def report(argv) -> int:
     p = argparse.ArgumentParser(prog="lyaplock.py report", description="Figures, the audit of the queue "
                                 "(theorem T1) and a verdict, written into a run directory and printed.")
     p.add_argument("run_dir")
+    run_dir = Path(p.parse_args(argv).run_dir)
     try:
-        print(ev.report(Path(p.parse_args(argv).run_dir)))
+        print(ev.report(run_dir))
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (TypeError, AttributeError, KeyError, IndexError) as e:    # a file edited by hand, or of another code
+        print(f"error: {run_dir}: a run file holds something a run does not write ({type(e).__name__}: {e})",
+              file=sys.stderr)
         return 1
     return 0
 

@@ -186,8 +186,8 @@ class Config:
 
     def check_sizes(self):
         """The sizes whole numbers of at least 1, the norm's epsilon and the rope base positive
-        numbers, and the heads dividing evenly: a string or a negative number would otherwise fail
-        deep in torch, or (a negative rope base) give nonsense without a word."""
+        numbers: a string or a negative number would otherwise fail deep in torch, or (a negative
+        rope base) give nonsense without a word."""
         for name in self.SIZES:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -196,9 +196,6 @@ class Config:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < math.inf:
                 raise CheckpointError(f"config.json (model_type {self.arch!r}): {name} {v!r} is not a positive number")
-        if self.n_heads % self.n_kv_heads:
-            raise CheckpointError(f"config.json (model_type {self.arch!r}): {self.n_heads} attention heads do not "
-                                  f"share {self.n_kv_heads} key-value heads evenly")
 
 
 def id_list(v) -> list:

@@ -363,7 +363,6 @@ def _broken(tmp_path, how):
     ("config-not-utf8", "config.json: not a readable JSON file .*utf-8"),
     ('config:num_hidden_layers="5"', "n_layers '5' is not a whole number of at least 1"),
     ("config:num_attention_heads=-8", "n_heads -8 is not a whole number of at least 1"),
-    ("config:num_key_value_heads=3", "8 attention heads do not share 3 key-value heads evenly"),
     ('config:rms_norm_eps="tiny"', "norm_eps 'tiny' is not a positive number"),
     ("config:rope_theta=-1", "rope_theta -1 is not a positive number"),
     ("unknown-bos", "tokenizer_config.json: bos_token '<bos>' is not a token of .*tokenizer.json"),

@@ -225,6 +225,19 @@ def test_report_of_an_interrupted_run_reads_only(tmp_path):
     assert [p.name for p in model_dir.iterdir()] == ["config.json"]
 
 
+def test_a_hand_edited_run_file_is_one_line_from_the_command(tmp_path, capsys):
+    """A log entry whose z is not a number, a summary that is not an object: `report` names the
+    run directory in one line (were a TypeError and an AttributeError)."""
+    import lyaplock as L
+    d = write_run(tmp_path / "z", {"1": queue_log([1.0, 1.2, 1.1], 2.0)})
+    (d / "log.jsonl").write_text((d / "log.jsonl").read_text().replace('"z": ', '"z": "x", "was": ', 1))
+    (write_run(tmp_path / "s", {"1": queue_log([1.0, 1.2, 1.1], 2.0)}) / "summary.json").write_text("[1, 2]")
+    for run in (tmp_path / "z", tmp_path / "s"):
+        assert L.main(["report", str(run)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {run}: a run file holds something a run does not write (") and err.count("\n") == 1
+
+
 def test_report_marks_the_stop_and_writes_well_formed_figures(tmp_path):
     pl0, alpha = 0.05, 4.0
     stop = dict(step=4, edits=40, metric="mean zero-shot score", value=0.2, before=0.5, threshold=0.25)

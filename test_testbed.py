@@ -308,8 +308,18 @@ def test_short_churn_run_survives_a_stop_logs_every_step_and_point_and_is_not_re
     assert f"| {RUNS[1]} | 4 |" in (out / "table.md").read_text()
     for f in ("frontier.svg", "efficacy.svg", "perplexity.svg", "retention.svg", "queue.svg", "pl_layer2.svg"):
         assert (out / f).read_text().startswith("<svg")
-    again = _short(out, cache, _stop)                                   # both complete: nothing reruns
-    assert again["methods"] == json.loads(json.dumps(r["methods"]))
+    said = []
+    again = _short(out, cache, said.append)                             # both complete: nothing reruns,
+    assert again["methods"] == json.loads(json.dumps(r["methods"]))     # and it says so (it said nothing)
+    assert said == [f"{spec:>12}  complete in {out} with these settings: kept, not rerun" for spec in RUNS]
+
+
+def test_an_experiment_into_a_directory_of_other_files_is_refused(tmp_path):
+    """`train` refuses an --out holding files; `experiment` wrote its report among them."""
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=f"--out {tmp_path} holds other files than a testbed report"):
+        TB.experiment(FACTMODEL, 2, 2, ("memit",), out=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 def _tiny(model, out, methods, log, **over):

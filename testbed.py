@@ -798,6 +798,10 @@ def experiment(model_dir, n_edits: int | None, batch_size: int, methods=("lyaplo
     n_edits = n_edits or None                                       # 0 as None: the whole stream
     if eval_every < 1:
         raise ValueError(f"--eval-every {eval_every}: give a number of steps of at least 1")
+    if out and Path(out).exists() and (Path(out).is_file() or any(Path(out).iterdir())) \
+            and not (Path(out) / "result.json").exists():
+        raise ValueError(f"--out {out} holds other files than a testbed report (no result.json): choose a new "
+                         "directory, or the one of the report to continue")
     model_dir = Path(model_dir)
     m = M.load(model_dir, device)
     layers = L.parse_layers(layers, m.cfg.n_layers) if isinstance(layers, str) else layers
@@ -818,6 +822,7 @@ def experiment(model_dir, n_edits: int | None, batch_size: int, methods=("lyaplo
     for spec, hp in runs.items():
         settings = json.loads(json.dumps(asdict(hp)))
         if spec in done and done[spec]["hparams"] == settings:
+            log(f"{spec:>12}  complete in {out} with these settings: kept, not rerun")
             continue
         m = M.load(model_dir, device)
         run = result["methods"][spec] = dict(label=spec, steps=[], points=[], seconds=0.0, hparams=settings)
