@@ -406,6 +406,12 @@ def main(argv=None):
     p.add_argument("--no-hf", action="store_true",
                    help="skip the transformers forward comparison (it loads a second copy of the weights)")
     args = p.parse_args(argv)
+    for flag, value, least in (("--edits", args.edits, 1), ("--z-batch-tokens", args.z_batch_tokens, 1),
+                               ("--stats-tokens", args.stats_tokens, 1), ("--batch1", args.batch1, 0)):
+        if value is not None and value < least:        # (0 edits: a ValueError deep in the target values)
+            p.error(f"{flag} {value}: give a whole number of at least {least}")
+    if args.json and Path(args.json).is_dir():        # (an IsADirectoryError after the whole benchmark)
+        p.error(f"--json {args.json} is a directory; give a file name")
     previous = signal.signal(signal.SIGTERM, exit_on_sigterm)
     try:
         return run_presets(args)

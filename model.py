@@ -28,6 +28,7 @@ import fnmatch
 import json
 import math
 import shutil
+import sys
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 from pathlib import Path
@@ -2002,10 +2003,18 @@ def main(argv=None):
     if args.max_new_tokens < 0 or (args.top_k is not None and args.top_k < 1):
         p.error("--max-new-tokens must be at least 0 and --top-k at least 1")
     try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # bytes the shell passed that are not UTF-8 (a TypeError in the tokenizer)
+        p.error(f"--prompt is not valid text: {e.reason} at character {e.start}")
+    try:
         model = load(args.checkpoint, args.device, args.dtype)
     except ValueError as e:          # CheckpointError, a bad --device or --dtype
         raise SystemExit(f"error: {e}")
     ids = model.tokenizer.encode(args.prompt)
+    limit, field = model.cfg.position_limit
+    if len(ids) + args.max_new_tokens > limit:
+        print(f"note: the prompt ({len(ids)} tokens) and --max-new-tokens {args.max_new_tokens} go past the "
+              f"model's {limit} positions ({field}): what follows is past what it was trained on", file=sys.stderr)
     if not ids:                      # an empty prompt starts from BOS, where the tokenizer has one
         ids = model.tokenizer.encode(args.prompt, bos=True)
     if not ids:

@@ -1946,6 +1946,18 @@ def test_cli_refuses_outputs_it_would_overwrite_before_the_model_loads(tmp_path,
 
 
 # ==================== bench: the CPU smoke preset
+@pytest.mark.parametrize("flags, message", [
+    (["--edits", "0"], "--edits 0: give a whole number of at least 1"),
+    (["--batch1", "-1"], "--batch1 -1: give a whole number of at least 0"),
+    (["--z-batch-tokens", "0"], "--z-batch-tokens 0: give a whole number of at least 1"),
+    (["--json", "{tmp}"], "--json {tmp} is a directory; give a file name")])
+def test_bench_refuses_bad_numbers_and_a_directory_as_json_before_any_work(tmp_path, capsys, flags, message):
+    import bench
+    with pytest.raises(SystemExit):
+        bench.main(["--preset", "tiny", *[f.replace("{tmp}", str(tmp_path)) for f in flags]])
+    assert capsys.readouterr().err.endswith(f"error: {message.replace('{tmp}', str(tmp_path))}\n")
+
+
 def test_bench_tiny_preset_runs_and_reports_every_phase(tmp_path):
     import bench
     out = tmp_path / "bench.json"

@@ -286,6 +286,18 @@ def test_model_cli_prints_a_continuation():
     assert r.stdout.startswith("Once upon a time")
 
 
+def test_model_cli_names_a_prompt_that_is_not_text_and_notes_a_run_past_the_positions(capsys):
+    """A --prompt of bytes that are not UTF-8 (the shell passes them as lone surrogates: a TypeError
+    in the tokenizer) is one line; generating past the model's positions, which editing refuses,
+    goes on with a note (stories260K: 512)."""
+    with pytest.raises(SystemExit):
+        M.main([str(STORIES), "--prompt", "Once \udcff"])
+    assert "error: --prompt is not valid text: surrogates not allowed at character 5" in capsys.readouterr().err
+    M.main([str(STORIES), "--prompt", "Once upon a time", "--max-new-tokens", "508"])
+    assert capsys.readouterr().err == ("note: the prompt (5 tokens) and --max-new-tokens 508 go past the model's 512 "
+                                       "positions (max_position_embeddings): what follows is past what it was trained on\n")
+
+
 def test_loading_and_running_a_model_does_not_import_torchs_compiler(ckpt):
     """Building the modules on the meta device must not run tensor maths there (torch routes
     meta ops through its reference implementations, which import the compiler: a second of

@@ -406,14 +406,15 @@ def test_a_rerun_keeps_the_other_finished_runs_and_reruns_on_a_retrained_model(t
     assert list(json.loads((out / "result.json").read_text())["methods"]) == [a, b]
     table = (out / "table.md").read_text()
     assert f"| {a} | 2 |" in table and f"| {b} | 2 |" in table
-    assert list(_tiny(model, out, (a,), lines.append)["methods"]) == [a, b] and len(lines) == 2   # nothing reruns
+    assert list(_tiny(model, out, (a,), lines.append)["methods"]) == [a, b]       # nothing reruns, and it says so
+    assert lines[2:] == [f"{a:>12}  complete in {out} with these settings: kept, not rerun"]
     from safetensors.torch import load_file, save_file
     weights = load_file(model / "model.safetensors")
     weights["model.norm.weight"] *= 1.01
     save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
     third = _tiny(model, out, (a,), lines.append)
-    assert len(lines) == 4 and list(third["methods"]) == [a] and third["weights"] != first["weights"]
-    assert lines[2] == f"{out / 'result.json'}: earlier runs dropped, their settings differ (weights): {a}, {b}"
+    assert len(lines) == 5 and list(third["methods"]) == [a] and third["weights"] != first["weights"]
+    assert lines[3] == f"{out / 'result.json'}: earlier runs dropped, their settings differ (weights): {a}, {b}"
     assert len(list((tmp_path / "c").iterdir())) == 1              # the statistics' key did not see it
 
 
