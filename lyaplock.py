@@ -1792,8 +1792,9 @@ def input_digests(settings: Settings, model: M.CausalLM) -> dict[str, str]:
            "tokenizer": stats.tokenizer_sha(path)}
     if settings.stats_file:
         source = Path(settings.stats_file)
-        out[f"statistics {source}"] = sha(stats.file_metadata(source)) if stats.is_statistics_file(source) else \
-            sha([data.file_sha256(f) for f, _ in stats.authors_files(source, model, settings.hparams.layers).values()])
+        authors = source.is_dir() or source.suffix == ".npz"           # (as load_stats_file tells them apart)
+        out[f"statistics {source}"] = sha([data.file_sha256(f) for f, _ in stats.authors_files(
+            source, model, settings.hparams.layers).values()]) if authors else sha(stats.file_metadata(source))
     else:
         out[f"statistics corpus {settings.stats_corpus}"] = data.file_sha256(settings.stats_corpus)
     out[f"held-out text {settings.heldout}"] = data.file_sha256(settings.heldout)
@@ -1856,6 +1857,9 @@ def holding(out: Path):
         os.close(fd)
         raise ValueError(f"{out}: another process is running this run (started or resumed there); wait "
                          "for it to end, or choose another --out") from None
+    except OSError as e:             # a file system without locks (some network and FUSE mounts)
+        print(f"note: {out}: no lock on this file system ({e.strerror}): nothing keeps a second process "
+              "from running this run at the same time", file=sys.stderr)
     try:
         yield
     finally:

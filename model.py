@@ -2011,15 +2011,18 @@ def main(argv=None):
     except ValueError as e:          # CheckpointError, a bad --device or --dtype
         raise SystemExit(f"error: {e}")
     ids = model.tokenizer.encode(args.prompt)
-    limit, field = model.cfg.position_limit
-    if len(ids) + args.max_new_tokens > limit:
-        print(f"note: the prompt ({len(ids)} tokens) and --max-new-tokens {args.max_new_tokens} go past the "
-              f"model's {limit} positions ({field}): what follows is past what it was trained on", file=sys.stderr)
     if not ids:                      # an empty prompt starts from BOS, where the tokenizer has one
         ids = model.tokenizer.encode(args.prompt, bos=True)
     if not ids:
         raise SystemExit(f"error: the prompt {args.prompt!r} encodes to no tokens and the tokenizer of "
                          f"{args.checkpoint} has no BOS token to start from: give a --prompt")
+    if len(ids) + args.max_new_tokens > model.cfg.max_positions:
+        what = f"the prompt ({len(ids)} tokens) and --max-new-tokens {args.max_new_tokens} go past the model's " \
+               f"{model.cfg.max_positions} positions"
+        field = "n_positions" if model.cfg.arch in ("gpt2", "gptj") else "max_position_embeddings"
+        if model.cfg.arch == "gpt2":           # learned positions: none past them
+            raise SystemExit(f"error: {what} ({field})")
+        print(f"note: {what} ({field}): what follows is past what it was trained on", file=sys.stderr)
     try:
         out = generate(model, [ids], args.max_new_tokens, args.top_k, args.seed)[0]
     except ValueError as e:          # e.g. a GPT-2 prompt past its learned positions

@@ -328,11 +328,15 @@ def write_stats_file(path, C: dict, key: dict, tokens: int):
     head += b" " * (-len(head) % 8)                           # the format's 8-byte alignment
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(len(head).to_bytes(8, "little") + head)
-        for c in names.values():
-            f.write(c.cpu().contiguous().numpy().data)        # little-endian float64, row-major
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(len(head).to_bytes(8, "little") + head)
+            for c in names.values():
+                f.write(c.cpu().contiguous().numpy().data)        # little-endian float64, row-major
+        os.replace(tmp, path)
+    except BaseException:            # (a full disk, an interrupt: no temporary file of this pid is left)
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 KEY_FIELDS = {"weights", "config", "tensors", "tokenizer", "layers", "d_mlp", "corpus", "n_tokens", "max_len",

@@ -671,6 +671,10 @@ def test_a_run_directory_is_run_by_one_process_at_a_time(tmp_path, capsys, monke
     assert capsys.readouterr().err == (f"error: {out}: another process is running this run (started or "
                                        "resumed there); wait for it to end, or choose another --out\n")
     assert L.main(["--resume", str(out)]) == 0
+    with monkeypatch.context() as patch:            # a file system without locks: the run goes on, with a note
+        patch.setattr(L.fcntl, "flock", lambda *a: (_ for _ in ()).throw(OSError(38, "Function not implemented")))
+        assert L.main(["--resume", str(out)]) == 0
+    assert f"note: {out}: no lock on this file system (Function not implemented)" in capsys.readouterr().err
     other = tmp_path / "other"
     real = L.preservation_statistics
 
@@ -1437,7 +1441,7 @@ def test_a_resume_whose_edits_file_changed_is_refused(tmp_path, capsys):
 def test_a_resume_whose_weights_or_statistics_source_changed_is_refused_naming_them(tmp_path, capsys):
     """What the run read beyond its settings changed on disk between the interruption and the
     resume — the weights (another model of the same shape copied over them), the statistics
-    corpus (C recomputed from it), the held-out text — : the resume would go on with other data
+    corpus (C recomputed from it) — : the resume would go on with other data
     (was: silently, to other results); refused, naming each; put back, it resumes."""
     model, corpus = tmp_path / "model", tmp_path / "corpus.txt"
     shutil.copytree(STORIES, model)

@@ -286,7 +286,7 @@ def test_model_cli_prints_a_continuation():
     assert r.stdout.startswith("Once upon a time")
 
 
-def test_model_cli_names_a_prompt_that_is_not_text_and_notes_a_run_past_the_positions(capsys):
+def test_model_cli_names_a_prompt_that_is_not_text_and_notes_a_run_past_the_positions(capsys, ckpt):
     """A --prompt of bytes that are not UTF-8 (the shell passes them as lone surrogates: a TypeError
     in the tokenizer) is one line; generating past the model's positions, which editing refuses,
     goes on with a note (stories260K: 512)."""
@@ -296,6 +296,9 @@ def test_model_cli_names_a_prompt_that_is_not_text_and_notes_a_run_past_the_posi
     M.main([str(STORIES), "--prompt", "Once upon a time", "--max-new-tokens", "508"])
     assert capsys.readouterr().err == ("note: the prompt (5 tokens) and --max-new-tokens 508 go past the model's 512 "
                                        "positions (max_position_embeddings): what follows is past what it was trained on\n")
+    n = M.load(ckpt("gpt2")).cfg.max_positions          # learned positions: refused before generating
+    with pytest.raises(SystemExit, match=f"go past the model's {n} positions \\(n_positions\\)"):
+        M.main([str(ckpt("gpt2")), "--prompt", "Hello", "--max-new-tokens", str(n)])
 
 
 def test_loading_and_running_a_model_does_not_import_torchs_compiler(ckpt):

@@ -336,6 +336,10 @@ def test_a_second_writer_of_the_same_file_neither_truncates_nor_removes_this_one
     monkeypatch.setattr(os, "replace", replace)
     S.write_stats_file(path, C, key, 5)
     assert torch.equal(load_file(str(path))["C.1"], C[1]) and not list(tmp_path.glob("*.tmp"))
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(OSError, match="No space left"):          # a failed write leaves no temporary file
+        S.write_stats_file(tmp_path / "t.safetensors", C, key, 5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.safetensors"]
 
 
 def test_a_file_of_another_dtype_is_used_with_a_warning(tmp_path, stories):
@@ -541,6 +545,10 @@ def test_lyaplock_stats_then_an_editing_run_with_the_file_equals_the_cached_run(
     assert L.main(["stats", "--model", str(STORIES), "--stats-tokens", "4000", "--layers", "1", "--out", str(other)]) == 0
     assert L.main(_cli(tmp_path, "--out", str(tmp_path / "bad"), "--limit", "4", "--stats", str(other), tokens=0)) == 1
     assert "layer" in capsys.readouterr().err
+    cut = tmp_path / "cut.safetensors"                 # a statistics file cut short: named as such
+    cut.write_bytes(file.read_bytes()[:100])
+    assert L.main(_cli(tmp_path, "--out", str(tmp_path / "cut"), "--limit", "4", "--stats", str(cut), tokens=0)) == 1
+    assert "not a readable statistics file (truncated or corrupt?)" in capsys.readouterr().err
     for flag, value in (("--stats-tokens", "500"), ("--stats-corpus", str(FIX / "wikitext-2-test-sample.txt")),
                         ("--stats-batch-tokens", "512")):
         assert L.main(_cli(tmp_path, "--out", str(tmp_path / "both"), "--stats", str(file), flag, value, tokens=0)) == 1
