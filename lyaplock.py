@@ -1760,22 +1760,23 @@ def load_model(settings: Settings, cfg: M.Config, requests) -> M.CausalLM:
 
 def check_outputs(args, model_path):
     """--out and --save-model name new or empty directories (the edited model never the input
-    checkpoint), checked before the model loads rather than after hours of editing."""
-    for flag, path in (("--out", args.out), ("--save-model", args.save_model), ("--stats-cache", args.stats_cache)):
-        if path and not Path(path).exists() and not (above := existing_parent(Path(path))).is_dir():
-            raise ValueError(f"{flag} {path}: {above} is a file, so no directory can be made there")
-    if args.stats_cache and Path(args.stats_cache).is_file():
-        raise ValueError(f"--stats-cache {args.stats_cache} is a file; give a directory (made where missing)")
+    checkpoint), --stats-cache a directory, each makeable where missing: checked before the model
+    loads rather than after hours of editing."""
     for flag, path, advice in (("--out", args.out, "choose a new directory or --resume it"),
-                               ("--save-model", args.save_model, "choose a new directory")):
-        if not path or not Path(path).exists():
+                               ("--save-model", args.save_model, "choose a new directory"),
+                               ("--stats-cache", args.stats_cache, "give a directory (made where missing)")):
+        if not path:
             continue
         path = Path(path)
+        if not path.exists():
+            if not (above := existing_parent(path)).is_dir():
+                raise ValueError(f"{flag} {path}: {above} is a file, so no directory can be made there")
+            continue
         if flag == "--save-model" and path.resolve() == Path(model_path).resolve():
             raise ValueError("--save-model must not be the input checkpoint's directory")
         if not path.is_dir():
             raise ValueError(f"{flag} {path} is a file, not a directory; {advice}")
-        if any(path.iterdir()):
+        if flag != "--stats-cache" and any(path.iterdir()):
             raise ValueError(f"{flag} {path} exists and is not empty; {advice}")
 
 
@@ -1874,10 +1875,10 @@ def new_run_dir(root=Path("runs")) -> Path:
     while True:
         n += 1
         try:
-            (root / f"{n:03d}").mkdir()
-            return root / f"{n:03d}"
+            (d := root / f"{n:03d}").mkdir()
+            return d
         except FileExistsError:
-            continue
+            pass
 
 
 @contextmanager

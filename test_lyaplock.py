@@ -1943,7 +1943,7 @@ def test_cli_refuses_outputs_it_would_overwrite_before_the_model_loads(tmp_path,
             (("--out", f"{tmp_path}/run", "--save-model", f"{tmp_path}/a-file/x/y"),
              f"--save-model {tmp_path}/a-file/x/y: {tmp_path}/a-file is a file, so no directory can be made there"),
             (("--out", f"{tmp_path}/run", "--stats-cache", f"{tmp_path}/a-file"),
-             f"--stats-cache {tmp_path}/a-file is a file; give a directory (made where missing)")]:
+             f"--stats-cache {tmp_path}/a-file is a file, not a directory; give a directory (made where missing)")]:
         assert L.main(_cli(tmp_path, *extra)) == 1
         assert capsys.readouterr().err == f"error: {message}\n"
     assert not (tmp_path / "run").exists()
