@@ -682,11 +682,16 @@ def _close(x: float, y: float) -> bool:
 
 
 def check_state(state: dict, audits: dict, steps: list[dict], alpha) -> list[str]:
-    """Where the latest checkpoint's queue (state.json) disagrees with the log: a·Z against the
-    logged z of the step before it, a against 1/√D and α·D_base against D (problems, as text)."""
+    """Where the latest checkpoint (state.json) disagrees with the log: steps it did that the log
+    lacks; a·Z against the logged z of the step before it, a against 1/√D and α·D_base against D
+    (problems, as text)."""
     t = state.get("step", 0) - 1
     problems = []
-    if not 0 <= t < len(steps):
+    if t >= len(steps):                  # the run syncs a step's log line before its checkpoint
+        return [f"the log ends at step {len(steps) - 1} but the latest checkpoint is at step {t + 1}: "
+                f"{t + 1 - len(steps)} step(s) are missing from log.jsonl (cut or lost); what follows "
+                "covers the logged steps only"]
+    if t < 0:
         return problems
     for l, q in state.get("layers", {}).items():
         if l not in audits or not audits[l]["queue"] or q.get("Z") is None:

@@ -1637,6 +1637,9 @@ def check_settings(args):
         if flag in args.given and needs not in args.given and not resumed:
             raise ValueError(f"--{flag.replace('_', '-')} without --{needs.replace('_', '-')}: it would be "
                              "recorded, not used")
+    if args.snippets and args.no_generation:
+        raise ValueError("--snippets with --no-generation: consistency is scored on the generated text; the "
+                         "snippets would be recorded, not used")
     if args.stats and (unread := sorted({"stats_corpus", "stats_tokens", "stats_batch_tokens"} & args.given)):
         raise ValueError(f"--{unread[0].replace('_', '-')} with --stats: the file holds the statistics (and "
                          "the corpus and token count they came from); the flag would be recorded, not used")
@@ -1659,7 +1662,10 @@ def check_inputs(args):
             raise ValueError(f"--glue-dir {args.glue_dir}: lacks {', '.join(missing)} (it holds one JSON file "
                              f"per task: {', '.join(ev.TASKS)}; e.g. fixtures/glue)")
         for task in ev.TASKS:                       # every item read as the scoring will read it
-            ev.read_task(args.glue_dir, task, args.glue_n or 100)
+            prompts, _ = ev.read_task(args.glue_dir, task, args.glue_n or 100)
+            if "glue_n" in args.given and len(prompts) < args.glue_n:     # (the default: what there is)
+                raise ValueError(f"--glue-n {args.glue_n}: {Path(args.glue_dir) / task}.json holds "
+                                 f"{len(prompts)} items; give --glue-n {len(prompts)} or less")
     if args.heldout is not None:
         data.read_corpus(args.heldout)              # a corpus with text, or a DataError naming it
     if args.snippets is not None:
@@ -2021,6 +2027,7 @@ def report(argv) -> int:
 def run(args) -> int:
     out, settings, cfg = open_run(args)
     with ExitStack() as held:
+        held.enter_context(stats.digests_remembered())       # the weights' digests: inputs.json and C's key
         if args.resume:
             held.enter_context(holding(out))
         requests, skipped = load_requests(settings)
@@ -2028,9 +2035,8 @@ def run(args) -> int:
         inputs = input_digests(settings, model)
         if args.resume:
             check_inputs_unchanged(out, inputs)
-        saved = out / "templates.json" if args.resume else None
-        templates = json.loads(saved.read_text()) if saved and saved.exists() else context_templates(
-            model, settings.seed, method_of(settings.hparams.method).templates)
+        saved = saved_templates(out) if args.resume else None
+        templates = saved or context_templates(model, settings.seed, method_of(settings.hparams.method).templates)
         requests, too_long = fit_context(model, requests, templates, settings)
         skipped += too_long
         if skipped:
@@ -2057,6 +2063,21 @@ def run(args) -> int:
                 print(f"not copied from {settings.model}: {', '.join(left_out)} (weights in other formats, "
                       "which hold the unedited model, and training state)")
     return 0
+
+
+def saved_templates(out: Path) -> list[list[str]] | None:
+    """The context templates a run recorded (templates.json), or None for a run that has none."""
+    file = out / "templates.json"
+    if not file.exists():
+        return None
+    try:
+        templates = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--resume {out}: {file} is unreadable ({e})") from None
+    if not (isinstance(templates, list) and templates and all(
+            isinstance(g, list) and all(isinstance(t, str) and t.count("{}") == 1 for t in g) for g in templates)):
+        raise ValueError(f"--resume {out}: {file} is not a run's context templates (lists of texts with one {{}})")
+    return templates
 
 
 def start_or_resume(editor: Editor, requests, settings: Settings, out: Path):
@@ -2119,6 +2140,10 @@ def load_requests(settings: Settings) -> tuple[list, list[str]]:
         print(f"warning: {line}")
     if not requests:
         raise ValueError(f"{settings.edits}: no requests to edit")
+    snippets = snippets_of(settings) or {}
+    if settings.snippets and not {q.case_id for q in requests} & set(snippets):
+        raise ValueError(f"--snippets {settings.snippets}: none of its {len(snippets)} case ids is one of the "
+                         f"edits' (first: {requests[0].case_id!r}): no consistency would be scored")
     return requests, skipped
 
 

@@ -1569,8 +1569,11 @@ def weight_files(path: Path) -> dict[str, Path]:
     if index.exists():
         try:
             wm = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        if not isinstance(wm, dict) or not all(isinstance(f, str) for f in wm.values()):
+            raise CheckpointError(f"{index}: not a valid safetensors index (its weight_map is not "
+                                  "{tensor name: file name})")
         return {name: path / f for name, f in wm.items()}
     if single.exists():
         with _open(single) as f:
@@ -1601,6 +1604,8 @@ def convert_command(path: Path) -> str:
 def _open(file: Path, device: str = "cpu"):
     if not file.exists():
         raise CheckpointError(f"{file}: weight file named by the checkpoint is missing")
+    if file.is_dir():
+        raise CheckpointError(f"{file}: a directory, where the checkpoint's weights (a safetensors file) belong")
     try:
         return safe_open(str(file), framework="pt", device=device)
     except (SafetensorError, OSError) as e:

@@ -73,6 +73,7 @@ import os
 import sys
 import time
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -264,23 +265,43 @@ def rank_share(seqs, batch_tokens: int, rank: int = 0, world: int = 1) -> int:
 
 # ----------------------------------------------------------------------------- the key
 
+_remembered: dict | None = None     # while digests_remembered: (file, tensor name) -> digest
+
+
+@contextmanager
+def digests_remembered():
+    """Within this block a tensor is hashed once: a run's start hashes the same weights for its
+    inputs' record and for its statistics' key (5 GB on Llama-3-8B, read once, not twice)."""
+    global _remembered
+    _remembered = {}
+    try:
+        yield
+    finally:
+        _remembered = None
+
+
 def tensor_digests(path, names) -> dict[str, str]:
     """{name: sha256 of its dtype, shape and stored bytes}, read in blocks straight from the
     safetensors files (no tensor is built); names not in the checkpoint are left out."""
     files = M.weight_files(Path(path))
+    known = _remembered if _remembered is not None else {}
     out = {}
     for file in sorted({files[n] for n in names if n in files}):
+        wanted = sorted(n for n in names if files.get(n) == file)
+        out.update({n: known[file, n] for n in wanted if (file, n) in known})
+        if all(n in out for n in wanted):
+            continue
         with open(file, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(size))
-            for name in sorted(n for n in names if files.get(n) == file):
+            for name in (n for n in wanted if n not in out):
                 info = header[name]
                 start, end = info["data_offsets"]
                 h = hashlib.sha256(f"{info['dtype']}{info['shape']}".encode())
                 f.seek(8 + size + start)
                 for at in range(start, end, 1 << 24):
                     h.update(f.read(min(1 << 24, end - at)))
-                out[name] = h.hexdigest()
+                out[name] = known[file, name] = h.hexdigest()
     return out
 
 

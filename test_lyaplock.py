@@ -1165,9 +1165,11 @@ def test_cli_rejects_bad_settings_with_one_line(tmp_path, capsys, flag, value, m
 
 
 def test_bad_snippets_and_class_ids_out_of_range_are_refused_before_any_work(tmp_path, capsys):
-    """A --snippets file of the wrong shape, and a general-ability item whose class id is not one
-    of its task's classes (-1 scored as the last class, silently; 9 an IndexError after the
-    statistics), are named before the model loads and before a run directory is made."""
+    """A --snippets file of the wrong shape, of none of the edited cases or with --no-generation
+    (no consistency, without a word), a general-ability item whose class id is not one of its
+    task's classes (-1 scored as the last class, silently; 9 an IndexError after the statistics),
+    and a --glue-n above a task file's items (recorded as typed, the file's items scored) are
+    named before the model loads and before a run directory is made."""
     snippets = tmp_path / "snippets.json"
     snippets.write_text("[1]")
     glue = tmp_path / "glue"
@@ -1175,8 +1177,16 @@ def test_bad_snippets_and_class_ids_out_of_range_are_refused_before_any_work(tmp
     sst2, mmlu = json.loads((glue / "sst2.json").read_text()), json.loads((glue / "mmlu.json").read_text())
     sst2[0]["label"], mmlu[3]["answer"] = -1, 9
     (glue / "sst2.json").write_text(json.dumps(sst2))
+    elsewhere = tmp_path / "elsewhere.json"             # references of cases this run does not edit
+    elsewhere.write_text(json.dumps({"123456": ["a text"], "x": ["b"]}))
     cases = [(["--snippets", str(snippets)], f"--snippets {snippets}: expected an object {{case_id: [text, ...]}}"),
-             (["--glue-dir", str(glue)], f"{glue}/sst2.json: item 0: class id -1 is not one of 0..1 (negative, positive)")]
+             (["--glue-dir", str(glue)], f"{glue}/sst2.json: item 0: class id -1 is not one of 0..1 (negative, positive)"),
+             (["--snippets", str(elsewhere)], f"--snippets {elsewhere}: none of its 2 case ids is one of the edits' "
+                                              "(first: 0): no consistency would be scored"),
+             (["--snippets", str(elsewhere), "--no-generation"], "--snippets with --no-generation: consistency is "
+              "scored on the generated text; the snippets would be recorded, not used"),
+             (["--glue-dir", str(FIX / "glue"), "--glue-n", "101"], f"--glue-n 101: {FIX / 'glue' / 'sst2'}.json "
+              "holds 100 items; give --glue-n 100 or less")]
     for flags, message in cases:
         assert L.main(_cli(tmp_path, "--out", str(tmp_path / "run"), *flags)) == 1
         assert capsys.readouterr().err == f"error: {message}\n"
@@ -1442,7 +1452,8 @@ def test_a_resume_whose_weights_or_statistics_source_changed_is_refused_naming_t
     """What the run read beyond its settings changed on disk between the interruption and the
     resume — the weights (another model of the same shape copied over them), the statistics
     corpus (C recomputed from it) — : the resume would go on with other data
-    (was: silently, to other results); refused, naming each; put back, it resumes."""
+    (was: silently, to other results); refused, naming each; put back, it resumes. Its context
+    templates unreadable: named."""
     model, corpus = tmp_path / "model", tmp_path / "corpus.txt"
     shutil.copytree(STORIES, model)
     shutil.copy(L.DEFAULT_CORPUS, corpus)
@@ -1462,6 +1473,12 @@ def test_a_resume_whose_weights_or_statistics_source_changed_is_refused_naming_t
                                        "would go on with other data; put it back or start a new run\n")
     (model / "model.safetensors").write_bytes(weights)
     corpus.write_bytes(text)
+    templates = (out / "templates.json").read_text()
+    for bad in ('[["{}"], ["The cat', '[["The cat"]]'):      # cut short; not a template (was: a bare JSON error)
+        (out / "templates.json").write_text(bad)
+        assert L.main(["--resume", str(out)]) == 1
+        assert capsys.readouterr().err.startswith(f"error: --resume {out}: {out / 'templates.json'} is ")
+    (out / "templates.json").write_text(templates)
     assert L.main(["--resume", str(out)]) == 0
 
 

@@ -339,6 +339,13 @@ def _broken(tmp_path, how):
         save_file(w, st)
     elif how == "truncated":
         st.write_bytes(st.read_bytes()[:50_000])
+    elif how == "weights-directory":       # (was: "unreadable safetensors file ...: No such device")
+        st.unlink()
+        st.mkdir()
+    elif how.startswith("index:"):        # model.safetensors.index.json holding <text>; "index:/" a directory
+        text = how.removeprefix("index:")
+        index = d / "model.safetensors.index.json"
+        index.mkdir() if text == "/" else index.write_text(text)
     elif how == "no-tokenizer":
         (d / "tokenizer.json").unlink()
     elif how == "tokenizer-config-json":
@@ -371,6 +378,10 @@ def _broken(tmp_path, how):
     ("shape", r"model.layers.3.mlp.down_proj.weight has shape \(64, 171\).*\(64, 172\)"),
     ("nan", "model.norm.weight contains NaN"),
     ("truncated", "model.safetensors: unreadable safetensors file"),
+    ("weights-directory", r"model.safetensors: a directory, where the checkpoint's weights \(a safetensors file\)"),
+    ("index:/", r"model.safetensors.index.json: not a valid safetensors index \(.*Is a directory"),
+    ('index:{"weight_map": [1]}', "model.safetensors.index.json: not a valid safetensors index .its weight_map is not"),
+    ("index:[1]", "model.safetensors.index.json: not a valid safetensors index"),
     ("no-tokenizer", "tokenizer.json is missing"),
     ("tokenizer-config-json", "tokenizer_config.json: not a readable JSON file"),
     ("tokenizer-truncated", "tokenizer.json: not a readable tokenizer"),

@@ -168,6 +168,15 @@ def test_a_log_that_breaks_E13_or_disagrees_with_the_checkpoint_is_flagged(tmp_p
         text = E.report(run)
         assert ("checkpoint's queue (step 4) disagrees with the log" in text) == (name == "differs")
         assert "latest checkpoint at step 4" in text
+        assert "missing from log.jsonl" not in text
+    cut = write_run(tmp_path / "cut", {"1": log[:3]}, alpha=alpha)     # a log cut to 3 of a run's 5 steps
+    (cut / "ckpt-000005").mkdir()
+    (cut / "latest.json").write_text(json.dumps({"checkpoint": "ckpt-000005", "step": 5}))
+    (cut / "ckpt-000005" / "state.json").write_text(json.dumps({"step": 5, "layers": {"1": dict(
+        D_base=pl0, Z=log[4]["z"] * math.sqrt(D), a=1 / math.sqrt(D), zmax=math.sqrt(D))}}))
+    verdict = E.report(cut).split("## Verdict")[1].split("##")[0]
+    assert verdict.strip().startswith("- the log ends at step 2 but the latest checkpoint is at step 5: 2 step(s) "
+                                      "are missing from log.jsonl")
 
 
 def test_baseline_pl_and_its_growth(tmp_path):

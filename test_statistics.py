@@ -556,6 +556,32 @@ def test_lyaplock_stats_then_an_editing_run_with_the_file_equals_the_cached_run(
         assert not (tmp_path / "both").exists()
 
 
+def test_a_run_s_start_reads_each_weight_once_for_its_inputs_and_its_statistics(tmp_path, monkeypatch, made):
+    """inputs.json and the statistics' key (a file's check, a cache's key) hash the same tensors:
+    within a run they are read once; outside one, a changed file gives its new digest."""
+    from test_lyaplock import _cli
+    import builtins
+    import lyaplock as L
+    weights = str(STORIES / "model.safetensors")
+    opened = []
+    monkeypatch.setattr(S, "open", lambda f, *a, **k: (opened.append(str(f)), builtins.open(f, *a, **k))[1],
+                        raising=False)
+    for name, extra in (("cached", []), ("file", ["--stats", str(made)])):
+        opened.clear()
+        assert L.main(_cli(tmp_path, "--out", str(tmp_path / name), "--limit", "2", "--no-generation", *extra,
+                           tokens=0 if extra else 3000)) == 0
+        assert opened.count(weights) == 1, (name, opened)
+    names = M.load(STORIES).names_through_layer(1)
+    copy = tmp_path / "copy"
+    shutil.copytree(STORIES, copy)
+    before = S.tensor_digests(copy, names)
+    tensors = load_file(copy / "model.safetensors")
+    tensors[names[-1]] = tensors[names[-1]] + 1
+    save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+    after = S.tensor_digests(copy, names)
+    assert [n for n in names if before[n] != after[n]] == [names[-1]]
+
+
 def test_a_corpus_shorter_than_the_mlp_width_is_refused_before_the_pass(tmp_path, stories, monkeypatch):
     corpus = tmp_path / "short.txt"
     corpus.write_text("Once upon a time there was a girl.\nShe liked the sun.\n")
