@@ -1786,16 +1786,18 @@ def check_outputs(args, model_path):
             raise ValueError(f"{flag} {path} exists and is not empty; {advice}")
 
 
-def input_digests(settings: Settings, model: M.CausalLM) -> dict[str, str]:
+def input_digests(settings: Settings, model: M.CausalLM, known=None) -> dict[str, str]:
     """sha256 digests of what a run reads beyond its settings and its edits file (Settings keeps
     that one's): the model's weights through the last edit layer (the tensors the statistics'
     key reads; a whole checkpoint would take minutes to read at every start) and its tokenizer,
     the statistics' source (a statistics file's header, which holds its tensors' digests, or the
     MEMIT-layout files, or the corpus), the held-out text, the general-ability tasks and the
-    snippets. Recorded at a run's start (inputs.json) and compared when it is resumed."""
+    snippets. Recorded at a run's start (inputs.json) and compared when it is resumed. (`known`:
+    stats.tensor_digests'.)"""
     path, last = Path(settings.model), max(settings.hparams.layers)
     sha = lambda parts: hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-    out = {f"model weights through layer {last}": sha(stats.tensor_digests(path, model.names_through_layer(last))),
+    weights = stats.tensor_digests(path, model.names_through_layer(last), known)
+    out = {f"model weights through layer {last}": sha(weights),
            "tokenizer": stats.tokenizer_sha(path)}
     if settings.stats_file:
         source = Path(settings.stats_file)
@@ -2027,12 +2029,12 @@ def report(argv) -> int:
 def run(args) -> int:
     out, settings, cfg = open_run(args)
     with ExitStack() as held:
-        held.enter_context(stats.digests_remembered())       # the weights' digests: inputs.json and C's key
         if args.resume:
             held.enter_context(holding(out))
         requests, skipped = load_requests(settings)
         model = load_model(settings, cfg, requests)
-        inputs = input_digests(settings, model)
+        hashed = {}                 # the weights' digests, for inputs.json and then the statistics' key
+        inputs = input_digests(settings, model, hashed)
         if args.resume:
             check_inputs_unchanged(out, inputs)
         saved = saved_templates(out) if args.resume else None
@@ -2043,7 +2045,7 @@ def run(args) -> int:
             print(f"skipped {len(skipped)} bad record(s):\n  " + "\n  ".join(skipped[:10]))
         if note := superseded_note(requests, settings.hparams, "superseded" in args.given):
             print(note, file=sys.stderr)
-        editor = Editor(model, settings.hparams, preservation_statistics(model, settings), templates,
+        editor = Editor(model, settings.hparams, preservation_statistics(model, settings, hashed), templates,
                         settings.model, settings.z_batch_tokens, state_device=settings.state_device)
         if not args.resume:
             check_null_spaces(editor.C, settings.hparams)           # AlphaEdit's, before any scoring
@@ -2168,16 +2170,18 @@ def snippets_of(settings: Settings):
     return data.read_snippets(settings.snippets) if settings.snippets else None
 
 
-def preservation_statistics(model, settings: Settings) -> dict:
-    """C per edit layer: from --stats, else from the cache or a pass over the corpus."""
+def preservation_statistics(model, settings: Settings, known=None) -> dict:
+    """C per edit layer: from --stats, else from the cache or a pass over the corpus. (`known`:
+    stats.tensor_digests'.)"""
     layers = settings.hparams.layers
     with stage("the preservation statistics", f"lower --stats-batch-tokens (now {settings.stats_batch_tokens})"):
         if settings.stats_file:
             return stats.load_stats_file(settings.stats_file, model, settings.model, layers,
-                                         state_device=settings.state_device)
+                                         state_device=settings.state_device, known=known)
         return stats.load_or_collect_stats(model, settings.model, Path(settings.stats_corpus), settings.stats_tokens,
                                            layers, settings.stats_cache, log=lambda s, end="\n": print(s, end=end, flush=True),
-                                           batch_tokens=settings.stats_batch_tokens, state_device=settings.state_device)
+                                           batch_tokens=settings.stats_batch_tokens, state_device=settings.state_device,
+                                           known=known)
 
 
 def edit_stream(editor: Editor, requests, settings: Settings, out: Path) -> bool:

@@ -73,7 +73,6 @@ import os
 import sys
 import time
 import zipfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -265,26 +264,13 @@ def rank_share(seqs, batch_tokens: int, rank: int = 0, world: int = 1) -> int:
 
 # ----------------------------------------------------------------------------- the key
 
-_remembered: dict | None = None     # while digests_remembered: (file, tensor name) -> digest
-
-
-@contextmanager
-def digests_remembered():
-    """Within this block a tensor is hashed once: a run's start hashes the same weights for its
-    inputs' record and for its statistics' key (5 GB on Llama-3-8B, read once, not twice)."""
-    global _remembered
-    _remembered = {}
-    try:
-        yield
-    finally:
-        _remembered = None
-
-
-def tensor_digests(path, names) -> dict[str, str]:
+def tensor_digests(path, names, known: dict | None = None) -> dict[str, str]:
     """{name: sha256 of its dtype, shape and stored bytes}, read in blocks straight from the
-    safetensors files (no tensor is built); names not in the checkpoint are left out."""
+    safetensors files (no tensor is built); names not in the checkpoint are left out. `known`
+    ({(file, name): digest}, filled here): what the caller's earlier calls hashed, not read again
+    (a run's start hashes the same weights for its inputs' record and its statistics' key)."""
     files = M.weight_files(Path(path))
-    known = _remembered if _remembered is not None else {}
+    known = {} if known is None else known
     out = {}
     for file in sorted({files[n] for n in names if n in files}):
         wanted = sorted(n for n in names if files.get(n) == file)
@@ -318,11 +304,11 @@ def tokenizer_sha(model_path) -> str:
     return hashlib.sha256(json.dumps(digests).encode()).hexdigest()
 
 
-def stats_key(model_path, model: M.CausalLM, layers, corpus: Path, n_tokens, max_len) -> dict:
+def stats_key(model_path, model: M.CausalLM, layers, corpus: Path, n_tokens, max_len, known=None) -> dict:
     """Everything C depends on: the weights up to the last edit layer, tokenizer, corpus, size,
-    dtype."""
+    dtype. (`known`: tensor_digests'.)"""
     config = data.file_sha256(Path(model_path) / "config.json")
-    digests = tensor_digests(model_path, model.names_through_layer(max(layers)))
+    digests = tensor_digests(model_path, model.names_through_layer(max(layers)), known)
     return dict(weights=fingerprint(config, digests), config=config, tensors=digests,
                 tokenizer=tokenizer_sha(model_path),
                 layers=sorted(layers), d_mlp=model.cfg.d_mlp, corpus=data.file_sha256(corpus),
@@ -416,10 +402,10 @@ def read_C(path, layers, m: int, digests: dict, where: dict) -> dict[int, torch.
     return C
 
 
-def weights_difference(key: dict, model_path, model: M.CausalLM) -> str | None:
+def weights_difference(key: dict, model_path, model: M.CausalLM, known=None) -> str | None:
     """What differs between the weights a file was made for and this model's, or None."""
     top = max(key["layers"])
-    digests = tensor_digests(model_path, model.names_through_layer(top))
+    digests = tensor_digests(model_path, model.names_through_layer(top), known)
     config = data.file_sha256(Path(model_path) / "config.json")
     if fingerprint(config, digests) == key["weights"]:
         return None
@@ -430,7 +416,7 @@ def weights_difference(key: dict, model_path, model: M.CausalLM) -> str | None:
     return f"tensor{'s' * (len(changed) > 1)} {', '.join(changed[:3])}{more} differ{'s' * (len(changed) == 1)}"
 
 
-def check_key(path, key: dict, model: M.CausalLM, model_path, layers):
+def check_key(path, key: dict, model: M.CausalLM, model_path, layers, known=None):
     """Refuse a file made for other layers, another shape, other weights or with another
     tokenizer, naming what differs."""
     missing = sorted(set(layers) - set(key["layers"]))
@@ -440,7 +426,7 @@ def check_key(path, key: dict, model: M.CausalLM, model_path, layers):
     if key["d_mlp"] != model.cfg.d_mlp:
         raise StatisticsError(f"{path}: made for d_mlp = {key['d_mlp']} (C {key['d_mlp']}×{key['d_mlp']}); "
                               f"this model's d_mlp is {model.cfg.d_mlp}")
-    differs = weights_difference(key, model_path, model)
+    differs = weights_difference(key, model_path, model, known)
     if differs:
         raise StatisticsError(f"{path}: made for other weights: through layer {max(key['layers'])}, "
                               f"{differs} ({model_path})")
@@ -450,17 +436,17 @@ def check_key(path, key: dict, model: M.CausalLM, model_path, layers):
 
 
 def load_stats_file(path, model: M.CausalLM, model_path, layers, log=print,
-                    state_device=None) -> dict[int, torch.Tensor]:
+                    state_device=None, known=None) -> dict[int, torch.Tensor]:
     """C for `layers` from --stats: a statistics file (checked against this model's weights), or
     the MEMIT/ROME code's .npz files (a directory, or one file; checked for layers and shape);
-    each C straight to where it lives (state_devices)."""
+    each C straight to where it lives (state_devices). (`known`: tensor_digests'.)"""
     path = Path(path)
     if not path.exists():
         raise StatisticsError(f"--stats {path}: no such file or directory")
     if path.is_dir() or path.suffix == ".npz":
         return load_authors_stats(path, model, layers, log, state_device)
     meta, key, digests = read_meta(path)
-    check_key(path, key, model, model_path, layers)
+    check_key(path, key, model, model_path, layers, known)
     dtype = str(model.embed.weight.dtype).removeprefix("torch.")
     if key["dtype"] != dtype:
         log(f"warning: {path} was collected with a {key['dtype']} forward pass, this run is {dtype}; "
@@ -559,11 +545,12 @@ def load_authors_stats(path: Path, model: M.CausalLM, layers, log=print,
 # ----------------------------------------------------------------------------- the cache
 
 def load_or_collect_stats(model, model_path, corpus, n_tokens, layers, cache_dir, max_len=256,
-                          log=print, batch_tokens=8192, state_device=None) -> dict:
+                          log=print, batch_tokens=8192, state_device=None, known=None) -> dict:
     """C for every edit layer, from the cache when its key matches and its tensors are sound,
-    else computed (and cached) anew; each on state_devices(model, layers, state_device)."""
+    else computed (and cached) anew; each on state_devices(model, layers, state_device).
+    (`known`: tensor_digests'.)"""
     max_len = positions_cap(model.cfg, max_len, log)
-    key = stats_key(model_path, model, layers, Path(corpus), n_tokens, max_len)
+    key = stats_key(model_path, model, layers, Path(corpus), n_tokens, max_len, known)
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     file = Path(cache_dir) / f"stats-{name}.safetensors"
     if file.exists():
