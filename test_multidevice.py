@@ -7,8 +7,8 @@ python -m pytest -q test_multidevice.py"""
 import ctypes
 import itertools
 import json
-import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -526,31 +526,17 @@ FIXED_ALLOCATOR = []
 
 
 def resident_peak(fn) -> int:
-    """Bytes by which the process's resident memory rose at most while fn ran (sampled every
-    0.2 ms by a thread; torch's kernels release the GIL). Large blocks are mmapped, so freed
-    memory leaves at once and the resident size follows the live tensors."""
-    import threading
-    import time
+    """Bytes by which the process's resident memory rose at most while fn ran: the kernel's own
+    peak (VmHWM), reset just before (/proc/self/clear_refs, Linux 4.0 on), so no sample can be
+    missed (a sampling thread starved while other processes ran missed them). Large blocks are
+    mmapped, so freed memory leaves at once and the resident size follows the live tensors."""
     ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)        # M_MMAP_THRESHOLD: 1 MiB, fixed
     FIXED_ALLOCATOR.append(True)
-    page = os.sysconf("SC_PAGE_SIZE")
-    rss = lambda: int(Path("/proc/self/statm").read_text().split()[1]) * page
-    base = rss()
-    top = [base]
-    running = [True]
-
-    def sample():
-        while running[0]:
-            top[0] = max(top[0], rss())
-            time.sleep(0.0002)
-    thread = threading.Thread(target=sample)
-    thread.start()
-    try:
-        fn()
-    finally:
-        running[0] = False
-        thread.join()
-    return top[0] - base
+    kib = lambda key: int(re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)[1])
+    Path("/proc/self/clear_refs").write_text("5")
+    base = kib("VmRSS")
+    fn()
+    return (kib("VmHWM") - base) * 1024
 
 
 @pytest.mark.parametrize("method", ["lyaplock", "memit", "alphaedit", "lyaplock+alphaedit"])
