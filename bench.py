@@ -223,7 +223,7 @@ def edit_step(m, ckpt, layers, method, C, device, n_edits, seed=0, z_tokens=2048
         torch.cuda.reset_peak_memory_stats()
     sync(device)
     t = time.perf_counter()
-    templates = L.context_templates(m, seed, L.METHODS[method].templates)
+    templates = L.method_templates(m, seed, method)
     sync(device)
     out = dict(templates=time.perf_counter() - t)
     state = L.EditState.start(method, layers)

@@ -326,6 +326,7 @@ class Method:
                                        # layers (E4-E6); "rome": one layer, one request per update
     preset: str = "memit"              # whose published settings it takes: lyaplock | memit | rome
     templates: tuple = ((10, 5),)      # context templates (E3): (length, count) per group
+    brace: str = " "                   # what a generated prefix's { and } become (ROME's code: "")
 
 
 def editing_weight(ls: LayerState, hp) -> float:
@@ -384,7 +385,7 @@ METHODS = {
     "alphaedit": Method(alphaedit_step, memory=("S_KK",)),
     "prune": Method(memit_step, restrain=prune_restrain),
     "rect": Method(memit_step, mask=rect_mask),
-    "rome": Method(None, locate="rome", preset="rome", templates=((5, 10), (10, 10))),
+    "rome": Method(None, locate="rome", preset="rome", templates=((5, 10), (10, 10)), brace=""),
     # LyapLock's queue over them (our definitions, §10)
     "lyaplock+memit-seq": Method(lyaplock_memit_seq_step, memory=("S_KK",), queue=True, preset="lyaplock"),
     "lyaplock+alphaedit": Method(lyaplock_alphaedit_step, memory=("S_KK",), queue=True, preset="lyaplock"),
@@ -558,11 +559,11 @@ def preset(cfg: M.Config, method: str) -> HParams:
 
 # ----------------------------------------------------------------------------- the locate step
 
-def context_templates(model: M.CausalLM, seed: int, groups=((10, 5),)) -> list[list[str]]:
+def context_templates(model: M.CausalLM, seed: int, groups=((10, 5),), brace: str = " ") -> list[list[str]]:
     """E3: "{}", then for each (length, count) of `groups` a group of `count` prefixes the model
     writes itself from "The", "Therefore", "Because", "I", "You" (count/5 each; `length` tokens,
-    top-k 5, seeded), each as prefix + ". {}". MEMIT's family: one group (10, 5); ROME: (5, 10)
-    and (10, 10), 21 templates."""
+    top-k 5, seeded), each as prefix + ". {}", its braces made `brace`. MEMIT's family: one group
+    (10, 5), braces as spaces; ROME: (5, 10) and (10, 10), 21 templates, braces dropped."""
     tok = model.tokenizer
     out = [["{}"]]
     for g, (length, count) in enumerate(groups):
@@ -570,8 +571,14 @@ def context_templates(model: M.CausalLM, seed: int, groups=((10, 5),)) -> list[l
         new = M.generate(model, starts, max(1, length - min(map(len, starts))), top_k=5, seed=seed + g,
                          stop_at_eos=False)
         texts = [tok.decode(s + n[:max(0, length - len(s))]) for s, n in zip(starts, new)]
-        out.append([t.replace("{", " ").replace("}", " ") + ". {}" for t in texts])
+        out.append([t.replace("{", brace).replace("}", brace) + ". {}" for t in texts])
     return out
+
+
+def method_templates(model: M.CausalLM, seed: int, method: str) -> list[list[str]]:
+    """The context templates `method`'s code uses (its groups and braces)."""
+    m = method_of(method)
+    return context_templates(model, seed, m.templates, m.brace)
 
 
 @dataclass
@@ -1128,8 +1135,8 @@ class Editor:
             plan.memory_plan(cfg, hp, dtype, z_batch_tokens, shares, state_on_host=state_device is not None)))
         C = stats.load_or_collect_stats(model, model_path, stats_corpus or DEFAULT_CORPUS, stats_tokens,
                                         hp.layers, stats_cache, log=log, state_device=state_device)
-        return cls(model, hp, C, context_templates(model, seed, method_of(method).templates), model_path,
-                   z_batch_tokens, state_device=state_device)
+        return cls(model, hp, C, method_templates(model, seed, method), model_path, z_batch_tokens,
+                   state_device=state_device)
 
     def edit(self, requests) -> dict:
         """One editing step with all `requests` (data.Request records); returns the step's log. A
@@ -2038,7 +2045,7 @@ def run(args) -> int:
         if args.resume:
             check_inputs_unchanged(out, inputs)
         saved = saved_templates(out) if args.resume else None
-        templates = saved or context_templates(model, settings.seed, method_of(settings.hparams.method).templates)
+        templates = saved or method_templates(model, settings.seed, settings.hparams.method)
         requests, too_long = fit_context(model, requests, templates, settings)
         skipped += too_long
         if skipped:

@@ -1024,6 +1024,16 @@ def test_context_templates_are_seeded():
     assert all(s.startswith(w) for s, w in zip(t[1], ["The", "Therefore", "Because", "I", "You"]))
 
 
+def test_a_generated_brace_becomes_what_each_method_s_code_makes_of_it(monkeypatch):
+    """A prefix the model writes with { or }: MEMIT's family (memit_main.py) puts a space, ROME's
+    rome_main.py drops it; either way one "{}" is left, the subject's."""
+    m = M.load(STORIES)
+    monkeypatch.setattr(m.tokenizer, "decode", lambda ids: "The {x} y")
+    memit, rome = L.method_templates(m, 0, "lyaplock"), L.method_templates(m, 0, "rome")
+    assert memit[1] == ["The  x  y. {}"] * 5
+    assert [len(g) for g in rome] == [1, 10, 10] and {t for g in rome[1:] for t in g} == {"The x y. {}"}
+
+
 def test_subject_missing_from_prompt_is_a_clear_error():
     m = M.load(STORIES)
     with pytest.raises(ValueError, match="has no '{}'"):

@@ -826,7 +826,7 @@ def experiment(model_dir, n_edits: int | None, batch_size: int, methods=("lyaplo
             continue
         m = M.load(model_dir, device)
         run = result["methods"][spec] = dict(label=spec, steps=[], points=[], seconds=0.0, hparams=settings)
-        editor = L.Editor(m, hp, C, L.context_templates(m, seed, L.method_of(hp.method).templates), model_dir)
+        editor = L.Editor(m, hp, C, L.method_templates(m, seed, hp.method), model_dir)
         run_stream(editor, edits, heldout, run, eval_every, report, log)
     return result
 
