@@ -764,8 +764,15 @@ def audit_run(run: Run) -> dict:
     for l in run_layers(run):
         rows = [s["layers"][l] for s in run.steps]
         pl = [r["pl"] for r in rows]
-        D = rows[0].get("D")                         # None for the baselines: no queue
-        audits[l] = audit_pl(pl) if D is None else audit_queue(pl, [r["z"] for r in rows], D)
+        # D: None for the baselines (no queue), and before a first step that moved the layer
+        # (lyaplock.feed_queue): the queue's path begins at its calibration
+        start = next((t for t, r in enumerate(rows) if r.get("D") is not None), None)
+        if start is None:
+            audits[l] = audit_pl(pl)
+            continue
+        audits[l] = audit_queue(pl[start:], [r["z"] for r in rows[start:]], rows[start]["D"])
+        if audits[l]["first_active"] is not None:
+            audits[l]["first_active"] += start               # a step of the run, not of the path
     return audits
 
 
@@ -835,7 +842,7 @@ def layer_figures(run: Run) -> dict:
     x = [s["edits"] for s in run.steps]
     column = lambda l, key: [s["layers"][l][key] for s in run.steps]
     for l in run_layers(run):
-        D = run.steps[0]["layers"][l].get("D")
+        D = next((s["layers"][l]["D"] for s in run.steps if s["layers"][l].get("D") is not None), None)
         title = f"preservation loss, layer {l}" + (" (dashed: threshold D)" if D else "")
         figs[f"pl_layer{l}.svg"] = svg_plot({"PL": (x, column(l, "pl"))}, title, "PL", D)
     queues = [l for l in run_layers(run) if run.steps[0]["layers"][l].get("z") is not None]

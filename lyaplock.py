@@ -275,9 +275,15 @@ def feed_queue(ls: LayerState, pl: float, alpha: float, b: float = 0.0):
 
     As the authors' code does: D_base is the PL measured after step 0's update, then
     a = 1/√(αD_base), Z = Zmax = √(αD_base), and E13 is applied already at step 0 (a no-op for
-    α ≥ 1, b = 0). The queue value after step t weighs the solve of step t + 1.
+    α ≥ 1, b = 0). The queue value after step t weighs the solve of step t + 1. A first step
+    that left the layer at W0 (PL exactly 0: its targets were the model's already) gives no
+    threshold (D = α·0 would hold every later step at W0; their code divides by zero): the queue
+    stays uncalibrated and the next step that moves the layer calibrates it (it is solved as a
+    step 0 again: z = V = 1).
     """
     if ls.D_base is None:
+        if pl == 0:
+            return
         if not pl > 0:
             raise ValueError(f"PL after step 0 is {pl}; the threshold D = α·PL needs PL > 0")
         ls.D_base = pl
@@ -995,7 +1001,8 @@ def update_layer(model, layer, K1, R, hp: HParams, state: EditState, C, W0, wher
     where.check_finite(layer, update=W_new, **{"preservation loss": torch.tensor(pl)})
     W.copy_(W_new)
     queue = method_of(hp.method).queue
-    return dict(pl=pl, D=hp.alpha * ls.D_base if queue else None, z=ls.z if queue else None)
+    calibrated = queue and ls.D_base is not None                 # (not before a step moved the layer)
+    return dict(pl=pl, D=hp.alpha * ls.D_base if calibrated else None, z=ls.z if queue else None)
 
 
 STATE_TENSORS = ("S_KK", "S_VK", "P")

@@ -102,9 +102,32 @@ def test_layer_queue_calibrates_after_step0_then_follows_E14(seed):
         assert abs(ls.z - z) <= 1e-12 * z and ls.D_base == pl0
 
 
-def test_layer_queue_needs_positive_pl_at_step0():
+def test_a_first_step_that_leaves_w0_defers_the_calibration_and_nan_is_refused():
+    """PL exactly 0 after step 0 (the layer did not move): no threshold D = α·0; the next step
+    that moves the layer calibrates the queue as step 0 would (was: a ValueError that locked
+    an Editor whose weights had not changed)."""
+    ls = L.LayerState()
+    L.feed_queue(ls, 0.0, 2.0)
+    assert ls.D_base is None and ls.z == 1.0
+    L.feed_queue(ls, 0.5, 2.0)
+    assert ls.D_base == 0.5 and ls.z == pytest.approx(1.0)
     with pytest.raises(ValueError, match="PL > 0"):
-        L.feed_queue(L.LayerState(), 0.0, 1.0)
+        L.feed_queue(L.LayerState(), float("nan"), 1.0)
+
+
+def test_an_editor_whose_first_batch_is_known_already_goes_on_and_calibrates_later():
+    """The model already gives the first batch's targets (a saved edited model given its own
+    edits): that step changes nothing, logs no D, and leaves the Editor usable; the next batch
+    calibrates the queue (D = α·its PL)."""
+    ed = L.Editor.open(FIX / "factmodel-ci", lam=30, alpha=10, stats_corpus=FIX / "factmodel-ci" / "corpus.txt")
+    requests, _ = data.load_requests(FIX / "factmodel-ci" / "edits.json", limit=8)
+    known = [dataclasses.replace(q, target_new=q.target_true, target_true=q.target_new) for q in requests[:1]]
+    log = ed.edit(known)
+    assert not ed.state.partial and all(v["pl"] == 0 and v["D"] is None and v["z"] == 1.0
+                                        for v in log["layers"].values())
+    assert all(torch.equal(ed.model.edit_weight(l), W) for l, W in ed.W0.items())
+    log = ed.edit(requests[4:])
+    assert all(v["pl"] > 0 and v["D"] == pytest.approx(10 * v["pl"]) for v in log["layers"].values())
 
 
 # ----------------------------------------------------------------------------- T4 direction

@@ -147,6 +147,19 @@ def test_a_queue_that_just_left_its_floor_is_too_early_to_judge(tmp_path):
     assert "only just left its floor on layer(s) 1 (step 3)" in E.report(d)
 
 
+def test_a_queue_calibrated_after_steps_that_left_w0_is_audited_from_its_calibration(tmp_path):
+    """Steps whose PL was exactly 0 before the first that moved the layer log no D
+    (lyaplock.feed_queue): the queue's path, and T1, begin at its calibration."""
+    pl0, alpha = 0.05, 4.0
+    log = queue_log([pl0, 0.1, 0.3, 0.25], alpha)
+    d = write_run(tmp_path / "late", {"1": [dict(pl=0.0, D=None, z=1.0)] * 2 + log}, alpha=alpha)
+    late, direct = E.audit_run(E.read_run(d))["1"], E.audit_queue([e["pl"] for e in log], [e["z"] for e in log],
+                                                                    alpha * pl0)
+    assert late["queue"] and late == direct | dict(first_active=direct["first_active"] + 2)
+    assert "the queue has only just left its floor on layer(s) 1 (step 4)" in E.report(d)
+    assert "(dashed: threshold D)" in (d / "pl_layer1.svg").read_text()
+
+
 def test_a_log_that_breaks_E13_or_disagrees_with_the_checkpoint_is_flagged(tmp_path):
     pl0, alpha = 0.05, 4.0
     log = queue_log([pl0, 0.1, 0.3, 0.25, 0.2], alpha)
