@@ -1127,6 +1127,7 @@ class Editor:
         self.model_path = model_path
         self.z_batch_tokens = z_batch_tokens
         self.state = state or EditState.start(hparams.method, hparams.layers)
+        self._original = None                 # the sha256 of W0 (identity), once asked for
 
     @classmethod
     def open(cls, model_path, method: str = "lyaplock", *, device: str = "cpu", dtype: str = "float32",
@@ -1153,9 +1154,7 @@ class Editor:
         requests = self.fitting(checked_requests(requests), "edit")
         if not requests:
             raise ValueError("edit: no requests; a step edits at least one")
-        if self.state.partial:
-            raise ValueError(f"edit: step {self.state.step} failed after it changed some layers' weights or "
-                             "state; restore(run_dir) from a checkpoint or reset() before editing again")
+        self.check_whole("edit")
         return edit_batch(self.model, requests, self.templates, self.hparams, self.state, self.C,
                           self.W0, self.z_batch_tokens)
 
@@ -1196,19 +1195,39 @@ class Editor:
         training state)."""
         if self.model_path is None:
             raise ValueError("this Editor was built without a model_path to copy the checkpoint from")
+        self.check_whole("save")
         with self.restrained():
             return M.save(self.model_path, directory, self.model.edit_tensors(self.hparams.layers))
 
     def checkpoint(self, run_dir):
         """Save the state and the edited weights into run_dir (save_checkpoint: atomic, the latest
         one kept), to continue later with `restore`."""
-        save_checkpoint(Path(run_dir), self.state, self.model, self.hparams.layers)
+        self.check_whole("checkpoint")
+        save_checkpoint(Path(run_dir), self.state, self.model, self.hparams.layers, self.identity())
+
+    def check_whole(self, call: str):
+        """A ValueError if the last step failed half-way (its model and state are no step's)."""
+        if self.state.partial:
+            raise ValueError(f"{call}: step {self.state.step} failed after it changed some layers' weights or "
+                             "state, so they are no step's; restore(run_dir) from a checkpoint or reset() first")
+
+    def identity(self) -> dict:
+        """What a checkpoint continues only on an Editor alike: the settings, the context
+        templates and the original weights W0 (PL's reference), the last two as sha256."""
+        if self._original is None:
+            digest = hashlib.sha256()
+            for l in sorted(self.W0):
+                digest.update(self.W0[l].detach().cpu().contiguous().view(torch.uint8).numpy())
+            self._original = digest.hexdigest()
+        return dict(hparams=json.loads(json.dumps(asdict(self.hparams))), original_weights=self._original,
+                    templates=hashlib.sha256(json.dumps(self.templates).encode()).hexdigest())
 
     def restore(self, run_dir):
         """Continue where run_dir's latest checkpoint left off: its edited weights into the model,
-        its state (queues, edit memory) beside each layer's C. Build the Editor on the original
-        checkpoint first: W0 (the reference of PL) is the weights it was built on."""
-        self.state = load_checkpoint(Path(run_dir), self.model, self.hparams)     # (partial: False)
+        its state (queues, edit memory) beside each layer's C. Build the Editor as the run's was
+        (the same settings and templates), on the original checkpoint: W0 (the reference of PL) is
+        the weights it was built on; another is refused, naming what differs."""
+        self.state = load_checkpoint(Path(run_dir), self.model, self.hparams, self.identity())   # (partial: False)
         for l, ls in self.state.layers.items():
             for k in STATE_TENSORS:
                 if getattr(ls, k) is not None:
@@ -1419,7 +1438,7 @@ def _check_memory(ls: LayerState, bad):
         bad(f"S_VK {tuple(ls.S_VK.shape)} does not match S_KK")
 
 
-def save_checkpoint(out: Path, state: EditState, model: M.CausalLM, layers):
+def save_checkpoint(out: Path, state: EditState, model: M.CausalLM, layers, identity: dict | None = None):
     """Atomically: write ckpt-<step>.tmp/ (edit state + current edited weights) and flush it to
     the disk, rename it to ckpt-<step>/, point latest.json at it, then drop older checkpoints. A
     kill (or a power loss) at any moment leaves a valid one; a failed write (a full disk) removes
@@ -1434,6 +1453,8 @@ def save_checkpoint(out: Path, state: EditState, model: M.CausalLM, layers):
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         state.save(tmp)
+        if identity is not None:
+            (tmp / "identity.json").write_text(json.dumps(identity))
         save_file({n: t.detach().cpu().contiguous() for n, t in model.edit_tensors(layers).items()},
                   str(tmp / "weights.safetensors"))
         data.sync_files(tmp)
@@ -1450,9 +1471,11 @@ def save_checkpoint(out: Path, state: EditState, model: M.CausalLM, layers):
             shutil.rmtree(old)
 
 
-def load_checkpoint(out: Path, model: M.CausalLM, hp: HParams | None = None) -> EditState:
+def load_checkpoint(out: Path, model: M.CausalLM, hp: HParams | None = None, identity: dict | None = None) -> EditState:
     """The run state of the latest checkpoint (on the host) and its edit weights (into the model);
-    with hp, a state of another method or other layers is refused before the model is touched."""
+    with hp, a state of another method or other layers is refused before the model is touched,
+    and with `identity` (Editor.identity) one whose identity.json differs (checkpoints written
+    before it was recorded are not checked)."""
     try:
         d = out / json.loads((out / "latest.json").read_text())["checkpoint"]
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -1461,12 +1484,33 @@ def load_checkpoint(out: Path, model: M.CausalLM, hp: HParams | None = None) -> 
     if hp is not None and (state.method, sorted(state.layers)) != (hp.method, sorted(hp.layers)):
         raise ValueError(f"{d}: a checkpoint of {state.method} on layers {sorted(state.layers)}; this "
                          f"Editor runs {hp.method} on layers {sorted(hp.layers)}")
+    if identity is not None and (d / "identity.json").exists():
+        try:
+            saved = json.loads((d / "identity.json").read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{d}: identity.json is unreadable ({e})") from None
+        check_identity(d, saved, identity)
     try:
         weights = load_file(str(d / "weights.safetensors"))
     except (OSError, SafetensorError) as e:
         raise ValueError(f"{d}: cannot read the edited weights ({e})") from None
     model.load_edit_tensors(weights)
     return state
+
+
+def check_identity(d: Path, saved: dict, now: dict):
+    """A ValueError naming what differs between the Editor a checkpoint was written by and this
+    one (Editor.identity): it would go on from that state by other rules, or measure PL from
+    other weights."""
+    was, hp = saved.get("hparams", {}), now["hparams"]
+    differ = [f"{k} {was.get(k)!r} there, {v!r} here" for k, v in hp.items() if was.get(k) != v]
+    if saved.get("templates") != now["templates"]:
+        differ.append("other context templates (another seed?)")
+    if saved.get("original_weights") != now["original_weights"]:
+        differ.append("other original weights W0 (build the Editor on the unedited checkpoint the run "
+                      "began from, not on an edited one)")
+    if differ:
+        raise ValueError(f"{d}: written by an Editor with other settings: {'; '.join(differ)}")
 
 
 # ----------------------------------------------------------------------------- the command

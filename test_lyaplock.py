@@ -1612,7 +1612,8 @@ def test_editor_refuses_what_is_not_a_request_by_name(tmp_path):
 def test_a_step_that_fails_half_way_must_be_restored_before_the_next(tmp_path, monkeypatch):
     """A step that fails after its first layer changed weights and state (here layer 2's solve)
     leaves the Editor half-way through it: the next edit is refused until reset or restore (it
-    applied layer 1 twice); a step that fails before writing anything leaves it usable."""
+    applied layer 1 twice), and so are a checkpoint and a save (they recorded the half step as
+    whole); a step that fails before writing anything leaves it usable."""
     m = M.load(STORIES)
     C = S.load_or_collect_stats(m, STORIES, L.DEFAULT_CORPUS, 2000, (1, 2), tmp_path, log=lambda *a, **k: None)
     requests, _ = data.load_requests(FIX / "counterfact-rome.json", limit=4)
@@ -1630,15 +1631,45 @@ def test_a_step_that_fails_half_way_must_be_restored_before_the_next(tmp_path, m
     with pytest.raises(ValueError, match="step 1, layer 2"):
         editor.edit(requests[2:])
     monkeypatch.setattr(L, "step_layer", real)
-    with pytest.raises(ValueError, match=r"edit: step 1 failed after it changed some layers' weights or state; "
-                                         r"restore\(run_dir\) from a checkpoint or reset\(\) before editing again"):
-        editor.edit(requests[2:])
+    editor.model_path = STORIES
+    for call, do in (("edit", lambda: editor.edit(requests[2:])), ("checkpoint", lambda: editor.checkpoint(tmp_path / "run")),
+                     ("save", lambda: editor.save(tmp_path / "saved"))):   # (the last two recorded it as whole)
+        with pytest.raises(ValueError, match=rf"{call}: step 1 failed after it changed some layers' weights or state, so "
+                                             r"they are no step's; restore\(run_dir\) from a checkpoint or reset\(\) first"):
+            do()
+    assert not (tmp_path / "saved").exists() and json.loads((tmp_path / "run" / "latest.json").read_text())["step"] == 1
     editor.restore(tmp_path / "run")
     assert editor.edit(requests[2:])["step"] == 1
     monkeypatch.setattr(L, "compute_z", lambda *a, **k: (_ for _ in ()).throw(FloatingPointError("early")))
     with pytest.raises(FloatingPointError, match="early"):          # before any write: still usable
         editor.edit(requests[:1])
     assert not editor.state.partial
+
+
+def test_restore_refuses_an_editor_with_other_settings_templates_or_original_weights(tmp_path):
+    """A checkpoint continues to the same bits only on an Editor built as its own was: one with
+    another λ, other context templates, or built on an edited model (PL measured from the wrong
+    W0) was accepted and went on silently; refused, naming what differs. Alike, it restores."""
+    m = M.load(STORIES)
+    C = S.load_or_collect_stats(m, STORIES, L.DEFAULT_CORPUS, 2000, (1, 2), tmp_path, log=lambda *a, **k: None)
+    requests, _ = data.load_requests(FIX / "counterfact-rome.json", limit=4)
+    hp = L.HParams(layers=(1, 2), lam=15.0, v_num_grad_steps=3)
+    editor = L.Editor(m, hp, C, [["{}"]], model_path=STORIES)
+    editor.edit(requests[:2])
+    editor.checkpoint(tmp_path / "run")
+    editor.save(tmp_path / "edited")
+    others = [(M.load(STORIES), dataclasses.replace(hp, lam=16.0), [["{}"]], "lam 15.0 there, 16.0 here"),
+              (M.load(STORIES), hp, [["{}"], ["A. {}"]], "other context templates"),
+              (M.load(tmp_path / "edited"), hp, [["{}"]], "other original weights W0")]
+    for model, hparams, templates, message in others:
+        other = L.Editor(model, hparams, C, templates)
+        with pytest.raises(ValueError, match=f"ckpt-000001: written by an Editor with other settings: .*{message}"):
+            other.restore(tmp_path / "run")
+        assert other.state.step == 0 and all(torch.equal(model.edit_weight(l), W) for l, W in other.W0.items())
+    alike = L.Editor(M.load(STORIES), hp, C, [["{}"]])
+    alike.restore(tmp_path / "run")
+    assert alike.state.step == 1 and all(torch.equal(alike.model.edit_weight(l), editor.model.edit_weight(l))
+                                         for l in hp.layers)
 
 
 @pytest.mark.parametrize("change,message", [
