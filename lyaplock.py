@@ -17,6 +17,7 @@ import fcntl
 import hashlib
 import json
 import math
+import numbers
 import os
 import shutil
 import signal
@@ -208,8 +209,8 @@ def no_null_space(smallest: float, threshold: float, layer: int | None = None) -
     at = f" on layer {layer}" if layer is not None else ""
     return ValueError(f"AlphaEdit: no eigenvalue of C{at} is below the null-space threshold {threshold:.3g} "
                       f"(the smallest is {smallest:.3g}), so its projector (E11) is 0 and every update would "
-                      f"be zero: raise --nullspace-threshold above {smallest:.3g} (the authors' 2e-2 is set "
-                      "for 8B-scale keys), or use another method")
+                      f"be zero: raise the threshold (--nullspace-threshold; nullspace_threshold=) above {smallest:.3g} (the "
+                      "authors' 2e-2 is set for 8B-scale keys), or use another method")
 
 
 def check_null_spaces(C: dict, hp) -> None:
@@ -1113,6 +1114,13 @@ class Editor:
         """state_device: where C, the edit memory and W0 live between solves (default: with the
         weights); "cpu" keeps them in host memory and brings one layer's to the GPU per solve."""
         check_hparams(hparams, model.cfg.n_layers)
+        check_statistics(C, hparams.layers, model.cfg.d_mlp)
+        check_templates(templates, "templates")
+        if not isinstance(z_batch_tokens, int) or z_batch_tokens < 1:
+            raise ValueError(f"z_batch_tokens {z_batch_tokens!r}: give a whole number of tokens, at least 1")
+        if state_device is not None:
+            M.check_device(state_device)
+        check_null_spaces(C, hparams)                    # AlphaEdit's family: a projector that is not 0
         where = stats.state_devices(model, {*C, *hparams.layers}, state_device)
         pin = state_device is not None and torch.device(state_device).type == "cpu" and torch.cuda.is_available()
 
@@ -1136,6 +1144,12 @@ class Editor:
         """Load a checkpoint, its preset (hparams overrides any field of HParams), context
         templates (seeded) and statistics (cached)."""
         check_reads(method, {name: name for name, value in hparams.items() if value is not None})
+        if "batch_size" in hparams:
+            raise ValueError("batch_size: an Editor edits what each edit() is given as one step; batch the "
+                             "requests yourself (editor.edit(requests[i:i + k]))")
+        if not isinstance(stats_tokens, int) or stats_tokens < 0:
+            raise ValueError(f"stats_tokens {stats_tokens!r}: give a whole number of tokens, at least 0 (0: the "
+                             "whole corpus)")
         cfg = M.checkpoint_config(model_path)
         hp = with_overrides(preset(cfg, method), **hparams)
         check_hparams(hp, cfg.n_layers)                 # before the model loads
@@ -1241,6 +1255,30 @@ class Editor:
         self.state = EditState.start(self.hparams.method, self.hparams.layers)
 
 
+def check_statistics(C: dict, layers, m: int):
+    """C holds every edit layer's statistics: a finite float (m, m) torch tensor; else a
+    ValueError naming the first layer whose is not (an Editor built from parts)."""
+    for l in layers:
+        c = C.get(l) if isinstance(C, dict) else None
+        if not isinstance(c, torch.Tensor):
+            raise ValueError(f"C: no statistics for edit layer {l}" if c is None else
+                             f"C[{l}] is a {type(c).__name__}; give torch tensors (torch.from_numpy for numpy's)")
+        if tuple(c.shape) != (m, m) or not c.is_floating_point():
+            raise ValueError(f"C[{l}] is {str(c.dtype).removeprefix('torch.')} {tuple(c.shape)}; a float ({m}, {m}) "
+                             f"matrix is needed (d_mlp = {m})")
+        if not bool(torch.isfinite(c).all()):
+            raise ValueError(f"C[{l}] holds values that are not finite (NaN or inf)")
+
+
+def check_templates(templates, where: str):
+    """Context templates as context_templates makes them: a list of groups, each a list of texts
+    with one "{}" (a ValueError naming `where` otherwise)."""
+    if not (isinstance(templates, list) and templates and all(
+            isinstance(g, list) and g and all(isinstance(t, str) and t.count("{}") == 1 for t in g) for g in templates)):
+        raise ValueError(f"{where}: not context templates: a list of groups, each a list of texts with one {{}} "
+                         "(as context_templates makes them, e.g. [['{}'], ['The cat. {}', ...]])")
+
+
 def checked_requests(requests) -> list:
     """The requests as a list, each a data.Request (a TypeError naming the first that is not)."""
     if isinstance(requests, tuple) and len(requests) == 2 and isinstance(requests[0], list):
@@ -1260,7 +1298,9 @@ def with_overrides(hp: HParams, **changes) -> HParams:
     if unknown := sorted(set(changes) - names):
         raise ValueError(f"unknown hyper-parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
     hp = replace(hp, **{k: v for k, v in changes.items() if v is not None})
-    hp.layers = tuple(hp.layers)
+    if isinstance(hp.layers, (list, tuple)):     # numpy's integers as Python's (they go to config.json)
+        hp.layers = tuple(int(l) if isinstance(l, numbers.Integral) and not isinstance(l, bool) else l
+                          for l in hp.layers)
     check_hparams(hp)
     return hp
 
@@ -1287,6 +1327,8 @@ def check_hparams(hp: HParams, n_layers: int | None = None):
     model's depth, within it; weights and rates positive, step counts at least 1."""
     method_of(hp.method)
     layers = hp.layers
+    if not isinstance(layers, (list, tuple)):
+        raise ValueError(f"layers {layers!r}: give the edit layers as a tuple of layer numbers, e.g. (1, 2)")
     if not layers:                  # the preset's rule on a model of under 3 blocks (ROME: 2)
         blocks = f" for a model of {n_layers} block(s)" if n_layers is not None else ""
         example = "0" if n_layers == 1 else "0,1"
@@ -1299,8 +1341,13 @@ def check_hparams(hp: HParams, n_layers: int | None = None):
     if method_of(hp.method).locate == "rome" and len(layers) != 1:
         raise ValueError(f"layers {list(layers)}: ROME edits one layer (--layers L)")
     for name, need in RANGES.items():
-        if problem := range_problem(getattr(hp, name), need):
+        value, whole = getattr(hp, name), name in ("v_num_grad_steps", "batch_size")       # (counts)
+        if not isinstance(value, numbers.Integral if whole else numbers.Real) or isinstance(value, bool):
+            raise ValueError(f"hyper-parameter {name} must be a {'whole ' * whole}number, got {value!r}")
+        if problem := range_problem(value, need):
             raise ValueError(f"hyper-parameter {name} {problem}")
+    if not isinstance(hp.mom2_adjustment, bool):
+        raise ValueError(f"hyper-parameter mom2_adjustment must be True or False, got {hp.mom2_adjustment!r}")
     if hp.superseded not in ("keep", "remove"):
         raise ValueError(f"superseded {hp.superseded!r}: choose 'keep' or 'remove'")
 
@@ -2106,7 +2153,6 @@ def run(args) -> int:
         editor = Editor(model, settings.hparams, preservation_statistics(model, settings, hashed), templates,
                         settings.model, settings.z_batch_tokens, state_device=settings.state_device)
         if not args.resume:
-            check_null_spaces(editor.C, settings.hparams)           # AlphaEdit's, before any scoring
             out = create_run_dir(out, settings, hold=lambda d: held.enter_context(holding(d)),
                                  files={"templates.json": templates, "inputs.json": inputs})
         with resume_hint(out):
@@ -2134,9 +2180,7 @@ def saved_templates(out: Path) -> list[list[str]] | None:
         templates = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"--resume {out}: {file} is unreadable ({e})") from None
-    if not (isinstance(templates, list) and templates and all(
-            isinstance(g, list) and all(isinstance(t, str) and t.count("{}") == 1 for t in g) for g in templates)):
-        raise ValueError(f"--resume {out}: {file} is not a run's context templates (lists of texts with one {{}})")
+    check_templates(templates, f"--resume {out}: {file}")
     return templates
 
 

@@ -1606,8 +1606,8 @@ def _open(file: Path, device: str = "cpu"):
         raise CheckpointError(f"{file}: weight file named by the checkpoint is missing")
     if file.is_dir():
         raise CheckpointError(f"{file}: a directory, where the checkpoint's weights (a safetensors file) belong")
-    try:
-        return safe_open(str(file), framework="pt", device=device)
+    try:                              # (safetensors takes "cpu", not "cpu:0")
+        return safe_open(str(file), framework="pt", device="cpu" if torch.device(device).type == "cpu" else str(device))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{file}: unreadable safetensors file (truncated or corrupt?): {e}") from None
 

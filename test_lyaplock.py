@@ -318,7 +318,7 @@ def test_alphaedit_projects_and_solves_its_equation(seed):
     assert float((delta @ U[:, ~small]).norm()) <= 1e-12 * float(delta.norm())
     full = U @ torch.diag(ev + 0.05) @ U.T                          # no eigenvalue below 0.02
     with pytest.raises(ValueError, match="AlphaEdit: no eigenvalue of C is below the null-space threshold "
-                                         "0.02 .*every update would be zero: raise --nullspace-threshold"):
+                                         "0.02 .*every update would be zero: raise the threshold \\(--nullspace-threshold; nullspace_threshold=\\)"):
         L.alphaedit_projector(full)                                  # no null space: P = 0, was silent
     hp = L.HParams(method="alphaedit", layers=(3, 5))                # the same, before a run (a Cholesky)
     L.check_null_spaces({3: C, 5: C}, hp)
@@ -1510,7 +1510,7 @@ def test_a_resume_whose_weights_or_statistics_source_changed_is_refused_naming_t
     for bad in ('[["{}"], ["The cat', '[["The cat"]]'):      # cut short; not a template (was: a bare JSON error)
         (out / "templates.json").write_text(bad)
         assert L.main(["--resume", str(out)]) == 1
-        assert capsys.readouterr().err.startswith(f"error: --resume {out}: {out / 'templates.json'} is ")
+        assert capsys.readouterr().err.startswith(f"error: --resume {out}: {out / 'templates.json'}")
     (out / "templates.json").write_text(templates)
     assert L.main(["--resume", str(out)]) == 0
 
@@ -1682,6 +1682,11 @@ def test_restore_refuses_an_editor_with_other_settings_templates_or_original_wei
     (dict(layers=(1, 5)), r"layers \[1, 5\]: give increasing layer numbers in 0..4"),
     (dict(layers=()), r"no edit layers.*give them, e.g. --layers 0,1"),
     (dict(method="rome", layers=(1, 2)), r"layers \[1, 2\]: ROME edits one layer"),
+    (dict(layers=2), r"layers 2: give the edit layers as a tuple of layer numbers"),          # a TypeError
+    (dict(lam="30"), r"hyper-parameter lam must be a number, got '30'"),                    # a TypeError
+    (dict(lam=torch.tensor(30.0)), r"hyper-parameter lam must be a number, got tensor"),    # accepted
+    (dict(v_num_grad_steps=2.5), r"hyper-parameter v_num_grad_steps must be a whole number, got 2.5"),
+    (dict(method="rome", layers=(1,), mom2_adjustment="no"), "mom2_adjustment must be True or False, got 'no'"),
 ])
 def test_the_api_refuses_hyper_parameters_out_of_range_before_the_statistics(tmp_path, monkeypatch, change, message):
     """Editor.open's overrides and an Editor built from parts: a ValueError naming the field
@@ -1693,6 +1698,42 @@ def test_the_api_refuses_hyper_parameters_out_of_range_before_the_statistics(tmp
     m = M.load(STORIES)
     with pytest.raises(ValueError, match=message):
         L.Editor(m, L.replace(L.HParams(layers=(1, 2)), **change), {}, [["{}"]])
+
+
+def test_the_api_takes_numpy_s_integers_as_layers(tmp_path):
+    import numpy as np
+    hp = L.with_overrides(L.HParams(), layers=tuple(np.array([1, 2])))   # np.int64s
+    assert hp.layers == (1, 2) and all(type(l) is int for l in hp.layers)
+
+
+def test_an_editor_from_parts_or_open_refuses_bad_statistics_templates_and_settings_by_name(tmp_path):
+    """Each was a traceback from inside torch after the target values (a KeyError, a size
+    mismatch, bincount on floats), a misleading message, or silently wrong (stats_tokens -5
+    took 251 tokens); AlphaEdit without a null space failed at the first edit, locking the
+    Editor. --device cpu:0 was blamed on the checkpoint file."""
+    m = M.load(STORIES, "cpu:0")                                   # (was: "unreadable safetensors file")
+    hp = L.HParams(layers=(1, 2))
+    C = {1: torch.eye(172, dtype=torch.float64) * 0.05, 2: torch.eye(172, dtype=torch.float64) * 0.05}
+    bad = [(dict(C={1: C[1]}), "C: no statistics for edit layer 2"),
+           (dict(C={1: C[1], 2: torch.eye(10)}), r"C\[2\] is float32 \(10, 10\); a float \(172, 172\) matrix"),
+           (dict(C={1: C[1], 2: C[2].numpy()}), r"C\[2\] is a ndarray; give torch tensors"),
+           (dict(C={1: C[1], 2: C[2].clone().fill_diagonal_(float("nan"))}), r"C\[2\] holds values that are not finite"),
+           (dict(templates=[]), "templates: not context templates"),
+           (dict(templates=["{}", "The cat. {}"]), "templates: not context templates"),
+           (dict(z_batch_tokens=0), "z_batch_tokens 0: give a whole number of tokens, at least 1"),
+           (dict(hparams=L.HParams(method="alphaedit", layers=(1, 2), nullspace_threshold=0.01)),
+            "AlphaEdit: no eigenvalue of C on layer 1 is below the null-space threshold")]
+    if not torch.cuda.is_available():
+        bad.append((dict(state_device="cuda"), "device 'cuda': this machine has no CUDA GPU"))
+    for change, message in bad:
+        parts = dict(model=m, hparams=hp, C=C, templates=[["{}"]]) | change
+        with pytest.raises(ValueError, match=message):
+            L.Editor(**parts)
+    for change, message in ((dict(stats_tokens=-5), "stats_tokens -5: give a whole number of tokens, at least 0"),
+                            (dict(stats_tokens=2.5), "stats_tokens 2.5: give a whole number"),
+                            (dict(batch_size=5), "batch_size: an Editor edits what each edit.. is given as one step")):
+        with pytest.raises(ValueError, match=message):
+            L.Editor.open(STORIES, stats_cache=tmp_path, **change)
 
 
 def test_the_same_step_saved_again_never_removes_the_checkpoint_latest_names_first(tmp_path, monkeypatch):
