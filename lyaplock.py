@@ -1960,7 +1960,7 @@ def create_run_dir(out: Path | None, settings: Settings, hold: Callable, files: 
 
 
 @contextmanager
-def holding(out: Path):
+def holding(out: Path, what: str = "this run (started or resumed there)"):
     """This process's hold on run directory `out` while its run goes on: an exclusive lock on
     out/run.lock, which the system releases when the process ends (killed or not). A second run
     or --resume of the directory meanwhile is refused: both would write its log and checkpoints."""
@@ -1969,8 +1969,8 @@ def holding(out: Path):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise ValueError(f"{out}: another process is running this run (started or resumed there); wait "
-                         "for it to end, or choose another --out") from None
+        raise ValueError(f"{out}: another process is running {what}; wait for it to end, or choose "
+                         "another --out") from None
     except OSError as e:             # a file system without locks (some network and FUSE mounts)
         print(f"note: {out}: no lock on this file system ({e.strerror}): nothing keeps a second process "
               "from running this run at the same time", file=sys.stderr)

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -432,6 +433,7 @@ def test_training_on_cuda_turns_tf32_on_and_back_as_it_was(tmp_path, monkeypatch
             raise InterruptedError("stopped")
         return {}
     monkeypatch.setattr(TB, "prepare" if fails else "train_model", stub)
+    monkeypatch.setattr(TB.M, "check_device", lambda device: None)          # (no GPU needed: a stub trains)
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, False
     try:
@@ -463,6 +465,42 @@ def test_training_refuses_a_directory_of_other_files_and_says_it_replaces_a_fact
     TB.train(model, "ci", log=lines.append)
     assert lines == [f"training again into {model}: its fact model is replaced"]
     TB.train(tmp_path / "new", "ci", log=lambda *_: pytest.fail("a line for a new directory"))
+
+
+def test_an_interrupted_training_leaves_no_partial_model_and_the_earlier_one_whole(tmp_path, monkeypatch, capsys):
+    """The model is written whole or not at all: a Ctrl-C during training left config.json and
+    the tokenizer in a new --out (the same command was then refused), and over an earlier fact
+    model another family's config.json beside its weights (neither loaded). A device torch
+    cannot use is one line before any work (was a traceback after the tokenizer's training)."""
+    monkeypatch.setattr(TB, "fit", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        TB.train(tmp_path / "new", "ci", steps=1, log=lambda *_: None)
+    assert list(tmp_path.iterdir()) == []
+    model = tmp_path / "model"
+    shutil.copytree(FACTMODEL, model)
+    before = {f.name: f.read_bytes() for f in model.iterdir()}
+    with pytest.raises(KeyboardInterrupt):
+        TB.train(model, "ci", steps=1, family="gpt_neox", log=lambda *_: None)
+    assert list(tmp_path.iterdir()) == [model] and {f.name: f.read_bytes() for f in model.iterdir()} == before
+    assert TB.main(["train", "--device", "tpu", "--out", str(tmp_path / "d")]) == 1
+    assert capsys.readouterr().err == "error: device 'tpu': use cpu, cuda or cuda:N\n"
+    assert not (tmp_path / "d").exists()
+
+
+def test_an_experiment_s_out_is_held_and_a_broken_report_there_named_before_any_work(tmp_path, monkeypatch):
+    """Two experiments into one --out each wrote their report over the other's (the first's runs
+    were lost); a result.json that is not a report's was an error naming no file, or an
+    AttributeError, after the model, statistics and first scores."""
+    monkeypatch.setattr(TB.M, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = tmp_path / "tb"
+    out.mkdir()
+    with L.holding(out, "a testbed experiment"):
+        with pytest.raises(ValueError, match=f"{out}: another process is running a testbed experiment; wait"):
+            TB.experiment(FACTMODEL, 20, 10, ("memit",), out=out)
+    for text, message in (("{", "result.json: unreadable"), ("[]", "result.json: not a testbed report's result")):
+        (out / "result.json").write_text(text)
+        with pytest.raises(ValueError, match=message):
+            TB.experiment(FACTMODEL, 20, 10, ("memit",), out=out)
 
 
 @pytest.mark.parametrize("argv", [["train", "--steps", "0"], ["train", "--threads", "-1"],

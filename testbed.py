@@ -28,7 +28,9 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import re
+import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -42,7 +44,7 @@ from safetensors.torch import save_file
 import eval as E
 import lyaplock as L
 import model as M
-from data import DataError, Request, file_sha256, load_requests, read_corpus, read_text
+from data import DataError, Request, file_sha256, load_requests, read_corpus, read_text, write_atomic
 
 FIX = Path(__file__).parent / "fixtures"
 HELD_FILE = FIX / "counterfact-train.json.gz"          # held-back records: never edited
@@ -426,9 +428,32 @@ def train(out_dir, size: str = "ci", seed: int = 0, device: str = "cpu", steps: 
             raise ValueError(f"--out {out_dir} holds files and no fact model (training.json): give a new or "
                              "empty directory, or an earlier fact model's to train it again")
         log(f"training again into {out_dir}: its fact model is replaced")
+    elif out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out_dir} is a file; give a directory")
+    M.check_device(device)
     tf32 = torch.device(device).type == "cuda"     # TF32 matmuls: the gpu size is ~13 PFLOP of float32 training
-    with tf32_matmuls(tf32):
-        return train_model(out_dir, size, seed, device, steps, tf32, log, family)
+    work = out.with_name(f".{out.name}.training-{os.getpid()}")    # the model is written whole or not at all
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        with tf32_matmuls(tf32):
+            info = train_model(work, size, seed, device, steps, tf32, log, family)
+        replace_directory(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return info
+
+
+def replace_directory(new: Path, old: Path):
+    """Put directory `new` where `old` is (or is not yet): `old` moves aside, `new` takes its
+    name, then `old` goes; a kill between leaves the earlier model aside, whole."""
+    if not old.exists():
+        new.rename(old)
+        return
+    aside = old.with_name(f".{old.name}.replaced-{os.getpid()}")
+    old.rename(aside)
+    new.rename(old)
+    shutil.rmtree(aside)
 
 
 @contextmanager
@@ -798,10 +823,23 @@ def experiment(model_dir, n_edits: int | None, batch_size: int, methods=("lyaplo
     n_edits = n_edits or None                                       # 0 as None: the whole stream
     if eval_every < 1:
         raise ValueError(f"--eval-every {eval_every}: give a number of steps of at least 1")
-    if out and Path(out).exists() and (Path(out).is_file() or any(Path(out).iterdir())) \
+    if out and Path(out).exists() and (Path(out).is_file() or any(f.name != "run.lock" for f in Path(out).iterdir())) \
             and not (Path(out) / "result.json").exists():
         raise ValueError(f"--out {out} holds other files than a testbed report (no result.json): choose a new "
                          "directory, or the one of the report to continue")
+    if not out:
+        return run_experiment(model_dir, n_edits, batch_size, methods, eval_every, seed, device, stats_tokens,
+                              out, stats_cache, layers, hparams, corpus, stream, n_retained, n_heldout, log)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with L.holding(Path(out), "a testbed experiment"):         # a second one there would overwrite its report
+        earlier_report(Path(out))                              # readable, before any work
+        return run_experiment(model_dir, n_edits, batch_size, methods, eval_every, seed, device, stats_tokens,
+                              out, stats_cache, layers, hparams, corpus, stream, n_retained, n_heldout, log)
+
+
+def run_experiment(model_dir, n_edits, batch_size, methods, eval_every, seed, device, stats_tokens, out,
+                   stats_cache, layers, hparams, corpus, stream, n_retained, n_heldout, log) -> dict:
+    """experiment's work, its arguments checked and its --out held."""
     model_dir = Path(model_dir)
     m = M.load(model_dir, device)
     layers = L.parse_layers(layers, m.cfg.n_layers) if isinstance(layers, str) else layers
@@ -862,10 +900,10 @@ SAME_SETTINGS = ("weights", "stream", "n_edits", "batch_size", "layers", "seed",
 def finished_runs(out, result: dict, log=print) -> dict:
     """The complete runs of an earlier report in `out` with the same SAME_SETTINGS (none if any
     differs, or the report predates one of them: one line names the runs dropped and why)."""
-    path = Path(out) / "result.json" if out else None
-    if not path or not path.exists():
+    old = earlier_report(Path(out)) if out else None
+    if not old:
         return {}
-    old = json.loads(path.read_text())
+    path = Path(out) / "result.json"
     if differ := [k for k in SAME_SETTINGS if k not in old or old[k] != result[k]]:
         if old.get("methods"):
             log(f"{path}: earlier runs dropped, their settings differ ({', '.join(differ)}): "
@@ -873,6 +911,21 @@ def finished_runs(out, result: dict, log=print) -> dict:
         return {}
     finished = lambda r: r["points"] and r["points"][-1]["edits"] == result["n_edits"]
     return {k: r for k, r in old["methods"].items() if finished(r)}
+
+
+def earlier_report(out: Path) -> dict | None:
+    """The result.json of an earlier report in `out`, or None; a ValueError naming the file if it
+    is not a report's."""
+    path = out / "result.json"
+    if not path.exists():
+        return None
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable ({e}); remove it, or choose another --out") from None
+    if not isinstance(old, dict) or not isinstance(old.get("methods", {}), dict):
+        raise ValueError(f"{path}: not a testbed report's result; remove it, or choose another --out")
+    return old
 
 
 # The figures write_report writes: those of its names the new result does not produce are removed
@@ -885,7 +938,7 @@ def write_report(result: dict, out: Path):
     frontier at the last point. A figure of an earlier report in `out` that this result does
     not produce (a layer or a queue no run has now) is removed."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "result.json").write_text(json.dumps(result, indent=1))
+    write_atomic(out / "result.json", json.dumps(result, indent=1))             # a kill keeps the last whole one
     (out / "table.md").write_text("\n".join(report_table(result)) + "\n")
     figs = report_figures(result)
     for name, svg in figs.items():
@@ -1052,7 +1105,7 @@ def main(argv=None):
         return 1
     except KeyboardInterrupt:
         kept = f"; the runs complete in {args.out} are kept and the same command does the rest" \
-            if args.command == "experiment" else ""
+            if args.command == "experiment" and args.out and (Path(args.out) / "result.json").exists() else ""
         print(f"\ninterrupted{kept}", file=sys.stderr)
         return 130
     return 0
