@@ -34,6 +34,7 @@ import plan
 import stats as S
 
 HERE = Path(__file__).parent
+REQUESTS = HERE / "fixtures" / "counterfact-easyedit.json"      # the timed steps' requests
 LLAMA = dict(model_type="llama", rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001,
              tie_word_embeddings=False, max_position_embeddings=8192)
 PRESETS = {   # config.json, edit layers
@@ -215,7 +216,7 @@ def edit_step(m, ckpt, layers, method, C, device, n_edits, seed=0, z_tokens=2048
     timed on its own; the peak memory over both; then the standard metrics of the second batch
     (efficacy, generalization, specificity). With state_device, W0 lives there too, as the
     command keeps it (and C comes over a block of rows at a time, PL's included)."""
-    requests, _ = data.load_requests(HERE / "fixtures" / "counterfact-easyedit.json", limit=2 * n_edits)
+    requests, _ = data.load_requests(REQUESTS, limit=2 * n_edits)
     hp = L.replace(L.preset(m.cfg, method), layers=bench_layers(m, layers, method))
     layers = hp.layers
     W0 = {l: m.edit_weight(l).to(state_device or device, copy=True) for l in layers}
@@ -230,7 +231,7 @@ def edit_step(m, ckpt, layers, method, C, device, n_edits, seed=0, z_tokens=2048
     L.edit_batch(m, requests[:n_edits], templates, hp, state, C, W0, z_tokens)
     sync(device)
     out["first_step"] = time.perf_counter() - t
-    batch = requests[n_edits:2 * n_edits] or requests[:n_edits]
+    batch = requests[n_edits:2 * n_edits]             # (main: the file holds 2 n)
     log = L.edit_batch(m, batch, templates, hp, state, C, W0, z_tokens)
     out |= dict(target_values=log["seconds_z"], keys=log["seconds_keys"], solve_pl_queue=log["seconds_solve"])
     out["total"] = out["target_values"] + out["keys"] + out["solve_pl_queue"]
@@ -266,7 +267,7 @@ def bench_layers(m, layers, method) -> tuple:
 def single_edits(m, layers, C, device, n_steps: int, z_tokens=2048, state_device=None) -> dict:
     """The long-horizon protocol's rate: n_steps LyapLock steps of ONE request each (after one
     to calibrate the queue), edits per second and the phases of a step."""
-    requests, _ = data.load_requests(HERE / "fixtures" / "counterfact-easyedit.json", limit=n_steps + 1)
+    requests, _ = data.load_requests(REQUESTS, limit=n_steps + 1)
     hp = L.replace(L.preset(m.cfg, "lyaplock"), layers=bench_layers(m, layers, "lyaplock"), batch_size=1)
     W0 = {l: m.edit_weight(l).to(state_device or device, copy=True) for l in hp.layers}
     templates = L.context_templates(m, 0)
@@ -412,9 +413,24 @@ def main(argv=None):
             p.error(f"{flag} {value}: give a whole number of at least {least}")
     if args.json and Path(args.json).is_dir():        # (an IsADirectoryError after the whole benchmark)
         p.error(f"--json {args.json} is a directory; give a file name")
+    if args.json and not Path(args.json).absolute().parent.is_dir():
+        p.error(f"--json {args.json}: no directory {Path(args.json).absolute().parent} to write it in")
+    records = len(data.load_requests(REQUESTS)[0])        # the timed step takes the second n (a first n edits)
+    if args.edits > records // 2 or args.batch1 >= records:
+        p.error(f"--edits {args.edits}, --batch1 {args.batch1}: {REQUESTS.name} holds {records} requests, for "
+                f"--edits up to {records // 2} (the timed step edits the second n) and --batch1 up to {records - 1}")
+    for flag, device in (("--device", args.device), ("--state-device", args.state_device)):
+        try:
+            if device is not None:
+                M.check_device(device)
+        except ValueError as e:                         # (torch's RuntimeError after the first parts)
+            p.error(f"{flag}: {e}")
     previous = signal.signal(signal.SIGTERM, exit_on_sigterm)
     try:
         return run_presets(args)
+    except KeyboardInterrupt:                           # (its temporary directory is removed on the way)
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 

@@ -1871,8 +1871,8 @@ def load_model(settings: Settings, cfg: M.Config, requests) -> M.CausalLM:
 
 def check_outputs(args, model_path):
     """--out and --save-model name new or empty directories (the edited model never the input
-    checkpoint), --stats-cache a directory, each makeable where missing: checked before the model
-    loads rather than after hours of editing."""
+    checkpoint), --stats-cache a directory, each writable, or makeable where missing: checked
+    before the model loads rather than after hours of editing."""
     for flag, path, advice in (("--out", args.out, "choose a new directory or --resume it"),
                                ("--save-model", args.save_model, "choose a new directory"),
                                ("--stats-cache", args.stats_cache, "give a directory (made where missing)")):
@@ -1882,7 +1882,11 @@ def check_outputs(args, model_path):
         if not path.exists():
             if not (above := existing_parent(path)).is_dir():
                 raise ValueError(f"{flag} {path}: {above} is a file, so no directory can be made there")
+            if not os.access(above, os.W_OK | os.X_OK):
+                raise ValueError(f"{flag} {path}: {above} cannot be written (read-only, or not yours); {advice}")
             continue
+        if not os.access(path, os.W_OK | os.X_OK) and path.is_dir():
+            raise ValueError(f"{flag} {path} cannot be written (read-only, or not yours); {advice}")
         if flag == "--save-model" and path.resolve() == Path(model_path).resolve():
             raise ValueError("--save-model must not be the input checkpoint's directory")
         if not path.is_dir():

@@ -2032,6 +2032,9 @@ def main(argv=None):
         out = generate(model, [ids], args.max_new_tokens, args.top_k, args.seed)[0]
     except ValueError as e:          # e.g. a GPT-2 prompt past its learned positions
         raise SystemExit(f"error: {e}")
+    except KeyboardInterrupt:        # (the text is decoded whole, at the end: none yet)
+        print("\ninterrupted", file=sys.stderr)
+        raise SystemExit(130) from None
     print(model.tokenizer.decode(ids + out))   # decoded whole: the tokenizer places the spaces
 
 

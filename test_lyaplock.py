@@ -2069,6 +2069,15 @@ def test_cli_refuses_outputs_it_would_overwrite_before_the_model_loads(tmp_path,
         assert L.main(_cli(tmp_path, *extra)) == 1
         assert capsys.readouterr().err == f"error: {message}\n"
     assert not (tmp_path / "run").exists()
+    (tmp_path / "ro").mkdir()                   # a read-only mount (was: the whole run, then a bare OSError)
+    monkeypatch.setattr(L.os, "access", lambda path, mode: Path(path) != tmp_path / "ro")
+    for extra, message in [
+            (("--out", f"{tmp_path}/ro/run"), f"--out {tmp_path}/ro/run: {tmp_path}/ro cannot be written (read-only, "
+                                              "or not yours); choose a new directory or --resume it"),
+            (("--out", f"{tmp_path}/run", "--save-model", f"{tmp_path}/ro"),
+             f"--save-model {tmp_path}/ro cannot be written (read-only, or not yours); choose a new directory")]:
+        assert L.main(_cli(tmp_path, *extra)) == 1
+        assert capsys.readouterr().err == f"error: {message}\n"
 
 
 # ==================== bench: the CPU smoke preset
@@ -2076,7 +2085,12 @@ def test_cli_refuses_outputs_it_would_overwrite_before_the_model_loads(tmp_path,
     (["--edits", "0"], "--edits 0: give a whole number of at least 1"),
     (["--batch1", "-1"], "--batch1 -1: give a whole number of at least 0"),
     (["--z-batch-tokens", "0"], "--z-batch-tokens 0: give a whole number of at least 1"),
-    (["--json", "{tmp}"], "--json {tmp} is a directory; give a file name")])
+    (["--json", "{tmp}"], "--json {tmp} is a directory; give a file name"),
+    (["--json", "{tmp}/missing/x.json"], "--json {tmp}/missing/x.json: no directory {tmp}/missing to write it in"),
+    (["--edits", "151"], "--edits 151, --batch1 0: counterfact-easyedit.json holds 300 requests, for --edits up "
+                         "to 150 (the timed step edits the second n) and --batch1 up to 299"),
+    (["--device", "tpu"], "--device: device 'tpu': use cpu, cuda or cuda:N"),
+    (["--state-device", "tpu"], "--state-device: device 'tpu': use cpu, cuda or cuda:N")])
 def test_bench_refuses_bad_numbers_and_a_directory_as_json_before_any_work(tmp_path, capsys, flags, message):
     import bench
     with pytest.raises(SystemExit):
