@@ -688,7 +688,8 @@ def check_state(state: dict, audits: dict, steps: list[dict], alpha) -> list[str
     t = state.get("step", 0) - 1
     problems = []
     if t >= len(steps):                  # the run syncs a step's log line before its checkpoint
-        return [f"the log ends at step {len(steps) - 1} but the latest checkpoint is at step {t + 1}: "
+        ends = f"the log ends at step {len(steps) - 1}" if steps else "log.jsonl holds no whole step"
+        return [f"{ends} but the latest checkpoint is at step {t + 1}: "
                 f"{t + 1 - len(steps)} step(s) are missing from log.jsonl (cut or lost); what follows "
                 "covers the logged steps only"]
     if t < 0:
@@ -915,7 +916,8 @@ def run_header(run: Run) -> list[str]:
     hp = run.hparams
     T = len(run.steps)
     edits = run.steps[-1]["edits"] if run.steps else 0
-    status = "finished" if run.finished else "in progress or interrupted (no summary.json yet)"
+    status = "finished" if run.finished else "summary.json is unreadable" if (run.dir / "summary.json").exists() \
+        else "in progress or interrupted (no summary.json yet)"
     import lyaplock                         # (here: lyaplock imports this module)
     method = hp.get("method")
     known = method in lyaplock.METHODS
@@ -939,9 +941,14 @@ def report(run_dir) -> str:
     run = read_run(run_dir)
     audits = audit_run(run)
     figs = layer_figures(run) | ability_figures(run) | metrics_figure(run)
-    for name, svg in figs.items():
-        (run.dir / name).write_text(svg)
-    lines = [f"# Run report: {run.dir}", "", *run_header(run), "", "## Verdict", ""]
+    unwritten = None
+    try:
+        for name, svg in figs.items():
+            (run.dir / name).write_text(svg)
+    except OSError as e:                  # a run directory on a read-only mount: the text all the same
+        unwritten = f"- not written into {run.dir} ({e.strerror}): the figures and report.md"
+    lines = [f"# Run report: {run.dir}", "", *run_header(run), *([unwritten] if unwritten else []), "",
+             "## Verdict", ""]
     lines += [f"- {v}" for v in verdict(run, audits)]
     if audits:
         lines += ["", "## Audit of theorem T1 (docs/LYAPLOCK.md §6–7)", "",
@@ -955,5 +962,6 @@ def report(run_dir) -> str:
         lines += ["", "## Metrics before and after editing (all of them: summary.md)", ""]
         lines += metrics_table(run)
     text = "\n".join(lines) + "\n"
-    (run.dir / "report.md").write_text(text)
+    if not unwritten:
+        (run.dir / "report.md").write_text(text)
     return text

@@ -169,6 +169,9 @@ def print_plan(args) -> int:
     yet (config.json downloaded first, to plan) is planned from config.json alone."""
     _, settings, cfg = L.open_run(args)             # (M.checkpoint_config: the files checked, if any)
     requests = L.load_requests(settings)[0] if settings.edits else []        # as the run reads them
+    source = Path(settings.stats_file) if settings.stats_file else None
+    if source and not (source.is_dir() or source.suffix == ".npz"):   # a statistics file: what config.json can check
+        stats.check_shape(source, stats.read_meta(source)[1], settings.hparams.layers, cfg.d_mlp)
     if not any(Path(settings.model).glob("*.safetensors")):   # planning before the download: config.json only
         print(f"no weights in {settings.model} yet: planned from config.json alone (the run checks the "
               "checkpoint's files when it loads them)")

@@ -416,16 +416,22 @@ def weights_difference(key: dict, model_path, model: M.CausalLM, known=None) -> 
     return f"tensor{'s' * (len(changed) > 1)} {', '.join(changed[:3])}{more} differ{'s' * (len(changed) == 1)}"
 
 
-def check_key(path, key: dict, model: M.CausalLM, model_path, layers, known=None):
-    """Refuse a file made for other layers, another shape, other weights or with another
-    tokenizer, naming what differs."""
+def check_shape(path, key: dict, layers, d_mlp: int):
+    """Refuse a file made for other layers or another MLP width, naming what differs (what a
+    file can be checked for from the model's config alone: --plan)."""
     missing = sorted(set(layers) - set(key["layers"]))
     if missing:
         raise StatisticsError(f"{path}: made for layers {key['layers']}; this run edits {sorted(layers)} "
                               f"(no C for layer{'s' * (len(missing) > 1)} {', '.join(map(str, missing))})")
-    if key["d_mlp"] != model.cfg.d_mlp:
+    if key["d_mlp"] != d_mlp:
         raise StatisticsError(f"{path}: made for d_mlp = {key['d_mlp']} (C {key['d_mlp']}×{key['d_mlp']}); "
-                              f"this model's d_mlp is {model.cfg.d_mlp}")
+                              f"this model's d_mlp is {d_mlp}")
+
+
+def check_key(path, key: dict, model: M.CausalLM, model_path, layers, known=None):
+    """Refuse a file made for other layers, another shape, other weights or with another
+    tokenizer, naming what differs."""
+    check_shape(path, key, layers, model.cfg.d_mlp)
     differs = weights_difference(key, model_path, model, known)
     if differs:
         raise StatisticsError(f"{path}: made for other weights: through layer {max(key['layers'])}, "

@@ -703,7 +703,8 @@ def test_memory_plan_places_as_load_does_and_the_command_says_whether_it_fits(tm
 def test_the_plan_follows_every_flag_of_the_run_and_refuses_what_the_run_refuses(tmp_path, capsys):
     """--plan plans the run the same flags start: --batch-size sets the prefix caches a step keeps
     (it was ignored), --resume plans the run in DIR with the flags that may change; flags out of
-    range and device sizes that are not positive are one-line errors, as for the run."""
+    range, device sizes that are not positive and a --stats file for other layers or cut short
+    (planned as fitting) are one-line errors, as for the run."""
     plan = lambda *flags: (L.main(["--plan", "--model", str(STORIES), "--layers", "1,2", *flags]),
                            capsys.readouterr())
     targets = {}
@@ -722,6 +723,14 @@ def test_the_plan_follows_every_flag_of_the_run_and_refuses_what_the_run_refuses
         rc, out = plan(*flags)
         assert rc == 1 and out.err.startswith(f"error: {message}") and "Traceback" not in out.err, flags
     assert L.main(["--plan"]) == 2 and "--plan needs --model" in capsys.readouterr().err
+    file, cut = tmp_path / "C1.safetensors", tmp_path / "cut.safetensors"     # --stats files the run refuses
+    assert L.main(["stats", "--model", str(STORIES), "--stats-tokens", "400", "--layers", "1", "--out", str(file)]) == 0
+    cut.write_bytes(file.read_bytes()[:100])
+    capsys.readouterr()
+    for stats_file, message in ((file, f"{file}: made for layers [1]; this run edits [1, 2]"),
+                                (cut, f"{cut}: not a readable statistics file")):
+        rc, out = plan("--stats", str(stats_file))
+        assert rc == 1 and out.err.startswith(f"error: {message}"), out.err
     run = tmp_path / "run"
     run.mkdir()
     settings = L.Settings(model=str(STORIES), edits=str(FIX / "counterfact-rome.json"), dtype="float32",

@@ -217,7 +217,8 @@ def test_baseline_pl_and_its_growth(tmp_path):
 
 def test_report_of_an_interrupted_run_reads_only(tmp_path):
     """A torn last log line, no summary.json, no cases.jsonl: the report covers the steps that
-    are whole and leaves the run's files as they were."""
+    are whole and leaves the run's files as they were; an unreadable summary.json, a log with no
+    whole step and a run directory it cannot write into are said so."""
     pl0, alpha = 0.05, 4.0
     d = write_run(tmp_path / "run", {"1": queue_log([pl0, 0.1, 0.3], alpha)}, alpha=alpha, summary=False,
                   torn=True, ability=[dict(step=0, edits=0, final=False, perplexity=100.0)])
@@ -233,6 +234,20 @@ def test_report_of_an_interrupted_run_reads_only(tmp_path):
     for name in ("pl_layer1.svg", "queue.svg", "perplexity.svg", "metrics.svg"):
         ET.parse(d / name)
     assert not (d / "general.svg").exists()
+    (d / "summary.json").write_text("{")                  # (was: "no summary.json yet")
+    assert "- summary.json is unreadable: 3 steps logged" in E.report(d)
+    (d / "summary.json").unlink()
+    (d / "log.jsonl").write_text('{"step": 0, "lay')      # no whole step, a checkpoint at step 2 (was: "step -1")
+    (d / "latest.json").write_text(json.dumps({"checkpoint": "ckpt-000002", "step": 2}))
+    (d / "ckpt-000002").mkdir()
+    (d / "ckpt-000002" / "state.json").write_text(json.dumps({"step": 2, "layers": {}}))
+    assert "log.jsonl holds no whole step but the latest checkpoint is at step 2" in E.report(d)
+    real = Path.write_text                                # a read-only mount: the report all the same
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Path, "write_text", lambda self, *a, **k: (_ for _ in ()).throw(OSError(30, "Read-only "
+                      "file system")) if self.parent == d else real(self, *a, **k))
+        text = E.report(d)
+    assert f"- not written into {d} (Read-only file system): the figures and report.md" in text and "## Verdict" in text
     only_config = tmp_path / "new"
     only_config.mkdir()
     (only_config / "config.json").write_text(json.dumps({"hparams": {"method": "lyaplock"}}))

@@ -497,6 +497,8 @@ def test_an_experiment_s_out_is_held_and_a_broken_report_there_named_before_any_
     with L.holding(out, "a testbed experiment"):
         with pytest.raises(ValueError, match=f"{out}: another process is running a testbed experiment; wait"):
             TB.experiment(FACTMODEL, 20, 10, ("memit",), out=out)
+    with pytest.raises(ValueError, match="--methods: lyaplock given twice"):        # (was: run once, silently)
+        TB.experiment(FACTMODEL, 20, 10, ("lyaplock", "memit", "lyaplock"), out=out)
     for text, message in (("{", "result.json: unreadable"), ("[]", "result.json: not a testbed report's result")):
         (out / "result.json").write_text(text)
         with pytest.raises(ValueError, match=message):

@@ -823,6 +823,9 @@ def experiment(model_dir, n_edits: int | None, batch_size: int, methods=("lyaplo
     n_edits = n_edits or None                                       # 0 as None: the whole stream
     if eval_every < 1:
         raise ValueError(f"--eval-every {eval_every}: give a number of steps of at least 1")
+    if twice := sorted({m for m in methods if list(methods).count(m) > 1}):
+        raise ValueError(f"--methods: {', '.join(twice)} given twice (a run is made once; give another setting "
+                         "to compare, e.g. lyaplock:alpha=30)")
     if out and Path(out).exists() and (Path(out).is_file() or any(f.name != "run.lock" for f in Path(out).iterdir())) \
             and not (Path(out) / "result.json").exists():
         raise ValueError(f"--out {out} holds other files than a testbed report (no result.json): choose a new "
