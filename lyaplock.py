@@ -19,6 +19,7 @@ import json
 import math
 import numbers
 import os
+import re
 import shutil
 import signal
 import sys
@@ -1192,6 +1193,12 @@ class Editor:
         """Means over the requests (×100): CounterFact or zsRE metrics, with fluency (and
         consistency, given snippets) when `generation`."""
         requests = self.fitting(checked_requests(requests), "evaluate", ev.FLUENCY_TOKENS if generation else 0)
+        if generation and not any(q.generation_prompts for q in requests):
+            raise ValueError("evaluate(generation=True): none of these requests has generation prompts (CounterFact's "
+                             "generation_prompts), which fluency and consistency are scored on")
+        if snippets is not None and not (isinstance(snippets, dict) and all(
+                isinstance(v, list) and all(isinstance(t, str) for t in v) for v in snippets.values())):
+            raise ValueError("snippets: give {case_id: [text, ...]} (data.read_snippets reads such a file)")
         with self.restrained():
             return ev.summarize(score_cases(self.model, requests, generation, snippets, seed))
 
@@ -1217,6 +1224,11 @@ class Editor:
         """Save the state and the edited weights into run_dir (save_checkpoint: atomic, the latest
         one kept), to continue later with `restore`."""
         self.check_whole("checkpoint")
+        if earlier := latest_identity(Path(run_dir)):          # another Editor's checkpoint would be replaced
+            try:
+                check_identity(Path(run_dir), earlier, self.identity())
+            except ValueError as e:
+                raise ValueError(f"checkpoint: {e}; it would be replaced: choose another directory") from None
         save_checkpoint(Path(run_dir), self.state, self.model, self.hparams.layers, self.identity())
 
     def check_whole(self, call: str):
@@ -1485,6 +1497,9 @@ def _check_memory(ls: LayerState, bad):
         bad(f"S_VK {tuple(ls.S_VK.shape)} does not match S_KK")
 
 
+CHECKPOINT_NAME = re.compile(r"ckpt-\d{6}(-\d+)?(\.tmp)?")
+
+
 def save_checkpoint(out: Path, state: EditState, model: M.CausalLM, layers, identity: dict | None = None):
     """Atomically: write ckpt-<step>.tmp/ (edit state + current edited weights) and flush it to
     the disk, rename it to ckpt-<step>/, point latest.json at it, then drop older checkpoints. A
@@ -1514,7 +1529,7 @@ def save_checkpoint(out: Path, state: EditState, model: M.CausalLM, layers, iden
             else "no checkpoint was written before"
         raise ValueError(f"writing the checkpoint of step {state.step} to {d} failed ({e}); {intact}") from None
     for old in out.glob("ckpt-*"):
-        if old != d:
+        if old != d and CHECKPOINT_NAME.fullmatch(old.name):   # (not a ckpt-mine/ of the user's)
             shutil.rmtree(old)
 
 
@@ -1543,6 +1558,15 @@ def load_checkpoint(out: Path, model: M.CausalLM, hp: HParams | None = None, ide
         raise ValueError(f"{d}: cannot read the edited weights ({e})") from None
     model.load_edit_tensors(weights)
     return state
+
+
+def latest_identity(out: Path) -> dict | None:
+    """The identity.json of out's latest checkpoint (None: no checkpoint, or one without it)."""
+    try:
+        d = out / json.loads((out / "latest.json").read_text())["checkpoint"]
+        return json.loads((d / "identity.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def check_identity(d: Path, saved: dict, now: dict):

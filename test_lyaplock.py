@@ -1670,6 +1670,27 @@ def test_restore_refuses_an_editor_with_other_settings_templates_or_original_wei
     alike.restore(tmp_path / "run")
     assert alike.state.step == 1 and all(torch.equal(alike.model.edit_weight(l), editor.model.edit_weight(l))
                                          for l in hp.layers)
+    other = L.Editor(M.load(STORIES), dataclasses.replace(hp, method="memit"), C, [["{}"]])
+    with pytest.raises(ValueError, match=r"checkpoint: .*method 'lyaplock' there, 'memit' here.*; it would be "
+                                         "replaced: choose another directory"):
+        other.checkpoint(tmp_path / "run")                 # (it removed the run's checkpoint)
+    (tmp_path / "run" / "ckpt-mine").mkdir()                # a directory of the user's: never removed
+    alike.edit(requests[2:])
+    alike.checkpoint(tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run").glob("ckpt-*")) == ["ckpt-000002", "ckpt-mine"]
+
+
+def test_evaluate_refuses_generation_without_prompts_and_snippets_of_another_shape():
+    """Both scored nothing, silently (zsRE has no generation prompts: no fluency; snippets as
+    {id: text} gave consistency 0)."""
+    editor = L.Editor(M.load(STORIES), L.HParams(layers=(1, 2)), {l: torch.eye(172, dtype=torch.float64) for l in (1, 2)},
+                      [["{}"]])
+    zsre, _ = data.load_requests(FIX / "zsre-mend.json", limit=2)
+    with pytest.raises(ValueError, match=r"evaluate\(generation=True\): none of these requests has generation prompts"):
+        editor.evaluate(zsre, generation=True)
+    counterfact, _ = data.load_requests(FIX / "counterfact-rome.json", limit=1)
+    with pytest.raises(ValueError, match=r"snippets: give \{case_id: \[text, ...\]\}"):
+        editor.evaluate(counterfact, generation=True, snippets={counterfact[0].case_id: "a text"})
 
 
 @pytest.mark.parametrize("change,message", [
