@@ -217,7 +217,7 @@ def edit_step(m, ckpt, layers, method, C, device, n_edits, seed=0, z_tokens=2048
     (efficacy, generalization, specificity). With state_device, W0 lives there too, as the
     command keeps it (and C comes over a block of rows at a time, PL's included)."""
     requests, _ = data.load_requests(REQUESTS, limit=2 * n_edits)
-    hp = L.replace(L.preset(m.cfg, method), layers=bench_layers(m, layers, method))
+    hp = L.replace(L.preset(m.cfg, method), layers=bench_layers(m, layers, method), batch_size=n_edits)  # (the plan's)
     layers = hp.layers
     W0 = {l: m.edit_weight(l).to(state_device or device, copy=True) for l in layers}
     if device == "cuda":

@@ -833,11 +833,16 @@ def experiment(model_dir, n_edits: int | None, batch_size: int, methods=("lyaplo
     if not out:
         return run_experiment(model_dir, n_edits, batch_size, methods, eval_every, seed, device, stats_tokens,
                               out, stats_cache, layers, hparams, corpus, stream, n_retained, n_heldout, log)
+    made = not Path(out).exists()
     Path(out).mkdir(parents=True, exist_ok=True)
-    with L.holding(Path(out), "a testbed experiment"):         # a second one there would overwrite its report
-        earlier_report(Path(out))                              # readable, before any work
-        return run_experiment(model_dir, n_edits, batch_size, methods, eval_every, seed, device, stats_tokens,
-                              out, stats_cache, layers, hparams, corpus, stream, n_retained, n_heldout, log)
+    try:
+        with L.holding(Path(out), "a testbed experiment"):     # a second one there would overwrite its report
+            earlier_report(Path(out))                          # readable, before any work
+            return run_experiment(model_dir, n_edits, batch_size, methods, eval_every, seed, device, stats_tokens,
+                                  out, stats_cache, layers, hparams, corpus, stream, n_retained, n_heldout, log)
+    finally:                                                   # ended before its first report: nothing left
+        if made and [f.name for f in Path(out).iterdir()] == ["run.lock"]:
+            shutil.rmtree(out)
 
 
 def run_experiment(model_dir, n_edits, batch_size, methods, eval_every, seed, device, stats_tokens, out,
