@@ -946,7 +946,7 @@ def report(run_dir) -> str:
         for name, svg in figs.items():
             (run.dir / name).write_text(svg)
     except OSError as e:                  # a run directory on a read-only mount: the text all the same
-        unwritten = f"- not written into {run.dir} ({e.strerror}): the figures and report.md"
+        unwritten = f"- not written into {run.dir} ({e.strerror}): report.md and some or all of the figures"
     lines = [f"# Run report: {run.dir}", "", *run_header(run), *([unwritten] if unwritten else []), "",
              "## Verdict", ""]
     lines += [f"- {v}" for v in verdict(run, audits)]

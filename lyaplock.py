@@ -17,7 +17,6 @@ import fcntl
 import hashlib
 import json
 import math
-import numbers
 import os
 import re
 import shutil
@@ -1238,14 +1237,18 @@ class Editor:
                              "state, so they are no step's; restore(run_dir) from a checkpoint or reset() first")
 
     def identity(self) -> dict:
-        """What a checkpoint continues only on an Editor alike: the settings, the context
-        templates and the original weights W0 (PL's reference), the last two as sha256."""
+        """What a checkpoint continues only on an Editor alike: the settings its method reads (not
+        batch_size: each edit() is a step), the context templates and the original weights W0
+        (PL's reference) and their dtype, the templates and W0 as sha256."""
         if self._original is None:
             digest = hashlib.sha256()
             for l in sorted(self.W0):
                 digest.update(self.W0[l].detach().cpu().contiguous().view(torch.uint8).numpy())
             self._original = digest.hexdigest()
-        return dict(hparams=json.loads(json.dumps(asdict(self.hparams))), original_weights=self._original,
+        hp = self.hparams
+        read = {k: v for k, v in asdict(hp).items() if k != "batch_size" and not unread(hp.method, k)}
+        return dict(hparams=json.loads(json.dumps(read)), original_weights=self._original,
+                    dtype=str(next(iter(self.W0.values())).dtype).removeprefix("torch."),
                     templates=hashlib.sha256(json.dumps(self.templates).encode()).hexdigest())
 
     def restore(self, run_dir):
@@ -1309,10 +1312,10 @@ def with_overrides(hp: HParams, **changes) -> HParams:
     names = {f.name for f in fields(HParams)}
     if unknown := sorted(set(changes) - names):
         raise ValueError(f"unknown hyper-parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-    hp = replace(hp, **{k: v for k, v in changes.items() if v is not None})
-    if isinstance(hp.layers, (list, tuple)):     # numpy's integers as Python's (they go to config.json)
-        hp.layers = tuple(int(l) if isinstance(l, numbers.Integral) and not isinstance(l, bool) else l
-                          for l in hp.layers)
+    python = lambda v: v.item() if type(v).__module__ == "numpy" else v    # numpy's scalars as Python's
+    hp = replace(hp, **{k: python(v) for k, v in changes.items() if v is not None})
+    if isinstance(hp.layers, (list, tuple)):     # (they go to config.json and a checkpoint's identity)
+        hp.layers = tuple(python(l) for l in hp.layers)
     check_hparams(hp)
     return hp
 
@@ -1346,7 +1349,7 @@ def check_hparams(hp: HParams, n_layers: int | None = None):
         example = "0" if n_layers == 1 else "0,1"
         raise ValueError(f"no edit layers{blocks}: the preset's rule (n/8..n/4 of the depth, below the top "
                          f"block) finds none under 3 blocks (ROME: 2); give them, e.g. --layers {example}")
-    if not all(isinstance(l, int) for l in layers) or list(layers) != sorted(set(layers)) \
+    if not all(isinstance(l, int) and not isinstance(l, bool) for l in layers) or list(layers) != sorted(set(layers)) \
             or layers[0] < 0 or (n_layers is not None and layers[-1] >= n_layers):
         depth = f" in 0..{n_layers - 1}" if n_layers is not None else ""
         raise ValueError(f"layers {list(layers)}: give increasing layer numbers{depth}")
@@ -1354,8 +1357,9 @@ def check_hparams(hp: HParams, n_layers: int | None = None):
         raise ValueError(f"layers {list(layers)}: ROME edits one layer (--layers L)")
     for name, need in RANGES.items():
         value, whole = getattr(hp, name), name in ("v_num_grad_steps", "batch_size")       # (counts)
-        if not isinstance(value, numbers.Integral if whole else numbers.Real) or isinstance(value, bool):
-            raise ValueError(f"hyper-parameter {name} must be a {'whole ' * whole}number, got {value!r}")
+        if not isinstance(value, int if whole else (int, float)) or isinstance(value, bool):
+            raise ValueError(f"hyper-parameter {name} must be a {'whole ' * whole}number (a Python "
+                             f"{'int' if whole else 'int or float'}), got {value!r}")
         if problem := range_problem(value, need):
             raise ValueError(f"hyper-parameter {name} {problem}")
     if not isinstance(hp.mom2_adjustment, bool):
@@ -1455,9 +1459,11 @@ class EditState:
             names = [f"{l}.{k}" for k in keeps]
             have = [n in tensors for n in names]
             calibrated = vals[0] is not None
-            if len(set(have)) > 1 or (METHODS[method].queue and any(have) != calibrated):
-                bad(f"layer {l}: memory tensors {names} must all be present exactly when "
-                    f"the layer has been edited (present: {have}, D_base: {q['D_base']})")
+            # a calibrated queue had a step, which the memory keeps; steps before it that left the
+            # layer at W0 (feed_queue) are kept in the memory of an uncalibrated one too
+            if len(set(have)) > 1 or (METHODS[method].queue and calibrated and not all(have)):
+                bad(f"layer {l}: memory tensors {names} must be all present or all absent, and present once "
+                    f"the queue is calibrated (present: {have}, D_base: {q['D_base']})")
             ls = LayerState(**q, **{k: tensors.get(n) for k, n in zip(keeps, names)})
             _check_memory(ls, lambda m: bad(f"layer {l}: {m}"))
             ls.edits = _edits_from(meta.get("edits", {}).get(l, []), tensors, l, ls, bad)
@@ -1573,11 +1579,13 @@ def check_identity(d: Path, saved: dict, now: dict):
     """A ValueError naming what differs between the Editor a checkpoint was written by and this
     one (Editor.identity): it would go on from that state by other rules, or measure PL from
     other weights."""
-    was, hp = saved.get("hparams", {}), now["hparams"]
-    differ = [f"{k} {was.get(k)!r} there, {v!r} here" for k, v in hp.items() if was.get(k) != v]
+    was, hp = saved.get("hparams", {}), now["hparams"]        # (a field one of them lacks: not compared)
+    differ = [f"{k} {v!r} there, {hp[k]!r} here" for k, v in was.items() if k in hp and hp[k] != v]
     if saved.get("templates") != now["templates"]:
         differ.append("other context templates (another seed?)")
-    if saved.get("original_weights") != now["original_weights"]:
+    if saved.get("dtype", now["dtype"]) != now["dtype"]:
+        differ.append(f"weights in {saved['dtype']} there, {now['dtype']} here (the model's dtype)")
+    elif saved.get("original_weights") != now["original_weights"]:
         differ.append("other original weights W0 (build the Editor on the unedited checkpoint the run "
                       "began from, not on an edited one)")
     if differ:
@@ -1895,8 +1903,9 @@ def load_model(settings: Settings, cfg: M.Config, requests) -> M.CausalLM:
 
 def check_outputs(args, model_path):
     """--out and --save-model name new or empty directories (the edited model never the input
-    checkpoint), --stats-cache a directory, each writable, or makeable where missing: checked
-    before the model loads rather than after hours of editing."""
+    checkpoint), writable, --stats-cache a directory (a read-only one serves the statistics it
+    holds), each makeable where missing: checked before the model loads rather than after hours
+    of editing."""
     for flag, path, advice in (("--out", args.out, "choose a new directory or --resume it"),
                                ("--save-model", args.save_model, "choose a new directory"),
                                ("--stats-cache", args.stats_cache, "give a directory (made where missing)")):
@@ -1909,8 +1918,8 @@ def check_outputs(args, model_path):
             if not os.access(above, os.W_OK | os.X_OK):
                 raise ValueError(f"{flag} {path}: {above} cannot be written (read-only, or not yours); {advice}")
             continue
-        if not os.access(path, os.W_OK | os.X_OK) and path.is_dir():
-            raise ValueError(f"{flag} {path} cannot be written (read-only, or not yours); {advice}")
+        if flag != "--stats-cache" and path.is_dir() and not os.access(path, os.W_OK | os.X_OK):  # (a read-only
+            raise ValueError(f"{flag} {path} cannot be written (read-only, or not yours); {advice}")  # cache is read)
         if flag == "--save-model" and path.resolve() == Path(model_path).resolve():
             raise ValueError("--save-model must not be the input checkpoint's directory")
         if not path.is_dir():

@@ -115,10 +115,11 @@ def test_a_first_step_that_leaves_w0_defers_the_calibration_and_nan_is_refused()
         L.feed_queue(L.LayerState(), float("nan"), 1.0)
 
 
-def test_an_editor_whose_first_batch_is_known_already_goes_on_and_calibrates_later():
+def test_an_editor_whose_first_batch_is_known_already_goes_on_and_calibrates_later(tmp_path):
     """The model already gives the first batch's targets (a saved edited model given its own
-    edits): that step changes nothing, logs no D, and leaves the Editor usable; the next batch
-    calibrates the queue (D = α·its PL)."""
+    edits): that step changes nothing, logs no D, and leaves the Editor usable, and a checkpoint
+    of it restores (its memory holds the step, its queue is not calibrated); the next batch
+    calibrates the queue (D = α·its PL), restored or not, to the same bits."""
     ed = L.Editor.open(FIX / "factmodel-ci", lam=30, alpha=10, stats_corpus=FIX / "factmodel-ci" / "corpus.txt")
     requests, _ = data.load_requests(FIX / "factmodel-ci" / "edits.json", limit=8)
     known = [dataclasses.replace(q, target_new=q.target_true, target_true=q.target_new) for q in requests[:1]]
@@ -126,8 +127,13 @@ def test_an_editor_whose_first_batch_is_known_already_goes_on_and_calibrates_lat
     assert not ed.state.partial and all(v["pl"] == 0 and v["D"] is None and v["z"] == 1.0
                                         for v in log["layers"].values())
     assert all(torch.equal(ed.model.edit_weight(l), W) for l, W in ed.W0.items())
-    log = ed.edit(requests[4:])
-    assert all(v["pl"] > 0 and v["D"] == pytest.approx(10 * v["pl"]) for v in log["layers"].values())
+    ed.checkpoint(tmp_path / "run")                 # uncalibrated, with that step in its memory: resumable
+    again = L.Editor(M.load(FIX / "factmodel-ci"), ed.hparams, ed.C, ed.templates)
+    again.restore(tmp_path / "run")
+    for editor in (ed, again):
+        log = editor.edit(requests[4:])
+        assert all(v["pl"] > 0 and v["D"] == pytest.approx(10 * v["pl"]) for v in log["layers"].values())
+    assert all(torch.equal(ed.model.edit_weight(l), again.model.edit_weight(l)) for l in ed.hparams.layers)
 
 
 # ----------------------------------------------------------------------------- T4 direction
@@ -1660,7 +1666,8 @@ def test_restore_refuses_an_editor_with_other_settings_templates_or_original_wei
     editor.save(tmp_path / "edited")
     others = [(M.load(STORIES), dataclasses.replace(hp, lam=16.0), [["{}"]], "lam 15.0 there, 16.0 here"),
               (M.load(STORIES), hp, [["{}"], ["A. {}"]], "other context templates"),
-              (M.load(tmp_path / "edited"), hp, [["{}"]], "other original weights W0")]
+              (M.load(tmp_path / "edited"), hp, [["{}"]], "other original weights W0"),
+              (M.load(STORIES, dtype="bfloat16"), hp, [["{}"]], r"weights in float32 there, bfloat16 here")]
     for model, hparams, templates, message in others:
         other = L.Editor(model, hparams, C, templates)
         with pytest.raises(ValueError, match=f"ckpt-000001: written by an Editor with other settings: .*{message}"):
@@ -1704,9 +1711,9 @@ def test_evaluate_refuses_generation_without_prompts_and_snippets_of_another_sha
     (dict(layers=()), r"no edit layers.*give them, e.g. --layers 0,1"),
     (dict(method="rome", layers=(1, 2)), r"layers \[1, 2\]: ROME edits one layer"),
     (dict(layers=2), r"layers 2: give the edit layers as a tuple of layer numbers"),          # a TypeError
-    (dict(lam="30"), r"hyper-parameter lam must be a number, got '30'"),                    # a TypeError
-    (dict(lam=torch.tensor(30.0)), r"hyper-parameter lam must be a number, got tensor"),    # accepted
-    (dict(v_num_grad_steps=2.5), r"hyper-parameter v_num_grad_steps must be a whole number, got 2.5"),
+    (dict(lam="30"), r"hyper-parameter lam must be a number \(a Python int or float\), got '30'"),   # a TypeError
+    (dict(lam=torch.tensor(30.0)), r"hyper-parameter lam must be a number .*, got tensor"),            # accepted
+    (dict(v_num_grad_steps=2.5), r"hyper-parameter v_num_grad_steps must be a whole number \(a Python int\), got 2.5"),
     (dict(method="rome", layers=(1,), mom2_adjustment="no"), "mom2_adjustment must be True or False, got 'no'"),
 ])
 def test_the_api_refuses_hyper_parameters_out_of_range_before_the_statistics(tmp_path, monkeypatch, change, message):
@@ -1721,10 +1728,16 @@ def test_the_api_refuses_hyper_parameters_out_of_range_before_the_statistics(tmp
         L.Editor(m, L.replace(L.HParams(layers=(1, 2)), **change), {}, [["{}"]])
 
 
-def test_the_api_takes_numpy_s_integers_as_layers(tmp_path):
+def test_the_api_takes_numpy_s_numbers_as_python_s():
+    """Overrides of numpy's types (np.int64 layers and steps, a np.float32 λ): as Python's, so a
+    checkpoint's identity can be written (a TypeError) and the steps count (np.int64 crashed in
+    the target values); an Editor built from parts is given Python's or told so."""
     import numpy as np
-    hp = L.with_overrides(L.HParams(), layers=tuple(np.array([1, 2])))   # np.int64s
-    assert hp.layers == (1, 2) and all(type(l) is int for l in hp.layers)
+    hp = L.with_overrides(L.HParams(), layers=tuple(np.array([1, 2])), lam=np.float32(15), v_num_grad_steps=np.int64(3))
+    assert hp.layers == (1, 2) and (hp.lam, hp.v_num_grad_steps) == (15.0, 3)
+    assert {type(v) for v in (*hp.layers, hp.v_num_grad_steps)} == {int} and type(hp.lam) is float
+    with pytest.raises(ValueError, match=r"v_num_grad_steps must be a whole number \(a Python int\), got "):
+        L.check_hparams(L.replace(L.HParams(), v_num_grad_steps=np.int64(3)))
 
 
 def test_an_editor_from_parts_or_open_refuses_bad_statistics_templates_and_settings_by_name(tmp_path):
@@ -2099,6 +2112,8 @@ def test_cli_refuses_outputs_it_would_overwrite_before_the_model_loads(tmp_path,
              f"--save-model {tmp_path}/ro cannot be written (read-only, or not yours); choose a new directory")]:
         assert L.main(_cli(tmp_path, *extra)) == 1
         assert capsys.readouterr().err == f"error: {message}\n"
+    with pytest.raises(pytest.fail.Exception, match="the model was loaded"):   # a read-only statistics cache
+        L.main(_cli(tmp_path, "--out", f"{tmp_path}/run", "--stats-cache", f"{tmp_path}/ro"))   # serves what it holds
 
 
 # ==================== bench: the CPU smoke preset

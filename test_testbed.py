@@ -462,15 +462,18 @@ def test_training_refuses_a_directory_of_other_files_and_says_it_replaces_a_fact
     (model / "training.json").write_text("{}")
     lines = []
     TB.train(model, "ci", log=lines.append)
-    assert lines == [f"training again into {model}: its fact model is replaced"]
-    TB.train(tmp_path / "new", "ci", log=lambda *_: pytest.fail("a line for a new directory"))
+    assert lines == [f"training again into {model}: its fact model is replaced", f"written to {model}"]
+    lines.clear()
+    TB.train(tmp_path / "new", "ci", log=lines.append)
+    assert lines == [f"written to {tmp_path / 'new'}"]
 
 
 def test_an_interrupted_training_leaves_no_partial_model_and_the_earlier_one_whole(tmp_path, monkeypatch, capsys):
     """The model is written whole or not at all: a Ctrl-C during training left config.json and
     the tokenizer in a new --out (the same command was then refused), and over an earlier fact
-    model another family's config.json beside its weights (neither loaded). A device torch
-    cannot use is one line before any work (was a traceback after the tokenizer's training)."""
+    model another family's config.json beside its weights (neither loaded). A symlink to a model,
+    or ".", is trained in place. A device torch cannot use is one line before any work (was a
+    traceback after the tokenizer's training)."""
     monkeypatch.setattr(TB, "fit", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         TB.train(tmp_path / "new", "ci", steps=1, log=lambda *_: None)
@@ -481,6 +484,17 @@ def test_an_interrupted_training_leaves_no_partial_model_and_the_earlier_one_who
     with pytest.raises(KeyboardInterrupt):
         TB.train(model, "ci", steps=1, family="gpt_neox", log=lambda *_: None)
     assert list(tmp_path.iterdir()) == [model] and {f.name: f.read_bytes() for f in model.iterdir()} == before
+    link = tmp_path / "link"                      # --out a symlink to the model, or "." inside it: trained in place
+    link.symlink_to(model)
+    monkeypatch.setattr(TB, "fit", lambda *a, **k: 0.0)
+    monkeypatch.setattr(TB, "save_weights", lambda m, out: (out / "model.safetensors").write_text("new"))
+    monkeypatch.setattr(TB, "write_edits", lambda path, *a: path.write_text("[]"))
+    TB.train(link, "ci", steps=1, log=lambda *_: None)
+    assert link.is_symlink() and (model / "model.safetensors").read_text() == "new"
+    assert not [p for p in model.iterdir() if p.name.startswith(".")]
+    monkeypatch.chdir(model)
+    TB.train(".", "ci", steps=1, log=lambda *_: None)
+    assert (model / "training.json").exists() and sorted(tmp_path.iterdir()) == sorted([model, link])
     assert TB.main(["train", "--device", "tpu", "--out", str(tmp_path / "d")]) == 1
     assert capsys.readouterr().err == "error: device 'tpu': use cpu, cuda or cuda:N\n"
     assert not (tmp_path / "d").exists()

@@ -28,10 +28,10 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -422,8 +422,8 @@ def train(out_dir, size: str = "ci", seed: int = 0, device: str = "cpu", steps: 
     """Train the fact model of `size` and `family` (FAMILIES) and write it to `out_dir` (HF
     layout + training.json): a new or empty directory, or an earlier fact model's (replaced, said
     in a line); a directory holding other files is refused before any work."""
-    out = Path(out_dir)
-    if out.is_dir() and any(out.iterdir()):
+    out = Path(out_dir).resolve()            # (--out ., a symlink: the directory itself)
+    if out.is_dir() and any(not p.name.startswith(".training-") for p in out.iterdir()):
         if not (out / "training.json").exists():
             raise ValueError(f"--out {out_dir} holds files and no fact model (training.json): give a new or "
                              "empty directory, or an earlier fact model's to train it again")
@@ -432,28 +432,23 @@ def train(out_dir, size: str = "ci", seed: int = 0, device: str = "cpu", steps: 
         raise ValueError(f"--out {out_dir} is a file; give a directory")
     M.check_device(device)
     tf32 = torch.device(device).type == "cuda"     # TF32 matmuls: the gpu size is ~13 PFLOP of float32 training
-    work = out.with_name(f".{out.name}.training-{os.getpid()}")    # the model is written whole or not at all
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".training-", dir=out))   # the model, then moved in place whole
     try:
         with tf32_matmuls(tf32):
             info = train_model(work, size, seed, device, steps, tf32, log, family)
-        replace_directory(work, out)
+        for old in out.iterdir():            # the earlier model's files (and a killed training's)
+            if old != work:
+                shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+        for new in work.iterdir():
+            new.rename(out / new.name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if made and not any(out.iterdir()):
+            out.rmdir()
+    log(f"written to {out_dir}")
     return info
-
-
-def replace_directory(new: Path, old: Path):
-    """Put directory `new` where `old` is (or is not yet): `old` moves aside, `new` takes its
-    name, then `old` goes; a kill between leaves the earlier model aside, whole."""
-    if not old.exists():
-        new.rename(old)
-        return
-    aside = old.with_name(f".{old.name}.replaced-{os.getpid()}")
-    old.rename(aside)
-    new.rename(old)
-    shutil.rmtree(aside)
 
 
 @contextmanager
@@ -493,7 +488,7 @@ def train_model(out_dir, size: str, seed: int, device: str, steps: int | None, t
             "tf32": tf32, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "recipe": asdict(s)}
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
-    log(f"fact accuracy {acc:.4f}  ({info['seconds']} s)  -> {out}")
+    log(f"fact accuracy {acc:.4f}  ({info['seconds']} s)")
     return info
 
 
@@ -835,14 +830,14 @@ def experiment(model_dir, n_edits: int | None, batch_size: int, methods=("lyaplo
                               out, stats_cache, layers, hparams, corpus, stream, n_retained, n_heldout, log)
     made = not Path(out).exists()
     Path(out).mkdir(parents=True, exist_ok=True)
-    try:
-        with L.holding(Path(out), "a testbed experiment"):     # a second one there would overwrite its report
+    with L.holding(Path(out), "a testbed experiment"):         # a second one there would overwrite its report
+        try:
             earlier_report(Path(out))                          # readable, before any work
             return run_experiment(model_dir, n_edits, batch_size, methods, eval_every, seed, device, stats_tokens,
                                   out, stats_cache, layers, hparams, corpus, stream, n_retained, n_heldout, log)
-    finally:                                                   # ended before its first report: nothing left
-        if made and [f.name for f in Path(out).iterdir()] == ["run.lock"]:
-            shutil.rmtree(out)
+        finally:                                               # ended before its first report: nothing left
+            if made and [f.name for f in Path(out).iterdir()] == ["run.lock"]:
+                shutil.rmtree(out)
 
 
 def run_experiment(model_dir, n_edits, batch_size, methods, eval_every, seed, device, stats_tokens, out,
