@@ -48,6 +48,31 @@ class Request:
     generation_prompts: tuple[str, ...] = ()
     kind: str = "counterfact"  # "counterfact" | "zsre"
 
+    def __post_init__(self):
+        """A Request built by hand (or by dataclasses.replace) meets what the loaders check: a
+        DataError naming the field, not a wrong edit (an empty target edits towards a space) or an
+        IndexError in the scoring."""
+        def bad(field, problem):
+            raise DataError(f"Request {self.case_id!r}: field '{field}': {problem}")
+        for field in ("prompt", "subject", "target_new"):
+            value = getattr(self, field)
+            if not isinstance(value, str) or not value.strip():
+                bad(field, f"expected a non-empty string, got {value!r:.60}")
+        if self.prompt.count("{}") != 1:
+            bad("prompt", f'needs exactly one "{{}}" where the subject goes, got {self.prompt!r:.60}')
+        if self.target_true is not None and not isinstance(self.target_true, str):
+            bad("target_true", f"expected a string or None, got {self.target_true!r:.60}")
+        for field in ("paraphrase_prompts", "neighborhood_prompts", "neighborhood_answers", "attribute_prompts",
+                      "generation_prompts"):
+            value = getattr(self, field)
+            if not isinstance(value, tuple) or not all(isinstance(t, str) for t in value):
+                bad(field, f"expected a tuple of strings, got {value!r:.60}")
+        if len(self.neighborhood_answers) != len(self.neighborhood_prompts):
+            bad("neighborhood_answers", f"{len(self.neighborhood_answers)} answers for "
+                                        f"{len(self.neighborhood_prompts)} neighborhood prompts: give one each")
+        if self.kind not in ("counterfact", "zsre"):
+            bad("kind", f"'counterfact' or 'zsre', got {self.kind!r}")
+
     def rewrite_prompt(self) -> str:
         """The prompt with the subject filled in."""
         return self.prompt.replace("{}", self.subject, 1)
