@@ -191,8 +191,9 @@ def print_plan(args) -> int:
     rows = run_memory_plan(settings, cfg, requests, capacity)
     hp = settings.hparams
     on_host = ", --state-device cpu" if settings.state_device else ""
+    fewer = f" (a step of {len(requests)}: all of --edits)" if requests and len(requests) < hp.batch_size else ""
     print(f"memory plan: {settings.model} ({cfg.arch}), {hp.method}, layers {list(hp.layers)}, {settings.dtype}, "
-          f"--batch-size {hp.batch_size}, --z-batch-tokens {settings.z_batch_tokens}{on_host} (GiB)")
+          f"--batch-size {hp.batch_size}{fewer}, --z-batch-tokens {settings.z_batch_tokens}{on_host} (GiB)")
     if hp.superseded == "remove" and L.method_of(hp.method).memory:
         per = 1000 * edit_column_bytes(cfg, hp.method)
         counted = (f"counted for the {kept_edit_count(requests)} of the {len(requests)} edits of --edits whose "

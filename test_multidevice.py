@@ -725,6 +725,8 @@ def test_the_plan_follows_every_flag_of_the_run_and_refuses_what_the_run_refuses
         assert rc == 0 and f"--batch-size {batch}," in out.out
         targets[batch] = float(out.out.splitlines()[-1].split()[4])
     assert targets["1000"] > targets["10"]
+    rc, out = plan("--edits", str(FIX / "counterfact-rome.json"), "--limit", "4")   # planned as 4: said so
+    assert rc == 0 and "--batch-size 100 (a step of 4: all of --edits)," in out.out
     for flags, message in [(("--plan-gib", "80,0"), "--plan-gib: each device's memory must be positive, got 0.0"),
                            (("--plan-gib", "nan"), "--plan-gib: each device's memory must be positive, got nan"),
                            (("--z-batch-tokens", "0"), "--z-batch-tokens must be at least 1, got 0"),
