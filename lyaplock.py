@@ -1312,7 +1312,8 @@ def with_overrides(hp: HParams, **changes) -> HParams:
     names = {f.name for f in fields(HParams)}
     if unknown := sorted(set(changes) - names):
         raise ValueError(f"unknown hyper-parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-    python = lambda v: v.item() if type(v).__module__ == "numpy" else v    # numpy's scalars as Python's
+    python = lambda v: v.item() if type(v).__module__ == "numpy" and getattr(v, "ndim", 1) == 0 else v   # numpy's
+                                                                                             # scalars as Python's
     hp = replace(hp, **{k: python(v) for k, v in changes.items() if v is not None})
     if isinstance(hp.layers, (list, tuple)):     # (they go to config.json and a checkpoint's identity)
         hp.layers = tuple(python(l) for l in hp.layers)
@@ -1461,9 +1462,11 @@ class EditState:
             calibrated = vals[0] is not None
             # a calibrated queue had a step, which the memory keeps; steps before it that left the
             # layer at W0 (feed_queue) are kept in the memory of an uncalibrated one too
-            if len(set(have)) > 1 or (METHODS[method].queue and calibrated and not all(have)):
-                bad(f"layer {l}: memory tensors {names} must be all present or all absent, and present once "
-                    f"the queue is calibrated (present: {have}, D_base: {q['D_base']})")
+            if len(set(have)) > 1 or (METHODS[method].queue and calibrated and not all(have)) \
+                    or (any(have) and meta["step"] < 1):
+                bad(f"layer {l}: memory tensors {names} must be all present or all absent, present once the "
+                    f"queue is calibrated, and absent before a step (present: {have}, D_base: {q['D_base']}, "
+                    f"step {meta['step']})")
             ls = LayerState(**q, **{k: tensors.get(n) for k, n in zip(keeps, names)})
             _check_memory(ls, lambda m: bad(f"layer {l}: {m}"))
             ls.edits = _edits_from(meta.get("edits", {}).get(l, []), tensors, l, ls, bad)

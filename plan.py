@@ -124,13 +124,14 @@ def target_value_bytes(cfg: M.Config, hp: "L.HParams", dt: torch.dtype, z_tokens
     (float32, V each); and a pass's logits at the positions the loss reads, with their gradients
     (LOGIT_VALUES a token slot, float32, V each: on the first device, where the loss is, and on
     the head's). Rows: each request in every template and a KL row (ROME: one request at a time);
-    a pass's slots are at most those rows at the model's positions each (the run refuses longer)."""
+    a pass's slots are at most those rows, each padded to the longest prefix and the longest suffix
+    (suffix_batches), each at most the model's positions (the run refuses longer inputs)."""
     d, m, kv = cfg.d_model, cfg.d_mlp, 2 * cfg.n_kv_heads * cfg.head_dim
     one_at_a_time = L.method_of(hp.method).locate == "rome"
     requests = 1 if one_at_a_time else hp.batch_size
     templates = 1 + sum(count for _, count in L.method_of(hp.method).templates)
     rows = requests * (templates + 1)
-    z_tokens = min(z_tokens, rows * cfg.max_positions)      # a pass holds at most every row, each at most that long
+    z_tokens = min(z_tokens, 2 * rows * cfg.max_positions)  # a pass: at most every row, a prefix and a suffix each
     per_pass = z_tokens * (6 * d + (4 if cfg.llama_like else 2) * m + kv)
     kept = rows * ROW_SLOTS * kv
     home = rows * ROW_SLOTS * d * dt.itemsize + requests * cfg.vocab_size * 4

@@ -581,7 +581,10 @@ def load_or_collect_stats(model, model_path, corpus, n_tokens, layers, cache_dir
     C = collect_stats(model, seqs, layers, batch_tokens, progress, state_device=state_device)
     if progress.tty:
         log("")                           # ends the line refreshed in place
-    write_stats_file(file, C, key, total)
+    try:
+        write_stats_file(file, C, key, total)
+    except OSError as e:                  # a read-only or full cache: the statistics serve this run all the same
+        log(f"statistics: not cached, {file.parent} cannot take them ({e.strerror or e})")
     return C
 
 

@@ -876,6 +876,7 @@ CORRUPTIONS = {
     "unknown method": lambda d: corrupt_json(d, lambda m: m.update(method="knn")),
     "positive floats": lambda d: corrupt_json(d, lambda m: m["layers"]["3"].update(Z=-1.0)),
     "must be all present or all absent": lambda d: corrupt_tensors(d, lambda t: t.pop("5.S_VK")),
+    "absent before a step": lambda d: corrupt_json(d, lambda m: m.update(step=0)),
     "unexpected tensors": lambda d: corrupt_tensors(d, lambda t: t.update(x=torch.ones(1))),
     "does not match S_KK": lambda d: corrupt_tensors(
         d, lambda t: t.update({"3.S_VK": t["3.S_VK"][:, :-1].contiguous()})),
@@ -1738,6 +1739,8 @@ def test_the_api_takes_numpy_s_numbers_as_python_s():
     assert {type(v) for v in (*hp.layers, hp.v_num_grad_steps)} == {int} and type(hp.lam) is float
     with pytest.raises(ValueError, match=r"v_num_grad_steps must be a whole number \(a Python int\), got "):
         L.check_hparams(L.replace(L.HParams(), v_num_grad_steps=np.int64(3)))
+    with pytest.raises(ValueError, match=r"layers array\(\[1, 2\]\): give the edit layers as a tuple"):
+        L.with_overrides(L.HParams(), layers=np.array([1, 2]))             # an array is not made a scalar
 
 
 def test_an_editor_from_parts_or_open_refuses_bad_statistics_templates_and_settings_by_name(tmp_path):

@@ -567,15 +567,16 @@ def test_memory_plan_solve_term_covers_a_measured_solve(method):
 
 
 def test_the_target_value_term_counts_no_more_slots_than_a_step_s_rows_can_fill():
-    """A pass holds at most every row of a step at the model's positions (longer inputs are
-    refused): a --z-batch-tokens above that planned slots no step can fill (3,000,000 on the fact
-    model's 10 requests: 127 GiB, "NO", for a run that takes seconds)."""
+    """A pass holds at most every row of a step, each padded to the longest prefix and suffix,
+    each at most the model's positions (longer inputs are refused): a --z-batch-tokens above that
+    planned slots no step can fill (3,000,000 on the fact model's 10 requests: 127 GiB, "NO", for a
+    run that takes seconds)."""
     cfg = M.read_config(FIX / "factmodel-ci")
     hp = L.HParams(layers=(1, 2), batch_size=10)
     rows = 10 * (1 + 5 + 1)                               # each request in every template, and a KL row
-    full = plan.target_value_bytes(cfg, hp, torch.float32, rows * cfg.max_positions)
+    full = plan.target_value_bytes(cfg, hp, torch.float32, 2 * rows * cfg.max_positions)   # prefix + suffix
     assert plan.target_value_bytes(cfg, hp, torch.float32, 3_000_000) == full
-    assert plan.target_value_bytes(cfg, hp, torch.float32, rows * cfg.max_positions - 1)[0] < full[0]
+    assert plan.target_value_bytes(cfg, hp, torch.float32, 2 * rows * cfg.max_positions - 1)[0] < full[0]
 
 
 def test_memory_plan_target_value_term_covers_what_the_passes_keep(tmp_path):

@@ -575,6 +575,16 @@ def test_a_run_s_start_reads_each_weight_once_for_its_inputs_and_its_statistics(
     assert S.tensor_digests(STORIES, names, known) == S.tensor_digests(STORIES, names) == {n: d for (_, n), d in known.items()}
 
 
+def test_a_cache_that_cannot_take_the_statistics_leaves_them_to_the_run(tmp_path, stories, monkeypatch):
+    """A read-only or full --stats-cache: the pass's C serves the run, with a line (it stopped the run
+    after the whole pass)."""
+    monkeypatch.setattr(S, "write_stats_file", lambda *a, **k: (_ for _ in ()).throw(OSError(30, "Read-only file system")))
+    lines = []
+    C = S.load_or_collect_stats(stories, STORIES, CORPUS, 400, (1,), tmp_path / "ro", log=lambda s, end="\n": lines.append(s))
+    assert set(C) == {1} and any(f"statistics: not cached, {tmp_path / 'ro'} cannot take them (Read-only file system)"
+                                 in line for line in lines)
+
+
 def test_a_corpus_shorter_than_the_mlp_width_is_refused_before_the_pass(tmp_path, stories, monkeypatch):
     corpus = tmp_path / "short.txt"
     corpus.write_text("Once upon a time there was a girl.\nShe liked the sun.\n")

@@ -495,6 +495,14 @@ def test_an_interrupted_training_leaves_no_partial_model_and_the_earlier_one_who
     monkeypatch.chdir(model)
     TB.train(".", "ci", steps=1, log=lambda *_: None)
     assert (model / "training.json").exists() and sorted(tmp_path.iterdir()) == sorted([model, link])
+    real, calls = Path.rename, []                 # a move that fails half-way: the earlier model back, whole
+    monkeypatch.setattr(Path, "rename", lambda self, to: (calls.append(1), real(self, to) if len(calls) != 3 else
+                                                          (_ for _ in ()).throw(OSError(5, "Input/output error")))[1])
+    before = {f.name: f.read_bytes() for f in model.iterdir()}
+    with pytest.raises(OSError, match="Input/output error"):
+        TB.train(model, "ci", steps=1, log=lambda *_: None)
+    monkeypatch.setattr(Path, "rename", real)
+    assert {f.name: f.read_bytes() for f in model.iterdir()} == before
     assert TB.main(["train", "--device", "tpu", "--out", str(tmp_path / "d")]) == 1
     assert capsys.readouterr().err == "error: device 'tpu': use cpu, cuda or cuda:N\n"
     assert not (tmp_path / "d").exists()

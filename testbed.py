@@ -434,21 +434,41 @@ def train(out_dir, size: str = "ci", seed: int = 0, device: str = "cpu", steps: 
     tf32 = torch.device(device).type == "cuda"     # TF32 matmuls: the gpu size is ~13 PFLOP of float32 training
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".training-", dir=out))   # the model, then moved in place whole
+    work = Path(tempfile.mkdtemp(prefix=".training-", dir=out))   # the model, then moved in place
     try:
         with tf32_matmuls(tf32):
             info = train_model(work, size, seed, device, steps, tf32, log, family)
-        for old in out.iterdir():            # the earlier model's files (and a killed training's)
-            if old != work:
-                shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
-        for new in work.iterdir():
-            new.rename(out / new.name)
+        move_in(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if made and not any(out.iterdir()):
             out.rmdir()
     log(f"written to {out_dir}")
     return info
+
+
+def move_in(work: Path, out: Path):
+    """The files of `work` in place of out's (its hidden .training-/.replaced- directories
+    aside): the earlier ones set aside first, the new ones moved in with training.json, which
+    marks a fact model, last; an error puts the earlier ones back (a kill in between leaves them
+    whole in out/.replaced-*)."""
+    aside = Path(tempfile.mkdtemp(prefix=".replaced-", dir=out))
+    earlier = [p for p in out.iterdir() if not p.name.startswith((".training-", ".replaced-"))]
+    moved = []
+    try:
+        for p in earlier:
+            p.rename(aside / p.name)
+        for p in sorted(work.iterdir(), key=lambda p: p.name == "training.json"):
+            p.rename(out / p.name)
+            moved.append(p.name)
+    except BaseException:
+        for name in moved:
+            (out / name).rename(work / name)
+        for p in aside.iterdir():
+            p.rename(out / p.name)
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 @contextmanager
