@@ -1462,11 +1462,9 @@ class EditState:
             calibrated = vals[0] is not None
             # a calibrated queue had a step, which the memory keeps; steps before it that left the
             # layer at W0 (feed_queue) are kept in the memory of an uncalibrated one too
-            if len(set(have)) > 1 or (METHODS[method].queue and calibrated and not all(have)) \
-                    or (any(have) and meta["step"] < 1):
-                bad(f"layer {l}: memory tensors {names} must be all present or all absent, present once the "
-                    f"queue is calibrated, and absent before a step (present: {have}, D_base: {q['D_base']}, "
-                    f"step {meta['step']})")
+            if len(set(have)) > 1 or (METHODS[method].queue and calibrated and not all(have)):
+                bad(f"layer {l}: memory tensors {names} must be all present or all absent, and present once "
+                    f"the queue is calibrated (present: {have}, D_base: {q['D_base']})")
             ls = LayerState(**q, **{k: tensors.get(n) for k, n in zip(keeps, names)})
             _check_memory(ls, lambda m: bad(f"layer {l}: {m}"))
             ls.edits = _edits_from(meta.get("edits", {}).get(l, []), tensors, l, ls, bad)

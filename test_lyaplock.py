@@ -876,7 +876,6 @@ CORRUPTIONS = {
     "unknown method": lambda d: corrupt_json(d, lambda m: m.update(method="knn")),
     "positive floats": lambda d: corrupt_json(d, lambda m: m["layers"]["3"].update(Z=-1.0)),
     "must be all present or all absent": lambda d: corrupt_tensors(d, lambda t: t.pop("5.S_VK")),
-    "absent before a step": lambda d: corrupt_json(d, lambda m: m.update(step=0)),
     "unexpected tensors": lambda d: corrupt_tensors(d, lambda t: t.update(x=torch.ones(1))),
     "does not match S_KK": lambda d: corrupt_tensors(
         d, lambda t: t.update({"3.S_VK": t["3.S_VK"][:, :-1].contiguous()})),
