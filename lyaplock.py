@@ -1312,10 +1312,10 @@ def with_overrides(hp: HParams, **changes) -> HParams:
     names = {f.name for f in fields(HParams)}
     if unknown := sorted(set(changes) - names):
         raise ValueError(f"unknown hyper-parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-    python = lambda v: v.item() if type(v).__module__ == "numpy" and getattr(v, "ndim", 1) == 0 else v   # numpy's
-                                                                                             # scalars as Python's
+    def python(v):          # numpy's scalars as Python's: they go to config.json and a checkpoint's identity
+        return v.item() if type(v).__module__ == "numpy" and getattr(v, "ndim", 1) == 0 else v
     hp = replace(hp, **{k: python(v) for k, v in changes.items() if v is not None})
-    if isinstance(hp.layers, (list, tuple)):     # (they go to config.json and a checkpoint's identity)
+    if isinstance(hp.layers, (list, tuple)):
         hp.layers = tuple(python(l) for l in hp.layers)
     check_hparams(hp)
     return hp
