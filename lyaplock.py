@@ -1531,7 +1531,7 @@ def save_checkpoint(out: Path, state: EditState, model: M.CausalLM, layers, iden
         data.write_atomic(out / "latest.json", json.dumps({"checkpoint": d.name, "step": state.step}))
     except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        last = json.loads((out / "latest.json").read_text()) if (out / "latest.json").exists() else None
+        last = read_run_file(out / "latest.json")
         intact = f"the last checkpoint ({last['checkpoint']}, step {last['step']}) is intact" if last \
             else "no checkpoint was written before"
         raise ValueError(f"writing the checkpoint of step {state.step} to {d} failed ({e}); {intact}") from None
@@ -1545,19 +1545,12 @@ def load_checkpoint(out: Path, model: M.CausalLM, hp: HParams | None = None, ide
     with hp, a state of another method or other layers is refused before the model is touched,
     and with `identity` (Editor.identity) one whose identity.json differs (checkpoints written
     before it was recorded are not checked)."""
-    try:
-        d = out / json.loads((out / "latest.json").read_text())["checkpoint"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{out}: no checkpoint to continue from (latest.json: {e})") from None
+    d = latest_checkpoint(out)
     state = EditState.load(d)
     if hp is not None and (state.method, sorted(state.layers)) != (hp.method, sorted(hp.layers)):
         raise ValueError(f"{d}: a checkpoint of {state.method} on layers {sorted(state.layers)}; this "
                          f"Editor runs {hp.method} on layers {sorted(hp.layers)}")
-    if identity is not None and (d / "identity.json").exists():
-        try:
-            saved = json.loads((d / "identity.json").read_text())
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{d}: identity.json is unreadable ({e})") from None
+    if identity is not None and (saved := read_run_file(d / "identity.json")) is not None:
         check_identity(d, saved, identity)
     try:
         weights = load_file(str(d / "weights.safetensors"))
@@ -1567,13 +1560,31 @@ def load_checkpoint(out: Path, model: M.CausalLM, hp: HParams | None = None, ide
     return state
 
 
+def latest_checkpoint(out: Path) -> Path:
+    """The directory latest.json names, or a ValueError saying there is none to continue from."""
+    try:
+        return out / json.loads((out / "latest.json").read_text())["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{out}: no checkpoint to continue from (latest.json: {e})") from None
+
+
 def latest_identity(out: Path) -> dict | None:
     """The identity.json of out's latest checkpoint (None: no checkpoint, or one without it)."""
     try:
-        d = out / json.loads((out / "latest.json").read_text())["checkpoint"]
-        return json.loads((d / "identity.json").read_text())
-    except (OSError, ValueError, KeyError, TypeError):
+        return read_run_file(latest_checkpoint(out) / "identity.json")
+    except ValueError:
         return None
+
+
+def read_run_file(file: Path, where: str = ""):
+    """A run's JSON file, or None where it is absent (a run or checkpoint written before it was
+    recorded); a ValueError naming it (after `where`) when it is unreadable."""
+    if not file.exists():
+        return None
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{where}{file} is unreadable ({e})") from None
 
 
 def check_identity(d: Path, saved: dict, now: dict):
@@ -1904,7 +1915,7 @@ def load_model(settings: Settings, cfg: M.Config, requests) -> M.CausalLM:
 
 def check_outputs(args, model_path):
     """--out and --save-model name new or empty directories (the edited model never the input
-    checkpoint), writable, --stats-cache a directory (a read-only one serves the statistics it
+    checkpoint), writable, --stats-cache a directory (one that cannot be written serves what it
     holds), each makeable where missing: checked before the model loads rather than after hours
     of editing."""
     for flag, path, advice in (("--out", args.out, "choose a new directory or --resume it"),
@@ -1913,14 +1924,14 @@ def check_outputs(args, model_path):
         if not path:
             continue
         path = Path(path)
+        here = path if path.exists() else existing_parent(path)          # where it is, or will be made
+        if not path.exists() and not here.is_dir():
+            raise ValueError(f"{flag} {path}: {here} is a file, so no directory can be made there")
+        # (a statistics cache that cannot take C is only not filled: load_or_collect_stats)
+        if flag != "--stats-cache" and here.is_dir() and not os.access(here, os.W_OK | os.X_OK):
+            raise ValueError(f"{flag} {path}: {here} cannot be written (read-only, or not yours); {advice}")
         if not path.exists():
-            if not (above := existing_parent(path)).is_dir():
-                raise ValueError(f"{flag} {path}: {above} is a file, so no directory can be made there")
-            if not os.access(above, os.W_OK | os.X_OK):
-                raise ValueError(f"{flag} {path}: {above} cannot be written (read-only, or not yours); {advice}")
             continue
-        if flag != "--stats-cache" and path.is_dir() and not os.access(path, os.W_OK | os.X_OK):  # (a read-only
-            raise ValueError(f"{flag} {path} cannot be written (read-only, or not yours); {advice}")  # cache is read)
         if flag == "--save-model" and path.resolve() == Path(model_path).resolve():
             raise ValueError("--save-model must not be the input checkpoint's directory")
         if not path.is_dir():
@@ -1961,13 +1972,7 @@ def input_digests(settings: Settings, model: M.CausalLM, known=None) -> dict[str
 def check_inputs_unchanged(out: Path, inputs: dict):
     """A resumed run reads what it began with (input_digests, against its inputs.json; a run begun
     before runs recorded them is not checked): else a ValueError naming each input that changed."""
-    file = out / "inputs.json"
-    if not file.exists():
-        return
-    try:
-        began = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"--resume {out}: {file} is unreadable ({e})") from None
+    began = read_run_file(out / "inputs.json", f"--resume {out}: ") or {}
     if changed := [name for name, digest in began.items() if inputs.get(name) != digest]:
         raise ValueError(f"--resume {out}: the run's {'; '.join(changed)} changed since the run began (its "
                          "sha256 differs): the run would go on with other data; put it back or start a new run")
@@ -2212,13 +2217,8 @@ def run(args) -> int:
 def saved_templates(out: Path) -> list[list[str]] | None:
     """The context templates a run recorded (templates.json), or None for a run that has none."""
     file = out / "templates.json"
-    if not file.exists():
-        return None
-    try:
-        templates = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"--resume {out}: {file} is unreadable ({e})") from None
-    check_templates(templates, f"--resume {out}: {file}")
+    if (templates := read_run_file(file, f"--resume {out}: ")) is not None:
+        check_templates(templates, f"--resume {out}: {file}")
     return templates
 
 

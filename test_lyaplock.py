@@ -2111,7 +2111,8 @@ def test_cli_refuses_outputs_it_would_overwrite_before_the_model_loads(tmp_path,
             (("--out", f"{tmp_path}/ro/run"), f"--out {tmp_path}/ro/run: {tmp_path}/ro cannot be written (read-only, "
                                               "or not yours); choose a new directory or --resume it"),
             (("--out", f"{tmp_path}/run", "--save-model", f"{tmp_path}/ro"),
-             f"--save-model {tmp_path}/ro cannot be written (read-only, or not yours); choose a new directory")]:
+             f"--save-model {tmp_path}/ro: {tmp_path}/ro cannot be written (read-only, or not yours); choose a new "
+             "directory")]:
         assert L.main(_cli(tmp_path, *extra)) == 1
         assert capsys.readouterr().err == f"error: {message}\n"
     with pytest.raises(pytest.fail.Exception, match="the model was loaded"):   # a read-only statistics cache

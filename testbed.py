@@ -845,16 +845,16 @@ def experiment(model_dir, n_edits: int | None, batch_size: int, methods=("lyaplo
             and not (Path(out) / "result.json").exists():
         raise ValueError(f"--out {out} holds other files than a testbed report (no result.json): choose a new "
                          "directory, or the one of the report to continue")
+    work = (model_dir, n_edits, batch_size, methods, eval_every, seed, device, stats_tokens, out, stats_cache,
+            layers, hparams, corpus, stream, n_retained, n_heldout, log)
     if not out:
-        return run_experiment(model_dir, n_edits, batch_size, methods, eval_every, seed, device, stats_tokens,
-                              out, stats_cache, layers, hparams, corpus, stream, n_retained, n_heldout, log)
+        return run_experiment(*work)
     made = not Path(out).exists()
     Path(out).mkdir(parents=True, exist_ok=True)
     with L.holding(Path(out), "a testbed experiment"):         # a second one there would overwrite its report
         try:
             earlier_report(Path(out))                          # readable, before any work
-            return run_experiment(model_dir, n_edits, batch_size, methods, eval_every, seed, device, stats_tokens,
-                                  out, stats_cache, layers, hparams, corpus, stream, n_retained, n_heldout, log)
+            return run_experiment(*work)
         finally:                                               # ended before its first report: nothing left
             if made and [f.name for f in Path(out).iterdir()] == ["run.lock"]:
                 shutil.rmtree(out)
