@@ -178,6 +178,9 @@ def print_plan(args) -> int:
     if not any(Path(settings.model).glob("*.safetensors")):   # planning before the download: config.json only
         print(f"no weights in {settings.model} yet: planned from config.json alone (the run checks the "
               "checkpoint's files when it loads them)")
+    if args.plan_host_gib and not settings.state_device:          # (a resumed run's is its recorded one)
+        raise ValueError("--plan-host-gib without --state-device cpu: the run keeps nothing in host memory to "
+                         "plan for; the figure would not be used")
     typed = args.device.split(",") if "device" in args.given and args.device != "auto" else None
     if args.plan_gib and typed and len(typed) != len(args.plan_gib):
         raise ValueError(f"--plan-gib gives the memory of {len(args.plan_gib)} device(s), --device {args.device} "

@@ -711,6 +711,8 @@ def test_memory_plan_places_as_load_does_and_the_command_says_whether_it_fits(tm
         assert row[0] == "host" and row[-1] == ("NO" if rc else "yes") and row[-2] == ("1e-06" if rc else "100.0")
     assert L.main([*on_host, "--plan-host-gib", "0"]) == 1
     assert capsys.readouterr().err == "error: --plan-host-gib must be positive, got 0.0\n"
+    assert L.main([*on_host[:-4], "--plan-gib", "80", "--plan-host-gib", "100"]) == 1   # no host row to plan
+    assert capsys.readouterr().err.startswith("error: --plan-host-gib without --state-device cpu: ")
 
 
 def test_the_plan_follows_every_flag_of_the_run_and_refuses_what_the_run_refuses(tmp_path, capsys):
