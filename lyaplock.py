@@ -1729,7 +1729,8 @@ def parse_args(argv=None):
                    "(same results; for a card too small to hold them; see the README)")
     p.add_argument("--dtype", default="float32", choices=list(M.DTYPES), help="the model's weights and "
                    "activations whatever the checkpoint stores (default float32; bfloat16 halves the memory); "
-                   "statistics and solves are float64 either way, and --save-model keeps the checkpoint's dtype")
+                   "statistics and solves are float64 either way; --save-model keeps the checkpoint's dtype, its edit layers "
+                   "holding the values the run evaluated (bfloat16's, exactly)")
     p.add_argument("--plan", action="store_true", help="print what the run needs on each device (weights, "
                    "statistics and edit memory, the target values, a solve, collecting C) from config.json alone, "
                    "and whether it fits; load nothing (exit 1 if it does not fit)")

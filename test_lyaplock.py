@@ -2074,6 +2074,27 @@ def test_save_model_says_which_files_of_the_input_it_left_out(tmp_path, capsys):
     assert not {"optimizer.pt", "pytorch_model.bin"} & {p.name for p in (tmp_path / "edited").iterdir()}
 
 
+def test_a_bfloat16_editor_saves_the_model_it_evaluated_in_the_checkpoints_dtype(tmp_path):
+    """A float32 checkpoint edited in bfloat16: the save keeps float32, its edit layers hold the
+    bfloat16 values the Editor evaluated (not W0's float32 digits plus the edit), so the save
+    loaded in bfloat16 is the edited model bit for bit, and its other tensors are the input's."""
+    src = FIX / "factmodel-ci"
+    ed = L.Editor.open(src, dtype="bfloat16", lam=30, alpha=10, stats_corpus=src / "corpus.txt",
+                       stats_cache=tmp_path / "cache")
+    ed.edit(data.load_requests(src / "edits.json", limit=4)[0])
+    ed.save(tmp_path / "edited")
+    saved, wide, original = (M.load(tmp_path / "edited", dtype="bfloat16"), M.load(tmp_path / "edited"), M.load(src))
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), ed.model.state_dict().values()))
+    edited = {n for l in ed.hparams.layers for n in wide.edit_tensors([l])}
+    assert edited and edited <= wide.state_dict().keys()
+    for n, t in wide.state_dict().items():
+        assert t.dtype == torch.float32
+        if n in edited:
+            assert torch.equal(t, t.bfloat16().float()) and not torch.equal(t, original.state_dict()[n])
+        else:
+            assert torch.equal(t, original.state_dict()[n]), n
+
+
 def test_save_model_never_writes_into_the_input_checkpoint(tmp_path, capsys):
     assert _small_run(tmp_path, tmp_path / "run", "--save-model", str(STORIES)) == 1
     assert "--save-model must not be the input checkpoint's directory" in capsys.readouterr().err
