@@ -571,13 +571,10 @@ def context_templates(model: M.CausalLM, seed: int, groups=((10, 5),), brace: st
     writes itself from "The", "Therefore", "Because", "I", "You" (count/5 each; `length` tokens,
     top-k 5, seeded), each as prefix + ". {}", its braces made `brace`. MEMIT's family: one group
     (10, 5), braces as spaces; ROME: (5, 10) and (10, 10), 21 templates, braces dropped."""
-    tok = model.tokenizer
     out = [["{}"]]
-    for g, (length, count) in enumerate(groups):
-        starts = [tok.encode(s) for s in ("The", "Therefore", "Because", "I", "You")] * (count // 5)
-        new = M.generate(model, starts, max(1, length - min(map(len, starts))), top_k=5, seed=seed + g,
-                         stop_at_eos=False)
-        texts = [tok.decode(s + n[:max(0, length - len(s))]) for s, n in zip(starts, new)]
+    for g, (length, count) in enumerate(groups):          # (ROME's generate_fast, as fluency's texts)
+        texts = ev.generate_texts(model, ["The", "Therefore", "Because", "I", "You"] * (count // 5), length,
+                                  top_k=5, seed=seed + g, batch_size=count)
         out.append([t.replace("{", brace).replace("}", brace) + ". {}" for t in texts])
     return out
 
@@ -2103,8 +2100,7 @@ def ability_score(entry: dict) -> tuple[str, float]:
     """The general ability --stop-below watches: the mean headline score of the zero-shot tasks
     (F1, MCC for CoLA, accuracy for MMLU), or 1/perplexity without them."""
     if "general" in entry:
-        heads = [v["mcc"] if k == "cola" else v["accuracy"] if k == "mmlu" else v["f1"]
-                 for k, v in entry["general"].items()]
+        heads = [v[ev.headline_of(k)] for k, v in entry["general"].items()]
         return "mean zero-shot score", sum(heads) / len(heads)
     return "1/perplexity", 1.0 / entry["perplexity"]
 

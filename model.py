@@ -1064,64 +1064,49 @@ class GPT2MLP(nn.Module):
         return self.c_proj(key), key
 
 
-class LlamaBlock(nn.Module):
-    """LLaMA, Qwen2, Qwen3, Mistral, Gemma, GLM and Granite: pre-norm, attention then MLP (Granite:
-    each output scaled by residual_multiplier before the add, in the model's dtype; 1.0 elsewhere,
-    which changes nothing)."""
-
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.rope = rope_gptj if cfg.rope_interleaved else rope_llama
-        self.residual_multiplier = cfg.residual_multiplier
-        self.input_layernorm = rms_norm(cfg)
-        self.self_attn = Attention(cfg, "o_proj")
-        self.post_attention_layernorm = rms_norm(cfg)
-        self.mlp = LlamaMLP(cfg)
-
-    def forward(self, h, tables, allowed, cache, layer):   # sequential: attention, then MLP
-        a = self.self_attn(self.input_layernorm(h), self.rope, tables, allowed, cache, layer)
-        h = h + a * self.residual_multiplier
-        out, key = self.mlp(self.post_attention_layernorm(h))
-        return h + out * self.residual_multiplier, key
-
-
-# The names of a post-norm block's norms after attention, before and after the MLP: Gemma 2's
-# (OLMo 2's) where not listed; GLM-4 keeps LLaMA's post_attention_layernorm on the MLP's input
+# The names of a block's norms after attention, before and after the MLP: LLaMA's has only the
+# middle one (the outer two are identities, with no weights to name); the post-norm families have
+# Gemma 2's (OLMo 2's) where not listed; GLM-4 keeps LLaMA's post_attention_layernorm on the MLP's input
+LLAMA_NORM_NAMES = ("attention_output", "post_attention_layernorm", "mlp_output")
 POST_NORM_NAMES = {"glm4": ("post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm")}
 GEMMA_POST_NORM_NAMES = ("post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
 
 
-class PostNormBlock(nn.Module):
-    """Gemma 2 and 3: LLaMA's block with the outputs of attention and of the MLP normalised before
-    each joins the residual stream; its post_attention_layernorm is thus on attention's output
-    (LLaMA's of that name is on the MLP's input: here pre_feedforward_layernorm). OLMo 2: the same
-    without the norms on the inputs (identities, with no weights to name). GLM-4: the same under
-    its own names (POST_NORM_NAMES), its rope on interleaved pairs."""
+class LlamaBlock(nn.Module):
+    """LLaMA, Qwen2, Qwen3, Mistral, Gemma, GLM and Granite: pre-norm, attention then MLP (Granite:
+    each output scaled by residual_multiplier before the add, in the model's dtype; 1.0 elsewhere,
+    which changes nothing). Gemma 2 and 3 (post_norms): the outputs of attention and of the MLP
+    normalised before each joins the residual stream; their post_attention_layernorm is thus on
+    attention's output (LLaMA's of that name is on the MLP's input: there pre_feedforward_layernorm).
+    OLMo 2: the same without the norms on the inputs (pre_norms false: identities). GLM-4: the same
+    under its own names (POST_NORM_NAMES), its rope on interleaved pairs."""
 
     def __init__(self, cfg: Config):
         super().__init__()
-        pre = rms_norm if cfg.pre_norms else lambda cfg: nn.Identity()
+        identity = lambda cfg: nn.Identity()
+        pre, post = (rms_norm if cfg.pre_norms else identity), (rms_norm if cfg.post_norms else identity)
         self.rope = rope_gptj if cfg.rope_interleaved else rope_llama
-        self.names = POST_NORM_NAMES.get(cfg.arch, GEMMA_POST_NORM_NAMES)
+        self.residual_multiplier = cfg.residual_multiplier
+        self.names = POST_NORM_NAMES.get(cfg.arch, GEMMA_POST_NORM_NAMES) if cfg.post_norms else LLAMA_NORM_NAMES
         after_attention, before_mlp, after_mlp = self.names
         self.input_layernorm = pre(cfg)
         self.self_attn = Attention(cfg, "o_proj")
-        setattr(self, after_attention, rms_norm(cfg))
+        setattr(self, after_attention, post(cfg))
         setattr(self, before_mlp, pre(cfg))
         self.mlp = LlamaMLP(cfg)
-        setattr(self, after_mlp, rms_norm(cfg))
+        setattr(self, after_mlp, post(cfg))
 
     @property
     def mlp_output_norm(self) -> nn.Module:
         """The norm on the MLP's output (Gemma 2's post_feedforward_layernorm): editing's E6b."""
         return getattr(self, self.names[2])
 
-    def forward(self, h, tables, allowed, cache, layer):
+    def forward(self, h, tables, allowed, cache, layer):   # sequential: attention, then MLP
         after_attention, before_mlp, after_mlp = (getattr(self, n) for n in self.names)
         a = self.self_attn(self.input_layernorm(h), self.rope, tables, allowed, cache, layer)
-        h = h + after_attention(a)
+        h = h + after_attention(a) * self.residual_multiplier
         out, key = self.mlp(before_mlp(h))
-        return h + after_mlp(out), key
+        return h + after_mlp(out) * self.residual_multiplier, key
 
 
 class GPTJBlock(nn.Module):
@@ -1218,7 +1203,7 @@ class CausalLM(nn.Module):
         # torch's compiler on the meta device (1 s per process); an empty weight skips it
         embedding = lambda n, d: nn.Embedding.from_pretrained(torch.empty(n, d), freeze=False)
         if cfg.llama_like:
-            block, norm = PostNormBlock if cfg.post_norms else LlamaBlock, rms_norm(cfg)
+            block, norm = LlamaBlock, rms_norm(cfg)
         else:
             block, norm = BLOCKS[cfg.arch], nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         body = nn.Module()
