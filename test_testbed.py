@@ -169,12 +169,12 @@ def test_stories_stream_edits_one_told_slot_per_name():
 
 
 def test_run_specs_give_typed_overrides_and_clear_errors():
-    assert TB.parse_run("lyaplock", {}) == ("lyaplock", {})
-    assert TB.parse_run("lyaplock:alpha=30:superseded=remove", {"lyaplock": {"lam": 3.0}}) == (
-        "lyaplock", {"lam": 3.0, "alpha": 30.0, "superseded": "remove"})
-    assert TB.parse_run("memit:v_num_grad_steps=5", {}) == ("memit", {"v_num_grad_steps": 5})
-    assert TB.parse_run("rome:mom2_adjustment=False", {}) == ("rome", {"mom2_adjustment": False})
-    assert TB.parse_run("lyaplock+alphaedit:lam=5:l2=10:V=2", {})[1] == {"lam": 5.0, "l2": 10.0, "V": 2.0}
+    assert TB.parse_run("lyaplock") == ("lyaplock", {})
+    assert TB.parse_run("lyaplock:alpha=30:superseded=remove") == (
+        "lyaplock", {"alpha": 30.0, "superseded": "remove"})
+    assert TB.parse_run("memit:v_num_grad_steps=5") == ("memit", {"v_num_grad_steps": 5})
+    assert TB.parse_run("rome:mom2_adjustment=False") == ("rome", {"mom2_adjustment": False})
+    assert TB.parse_run("lyaplock+alphaedit:lam=5:l2=10:V=2")[1] == {"lam": 5.0, "l2": 10.0, "V": 2.0}
     for bad, match in (("nosuch", "unknown method"), ("lyaplock:alpha", "field=value"),
                        ("lyaplock:colour=3", "field=value"), ("lyaplock:alpha=big", "alpha needs a float"),
                        ("lyaplock:__init__=1", "field=value"),
@@ -191,7 +191,7 @@ def test_run_specs_give_typed_overrides_and_clear_errors():
                        ("memit:l2=1", "memit does not read l2"),
                        ("lyaplock:mom2_adjustment=false", "lyaplock does not read mom2_adjustment")):
         with pytest.raises(ValueError, match=re.escape(match)):
-            TB.parse_run(bad, {})
+            TB.parse_run(bad)
 
 
 @pytest.mark.parametrize("method", [m for m in L.METHODS if L.method_of(m).locate != "rome"])

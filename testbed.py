@@ -513,13 +513,6 @@ def train_model(out_dir, size: str, seed: int, device: str, steps: int | None, t
 
 
 # ----------------------------------------------------------------------------------- experiment
-# Per method, settings that replace the preset's in the testbed (none: the presets' rule for
-# other sizes, λ = d_mlp/4 for LyapLock and d_mlp for the MEMIT family, α = 60, AlphaEdit L2 = 1,
-# was chosen on this model and stories260K; README "Hyper-parameters"). Until 2026-12 the testbed set
-# LyapLock λ = 30, α = 10 and AlphaEdit L2 = 1 by hand over the old rule (λ = 15, α = 1; MEMIT 225).
-HPARAMS: dict = {}
-
-
 def editable(m: M.CausalLM, edit: list[Request], held: list[Request]) -> list[Request]:
     """The edit records whose true rewrite fact the model answers (all answer tokens top-1) and
     whose new target is one of the answers it was trained to produce: a small model, unlike an
@@ -731,14 +724,14 @@ def latest_requests(requests: list[Request]) -> list[Request]:
 NOT_IN_SPECS = {"method": "the name before the first ':'", "layers": "--layers", "batch_size": "--batch-size"}
 
 
-def parse_run(spec: str, hparams: dict) -> tuple[str, dict]:
+def parse_run(spec: str) -> tuple[str, dict]:
     """A run spec "method[:field=value...]" ("lyaplock:alpha=30:superseded=remove") -> (method,
-    overrides): hparams' settings for the method, then the spec's, typed as HParams' fields (an
+    overrides): the spec's settings over the preset's, typed as HParams' fields (an
     int an integer, a bool true or false). A field is refused if the spec sets it twice, if a flag
     sets it for every run (NOT_IN_SPECS) or if the method does not read it (lyaplock.unread)."""
     method, *sets = spec.split(":")
     L.method_of(method)                                     # an unknown method: refused here
-    over, defaults = dict(hparams.get(method) or {}), L.HParams()
+    over, defaults = {}, L.HParams()
     fields = {f.name for f in dataclasses.fields(L.HParams)}
     named = set()
     for item in sets:
@@ -823,13 +816,13 @@ def run_stream(editor: L.Editor, stream: Stream, heldout, run: dict, eval_every:
 
 def experiment(model_dir, n_edits: int | None, batch_size: int, methods=("lyaplock", "memit", "alphaedit"),
                eval_every: int = 5, seed: int = 0, device: str = "cpu", stats_tokens: int = 0,
-               out=None, stats_cache="runs/stats-cache", layers=None, hparams=None, corpus=None,
+               out=None, stats_cache="runs/stats-cache", layers=None, corpus=None,
                stream: str = "first", n_retained: int | None = None, n_heldout: int = 64, log=print) -> dict:
     """A long stream of edits (make_stream: `stream`, n_edits of it, 0 or None: all; batch_size
     per step) with each run of `methods` ("method" or "method:field=value:...", parse_run) on a
     fresh copy of the model; at several points: the latest targets' efficacy, generalization, specificity,
     retention of never-edited facts, held-out perplexity and weight drift; per step: PL, D, z.
-    `hparams`: per method, settings that replace the preset's (default HPARAMS). With `out`, the
+    The presets are the testbed's (README "Hyper-parameters": chosen on this model). With `out`, the
     report is rewritten at every point; runs complete there with the same settings (SAME_SETTINGS)
     are kept in it, and those this call lists are not rerun. n_retained, n_heldout: at most that
     many retained facts and held-out texts (None: all)."""
@@ -846,7 +839,7 @@ def experiment(model_dir, n_edits: int | None, batch_size: int, methods=("lyaplo
         raise ValueError(f"--out {out} holds other files than a testbed report (no result.json): choose a new "
                          "directory, or the one of the report to continue")
     work = (model_dir, n_edits, batch_size, methods, eval_every, seed, device, stats_tokens, out, stats_cache,
-            layers, hparams, corpus, stream, n_retained, n_heldout, log)
+            layers, corpus, stream, n_retained, n_heldout, log)
     if not out:
         return run_experiment(*work)
     made = not Path(out).exists()
@@ -861,13 +854,13 @@ def experiment(model_dir, n_edits: int | None, batch_size: int, methods=("lyaplo
 
 
 def run_experiment(model_dir, n_edits, batch_size, methods, eval_every, seed, device, stats_tokens, out,
-                   stats_cache, layers, hparams, corpus, stream, n_retained, n_heldout, log) -> dict:
+                   stats_cache, layers, corpus, stream, n_retained, n_heldout, log) -> dict:
     """experiment's work, its arguments checked and its --out held."""
     model_dir = Path(model_dir)
     m = M.load(model_dir, device)
     layers = L.parse_layers(layers, m.cfg.n_layers) if isinstance(layers, str) else layers
     layers = tuple(layers or L.preset(m.cfg, "lyaplock").layers)
-    runs = {spec: run_hparams(spec, m.cfg, layers, batch_size, hparams) for spec in methods}   # all checked first
+    runs = {spec: run_hparams(spec, m.cfg, layers, batch_size) for spec in methods}   # all checked first
     edits = make_stream(stream, m, model_dir, n_edits, batch_size, seed, n_retained)
     heldout = read_corpus(L.DEFAULT_HELDOUT)[:n_heldout]
     corpus = corpus or (model_dir / "corpus.txt" if (model_dir / "corpus.txt").exists() else L.DEFAULT_CORPUS)
@@ -901,10 +894,10 @@ def model_digest(model_dir: Path) -> str:
     return f"{weights}-{L.stats.tokenizer_sha(model_dir)}"
 
 
-def run_hparams(spec: str, cfg: M.Config, layers: tuple, batch_size: int, hparams=None) -> L.HParams:
+def run_hparams(spec: str, cfg: M.Config, layers: tuple, batch_size: int) -> L.HParams:
     """A run's settings: its method's preset for this model, the edit layers (ROME: the last),
-    `hparams`' settings for the method (default HPARAMS), then the spec's (parse_run)."""
-    method, over = parse_run(spec, HPARAMS if hparams is None else hparams)
+    then the spec's (parse_run)."""
+    method, over = parse_run(spec)
     one = L.method_of(method).locate == "rome"               # ROME edits one layer: the last
     try:
         return L.with_overrides(L.preset(cfg, method), batch_size=batch_size,
