@@ -29,39 +29,16 @@ A different dtype is allowed with a warning line: C is float64 either way, and a
 pass moves C by about bf16's rounding (0.7% relative, Frobenius, on stories260K). The runtime
 cache (`--stats-cache`) stores the same files, named by the hash of their key.
 
-The MEMIT/ROME/AlphaEdit/LyapLock code (rome/layer_stats.py, util/runningstats.py) caches
-`<stats_dir>/<model>/<dataset>_stats/<module>_<precision>_mom2_<n>.npz` per layer, with
-`mom2.mom2` = Σ k kᵀ (the uncentred sum over all tokens), `mom2.count` = the number of tokens,
-`mom2.constructor` and `sample_size`; LyapLock's own rome/layer_stats_ab_t.py also writes
-`..._KK_T_<n>_kk_t.npz` with `KK_T.mom2`, `KK_T.count`, the same statistic. Their editing code
-uses `stat.mom2.moment()` = mom2.mom2 / mom2.count (then cast to float32); that is our C (E1), here
-kept in float64. The module is `model.layers.<l>.mlp.down_proj` (Llama family), `transformer.h.
-<l>.mlp.fc_out` (GPT-J), `transformer.h.<l>.mlp.c_proj` (GPT-2), `gpt_neox.layers.<l>.mlp.
-dense_4h_to_h` (GPT-NeoX), `model.layers.<l>.mlp.fc2` (Phi). `--stats` takes such a
-directory — `<stats_dir>/<model>` or its `<dataset>_stats/` — or one .npz file when the run edits
-one layer; where a layer has several files, the mom2 file is taken over KK_T, and two mom2 files
-(say, two sample sizes) are refused as ambiguous. They are read with numpy.load(allow_pickle=
-False): a member that needs unpickling is refused. They carry no weights fingerprint, so only
+The MEMIT/ROME/AlphaEdit/LyapLock code's layer statistics (`<module>_<precision>_mom2_<n>.npz`,
+README "Preservation statistics"): their `mom2.mom2 / mom2.count` is our C, read in float64
+without unpickling (authors_files, read_authors_file); they carry no weights fingerprint, so only
 the layers and the shape are checked, and a warning says so.
 
-Many GPUs: under torchrun (RANK and WORLD_SIZE set, more than one process) every rank tokenises
-the whole corpus, cuts the same length batches and takes batches rank, rank + N, rank + 2N, ...
-(dealt round-robin from the length-sorted list, so every rank gets a like mix of lengths); each
-accumulates its float64 Σ k kᵀ and token count in one buffer, ONE all_reduce sums them (one
-per pass with --state-device cpu, which collects a layer a pass: collection_passes), rank 0
-divides (E1), writes the file and shows progress; the other ranks are silent, save that each
-learns from rank 0 whether the file was written (one broadcast) and, if not, leaves with one
-error line. NCCL with each rank on cuda:LOCAL_RANK, gloo on the CPU. The result is the
-one-process C up to the order in which float64 batch sums are added.
-
-Why editing stays one process: each step's solve (E9) needs the weights, queue (E13) and edit
-memory the previous step left, and the next step's target values are optimised on that edited
-model, so steps cannot run side by side. Within a step the work is the target-value
-optimisation, whose requests are independent but small (100 requests are a few thousand tokens
-a pass), then a dense float64 solve per layer; spreading them over ranks would put the whole
-model on every rank and gather z and the keys before each solve, to save part of a ~15 s step.
-A model or state larger than one GPU is a placement problem (layers across devices), not a
-parallel one.
+Many GPUs (torchrun): every rank tokenises the whole corpus and takes every N-th of the
+length-sorted batches; each sums its float64 Σ k kᵀ and token count in one buffer, ONE all_reduce
+(a pass) adds them, and rank 0 divides (E1) and writes the file: the one-process C up to the
+order of the float64 additions. Editing stays one process (README "Preservation statistics": each
+step's solve needs the state the previous step left).
 """
 from __future__ import annotations
 
@@ -114,6 +91,17 @@ def stats_sequences(tok, texts, n_tokens: int, max_len: int = 256) -> list[list[
         raise ValueError(f"the statistics corpus has only {total} tokens, {n_tokens} were asked for "
                          "(--stats-tokens)")
     return seqs
+
+
+def corpus_sequences(model: M.CausalLM, corpus: Path, n_tokens: int, max_len: int) -> tuple[list, int]:
+    """The corpus's sequences for C (stats_sequences) and their token count, refused before the
+    pass (not at the first solve) when fewer than d_mlp: C would be singular."""
+    seqs = stats_sequences(model.tokenizer, data.read_corpus(corpus), n_tokens, max_len)
+    total, m = sum(map(len, seqs)), model.cfg.d_mlp
+    if total < m:
+        raise StatisticsError(f"{corpus}: the statistics corpus has {total} tokens; C ({m}×{m}) needs at least "
+                              f"d_mlp = {m} tokens, or it is singular (--stats-tokens, --stats-corpus)")
+    return seqs, total
 
 
 def positions_cap(cfg: M.Config, max_len: int, log=print) -> int:
@@ -304,15 +292,21 @@ def tokenizer_sha(model_path) -> str:
     return hashlib.sha256(json.dumps(digests).encode()).hexdigest()
 
 
+def weights_key(model_path, model: M.CausalLM, top: int, known=None) -> dict:
+    """The weights' part of a key: config.json's sha256, each tensor's through layer `top`, and
+    their fingerprint. (`known`: tensor_digests'.)"""
+    config = data.file_sha256(Path(model_path) / "config.json")
+    digests = tensor_digests(model_path, model.names_through_layer(top), known)
+    return dict(weights=fingerprint(config, digests), config=config, tensors=digests)
+
+
 def stats_key(model_path, model: M.CausalLM, layers, corpus: Path, n_tokens, max_len, known=None) -> dict:
     """Everything C depends on: the weights up to the last edit layer, tokenizer, corpus, size,
     dtype. (`known`: tensor_digests'.)"""
-    config = data.file_sha256(Path(model_path) / "config.json")
-    digests = tensor_digests(model_path, model.names_through_layer(max(layers)), known)
-    return dict(weights=fingerprint(config, digests), config=config, tensors=digests,
-                tokenizer=tokenizer_sha(model_path),
-                layers=sorted(layers), d_mlp=model.cfg.d_mlp, corpus=data.file_sha256(corpus),
-                n_tokens=n_tokens, max_len=max_len, dtype=str(model.embed.weight.dtype).removeprefix("torch."))
+    return weights_key(model_path, model, max(layers), known) | dict(
+        tokenizer=tokenizer_sha(model_path), layers=sorted(layers), d_mlp=model.cfg.d_mlp,
+        corpus=data.file_sha256(corpus), n_tokens=n_tokens, max_len=max_len,
+        dtype=str(model.embed.weight.dtype).removeprefix("torch."))
 
 
 # ----------------------------------------------------------------------------- the file
@@ -404,13 +398,12 @@ def read_C(path, layers, m: int, digests: dict, where: dict) -> dict[int, torch.
 
 def weights_difference(key: dict, model_path, model: M.CausalLM, known=None) -> str | None:
     """What differs between the weights a file was made for and this model's, or None."""
-    top = max(key["layers"])
-    digests = tensor_digests(model_path, model.names_through_layer(top), known)
-    config = data.file_sha256(Path(model_path) / "config.json")
-    if fingerprint(config, digests) == key["weights"]:
+    now = weights_key(model_path, model, max(key["layers"]), known)
+    if now["weights"] == key["weights"]:
         return None
-    if config != key["config"]:
+    if now["config"] != key["config"]:
         return "config.json differs"
+    digests = now["tensors"]
     changed = sorted(n for n in set(digests) | set(key["tensors"]) if digests.get(n) != key["tensors"].get(n))
     more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
     return f"tensor{'s' * (len(changed) > 1)} {', '.join(changed[:3])}{more} differ{'s' * (len(changed) == 1)}"
@@ -571,11 +564,7 @@ def load_or_collect_stats(model, model_path, corpus, n_tokens, layers, cache_dir
             log(f"statistics: {file} is unreadable ({e}); recomputing")
         except StatisticsError as e:
             log(f"statistics: {file} does not match this model/corpus ({e}); recomputing")
-    seqs = stats_sequences(model.tokenizer, data.read_corpus(corpus), n_tokens, max_len)
-    total = sum(map(len, seqs))
-    if total < model.cfg.d_mlp:           # before the pass, not at the first solve
-        raise StatisticsError(f"{corpus}: the statistics corpus has {total} tokens; C ({model.cfg.d_mlp}×"
-                              f"{model.cfg.d_mlp}) needs at least d_mlp = {model.cfg.d_mlp}, or it is singular")
+    seqs, total = corpus_sequences(model, corpus, n_tokens, max_len)
     progress = Progress(total, log, passes=len(collection_passes(model, layers, state_device)),
                         each="layer" if state_device else "device")
     C = collect_stats(model, seqs, layers, batch_tokens, progress, state_device=state_device)
@@ -734,11 +723,7 @@ def write_statistics(args, device: str, rank: int, world: int):
         layers = lyaplock.preset(model.cfg, "lyaplock").layers
     corpus = Path(args.stats_corpus or lyaplock.DEFAULT_CORPUS)
     max_len = positions_cap(model.cfg, args.max_len, say)
-    seqs = stats_sequences(model.tokenizer, data.read_corpus(corpus), args.stats_tokens, max_len)
-    total = sum(map(len, seqs))
-    if total < model.cfg.d_mlp:
-        raise ValueError(f"{total} tokens: C ({model.cfg.d_mlp}×{model.cfg.d_mlp}) needs at least d_mlp = "
-                         f"{model.cfg.d_mlp} tokens, or it is singular (--stats-tokens, --stats-corpus)")
+    seqs, total = corpus_sequences(model, corpus, args.stats_tokens, max_len)
     key = stats_key(args.model, model, layers, corpus, args.stats_tokens, max_len) if rank == 0 else None
     progress = None
     if rank == 0:
