@@ -536,13 +536,30 @@ def held_facts_of(edit: list[Request], held: list[Request]):
 @dataclass
 class Stream:
     """What an experiment edits, in order, and the never-edited facts it measures retention on."""
-    kind: str
     requests: list[Request]
     retained: list[tuple[str, str, str]]      # (prompt, answer, subject), known before editing
 
 
 def template_of(prompt: str, subject: str) -> str:
     return prompt.replace(subject, "{}", 1)
+
+
+def known(m: M.CausalLM, fact_list: list) -> list:
+    """The facts (prompt, answer, subject) the model answers (knows)."""
+    return [f for f, k in zip(fact_list, knows(m, fact_list)) if k]
+
+
+def by_subject(fact_list: list) -> dict[str, list]:
+    """The facts grouped by their subject, in order."""
+    groups: dict[str, list] = {}
+    for f in fact_list:
+        groups.setdefault(f[2], []).append(f)
+    return groups
+
+
+def neighbourhood(hood: list) -> dict:
+    """A Request's neighbourhood fields from facts (prompt, answer, subject)."""
+    return dict(neighborhood_prompts=tuple(p for p, _, _ in hood), neighborhood_answers=tuple(a for _, a, _ in hood))
 
 
 def answer_pools(fact_list) -> dict[str, list[str]]:
@@ -601,30 +618,26 @@ def distinct_stream(m: M.CausalLM, edit: list[Request], held: list[Request], see
     share of them kept back, never edited, for retention. A subject's request: its first known
     fact's prompt to another answer of that relation, its other prompts as paraphrases, and two
     kept-back facts of the same relation (else any two) as neighbourhood."""
-    fact_list = facts(edit + held)
-    fact_list = [f for f, k in zip(fact_list, knows(m, fact_list)) if k]
-    by_subject: dict[str, list] = {}
-    for f in fact_list:
-        by_subject.setdefault(f[2], []).append(f)
+    fact_list = known(m, facts(edit + held))
+    grouped = by_subject(fact_list)
     gen = torch.Generator().manual_seed(seed)
-    subjects = [list(by_subject)[i] for i in torch.randperm(len(by_subject), generator=gen).tolist()]
+    subjects = [list(grouped)[i] for i in torch.randperm(len(grouped), generator=gen).tolist()]
     n_kept = round(retain_share * len(subjects))
-    retained = [f for s in subjects[:n_kept] for f in by_subject[s]]
+    retained = [f for s in subjects[:n_kept] for f in grouped[s]]
     near: dict[str, list] = {}
     for f in retained:
         near.setdefault(template_of(f[0], f[2]), []).append(f)
     pools, requests = answer_pools(fact_list), []
     every = sorted({a for _, a, _ in fact_list})
     for s in subjects[n_kept:]:
-        (prompt, true, _), *more = by_subject[s]
+        (prompt, true, _), *more = grouped[s]
         template = template_of(prompt, s)
         new = another_answer(pools[template], {true}, gen) or another_answer(every, {true}, gen)
         hood = (near.get(template, []) + retained)[:2]
         requests.append(Request(case_id=f"d{len(requests)}", prompt=template, subject=s, target_new=new,
                                 target_true=true, paraphrase_prompts=tuple(p for p, _, _ in more),
-                                neighborhood_prompts=tuple(p for p, _, _ in hood),
-                                neighborhood_answers=tuple(a for _, a, _ in hood)))
-    return Stream("distinct", requests, retained)
+                                **neighbourhood(hood)))
+    return Stream(requests, retained)
 
 
 # stories260K knows TinyStories, not world facts: "{name} went to the" -> park, whatever the name.
@@ -653,11 +666,7 @@ def stories_stream(m: M.CausalLM, n_edits: int = 80, seed: int = 0) -> Stream:
     (its answer top-1), rewritten to a seeded alternative, until n_edits; every slot of the names
     left over (at least 10) are the retained facts."""
     slots = list(STORY_SLOTS)
-    told = lambda fs: [f for f, k in zip(fs, knows(m, fs)) if k]
-    stories = told([(t.format(n), STORY_SLOTS[t][0], n) for n in STORY_NAMES for t in slots])
-    by_name: dict[str, list] = {}
-    for f in stories:
-        by_name.setdefault(f[2], []).append(f)
+    by_name = by_subject(known(m, [(t.format(n), STORY_SLOTS[t][0], n) for n in STORY_NAMES for t in slots]))
     gen, chosen = torch.Generator().manual_seed(seed), []
     for name in STORY_NAMES:
         if len(chosen) == n_edits:
@@ -677,9 +686,8 @@ def stories_stream(m: M.CausalLM, n_edits: int = 80, seed: int = 0) -> Stream:
         requests.append(Request(case_id=i, prompt=t, subject=name, target_true=true,
                                 target_new=another_answer(list(STORY_SLOTS[t][1]), set(), gen),
                                 paraphrase_prompts=("One day, " + prompt, "Once upon a time, " + prompt),
-                                neighborhood_prompts=tuple(p for p, _, _ in hood),
-                                neighborhood_answers=tuple(a for _, a, _ in hood)))
-    return Stream("stories", requests, retained)
+                                **neighbourhood(hood)))
+    return Stream(requests, retained)
 
 
 STREAMS = ("first", "churn", "distinct", "stories")
@@ -704,12 +712,11 @@ def make_stream(kind: str, m: M.CausalLM, model_dir: Path, n_edits: int | None, 
         if kind == "distinct":
             stream = distinct_stream(m, edit, held, seed)
         else:
-            retained = held_facts_of(edit, held)[:n_retained]
-            retained = [f for f, k in zip(retained, knows(m, retained)) if k]
+            retained = known(m, held_facts_of(edit, held)[:n_retained])
             first = editable(m, edit, held)
             requests = first if kind == "first" else churn_stream(
                 first, answer_pools(facts(edit + held)), n_edits or 10 * len(first), batch_size, seed)
-            stream = Stream(kind, requests, retained)
+            stream = Stream(requests, retained)
     if n_edits is not None and len(stream.requests) < n_edits:
         raise ValueError(f"{model_dir}: the {kind!r} stream has only {len(stream.requests)} edits; asked for {n_edits}")
     stream.requests, stream.retained = stream.requests[:n_edits], stream.retained[:n_retained]
@@ -718,7 +725,7 @@ def make_stream(kind: str, m: M.CausalLM, model_dir: Path, n_edits: int | None, 
 
 def latest_requests(requests: list[Request]) -> list[Request]:
     """Each edited prompt's latest request (the target it should give now), in first-edit order."""
-    return list({q.rewrite_prompt(): q for q in requests}.values()) if requests else []
+    return list({q.rewrite_prompt(): q for q in requests}.values())
 
 
 NOT_IN_SPECS = {"method": "the name before the first ':'", "layers": "--layers", "batch_size": "--batch-size"}
@@ -1106,7 +1113,7 @@ def main(argv=None):
     e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     e.add_argument("--threads", type=int, default=2)
     e.set_defaults(run=lambda args: experiment(
-        args.model, args.edits or None, args.batch_size, args.methods.split(","), args.eval_every,
+        args.model, args.edits, args.batch_size, args.methods.split(","), args.eval_every,
         seed=args.seed, device=args.device, out=args.out, corpus=args.corpus, stream=args.stream,
         layers=args.layers))
     args = p.parse_args(argv)
