@@ -527,6 +527,21 @@ def series_style(i: int) -> tuple[str, str]:
     return PALETTE[i % len(PALETTE)], dash
 
 
+def svg_frame(w, h, title: str, font: int, top: float, bottom: float, xlabel=None, ylabel=None) -> list[str]:
+    """An SVG chart's first lines: the white page, the title, the axes from `top` to `bottom` (x at
+    60 to w - 20) and, given, their labels."""
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
+           f'font-size="{font}"><rect width="{w}" height="{h}" fill="white"/>',
+           f'<text x="{w / 2}" y="16" text-anchor="middle" font-size="13">{_esc(title)}</text>',
+           f'<line x1="60" y1="{bottom}" x2="{w - 20}" y2="{bottom}" stroke="black"/>',
+           f'<line x1="60" y1="{top}" x2="60" y2="{bottom}" stroke="black"/>']
+    if xlabel is not None:
+        out += [f'<text x="{w / 2}" y="{h - 8}" text-anchor="middle">{_esc(xlabel)}</text>',
+                f'<text x="14" y="{h / 2}" transform="rotate(-90 14 {h / 2})" text-anchor="middle">'
+                f'{_esc(ylabel)}</text>']
+    return out
+
+
 def svg_plot(series: dict, title: str, ylabel: str, hline: float | None = None, w=560, h=300) -> str:
     """A small line plot as SVG text: series name -> (xs, ys); an optional dashed threshold D.
     The legend sits below the title in columns as wide as the longest label (the figure widens
@@ -543,14 +558,7 @@ def svg_plot(series: dict, title: str, ylabel: str, hline: float | None = None, 
     top, h = 36 + 14 * rows, h + 14 * max(rows - 1, 0)          # below the title and the legend's rows
     px = lambda x: 60 + (x - x0) / max(x1 - x0, 1e-12) * (w - 80)
     py = lambda y: h - 40 - (y - y0) / max(y1 - y0, 1e-12) * (h - 40 - top)
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
-           f'font-size="11"><rect width="{w}" height="{h}" fill="white"/>',
-           f'<text x="{w / 2}" y="16" text-anchor="middle" font-size="13">{_esc(title)}</text>',
-           f'<line x1="60" y1="{h - 40}" x2="{w - 20}" y2="{h - 40}" stroke="black"/>',
-           f'<line x1="60" y1="{top}" x2="60" y2="{h - 40}" stroke="black"/>',
-           f'<text x="{w / 2}" y="{h - 8}" text-anchor="middle">edits</text>',
-           f'<text x="14" y="{h / 2}" transform="rotate(-90 14 {h / 2})" text-anchor="middle">'
-           f'{_esc(ylabel)}</text>']
+    out = svg_frame(w, h, title, 11, top, h - 40, "edits", ylabel)
     for v in (y0, (y0 + y1) / 2, y1):
         out.append(f'<text x="55" y="{py(v) + 4:.1f}" text-anchor="end">{v:.3g}</text>')
     for v in (x0, x1):
@@ -575,11 +583,7 @@ def svg_bars(values: dict, title: str, w=560, h=300) -> str:
     colors, n = ("#7f7f7f", "#1f77b4"), max(len(values), 1)
     py = lambda y: h - 60 - max(0.0, min(y, 100.0)) / 100 * (h - 110)
     gw = (w - 80) / n
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
-           f'font-size="10"><rect width="{w}" height="{h}" fill="white"/>',
-           f'<text x="{w / 2}" y="16" text-anchor="middle" font-size="13">{_esc(title)}</text>',
-           f'<line x1="60" y1="{h - 60}" x2="{w - 20}" y2="{h - 60}" stroke="black"/>',
-           f'<line x1="60" y1="50" x2="60" y2="{h - 60}" stroke="black"/>']
+    out = svg_frame(w, h, title, 10, 50, h - 60)
     for v in (0, 50, 100):
         out.append(f'<text x="55" y="{py(v) + 4:.1f}" text-anchor="end">{v}</text>')
     for i, (name, pair) in enumerate(values.items()):

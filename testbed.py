@@ -1049,16 +1049,10 @@ def svg_frontier(points: dict, title: str, w=560, h=360) -> str:
     """Labelled points (x retention %, y efficacy %) on 0..100 axes as SVG text; runs of one
     method (the label before ':') joined by a line in order of x. Labels never overlap one another
     or a point (label_boxes); one moved away from its point is joined to it by a thin line."""
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f"]
+    colors = E.PALETTE
     px = lambda x: 60 + x / 100 * (w - 80)
     py = lambda y: h - 40 - y / 100 * (h - 70)
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
-           f'font-size="10"><rect width="{w}" height="{h}" fill="white"/>',
-           f'<text x="{w / 2}" y="16" text-anchor="middle" font-size="13">{E._esc(title)}</text>',
-           f'<line x1="60" y1="{h - 40}" x2="{w - 20}" y2="{h - 40}" stroke="black"/>',
-           f'<line x1="60" y1="30" x2="60" y2="{h - 40}" stroke="black"/>',
-           f'<text x="{w / 2}" y="{h - 8}" text-anchor="middle">retention %</text>',
-           f'<text x="14" y="{h / 2}" transform="rotate(-90 14 {h / 2})" text-anchor="middle">efficacy %</text>']
+    out = E.svg_frame(w, h, title, 10, 30, h - 40, "retention %", "efficacy %")
     for v in (0, 50, 100):
         out.append(f'<text x="55" y="{py(v) + 4:.1f}" text-anchor="end">{v}</text>')
         out.append(f'<text x="{px(v):.1f}" y="{h - 26}" text-anchor="middle">{v}</text>')
