@@ -1717,7 +1717,7 @@ def parse_args(argv=None):
     p.add_argument("--stats-batch-tokens", type=int, default=8192, help="tokens per statistics batch")
     p.add_argument("--stats-cache", default="runs/stats-cache", help="where C is cached")
     p.add_argument("--z-batch-tokens", type=int, default=2048, help="tokens per pass of the target-value "
-                   "optimisation (lower it to fit a smaller GPU; see the README's memory table)")
+                   "optimisation (lower it to fit a smaller GPU; --plan shows what it takes)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, "
                    "cuda:N, a list (cuda:0,cuda:1: the layers are placed across them by their memory, the "
                    "float64 state of each edit layer with it) or auto (every visible GPU)")
