@@ -1107,7 +1107,7 @@ def main(argv=None):
     e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     e.add_argument("--threads", type=int, default=2)
     e.set_defaults(run=lambda args: experiment(
-        args.model, args.edits, args.batch_size, args.methods.split(","), args.eval_every,
+        args.model, args.edits or None, args.batch_size, args.methods.split(","), args.eval_every,
         seed=args.seed, device=args.device, out=args.out, corpus=args.corpus, stream=args.stream,
         layers=args.layers))
     args = p.parse_args(argv)
