@@ -22,15 +22,17 @@ import stats
 
 
 def memory_plan(cfg: M.Config, hp: "L.HParams", dtype: str, z_tokens: int, shares: list[float],
-                state_on_host: bool = False, n_edits: int = 0, stats_tokens: int = 8192) -> list[dict]:
+                state_on_host: bool = False, n_edits: int = 0, stats_tokens: int = 8192,
+                row_tokens: int | None = None) -> list[dict]:
     """Per device (in the order of `shares`: what each holds, e.g. its memory), the bytes a run
     needs at its peak, from the config alone (device_need), with the blocks placed to make the
     largest need / share as small as it can be (M.split_blocks; M.load places them so too:
     plan_stages). Against the measured peaks of two Llama-3-8B steps
     (docs/bench/llama3-8b-two-steps.txt, CounterFact, when E4's passes ran whole rows): 43.4
     planned for 40.5 GiB at 2048 tokens, 68.4 for 61.5 at 8192 (the solve's and the statistics' terms are not
-    measured on a GPU yet). With the state on the host a last row says what host memory it takes."""
-    need = device_need(cfg, hp, dtype, z_tokens, len(shares), state_on_host, n_edits, stats_tokens)
+    measured on a GPU yet). With the state on the host a last row says what host memory it takes.
+    row_tokens: the stream's longest target-value row (stream_row_tokens), None: the model's positions."""
+    need = device_need(cfg, hp, dtype, z_tokens, len(shares), state_on_host, n_edits, stats_tokens, row_tokens)
     stages = M.split_blocks(cfg.n_layers, lambda j, k, i: need(j, k, i)["need"], shares)
     rows = []
     for j in range(len(shares)):
@@ -59,7 +61,7 @@ def edit_layer_bytes(cfg: M.Config, hp: "L.HParams", dtype: str, n_edits: int = 
 
 
 def device_need(cfg: M.Config, hp: "L.HParams", dtype: str, z_tokens: int, n_devices: int,
-                state_on_host: bool = False, n_edits: int = 0, stats_tokens: int = 8192):
+                state_on_host: bool = False, n_edits: int = 0, stats_tokens: int = 8192, row_tokens=None):
     """need(j, k, i): what device j of n_devices holds at its peak when it runs blocks k..i-1, a
     dict of bytes: the weights in `dtype` (with the embeddings on the first device and the head on
     the last: M.fixed_bytes); each edit layer's state on its device — C, the method's edit memory
@@ -79,7 +81,7 @@ def device_need(cfg: M.Config, hp: "L.HParams", dtype: str, z_tokens: int, n_dev
     brought = brought_bytes(cfg, hp.method, columns_kept(hp, n_edits)) + W0 if state_on_host else 0
     solve = solve_bytes(cfg, hp.method) + brought
     weights = M.weight_need(model, dt, n_devices)
-    per_block, home, logits = target_value_bytes(cfg, hp, dt, z_tokens)
+    per_block, home, logits = target_value_bytes(cfg, hp, dt, z_tokens, row_tokens)
     head = 0 if cfg.tie_embeddings else n_devices - 1       # the device of the head (M.fixed_bytes)
     last = hp.layers[-1]
 
@@ -114,7 +116,8 @@ LOGIT_VALUES = 1.0   # vocabulary-wide float32 values a pass holds at its peak, 
 #   BPE, as the resident memory of each pass on the CPU (test_memory_plan_target_value_term_covers_a_...)
 
 
-def target_value_bytes(cfg: M.Config, hp: "L.HParams", dt: torch.dtype, z_tokens: int) -> tuple[int, int, int]:
+def target_value_bytes(cfg: M.Config, hp: "L.HParams", dt: torch.dtype, z_tokens: int,
+                       row_tokens: int | None = None) -> tuple[int, int, int]:
     """E4's memory, (per block above the last edit layer, on the first device, vocabulary-wide):
     one pass's activations kept for backward, about 6d + 4m values per token and block (6d + 2m
     for GPT-J and GPT-2) for at most z_tokens tokens, and its copy of the prefix cache
@@ -123,20 +126,52 @@ def target_value_bytes(cfg: M.Config, hp: "L.HParams", dt: torch.dtype, z_tokens
     output of the edit layer from each subject on and the KL rows' first log-probabilities
     (float32, V each); and a pass's logits at the positions the loss reads, with their gradients
     (LOGIT_VALUES a token slot, float32, V each: on the first device, where the loss is, and on
-    the head's). Rows: each request in every template and a KL row (ROME: one request at a time);
-    a pass's slots are at most those rows, each padded to the longest prefix and the longest suffix
-    (suffix_batches), each at most the model's positions (the run refuses longer inputs)."""
+    the head's). A pass's slots: pass_slots, each row padded to the longest prefix and suffix, at
+    most `row_tokens` where the stream is known (stream_row_tokens), else a prefix and a suffix of
+    at most the model's positions each (the run refuses longer inputs)."""
     d, m, kv = cfg.d_model, cfg.d_mlp, 2 * cfg.n_kv_heads * cfg.head_dim
-    one_at_a_time = L.method_of(hp.method).locate == "rome"
-    requests = 1 if one_at_a_time else hp.batch_size
-    templates = 1 + sum(count for _, count in L.method_of(hp.method).templates)
-    rows = requests * (templates + 1)
-    z_tokens = min(z_tokens, 2 * rows * cfg.max_positions)  # a pass: at most every row, a prefix and a suffix each
-    per_pass = z_tokens * (6 * d + (4 if cfg.llama_like else 2) * m + kv)
-    kept = rows * ROW_SLOTS * kv
-    home = rows * ROW_SLOTS * d * dt.itemsize + requests * cfg.vocab_size * 4
-    logits = math.ceil(LOGIT_VALUES * z_tokens) * cfg.vocab_size * 4
+    requests, rows = step_rows(hp)
+    slots = pass_slots(cfg, hp, z_tokens, row_tokens)
+    per_pass = slots * (6 * d + (4 if cfg.llama_like else 2) * m + kv)
+    row_slots = min(ROW_SLOTS, row_tokens or ROW_SLOTS)
+    kept = rows * row_slots * kv
+    home = rows * row_slots * d * dt.itemsize + requests * cfg.vocab_size * 4
+    logits = math.ceil(LOGIT_VALUES * slots) * cfg.vocab_size * 4
     return (per_pass + kept) * dt.itemsize, home, logits
+
+
+def step_rows(hp: "L.HParams") -> tuple[int, int]:
+    """(requests, target-value rows) of a step: each request in every template and a KL row (ROME:
+    one request at a time)."""
+    requests = 1 if L.method_of(hp.method).locate == "rome" else hp.batch_size
+    return requests, requests * (2 + sum(count for _, count in L.method_of(hp.method).templates))
+
+
+def pass_slots(cfg: M.Config, hp: "L.HParams", z_tokens: int, row_tokens: int | None = None) -> int:
+    """The token slots E4's largest pass holds: z_tokens, or fewer where the step's rows
+    (step_rows), each padded to `row_tokens` (else to two of the model's positions), take fewer; a
+    row longer than z_tokens is a pass of its own (suffix_batches)."""
+    rows = step_rows(hp)[1]
+    if row_tokens:
+        return max(min(z_tokens, rows * row_tokens), row_tokens)
+    return min(z_tokens, 2 * rows * cfg.max_positions)
+
+
+def stream_row_tokens(tok, requests, method: str) -> int:
+    """An upper bound on the tokens a target-value row of `requests` is padded to (z_rows, padded by
+    suffix_batches to the longest prefix plus the longest suffix): a context template's prefix
+    (twice its group's length: its generated text re-encodes to at most 5 tokens more, measured
+    on a random GPT-2-BPE model's; 0-3 on trained ones), each request's prompt up to its subject,
+    and from there its prompt's rest and its target; the KL rows ("{subject} is a") are within."""
+    template = 2 * max((length for length, _ in L.method_of(method).templates), default=0)
+    prefix = suffix = 0
+    for q in requests:
+        head = len(tok.encode(q.prompt[:q.prompt.index("{}")] + q.subject))
+        whole = len(tok.encode(q.prompt.replace("{}", q.subject, 1)))
+        kl = len(tok.encode(q.subject + " is a")) - len(tok.encode(q.subject)) + 1
+        prefix = max(prefix, head)
+        suffix = max(suffix, whole - head + len(L.ev.target_ids(tok, q.target_new)), kl)
+    return template + prefix + suffix
 
 
 def solve_bytes(cfg: M.Config, method: str) -> int:
@@ -198,6 +233,11 @@ def print_plan(args) -> int:
     fewer = f" (a step of {len(requests)}: all of --edits)" if requests and len(requests) < hp.batch_size else ""
     print(f"memory plan: {settings.model} ({cfg.arch}), {hp.method}, layers {list(hp.layers)}, {settings.dtype}, "
           f"--batch-size {hp.batch_size}{fewer}, --z-batch-tokens {settings.z_batch_tokens}{on_host} (GiB)")
+    row_tokens = run_row_tokens(settings, cfg, requests)
+    step = replace(hp, batch_size=min(hp.batch_size, len(requests))) if requests else hp
+    if row_tokens and (slots := pass_slots(cfg, step, settings.z_batch_tokens, row_tokens)) < settings.z_batch_tokens:
+        print(f"targets: a pass holds at most {slots} tokens, not --z-batch-tokens' {settings.z_batch_tokens}: a step's "
+              f"{step_rows(step)[1]} rows, each at most {row_tokens} (--edits' longest prompt and target, a template)")
     if hp.superseded == "remove" and L.method_of(hp.method).memory:
         per = 1000 * edit_column_bytes(cfg, hp.method)
         counted = (f"counted for the {kept_edit_count(requests)} of the {len(requests)} edits of --edits whose "
@@ -224,7 +264,18 @@ def run_memory_plan(settings: "L.Settings", cfg: M.Config, requests, shares: lis
     if requests:
         hp = replace(hp, batch_size=min(hp.batch_size, len(requests)))
     return memory_plan(cfg, hp, settings.dtype, settings.z_batch_tokens, shares, bool(settings.state_device),
-                       kept_edit_count(requests), settings.stats_batch_tokens)
+                       kept_edit_count(requests), settings.stats_batch_tokens, run_row_tokens(settings, cfg, requests))
+
+
+def run_row_tokens(settings: "L.Settings", cfg: M.Config, requests) -> int | None:
+    """stream_row_tokens of the run's requests with its checkpoint's tokenizer; None without
+    requests or without a readable tokenizer.json (planned before the download, where the run
+    checks it: the config's bound)."""
+    try:
+        tok = M.Tokenizer(Path(settings.model), cfg) if requests else None
+    except M.CheckpointError:
+        tok = None
+    return stream_row_tokens(tok, requests, settings.hparams.method) if tok else None
 
 
 def kept_edit_count(requests) -> int:

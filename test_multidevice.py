@@ -646,6 +646,59 @@ def test_memory_plan_target_value_term_covers_a_measured_pass(tmp_path, kind, d,
             assert peak > activations
 
 
+def test_the_plans_row_bound_covers_every_target_value_row_of_the_stream(tmp_path):
+    """stream_row_tokens, the longest prefix plus the longest suffix a pass pads E4's rows to,
+    from the requests and the tokenizer alone (the templates are not made yet when the run
+    plans): never below what z_rows and the method's own templates make, and within the two
+    template lengths it allows, for three tokenizers (the fact model's, stories260K's, GPT-2's
+    BPE on a random model, whose templates re-encode longest), both template settings, CounterFact,
+    zsRE and the stories' requests."""
+    import bench
+    config = bench.LLAMA | dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+                                intermediate_size=128, vocab_size=50257, bos_token_id=50256, eos_token_id=50256)
+    models = (M.load(FIX / "factmodel-ci"), M.load(STORIES),
+              M.load(bench.make_checkpoint(tmp_path / "bpe", config, torch.float32, "cpu")))
+    streams = [load_requests(FIX / name, limit=100)[0]
+               for name in ("counterfact-easyedit.json", "zsre-mend.json", "stories-edits.json")]
+    for m, method, requests, seed in itertools.product(models, ("lyaplock", "rome"), streams, (0, 1)):
+        rows = L.z_rows(m.tokenizer, requests, L.method_templates(m, seed, method))
+        padded = max(r.lookup for r in rows) + max(len(r.ids) - r.lookup for r in rows)
+        bound = plan.stream_row_tokens(m.tokenizer, requests, method)
+        assert padded <= bound <= padded + 20, (m.cfg.vocab_size, method, len(requests), seed, padded, bound)
+
+
+def test_a_small_steps_plan_counts_the_tokens_its_rows_hold(capsys):
+    """At --batch-size 1 a pass holds the step's 7 rows, not --z-batch-tokens' 2,048 slots: with the
+    stream known, the plan counts the slots its rows can fill (pass_slots: at least those E4's
+    passes hold, from suffix_batches, and a sixth or less of 2,048; the bytes per slot are the
+    ones a measured pass checks, test_memory_plan_target_value_term_covers_a_measured_pass), so its
+    target-value term is several times smaller than the config's bound, used before the tokenizer
+    is there; --plan says so. (A pass this small cannot be measured in resident memory: its
+    tensors come from pages the process already holds.)"""
+    m = M.load(FIX / "factmodel-ci")
+    for method, batch in (("lyaplock", 1), ("lyaplock", 4), ("rome", 10)):
+        hp = L.HParams(method=method, layers=(1,), batch_size=batch)
+        for name in ("counterfact-easyedit.json", "zsre-mend.json"):
+            requests = load_requests(FIX / name, limit=batch if method != "rome" else 1)[0]
+            rows = L.z_rows(m.tokenizer, requests, L.method_templates(m, 0, method))
+            held = max(len(i) * (max(rows[j].lookup for j in i) + max(len(rows[j].ids) - rows[j].lookup for j in i))
+                       for i in L.suffix_batches(rows, 2048))
+            slots = plan.pass_slots(m.cfg, hp, 2048, plan.stream_row_tokens(m.tokenizer, requests, method))
+            assert held <= slots <= 2048 and (slots <= 2048 / 6 or batch > 1), (method, name, held, slots)
+    hp = L.HParams(layers=(1,), batch_size=1)
+    row_tokens = plan.stream_row_tokens(m.tokenizer, load_requests(FIX / "zsre-mend.json", limit=1)[0], "lyaplock")
+    known, unknown = (plan.target_value_bytes(m.cfg, hp, torch.float32, 2048, r) for r in (row_tokens, None))
+    assert unknown[0] > 4 * known[0] and unknown[2] > 4 * known[2]
+    flags = ["--plan", "--model", str(FIX / "factmodel-ci"), "--batch-size", "1"]
+    assert L.main(flags) == 0
+    without = capsys.readouterr().out
+    assert L.main([*flags, "--edits", str(FIX / "factmodel-ci" / "edits.json"), "--limit", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "targets: a pass holds at most " in out and "targets: " not in without
+    targets = lambda text: float(text.splitlines()[-1].split()[4])
+    assert targets(without) > 3 * targets(out)
+
+
 def test_memory_plan_statistics_term_covers_a_measured_collection(tmp_path):
     """The plan's statistics term (stats.collection_bytes: the float64 sums, exact, and a batch's
     activations, estimated) against the resident memory of collect_stats on the CPU (bf16
