@@ -571,6 +571,8 @@ def context_templates(model: M.CausalLM, seed: int, groups=((10, 5),), brace: st
     writes itself from "The", "Therefore", "Because", "I", "You" (count/5 each; `length` tokens,
     top-k 5, seeded), each as prefix + ". {}", its braces made `brace`. MEMIT's family: one group
     (10, 5), braces as spaces; ROME: (5, 10) and (10, 10), 21 templates, braces dropped."""
+    if any(count < 5 or count % 5 for _, count in groups):
+        raise ValueError(f"context template groups {groups!r}: each count a multiple of 5 (a template per start word)")
     out = [["{}"]]
     for g, (length, count) in enumerate(groups):          # (ROME's generate_fast, as fluency's texts)
         texts = ev.generate_texts(model, ["The", "Therefore", "Because", "I", "You"] * (count // 5), length,

@@ -99,8 +99,9 @@ def corpus_sequences(model: M.CausalLM, corpus: Path, n_tokens: int, max_len: in
     seqs = stats_sequences(model.tokenizer, data.read_corpus(corpus), n_tokens, max_len)
     total, m = sum(map(len, seqs)), model.cfg.d_mlp
     if total < m:
-        raise StatisticsError(f"{corpus}: the statistics corpus has {total} tokens; C ({m}×{m}) needs at least "
-                              f"d_mlp = {m} tokens, or it is singular (--stats-tokens, --stats-corpus)")
+        taken = f"{total} tokens taken (--stats-tokens {n_tokens})" if n_tokens else f"the corpus has {total} tokens"
+        raise StatisticsError(f"{corpus}: {taken}; C ({m}×{m}) needs at least d_mlp = {m} tokens, or it is singular "
+                              "(more tokens, or another corpus)")
     return seqs, total
 
 

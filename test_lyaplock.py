@@ -1051,6 +1051,8 @@ def test_context_templates_are_seeded():
     assert t[0] == ["{}"] and len(t[1]) == 5 and all(s.endswith(". {}") for s in t[1])
     assert t == L.context_templates(m, seed=1) and t != L.context_templates(m, seed=2)
     assert all(s.startswith(w) for s, w in zip(t[1], ["The", "Therefore", "Because", "I", "You"]))
+    with pytest.raises(ValueError, match="each count a multiple of 5"):     # (was an empty group, silently)
+        L.context_templates(m, 0, ((10, 3),))
 
 
 def test_a_generated_brace_becomes_what_each_method_s_code_makes_of_it(monkeypatch):
@@ -2083,8 +2085,12 @@ def test_a_bfloat16_editor_saves_the_model_it_evaluated_in_the_checkpoints_dtype
                        stats_cache=tmp_path / "cache")
     ed.edit(data.load_requests(src / "edits.json", limit=4)[0])
     ed.save(tmp_path / "edited")
+    stored = {code for _, code, _ in M.tensor_headers(M.weight_files(tmp_path / "edited")).values()}
+    assert stored == {code for _, code, _ in M.tensor_headers(M.weight_files(src)).values()} == {"F32"}
     saved, wide, original = (M.load(tmp_path / "edited", dtype="bfloat16"), M.load(tmp_path / "edited"), M.load(src))
-    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), ed.model.state_dict().values()))
+    mine = ed.model.state_dict()
+    assert saved.state_dict().keys() == mine.keys()
+    assert all(torch.equal(t, mine[n]) for n, t in saved.state_dict().items())
     edited = {n for l in ed.hparams.layers for n in wide.edit_tensors([l])}
     assert edited and edited <= wide.state_dict().keys()
     for n, t in wide.state_dict().items():
