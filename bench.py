@@ -240,7 +240,8 @@ def edit_step(m, ckpt, layers, method, C, device, n_edits, seed=0, z_tokens=2048
     if device == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
     dtype = next(name for name, dt in M.DTYPES.items() if dt == m.embed.weight.dtype)
-    planned = plan.memory_plan(m.cfg, hp, dtype, z_tokens, [1.0], state_on_host=bool(state_device))[0]
+    planned = plan.memory_plan(m.cfg, hp, dtype, z_tokens, [1.0], state_on_host=bool(state_device),
+                               stream=plan.stream_tokens(m.tokenizer, batch, hp.method, m.cfg))[0]
     out["planned_gib"] = planned["need"] / 2 ** 30           # what --plan says for this step, beside the peak
     sync(device)
     t = time.perf_counter()

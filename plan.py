@@ -13,6 +13,7 @@ import math
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -23,7 +24,7 @@ import stats
 
 def memory_plan(cfg: M.Config, hp: "L.HParams", dtype: str, z_tokens: int, shares: list[float],
                 state_on_host: bool = False, n_edits: int = 0, stats_tokens: int = 8192,
-                row_tokens: int | None = None) -> list[dict]:
+                stream: StreamTokens | None = None) -> list[dict]:
     """Per device (in the order of `shares`: what each holds, e.g. its memory), the bytes a run
     needs at its peak, from the config alone (device_need), with the blocks placed to make the
     largest need / share as small as it can be (M.split_blocks; M.load places them so too:
@@ -31,8 +32,8 @@ def memory_plan(cfg: M.Config, hp: "L.HParams", dtype: str, z_tokens: int, share
     (docs/bench/llama3-8b-two-steps.txt, CounterFact, when E4's passes ran whole rows): 43.4
     planned for 40.5 GiB at 2048 tokens, 68.4 for 61.5 at 8192 (the solve's and the statistics' terms are not
     measured on a GPU yet). With the state on the host a last row says what host memory it takes.
-    row_tokens: the stream's longest target-value row (stream_row_tokens), None: the model's positions."""
-    need = device_need(cfg, hp, dtype, z_tokens, len(shares), state_on_host, n_edits, stats_tokens, row_tokens)
+    stream: the stream's row and target lengths (stream_tokens), None: the model's positions."""
+    need = device_need(cfg, hp, dtype, z_tokens, len(shares), state_on_host, n_edits, stats_tokens, stream)
     stages = M.split_blocks(cfg.n_layers, lambda j, k, i: need(j, k, i)["need"], shares)
     rows = []
     for j in range(len(shares)):
@@ -61,7 +62,7 @@ def edit_layer_bytes(cfg: M.Config, hp: "L.HParams", dtype: str, n_edits: int = 
 
 
 def device_need(cfg: M.Config, hp: "L.HParams", dtype: str, z_tokens: int, n_devices: int,
-                state_on_host: bool = False, n_edits: int = 0, stats_tokens: int = 8192, row_tokens=None):
+                state_on_host: bool = False, n_edits: int = 0, stats_tokens: int = 8192, stream=None):
     """need(j, k, i): what device j of n_devices holds at its peak when it runs blocks k..i-1, a
     dict of bytes: the weights in `dtype` (with the embeddings on the first device and the head on
     the last: M.fixed_bytes); each edit layer's state on its device — C, the method's edit memory
@@ -81,7 +82,7 @@ def device_need(cfg: M.Config, hp: "L.HParams", dtype: str, z_tokens: int, n_dev
     brought = brought_bytes(cfg, hp.method, columns_kept(hp, n_edits)) + W0 if state_on_host else 0
     solve = solve_bytes(cfg, hp.method) + brought
     weights = M.weight_need(model, dt, n_devices)
-    per_block, home, logits = target_value_bytes(cfg, hp, dt, z_tokens, row_tokens)
+    per_block, home, logits = target_value_bytes(cfg, hp, dt, z_tokens, stream)
     head = 0 if cfg.tie_embeddings else n_devices - 1       # the device of the head (M.fixed_bytes)
     last = hp.layers[-1]
 
@@ -117,27 +118,29 @@ LOGIT_VALUES = 1.0   # vocabulary-wide float32 values a pass holds at its peak, 
 
 
 def target_value_bytes(cfg: M.Config, hp: "L.HParams", dt: torch.dtype, z_tokens: int,
-                       row_tokens: int | None = None) -> tuple[int, int, int]:
+                       stream: StreamTokens | None = None) -> tuple[int, int, int]:
     """E4's memory, (per block above the last edit layer, on the first device, vocabulary-wide):
     one pass's activations kept for backward, about 6d + 4m values per token and block (6d + 2m
-    for GPT-J and GPT-2) for at most z_tokens tokens, and its copy of the prefix cache
-    (suffix_batches holds a pass to z_tokens slots); beside them, all the step's passes keep their
-    prefix caches (rows × ROW_SLOTS keys and values per block) and, on the first device, the
-    output of the edit layer from each subject on and the KL rows' first log-probabilities
-    (float32, V each); and a pass's logits at the positions the loss reads, with their gradients
-    (LOGIT_VALUES a token slot, float32, V each: on the first device, where the loss is, and on
-    the head's). A pass's slots: pass_slots, each row padded to the longest prefix and suffix, at
-    most `row_tokens` where the stream is known (stream_row_tokens), else a prefix and a suffix of
-    at most the model's positions each (the run refuses longer inputs)."""
+    for GPT-J and GPT-2) for its slots (pass_slots), and its copy of the prefix cache; beside
+    them, all the step's passes keep their prefix caches (rows × ROW_SLOTS keys and values per
+    block, a row's at most its length) and, on the first device, the output of the edit layer
+    from each subject on and the KL rows' first log-probabilities (float32, V each); and a pass's
+    logits at the positions the loss reads, with their gradients (float32, V each: on the first
+    device, where the loss is, and on the head's): LOGIT_VALUES a slot, or, where one pass holds
+    the whole step of a known stream, three for every row's positions (the longest target's
+    count) and three more for each KL row's terms."""
     d, m, kv = cfg.d_model, cfg.d_mlp, 2 * cfg.n_kv_heads * cfg.head_dim
     requests, rows = step_rows(hp)
-    slots = pass_slots(cfg, hp, z_tokens, row_tokens)
+    slots = pass_slots(cfg, hp, z_tokens, stream)
     per_pass = slots * (6 * d + (4 if cfg.llama_like else 2) * m + kv)
-    row_slots = min(ROW_SLOTS, row_tokens or ROW_SLOTS)
+    row_slots = min(ROW_SLOTS, stream.row if stream else ROW_SLOTS)
     kept = rows * row_slots * kv
     home = rows * row_slots * d * dt.itemsize + requests * cfg.vocab_size * 4
-    logits = math.ceil(LOGIT_VALUES * slots) * cfg.vocab_size * 4
-    return (per_pass + kept) * dt.itemsize, home, logits
+    if stream and rows * stream.row <= z_tokens:            # one pass: its positions are known
+        logit_values = 3 * rows * stream.target + 3 * requests
+    else:
+        logit_values = math.ceil(LOGIT_VALUES * slots)
+    return (per_pass + kept) * dt.itemsize, home, logit_values * cfg.vocab_size * 4
 
 
 def step_rows(hp: "L.HParams") -> tuple[int, int]:
@@ -147,31 +150,44 @@ def step_rows(hp: "L.HParams") -> tuple[int, int]:
     return requests, requests * (2 + sum(count for _, count in L.method_of(hp.method).templates))
 
 
-def pass_slots(cfg: M.Config, hp: "L.HParams", z_tokens: int, row_tokens: int | None = None) -> int:
-    """The token slots E4's largest pass holds: z_tokens, or fewer where the step's rows
-    (step_rows), each padded to `row_tokens` (else to two of the model's positions), take fewer; a
-    row longer than z_tokens is a pass of its own (suffix_batches)."""
+def pass_slots(cfg: M.Config, hp: "L.HParams", z_tokens: int, stream: StreamTokens | None = None) -> int:
+    """The token slots E4's largest pass holds (suffix_batches: its rows, each padded to the
+    longest prefix and suffix): z_tokens, or fewer where the step's rows (step_rows) take fewer,
+    each at most the stream's longest (stream_tokens), else a prefix and a suffix of the model's
+    positions; a row longer than z_tokens is a pass of its own."""
     rows = step_rows(hp)[1]
-    if row_tokens:
-        return max(min(z_tokens, rows * row_tokens), row_tokens)
+    if stream:
+        return max(min(z_tokens, rows * stream.row), stream.row)
     return min(z_tokens, 2 * rows * cfg.max_positions)
 
 
-def stream_row_tokens(tok, requests, method: str) -> int:
-    """An upper bound on the tokens a target-value row of `requests` is padded to (z_rows, padded by
-    suffix_batches to the longest prefix plus the longest suffix): a context template's prefix
-    (twice its group's length: its generated text re-encodes to at most 5 tokens more, measured
-    on a random GPT-2-BPE model's; 0-3 on trained ones), each request's prompt up to its subject,
-    and from there its prompt's rest and its target; the KL rows ("{subject} is a") are within."""
-    template = 2 * max((length for length, _ in L.method_of(method).templates), default=0)
-    prefix = suffix = 0
+class StreamTokens(NamedTuple):
+    row: int        # the most tokens a target-value row is padded to: its prefix and suffix
+    target: int     # the longest target, in tokens
+
+
+TEMPLATE_FACTOR = 3     # a context template of n generated tokens re-encodes to at most 3n: a byte-
+#   fallback tokenizer's lone byte decodes to "�", three byte tokens again (random models: +14 on 20;
+#   GPT-2's BPE re-merging a random model's text: +8 on 10); trained models' text, 0-3 more
+
+
+def stream_tokens(tok, requests, method: str, cfg: M.Config) -> StreamTokens | None:
+    """A bound on E4's rows for `requests` (z_rows; the templates are not made when a run plans):
+    the longest prefix — a context template's (TEMPLATE_FACTOR × its group's length) and a prompt
+    up to its subject — plus the longest suffix — the prompt's rest and its target, or a KL row's
+    " is a" — and the longest target. A request longer than the model's positions is left out
+    (the run refuses it, or skips it with --skip-bad); None if none is left."""
+    template = TEMPLATE_FACTOR * max((length for length, _ in L.method_of(method).templates), default=0)
+    prefix = suffix = target = 0
     for q in requests:
         head = len(tok.encode(q.prompt[:q.prompt.index("{}")] + q.subject))
         whole = len(tok.encode(q.prompt.replace("{}", q.subject, 1)))
+        new = len(L.ev.target_ids(tok, q.target_new))
+        if whole + new > cfg.position_limit[0]:
+            continue
         kl = len(tok.encode(q.subject + " is a")) - len(tok.encode(q.subject)) + 1
-        prefix = max(prefix, head)
-        suffix = max(suffix, whole - head + len(L.ev.target_ids(tok, q.target_new)), kl)
-    return template + prefix + suffix
+        prefix, suffix, target = max(prefix, head), max(suffix, whole - head + new, kl), max(target, new)
+    return StreamTokens(template + prefix + suffix, target) if target else None
 
 
 def solve_bytes(cfg: M.Config, method: str) -> int:
@@ -233,11 +249,13 @@ def print_plan(args) -> int:
     fewer = f" (a step of {len(requests)}: all of --edits)" if requests and len(requests) < hp.batch_size else ""
     print(f"memory plan: {settings.model} ({cfg.arch}), {hp.method}, layers {list(hp.layers)}, {settings.dtype}, "
           f"--batch-size {hp.batch_size}{fewer}, --z-batch-tokens {settings.z_batch_tokens}{on_host} (GiB)")
-    row_tokens = run_row_tokens(settings, cfg, requests)
+    stream = run_stream_tokens(settings, cfg, requests)
     step = replace(hp, batch_size=min(hp.batch_size, len(requests))) if requests else hp
-    if row_tokens and (slots := pass_slots(cfg, step, settings.z_batch_tokens, row_tokens)) < settings.z_batch_tokens:
-        print(f"targets: a pass holds at most {slots} tokens, not --z-batch-tokens' {settings.z_batch_tokens}: a step's "
-              f"{step_rows(step)[1]} rows, each at most {row_tokens} (--edits' longest prompt and target, a template)")
+    if stream and (slots := pass_slots(cfg, step, settings.z_batch_tokens, stream)) != settings.z_batch_tokens:
+        n_requests, n_rows = step_rows(step)
+        print(f"targets: a pass holds at most {slots} tokens, not --z-batch-tokens' {settings.z_batch_tokens}: "
+              f"{'one request' if n_requests == 1 else f'a step of {n_requests} requests'} makes {n_rows} rows, each "
+              f"at most {stream.row} tokens (a context template, then --edits' longest prompt and target)")
     if hp.superseded == "remove" and L.method_of(hp.method).memory:
         per = 1000 * edit_column_bytes(cfg, hp.method)
         counted = (f"counted for the {kept_edit_count(requests)} of the {len(requests)} edits of --edits whose "
@@ -264,18 +282,18 @@ def run_memory_plan(settings: "L.Settings", cfg: M.Config, requests, shares: lis
     if requests:
         hp = replace(hp, batch_size=min(hp.batch_size, len(requests)))
     return memory_plan(cfg, hp, settings.dtype, settings.z_batch_tokens, shares, bool(settings.state_device),
-                       kept_edit_count(requests), settings.stats_batch_tokens, run_row_tokens(settings, cfg, requests))
+                       kept_edit_count(requests), settings.stats_batch_tokens, run_stream_tokens(settings, cfg, requests))
 
 
-def run_row_tokens(settings: "L.Settings", cfg: M.Config, requests) -> int | None:
-    """stream_row_tokens of the run's requests with its checkpoint's tokenizer; None without
-    requests or without a readable tokenizer.json (planned before the download, where the run
-    checks it: the config's bound)."""
+def run_stream_tokens(settings: "L.Settings", cfg: M.Config, requests) -> StreamTokens | None:
+    """stream_tokens of the run's requests with its checkpoint's tokenizer; None without requests
+    or without a readable tokenizer.json (planned before the download, where the run checks it:
+    the config's bound)."""
     try:
         tok = M.Tokenizer(Path(settings.model), cfg) if requests else None
     except M.CheckpointError:
         tok = None
-    return stream_row_tokens(tok, requests, settings.hparams.method) if tok else None
+    return stream_tokens(tok, requests, settings.hparams.method, cfg) if tok else None
 
 
 def kept_edit_count(requests) -> int:

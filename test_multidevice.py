@@ -647,54 +647,97 @@ def test_memory_plan_target_value_term_covers_a_measured_pass(tmp_path, kind, d,
 
 
 def test_the_plans_row_bound_covers_every_target_value_row_of_the_stream(tmp_path):
-    """stream_row_tokens, the longest prefix plus the longest suffix a pass pads E4's rows to,
-    from the requests and the tokenizer alone (the templates are not made yet when the run
-    plans): never below what z_rows and the method's own templates make, and within the two
-    template lengths it allows, for three tokenizers (the fact model's, stories260K's, GPT-2's
-    BPE on a random model, whose templates re-encode longest), both template settings, CounterFact,
-    zsRE and the stories' requests."""
+    """stream_tokens, the longest prefix plus the longest suffix a pass pads E4's rows to, from
+    the requests and the tokenizer alone (the templates are not made yet when the run plans): never
+    below what z_rows and the method's own templates make, for the fact model's and stories260K's
+    tokenizers, and on random models, whose templates re-encode longest, with GPT-2's BPE (with
+    and without a BOS) and stories260K's byte fallback (a lone byte decodes to three tokens'
+    worth), both template settings, seeds 0-5, CounterFact, zsRE, the stories' requests and ones
+    made to end at their subject (a KL row the longest suffix), a long target, a subject glued to
+    the next word; the longest target is counted; a request past the positions is left out."""
     import bench
-    config = bench.LLAMA | dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
-                                intermediate_size=128, vocab_size=50257, bos_token_id=50256, eos_token_id=50256)
-    models = (M.load(FIX / "factmodel-ci"), M.load(STORIES),
-              M.load(bench.make_checkpoint(tmp_path / "bpe", config, torch.float32, "cpu")))
+    from data import Request
+    small = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, intermediate_size=128)
+    configs = dict(bos=bench.LLAMA | small | dict(vocab_size=50257, bos_token_id=50256, eos_token_id=50256),
+                   nobos=dict(model_type="gpt2", n_embd=64, n_layer=3, n_head=4, n_positions=1024, vocab_size=50257,
+                              bos_token_id=50256, eos_token_id=50256),
+                   bytes=json.loads((STORIES / "config.json").read_text()))
+    models = [M.load(FIX / "factmodel-ci"), M.load(STORIES)]
+    for name, config in configs.items():
+        d = bench.make_checkpoint(tmp_path / name, config, torch.float32, "cpu")
+        if name == "bytes":
+            for f in ("tokenizer.json", "tokenizer_config.json"):
+                shutil.copy(STORIES / f, d / f)
+        models.append(M.load(d))
+    made = lambda prompt, subject, target: Request(case_id=0, prompt=prompt, subject=subject, target_new=target,
+                                                   target_true=None, paraphrase_prompts=(), neighborhood_prompts=(),
+                                                   neighborhood_answers=())
     streams = [load_requests(FIX / name, limit=100)[0]
                for name in ("counterfact-easyedit.json", "zsre-mend.json", "stories-edits.json")]
-    for m, method, requests, seed in itertools.product(models, ("lyaplock", "rome"), streams, (0, 1)):
+    streams += [[made("Known as {}", "ooooooooooooooooitans", "X")], [made("{}", "ynchronous Systems", "a")],
+                [made("The capital of {} is", "France", " ".join(["Paris"] * 20))]]
+    for m, method, requests, seed in itertools.product(models, ("lyaplock", "rome"), streams, range(6)):
         rows = L.z_rows(m.tokenizer, requests, L.method_templates(m, seed, method))
         padded = max(r.lookup for r in rows) + max(len(r.ids) - r.lookup for r in rows)
-        bound = plan.stream_row_tokens(m.tokenizer, requests, method)
-        assert padded <= bound <= padded + 20, (m.cfg.vocab_size, method, len(requests), seed, padded, bound)
+        bound = plan.stream_tokens(m.tokenizer, requests, method, m.cfg)
+        assert padded <= bound.row and bound.target == max(len(r.targets) for r in rows), (
+            m.cfg.arch, m.cfg.vocab_size, method, requests[0], seed, padded, bound)
+    too_long = made("{} " + "word " * 600, "France", "Paris")
+    assert plan.stream_tokens(models[1].tokenizer, [*streams[0][:2], too_long], "lyaplock", models[1].cfg) == \
+        plan.stream_tokens(models[1].tokenizer, streams[0][:2], "lyaplock", models[1].cfg)
+    assert plan.stream_tokens(models[1].tokenizer, [too_long], "lyaplock", models[1].cfg) is None
 
 
-def test_a_small_steps_plan_counts_the_tokens_its_rows_hold(capsys):
+def test_a_small_steps_plan_counts_the_tokens_its_rows_hold(tmp_path, capsys):
     """At --batch-size 1 a pass holds the step's 7 rows, not --z-batch-tokens' 2,048 slots: with the
     stream known, the plan counts the slots its rows can fill (pass_slots: at least those E4's
-    passes hold, from suffix_batches, and a sixth or less of 2,048; the bytes per slot are the
-    ones a measured pass checks, test_memory_plan_target_value_term_covers_a_measured_pass), so its
-    target-value term is several times smaller than the config's bound, used before the tokenizer
-    is there; --plan says so. (A pass this small cannot be measured in resident memory: its
-    tensors come from pages the process already holds.)"""
+    passes hold, from suffix_batches, at --z-batch-tokens 2,048 and at 30, below a row; at 2,048 a
+    fifth of it at most), a row's kept cache at most its length, and, where one pass holds the
+    step, its logits by the longest target: a measured pass of one request with a 1- to 40-token
+    target on GPT-2's shape (where the logits weigh most) within the plan, whose activations are
+    a third of the config's bound, used before the tokenizer is there. --plan says so."""
     m = M.load(FIX / "factmodel-ci")
     for method, batch in (("lyaplock", 1), ("lyaplock", 4), ("rome", 10)):
         hp = L.HParams(method=method, layers=(1,), batch_size=batch)
-        for name in ("counterfact-easyedit.json", "zsre-mend.json"):
+        for name, z_tokens in itertools.product(("counterfact-easyedit.json", "zsre-mend.json"), (2048, 30)):
             requests = load_requests(FIX / name, limit=batch if method != "rome" else 1)[0]
             rows = L.z_rows(m.tokenizer, requests, L.method_templates(m, 0, method))
             held = max(len(i) * (max(rows[j].lookup for j in i) + max(len(rows[j].ids) - rows[j].lookup for j in i))
-                       for i in L.suffix_batches(rows, 2048))
-            slots = plan.pass_slots(m.cfg, hp, 2048, plan.stream_row_tokens(m.tokenizer, requests, method))
-            assert held <= slots <= 2048 and (slots <= 2048 / 6 or batch > 1), (method, name, held, slots)
+                       for i in L.suffix_batches(rows, z_tokens))
+            stream = plan.stream_tokens(m.tokenizer, requests, method, m.cfg)
+            slots = plan.pass_slots(m.cfg, hp, z_tokens, stream)
+            assert held <= slots and (slots <= z_tokens or slots == stream.row), (method, name, held, slots)
+            assert batch > 1 or z_tokens < 2048 or slots <= 2048 / 5
+    import bench
+    from data import Request
+    config = dict(model_type="gpt2", n_embd=256, n_layer=5, n_head=8, n_inner=1024, n_positions=1024,
+                  vocab_size=50257, bos_token_id=50256, eos_token_id=50256)
+    g = M.load(bench.make_checkpoint(tmp_path / "gpt2", config, torch.float32, "cpu"), dtype="bfloat16")
     hp = L.HParams(layers=(1,), batch_size=1)
-    row_tokens = plan.stream_row_tokens(m.tokenizer, load_requests(FIX / "zsre-mend.json", limit=1)[0], "lyaplock")
-    known, unknown = (plan.target_value_bytes(m.cfg, hp, torch.float32, 2048, r) for r in (row_tokens, None))
-    assert unknown[0] > 4 * known[0] and unknown[2] > 4 * known[2]
+    templates = L.context_templates(g, 0)
+    kv = 2 * g.cfg.n_kv_heads * g.cfg.head_dim
+    for words in (1, 10, 40):
+        q = Request(case_id=1, prompt="The capital of {} is", subject="France", target_new=" ".join(["Paris"] * words),
+                    target_true=None, paraphrase_prompts=(), neighborhood_prompts=(), neighborhood_answers=())
+        rows = L.z_rows(g.tokenizer, [q], templates)
+        stream = plan.stream_tokens(g.tokenizer, [q], "lyaplock", g.cfg)
+        per_block, _, logits = plan.target_value_bytes(g.cfg, hp, torch.bfloat16, 2048, stream)
+        planned = (per_block - len(rows) * min(plan.ROW_SLOTS, stream.row) * kv * 2) * 3 + logits   # blocks 2..4
+        chunks = L._chunks(g, rows, 1, 2048)
+        rewrites = torch.ones(1)
+        delta = torch.zeros(1, 256)
+        L._fit_loss(g, chunks, delta, 1, rewrites, hp.kl_factor, False)               # sets kl_init
+        peak = resident_peak(lambda: L._fit_loss(g, chunks, delta, 1, rewrites, hp.kl_factor, True))
+        assert len(chunks) == 1 and peak <= planned, (words, peak / 2 ** 20, planned / 2 ** 20)
+        unknown = plan.target_value_bytes(g.cfg, hp, torch.bfloat16, 2048)
+        assert unknown[0] > 3 * per_block and (words > 1 or unknown[2] > 6 * logits)
     flags = ["--plan", "--model", str(FIX / "factmodel-ci"), "--batch-size", "1"]
     assert L.main(flags) == 0
     without = capsys.readouterr().out
     assert L.main([*flags, "--edits", str(FIX / "factmodel-ci" / "edits.json"), "--limit", "10"]) == 0
     out = capsys.readouterr().out
-    assert "targets: a pass holds at most " in out and "targets: " not in without
+    assert "targets: a pass holds at most " in out and "one request makes 7 rows, each at most " in out
+    assert "targets: " not in without
     targets = lambda text: float(text.splitlines()[-1].split()[4])
     assert targets(without) > 3 * targets(out)
 
