@@ -676,12 +676,14 @@ def test_the_plans_row_bound_covers_every_target_value_row_of_the_stream(tmp_pat
                for name in ("counterfact-easyedit.json", "zsre-mend.json", "stories-edits.json")]
     streams += [[made("Known as {}", "ooooooooooooooooitans", "X")], [made("{}", "ynchronous Systems", "a")],
                 [made("The capital of {} is", "France", " ".join(["Paris"] * 20))]]
-    for m, method, requests, seed in itertools.product(models, ("lyaplock", "rome"), streams, range(6)):
-        rows = L.z_rows(m.tokenizer, requests, L.method_templates(m, seed, method))
-        padded = max(r.lookup for r in rows) + max(len(r.ids) - r.lookup for r in rows)
-        bound = plan.stream_tokens(m.tokenizer, requests, method, m.cfg)
-        assert padded <= bound.row and bound.target == max(len(r.targets) for r in rows), (
-            m.cfg.arch, m.cfg.vocab_size, method, requests[0], seed, padded, bound)
+    for m, method, seed in itertools.product(models, ("lyaplock", "rome"), range(6)):
+        templates = L.method_templates(m, seed, method)
+        for requests in streams:
+            rows = L.z_rows(m.tokenizer, requests, templates)
+            padded = max(r.lookup for r in rows) + max(len(r.ids) - r.lookup for r in rows)
+            bound = plan.stream_tokens(m.tokenizer, requests, method, m.cfg)
+            assert padded <= bound.row and bound.target == max(len(r.targets) for r in rows), (
+                m.cfg.arch, m.cfg.vocab_size, method, requests[0], seed, padded, bound)
     too_long = made("{} " + "word " * 600, "France", "Paris")
     assert plan.stream_tokens(models[1].tokenizer, [*streams[0][:2], too_long], "lyaplock", models[1].cfg) == \
         plan.stream_tokens(models[1].tokenizer, streams[0][:2], "lyaplock", models[1].cfg)
