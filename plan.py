@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
@@ -126,9 +127,8 @@ def target_value_bytes(cfg: M.Config, hp: "L.HParams", dt: torch.dtype, z_tokens
     block, a row's at most its length) and, on the first device, the output of the edit layer
     from each subject on and the KL rows' first log-probabilities (float32, V each); and a pass's
     logits at the positions the loss reads, with their gradients (float32, V each: on the first
-    device, where the loss is, and on the head's): LOGIT_VALUES a slot, or, where one pass holds
-    the whole step of a known stream, three for every row's positions (the longest target's
-    count) and three more for each KL row's terms."""
+    device, where the loss is, and on the head's): LOGIT_VALUES a slot, or, for a known stream,
+    more where its targets make a pass read more (logit_values)."""
     d, m, kv = cfg.d_model, cfg.d_mlp, 2 * cfg.n_kv_heads * cfg.head_dim
     requests, rows = step_rows(hp)
     slots = pass_slots(cfg, hp, z_tokens, stream)
@@ -136,11 +136,27 @@ def target_value_bytes(cfg: M.Config, hp: "L.HParams", dt: torch.dtype, z_tokens
     row_slots = min(ROW_SLOTS, stream.row if stream else ROW_SLOTS)
     kept = rows * row_slots * kv
     home = rows * row_slots * d * dt.itemsize + requests * cfg.vocab_size * 4
-    if stream and rows * stream.row <= z_tokens:            # one pass: its positions are known
-        logit_values = 3 * rows * stream.target + 3 * requests
-    else:
-        logit_values = math.ceil(LOGIT_VALUES * slots)
-    return (per_pass + kept) * dt.itemsize, home, logit_values * cfg.vocab_size * 4
+    return (per_pass + kept) * dt.itemsize, home, logit_values(cfg, rows, requests, slots, stream) * cfg.vocab_size * 4
+
+
+POSITION_VALUES = 3.5   # vocabulary-wide float32 values a pass holds per position its loss reads: the
+#   log-probabilities, their gradient, the logits' gradient (measured 3.09 on GPT-2's shape); with a
+#   final soft cap (Gemma 2) its saved tanh, 0.5 more (3.81 measured)
+
+
+def logit_values(cfg: M.Config, rows: int, requests: int, slots: int, stream: StreamTokens | None) -> int:
+    """Vocabulary-wide values of a pass's logits: LOGIT_VALUES a slot (measured on CounterFact and
+    zsRE); for a known stream at least POSITION_VALUES for each position its loss can read — a pass
+    of b rows pads every row to its longest target k (b·k positions), each row at least the
+    shortest prompt and k − 1 tokens long, so b·k ≤ slots·T/(T + c) (T the longest target, c the
+    shortest prompt less one), and at most every row's T — and 3 for each KL row's terms."""
+    calibrated = math.ceil(LOGIT_VALUES * slots)
+    if not stream:
+        return calibrated
+    T, c = stream.target, stream.prompt - 1
+    positions = min(rows * T, max(T, math.ceil(slots * T / (T + c))))
+    per = POSITION_VALUES + (0.5 if cfg.final_softcap else 0.0)
+    return max(calibrated, math.ceil(per * positions) + 3 * requests)
 
 
 def step_rows(hp: "L.HParams") -> tuple[int, int]:
@@ -164,6 +180,7 @@ def pass_slots(cfg: M.Config, hp: "L.HParams", z_tokens: int, stream: StreamToke
 class StreamTokens(NamedTuple):
     row: int        # the most tokens a target-value row is padded to: its prefix and suffix
     target: int     # the longest target, in tokens
+    prompt: int     # the shortest prompt, its subject in, in tokens
 
 
 TEMPLATE_FACTOR = 3     # a context template of n generated tokens re-encodes to at most 3n: a byte-
@@ -175,10 +192,11 @@ def stream_tokens(tok, requests, method: str, cfg: M.Config) -> StreamTokens | N
     """A bound on E4's rows for `requests` (z_rows; the templates are not made when a run plans):
     the longest prefix — a context template's (TEMPLATE_FACTOR × its group's length) and a prompt
     up to its subject — plus the longest suffix — the prompt's rest and its target, or a KL row's
-    " is a" — and the longest target. A request longer than the model's positions is left out
+    " is a" — the longest target and the shortest prompt. A request longer than the model's positions is left out
     (the run refuses it, or skips it with --skip-bad); None if none is left."""
     template = TEMPLATE_FACTOR * max((length for length, _ in L.method_of(method).templates), default=0)
     prefix = suffix = target = 0
+    prompt = sys.maxsize
     for q in requests:
         head = len(tok.encode(q.prompt[:q.prompt.index("{}")] + q.subject))
         whole = len(tok.encode(q.prompt.replace("{}", q.subject, 1)))
@@ -187,7 +205,8 @@ def stream_tokens(tok, requests, method: str, cfg: M.Config) -> StreamTokens | N
             continue
         kl = len(tok.encode(q.subject + " is a")) - len(tok.encode(q.subject)) + 1
         prefix, suffix, target = max(prefix, head), max(suffix, whole - head + new, kl), max(target, new)
-    return StreamTokens(template + prefix + suffix, target) if target else None
+        prompt = min(prompt, whole)
+    return StreamTokens(template + prefix + suffix, target, prompt) if target else None
 
 
 def solve_bytes(cfg: M.Config, method: str) -> int:
