@@ -146,17 +146,25 @@ POSITION_VALUES = 3.5   # vocabulary-wide float32 values a pass holds per positi
 
 def logit_values(cfg: M.Config, rows: int, requests: int, slots: int, stream: StreamTokens | None) -> int:
     """Vocabulary-wide values of a pass's logits: LOGIT_VALUES a slot (measured on CounterFact and
-    zsRE); for a known stream at least POSITION_VALUES for each position its loss can read — a pass
-    of b rows pads every row to its longest target k (b·k positions), each row at least the
-    shortest prompt and k − 1 tokens long, so b·k ≤ slots·T/(T + c) (T the longest target, c the
-    shortest prompt less one), and at most every row's T — and 3 for each KL row's terms."""
+    zsRE); for a known stream at least POSITION_VALUES for each position its loss can read
+    (logit_positions) and 3 for each KL row's terms."""
     calibrated = math.ceil(LOGIT_VALUES * slots)
     if not stream:
         return calibrated
-    T, c = stream.target, stream.prompt - 1
-    positions = min(rows * T, max(T, math.ceil(slots * T / (T + c))))
     per = POSITION_VALUES + (0.5 if cfg.final_softcap else 0.0)
-    return max(calibrated, math.ceil(per * positions) + 3 * requests)
+    return max(calibrated, math.ceil(per * logit_positions(rows, requests, slots, stream)) + 3 * requests)
+
+
+def logit_positions(rows: int, requests: int, slots: int, stream: StreamTokens) -> int:
+    """The most positions a pass's loss reads (suffix_batches, _chunks): a pass of b rows pads every
+    row to its longest target k, b·k. With a target row among them, each row is at least the
+    shortest prompt and k − 1 tokens long, so b·k ≤ slots·T/(T + c) (T the longest target, c the
+    shortest prompt less one), and at most every row's T; a pass of KL rows alone (sorted last
+    where the targets' suffixes are shorter) reads one position a row, at most slots / the
+    shortest KL row, and at most one a request."""
+    T, c = stream.target, stream.prompt - 1
+    with_targets = min(rows * T, max(T, math.ceil(slots * T / (T + c))))
+    return max(with_targets, min(requests, math.ceil(slots / stream.kl)))
 
 
 def step_rows(hp: "L.HParams") -> tuple[int, int]:
@@ -181,6 +189,7 @@ class StreamTokens(NamedTuple):
     row: int        # the most tokens a target-value row is padded to: its prefix and suffix
     target: int     # the longest target, in tokens
     prompt: int     # the shortest prompt, its subject in, in tokens
+    kl: int         # the shortest KL row ("{subject} is a"), in tokens
 
 
 TEMPLATE_FACTOR = 3     # a context template of n generated tokens re-encodes to at most 3n: a byte-
@@ -192,21 +201,22 @@ def stream_tokens(tok, requests, method: str, cfg: M.Config) -> StreamTokens | N
     """A bound on E4's rows for `requests` (z_rows; the templates are not made when a run plans):
     the longest prefix — a context template's (TEMPLATE_FACTOR × its group's length) and a prompt
     up to its subject — plus the longest suffix — the prompt's rest and its target, or a KL row's
-    " is a" — the longest target and the shortest prompt. A request longer than the model's positions is left out
+    " is a" — the longest target, the shortest prompt and KL row. A request longer than the model's positions is left out
     (the run refuses it, or skips it with --skip-bad); None if none is left."""
     template = TEMPLATE_FACTOR * max((length for length, _ in L.method_of(method).templates), default=0)
     prefix = suffix = target = 0
-    prompt = sys.maxsize
+    prompt = kl_row = sys.maxsize
     for q in requests:
         head = len(tok.encode(q.prompt[:q.prompt.index("{}")] + q.subject))
         whole = len(tok.encode(q.prompt.replace("{}", q.subject, 1)))
         new = len(L.ev.target_ids(tok, q.target_new))
         if whole + new > cfg.position_limit[0]:
             continue
-        kl = len(tok.encode(q.subject + " is a")) - len(tok.encode(q.subject)) + 1
+        kl_ids = len(tok.encode(q.subject + " is a"))
+        kl = kl_ids - len(tok.encode(q.subject)) + 1
         prefix, suffix, target = max(prefix, head), max(suffix, whole - head + new, kl), max(target, new)
-        prompt = min(prompt, whole)
-    return StreamTokens(template + prefix + suffix, target, prompt) if target else None
+        prompt, kl_row = min(prompt, whole), min(kl_row, kl_ids)
+    return StreamTokens(template + prefix + suffix, target, prompt, kl_row) if target else None
 
 
 def solve_bytes(cfg: M.Config, method: str) -> int:

@@ -690,6 +690,34 @@ def test_the_plans_row_bound_covers_every_target_value_row_of_the_stream(tmp_pat
     assert plan.stream_tokens(models[1].tokenizer, [too_long], "lyaplock", models[1].cfg) is None
 
 
+def test_the_plans_logit_positions_cover_every_pass(tmp_path):
+    """logit_positions, the most positions a pass's loss reads (b rows × the pass's longest target,
+    as _chunks pads them), against every pass suffix_batches makes at 512 and 2,048 tokens: CounterFact,
+    zsRE, targets of 1 to 40 words, and long prompts ending at a one-word subject with one-token
+    targets, whose KL rows (shorter than any prompt) are sorted last into passes of their own (a
+    review found the bound from the prompts alone 1.4× short there), with and without a BOS."""
+    import bench
+    from data import Request
+    config = dict(model_type="gpt2", n_embd=64, n_layer=3, n_head=4, n_positions=1024, vocab_size=50257,
+                  bos_token_id=50256, eos_token_id=50256)
+    models = (M.load(FIX / "factmodel-ci"), M.load(bench.make_checkpoint(tmp_path / "gpt2", config, torch.float32, "cpu")))
+    made = lambda i, prompt, target: Request(case_id=i, prompt=prompt, subject=f"Land{i}", target_new=target,
+                                             target_true=None, paraphrase_prompts=(), neighborhood_prompts=(),
+                                             neighborhood_answers=())
+    long = "In the long official list of all the capital cities of the world, the one of {}"
+    streams = [load_requests(FIX / name, limit=100)[0] for name in ("counterfact-easyedit.json", "zsre-mend.json")]
+    streams += [[made(i, long, "Paris") for i in range(120)],
+                [made(i, "The capital of {} is", " ".join(["Paris"] * (1 + i % 40))) for i in range(16)]]
+    for m, requests, z_tokens in itertools.product(models, streams, (512, 2048)):
+        hp = L.HParams(layers=(1,), batch_size=len(requests))
+        rows = L.z_rows(m.tokenizer, requests, L.context_templates(m, 0))
+        stream = plan.stream_tokens(m.tokenizer, requests, "lyaplock", m.cfg)
+        slots = plan.pass_slots(m.cfg, hp, z_tokens, stream)
+        read = max(len(i) * max(1, *(len(rows[j].targets) for j in i)) for i in L.suffix_batches(rows, z_tokens))
+        assert read <= plan.logit_positions(len(rows), len(requests), slots, stream), (
+            m.cfg.arch, requests[0].prompt, z_tokens, read, stream)
+
+
 def test_a_small_steps_plan_counts_the_tokens_its_rows_hold(tmp_path, capsys):
     """At --batch-size 1 a pass holds the step's 7 rows, not --z-batch-tokens' 2,048 slots: with the
     stream known, the plan counts the slots its rows can fill (pass_slots: at least those E4's
