@@ -201,8 +201,9 @@ def stream_tokens(tok, requests, method: str, cfg: M.Config) -> StreamTokens | N
     """A bound on E4's rows for `requests` (z_rows; the templates are not made when a run plans):
     the longest prefix — a context template's (TEMPLATE_FACTOR × its group's length) and a prompt
     up to its subject — plus the longest suffix — the prompt's rest and its target, or a KL row's
-    " is a" — the longest target, the shortest prompt and KL row. A request longer than the model's positions is left out
-    (the run refuses it, or skips it with --skip-bad); None if none is left."""
+    " is a" — the longest target, the shortest prompt and KL row. A request longer than the
+    model's positions is left out (the run refuses it, or skips it with --skip-bad); None if none
+    is left."""
     template = TEMPLATE_FACTOR * max((length for length, _ in L.method_of(method).templates), default=0)
     prefix = suffix = target = 0
     prompt = kl_row = sys.maxsize
