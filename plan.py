@@ -136,7 +136,8 @@ def target_value_bytes(cfg: M.Config, hp: "L.HParams", dt: torch.dtype, z_tokens
     row_slots = min(ROW_SLOTS, stream.row if stream else ROW_SLOTS)
     kept = rows * row_slots * kv
     home = rows * row_slots * d * dt.itemsize + requests * cfg.vocab_size * 4
-    return (per_pass + kept) * dt.itemsize, home, logit_values(cfg, rows, requests, slots, stream) * cfg.vocab_size * 4
+    logits = logit_values(cfg, rows, requests, slots, stream) * cfg.vocab_size * 4
+    return (per_pass + kept) * dt.itemsize, home, logits
 
 
 POSITION_VALUES = 3.5   # vocabulary-wide float32 values a pass holds per position its loss reads: the
@@ -283,9 +284,10 @@ def print_plan(args) -> int:
     step = replace(hp, batch_size=min(hp.batch_size, len(requests))) if requests else hp
     if stream and (slots := pass_slots(cfg, step, settings.z_batch_tokens, stream)) != settings.z_batch_tokens:
         n_requests, n_rows = step_rows(step)
+        step_is = "one request" if n_requests == 1 else f"a step of {n_requests} requests"
         print(f"targets: a pass holds at most {slots} tokens, not --z-batch-tokens' {settings.z_batch_tokens}: "
-              f"{'one request' if n_requests == 1 else f'a step of {n_requests} requests'} makes {n_rows} rows, each "
-              f"at most {stream.row} tokens (a context template, then --edits' longest prompt and target)")
+              f"{step_is} makes {n_rows} rows, each at most {stream.row} tokens (a context template, then "
+              "--edits' longest prompt and target)")
     if hp.superseded == "remove" and L.method_of(hp.method).memory:
         per = 1000 * edit_column_bytes(cfg, hp.method)
         counted = (f"counted for the {kept_edit_count(requests)} of the {len(requests)} edits of --edits whose "
@@ -312,7 +314,8 @@ def run_memory_plan(settings: "L.Settings", cfg: M.Config, requests, shares: lis
     if requests:
         hp = replace(hp, batch_size=min(hp.batch_size, len(requests)))
     return memory_plan(cfg, hp, settings.dtype, settings.z_batch_tokens, shares, bool(settings.state_device),
-                       kept_edit_count(requests), settings.stats_batch_tokens, run_stream_tokens(settings, cfg, requests))
+                       kept_edit_count(requests), settings.stats_batch_tokens,
+                       stream=run_stream_tokens(settings, cfg, requests))
 
 
 def run_stream_tokens(settings: "L.Settings", cfg: M.Config, requests) -> StreamTokens | None:
