@@ -572,7 +572,8 @@ def context_templates(model: M.CausalLM, seed: int, groups=((10, 5),), brace: st
     top-k 5, seeded), each as prefix + ". {}", its braces made `brace`. MEMIT's family: one group
     (10, 5), braces as spaces; ROME: (5, 10) and (10, 10), 21 templates, braces dropped."""
     if any(count < 5 or count % 5 for _, count in groups):
-        raise ValueError(f"context template groups {groups!r}: each count a multiple of 5 (a template per start word)")
+        raise ValueError(f"context template groups {groups!r}: each count a multiple of 5 (a template per "
+                         "start word)")
     out = [["{}"]]
     for g, (length, count) in enumerate(groups):          # (ROME's generate_fast, as fluency's texts)
         texts = ev.generate_texts(model, ["The", "Therefore", "Because", "I", "You"] * (count // 5), length,
@@ -1728,8 +1729,8 @@ def parse_args(argv=None):
                    "(same results; for a card too small to hold them; see the README)")
     p.add_argument("--dtype", default="float32", choices=list(M.DTYPES), help="the model's weights and "
                    "activations whatever the checkpoint stores (default float32; bfloat16 halves the memory); "
-                   "statistics and solves are float64 either way; --save-model keeps the checkpoint's dtype, its edit layers "
-                   "holding the values the run evaluated (bfloat16's, exactly)")
+                   "statistics and solves are float64 either way; --save-model keeps the checkpoint's dtype, "
+                   "its edit layers holding the values the run evaluated (bfloat16's, exactly)")
     p.add_argument("--plan", action="store_true", help="print what the run needs on each device (weights, "
                    "statistics and edit memory, the target values, a solve, collecting C) from config.json alone, "
                    "and whether it fits; load nothing (exit 1 if it does not fit)")

@@ -657,7 +657,8 @@ def test_the_plans_row_bound_covers_every_target_value_row_of_the_stream(tmp_pat
     the next word; the longest target is counted; a request past the positions is left out."""
     import bench
     from data import Request
-    small = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, intermediate_size=128)
+    small = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+                 intermediate_size=128)
     configs = dict(bos=bench.LLAMA | small | dict(vocab_size=50257, bos_token_id=50256, eos_token_id=50256),
                    nobos=dict(model_type="gpt2", n_embd=64, n_layer=3, n_head=4, n_positions=1024, vocab_size=50257,
                               bos_token_id=50256, eos_token_id=50256),
@@ -700,7 +701,8 @@ def test_the_plans_logit_positions_cover_every_pass(tmp_path):
     from data import Request
     config = dict(model_type="gpt2", n_embd=64, n_layer=3, n_head=4, n_positions=1024, vocab_size=50257,
                   bos_token_id=50256, eos_token_id=50256)
-    models = (M.load(FIX / "factmodel-ci"), M.load(bench.make_checkpoint(tmp_path / "gpt2", config, torch.float32, "cpu")))
+    models = (M.load(FIX / "factmodel-ci"),
+              M.load(bench.make_checkpoint(tmp_path / "gpt2", config, torch.float32, "cpu")))
     made = lambda i, prompt, target: Request(case_id=i, prompt=prompt, subject=f"Land{i}", target_new=target,
                                              target_true=None, paraphrase_prompts=(), neighborhood_prompts=(),
                                              neighborhood_answers=())
@@ -746,16 +748,16 @@ def test_a_small_steps_plan_counts_the_tokens_its_rows_hold(tmp_path, capsys):
                   gemma2=dict(model_type="gemma2", hidden_size=256, num_hidden_layers=5, num_attention_heads=8,
                               num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32, intermediate_size=896,
                               max_position_embeddings=8192, final_logit_softcapping=30.0))
-    models = {kind: M.load(bench.make_checkpoint(tmp_path / kind, shape | dict(vocab_size=50257, bos_token_id=50256,
-                                                                                 eos_token_id=50256),
-                                                 torch.float32, "cpu"), dtype="bfloat16") for kind, shape in shapes.items()}
+    vocab = dict(vocab_size=50257, bos_token_id=50256, eos_token_id=50256)
+    models = {kind: M.load(bench.make_checkpoint(tmp_path / kind, shape | vocab, torch.float32, "cpu"), dtype="bfloat16")
+              for kind, shape in shapes.items()}
     for kind, words, z_tokens in (("gpt2", [1], 2048), ("gpt2", [10], 2048), ("gpt2", [40], 2048),
                                   ("gpt2", [40], "below"), ("gpt2", [1, 1, 1, 40], "below"),
                                   ("gpt2", [20, 1, 40, 10], 2048), ("gemma2", [40], 2048)):
         g = models[kind]
-        requests = [Request(case_id=i, prompt="The capital of {} is", subject="France", target_new=" ".join(["Paris"] * n),
-                            target_true=None, paraphrase_prompts=(), neighborhood_prompts=(), neighborhood_answers=())
-                    for i, n in enumerate(words)]
+        requests = [Request(case_id=i, prompt="The capital of {} is", subject="France",
+                            target_new=" ".join(["Paris"] * n), target_true=None, paraphrase_prompts=(),
+                            neighborhood_prompts=(), neighborhood_answers=()) for i, n in enumerate(words)]
         hp = L.HParams(layers=(1,), batch_size=len(requests))
         rows = L.z_rows(g.tokenizer, requests, L.context_templates(g, 0))
         stream = plan.stream_tokens(g.tokenizer, requests, "lyaplock", g.cfg)
@@ -767,7 +769,8 @@ def test_a_small_steps_plan_counts_the_tokens_its_rows_hold(tmp_path, capsys):
         rewrites = torch.ones(len(requests))
         delta = torch.zeros(len(requests), 256)
         L._fit_loss(g, chunks, delta, 1, rewrites, hp.kl_factor, False)               # sets kl_init
-        peak = max(resident_peak(lambda: L._fit_loss(g, [c], delta, 1, rewrites, hp.kl_factor, True)) for c in chunks)
+        fit = lambda c: L._fit_loss(g, [c], delta, 1, rewrites, hp.kl_factor, True)
+        peak = max(resident_peak(lambda: fit(c)) for c in chunks)
         assert peak <= planned, (kind, words, z_tokens, peak / 2 ** 20, planned / 2 ** 20)
         if len(requests) == 1 and z_tokens == 2048:
             unknown = plan.target_value_bytes(g.cfg, hp, torch.bfloat16, 2048)

@@ -75,7 +75,8 @@ def test_the_command_shows_progress_and_a_final_line(tmp_path, capsys):
     assert "statistics: 2,000/2,000 tokens, " in io.err and " left" in io.err     # the preset's layers
     assert not list(tmp_path.glob("*.tmp"))
     assert S.main(["--model", str(STORIES), "--stats-tokens", "100", "--out", str(out)]) == 1
-    assert ": 100 tokens taken (--stats-tokens 100); C (172×172) needs at least d_mlp = 172 tokens" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert ": 100 tokens taken (--stats-tokens 100); C (172×172) needs at least d_mlp = 172 tokens" in err
 
 
 def test_time_left_counts_hours_past_a_day(monkeypatch):
