@@ -763,15 +763,20 @@ def run_layers(run: Run) -> list[str]:
     return sorted(run.steps[0]["layers"], key=int) if run.steps else []
 
 
+def calibration(rows: list[dict]) -> int | None:
+    """The step a layer's queue was calibrated at: its first logged D (None for the baselines, with
+    no queue, and for a queue not calibrated yet: lyaplock.feed_queue waits for a step that moves
+    the layer). `rows`: the layer's log entries, step by step."""
+    return next((t for t, r in enumerate(rows) if r.get("D") is not None), None)
+
+
 def audit_run(run: Run) -> dict:
     """{layer: audit_queue or audit_pl} over the run's logged steps ({} before step 0 is logged)."""
     audits = {}
     for l in run_layers(run):
         rows = [s["layers"][l] for s in run.steps]
         pl = [r["pl"] for r in rows]
-        # D: None for the baselines (no queue), and before a first step that moved the layer
-        # (lyaplock.feed_queue): the queue's path begins at its calibration
-        start = next((t for t, r in enumerate(rows) if r.get("D") is not None), None)
+        start = calibration(rows)                    # the queue's path begins there
         if start is None:
             audits[l] = audit_pl(pl)
             continue
@@ -847,7 +852,8 @@ def layer_figures(run: Run) -> dict:
     x = [s["edits"] for s in run.steps]
     column = lambda l, key: [s["layers"][l][key] for s in run.steps]
     for l in run_layers(run):
-        D = next((s["layers"][l]["D"] for s in run.steps if s["layers"][l].get("D") is not None), None)
+        rows = [s["layers"][l] for s in run.steps]
+        D = rows[start]["D"] if (start := calibration(rows)) is not None else None
         title = f"preservation loss, layer {l}" + (" (dashed: threshold D)" if D else "")
         figs[f"pl_layer{l}.svg"] = svg_plot({"PL": (x, column(l, "pl"))}, title, "PL", D)
     queues = [l for l in run_layers(run) if run.steps[0]["layers"][l].get("z") is not None]

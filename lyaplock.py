@@ -1321,6 +1321,7 @@ def with_overrides(hp: HParams, **changes) -> HParams:
     return hp
 
 
+HPARAM_TYPES = {f.name: str(f.type) for f in fields(HParams)}     # "int", "float", ... as annotated
 # the range of each numeric hyper-parameter (the command's flags for them share it: check_settings)
 RANGES = dict(lam="positive", alpha="positive", V="positive", l2="positive", nullspace_threshold="positive",
               v_lr="positive", clamp_norm_factor="positive", v_num_grad_steps="at least 1", batch_size="at least 1",
@@ -1357,7 +1358,7 @@ def check_hparams(hp: HParams, n_layers: int | None = None):
     if method_of(hp.method).locate == "rome" and len(layers) != 1:
         raise ValueError(f"layers {list(layers)}: ROME edits one layer (--layers L)")
     for name, need in RANGES.items():
-        value, whole = getattr(hp, name), name in ("v_num_grad_steps", "batch_size")       # (counts)
+        value, whole = getattr(hp, name), HPARAM_TYPES[name] == "int"                     # (counts)
         if not isinstance(value, int if whole else (int, float)) or isinstance(value, bool):
             raise ValueError(f"hyper-parameter {name} must be a {'whole ' * whole}number (a Python "
                              f"{'int' if whole else 'int or float'}), got {value!r}")
@@ -1910,8 +1911,10 @@ def open_run(args) -> tuple[Path | None, Settings, M.Config]:
 def load_model(settings: Settings, cfg: M.Config, requests) -> M.CausalLM:
     """The checkpoint on the run's devices, its blocks where the run's memory plan puts them."""
     with stage("loading the model", "use --dtype bfloat16, more GPUs (--device cuda:0,cuda:1) or --state-device cpu"):
-        return M.load(settings.model, settings.device, settings.dtype,
-                      placement=lambda shares: plan.plan_stages(plan.run_memory_plan(settings, cfg, requests, shares)))
+        def placement(shares):           # (asked only with several devices)
+            stream = plan.run_stream_tokens(settings, cfg, requests)
+            return plan.plan_stages(plan.run_memory_plan(settings, cfg, requests, shares, stream))
+        return M.load(settings.model, settings.device, settings.dtype, placement=placement)
 
 
 def check_outputs(args, model_path):

@@ -274,13 +274,13 @@ def print_plan(args) -> int:
         devices = M.check_devices(settings.device)
         names = [str(dev) for dev in devices]
         capacity = [device_memory(dev) for dev in devices]
-    rows = run_memory_plan(settings, cfg, requests, capacity)
+    stream = run_stream_tokens(settings, cfg, requests)
+    rows = run_memory_plan(settings, cfg, requests, capacity, stream)
     hp = settings.hparams
     on_host = ", --state-device cpu" if settings.state_device else ""
     fewer = f" (a step of {len(requests)}: all of --edits)" if requests and len(requests) < hp.batch_size else ""
     print(f"memory plan: {settings.model} ({cfg.arch}), {hp.method}, layers {list(hp.layers)}, {settings.dtype}, "
           f"--batch-size {hp.batch_size}{fewer}, --z-batch-tokens {settings.z_batch_tokens}{on_host} (GiB)")
-    stream = run_stream_tokens(settings, cfg, requests)
     step = replace(hp, batch_size=min(hp.batch_size, len(requests))) if requests else hp
     if stream and (slots := pass_slots(cfg, step, settings.z_batch_tokens, stream)) != settings.z_batch_tokens:
         n_requests, n_rows = step_rows(step)
@@ -307,15 +307,16 @@ def print_plan(args) -> int:
     return 0 if all(row["need"] <= room for row, room in zip(rows, has)) else 1
 
 
-def run_memory_plan(settings: "L.Settings", cfg: M.Config, requests, shares: list[float]) -> list[dict]:
+def run_memory_plan(settings: "L.Settings", cfg: M.Config, requests, shares: list[float],
+                    stream: StreamTokens | None) -> list[dict]:
     """The memory plan of the command's run: its settings, and its stream (a step holds at most
-    --batch-size of its requests; --superseded remove keeps the edits whose prompt comes again)."""
+    --batch-size of its requests; --superseded remove keeps the edits whose prompt comes again;
+    `stream`: run_stream_tokens of them)."""
     hp = settings.hparams
     if requests:
         hp = replace(hp, batch_size=min(hp.batch_size, len(requests)))
     return memory_plan(cfg, hp, settings.dtype, settings.z_batch_tokens, shares, bool(settings.state_device),
-                       kept_edit_count(requests), settings.stats_batch_tokens,
-                       stream=run_stream_tokens(settings, cfg, requests))
+                       kept_edit_count(requests), settings.stats_batch_tokens, stream=stream)
 
 
 def run_stream_tokens(settings: "L.Settings", cfg: M.Config, requests) -> StreamTokens | None:

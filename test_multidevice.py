@@ -827,10 +827,11 @@ def test_memory_plan_places_as_load_does_and_the_command_says_whether_it_fits(tm
     requests, _ = load_requests(settings.edits, limit=8)
     m = L.load_model(settings, cfg, requests)
     shares = M.device_shares(m.devices)
-    rows = plan.run_memory_plan(settings, cfg, requests, shares)
+    stream = plan.run_stream_tokens(settings, cfg, requests)                   # its requests' rows
+    assert stream == plan.stream_tokens(m.tokenizer, requests, "lyaplock", cfg)
+    rows = plan.run_memory_plan(settings, cfg, requests, shares, stream)
     assert plan.plan_stages(rows) == m.stages and [b for r in rows for b in r["blocks"]] == list(range(cfg.n_layers))
     step = L.replace(settings.hparams, batch_size=8)
-    stream = plan.stream_tokens(m.tokenizer, requests, "lyaplock", cfg)         # its requests' rows
     assert rows == plan.memory_plan(cfg, step, "float32", 2048, shares, stream=stream)
     need = plan.device_need(cfg, step, "float32", 2048, 3, stream=stream)
     best = min(largest_fill(split, lambda j, k, i: need(j, k, i)["need"], shares)
