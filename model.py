@@ -102,6 +102,7 @@ class Config:
     rope_interleaved: bool = False       # GLM: rope turns interleaved pairs (GPT-J's), not the two halves
     norm_plus_one: bool = False   # Gemma: RMSNorm's weight applied as (1 + w), in float32 (FloatRMSNorm)
     norm_weight_float32: bool = False   # OLMo 2: the weight w applied in float32 before the cast
+    rope_float32: bool = False    # OLMo 2, 3: cos and sin kept in float32, q and k turned in float32, then cast
     embed_scale: float | None = None     # Gemma: embeddings times sqrt(d_model), rounded to their dtype
     embedding_multiplier: float = 1.0    # Granite: embeddings times this float (not rounded: its own arithmetic)
     residual_multiplier: float = 1.0     # Granite: attention's and the MLP's outputs times this before the add
@@ -177,6 +178,11 @@ class Config:
             cfg = READERS[mt](HF_DEFAULTS.get(mt, {}) | c)
         except KeyError as e:
             raise CheckpointError(f"config.json (model_type {mt!r}) lacks the field {e.args[0]!r}") from None
+        except CheckpointError:
+            raise
+        except (TypeError, ValueError, ArithmeticError, AttributeError) as e:   # a field of the wrong kind
+            raise CheckpointError(f"config.json (model_type {mt!r}) holds a value that cannot be read as "
+                                  f"transformers reads it: {type(e).__name__}: {e}") from None
         limit, field = cfg.position_limit
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:     # (transformers refuses it too)
             raise CheckpointError(f"config.json (model_type {mt!r}): {field} {limit!r} is not a number of positions")
@@ -193,10 +199,24 @@ class Config:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise CheckpointError(f"config.json (model_type {self.arch!r}): {name} {v!r} is not a whole number of at least 1")
-        for name in ("norm_eps", "rope_theta"):
+        for name in ("norm_eps", "rope_theta", "attn_scale"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < math.inf:
+            if not positive_number(v) and not (name == "attn_scale" and v is None):
                 raise CheckpointError(f"config.json (model_type {self.arch!r}): {name} {v!r} is not a positive number")
+        if self.n_heads % self.n_kv_heads:          # (transformers' forward fails; ours would pair heads wrongly)
+            raise CheckpointError(f"config.json (model_type {self.arch!r}): {self.n_heads} attention heads do not "
+                                  f"share {self.n_kv_heads} key-value heads evenly")
+        if not self.llama_like and self.n_heads * self.head_dim != self.d_model:
+            raise CheckpointError(f"config.json (model_type {self.arch!r}): the hidden size {self.d_model} is not "
+                                  f"a multiple of the {self.n_heads} attention heads")
+        w = self.sliding_window
+        if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1):
+            raise CheckpointError(f"config.json (model_type {self.arch!r}): sliding_window {w!r} is not a number "
+                                  "of positions")
+
+
+def positive_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf
 
 
 def id_list(v) -> list:
@@ -238,6 +258,9 @@ def read_rope(c: dict, theta: float = 10000.0) -> dict:
         if rs.get(key) is None:            # no guessed defaults: transformers requires or derives them
             raise CheckpointError(f"config.json (model_type {c['model_type']!r}): {kind} rope_scaling "
                                   f"{rs!r} lacks the field {key!r}")
+        if not positive_number(rs[key]):
+            raise CheckpointError(f"config.json (model_type {c['model_type']!r}): {kind} rope_scaling's {key} "
+                                  f"{rs[key]!r} is not a positive number")
     return dict(rope_theta=rope_given(c).get("rope_theta", c.get("rope_theta", theta)),   # its base first
                 rope_scaling=yarn_scaling(rs) if kind == "yarn" else rs)
 
@@ -390,8 +413,10 @@ def gemma2_layout(c: dict, sliding, caps: tuple) -> dict:
     attention scale query_pre_attn_scalar^-0.5, soft caps (attention, logits; `caps` where
     config.json is silent), and sliding_window tokens (4096 where the key is absent) in the
     sliding layers (by default those `sliding(i)` picks: window_fields)."""
-    return dict(**gemma_family(c), **window_fields(c, sliding), post_norms=True,
-                attn_scale=c.get("query_pre_attn_scalar", 256) ** -0.5,
+    scalar = c.get("query_pre_attn_scalar", 256)
+    if not positive_number(scalar):
+        refuse(c, f"query_pre_attn_scalar {scalar!r}", "the attention scale is its inverse square root")
+    return dict(**gemma_family(c), **window_fields(c, sliding), post_norms=True, attn_scale=scalar ** -0.5,
                 attn_softcap=c.get("attn_logit_softcapping", caps[0]),
                 final_softcap=c.get("final_logit_softcapping", caps[1]))
 
@@ -431,9 +456,12 @@ GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262_208, hidden_size=2304, intermediate_s
 def read_gemma3_text(c: dict, **more) -> Config:
     """Gemma 3's text model (Gemma3ForCausalLM: the 270M and 1B releases): Gemma 2's block with
     (1 + w) norms over each head of q and k, a local rope on the sliding layers (by default five
-    in six), and no caps unless config.json sets them."""
+    in six), and no caps (a final one if config.json sets it)."""
     c = GEMMA3_TEXT_DEFAULTS | c
     check_gelu_tanh(c, "hidden_activation")
+    if c.get("attn_logit_softcapping") is not None:     # (Gemma 2's cap: Gemma 3's attention never reads it)
+        refuse(c, f"attn_logit_softcapping {c['attn_logit_softcapping']!r}", "transformers' Gemma 3 never "
+               "caps attention scores; null runs as transformers does")
     pattern = c.get("sliding_window_pattern", 6)
     return read_llama_like(c, gemma3_rope(c), **gemma2_layout(c, lambda i: (i + 1) % pattern != 0, (None, None)),
                            qk_norm=True, **more)
@@ -453,9 +481,9 @@ def read_gemma3(c: dict) -> Config:
 def read_olmo2(c: dict, rope: dict | None = None, **more) -> Config:
     """OLMo 2: LLaMA's layout with the norms moved from the block's inputs to the outputs of
     attention and of the MLP, RMSNorm over the whole q and k projections, norm weights applied
-    in float32 (OLMo 3 adds `rope` and `more`)."""
+    in float32, q and k turned in float32 (OLMo 3 adds `rope` and `more`)."""
     return read_llama_like(c, rope, pre_norms=False, post_norms=True, qk_norm=True, qk_norm_whole=True,
-                           norm_weight_float32=True, norm_eps=c.get("rms_norm_eps", 1e-5),
+                           norm_weight_float32=True, rope_float32=True, norm_eps=c.get("rms_norm_eps", 1e-5),
                            attention_bias=c.get("attention_bias", False), **more)
 
 
@@ -780,7 +808,7 @@ def rope_llama(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     if r < x.shape[-1]:
         return torch.cat((rope_llama(x[..., :r], cos, sin), x[..., r:]), dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)   # (float32 tables: cast)
 
 
 def rope_gptj(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -1336,16 +1364,17 @@ class CausalLM(nn.Module):
         mask = torch.ones(B, past + T, dtype=torch.long, device=ids.device) if mask is None else mask
         pos = self.positions(mask, past)                                           # (B, T)
         dt = self.embed.weight.dtype
+        rope_dt = torch.float32 if self.cfg.rope_float32 else dt
         inv_freq, scale = self.inv_freq, self.cfg.rope_attention_factor
         if self.cfg.longrope_switch is not None:        # Phi's LongRoPE: long past the trained length
             long = int(pos.max()) + 1 > self.cfg.longrope_switch                  # for the pass, as transformers
             inv_freq = self.inv_freq_long if long else inv_freq
             check_rope_regime(cache, long)
-        ropes = {"global": rope_tables(pos, inv_freq, dt, scale, self.cfg.query_scale)}   # RopeTables
+        ropes = {"global": rope_tables(pos, inv_freq, rope_dt, scale, self.cfg.query_scale)}   # RopeTables
         if self.cfg.local_rope_theta is not None:                       # Gemma 3's, OLMo 3's sliding layers
-            ropes["local"] = rope_tables(pos, self.inv_freq_local, dt)
+            ropes["local"] = rope_tables(pos, self.inv_freq_local, rope_dt)
         if self.cfg.nope_layers:                              # SmolLM3's NoPE layers: turned over no dims
-            ropes["none"] = rope_tables(pos, inv_freq[:0], dt)
+            ropes["none"] = rope_tables(pos, inv_freq[:0], rope_dt)
         first, h = (0, self.embed(ids)) if start is None else (start[0] + 1, start[1])
         if start is None and self.cfg.arch == "gpt2":                              # learned positions
             h = h + self.body.wpe(pos)

@@ -1058,8 +1058,8 @@ def test_a_sliding_window_left_out_is_that_of_transformers(ckpt, tmp_path, kind,
                                   "mistral3", "ministral3"])
 def test_bfloat16_error_is_that_of_transformers(ckpt, kind, device):
     """In bfloat16 our logits are as close to the float32 reference as transformers' own bfloat16
-    logits are (mean absolute error within 1.5x of theirs, plus 0.1% of the logits' scale; on the
-    CPU the two are bit-identical for the LLaMA-like families)."""
+    logits are (mean absolute error within 1.5x of theirs, plus 0.1% of the logits' scale); on the
+    CPU the two are bit-identical for the LLaMA-like families (OLMo's rope in float32 included)."""
     path = ckpt(kind)
     ids, mask = (t.to(device) for t in padded_batch(500, "left"))
     real = mask.bool()
@@ -1071,6 +1071,8 @@ def test_bfloat16_error_is_that_of_transformers(ckpt, kind, device):
     ours = M.load(path, device, "bfloat16")(ids, mask).logits[real]
     err_ours, err_theirs = (ours - ref).abs().mean(), (theirs - ref).abs().mean()
     assert err_theirs > 0                      # the check means something: bf16 does round
+    if device == "cpu" and M.read_config(path).llama_like:
+        assert torch.equal(ours, theirs), float((ours - theirs).abs().max())     # (OLMo's float32 rope)
     assert err_ours <= 1.5 * err_theirs + 1e-3 * ref.abs().mean(), (float(err_ours), float(err_theirs))
 
 
@@ -1322,6 +1324,21 @@ def _config_with(tmp_path, ckpt_dir, drop=(), **change):
     ("smollm3", dict(no_rope_layers=[1, 0]), r"no_rope_layers \[1, 0\] is not supported .* each of the 4 layers"),
     ("smollm3-nope-window-bias", dict(use_sliding_window=False),
      "layer_types' sliding_attention without use_sliding_window and sliding_window is not supported"),
+    ("gemma3", dict(attn_logit_softcapping=5.0), "attn_logit_softcapping 5.0 is not supported .transformers' Gemma 3 "
+                                                 "never caps attention scores"),
+    ("gemma2", dict(query_pre_attn_scalar=-4), "query_pre_attn_scalar -4 is not supported"),
+    ("qwen3-gqa-bias", dict(num_key_value_heads=3), "4 attention heads do not share 3 key-value heads evenly"),
+    ("qwen2", dict(num_key_value_heads=8), "4 attention heads do not share 8 key-value heads evenly"),
+    ("gpt2", dict(n_head=5), "the hidden size 64 is not a multiple of the 5 attention heads"),
+    ("mistral-gqa-window", dict(sliding_window=-1), "sliding_window -1 is not a number of positions"),
+    ("mistral-gqa-window", dict(sliding_window="4096"), "sliding_window '4096' is not a number of positions"),
+    ("qwen2-yarn", dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 100.0,
+                                         "original_max_position_embeddings": 0}),
+     "yarn rope_scaling's original_max_position_embeddings 0 is not a positive number"),
+    # fields of the wrong kind, wherever the reading fails (transformers' config fails likewise)
+    ("gemma3", dict(sliding_window_pattern=0, layer_types=None),
+     "holds a value that cannot be read as transformers reads it: ZeroDivisionError"),
+    ("smollm3", dict(no_rope_layer_interval=0, no_rope_layers=None), "cannot be read .*ZeroDivisionError"),
 ])
 def test_unsupported_options_are_refused(ckpt, tmp_path, kind, change, message):
     with pytest.raises(M.CheckpointError, match=message):
