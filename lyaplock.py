@@ -137,6 +137,15 @@ def preservation_loss(W, W0, C) -> float:
     return float((times(D, C) * D).sum())                 # E2
 
 
+def loss_rounding(W, W0, C) -> float:
+    """How far float64 rounding may take preservation_loss from its exact value, m·ε·‖W − W0‖²·‖C‖
+    (Frobenius norms: the rounding of (W − W0)C and of the sum, by Cauchy–Schwarz). A PL within it
+    may be a 0: a step that moved the layer only where C does not see it (lyaplock+alphaedit's Δ,
+    projected into a singular C's null space, measured ±1e-18)."""
+    D = f64(W) - f64(W0)
+    return C.shape[0] * torch.finfo(torch.float64).eps * float(D.pow(2).sum()) * float(C.norm())
+
+
 def solve_system(A, left, overwrite: bool = False):
     """Δ with Δ·A = left for symmetric positive definite A: A = UᵀU (Cholesky, from A's lower
     triangle), then two triangular solves (no inverse). The factor is computed in the memory of a
@@ -271,22 +280,23 @@ class LayerState:
         return 1.0 if self.D_base is None else self.a * self.Z
 
 
-def feed_queue(ls: LayerState, pl: float, alpha: float, b: float = 0.0):
+def feed_queue(ls: LayerState, pl: float, alpha: float, b: float = 0.0, rounding: float = 0.0):
     """Feed one step's PL into the layer's queue (E13), calibrating it after step 0.
 
     As the authors' code does: D_base is the PL measured after step 0's update, then
     a = 1/√(αD_base), Z = Zmax = √(αD_base), and E13 is applied already at step 0 (a no-op for
     α ≥ 1, b = 0). The queue value after step t weighs the solve of step t + 1. A first step
-    that left the layer at W0 (PL exactly 0: its targets were the model's already) gives no
-    threshold (D = α·0 would hold every later step at W0; their code divides by zero): the queue
-    stays uncalibrated and the next step that moves the layer calibrates it (it is solved as a
-    step 0 again: z = V = 1).
+    that left the layer at W0 (PL 0 to within `rounding`, loss_rounding: its targets were the
+    model's already, or it moved only where C does not see) gives no threshold (D = α·0 would
+    hold every later step at W0; their code divides by zero): the queue stays uncalibrated and
+    the next step that moves the layer calibrates it (it is solved as a step 0 again: z = V = 1).
     """
     if ls.D_base is None:
-        if pl == 0:
+        if abs(pl) <= rounding:
             return
         if not pl > 0:
-            raise ValueError(f"PL after step 0 is {pl}; the threshold D = α·PL needs PL > 0")
+            raise ValueError(f"PL {pl} after the first step that moved the layer; the threshold D = α·PL "
+                             "needs PL > 0 (is C positive semi-definite?)")
         ls.D_base = pl
         ls.a = 1.0 / math.sqrt(alpha * pl)
         ls.Z = ls.zmax = math.sqrt(alpha * pl)
@@ -457,8 +467,8 @@ def step_layer(W, W0, C, K1, R, ls: LayerState, hp, prompts=None) -> tuple[torch
         delta = method.mask(delta, W)
     W_new = W + delta.to(W.dtype)                         # as the authors: cast Δ, then add
     pl = preservation_loss(W_new, W0, C)
-    if method.queue:
-        feed_queue(ls, pl, hp.alpha)
+    if method.queue:                                      # (uncalibrated: a PL of rounding is a 0)
+        feed_queue(ls, pl, hp.alpha, rounding=loss_rounding(W_new, W0, C) if ls.D_base is None else 0.0)
     if method.memory:
         remember(ls, K1, W_new if "S_VK" in method.memory else None, prompts)     # E7
     return W_new, pl

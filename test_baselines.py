@@ -289,6 +289,28 @@ def test_lyaplock_alphaedit_at_the_floor_is_alphaedit_at_any_step(seed):
     close(lm_alpha(P, Pr, z=ls.z), lm_alpha(P, Pr, z=1.0), 1e-12)
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_lyaplock_alphaedit_in_a_singular_cs_null_space_leaves_the_queue_uncalibrated(seed):
+    """C of rank m − 2 (dead units, a repetitive corpus, an Editor's own C): E22's Δ lies in its
+    null space, where PL is 0 but measured as float64 rounding of either sign (±1e-18): the queue
+    stays at its floor, uncalibrated, as after a step that left W0 (was: an error for a negative
+    rounding, or D calibrated on rounding, a ≈ 1e9). A C whose small eigenvalues are real (1e-6)
+    calibrates on the PL they give."""
+    g = torch.Generator().manual_seed(seed)
+    d, m = 4, 6
+    K0 = torch.randn(m, m - 2, dtype=torch.float64, generator=g)
+    W0, K1, R = (torch.randn(*shape, dtype=torch.float64, generator=g) for shape in ((d, m), (m, 2), (d, 2)))
+    hp = L.HParams(method="lyaplock+alphaedit", lam=1.0, alpha=1.0)
+    singular = K0 @ K0.T / (m - 2)
+    for C, calibrates in ((singular, False), (singular + 1e-6 * torch.eye(m, dtype=torch.float64), True)):
+        ls = L.LayerState()
+        W1, loss = L.step_layer(W0, W0, C, K1, R, ls, hp)
+        assert (W1 - W0).norm() > 0.1                          # the layer did move
+        assert (ls.D_base is not None) == calibrates, (loss, L.loss_rounding(W1, W0, C))
+        assert calibrates or (ls.z == 1.0 and abs(loss) < 1e-15)
+        assert not calibrates or ls.D_base == loss > 1e-9
+
+
 # ----------------------------------------------------------------------------- the authors' code
 
 def base(method):
