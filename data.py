@@ -222,8 +222,8 @@ def _read_record(path, i: int, rec, layout: str, seen: dict) -> Request:
     req = _READERS[layout](w, rec)
     if req.kind == "counterfact" and req.target_new.strip() == req.target_true.strip():
         raise w.error(_TARGET_NEW[layout], f"target_new equals target_true ({req.target_new!r})")
-    if cid in seen:
-        raise w.error("case_id", f"duplicate case_id {cid!r}: also record {seen[cid]}")
+    if str(cid) in seen:          # (7 and "7": one case to --snippets, whose keys are text)
+        raise w.error("case_id", f"duplicate case_id {cid!r}: also record {seen[str(cid)]}")
     return req
 
 
@@ -273,7 +273,7 @@ def requests_from(records, source="records", skip_bad: bool = False, limit: int 
         first = sorted(records[0]) if isinstance(records[0], dict) else type(records[0]).__name__
         raise DataError(f"{source}: no record has a supported layout (record 0: {first}); "
                         f"supported layouts: {_SUPPORTED}")
-    requests, skipped, seen = [], [], {}  # seen: case_id -> record index
+    requests, skipped, seen = [], [], {}  # seen: str(case_id) -> record index
     for i, rec in enumerate(records):
         if limit is not None and len(requests) >= limit:
             break
@@ -287,7 +287,7 @@ def requests_from(records, source="records", skip_bad: bool = False, limit: int 
                 raise
             skipped.append(str(e))
             continue
-        seen[req.case_id] = i
+        seen[str(req.case_id)] = i
         requests.append(req)
     return requests, skipped
 

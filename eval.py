@@ -316,7 +316,9 @@ def generate_texts(m, prompts, text_tokens=FLUENCY_TOKENS, top_k=5, seed=0, batc
 def generation_eval(m, requests: list[Request], snippets: dict | None = None, idf: dict | None = None,
                     text_tokens=FLUENCY_TOKENS, top_k=5, seed=0, batch_size=32) -> list[dict]:
     """Per case: `fluency` (mean ngram_entropy over its generation prompts' texts), `consistency`
-    where `snippets` (case_id -> reference texts) has the case, and the texts; {} if no prompts."""
+    where `snippets` (case_id -> reference texts; 7 and "7" name one case, as JSON's keys are text)
+    has the case, and the texts; {} if no prompts."""
+    snippets = {str(k): v for k, v in (snippets or {}).items()}
     prompts = [(i, p) for i, r in enumerate(requests) for p in r.generation_prompts]
     texts = generate_texts(m, [p for _, p in prompts], text_tokens, top_k, seed, batch_size)
     per = [[] for _ in requests]
@@ -325,8 +327,8 @@ def generation_eval(m, requests: list[Request], snippets: dict | None = None, id
     out = []
     for r, ts in zip(requests, per):
         case = {"fluency": _mean([ngram_entropy(t) for t in ts]), "generations": ts} if ts else {}
-        if ts and snippets and snippets.get(r.case_id):
-            case["consistency"] = consistency(ts, snippets[r.case_id], idf)
+        if ts and snippets.get(str(r.case_id)):
+            case["consistency"] = consistency(ts, snippets[str(r.case_id)], idf)
         out.append(case)
     return out
 

@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 if __name__ == "__main__":      # one module whether run or imported (baselines.py, plan.py import it)
     sys.modules.setdefault("lyaplock", sys.modules["__main__"])
@@ -1430,7 +1430,7 @@ class EditState:
                 tensors[f"{l}.edit_K"] = torch.stack(ks, 1).cpu()
                 if vs[0] is not None:
                     tensors[f"{l}.edit_V"] = torch.stack(vs, 1).cpu()
-        save_file(tensors, str(d / "state.safetensors"))
+        M.write_safetensors(tensors, d / "state.safetensors")
         meta = dict(method=self.method, step=self.step, n_edits=self.n_edits, layers=layers,
                     **({"edits": edits} if edits else {}))
         (d / "state.json").write_text(json.dumps(meta, indent=1))
@@ -1535,8 +1535,8 @@ def save_checkpoint(out: Path, state: EditState, model: M.CausalLM, layers, iden
         state.save(tmp)
         if identity is not None:
             (tmp / "identity.json").write_text(json.dumps(identity))
-        save_file({n: t.detach().cpu().contiguous() for n, t in model.edit_tensors(layers).items()},
-                  str(tmp / "weights.safetensors"))
+        M.write_safetensors({n: t.detach().cpu().contiguous() for n, t in model.edit_tensors(layers).items()},
+                            tmp / "weights.safetensors")
         data.sync_files(tmp)
         tmp.rename(d)
         data.write_atomic(out / "latest.json", json.dumps({"checkpoint": d.name, "step": state.step}))
@@ -1572,11 +1572,16 @@ def load_checkpoint(out: Path, model: M.CausalLM, hp: HParams | None = None, ide
 
 
 def latest_checkpoint(out: Path) -> Path:
-    """The directory latest.json names, or a ValueError saying there is none to continue from."""
+    """The directory latest.json names (one of out's own checkpoints, ckpt-NNNNNN), or a
+    ValueError saying there is none to continue from."""
     try:
-        return out / json.loads((out / "latest.json").read_text())["checkpoint"]
+        name = json.loads((out / "latest.json").read_text())["checkpoint"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{out}: no checkpoint to continue from (latest.json: {e})") from None
+    if not isinstance(name, str) or not CHECKPOINT_NAME.fullmatch(name) or name.endswith(".tmp"):
+        raise ValueError(f"{out}: no checkpoint to continue from (latest.json names {name!r}, not one of the "
+                         "run's own checkpoints, ckpt-NNNNNN)")
+    return out / name
 
 
 def latest_identity(out: Path) -> dict | None:
@@ -1779,6 +1784,8 @@ def check_settings(args):
     for name, need in FLAG_RANGES.items():
         if getattr(args, name) is not None and (problem := range_problem(getattr(args, name), need)):
             raise ValueError(f"--{name.replace('_', '-')} {problem}")
+    if not -2 ** 63 <= args.seed < 2 ** 63:         # (torch's generators take up to 2**64 - 1, seed + group)
+        raise ValueError(f"--seed {args.seed}: give a whole number from -2**63 to 2**63 - 1")
     if args.stop_below is not None and not (0 < args.stop_below < 1 and args.eval_every > 0):
         raise ValueError(f"--stop-below {args.stop_below}: give a fraction between 0 and 1, with --eval-every K")
     if args.state_device:
@@ -1883,7 +1890,24 @@ def resumed_settings(args, saved: dict, cfg: M.Config) -> Settings:
             raise ValueError(f"--resume {args.resume}: the run's {what} {file} is missing or has changed since the "
                              "run began (its sha256 differs): the run would go on with other data; put it back "
                              "or start a new run")
-    return Settings.from_flat(was | {k: v for k, v in now.items() if k in RESUMABLE})
+    settings = Settings.from_flat(was | {k: v for k, v in now.items() if k in RESUMABLE})
+    if problem := settings_problem(settings):
+        raise ValueError(f"--resume {args.resume}: its config.json's {problem} (changed by hand?)")
+    return settings
+
+
+SETTING_TYPES = {"str": str, "int": int, "bool": bool, "float": (int, float), "None": type(None)}
+
+
+def settings_problem(settings: Settings) -> str | None:
+    """The first of a run's settings (not hparams: check_hparams) whose value is not of its
+    annotated kind, e.g. "limit '10' is not an int | None"."""
+    for f in fields(Settings):
+        value, kinds = getattr(settings, f.name), f.type.split(" | ")
+        if f.name != "hparams" and (not isinstance(value, tuple(SETTING_TYPES[k] for k in kinds))
+                                    or isinstance(value, bool) and "bool" not in kinds):
+            return f"{f.name} {value!r} is not {'an' if f.type[0] in 'aeiou' else 'a'} {f.type}"
+    return None
 
 
 def read_run_config(run_dir) -> dict:
@@ -1952,6 +1976,12 @@ def check_outputs(args, model_path):
             raise ValueError(f"{flag} {path} is a file, not a directory; {advice}")
         if flag != "--stats-cache" and any(path.iterdir()):
             raise ValueError(f"{flag} {path} exists and is not empty; {advice}")
+    run_dir = args.out or args.resume
+    if args.save_model and run_dir:
+        saved, run = Path(args.save_model).resolve(), Path(run_dir).resolve()
+        if saved == run or saved in run.parents or run in saved.parents:
+            raise ValueError(f"--save-model {args.save_model} and the run directory {run_dir}: one holds the other "
+                             "(the edited model's files would mix with the run's); choose a directory beside it")
 
 
 def input_digests(settings: Settings, model: M.CausalLM, known=None) -> dict[str, str]:
@@ -2070,9 +2100,10 @@ def resume_command(out: Path) -> str:
 
 @contextmanager
 def resume_hint(out: Path):
-    """A Ctrl-C outside the steps' deferral (the scoring before editing, the final evaluation), a
-    second one within a step, or a failed read or write of the run's files (a full disk): the
-    latest checkpoint is intact (save_checkpoint replaces it whole), so say how to continue."""
+    """A Ctrl-C outside the steps' deferral (loading and the statistics of a resumed run, the
+    scoring before editing, the final evaluation, --save-model), a second one within a step, or a
+    failed read or write (a full disk): the latest checkpoint is intact (save_checkpoint replaces
+    it whole), so say how to continue."""
     try:
         yield
     except KeyboardInterrupt:
@@ -2190,8 +2221,9 @@ def report(argv) -> int:
 def run(args) -> int:
     out, settings, cfg = open_run(args)
     with ExitStack() as held:
-        if args.resume:
+        if args.resume:                          # (a Ctrl-C or a full disk from here on: how to continue)
             held.enter_context(holding(out))
+            held.enter_context(resume_hint(out))
         requests, skipped = load_requests(settings)
         model = load_model(settings, cfg, requests)
         hashed = {}                 # the weights' digests, for inputs.json and then the statistics' key
@@ -2211,13 +2243,13 @@ def run(args) -> int:
         if not args.resume:
             out = create_run_dir(out, settings, hold=lambda d: held.enter_context(holding(d)),
                                  files={"templates.json": templates, "inputs.json": inputs})
-        with resume_hint(out):
-            start_or_resume(editor, requests, settings, out)
-            editor.state.recurring = recurring_prompts(requests)
-            if not (out / "stop.json").exists() and not edit_stream(editor, requests, settings, out):
-                print(f"stopped after step {editor.state.step}; continue with: {resume_command(out)}")
-                return 130
-            finish(editor, requests, settings, out, len(skipped))
+            held.enter_context(resume_hint(out))
+        start_or_resume(editor, requests, settings, out)
+        editor.state.recurring = recurring_prompts(requests)
+        if not (out / "stop.json").exists() and not edit_stream(editor, requests, settings, out):
+            print(f"stopped after step {editor.state.step}; continue with: {resume_command(out)}")
+            return 130
+        finish(editor, requests, settings, out, len(skipped))
         if settings.save_model:                  # typed, or recorded by the run a --resume continues
             left_out = editor.save(settings.save_model)
             print(f"edited model written to {settings.save_model}")
@@ -2241,6 +2273,7 @@ def start_or_resume(editor: Editor, requests, settings: Settings, out: Path):
     done again), and so is a --stop-below record of a later step."""
     if (out / "latest.json").exists():
         editor.restore(out)
+        check_run_files(out, editor.state, settings, len(requests))
         print(f"resuming {out} at step {editor.state.step} ({editor.state.n_edits} edits done)")
     else:
         data.write_jsonl(out / "cases_pre.jsonl", score_cases(editor.model, requests, settings.generation,
@@ -2253,6 +2286,27 @@ def start_or_resume(editor: Editor, requests, settings: Settings, out: Path):
     stop = out / "stop.json"
     if stop.exists() and json.loads(stop.read_text())["step"] > step:
         stop.unlink()
+
+
+def check_run_files(out: Path, state: EditState, settings: Settings, n_requests: int):
+    """What a resumed run reads besides its checkpoint, as the run left it: the scores before
+    editing (one a request) and general ability before editing, and a checkpoint whose edits the
+    settings' steps make (a batch_size changed in config.json would edit another stream). A
+    ValueError naming the file otherwise: a kill cannot cause it (each is whole before checkpoint
+    0), a hand can."""
+    made = min(state.step * settings.hparams.batch_size, n_requests)
+    if state.n_edits != made:
+        raise ValueError(f"--resume {out}: its checkpoint holds {state.n_edits} edits after step {state.step}; "
+                         f"config.json's settings (batch_size {settings.hparams.batch_size}, {n_requests} requests) "
+                         f"make {made}: the run's config.json was changed; put it back or start a new run")
+    pre, _ = data.read_jsonl(out / "cases_pre.jsonl")
+    abilities, _ = data.read_jsonl(out / "ability.jsonl")
+    for file, problem in (("cases_pre.jsonl", len(pre) != n_requests and f"holds {len(pre)} of {n_requests} scores"),
+                          ("ability.jsonl", not abilities and "holds no measurement before editing")):
+        if problem:
+            raise ValueError(f"--resume {out}: {file} {problem} (the run wrote them whole before its first "
+                             "checkpoint: removed or changed since); the scores before editing cannot be made "
+                             "again from the edited weights: start a new run")
 
 
 def latest_edits(requests) -> list[int]:

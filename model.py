@@ -27,6 +27,7 @@ import copy
 import fnmatch
 import json
 import math
+import os
 import shutil
 import sys
 from dataclasses import dataclass, field, replace
@@ -1921,6 +1922,19 @@ def left_out_of_save(name: str) -> bool:
     return name != "model.safetensors.index.json" and any(fnmatch.fnmatchcase(name, p) for p in LEFT_OUT)
 
 
+def write_safetensors(tensors: dict, path, metadata: dict | None = None):
+    """safetensors' save_file, its failures an OSError naming the file (a full disk: its
+    SafetensorError), and the file readable as any this process writes (save_file leaves it to
+    its owner alone, 0600: an edited model no one else on the machine could load)."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        raise OSError(f"{path}: {e}") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save(src, out, tensors: dict[str, torch.Tensor]) -> list[str]:
     """Write checkpoint `src` to `out` in its own layout (same files, names, dtypes, sharding and
     index) with the given tensors replaced, and copy the files that describe the model (config,
@@ -1959,7 +1973,7 @@ def save(src, out, tensors: dict[str, torch.Tensor]) -> list[str]:
         for n in data:
             if n in tensors:
                 data[n] = tensors[n].detach().to("cpu", data[n].dtype).contiguous()
-        save_file(data, str(out / file.name), metadata=meta)
+        write_safetensors(data, out / file.name, metadata=meta)
     left_out = []
     for p in sorted(src.iterdir()):          # config, tokenizer, generation config, the index, ...
         if not p.is_file() or p.name in ours:

@@ -175,6 +175,8 @@ def test_data_missing_case_id_and_duplicates(tmp_path):
     other = dict(EASY_REC, subject="Italy", prompt="The capital of Italy is")
     path = _data_write(tmp_path, [EASY_REC, dict(EASY_REC, case_id=8), other])
     _data_error(path, "record 2 (case_id 7)", "field 'case_id'", "duplicate", "record 0")
+    path = _data_write(tmp_path, [EASY_REC, dict(other, case_id="7")])   # one case to --snippets' keys
+    _data_error(path, "record 1 (case_id 7)", "field 'case_id'", "duplicate case_id '7'", "record 0")
 
 
 @pytest.mark.parametrize("content,parts", [

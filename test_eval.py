@@ -326,6 +326,8 @@ def test_generation_eval_runs_and_is_seeded(lm):
     assert [c["generations"] for c in a] == [c["generations"] for c in b]
     assert all(0 < c["fluency"] < 10 for c in a)
     assert 0 <= a[0]["consistency"] <= 1 and "consistency" not in a[1]
+    text_key = E.generation_eval(lm, reqs[:1], snippets={str(reqs[0].case_id): ["the little dog ran"]}, text_tokens=30)
+    assert text_key[0]["consistency"] == a[0]["consistency"]       # 7 and "7": one case (JSON's keys are text)
 
 
 def test_general_eval_on_fixtures(lm):

@@ -1192,6 +1192,7 @@ def test_a_resumed_run_saves_the_model_where_the_run_was_told_to(tmp_path, monke
     ("--lam", "inf", "--lam must be positive, got inf (not a finite number)"),
     ("--alpha", "nan", "--alpha must be positive, got nan (not a finite number)"),
     ("--limit", "0", "--limit must be at least 1, got 0"),
+    ("--seed", str(10 ** 23), f"--seed {10 ** 23}: give a whole number from -2**63 to 2**63 - 1"),
     ("--eval-every", "-1", "--eval-every must be at least 0, got -1"),
     ("--stats-tokens", "-1", "--stats-tokens must be at least 0, got -1"),
     ("--glue-n", "0", "--glue-n must be at least 1, got 0"),
@@ -1376,13 +1377,13 @@ def test_a_flag_whose_companion_is_missing_is_refused(flags, companion):
 @pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
                                    L.SafetensorError("Error while serializing: No space left on device")])
 def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch, error):
-    out, real = tmp_path / "run", L.save_file
+    out, real = tmp_path / "run", M.save_file
 
     def fails_at_step_2(tensors, path, **k):      # checkpoints of steps 0, 1 pass; step 2's fails
         if "ckpt-000002" in path and path.endswith("weights.safetensors"):
             raise error
         return real(tensors, path, **k)
-    monkeypatch.setattr(L, "save_file", fails_at_step_2)
+    monkeypatch.setattr(M, "save_file", fails_at_step_2)
     assert L.main(_cli(tmp_path, "--out", str(out), "--limit", "12", "--no-generation")) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: writing the checkpoint of step 2 to {out / 'ckpt-000002'} failed (")
@@ -1999,6 +2000,88 @@ def test_ctrl_c_outside_a_step_is_one_line_that_says_how_to_continue(tmp_path, m
     assert (out / "summary.json").exists()
 
 
+def test_ctrl_c_while_a_resume_loads_or_the_model_is_saved_says_how_to_continue(tmp_path, monkeypatch, capsys):
+    """The run directory exists from the start of a --resume: a Ctrl-C during its statistics (minutes
+    on a large model) said there was nothing to continue; so did one while --save-model wrote."""
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+    out, edited = tmp_path / "run", tmp_path / "edited"
+    with monkeypatch.context() as patch:
+        patch.setattr(L.Editor, "save", interrupt)
+        assert _small_run(tmp_path, out, "--save-model", str(edited)) == 130
+    assert capsys.readouterr().err.endswith(f"interrupted; continue with: python lyaplock.py --resume {out}\n")
+    with monkeypatch.context() as patch:
+        patch.setattr(L, "preservation_statistics", interrupt)
+        assert L.main(["--resume", str(out)]) == 130
+    assert capsys.readouterr().err.endswith(f"interrupted; continue with: python lyaplock.py --resume {out}\n")
+    assert L.main(["--resume", str(out)]) == 0 and (edited / "model.safetensors").exists()
+
+
+def test_a_full_disk_while_the_model_is_saved_says_how_to_continue(tmp_path, monkeypatch, capsys):
+    """safetensors' own error on a full disk (was a traceback after the whole run): one line, with
+    the command that writes the model again; the saved files are readable as the process's others
+    (safetensors writes them owner-only)."""
+    out, edited, real = tmp_path / "run", tmp_path / "edited", M.save_file
+
+    def full(tensors, path, **k):
+        if Path(path).parent == edited:
+            raise L.SafetensorError("Error while serializing: No space left on device")
+        return real(tensors, path, **k)
+    with monkeypatch.context() as patch:
+        patch.setattr(M, "save_file", full)
+        assert _small_run(tmp_path, out, "--save-model", str(edited)) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {edited / 'model.safetensors'}: Error while serializing")
+    assert err.endswith(f"continue with: python lyaplock.py --resume {out}\n")
+    assert L.main(["--resume", str(out)]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in (edited / "model.safetensors", *out.glob("ckpt-*/*.safetensors")):
+        assert file.stat().st_mode & 0o777 == 0o666 & ~umask, file
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda d: _edit_json(d / "config.json", lambda c: c["hparams"].update(batch_size=3)),
+     "its checkpoint holds 2 edits after step 1; config.json's settings .batch_size 3, 8 requests. make 3"),
+    (lambda d: _edit_json(d / "config.json", lambda c: c.update(limit="10")),
+     "its config.json's limit '10' is not an int . None"),
+    (lambda d: (d / "cases_pre.jsonl").unlink(), "cases_pre.jsonl holds 0 of 8 scores"),
+    (lambda d: (d / "ability.jsonl").write_text(""), "ability.jsonl holds no measurement before editing"),
+    (lambda d: (d / "latest.json").write_text(json.dumps({"checkpoint": "../other/ckpt-000001", "step": 1})),
+     "latest.json names '../other/ckpt-000001', not one of the run's own checkpoints"),
+])
+def test_a_run_directory_changed_by_hand_is_refused_on_resume(stopped_run, tmp_path, capsys, change, message):
+    """What no kill can leave (each file is whole before checkpoint 0) but a hand can: refused,
+    naming it (were: a stream cut into other steps, silently; tracebacks, one after the whole
+    stream; a checkpoint of another run followed)."""
+    out = tmp_path / "run"
+    shutil.copytree(stopped_run, out)
+    change(out)
+    capsys.readouterr()
+    assert L.main(["--resume", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(message, err), err
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A run of 8 requests, 2 a step, stopped by Ctrl-C after its step 1 (read-only: copy it)."""
+    tmp_path, real = tmp_path_factory.mktemp("stopped"), L.edit_batch
+    with pytest.MonkeyPatch.context() as patch:
+        def dies_after_one(*a, **k):
+            patch.setattr(L, "edit_batch", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+            return real(*a, **k)
+        patch.setattr(L, "edit_batch", dies_after_one)
+        assert L.main(_cli(tmp_path, "--out", str(tmp_path / "run"), "--batch-size", "2", "--no-generation")) == 130
+    return tmp_path / "run"
+
+
+def _edit_json(file: Path, change):
+    content = json.loads(file.read_text())
+    change(content)
+    file.write_text(json.dumps(content))
+
+
 def _small_run(tmp_path, out, *extra):
     return L.main(_cli(tmp_path, "--out", str(out), "--no-generation", *extra, edits="stories-edits.json",
                        limit=None, batch=2, tokens=3000))
@@ -2106,9 +2189,13 @@ def test_a_bfloat16_editor_saves_the_model_it_evaluated_in_the_checkpoints_dtype
             assert torch.equal(t, original.state_dict()[n]), n
 
 
-def test_save_model_never_writes_into_the_input_checkpoint(tmp_path, capsys):
+def test_save_model_never_writes_into_the_input_checkpoint_or_the_run_directory(tmp_path, monkeypatch, capsys):
     assert _small_run(tmp_path, tmp_path / "run", "--save-model", str(STORIES)) == 1
     assert "--save-model must not be the input checkpoint's directory" in capsys.readouterr().err
+    monkeypatch.setattr(L.M, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    for out, save in (("run", "run"), ("run", "."), ("run", "run/model")):     # (was: refused after the run)
+        assert _small_run(tmp_path, tmp_path / out, "--save-model", str(tmp_path / save)) == 1
+        assert "and the run directory" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
 def test_cli_refuses_outputs_it_would_overwrite_before_the_model_loads(tmp_path, monkeypatch, capsys):

@@ -906,7 +906,7 @@ def test_mistral3_text_config_left_to_the_defaults_reads_as_transformers(text_ty
     128), the head tied by the top-level default."""
     import transformers as T
     sizes = dict(model_type=text_type, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                 num_attention_heads=4, vocab_size=512)
+                 num_attention_heads=16, vocab_size=512)          # (the default 8 key-value heads share them)
     ours, theirs = M.Config.from_hf(dict(model_type="mistral3", text_config=sizes)), T.Mistral3Config(text_config=sizes)
     text, rope = theirs.text_config, theirs.text_config.rope_parameters
     assert (ours.n_kv_heads, ours.head_dim, ours.norm_eps, ours.max_positions, ours.pad_id, ours.sliding_window) == \
@@ -1444,7 +1444,7 @@ def tokenizer_checkpoint(path, model_type, ids, specials, template, tokenizer_co
         tok.post_processor = processors.TemplateProcessing(
             single=f"{template} $A", special_tokens=[(t, tok.token_to_id(t)) for t in template.split()])
     shape = dict(n_embd=8, n_layer=1, n_head=2) if model_type == "gpt2" else \
-        dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
+        dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
     path.mkdir(parents=True)
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))

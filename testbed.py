@@ -39,7 +39,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 import eval as E
 import lyaplock as L
@@ -248,7 +247,7 @@ def save_weights(m: M.CausalLM, out: Path) -> None:
     """model.safetensors (HF names, float32; a tied head is not stored)."""
     state = {n: t.detach().to("cpu", torch.float32).contiguous() for n, t in m.state_dict().items()
              if not (m.cfg.tie_embeddings and n == m.cfg.head_weight)}
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    M.write_safetensors(state, out / "model.safetensors", metadata={"format": "pt"})
 
 
 # ------------------------------------------------------------------------------------- training
