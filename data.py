@@ -382,7 +382,8 @@ def append_jsonl(path: Path, entry: dict):
 
 
 def read_snippets(path) -> dict:
-    """{case_id: [reference text, ...]} for consistency; keys may be ints or strings."""
+    """{case_id: [reference text, ...]} for consistency; the keys text, as JSON's are (case id 7
+    and "7" are one case: eval.generation_eval)."""
     try:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -390,4 +391,4 @@ def read_snippets(path) -> dict:
     if not isinstance(raw, dict) or not all(isinstance(v, list) and all(isinstance(t, str) for t in v)
                                             for v in raw.values()):
         raise DataError(f"--snippets {path}: expected an object {{case_id: [text, ...]}}")
-    return {int(k) if re.fullmatch(r"-?\d+", k) else k: v for k, v in raw.items()}
+    return raw

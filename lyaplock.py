@@ -1976,12 +1976,21 @@ def check_outputs(args, model_path):
             raise ValueError(f"{flag} {path} is a file, not a directory; {advice}")
         if flag != "--stats-cache" and any(path.iterdir()):
             raise ValueError(f"{flag} {path} exists and is not empty; {advice}")
-    run_dir = args.out or args.resume
-    if args.save_model and run_dir:
-        saved, run = Path(args.save_model).resolve(), Path(run_dir).resolve()
-        if saved == run or saved in run.parents or run in saved.parents:
-            raise ValueError(f"--save-model {args.save_model} and the run directory {run_dir}: one holds the other "
-                             "(the edited model's files would mix with the run's); choose a directory beside it")
+    if args.save_model and nested_in_run(Path(args.save_model).resolve(), args.out or args.resume):
+        raise ValueError(f"--save-model {args.save_model} and the run directory {args.out or args.resume or 'runs/NNN'}: "
+                         "one holds the other (the edited model's files would mix with the run's); choose a "
+                         "directory beside it")
+
+
+def nested_in_run(saved: Path, run_dir) -> bool:
+    """`saved` (resolved) is the run directory, in it or holds it: the given one, or where none is
+    given the next runs/NNN, any of them."""
+    if run_dir:
+        run = Path(run_dir).resolve()
+        return saved == run or saved in run.parents or run in saved.parents
+    runs = Path("runs").resolve()
+    return saved == runs or saved in runs.parents or any(p.parent == runs and p.name.isdigit()
+                                                          for p in (saved, *saved.parents))
 
 
 def input_digests(settings: Settings, model: M.CausalLM, known=None) -> dict[str, str]:
@@ -2223,6 +2232,8 @@ def run(args) -> int:
     with ExitStack() as held:
         if args.resume:                          # (a Ctrl-C or a full disk from here on: how to continue)
             held.enter_context(holding(out))
+            if args.given & set(RESUMABLE):      # what this start typed, so that --resume DIR alone goes on so
+                data.write_atomic(out / "config.json", settings.to_json())
             held.enter_context(resume_hint(out))
         requests, skipped = load_requests(settings)
         model = load_model(settings, cfg, requests)
@@ -2350,7 +2361,7 @@ def load_requests(settings: Settings) -> tuple[list, list[str]]:
     if not requests:
         raise ValueError(f"{settings.edits}: no requests to edit")
     snippets = snippets_of(settings) or {}
-    if settings.snippets and not {q.case_id for q in requests} & set(snippets):
+    if settings.snippets and not {str(q.case_id) for q in requests} & set(snippets):
         raise ValueError(f"--snippets {settings.snippets}: none of its {len(snippets)} case ids is one of the "
                          f"edits' (first: {requests[0].case_id!r}): no consistency would be scored")
     return requests, skipped

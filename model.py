@@ -175,6 +175,10 @@ class Config:
         if mt not in READERS:
             raise CheckpointError(f"unsupported model_type {mt!r} in config.json: supported are "
                                   + ", ".join(repr(s) for s in SUPPORTED))
+        for name in Config.HF_SIZES:               # before a reader divides by one (None: the family's default)
+            v = c.get(name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise CheckpointError(f"config.json (model_type {mt!r}): {name} {v!r} is not a whole number of at least 1")
         try:
             cfg = READERS[mt](HF_DEFAULTS.get(mt, {}) | c)
         except KeyError as e:
@@ -183,7 +187,7 @@ class Config:
             raise
         except (TypeError, ValueError, ArithmeticError, AttributeError) as e:   # a field of the wrong kind
             raise CheckpointError(f"config.json (model_type {mt!r}) holds a value that cannot be read as "
-                                  f"transformers reads it: {type(e).__name__}: {e}") from None
+                                  f"transformers reads it: {type(e).__name__}: {e}") from e
         limit, field = cfg.position_limit
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:     # (transformers refuses it too)
             raise CheckpointError(f"config.json (model_type {mt!r}): {field} {limit!r} is not a number of positions")
@@ -191,6 +195,8 @@ class Config:
         return cfg
 
     SIZES = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_mlp")
+    HF_SIZES = ("vocab_size", "hidden_size", "n_embd", "num_hidden_layers", "n_layer", "num_attention_heads", "n_head",
+                "num_key_value_heads", "head_dim", "intermediate_size", "n_inner")   # config.json's names
 
     def check_sizes(self):
         """The sizes whole numbers of at least 1, the norm's epsilon and the rope base positive
@@ -207,9 +213,9 @@ class Config:
         if self.n_heads % self.n_kv_heads:          # (transformers' forward fails; ours would pair heads wrongly)
             raise CheckpointError(f"config.json (model_type {self.arch!r}): {self.n_heads} attention heads do not "
                                   f"share {self.n_kv_heads} key-value heads evenly")
-        if not self.llama_like and self.n_heads * self.head_dim != self.d_model:
+        if self.arch in ("gpt2", "gptj", "gpt_neox") and self.n_heads * self.head_dim != self.d_model:
             raise CheckpointError(f"config.json (model_type {self.arch!r}): the hidden size {self.d_model} is not "
-                                  f"a multiple of the {self.n_heads} attention heads")
+                                  f"divisible by the {self.n_heads} attention heads")
         w = self.sliding_window
         if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1):
             raise CheckpointError(f"config.json (model_type {self.arch!r}): sliding_window {w!r} is not a number "
@@ -1930,9 +1936,12 @@ def write_safetensors(tensors: dict, path, metadata: dict | None = None):
         save_file(tensors, str(path), metadata=metadata)
     except SafetensorError as e:
         raise OSError(f"{path}: {e}") from None
-    umask = os.umask(0)
+    umask = os.umask(0)          # (read by setting it: for the moment between, this process is one thread)
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    try:
+        os.chmod(path, 0o666 & ~umask)
+    except OSError:              # a file system without modes (FAT, some network mounts): its own
+        pass
 
 
 def save(src, out, tensors: dict[str, torch.Tensor]) -> list[str]:

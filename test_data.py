@@ -236,10 +236,13 @@ def test_data_gzip_files_load_like_plain_ones(tmp_path):
     assert load_requests(upper)[0] == load_requests(plain)[0]
 
 
-def test_data_snippet_keys_are_case_ids(tmp_path):
+def test_data_snippet_keys_are_case_ids_as_text(tmp_path):
+    """JSON's keys are text: kept so (case id 7 and "7" are one case where they are looked up; a key
+    "007" is not 7, as it was when digits were read as ints)."""
     path = tmp_path / "snippets.json"
-    path.write_text(json.dumps({"7": ["ä text"], "-3": ["b"], "--5": ["c"], "x1": ["d"]}), encoding="utf-8")
-    assert data.read_snippets(path) == {7: ["ä text"], -3: ["b"], "--5": ["c"], "x1": ["d"]}   # "--5" was a ValueError
+    keys = {"7": ["ä text"], "-3": ["b"], "--5": ["c"], "x1": ["d"], "007": ["e"]}
+    path.write_text(json.dumps(keys), encoding="utf-8")
+    assert data.read_snippets(path) == keys
 
 
 def test_data_read_corpus(tmp_path):

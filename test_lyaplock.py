@@ -115,6 +115,18 @@ def test_a_first_step_that_leaves_w0_defers_the_calibration_and_nan_is_refused()
         L.feed_queue(L.LayerState(), float("nan"), 1.0)
 
 
+def test_a_real_first_steps_loss_is_far_above_its_rounding():
+    """loss_rounding's bound (a first PL within it leaves the queue uncalibrated) is orders of
+    magnitude under a real first step's PL: the authors' first LyapLock batch on stories260K
+    (measured 3.4e11 and 4.0e11 times it; 4e10-7e10 on the fact model)."""
+    m = M.load(STORIES)
+    o = json.loads((ORACLE / "oracle.json").read_text())
+    st, b = load_file(ORACLE / "stats.safetensors"), load_file(ORACLE / "batch_00.safetensors")
+    for l in o["layers"]:
+        C, W = st[f"C32.{l}"].double(), b[f"W_after.{l}"]
+        assert L.preservation_loss(W, m.edit_weight(l), C) > 1e9 * L.loss_rounding(W, m.edit_weight(l), C)
+
+
 def test_an_editor_whose_first_batch_is_known_already_goes_on_and_calibrates_later(tmp_path):
     """The model already gives the first batch's targets (a saved edited model given its own
     edits): that step changes nothing, logs no D, and leaves the Editor usable, and a checkpoint
@@ -1238,6 +1250,11 @@ def test_bad_snippets_and_class_ids_out_of_range_are_refused_before_any_work(tmp
         assert L.main(_cli(tmp_path, "--out", str(tmp_path / "run"), *flags)) == 1
         assert capsys.readouterr().err == f"error: {message}\n"
         assert not (tmp_path / "run").exists()
+    texts = tmp_path / "texts.json"                     # case ids as text, in the file and the snippets
+    texts.write_text(json.dumps([dict(r, case_id=str(r["case_id"])) for r in json.loads((FIX / "counterfact-rome.json").read_text())[:4]]))
+    snippets.write_text(json.dumps({"0": ["a text"]}))
+    requests, _ = L.load_requests(L.Settings(model=str(STORIES), edits=str(texts), snippets=str(snippets)))
+    assert requests[0].case_id == "0"                   # (was: none of its case ids is one of the edits')
     (glue / "sst2.json").write_text((FIX / "glue" / "sst2.json").read_text())
     (glue / "mmlu.json").write_text(json.dumps(mmlu))
     with pytest.raises(ValueError, match=r"mmlu.json: item 3: class id 9 is not one of 0..3 \(A, B, C, D\)"):
@@ -1282,7 +1299,8 @@ def test_cli_resume_allows_device_and_batch_tokens_and_repeating_the_settings(tm
     again = [x for x in argv if x != "--out" and x != str(out)]
     assert L.main(["--resume", str(out), "--device", "cpu", "--z-batch-tokens", "512", "--checkpoint-every", "3",
                    *again]) == 0, capsys.readouterr().err
-    assert json.loads((out / "config.json").read_text())["z_batch_tokens"] == 2048    # the run's record
+    recorded = json.loads((out / "config.json").read_text())      # the latest start's: --resume DIR alone
+    assert (recorded["z_batch_tokens"], recorded["limit"]) == (512, 4)
 
 
 def _long_prompt_edits(tmp_path):
@@ -2019,17 +2037,19 @@ def test_ctrl_c_while_a_resume_loads_or_the_model_is_saved_says_how_to_continue(
 
 def test_a_full_disk_while_the_model_is_saved_says_how_to_continue(tmp_path, monkeypatch, capsys):
     """safetensors' own error on a full disk (was a traceback after the whole run): one line, with
-    the command that writes the model again; the saved files are readable as the process's others
-    (safetensors writes them owner-only)."""
+    the command that writes the model again, also where a --resume named --save-model (it is
+    recorded: --resume DIR alone writes it there); the saved files are readable as the process's
+    others (safetensors writes them owner-only)."""
     out, edited, real = tmp_path / "run", tmp_path / "edited", M.save_file
 
     def full(tensors, path, **k):
         if Path(path).parent == edited:
             raise L.SafetensorError("Error while serializing: No space left on device")
         return real(tensors, path, **k)
+    assert _small_run(tmp_path, out) == 0
     with monkeypatch.context() as patch:
         patch.setattr(M, "save_file", full)
-        assert _small_run(tmp_path, out, "--save-model", str(edited)) == 1
+        assert L.main(["--resume", str(out), "--save-model", str(edited)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: {edited / 'model.safetensors'}: Error while serializing")
     assert err.endswith(f"continue with: python lyaplock.py --resume {out}\n")
@@ -2196,6 +2216,10 @@ def test_save_model_never_writes_into_the_input_checkpoint_or_the_run_directory(
     for out, save in (("run", "run"), ("run", "."), ("run", "run/model")):     # (was: refused after the run)
         assert _small_run(tmp_path, tmp_path / out, "--save-model", str(tmp_path / save)) == 1
         assert "and the run directory" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    monkeypatch.chdir(tmp_path)                 # no --out: the next runs/NNN
+    for save in ("runs", "runs/001", "runs/007/model", "."):
+        assert L.main(_cli(tmp_path, "--save-model", save)) == 1
+        assert "and the run directory runs/NNN: one holds the other" in capsys.readouterr().err
 
 
 def test_cli_refuses_outputs_it_would_overwrite_before_the_model_loads(tmp_path, monkeypatch, capsys):

@@ -387,8 +387,10 @@ def _broken(tmp_path, how):
     ("tokenizer-truncated", "tokenizer.json: not a readable tokenizer"),
     ("config:[1, 2]", "config.json: expected a JSON object, got list"),
     ("config-not-utf8", "config.json: not a readable JSON file .*utf-8"),
-    ('config:num_hidden_layers="5"', "n_layers '5' is not a whole number of at least 1"),
-    ("config:num_attention_heads=-8", "n_heads -8 is not a whole number of at least 1"),
+    ('config:num_hidden_layers="5"', "num_hidden_layers '5' is not a whole number of at least 1"),
+    ("config:num_attention_heads=-8", "num_attention_heads -8 is not a whole number of at least 1"),
+    ("config:num_attention_heads=0", "num_attention_heads 0 is not a whole number of at least 1"),   # (was 'division by zero')
+    ("config:num_key_value_heads=0", "num_key_value_heads 0 is not a whole number of at least 1"),   # (was: as absent)
     ('config:rms_norm_eps="tiny"', "norm_eps 'tiny' is not a positive number"),
     ("config:rope_theta=-1", "rope_theta -1 is not a positive number"),
     ("unknown-bos", "tokenizer_config.json: bos_token '<bos>' is not a token of .*tokenizer.json"),
@@ -399,6 +401,17 @@ def _broken(tmp_path, how):
 def test_bad_checkpoints_give_clear_errors(tmp_path, how, message):
     with pytest.raises(M.CheckpointError, match=message):
         M.load(_broken(tmp_path, how))
+
+
+def test_a_head_dim_apart_from_the_hidden_size_is_read_where_transformers_reads_it():
+    """Phi and the LLaMA layout take head_dim as given (hidden 64, 4 heads of 24), as transformers;
+    GPT-2's, GPT-J's and GPT-NeoX's heads split the hidden size, which must divide."""
+    sizes = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, vocab_size=100, head_dim=24)
+    for family in ("phi", "llama", "qwen3"):
+        assert M.Config.from_hf(dict(model_type=family, **sizes)).head_dim == 24
+    with pytest.raises(M.CheckpointError, match="the hidden size 64 is not divisible by the 6 attention heads"):
+        M.Config.from_hf(dict(model_type="gpt_neox", **sizes | dict(num_attention_heads=6, num_key_value_heads=6)))
 
 
 def test_a_model_path_that_is_no_directory_is_named_so(tmp_path):
