@@ -1146,6 +1146,7 @@ class Editor:
         self.z_batch_tokens = z_batch_tokens
         self.state = state or EditState.start(hparams.method, hparams.layers)
         self._original = None                 # the sha256 of W0 (identity), once asked for
+        self._statistics = None               # C's trace and norm per layer (identity), once asked for
 
     @classmethod
     def open(cls, model_path, method: str = "lyaplock", *, device: str = "cpu", dtype: str = "float32",
@@ -1157,6 +1158,7 @@ class Editor:
         if "batch_size" in hparams:
             raise ValueError("batch_size: an Editor edits what each edit() is given as one step; batch the "
                              "requests yourself (editor.edit(requests[i:i + k]))")
+        M.check_seed(seed)
         if not isinstance(stats_tokens, int) or stats_tokens < 0:
             raise ValueError(f"stats_tokens {stats_tokens!r}: give a whole number of tokens, at least 0 (0: the "
                              "whole corpus)")
@@ -1179,6 +1181,10 @@ class Editor:
         if not requests:
             raise ValueError("edit: no requests; a step edits at least one")
         self.check_whole("edit")
+        check_hparams(self.hparams, self.model.cfg.n_layers)       # (changed since it was built?)
+        if list(self.hparams.layers) != list(self.state.layers):
+            raise ValueError(f"edit: hparams.layers {list(self.hparams.layers)} are not the layers whose statistics "
+                             f"and state this Editor holds ({list(self.state.layers)}): build a new Editor")
         return edit_batch(self.model, requests, self.templates, self.hparams, self.state, self.C,
                           self.W0, self.z_batch_tokens)
 
@@ -1201,6 +1207,7 @@ class Editor:
     def evaluate(self, requests, generation: bool = False, snippets=None, seed: int = 0) -> dict:
         """Means over the requests (×100): CounterFact or zsRE metrics, with fluency (and
         consistency, given snippets) when `generation`."""
+        M.check_seed(seed)
         requests = self.fitting(checked_requests(requests), "evaluate", ev.FLUENCY_TOKENS if generation else 0)
         if generation and not any(q.generation_prompts for q in requests):
             raise ValueError("evaluate(generation=True): none of these requests has generation prompts (CounterFact's "
@@ -1225,6 +1232,9 @@ class Editor:
         training state)."""
         if self.model_path is None:
             raise ValueError("this Editor was built without a model_path to copy the checkpoint from")
+        if M.checkpoint_config(self.model_path) != self.model.cfg:
+            raise ValueError(f"save: model_path {self.model_path} holds another model than this Editor's (its "
+                             "config.json differs): the save would mix the two")
         self.check_whole("save")
         with self.restrained():
             return M.save(self.model_path, directory, self.model.edit_tensors(self.hparams.layers))
@@ -1249,17 +1259,22 @@ class Editor:
     def identity(self) -> dict:
         """What a checkpoint continues only on an Editor alike: the settings its method reads (not
         batch_size: each edit() is a step), the context templates and the original weights W0
-        (PL's reference) and their dtype, the templates and W0 as sha256."""
+        (PL's reference) and their dtype, the templates and W0 as sha256, and the statistics C
+        as each layer's trace and norm (compared to 1e-4: C collected again on another device
+        differs in its last digits, another corpus or token count in the first)."""
         if self._original is None:
             digest = hashlib.sha256()
             for l in sorted(self.W0):
                 digest.update(self.W0[l].detach().cpu().contiguous().view(torch.uint8).numpy())
             self._original = digest.hexdigest()
+        if self._statistics is None:
+            self._statistics = {str(l): [float(c.diagonal().sum()), float(c.norm())] for l, c in self.C.items()}
         hp = self.hparams
         read = {k: v for k, v in asdict(hp).items() if k != "batch_size" and not unread(hp.method, k)}
         return dict(hparams=json.loads(json.dumps(read)), original_weights=self._original,
                     dtype=str(next(iter(self.W0.values())).dtype).removeprefix("torch."),
-                    templates=hashlib.sha256(json.dumps(self.templates).encode()).hexdigest())
+                    templates=hashlib.sha256(json.dumps(self.templates).encode()).hexdigest(),
+                    statistics=self._statistics)
 
     def restore(self, run_dir):
         """Continue where run_dir's latest checkpoint left off: its edited weights into the model,
@@ -1291,8 +1306,21 @@ def check_statistics(C: dict, layers, m: int):
         if tuple(c.shape) != (m, m) or not c.is_floating_point():
             raise ValueError(f"C[{l}] is {str(c.dtype).removeprefix('torch.')} {tuple(c.shape)}; a float ({m}, {m}) "
                              f"matrix is needed (d_mlp = {m})")
+        if c.device.type == "meta" or c.requires_grad:
+            raise ValueError(f"C[{l}] is " + ("on the meta device, without values" if c.device.type == "meta" else
+                                              "a tensor autograd tracks: give C[l].detach()"))
         if not bool(torch.isfinite(c).all()):
             raise ValueError(f"C[{l}] holds values that are not finite (NaN or inf)")
+        if not symmetric(c):
+            raise ValueError(f"C[{l}] is not symmetric (C = KKᵀ/n is, E1): the solves would take it for another")
+
+
+def symmetric(c: torch.Tensor, rows: int = 2048) -> bool:
+    """C equals Cᵀ to √ε of its dtype times its largest value (1.5e-8 in float64; a sum a GPU made
+    need not be bitwise symmetric), compared a block of rows at a time (no second m×m copy)."""
+    tolerance = torch.finfo(c.dtype).eps ** 0.5 * float(c.abs().max())
+    return all(float((c[i:i + rows] - c[:, i:i + rows].T).abs().max()) <= tolerance
+               for i in range(0, c.shape[0], rows))
 
 
 def check_templates(templates, where: str):
@@ -1309,6 +1337,9 @@ def checked_requests(requests) -> list:
     if isinstance(requests, tuple) and len(requests) == 2 and isinstance(requests[0], list):
         raise TypeError("requests: a (requests, skipped) pair, as data.load_requests and data.requests_from "
                         "return; pass its first item")
+    if requests is None or isinstance(requests, (data.Request, str, dict)) or not hasattr(requests, "__iter__"):
+        raise TypeError(f"requests: a list of data.Request is needed, got {type(requests).__name__}"
+                        + (" (one request: [request])" if isinstance(requests, data.Request) else ""))
     requests = list(requests)
     for i, q in enumerate(requests):
         if not isinstance(q, data.Request):
@@ -1352,6 +1383,9 @@ def check_hparams(hp: HParams, n_layers: int | None = None):
     """A ValueError naming the first hyper-parameter out of its range: the method known, the
     layers increasing (the last is where the target values are found, E4-E6) and, given the
     model's depth, within it; weights and rates positive, step counts at least 1."""
+    if not isinstance(hp, HParams):
+        raise ValueError(f"hparams: an HParams is needed (lyaplock.HParams(...), or preset(cfg, method)), got "
+                         f"{type(hp).__name__}")
     method_of(hp.method)
     layers = hp.layers
     if not isinstance(layers, (list, tuple)):
@@ -1611,6 +1645,10 @@ def check_identity(d: Path, saved: dict, now: dict):
     differ = [f"{k} {v!r} there, {hp[k]!r} here" for k, v in was.items() if k in hp and hp[k] != v]
     if saved.get("templates") != now["templates"]:
         differ.append("other context templates (another seed?)")
+    was_C, now_C = saved.get("statistics", now["statistics"]), now["statistics"]      # (older checkpoints: none)
+    if was_C.keys() != now_C.keys() or any(not math.isclose(a, b, rel_tol=1e-4)
+                                           for l in now_C for a, b in zip(was_C[l], now_C[l])):
+        differ.append("other statistics C (another corpus or token count?)")
     if saved.get("dtype", now["dtype"]) != now["dtype"]:
         differ.append(f"weights in {saved['dtype']} there, {now['dtype']} here (the model's dtype)")
     elif saved.get("original_weights") != now["original_weights"]:
@@ -1784,8 +1822,7 @@ def check_settings(args):
     for name, need in FLAG_RANGES.items():
         if getattr(args, name) is not None and (problem := range_problem(getattr(args, name), need)):
             raise ValueError(f"--{name.replace('_', '-')} {problem}")
-    if not -2 ** 63 <= args.seed < 2 ** 63:         # (torch's generators take up to 2**64 - 1, seed + group)
-        raise ValueError(f"--seed {args.seed}: give a whole number from -2**63 to 2**63 - 1")
+    M.check_seed(args.seed, "--seed")
     if args.stop_below is not None and not (0 < args.stop_below < 1 and args.eval_every > 0):
         raise ValueError(f"--stop-below {args.stop_below}: give a fraction between 0 and 1, with --eval-every K")
     if args.state_device:

@@ -1928,6 +1928,13 @@ def left_out_of_save(name: str) -> bool:
     return name != "model.safetensors.index.json" and any(fnmatch.fnmatchcase(name, p) for p in LEFT_OUT)
 
 
+def check_seed(seed, name: str = "seed"):
+    """A seed torch's generators take, with room for the seed + k the samplers add: a ValueError
+    naming it otherwise (torch's own is 'Overflow when unpacking long long')."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or not -2 ** 63 <= seed < 2 ** 63:
+        raise ValueError(f"{name} {seed!r}: give a whole number from -2**63 to 2**63 - 1")
+
+
 def write_safetensors(tensors: dict, path, metadata: dict | None = None):
     """safetensors' save_file, its failures an OSError naming the file (a full disk: its
     SafetensorError), and the file readable as any this process writes (save_file leaves it to
@@ -2045,6 +2052,10 @@ def main(argv=None):
     if args.max_new_tokens < 0 or (args.top_k is not None and args.top_k < 1):
         p.error("--max-new-tokens must be at least 0 and --top-k at least 1")
     try:
+        check_seed(args.seed, "--seed")
+    except ValueError as e:
+        p.error(str(e))
+    try:
         args.prompt.encode("utf-8")
     except UnicodeEncodeError as e:  # bytes the shell passed that are not UTF-8 (a TypeError in the tokenizer)
         p.error(f"--prompt is not valid text: {e.reason} at character {e.start}")
@@ -2069,6 +2080,11 @@ def main(argv=None):
         out = generate(model, [ids], args.max_new_tokens, args.top_k, args.seed)[0]
     except ValueError as e:          # e.g. a GPT-2 prompt past its learned positions
         raise SystemExit(f"error: {e}")
+    except (MemoryError, RuntimeError) as e:     # the key-value cache, made whole first (CPU: a RuntimeError)
+        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "can't allocate memory" not in str(e):
+            raise
+        raise SystemExit(f"error: out of memory for {len(ids) + args.max_new_tokens} tokens' key-value cache "
+                         f"(--max-new-tokens {args.max_new_tokens}): {str(e).splitlines()[0]}") from None
     except KeyboardInterrupt:        # (the text is decoded whole, at the end: none yet)
         print("\ninterrupted", file=sys.stderr)
         raise SystemExit(130) from None

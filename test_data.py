@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -167,6 +168,14 @@ def test_data_bad_record_errors_name_file_record_and_field(tmp_path, base, field
     cid = bad.get("case_id", 1)  # zsRE records without case_id use the index
     path = _data_write(tmp_path, [good, bad])
     _data_error(path, "record 1", f"case_id {cid}", f"field '{named}'", problem)
+
+
+def test_a_limit_below_one_is_refused(tmp_path):
+    """limit 0 or -1 gave no requests, silently (the command refuses --limit 0 itself)."""
+    path = _data_write(tmp_path, [EASY_REC])
+    for limit in (0, -1, 1.5, True):
+        with pytest.raises(DataError, match=rf"^limit {re.escape(repr(limit))}: give a number of requests, at least 1"):
+            load_requests(path, limit=limit)
 
 
 def test_data_missing_case_id_and_duplicates(tmp_path):

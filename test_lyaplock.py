@@ -1638,7 +1638,31 @@ def test_editor_refuses_what_is_not_a_request_by_name(tmp_path):
                                          r"sampled after it .* is 521 tokens, longer than the model's 512 positions"):
         editor.evaluate([talks], generation=True)
     assert editor.fitting([talks], "evaluate") == [talks]                 # without generation it fits
+    one = data.requests_from([record])[0][0]
+    for given, message in ((one, r"got Request \(one request: \[request\]\)"), (None, "got NoneType")):
+        with pytest.raises(TypeError, match=f"requests: a list of data.Request is needed, {message}"):
+            editor.edit(given)
+    with pytest.raises(ValueError, match=r"seed 2361183241434822606848: give a whole number from -2\*\*63"):
+        editor.evaluate([one], seed=2 ** 71)              # (torch's 'Overflow when unpacking long long')
+    hp = editor.hparams
+    for change, message in ((dict(alpha=0.0), "hyper-parameter alpha must be positive"),  # (a ZeroDivisionError)
+                            (dict(layers=(1, 2, 3)), r"hparams.layers \[1, 2, 3\] are not the layers")):  # (KeyError)
+        editor.hparams = dataclasses.replace(hp, **change)
+        with pytest.raises(ValueError, match=message):
+            editor.edit([one])
+    editor.hparams = hp
     assert editor.state.step == 0
+    with pytest.raises(ValueError, match="hparams: an HParams is needed .* got dict"):
+        L.Editor(m, dict(layers=(1, 2)), C, [["{}"]])
+    skewed = {l: c.clone() for l, c in C.items()}
+    skewed[2][0, 1] += 100.0                         # (PL then grew to 1e11 without a word)
+    for bad, message in ((skewed, r"C\[2\] is not symmetric"),
+                         ({l: c.clone().requires_grad_() for l, c in C.items()}, r"C\[1\] is a tensor autograd tracks"),
+                         ({l: c.to("meta") for l, c in C.items()}, r"C\[1\] is on the meta device")):
+        with pytest.raises(ValueError, match=message):
+            L.Editor(m, hp, bad, [["{}"]])
+    with pytest.raises(ValueError, match="save: model_path .* holds another model than this Editor's"):
+        L.Editor(m, hp, C, [["{}"]], model_path=FIX / "factmodel-ci").save(tmp_path / "mixed")
 
 
 def test_a_step_that_fails_half_way_must_be_restored_before_the_next(tmp_path, monkeypatch):
@@ -1694,8 +1718,9 @@ def test_restore_refuses_an_editor_with_other_settings_templates_or_original_wei
               (M.load(STORIES), hp, [["{}"], ["A. {}"]], "other context templates"),
               (M.load(tmp_path / "edited"), hp, [["{}"]], "other original weights W0"),
               (M.load(STORIES, dtype="bfloat16"), hp, [["{}"]], r"weights in float32 there, bfloat16 here")]
-    for model, hparams, templates, message in others:
-        other = L.Editor(model, hparams, C, templates)
+    others.append((M.load(STORIES), hp, [["{}"]], r"other statistics C .another corpus or token count"))
+    for (model, hparams, templates, message), stats in zip(others, [C] * 4 + [{l: c * 1.01 for l, c in C.items()}]):
+        other = L.Editor(model, hparams, stats, templates)
         with pytest.raises(ValueError, match=f"ckpt-000001: written by an Editor with other settings: .*{message}"):
             other.restore(tmp_path / "run")
         assert other.state.step == 0 and all(torch.equal(model.edit_weight(l), W) for l, W in other.W0.items())

@@ -1555,11 +1555,25 @@ def test_model_cli_from_no_prompt_without_a_bos_token_says_so(ckpt, tmp_path):
         M.main([str(d), "--max-new-tokens", "2", "--device", "cpu"])
 
 
-@pytest.mark.parametrize("flags", [["--top-k", "0"], ["--max-new-tokens", "-1"]])
-def test_model_cli_refuses_bad_generation_flags(capsys, flags):
+@pytest.mark.parametrize("flags,message", [(["--top-k", "0"], "--max-new-tokens must be at least 0 and --top-k at least 1"),
+                                           (["--max-new-tokens", "-1"], "--max-new-tokens must be at least 0"),
+                                           (["--seed", str(10 ** 20)], "--seed 100000000000000000000: give a whole number")])
+def test_model_cli_refuses_bad_generation_flags(capsys, flags, message):
     with pytest.raises(SystemExit):
         M.main([str(STORIES), "--prompt", "Lily", "--device", "cpu", *flags])
-    assert "--max-new-tokens must be at least 0 and --top-k at least 1" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
+
+
+def test_model_cli_says_when_the_key_value_cache_does_not_fit(capsys, monkeypatch):
+    """--max-new-tokens 1000000000: the cache is made whole first (128 GB here): one line, not
+    the allocator's traceback."""
+    def too_big(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 128000000384 bytes")
+    monkeypatch.setattr(M, "KVCache", too_big)
+    with pytest.raises(SystemExit, match=r"error: out of memory for \d+ tokens' key-value cache "
+                                         r"\(--max-new-tokens 1000000000\): .*DefaultCPUAllocator: can't allocate"):
+        M.main([str(STORIES), "--prompt", "Lily", "--device", "cpu", "--max-new-tokens", "1000000000"])
 
 
 def test_top_k_past_the_vocabulary_samples_from_all_of_it():

@@ -106,6 +106,19 @@ def test_churn_targets_always_change_and_are_answers_the_model_can_give(factmode
     assert stream != TB.churn_stream(first, pools, n, 10, seed=1)
 
 
+def test_a_stream_that_cannot_be_made_as_promised_is_refused(factmodel, monkeypatch):
+    """A churn step larger than the editable subjects (223 on ci) edited a prompt twice, with two
+    targets, without a word; a fact model that knows no editable fact (trained a few steps) made
+    an empty stream and a KeyError or ZeroDivisionError."""
+    TB.make_stream("churn", factmodel, FACTMODEL, 446, 223, 0)
+    with pytest.raises(ValueError, match="a churn step of 224 would edit one of its 223 editable subjects twice"):
+        TB.make_stream("churn", factmodel, FACTMODEL, 900, 224, 0)
+    monkeypatch.setattr(TB, "editable", lambda m, edit, held: [])
+    for kind in ("first", "churn"):
+        with pytest.raises(ValueError, match=f"the '{kind}' stream has no edits .the model knows none"):
+            TB.make_stream(kind, factmodel, FACTMODEL, None, 10, 0)
+
+
 def test_churn_fallback_count(factmodel, ci_records):
     """churn_stream's rule, pinned on the ci model's 2,230-edit stream (the README's churn table):
     a re-edit takes another answer trained after its prompt template, but where that template's
@@ -250,7 +263,9 @@ def test_experiment_refuses_eval_every_and_edits_below_one_before_any_work(tmp_p
     for flags, message in ((["--eval-every", "0"], "--eval-every 0: give a number of steps of at least 1"),
                            (["--eval-every", "-2"], "--eval-every -2: give a number of steps of at least 1"),
                            (["--edits", "-5"], "--edits -5: give a number of edits of at least 1 "
-                                                   "(0: the whole stream)")):
+                                                   "(0: the whole stream)"),
+                           (["--seed", str(10 ** 20)], f"--seed {10 ** 20}: give a whole number from -2**63 to "
+                                                       "2**63 - 1")):      # (was 'Overflow when unpacking long long')
         assert TB.main(["experiment", *flags, "--out", str(tmp_path / "out"), *threads]) == 1
         assert capsys.readouterr().err == f"error: {message}\n"
     asked = []
@@ -369,7 +384,7 @@ def _result(runs: dict, layers=(1, 2)) -> dict:
     point = lambda e: dict(edits=e, efficacy=50.0, generalization=40.0, specificity=90.0, retention=80.0,
                            perplexity=100.0 + e, drift={str(l): 0.01 * e for l in layers})
     methods = {k: dict(label=k, steps=[step(e, z) for e in (2, 4)], points=[point(e) for e in (2, 4)],
-                       seconds=1.0, hparams={}) for k, z in runs.items()}
+                       seconds=1.0, hparams=dict(method=k)) for k, z in runs.items()}
     return dict(layers=list(layers), methods=methods)
 
 

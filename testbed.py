@@ -713,9 +713,15 @@ def make_stream(kind: str, m: M.CausalLM, model_dir: Path, n_edits: int | None, 
         else:
             retained = known(m, held_facts_of(edit, held)[:n_retained])
             first = editable(m, edit, held)
-            requests = first if kind == "first" else churn_stream(
+            if kind == "churn" and first and batch_size > len(first):
+                raise ValueError(f"{model_dir}: a churn step of {batch_size} would edit one of its {len(first)} "
+                                 f"editable subjects twice; give a batch size of at most {len(first)}")
+            requests = first if kind == "first" or not first else churn_stream(
                 first, answer_pools(facts(edit + held)), n_edits or 10 * len(first), batch_size, seed)
             stream = Stream(requests, retained)
+    if not stream.requests:
+        raise ValueError(f"{model_dir}: the {kind!r} stream has no edits (the model knows none of the facts it "
+                         "could be edited from: trained too briefly?)")
     if n_edits is not None and len(stream.requests) < n_edits:
         raise ValueError(f"{model_dir}: the {kind!r} stream has only {len(stream.requests)} edits; asked for {n_edits}")
     stream.requests, stream.retained = stream.requests[:n_edits], stream.retained[:n_retained]
@@ -1013,6 +1019,10 @@ def report_table(result: dict) -> list[str]:
                         f"{p['specificity']:.1f} | {p['retention']:.1f} | {p['perplexity']:.1f} | "
                         f"{by_edits[p['edits']]['pl']:.3g} | {'–' if z is None else f'{z:.2f}'} | "
                         f"{p['drift'][l]:.3g} |")
+    methods = result["methods"]
+    if restrained := [name for name in methods if L.method_of(methods[name]["hparams"]["method"]).restrain]:
+        rows += ["", f"{', '.join(restrained)}: PL and z are the stream's (the weights the steps edit, unrestrained); "
+                     "the other columns measure the restrained weights a user gets"]
     return rows
 
 
@@ -1114,6 +1124,7 @@ def main(argv=None):
         for flag in ("threads", "steps", "batch_size"):
             if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give a whole number of at least 1")
+        M.check_seed(getattr(args, "seed", 0), "--seed")
         torch.set_num_threads(args.threads)
         args.run(args)
     except (M.CheckpointError, DataError, ValueError, OSError) as e:
