@@ -652,7 +652,7 @@ def test_the_plans_row_bound_covers_every_target_value_row_of_the_stream(tmp_pat
     below what z_rows and the method's own templates make, for the fact model's and stories260K's
     tokenizers, and on random models, whose templates re-encode longest, with GPT-2's BPE (with
     and without a BOS) and stories260K's byte fallback (a lone byte decodes to three tokens'
-    worth), both template settings, seeds 0-5, CounterFact, zsRE, the stories' requests and ones
+    worth), both template settings, seeds 0-2, CounterFact, zsRE, the stories' requests and ones
     made to end at their subject (a KL row the longest suffix), a long target, a subject glued to
     the next word; the longest target is counted; a request past the positions is left out."""
     import bench
@@ -677,7 +677,7 @@ def test_the_plans_row_bound_covers_every_target_value_row_of_the_stream(tmp_pat
                for name in ("counterfact-easyedit.json", "zsre-mend.json", "stories-edits.json")]
     streams += [[made("Known as {}", "ooooooooooooooooitans", "X")], [made("{}", "ynchronous Systems", "a")],
                 [made("The capital of {} is", "France", " ".join(["Paris"] * 20))]]
-    for m, method, seed in itertools.product(models, ("lyaplock", "rome"), range(6)):
+    for m, method, seed in itertools.product(models, ("lyaplock", "rome"), range(3)):
         templates = L.method_templates(m, seed, method)
         for requests in streams:
             rows = L.z_rows(m.tokenizer, requests, templates)
