@@ -253,7 +253,7 @@ def load_requests(path, skip_bad: bool = False, limit: int | None = None
     JSON, not a non-empty list, mixed layouts) always raise. ``limit`` stops
     after that many good requests; later records are not examined.
     """
-    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+    if limit is not None and (isinstance(limit, bool) or not hasattr(limit, "__index__") or limit < 1):
         raise DataError(f"limit {limit!r}: give a number of requests, at least 1 (None: all)")
     path = Path(path)
     try:

@@ -27,6 +27,7 @@ import copy
 import fnmatch
 import json
 import math
+import operator
 import os
 import shutil
 import sys
@@ -1931,8 +1932,17 @@ def left_out_of_save(name: str) -> bool:
 def check_seed(seed, name: str = "seed"):
     """A seed torch's generators take, with room for the seed + k the samplers add: a ValueError
     naming it otherwise (torch's own is 'Overflow when unpacking long long')."""
-    if not isinstance(seed, int) or isinstance(seed, bool) or not -2 ** 63 <= seed < 2 ** 63:
+    if not whole_number(seed) or not -2 ** 63 <= operator.index(seed) < 2 ** 63:
         raise ValueError(f"{name} {seed!r}: give a whole number from -2**63 to 2**63 - 1")
+
+
+def whole_number(v) -> bool:
+    """An int (numpy's too), not a bool."""
+    try:
+        operator.index(v)
+    except TypeError:
+        return False
+    return not isinstance(v, bool)
 
 
 def write_safetensors(tensors: dict, path, metadata: dict | None = None):
@@ -2083,8 +2093,8 @@ def main(argv=None):
     except (MemoryError, RuntimeError) as e:     # the key-value cache, made whole first (CPU: a RuntimeError)
         if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "can't allocate memory" not in str(e):
             raise
-        raise SystemExit(f"error: out of memory for {len(ids) + args.max_new_tokens} tokens' key-value cache "
-                         f"(--max-new-tokens {args.max_new_tokens}): {str(e).splitlines()[0]}") from None
+        raise SystemExit(f"error: out of memory generating {args.max_new_tokens} tokens (the key-value cache is "
+                         f"made for all {len(ids) + args.max_new_tokens} first): {str(e).splitlines()[0]}") from None
     except KeyboardInterrupt:        # (the text is decoded whole, at the end: none yet)
         print("\ninterrupted", file=sys.stderr)
         raise SystemExit(130) from None

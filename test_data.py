@@ -10,6 +10,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import data
@@ -173,6 +174,7 @@ def test_data_bad_record_errors_name_file_record_and_field(tmp_path, base, field
 def test_a_limit_below_one_is_refused(tmp_path):
     """limit 0 or -1 gave no requests, silently (the command refuses --limit 0 itself)."""
     path = _data_write(tmp_path, [EASY_REC])
+    assert len(load_requests(path, limit=np.int64(1))[0]) == 1
     for limit in (0, -1, 1.5, True):
         with pytest.raises(DataError, match=rf"^limit {re.escape(repr(limit))}: give a number of requests, at least 1"):
             load_requests(path, limit=limit)

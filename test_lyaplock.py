@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -1646,7 +1647,8 @@ def test_editor_refuses_what_is_not_a_request_by_name(tmp_path):
         editor.evaluate([one], seed=2 ** 71)              # (torch's 'Overflow when unpacking long long')
     hp = editor.hparams
     for change, message in ((dict(alpha=0.0), "hyper-parameter alpha must be positive"),  # (a ZeroDivisionError)
-                            (dict(layers=(1, 2, 3)), r"hparams.layers \[1, 2, 3\] are not the layers")):  # (KeyError)
+                            (dict(layers=(1, 2, 3)), r"layers \[1, 2, 3\]\) are not the method and layers"),  # (KeyError)
+                            (dict(method="alphaedit"), r"hparams \(alphaedit, .* are not the method and layers .*\(lyaplock")):
         editor.hparams = dataclasses.replace(hp, **change)
         with pytest.raises(ValueError, match=message):
             editor.edit([one])
@@ -1654,6 +1656,11 @@ def test_editor_refuses_what_is_not_a_request_by_name(tmp_path):
     assert editor.state.step == 0
     with pytest.raises(ValueError, match="hparams: an HParams is needed .* got dict"):
         L.Editor(m, dict(layers=(1, 2)), C, [["{}"]])
+    with pytest.raises(ValueError, match="seed 1180591620717411303424: give a whole number"):
+        L.Editor.open(STORIES, seed=2 ** 70)             # before the model loads
+    float32_sum = {l: c + 1e-5 * float(c.abs().max()) * torch.ones_like(c).triu(1) for l, c in C.items()}
+    L.Editor(m, hp, float32_sum, [["{}"]])              # rounding of a float32 sum: 1e-5 of the largest, accepted
+    editor.evaluate([one], seed=np.int64(2))             # numpy's ints are whole numbers
     skewed = {l: c.clone() for l, c in C.items()}
     skewed[2][0, 1] += 100.0                         # (PL then grew to 1e11 without a word)
     for bad, message in ((skewed, r"C\[2\] is not symmetric"),
@@ -1724,8 +1731,8 @@ def test_restore_refuses_an_editor_with_other_settings_templates_or_original_wei
         with pytest.raises(ValueError, match=f"ckpt-000001: written by an Editor with other settings: .*{message}"):
             other.restore(tmp_path / "run")
         assert other.state.step == 0 and all(torch.equal(model.edit_weight(l), W) for l, W in other.W0.items())
-    alike = L.Editor(M.load(STORIES), hp, C, [["{}"]])
-    alike.restore(tmp_path / "run")
+    alike = L.Editor(M.load(STORIES), hp, {l: c * (1 + 1e-7) for l, c in C.items()}, [["{}"]])
+    alike.restore(tmp_path / "run")                     # (C collected again elsewhere: its last digits)
     assert alike.state.step == 1 and all(torch.equal(alike.model.edit_weight(l), editor.model.edit_weight(l))
                                          for l in hp.layers)
     other = L.Editor(M.load(STORIES), dataclasses.replace(hp, method="memit"), C, [["{}"]])

@@ -1571,8 +1571,8 @@ def test_model_cli_says_when_the_key_value_cache_does_not_fit(capsys, monkeypatc
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
                            "you tried to allocate 128000000384 bytes")
     monkeypatch.setattr(M, "KVCache", too_big)
-    with pytest.raises(SystemExit, match=r"error: out of memory for \d+ tokens' key-value cache "
-                                         r"\(--max-new-tokens 1000000000\): .*DefaultCPUAllocator: can't allocate"):
+    with pytest.raises(SystemExit, match=r"error: out of memory generating 1000000000 tokens \(the key-value cache is "
+                                         r"made for all \d+ first\): .*DefaultCPUAllocator: can't allocate"):
         M.main([str(STORIES), "--prompt", "Lily", "--device", "cpu", "--max-new-tokens", "1000000000"])
 
 

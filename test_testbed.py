@@ -111,6 +111,7 @@ def test_a_stream_that_cannot_be_made_as_promised_is_refused(factmodel, monkeypa
     targets, without a word; a fact model that knows no editable fact (trained a few steps) made
     an empty stream and a KeyError or ZeroDivisionError."""
     TB.make_stream("churn", factmodel, FACTMODEL, 446, 223, 0)
+    assert len(TB.make_stream("churn", factmodel, FACTMODEL, 200, 300, 0).requests) == 200    # one pass: no twice
     with pytest.raises(ValueError, match="a churn step of 224 would edit one of its 223 editable subjects twice"):
         TB.make_stream("churn", factmodel, FACTMODEL, 900, 224, 0)
     monkeypatch.setattr(TB, "editable", lambda m, edit, held: [])
@@ -398,6 +399,8 @@ def test_a_report_into_a_reused_out_removes_its_stale_figures(tmp_path):
     (out / "notes.svg").write_text("<svg/>")
     (out / "pl_layer1.svg.bak").write_text("keep")
     TB.write_report(_result({"memit": None}, layers=(2,)), out)
+    assert "PL and z are the stream's" not in (out / "table.md").read_text()
+    assert TB.report_table(_result({"prune": None, "memit": None}))[-1].startswith("prune: PL and z are the stream's")
     names = {f.name for f in out.iterdir()}
     assert names == {"result.json", "table.md", "pl_layer2.svg", "retention.svg", "efficacy.svg",
                      "perplexity.svg", "frontier.svg", "notes.svg", "pl_layer1.svg.bak"}

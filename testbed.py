@@ -713,7 +713,7 @@ def make_stream(kind: str, m: M.CausalLM, model_dir: Path, n_edits: int | None, 
         else:
             retained = known(m, held_facts_of(edit, held)[:n_retained])
             first = editable(m, edit, held)
-            if kind == "churn" and first and batch_size > len(first):
+            if kind == "churn" and first and batch_size > len(first) and (n_edits or 10 * len(first)) > len(first):
                 raise ValueError(f"{model_dir}: a churn step of {batch_size} would edit one of its {len(first)} "
                                  f"editable subjects twice; give a batch size of at most {len(first)}")
             requests = first if kind == "first" or not first else churn_stream(
