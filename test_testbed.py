@@ -110,6 +110,9 @@ def test_a_stream_that_cannot_be_made_as_promised_is_refused(factmodel, monkeypa
     """A churn step larger than the editable subjects (223 on ci) edited a prompt twice, with two
     targets, without a word; a fact model that knows no editable fact (trained a few steps) made
     an empty stream and a KeyError or ZeroDivisionError."""
+    first, known = TB.editable(factmodel, *TB.records(TB.SIZES["ci"])[:2]), TB.known   # (each once: the slow part)
+    monkeypatch.setattr(TB, "editable", lambda m, edit, held: first)
+    monkeypatch.setattr(TB, "known", lambda m, fs: known(m, fs[:10]))
     TB.make_stream("churn", factmodel, FACTMODEL, 446, 223, 0)
     assert len(TB.make_stream("churn", factmodel, FACTMODEL, 200, 300, 0).requests) == 200    # one pass: no twice
     with pytest.raises(ValueError, match="a churn step of 224 would edit one of its 223 editable subjects twice"):
