@@ -1367,6 +1367,14 @@ def with_overrides(hp: HParams, **changes) -> HParams:
 
 
 HPARAM_TYPES = {f.name: str(f.type) for f in fields(HParams)}     # "int", "float", ... as annotated
+KINDS = {"str": str, "int": int, "bool": bool, "float": (int, float), "None": type(None)}
+
+
+def of_kind(value, annotation: str) -> bool:
+    """value is of a kind its field's annotation ("int", "float | None", ...) names: a bool only
+    where "bool" is named (Python takes it for an int), an int where "float" is."""
+    kinds = annotation.split(" | ")
+    return isinstance(value, tuple(KINDS[k] for k in kinds)) and (not isinstance(value, bool) or "bool" in kinds)
 # the range of each numeric hyper-parameter (the command's flags for them share it: check_settings)
 RANGES = dict(lam="positive", alpha="positive", V="positive", l2="positive", nullspace_threshold="positive",
               v_lr="positive", clamp_norm_factor="positive", v_num_grad_steps="at least 1", batch_size="at least 1",
@@ -1407,7 +1415,7 @@ def check_hparams(hp: HParams, n_layers: int | None = None):
         raise ValueError(f"layers {list(layers)}: ROME edits one layer (--layers L)")
     for name, need in RANGES.items():
         value, whole = getattr(hp, name), HPARAM_TYPES[name] == "int"                     # (counts)
-        if not isinstance(value, int if whole else (int, float)) or isinstance(value, bool):
+        if not of_kind(value, HPARAM_TYPES[name]):
             raise ValueError(f"hyper-parameter {name} must be a {'whole ' * whole}number (a Python "
                              f"{'int' if whole else 'int or float'}), got {value!r}")
         if problem := range_problem(value, need):
@@ -1937,16 +1945,12 @@ def resumed_settings(args, saved: dict, cfg: M.Config) -> Settings:
     return settings
 
 
-SETTING_TYPES = {"str": str, "int": int, "bool": bool, "float": (int, float), "None": type(None)}
-
-
 def settings_problem(settings: Settings) -> str | None:
     """The first of a run's settings (not hparams: check_hparams) whose value is not of its
     annotated kind, e.g. "limit '10' is not an int | None"."""
     for f in fields(Settings):
-        value, kinds = getattr(settings, f.name), f.type.split(" | ")
-        if f.name != "hparams" and (not isinstance(value, tuple(SETTING_TYPES[k] for k in kinds))
-                                    or isinstance(value, bool) and "bool" not in kinds):
+        value = getattr(settings, f.name)
+        if f.name != "hparams" and not of_kind(value, f.type):
             return f"{f.name} {value!r} is not {'an' if f.type[0] in 'aeiou' else 'a'} {f.type}"
     return None
 
