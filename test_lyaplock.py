@@ -1980,14 +1980,13 @@ def _resume(tmp_path, out):
 
 def test_a_run_killed_at_any_point_resumes_to_the_same_result(tmp_path):
     """SIGKILL a real run at several points (before its first checkpoint, between the log line
-    and the checkpoint of a step, late in the stream, during the final evaluation); each resumed
+    and the checkpoint of a step, during the final evaluation); each resumed
     run ends with bit-identical weights and the same log as the uninterrupted one. (The runs, one
     thread each, go side by side: the kill points are read from their files, not from time.)"""
     import time
     lines = lambda out: len((out / "log.jsonl").read_text().splitlines()) if (out / "log.jsonl").exists() else 0
     points = {"start": lambda out: (out / "config.json").exists(),
               "step1": lambda out: lines(out) >= 1,
-              "step3": lambda out: lines(out) >= 3,
               "final": lambda out: lines(out) >= 5}
     start = lambda out: subprocess.Popen(_run_args(tmp_path, out), stdout=subprocess.DEVNULL,
                                          stderr=subprocess.DEVNULL, env=_env())
