@@ -178,7 +178,7 @@ class Config:
                                   + ", ".join(repr(s) for s in SUPPORTED))
         for name in Config.HF_SIZES:               # before a reader divides by one (None: the family's default)
             v = c.get(name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            if v is not None and not count(v):
                 raise CheckpointError(f"config.json (model_type {mt!r}): {name} {v!r} is not a whole number of at least 1")
         try:
             cfg = READERS[mt](HF_DEFAULTS.get(mt, {}) | c)
@@ -190,7 +190,7 @@ class Config:
             raise CheckpointError(f"config.json (model_type {mt!r}) holds a value that cannot be read as "
                                   f"transformers reads it: {type(e).__name__}: {e}") from e
         limit, field = cfg.position_limit
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:     # (transformers refuses it too)
+        if not count(limit):     # (transformers refuses it too)
             raise CheckpointError(f"config.json (model_type {mt!r}): {field} {limit!r} is not a number of positions")
         cfg.check_sizes()
         return cfg
@@ -205,7 +205,7 @@ class Config:
         rope base) give nonsense without a word."""
         for name in self.SIZES:
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not count(v):
                 raise CheckpointError(f"config.json (model_type {self.arch!r}): {name} {v!r} is not a whole number of at least 1")
         for name in ("norm_eps", "rope_theta", "attn_scale"):
             v = getattr(self, name)
@@ -1934,6 +1934,11 @@ def check_seed(seed, name: str = "seed"):
     naming it otherwise (torch's own is 'Overflow when unpacking long long')."""
     if not whole_number(seed) or not -2 ** 63 <= operator.index(seed) < 2 ** 63:
         raise ValueError(f"{name} {seed!r}: give a whole number from -2**63 to 2**63 - 1")
+
+
+def count(v) -> bool:
+    """A whole number of at least 1 (a size, a number of positions)."""
+    return whole_number(v) and v >= 1
 
 
 def whole_number(v) -> bool:

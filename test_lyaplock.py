@@ -1169,12 +1169,7 @@ def test_a_resumed_run_saves_the_model_where_the_run_was_told_to(tmp_path, monke
     """--save-model is a setting of the run: interrupted, the run continues with the command it
     prints (only --resume), and that writes the edited model where the first command said; a
     resume may name another directory."""
-    real = L.edit_batch
-
-    def dies_after_one(*a, **k):
-        monkeypatch.setattr(L, "edit_batch", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
-        return real(*a, **k)
-    monkeypatch.setattr(L, "edit_batch", dies_after_one)
+    real = interrupt_after_one_step(monkeypatch)
     out, edited = tmp_path / "run", tmp_path / "edited"
     assert L.main(_cli(tmp_path, "--out", str(out), "--limit", "4", "--batch-size", "2", "--no-generation",
                        "--save-model", str(edited))) == 130
@@ -2114,15 +2109,24 @@ def test_a_run_directory_changed_by_hand_is_refused_on_resume(stopped_run, tmp_p
     assert err.count("\n") == 1 and re.search(message, err), err
 
 
+def interrupt_after_one_step(patch):
+    """edit_batch as a Ctrl-C during the second step: the first runs, then every later one is
+    interrupted (DeferInterrupt lets it finish the first's checkpoint); returns the real one."""
+    real = L.edit_batch
+
+    def dies_after_one(*a, **k):
+        patch.setattr(L, "edit_batch", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        return real(*a, **k)
+    patch.setattr(L, "edit_batch", dies_after_one)
+    return real
+
+
 @pytest.fixture(scope="module")
 def stopped_run(tmp_path_factory):
     """A run of 8 requests, 2 a step, stopped by Ctrl-C after its step 1 (read-only: copy it)."""
-    tmp_path, real = tmp_path_factory.mktemp("stopped"), L.edit_batch
+    tmp_path = tmp_path_factory.mktemp("stopped")
     with pytest.MonkeyPatch.context() as patch:
-        def dies_after_one(*a, **k):
-            patch.setattr(L, "edit_batch", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
-            return real(*a, **k)
-        patch.setattr(L, "edit_batch", dies_after_one)
+        interrupt_after_one_step(patch)
         assert L.main(_cli(tmp_path, "--out", str(tmp_path / "run"), "--batch-size", "2", "--no-generation")) == 130
     return tmp_path / "run"
 

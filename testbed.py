@@ -713,11 +713,12 @@ def make_stream(kind: str, m: M.CausalLM, model_dir: Path, n_edits: int | None, 
         else:
             retained = known(m, held_facts_of(edit, held)[:n_retained])
             first = editable(m, edit, held)
-            if kind == "churn" and first and batch_size > len(first) and (n_edits or 10 * len(first)) > len(first):
+            total = n_edits or 10 * len(first)               # churn: ten passes unless told
+            if kind == "churn" and first and batch_size > len(first) and total > len(first):
                 raise ValueError(f"{model_dir}: a churn step of {batch_size} would edit one of its {len(first)} "
                                  f"editable subjects twice; give a batch size of at most {len(first)}")
             requests = first if kind == "first" or not first else churn_stream(
-                first, answer_pools(facts(edit + held)), n_edits or 10 * len(first), batch_size, seed)
+                first, answer_pools(facts(edit + held)), total, batch_size, seed)
             stream = Stream(requests, retained)
     if not stream.requests:
         raise ValueError(f"{model_dir}: the {kind!r} stream has no edits (the model knows none of the facts it "
