@@ -1091,11 +1091,21 @@ def test_subject_missing_from_prompt_is_a_clear_error():
 
 def _cli(tmp_path, *extra, edits="counterfact-rome.json", limit=8, batch=4, tokens=4000):
     """Arguments of a small run on stories260K (`extra` last, so it overrides; tokens 0: no
-    --stats-tokens)."""
+    --stats-tokens), its perplexity on short_heldout."""
     return ["--model", str(STORIES), "--edits", str(FIX / edits), *(["--limit", str(limit)] if limit else []),
             "--batch-size", str(batch), *(["--stats-tokens", str(tokens)] if tokens else []),
-            "--stats-cache", str(tmp_path / "cache"),
+            "--stats-cache", str(tmp_path / "cache"), "--heldout", str(short_heldout(tmp_path)),
             "--checkpoint-every", "1", *extra]
+
+
+def short_heldout(tmp_path) -> Path:
+    """The default held-out text's first 8 paragraphs, one file beside the tests' directories: the
+    small runs here measure perplexity as the command does, on fewer texts (its 64 took half of
+    such a run's time, a minute of the suite)."""
+    path = tmp_path.parent / "heldout-8.txt"
+    if not path.exists():
+        path.write_text("\n".join(data.read_corpus(L.DEFAULT_HELDOUT)[:8]) + "\n")
+    return path
 
 
 def reedit_file(tmp_path, n: int) -> Path:
@@ -1522,7 +1532,7 @@ def test_a_resume_whose_weights_or_statistics_source_changed_is_refused_naming_t
     assert L.main(_cli(tmp_path, "--out", str(out), "--model", str(model), "--stats-corpus", str(corpus),
                        "--limit", "4", "--no-generation")) == 0
     assert {*json.loads((out / "inputs.json").read_text())} == {
-        "model weights through layer 2", "tokenizer", f"statistics corpus {corpus}", f"held-out text {L.DEFAULT_HELDOUT}"}
+        "model weights through layer 2", "tokenizer", f"statistics corpus {corpus}", f"held-out text {short_heldout(tmp_path)}"}
     weights, text = (model / "model.safetensors").read_bytes(), corpus.read_bytes()
     other = load_file(model / "model.safetensors")
     other["model.layers.0.mlp.down_proj.weight"] += 1e-3
