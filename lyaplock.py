@@ -823,13 +823,14 @@ def longest_input(tok, q, templates, generation_tokens: int = 0) -> tuple[str, i
     texts of generation_tokens tokens, their prompt included, ev.generate_texts, whose batch
     samples as many tokens as its shortest prompt needs, so a prompt may go on by up to
     generation_tokens): (what it is, its length in tokens)."""
-    n_target = max(len(ev.target_ids(tok, t)) for t in (q.target_new, q.target_true or q.target_new,
-                                                            *q.neighborhood_answers))
+    longest = lambda *targets: max(len(ev.target_ids(tok, t)) for t in targets)
+    edit = longest(q.target_new, q.target_true or q.target_new)        # the rewrite and paraphrase prompts'
+    answer = longest(q.target_new, *q.neighborhood_answers)            # the neighbourhood prompts'
     found = [("rewrite prompt in a context template, with its target",
-              len(tok.encode(t.replace("{}", q.rewrite_prompt(), 1))) + n_target)
+              len(tok.encode(t.replace("{}", q.rewrite_prompt(), 1))) + edit)
              for group in templates for t in group]
-    found += [("paraphrase or neighbourhood prompt with its target", len(tok.encode(p)) + n_target)
-              for p in (*q.paraphrase_prompts, *q.neighborhood_prompts)]
+    found += [("paraphrase prompt with its target", len(tok.encode(p)) + edit) for p in q.paraphrase_prompts]
+    found += [("neighbourhood prompt with its answer", len(tok.encode(p)) + answer) for p in q.neighborhood_prompts]
     found += [(f"generation prompt with up to {generation_tokens} tokens sampled after it (fluency: a batch "
                "samples for its shortest prompt)", len(tok.encode(p)) + generation_tokens)
               for p in q.generation_prompts if generation_tokens]

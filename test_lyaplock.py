@@ -1351,6 +1351,24 @@ def test_the_positions_field_is_named_as_the_checkpoint_names_it(tmp_path, kind,
     assert L.fit_context(model, [short], [["{}"]], settings) == ([short], [])
 
 
+def test_a_long_answer_counts_with_the_prompts_it_is_scored_after(tmp_path):
+    """A neighbourhood answer is scored after the neighbourhood prompts only, the edit's targets
+    after the rewrite and paraphrase prompts: a long answer is named with its prompt (it was
+    counted, and named, as the rewrite prompt's target), and a long rewrite prompt beside it no
+    longer makes a request too long that no input is (it was refused)."""
+    from types import SimpleNamespace
+    from test_models import make_checkpoint
+    gpt2 = M.load(make_checkpoint(tmp_path / "gpt2", "gpt2", n_positions=64))
+    settings = SimpleNamespace(generation=False, skip_bad=True, edits="e.json")
+    q = data.Request(case_id=3, prompt="{} is " + "very " * 40 + "in", subject="Paris", target_new=" France",
+                     target_true=" Spain", paraphrase_prompts=(), neighborhood_prompts=("Rome is in",),
+                     neighborhood_answers=(" Italy" * 40,))
+    assert L.fit_context(gpt2, [q], [["{}"]], settings) == ([q], [])            # 44, 44 tokens: fit (with the answer: 84)
+    long = dataclasses.replace(q, neighborhood_answers=(" Italy" * 70,))
+    _, (msg,) = L.fit_context(gpt2, [long], [["{}"]], settings)
+    assert msg == "e.json: case_id 3: its neighbourhood prompt with its answer is 74 tokens, longer than the model's 64 positions (n_positions)"
+
+
 def test_a_generation_prompt_counts_with_the_tokens_its_batch_may_sample_after_it(tmp_path):
     """Fluency samples each batch until its shortest prompt's text is 100 tokens long, so a longer
     prompt beside it goes on by up to 100 tokens: a GPT-2 of 160 learned positions fails mid-run on
