@@ -13,8 +13,9 @@ import json
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -343,25 +344,57 @@ def _entail(x):
 
 
 def _mmlu(x):
-    if len(x["choices"]) != 4:
-        raise ValueError(f"an MMLU item has 4 choices, this one {len(x['choices'])}")
     opts = "".join(f"\n{'ABCD'[k]}. {c}" for k, c in enumerate(x["choices"]))
     topic = x["subject"].replace("_", " ")
     return f"The following is a multiple choice question about {topic}.\n\n{x['question']}{opts}\nAnswer:"
 
 
-TASKS = {   # name -> (prompt, class label words, class id of an item)
-    "sst2": (lambda x: f"Review: {x['sentence']}\nQuestion: Is this review positive or negative?\nAnswer:",
-             (" negative", " positive"), lambda x: int(x["label"])),
-    "mrpc": (lambda x: f"Sentence 1: {x['sentence1']}\nSentence 2: {x['sentence2']}\n"
-                       "Question: Do both sentences mean the same thing? Yes or no?\nAnswer:",
-             (" No", " Yes"), lambda x: int(x["label"])),
-    "cola": (lambda x: f"Sentence: {x['sentence']}\nQuestion: Is this sentence grammatically correct? "
-                       "Yes or no?\nAnswer:", (" No", " Yes"), lambda x: int(x["label"])),
-    "rte": (_entail, (" Yes", " No"), lambda x: int(x["label"])),
-    "nli": (_entail, (" Yes", " No"), lambda x: {"entailment": 0, "not_entailment": 1}[x["label"]]),
-    "mmlu": (_mmlu, (" A", " B", " C", " D"), lambda x: int(x["answer"])),
+@dataclass(frozen=True)
+class Task:
+    """A zero-shot task: its prompt from an item, the class label words, the item's text fields
+    (each a string), where its class id is, names for class ids (the NLI file's text labels), and
+    whether items hold `choices`, one text per class (MMLU)."""
+    prompt: Callable[[dict], str]
+    words: tuple[str, ...]
+    texts: tuple[str, ...]
+    label: str = "label"
+    names: dict = field(default_factory=dict)
+    choices: bool = False
+
+
+TASKS = {
+    "sst2": Task(lambda x: f"Review: {x['sentence']}\nQuestion: Is this review positive or negative?\nAnswer:",
+                 (" negative", " positive"), ("sentence",)),
+    "mrpc": Task(lambda x: f"Sentence 1: {x['sentence1']}\nSentence 2: {x['sentence2']}\n"
+                           "Question: Do both sentences mean the same thing? Yes or no?\nAnswer:",
+                 (" No", " Yes"), ("sentence1", "sentence2")),
+    "cola": Task(lambda x: f"Sentence: {x['sentence']}\nQuestion: Is this sentence grammatically correct? "
+                           "Yes or no?\nAnswer:", (" No", " Yes"), ("sentence",)),
+    "rte": Task(_entail, (" Yes", " No"), ("sentence1", "sentence2")),
+    "nli": Task(_entail, (" Yes", " No"), ("sentence1", "sentence2"), names={"entailment": 0, "not_entailment": 1}),
+    "mmlu": Task(_mmlu, (" A", " B", " C", " D"), ("question", "subject"), label="answer", choices=True),
 }
+
+
+def item_problem(task: Task, x) -> str | None:
+    """What is wrong with a task's item (a field missing or of the wrong kind, a class id out of
+    range), or None."""
+    if not isinstance(x, dict):
+        return f"a {type(x).__name__}, not an object"
+    for f in task.texts:
+        if not isinstance(x.get(f), str):
+            return f"{f} {x.get(f)!r} is not a text" if f in x else f"lacks the field {f!r}"
+    if task.choices and not (isinstance(x.get("choices"), list) and len(x["choices"]) == len(task.words)
+                             and all(isinstance(c, str) for c in x["choices"])):
+        return f"choices {x.get('choices')!r} is not a list of {len(task.words)} texts"
+    if task.label not in x:
+        return f"lacks the field {task.label!r}"
+    label = task.names.get(x[task.label], x[task.label]) if isinstance(x[task.label], str) else x[task.label]
+    if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(task.words):
+        names = f"; or {', '.join(map(repr, task.names))}" if task.names else ""
+        return (f"class id {x[task.label]!r} is not one of 0..{len(task.words) - 1} "
+                f"({', '.join(w.strip() for w in task.words)}{names})")
+    return None
 
 
 def f1_per_class(labels, preds, n_classes) -> list[float]:
@@ -400,27 +433,21 @@ def classification_metrics(labels, preds, n_classes) -> dict:
 def read_task(glue_dir, name: str, n_per_task: int) -> tuple[list[str], list[int]]:
     """The prompts and class ids of the first n_per_task items of `<glue_dir>/<name>.json` (a
     JSON list of objects); a ValueError names the file and what is wrong."""
-    prompt_of, _, label_of = TASKS[name]
+    task = TASKS[name]
     path = Path(glue_dir) / f"{name}.json"
     try:
         items = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: cannot read the task's items ({e})") from None
-    if not isinstance(items, list) or not all(isinstance(x, dict) for x in items[:n_per_task]):
+    if not isinstance(items, list):
         raise ValueError(f"{path}: expected a JSON list of items (objects), as in fixtures/glue")
     items = items[:n_per_task]
     if not items:
         raise ValueError(f"{path}: no items")
-    try:
-        prompts, labels = [prompt_of(x) for x in items], [label_of(x) for x in items]
-    except (KeyError, TypeError, ValueError, IndexError) as e:
-        raise ValueError(f"{path}: an item lacks or has a bad field: {e!r}") from None
-    words = TASKS[name][1]
-    for i, label in enumerate(labels):
-        if not 0 <= label < len(words):           # (-1 would score as the last class)
-            raise ValueError(f"{path}: item {i}: class id {label} is not one of 0..{len(words) - 1} "
-                             f"({', '.join(w.strip() for w in words)})")
-    return prompts, labels
+    for i, x in enumerate(items):
+        if problem := item_problem(task, x):
+            raise ValueError(f"{path}: item {i}: {problem}")
+    return [task.prompt(x) for x in items], [task.names.get(x[task.label], x[task.label]) for x in items]
 
 
 def general_eval(m, glue_dir, n_per_task: int = 100, tasks=tuple(TASKS), batch_size: int = 64) -> dict:
@@ -430,7 +457,7 @@ def general_eval(m, glue_dir, n_per_task: int = 100, tasks=tuple(TASKS), batch_s
     results = {}
     for name in tasks:
         prompts, labels = read_task(glue_dir, name, n_per_task)
-        words = TASKS[name][1]
+        words = TASKS[name].words
         L = len(words)
         nll = target_nll(m, [p for p in prompts for _ in words], list(words) * len(prompts),
                          batch_size).nll_mean.view(-1, L)                  # (n, L)

@@ -3,6 +3,7 @@ general-ability measures on the real checkpoint. Run: python -m pytest -q test_e
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -347,8 +348,42 @@ def test_general_eval_names_a_task_file_it_cannot_read(lm, tmp_path):
     items = json.loads((FIX / "glue" / "mmlu.json").read_text())[:2]
     items[1]["choices"].append("a fifth")                   # was an IndexError from deep in the prompt
     (tmp_path / "mmlu.json").write_text(json.dumps(items))
-    with pytest.raises(ValueError, match="mmlu.json: an item lacks or has a bad field: .*has 4 choices, this one 5"):
+    with pytest.raises(ValueError, match=r"mmlu.json: item 1: choices \[.*'a fifth'\] is not a list of 4 texts"):
         E.general_eval(lm, tmp_path, n_per_task=2, tasks=("mmlu",))
+
+
+@pytest.mark.parametrize("task, change, message", [
+    ("mmlu", dict(subject=None), "subject None is not a text"),                        # was an AttributeError
+    ("mmlu", dict(subject=3), "subject 3 is not a text"),
+    ("sst2", dict(sentence=None), "sentence None is not a text"),                     # scored "Review: None"
+    ("sst2", dict(label=1.7), r"class id 1.7 is not one of 0..1 \(negative, positive\)"),   # scored as class 1
+    ("sst2", dict(label=True), r"class id True is not one of 0..1"),
+    ("rte", dict(sentence2=["a"]), r"sentence2 \['a'\] is not a text"),
+    ("nli", dict(label="neutral"), r"class id 'neutral' is not one of 0..1 \(Yes, No; or 'entailment', 'not_entailment'\)"),
+    ("mmlu", dict(choices="ABCD"), "choices 'ABCD' is not a list of 4 texts"),        # four one-letter options
+    ("mmlu", dict(answer=None), r"class id None is not one of 0..3 \(A, B, C, D\)"),
+    ("cola", dict(label=None), "class id None is not one of 0..1"),
+])
+def test_a_task_item_of_the_wrong_kind_is_named_with_its_field(tmp_path, task, change, message):
+    """Each item's text fields are texts and its class id a whole number in range (or, for the NLI
+    file, its label's name): one line naming the file, the item and the field."""
+    items = json.loads((FIX / "glue" / f"{task}.json").read_text())[:3]
+    items[2] |= change
+    (tmp_path / f"{task}.json").write_text(json.dumps(items))
+    with pytest.raises(ValueError, match=rf"{task}.json: item 2: {message}"):
+        E.read_task(tmp_path, task, 3)
+
+
+def test_the_nli_file_s_labels_may_be_glue_s_class_ids():
+    """GLUE's RTE-style files give 0 (entailment) and 1 (not); the NLI file's text labels mean the
+    same (it was a KeyError(0))."""
+    items = json.loads((FIX / "glue" / "nli.json").read_text())[:4]
+    named = E.read_task(FIX / "glue", "nli", 4)
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "nli.json").write_text(json.dumps([x | {"label": ["entailment", "not_entailment"].index(x["label"])}
+                                                     for x in items]))
+        assert E.read_task(d, "nli", 4) == named
 
 
 def test_write_summary(tmp_path):
