@@ -343,6 +343,11 @@ def write_stats_file(path, C: dict, key: dict, tokens: int):
 
 KEY_FIELDS = {"weights", "config", "tensors", "tokenizer", "layers", "d_mlp", "corpus", "n_tokens", "max_len",
               "dtype"}
+WHOLE = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
+KEY_KINDS = dict.fromkeys(("weights", "config", "tokenizer", "corpus", "dtype"), lambda v: isinstance(v, str)) | \
+    dict.fromkeys(("d_mlp", "n_tokens", "max_len"), WHOLE) | dict(
+        layers=lambda v: isinstance(v, list) and all(map(WHOLE, v)),
+        tensors=lambda v: isinstance(v, dict) and all(isinstance(d, str) for d in v.values()))
 
 
 def file_metadata(path) -> dict:
@@ -369,7 +374,12 @@ def read_meta(path) -> tuple[dict, dict, dict]:
         raise StatisticsError(f"{path}: the statistics file's metadata is damaged ({e})") from None
     if not isinstance(key, dict) or KEY_FIELDS - set(key):
         raise StatisticsError(f"{path}: the statistics file's key is damaged (it lacks "
-                              f"{', '.join(sorted(KEY_FIELDS - set(key or {})))})")
+                              f"{', '.join(sorted(KEY_FIELDS - set(key if isinstance(key, dict) else {})))})")
+    if bad := [k for k, ok in KEY_KINDS.items() if not ok(key[k])]:
+        raise StatisticsError(f"{path}: the statistics file's key is damaged ({', '.join(bad)} of the wrong kind)")
+    if not (isinstance(digests, dict) and all(isinstance(d, str) for d in digests.values())
+            and str(meta.get("tokens", "")).isdigit()):
+        raise StatisticsError(f"{path}: the statistics file's metadata is damaged (its sha256 or tokens)")
     return meta, key, digests
 
 
@@ -466,6 +476,9 @@ def authors_module(model: M.CausalLM, layer: int) -> str:
 def authors_kind(file: Path) -> str | None:
     """'mom2' (MEMIT/ROME/AlphaEdit's file), 'KK_T' (LyapLock's kk_t file) or None (another
     statistic), from the members' names."""
+    if not zipfile.is_zipfile(file):                       # (numpy would call it pickled data)
+        raise StatisticsError(f"{file}: not a readable .npz file (not a whole zip archive of arrays: truncated, or "
+                              "another kind of file)")
     try:
         with np.load(file, allow_pickle=False) as z:
             members = set(z.files)
@@ -493,7 +506,7 @@ def authors_files(path: Path, model: M.CausalLM, layers) -> dict[int, tuple[Path
             chosen = [f for f in files if kinds[f] == kind]
             if len(chosen) > 1:
                 raise StatisticsError(f"--stats {path}: layer {l} has {len(chosen)} {kind} files "
-                                      f"({', '.join(f.name for f in chosen)}); keep one")
+                                      f"({', '.join(str(f.relative_to(path)) for f in chosen)}); keep one")
             if chosen:
                 out[l] = (chosen[0], kind)
                 break
@@ -518,15 +531,17 @@ def read_authors_file(file: Path, kind: str | None, m: int) -> torch.Tensor:
         raise StatisticsError(f"{file}: unreadable ({e})") from None
     except (KeyError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise StatisticsError(f"{file}: unreadable ({e})") from None
-    if S.dtype not in (np.float32, np.float64) or S.shape != (m, m):
+    if S.dtype.kind != "f" or S.dtype.itemsize not in (4, 8) or S.shape != (m, m):
         raise StatisticsError(f"{file}: {kind}.mom2 is {S.dtype} {S.shape}; a float ({m}, {m}) sum is needed")
-    if count.shape != () or not float(count) >= 1 or float(count) != int(count):
+    S = S.astype(S.dtype.newbyteorder("="), copy=False)                    # (a big-endian file's)
+    n = float(count) if count.shape == () and count.dtype.kind in "iuf" else math.nan
+    if not (math.isfinite(n) and n >= 1 and n == int(n)):
         raise StatisticsError(f"{file}: {kind}.count is {count!r}, not a token count")
     tolerance = float(np.finfo(S.dtype).eps) ** 0.5      # float64: 1.5e-8, float32: 3.5e-4 of the largest
     S = torch.from_numpy(S).double()
     if not bool(torch.isfinite(S).all()) or float((S - S.T).abs().max()) > tolerance * float(S.abs().max()):
         raise StatisticsError(f"{file}: {kind}.mom2 is not a finite symmetric matrix")
-    return (S + S.T).div_(2).div_(int(count))                             # E1
+    return (S + S.T).div_(2).div_(int(n))                                 # E1
 
 
 def load_authors_stats(path: Path, model: M.CausalLM, layers, log=print,

@@ -307,6 +307,18 @@ def test_a_corrupt_truncated_or_unsound_file_is_an_error_never_used(made, storie
     for old in ("1", "2"):        # 2: made when tokenizer_config.json's add_bos_token could decide the BOS
         refused(rewritten(made, tmp_path, version=old), f"statistics format version {old}; this code reads version 3")
     refused(rewritten(made, tmp_path, format="something"), "not a statistics file")
+    with safe_open(str(made), "pt") as f:
+        meta = f.metadata()
+    key = json.loads(meta["key"])
+    for change, what in ((dict(key=json.dumps(key | {"d_mlp": "172"})), r"key is damaged \(d_mlp of the wrong kind"),
+                         (dict(key=json.dumps(key | {"layers": [1, "2"]})), "layers of the wrong kind"),
+                         (dict(key=json.dumps([1])), "key is damaged .it lacks"),   # was an AttributeError
+                         (dict(sha256=json.dumps(["a"])), r"metadata is damaged \(its sha256 or tokens"),
+                         (dict(tokens="many"), r"metadata is damaged \(its sha256 or tokens")):
+        refused(rewritten(made, tmp_path, **change), what)
+    without = {k: v for k, v in meta.items() if k != "tokens"}                    # was a KeyError
+    save_file(load_file(str(made)), str(tmp_path / "untold.safetensors"), metadata=without)
+    refused(tmp_path / "untold.safetensors", r"metadata is damaged \(its sha256 or tokens")
     C = load_file(str(made))
     refused(rewritten(made, tmp_path, {"C.1": C["C.1"]}), "tensor C.2 is missing")
     refused(rewritten(made, tmp_path, {"C.1": C["C.1"].float(), "C.2": C["C.2"]}),
@@ -432,6 +444,25 @@ def test_their_files_that_do_not_fit_are_refused(tmp_path, stories):
     broken.write_bytes(f1.read_bytes()[:500])
     refused(broken.parent, (1,), "not a readable .npz file")
     refused(tmp_path / "nowhere", (1,), "no such file or directory")
+    for i, count in enumerate((np.inf, "abc", np.array([3, 4]), 2.5)):            # inf, text: were tracebacks
+        refused(their_file(tmp_path / f"count{i}", 1, count=count), (1,), "mom2.count is .*not a token count")
+    text = tmp_path / "g" / "model.layers.1.mlp.down_proj_float64_mom2_100000.npz"
+    text.parent.mkdir()
+    text.write_text("hello")                         # was: "This file contains pickled (object) data"
+    refused(text, (1,), r"not a readable .npz file \(not a whole zip archive of arrays")
+    their_file(tmp_path / "h" / "wikipedia_stats", 1)
+    their_file(tmp_path / "h" / "wikitext_stats", 1)                 # the same name twice: named by folder
+    refused(tmp_path / "h", (1,), r"layer 1 has 2 mom2 files \(wikipedia_stats/.*\.npz, wikitext_stats/.*\.npz\)")
+
+
+def test_their_big_endian_file_is_read_as_the_native_one(tmp_path, stories):
+    """A float64 sum stored big-endian (>f8) is a float sum (it was refused as not one)."""
+    native = their_file(tmp_path / "a", 1)
+    with np.load(native, allow_pickle=False) as z:
+        total = z["mom2.mom2"]
+    their_file(tmp_path / "b", 1, S_=total.astype(">f8"))
+    got = S.load_stats_file(tmp_path / "b", stories, STORIES, (1,), log=quiet)[1]
+    assert torch.equal(got, S.load_stats_file(tmp_path / "a", stories, STORIES, (1,), log=quiet)[1])
 
 
 def test_the_module_never_unpickles():
