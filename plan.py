@@ -304,7 +304,13 @@ def print_plan(args) -> int:
         print(f"{name:<12}{span:>10}{gib(row['weights']):>9}{gib(row['state']):>8}{gib(row['target_values']):>8}"
               f"{gib(row['solve']):>8}{gib(row['statistics']):>8}{gib(row['need']):>8}{gib(room):>8}  "
               f"{'yes' if row['need'] <= room else 'NO'}")
-    return 0 if all(row["need"] <= room for row, room in zip(rows, has)) else 1
+    fits = all(row["need"] <= room for row, room in zip(rows, has))
+    ram = [row["need"] for row, name in zip(rows, names + ["host"]) if name in ("cpu", "host") and row["need"]]
+    if len(ram) > 1:                                      # the CPU's devices and the host share one memory
+        print(f"{'cpu + host':<12}{'':>51}{gib(sum(ram)):>8}{gib(host):>8}  {'yes' if sum(ram) <= host else 'NO'}"
+              "  (one memory: the rows on the CPU together)")
+        fits = fits and sum(ram) <= host
+    return 0 if fits else 1
 
 
 def run_memory_plan(settings: "L.Settings", cfg: M.Config, requests, shares: list[float],

@@ -817,6 +817,26 @@ def test_finishing_the_sums_takes_one_diagonal_block_not_an_m_by_m_copy():
     assert torch.equal(sums, expect)
 
 
+def test_the_plan_counts_the_rows_on_the_cpu_against_one_memory(tmp_path, capsys):
+    """--device cpu,cpu,cpu and the host row (--state-device cpu) are one memory: each row that fit
+    it alone said the whole run fits (Llama-3-8B's 9.8 + 9.7 + 9.2 and 23.1 GiB of host state,
+    each "yes" on a machine of 23.5 GiB); their sum is checked against it too."""
+    import bench
+    config, _ = bench.PRESETS["llama3-8b"]
+    (tmp_path / "config.json").write_text(json.dumps(config | {"architectures": ["LlamaForCausalLM"]}))
+    flags = ["--plan", "--model", str(tmp_path), "--dtype", "bfloat16", "--device", "cpu,cpu,cpu", "--state-device", "cpu"]
+    for host, fits in ((30, "NO"), (60, "yes")):
+        code = L.main([*flags, "--plan-host-gib", str(host)])
+        rows = [line.split() for line in capsys.readouterr().out.splitlines()[-5:]]
+        assert [r[0] for r in rows] == ["cpu", "cpu", "cpu", "host", "cpu"] and rows[3][-2:] == [f"{host}.0", "yes"]
+        together = rows[4]
+        assert together[:3] == ["cpu", "+", "host"] and together[4:7] == [f"{host}.0", fits, "(one"]
+        assert float(together[3]) == pytest.approx(sum(float(r[-3]) for r in rows[:4]), abs=0.15)
+        assert fits == "yes" or code == 1
+    assert L.main([*flags[:-2], "--device", "cpu"]) in (0, 1)           # one row on the CPU: nothing to add up
+    assert "cpu + host" not in capsys.readouterr().out
+
+
 def test_memory_plan_places_as_load_does_and_the_command_says_whether_it_fits(tmp_path, capsys):
     """The command loads its model where its memory plan puts the blocks (the run's settings and
     stream: a step of at most --batch-size of its requests), and that placement makes the largest
