@@ -312,3 +312,17 @@ def test_a_request_built_by_hand_is_checked_as_a_loaded_one():
                             (dict(kind="other"), "field 'kind': 'counterfact' or 'zsre'")):
         with pytest.raises(data.DataError, match=f"Request {q.case_id!r}: {message}"):
             dataclasses.replace(q, **change)
+
+
+def test_every_bundled_file_has_its_sha256_in_sources():
+    """fixtures/SOURCES.md lists every file under fixtures/ with its sha256, once, and each holds:
+    a retrained fact model, a rebuilt oracle or an edited fixture must update its provenance."""
+    rows = {}
+    for line in (FIX / "SOURCES.md").read_text().splitlines():
+        if m := re.match(r"^\| ([\w./-]+) \|.*\b([0-9a-f]{64})\b", line):
+            assert m[1] not in rows, m[1]
+            rows[m[1]] = m[2]
+    files = {p.relative_to(FIX).as_posix() for p in FIX.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    assert set(rows) == files - {"SOURCES.md"}
+    for path, digest in rows.items():
+        assert hashlib.sha256((FIX / path).read_bytes()).hexdigest() == digest, path
