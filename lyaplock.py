@@ -1160,6 +1160,8 @@ class Editor:
             raise ValueError("batch_size: an Editor edits what each edit() is given as one step; batch the "
                              "requests yourself (editor.edit(requests[i:i + k]))")
         M.check_seed(seed)
+        if state_device is not None:
+            M.check_device(state_device)                # (the statistics are collected there: before them)
         if not isinstance(stats_tokens, int) or stats_tokens < 0:
             raise ValueError(f"stats_tokens {stats_tokens!r}: give a whole number of tokens, at least 0 (0: the "
                              "whole corpus)")
@@ -1395,7 +1397,8 @@ def range_problem(value, need: str) -> str | None:
 def check_hparams(hp: HParams, n_layers: int | None = None):
     """A ValueError naming the first hyper-parameter out of its range: the method known, the
     layers increasing (the last is where the target values are found, E4-E6) and, given the
-    model's depth, within it; weights and rates positive, step counts at least 1."""
+    model's depth, within it and below the top block; weights and rates positive, step counts at
+    least 1."""
     if not isinstance(hp, HParams):
         raise ValueError(f"hparams: an HParams is needed (lyaplock.HParams(...), or preset(cfg, method)), got "
                          f"{type(hp).__name__}")
@@ -1405,15 +1408,20 @@ def check_hparams(hp: HParams, n_layers: int | None = None):
         raise ValueError(f"layers {layers!r}: give the edit layers as a tuple of layer numbers, e.g. (1, 2)")
     if not layers:                  # the preset's rule on a model of under 3 blocks (ROME: 2)
         blocks = f" for a model of {n_layers} block(s)" if n_layers is not None else ""
-        example = "0" if n_layers == 1 else "0,1"
+        example = "none: a layer below the top block is needed" if n_layers == 1 else \
+            "e.g. --layers 0" if n_layers == 2 else "e.g. --layers 0,1"
         raise ValueError(f"no edit layers{blocks}: the preset's rule (n/8..n/4 of the depth, below the top "
-                         f"block) finds none under 3 blocks (ROME: 2); give them, e.g. --layers {example}")
+                         f"block) finds none under 3 blocks (ROME: 2); give them ({example})")
     if not all(isinstance(l, int) and not isinstance(l, bool) for l in layers) or list(layers) != sorted(set(layers)) \
             or layers[0] < 0 or (n_layers is not None and layers[-1] >= n_layers):
         depth = f" in 0..{n_layers - 1}" if n_layers is not None else ""
         raise ValueError(f"layers {list(layers)}: give increasing layer numbers{depth}")
     if method_of(hp.method).locate == "rome" and len(layers) != 1:
         raise ValueError(f"layers {list(layers)}: ROME edits one layer (--layers L)")
+    if n_layers is not None and layers[-1] == n_layers - 1:
+        raise ValueError(f"layers {list(layers)}: the last edit layer is where the target values are found (E4), "
+                         f"and the top block ({n_layers - 1}) passes a change at the subject's last token to no later "
+                         "token (no attention above it): the edit could not reach the target; choose layers below it")
     for name, need in RANGES.items():
         value, whole = getattr(hp, name), HPARAM_TYPES[name] == "int"                     # (counts)
         if not of_kind(value, HPARAM_TYPES[name]):
@@ -1715,8 +1723,9 @@ class Settings:
     save_model: str | None = None       # where the edited model goes at the end (a resume may name another)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self) | {"hparams": asdict(self.hparams) | {"layers": list(self.hparams.layers)}},
-                          indent=1)
+        """config.json's text: the settings, and of the hyper-parameters those the method reads."""
+        hp = {k: v for k, v in asdict(self.hparams).items() if not unread(self.hparams.method, k)}
+        return json.dumps(asdict(self) | {"hparams": hp | {"layers": list(self.hparams.layers)}}, indent=1)
 
     @classmethod
     def from_flat(cls, flat: dict) -> "Settings":
@@ -1761,7 +1770,7 @@ def parse_args(argv=None):
     p.add_argument("--method", choices=list(METHODS), default="lyaplock", help="the update rule (README "
                    "\"Methods\"): lyaplock, the baselines of the paper's comparison, and LyapLock's queue "
                    "plugged into some of them (default lyaplock)")
-    p.add_argument("--batch-size", type=int, default=100, help="requests per editing step")
+    p.add_argument("--batch-size", type=int, default=100, help="requests per editing step (default 100)")
     p.add_argument("--limit", type=int, help="edit only the first N requests")
     p.add_argument("--skip-bad", action="store_true", help="skip invalid records instead of stopping")
     p.add_argument("--layers", help="edit layers, e.g. 4,5,6,7,8 (default: the model's preset)")
@@ -1784,10 +1793,10 @@ def parse_args(argv=None):
     p.add_argument("--stats-corpus", default=str(DEFAULT_CORPUS), help="text for the statistics C "
                    "(default: the bundled WikiText-2 sample)")
     p.add_argument("--stats-tokens", type=int, default=0, help="tokens for C (default: whole corpus)")
-    p.add_argument("--stats-batch-tokens", type=int, default=8192, help="tokens per statistics batch")
-    p.add_argument("--stats-cache", default="runs/stats-cache", help="where C is cached")
+    p.add_argument("--stats-batch-tokens", type=int, default=8192, help="tokens per statistics batch (default 8192)")
+    p.add_argument("--stats-cache", default="runs/stats-cache", help="where C is cached (default runs/stats-cache)")
     p.add_argument("--z-batch-tokens", type=int, default=2048, help="tokens per pass of the target-value "
-                   "optimisation (lower it to fit a smaller GPU; --plan shows what it takes)")
+                   "optimisation (default 2048; lower it to fit a smaller GPU; --plan shows what it takes)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, "
                    "cuda:N, a list (cuda:0,cuda:1: the layers are placed across them by their memory, the "
                    "float64 state of each edit layer with it) or auto (every visible GPU)")
@@ -1805,14 +1814,14 @@ def parse_args(argv=None):
                    "memory of the devices to plan for, in GiB (e.g. 80,80), instead of this machine's")
     p.add_argument("--plan-host-gib", type=float, help="with --plan and --state-device cpu: the host memory "
                    "to plan for, in GiB, instead of this machine's")
-    p.add_argument("--seed", type=int, default=0, help="seed of the context templates (E3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the context templates (E3; default 0)")
     p.add_argument("--out", help="run directory (default: a new runs/NNN)")
     p.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR")
-    p.add_argument("--checkpoint-every", type=int, default=10, help="save run state every k steps")
+    p.add_argument("--checkpoint-every", type=int, default=10, help="save run state every k steps (default 10)")
     p.add_argument("--save-model", metavar="DIR", help="write the edited checkpoint here (HF layout)")
     p.add_argument("--glue-dir", help="general-ability sets (sst2, mrpc, cola, rte, nli, mmlu .json), "
                    "e.g. fixtures/glue; scored before, after, and every --eval-every steps")
-    p.add_argument("--glue-n", type=int, default=100, help="items per general-ability task")
+    p.add_argument("--glue-n", type=int, default=100, help="items per general-ability task (default 100)")
     p.add_argument("--heldout", default=str(DEFAULT_HELDOUT), help="text for held-out perplexity")
     p.add_argument("--eval-every", type=int, default=0, help="general ability every k steps (0: "
                    "before and after only)")
@@ -1918,10 +1927,13 @@ def typed_settings(args, names, cfg: M.Config) -> dict:
 
 
 def new_settings(args, cfg: M.Config) -> Settings:
-    """A new run's settings: the method's preset, then every flag (None leaves the preset)."""
+    """A new run's settings: the method's preset, then every flag (None leaves the preset); the
+    hyper-parameters checked against the model's depth."""
     flat = typed_settings(args, [k for k, v in vars(args).items() if v is not None], cfg)
     preset_hp = {f"hparams.{k}": v for k, v in asdict(preset(cfg, args.method)).items()}
-    return Settings.from_flat(preset_hp | flat)
+    settings = Settings.from_flat(preset_hp | flat)
+    check_hparams(settings.hparams, cfg.n_layers)
+    return settings
 
 
 def resumed_settings(args, saved: dict, cfg: M.Config) -> Settings:
@@ -2367,9 +2379,9 @@ def check_run_files(out: Path, state: EditState, settings: Settings, n_requests:
 
 
 def latest_edits(requests) -> list[int]:
-    """The indices of the requests a run's summary scores: of the requests that edit the same
-    prompt, the last (an earlier target is superseded: scoring it would count the edit that
-    replaced it as a failure); in stream order."""
+    """The indices of the requests that hold each prompt's latest target: of the requests that edit
+    the same prompt, the last (where a re-edit corrects a fact, an earlier target is superseded:
+    scoring it counts the edit that replaced it as a failure); in stream order."""
     last = {q.rewrite_prompt(): i for i, q in enumerate(requests)}
     return sorted(last.values())
 
@@ -2385,8 +2397,9 @@ def superseded_note(requests, hp: HParams, chosen: bool) -> str | None:
     left --superseded at its default: the stale values stay defended (E8a). Measured on the
     testbed's 2,230-edit rewrite stream (README "Testbed"): LyapLock with "remove" ends at latest-
     target efficacy 81.2 / retention 29.4, with "keep" at 24.2 / 50.7 (MEMIT 55.6 / 0.4). On streams
-    without re-edits (CounterFact, the paper's) the two are identical and "keep" stores nothing
-    more, hence the default."""
+    that edit each prompt once the two are identical and "keep" stores nothing more; CounterFact,
+    the paper's, edits a few prompts again to other facts of a many-valued relation (83 of
+    EasyEdit's 10,000: "the twin city of Lyon"), which "keep" defends: hence the default."""
     if chosen or not method_of(hp.method).memory or hp.superseded != "keep":
         return None
     again = len(requests) - len({q.rewrite_prompt() for q in requests})
@@ -2504,14 +2517,15 @@ def progress_line(log: dict, state: EditState, total: int, rate: float) -> str:
 
 def finish(editor: Editor, requests, settings: Settings, out: Path, n_skipped: int):
     """Score the final model on the requests it edited (all, unless --stop-below ended the run
-    early), each prompt at its latest target (latest_edits); write cases.jsonl, summary.json/md
-    (before and after, on those cases); print the headline table."""
-    scored = latest_edits(requests[:editor.state.n_edits])
+    early), every one as the authors' summarize.py does, a prompt the stream edits again at each
+    of its targets; write cases.jsonl, summary.json/md (before and after, on those cases; where a
+    prompt was edited again, also on each prompt's latest target alone: latest_edits, under
+    "latest_target"); print the headline table."""
+    edited = requests[:editor.state.n_edits]
     with editor.restrained() as model:
-        cases = score_cases(model, [requests[i] for i in scored], settings.generation, snippets_of(settings),
-                            settings.seed)
+        cases = score_cases(model, edited, settings.generation, snippets_of(settings), settings.seed)
     pre, _ = data.read_jsonl(out / "cases_pre.jsonl")
-    pre = [pre[i] for i in scored]                         # cases_pre: every request, in order
+    pre = ev.with_locality(pre[:len(edited)], pre[:len(edited)])  # cases_pre: every request, in order; locality 100
     cases = ev.with_locality(pre, cases)                  # EasyEdit's: argmax tokens as before editing
     data.write_jsonl(out / "cases.jsonl", cases)
     abilities, _ = data.read_jsonl(out / "ability.jsonl")
@@ -2519,8 +2533,11 @@ def finish(editor: Editor, requests, settings: Settings, out: Path, n_skipped: i
     final = general_ability(editor, settings, final=True)
     data.append_jsonl(out / "ability.jsonl", final)
     strip = lambda r: {k: v for k, v in r.items() if k not in ("step", "edits", "final")}
-    summary = ev.summarize(cases) | strip(final)
-    summary_pre = ev.summarize(ev.with_locality(pre, pre)) | strip(first)     # locality 100: itself
+    summary, summary_pre = ev.summarize(cases) | strip(final), ev.summarize(pre) | strip(first)
+    latest = latest_edits(edited)
+    if len(latest) < len(edited):                         # the superseded targets left out
+        summary["latest_target"] = ev.summarize([cases[i] for i in latest])
+        summary_pre["latest_target"] = ev.summarize([pre[i] for i in latest])
     header = dict(method=settings.hparams.method, model=settings.model, n_edits=editor.state.n_edits,
                   batch_size=settings.hparams.batch_size, skipped=n_skipped, templates=editor.templates)
     ev.write_summary(out, summary, header, pre=summary_pre)
@@ -2529,6 +2546,10 @@ def finish(editor: Editor, requests, settings: Settings, out: Path, n_skipped: i
     for k in HEADLINE:
         if k in after:
             print(f"{k:<26}{before.get(k, float('nan')):>10.2f}{after[k]:>10.2f}")
+    if "latest_target" in summary:
+        print(f"({len(edited) - len(latest)} of the {len(edited)} edits re-edit a prompt edited earlier: every edit is "
+              f"scored, as the authors do; on each prompt's latest target alone ({len(latest)} cases) efficacy is "
+              f"{summary['latest_target']['efficacy']:.2f}: summary.md's latest_target rows)")
     print(f"(all metrics: {out / 'summary.md'})\nrun directory: {out}")
 
 

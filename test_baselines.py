@@ -666,6 +666,8 @@ def test_every_method_runs_through_the_command(tmp_path, method):
                        "--method", method, *extra)) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == method and summary["n_edits"] == 4
+    recorded = json.loads((out / "config.json").read_text())["hparams"]        # what the method reads, only
+    assert {k for k in recorded if L.unread(method, k)} == set() and {"method", "layers", "batch_size"} <= set(recorded)
     log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
     queue = L.METHODS[method].queue
     assert all((v["z"] is not None) == queue for e in log for v in e["layers"].values())
