@@ -387,10 +387,13 @@ def read_snippets(path) -> dict:
     """{case_id: [reference text, ...]} for consistency; the keys text, as JSON's are (case id 7
     and "7" are one case: eval.generation_eval)."""
     try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raw = json.loads(read_text(Path(path), "snippets"))          # (gzip-compressed too, as --edits)
+    except json.JSONDecodeError as e:
         raise DataError(f"--snippets {path}: {e}") from None
     if not isinstance(raw, dict) or not all(isinstance(v, list) and all(isinstance(t, str) for t in v)
                                             for v in raw.values()):
         raise DataError(f"--snippets {path}: expected an object {{case_id: [text, ...]}}")
+    if empty := next((k for k, v in raw.items() if not v or not all(t.strip() for t in v)), None):
+        raise DataError(f"--snippets {path}: case {empty}'s reference texts are none or empty (consistency "
+                        "compares the generations with them)")
     return raw

@@ -859,8 +859,8 @@ def verdict(run: Run, audits: dict) -> list[str]:
     out = []
     if s := run.stop:
         out.append(f"the run stopped at step {s['step']} ({s['edits']} edits), the collapse point: its "
-                   f"{s['metric']} {s['value']:.4g} fell below {s['threshold']:.4g} (the rule's fraction of "
-                   f"{s['before']:.4g} before editing)")
+                   f"{s['metric']} {s['value']:.4g} fell below {s['threshold']:.4g} (--stop-below "
+                   f"{s['threshold'] / s['before']:.4g} × its {s['before']:.4g} before editing)")
     if bad := [l for l, a in audits.items() if a["queue"] and not (a["holds"] and a["replay_ok"])]:
         out.append(f"the log breaks E13/T1 on layer(s) {', '.join(bad)} (see the table): the queue in the "
                    "log is not the one E14 gives on the logged PL; the run is not trustworthy")
@@ -989,7 +989,11 @@ def report(run_dir) -> str:
     lines = [f"# Run report: {run.dir}", "", *run_header(run), *([unwritten] if unwritten else []), "",
              "## Verdict", ""]
     lines += [f"- {v}" for v in verdict(run, audits)]
-    if audits:
+    if audits and not any(a["queue"] for a in audits.values()):
+        lines += ["", "## Preservation loss per layer", "", "This method keeps no queue: theorem T1 does not "
+                  "apply; its PL per edit layer, as logged:", ""]
+        lines += audit_table(audits)
+    elif audits:
         lines += ["", "## Audit of theorem T1 (docs/LYAPLOCK.md §6–7)", "",
                   "T1 on this log: (1/T) Σ_{t=0}^{T−1} PL(t) ≤ D + (Z(T) − Z(0))/(aT) = D + D·(z(T) − 1)/T, "
                   "z(T) the normalised queue after the last step. Strongly stable: z(T)/T → 0; a "

@@ -4,6 +4,7 @@ python -m pytest -q test_data.py"""
 import ast
 import copy
 import dataclasses
+import gzip
 import hashlib
 import json
 import re
@@ -254,6 +255,18 @@ def test_data_snippet_keys_are_case_ids_as_text(tmp_path):
     keys = {"7": ["ä text"], "-3": ["b"], "--5": ["c"], "x1": ["d"], "007": ["e"]}
     path.write_text(json.dumps(keys), encoding="utf-8")
     assert data.read_snippets(path) == keys
+
+
+def test_data_snippets_may_be_gzipped_and_hold_no_empty_reference(tmp_path):
+    """As --edits, a gzip-compressed file reads (it was "'utf-8' codec can't decode byte 0x8b"); a
+    case with no reference text, or an empty one, is refused (it scored consistency 0)."""
+    path = tmp_path / "snippets.json.gz"
+    path.write_bytes(gzip.compress(json.dumps({"7": ["a text"]}).encode()))
+    assert data.read_snippets(path) == {"7": ["a text"]}
+    for bad in ({"7": ["a text"], "8": [" "]}, {"8": []}):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(DataError, match="case 8's reference texts are none or empty"):
+            data.read_snippets(path)
 
 
 def test_data_read_corpus(tmp_path):

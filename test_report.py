@@ -204,6 +204,8 @@ def test_baseline_pl_and_its_growth(tmp_path):
     assert a["2"]["growth"] == pytest.approx(0.0, abs=1e-15) and not a["2"]["grows"]
     assert "no queue (memit): PL grows on layer(s) 1 with nothing to bound it" in text
     assert "| 1 | 8 | 0.045 | 0.01 | 0.08 | +0.01/step |" in text
+    assert "## Preservation loss per layer" in text and "Audit of theorem T1" not in text     # no queue: no T1 audit
+    assert "## Audit of theorem T1" in E.report(write_run(tmp_path / "lyap", {"1": queue_log([0.1, 0.1], 2.0)}))
     assert not (d / "queue.svg").exists()
     assert "- method memit, layers [1, 2], λ 30.0, batch size 10" in text      # memit reads no α: not shown
     queued = E.report(write_run(tmp_path / "queued", {"1": queue_log([0.1, 0.1], 2.0)}))
@@ -283,7 +285,7 @@ def test_report_marks_the_stop_and_writes_well_formed_figures(tmp_path):
                                      "2": queue_log([pl0, 0.1, 0.1, 0.1], alpha)}, alpha=alpha, stop=stop)
     text = E.report(d)
     assert ("the run stopped at step 4 (40 edits), the collapse point: its mean zero-shot score 0.2 "
-            "fell below 0.25") in text
+            "fell below 0.25 (--stop-below 0.5 × its 0.5 before editing)") in text
     assert text.index("collapse point") < text.index("T1's bound holds")        # the most urgent first
     assert "the queue is at its floor (PL ≤ D at every step, at most 0.5·D) on layer(s) 2 and T1's" in text
     stable = dict(queue=True, trend="stable", max_pl_over_D=1.2, mean_pl=0.19, D=0.2, slack=0.01)
