@@ -255,7 +255,9 @@ def print_plan(args) -> int:
     _, settings, cfg = L.open_run(args)             # (M.checkpoint_config: the files checked, if any)
     requests = L.load_requests(settings)[0] if settings.edits else []        # as the run reads them
     source = Path(settings.stats_file) if settings.stats_file else None
-    if source and not (source.is_dir() or source.suffix == ".npz"):   # a statistics file: what config.json can check
+    if source and (source.is_dir() or source.suffix == ".npz"):      # their files, or a statistics file:
+        stats.check_authors_files(source, cfg, settings.hparams.layers)     # what config.json can check
+    elif source:
         stats.check_shape(source, stats.read_meta(source)[1], settings.hparams.layers, cfg.d_mlp)
     if not any(Path(settings.model).glob("*.safetensors")):   # planning before the download: config.json only
         print(f"no weights in {settings.model} yet: planned from config.json alone (the run checks the "

@@ -557,6 +557,27 @@ def load_authors_stats(path: Path, model: M.CausalLM, layers, log=print,
     return C
 
 
+def check_authors_files(path: Path, cfg: M.Config, layers):
+    """What --plan can check of their files without reading their sums: a file of a second moment
+    for each layer, of this model's shape (read from its .npy header). A StatisticsError as the
+    run's."""
+    with torch.device("meta"):
+        model = M.CausalLM(cfg)
+    m = cfg.d_mlp
+    for l, (file, kind) in authors_files(path, model, sorted(layers)).items():
+        if kind not in ("mom2", "KK_T"):
+            raise StatisticsError(f"{file}: no mom2.mom2 or KK_T.mom2 array (not a second-moment file)")
+        try:
+            with zipfile.ZipFile(file) as z, z.open(f"{kind}.mom2.npy") as f:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(f)
+        except (KeyError, OSError, ValueError, zipfile.BadZipFile) as e:
+            raise StatisticsError(f"{file}: unreadable ({e})") from None
+        if dtype.kind != "f" or dtype.itemsize not in (4, 8) or shape != (m, m):
+            raise StatisticsError(f"{file}: {kind}.mom2 is {dtype} {shape}; a float ({m}, {m}) sum is needed")
+
+
 # ----------------------------------------------------------------------------- the cache
 
 def load_or_collect_stats(model, model_path, corpus, n_tokens, layers, cache_dir, max_len=256,

@@ -910,6 +910,17 @@ def test_the_plan_follows_every_flag_of_the_run_and_refuses_what_the_run_refuses
                                 (cut, f"{cut}: not a readable statistics file")):
         rc, out = plan("--stats", str(stats_file))
         assert rc == 1 and out.err.startswith(f"error: {message}"), out.err
+    from test_statistics import their_file                        # the MEMIT/ROME code's files (were all accepted)
+    theirs = tmp_path / "theirs"
+    their_file(theirs, 1)
+    wide = their_file(tmp_path / "wide", 1, m=64)
+    for stats_file, message in ((theirs, f"--stats {theirs}: no statistics for layer 2"),
+                                (wide, f"--stats {wide}: one .npz file is one layer's statistics"),
+                                (wide.parent, rf"{wide}: mom2.mom2 is float64 \(64, 64\); a float \(172, 172\)")):
+        rc, out = plan("--stats", str(stats_file), *(("--layers", "1") if stats_file == wide.parent else ()))
+        assert rc == 1 and re.match(f"error: {message}", out.err), out.err
+    their_file(theirs, 2)
+    assert plan("--stats", str(theirs))[0] == 0
     run = tmp_path / "run"
     run.mkdir()
     settings = L.Settings(model=str(STORIES), edits=str(FIX / "counterfact-rome.json"), dtype="float32",
