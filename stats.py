@@ -352,6 +352,8 @@ KEY_KINDS = dict.fromkeys(("weights", "config", "tokenizer", "corpus", "dtype"),
 
 def file_metadata(path) -> dict:
     """A safetensors file's metadata; an UnreadableStatistics if it cannot be read."""
+    if not Path(path).exists():                         # (a run's statistics file moved before a resume)
+        raise UnreadableStatistics(f"{path}: no such statistics file")
     try:
         with safe_open(str(path), "pt") as f:
             return f.metadata() or {}

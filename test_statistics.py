@@ -608,6 +608,23 @@ def test_a_run_s_start_reads_each_weight_once_for_its_inputs_and_its_statistics(
     assert S.tensor_digests(STORIES, names, known) == S.tensor_digests(STORIES, names) == {n: d for (_, n), d in known.items()}
 
 
+def test_a_resume_whose_statistics_file_was_moved_says_so(tmp_path, made, monkeypatch, capsys):
+    """It said "not a readable statistics file (truncated or corrupt?): No such file or directory"."""
+    from test_lyaplock import _cli, interrupt_after_one_step
+    import lyaplock as L
+    moved = tmp_path / "C.safetensors"
+    shutil.copy(made, moved)
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        interrupt_after_one_step(patch)
+        assert L.main(_cli(tmp_path, "--out", str(out), "--limit", "4", "--batch-size", "2", "--no-generation",
+                           "--stats", str(moved), tokens=0)) == 130
+    moved.unlink()
+    capsys.readouterr()
+    assert L.main(["--resume", str(out)]) == 1
+    assert f"{moved}: no such statistics file" in capsys.readouterr().err
+
+
 def test_a_cache_that_cannot_take_the_statistics_leaves_them_to_the_run(tmp_path, stories, monkeypatch):
     """A read-only or full --stats-cache: the pass's C serves the run, with a line (it stopped the run
     after the whole pass)."""
