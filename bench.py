@@ -380,14 +380,6 @@ def write_json(path, results):
     os.replace(tmp, path)
 
 
-def exit_on_sigterm(signum, frame):
-    """SIGTERM (what `timeout` sends) would end the process at once, leaving the preset's random
-    checkpoint (16 GB for llama3-8b) in its temporary directory: leave through Python's normal
-    shutdown instead, so the `with` blocks clean up. A second SIGTERM is ignored meanwhile."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    sys.exit(128 + signum)
-
-
 def main(argv=None):
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
@@ -426,7 +418,7 @@ def main(argv=None):
                 M.check_device(device)
         except ValueError as e:                         # (torch's RuntimeError after the first parts)
             p.error(f"{flag}: {e}")
-    previous = signal.signal(signal.SIGTERM, exit_on_sigterm)
+    previous = signal.signal(signal.SIGTERM, data.exit_on_sigterm)
     try:
         return run_presets(args)
     except KeyboardInterrupt:                           # (its temporary directory is removed on the way)

@@ -19,6 +19,8 @@ import hashlib
 import json
 import os
 import re
+import signal
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -397,3 +399,12 @@ def read_snippets(path) -> dict:
         raise DataError(f"--snippets {path}: case {empty}'s reference texts are none or empty (consistency "
                         "compares the generations with them)")
     return raw
+
+
+def exit_on_sigterm(signum, frame):
+    """A SIGTERM handler: SIGTERM (what `timeout` and `kill` send) would end the process at once,
+    leaving its temporary files (bench.py's random checkpoint, 16 GB for llama3-8b; a fact model
+    in training); leave through Python's normal shutdown instead, so `with` blocks and `finally`
+    clean up. A second SIGTERM is ignored meanwhile."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(128 + signum)

@@ -526,6 +526,19 @@ def test_an_interrupted_training_leaves_no_partial_model_and_the_earlier_one_who
     assert TB.main(["train", "--device", "tpu", "--out", str(tmp_path / "d")]) == 1
     assert capsys.readouterr().err == "error: device 'tpu': use cpu, cuda or cuda:N\n"
     assert not (tmp_path / "d").exists()
+    import os
+    import signal
+    monkeypatch.setattr(TB, "fit", lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM))   # `kill` mid-training
+    def outer(*_):
+        raise AssertionError("the SIGTERM reached the caller's handler")
+    previous = signal.signal(signal.SIGTERM, outer)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            TB.main(["train", "--steps", "1", "--out", str(tmp_path / "killed")])
+        assert signal.getsignal(signal.SIGTERM) is outer                       # put back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stop.value.code == 128 + signal.SIGTERM and not (tmp_path / "killed").exists()   # (it left .training-)
 
 
 def test_an_experiment_s_out_is_held_and_a_broken_report_there_named_before_any_work(tmp_path, monkeypatch):

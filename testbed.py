@@ -30,6 +30,7 @@ import json
 import math
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 import eval as E
 import lyaplock as L
 import model as M
-from data import DataError, Request, file_sha256, load_requests, read_corpus, read_text, write_atomic
+from data import DataError, Request, exit_on_sigterm, file_sha256, load_requests, read_corpus, read_text, write_atomic
 
 FIX = Path(__file__).parent / "fixtures"
 HELD_FILE = FIX / "counterfact-train.json.gz"          # held-back records: never edited
@@ -1127,7 +1128,11 @@ def main(argv=None):
                 raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give a whole number of at least 1")
         M.check_seed(getattr(args, "seed", 0), "--seed")
         torch.set_num_threads(args.threads)
-        args.run(args)
+        previous = signal.signal(signal.SIGTERM, exit_on_sigterm)        # `kill`: the finally blocks clean up
+        try:
+            args.run(args)
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     except (M.CheckpointError, DataError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
