@@ -209,24 +209,28 @@ def continues_with(text: str, target: str) -> bool:
     return not (rest[:1].isalnum() and t[-1].isalnum())
 
 
+GREEDY_SPARE = 2      # greedy_continuations' tokens past the target
+
+
 @torch.no_grad()
-def greedy_continuations(m, prompts, targets, batch_size: int = 32, spare_tokens: int = 2) -> list[str]:
+def greedy_continuations(m, prompts, targets, batch_size: int = 32, spare_tokens: int = GREEDY_SPARE) -> list[str]:
     """Greedy decoding after each prompt (encoded as target_nll encodes it, with the
     checkpoint's BOS rule), left-padded batches as modeling.generate does. Each prompt gets
     len(target_ids) + spare_tokens new tokens: room for the target, one token after it (to see
     whether its word ends) and one more for a spelling in more tokens than target_ids's. Prompts
-    are batched by that length, and each text is decoded from its own first tokens only, so the
-    result does not depend on the batch."""
+    are batched with those of the same length only (so none runs past its own: the length check,
+    lyaplock.longest_input, counts each), and each text is decoded from its own first tokens
+    only, so the result does not depend on the batch."""
     tok = m.tokenizer
     seqs = [tok.encode(p) for p in prompts]
     need = [len(target_ids(tok, t)) + spare_tokens for t in targets]
-    order = sorted(range(len(prompts)), key=need.__getitem__)
     texts = [""] * len(prompts)
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        new = modeling.generate(m, [seqs[i] for i in idx], max(need[i] for i in idx))
-        for i, n in zip(idx, new):
-            texts[i] = tok.decode(n[:need[i]])
+    for n in sorted(set(need)):
+        same = [i for i in range(len(prompts)) if need[i] == n]
+        for s in range(0, len(same), batch_size):
+            idx = same[s:s + batch_size]
+            for i, new in zip(idx, modeling.generate(m, [seqs[i] for i in idx], n)):
+                texts[i] = tok.decode(new)
     return texts
 
 
@@ -376,6 +380,15 @@ TASKS = {
 }
 
 
+def class_id(task: Task, x: dict):
+    """An item's class id as a whole number: an int, a whole float or a string of digits (as
+    datasets write them), or a label name of the task's (the NLI file's); else its value as it is."""
+    value = x[task.label]
+    if isinstance(value, str):
+        return task.names.get(value, int(value) if value.strip().isdigit() else value)
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def item_problem(task: Task, x) -> str | None:
     """What is wrong with a task's item (a field missing or of the wrong kind, a class id out of
     range), or None."""
@@ -389,11 +402,11 @@ def item_problem(task: Task, x) -> str | None:
         return f"choices {x.get('choices')!r} is not a list of {len(task.words)} texts"
     if task.label not in x:
         return f"lacks the field {task.label!r}"
-    label = task.names.get(x[task.label], x[task.label]) if isinstance(x[task.label], str) else x[task.label]
+    label = class_id(task, x)
     if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(task.words):
-        names = f"; or {', '.join(map(repr, task.names))}" if task.names else ""
-        return (f"class id {x[task.label]!r} is not one of 0..{len(task.words) - 1} "
-                f"({', '.join(w.strip() for w in task.words)}{names})")
+        names = f"; or a label {', '.join(map(repr, task.names))}" if task.names else ""
+        return (f"{task.label} {x[task.label]!r} is not a class id 0..{len(task.words) - 1} (the answers "
+                f"{', '.join(w.strip() for w in task.words)}, in order{names})")
     return None
 
 
@@ -447,7 +460,7 @@ def read_task(glue_dir, name: str, n_per_task: int) -> tuple[list[str], list[int
     for i, x in enumerate(items):
         if problem := item_problem(task, x):
             raise ValueError(f"{path}: item {i}: {problem}")
-    return [task.prompt(x) for x in items], [task.names.get(x[task.label], x[task.label]) for x in items]
+    return [task.prompt(x) for x in items], [class_id(task, x) for x in items]
 
 
 def general_eval(m, glue_dir, n_per_task: int = 100, tasks=tuple(TASKS), batch_size: int = 64) -> dict:

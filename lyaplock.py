@@ -830,6 +830,9 @@ def longest_input(tok, q, templates, generation_tokens: int = 0) -> tuple[str, i
               len(tok.encode(t.replace("{}", q.rewrite_prompt(), 1))) + edit)
              for group in templates for t in group]
     found += [("paraphrase prompt with its target", len(tok.encode(p)) + edit) for p in q.paraphrase_prompts]
+    greedy = len(ev.target_ids(tok, q.target_new)) + ev.GREEDY_SPARE                   # ev.generative_eval's
+    found += [(f"rewrite or paraphrase prompt with the {greedy} tokens greedy decoding adds (generative efficacy)",
+               len(tok.encode(p)) + greedy) for p in (q.rewrite_prompt(), *q.paraphrase_prompts)]
     found += [("neighbourhood prompt with its answer", len(tok.encode(p)) + answer) for p in q.neighborhood_prompts]
     found += [(f"generation prompt with up to {generation_tokens} tokens sampled after it (fluency: a batch "
                "samples for its shortest prompt)", len(tok.encode(p)) + generation_tokens)
@@ -1812,8 +1815,9 @@ def parse_args(argv=None):
                    "and whether it fits; load nothing (exit 1 if it does not fit)")
     p.add_argument("--plan-gib", type=gib_list, help="with --plan: the "
                    "memory of the devices to plan for, in GiB (e.g. 80,80), instead of this machine's")
-    p.add_argument("--plan-host-gib", type=float, help="with --plan and --state-device cpu: the host memory "
-                   "to plan for, in GiB, instead of this machine's")
+    p.add_argument("--plan-host-gib", type=float, help="with --plan and --state-device cpu or a cpu device: "
+                   "the host memory to plan for, in GiB, instead of this machine's (the cpu devices and the host "
+                   "state share it)")
     p.add_argument("--seed", type=int, default=0, help="seed of the context templates (E3; default 0)")
     p.add_argument("--out", help="run directory (default: a new runs/NNN)")
     p.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR")
@@ -1955,6 +1959,10 @@ def resumed_settings(args, saved: dict, cfg: M.Config) -> Settings:
     settings = Settings.from_flat(was | {k: v for k, v in now.items() if k in RESUMABLE})
     if problem := settings_problem(settings):
         raise ValueError(f"--resume {args.resume}: its config.json's {problem} (changed by hand?)")
+    try:
+        check_hparams(settings.hparams, cfg.n_layers)
+    except ValueError as e:                            # (a run begun before a check it fails: start anew)
+        raise ValueError(f"--resume {args.resume}: its {e}; it cannot go on: start a new run") from None
     return settings
 
 

@@ -262,20 +262,23 @@ def print_plan(args) -> int:
     if not any(Path(settings.model).glob("*.safetensors")):   # planning before the download: config.json only
         print(f"no weights in {settings.model} yet: planned from config.json alone (the run checks the "
               "checkpoint's files when it loads them)")
-    if args.plan_host_gib and not settings.state_device:          # (a resumed run's is its recorded one)
-        raise ValueError("--plan-host-gib without --state-device cpu: the run keeps nothing in host memory to "
-                         "plan for; the figure would not be used")
     typed = args.device.split(",") if "device" in args.given and args.device != "auto" else None
     if args.plan_gib and typed and len(typed) != len(args.plan_gib):
         raise ValueError(f"--plan-gib gives the memory of {len(args.plan_gib)} device(s), --device {args.device} "
                          f"names {len(typed)}: give one figure per device")
+    host = args.plan_host_gib * 2 ** 30 if args.plan_host_gib else device_memory(torch.device("cpu"))
     if args.plan_gib:
         names = [f"device {i}" for i in range(len(args.plan_gib))]
         capacity = [g * 2 ** 30 for g in args.plan_gib]
+        on_cpu = [str(t).strip().startswith("cpu") for t in typed] if typed else [False] * len(names)
     else:
         devices = M.check_devices(settings.device)
         names = [str(dev) for dev in devices]
-        capacity = [device_memory(dev) for dev in devices]
+        on_cpu = [dev.type == "cpu" for dev in devices]
+        capacity = [host if cpu else device_memory(dev) for dev, cpu in zip(devices, on_cpu)]   # the host's memory
+    if args.plan_host_gib and not settings.state_device and not any(on_cpu):   # (a resumed run's: its recorded one)
+        raise ValueError("--plan-host-gib without --state-device cpu or a cpu device: the run keeps nothing in "
+                         "host memory to plan for; the figure would not be used")
     stream = run_stream_tokens(settings, cfg, requests)
     rows = run_memory_plan(settings, cfg, requests, capacity, stream)
     hp = settings.hparams
@@ -299,7 +302,6 @@ def print_plan(args) -> int:
     gib = lambda b: f"{b / 2 ** 30:.1f}" if b == 0 or b >= 2 ** 29 else f"{b / 2 ** 30:.2g}"   # small: 2 digits
     print(f"{'device':<12}{'blocks':>10}{'weights':>9}{'state':>8}{'targets':>8}{'solve':>8}{'stats':>8}"
           f"{'need':>8}{'has':>8}  fits")
-    host = args.plan_host_gib * 2 ** 30 if args.plan_host_gib else device_memory(torch.device("cpu"))
     has = capacity + [host]
     for row, name, room in zip(rows, names + ["host"], has):
         span = f"{row['blocks'][0]}-{row['blocks'][-1]}" if row["blocks"] else "-"
@@ -307,7 +309,7 @@ def print_plan(args) -> int:
               f"{gib(row['solve']):>8}{gib(row['statistics']):>8}{gib(row['need']):>8}{gib(room):>8}  "
               f"{'yes' if row['need'] <= room else 'NO'}")
     fits = all(row["need"] <= room for row, room in zip(rows, has))
-    ram = [row["need"] for row, name in zip(rows, names + ["host"]) if name in ("cpu", "host") and row["need"]]
+    ram = [row["need"] for row, cpu in zip(rows, on_cpu + [True]) if cpu and row["need"]]
     if len(ram) > 1:                                      # the CPU's devices and the host share one memory
         print(f"{'cpu + host':<12}{'':>51}{gib(sum(ram)):>8}{gib(host):>8}  {'yes' if sum(ram) <= host else 'NO'}"
               "  (one memory: the rows on the CPU together)")

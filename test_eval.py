@@ -356,13 +356,14 @@ def test_general_eval_names_a_task_file_it_cannot_read(lm, tmp_path):
     ("mmlu", dict(subject=None), "subject None is not a text"),                        # was an AttributeError
     ("mmlu", dict(subject=3), "subject 3 is not a text"),
     ("sst2", dict(sentence=None), "sentence None is not a text"),                     # scored "Review: None"
-    ("sst2", dict(label=1.7), r"class id 1.7 is not one of 0..1 \(negative, positive\)"),   # scored as class 1
-    ("sst2", dict(label=True), r"class id True is not one of 0..1"),
+    ("sst2", dict(label=1.7), r"label 1.7 is not a class id 0..1 \(the answers negative, positive, in order\)"),
+    ("sst2", dict(label=True), r"label True is not a class id 0..1"),                 # (1.7 scored as class 1)
+    ("sst2", dict(label="positive"), r"label 'positive' is not a class id 0..1"),
     ("rte", dict(sentence2=["a"]), r"sentence2 \['a'\] is not a text"),
-    ("nli", dict(label="neutral"), r"class id 'neutral' is not one of 0..1 \(Yes, No; or 'entailment', 'not_entailment'\)"),
+    ("nli", dict(label="neutral"), r"label 'neutral' is not a class id 0..1 \(the answers Yes, No, in order; or a label 'entailment', 'not_entailment'\)"),
     ("mmlu", dict(choices="ABCD"), "choices 'ABCD' is not a list of 4 texts"),        # four one-letter options
-    ("mmlu", dict(answer=None), r"class id None is not one of 0..3 \(A, B, C, D\)"),
-    ("cola", dict(label=None), "class id None is not one of 0..1"),
+    ("mmlu", dict(answer=None), r"answer None is not a class id 0..3 \(the answers A, B, C, D, in order\)"),
+    ("cola", dict(label=None), "label None is not a class id 0..1"),
 ])
 def test_a_task_item_of_the_wrong_kind_is_named_with_its_field(tmp_path, task, change, message):
     """Each item's text fields are texts and its class id a whole number in range (or, for the NLI
@@ -372,6 +373,17 @@ def test_a_task_item_of_the_wrong_kind_is_named_with_its_field(tmp_path, task, c
     (tmp_path / f"{task}.json").write_text(json.dumps(items))
     with pytest.raises(ValueError, match=rf"{task}.json: item 2: {message}"):
         E.read_task(tmp_path, task, 3)
+
+
+def test_class_ids_as_datasets_write_them_read_as_whole_numbers():
+    """An id written as a whole float or a string of digits is that class (they read before the
+    items were checked); one of another task's label names is not."""
+    items = json.loads((FIX / "glue" / "sst2.json").read_text())[:4]
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        for kind in (float, str):
+            (Path(d) / "sst2.json").write_text(json.dumps([x | {"label": kind(x["label"])} for x in items]))
+            assert E.read_task(d, "sst2", 4) == E.read_task(FIX / "glue", "sst2", 4)
 
 
 def test_the_nli_file_s_labels_may_be_glue_s_class_ids():

@@ -1260,7 +1260,7 @@ def test_bad_snippets_and_class_ids_out_of_range_are_refused_before_any_work(tmp
     elsewhere = tmp_path / "elsewhere.json"             # references of cases this run does not edit
     elsewhere.write_text(json.dumps({"123456": ["a text"], "x": ["b"]}))
     cases = [(["--snippets", str(snippets)], f"--snippets {snippets}: expected an object {{case_id: [text, ...]}}"),
-             (["--glue-dir", str(glue)], f"{glue}/sst2.json: item 0: class id -1 is not one of 0..1 (negative, positive)"),
+             (["--glue-dir", str(glue)], f"{glue}/sst2.json: item 0: label -1 is not a class id 0..1 (the answers negative, positive, in order)"),
              (["--snippets", str(elsewhere)], f"--snippets {elsewhere}: none of its 2 case ids is one of the edits' "
                                               "(first: 0): no consistency would be scored"),
              (["--snippets", str(elsewhere), "--no-generation"], "--snippets with --no-generation: consistency is "
@@ -1278,7 +1278,7 @@ def test_bad_snippets_and_class_ids_out_of_range_are_refused_before_any_work(tmp
     assert requests[0].case_id == "0"                   # (was: none of its case ids is one of the edits')
     (glue / "sst2.json").write_text((FIX / "glue" / "sst2.json").read_text())
     (glue / "mmlu.json").write_text(json.dumps(mmlu))
-    with pytest.raises(ValueError, match=r"mmlu.json: item 3: class id 9 is not one of 0..3 \(A, B, C, D\)"):
+    with pytest.raises(ValueError, match=r"mmlu.json: item 3: answer 9 is not a class id 0..3 \(the answers A, B, C, D, in order\)"):
         L.ev.read_task(glue, "mmlu", 100)
 
 
@@ -1382,6 +1382,18 @@ def test_a_long_answer_counts_with_the_prompts_it_is_scored_after(tmp_path):
     long = dataclasses.replace(q, neighborhood_answers=(" Italy" * 70,))
     _, (msg,) = L.fit_context(gpt2, [long], [["{}"]], settings)
     assert msg == "e.json: case_id 3: its neighbourhood prompt with its answer is 74 tokens, longer than the model's 64 positions (n_positions)"
+    # generative efficacy decodes len(target) + 2 tokens after the rewrite prompt, each batch only
+    # as far as its own prompts need: a 62-token prompt with a 1-token target was accepted (63 + 1)
+    # and failed scoring before editing ("a sequence of 65 tokens is longer than ...")
+    near = dataclasses.replace(q, prompt="{} is " + "very " * 59 + "in", neighborhood_answers=(" Italy",))
+    assert len(gpt2.tokenizer.encode(near.rewrite_prompt())) == 62
+    _, (msg,) = L.fit_context(gpt2, [near], [["{}"]], settings)
+    assert msg == ("e.json: case_id 3: its rewrite or paraphrase prompt with the 3 tokens greedy decoding adds "
+                   "(generative efficacy) is 65 tokens, longer than the model's 64 positions (n_positions)")
+    fits = dataclasses.replace(near, prompt="{} is " + "very " * 58 + "in")
+    assert L.fit_context(gpt2, [fits], [["{}"]], settings) == ([fits], [])
+    longer = dataclasses.replace(q, prompt="{} is in", target_new=" France" * 5)     # 7 tokens decoded after it
+    assert len(L.ev.generative_eval(gpt2, [fits, longer])) == 2       # 61 + 3 tokens (in one batch: 61 + 7)
 
 
 def test_a_generation_prompt_counts_with_the_tokens_its_batch_may_sample_after_it(tmp_path):
@@ -2140,6 +2152,8 @@ def test_a_full_disk_while_the_model_is_saved_says_how_to_continue(tmp_path, mon
     (lambda d: (d / "ability.jsonl").write_text(""), "ability.jsonl holds no measurement before editing"),
     (lambda d: (d / "latest.json").write_text(json.dumps({"checkpoint": "../other/ckpt-000001", "step": 1})),
      "latest.json names '../other/ckpt-000001', not one of the run's own checkpoints"),
+    (lambda d: _edit_json(d / "config.json", lambda c: c["hparams"].update(layers=[1, 4])),  # (or begun before
+     r"--resume .*: its layers \[1, 4\]: the last edit layer .* top block \(4\).*; it cannot go on: start a new run"),  # the check)
 ])
 def test_a_run_directory_changed_by_hand_is_refused_on_resume(stopped_run, tmp_path, capsys, change, message):
     """What no kill can leave (each file is whole before checkpoint 0) but a hand can: refused,

@@ -835,6 +835,14 @@ def test_the_plan_counts_the_rows_on_the_cpu_against_one_memory(tmp_path, capsys
         assert fits == "yes" or code == 1
     assert L.main([*flags[:-2], "--device", "cpu"]) in (0, 1)           # one row on the CPU: nothing to add up
     assert "cpu + host" not in capsys.readouterr().out
+    # a device named cpu:0, and cpu devices given their memory (--plan-gib), are the host's too; a cpu
+    # device's memory is the host's figure (it was this machine's beside --plan-host-gib's)
+    for devices in (("--device", "cpu:0"), ("--device", "cpu,cpu,cpu", "--plan-gib", "10,10,10")):
+        assert L.main([*flags[:-4], *devices, "--state-device", "cpu", "--plan-host-gib", "30"]) == 1
+        rows = [line.split() for line in capsys.readouterr().out.splitlines()
+                if line.startswith(("cpu", "device")) and "blocks" not in line]
+        assert rows[-1][:3] == ["cpu", "+", "host"] and rows[-1][5] == "NO"
+        assert devices[1] != "cpu:0" or rows[0][-2:] == ["30.0", "yes"]                  # 25.4 of 30: fits alone
 
 
 def test_memory_plan_places_as_load_does_and_the_command_says_whether_it_fits(tmp_path, capsys):
@@ -874,7 +882,7 @@ def test_memory_plan_places_as_load_does_and_the_command_says_whether_it_fits(tm
     assert L.main([*on_host, "--plan-host-gib", "0"]) == 1
     assert capsys.readouterr().err == "error: --plan-host-gib must be positive, got 0.0\n"
     assert L.main([*on_host[:-4], "--plan-gib", "80", "--plan-host-gib", "100"]) == 1   # no host row to plan
-    assert capsys.readouterr().err.startswith("error: --plan-host-gib without --state-device cpu: ")
+    assert capsys.readouterr().err.startswith("error: --plan-host-gib without --state-device cpu or a cpu device: ")
 
 
 def test_the_plan_follows_every_flag_of_the_run_and_refuses_what_the_run_refuses(tmp_path, capsys):
