@@ -325,9 +325,6 @@ def qwen_window(c: dict) -> dict:
     the key is absent), in its sliding layers (by default those from max_window_layers on)."""
     window = c.get("sliding_window", 4096) if c.get("use_sliding_window") else None
     if not window:
-        if "sliding_attention" in (c.get("layer_types") or ()):
-            refuse(c, "layer_types' sliding_attention without use_sliding_window and sliding_window",
-                   "transformers fails on it (a window of None); a window needs both")
         return {}
     first = c.get("max_window_layers", 28)
     return dict(sliding_window=window, window_layers=sliding_layers(c, lambda i: i >= first))

@@ -1337,8 +1337,6 @@ def _config_with(tmp_path, ckpt_dir, drop=(), **change):
     ("smollm3", dict(no_rope_layers=[1, 0]), r"no_rope_layers \[1, 0\] is not supported .* each of the 4 layers"),
     ("smollm3-nope-window-bias", dict(use_sliding_window=False),
      "layer_types' sliding_attention without use_sliding_window and sliding_window is not supported"),
-    ("qwen2-gqa-tied-window", dict(use_sliding_window=False, layer_types=["full_attention", "sliding_attention", "sliding_attention"]),
-     "layer_types' sliding_attention without use_sliding_window and sliding_window is not supported .transformers fails"),
     ("gemma3", dict(attn_logit_softcapping=5.0), "attn_logit_softcapping 5.0 is not supported .transformers' Gemma 3 "
                                                  "never caps attention scores"),
     ("gemma2", dict(query_pre_attn_scalar=-4), "query_pre_attn_scalar -4 is not supported"),
