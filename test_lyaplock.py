@@ -1680,8 +1680,9 @@ def test_editor_refuses_what_is_not_a_request_by_name(tmp_path):
             call([record])
     long = dataclasses.replace(data.requests_from([record])[0][0], paraphrase_prompts=("Once upon a time " * 150,))
     for name in ("edit", "evaluate"):            # as the command's validation, before any work
-        with pytest.raises(ValueError, match=rf"^{name}: case_id {long.case_id}: its paraphrase prompt with its "
-                                             r"target is \d+ tokens, longer than the model's 512 positions"):
+        with pytest.raises(ValueError, match=rf"^{name}: case_id {long.case_id}: its rewrite or paraphrase prompt "
+                                             r"with the \d+ tokens greedy decoding adds .generative efficacy. is "
+                                             r"\d+ tokens, longer than the model's 512 positions"):
             getattr(editor, name)([long])
     prompt = "Once upon a time " * 105                                    # 421 tokens: with 100 sampled, 521
     talks = dataclasses.replace(data.requests_from([record])[0][0], generation_prompts=(prompt,))
