@@ -385,7 +385,8 @@ def class_id(task: Task, x: dict):
     datasets write them), or a label name of the task's (the NLI file's); else its value as it is."""
     value = x[task.label]
     if isinstance(value, str):
-        return task.names.get(value, int(value) if value.strip().isdigit() else value)
+        digits = value.strip()
+        return task.names.get(value, int(digits) if digits.isascii() and digits.isdigit() else value)
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 

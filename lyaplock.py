@@ -830,9 +830,9 @@ def longest_input(tok, q, templates, generation_tokens: int = 0) -> tuple[str, i
               len(tok.encode(t.replace("{}", q.rewrite_prompt(), 1))) + edit)
              for group in templates for t in group]
     found += [("paraphrase prompt with its target", len(tok.encode(p)) + edit) for p in q.paraphrase_prompts]
-    greedy = len(ev.target_ids(tok, q.target_new)) + ev.GREEDY_SPARE                   # ev.generative_eval's
-    found += [(f"rewrite or paraphrase prompt with the {greedy} tokens greedy decoding adds (generative efficacy)",
-               len(tok.encode(p)) + greedy) for p in (q.rewrite_prompt(), *q.paraphrase_prompts)]
+    fed = len(ev.target_ids(tok, q.target_new)) + ev.GREEDY_SPARE - 1     # ev.generative_eval's (the last unfed)
+    found += [(f"rewrite or paraphrase prompt with the {fed} tokens greedy decoding feeds back (generative "
+               "efficacy)", len(tok.encode(p)) + fed) for p in (q.rewrite_prompt(), *q.paraphrase_prompts)]
     found += [("neighbourhood prompt with its answer", len(tok.encode(p)) + answer) for p in q.neighborhood_prompts]
     found += [(f"generation prompt with up to {generation_tokens} tokens sampled after it (fluency: a batch "
                "samples for its shortest prompt)", len(tok.encode(p)) + generation_tokens)

@@ -262,7 +262,8 @@ def print_plan(args) -> int:
     if not any(Path(settings.model).glob("*.safetensors")):   # planning before the download: config.json only
         print(f"no weights in {settings.model} yet: planned from config.json alone (the run checks the "
               "checkpoint's files when it loads them)")
-    typed = args.device.split(",") if "device" in args.given and args.device != "auto" else None
+    given = "device" in args.given or args.resume            # (a resumed run's: its recorded devices)
+    typed = settings.device.split(",") if given and settings.device != "auto" else None
     if args.plan_gib and typed and len(typed) != len(args.plan_gib):
         raise ValueError(f"--plan-gib gives the memory of {len(args.plan_gib)} device(s), --device {args.device} "
                          f"names {len(typed)}: give one figure per device")

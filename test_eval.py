@@ -359,6 +359,8 @@ def test_general_eval_names_a_task_file_it_cannot_read(lm, tmp_path):
     ("sst2", dict(label=1.7), r"label 1.7 is not a class id 0..1 \(the answers negative, positive, in order\)"),
     ("sst2", dict(label=True), r"label True is not a class id 0..1"),                 # (1.7 scored as class 1)
     ("sst2", dict(label="positive"), r"label 'positive' is not a class id 0..1"),
+    ("sst2", dict(label="²"), r"label '²' is not a class id 0..1"),                   # (int() fails on it)
+    ("mmlu", dict(answer="٣"), r"answer '٣' is not a class id 0..3"),
     ("rte", dict(sentence2=["a"]), r"sentence2 \['a'\] is not a text"),
     ("nli", dict(label="neutral"), r"label 'neutral' is not a class id 0..1 \(the answers Yes, No, in order; or a label 'entailment', 'not_entailment'\)"),
     ("mmlu", dict(choices="ABCD"), "choices 'ABCD' is not a list of 4 texts"),        # four one-letter options
@@ -383,7 +385,8 @@ def test_class_ids_as_datasets_write_them_read_as_whole_numbers():
     with tempfile.TemporaryDirectory() as d:
         for kind in (float, str):
             (Path(d) / "sst2.json").write_text(json.dumps([x | {"label": kind(x["label"])} for x in items]))
-            assert E.read_task(d, "sst2", 4) == E.read_task(FIX / "glue", "sst2", 4)
+            prompts, ids = E.read_task(d, "sst2", 4)
+            assert (prompts, ids) == E.read_task(FIX / "glue", "sst2", 4) and {type(i) for i in ids} == {int}
 
 
 def test_the_nli_file_s_labels_may_be_glue_s_class_ids():

@@ -1382,18 +1382,21 @@ def test_a_long_answer_counts_with_the_prompts_it_is_scored_after(tmp_path):
     long = dataclasses.replace(q, neighborhood_answers=(" Italy" * 70,))
     _, (msg,) = L.fit_context(gpt2, [long], [["{}"]], settings)
     assert msg == "e.json: case_id 3: its neighbourhood prompt with its answer is 74 tokens, longer than the model's 64 positions (n_positions)"
-    # generative efficacy decodes len(target) + 2 tokens after the rewrite prompt, each batch only
-    # as far as its own prompts need: a 62-token prompt with a 1-token target was accepted (63 + 1)
-    # and failed scoring before editing ("a sequence of 65 tokens is longer than ...")
-    near = dataclasses.replace(q, prompt="{} is " + "very " * 59 + "in", neighborhood_answers=(" Italy",))
-    assert len(gpt2.tokenizer.encode(near.rewrite_prompt())) == 62
+    # generative efficacy decodes len(target) + 2 tokens after the rewrite prompt (feeding back all
+    # but the last), each batch only as far as its own prompts need: a 63-token prompt with a
+    # 1-token target was accepted (63 + 1) and failed scoring before editing ("a sequence of 65
+    # tokens is longer than ..."); 62 tokens take 62 + 2 positions: accepted, and they run
+    near = dataclasses.replace(q, prompt="{} is " + "very " * 60 + "in", neighborhood_answers=(" Italy",))
+    assert len(gpt2.tokenizer.encode(near.rewrite_prompt())) == 63
     _, (msg,) = L.fit_context(gpt2, [near], [["{}"]], settings)
-    assert msg == ("e.json: case_id 3: its rewrite or paraphrase prompt with the 3 tokens greedy decoding adds "
-                   "(generative efficacy) is 65 tokens, longer than the model's 64 positions (n_positions)")
-    fits = dataclasses.replace(near, prompt="{} is " + "very " * 58 + "in")
+    assert msg == ("e.json: case_id 3: its rewrite or paraphrase prompt with the 2 tokens greedy decoding feeds "
+                   "back (generative efficacy) is 65 tokens, longer than the model's 64 positions (n_positions)")
+    with pytest.raises(ValueError, match="a sequence of 65 tokens is longer than"):
+        L.ev.generative_eval(gpt2, [near])
+    fits = dataclasses.replace(near, prompt="{} is " + "very " * 59 + "in")
     assert L.fit_context(gpt2, [fits], [["{}"]], settings) == ([fits], [])
     longer = dataclasses.replace(q, prompt="{} is in", target_new=" France" * 5)     # 7 tokens decoded after it
-    assert len(L.ev.generative_eval(gpt2, [fits, longer])) == 2       # 61 + 3 tokens (in one batch: 61 + 7)
+    assert len(L.ev.generative_eval(gpt2, [fits, longer])) == 2       # 62 + 2 positions (in one batch: 62 + 6)
 
 
 def test_a_generation_prompt_counts_with_the_tokens_its_batch_may_sample_after_it(tmp_path):
@@ -1681,7 +1684,7 @@ def test_editor_refuses_what_is_not_a_request_by_name(tmp_path):
     long = dataclasses.replace(data.requests_from([record])[0][0], paraphrase_prompts=("Once upon a time " * 150,))
     for name in ("edit", "evaluate"):            # as the command's validation, before any work
         with pytest.raises(ValueError, match=rf"^{name}: case_id {long.case_id}: its rewrite or paraphrase prompt "
-                                             r"with the \d+ tokens greedy decoding adds .generative efficacy. is "
+                                             r"with the \d+ tokens greedy decoding feeds back .generative efficacy. is "
                                              r"\d+ tokens, longer than the model's 512 positions"):
             getattr(editor, name)([long])
     prompt = "Once upon a time " * 105                                    # 421 tokens: with 100 sampled, 521

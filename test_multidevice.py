@@ -843,6 +843,13 @@ def test_the_plan_counts_the_rows_on_the_cpu_against_one_memory(tmp_path, capsys
                 if line.startswith(("cpu", "device")) and "blocks" not in line]
         assert rows[-1][:3] == ["cpu", "+", "host"] and rows[-1][5] == "NO"
         assert devices[1] != "cpu:0" or rows[0][-2:] == ["30.0", "yes"]                  # 25.4 of 30: fits alone
+    run = tmp_path / "run"                          # a resumed run's devices are its recorded ones (were: none)
+    run.mkdir()
+    settings = L.Settings(model=str(tmp_path), edits=str(FIX / "counterfact-rome.json"), dtype="bfloat16",
+                          device="cpu,cpu", hparams=L.HParams(layers=(4, 5, 6, 7, 8), batch_size=100))
+    (run / "config.json").write_text(settings.to_json())
+    assert L.main(["--plan", "--resume", str(run), "--plan-gib", "10,10", "--plan-host-gib", "15"]) == 1
+    assert capsys.readouterr().out.splitlines()[-1].startswith("cpu + host")
 
 
 def test_memory_plan_places_as_load_does_and_the_command_says_whether_it_fits(tmp_path, capsys):
