@@ -510,14 +510,15 @@ HEADER = ("method", "model", "n_edits", "batch_size")
 
 def summarize(cases: list[dict]) -> dict:
     """Means over cases ×100 of the metrics present (a case's None is left out); `score` is the
-    harmonic mean of efficacy, generalization and specificity (×100 already); the generative
-    efficacy and generalization (generative_eval) follow it, where the cases have them."""
+    harmonic mean of efficacy, generalization and specificity (×100 already), CounterFact's (the
+    authors' summarize.py scores zsRE without one); the generative efficacy and generalization
+    (generative_eval) follow it, where the cases have them."""
     out = {"n_cases": len(cases)}
     for k in METRICS + GENERATIVE + TOP1 + EXTRA:
         vals = [c[k] for c in cases if c.get(k) is not None]
         if vals:
             out[k] = 100 * sum(vals) / len(vals)
-    if all(k in out for k in METRICS):
+    if all(k in out for k in METRICS) and not any(c.get("kind") == "zsre" for c in cases):
         parts = [out[k] for k in METRICS]
         out["score"] = 0.0 if min(parts) <= 0 else len(parts) / sum(1 / v for v in parts)
     order = ["n_cases", *METRICS, "score", *GENERATIVE, *TOP1, *EXTRA]

@@ -88,6 +88,7 @@ def test_counterfact_by_hand():
     assert E.summarize([c2])["score"] == 0
     perfect = {"efficacy": 1.0, "generalization": 1.0, "specificity": 1.0}
     assert E.summarize([perfect])["score"] == pytest.approx(100)
+    assert "score" not in E.summarize([perfect | {"kind": "zsre"}])     # the authors' summarize.py: CounterFact's
 
 
 def test_counterfact_top1_token_accuracy_by_hand():
