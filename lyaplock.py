@@ -1931,13 +1931,10 @@ def typed_settings(args, names, cfg: M.Config) -> dict:
 
 
 def new_settings(args, cfg: M.Config) -> Settings:
-    """A new run's settings: the method's preset, then every flag (None leaves the preset); the
-    hyper-parameters checked against the model's depth."""
+    """A new run's settings: the method's preset, then every flag (None leaves the preset)."""
     flat = typed_settings(args, [k for k, v in vars(args).items() if v is not None], cfg)
     preset_hp = {f"hparams.{k}": v for k, v in asdict(preset(cfg, args.method)).items()}
-    settings = Settings.from_flat(preset_hp | flat)
-    check_hparams(settings.hparams, cfg.n_layers)
-    return settings
+    return Settings.from_flat(preset_hp | flat)
 
 
 def resumed_settings(args, saved: dict, cfg: M.Config) -> Settings:
@@ -1959,10 +1956,6 @@ def resumed_settings(args, saved: dict, cfg: M.Config) -> Settings:
     settings = Settings.from_flat(was | {k: v for k, v in now.items() if k in RESUMABLE})
     if problem := settings_problem(settings):
         raise ValueError(f"--resume {args.resume}: its config.json's {problem} (changed by hand?)")
-    try:
-        check_hparams(settings.hparams, cfg.n_layers)
-    except ValueError as e:                            # (a run begun before a check it fails: start anew)
-        raise ValueError(f"--resume {args.resume}: its {e}; it cannot go on: start a new run") from None
     return settings
 
 
@@ -2000,6 +1993,10 @@ def open_run(args) -> tuple[Path | None, Settings, M.Config]:
     check_outputs(args, args.model or saved["model"])
     cfg = M.checkpoint_config(args.model or saved["model"])
     settings = resumed_settings(args, saved, cfg) if saved else new_settings(args, cfg)
+    try:
+        check_hparams(settings.hparams, cfg.n_layers)     # the model's depth, before any weights
+    except ValueError as e:                             # (a resumed run begun before a check it fails)
+        raise ValueError(f"--resume {args.resume}: its {e}; it cannot go on: start a new run" if saved else str(e)) from None
     if settings.stats_tokens and not settings.stats_file and settings.stats_tokens < cfg.d_mlp:
         raise ValueError(f"--stats-tokens {settings.stats_tokens}: C ({cfg.d_mlp}×{cfg.d_mlp}) "
                          f"needs at least d_mlp = {cfg.d_mlp} tokens, or it is singular")
@@ -2543,7 +2540,7 @@ def finish(editor: Editor, requests, settings: Settings, out: Path, n_skipped: i
     strip = lambda r: {k: v for k, v in r.items() if k not in ("step", "edits", "final")}
     summary, summary_pre = ev.summarize(cases) | strip(final), ev.summarize(pre) | strip(first)
     latest = latest_edits(edited)
-    if len(latest) < len(edited):                         # the superseded targets left out
+    if again := len(edited) - len(latest):                # the prompts edited again: their earlier targets out
         summary["latest_target"] = ev.summarize([cases[i] for i in latest])
         summary_pre["latest_target"] = ev.summarize([pre[i] for i in latest])
     header = dict(method=settings.hparams.method, model=settings.model, n_edits=editor.state.n_edits,
@@ -2554,8 +2551,8 @@ def finish(editor: Editor, requests, settings: Settings, out: Path, n_skipped: i
     for k in HEADLINE:
         if k in after:
             print(f"{k:<26}{before.get(k, float('nan')):>10.2f}{after[k]:>10.2f}")
-    if "latest_target" in summary:
-        print(f"({len(edited) - len(latest)} of the {len(edited)} edits re-edit a prompt edited earlier: every edit is "
+    if again:
+        print(f"({again} of the {len(edited)} edits re-edit a prompt edited earlier: every edit is "
               f"scored, as the authors do; on each prompt's latest target alone ({len(latest)} cases) efficacy is "
               f"{summary['latest_target']['efficacy']:.2f}: summary.md's latest_target rows)")
     print(f"(all metrics: {out / 'summary.md'})\nrun directory: {out}")

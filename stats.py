@@ -518,12 +518,23 @@ def authors_files(path: Path, model: M.CausalLM, layers) -> dict[int, tuple[Path
     return out
 
 
+def check_kind(file: Path, kind: str | None):
+    """A StatisticsError unless `file` holds a second moment (authors_kind: mom2 or KK_T)."""
+    if kind not in ("mom2", "KK_T"):
+        raise StatisticsError(f"{file}: no mom2.mom2 or KK_T.mom2 array (not a second-moment file)")
+
+
+def check_sum(file: Path, kind: str, dtype: np.dtype, shape: tuple, m: int):
+    """A StatisticsError unless their sum is a float32 or float64 (m, m) array."""
+    if dtype.kind != "f" or dtype.itemsize not in (4, 8) or shape != (m, m):
+        raise StatisticsError(f"{file}: {kind}.mom2 is {dtype} {shape}; a float ({m}, {m}) sum is needed")
+
+
 def read_authors_file(file: Path, kind: str | None, m: int) -> torch.Tensor:
     """C = <kind>.mom2 / <kind>.count (E1; their SecondMoment.moment()) in float64, from one of
     their files, without unpickling. Their sum is symmetrised ((S + Sᵀ)/2: a GPU product need not
     be bitwise symmetric) after checking it is symmetric to its precision."""
-    if kind not in ("mom2", "KK_T"):
-        raise StatisticsError(f"{file}: no mom2.mom2 or KK_T.mom2 array (not a second-moment file)")
+    check_kind(file, kind)
     try:
         with np.load(file, allow_pickle=False) as z:
             S, count = z[f"{kind}.mom2"], z[f"{kind}.count"]
@@ -533,8 +544,7 @@ def read_authors_file(file: Path, kind: str | None, m: int) -> torch.Tensor:
         raise StatisticsError(f"{file}: unreadable ({e})") from None
     except (KeyError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise StatisticsError(f"{file}: unreadable ({e})") from None
-    if S.dtype.kind != "f" or S.dtype.itemsize not in (4, 8) or S.shape != (m, m):
-        raise StatisticsError(f"{file}: {kind}.mom2 is {S.dtype} {S.shape}; a float ({m}, {m}) sum is needed")
+    check_sum(file, kind, S.dtype, S.shape, m)
     S = S.astype(S.dtype.newbyteorder("="), copy=False)                    # (a big-endian file's)
     n = float(count) if count.shape == () and count.dtype.kind in "iuf" else math.nan
     if not (math.isfinite(n) and n >= 1 and n == int(n)):
@@ -567,8 +577,7 @@ def check_authors_files(path: Path, cfg: M.Config, layers):
         model = M.CausalLM(cfg)
     m = cfg.d_mlp
     for l, (file, kind) in authors_files(path, model, sorted(layers)).items():
-        if kind not in ("mom2", "KK_T"):
-            raise StatisticsError(f"{file}: no mom2.mom2 or KK_T.mom2 array (not a second-moment file)")
+        check_kind(file, kind)
         try:
             with zipfile.ZipFile(file) as z, z.open(f"{kind}.mom2.npy") as f:
                 version = np.lib.format.read_magic(f)
@@ -576,8 +585,7 @@ def check_authors_files(path: Path, cfg: M.Config, layers):
                 shape, _, dtype = read(f)
         except (KeyError, OSError, ValueError, zipfile.BadZipFile) as e:
             raise StatisticsError(f"{file}: unreadable ({e})") from None
-        if dtype.kind != "f" or dtype.itemsize not in (4, 8) or shape != (m, m):
-            raise StatisticsError(f"{file}: {kind}.mom2 is {dtype} {shape}; a float ({m}, {m}) sum is needed")
+        check_sum(file, kind, dtype, shape, m)
 
 
 # ----------------------------------------------------------------------------- the cache

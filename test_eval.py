@@ -3,7 +3,6 @@ general-ability measures on the real checkpoint. Run: python -m pytest -q test_e
 import json
 import math
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -378,28 +377,23 @@ def test_a_task_item_of_the_wrong_kind_is_named_with_its_field(tmp_path, task, c
         E.read_task(tmp_path, task, 3)
 
 
-def test_class_ids_as_datasets_write_them_read_as_whole_numbers():
+def test_class_ids_as_datasets_write_them_read_as_whole_numbers(tmp_path):
     """An id written as a whole float or a string of digits is that class (they read before the
     items were checked); one of another task's label names is not."""
     items = json.loads((FIX / "glue" / "sst2.json").read_text())[:4]
-    import tempfile
-    with tempfile.TemporaryDirectory() as d:
-        for kind in (float, str):
-            (Path(d) / "sst2.json").write_text(json.dumps([x | {"label": kind(x["label"])} for x in items]))
-            prompts, ids = E.read_task(d, "sst2", 4)
-            assert (prompts, ids) == E.read_task(FIX / "glue", "sst2", 4) and {type(i) for i in ids} == {int}
+    for kind in (float, str):
+        (tmp_path / "sst2.json").write_text(json.dumps([x | {"label": kind(x["label"])} for x in items]))
+        prompts, ids = E.read_task(tmp_path, "sst2", 4)
+        assert (prompts, ids) == E.read_task(FIX / "glue", "sst2", 4) and {type(i) for i in ids} == {int}
 
 
-def test_the_nli_file_s_labels_may_be_glue_s_class_ids():
+def test_the_nli_file_s_labels_may_be_glue_s_class_ids(tmp_path):
     """GLUE's RTE-style files give 0 (entailment) and 1 (not); the NLI file's text labels mean the
     same (it was a KeyError(0))."""
     items = json.loads((FIX / "glue" / "nli.json").read_text())[:4]
-    named = E.read_task(FIX / "glue", "nli", 4)
-    import tempfile
-    with tempfile.TemporaryDirectory() as d:
-        (Path(d) / "nli.json").write_text(json.dumps([x | {"label": ["entailment", "not_entailment"].index(x["label"])}
-                                                     for x in items]))
-        assert E.read_task(d, "nli", 4) == named
+    (tmp_path / "nli.json").write_text(json.dumps([x | {"label": ["entailment", "not_entailment"].index(x["label"])}
+                                                   for x in items]))
+    assert E.read_task(tmp_path, "nli", 4) == E.read_task(FIX / "glue", "nli", 4)
 
 
 def test_write_summary(tmp_path):

@@ -824,32 +824,32 @@ def test_the_plan_counts_the_rows_on_the_cpu_against_one_memory(tmp_path, capsys
     import bench
     config, _ = bench.PRESETS["llama3-8b"]
     (tmp_path / "config.json").write_text(json.dumps(config | {"architectures": ["LlamaForCausalLM"]}))
-    flags = ["--plan", "--model", str(tmp_path), "--dtype", "bfloat16", "--device", "cpu,cpu,cpu", "--state-device", "cpu"]
+    def table(*argv):                               # (exit code, the rows under the table's header)
+        code, lines = L.main(list(argv)), capsys.readouterr().out.splitlines()
+        head = next(i for i, line in enumerate(lines) if line.startswith("device") and "blocks" in line)
+        return code, [line.split() for line in lines[head + 1:]]
+    plan_ = ["--plan", "--model", str(tmp_path), "--dtype", "bfloat16", "--state-device", "cpu"]
     for host, fits in ((30, "NO"), (60, "yes")):
-        code = L.main([*flags, "--plan-host-gib", str(host)])
-        rows = [line.split() for line in capsys.readouterr().out.splitlines()[-5:]]
+        code, rows = table(*plan_, "--device", "cpu,cpu,cpu", "--plan-host-gib", str(host))
         assert [r[0] for r in rows] == ["cpu", "cpu", "cpu", "host", "cpu"] and rows[3][-2:] == [f"{host}.0", "yes"]
         together = rows[4]
         assert together[:3] == ["cpu", "+", "host"] and together[4:7] == [f"{host}.0", fits, "(one"]
         assert float(together[3]) == pytest.approx(sum(float(r[-3]) for r in rows[:4]), abs=0.15)
         assert fits == "yes" or code == 1
-    assert L.main([*flags[:-2], "--device", "cpu"]) in (0, 1)           # one row on the CPU: nothing to add up
-    assert "cpu + host" not in capsys.readouterr().out
+    assert "cpu" not in [r[0] for r in table(*plan_[:-2], "--device", "cpu")[1][1:]]   # one row on the CPU: no sum
     # a device named cpu:0, and cpu devices given their memory (--plan-gib), are the host's too; a cpu
     # device's memory is the host's figure (it was this machine's beside --plan-host-gib's)
     for devices in (("--device", "cpu:0"), ("--device", "cpu,cpu,cpu", "--plan-gib", "10,10,10")):
-        assert L.main([*flags[:-4], *devices, "--state-device", "cpu", "--plan-host-gib", "30"]) == 1
-        rows = [line.split() for line in capsys.readouterr().out.splitlines()
-                if line.startswith(("cpu", "device")) and "blocks" not in line]
-        assert rows[-1][:3] == ["cpu", "+", "host"] and rows[-1][5] == "NO"
+        code, rows = table(*plan_, *devices, "--plan-host-gib", "30")
+        assert code == 1 and rows[-1][:3] == ["cpu", "+", "host"] and rows[-1][5] == "NO"
         assert devices[1] != "cpu:0" or rows[0][-2:] == ["30.0", "yes"]                  # 25.4 of 30: fits alone
     run = tmp_path / "run"                          # a resumed run's devices are its recorded ones (were: none)
     run.mkdir()
     settings = L.Settings(model=str(tmp_path), edits=str(FIX / "counterfact-rome.json"), dtype="bfloat16",
                           device="cpu,cpu", hparams=L.HParams(layers=(4, 5, 6, 7, 8), batch_size=100))
     (run / "config.json").write_text(settings.to_json())
-    assert L.main(["--plan", "--resume", str(run), "--plan-gib", "10,10", "--plan-host-gib", "15"]) == 1
-    assert capsys.readouterr().out.splitlines()[-1].startswith("cpu + host")
+    code, rows = table("--plan", "--resume", str(run), "--plan-gib", "10,10", "--plan-host-gib", "15")
+    assert code == 1 and rows[-1][:3] == ["cpu", "+", "host"]
 
 
 def test_memory_plan_places_as_load_does_and_the_command_says_whether_it_fits(tmp_path, capsys):
