@@ -1726,9 +1726,12 @@ class Settings:
     save_model: str | None = None       # where the edited model goes at the end (a resume may name another)
 
     def to_json(self) -> str:
-        """config.json's text: the settings, and of the hyper-parameters those the method reads."""
+        """config.json's text: the settings, and of the hyper-parameters those the method reads (a
+        run given --stats records no statistics corpus: it reads none)."""
         hp = {k: v for k, v in asdict(self.hparams).items() if not unread(self.hparams.method, k)}
-        return json.dumps(asdict(self) | {"hparams": hp | {"layers": list(self.hparams.layers)}}, indent=1)
+        unused = STATS_CORPUS_FIELDS if self.stats_file else ()
+        settings = {k: v for k, v in asdict(self).items() if k not in unused}
+        return json.dumps(settings | {"hparams": hp | {"layers": list(self.hparams.layers)}}, indent=1)
 
     @classmethod
     def from_flat(cls, flat: dict) -> "Settings":
@@ -1739,6 +1742,7 @@ class Settings:
                    hparams=with_overrides(HParams(), **hp))
 
 
+STATS_CORPUS_FIELDS = ("stats_corpus", "stats_tokens", "stats_batch_tokens")   # read only without --stats
 RESUMABLE = ("device", "z_batch_tokens", "stats_batch_tokens", "stats_cache", "checkpoint_every", "state_device",
              "save_model")
 FLAG_FIELDS = {"method": "hparams.method", "batch_size": "hparams.batch_size", "layers": "hparams.layers",
@@ -1871,7 +1875,7 @@ def check_settings(args):
     if args.snippets and args.no_generation:
         raise ValueError("--snippets with --no-generation: consistency is scored on the generated text; the "
                          "snippets would be recorded, not used")
-    if args.stats and (unread := sorted({"stats_corpus", "stats_tokens", "stats_batch_tokens"} & args.given)):
+    if args.stats and (unread := sorted(set(STATS_CORPUS_FIELDS) & args.given)):
         raise ValueError(f"--{unread[0].replace('_', '-')} with --stats: the file holds the statistics (and "
                          "the corpus and token count they came from); the flag would be recorded, not used")
 

@@ -573,7 +573,10 @@ def test_lyaplock_stats_then_an_editing_run_with_the_file_equals_the_cached_run(
                            tokens=tokens)) == 0
     a, b = _final_weights(tmp_path / "cached"), _final_weights(tmp_path / "file")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((tmp_path / "file" / "config.json").read_text())["stats_file"] == str(file.resolve())
+    recorded = {name: json.loads((tmp_path / name / "config.json").read_text()) for name in ("cached", "file")}
+    assert recorded["file"]["stats_file"] == str(file.resolve())
+    corpus_fields = {"stats_corpus", "stats_tokens", "stats_batch_tokens"}   # read only without --stats
+    assert corpus_fields <= set(recorded["cached"]) and not corpus_fields & set(recorded["file"])
     other = tmp_path / "C12.safetensors"
     assert L.main(["stats", "--model", str(STORIES), "--stats-tokens", "4000", "--layers", "1", "--out", str(other)]) == 0
     assert L.main(_cli(tmp_path, "--out", str(tmp_path / "bad"), "--limit", "4", "--stats", str(other), tokens=0)) == 1
@@ -619,10 +622,13 @@ def test_a_resume_whose_statistics_file_was_moved_says_so(tmp_path, made, monkey
         interrupt_after_one_step(patch)
         assert L.main(_cli(tmp_path, "--out", str(out), "--limit", "4", "--batch-size", "2", "--no-generation",
                            "--stats", str(moved), tokens=0)) == 130
+    kept = moved.read_bytes()
     moved.unlink()
     capsys.readouterr()
     assert L.main(["--resume", str(out)]) == 1
     assert f"{moved}: no such statistics file" in capsys.readouterr().err
+    moved.write_bytes(kept)                            # back in place: the run goes on from its config.json
+    assert L.main(["--resume", str(out)]) == 0
 
 
 def test_a_cache_that_cannot_take_the_statistics_leaves_them_to_the_run(tmp_path, stories, monkeypatch):
