@@ -1216,6 +1216,8 @@ class Editor:
         consistency, given snippets) when `generation`."""
         M.check_seed(seed)
         requests = self.fitting(checked_requests(requests), "evaluate", ev.FLUENCY_TOKENS if generation else 0)
+        if not requests:
+            raise ValueError("evaluate: no requests; the metrics are means over at least one")
         if generation and not any(q.generation_prompts for q in requests):
             raise ValueError("evaluate(generation=True): none of these requests has generation prompts (CounterFact's "
                              "generation_prompts), which fluency and consistency are scored on")
@@ -1248,8 +1250,11 @@ class Editor:
 
     def checkpoint(self, run_dir):
         """Save the state and the edited weights into run_dir (save_checkpoint: atomic, the latest
-        one kept), to continue later with `restore`."""
+        one kept), to continue later with `restore`; never into the input checkpoint's directory."""
         self.check_whole("checkpoint")
+        if self.model_path is not None and Path(run_dir).resolve() == Path(self.model_path).resolve():
+            raise ValueError(f"checkpoint: {run_dir} is the input checkpoint's directory (a later save would copy "
+                             "the run's files with the model's); choose another directory")
         if earlier := latest_identity(Path(run_dir)):          # another Editor's checkpoint would be replaced
             try:
                 check_identity(Path(run_dir), earlier, self.identity())

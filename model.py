@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import fnmatch
+import hashlib
 import json
 import math
 import operator
@@ -173,7 +174,7 @@ class Config:
     @staticmethod
     def from_hf(c: dict) -> "Config":
         mt = c.get("model_type")
-        if mt not in READERS:
+        if not isinstance(mt, str) or mt not in READERS:
             raise CheckpointError(f"unsupported model_type {mt!r} in config.json: supported are "
                                   + ", ".join(repr(s) for s in SUPPORTED))
         for name in Config.HF_SIZES:               # before a reader divides by one (None: the family's default)
@@ -233,6 +234,11 @@ def id_list(v) -> list:
 
 
 def special_ids(c: dict) -> dict:
+    """config.json's BOS, EOS and padding ids (each a whole number or null; EOS also a list of them)."""
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        ids = id_list(c.get(key)) if key == "eos_token_id" else [c.get(key)]
+        if not all(i is None or whole_number(i) and abs(i) < 2 ** 63 for i in ids):
+            refuse(c, f"{key} {c.get(key)!r}", "a token id is a whole number (EOS: or a list of them)")
     return dict(bos_id=c.get("bos_token_id"), eos_ids=id_list(c.get("eos_token_id")), pad_id=c.get("pad_token_id"))
 
 
@@ -424,9 +430,12 @@ def gemma2_layout(c: dict, sliding, caps: tuple) -> dict:
     scalar = c.get("query_pre_attn_scalar", 256)
     if not positive_number(scalar):
         refuse(c, f"query_pre_attn_scalar {scalar!r}", "the attention scale is its inverse square root")
+    capped = {key: c.get(key, default) for key, default in zip(("attn_logit_softcapping", "final_logit_softcapping"), caps)}
+    for key, cap in capped.items():
+        if cap is not None and not positive_number(cap):
+            refuse(c, f"{key} {cap!r}", "a soft cap is a positive number (or null: none)")
     return dict(**gemma_family(c), **window_fields(c, sliding), post_norms=True, attn_scale=scalar ** -0.5,
-                attn_softcap=c.get("attn_logit_softcapping", caps[0]),
-                final_softcap=c.get("final_logit_softcapping", caps[1]))
+                attn_softcap=capped["attn_logit_softcapping"], final_softcap=capped["final_logit_softcapping"])
 
 
 def gemma3_rope(c: dict) -> dict:
@@ -741,8 +750,10 @@ def read_granite(c: dict) -> Config:
     one is refused, as transformers refuses it)."""
     scalars = {key: c.get(key, 1.0) for key in GRANITE_SCALARS}
     for key, value in scalars.items():
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            refuse(c, f"{key} {value!r}", "Granite's scalars are numbers")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            refuse(c, f"{key} {value!r}", "Granite's scalars are finite numbers")
+    if scalars["logits_scaling"] == 0:
+        refuse(c, "logits_scaling 0", "the logits are divided by it")
     return read_llama_like(c, attention_bias=c.get("attention_bias", False), mlp_bias=c.get("mlp_bias", False),
                            embedding_multiplier=float(scalars["embedding_multiplier"]),
                            attn_scale=float(scalars["attention_multiplier"]),
@@ -1521,7 +1532,7 @@ class Tokenizer:
             raise CheckpointError(f"{tc}: bos_token {conf['bos_token']!r} is not a token of {tj}")
         self.eos_ids = list(cfg.eos_ids) or [i for i in [token_id(conf.get("eos_token"))] if i is not None]
         end = id_list(gen.get("eos_token_id"))
-        if not all(isinstance(i, int) for i in end):
+        if not all(whole_number(i) and abs(i) < 2 ** 63 for i in end):
             raise CheckpointError(f"{gc}: eos_token_id {gen['eos_token_id']!r} is not a token id or a list of them")
         self.eos_ids += [i for i in end if i not in self.eos_ids]
         self.lead = template_lead(self.tok)              # what a prompt begins with
@@ -1546,6 +1557,8 @@ class Tokenizer:
 
     def pad(self, seqs: list[list[int]], side: str = "right", device=None):
         """Pad id lists to one (B, T) batch; returns (ids, mask)."""
+        if side not in ("left", "right"):
+            raise ValueError(f"pad: side {side!r}: give 'left' or 'right'")
         T = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
         mask = torch.zeros(len(seqs), T, dtype=torch.long)
@@ -1902,6 +1915,9 @@ def load(path, device="cpu", dtype="float32", placement=None) -> CausalLM:
             for stored in (c for c in params if headers[c][0] == file and where[params[c]] == dev):
                 t = f.get_tensor(stored).to(DTYPES[dtype])
                 if not torch.isfinite(t).all():
+                    if torch.isfinite(f.get_tensor(stored)).all():
+                        raise CheckpointError(f"{file}: tensor {stored} holds values beyond {dtype}'s range: load "
+                                              "it in a wider dtype (float32 or bfloat16)")
                     raise CheckpointError(f"{file}: tensor {stored} contains NaN or Inf")
                 state[params[stored]] = t
     model.load_state_dict(state, assign=True, strict=False)   # names and shapes checked above
@@ -1966,6 +1982,25 @@ def write_safetensors(tensors: dict, path, metadata: dict | None = None):
         pass
 
 
+# The metadata key save adds to each weights file it writes: a digest of the source directory's
+# path, so that a later save from the same checkpoint may replace the files and a save from
+# another may not (two fine-tunes of one base share config.json and file names).
+SAVED_FROM = "edited_from"
+
+
+def saved_from(src: Path) -> str:
+    return hashlib.sha256(str(Path(src).resolve()).encode()).hexdigest()[:16]
+
+
+def stored_source(file: Path) -> str | None:
+    """The SAVED_FROM of a weights file (None: not written by save, or not readable)."""
+    try:
+        with safe_open(str(file), "pt") as f:
+            return (f.metadata() or {}).get(SAVED_FROM)
+    except (SafetensorError, OSError):
+        return None
+
+
 def save(src, out, tensors: dict[str, torch.Tensor]) -> list[str]:
     """Write checkpoint `src` to `out` in its own layout (same files, names, dtypes, sharding and
     index) with the given tensors replaced, and copy the files that describe the model (config,
@@ -1974,8 +2009,12 @@ def save(src, out, tensors: dict[str, torch.Tensor]) -> list[str]:
     `tensors` maps checkpoint names to tensors in the stored layout, as CausalLM.edit_tensors
     returns them (for GPT-2 [d_mlp, d_model], not edit_weight's (d_model, d_mlp) view); a shape
     that differs from the stored one is an error, and so is an `out` that holds another
-    checkpoint (a config.json not src's, or weights files save does not write: another layout's,
-    another format's); saving again over an earlier save of the same checkpoint replaces it."""
+    checkpoint (a config.json not src's, weights files save does not write: another layout's,
+    another format's, or of save's names but not saved from src: SAVED_FROM); saving again over
+    an earlier save of the same checkpoint replaces it."""
+    if not isinstance(out, (str, os.PathLike)) or not os.fspath(out):
+        raise ValueError(f"save: the edited model's directory {out!r}: give a path (an empty one is the "
+                         "working directory)")
     src = Path(src)
     out = Path(out)
     if out.resolve() == src.resolve():
@@ -1990,6 +2029,10 @@ def save(src, out, tensors: dict[str, torch.Tensor]) -> list[str]:
     if other := sorted(p.name for p in out.glob("*") if p.name not in ours and left_out_of_save(p.name)):
         raise ValueError(f"{out} holds other weights ({', '.join(other[:3])}): writing this checkpoint "
                          "beside them would mix two models; save into a new or empty directory")
+    source = saved_from(src)
+    if foreign := sorted(name for name in ours if (out / name).exists() and stored_source(out / name) != source):
+        raise ValueError(f"{out} holds another model's weights ({', '.join(foreign[:3])}: not an earlier save "
+                         f"of {src}): writing over them would lose that model; save into a new or empty directory")
     if unknown := sorted(set(tensors) - set(headers)):
         raise KeyError(f"tensor(s) not in checkpoint {src}: {', '.join(unknown)}")
     for n, t in tensors.items():
@@ -2004,7 +2047,7 @@ def save(src, out, tensors: dict[str, torch.Tensor]) -> list[str]:
         for n in data:
             if n in tensors:
                 data[n] = tensors[n].detach().to("cpu", data[n].dtype).contiguous()
-        write_safetensors(data, out / file.name, metadata=meta)
+        write_safetensors(data, out / file.name, metadata=(meta or {}) | {SAVED_FROM: source})
     left_out = []
     for p in sorted(src.iterdir()):          # config, tokenizer, generation config, the index, ...
         if not p.is_file() or p.name in ours:
@@ -2022,6 +2065,12 @@ def generate(model: CausalLM, seqs: list[list[int]], max_new_tokens: int, top_k:
              seed: int = 0, stop_at_eos: bool = True) -> list[list[int]]:
     """Greedy (top_k None) or top-k sampling with a KV cache; prompts are left-padded into one
     batch. Returns the new tokens of each sequence."""
+    if not seqs or not all(seqs):
+        raise ValueError("generate: give at least one prompt, each of at least one token (a BOS, say)")
+    if bad := next((t for q in seqs for t in q if not 0 <= t < model.cfg.vocab_size), None):
+        raise ValueError(f"generate: token id {bad} is not one of the model's {model.cfg.vocab_size}")
+    if not whole_number(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens {max_new_tokens!r}: give a whole number of at least 0")
     dev = model.embed.weight.device
     ids, mask = model.tokenizer.pad(seqs, side="left", device=dev)
     B = len(seqs)

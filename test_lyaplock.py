@@ -1674,6 +1674,8 @@ def test_editor_refuses_what_is_not_a_request_by_name(tmp_path):
     editor = L.Editor(m, L.HParams(layers=(1, 2)), C, [["{}"]])
     with pytest.raises(ValueError, match="edit: no requests"):
         editor.edit([])
+    with pytest.raises(ValueError, match="evaluate: no requests"):      # (it returned {'n_cases': 0})
+        editor.evaluate([])
     record = json.loads((FIX / "counterfact-rome.json").read_text())[0]
     with pytest.raises(TypeError, match=r"a \(requests, skipped\) pair, as data.load_requests and "
                                         r"data.requests_from return; pass its first item"):
@@ -2290,6 +2292,8 @@ def test_a_bfloat16_editor_saves_the_model_it_evaluated_in_the_checkpoints_dtype
     ed = L.Editor.open(src, dtype="bfloat16", lam=30, alpha=10, stats_corpus=src / "corpus.txt",
                        stats_cache=tmp_path / "cache")
     ed.edit(data.load_requests(src / "edits.json", limit=4)[0])
+    with pytest.raises(ValueError, match=f"checkpoint: {src} is the input checkpoint's directory"):
+        ed.checkpoint(src)                                 # (its latest.json went into every later save)
     ed.save(tmp_path / "edited")
     stored = {code for _, code, _ in M.tensor_headers(M.weight_files(tmp_path / "edited")).values()}
     assert stored == {code for _, code, _ in M.tensor_headers(M.weight_files(src)).values()} == {"F32"}

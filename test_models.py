@@ -244,6 +244,20 @@ def test_save_then_load_is_exact_and_transformers_reads_it(tmp_path, kind, shard
     with pytest.raises(ValueError, match=f"{victim} holds another checkpoint \\(its config.json is not"):
         M.save(src, victim, {name: edited})
     assert {p.name: p.read_bytes() for p in victim.iterdir()} == before       # untouched
+    twin, alone = tmp_path / "twin", tmp_path / "alone"        # src's config and file names, other weights:
+    shutil.copytree(src, tmp_path / "base")                   # (two fine-tunes of one base) a save from another
+    M.save(tmp_path / "base", twin, {name: -edited})          # directory, and weights files with no config.json
+    alone.mkdir()
+    for file in M.weight_files(src).values():
+        shutil.copy(file, alone / file.name)
+    for other in (twin, alone):
+        before = {p.name: p.read_bytes() for p in other.iterdir()}
+        with pytest.raises(ValueError, match=f"{other} holds another model's weights .*not an earlier save of {src}"):
+            M.save(src, other, {name: edited})
+        assert {p.name: p.read_bytes() for p in other.iterdir()} == before
+    for empty in ("", None):
+        with pytest.raises(ValueError, match="save: the edited model's directory .*: give a path"):
+            M.save(src, empty, {name: edited})
 
 
 def test_save_leaves_out_weights_of_other_formats_and_training_state(tmp_path):
@@ -277,6 +291,28 @@ def test_save_leaves_out_weights_of_other_formats_and_training_state(tmp_path):
     (out / "pytorch_model.bin").write_bytes(b"stale")
     with pytest.raises(ValueError, match=r"holds other weights \(pytorch_model.bin\)"):
         M.save(src, out, edited)
+
+
+def test_generate_and_pad_name_what_they_cannot_take(tmp_path):
+    """(They were max()'s ValueError, an IndexError in the embedding, an empty result for -2
+    tokens, and right padding for any side not "left".) A checkpoint whose finite weights float16
+    cannot hold is named so, not as holding NaN or Inf."""
+    m = M.load(STORIES)
+    for seqs, tokens, message in (([], 2, "give at least one prompt"), ([[1], []], 2, "each of at least one token"),
+                                  ([[1, 512]], 2, "token id 512 is not one of the model's 512"),
+                                  ([[1]], -2, "max_new_tokens -2: give a whole number of at least 0")):
+        with pytest.raises(ValueError, match=f"generate: .*{message}"):
+            M.generate(m, seqs, tokens)
+    with pytest.raises(ValueError, match="pad: side 'lft': give 'left' or 'right'"):
+        m.tokenizer.pad([[1, 2]], side="lft")
+    big = tmp_path / "big"
+    shutil.copytree(STORIES, big)
+    w = load_file(big / "model.safetensors")
+    w["model.norm.weight"][0] = 1e6
+    save_file(w, big / "model.safetensors")
+    with pytest.raises(M.CheckpointError, match="tensor model.norm.weight holds values beyond float16's range"):
+        M.load(big, dtype="float16")
+    assert M.load(big, dtype="bfloat16").norm.weight[0] == 1e6
 
 
 def test_model_cli_prints_a_continuation():
@@ -393,6 +429,10 @@ def _broken(tmp_path, how):
     ("config:num_key_value_heads=0", "num_key_value_heads 0 is not a whole number of at least 1"),   # (was: as absent)
     ('config:rms_norm_eps="tiny"', "norm_eps 'tiny' is not a positive number"),
     ("config:rope_theta=-1", "rope_theta -1 is not a positive number"),
+    ('config:model_type=["llama"]', r"unsupported model_type \['llama'\]"),          # (was: unhashable type)
+    ('config:eos_token_id="2"', "eos_token_id '2' is not supported .a token id is a whole number"),  # (was a TypeError
+    ("config:eos_token_id=[[2]]", r"eos_token_id \[\[2\]\] is not supported"),                     # in the tokenizer)
+    ("config:pad_token_id=1e30", "pad_token_id 1e.30 is not supported"),
     ("unknown-bos", "tokenizer_config.json: bos_token '<bos>' is not a token of .*tokenizer.json"),
     ("generation-config-eos", "generation_config.json: eos_token_id '</s>' is not a token id"),
     ("vocab", r"tokenizer.json: the tokenizer has 512 tokens with ids up to 511, but config.json's vocab_size "
@@ -401,6 +441,22 @@ def _broken(tmp_path, how):
 def test_bad_checkpoints_give_clear_errors(tmp_path, how, message):
     with pytest.raises(M.CheckpointError, match=message):
         M.load(_broken(tmp_path, how))
+
+
+def test_soft_caps_and_a_logits_scaling_that_would_make_the_logits_non_finite_are_refused():
+    """Gemma 2's caps divide the scores and logits, Granite's logits_scaling the logits: 0 gave
+    NaN or inf logits, text a TypeError at the first forward pass; null (no cap) stays allowed."""
+    sizes = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, vocab_size=100, head_dim=16)
+    for key, field in (("attn_logit_softcapping", "attn_softcap"), ("final_logit_softcapping", "final_softcap")):
+        assert getattr(M.Config.from_hf(dict(model_type="gemma2", **sizes, **{key: None})), field) is None
+        for bad in (0, -30.0, "x", float("inf")):
+            with pytest.raises(M.CheckpointError, match=f"{key} {bad!r} is not supported .a soft cap is a positive"):
+                M.Config.from_hf(dict(model_type="gemma2", **sizes, **{key: bad}))
+    for bad, message in ((0, "logits_scaling 0 is not supported .the logits are divided by it"),
+                         (float("inf"), "logits_scaling inf is not supported .Granite's scalars are finite")):
+        with pytest.raises(M.CheckpointError, match=message):
+            M.Config.from_hf(dict(model_type="granite", **sizes, logits_scaling=bad))
 
 
 def test_a_head_dim_apart_from_the_hidden_size_is_read_where_transformers_reads_it():
