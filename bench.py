@@ -154,9 +154,14 @@ def timed(fn, device, repeat=3):
     return statistics.median(out)
 
 
+def on_gpu(device) -> bool:
+    """cuda and cuda:N alike."""
+    return torch.device(device).type == "cuda"
+
+
 def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+    if on_gpu(device):
+        torch.cuda.synchronize(device)
 
 
 def peak_flops(device, dtype, n=4096 if torch.cuda.is_available() else 1024):
@@ -177,7 +182,7 @@ def forward(ckpt, m, device, dtype, batch=8, seq=512, compare=True):
         if not compare:
             return dict(ours_tok_s=ours)
         theirs = batch * seq / hf_seconds(transformers, ckpt, ids, device, dtype)
-    if torch.device(device).type == "cuda":
+    if on_gpu(device):
         torch.cuda.empty_cache()              # its blocks back before the statistics and steps
     return dict(ours_tok_s=ours, hf_eager_tok_s=theirs, ratio=ours / theirs)
 
@@ -189,7 +194,10 @@ def hf_seconds(transformers, ckpt, ids, device, dtype) -> float:
     return timed(lambda: hf(input_ids=ids, logits_to_keep=1), device)
 
 
-def stats(m, layers, device, dtype, n_tokens, seq=700, state_device=None):
+STATS_SEQ = 700          # tokens per statistics sequence (the full setting: 100,000 of them)
+
+
+def stats(m, layers, device, dtype, n_tokens, seq=STATS_SEQ, state_device=None):
     """Tokens/s collecting C for all edit layers in one pass (with state_device, one pass per
     layer, each C to that device: stats.collection_passes), and that over its roofline; and C
     (random tokens: with random weights any text is as good, and C stays full rank)."""
@@ -220,8 +228,8 @@ def edit_step(m, ckpt, layers, method, C, device, n_edits, seed=0, z_tokens=2048
     hp = L.replace(L.preset(m.cfg, method), layers=bench_layers(m, layers, method), batch_size=n_edits)  # (the plan's)
     layers = hp.layers
     W0 = {l: m.edit_weight(l).to(state_device or device, copy=True) for l in layers}
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    if on_gpu(device):
+        torch.cuda.reset_peak_memory_stats(device)
     sync(device)
     t = time.perf_counter()
     templates = L.method_templates(m, seed, method)
@@ -237,8 +245,8 @@ def edit_step(m, ckpt, layers, method, C, device, n_edits, seed=0, z_tokens=2048
     out["total"] = out["target_values"] + out["keys"] + out["solve_pl_queue"]
     out["of_which_pl"] = timed(lambda: [L.preservation_loss(m.edit_weight(l), W0[l].to(device), C[l]) for l in layers],
                                device, repeat=1)      # PL (E2) for every layer; the queue is scalar arithmetic
-    if device == "cuda":
-        out["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    if on_gpu(device):
+        out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
     dtype = next(name for name, dt in M.DTYPES.items() if dt == m.embed.weight.dtype)
     planned = plan.memory_plan(m.cfg, hp, dtype, z_tokens, [1.0], state_on_host=bool(state_device),
                                stream=plan.stream_tokens(m.tokenizer, batch, hp.method, m.cfg))[0]
@@ -295,14 +303,14 @@ def run(preset, device, dtype, n_edits, stats_tokens, workdir, z_tokens=2048, me
         config, layers = PRESETS[preset]
         ckpt = make_checkpoint(Path(workdir) / preset, config, M.DTYPES[dtype], device)
     m = M.load(ckpt, device, dtype)
-    r = dict(preset=preset, device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+    r = dict(preset=preset, device=torch.cuda.get_device_name(device) if on_gpu(device) else "cpu",
              dtype=dtype, layers=list(layers), date=time.strftime("%Y-%m-%d"))
-    shape = (8, 512) if device == "cuda" else (2, 64) if preset == "tiny" else (4, 128)
+    shape = (8, 512) if on_gpu(device) else (2, 64) if preset == "tiny" else (4, 128)
     note(f"{preset}: forward pass, ours" + (" and transformers'" if compare_hf else ""))
     r["forward"] = forward(ckpt, m, device, dtype, *shape, compare=compare_hf)
     print(f"{preset}: forward {r['forward']}", flush=True)
     save(r)
-    n_stats = max(stats_tokens, 2 * m.cfg.d_mlp)
+    n_stats = -(-max(stats_tokens, 2 * m.cfg.d_mlp) // STATS_SEQ) * STATS_SEQ     # whole sequences
     note(f"{preset}: statistics over {n_stats:,} tokens, all edit layers"
          + (f" (at {r['forward']['ours_tok_s']:,.0f} tok/s forward)" if "ours_tok_s" in r["forward"] else ""))
     all_layers = sorted({l for meth in methods for l in bench_layers(m, layers, meth)})
@@ -310,7 +318,7 @@ def run(preset, device, dtype, n_edits, stats_tokens, workdir, z_tokens=2048, me
     print(f"{preset}: statistics {r['stats']}", flush=True)
     save(r)
     if state_device:                  # --state-device cpu: C and the memory in (pinned) host memory
-        C = {l: c.pin_memory() if device == "cuda" else c for l, c in C.items()}
+        C = {l: c.pin_memory() if on_gpu(device) else c for l, c in C.items()}
         r["state_device"] = state_device
     r["steps"] = {}
     spent = 0.0                                              # seconds of the methods' steps so far
@@ -329,7 +337,7 @@ def run(preset, device, dtype, n_edits, stats_tokens, workdir, z_tokens=2048, me
             print(f"{preset}: one request per step {r['batch_size_1']}", flush=True)
             save(r)
     ly = r["steps"]["lyaplock"]
-    full_stats = 100_000 * 700 / r["stats"]["tok_s"]
+    full_stats = 100_000 * STATS_SEQ / r["stats"]["tok_s"]
     r["projection_10k_edits_hours"] = dict(editing=(ly["first_step"] + (10_000 / n_edits - 1) * ly["total"]) / 3600,
                                            stats_100k_samples=full_stats / 3600)
     return r
@@ -388,7 +396,9 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=list(M.DTYPES))
     p.add_argument("--edits", type=int, default=100, help="requests in the timed editing step")
-    p.add_argument("--stats-tokens", type=int, default=None, help="tokens for the statistics timing")
+    p.add_argument("--stats-tokens", type=int, default=None,
+                   help="tokens for the statistics timing (at least 2·d_mlp, in whole sequences of 700; default "
+                        "33,600 on a GPU, 8,400 on the CPU)")
     p.add_argument("--z-batch-tokens", type=int, default=2048, help="as lyaplock.py's (memory of the target values)")
     p.add_argument("--memory-gib", type=float, help="cap this process's GPU memory, e.g. 44.7 to act as a 48 GB card")
     p.add_argument("--method", action="append", choices=[*L.METHODS, "all"],
@@ -418,6 +428,12 @@ def main(argv=None):
                 M.check_device(device)
         except ValueError as e:                         # (torch's RuntimeError after the first parts)
             p.error(f"{flag}: {e}")
+    if args.memory_gib is not None:                     # (torch's RuntimeError; on the CPU: silently nothing)
+        if not on_gpu(args.device):
+            p.error(f"--memory-gib caps a GPU's memory: give it with a cuda --device (here {args.device})")
+        card = torch.cuda.get_device_properties(args.device).total_memory / 2 ** 30
+        if not 0 < args.memory_gib <= card:
+            p.error(f"--memory-gib {args.memory_gib}: give GiB above 0 and at most the card's {card:.1f}")
     previous = signal.signal(signal.SIGTERM, data.exit_on_sigterm)
     try:
         return run_presets(args)
@@ -430,16 +446,16 @@ def main(argv=None):
 
 def run_presets(args) -> list[dict]:
     """main's work, under its SIGTERM handler: every preset in one temporary directory."""
-    if args.memory_gib and args.device == "cuda":
-        card = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(args.memory_gib * 2 ** 30 / card)
-    presets = args.preset or (["llama3-8b", "gptj-6b"] if args.device == "cuda" else ["tiny", "stories"])
+    if args.memory_gib:
+        card = torch.cuda.get_device_properties(args.device).total_memory
+        torch.cuda.set_per_process_memory_fraction(args.memory_gib * 2 ** 30 / card, args.device)
+    presets = args.preset or (["llama3-8b", "gptj-6b"] if on_gpu(args.device) else ["tiny", "stories"])
     methods = methods_to_run(args.method)
     results = []
     save = (lambda partial: write_json(args.json, results + [partial])) if args.json else (lambda partial: None)
     with tempfile.TemporaryDirectory() as work:
         for name in presets:
-            tokens = args.stats_tokens or (33_600 if args.device == "cuda" else 8_400)
+            tokens = args.stats_tokens or (33_600 if on_gpu(args.device) else 8_400)
             results.append(run(name, args.device, args.dtype, args.edits, tokens, work, args.z_batch_tokens,
                                methods, args.state_device, args.batch1,
                                compare_hf=not (args.memory_gib or args.no_hf), save=save))

@@ -779,6 +779,10 @@ class Run:
 def read_run(run_dir) -> Run:
     """Read a run directory; only config.json is required."""
     d = Path(run_dir)
+    if not d.is_dir():
+        raise ValueError(f"{d}: no such run directory")
+    if (d / "result.json").exists() and (d / "table.md").exists() and not (d / "config.json").exists():
+        raise ValueError(f"{d}: a testbed report (its table.md and figures are the report), not a run directory")
     config = _read_json(d / "config.json")
     if not isinstance(config, dict):
         raise ValueError(f"{d}: not a run directory (no readable config.json)")

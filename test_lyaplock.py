@@ -2374,7 +2374,9 @@ def test_cli_refuses_outputs_it_would_overwrite_before_the_model_loads(tmp_path,
     (["--edits", "151"], "--edits 151, --batch1 0: counterfact-easyedit.json holds 300 requests, for --edits up "
                          "to 150 (the timed step edits the second n) and --batch1 up to 299"),
     (["--device", "tpu"], "--device: device 'tpu': use cpu, cuda or cuda:N"),
-    (["--state-device", "tpu"], "--state-device: device 'tpu': use cpu, cuda or cuda:N")])
+    (["--state-device", "tpu"], "--state-device: device 'tpu': use cpu, cuda or cuda:N"),
+    (["--device", "cpu", "--memory-gib", "20"], "--memory-gib caps a GPU's memory: give it with a cuda --device "
+                                                "(here cpu)")])     # (it silently did nothing)
 def test_bench_refuses_bad_numbers_and_a_directory_as_json_before_any_work(tmp_path, capsys, flags, message):
     import bench
     with pytest.raises(SystemExit):

@@ -255,8 +255,14 @@ def test_report_of_an_interrupted_run_reads_only(tmp_path):
     only_config.mkdir()
     (only_config / "config.json").write_text(json.dumps({"hparams": {"method": "lyaplock"}}))
     assert "nothing to audit yet" in E.report(only_config)
-    with pytest.raises(ValueError, match="not a run directory"):
+    with pytest.raises(ValueError, match="missing: no such run directory"):
         E.report(tmp_path / "missing")
+    testbed = tmp_path / "tb"                           # a testbed's report: pointed to its table
+    testbed.mkdir()
+    for name in ("result.json", "table.md"):
+        (testbed / name).write_text("{}")
+    with pytest.raises(ValueError, match="tb: a testbed report .its table.md and figures are the report."):
+        E.report(testbed)
     model_dir = tmp_path / "model"                      # a checkpoint: refused, nothing written into it
     model_dir.mkdir()
     (model_dir / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
@@ -342,7 +348,7 @@ class GreedyBigram(nn.Module):
                 table[ids[w], ids[nxt]] = p
         self.logp = nn.Parameter(table.log(), requires_grad=False)               # (V, V)
         self.embed = nn.Embedding(V, 1)
-        self.cfg = SimpleNamespace(n_layers=0, n_kv_heads=1, head_dim=1, longrope_switch=None)
+        self.cfg = SimpleNamespace(vocab_size=V, n_layers=0, n_kv_heads=1, head_dim=1, longrope_switch=None)
         self.placement = []                         # no layers, so no cache tensors anywhere
 
     def forward(self, ids, mask=None, logits_at=None, cache=None):

@@ -388,7 +388,7 @@ def _result(runs: dict, layers=(1, 2)) -> dict:
                            perplexity=100.0 + e, drift={str(l): 0.01 * e for l in layers})
     methods = {k: dict(label=k, steps=[step(e, z) for e in (2, 4)], points=[point(e) for e in (2, 4)],
                        seconds=1.0, hparams=dict(method=k)) for k, z in runs.items()}
-    return dict(layers=list(layers), methods=methods)
+    return dict(layers=list(layers), n_edits=4, methods=methods)
 
 
 def test_a_report_into_a_reused_out_removes_its_stale_figures(tmp_path):
@@ -407,6 +407,21 @@ def test_a_report_into_a_reused_out_removes_its_stale_figures(tmp_path):
     assert names == {"result.json", "table.md", "pl_layer2.svg", "retention.svg", "efficacy.svg",
                      "perplexity.svg", "frontier.svg", "notes.svg", "pl_layer1.svg.bak"}
     assert all("lyaplock" not in (out / f).read_text() for f in names if f.endswith(".svg"))
+
+
+def test_a_report_says_which_runs_are_not_at_the_end_of_the_stream(tmp_path):
+    """A report rewritten at each point and left by an interrupt: memit's run at 2 of 4 edits was
+    a row like any other, and the frontier, titled "at the last point (4 edits)", put it beside
+    lyaplock's at 4."""
+    result = _result({"lyaplock": 3.0, "memit": None})
+    whole = TB.report_table(result)
+    assert not any("Not at the end" in row for row in whole)
+    assert "at the last point (4 edits)</text>" in TB.report_figures(result)["frontier.svg"]
+    memit = result["methods"]["memit"]
+    memit["steps"], memit["points"] = memit["steps"][:1], memit["points"][:1]
+    assert TB.report_table(result)[-1] == ("Not at the end of the stream (4 edits) yet: memit (2); the same command "
+                                           "completes them")
+    assert "at the last point (4 edits; so far memit 2)</text>" in TB.report_figures(result)["frontier.svg"]
 
 
 def test_a_rerun_keeps_the_other_finished_runs_and_reruns_on_a_retrained_model(tmp_path):
@@ -541,10 +556,11 @@ def test_an_interrupted_training_leaves_no_partial_model_and_the_earlier_one_who
     assert stop.value.code == 128 + signal.SIGTERM and not (tmp_path / "killed").exists()   # (it left .training-)
 
 
-def test_an_experiment_s_out_is_held_and_a_broken_report_there_named_before_any_work(tmp_path, monkeypatch):
+def test_an_experiment_s_out_is_held_and_a_broken_report_there_named_before_any_work(tmp_path, monkeypatch, capsys):
     """Two experiments into one --out each wrote their report over the other's (the first's runs
     were lost); a result.json that is not a report's was an error naming no file, or an
     AttributeError, after the model, statistics and first scores."""
+    factmodel = M.load(FACTMODEL)
     monkeypatch.setattr(TB.M, "load", lambda *a, **k: pytest.fail("the model was loaded"))
     out = tmp_path / "tb"
     out.mkdir()
@@ -553,10 +569,26 @@ def test_an_experiment_s_out_is_held_and_a_broken_report_there_named_before_any_
             TB.experiment(FACTMODEL, 20, 10, ("memit",), out=out)
     with pytest.raises(ValueError, match="--methods: lyaplock given twice"):        # (was: run once, silently)
         TB.experiment(FACTMODEL, 20, 10, ("lyaplock", "memit", "lyaplock"), out=out)
-    for text, message in (("{", "result.json: unreadable"), ("[]", "result.json: not a testbed report's result")):
+    with monkeypatch.context() as patch:                 # the same settings under two names (ran twice)
+        patch.setattr(TB.M, "load", lambda *a, **k: factmodel)
+        patch.setattr(TB, "make_stream", lambda *a, **k: pytest.fail("the stream was made"))
+        for pair in (("lyaplock", "lyaplock:alpha=60"), ("memit:lam=30", "memit:lam=30.0")):
+            with pytest.raises(ValueError, match=f"--methods: {pair[0]} and {pair[1]} are one run"):
+                TB.experiment(FACTMODEL, 20, 10, pair, out=out)
+    report = lambda **runs: json.dumps(dict(n_edits=20, layers=[1], methods=runs))
+    whole = dict(hparams={}, steps=[], points=[])
+    for text, message in (("{", "result.json: unreadable"), ("[]", "result.json: not a testbed report's result"),
+                          ('{"tokens_per_s": 123}', "not a testbed report's result"),     # (it was overwritten)
+                          (report(memit=5), "run 'memit' is not a testbed run"),         # (TypeErrors and
+                          (report(memit=dict(whole, points="abc")), "run 'memit' is not"),  # KeyErrors after
+                          (report(memit={k: v for k, v in whole.items() if k != "hparams"}), "run 'memit' is not"),
+                          (report(memit={k: v for k, v in whole.items() if k != "steps"}), "run 'memit' is not")):
         (out / "result.json").write_text(text)
         with pytest.raises(ValueError, match=message):
             TB.experiment(FACTMODEL, 20, 10, ("memit",), out=out)
+    for command in ("experiment", "train"):             # (an experiment ran whole and wrote no report)
+        assert TB.main([command, "--out", ""]) == 1
+        assert capsys.readouterr().err == "error: --out '': give a directory\n"
 
 
 @pytest.mark.parametrize("argv", [["train", "--steps", "0"], ["train", "--threads", "-1"],

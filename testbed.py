@@ -875,6 +875,10 @@ def run_experiment(model_dir, n_edits, batch_size, methods, eval_every, seed, de
     layers = L.parse_layers(layers, m.cfg.n_layers) if isinstance(layers, str) else layers
     layers = tuple(layers or L.preset(m.cfg, "lyaplock").layers)
     runs = {spec: run_hparams(spec, m.cfg, layers, batch_size) for spec in methods}   # all checked first
+    alike = {}
+    for spec, hp in runs.items():                    # (lyaplock and lyaplock:alpha=60 ran twice)
+        if (same := alike.setdefault(json.dumps(asdict(hp)), spec)) != spec:
+            raise ValueError(f"--methods: {same} and {spec} are one run (the same settings); give one of them")
     edits = make_stream(stream, m, model_dir, n_edits, batch_size, seed, n_retained)
     heldout = read_corpus(L.DEFAULT_HELDOUT)[:n_heldout]
     corpus = corpus or (model_dir / "corpus.txt" if (model_dir / "corpus.txt").exists() else L.DEFAULT_CORPUS)
@@ -939,8 +943,12 @@ def finished_runs(out, result: dict, log=print) -> dict:
             log(f"{path}: earlier runs dropped, their settings differ ({', '.join(differ)}): "
                 + ", ".join(old["methods"]))
         return {}
-    finished = lambda r: r["points"] and r["points"][-1]["edits"] == result["n_edits"]
-    return {k: r for k, r in old["methods"].items() if finished(r)}
+    return {k: r for k, r in old["methods"].items() if complete(r, result)}
+
+
+def complete(run: dict, result: dict) -> bool:
+    """A run has reached the end of the stream (an interrupted one has not)."""
+    return bool(run["points"]) and run["points"][-1]["edits"] == result["n_edits"]
 
 
 def earlier_report(out: Path) -> dict | None:
@@ -953,8 +961,15 @@ def earlier_report(out: Path) -> dict | None:
         old = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: unreadable ({e}); remove it, or choose another --out") from None
-    if not isinstance(old, dict) or not isinstance(old.get("methods", {}), dict):
+    if not (isinstance(old, dict) and {"n_edits", "layers", "methods"} <= old.keys()
+            and isinstance(old["methods"], dict)):
         raise ValueError(f"{path}: not a testbed report's result; remove it, or choose another --out")
+    for name, run in old["methods"].items():             # (damaged ones were TypeErrors and KeyErrors later)
+        if not (isinstance(run, dict) and isinstance(run.get("hparams"), dict) and all(
+                isinstance(run.get(k), list) and all(isinstance(e, dict) and "edits" in e for e in run[k])
+                for k in ("steps", "points"))):
+            raise ValueError(f"{path}: run {name!r} is not a testbed run (its hparams, steps and points); remove "
+                             "it, or choose another --out")
     return old
 
 
@@ -1002,9 +1017,10 @@ def report_figures(result: dict) -> dict:
             {k: ([p["edits"] for p in r["points"]], [p[metric] for p in r["points"]]) for k, r in runs.items() if r["points"]},
             title, metric)
     last = {k: r["points"][-1] for k, r in runs.items() if r["points"]}
+    short = ", ".join(f"{k} {p['edits']}" for k, p in last.items() if not complete(runs[k], result))
     figs["frontier.svg"] = svg_frontier(
         {k: (p["retention"], p["efficacy"]) for k, p in last.items()},
-        f"efficacy against retention at the last point ({max((p['edits'] for p in last.values()), default=0)} edits)")
+        f"efficacy against retention at the last point ({result['n_edits']} edits" + (f"; so far {short})" if short else ")"))
     return figs
 
 
@@ -1022,6 +1038,10 @@ def report_table(result: dict) -> list[str]:
                         f"{by_edits[p['edits']]['pl']:.3g} | {'–' if z is None else f'{z:.2f}'} | "
                         f"{p['drift'][l]:.3g} |")
     methods = result["methods"]
+    if short := [f"{name} ({r['points'][-1]['edits'] if r['points'] else 0})" for name, r in methods.items()
+                 if not complete(r, result)]:
+        rows += ["", f"Not at the end of the stream ({result['n_edits']} edits) yet: {', '.join(short)}; the same "
+                     "command completes them"]
     if restrained := [name for name in methods if L.method_of(methods[name]["hparams"]["method"]).restrain]:
         rows += ["", f"{', '.join(restrained)}: PL and z are the stream's (the weights the steps edit, unrestrained); "
                      "the other columns measure the restrained weights a user gets"]
@@ -1127,6 +1147,8 @@ def main(argv=None):
             if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give a whole number of at least 1")
         M.check_seed(getattr(args, "seed", 0), "--seed")
+        if not args.out:                     # (the experiment ran and wrote no report)
+            raise ValueError("--out '': give a directory")
         torch.set_num_threads(args.threads)
         previous = signal.signal(signal.SIGTERM, exit_on_sigterm)        # `kill`: the finally blocks clean up
         try:
