@@ -780,7 +780,7 @@ def read_run(run_dir) -> Run:
     """Read a run directory; only config.json is required."""
     d = Path(run_dir)
     if not d.is_dir():
-        raise ValueError(f"{d}: no such run directory")
+        raise ValueError(f"{d}: " + ("a file, not a run directory" if d.exists() else "no such run directory"))
     if (d / "result.json").exists() and (d / "table.md").exists() and not (d / "config.json").exists():
         raise ValueError(f"{d}: a testbed report (its table.md and figures are the report), not a run directory")
     config = _read_json(d / "config.json")

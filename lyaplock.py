@@ -1951,6 +1951,9 @@ def resumed_settings(args, saved: dict, cfg: M.Config) -> Settings:
     flag that differs from the run's setting is refused, naming each, and so is an edits file or
     a model config.json that changed on disk since the run began (it would edit another stream)."""
     was = ev.flat(saved)
+    if saved.get("stats_file") and (unread := sorted(set(STATS_CORPUS_FIELDS) & args.given)):
+        raise ValueError(f"--{unread[0].replace('_', '-')}: the run reads its statistics from its --stats file "
+                         f"{saved['stats_file']}; the flag would be recorded, not used")
     now = typed_settings(args, args.given, cfg)
     if diff := [f"{k}: {was.get(k)!r} in the run, {v!r} now" for k, v in now.items()
                 if k not in RESUMABLE and was.get(k) != v]:
@@ -2031,8 +2034,10 @@ def check_outputs(args, model_path):
     for flag, path, advice in (("--out", args.out, "choose a new directory or --resume it"),
                                ("--save-model", args.save_model, "choose a new directory"),
                                ("--stats-cache", args.stats_cache, "give a directory (made where missing)")):
-        if not path:
+        if path is None:
             continue
+        if not path:                     # (--save-model '' wrote the edited model into the working directory)
+            raise ValueError(f"{flag} '': give a directory")
         path = Path(path)
         here = path if path.exists() else existing_parent(path)          # where it is, or will be made
         if not path.exists() and not here.is_dir():

@@ -1917,7 +1917,7 @@ def load(path, device="cpu", dtype="float32", placement=None) -> CausalLM:
                 if not torch.isfinite(t).all():
                     if torch.isfinite(f.get_tensor(stored)).all():
                         raise CheckpointError(f"{file}: tensor {stored} holds values beyond {dtype}'s range: load "
-                                              "it in a wider dtype (float32 or bfloat16)")
+                                              "it in a dtype of wider range (float32 or bfloat16)")
                     raise CheckpointError(f"{file}: tensor {stored} contains NaN or Inf")
                 state[params[stored]] = t
     model.load_state_dict(state, assign=True, strict=False)   # names and shapes checked above
@@ -1982,14 +1982,19 @@ def write_safetensors(tensors: dict, path, metadata: dict | None = None):
         pass
 
 
-# The metadata key save adds to each weights file it writes: a digest of the source directory's
-# path, so that a later save from the same checkpoint may replace the files and a save from
-# another may not (two fine-tunes of one base share config.json and file names).
+# The metadata key save adds to each weights file it writes: a digest of the source checkpoint
+# (saved_from), so that a later save from the same checkpoint may replace the files and a save
+# from another may not (two fine-tunes of one base share config.json and file names).
 SAVED_FROM = "edited_from"
 
 
 def saved_from(src: Path) -> str:
-    return hashlib.sha256(str(Path(src).resolve()).encode()).hexdigest()[:16]
+    """The source checkpoint's directory and its weights files' names, sizes and modification
+    times, as a digest: a model retrained at the same path is another source; read without
+    reading the weights."""
+    files = sorted({file for file, _, _ in tensor_headers(weight_files(src)).values()})
+    stamp = [str(Path(src).resolve())] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    return hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]
 
 
 def stored_source(file: Path) -> str | None:
@@ -2012,7 +2017,7 @@ def save(src, out, tensors: dict[str, torch.Tensor]) -> list[str]:
     checkpoint (a config.json not src's, weights files save does not write: another layout's,
     another format's, or of save's names but not saved from src: SAVED_FROM); saving again over
     an earlier save of the same checkpoint replaces it."""
-    if not isinstance(out, (str, os.PathLike)) or not os.fspath(out):
+    if not isinstance(out, (str, os.PathLike)) or not os.fspath(out):     # (Path("") is ".": taken)
         raise ValueError(f"save: the edited model's directory {out!r}: give a path (an empty one is the "
                          "working directory)")
     src = Path(src)
@@ -2031,8 +2036,10 @@ def save(src, out, tensors: dict[str, torch.Tensor]) -> list[str]:
                          "beside them would mix two models; save into a new or empty directory")
     source = saved_from(src)
     if foreign := sorted(name for name in ours if (out / name).exists() and stored_source(out / name) != source):
-        raise ValueError(f"{out} holds another model's weights ({', '.join(foreign[:3])}: not an earlier save "
-                         f"of {src}): writing over them would lose that model; save into a new or empty directory")
+        raise ValueError(f"{out} holds weights that are not an earlier save of {src} as it is now "
+                         f"({', '.join(foreign[:3])}: another model's, a save from a copy or an earlier version "
+                         "of the model, or by an earlier version of this code): writing over them could lose "
+                         "a model; save into a new or empty directory, or remove them first")
     if unknown := sorted(set(tensors) - set(headers)):
         raise KeyError(f"tensor(s) not in checkpoint {src}: {', '.join(unknown)}")
     for n, t in tensors.items():
@@ -2065,10 +2072,10 @@ def generate(model: CausalLM, seqs: list[list[int]], max_new_tokens: int, top_k:
              seed: int = 0, stop_at_eos: bool = True) -> list[list[int]]:
     """Greedy (top_k None) or top-k sampling with a KV cache; prompts are left-padded into one
     batch. Returns the new tokens of each sequence."""
-    if not seqs or not all(seqs):
+    if len(seqs) == 0 or any(len(q) == 0 for q in seqs):
         raise ValueError("generate: give at least one prompt, each of at least one token (a BOS, say)")
-    if bad := next((t for q in seqs for t in q if not 0 <= t < model.cfg.vocab_size), None):
-        raise ValueError(f"generate: token id {bad} is not one of the model's {model.cfg.vocab_size}")
+    if bad := [t for q in seqs for t in q if not (whole_number(t) and 0 <= t < model.cfg.vocab_size)]:
+        raise ValueError(f"generate: token id {bad[0]!r} is not one of the model's {model.cfg.vocab_size}")
     if not whole_number(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens {max_new_tokens!r}: give a whole number of at least 0")
     dev = model.embed.weight.device

@@ -2346,7 +2346,10 @@ def test_cli_refuses_outputs_it_would_overwrite_before_the_model_loads(tmp_path,
             (("--out", f"{tmp_path}/run", "--save-model", f"{tmp_path}/a-file/x/y"),
              f"--save-model {tmp_path}/a-file/x/y: {tmp_path}/a-file is a file, so no directory can be made there"),
             (("--out", f"{tmp_path}/run", "--stats-cache", f"{tmp_path}/a-file"),
-             f"--stats-cache {tmp_path}/a-file is a file, not a directory; give a directory (made where missing)")]:
+             f"--stats-cache {tmp_path}/a-file is a file, not a directory; give a directory (made where missing)"),
+            (("--out", f"{tmp_path}/run", "--save-model", ""), "--save-model '': give a directory"),  # (it saved into
+            (("--out", ""), "--out '': give a directory"),                                        # the working dir)
+            (("--out", f"{tmp_path}/run", "--stats-cache", ""), "--stats-cache '': give a directory")]:
         assert L.main(_cli(tmp_path, *extra)) == 1
         assert capsys.readouterr().err == f"error: {message}\n"
     assert not (tmp_path / "run").exists()

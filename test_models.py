@@ -3,6 +3,7 @@ and tied checkpoints, a real checkpoint's golden greedy output), then GPT-2, Qwe
 Mistral, Gemma and Gemma 2, and what loading refuses (bad checkpoints, unsupported dtypes and options). Run:
 python -m pytest -q test_models.py"""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -252,12 +253,17 @@ def test_save_then_load_is_exact_and_transformers_reads_it(tmp_path, kind, shard
         shutil.copy(file, alone / file.name)
     for other in (twin, alone):
         before = {p.name: p.read_bytes() for p in other.iterdir()}
-        with pytest.raises(ValueError, match=f"{other} holds another model's weights .*not an earlier save of {src}"):
+        with pytest.raises(ValueError, match=f"{other} holds weights that are not an earlier save of {src} as it is now"):
             M.save(src, other, {name: edited})
         assert {p.name: p.read_bytes() for p in other.iterdir()} == before
     for empty in ("", None):
         with pytest.raises(ValueError, match="save: the edited model's directory .*: give a path"):
             M.save(src, empty, {name: edited})
+    M.save(src, tmp_path / "again", {name: edited})
+    file = next(iter(M.weight_files(src).values()))        # src retrained in place (its files rewritten):
+    os.utime(file, ns=(file.stat().st_atime_ns, file.stat().st_mtime_ns + 10 ** 9))   # another model now
+    with pytest.raises(ValueError, match=f"again holds weights that are not an earlier save of {src} as it is now"):
+        M.save(src, tmp_path / "again", {name: edited})
 
 
 def test_save_leaves_out_weights_of_other_formats_and_training_state(tmp_path):
@@ -300,6 +306,7 @@ def test_generate_and_pad_name_what_they_cannot_take(tmp_path):
     m = M.load(STORIES)
     for seqs, tokens, message in (([], 2, "give at least one prompt"), ([[1], []], 2, "each of at least one token"),
                                   ([[1, 512]], 2, "token id 512 is not one of the model's 512"),
+                                  ([[1, None]], 2, "token id None is not one"),
                                   ([[1]], -2, "max_new_tokens -2: give a whole number of at least 0")):
         with pytest.raises(ValueError, match=f"generate: .*{message}"):
             M.generate(m, seqs, tokens)

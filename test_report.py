@@ -263,6 +263,8 @@ def test_report_of_an_interrupted_run_reads_only(tmp_path):
         (testbed / name).write_text("{}")
     with pytest.raises(ValueError, match="tb: a testbed report .its table.md and figures are the report."):
         E.report(testbed)
+    with pytest.raises(ValueError, match="result.json: a file, not a run directory"):
+        E.report(testbed / "result.json")
     model_dir = tmp_path / "model"                      # a checkpoint: refused, nothing written into it
     model_dir.mkdir()
     (model_dir / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))

@@ -628,6 +628,11 @@ def test_a_resume_whose_statistics_file_was_moved_says_so(tmp_path, made, monkey
     assert L.main(["--resume", str(out)]) == 1
     assert f"{moved}: no such statistics file" in capsys.readouterr().err
     moved.write_bytes(kept)                            # back in place: the run goes on from its config.json
+    capsys.readouterr()
+    for flag, value in (("--stats-tokens", "0"), ("--stats-corpus", str(CORPUS)), ("--stats-batch-tokens", "512")):
+        assert L.main(["--resume", str(out), flag, value]) == 1       # (was: "stats_tokens: None in the run, 0 now")
+        assert capsys.readouterr().err == (f"error: {flag}: the run reads its statistics from its --stats file "
+                                           f"{moved.resolve()}; the flag would be recorded, not used\n")
     assert L.main(["--resume", str(out)]) == 0
 
 

@@ -443,6 +443,9 @@ def test_a_rerun_keeps_the_other_finished_runs_and_reruns_on_a_retrained_model(t
     assert f"| {a} | 2 |" in table and f"| {b} | 2 |" in table
     assert list(_tiny(model, out, (a,), lines.append)["methods"]) == [a, b]       # nothing reruns, and it says so
     assert lines[2:] == [f"{a:>12}  complete in {out} with these settings: kept, not rerun"]
+    alias = f"{a}:lam={L.preset(M.checkpoint_config(model), 'memit').lam}"      # a's settings, another name
+    with pytest.raises(ValueError, match=f"--methods: {alias} is the run {a} complete in {out} .the same settings."):
+        _tiny(model, out, (alias,), lines.append)                               # (it ran again, a second row)
     from safetensors.torch import load_file, save_file
     weights = load_file(model / "model.safetensors")
     weights["model.norm.weight"] *= 1.01
@@ -581,6 +584,7 @@ def test_an_experiment_s_out_is_held_and_a_broken_report_there_named_before_any_
                           ('{"tokens_per_s": 123}', "not a testbed report's result"),     # (it was overwritten)
                           (report(memit=5), "run 'memit' is not a testbed run"),         # (TypeErrors and
                           (report(memit=dict(whole, points="abc")), "run 'memit' is not"),  # KeyErrors after
+                          (report(memit=dict(whole, points=[{"edits": 20}])), "run 'memit' is not"),
                           (report(memit={k: v for k, v in whole.items() if k != "hparams"}), "run 'memit' is not"),
                           (report(memit={k: v for k, v in whole.items() if k != "steps"}), "run 'memit' is not")):
         (out / "result.json").write_text(text)

@@ -887,8 +887,13 @@ def run_experiment(model_dir, n_edits, batch_size, methods, eval_every, seed, de
                   n_edits=len(edits.requests), batch_size=batch_size, layers=list(layers),
                   held_facts=len(edits.retained), seed=seed, corpus=str(corpus), corpus_sha256=file_sha256(corpus),
                   stats_tokens=stats_tokens, eval_every=eval_every, n_heldout=len(heldout), methods={})
-    result["before"] = measure(m, edits, 0, heldout, {l: m.edit_weight(l) for l in layers})
     done = finished_runs(out, result, log)
+    for spec, hp in runs.items():                   # (a second name for a kept run ran it again)
+        settings = json.loads(json.dumps(asdict(hp)))
+        if same := next((name for name, run in done.items() if run["hparams"] == settings and name not in runs), None):
+            raise ValueError(f"--methods: {spec} is the run {same} complete in {out} (the same settings); give "
+                             f"{same} to keep it")
+    result["before"] = measure(m, edits, 0, heldout, {l: m.edit_weight(l) for l in layers})
     result["methods"] = dict(done)           # earlier runs of these settings stay in the report
     report = (lambda: write_report(result, Path(out))) if out else (lambda: None)
     for spec, hp in runs.items():
@@ -951,6 +956,11 @@ def complete(run: dict, result: dict) -> bool:
     return bool(run["points"]) and run["points"][-1]["edits"] == result["n_edits"]
 
 
+# What each step and each point of a report's run holds (run_stream writes them)
+STEP_KEYS = {"edits", "layers"}
+POINT_KEYS = {"edits", "efficacy", "generalization", "specificity", "retention", "perplexity", "drift"}
+
+
 def earlier_report(out: Path) -> dict | None:
     """The result.json of an earlier report in `out`, or None; a ValueError naming the file if it
     is not a report's."""
@@ -966,8 +976,8 @@ def earlier_report(out: Path) -> dict | None:
         raise ValueError(f"{path}: not a testbed report's result; remove it, or choose another --out")
     for name, run in old["methods"].items():             # (damaged ones were TypeErrors and KeyErrors later)
         if not (isinstance(run, dict) and isinstance(run.get("hparams"), dict) and all(
-                isinstance(run.get(k), list) and all(isinstance(e, dict) and "edits" in e for e in run[k])
-                for k in ("steps", "points"))):
+                isinstance(run.get(k), list) and all(isinstance(e, dict) and keys <= e.keys() for e in run[k])
+                for k, keys in (("steps", STEP_KEYS), ("points", POINT_KEYS)))):
             raise ValueError(f"{path}: run {name!r} is not a testbed run (its hparams, steps and points); remove "
                              "it, or choose another --out")
     return old
