@@ -252,15 +252,16 @@ YARN_ROPE_FIELDS = ("factor", "original_max_position_embeddings")
 
 def read_rope(c: dict, theta: float = 10000.0) -> dict:
     """The rope base (`theta` where config.json is silent) and its scaling: none, Llama-3.1's
-    'llama3' or YaRN ('yarn', read by yarn_scaling)."""
+    'llama3', YaRN ('yarn', read by yarn_scaling) or position interpolation ('linear': every
+    frequency slowed by `factor`, as vicuna-v1.5-16k's and LongChat's)."""
     rp = c.get("rope_parameters") or {}      # transformers >= 5 writes rope here
     if rp and c.get("rope_scaling"):         # (a scaling added to a file transformers 5 wrote)
         refuse(c, "rope_scaling beside rope_parameters", "transformers 5 then takes rope_scaling alone, at the "
                "family's default rope base; put the scaling into rope_parameters")
     rs = c.get("rope_scaling") or (rp if rp.get("rope_type", rp.get("type", "default")) != "default" else None)
     kind = rs and rs.get("rope_type", rs.get("type"))
-    if rs is not None and kind not in ("llama3", "yarn", "default"):
-        refuse(c, f"rope_scaling {rs!r}", "only 'llama3' and 'yarn' are implemented")
+    if rs is not None and kind not in ("llama3", "yarn", "linear", "default"):
+        refuse(c, f"rope_scaling {rs!r}", "only 'llama3', 'yarn' and 'linear' are implemented")
     top = c.get("original_max_position_embeddings")
     if kind in ("llama3", "yarn") and top is not None:       # transformers 5 takes the top-level one
         trained = rs.get("original_max_position_embeddings")
@@ -268,7 +269,7 @@ def read_rope(c: dict, theta: float = 10000.0) -> dict:
             refuse(c, f"original_max_position_embeddings {top} beside {kind}'s {trained}",
                    "transformers 5 takes the first, earlier versions the second; give one")
         rs = rs | {"original_max_position_embeddings": top}
-    for key in LLAMA3_ROPE_FIELDS if kind == "llama3" else YARN_ROPE_FIELDS if kind == "yarn" else ():
+    for key in {"llama3": LLAMA3_ROPE_FIELDS, "yarn": YARN_ROPE_FIELDS, "linear": ("factor",)}.get(kind, ()):
         if rs.get(key) is None:            # no guessed defaults: transformers requires or derives them
             raise CheckpointError(f"config.json (model_type {c['model_type']!r}): {kind} rope_scaling "
                                   f"{rs!r} lacks the field {key!r}")

@@ -53,15 +53,17 @@ def make_hf_checkpoint(path: Path, kind: str, seed: int = 0, shard: bool = False
             kw["rope_theta"] = 500000.0
             kw["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+        if "ropelinear" in kind:      # position interpolation, as vicuna-7b-v1.5-16k and LongChat
+            kw["rope_scaling"] = {"rope_type": "linear", "factor": 4.0}
         hf = T.LlamaForCausalLM(T.LlamaConfig(**kw))
         tok = STORIES
     roughen(hf)
     hf.save_pretrained(path, max_shard_size="200KB" if shard else "5GB")
-    if "rope3" in kind:   # write rope as real Llama-3.1 checkpoints do (rope_theta + rope_scaling)
-        c = json.loads((path / "config.json").read_text())
+    if "rope3" in kind or "ropelinear" in kind:   # write rope as real checkpoints do (rope_theta + rope_scaling;
+        c = json.loads((path / "config.json").read_text())      # linear's kind under "type", as vicuna's)
         rp = c.pop("rope_parameters")
         c["rope_theta"] = rp.pop("rope_theta")
-        c["rope_scaling"] = rp
+        c["rope_scaling"] = {"type": rp.pop("rope_type"), **rp} if "ropelinear" in kind else rp
         (path / "config.json").write_text(json.dumps(c))
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tok / f, path / f)
@@ -87,7 +89,7 @@ def padded_batch(vocab, side, seed=1):
     return ids, mask
 
 
-KINDS = ["llama", "llama-gqa-tied", "llama-gqa-rope3", "llama-headdim-bias", "gptj", "gptj-tied"]
+KINDS = ["llama", "llama-gqa-tied", "llama-gqa-rope3", "llama-ropelinear", "llama-headdim-bias", "gptj", "gptj-tied"]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -1335,7 +1337,7 @@ def _config_with(tmp_path, ckpt_dir, drop=(), **change):
     ("gpt2", dict(activation_function="relu"), "activation_function 'relu' is not supported"),
     ("qwen2", dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
     ("mistral", dict(rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1e4}),
-     "rope_scaling .*only 'llama3' and 'yarn'"),
+     "rope_scaling .*only 'llama3', 'yarn' and 'linear'"),
     ("qwen2-yarn", dict(rope_scaling={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 256}),
      "rope_scaling beside rope_parameters is not supported .transformers 5 then takes rope_scaling alone"),
     ("qwen2-yarn", dict(original_max_position_embeddings=64),
@@ -1387,7 +1389,7 @@ def _config_with(tmp_path, ckpt_dir, drop=(), **change):
     ("qwen2-yarn", dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 100.0}),
      "yarn rope_scaling .* lacks the field 'original_max_position_embeddings'"),
     ("qwen2", dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}),
-     "rope_scaling .* is not supported .only 'llama3' and 'yarn' are implemented"),
+     "rope_scaling .* is not supported .only 'llama3', 'yarn' and 'linear' are implemented"),
     ("qwen3", dict(max_position_embeddings=None), "max_position_embeddings None is not a number of positions"),
     ("gpt2", dict(n_positions=0), "n_positions 0 is not a number of positions"),
     ("glm4", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.1}),
