@@ -1396,7 +1396,7 @@ def _config_with(tmp_path, ckpt_dir, drop=(), **change):
      "a rotary share giving 1 of 16 head dims is not supported"),
     ("mistral3", dict(text_config=dict(model_type="mistral4")),
      "text_config's model_type 'mistral4' is not supported .Mistral 3's language model here is 'mistral' or 'ministral3'"),
-    ("granite", dict(attention_multiplier=None), "attention_multiplier None is not supported .Granite's scalars are numbers"),
+    ("granite", dict(attention_multiplier=None), "attention_multiplier None is not supported .Granite's scalars are finite numbers"),
     ("granite", dict(embedding_multiplier="12"), "embedding_multiplier '12' is not supported"),
     ("smollm3", dict(no_rope_layers=[1, 1, 2, 0]), r"no_rope_layers \[1, 1, 2, 0\] is not supported .a 1 .rope. or 0"),
     ("smollm3", dict(no_rope_layers=[1, 0]), r"no_rope_layers \[1, 0\] is not supported .* each of the 4 layers"),

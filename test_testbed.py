@@ -365,9 +365,11 @@ def test_finished_runs_are_kept_only_under_the_same_settings(tmp_path):
     base = dict(model="m", weights="a" * 64, stream="first", n_edits=2, batch_size=2, layers=[1, 2], seed=0,
                 held_facts=10, corpus="m/corpus.txt", corpus_sha256="b" * 64, stats_tokens=3000, eval_every=1,
                 n_heldout=2)
-    done = dict(label="memit", points=[dict(edits=2)], hparams={})
+    at = lambda edits: dict(edits=edits, efficacy=0.0, generalization=0.0, specificity=0.0, retention=0.0,
+                            perplexity=1.0, drift={})
+    done = dict(label="memit", steps=[], points=[at(2)], hparams={})
     (tmp_path / "result.json").write_text(json.dumps({**base, "methods": {
-        "memit": done, "rome": dict(done, points=[dict(edits=1)])}}))      # rome: not finished
+        "memit": done, "rome": dict(done, points=[at(1)])}}))              # rome: not finished
     assert TB.finished_runs(tmp_path, {**base, "methods": {}}) == {"memit": done}
     assert TB.finished_runs(tmp_path, {**base, "model": "/elsewhere/m", "methods": {}}) == {"memit": done}
     for key, value in (("weights", "c" * 64), ("corpus_sha256", "d" * 64), ("stats_tokens", 0),
