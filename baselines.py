@@ -6,8 +6,8 @@ against the authors' code (wpwpwpyo/LyapLock @ c5e6186; fixtures/oracle-baseline
 defining property (test_baselines.py). Equation tags (E15…) are in docs/LYAPLOCK.md §10; E2–E14
 (LyapLock itself, MEMIT's E10, AlphaEdit's E11–E12) stay in lyaplock.py, E1 (C) in stats.py.
 
-Shapes as in lyaplock.py: weight W (d, m) as stored; keys K1 (m, n) as columns; residuals
-R (d, n); statistics C (m, m); S_KK (m, m) the sum of past steps' K1K1ᵀ. Algebra in float64.
+Shapes as in lyaplock.py: weight W (d, m) as stored; keys K1 (m, B) as columns, one per
+request; residuals R (d, B); statistics C (m, m); S_KK (m, m) the sum of past steps' K1K1ᵀ. Algebra in float64.
 """
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ Read top to bottom: the closed-form math (solver, queue), the run state, hyper-p
 locate step (context templates, target values, keys), preservation statistics, one editing step,
 run checkpoints, and the command (its memory plan, --plan, is plan.py). Equation tags (E1..E22)
 refer to docs/LYAPLOCK.md. Shapes: edited weight W (d, m) as stored ([d_out, d_in]); keys K1
-(m, n) as columns; residuals R (d, n); statistics C (m, m). All algebra runs in float64 on the
-inputs' device.
+(m, B) as columns, one per request of the step; residuals R (d, B); statistics C (m, m). All
+algebra runs in float64 on the inputs' device.
 """
 from __future__ import annotations
 
@@ -852,8 +852,8 @@ def length_problem(model: M.CausalLM, q, templates, generation_tokens: int = 0) 
 
 def mlp_change(model: M.CausalLM, layer: int, out, R) -> torch.Tensor:
     """The change of the MLP outputs `out` (n, d) at `layer` that moves their contributions to the
-    residual stream by R (n, d) float64: R / m where the output joins it times Granite's
-    residual_multiplier m (E6c); else (E6b), on a model that normalises the MLP output before the
+    residual stream by R (n, d) float64: R / mult on Granite, whose MLP output joins the stream
+    times its residual_multiplier mult (E6c); else (E6b), on a model that normalises the MLP output before the
     residual add (Gemma 2, 3, OLMo 2, 3, GLM-4-0414), as near as the norm allows. N(o) = s ⊙ o / r(o) with
     s the norm's scale (Gemma: 1 + w; OLMo 2: w), r(o) = sqrt(mean(o²) + ε): for every o' of
     o's length N(o') = s ⊙ v with rms(v) = ρ = rms(o) / r(o) (≈ 1), so the MLP can turn its

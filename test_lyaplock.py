@@ -103,6 +103,33 @@ def test_layer_queue_calibrates_after_step0_then_follows_E14(seed):
         assert abs(ls.z - z) <= 1e-12 * z and ls.D_base == pl0
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_step_layer_feeds_its_queue_the_loss_of_the_updated_weights(seed):
+    """The theorem tests above hold queue_next alone; this holds step_layer to them: each step's
+    queue is fed PL(W + Δ) (E2 after the solve, computed here as tr(ΔCΔᵀ)), calibrated from step
+    0's, and the queue leaves its floor under growing edits (a queue fed the PL before the update
+    passed every theorem and closed-form test)."""
+    g = torch.Generator().manual_seed(seed)
+    d, m = 6, 8
+    A = torch.randn(m, m, dtype=torch.float64, generator=g)
+    C = A @ A.T + torch.eye(m, dtype=torch.float64)
+    W0 = torch.randn(d, m, dtype=torch.float64, generator=g)
+    W, ls, alpha = W0.clone(), L.LayerState(), 1.5
+    hp = L.HParams(method="lyaplock", layers=(0,), lam=1.0, alpha=alpha)
+    z = None
+    for t in range(8):
+        K1 = torch.randn(m, 3, dtype=torch.float64, generator=g)
+        R = (t + 1) * torch.randn(d, 3, dtype=torch.float64, generator=g)
+        W_new, pl = L.step_layer(W, W0, C, K1, R, ls, hp)
+        delta = W_new - W0
+        assert pl == pytest.approx(float(torch.trace(delta @ C @ delta.T)), rel=1e-12)
+        z = 1.0 if t == 0 else z
+        z = L.queue_next_normalised(z, pl, alpha * ls.D_base)                 # E14 on those PLs
+        assert ls.z == pytest.approx(z, rel=1e-12), t
+        W = W_new
+    assert ls.z > 1.0                                       # the queue did leave its floor
+
+
 def test_a_first_step_that_leaves_w0_defers_the_calibration_and_nan_is_refused():
     """PL exactly 0 after step 0 (the layer did not move): no threshold D = α·0; the next step
     that moves the layer calibrates the queue as step 0 would (was: a ValueError that locked
