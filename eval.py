@@ -1021,7 +1021,8 @@ def report(run_dir) -> str:
         lines += audit_table(audits)
     lines += ["", "## Figures", ""] + [f"![{name[:-4]}]({name})" for name in figs]
     if run.before or run.after:
-        lines += ["", "## Metrics before and after editing (all of them: summary.md)", ""]
+        where = "all of them: summary.md" if run.finished else "after: when the run finishes, in summary.md"
+        lines += ["", f"## Metrics before and after editing ({where})", ""]
         lines += metrics_table(run)
     text = "\n".join(lines) + "\n"
     if not unwritten:

@@ -1783,7 +1783,8 @@ def parse_args(argv=None):
                    "\"Methods\"): lyaplock, the baselines of the paper's comparison, and LyapLock's queue "
                    "plugged into some of them (default lyaplock)")
     p.add_argument("--batch-size", type=int, default=100, help="requests per editing step (default 100)")
-    p.add_argument("--limit", type=int, help="edit only the first N requests")
+    p.add_argument("--limit", type=int, help="edit only the first N requests (with --skip-bad: the first N "
+                                             "valid records, of which any too long for the model are then skipped)")
     p.add_argument("--skip-bad", action="store_true", help="skip invalid records instead of stopping")
     p.add_argument("--layers", help="edit layers, e.g. 4,5,6,7,8 (default: the model's preset)")
     p.add_argument("--alpha", type=float, help="threshold multiplier α: D = α·D_base (preset: 60)")
@@ -1858,7 +1859,7 @@ def check_settings(args):
         if getattr(args, name) is not None and (problem := range_problem(getattr(args, name), need)):
             raise ValueError(f"--{name.replace('_', '-')} {problem}")
     M.check_seed(args.seed, "--seed")
-    if args.stop_below is not None and not (0 < args.stop_below < 1 and args.eval_every > 0):
+    if args.stop_below is not None and not (0 < args.stop_below < 1 and (args.eval_every > 0 or args.resume)):
         raise ValueError(f"--stop-below {args.stop_below}: give a fraction between 0 and 1, with --eval-every K")
     if args.state_device:
         M.check_device(args.state_device)
@@ -2312,6 +2313,8 @@ def run(args) -> int:
             if args.given & set(RESUMABLE):      # what this start typed, so that --resume DIR alone goes on so
                 data.write_atomic(out / "config.json", settings.to_json())
             held.enter_context(resume_hint(out))
+        if args.resume:
+            check_save_target(settings.save_model, out)
         requests, skipped = load_requests(settings)
         model = load_model(settings, cfg, requests)
         hashed = {}                 # the weights' digests, for inputs.json and then the statistics' key
@@ -2339,12 +2342,34 @@ def run(args) -> int:
             return 130
         finish(editor, requests, settings, out, len(skipped))
         if settings.save_model:                  # typed, or recorded by the run a --resume continues
+            claim_save_target(settings.save_model, out)
             left_out = editor.save(settings.save_model)
             print(f"edited model written to {settings.save_model}")
             if left_out:
                 print(f"not copied from {settings.model}: {', '.join(left_out)} (weights in other formats, "
                       "which hold the unedited model, and training state)")
     return 0
+
+
+SAVE_CLAIM = "save-model.json"      # in a run directory: the --save-model it began writing
+
+
+def check_save_target(save_model, out: Path):
+    """--save-model is missing, empty, or holds this run's own save (begun: SAVE_CLAIM); else a
+    ValueError: another run's model is there (two runs given one directory; a resume, whose
+    recorded directory the command's checks did not see, or a copied run directory)."""
+    if not save_model or not Path(save_model).is_dir() or not any(Path(save_model).iterdir()):
+        return
+    if read_run_file(out / SAVE_CLAIM, f"--resume {out}: ") != str(Path(save_model).resolve()):
+        raise ValueError(f"--save-model {save_model} holds files this run did not write (another run's model?): "
+                         f"writing over them would lose it; go on with {resume_command(out)} --save-model "
+                         "NEW_DIR")
+
+
+def claim_save_target(save_model, out: Path):
+    """check_save_target, then SAVE_CLAIM written before the model (a save cut short is this run's)."""
+    check_save_target(save_model, out)
+    data.write_atomic(out / SAVE_CLAIM, json.dumps(str(Path(save_model).resolve())))
 
 
 def saved_templates(out: Path) -> list[list[str]] | None:
@@ -2372,7 +2397,11 @@ def start_or_resume(editor: Editor, requests, settings: Settings, out: Path):
     data.trim_jsonl(out / "log.jsonl", lambda e: e["step"] < step)
     data.trim_jsonl(out / "ability.jsonl", lambda e: e["step"] <= step and not e["final"])
     stop = out / "stop.json"
-    if stop.exists() and json.loads(stop.read_text())["step"] > step:
+    record = read_run_file(stop, f"--resume {out}: ")
+    if record is not None and not (isinstance(record, dict) and M.whole_number(record.get("step"))):
+        raise ValueError(f"--resume {out}: {stop} is not a --stop-below record (changed by hand?): remove it to "
+                         "edit on from the checkpoint")
+    if record is not None and record["step"] > step:
         stop.unlink()
 
 
@@ -2551,6 +2580,10 @@ def finish(editor: Editor, requests, settings: Settings, out: Path, n_skipped: i
     first = abilities[0]
     final = general_ability(editor, settings, final=True)
     data.append_jsonl(out / "ability.jsonl", final)
+    if settings.stop_below and not (out / "stop.json").exists() and (stop := collapsed(settings, first, final)):
+        data.write_atomic(out / "stop.json", json.dumps(stop))          # (the end is the last evaluation point)
+        print(f"general ability fell below {settings.stop_below} of its value before editing at the end of the "
+              f"stream ({stop['metric']} {stop['value']:.4g} < {stop['threshold']:.4g}, step {stop['step']})")
     strip = lambda r: {k: v for k, v in r.items() if k not in ("step", "edits", "final")}
     summary, summary_pre = ev.summarize(cases) | strip(final), ev.summarize(pre) | strip(first)
     latest = latest_edits(edited)

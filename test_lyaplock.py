@@ -1552,6 +1552,26 @@ def test_stop_below_ends_the_run_at_the_collapse_point_and_resume_keeps_it(tmp_p
     assert len((out / "cases.jsonl").read_text().splitlines()) == 4 * k
     assert L.main(["--resume", str(out), "--stats-cache", str(tmp_path / "cache")]) == 0   # stays stopped
     assert json.loads((out / "summary.json").read_text())["n_edits"] == 4 * k
+    capsys.readouterr()
+    assert L.main(["--resume", str(out), "--stop-below", "0.5"]) == 1         # (was: "with --eval-every K")
+    assert "the configuration differs: stop_below: 0.9999 in the run, 0.5 now" in capsys.readouterr().err
+    for text in ("{}", '{"step": "x"}', "[1]", "garbage"):                     # (KeyError, TypeError)
+        (out / "stop.json").write_text(text)
+        assert L.main(["--resume", str(out)]) == 1
+        assert f"{out / 'stop.json'}" in capsys.readouterr().err
+
+
+def test_stop_below_counts_the_end_of_the_stream_as_an_evaluation_point(tmp_path, capsys):
+    """Ability below the threshold at the last step: the run ends there anyway, but it went unrecorded
+    (no stop.json; the report said only "finished")."""
+    out = tmp_path / "run"
+    assert L.main(_cli(tmp_path, "--out", str(out), "--limit", "8", "--batch-size", "4", "--no-generation",
+                       "--eval-every", "1", "--stop-below", "0.9999")) == 0
+    stop = json.loads((out / "stop.json").read_text())
+    final = [json.loads(l) for l in (out / "ability.jsonl").read_text().splitlines()][-1]
+    assert final["final"] and stop["step"] == 2 and stop["value"] == 1 / final["perplexity"]
+    assert "at the end of the stream" in capsys.readouterr().out
+    assert "stopped by --stop-below at step 2" in L.ev.report(out)
 
 
 def test_a_kill_right_after_the_stop_steps_checkpoint_still_stops_there(tmp_path, monkeypatch):
@@ -2349,6 +2369,36 @@ def test_save_model_never_writes_into_the_input_checkpoint_or_the_run_directory(
     for save in ("runs", "runs/001", "runs/007/model", "."):
         assert L.main(_cli(tmp_path, "--save-model", save)) == 1
         assert "and the run directory runs/NNN: one holds the other" in capsys.readouterr().err
+
+
+def test_a_resume_never_writes_over_another_run_s_model_in_its_save_model(tmp_path, monkeypatch, capsys):
+    """--save-model's checks saw only a typed directory: a resumed run wrote its model over the one
+    another run had saved there meanwhile (so did the later of two runs given one new directory).
+    A directory this run began writing (save-model.json, before the model) stays its own."""
+    out, shared = tmp_path / "run", tmp_path / "shared"
+    with monkeypatch.context() as patch:
+        interrupt_after_one_step(patch)
+        assert _small_run(tmp_path, out, "--save-model", str(shared)) == 130
+    shared.mkdir()                                       # another run's model lands there
+    (shared / "model.safetensors").write_bytes(b"another run's edited model")
+    capsys.readouterr()
+    assert L.main(["--resume", str(out)]) == 1
+    assert capsys.readouterr().err.startswith(f"error: --save-model {shared} holds files this run did not write")
+    assert (shared / "model.safetensors").read_bytes() == b"another run's edited model"
+    mine = tmp_path / "mine"
+    assert L.main(["--resume", str(out), "--save-model", str(mine)]) == 0
+    assert json.loads((out / "save-model.json").read_text()) == str(mine.resolve())
+    assert L.main(["--resume", str(out)]) == 0          # its own save: written again
+    later, real_finish = tmp_path / "later", L.finish
+
+    def finish_as_another_run_saves(*a, **k):            # two runs given one new directory: the other first
+        real_finish(*a, **k)
+        later.mkdir()
+        (later / "model.safetensors").write_bytes(b"the other run's edited model")
+    with monkeypatch.context() as patch:
+        patch.setattr(L, "finish", finish_as_another_run_saves)
+        assert _small_run(tmp_path, tmp_path / "second", "--save-model", str(later), "--limit", "2") == 1
+    assert (later / "model.safetensors").read_bytes() == b"the other run's edited model"
 
 
 def test_cli_refuses_outputs_it_would_overwrite_before_the_model_loads(tmp_path, monkeypatch, capsys):

@@ -233,6 +233,7 @@ def test_report_of_an_interrupted_run_reads_only(tmp_path):
             "1 log line(s) left out") in text
     assert E.audit_run(E.read_run(d))["1"]["T"] == 3
     assert "| efficacy | 0.00 |  |" in text and "| generalization | 50.00 |  |" in text
+    assert "## Metrics before and after editing (after: when the run finishes, in summary.md)" in text   # (it
     for name in ("pl_layer1.svg", "queue.svg", "perplexity.svg", "metrics.svg"):
         ET.parse(d / name)
     assert not (d / "general.svg").exists()
