@@ -877,7 +877,8 @@ def verdict(run: Run, audits: dict) -> list[str]:
     E13 or disagrees with its checkpoint, then the queues and the baselines' PL."""
     out = []
     if s := run.stop:
-        out.append(f"the run stopped at step {s['step']} ({s['edits']} edits), the collapse point: its "
+        where = "the stream ended" if s.get("end") else "the run stopped"
+        out.append(f"{where} at step {s['step']} ({s['edits']} edits), the collapse point: its "
                    f"{s['metric']} {s['value']:.4g} fell below {s['threshold']:.4g} (--stop-below "
                    f"{s['threshold'] / s['before']:.4g} × its {s['before']:.4g} before editing)")
     if bad := [l for l, a in audits.items() if a["queue"] and not (a["holds"] and a["replay_ok"])]:
@@ -987,8 +988,8 @@ def run_header(run: Run) -> list[str]:
              + (f"; {run.left_out} log line(s) left out (torn or past a gap)" if run.left_out else "")
              + (f"; latest checkpoint at step {run.state['step']}" if run.state else "")]
     if run.stop:
-        lines.append(f"- stopped by --stop-below at step {run.stop['step']} ({run.stop['edits']} edits): "
-                     "the collapse point")
+        lines.append(f"- {'below --stop-below at the end of the stream' if run.stop.get('end') else 'stopped by --stop-below'}"
+                     f" at step {run.stop['step']} ({run.stop['edits']} edits): the collapse point")
     return lines
 
 

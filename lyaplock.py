@@ -1235,10 +1235,10 @@ class Editor:
                 raise ValueError(f"{call}: {problem}")
         return requests
 
-    def save(self, directory) -> list[str]:
+    def save(self, directory, replace: bool = False) -> list[str]:
         """The edited model as an HF checkpoint in the input's own layout; returns the input's files
         left out of it (M.save: weights in other formats, which hold the unedited model, and
-        training state)."""
+        training state). `replace`: M.save's."""
         if self.model_path is None:
             raise ValueError("this Editor was built without a model_path to copy the checkpoint from")
         if M.checkpoint_config(self.model_path) != self.model.cfg:
@@ -1246,7 +1246,7 @@ class Editor:
                              "config.json differs): the save would mix the two")
         self.check_whole("save")
         with self.restrained():
-            return M.save(self.model_path, directory, self.model.edit_tensors(self.hparams.layers))
+            return M.save(self.model_path, directory, self.model.edit_tensors(self.hparams.layers), replace)
 
     def checkpoint(self, run_dir):
         """Save the state and the edited weights into run_dir (save_checkpoint: atomic, the latest
@@ -1860,7 +1860,8 @@ def check_settings(args):
             raise ValueError(f"--{name.replace('_', '-')} {problem}")
     M.check_seed(args.seed, "--seed")
     if args.stop_below is not None and not (0 < args.stop_below < 1 and (args.eval_every > 0 or args.resume)):
-        raise ValueError(f"--stop-below {args.stop_below}: give a fraction between 0 and 1, with --eval-every K")
+        raise ValueError(f"--stop-below {args.stop_below}: give a fraction between 0 and 1"
+                         + ("" if args.resume else ", with --eval-every K"))
     if args.state_device:
         M.check_device(args.state_device)
     for gib in args.plan_gib or ():
@@ -2052,12 +2053,21 @@ def check_outputs(args, model_path):
             raise ValueError("--save-model must not be the input checkpoint's directory")
         if not path.is_dir():
             raise ValueError(f"{flag} {path} is a file, not a directory; {advice}")
-        if flag != "--stats-cache" and any(path.iterdir()):
+        own = flag == "--save-model" and args.resume and own_save(path, Path(args.resume))
+        if flag != "--stats-cache" and any(path.iterdir()) and not own:
             raise ValueError(f"{flag} {path} exists and is not empty; {advice}")
     if args.save_model and nested_in_run(Path(args.save_model).resolve(), args.out or args.resume):
         raise ValueError(f"--save-model {args.save_model} and the run directory {args.out or args.resume or 'runs/NNN'}: "
                          "one holds the other (the edited model's files would mix with the run's); choose a "
                          "directory beside it")
+
+
+def own_save(path: Path, out: Path) -> bool:
+    """own_save_target as a yes or no (a run begun before runs recorded their saves: no)."""
+    try:
+        return own_save_target(path, out)
+    except ValueError:
+        return False
 
 
 def nested_in_run(saved: Path, run_dir) -> bool:
@@ -2313,8 +2323,8 @@ def run(args) -> int:
             if args.given & set(RESUMABLE):      # what this start typed, so that --resume DIR alone goes on so
                 data.write_atomic(out / "config.json", settings.to_json())
             held.enter_context(resume_hint(out))
-        if args.resume:
-            check_save_target(settings.save_model, out)
+        if args.resume and settings.save_model:
+            own_save_target(settings.save_model, out)
         requests, skipped = load_requests(settings)
         model = load_model(settings, cfg, requests)
         hashed = {}                 # the weights' digests, for inputs.json and then the statistics' key
@@ -2342,8 +2352,7 @@ def run(args) -> int:
             return 130
         finish(editor, requests, settings, out, len(skipped))
         if settings.save_model:                  # typed, or recorded by the run a --resume continues
-            claim_save_target(settings.save_model, out)
-            left_out = editor.save(settings.save_model)
+            left_out = save_edited_model(editor, settings.save_model, out)
             print(f"edited model written to {settings.save_model}")
             if left_out:
                 print(f"not copied from {settings.model}: {', '.join(left_out)} (weights in other formats, "
@@ -2351,25 +2360,41 @@ def run(args) -> int:
     return 0
 
 
-SAVE_CLAIM = "save-model.json"      # in a run directory: the --save-model it began writing
+SAVE_CLAIM = "save-model.json"      # in a run directory: the --save-model it writes, and what it wrote
 
 
-def check_save_target(save_model, out: Path):
-    """--save-model is missing, empty, or holds this run's own save (begun: SAVE_CLAIM); else a
-    ValueError: another run's model is there (two runs given one directory; a resume, whose
-    recorded directory the command's checks did not see, or a copied run directory)."""
-    if not save_model or not Path(save_model).is_dir() or not any(Path(save_model).iterdir()):
-        return
-    if read_run_file(out / SAVE_CLAIM, f"--resume {out}: ") != str(Path(save_model).resolve()):
-        raise ValueError(f"--save-model {save_model} holds files this run did not write (another run's model?): "
-                         f"writing over them would lose it; go on with {resume_command(out)} --save-model "
-                         "NEW_DIR")
+def directory_stamp(d: Path) -> list:
+    """The files of directory d as [name, size, modification time], sorted: what a save left there."""
+    return sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in d.iterdir() if f.is_file())
 
 
-def claim_save_target(save_model, out: Path):
-    """check_save_target, then SAVE_CLAIM written before the model (a save cut short is this run's)."""
-    check_save_target(save_model, out)
-    data.write_atomic(out / SAVE_CLAIM, json.dumps(str(Path(save_model).resolve())))
+def own_save_target(save_model, out: Path) -> bool:
+    """Whether --save-model holds this run's own save (SAVE_CLAIM: one it began and did not finish,
+    or one it finished whose files are as it left them): it may be written again. False where the
+    directory is missing or empty; a ValueError where another run's model (or anyone's files) is
+    there: two runs given one directory, a run resumed after another saved there, a copy."""
+    d = Path(save_model)
+    if not d.is_dir() or not any(d.iterdir()):
+        return False
+    claim = read_run_file(out / SAVE_CLAIM, f"{out}: ")
+    if isinstance(claim, dict) and claim.get("directory") == str(d.resolve()) and \
+            claim.get("written") in (None, json.loads(json.dumps(directory_stamp(d)))):
+        return True
+    raise ValueError(f"--save-model {save_model} holds files this run has no record of writing (another run's "
+                     f"model, or files changed since): writing over them could lose a model; go on with "
+                     f"{resume_command(out)} --save-model NEW_DIR")
+
+
+def save_edited_model(editor: Editor, save_model, out: Path) -> list[str]:
+    """Editor.save into --save-model, recorded in SAVE_CLAIM before (a save cut short, torn files
+    and all, is this run's to write again) and after (what it wrote, so that files put there
+    later are not)."""
+    own = own_save_target(save_model, out)
+    directory = str(Path(save_model).resolve())
+    data.write_atomic(out / SAVE_CLAIM, json.dumps(dict(directory=directory, written=None)))
+    left_out = editor.save(save_model, replace=own)
+    data.write_atomic(out / SAVE_CLAIM, json.dumps(dict(directory=directory, written=directory_stamp(Path(directory)))))
+    return left_out
 
 
 def saved_templates(out: Path) -> list[list[str]] | None:
@@ -2581,7 +2606,7 @@ def finish(editor: Editor, requests, settings: Settings, out: Path, n_skipped: i
     final = general_ability(editor, settings, final=True)
     data.append_jsonl(out / "ability.jsonl", final)
     if settings.stop_below and not (out / "stop.json").exists() and (stop := collapsed(settings, first, final)):
-        data.write_atomic(out / "stop.json", json.dumps(stop))          # (the end is the last evaluation point)
+        data.write_atomic(out / "stop.json", json.dumps(stop | {"end": True}))    # (the last evaluation point)
         print(f"general ability fell below {settings.stop_below} of its value before editing at the end of the "
               f"stream ({stop['metric']} {stop['value']:.4g} < {stop['threshold']:.4g}, step {stop['step']})")
     strip = lambda r: {k: v for k, v in r.items() if k not in ("step", "edits", "final")}

@@ -2007,7 +2007,7 @@ def stored_source(file: Path) -> str | None:
         return None
 
 
-def save(src, out, tensors: dict[str, torch.Tensor]) -> list[str]:
+def save(src, out, tensors: dict[str, torch.Tensor], replace: bool = False) -> list[str]:
     """Write checkpoint `src` to `out` in its own layout (same files, names, dtypes, sharding and
     index) with the given tensors replaced, and copy the files that describe the model (config,
     tokenizer, generation config, README, licence, ...): every other file at src's top level but
@@ -2017,7 +2017,8 @@ def save(src, out, tensors: dict[str, torch.Tensor]) -> list[str]:
     that differs from the stored one is an error, and so is an `out` that holds another
     checkpoint (a config.json not src's, weights files save does not write: another layout's,
     another format's, or of save's names but not saved from src: SAVED_FROM); saving again over
-    an earlier save of the same checkpoint replaces it."""
+    an earlier save of the same checkpoint replaces it. `replace`: the caller knows `out` for its
+    own earlier save, perhaps cut short (torn files): written over without those checks."""
     if not isinstance(out, (str, os.PathLike)) or not os.fspath(out):     # (Path("") is ".": taken)
         raise ValueError(f"save: the edited model's directory {out!r}: give a path (an empty one is the "
                          "working directory)")
@@ -2027,16 +2028,18 @@ def save(src, out, tensors: dict[str, torch.Tensor]) -> list[str]:
         raise ValueError(f"refusing to write the edited model into its input checkpoint {src}")
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file; the checkpoint is a directory: save into a new or empty one")
-    if (out / "config.json").exists() and (out / "config.json").read_bytes() != (src / "config.json").read_bytes():
+    if not replace and (out / "config.json").exists() and \
+            (out / "config.json").read_bytes() != (src / "config.json").read_bytes():
         raise ValueError(f"{out} holds another checkpoint (its config.json is not {src}'s): writing this one "
                          "over it would mix two models; save into a new or empty directory")
     headers = tensor_headers(weight_files(src))
     ours = {file.name for file, _, _ in headers.values()}       # the weights files written below
-    if other := sorted(p.name for p in out.glob("*") if p.name not in ours and left_out_of_save(p.name)):
+    if not replace and (other := sorted(p.name for p in out.glob("*") if p.name not in ours and left_out_of_save(p.name))):
         raise ValueError(f"{out} holds other weights ({', '.join(other[:3])}): writing this checkpoint "
                          "beside them would mix two models; save into a new or empty directory")
     source = saved_from(src)
-    if foreign := sorted(name for name in ours if (out / name).exists() and stored_source(out / name) != source):
+    if not replace and (foreign := sorted(name for name in ours if (out / name).exists()
+                                          and stored_source(out / name) != source)):
         raise ValueError(f"{out} holds weights that are not an earlier save of {src} as it is now "
                          f"({', '.join(foreign[:3])}: another model's, a save from a copy or an earlier version "
                          "of the model, or by an earlier version of this code): writing over them could lose "

@@ -1571,7 +1571,9 @@ def test_stop_below_counts_the_end_of_the_stream_as_an_evaluation_point(tmp_path
     final = [json.loads(l) for l in (out / "ability.jsonl").read_text().splitlines()][-1]
     assert final["final"] and stop["step"] == 2 and stop["value"] == 1 / final["perplexity"]
     assert "at the end of the stream" in capsys.readouterr().out
-    assert "stopped by --stop-below at step 2" in L.ev.report(out)
+    report = L.ev.report(out)
+    assert "below --stop-below at the end of the stream at step 2 (8 edits)" in report
+    assert "the stream ended at step 2 (8 edits), the collapse point" in report
 
 
 def test_a_kill_right_after_the_stop_steps_checkpoint_still_stops_there(tmp_path, monkeypatch):
@@ -2374,7 +2376,8 @@ def test_save_model_never_writes_into_the_input_checkpoint_or_the_run_directory(
 def test_a_resume_never_writes_over_another_run_s_model_in_its_save_model(tmp_path, monkeypatch, capsys):
     """--save-model's checks saw only a typed directory: a resumed run wrote its model over the one
     another run had saved there meanwhile (so did the later of two runs given one new directory).
-    A directory this run began writing (save-model.json, before the model) stays its own."""
+    save-model.json records the directory a run writes, before (a save cut short, torn files and
+    all, stays its own) and after (what it wrote: files put there later are not its own)."""
     out, shared = tmp_path / "run", tmp_path / "shared"
     with monkeypatch.context() as patch:
         interrupt_after_one_step(patch)
@@ -2382,13 +2385,32 @@ def test_a_resume_never_writes_over_another_run_s_model_in_its_save_model(tmp_pa
     shared.mkdir()                                       # another run's model lands there
     (shared / "model.safetensors").write_bytes(b"another run's edited model")
     capsys.readouterr()
-    assert L.main(["--resume", str(out)]) == 1
-    assert capsys.readouterr().err.startswith(f"error: --save-model {shared} holds files this run did not write")
+    with monkeypatch.context() as patch:                 # refused before the model loads
+        patch.setattr(L, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+        assert L.main(["--resume", str(out)]) == 1
+    assert capsys.readouterr().err.startswith(f"error: --save-model {shared} holds files this run has no record "
+                                              "of writing")
     assert (shared / "model.safetensors").read_bytes() == b"another run's edited model"
     mine = tmp_path / "mine"
-    assert L.main(["--resume", str(out), "--save-model", str(mine)]) == 0
-    assert json.loads((out / "save-model.json").read_text()) == str(mine.resolve())
-    assert L.main(["--resume", str(out)]) == 0          # its own save: written again
+    with monkeypatch.context() as patch:                 # a save cut short, a file torn: the resume writes it
+        real_save = L.M.save
+
+        def torn(src, to, tensors, replace=False):
+            real_save(src, to, tensors, replace)
+            weights = Path(to) / "model.safetensors"
+            weights.write_bytes(weights.read_bytes()[:1000])
+            raise OSError(28, "No space left on device")
+        patch.setattr(L.M, "save", torn)
+        assert L.main(["--resume", str(out), "--save-model", str(mine)]) == 1
+    assert L.main(["--resume", str(out)]) == 0
+    assert json.loads((out / "save-model.json").read_text())["directory"] == str(mine.resolve())
+    saved = M.load(mine)
+    assert L.main(["--resume", str(out), "--save-model", str(mine)]) == 0      # its own save, typed: written again
+    shutil.move(mine, tmp_path / "kept")                 # its model moved away, another run's saved there:
+    shutil.copytree(shared, mine)                        # not its own any more
+    assert L.main(["--resume", str(out)]) == 1
+    assert "holds files this run has no record of writing" in capsys.readouterr().err
+    assert torch.equal(M.load(tmp_path / "kept").edit_weight(1), saved.edit_weight(1))
     later, real_finish = tmp_path / "later", L.finish
 
     def finish_as_another_run_saves(*a, **k):            # two runs given one new directory: the other first
