@@ -988,8 +988,8 @@ def run_header(run: Run) -> list[str]:
              + (f"; {run.left_out} log line(s) left out (torn or past a gap)" if run.left_out else "")
              + (f"; latest checkpoint at step {run.state['step']}" if run.state else "")]
     if run.stop:
-        lines.append(f"- {'below --stop-below at the end of the stream' if run.stop.get('end') else 'stopped by --stop-below'}"
-                     f" at step {run.stop['step']} ({run.stop['edits']} edits): the collapse point")
+        how = "below --stop-below at the end of the stream" if run.stop.get("end") else "stopped by --stop-below"
+        lines.append(f"- {how} at step {run.stop['step']} ({run.stop['edits']} edits): the collapse point")
     return lines
 
 

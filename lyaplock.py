@@ -2378,7 +2378,7 @@ def own_save_target(save_model, out: Path) -> bool:
         return False
     claim = read_run_file(out / SAVE_CLAIM, f"{out}: ")
     if isinstance(claim, dict) and claim.get("directory") == str(d.resolve()) and \
-            claim.get("written") in (None, json.loads(json.dumps(directory_stamp(d)))):
+            claim.get("written") in (None, directory_stamp(d)):
         return True
     raise ValueError(f"--save-model {save_model} holds files this run has no record of writing (another run's "
                      f"model, or files changed since): writing over them could lose a model; go on with "

@@ -233,11 +233,17 @@ def id_list(v) -> list:
     return [] if v is None else list(v) if isinstance(v, list) else [v]
 
 
+def is_token_id(v) -> bool:
+    """A token id as config files give it: a whole number torch can hold (any sign: old Llama
+    configs' pad -1 means none)."""
+    return whole_number(v) and abs(v) < 2 ** 63
+
+
 def special_ids(c: dict) -> dict:
     """config.json's BOS, EOS and padding ids (each a whole number or null; EOS also a list of them)."""
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         ids = id_list(c.get(key)) if key == "eos_token_id" else [c.get(key)]
-        if not all(i is None or whole_number(i) and abs(i) < 2 ** 63 for i in ids):
+        if not all(i is None or is_token_id(i) for i in ids):
             refuse(c, f"{key} {c.get(key)!r}", "a token id is a whole number (EOS: or a list of them)")
     return dict(bos_id=c.get("bos_token_id"), eos_ids=id_list(c.get("eos_token_id")), pad_id=c.get("pad_token_id"))
 
@@ -1533,7 +1539,7 @@ class Tokenizer:
             raise CheckpointError(f"{tc}: bos_token {conf['bos_token']!r} is not a token of {tj}")
         self.eos_ids = list(cfg.eos_ids) or [i for i in [token_id(conf.get("eos_token"))] if i is not None]
         end = id_list(gen.get("eos_token_id"))
-        if not all(whole_number(i) and abs(i) < 2 ** 63 for i in end):
+        if not all(is_token_id(i) for i in end):
             raise CheckpointError(f"{gc}: eos_token_id {gen['eos_token_id']!r} is not a token id or a list of them")
         self.eos_ids += [i for i in end if i not in self.eos_ids]
         self.lead = template_lead(self.tok)              # what a prompt begins with
