@@ -23,6 +23,7 @@ import shutil
 import signal
 import sys
 import time
+import uuid
 import warnings
 from collections import Counter
 from contextlib import ExitStack, contextmanager
@@ -2368,32 +2369,43 @@ def directory_stamp(d: Path) -> list:
     return sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in d.iterdir() if f.is_file())
 
 
+SAVING = ".lyaplock-saving"          # in --save-model while a run writes it: the run's token
+
+
 def own_save_target(save_model, out: Path) -> bool:
-    """Whether --save-model holds this run's own save (SAVE_CLAIM: one it began and did not finish,
-    or one it finished whose files are as it left them): it may be written again. False where the
-    directory is missing or empty; a ValueError where another run's model (or anyone's files) is
-    there: two runs given one directory, a run resumed after another saved there, a copy."""
+    """Whether --save-model holds this run's own save (SAVE_CLAIM: one it began, its SAVING marker
+    still there, or one it finished whose files are as it left them): it may be written again.
+    False where the directory is missing or empty; a ValueError where another run's model (or
+    anyone's files) is there: two runs given one directory, a run resumed after another saved
+    there, a copy."""
     d = Path(save_model)
     if not d.is_dir() or not any(d.iterdir()):
         return False
     claim = read_run_file(out / SAVE_CLAIM, f"{out}: ")
-    if isinstance(claim, dict) and claim.get("directory") == str(d.resolve()) and \
-            claim.get("written") in (None, directory_stamp(d)):
-        return True
+    if isinstance(claim, dict) and claim.get("directory") == str(d.resolve()):
+        marker = d / SAVING
+        if claim.get("written") is None and marker.is_file() and marker.read_text() == claim.get("token"):
+            return True
+        if claim.get("written") == directory_stamp(d):
+            return True
     raise ValueError(f"--save-model {save_model} holds files this run has no record of writing (another run's "
                      f"model, or files changed since): writing over them could lose a model; go on with "
                      f"{resume_command(out)} --save-model NEW_DIR")
 
 
 def save_edited_model(editor: Editor, save_model, out: Path) -> list[str]:
-    """Editor.save into --save-model, recorded in SAVE_CLAIM before (a save cut short, torn files
-    and all, is this run's to write again) and after (what it wrote, so that files put there
-    later are not)."""
+    """Editor.save into --save-model, recorded in SAVE_CLAIM and marked in the directory (SAVING)
+    before (a save cut short, torn files and all, is this run's to write again while its marker
+    is there) and recorded after (what it wrote, so that files put there later are not)."""
     own = own_save_target(save_model, out)
-    directory = str(Path(save_model).resolve())
-    data.write_atomic(out / SAVE_CLAIM, json.dumps(dict(directory=directory, written=None)))
+    d = Path(save_model).resolve()
+    token = uuid.uuid4().hex
+    data.write_atomic(out / SAVE_CLAIM, json.dumps(dict(directory=str(d), written=None, token=token)))
+    d.mkdir(parents=True, exist_ok=True)
+    data.write_atomic(d / SAVING, token)
     left_out = editor.save(save_model, replace=own)
-    data.write_atomic(out / SAVE_CLAIM, json.dumps(dict(directory=directory, written=directory_stamp(Path(directory)))))
+    (d / SAVING).unlink()
+    data.write_atomic(out / SAVE_CLAIM, json.dumps(dict(directory=str(d), written=directory_stamp(d))))
     return left_out
 
 

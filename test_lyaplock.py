@@ -2411,6 +2411,16 @@ def test_a_resume_never_writes_over_another_run_s_model_in_its_save_model(tmp_pa
     assert L.main(["--resume", str(out)]) == 1
     assert "holds files this run has no record of writing" in capsys.readouterr().err
     assert torch.equal(M.load(tmp_path / "kept").edit_weight(1), saved.edit_weight(1))
+    cut = tmp_path / "cut"                               # a save stopped before it wrote a file, its directory
+    with monkeypatch.context() as patch:                 # then cleared and another run's model saved there
+        patch.setattr(L.M, "save", lambda *a, **k: (_ for _ in ()).throw(OSError(5, "Input/output error")))
+        assert L.main(["--resume", str(out), "--save-model", str(cut)]) == 1
+    assert json.loads((out / "save-model.json").read_text())["written"] is None
+    shutil.rmtree(cut, ignore_errors=True)
+    shutil.copytree(shared, cut)
+    assert L.main(["--resume", str(out)]) == 1
+    assert "holds files this run has no record of writing" in capsys.readouterr().err
+    assert (cut / "model.safetensors").read_bytes() == b"another run's edited model"
     later, real_finish = tmp_path / "later", L.finish
 
     def finish_as_another_run_saves(*a, **k):            # two runs given one new directory: the other first
