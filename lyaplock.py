@@ -960,10 +960,11 @@ def rome_batch(model: M.CausalLM, requests, templates, hp: HParams, state: EditS
     clock = Clock(model.embed.weight.device)
     W = model.edit_weight(layer)
     bias = model.edit_bias(layer)
-    C_here = C[layer].to(W.device)
     W0_here = W0[layer].to(W.device)
-    C_u = C_here if hp.mom2_adjustment else torch.eye(C_here.shape[0], dtype=torch.float64, device=W.device)
-    C_factor = cholesky_factor(C_u)                   # once a step: E18 solves with C for every request
+    m = W.shape[1]                                    # one m×m factor on the device through the step (plan.py
+    C_u = C[layer].to(W.device, torch.float64, copy=True) if hp.mom2_adjustment else \
+        torch.eye(m, dtype=torch.float64, device=W.device)                       # counts it); PL streams C
+    C_factor = cholesky_factor(C_u, overwrite=True)   # once a step: E18 solves with C for every request
     for q in requests:
         where = Where(state.step, [q])
         k_mean, k_star = (k.to(W.device) for k in rome_keys(model, q, templates, layer))   # E18's k̄, k*
@@ -979,7 +980,7 @@ def rome_batch(model: M.CausalLM, requests, templates, hp: HParams, state: EditS
         except ValueError as e:
             raise ValueError(f"step {where.step}, layer {layer} (case id {where.ids}): {e}") from None
         W_new = W + delta.to(W.dtype)
-        pl = preservation_loss(W_new, W0_here, C_here)
+        pl = preservation_loss(W_new, W0_here, C[layer])
         where.check_finite(layer, update=W_new, **{"preservation loss": torch.tensor(pl)})
         state.partial = True
         W.copy_(W_new)

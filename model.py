@@ -177,6 +177,10 @@ class Config:
         if not isinstance(mt, str) or mt not in READERS:
             raise CheckpointError(f"unsupported model_type {mt!r} in config.json: supported are "
                                   + ", ".join(repr(s) for s in SUPPORTED))
+        if quant := c.get("quantization_config"):   # (else --plan counted it as float weights: the files say so only
+            method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant        # when loaded)
+            refuse(c, f"quantization_config ({method})", "editing needs float16, bfloat16, float32 or float64 "
+                   "weights; a quantised checkpoint's are not")
         for name in Config.HF_SIZES:               # before a reader divides by one (None: the family's default)
             v = c.get(name)
             if v is not None and not count(v):
@@ -1663,8 +1667,9 @@ def check_device(device) -> torch.device:
     return dev
 
 
-def _device_problem(device) -> tuple[torch.device | None, str | None]:
-    """(the device, None), or (None, why `device` cannot be used)."""
+def _device_problem(device, here: bool = True) -> tuple[torch.device | None, str | None]:
+    """(the device, None), or (None, why `device` cannot be used; with `here` False, only why it
+    cannot be named: a plan for another machine)."""
     if "," in str(device):
         return None, "give one device here (cpu, cuda or cuda:N), not a list"
     try:
@@ -1673,29 +1678,30 @@ def _device_problem(device) -> tuple[torch.device | None, str | None]:
         dev = None
     if dev is None or dev.type not in ("cpu", "cuda"):
         return None, "use cpu, cuda or cuda:N"
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if dev.type == "cuda" and here and not torch.cuda.is_available():
         return None, "this machine has no CUDA GPU that torch can use; use cpu"
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+    if dev.type == "cuda" and here and (dev.index or 0) >= torch.cuda.device_count():
         return None, f"there are only {torch.cuda.device_count()} CUDA device(s)"
     return dev, None
 
 
-def check_devices(spec) -> list[torch.device]:
+def check_devices(spec, here: bool = True) -> list[torch.device]:
     """The devices of a --device value: one device; a comma list, each entry checked (cpu may
     repeat: cpu,cpu; "cuda" in a list is the current CUDA device); or "auto", every visible CUDA
-    device (cpu where there is none). A ValueError names the bad entry."""
+    device (cpu where there is none). A ValueError names the bad entry. `here` False: named
+    right, not necessarily on this machine (a plan for another; "cuda" is cuda:0 there)."""
     if spec == "auto":
         return [torch.device("cuda", i) for i in range(torch.cuda.device_count())] or [torch.device("cpu")]
     names = str(spec).split(",")
-    if len(names) == 1:
+    if len(names) == 1 and here:
         return [check_device(spec)]
     devices = []
     for name in names:
-        dev, problem = _device_problem(name.strip())
+        dev, problem = _device_problem(name.strip(), here)
         if problem:
             raise ValueError(f"device {spec!r}: entry {name.strip()!r}: {problem}")
         if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
+            dev = torch.device("cuda", torch.cuda.current_device() if here else 0)
         dev = torch.device("cpu") if dev.type == "cpu" else dev    # cpu:0 is cpu
         if dev.type == "cuda" and dev in devices:
             raise ValueError(f"device {spec!r}: {dev} is listed twice (only cpu may repeat)")

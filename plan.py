@@ -68,7 +68,8 @@ def device_need(cfg: M.Config, hp: "L.HParams", dtype: str, z_tokens: int, n_dev
     dict of bytes: the weights in `dtype` (with the embeddings on the first device and the head on
     the last: M.fixed_bytes); each edit layer's state on its device — C, the method's edit memory
     (S_KK m×m, S_VK d×m) and AlphaEdit's projector (m×m) in float64, and W0, its original weights —
-    unless `state_on_host`; then the largest of the phases: the target values (target_value_bytes:
+    unless `state_on_host` (ROME's factor of C, m×m, stays on the device either way); then the
+    largest of the phases: the target values (target_value_bytes:
     a pass of z_tokens tokens through the blocks above the last edit layer, and the prefix caches of
     the step's hp.batch_size requests), a solve (solve_bytes; with the state on the host, also what
     of a layer's state comes over: brought_bytes, and W0) and the collection of C
@@ -86,12 +87,14 @@ def device_need(cfg: M.Config, hp: "L.HParams", dtype: str, z_tokens: int, n_dev
     per_block, home, logits = target_value_bytes(cfg, hp, dt, z_tokens, stream)
     head = 0 if cfg.tie_embeddings else n_devices - 1       # the device of the head (M.fixed_bytes)
     last = hp.layers[-1]
+    factor = 8 * cfg.d_mlp ** 2 if L.method_of(hp.method).locate == "rome" else 0   # ROME's E18 factor of C (or
+    #   of I), on the layer's device through the whole step: beside its target values too
 
     def need(j: int, k: int, i: int) -> dict:
         edit = sum(k <= l < i for l in hp.layers)
         above = max(0, i - max(k, last + 1))               # blocks above the last edit layer
         row = dict(blocks=list(range(k, i)), weights=weights(j, k, i),
-                   state=0 if state_on_host else layer_state * edit,
+                   state=(0 if state_on_host else layer_state * edit) + factor * edit,
                    target_values=per_block * above + (home if j == 0 else 0) + (logits if j in (0, head) else 0),
                    solve=solve if edit else 0,
                    statistics=stats.collection_bytes(cfg, dt, stats_tokens, 1 if state_on_host else edit)
@@ -238,6 +241,14 @@ def brought_bytes(cfg: M.Config, method: str, kept_edits: int = 0) -> int:
     return layer_state_bytes(cfg, method, kept_edits) - streamed * 8 * m * m + 2 * min(L.BLOCK_BYTES, 8 * m * m)
 
 
+def run_shares(capacity: list[float], on_cpu: list[bool]) -> list[float]:
+    """The shares a run places its blocks by (M.device_shares): a GPU its memory, a cpu entry the
+    mean of the GPUs' (all alike without one); the plan judges each row against its own memory."""
+    gpus = [c for c, cpu in zip(capacity, on_cpu) if not cpu]
+    mean = sum(gpus) / len(gpus) if gpus else 1.0
+    return [mean if cpu else c for c, cpu in zip(capacity, on_cpu)]
+
+
 def device_memory(device: torch.device) -> int:
     """A device's total memory in bytes (the host's RAM for cpu)."""
     if device.type == "cuda":
@@ -259,19 +270,19 @@ def print_plan(args) -> int:
         stats.check_authors_files(source, cfg, settings.hparams.layers)     # what config.json can check
     elif source:
         stats.check_shape(source, stats.read_meta(source)[1], settings.hparams.layers, cfg.d_mlp)
-    if not any(Path(settings.model).glob("*.safetensors")):   # planning before the download: config.json only
-        print(f"no weights in {settings.model} yet: planned from config.json alone (the run checks the "
-              "checkpoint's files when it loads them)")
     given = "device" in args.given or args.resume            # (a resumed run's: its recorded devices)
-    typed = settings.device.split(",") if given and settings.device != "auto" else None
+    typed = M.check_devices(settings.device, here=False) if given and settings.device != "auto" else None
     if args.plan_gib and typed and len(typed) != len(args.plan_gib):
         raise ValueError(f"--plan-gib gives the memory of {len(args.plan_gib)} device(s), --device {args.device} "
                          f"names {len(typed)}: give one figure per device")
+    if not any(Path(settings.model).glob("*.safetensors")):   # planning before the download: config.json only
+        print(f"no weights in {settings.model} yet: planned from config.json alone (the run checks the "
+              "checkpoint's files when it loads them)")
     host = args.plan_host_gib * 2 ** 30 if args.plan_host_gib else device_memory(torch.device("cpu"))
     if args.plan_gib:
-        names = [f"device {i}" for i in range(len(args.plan_gib))]
+        names = [str(dev) for dev in typed] if typed else [f"device {i}" for i in range(len(args.plan_gib))]
         capacity = [g * 2 ** 30 for g in args.plan_gib]
-        on_cpu = [str(t).strip().startswith("cpu") for t in typed] if typed else [False] * len(names)
+        on_cpu = [dev.type == "cpu" for dev in typed] if typed else [False] * len(names)
     else:
         devices = M.check_devices(settings.device)
         names = [str(dev) for dev in devices]
@@ -281,7 +292,7 @@ def print_plan(args) -> int:
         raise ValueError("--plan-host-gib without --state-device cpu or a cpu device: the run keeps nothing in "
                          "host memory to plan for; the figure would not be used")
     stream = run_stream_tokens(settings, cfg, requests)
-    rows = run_memory_plan(settings, cfg, requests, capacity, stream)
+    rows = run_memory_plan(settings, cfg, requests, run_shares(capacity, on_cpu), stream)
     hp = settings.hparams
     on_host = ", --state-device cpu" if settings.state_device else ""
     fewer = f" (a step of {len(requests)}: all of --edits)" if requests and len(requests) < hp.batch_size else ""

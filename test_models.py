@@ -439,6 +439,8 @@ def _broken(tmp_path, how):
     ('config:rms_norm_eps="tiny"', "norm_eps 'tiny' is not a positive number"),
     ("config:rope_theta=-1", "rope_theta -1 is not a positive number"),
     ('config:model_type=["llama"]', r"unsupported model_type \['llama'\]"),          # (was: unhashable type)
+    ('config:quantization_config={"quant_method": "gptq", "bits": 4}',                 # (--plan counted float
+     r"quantization_config \(gptq\) is not supported .editing needs float16"),         # weights)
     ('config:eos_token_id="2"', "eos_token_id '2' is not supported .a token id is a whole number"),  # (was a TypeError
     ("config:eos_token_id=[[2]]", r"eos_token_id \[\[2\]\] is not supported"),                     # in the tokenizer)
     ("config:pad_token_id=1e30", "pad_token_id 1e.30 is not supported"),

@@ -374,6 +374,11 @@ def test_memory_plan_of_llama3_8b_with_the_state_on_the_host_fits_a_24_gb_card()
     (alone,) = plan.memory_plan(cfg, hp, "bfloat16", 1024, [80 * 2 ** 30])
     assert alone["statistics"] == S.collection_bytes(cfg, torch.bfloat16, 8192, 5)
     assert 39.1 < alone["need"] / 2 ** 30 < 39.3
+    rome = L.preset(cfg, "rome")          # ROME's factor of C (of I: its preset), m×m float64 through the
+    for on_host in (False, True):         # step, beside its passes, wherever the state lives (it was left out)
+        card = plan.memory_plan(cfg, rome, "bfloat16", 1024, [80 * 2 ** 30], state_on_host=on_host)[0]
+        assert card["state"] == 8 * m * m + (0 if on_host else plan.edit_layer_bytes(cfg, rome, "bfloat16"))
+        assert card["need"] == card["weights"] + card["state"] + max(card["target_values"], card["solve"])
 
 
 # ======================================================================= the state on the host
@@ -890,6 +895,16 @@ def test_memory_plan_places_as_load_does_and_the_command_says_whether_it_fits(tm
     assert capsys.readouterr().err == "error: --plan-host-gib must be positive, got 0.0\n"
     assert L.main([*on_host[:-4], "--plan-gib", "80", "--plan-host-gib", "100"]) == 1   # no host row to plan
     assert capsys.readouterr().err.startswith("error: --plan-host-gib without --state-device cpu or a cpu device: ")
+    # a cpu entry beside GPUs: placed as the run places it (M.device_shares: the GPUs' mean memory; the plan
+    # gave it the host's and printed other blocks than the run loads), judged against the host's memory;
+    # the rows named as --device names them (were "device 0", "device 1")
+    assert plan.run_shares([512.0, 80.0, 40.0], [True, False, False]) == [60.0, 80.0, 40.0]
+    assert L.main(["--plan", "--model", str(STORIES), "--device", "cpu,cuda:1", "--plan-gib", "512,0.0001"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines[lines.index(next(l for l in lines if l.startswith("device"))) + 1:]]
+    equal = plan.plan_stages(plan.memory_plan(cfg, L.preset(cfg, "lyaplock"), "float32", 2048, [1.0, 1.0]))
+    assert [r[0] for r in rows[:2]] == ["cpu", "cuda:1"]
+    assert [r[1] for r in rows[:2]] == [f"{equal.index(j)}-{len(equal) - 1 - equal[::-1].index(j)}" for j in (0, 1)]
 
 
 def test_the_plan_follows_every_flag_of_the_run_and_refuses_what_the_run_refuses(tmp_path, capsys):
@@ -913,7 +928,10 @@ def test_the_plan_follows_every_flag_of_the_run_and_refuses_what_the_run_refuses
                            (("--batch-size", "-5"), "--batch-size must be at least 1, got -5"),
                            (("--layers", "1,9"), "--layers '1,9': give increasing layer numbers in 0..4"),
                            (("--device", "cpu,cpu,cpu", "--plan-gib", "80,80"), "--plan-gib gives the memory of "
-                            "2 device(s), --device cpu,cpu,cpu names 3: give one figure per device")]:
+                            "2 device(s), --device cpu,cpu,cpu names 3: give one figure per device"),
+                           (("--device", "cuda:0,cuda:0", "--plan-gib", "80,80"),      # (planned; the run refuses
+                            "device 'cuda:0,cuda:0': cuda:0 is listed twice"),          # them)
+                           (("--device", "bogus,cpu", "--plan-gib", "1,1"), "device 'bogus,cpu': entry 'bogus'")]:
         rc, out = plan(*flags)
         assert rc == 1 and out.err.startswith(f"error: {message}") and "Traceback" not in out.err, flags
     assert L.main(["--plan"]) == 2 and "--plan needs --model" in capsys.readouterr().err
