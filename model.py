@@ -177,10 +177,6 @@ class Config:
         if not isinstance(mt, str) or mt not in READERS:
             raise CheckpointError(f"unsupported model_type {mt!r} in config.json: supported are "
                                   + ", ".join(repr(s) for s in SUPPORTED))
-        if quant := c.get("quantization_config"):   # (else --plan counted it as float weights: the files say so only
-            method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant        # when loaded)
-            refuse(c, f"quantization_config ({method})", "editing needs float16, bfloat16, float32 or float64 "
-                   "weights; a quantised checkpoint's are not")
         for name in Config.HF_SIZES:               # before a reader divides by one (None: the family's default)
             v = c.get(name)
             if v is not None and not count(v):

@@ -278,6 +278,11 @@ def print_plan(args) -> int:
     if not any(Path(settings.model).glob("*.safetensors")):   # planning before the download: config.json only
         print(f"no weights in {settings.model} yet: planned from config.json alone (the run checks the "
               "checkpoint's files when it loads them)")
+        if quant := M.read_json(Path(settings.model) / "config.json").get("quantization_config"):
+            method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+            print(f"config.json has a quantization_config ({method}): planned as float weights of --dtype; the run "
+                  "loads float tensors only (a quantised checkpoint's are refused then; a merge saved in 16 bits "
+                  "that kept the entry loads)")
     host = args.plan_host_gib * 2 ** 30 if args.plan_host_gib else device_memory(torch.device("cpu"))
     if args.plan_gib:
         names = [str(dev) for dev in typed] if typed else [f"device {i}" for i in range(len(args.plan_gib))]

@@ -439,8 +439,6 @@ def _broken(tmp_path, how):
     ('config:rms_norm_eps="tiny"', "norm_eps 'tiny' is not a positive number"),
     ("config:rope_theta=-1", "rope_theta -1 is not a positive number"),
     ('config:model_type=["llama"]', r"unsupported model_type \['llama'\]"),          # (was: unhashable type)
-    ('config:quantization_config={"quant_method": "gptq", "bits": 4}',                 # (--plan counted float
-     r"quantization_config \(gptq\) is not supported .editing needs float16"),         # weights)
     ('config:eos_token_id="2"', "eos_token_id '2' is not supported .a token id is a whole number"),  # (was a TypeError
     ("config:eos_token_id=[[2]]", r"eos_token_id \[\[2\]\] is not supported"),                     # in the tokenizer)
     ("config:pad_token_id=1e30", "pad_token_id 1e.30 is not supported"),
@@ -1303,6 +1301,23 @@ def _stories_with(tmp_path, change):
     change(w)
     save_file(w, d / "model.safetensors")
     return d
+
+
+def test_a_quantization_config_left_in_a_float_checkpoint_loads_and_the_plan_says_what_it_counts(tmp_path, capsys):
+    """QLoRA/Unsloth merges saved in 16 bits keep bitsandbytes' quantization_config in config.json:
+    their float tensors load (the tensors' dtypes decide, above); --plan from config.json alone
+    counts float weights and says so."""
+    d = tmp_path / "merged"
+    shutil.copytree(STORIES, d)
+    config = json.loads((d / "config.json").read_text())
+    quant = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (d / "config.json").write_text(json.dumps(config | {"quantization_config": quant}))
+    ids = torch.tensor([[1, 400, 50, 7]])
+    assert torch.equal(M.load(d)(ids).logits, M.load(STORIES)(ids).logits)
+    import lyaplock as L
+    (d / "model.safetensors").unlink()
+    assert L.main(["--plan", "--model", str(d), "--layers", "1,2"]) == 0
+    assert "config.json has a quantization_config (bitsandbytes): planned as float weights" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("dtype,code", [(torch.int8, "I8"), (torch.bool, "BOOL"), (torch.int32, "I32"),
