@@ -1695,7 +1695,8 @@ def check_devices(spec, here: bool = True) -> list[torch.device]:
     for name in names:
         dev, problem = _device_problem(name.strip(), here)
         if problem:
-            raise ValueError(f"device {spec!r}: entry {name.strip()!r}: {problem}")
+            entry = f"entry {name.strip()!r}: " if len(names) > 1 else ""
+            raise ValueError(f"device {spec!r}: {entry}{problem}")
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device() if here else 0)
         dev = torch.device("cpu") if dev.type == "cpu" else dev    # cpu:0 is cpu

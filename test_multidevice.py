@@ -931,7 +931,8 @@ def test_the_plan_follows_every_flag_of_the_run_and_refuses_what_the_run_refuses
                             "2 device(s), --device cpu,cpu,cpu names 3: give one figure per device"),
                            (("--device", "cuda:0,cuda:0", "--plan-gib", "80,80"),      # (planned; the run refuses
                             "device 'cuda:0,cuda:0': cuda:0 is listed twice"),          # them)
-                           (("--device", "bogus,cpu", "--plan-gib", "1,1"), "device 'bogus,cpu': entry 'bogus'")]:
+                           (("--device", "bogus,cpu", "--plan-gib", "1,1"), "device 'bogus,cpu': entry 'bogus'"),
+                           (("--device", "cuda:x", "--plan-gib", "1"), "device 'cuda:x': use cpu, cuda or cuda:N")]:
         rc, out = plan(*flags)
         assert rc == 1 and out.err.startswith(f"error: {message}") and "Traceback" not in out.err, flags
     assert L.main(["--plan"]) == 2 and "--plan needs --model" in capsys.readouterr().err
