@@ -875,10 +875,7 @@ def run_experiment(model_dir, n_edits, batch_size, methods, eval_every, seed, de
     layers = L.parse_layers(layers, m.cfg.n_layers) if isinstance(layers, str) else layers
     layers = tuple(layers or L.preset(m.cfg, "lyaplock").layers)
     runs = {spec: run_hparams(spec, m.cfg, layers, batch_size) for spec in methods}   # all checked first
-    alike = {}
-    for spec, hp in runs.items():                    # (lyaplock and lyaplock:alpha=60 ran twice)
-        if (same := alike.setdefault(json.dumps(asdict(hp)), spec)) != spec:
-            raise ValueError(f"--methods: {same} and {spec} are one run (the same settings); give one of them")
+    check_one_name_per_run(runs, {})
     edits = make_stream(stream, m, model_dir, n_edits, batch_size, seed, n_retained)
     heldout = read_corpus(L.DEFAULT_HELDOUT)[:n_heldout]
     corpus = corpus or (model_dir / "corpus.txt" if (model_dir / "corpus.txt").exists() else L.DEFAULT_CORPUS)
@@ -888,11 +885,7 @@ def run_experiment(model_dir, n_edits, batch_size, methods, eval_every, seed, de
                   held_facts=len(edits.retained), seed=seed, corpus=str(corpus), corpus_sha256=file_sha256(corpus),
                   stats_tokens=stats_tokens, eval_every=eval_every, n_heldout=len(heldout), methods={})
     done = finished_runs(out, result, log)
-    for spec, hp in runs.items():                   # (a second name for a kept run ran it again)
-        settings = json.loads(json.dumps(asdict(hp)))
-        if same := next((name for name, run in done.items() if run["hparams"] == settings and name not in runs), None):
-            raise ValueError(f"--methods: {spec} is the run {same} complete in {out} (the same settings); give "
-                             f"{same} to keep it")
+    check_one_name_per_run(runs, done, out)
     result["before"] = measure(m, edits, 0, heldout, {l: m.edit_weight(l) for l in layers})
     result["methods"] = dict(done)           # earlier runs of these settings stay in the report
     report = (lambda: write_report(result, Path(out))) if out else (lambda: None)
@@ -906,6 +899,19 @@ def run_experiment(model_dir, n_edits, batch_size, methods, eval_every, seed, de
         editor = L.Editor(m, hp, C, L.method_templates(m, seed, hp.method), model_dir)
         run_stream(editor, edits, heldout, run, eval_every, report, log)
     return result
+
+
+def check_one_name_per_run(runs: dict, kept: dict, out=None):
+    """One name per run's settings: two given for one (lyaplock, lyaplock:alpha=60), or a new name
+    for a run `kept` complete in `out`, ran it twice (a ValueError naming both)."""
+    seen = {json.dumps(run["hparams"], sort_keys=True): name for name, run in kept.items() if name not in runs}
+    for spec, hp in runs.items():
+        same = seen.setdefault(json.dumps(json.loads(json.dumps(asdict(hp))), sort_keys=True), spec)
+        if same != spec and same in kept:
+            raise ValueError(f"--methods: {spec} is the run {same} complete in {out} (the same settings); give "
+                             f"{same} to keep it")
+        if same != spec:
+            raise ValueError(f"--methods: {same} and {spec} are one run (the same settings); give one of them")
 
 
 def model_digest(model_dir: Path) -> str:
