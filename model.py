@@ -2016,6 +2016,23 @@ def stored_source(file: Path) -> str | None:
         return None
 
 
+def check_save_target(src: Path, out: Path, ours: set, source: str):
+    """A ValueError where `out` holds another checkpoint than an earlier save of src: a config.json
+    not src's, weights files save does not write (`ours`: another layout's, another format's), or
+    of its names but not saved from src as it is now (SAVED_FROM other than `source`)."""
+    if (out / "config.json").exists() and (out / "config.json").read_bytes() != (src / "config.json").read_bytes():
+        raise ValueError(f"{out} holds another checkpoint (its config.json is not {src}'s): writing this one "
+                         "over it would mix two models; save into a new or empty directory")
+    if other := sorted(p.name for p in out.glob("*") if p.name not in ours and left_out_of_save(p.name)):
+        raise ValueError(f"{out} holds other weights ({', '.join(other[:3])}): writing this checkpoint "
+                         "beside them would mix two models; save into a new or empty directory")
+    if foreign := sorted(name for name in ours if (out / name).exists() and stored_source(out / name) != source):
+        raise ValueError(f"{out} holds weights that are not an earlier save of {src} as it is now "
+                         f"({', '.join(foreign[:3])}: another model's, a save from a copy or an earlier version "
+                         "of the model, or by an earlier version of this code): writing over them could lose "
+                         "a model; save into a new or empty directory, or remove them first")
+
+
 def save(src, out, tensors: dict[str, torch.Tensor], replace: bool = False) -> list[str]:
     """Write checkpoint `src` to `out` in its own layout (same files, names, dtypes, sharding and
     index) with the given tensors replaced, and copy the files that describe the model (config,
@@ -2037,22 +2054,11 @@ def save(src, out, tensors: dict[str, torch.Tensor], replace: bool = False) -> l
         raise ValueError(f"refusing to write the edited model into its input checkpoint {src}")
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file; the checkpoint is a directory: save into a new or empty one")
-    if not replace and (out / "config.json").exists() and \
-            (out / "config.json").read_bytes() != (src / "config.json").read_bytes():
-        raise ValueError(f"{out} holds another checkpoint (its config.json is not {src}'s): writing this one "
-                         "over it would mix two models; save into a new or empty directory")
     headers = tensor_headers(weight_files(src))
     ours = {file.name for file, _, _ in headers.values()}       # the weights files written below
-    if not replace and (other := sorted(p.name for p in out.glob("*") if p.name not in ours and left_out_of_save(p.name))):
-        raise ValueError(f"{out} holds other weights ({', '.join(other[:3])}): writing this checkpoint "
-                         "beside them would mix two models; save into a new or empty directory")
     source = saved_from(src)
-    if not replace and (foreign := sorted(name for name in ours if (out / name).exists()
-                                          and stored_source(out / name) != source)):
-        raise ValueError(f"{out} holds weights that are not an earlier save of {src} as it is now "
-                         f"({', '.join(foreign[:3])}: another model's, a save from a copy or an earlier version "
-                         "of the model, or by an earlier version of this code): writing over them could lose "
-                         "a model; save into a new or empty directory, or remove them first")
+    if not replace:
+        check_save_target(src, out, ours, source)
     if unknown := sorted(set(tensors) - set(headers)):
         raise KeyError(f"tensor(s) not in checkpoint {src}: {', '.join(unknown)}")
     for n, t in tensors.items():
