@@ -16,7 +16,6 @@ so the checkpoint's temporary directory is removed: a run stopped early keeps wh
 import argparse
 import json
 import os
-import signal
 import statistics
 import sys
 import tempfile
@@ -434,14 +433,12 @@ def main(argv=None):
         card = torch.cuda.get_device_properties(args.device).total_memory / 2 ** 30
         if not 0 < args.memory_gib <= card:
             p.error(f"--memory-gib {args.memory_gib}: give GiB above 0 and at most the card's {card:.1f}")
-    previous = signal.signal(signal.SIGTERM, data.exit_on_sigterm)
     try:
-        return run_presets(args)
+        with data.sigterm_exits():
+            return run_presets(args)
     except KeyboardInterrupt:                           # (its temporary directory is removed on the way)
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def run_presets(args) -> list[dict]:

@@ -1,5 +1,6 @@
 """Editing datasets (CounterFact, zsRE) loaded into one typed, validated record.
 
+A file holds a JSON list of records or JSON Lines (one record a line; gzip-compressed or not).
 Layouts, detected from the records themselves (not the file name):
 
 * ``counterfact-rome``: ROME/MEMIT ``counterfact.json`` (``requested_rewrite`` ...).
@@ -21,7 +22,9 @@ import os
 import re
 import signal
 import sys
+import unicodedata
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +77,9 @@ class Request:
                                         f"{len(self.neighborhood_prompts)} neighborhood prompts: give one each")
         if self.kind not in ("counterfact", "zsre"):
             bad("kind", f"'counterfact' or 'zsre', got {self.kind!r}")
+        if self.kind == "counterfact" and self.target_true is None:
+            bad("target_true", "a CounterFact request needs the true target its new one is compared with "
+                               "(kind='zsre' scores without one)")
 
     def rewrite_prompt(self) -> str:
         """The prompt with the subject filled in."""
@@ -135,13 +141,21 @@ class _Where:
         items = self.get(obj, key, field, list)
         return tuple(self.get({i: s}, i, f"{field}[{i}]") for i, s in enumerate(items))
 
+    def differ(self, new: str, true: str, field: str):
+        """A CounterFact edit changes something: its new target is not its true one."""
+        if new.strip() == true.strip():
+            raise self.error(field, f"target_new equals target_true ({new!r})")
+
     def template(self, obj: dict, key: str, subject: str) -> str:
         """A filled prompt made a template: the FIRST occurrence of the subject becomes "{}"."""
         text = self.get(obj, key, key)
         if "{}" in text:
             raise self.error(key, f'contains "{{}}" already: {text!r}')
         if subject not in text:
-            raise self.error(key, f"subject {subject!r} does not occur in prompt {text!r}")
+            nfc = lambda t: unicodedata.normalize("NFC", t)
+            hint = ("; they differ only in Unicode normalisation (composed and decomposed accents): write both in one "
+                    "form, e.g. NFC") if nfc(subject) in nfc(text) else ""
+            raise self.error(key, f"subject {subject!r} does not occur in prompt {text!r}{hint}")
         if text.count(subject) > 1:
             warnings.warn(str(self.error(key, f"subject {subject!r} occurs {text.count(subject)} times in "
                                               f"{text!r}; the first occurrence is edited")), DataWarning)
@@ -156,6 +170,7 @@ def _from_rome(w: _Where, rec: dict) -> Request:
     new = w.get(rw, "target_new", "requested_rewrite.target_new", dict)
     true = w.get(rw, "target_true", "requested_rewrite.target_true", dict)
     true_str = w.get(true, "str", "requested_rewrite.target_true.str")
+    w.differ(w.get(new, "str", "requested_rewrite.target_new.str"), true_str, "requested_rewrite.target_new.str")
     neighbors = w.strs(rec, "neighborhood_prompts", "neighborhood_prompts")
     return Request(
         case_id=w.case_id, prompt=prompt,
@@ -172,6 +187,7 @@ def _from_rome(w: _Where, rec: dict) -> Request:
 
 def _from_easyedit(w: _Where, rec: dict) -> Request:
     subject = w.get(rec, "subject", "subject")
+    w.differ(w.get(rec, "target_new", "target_new"), w.get(rec, "ground_truth", "ground_truth"), "target_new")
     return Request(
         case_id=w.case_id, prompt=w.template(rec, "prompt", subject), subject=subject,
         target_new=w.get(rec, "target_new", "target_new"),
@@ -199,14 +215,13 @@ def _from_zsre(w: _Where, rec: dict) -> Request:
 
 def question(loc: str) -> str:
     """zsRE's neighbourhood prompt as MEMIT builds it (dsets/zsre.py: record["loc"] + "?"): the
-    Natural Questions question ends in "?" before its answer is scored."""
+    Natural Questions question ends in "?" before its answer is scored (one that already ends in
+    "?" is left as it is, where MEMIT's would end in "??"; no MEND record does)."""
     return loc if loc.rstrip().endswith("?") else loc + "?"
 
 
 _READERS = {"counterfact-rome": _from_rome, "counterfact-easyedit": _from_easyedit,
             "zsre-mend": _from_zsre}
-_TARGET_NEW = {"counterfact-rome": "requested_rewrite.target_new.str",
-               "counterfact-easyedit": "target_new"}
 
 
 def _read_record(path, i: int, rec, layout: str, seen: dict) -> Request:
@@ -219,11 +234,11 @@ def _read_record(path, i: int, rec, layout: str, seen: dict) -> Request:
         raise w.error(None, f"unknown layout: found keys {sorted(rec)}; supported layouts: {_SUPPORTED}")
     if cid is None:
         raise w.error("case_id", "missing")
+    if isinstance(cid, float) and cid.is_integer():     # pandas writes 7.0 in a column with a gap
+        cid = w.case_id = int(cid)
     if isinstance(cid, bool) or not isinstance(cid, (int, str)):
         raise w.error("case_id", f"expected an int or a string, got {cid!r:.60}")
     req = _READERS[layout](w, rec)
-    if req.kind == "counterfact" and req.target_new.strip() == req.target_true.strip():
-        raise w.error(_TARGET_NEW[layout], f"target_new equals target_true ({req.target_new!r})")
     if str(cid) in seen:          # (7 and "7": one case to --snippets, whose keys are text)
         raise w.error("case_id", f"duplicate case_id {cid!r}: also record {seen[str(cid)]}")
     return req
@@ -231,14 +246,15 @@ def _read_record(path, i: int, rec, layout: str, seen: dict) -> Request:
 
 def read_text(path: Path, what: str) -> str:
     """A file's UTF-8 text (gzip-compressed if it starts with gzip's magic bytes, whatever its
-    name); any failure is a DataError naming the file."""
+    name; a byte-order mark, as Notepad and PowerShell write, dropped); any failure is a DataError
+    naming the file."""
     try:
         with open(path, "rb") as f:
             compressed = f.read(2) == b"\x1f\x8b"
         if compressed:
-            with gzip.open(path, "rt", encoding="utf-8") as f:
+            with gzip.open(path, "rt", encoding="utf-8-sig") as f:
                 return f.read()
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise DataError(f"{path}: {what} file not found") from None
     except (OSError, UnicodeDecodeError, EOFError) as e:          # gzip.BadGzipFile is an OSError
@@ -258,11 +274,25 @@ def load_requests(path, skip_bad: bool = False, limit: int | None = None
     if limit is not None and (isinstance(limit, bool) or not hasattr(limit, "__index__") or limit < 1):
         raise DataError(f"limit {limit!r}: give a number of requests, at least 1 (None: all)")
     path = Path(path)
+    return requests_from(read_records(path), path, skip_bad, limit)
+
+
+def read_records(path: Path):
+    """A JSON file's value, or a JSON Lines file's records as a list (one value a line, as the
+    `datasets` library's to_json writes); a DataError names the line that is not JSON."""
+    text = read_text(path, "data")
     try:
-        records = json.loads(read_text(path, "data"))
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON: line {e.lineno}, column {e.colno}: {e.msg}") from None
-    return requests_from(records, path, skip_bad, limit)
+        if e.msg != "Extra data":                 # a second value after the first: JSON Lines
+            raise DataError(f"{path}: not valid JSON: line {e.lineno}, column {e.colno}: {e.msg}") from None
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            records += [json.loads(line)] if line.strip() else []
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON Lines: line {number}, column {e.colno}: {e.msg}") from None
+    return records
 
 
 def requests_from(records, source="records", skip_bad: bool = False, limit: int | None = None
@@ -270,7 +300,8 @@ def requests_from(records, source="records", skip_bad: bool = False, limit: int 
     """load_requests on records already in memory (a list of dicts in one supported layout);
     messages name ``source`` where they would name the file."""
     if not isinstance(records, list) or not records:
-        got = "an empty list" if records == [] else type(records).__name__
+        got = ("an empty list" if records == [] else "one record (put it in a list, or write JSON Lines: one a line)"
+               if _layout_of(records) else type(records).__name__)
         raise DataError(f"{source}: top level must be a non-empty list of records, got {got}")
     layout = next(filter(None, map(_layout_of, records)), None)  # the first recognised record's
     if layout is None:
@@ -399,6 +430,17 @@ def read_snippets(path) -> dict:
         raise DataError(f"--snippets {path}: case {empty}'s reference texts are none or empty (consistency "
                         "compares the generations with them)")
     return raw
+
+
+@contextmanager
+def sigterm_exits():
+    """For the block, SIGTERM leaves through Python's shutdown (exit_on_sigterm), then the
+    handler before is back."""
+    previous = signal.signal(signal.SIGTERM, exit_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def exit_on_sigterm(signum, frame):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,13 +47,19 @@ class TargetBatch:
     tmask: torch.Tensor   # (B, K) True on real target tokens
 
 
-def prompt_target_batch(tok, prompts, targets, device=None) -> TargetBatch:
-    """Encode each prompt (the checkpoint's BOS rule) followed by its target's ids."""
+def prompt_target_batch(tok, prompts, targets, device=None, max_len: int | None = None) -> TargetBatch:
+    """Encode each prompt (the checkpoint's BOS rule) followed by its target's ids; with `max_len`,
+    a prompt too long for it loses its start (after the lead: a question's end is kept)."""
     seqs, tgts, lens = [], [], []
     for p, t in zip(prompts, targets, strict=True):
         pi, ti = tok.encode(p), target_ids(tok, t)
         if not pi or not ti:
             raise ValueError(f"prompt {p!r} or target {t!r} encodes to no tokens")
+        if max_len is not None and len(pi) + len(ti) > max_len:
+            room = max_len - len(ti) - len(tok.lead)
+            if room < 1:
+                raise ValueError(f"target {t!r} is {len(ti)} tokens: no room for a prompt in {max_len} positions")
+            pi = tok.lead + pi[len(tok.lead):][-room:]
         seqs.append(pi + ti)
         tgts.append(ti)
         lens.append(len(pi))
@@ -79,13 +86,13 @@ def _device(m) -> torch.device:
 
 
 @torch.no_grad()
-def target_nll(m, prompts, targets, batch_size: int = 64) -> TargetScores:
+def target_nll(m, prompts, targets, batch_size: int = 64, max_len: int | None = None) -> TargetScores:
     """Score each target after its prompt, `batch_size` pairs per forward pass, logits only at
-    the positions that predict target tokens."""
+    the positions that predict target tokens (`max_len`: prompt_target_batch's)."""
     nll, prob, correct, argmax = [torch.zeros(0)], [torch.zeros(0)], [], []
     for s in range(0, len(prompts), batch_size):
         b = prompt_target_batch(m.tokenizer, prompts[s:s + batch_size], targets[s:s + batch_size],
-                                _device(m))
+                                _device(m), max_len)
         logp = m(b.ids, b.mask, logits_at=b.pos).logits.log_softmax(-1)       # (B, K, V)
         tok_nll = -logp.gather(-1, b.tgt[..., None]).squeeze(-1) * b.tmask     # (B, K)
         n = b.tmask.sum(1)
@@ -175,11 +182,13 @@ def with_locality(before: list[dict], after: list[dict]) -> list[dict]:
     """The cases `after` with EasyEdit's locality, `locality_top1`: on the neighbourhood prompts,
     teacher-forced on the true answer, the fraction of positions whose argmax token is the one the
     model gave before editing (`before`: the same cases scored then; 1 for an unchanged model),
-    averaged over a case's prompts (EasyEdit's editor.py: mean(post == pre))."""
-    was = {c["case_id"]: c.get("neighborhood_argmax") for c in before}
+    averaged over a case's prompts (EasyEdit's editor.py: mean(post == pre)). The two lists hold
+    the same cases in the same order (matched by place: two requests may share a case id)."""
+    if [c["case_id"] for c in before] != [c["case_id"] for c in after]:
+        raise ValueError("with_locality: `before` and `after` must be the same cases in the same order")
     out = []
-    for c in after:
-        pre, now = was.get(c["case_id"]), c.get("neighborhood_argmax")
+    for b, c in zip(before, after):
+        pre, now = b.get("neighborhood_argmax"), c.get("neighborhood_argmax")
         if not pre or not now or [len(t) for t in pre] != [len(t) for t in now]:
             out.append(c)
             continue
@@ -307,14 +316,16 @@ FLUENCY_TOKENS = 100    # ROME's max_out_len: a generated text's length in token
 def generate_texts(m, prompts, text_tokens=FLUENCY_TOKENS, top_k=5, seed=0, batch_size=32) -> list[str]:
     """ROME's generate_fast for fluency and consistency: top-k sampling until each text, its prompt
     (and BOS) included, is `text_tokens` tokens long, past any end-of-text token (decoding drops
-    it); prompt and continuation decoded together; batch j is seeded with seed + j."""
+    it); prompt and continuation decoded together, then NFKD-normalised with each blank line made a
+    space, as ROME's; batch j is seeded with seed + j."""
     tok = m.tokenizer
     texts = []
     for j, s in enumerate(range(0, len(prompts), batch_size)):
         seqs = [tok.encode(p) for p in prompts[s:s + batch_size]]
         room = [max(0, text_tokens - len(q)) for q in seqs]
         new = modeling.generate(m, seqs, max(room), top_k=top_k, seed=seed + j, stop_at_eos=False)
-        texts += [tok.decode(q + n[:r]) for q, n, r in zip(seqs, new, room)]
+        texts += [unicodedata.normalize("NFKD", tok.decode(q + n[:r])).replace("\n\n", " ")
+                  for q, n, r in zip(seqs, new, room)]
     return texts
 
 
@@ -467,14 +478,16 @@ def read_task(glue_dir, name: str, n_per_task: int) -> tuple[list[str], list[int
 def general_eval(m, glue_dir, n_per_task: int = 100, tasks=tuple(TASKS), batch_size: int = 64) -> dict:
     """Zero-shot classification on the first `n_per_task` items of each `<task>.json` in glue_dir
     (the items alternate classes, so these are balanced). Headline: f1 for sst2/mrpc/rte/nli,
-    mcc for cola, accuracy for mmlu; all metrics are fractions."""
+    mcc for cola, accuracy for mmlu; all metrics are fractions. A prompt longer than the model's
+    positions (an MMLU question, for a small model) loses its start, as the edits are held to
+    them (M.Config.position_limit; a GPT-2 could not take it)."""
     results = {}
     for name in tasks:
         prompts, labels = read_task(glue_dir, name, n_per_task)
         words = TASKS[name].words
         L = len(words)
         nll = target_nll(m, [p for p in prompts for _ in words], list(words) * len(prompts),
-                         batch_size).nll_mean.view(-1, L)                  # (n, L)
+                         batch_size, m.cfg.position_limit[0]).nll_mean.view(-1, L)            # (n, L)
         results[name] = classification_metrics(labels, nll.argmin(1).tolist(), L)
     return results
 
@@ -486,6 +499,7 @@ def perplexity(m, texts, max_len: int = 256, batch_size: int = 16) -> float:
     tokenizer puts first (its template's lead: GLM's [gMASK]<sop>), else its BOS where it has one
     (GPT-2's), and cut to `max_len` tokens; texts under 2 tokens are skipped."""
     tok = m.tokenizer
+    max_len = min(max_len, m.cfg.position_limit[0])      # (a GPT-2 of fewer positions could not take it)
     seqs = [tok.encode(t, bos=None if tok.lead else tok.bos_id is not None)[:max_len] for t in texts]
     seqs = [s for s in seqs if len(s) >= 2]
     if not seqs:
@@ -497,7 +511,8 @@ def perplexity(m, texts, max_len: int = 256, batch_size: int = 16) -> float:
         nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
         real = mask[:, 1:].bool()
         total, count = total + float(nll[real].double().sum()), count + int(real.sum())
-    return math.exp(total / count)
+    mean = total / count
+    return math.exp(mean) if mean < 709.0 else math.inf         # (a collapsed model's: inf, not an OverflowError)
 
 
 # -------------------------------------------------------------------------------- summaries
@@ -590,9 +605,13 @@ def svg_plot(series: dict, title: str, ylabel: str, hline: float | None = None, 
     """A small line plot as SVG text: series name -> (xs, ys); an optional dashed threshold D.
     The legend sits below the title in columns as wide as the longest label (the figure widens
     for a label longer than it); each legend row added beyond the first makes the figure taller,
-    so the plot area keeps its size."""
-    xs = [x for v in series.values() for x in v[0]]
-    ys = [y for v in series.values() for y in v[1]] + ([hline] if hline is not None else [])
+    so the plot area keeps its size. Points that are not finite (a collapsed model's perplexity)
+    are left out of the lines and the axes."""
+    series = {k: tuple(zip(*[(x, y) for x, y in zip(*v) if math.isfinite(x) and math.isfinite(y)])) or ((), ())
+              for k, v in series.items()}
+    hline = hline if hline is not None and math.isfinite(hline) else None
+    xs = [x for v in series.values() for x in v[0]] or [0.0]
+    ys = [y for v in series.values() for y in v[1]] + ([hline] if hline is not None else []) or [0.0]
     x0, x1, y0 = min(xs), max(xs), min(0.0, min(ys))
     y1 = max(ys) * 1.05 if max(ys) > 0 else 0.0 if y0 < 0 else 1.0
     col = 28 + CHAR_W * max(len(str(k)) for k in series) + 16          # line sample, label, gap
@@ -663,7 +682,10 @@ def last_half(ys) -> list:
 
 
 def replay_error(pl: list[float], z: list[float], D: float) -> float:
-    """Largest gap between the logged queue z and E14 replayed on the logged PL from z = 1."""
+    """Largest gap between the logged queue z and E14 replayed on the logged PL from z = 1 (inf
+    where a logged value is not finite: no replay holds it)."""
+    if not all(map(math.isfinite, [*pl, *z])):
+        return math.inf
     replay, error = 1.0, 0.0
     for p, zt in zip(pl, z):
         replay = max(replay + p / D - 1, 1.0)                                 # E14
@@ -835,10 +857,11 @@ def audit_run(run: Run) -> dict:
 
 
 def queue_findings(audits: dict) -> list[str]:
-    """The verdict's lines on the layers with a queue."""
+    """The verdict's lines on the layers with a queue whose log is E14's (verdict names the others)."""
     out = []
     joined = lambda ls: ", ".join(ls)
-    of = lambda trend: [l for l, a in audits.items() if a["queue"] and a["trend"] == trend]
+    of = lambda trend: [l for l, a in audits.items() if a["queue"] and a["holds"] and a["replay_ok"]
+                        and a["trend"] == trend]
     if grow := of("growing"):
         rates = ", ".join(f"+{audits[l]['slope']:.3g}/step on layer {l}" for l in grow)
         out.append(f"the queue grows linearly on layer(s) {joined(grow)} (z {rates}: PL runs above D by "

@@ -1780,7 +1780,7 @@ def parse_args(argv=None):
                f"(figures and the queue's audit). On --resume only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} "
                f"may differ from the run's settings. Quick start (CPU, under a minute): {QUICKSTART}")
     p.add_argument("--model", help="HF checkpoint directory (config.json, *.safetensors, tokenizer.json)")
-    p.add_argument("--edits", help="requests: CounterFact (ROME or EasyEdit layout) or zsRE (MEND) JSON")
+    p.add_argument("--edits", help="requests: CounterFact (ROME or EasyEdit layout) or zsRE (MEND): a JSON list or JSON Lines")
     p.add_argument("--method", choices=list(METHODS), default="lyaplock", help="the update rule (README "
                    "\"Methods\"): lyaplock, the baselines of the paper's comparison, and LyapLock's queue "
                    "plugged into some of them (default lyaplock)")
@@ -2043,6 +2043,9 @@ def check_outputs(args, model_path):
         if not path:                     # (--save-model '' wrote the edited model into the working directory)
             raise ValueError(f"{flag} '': give a directory")
         path = Path(path)
+        if flag == "--stats-cache" and Path(model_path).resolve() in (path.resolve(), *path.resolve().parents):
+            raise ValueError(f"--stats-cache {path} is inside --model {model_path}: keep the cache apart from the "
+                             "checkpoint (its files would add to the checkpoint's)")
         here = path if path.exists() else existing_parent(path)          # where it is, or will be made
         if not path.exists() and not here.is_dir():
             raise ValueError(f"{flag} {path}: {here} is a file, so no directory can be made there")
@@ -2264,7 +2267,12 @@ def collapsed(settings: Settings, before: dict, now: dict) -> dict | None:
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
+    with data.sigterm_exits():         # `kill`, `timeout`, torchrun's agent: the finally blocks clean up
+        return command(sys.argv[1:] if argv is None else list(argv))
+
+
+def command(argv: list) -> int:
+    """main's work: the editing run, or the stats or report command."""
     if argv[:1] == ["stats"]:
         return stats.main(argv[1:])
     if argv[:1] == ["report"]:
@@ -2429,7 +2437,10 @@ def start_or_resume(editor: Editor, requests, settings: Settings, out: Path):
     else:
         data.write_jsonl(out / "cases_pre.jsonl", score_cases(editor.model, requests, settings.generation,
                                                               snippets_of(settings), settings.seed))
-        data.write_jsonl(out / "ability.jsonl", [general_ability(editor, settings)])
+        first = general_ability(editor, settings)
+        if settings.stop_below:         # a value before editing the rule cannot use: said now, not steps later
+            collapsed(settings, first, first)
+        data.write_jsonl(out / "ability.jsonl", [first])
         editor.checkpoint(out)
     step = editor.state.step
     data.trim_jsonl(out / "log.jsonl", lambda e: e["step"] < step)

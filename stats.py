@@ -455,7 +455,7 @@ def load_stats_file(path, model: M.CausalLM, model_path, layers, log=print,
     path = Path(path)
     if not path.exists():
         raise StatisticsError(f"--stats {path}: no such file or directory")
-    if path.is_dir() or path.suffix == ".npz":
+    if path.is_dir() or (path.suffix == ".npz" and not is_statistics_file(path)):
         return load_authors_stats(path, model, layers, log, state_device)
     meta, key, digests = read_meta(path)
     check_key(path, key, model, model_path, layers, known)
@@ -514,8 +514,19 @@ def authors_files(path: Path, model: M.CausalLM, layers) -> dict[int, tuple[Path
                 break
         else:
             raise StatisticsError(f"--stats {path}: no statistics for layer {l} (a file named {module}_"
-                                  "<precision>_mom2_<n>.npz, there or in a <dataset>_stats/ folder)")
+                                  f"<precision>_mom2_<n>.npz, there or in a <dataset>_stats/ folder){elsewhere(path, module)}")
     return out
+
+
+def elsewhere(path: Path, module: str) -> str:
+    """Where in a directory the user may have meant: a model's folder of their files below it (a
+    <stats_dir> given for <stats_dir>/<model>), or a statistics file of ours in it."""
+    below = sorted({f.parent.parent if f.parent.name.endswith("_stats") else f.parent
+                    for f in [*path.glob(f"*/{module}_*.npz"), *path.glob(f"*/*_stats/{module}_*.npz")]})
+    if below:
+        return f"; {', '.join(map(str, below))} {'has' if len(below) == 1 else 'have'} them: give --stats that folder"
+    ours = sorted(f for f in path.glob("*.safetensors") if is_statistics_file(f))
+    return f"; {ours[0]} is a statistics file: give --stats that file" if ours else ""
 
 
 def check_kind(file: Path, kind: str | None):
@@ -549,6 +560,8 @@ def read_authors_file(file: Path, kind: str | None, m: int) -> torch.Tensor:
     n = float(count) if count.shape == () and count.dtype.kind in "iuf" else math.nan
     if not (math.isfinite(n) and n >= 1 and n == int(n)):
         raise StatisticsError(f"{file}: {kind}.count is {count!r}, not a token count")
+    if n < m:                                 # (as a corpus of fewer tokens is refused: corpus_sequences)
+        raise StatisticsError(f"{file}: {kind}.count is {n:.0f} tokens, fewer than d_mlp = {m}: C would be singular")
     tolerance = float(np.finfo(S.dtype).eps) ** 0.5      # float64: 1.5e-8, float32: 3.5e-4 of the largest
     S = torch.from_numpy(S).double()
     if not bool(torch.isfinite(S).all()) or float((S - S.T).abs().max()) > tolerance * float(S.abs().max()):
@@ -694,6 +707,9 @@ def parse_args(argv):
     if Path(args.model).resolve() in out.resolve().parents:
         raise ValueError(f"--out {args.out} is inside --model {args.model}: keep the statistics file apart from "
                          "the checkpoint (it would replace or add to the checkpoint's files)")
+    if out.suffix == ".npz":              # (--stats reads a .npz as the MEMIT/ROME code's file)
+        raise ValueError(f"--out {args.out}: a statistics file is safetensors; .npz names the MEMIT/ROME code's "
+                         f"layer files: give e.g. {out.with_suffix('.safetensors')}")
     if out.exists() and not is_statistics_file(out):
         raise ValueError(f"--out {args.out} exists and is not a statistics file: give a new path (only an "
                          "earlier statistics file is written over)")
@@ -742,7 +758,8 @@ def main(argv=None) -> int:
                 torch.cuda.set_device(device)
             dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         try:
-            write_statistics(args, device, rank, world)
+            with data.sigterm_exits():       # (torchrun's agent stops the other ranks so: their files go)
+                write_statistics(args, device, rank, world)
         finally:
             if world > 1:
                 dist.destroy_process_group()
@@ -753,6 +770,23 @@ def main(argv=None) -> int:
         print(f"\ninterrupted{f' (rank {rank})' if world > 1 else ''}: no statistics file written", file=sys.stderr)
         return 130
     return 0
+
+
+def same_inputs(key: dict, world: int):
+    """A StatisticsError on every rank unless every rank's key (its weights, tokenizer, corpus and
+    settings: what C depends on) is rank 0's: a node whose path holds another checkpoint or
+    corpus would add its sums to the others' under rank 0's key."""
+    keys = [None] * world
+    dist.all_gather_object(keys, key)
+    for rank, other in enumerate(keys):
+        if differs := [f for f in sorted(key) if other.get(f) != keys[0].get(f) and f != "weights"]:
+            if "tensors" in differs:                      # (the fingerprint "weights" differs with them)
+                tensors = [n for n in sorted(set(other["tensors"]) | set(keys[0]["tensors"]))
+                           if other["tensors"].get(n) != keys[0]["tensors"].get(n)]
+                differs[differs.index("tensors")] = "the tensors " + ", ".join(tensors[:3]) + " ..." * (len(tensors) > 3)
+            raise StatisticsError(f"rank {rank} read other inputs than rank 0 ({', '.join(differs)} differ): "
+                                  "every process must read the same model, tokenizer and corpus with the same "
+                                  "settings")
 
 
 def write_statistics(args, device: str, rank: int, world: int):
@@ -771,7 +805,9 @@ def write_statistics(args, device: str, rank: int, world: int):
     corpus = Path(args.stats_corpus or lyaplock.DEFAULT_CORPUS)
     max_len = positions_cap(model.cfg, args.max_len, say)
     seqs, total = corpus_sequences(model, corpus, args.stats_tokens, max_len)
-    key = stats_key(args.model, model, layers, corpus, args.stats_tokens, max_len) if rank == 0 else None
+    key = stats_key(args.model, model, layers, corpus, args.stats_tokens, max_len)
+    if world > 1:
+        same_inputs(key, world)
     progress = None
     if rank == 0:
         progress = Progress(rank_share(seqs, args.batch_tokens, rank, world), say, tty=sys.stderr.isatty(),

@@ -1,4 +1,4 @@
-"""Tests of data.py: the edit datasets (CounterFact, zsRE, EasyEdit and MQuAKE layouts) and corpora
+"""Tests of data.py: the edit datasets (CounterFact in ROME's and EasyEdit's layouts, zsRE in MEND's) and corpora
 are read exactly and bad input is refused with the file, record and field named. Run:
 python -m pytest -q test_data.py"""
 import ast
@@ -152,6 +152,8 @@ BAD_RECORDS = [  # base, field to change, new value (... = delete), field named,
     (ROME_REC, "neighborhood_prompts", ..., "neighborhood_prompts", "missing"),
     (ROME_REC, "case_id", 7.5, "case_id", "int or a string"),
     (EASY_REC, "prompt", "The capital of Spain is", "prompt", "'France' does not occur"),
+    (dict(EASY_REC, subject="Zu\u0308rich", prompt="The capital of Zu\u0308rich is"), "prompt",
+     "The capital of Z\u00fcrich is", "prompt", "differ only in Unicode normalisation"),   # NFC prompt, NFD subject
     (EASY_REC, "subject", "  ", "subject", "empty"),
     (EASY_REC, "target_new", "Paris", "target_new", "equals target_true"),
     (EASY_REC, "rephrase_prompt", ["a", "b"], "rephrase_prompt", "expected a string"),
@@ -194,6 +196,8 @@ def test_data_missing_case_id_and_duplicates(tmp_path):
 @pytest.mark.parametrize("content,parts", [
     ('[{"case_id": 1},\n {oops}]', ["not valid JSON", "line 2", "column 3"]),
     ({"case_id": 1}, ["non-empty list", "dict"]),
+    (EASY_REC, ["non-empty list", "one record (put it in a list, or write JSON Lines"]),
+    ('{"case_id": 1}\n{"case_id": 2}\n{oops}\n', ["not valid JSON Lines", "line 3", "column 2"]),
     ([], ["non-empty list", "empty list"]),
     ([EASY_REC, 5], ["record 1", "expected an object", "int"]),
     ([EASY_REC, {"question": "q", "answer": "a"}],
@@ -230,6 +234,27 @@ def test_data_skip_bad_reports_and_limit(tmp_path):
     assert [r.case_id for r in reqs] == [0] and skipped == []
     reqs, skipped = load_requests(FIX / "counterfact-easyedit.json", limit=5)
     assert [r.case_id for r in reqs] == [0, 1, 4, 5, 6] and skipped == []  # ids of the file
+
+
+def test_data_json_lines_byte_order_marks_and_whole_float_ids_load(tmp_path):
+    """Files as users have them: JSON Lines (the datasets library's to_json; was "Extra data"), a
+    UTF-8 byte-order mark (Notepad, PowerShell; was refused in edits, and kept a corpus's first
+    WikiText heading as text), a case id 7.0 (pandas, in a column with a gap; was refused)."""
+    plain = FIX / "counterfact-easyedit.json"
+    records = json.loads(plain.read_text(encoding="utf-8"))
+    lines = tmp_path / "cf.jsonl"
+    lines.write_text("\n".join(map(json.dumps, records)) + "\n\n", encoding="utf-8")
+    assert load_requests(lines)[0] == load_requests(plain)[0]
+    marked = tmp_path / "bom.json"
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    assert load_requests(marked)[0] == load_requests(plain)[0]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes("\ufeff = Title = \r\n\r\n Some text . \r\n".encode("utf-8"))
+    assert data.read_corpus(corpus) == ["Some text ."]
+    whole = tmp_path / "float-ids.json"
+    whole.write_text(json.dumps([dict(r, case_id=float(r["case_id"])) for r in records[:3]]), encoding="utf-8")
+    assert load_requests(whole)[0] == load_requests(plain, limit=3)[0]
+    assert [type(q.case_id) for q in load_requests(whole)[0]] == [int] * 3
 
 
 def test_data_gzip_files_load_like_plain_ones(tmp_path):
@@ -315,14 +340,16 @@ def test_data_requests_from_records_in_memory_is_load_requests(tmp_path):
 
 def test_a_request_built_by_hand_is_checked_as_a_loaded_one():
     """dataclasses.replace(q, target_new="") edited towards a bare space; answers fewer than the
-    neighbourhood prompts were an IndexError in the scoring; a number as target an AttributeError."""
+    neighbourhood prompts were an IndexError in the scoring; a number as target an AttributeError;
+    a CounterFact request without a true target an AttributeError in the scoring."""
     q = data.load_requests(FIX / "counterfact-rome.json", limit=1)[0][0]
     for change, message in ((dict(target_new=""), "field 'target_new': expected a non-empty string"),
                             (dict(target_new=5), "field 'target_new': expected a non-empty string, got 5"),
                             (dict(prompt="no subject"), "field 'prompt': needs exactly one"),
                             (dict(neighborhood_answers=()), "field 'neighborhood_answers': 0 answers for 1 "),
                             (dict(paraphrase_prompts=["a {}"]), "field 'paraphrase_prompts': expected a tuple"),
-                            (dict(kind="other"), "field 'kind': 'counterfact' or 'zsre'")):
+                            (dict(kind="other"), "field 'kind': 'counterfact' or 'zsre'"),
+                            (dict(target_true=None), "field 'target_true': a CounterFact request needs")):
         with pytest.raises(data.DataError, match=f"Request {q.case_id!r}: {message}"):
             dataclasses.replace(q, **change)
 

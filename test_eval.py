@@ -1,5 +1,6 @@
 """Tests of eval.py: the editing metrics against hand computations on a model we control, and the
 general-ability measures on the real checkpoint. Run: python -m pytest -q test_eval.py"""
+import dataclasses
 import json
 import math
 import shutil
@@ -135,7 +136,11 @@ def test_locality_is_easyedits_agreement_with_the_model_before_editing():
     zsre = [cf_request(4, "r", ["p1"], ["n2"], kind="zsre")]
     post = E.with_locality(E.zsre_eval(before, zsre), E.zsre_eval(after, zsre))
     assert post[0]["locality_top1"] == 0.0
-    assert "locality_top1" not in E.with_locality([], post[:0] + E.zsre_eval(after, zsre))[0]   # no before: none
+    twins = [dataclasses.replace(q, case_id=7) for q in reqs]        # one id twice (a hand-built list): by place
+    post = E.with_locality(E.counterfact_eval(before, twins), E.counterfact_eval(after, twins))
+    assert [c["locality_top1"] for c in post] == [pytest.approx(2 / 3), 0.0, 0.5]
+    with pytest.raises(ValueError, match="same cases in the same order"):
+        E.with_locality(pre[::-1], E.counterfact_eval(after, reqs))
 
 
 def test_target_nll_multi_token_by_hand():
@@ -251,6 +256,8 @@ def test_fluency_texts_are_romes_hundred_tokens_past_the_end_of_text(lm, monkeyp
     for p, q, text in zip(prompts, seqs, texts):
         assert text == lm.tokenizer.decode(q + [lm.tokenizer.eos_ids[0]] + [300] * (99 - len(q)))
         assert text.startswith(p) and len(lm.tokenizer.encode(text)) > 90
+    monkeypatch.setattr(lm.tokenizer, "decode", lambda ids: "Caf\u00e9 au lait\n\nNext")     # ROME's text rules:
+    assert E.generate_texts(lm, prompts[:1]) == ["Cafe\u0301 au lait Next"]                 # NFKD, blank line a space
 
 
 def test_target_ids_are_the_targets_ids_inside_the_sentence(tmp_path):
@@ -318,6 +325,38 @@ def test_perplexity_scores_after_what_the_template_puts_first(tmp_path):
     logp = m(torch.tensor([ids])).logits[0].log_softmax(-1)
     nll = -sum(float(logp[i, ids[i + 1]]) for i in range(len(ids) - 1)) / (len(ids) - 1)
     assert E.perplexity(m, [text]) == pytest.approx(math.exp(nll), rel=1e-5)
+
+
+def test_prompts_and_texts_past_the_model_s_positions_lose_their_start_and_a_collapse_is_inf(tmp_path):
+    """General ability and perplexity are held to the model's positions as the edits are: a GPT-2
+    of 64 learned positions failed on the 98-token prompt of a bundled task (after the run had
+    begun), a RoPE model ran past its trained length. A prompt too long keeps its end (the
+    question and "Answer:"), after the lead; a text its start. A collapsed model's perplexity is
+    inf (it was an OverflowError in math.exp, where --stop-below should record the collapse)."""
+    d = tmp_path / "short"
+    shutil.copytree(FIX / "stories260K-hf", d)
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(config | {"max_position_embeddings": 64}))
+    m = M.load(d)
+    prompts, _ = E.read_task(FIX / "glue", "mmlu", 4)
+    assert all(len(m.tokenizer.encode(p)) > 64 for p in prompts)
+    words = list(E.TASKS["mmlu"].words)
+    got = E.target_nll(m, [p for p in prompts for _ in words], words * 4, max_len=64).nll_mean
+    lead = m.tokenizer.lead
+    for i, (p, w) in enumerate((p, w) for p in prompts for w in words):              # by hand: one at a time
+        t = E.target_ids(m.tokenizer, w)
+        ids = lead + m.tokenizer.encode(p)[len(lead):][-(64 - len(t) - len(lead)):] + t
+        assert len(ids) == 64
+        logp = m(torch.tensor([ids])).logits[0].log_softmax(-1)
+        nll = -sum(float(logp[64 - len(t) - 1 + j, t[j]]) for j in range(len(t))) / len(t)
+        assert float(got[i]) == pytest.approx(nll, rel=1e-5)
+    assert E.general_eval(m, FIX / "glue", n_per_task=4, tasks=("mmlu",))["mmlu"]["accuracy"] == \
+        E.classification_metrics(E.read_task(FIX / "glue", "mmlu", 4)[1], got.view(4, 4).argmin(1).tolist(), 4)["accuracy"]
+    texts = [" ".join(["Once upon a time, there was a little dog."] * 20)]
+    assert E.perplexity(m, texts) == E.perplexity(m, texts, max_len=64) != E.perplexity(M.load(FIX / "stories260K-hf"), texts)
+    with torch.no_grad():
+        m.norm.weight.mul_(3000)                                  # every prediction sure and wrong
+    assert E.perplexity(m, texts) == math.inf
 
 
 def test_generation_eval_runs_and_is_seeded(lm):

@@ -1698,6 +1698,19 @@ def test_general_ability_score_for_the_stop_rule():
         L.collapsed(settings, {"general": {"cola": {"mcc": 0.0}}}, {"general": {"cola": {"mcc": 0.0}}})
 
 
+def test_a_value_before_editing_the_stop_rule_cannot_use_is_refused_before_the_first_step(tmp_path, capsys,
+                                                                                           monkeypatch):
+    """A model whose ability before editing is 0 (zero-shot scores of 0; a perplexity of inf) gave
+    --stop-below's error only at the first evaluation point, after --eval-every steps of editing
+    (and again on each resume)."""
+    monkeypatch.setattr(L, "general_ability", lambda editor, settings, final=False: dict(
+        step=editor.state.step, edits=editor.state.n_edits, final=final, perplexity=math.inf))
+    monkeypatch.setattr(L, "edit_batch", lambda *a, **k: pytest.fail("a step was edited"))
+    assert L.main(_cli(tmp_path, "--out", str(tmp_path / "run"), "--eval-every", "1", "--stop-below", "0.5")) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == ("error: --stop-below: the 1/perplexity before editing is 0; "
+                                                        "the rule needs a positive value")
+
+
 def test_readme_python_api_example_runs(tmp_path, capsys, monkeypatch):
     text = (HERE / "README.md").read_text()
     code = text.split("## Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
@@ -2458,7 +2471,10 @@ def test_cli_refuses_outputs_it_would_overwrite_before_the_model_loads(tmp_path,
              f"--stats-cache {tmp_path}/a-file is a file, not a directory; give a directory (made where missing)"),
             (("--out", f"{tmp_path}/run", "--save-model", ""), "--save-model '': give a directory"),  # (it saved into
             (("--out", ""), "--out '': give a directory"),                                        # the working dir)
-            (("--out", f"{tmp_path}/run", "--stats-cache", ""), "--stats-cache '': give a directory")]:
+            (("--out", f"{tmp_path}/run", "--stats-cache", ""), "--stats-cache '': give a directory"),
+            (("--out", f"{tmp_path}/run", "--stats-cache", f"{STORIES}/cache"),     # (added stats-*.safetensors
+             f"--stats-cache {STORIES}/cache is inside --model {STORIES}: keep the cache apart from the "  # to it)
+             "checkpoint (its files would add to the checkpoint's)")]:
         assert L.main(_cli(tmp_path, *extra)) == 1
         assert capsys.readouterr().err == f"error: {message}\n"
     assert not (tmp_path / "run").exists()

@@ -171,6 +171,16 @@ def test_a_log_that_breaks_E13_or_disagrees_with_the_checkpoint_is_flagged(tmp_p
     text = E.report(d)
     assert not E.audit_run(E.read_run(d))["1"]["replay_ok"]
     assert "the log breaks E13/T1 on layer(s) 1" in text and "(log ≠ E14 replay)" in text
+    verdict = text.split("## Verdict")[1].split("##")[0]
+    assert "T1's bound holds" not in verdict and "strongly stable" not in verdict      # (it said both beside it)
+    stuck = [dict(pl=0.1, D=0.2, z=1.0)] + [dict(pl=0.5, D=0.2, z=1.0)] * 5          # z should rise: it stays 1
+    nan = [dict(e) for e in log]
+    nan[1]["pl"] = float("nan")                                 # (the replay stopped checking after it)
+    for name, entries in (("stuck", stuck), ("nan", nan)):
+        d = write_run(tmp_path / name, {"1": entries}, alpha=alpha)
+        assert not E.audit_run(E.read_run(d))["1"]["replay_ok"]
+        verdict = E.report(d).split("## Verdict")[1].split("##")[0]
+        assert "the log breaks E13/T1 on layer(s) 1" in verdict and "the queue is" not in verdict, verdict
     D = alpha * pl0                                         # a checkpoint after step 3 (4 steps done)
     for name, Z in (("agrees", log[3]["z"] * math.sqrt(D)), ("differs", 1.01 * log[3]["z"] * math.sqrt(D))):
         run = write_run(tmp_path / name, {"1": log}, alpha=alpha, summary=False)
@@ -297,8 +307,9 @@ def test_report_marks_the_stop_and_writes_well_formed_figures(tmp_path):
             "fell below 0.25 (--stop-below 0.5 × its 0.5 before editing)") in text
     assert text.index("collapse point") < text.index("T1's bound holds")        # the most urgent first
     assert "the queue is at its floor (PL ≤ D at every step, at most 0.5·D) on layer(s) 2 and T1's" in text
-    stable = dict(queue=True, trend="stable", max_pl_over_D=1.2, mean_pl=0.19, D=0.2, slack=0.01)
-    floor = dict(queue=True, trend="floor", max_pl_over_D=0.5, mean_pl=0.1, D=0.2, slack=0.0)
+    sound = dict(queue=True, holds=True, replay_ok=True)
+    stable = sound | dict(trend="stable", max_pl_over_D=1.2, mean_pl=0.19, D=0.2, slack=0.01)
+    floor = sound | dict(trend="floor", max_pl_over_D=0.5, mean_pl=0.1, D=0.2, slack=0.0)
     assert E.queue_findings({"1": stable, "2": floor})[0].startswith(      # both kinds: each named
         "the queue is strongly stable on layer(s) 1, 2 (at its floor on 2: PL ≤ D at every step, at most 0.5·D) and")
     names = ["pl_layer1.svg", "pl_layer2.svg", "queue.svg", "perplexity.svg", "general.svg", "metrics.svg"]
@@ -311,6 +322,12 @@ def test_report_marks_the_stop_and_writes_well_formed_figures(tmp_path):
     assert "efficacy (gen.)" in (d / "metrics.svg").read_text()
     one_point = E.svg_plot({"a<b & c": ([1], [-0.5])}, "x < y", "z")         # escaped; a single point
     assert ET.fromstring(one_point).tag.endswith("svg")
+    collapsed = E.svg_plot({"ppl": ([0, 10, 20, 30], [100.0, float("nan"), 140.0, float("inf")])}, "p", "p",
+                           hline=float("nan"))       # (points "220.0,nan", labels at y="nan", all else at 0)
+    assert "nan" not in collapsed and "inf" not in collapsed and ET.fromstring(collapsed).tag.endswith("svg")
+    assert E.svg_plot({"ppl": ([0, 10], [100.0, 140.0])}, "p", "p").split("<polyline")[1] == \
+        collapsed.split("<polyline")[1]                                  # the finite points as they were
+    assert ET.fromstring(E.svg_plot({"none": ([], [])}, "p", "p")).tag.endswith("svg")   # (was min() of nothing)
 
 
 # ----------------------------------------------------------------------- generative efficacy

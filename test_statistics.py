@@ -386,7 +386,7 @@ def test_their_mom2_files_give_C_as_sum_over_count(tmp_path, stories):
     k = torch.randn(50, 172, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     mirrored = (k.T @ k).tril() + (k.T @ k).tril(-1).T
     files = {1: their_file(folder, 1, S_=mirrored.numpy()), 2: their_file(folder, 2)}
-    their_file(folder, 2, "KK_T", count=7)                    # LyapLock's kk_t beside it: mom2 is taken
+    their_file(folder, 2, "KK_T", count=700)                    # LyapLock's kk_t beside it: mom2 is taken
     for where in (folder, folder.parent):                      # <model>/wikipedia_stats or <model>
         logs = []
         C = S.load_stats_file(where, stories, STORIES, (1, 2), log=logs.append)
@@ -402,8 +402,8 @@ def test_their_mom2_files_give_C_as_sum_over_count(tmp_path, stories):
     one = S.load_stats_file(files[2], stories, STORIES, (2,), log=quiet)      # one file, one layer
     assert torch.equal(one[2], C[2])
     kk = tmp_path / "kk"                                                       # only LyapLock's KK_T
-    their_file(kk, 1, "KK_T", S_=mirrored.numpy(), count=7)
-    assert torch.equal(S.load_stats_file(kk, stories, STORIES, (1,), log=quiet)[1], mirrored / 7)
+    their_file(kk, 1, "KK_T", S_=mirrored.numpy(), count=700)
+    assert torch.equal(S.load_stats_file(kk, stories, STORIES, (1,), log=quiet)[1], mirrored / 700)
 
 
 @pytest.mark.parametrize("family, theirs", [     # their hparams' rewrite_module_tmp
@@ -433,6 +433,11 @@ def test_their_files_that_do_not_fit_are_refused(tmp_path, stories):
     refused(tmp_path / "a", (1,), r"layer 1 has 2 mom2 files \(.*_1000.npz, .*_100000.npz\); keep one")
     refused(their_file(tmp_path / "b", 1, m=64), (1,), r"mom2.mom2 is float64 \(64, 64\); a float \(172, 172\)")
     refused(their_file(tmp_path / "c", 1, count=0), (1,), "mom2.count is .*not a token count")
+    refused(their_file(tmp_path / "c2", 1, count=171), (1,), "mom2.count is 171 tokens, fewer than d_mlp = 172: "
+                                                             "C would be singular")
+    their_file(tmp_path / "stats_dir" / "stories" / "wikipedia_stats", 1)       # <stats_dir> for <stats_dir>/<model>
+    refused(tmp_path / "stats_dir", (1,), f"no statistics for layer 1 .*; {tmp_path / 'stats_dir' / 'stories'} has "
+                                          "them: give --stats that folder")
     skew = np.triu(np.ones((172, 172)))
     refused(their_file(tmp_path / "d", 1, S_=skew), (1,), "not a finite symmetric matrix")
     pickled = tmp_path / "e" / "model.layers.1.mlp.down_proj_float64_mom2_100000.npz"
@@ -556,6 +561,83 @@ def test_when_rank_0_cannot_write_the_file_every_rank_leaves_with_one_line(tmp_p
     assert errs[1] == f"error (rank 1): rank 0 could not write {out}: {reason}\n"
     assert errs[0].splitlines()[-1] == f"error (rank 0): could not write {out}: {reason}" and "Traceback" not in errs[0]
     assert not out.exists()
+
+
+def test_ranks_that_read_other_weights_or_settings_are_refused_before_any_sum(tmp_path):
+    """Two gloo processes, rank 1 given another checkpoint at its path (a node's copy) or another
+    --stats-tokens: every rank leaves with one line naming what differs, and no file is written.
+    Only the token counts were compared: the other weights' sums were added under rank 0's key
+    (C 40% off, accepted later), and another count failed on one rank with a gloo traceback."""
+    other = tmp_path / "other"
+    shutil.copytree(STORIES, other)
+    tensors = load_file(str(other / "model.safetensors"))
+    tensors["model.layers.0.mlp.up_proj.weight"] *= 1.5
+    save_file(tensors, str(other / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "C.safetensors"
+    for rank_1, differs in ((["--model", str(other)], "the tensors model.layers.0.mlp.up_proj.weight"),
+                            (["--stats-tokens", "900"], "n_tokens")):
+        env = os.environ | dict(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+                                WORLD_SIZE="2")
+        args = ["--model", str(STORIES), "--layers", "1", "--stats-tokens", "1000", "--out", str(out)]
+        ranks = [subprocess.Popen([sys.executable, str(HERE / "stats.py"), *args, *(rank_1 if r else [])],
+                                  env=env | dict(RANK=str(r), LOCAL_RANK=str(r)), cwd=tmp_path,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+        try:
+            errs = [r.communicate(timeout=120)[1] for r in ranks]
+        finally:
+            for r in ranks:
+                r.kill()
+        assert [r.returncode for r in ranks] == [1, 1], errs
+        for r in range(2):
+            assert errs[r] == (f"error (rank {r}): rank 1 read other inputs than rank 0 ({differs} differ): every "
+                               "process must read the same model, tokenizer and corpus with the same settings\n")
+        assert not list(tmp_path.glob("C.safetensors*"))
+
+
+def test_a_statistics_file_is_not_written_as_npz_and_is_read_as_ours_by_its_content(made, stories, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """`stats --out C.npz` wrote a file that --stats then read as the MEMIT/ROME code's (by its
+    name) and refused: .npz is refused for --out, and a statistics file of another name is read as
+    what it holds."""
+    monkeypatch.setattr(S.M, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert S.main(["--model", str(STORIES), "--out", str(tmp_path / "C.npz")]) == 1
+    assert capsys.readouterr().err == (f"error: --out {tmp_path / 'C.npz'}: a statistics file is safetensors; .npz "
+                                       f"names the MEMIT/ROME code's layer files: give e.g. {tmp_path / 'C.safetensors'}\n")
+    renamed = tmp_path / "C.npz"
+    shutil.copy(made, renamed)
+    C = S.load_stats_file(renamed, stories, STORIES, [1, 2], log=quiet)
+    assert all(torch.equal(C[l], load_file(str(made))[f"C.{l}"]) for l in (1, 2))
+
+
+@pytest.mark.parametrize("entry", ["stats", "editing"])
+def test_sigterm_during_the_write_leaves_no_temporary_file(entry, tmp_path, monkeypatch):
+    """torchrun's agent stops the other ranks with SIGTERM when one fails, `timeout` and `kill` send
+    it: the statistics file's temporary (a layer-set of C; gigabytes) was left beside --out or in
+    the cache. Both commands now leave through Python's shutdown (exit 143), which removes it."""
+    import signal
+    import lyaplock
+    real = S.os.replace
+    def killed(*a):                                           # the temporary is whole: the rename is next
+        if str(a[0]).endswith(".tmp") and ".safetensors." in str(a[0]):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a)
+    def outer(*a):
+        raise AssertionError("the SIGTERM reached the caller's handler")
+    monkeypatch.setattr(S.os, "replace", killed)
+    previous = signal.signal(signal.SIGTERM, outer)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            if entry == "stats":
+                lyaplock.main(["stats", "--model", str(STORIES), "--layers", "1", "--stats-tokens", "1000",
+                               "--out", str(tmp_path / "out" / "C.safetensors")])
+            else:
+                lyaplock.main(["--model", str(STORIES), "--edits", str(FIX / "stories-edits.json"), "--limit", "1",
+                               "--layers", "1", "--stats-tokens", "1000", "--stats-cache", str(tmp_path / "out"),
+                               "--out", str(tmp_path / "run"), "--no-generation"])
+        assert signal.getsignal(signal.SIGTERM) is outer                       # put back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stop.value.code == 128 + signal.SIGTERM and list((tmp_path / "out").iterdir()) == []
 
 
 def test_lyaplock_stats_then_an_editing_run_with_the_file_equals_the_cached_run(tmp_path, capsys):

@@ -30,7 +30,6 @@ import json
 import math
 import re
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -44,7 +43,7 @@ import torch.nn.functional as F
 import eval as E
 import lyaplock as L
 import model as M
-from data import DataError, Request, exit_on_sigterm, file_sha256, load_requests, read_corpus, read_text, write_atomic
+from data import DataError, Request, file_sha256, load_requests, read_corpus, read_text, sigterm_exits, write_atomic
 
 FIX = Path(__file__).parent / "fixtures"
 HELD_FILE = FIX / "counterfact-train.json.gz"          # held-back records: never edited
@@ -1166,11 +1165,8 @@ def main(argv=None):
         if not args.out:                     # (the experiment ran and wrote no report)
             raise ValueError("--out '': give a directory")
         torch.set_num_threads(args.threads)
-        previous = signal.signal(signal.SIGTERM, exit_on_sigterm)        # `kill`: the finally blocks clean up
-        try:
+        with sigterm_exits():                  # `kill`: the finally blocks clean up
             args.run(args)
-        finally:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     except (M.CheckpointError, DataError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
