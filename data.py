@@ -22,6 +22,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import unicodedata
 import warnings
 from contextlib import contextmanager
@@ -282,12 +283,13 @@ def read_records(path: Path):
     `datasets` library's to_json writes); a DataError names the line that is not JSON."""
     text = read_text(path, "data")
     try:
-        return json.loads(text)
+        value = json.loads(text)
+        return [value] if isinstance(value, dict) and "\n" not in text.strip() else value  # JSON Lines of one
     except json.JSONDecodeError as e:
-        if e.msg != "Extra data":                 # a second value after the first: JSON Lines
+        if e.msg != "Extra data" or not text.lstrip().startswith("{"):     # JSON Lines: objects, one a line
             raise DataError(f"{path}: not valid JSON: line {e.lineno}, column {e.colno}: {e.msg}") from None
     records = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):       # (not splitlines: U+2028 may stand in a string)
         try:
             records += [json.loads(line)] if line.strip() else []
         except json.JSONDecodeError as e:
@@ -435,7 +437,12 @@ def read_snippets(path) -> dict:
 @contextmanager
 def sigterm_exits():
     """For the block, SIGTERM leaves through Python's shutdown (exit_on_sigterm), then the
-    handler before is back."""
+    handler before is back. Nothing changes where exit_on_sigterm is already the handler (a
+    command within a command) or outside the main thread (which cannot set handlers)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) in (exit_on_sigterm, signal.SIG_IGN):
+        yield
+        return
     previous = signal.signal(signal.SIGTERM, exit_on_sigterm)
     try:
         yield

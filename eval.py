@@ -433,11 +433,15 @@ def f1_per_class(labels, preds, n_classes) -> list[float]:
 
 
 def mcc(labels, preds) -> float:
-    """Binary Matthews correlation (TP TN - FP FN) / sqrt(...); 0 when a margin is empty."""
-    tp, tn, fp, fn = (sum(l == a and p == b for l, p in zip(labels, preds))
-                      for a, b in ((1, 1), (0, 0), (0, 1), (1, 0)))
-    den = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-    return (tp * tn - fp * fn) / den if den else 0.0
+    """Matthews correlation (scikit-learn's multiclass form, (c·s − Σ t_k p_k) / sqrt((s² − Σ p_k²)
+    (s² − Σ t_k²)) with t_k, p_k the true and predicted counts of class k, c the correct ones, s all;
+    for two classes the binary (TP TN − FP FN) / sqrt(...)); 0 when a margin is empty. A prediction
+    −1 (no answer) is a class of its own."""
+    s, c = len(labels), sum(l == p for l, p in zip(labels, preds))
+    t, p = Counter(labels), Counter(preds)
+    tp = sum(t[k] * p[k] for k in t.keys() | p.keys())
+    den = math.sqrt((s * s - sum(v * v for v in p.values())) * (s * s - sum(v * v for v in t.values())))
+    return (c * s - tp) / den if den else 0.0
 
 
 def classification_metrics(labels, preds, n_classes) -> dict:
@@ -455,9 +459,9 @@ def classification_metrics(labels, preds, n_classes) -> dict:
     return out
 
 
-def read_task(glue_dir, name: str, n_per_task: int) -> tuple[list[str], list[int]]:
-    """The prompts and class ids of the first n_per_task items of `<glue_dir>/<name>.json` (a
-    JSON list of objects); a ValueError names the file and what is wrong."""
+def read_items(glue_dir, name: str, n_per_task: int, start: int = 0) -> list[dict]:
+    """Items start .. start + n_per_task − 1 of `<glue_dir>/<name>.json` (a JSON list of objects),
+    each checked (item_problem); a ValueError names the file and what is wrong."""
     task = TASKS[name]
     path = Path(glue_dir) / f"{name}.json"
     try:
@@ -466,12 +470,19 @@ def read_task(glue_dir, name: str, n_per_task: int) -> tuple[list[str], list[int
         raise ValueError(f"{path}: cannot read the task's items ({e})") from None
     if not isinstance(items, list):
         raise ValueError(f"{path}: expected a JSON list of items (objects), as in fixtures/glue")
-    items = items[:n_per_task]
+    items = items[start:start + n_per_task]
     if not items:
-        raise ValueError(f"{path}: no items")
-    for i, x in enumerate(items):
+        raise ValueError(f"{path}: no items" + (f" past the first {start}" if start else ""))
+    for i, x in enumerate(items, start):
         if problem := item_problem(task, x):
             raise ValueError(f"{path}: item {i}: {problem}")
+    return items
+
+
+def read_task(glue_dir, name: str, n_per_task: int) -> tuple[list[str], list[int]]:
+    """The prompts and class ids of the first n_per_task items of `<glue_dir>/<name>.json`."""
+    task = TASKS[name]
+    items = read_items(glue_dir, name, n_per_task)
     return [task.prompt(x) for x in items], [class_id(task, x) for x in items]
 
 
@@ -490,6 +501,123 @@ def general_eval(m, glue_dir, n_per_task: int = 100, tasks=tuple(TASKS), batch_s
                          batch_size, m.cfg.position_limit[0]).nll_mean.view(-1, L)            # (n, L)
         results[name] = classification_metrics(labels, nll.argmin(1).tolist(), L)
     return results
+
+
+# The authors' glue_eval (wpwpwpyo/LyapLock @ c5e6186, glue_eval/<task>_eval.py, as their
+# experiments/evaluate.py calls it: 0 shots, 100 tests, 5 generated tokens): items 10.. of each
+# set (load_data_split keeps 0..9 for few-shot); `f1`, `mcc`, `accuracy` from the answer parsed in
+# a greedy generation (−1 where none is found: wrong); `f1_new`, `accuracy_new` from the answer
+# words' probabilities (LYAPLOCK.md §8 lists how this differs from general_eval).
+AUTHORS_FIRST_ITEM = 10        # their FEW_SHOT_TEST_SPLIT
+AUTHORS_NEW_TOKENS = 5         # GLUEEval.evaluate's gen_len, which every task's evaluate is given
+
+
+@dataclass(frozen=True)
+class AuthorsTask:
+    """A task as their <task>_eval.py scores it: its prompt, the answer words in their order and
+    the class each stands for (their answer_new: the word of the strictly highest probability,
+    else `tie`), the item's class from its class id (general_eval's), and the parse of a greedy
+    generation: the text after the last `marker` (None: the generation less the prompt),
+    lower-cased, gives the class of the first of `parse`'s texts found in it, else −1."""
+    prompt: Callable[[dict], str]
+    words: tuple[str, ...]
+    classes: tuple[int, ...]
+    tie: int
+    label: Callable[[int], int]
+    marker: str | None
+    parse: tuple[tuple[str, int], ...]
+
+
+def _authors_mmlu(x):
+    return "Question: " + x["question"] + "\n" + "".join(f"({'ABCD'[k]}) {c}\n" for k, c in enumerate(x["choices"])) + "Answer:"
+
+
+_same = lambda c: c
+AUTHORS_TASKS = {
+    "sst2": AuthorsTask(lambda x: "Review :" + x["sentence"] + "\nSentiment :", ("positive", "negative"), (1, 0), 0,
+                        _same, "Sentiment :", (("positive", 1), ("negative", 0))),
+    "mrpc": AuthorsTask(lambda x: f"Are the sentences paraphrases of each other.\nSentence 1: {x['sentence1']}\n"
+                                  f"Sentence 2: {x['sentence2']}\nAnswer:", ("Yes", "No"), (1, 0), 0, _same, "Answer:",
+                        (("yes", 1), ("no", 0))),
+    "cola": AuthorsTask(lambda x: f"Is this sentence linguistically acceptable?\nSentence: {x['sentence']}\nAnswer: ",
+                        ("Yes", "No"), (1, 0), 0, _same, "Answer:", (("yes", 1), ("no", 0))),
+    "rte": AuthorsTask(lambda x: f"{x['sentence1']}\nquestion: {x['sentence2']} True or False?\nanswer:",
+                       ("True", "False"), (1, 0), 0, _same, "answer:", (("false", 0), ("true", 1))),  # (GLUE: 1 = not)
+    "nli": AuthorsTask(lambda x: f"{x['sentence1']} entails the {x['sentence2']} True or False? Answer:",
+                       ("True", "False"), (1, 0), 0, lambda c: 1 - c, "True or False? Answer:",   # entailment: 1
+                       (("true", 1), ("false", 0))),
+    "mmlu": AuthorsTask(_authors_mmlu, ("A", "B", "C", "D"), (0, 1, 2, 3), -1, _same, None,
+                        (("a\n", 0), ("b\n", 1), ("c\n", 2), ("d\n", 3))),
+}
+
+
+@torch.no_grad()
+def cut_start(ids: list[int], lead: int, limit: int) -> list[int]:
+    """ids with as many tokens after the first `lead` dropped as keep them within `limit`."""
+    return ids if len(ids) <= limit else ids[:lead] + ids[len(ids) - limit + lead:]
+
+
+def word_probabilities(m, prompts, words, batch_size: int = 32) -> list[list[float]]:
+    """Their suffix probabilities: exp(−mean NLL) of " word"'s ids (tokenised alone, without what
+    the tokenizer puts first), read after the prompt's own length in the ids of the joint text
+    "prompt word" (their `logits[0, prefix_tok_len + j − 1]` after dropping the BOS: the joint
+    ids are scored as they are, whatever their boundary), summed in float64 as .item() sums.
+    Joint ids past the model's positions lose their start (cut_start)."""
+    tok, limit = m.tokenizer, m.cfg.position_limit[0]
+    lead = len(tok.lead)
+    pairs = [(p, w) for p in prompts for w in words]
+    probs = []
+    for s in range(0, len(pairs), batch_size):
+        chunk = pairs[s:s + batch_size]
+        whole = [tok.encode(f"{p} {w}") for p, w in chunk]
+        seqs = [cut_start(q, lead, limit) for q in whole]
+        suffix = [tok.encode(f" {w}", bos=False) for _, w in chunk]
+        starts = [lead + len(tok.encode(p, bos=False)) - 1 - (len(q) - len(c)) for (p, _), q, c in zip(chunk, whole, seqs)]
+        K = max(map(len, suffix))
+        at = torch.tensor([[min(a + j, len(q) - 1) for j in range(K)] for a, q in zip(starts, seqs)])
+        ids, mask = tok.pad(seqs, side="right", device=_device(m))
+        logp = m(ids, mask, logits_at=at.to(ids.device)).logits.float().log_softmax(-1).cpu()     # (B, K, V)
+        for b, t in enumerate(suffix):
+            nll = math.fsum(-float(logp[b, j, t[j]]) for j in range(len(t))) / len(t)
+            probs.append(math.exp(-nll))
+    return [probs[i:i + len(words)] for i in range(0, len(probs), len(words))]
+
+
+def parsed_answer(task: AuthorsTask, prompt_text: str, text: str) -> int:
+    """Their _get_answer on the decoded generation (prompt included)."""
+    answer = (text.split(task.marker)[-1] if task.marker else text.replace(prompt_text, "")).lower()
+    return next((c for t, c in task.parse if t in answer), -1)
+
+
+def authors_general_eval(m, glue_dir, n_per_task: int = 100, tasks=tuple(AUTHORS_TASKS), batch_size: int = 32) -> dict:
+    """General ability as the authors' glue_eval scores it (AuthorsTask), on items 10 ..
+    9 + n_per_task of each task file; every metric a fraction. A prompt too long for the model
+    loses its start (as general_eval's; theirs is not cut)."""
+    tok, limit = m.tokenizer, m.cfg.position_limit[0]
+    results = {}
+    for name in tasks:
+        task = AUTHORS_TASKS[name]
+        items = read_items(glue_dir, name, n_per_task, AUTHORS_FIRST_ITEM)
+        labels = [task.label(class_id(TASKS[name], x)) for x in items]
+        seqs = [cut_start(tok.encode(task.prompt(x)), len(tok.lead), limit - AUTHORS_NEW_TOKENS) for x in items]
+        new = []
+        for s in range(0, len(seqs), batch_size):
+            new += modeling.generate(m, seqs[s:s + batch_size], AUTHORS_NEW_TOKENS)
+        parsed = [parsed_answer(task, tok.decode(q), tok.decode(q + n)) for q, n in zip(seqs, new)]
+        chosen = []
+        for ps in word_probabilities(m, [task.prompt(x) for x in items], task.words, batch_size):
+            top = max(ps)
+            chosen.append(task.classes[ps.index(top)] if ps.count(top) == 1 else task.tie)
+        n_classes = len(task.words)
+        by_generation = classification_metrics(labels, parsed, n_classes)
+        by_words = classification_metrics(labels, chosen, n_classes)
+        results[name] = dict(n=len(items), f1=by_generation["f1"], mcc=mcc(labels, parsed),
+                             accuracy=by_generation["accuracy"], invalid=parsed.count(-1),
+                             f1_new=by_words["f1"], accuracy_new=by_words["accuracy"])
+    return results
+
+
+GENERAL = {"likelihood": general_eval, "authors": authors_general_eval}    # --glue-protocol
 
 
 # ------------------------------------------------------------------------------- perplexity
@@ -605,13 +733,18 @@ def svg_plot(series: dict, title: str, ylabel: str, hline: float | None = None, 
     """A small line plot as SVG text: series name -> (xs, ys); an optional dashed threshold D.
     The legend sits below the title in columns as wide as the longest label (the figure widens
     for a label longer than it); each legend row added beyond the first makes the figure taller,
-    so the plot area keeps its size. Points that are not finite (a collapsed model's perplexity)
-    are left out of the lines and the axes."""
-    series = {k: tuple(zip(*[(x, y) for x, y in zip(*v) if math.isfinite(x) and math.isfinite(y)])) or ((), ())
-              for k, v in series.items()}
+    so the plot area keeps its size. A point that is not finite (a collapsed model's perplexity)
+    breaks its line there and is left out of the axes."""
+    runs = {k: [[]] for k in series}                   # each series' runs of finite points
+    for k, (x, y) in series.items():
+        for a, b in zip(x, y):
+            if math.isfinite(a) and math.isfinite(b):
+                runs[k][-1].append((a, b))
+            elif runs[k][-1]:
+                runs[k].append([])
     hline = hline if hline is not None and math.isfinite(hline) else None
-    xs = [x for v in series.values() for x in v[0]] or [0.0]
-    ys = [y for v in series.values() for y in v[1]] + ([hline] if hline is not None else []) or [0.0]
+    xs = [a for r in runs.values() for run in r for a, _ in run] or [0.0]
+    ys = [b for r in runs.values() for run in r for _, b in run] + ([hline] if hline is not None else []) or [0.0]
     x0, x1, y0 = min(xs), max(xs), min(0.0, min(ys))
     y1 = max(ys) * 1.05 if max(ys) > 0 else 0.0 if y0 < 0 else 1.0
     col = 28 + CHAR_W * max(len(str(k)) for k in series) + 16          # line sample, label, gap
@@ -630,11 +763,12 @@ def svg_plot(series: dict, title: str, ylabel: str, hline: float | None = None, 
         out.append(f'<line x1="60" y1="{py(hline):.1f}" x2="{w - 20}" y2="{py(hline):.1f}" stroke="gray" '
                    f'stroke-dasharray="5,4"/>')
         out.append(f'<text x="{w - 22}" y="{py(hline) - 4:.1f}" text-anchor="end">D</text>')
-    for i, (name, (x, y)) in enumerate(series.items()):
+    for i, (name, parts) in enumerate(runs.items()):
         c, dash = series_style(i)
         style = f'stroke="{c}" stroke-width="1.6"' + (f' stroke-dasharray="{dash}"' if dash else "")
-        pts = " ".join(f"{px(a):.1f},{py(b):.1f}" for a, b in zip(x, y))
-        out.append(f'<polyline points="{pts}" fill="none" {style}/>')
+        for run in filter(None, parts):
+            pts = " ".join(f"{px(a):.1f},{py(b):.1f}" for a, b in run)
+            out.append(f'<polyline points="{pts}" fill="none" {style}/>')
         lx, ly = 70 + col * (i % ncol), 34 + 14 * (i // ncol)
         out.append(f'<line x1="{lx:.0f}" y1="{ly - 4}" x2="{lx + 22:.0f}" y2="{ly - 4}" {style}/>')
         out.append(f'<text x="{lx + 28:.0f}" y="{ly}" fill="{c}">{_esc(name)}</text>')

@@ -2210,6 +2210,9 @@ def resume_hint(out: Path):
         yield
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"continue with: {resume_command(out)}") from None
+    except SystemExit:                                       # SIGTERM (data.exit_on_sigterm): a cluster's time limit
+        print(f"\nstopped (SIGTERM); continue with: {resume_command(out)}", file=sys.stderr)
+        raise
     except OSError as e:
         raise OSError(f"{e}; the run's latest checkpoint is intact: once that is fixed, continue with: "
                       f"{resume_command(out)}") from None

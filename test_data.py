@@ -195,8 +195,9 @@ def test_data_missing_case_id_and_duplicates(tmp_path):
 
 @pytest.mark.parametrize("content,parts", [
     ('[{"case_id": 1},\n {oops}]', ["not valid JSON", "line 2", "column 3"]),
-    ({"case_id": 1}, ["non-empty list", "dict"]),
-    (EASY_REC, ["non-empty list", "one record (put it in a list, or write JSON Lines"]),
+    (json.dumps({"case_id": 1}, indent=1), ["non-empty list", "dict"]),
+    (json.dumps(EASY_REC, indent=1), ["non-empty list", "one record (put it in a list, or write JSON Lines"]),
+    (json.dumps([EASY_REC], indent=1) + "\n]\n", ["not valid JSON", "line 13", "Extra data"]),    # (not as Lines)
     ('{"case_id": 1}\n{"case_id": 2}\n{oops}\n', ["not valid JSON Lines", "line 3", "column 2"]),
     ([], ["non-empty list", "empty list"]),
     ([EASY_REC, 5], ["record 1", "expected an object", "int"]),
@@ -245,6 +246,11 @@ def test_data_json_lines_byte_order_marks_and_whole_float_ids_load(tmp_path):
     lines = tmp_path / "cf.jsonl"
     lines.write_text("\n".join(map(json.dumps, records)) + "\n\n", encoding="utf-8")
     assert load_requests(lines)[0] == load_requests(plain)[0]
+    lines.write_text(json.dumps(records[0]) + "\n", encoding="utf-8")        # one record (head -1)
+    assert load_requests(lines)[0] == load_requests(plain, limit=1)[0]
+    odd = [dict(records[0], target_new=records[0]["target_new"] + "\u2028x"), records[1]]   # a line separator in a text
+    lines.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in odd), encoding="utf-8")
+    assert [q.target_new for q in load_requests(lines)[0]] == [odd[0]["target_new"], odd[1]["target_new"]]
     marked = tmp_path / "bom.json"
     marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
     assert load_requests(marked)[0] == load_requests(plain)[0]

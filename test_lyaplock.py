@@ -1236,6 +1236,25 @@ def test_a_resumed_run_saves_the_model_where_the_run_was_told_to(tmp_path, monke
     assert (elsewhere / "config.json").exists()
 
 
+def test_a_run_stopped_by_sigterm_says_how_to_go_on_and_does(tmp_path, monkeypatch, capsys):
+    """A cluster's time limit (SIGTERM, then SIGKILL after a grace period): the run leaves through
+    Python's shutdown (exit 143) and, as after Ctrl-C, prints the command that continues it; that
+    command finishes the run."""
+    import signal
+    real = L.edit_batch
+    def killed_in_step_1(*a, **k):
+        monkeypatch.setattr(L, "edit_batch", lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM))
+        return real(*a, **k)
+    monkeypatch.setattr(L, "edit_batch", killed_in_step_1)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        L.main(_cli(tmp_path, "--out", str(out), "--limit", "4", "--batch-size", "2", "--no-generation"))
+    assert stop.value.code == 128 + signal.SIGTERM and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert capsys.readouterr().err.endswith(f"stopped (SIGTERM); continue with: python lyaplock.py --resume {out}\n")
+    monkeypatch.setattr(L, "edit_batch", real)
+    assert L.main(["--resume", str(out)]) == 0 and (out / "summary.json").exists()
+
+
 @pytest.mark.parametrize("flag,value,message", [
     ("--z-batch-tokens", "0", "--z-batch-tokens must be at least 1, got 0"),
     ("--stats-batch-tokens", "-5", "--stats-batch-tokens must be at least 1, got -5"),

@@ -609,7 +609,7 @@ def test_a_statistics_file_is_not_written_as_npz_and_is_read_as_ours_by_its_cont
     assert all(torch.equal(C[l], load_file(str(made))[f"C.{l}"]) for l in (1, 2))
 
 
-@pytest.mark.parametrize("entry", ["stats", "editing"])
+@pytest.mark.parametrize("entry", ["stats.py", "lyaplock.py stats", "editing"])
 def test_sigterm_during_the_write_leaves_no_temporary_file(entry, tmp_path, monkeypatch):
     """torchrun's agent stops the other ranks with SIGTERM when one fails, `timeout` and `kill` send
     it: the statistics file's temporary (a layer-set of C; gigabytes) was left beside --out or in
@@ -627,9 +627,10 @@ def test_sigterm_during_the_write_leaves_no_temporary_file(entry, tmp_path, monk
     previous = signal.signal(signal.SIGTERM, outer)
     try:
         with pytest.raises(SystemExit) as stop:
-            if entry == "stats":
-                lyaplock.main(["stats", "--model", str(STORIES), "--layers", "1", "--stats-tokens", "1000",
-                               "--out", str(tmp_path / "out" / "C.safetensors")])
+            if entry != "editing":               # (python stats.py and torchrun call stats.main itself)
+                main = S.main if entry == "stats.py" else lambda argv: lyaplock.main(["stats", *argv])
+                main(["--model", str(STORIES), "--layers", "1", "--stats-tokens", "1000",
+                      "--out", str(tmp_path / "out" / "C.safetensors")])
             else:
                 lyaplock.main(["--model", str(STORIES), "--edits", str(FIX / "stories-edits.json"), "--limit", "1",
                                "--layers", "1", "--stats-tokens", "1000", "--stats-cache", str(tmp_path / "out"),
@@ -638,6 +639,28 @@ def test_sigterm_during_the_write_leaves_no_temporary_file(entry, tmp_path, monk
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert stop.value.code == 128 + signal.SIGTERM and list((tmp_path / "out").iterdir()) == []
+
+
+def test_the_sigterm_handler_is_set_once_and_only_in_the_main_thread():
+    """Nested commands (lyaplock.py stats) keep the outer handler, so a second SIGTERM while the
+    first unwinds stays ignored; a call from another thread (a notebook's, a GUI's) works: it
+    was signal's ValueError ("signal only works in main thread") for every command."""
+    import signal
+    import threading
+    import lyaplock
+    before = signal.getsignal(signal.SIGTERM)
+    with data.sigterm_exits():
+        assert signal.getsignal(signal.SIGTERM) is data.exit_on_sigterm
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)                  # (exit_on_sigterm's first act)
+        with data.sigterm_exits():
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    assert signal.getsignal(signal.SIGTERM) is before
+    codes = []
+    worker = threading.Thread(target=lambda: codes.append(lyaplock.main(["report", "/nonexistent/run"])))
+    worker.start()
+    worker.join()
+    assert codes == [1]
 
 
 def test_lyaplock_stats_then_an_editing_run_with_the_file_equals_the_cached_run(tmp_path, capsys):
