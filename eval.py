@@ -589,28 +589,38 @@ def parsed_answer(task: AuthorsTask, prompt_text: str, text: str) -> int:
     return next((c for t, c in task.parse if t in answer), -1)
 
 
+def authors_answers(m, name: str, items: list[dict], batch_size: int = 32) -> dict:
+    """Their answers to a task's items: `continuations` (their generated_text less the prompt),
+    `parsed` (their answer; −1: none), `probs` (their prob_<word>s, in the words' order) and
+    `chosen` (their answer_new). A prompt too long for the model loses its start (cut_start;
+    theirs is not cut)."""
+    task, tok = AUTHORS_TASKS[name], m.tokenizer
+    seqs = [cut_start(tok.encode(task.prompt(x)), len(tok.lead), m.cfg.position_limit[0] - AUTHORS_NEW_TOKENS)
+            for x in items]
+    new = []
+    for s in range(0, len(seqs), batch_size):
+        new += modeling.generate(m, seqs[s:s + batch_size], AUTHORS_NEW_TOKENS)
+    prompts, texts = [tok.decode(q) for q in seqs], [tok.decode(q + n) for q, n in zip(seqs, new)]
+    probs = word_probabilities(m, [task.prompt(x) for x in items], task.words, batch_size)
+    chosen = [task.classes[ps.index(max(ps))] if ps.count(max(ps)) == 1 else task.tie for ps in probs]
+    return dict(continuations=[t.replace(p, "") for p, t in zip(prompts, texts)],
+                parsed=[parsed_answer(task, p, t) for p, t in zip(prompts, texts)], probs=probs, chosen=chosen)
+
+
 def authors_general_eval(m, glue_dir, n_per_task: int = 100, tasks=tuple(AUTHORS_TASKS), batch_size: int = 32) -> dict:
     """General ability as the authors' glue_eval scores it (AuthorsTask), on items 10 ..
-    9 + n_per_task of each task file; every metric a fraction. A prompt too long for the model
-    loses its start (as general_eval's; theirs is not cut)."""
-    tok, limit = m.tokenizer, m.cfg.position_limit[0]
+    9 + n_per_task of each task file: f1 (weighted), mcc and accuracy of the parsed answers
+    (`invalid`: how many had none), f1_new and accuracy_new of the answer words'
+    probabilities; every metric a fraction."""
     results = {}
     for name in tasks:
         task = AUTHORS_TASKS[name]
         items = read_items(glue_dir, name, n_per_task, AUTHORS_FIRST_ITEM)
         labels = [task.label(class_id(TASKS[name], x)) for x in items]
-        seqs = [cut_start(tok.encode(task.prompt(x)), len(tok.lead), limit - AUTHORS_NEW_TOKENS) for x in items]
-        new = []
-        for s in range(0, len(seqs), batch_size):
-            new += modeling.generate(m, seqs[s:s + batch_size], AUTHORS_NEW_TOKENS)
-        parsed = [parsed_answer(task, tok.decode(q), tok.decode(q + n)) for q, n in zip(seqs, new)]
-        chosen = []
-        for ps in word_probabilities(m, [task.prompt(x) for x in items], task.words, batch_size):
-            top = max(ps)
-            chosen.append(task.classes[ps.index(top)] if ps.count(top) == 1 else task.tie)
-        n_classes = len(task.words)
-        by_generation = classification_metrics(labels, parsed, n_classes)
-        by_words = classification_metrics(labels, chosen, n_classes)
+        answers = authors_answers(m, name, items, batch_size)
+        parsed, chosen = answers["parsed"], answers["chosen"]
+        by_generation = classification_metrics(labels, parsed, len(task.words))
+        by_words = classification_metrics(labels, chosen, len(task.words))
         results[name] = dict(n=len(items), f1=by_generation["f1"], mcc=mcc(labels, parsed),
                              accuracy=by_generation["accuracy"], invalid=parsed.count(-1),
                              f1_new=by_words["f1"], accuracy_new=by_words["accuracy"])

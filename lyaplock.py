@@ -1718,6 +1718,7 @@ class Settings:
     seed: int = 0
     glue_dir: str | None = None
     glue_n: int = 100
+    glue_protocol: str = "likelihood"
     heldout: str = str(DEFAULT_HELDOUT)
     eval_every: int = 0
     stop_below: float | None = None
@@ -1838,6 +1839,9 @@ def parse_args(argv=None):
     p.add_argument("--glue-dir", help="general-ability sets (sst2, mrpc, cola, rte, nli, mmlu .json), "
                    "e.g. fixtures/glue; scored before, after, and every --eval-every steps")
     p.add_argument("--glue-n", type=int, default=100, help="items per general-ability task (default 100)")
+    p.add_argument("--glue-protocol", choices=list(ev.GENERAL), help="likelihood (default): the answer words' "
+                   "likelihood after this code's prompts, items 0..; authors: the authors' glue_eval (their prompts, "
+                   "items 10.., F1 of a parsed greedy answer), for figures comparable with the paper's")
     p.add_argument("--heldout", default=str(DEFAULT_HELDOUT), help="text for held-out perplexity")
     p.add_argument("--eval-every", type=int, default=0, help="general ability every k steps (0: "
                    "before and after only)")
@@ -1876,7 +1880,8 @@ def check_settings(args):
                                   for flag in args.given if flag in FLAG_FIELDS})
     if args.resume and args.out:
         raise ValueError("--out and --resume: a resumed run stays in its own directory; give only --resume")
-    for flag, needs in (("glue_n", "glue_dir"), ("plan_gib", "plan"), ("plan_host_gib", "plan")):
+    for flag, needs in (("glue_n", "glue_dir"), ("glue_protocol", "glue_dir"), ("plan_gib", "plan"),
+                        ("plan_host_gib", "plan")):
         resumed = args.resume and needs == "glue_dir"          # (a resumed run recorded its --glue-dir)
         if flag in args.given and needs not in args.given and not resumed:
             raise ValueError(f"--{flag.replace('_', '-')} without --{needs.replace('_', '-')}: it would be "
@@ -1905,11 +1910,13 @@ def check_inputs(args):
         if missing:
             raise ValueError(f"--glue-dir {args.glue_dir}: lacks {', '.join(missing)} (it holds one JSON file "
                              f"per task: {', '.join(ev.TASKS)}; e.g. fixtures/glue)")
+        start = ev.AUTHORS_FIRST_ITEM if args.glue_protocol == "authors" else 0
         for task in ev.TASKS:                       # every item read as the scoring will read it
-            prompts, _ = ev.read_task(args.glue_dir, task, args.glue_n or 100)
-            if "glue_n" in args.given and len(prompts) < args.glue_n:     # (the default: what there is)
+            items = ev.read_items(args.glue_dir, task, args.glue_n or 100, start)
+            if "glue_n" in args.given and len(items) < args.glue_n:     # (the default: what there is)
                 raise ValueError(f"--glue-n {args.glue_n}: {Path(args.glue_dir) / task}.json holds "
-                                 f"{len(prompts)} items; give --glue-n {len(prompts)} or less")
+                                 f"{len(items)} items" + f" past the first {start}" * bool(start) +
+                                 f"; give --glue-n {len(items)} or less")
     if args.heldout is not None:
         data.read_corpus(args.heldout)              # a corpus with text, or a DataError naming it
     if args.snippets is not None:
@@ -2244,7 +2251,7 @@ def general_ability(editor: Editor, settings: Settings, final=False) -> dict:
         r = dict(step=state.step, edits=state.n_edits, final=final,
                  perplexity=ev.perplexity(model, data.read_corpus(settings.heldout)[:64]))
         if settings.glue_dir:
-            r["general"] = ev.general_eval(model, settings.glue_dir, settings.glue_n)
+            r["general"] = ev.GENERAL[settings.glue_protocol](model, settings.glue_dir, settings.glue_n)
     return r
 
 

@@ -1159,6 +1159,20 @@ def reedit_file(tmp_path, n: int) -> Path:
     return tmp_path / "edits.json"
 
 
+def test_a_run_scores_general_ability_as_the_authors_glue_eval_does_when_asked(tmp_path):
+    """--glue-protocol authors: every ability entry holds their figures (eval.authors_general_eval,
+    checked item by item against their code in test_eval.py), the setting is the run's, and
+    --stop-below reads the same headlines."""
+    out = tmp_path / "run"
+    assert L.main(_cli(tmp_path, "--out", str(out), "--limit", "2", "--batch-size", "2", "--no-generation",
+                       "--glue-dir", str(FIX / "glue"), "--glue-n", "3", "--glue-protocol", "authors")) == 0
+    ability = [json.loads(l) for l in (out / "ability.jsonl").read_text().splitlines()]
+    assert all(set(a["general"]) == set(L.ev.AUTHORS_TASKS) for a in ability)
+    assert all({"f1", "f1_new", "mcc", "invalid", "accuracy_new"} <= set(v) for a in ability for v in a["general"].values())
+    assert json.loads((out / "config.json").read_text())["glue_protocol"] == "authors"
+    assert L.ability_score(ability[0])[0] == "mean zero-shot score"
+
+
 def _final_weights(out):
     latest = json.loads((out / "latest.json").read_text())["checkpoint"]
     return load_file(out / latest / "weights.safetensors")
@@ -1311,8 +1325,10 @@ def test_bad_snippets_and_class_ids_out_of_range_are_refused_before_any_work(tmp
                                               "(first: 0): no consistency would be scored"),
              (["--snippets", str(elsewhere), "--no-generation"], "--snippets with --no-generation: consistency is "
               "scored on the generated text; the snippets would be recorded, not used"),
-             (["--glue-dir", str(FIX / "glue"), "--glue-n", "101"], f"--glue-n 101: {FIX / 'glue' / 'sst2'}.json "
-              "holds 100 items; give --glue-n 100 or less")]
+             (["--glue-dir", str(FIX / "glue"), "--glue-n", "111"], f"--glue-n 111: {FIX / 'glue' / 'sst2'}.json "
+              "holds 110 items; give --glue-n 110 or less"),
+             (["--glue-dir", str(FIX / "glue"), "--glue-n", "101", "--glue-protocol", "authors"],   # theirs: from 10
+              f"--glue-n 101: {FIX / 'glue' / 'sst2'}.json holds 100 items past the first 10; give --glue-n 100 or less")]
     for flags, message in cases:
         assert L.main(_cli(tmp_path, "--out", str(tmp_path / "run"), *flags)) == 1
         assert capsys.readouterr().err == f"error: {message}\n"
@@ -1482,6 +1498,7 @@ def test_plan_gib_that_is_not_a_number_is_named(capsys):
 
 
 @pytest.mark.parametrize("flags, companion", [(["--glue-n", "5"], ["--glue-dir", "fixtures/glue"]),
+                                              (["--glue-protocol", "authors"], ["--glue-dir", "fixtures/glue"]),
                                               (["--plan-gib", "80"], ["--plan"]), (["--plan-host-gib", "5"], ["--plan"])])
 def test_a_flag_whose_companion_is_missing_is_refused(flags, companion):
     """--glue-n without --glue-dir ran and recorded glue_n; --plan-gib and --plan-host-gib without
