@@ -573,14 +573,25 @@ def word_probabilities(m, prompts, words, batch_size: int = 32) -> list[list[flo
         seqs = [cut_start(q, lead, limit) for q in whole]
         suffix = [tok.encode(f" {w}", bos=False) for _, w in chunk]
         starts = [lead + len(tok.encode(p, bos=False)) - 1 - (len(q) - len(c)) for (p, _), q, c in zip(chunk, whole, seqs)]
-        K = max(map(len, suffix))
-        at = torch.tensor([[min(a + j, len(q) - 1) for j in range(K)] for a, q in zip(starts, seqs)])
+        K = max(map(len, suffix))      # (a joint text of fewer ids than prompt and word, where theirs would fail
+        at = torch.tensor([[min(a + j, len(q) - 1) for j in range(K)] for a, q in zip(starts, seqs)])   # : its last)
         ids, mask = tok.pad(seqs, side="right", device=_device(m))
         logp = m(ids, mask, logits_at=at.to(ids.device)).logits.float().log_softmax(-1).cpu()     # (B, K, V)
         for b, t in enumerate(suffix):
             nll = math.fsum(-float(logp[b, j, t[j]]) for j in range(len(t))) / len(t)
             probs.append(math.exp(-nll))
     return [probs[i:i + len(words)] for i in range(0, len(probs), len(words))]
+
+
+RIVALS = {2: ((1,), (0,)), 4: ((1, 2, 3), (0, 2, 3), (1, 0, 3), (1, 2, 0))}   # max_prob_suffix's max() orders
+
+
+def chosen_answer(task: AuthorsTask, probs: list[float]) -> int:
+    """Their answer_new: the class of the first word whose probability is above the max() of the
+    others' in their order (`1 if p0 > p1 else 0`; MMLU's max_prob_suffix: `p_c > max(p_b, p_a,
+    p_d)` ...), else `tie`. The order matters with a NaN: max(nan, x) is nan, max(x, nan) is x."""
+    return next((c for k, c in enumerate(task.classes)
+                 if probs[k] > max(probs[i] for i in RIVALS[len(probs)][k])), task.tie)
 
 
 def parsed_answer(task: AuthorsTask, prompt_text: str, text: str) -> int:
@@ -602,7 +613,7 @@ def authors_answers(m, name: str, items: list[dict], batch_size: int = 32) -> di
         new += modeling.generate(m, seqs[s:s + batch_size], AUTHORS_NEW_TOKENS)
     prompts, texts = [tok.decode(q) for q in seqs], [tok.decode(q + n) for q, n in zip(seqs, new)]
     probs = word_probabilities(m, [task.prompt(x) for x in items], task.words, batch_size)
-    chosen = [task.classes[ps.index(max(ps))] if ps.count(max(ps)) == 1 else task.tie for ps in probs]
+    chosen = [chosen_answer(task, ps) for ps in probs]
     return dict(continuations=[t.replace(p, "") for p, t in zip(prompts, texts)],
                 parsed=[parsed_answer(task, p, t) for p, t in zip(prompts, texts)], probs=probs, chosen=chosen)
 

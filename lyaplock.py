@@ -27,7 +27,7 @@ import uuid
 import warnings
 from collections import Counter
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -1961,7 +1961,8 @@ def resumed_settings(args, saved: dict, cfg: M.Config) -> Settings:
     """A resumed run's settings: its own, with the typed flags that may change; any other typed
     flag that differs from the run's setting is refused, naming each, and so is an edits file or
     a model config.json that changed on disk since the run began (it would edit another stream)."""
-    was = ev.flat(saved)
+    defaults = {f.name: f.default for f in fields(Settings) if f.default is not MISSING}
+    was = defaults | ev.flat(saved)                       # (a setting newer than the run: its default)
     if saved.get("stats_file") and (unread := sorted(set(STATS_CORPUS_FIELDS) & args.given)):
         raise ValueError(f"--{unread[0].replace('_', '-')}: the run reads its statistics from its --stats file "
                          f"{saved['stats_file']}; the flag would be recorded, not used")

@@ -1,6 +1,7 @@
 """Tests of eval.py: the editing metrics against hand computations on a model we control, and the
 general-ability measures on the real checkpoint. Run: python -m pytest -q test_eval.py"""
 import dataclasses
+import itertools
 import json
 import math
 import shutil
@@ -402,6 +403,7 @@ def test_the_authors_glue_eval_agrees_with_their_code_item_by_item(name, fixture
         for a, b in zip(ours["probs"], (x["probs"] for x in theirs["items"])):
             assert a == pytest.approx(b, rel=3e-5), task       # (measured: 7e-6, float32 forwards)
         labels = [rule.label(E.class_id(E.TASKS[task], x)) for x in items]
+        assert labels == [x["label"] for x in theirs["items"]], task        # (RTE's raw label, NLI's _get_label)
         parsed, chosen = [x["answer"] for x in theirs["items"]], [x["answer_new"] for x in theirs["items"]]
         result, k = theirs["result"], len(rule.words)
         assert E.classification_metrics(labels, parsed, k)["f1"] == pytest.approx(result["f1"], abs=1e-12), task
@@ -419,6 +421,48 @@ def test_the_authors_glue_eval_agrees_with_their_code_item_by_item(name, fixture
                        f1_new=E.classification_metrics(labels, E.authors_answers(m, "mrpc", E.read_items(
                            FIX / "glue", "mrpc", n, 10))["chosen"], 2)["f1"], accuracy_new=got["accuracy_new"])
     assert name != "factmodel-ci" or got["invalid"] == 97             # answers parsed: the mcc of −1, 0, 1 is read
+
+
+def test_the_answer_the_authors_choose_by_probability_is_their_expression_with_ties_and_nan():
+    """Their answer_new, transcribed: `1 if p_first > p_second else 0` for the two-word tasks,
+    max_prob_suffix for MMLU; on every combination of a tie and a NaN (a collapsed model's)."""
+    def max_prob_suffix(a, b, c, d):                                   # mmlu_eval.py, as written there
+        if a > max(b, c, d):
+            return 0
+        elif b > max(a, c, d):
+            return 1
+        elif c > max(b, a, d):
+            return 2
+        elif d > max(b, c, a):
+            return 3
+        return -1
+    values = (0.1, 0.2, math.nan)
+    for probs in itertools.product(values, repeat=4):
+        assert E.chosen_answer(E.AUTHORS_TASKS["mmlu"], list(probs)) == max_prob_suffix(*probs), probs
+    for task in ("sst2", "mrpc", "cola", "rte", "nli"):
+        for p, q in itertools.product(values, repeat=2):
+            assert E.chosen_answer(E.AUTHORS_TASKS[task], [p, q]) == (1 if p > q else 0), (task, p, q)
+
+
+def test_the_authors_protocol_cuts_a_prompt_too_long_for_the_model_and_scores_the_cut_ids(lm):
+    """Their prompts are not cut; a model's positions are a hard limit for a GPT-2 and a trained
+    length for the others: the joint ids lose their start (after the lead), and the word is read
+    where it stands in them."""
+    items = E.read_items(FIX / "glue", "mmlu", 100, 10)
+    task = E.AUTHORS_TASKS["mmlu"]
+    longest = max(items, key=lambda x: len(lm.tokenizer.encode(task.prompt(x))))
+    prompt, lead = task.prompt(longest), lm.tokenizer.lead
+    assert len(lm.tokenizer.encode(prompt)) > 512
+    got = E.word_probabilities(lm, [prompt], task.words)[0]
+    for word, p in zip(task.words, got):                                  # by hand, one at a time
+        ids = E.cut_start(lm.tokenizer.encode(f"{prompt} {word}"), len(lead), 512)
+        suffix = lm.tokenizer.encode(f" {word}", bos=False)
+        assert len(ids) == 512 and ids[:len(lead)] == lead and ids[-len(suffix):] == suffix
+        logp = lm(torch.tensor([ids])).logits[0].log_softmax(-1)
+        nll = -sum(float(logp[512 - len(suffix) - 1 + j, t]) for j, t in enumerate(suffix)) / len(suffix)
+        assert p == pytest.approx(math.exp(-nll), rel=1e-5)
+    answers = E.authors_answers(lm, "mmlu", [longest])
+    assert answers["probs"] == [got] and len(answers["continuations"]) == 1
 
 
 def test_general_eval_names_a_task_file_it_cannot_read(lm, tmp_path):

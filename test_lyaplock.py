@@ -1171,6 +1171,14 @@ def test_a_run_scores_general_ability_as_the_authors_glue_eval_does_when_asked(t
     assert all({"f1", "f1_new", "mcc", "invalid", "accuracy_new"} <= set(v) for a in ability for v in a["general"].values())
     assert json.loads((out / "config.json").read_text())["glue_protocol"] == "authors"
     assert L.ability_score(ability[0])[0] == "mean zero-shot score"
+    config = json.loads((out / "config.json").read_text())
+    del config["glue_protocol"]                                   # a run begun before the setting was
+    (out / "config.json").write_text(json.dumps(config))
+    assert L.resumed_settings(L.parse_args(["--resume", str(out), "--glue-protocol", "likelihood"]), config,
+                              M.checkpoint_config(STORIES)).glue_protocol == "likelihood"   # (was: None in the run)
+    with pytest.raises(ValueError, match="glue_protocol: 'likelihood' in the run, 'authors' now"):
+        L.resumed_settings(L.parse_args(["--resume", str(out), "--glue-protocol", "authors"]), config,
+                           M.checkpoint_config(STORIES))
 
 
 def _final_weights(out):
