@@ -78,9 +78,6 @@ class Request:
                                         f"{len(self.neighborhood_prompts)} neighborhood prompts: give one each")
         if self.kind not in ("counterfact", "zsre"):
             bad("kind", f"'counterfact' or 'zsre', got {self.kind!r}")
-        if self.kind == "counterfact" and self.target_true is None:
-            bad("target_true", "a CounterFact request needs the true target its new one is compared with "
-                               "(kind='zsre' scores without one)")
 
     def rewrite_prompt(self) -> str:
         """The prompt with the subject filled in."""

@@ -134,6 +134,9 @@ def counterfact_eval(m, requests: list[Request], batch_size: int = 64) -> list[d
     and of the true answer on the neighbourhood prompts; and those argmax tokens on the
     neighbourhood prompts (`neighborhood_argmax`), from which with_locality scores EasyEdit's
     locality against the model before editing."""
+    if untrue := [r.case_id for r in requests if r.target_true is None]:    # (editing needs none; scoring does)
+        raise ValueError(f"case_id {untrue[0]!r}: a CounterFact request without target_true cannot be scored "
+                         "(efficacy compares target_new with it); kind='zsre' scores without one")
     rows = _rows(requests, lambda r, k: r.target_true if k is None else r.neighborhood_answers[k])
     prompts = [p for _, _, p, _, _ in rows]
     scores = target_nll(m, prompts + prompts, [t for *_, t, _ in rows] + [o for *_, o in rows], batch_size)

@@ -346,16 +346,14 @@ def test_data_requests_from_records_in_memory_is_load_requests(tmp_path):
 
 def test_a_request_built_by_hand_is_checked_as_a_loaded_one():
     """dataclasses.replace(q, target_new="") edited towards a bare space; answers fewer than the
-    neighbourhood prompts were an IndexError in the scoring; a number as target an AttributeError;
-    a CounterFact request without a true target an AttributeError in the scoring."""
+    neighbourhood prompts were an IndexError in the scoring; a number as target an AttributeError."""
     q = data.load_requests(FIX / "counterfact-rome.json", limit=1)[0][0]
     for change, message in ((dict(target_new=""), "field 'target_new': expected a non-empty string"),
                             (dict(target_new=5), "field 'target_new': expected a non-empty string, got 5"),
                             (dict(prompt="no subject"), "field 'prompt': needs exactly one"),
                             (dict(neighborhood_answers=()), "field 'neighborhood_answers': 0 answers for 1 "),
                             (dict(paraphrase_prompts=["a {}"]), "field 'paraphrase_prompts': expected a tuple"),
-                            (dict(kind="other"), "field 'kind': 'counterfact' or 'zsre'"),
-                            (dict(target_true=None), "field 'target_true': a CounterFact request needs")):
+                            (dict(kind="other"), "field 'kind': 'counterfact' or 'zsre'")):
         with pytest.raises(data.DataError, match=f"Request {q.case_id!r}: {message}"):
             dataclasses.replace(q, **change)
 
