@@ -165,19 +165,18 @@ def _from_rome(w: _Where, rec: dict) -> Request:
     prompt = w.get(rw, "prompt", "requested_rewrite.prompt")
     if prompt.count("{}") != 1:
         raise w.error("requested_rewrite.prompt", f'needs exactly one "{{}}", got {prompt!r}')
-    new = w.get(rw, "target_new", "requested_rewrite.target_new", dict)
-    true = w.get(rw, "target_true", "requested_rewrite.target_true", dict)
-    true_str = w.get(true, "str", "requested_rewrite.target_true.str")
-    w.differ(w.get(new, "str", "requested_rewrite.target_new.str"), true_str, "requested_rewrite.target_new.str")
+    new = w.get(w.get(rw, "target_new", "requested_rewrite.target_new", dict), "str", "requested_rewrite.target_new.str")
+    true = w.get(w.get(rw, "target_true", "requested_rewrite.target_true", dict), "str",
+                 "requested_rewrite.target_true.str")
+    w.differ(new, true, "requested_rewrite.target_new.str")
     neighbors = w.strs(rec, "neighborhood_prompts", "neighborhood_prompts")
     return Request(
         case_id=w.case_id, prompt=prompt,
         subject=w.get(rw, "subject", "requested_rewrite.subject"),
-        target_new=w.get(new, "str", "requested_rewrite.target_new.str"),
-        target_true=true_str,
+        target_new=new, target_true=true,
         paraphrase_prompts=w.strs(rec, "paraphrase_prompts", "paraphrase_prompts"),
         neighborhood_prompts=neighbors,
-        neighborhood_answers=(true_str,) * len(neighbors),  # ROME: neighbours keep target_true
+        neighborhood_answers=(true,) * len(neighbors),  # ROME: neighbours keep target_true
         attribute_prompts=w.strs(rec, "attribute_prompts", "attribute_prompts", optional=True),
         generation_prompts=w.strs(rec, "generation_prompts", "generation_prompts", optional=True),
     )
@@ -185,11 +184,11 @@ def _from_rome(w: _Where, rec: dict) -> Request:
 
 def _from_easyedit(w: _Where, rec: dict) -> Request:
     subject = w.get(rec, "subject", "subject")
-    w.differ(w.get(rec, "target_new", "target_new"), w.get(rec, "ground_truth", "ground_truth"), "target_new")
+    new, true = w.get(rec, "target_new", "target_new"), w.get(rec, "ground_truth", "ground_truth")
+    w.differ(new, true, "target_new")
     return Request(
         case_id=w.case_id, prompt=w.template(rec, "prompt", subject), subject=subject,
-        target_new=w.get(rec, "target_new", "target_new"),
-        target_true=w.get(rec, "ground_truth", "ground_truth"),
+        target_new=new, target_true=true,
         paraphrase_prompts=(w.get(rec, "rephrase_prompt", "rephrase_prompt"),),
         neighborhood_prompts=(w.get(rec, "locality_prompt", "locality_prompt"),),
         neighborhood_answers=(w.get(rec, "locality_ground_truth", "locality_ground_truth"),),

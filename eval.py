@@ -518,8 +518,8 @@ AUTHORS_NEW_TOKENS = 5         # GLUEEval.evaluate's gen_len, which every task's
 @dataclass(frozen=True)
 class AuthorsTask:
     """A task as their <task>_eval.py scores it: its prompt, the answer words in their order and
-    the class each stands for (their answer_new: the word of the strictly highest probability,
-    else `tie`), the item's class from its class id (general_eval's), and the parse of a greedy
+    the class each stands for, the class of their answer_new where no word's probability is above
+    the others' (chosen_answer), the item's class from its class id (general_eval's), and the parse of a greedy
     generation: the text after the last `marker` (None: the generation less the prompt),
     lower-cased, gives the class of the first of `parse`'s texts found in it, else −1."""
     prompt: Callable[[dict], str]
@@ -554,12 +554,12 @@ AUTHORS_TASKS = {
 }
 
 
-@torch.no_grad()
 def cut_start(ids: list[int], lead: int, limit: int) -> list[int]:
     """ids with as many tokens after the first `lead` dropped as keep them within `limit`."""
     return ids if len(ids) <= limit else ids[:lead] + ids[len(ids) - limit + lead:]
 
 
+@torch.no_grad()
 def word_probabilities(m, prompts, words, batch_size: int = 32) -> list[list[float]]:
     """Their suffix probabilities: exp(−mean NLL) of " word"'s ids (tokenised alone, without what
     the tokenizer puts first), read after the prompt's own length in the ids of the joint text

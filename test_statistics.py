@@ -536,6 +536,21 @@ def test_two_gloo_processes_equal_one_to_summation_order(tmp_path, stories):
         assert f.metadata()["tokens"] == "4000"
 
 
+def two_ranks(cwd: Path, argv) -> tuple[list[int], list[str]]:
+    """Two gloo processes started as torchrun would (without its agent), rank r running python
+    with argv(r): their exit codes and stderr."""
+    env = os.environ | dict(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+                            WORLD_SIZE="2")
+    ranks = [subprocess.Popen([sys.executable, *argv(r)], env=env | dict(RANK=str(r), LOCAL_RANK=str(r)), cwd=cwd,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        errs = [r.communicate(timeout=120)[1] for r in ranks]
+    finally:
+        for r in ranks:
+            r.kill()
+    return [r.returncode for r in ranks], errs
+
+
 def test_when_rank_0_cannot_write_the_file_every_rank_leaves_with_one_line(tmp_path):
     """Two gloo processes (started as torchrun would, without its agent), rank 0's disk full at
     the write: every rank learns it and leaves with one error line; rank 1 used to die in gloo
@@ -545,19 +560,10 @@ def test_when_rank_0_cannot_write_the_file_every_rank_leaves_with_one_line(tmp_p
                       "def full(*a, **k):\n    raise OSError(28, 'No space left on device')\n\n\n"
                       "stats.write_stats_file = full\nsys.exit(stats.main(sys.argv[1:]))\n")
     out = tmp_path / "C.safetensors"
-    env = os.environ | dict(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-                            WORLD_SIZE="2")
-    ranks = [subprocess.Popen([sys.executable, str(script), "--model", str(STORIES), "--layers", "1",
-                               "--stats-tokens", "1000", "--batch-tokens", "300", "--out", str(out)],
-                              env=env | dict(RANK=str(r), LOCAL_RANK=str(r)), cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    try:
-        errs = [r.communicate(timeout=120)[1] for r in ranks]
-    finally:
-        for r in ranks:
-            r.kill()
+    codes, errs = two_ranks(tmp_path, lambda r: [str(script), "--model", str(STORIES), "--layers", "1",
+                                                 "--stats-tokens", "1000", "--batch-tokens", "300", "--out", str(out)])
     reason = "[Errno 28] No space left on device"
-    assert [r.returncode for r in ranks] == [1, 1], errs
+    assert codes == [1, 1], errs
     assert errs[1] == f"error (rank 1): rank 0 could not write {out}: {reason}\n"
     assert errs[0].splitlines()[-1] == f"error (rank 0): could not write {out}: {reason}" and "Traceback" not in errs[0]
     assert not out.exists()
@@ -576,18 +582,9 @@ def test_ranks_that_read_other_weights_or_settings_are_refused_before_any_sum(tm
     out = tmp_path / "C.safetensors"
     for rank_1, differs in ((["--model", str(other)], "the tensors model.layers.0.mlp.up_proj.weight"),
                             (["--stats-tokens", "900"], "n_tokens")):
-        env = os.environ | dict(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-                                WORLD_SIZE="2")
         args = ["--model", str(STORIES), "--layers", "1", "--stats-tokens", "1000", "--out", str(out)]
-        ranks = [subprocess.Popen([sys.executable, str(HERE / "stats.py"), *args, *(rank_1 if r else [])],
-                                  env=env | dict(RANK=str(r), LOCAL_RANK=str(r)), cwd=tmp_path,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-        try:
-            errs = [r.communicate(timeout=120)[1] for r in ranks]
-        finally:
-            for r in ranks:
-                r.kill()
-        assert [r.returncode for r in ranks] == [1, 1], errs
+        codes, errs = two_ranks(tmp_path, lambda r: [str(HERE / "stats.py"), *args, *(rank_1 if r else [])])
+        assert codes == [1, 1], errs
         for r in range(2):
             assert errs[r] == (f"error (rank {r}): rank 1 read other inputs than rank 0 ({differs} differ): every "
                                "process must read the same model, tokenizer and corpus with the same settings\n")
