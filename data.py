@@ -21,7 +21,6 @@ import json
 import os
 import re
 import signal
-import sys
 import threading
 import unicodedata
 import warnings
@@ -106,13 +105,14 @@ def _layout_of(rec) -> str | None:
 
 
 class _Where:
-    """A record's place (file, index, case id): builds errors and reads checked fields."""
+    """A record's place (file, "record i" or "line n, record i", case id): builds errors and reads
+    checked fields."""
 
-    def __init__(self, file, index: int, case_id=None):
-        self.file, self.index, self.case_id = file, index, case_id
+    def __init__(self, file, place: str, case_id=None):
+        self.file, self.place, self.case_id = file, place, case_id
 
     def error(self, field: str | None, problem: str) -> DataError:
-        at = f"record {self.index}" + ("" if self.case_id is None else f" (case_id {self.case_id})")
+        at = self.place + ("" if self.case_id is None else f" (case_id {self.case_id})")
         return DataError(f"{self.file}: {at}: " + (f"field '{field}': " if field else "") + problem)
 
     def get(self, obj: dict, key: str, field: str, kind: type = str):
@@ -221,12 +221,12 @@ _READERS = {"counterfact-rome": _from_rome, "counterfact-easyedit": _from_easyed
             "zsre-mend": _from_zsre}
 
 
-def _read_record(path, i: int, rec, layout: str, seen: dict) -> Request:
-    """Turn record ``i`` (of the file's ``layout``) into a checked Request."""
+def _read_record(path, i: int, rec, layout: str, seen: dict, place: str) -> Request:
+    """Turn record ``i`` (of the file's ``layout``, at ``place``) into a checked Request."""
     if not isinstance(rec, dict):
-        raise _Where(path, i).error(None, f"expected an object, got {type(rec).__name__}")
+        raise _Where(path, place).error(None, f"expected an object, got {type(rec).__name__}")
     cid = rec.get("case_id", i if layout == "zsre-mend" else None)  # zsRE has no ids: use the index
-    w = _Where(path, i, cid)
+    w = _Where(path, place, cid)
     if _layout_of(rec) is None:
         raise w.error(None, f"unknown layout: found keys {sorted(rec)}; supported layouts: {_SUPPORTED}")
     if cid is None:
@@ -237,7 +237,7 @@ def _read_record(path, i: int, rec, layout: str, seen: dict) -> Request:
         raise w.error("case_id", f"expected an int or a string, got {cid!r:.60}")
     req = _READERS[layout](w, rec)
     if str(cid) in seen:          # (7 and "7": one case to --snippets, whose keys are text)
-        raise w.error("case_id", f"duplicate case_id {cid!r}: also record {seen[str(cid)]}")
+        raise w.error("case_id", f"duplicate case_id {cid!r}: also {seen[str(cid)]}")
     return req
 
 
@@ -266,37 +266,47 @@ def load_requests(path, skip_bad: bool = False, limit: int | None = None
     raises and ``skipped`` is empty; with it, bad records are left out and
     ``skipped`` has one message per record. File-level problems (unreadable, not
     JSON, not a non-empty list, mixed layouts) always raise. ``limit`` stops
-    after that many good requests; later records are not examined.
+    after that many good requests; later records are read (the file is parsed
+    whole) but not validated. Messages name a JSON Lines record's line too.
     """
     if limit is not None and (isinstance(limit, bool) or not hasattr(limit, "__index__") or limit < 1):
         raise DataError(f"limit {limit!r}: give a number of requests, at least 1 (None: all)")
     path = Path(path)
-    return requests_from(read_records(path), path, skip_bad, limit)
+    records, lines = read_records(path)
+    return requests_from(records, path, skip_bad, limit, lines)
 
 
-def read_records(path: Path):
+def read_records(path: Path) -> tuple[object, list[int] | None]:
     """A JSON file's value, or a JSON Lines file's records as a list (one value a line, as the
-    `datasets` library's to_json writes); a DataError names the line that is not JSON."""
+    `datasets` library's to_json writes) with each one's line number (None for JSON); a
+    DataError names the line that is not JSON."""
     text = read_text(path, "data")
+    numbered = [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]   # (not splitlines:
+    def an_object(line):                                                      # U+2028 may stand in a string)
+        try:
+            return isinstance(json.loads(line), dict)
+        except json.JSONDecodeError:
+            return False
     try:
         value = json.loads(text)
-        return [value] if isinstance(value, dict) and "\n" not in text.strip() else value  # JSON Lines of one
-    except json.JSONDecodeError as e:
-        if e.msg != "Extra data" or not text.lstrip().startswith("{"):     # JSON Lines: objects, one a line
+        return ([value], [numbered[0][0]]) if isinstance(value, dict) and len(numbered) == 1 else (value, None)
+    except json.JSONDecodeError as e:   # JSON Lines: objects, "Extra data" after the first, or lines whole
+        if not text.lstrip().startswith("{") or (e.msg != "Extra data" and not any(an_object(line) for _, line
+                                                                                   in numbered[:2])):
             raise DataError(f"{path}: not valid JSON: line {e.lineno}, column {e.colno}: {e.msg}") from None
     records = []
-    for number, line in enumerate(text.split("\n"), 1):       # (not splitlines: U+2028 may stand in a string)
+    for number, line in numbered:
         try:
-            records += [json.loads(line)] if line.strip() else []
+            records.append(json.loads(line))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON Lines: line {number}, column {e.colno}: {e.msg}") from None
-    return records
+    return records, [n for n, _ in numbered]
 
 
-def requests_from(records, source="records", skip_bad: bool = False, limit: int | None = None
-                  ) -> tuple[list[Request], list[str]]:
+def requests_from(records, source="records", skip_bad: bool = False, limit: int | None = None,
+                  lines: list[int] | None = None) -> tuple[list[Request], list[str]]:
     """load_requests on records already in memory (a list of dicts in one supported layout);
-    messages name ``source`` where they would name the file."""
+    messages name ``source`` where they would name the file (and record i's line, lines[i])."""
     if not isinstance(records, list) or not records:
         got = ("an empty list" if records == [] else "one record (put it in a list, or write JSON Lines: one a line)"
                if _layout_of(records) else type(records).__name__)
@@ -306,21 +316,22 @@ def requests_from(records, source="records", skip_bad: bool = False, limit: int 
         first = sorted(records[0]) if isinstance(records[0], dict) else type(records[0]).__name__
         raise DataError(f"{source}: no record has a supported layout (record 0: {first}); "
                         f"supported layouts: {_SUPPORTED}")
-    requests, skipped, seen = [], [], {}  # seen: str(case_id) -> record index
+    place = (lambda i: f"record {i}") if lines is None else (lambda i: f"line {lines[i]}, record {i}")
+    requests, skipped, seen = [], [], {}  # seen: str(case_id) -> the record's place
     for i, rec in enumerate(records):
         if limit is not None and len(requests) >= limit:
             break
         if _layout_of(rec) not in (None, layout):
-            raise DataError(f"{source}: record {i}: has the {_layout_of(rec)} layout but earlier "
+            raise DataError(f"{source}: {place(i)}: has the {_layout_of(rec)} layout but earlier "
                             f"records have {layout}; a file must use one layout")
         try:
-            req = _read_record(source, i, rec, layout, seen)
+            req = _read_record(source, i, rec, layout, seen, place(i))
         except DataError as e:
             if not skip_bad:
                 raise
             skipped.append(str(e))
             continue
-        seen[str(req.case_id)] = i
+        seen[str(req.case_id)] = place(i)
         requests.append(req)
     return requests, skipped
 
@@ -450,6 +461,12 @@ def exit_on_sigterm(signum, frame):
     """A SIGTERM handler: SIGTERM (what `timeout` and `kill` send) would end the process at once,
     leaving its temporary files (bench.py's random checkpoint, 16 GB for llama3-8b; a fact model
     in training); leave through Python's normal shutdown instead, so `with` blocks and `finally`
-    clean up. A second SIGTERM is ignored meanwhile."""
+    clean up (Terminated, a SystemExit). A second SIGTERM is ignored meanwhile."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    sys.exit(128 + signum)
+    raise Terminated(128 + signum)
+
+
+class Terminated(SystemExit):
+    """SIGTERM (exit_on_sigterm): a SystemExit a command may catch to say where it stopped; `hint`,
+    where set, says how to go on."""
+    hint = None

@@ -642,6 +642,7 @@ def authors_general_eval(m, glue_dir, n_per_task: int = 100, tasks=tuple(AUTHORS
 
 
 GENERAL = {"likelihood": general_eval, "authors": authors_general_eval}    # --glue-protocol
+PROTOCOL_NAMES = {"likelihood": "this code's prompts", "authors": "the authors' glue_eval"}     # in the report
 
 
 # ------------------------------------------------------------------------------- perplexity
@@ -954,6 +955,7 @@ class Run:
     finished: bool        # summary.json exists
     stop: dict | None     # stop.json: where --stop-below ended the run
     state: dict | None    # the latest checkpoint's state.json
+    protocol: str = "likelihood"   # how general ability was scored (--glue-protocol)
 
 
 def read_run(run_dir) -> Run:
@@ -984,7 +986,8 @@ def read_run(run_dir) -> Run:
                left_out=torn + len(entries) - len(steps), ability=read_jsonl(d / "ability.jsonl")[0],
                before=summary.get("pre") if summary else summarize(cases_pre) if cases_pre else None,
                after=summary if summary else summarize(cases) if cases else None,
-               finished=summary is not None, stop=_read_json(d / "stop.json"), state=state)
+               finished=summary is not None, stop=_read_json(d / "stop.json"), state=state,
+               protocol=str(config.get("glue_protocol", "likelihood")))
 
 
 def run_layers(run: Run) -> list[str]:
@@ -1107,7 +1110,8 @@ def ability_figures(run: Run) -> dict:
         tasks = list(general[0]["general"])
         series = {f"{t} {headline_of(t)}": (x, [e["general"][t][headline_of(t)] for e in general])
                   for t in tasks}
-        figs["general.svg"] = svg_plot(series, "zero-shot general ability", "score")
+        by = "" if run.protocol == "likelihood" else f" ({PROTOCOL_NAMES.get(run.protocol, run.protocol)})"
+        figs["general.svg"] = svg_plot(series, "zero-shot general ability" + by, "score")
     return figs
 
 
@@ -1168,6 +1172,9 @@ def run_header(run: Run) -> list[str]:
              f"- {status}: {T} steps logged, {edits} edits"
              + (f"; {run.left_out} log line(s) left out (torn or past a gap)" if run.left_out else "")
              + (f"; latest checkpoint at step {run.state['step']}" if run.state else "")]
+    if run.protocol != "likelihood" and run.ability and "general" in run.ability[0]:
+        lines.append(f"- general ability scored as {PROTOCOL_NAMES.get(run.protocol, run.protocol)} (--glue-protocol "
+                     f"{run.protocol}): headlines F1 of the parsed answers, CoLA's MCC, MMLU's accuracy")
     if run.stop:
         how = "below --stop-below at the end of the stream" if run.stop.get("end") else "stopped by --stop-below"
         lines.append(f"- {how} at step {run.stop['step']} ({run.stop['edits']} edits): the collapse point")

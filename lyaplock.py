@@ -2109,7 +2109,7 @@ def input_digests(settings: Settings, model: M.CausalLM, known=None) -> dict[str
            "tokenizer": stats.tokenizer_sha(path)}
     if settings.stats_file:
         source = Path(settings.stats_file)
-        authors = source.is_dir() or source.suffix == ".npz"           # (as load_stats_file tells them apart)
+        authors = stats.is_authors_stats(source)           # (as load_stats_file tells them apart)
         out[f"statistics {source}"] = sha([data.file_sha256(f) for f, _ in stats.authors_files(
             source, model, settings.hparams.layers).values()]) if authors else sha(stats.file_metadata(source))
     else:
@@ -2218,8 +2218,8 @@ def resume_hint(out: Path):
         yield
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"continue with: {resume_command(out)}") from None
-    except SystemExit:                                       # SIGTERM (data.exit_on_sigterm): a cluster's time limit
-        print(f"\nstopped (SIGTERM); continue with: {resume_command(out)}", file=sys.stderr)
+    except data.Terminated as e:                             # SIGTERM: a cluster's time limit, say
+        e.hint = f"continue with: {resume_command(out)}"
         raise
     except OSError as e:
         raise OSError(f"{e}; the run's latest checkpoint is intact: once that is fixed, continue with: "
@@ -2317,6 +2317,10 @@ def command(argv: list) -> int:
         where = e.args[0] if e.args else "before the run directory was made: nothing to continue"
         print(f"\ninterrupted; {where}", file=sys.stderr)
         return 130
+    except data.Terminated as e:        # (the finally blocks have run: no temporary file is left)
+        print(f"\nstopped (SIGTERM); {e.hint or 'before the run directory was made: nothing to continue'}",
+              file=sys.stderr)
+        return 143
 
 
 def report(argv) -> int:
@@ -2362,11 +2366,15 @@ def run(args) -> int:
             print(note, file=sys.stderr)
         editor = Editor(model, settings.hparams, preservation_statistics(model, settings, hashed), templates,
                         settings.model, settings.z_batch_tokens, state_device=settings.state_device)
+        first = None                             # a value before editing --stop-below cannot use: said before
+        if not args.resume and settings.stop_below:     # a run directory is made (it could not be resumed)
+            first = general_ability(editor, settings)
+            collapsed(settings, first, first)
         if not args.resume:
             out = create_run_dir(out, settings, hold=lambda d: held.enter_context(holding(d)),
                                  files={"templates.json": templates, "inputs.json": inputs})
             held.enter_context(resume_hint(out))
-        start_or_resume(editor, requests, settings, out)
+        start_or_resume(editor, requests, settings, out, first)
         editor.state.recurring = recurring_prompts(requests)
         if not (out / "stop.json").exists() and not edit_stream(editor, requests, settings, out):
             print(f"stopped after step {editor.state.step}; continue with: {resume_command(out)}")
@@ -2437,9 +2445,9 @@ def saved_templates(out: Path) -> list[list[str]] | None:
     return templates
 
 
-def start_or_resume(editor: Editor, requests, settings: Settings, out: Path):
-    """A run with a checkpoint continues from it; a new one scores the model before editing and
-    writes checkpoint 0. Either way, what was logged after the checkpoint's step is dropped (it is
+def start_or_resume(editor: Editor, requests, settings: Settings, out: Path, first: dict | None = None):
+    """A run with a checkpoint continues from it; a new one scores the model before editing (its
+    general ability `first` where measured already) and writes checkpoint 0. Either way, what was logged after the checkpoint's step is dropped (it is
     done again), and so is a --stop-below record of a later step."""
     if (out / "latest.json").exists():
         editor.restore(out)
@@ -2448,10 +2456,7 @@ def start_or_resume(editor: Editor, requests, settings: Settings, out: Path):
     else:
         data.write_jsonl(out / "cases_pre.jsonl", score_cases(editor.model, requests, settings.generation,
                                                               snippets_of(settings), settings.seed))
-        first = general_ability(editor, settings)
-        if settings.stop_below:         # a value before editing the rule cannot use: said now, not steps later
-            collapsed(settings, first, first)
-        data.write_jsonl(out / "ability.jsonl", [first])
+        data.write_jsonl(out / "ability.jsonl", [first or general_ability(editor, settings)])
         editor.checkpoint(out)
     step = editor.state.step
     data.trim_jsonl(out / "log.jsonl", lambda e: e["step"] < step)

@@ -266,7 +266,7 @@ def print_plan(args) -> int:
     _, settings, cfg = L.open_run(args)             # (M.checkpoint_config: the files checked, if any)
     requests = L.load_requests(settings)[0] if settings.edits else []        # as the run reads them
     source = Path(settings.stats_file) if settings.stats_file else None
-    if source and (source.is_dir() or source.suffix == ".npz"):      # their files, or a statistics file:
+    if source and stats.is_authors_stats(source):      # their files, or a statistics file:
         stats.check_authors_files(source, cfg, settings.hparams.layers)     # what config.json can check
     elif source:
         stats.check_shape(source, stats.read_meta(source)[1], settings.hparams.layers, cfg.d_mlp)

@@ -455,7 +455,7 @@ def load_stats_file(path, model: M.CausalLM, model_path, layers, log=print,
     path = Path(path)
     if not path.exists():
         raise StatisticsError(f"--stats {path}: no such file or directory")
-    if path.is_dir() or (path.suffix == ".npz" and not is_statistics_file(path)):
+    if is_authors_stats(path):
         return load_authors_stats(path, model, layers, log, state_device)
     meta, key, digests = read_meta(path)
     check_key(path, key, model, model_path, layers, known)
@@ -716,6 +716,12 @@ def parse_args(argv):
     return args
 
 
+def is_authors_stats(path: Path) -> bool:
+    """Whether --stats names the MEMIT/ROME code's files (a directory, or a .npz file that is not a
+    statistics file of ours under another name) rather than a statistics file."""
+    return path.is_dir() or (path.suffix == ".npz" and not is_statistics_file(path))
+
+
 def is_statistics_file(path) -> bool:
     """Whether `path` is a statistics file this code (any version) wrote."""
     try:
@@ -769,13 +775,18 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted{f' (rank {rank})' if world > 1 else ''}: no statistics file written", file=sys.stderr)
         return 130
+    except data.Terminated:
+        print(f"\nstopped (SIGTERM){f' (rank {rank})' if world > 1 else ''}: no statistics file written",
+              file=sys.stderr)
+        return 143
     return 0
 
 
 def same_inputs(key: dict, world: int):
     """A StatisticsError on every rank unless every rank's key (its weights, tokenizer, corpus and
-    settings: what C depends on) is rank 0's: a node whose path holds another checkpoint or
-    corpus would add its sums to the others' under rank 0's key."""
+    settings: what C depends on, and how the corpus is shared out) is rank 0's: a node whose path
+    holds another checkpoint or corpus would add its sums to the others' under rank 0's key, and
+    another --batch-tokens would count some sequences twice and others never."""
     keys = [None] * world
     dist.all_gather_object(keys, key)
     for rank, other in enumerate(keys):
@@ -806,8 +817,8 @@ def write_statistics(args, device: str, rank: int, world: int):
     max_len = positions_cap(model.cfg, args.max_len, say)
     seqs, total = corpus_sequences(model, corpus, args.stats_tokens, max_len)
     key = stats_key(args.model, model, layers, corpus, args.stats_tokens, max_len)
-    if world > 1:
-        same_inputs(key, world)
+    if world > 1:              # (and what shares the corpus out and counts the passes: no key's, but the ranks')
+        same_inputs(key | dict(batch_tokens=args.batch_tokens, state_device=args.state_device), world)
     progress = None
     if rank == 0:
         progress = Progress(rank_share(seqs, args.batch_tokens, rank, world), say, tty=sys.stderr.isatty(),

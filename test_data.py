@@ -251,6 +251,15 @@ def test_data_json_lines_byte_order_marks_and_whole_float_ids_load(tmp_path):
     odd = [dict(records[0], target_new=records[0]["target_new"] + "\u2028x"), records[1]]   # a line separator in a text
     lines.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in odd), encoding="utf-8")
     assert [q.target_new for q in load_requests(lines)[0]] == [odd[0]["target_new"], odd[1]["target_new"]]
+    recs = [dict(r, case_id=i) for i, r in enumerate(records[:4])]        # messages name the line, as an editor
+    recs[2] = dict(recs[2], target_new=recs[2]["ground_truth"])            # shows it (they gave "record 2")
+    lines.write_text("\n" + json.dumps(recs[0]) + "\n\n" + "\n".join(map(json.dumps, recs[1:] + [recs[0]])) + "\n",
+                     encoding="utf-8")
+    _data_error(lines, "line 5, record 2 (case_id 2)", "equals target_true")
+    assert load_requests(lines, skip_bad=True)[1][1].endswith(f"line 7, record 4 (case_id 0): field 'case_id': "
+                                                              f"duplicate case_id 0: also line 2, record 0")
+    lines.write_text(json.dumps(recs[0])[:-1] + "\n" + json.dumps(recs[1]) + "\n", encoding="utf-8")
+    _data_error(lines, "not valid JSON Lines: line 1")             # (was JSON's "line 2, column 1: Expecting ','")
     marked = tmp_path / "bom.json"
     marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
     assert load_requests(marked)[0] == load_requests(plain)[0]

@@ -1171,6 +1171,9 @@ def test_a_run_scores_general_ability_as_the_authors_glue_eval_does_when_asked(t
     assert all({"f1", "f1_new", "mcc", "invalid", "accuracy_new"} <= set(v) for a in ability for v in a["general"].values())
     assert json.loads((out / "config.json").read_text())["glue_protocol"] == "authors"
     assert L.ability_score(ability[0])[0] == "mean zero-shot score"
+    assert L.main(["report", str(out)]) == 0                      # the report says which (it did not)
+    assert "- general ability scored as the authors' glue_eval (--glue-protocol authors)" in (out / "report.md").read_text()
+    assert "zero-shot general ability (the authors' glue_eval)" in (out / "general.svg").read_text()
     config = json.loads((out / "config.json").read_text())
     del config["glue_protocol"]                                   # a run begun before the setting was
     (out / "config.json").write_text(json.dumps(config))
@@ -1269,9 +1272,8 @@ def test_a_run_stopped_by_sigterm_says_how_to_go_on_and_does(tmp_path, monkeypat
         return real(*a, **k)
     monkeypatch.setattr(L, "edit_batch", killed_in_step_1)
     out = tmp_path / "run"
-    with pytest.raises(SystemExit) as stop:
-        L.main(_cli(tmp_path, "--out", str(out), "--limit", "4", "--batch-size", "2", "--no-generation"))
-    assert stop.value.code == 128 + signal.SIGTERM and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert L.main(_cli(tmp_path, "--out", str(out), "--limit", "4", "--batch-size", "2", "--no-generation")) == 143
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     assert capsys.readouterr().err.endswith(f"stopped (SIGTERM); continue with: python lyaplock.py --resume {out}\n")
     monkeypatch.setattr(L, "edit_batch", real)
     assert L.main(["--resume", str(out)]) == 0 and (out / "summary.json").exists()
@@ -1746,13 +1748,14 @@ def test_a_value_before_editing_the_stop_rule_cannot_use_is_refused_before_the_f
                                                                                            monkeypatch):
     """A model whose ability before editing is 0 (zero-shot scores of 0; a perplexity of inf) gave
     --stop-below's error only at the first evaluation point, after --eval-every steps of editing
-    (and again on each resume)."""
+    (and again on each resume); then, in a run directory it left that no resume could use."""
     monkeypatch.setattr(L, "general_ability", lambda editor, settings, final=False: dict(
         step=editor.state.step, edits=editor.state.n_edits, final=final, perplexity=math.inf))
     monkeypatch.setattr(L, "edit_batch", lambda *a, **k: pytest.fail("a step was edited"))
     assert L.main(_cli(tmp_path, "--out", str(tmp_path / "run"), "--eval-every", "1", "--stop-below", "0.5")) == 1
     assert capsys.readouterr().err.splitlines()[-1] == ("error: --stop-below: the 1/perplexity before editing is 0; "
                                                         "the rule needs a positive value")
+    assert not (tmp_path / "run").exists()        # (was left behind, not empty and never resumable)
 
 
 def test_readme_python_api_example_runs(tmp_path, capsys, monkeypatch):

@@ -581,7 +581,8 @@ def test_ranks_that_read_other_weights_or_settings_are_refused_before_any_sum(tm
     save_file(tensors, str(other / "model.safetensors"), metadata={"format": "pt"})
     out = tmp_path / "C.safetensors"
     for rank_1, differs in ((["--model", str(other)], "the tensors model.layers.0.mlp.up_proj.weight"),
-                            (["--stats-tokens", "900"], "n_tokens")):
+                            (["--stats-tokens", "900"], "n_tokens"),
+                            (["--batch-tokens", "512"], "batch_tokens")):   # (a share of other batches: C 21% off)
         args = ["--model", str(STORIES), "--layers", "1", "--stats-tokens", "1000", "--out", str(out)]
         codes, errs = two_ranks(tmp_path, lambda r: [str(HERE / "stats.py"), *args, *(rank_1 if r else [])])
         assert codes == [1, 1], errs
@@ -596,6 +597,7 @@ def test_a_statistics_file_is_not_written_as_npz_and_is_read_as_ours_by_its_cont
     """`stats --out C.npz` wrote a file that --stats then read as the MEMIT/ROME code's (by its
     name) and refused: .npz is refused for --out, and a statistics file of another name is read as
     what it holds."""
+    load = S.M.load
     monkeypatch.setattr(S.M, "load", lambda *a, **k: pytest.fail("the model was loaded"))
     assert S.main(["--model", str(STORIES), "--out", str(tmp_path / "C.npz")]) == 1
     assert capsys.readouterr().err == (f"error: --out {tmp_path / 'C.npz'}: a statistics file is safetensors; .npz "
@@ -604,10 +606,16 @@ def test_a_statistics_file_is_not_written_as_npz_and_is_read_as_ours_by_its_cont
     shutil.copy(made, renamed)
     C = S.load_stats_file(renamed, stories, STORIES, [1, 2], log=quiet)
     assert all(torch.equal(C[l], load_file(str(made))[f"C.{l}"]) for l in (1, 2))
+    monkeypatch.setattr(S.M, "load", load)
+    import lyaplock                                  # the run's record of its inputs and --plan, too
+    edit = ["--model", str(STORIES), "--edits", str(FIX / "counterfact-rome.json"), "--limit", "2", "--batch-size",
+            "2", "--layers", "1,2", "--stats", str(renamed), "--no-generation"]
+    assert lyaplock.main([*edit, "--plan"]) == 0
+    assert lyaplock.main([*edit, "--out", str(tmp_path / "run")]) == 0, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("entry", ["stats.py", "lyaplock.py stats", "editing"])
-def test_sigterm_during_the_write_leaves_no_temporary_file(entry, tmp_path, monkeypatch):
+def test_sigterm_during_the_write_leaves_no_temporary_file(entry, tmp_path, monkeypatch, capsys):
     """torchrun's agent stops the other ranks with SIGTERM when one fails, `timeout` and `kill` send
     it: the statistics file's temporary (a layer-set of C; gigabytes) was left beside --out or in
     the cache. Both commands now leave through Python's shutdown (exit 143), which removes it."""
@@ -623,19 +631,21 @@ def test_sigterm_during_the_write_leaves_no_temporary_file(entry, tmp_path, monk
     monkeypatch.setattr(S.os, "replace", killed)
     previous = signal.signal(signal.SIGTERM, outer)
     try:
-        with pytest.raises(SystemExit) as stop:
-            if entry != "editing":               # (python stats.py and torchrun call stats.main itself)
-                main = S.main if entry == "stats.py" else lambda argv: lyaplock.main(["stats", *argv])
-                main(["--model", str(STORIES), "--layers", "1", "--stats-tokens", "1000",
-                      "--out", str(tmp_path / "out" / "C.safetensors")])
-            else:
-                lyaplock.main(["--model", str(STORIES), "--edits", str(FIX / "stories-edits.json"), "--limit", "1",
-                               "--layers", "1", "--stats-tokens", "1000", "--stats-cache", str(tmp_path / "out"),
-                               "--out", str(tmp_path / "run"), "--no-generation"])
+        if entry != "editing":                   # (python stats.py and torchrun call stats.main itself)
+            main = S.main if entry == "stats.py" else lambda argv: lyaplock.main(["stats", *argv])
+            code = main(["--model", str(STORIES), "--layers", "1", "--stats-tokens", "1000",
+                         "--out", str(tmp_path / "out" / "C.safetensors")])
+        else:
+            code = lyaplock.main(["--model", str(STORIES), "--edits", str(FIX / "stories-edits.json"), "--limit", "1",
+                                  "--layers", "1", "--stats-tokens", "1000", "--stats-cache", str(tmp_path / "out"),
+                                  "--out", str(tmp_path / "run"), "--no-generation"])
         assert signal.getsignal(signal.SIGTERM) is outer                       # put back
     finally:
         signal.signal(signal.SIGTERM, previous)
-    assert stop.value.code == 128 + signal.SIGTERM and list((tmp_path / "out").iterdir()) == []
+    assert code == 128 + signal.SIGTERM and list((tmp_path / "out").iterdir()) == []
+    assert capsys.readouterr().err.endswith("\nstopped (SIGTERM): no statistics file written\n" if entry != "editing"
+                                            else "\nstopped (SIGTERM); before the run directory was made: nothing to "
+                                                 "continue\n")                   # (was: nothing said)
 
 
 def test_the_sigterm_handler_is_set_once_and_only_in_the_main_thread():
