@@ -532,7 +532,8 @@ class AuthorsTask:
 
 
 def _authors_mmlu(x):
-    return "Question: " + x["question"] + "\n" + "".join(f"({'ABCD'[k]}) {c}\n" for k, c in enumerate(x["choices"])) + "Answer:"
+    choices = "".join(f"({'ABCD'[k]}) {c}\n" for k, c in enumerate(x["choices"]))
+    return "Question: " + x["question"] + "\n" + choices + "Answer:"
 
 
 _same = lambda c: c
@@ -575,7 +576,8 @@ def word_probabilities(m, prompts, words, batch_size: int = 32) -> list[list[flo
         whole = [tok.encode(f"{p} {w}") for p, w in chunk]
         seqs = [cut_start(q, lead, limit) for q in whole]
         suffix = [tok.encode(f" {w}", bos=False) for _, w in chunk]
-        starts = [lead + len(tok.encode(p, bos=False)) - 1 - (len(q) - len(c)) for (p, _), q, c in zip(chunk, whole, seqs)]
+        starts = [lead + len(tok.encode(p, bos=False)) - 1 - (len(q) - len(c))       # (less what the cut dropped)
+                  for (p, _), q, c in zip(chunk, whole, seqs)]
         K = max(map(len, suffix))      # (a joint text of fewer ids than prompt and word, where theirs would fail
         at = torch.tensor([[min(a + j, len(q) - 1) for j in range(K)] for a, q in zip(starts, seqs)])   # : its last)
         ids, mask = tok.pad(seqs, side="right", device=_device(m))

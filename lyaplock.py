@@ -1781,7 +1781,8 @@ def parse_args(argv=None):
                f"(figures and the queue's audit). On --resume only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} "
                f"may differ from the run's settings. Quick start (CPU, under a minute): {QUICKSTART}")
     p.add_argument("--model", help="HF checkpoint directory (config.json, *.safetensors, tokenizer.json)")
-    p.add_argument("--edits", help="requests: CounterFact (ROME or EasyEdit layout) or zsRE (MEND): a JSON list or JSON Lines")
+    p.add_argument("--edits", help="requests: CounterFact (ROME or EasyEdit layout) or zsRE (MEND): a JSON list "
+                   "or JSON Lines")
     p.add_argument("--method", choices=list(METHODS), default="lyaplock", help="the update rule (README "
                    "\"Methods\"): lyaplock, the baselines of the paper's comparison, and LyapLock's queue "
                    "plugged into some of them (default lyaplock)")
@@ -2320,7 +2321,7 @@ def command(argv: list) -> int:
     except data.Terminated as e:        # (the finally blocks have run: no temporary file is left)
         print(f"\nstopped (SIGTERM); {e.hint or 'before the run directory was made: nothing to continue'}",
               file=sys.stderr)
-        return 143
+        raise                           # (exit 143: a script calling main in a loop stops too)
 
 
 def report(argv) -> int:
@@ -2447,8 +2448,9 @@ def saved_templates(out: Path) -> list[list[str]] | None:
 
 def start_or_resume(editor: Editor, requests, settings: Settings, out: Path, first: dict | None = None):
     """A run with a checkpoint continues from it; a new one scores the model before editing (its
-    general ability `first` where measured already) and writes checkpoint 0. Either way, what was logged after the checkpoint's step is dropped (it is
-    done again), and so is a --stop-below record of a later step."""
+    general ability `first` where measured already) and writes checkpoint 0. Either way, what was
+    logged after the checkpoint's step is dropped (it is done again), and so is a --stop-below
+    record of a later step."""
     if (out / "latest.json").exists():
         editor.restore(out)
         check_run_files(out, editor.state, settings, len(requests))
@@ -2456,7 +2458,10 @@ def start_or_resume(editor: Editor, requests, settings: Settings, out: Path, fir
     else:
         data.write_jsonl(out / "cases_pre.jsonl", score_cases(editor.model, requests, settings.generation,
                                                               snippets_of(settings), settings.seed))
-        data.write_jsonl(out / "ability.jsonl", [first or general_ability(editor, settings)])
+        first = first or general_ability(editor, settings)
+        if settings.stop_below:          # (run checks it before a new directory is made; a resumed run that
+            collapsed(settings, first, first)          # stopped before its checkpoint 0 comes here unchecked)
+        data.write_jsonl(out / "ability.jsonl", [first])
         editor.checkpoint(out)
     step = editor.state.step
     data.trim_jsonl(out / "log.jsonl", lambda e: e["step"] < step)

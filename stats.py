@@ -513,8 +513,8 @@ def authors_files(path: Path, model: M.CausalLM, layers) -> dict[int, tuple[Path
                 out[l] = (chosen[0], kind)
                 break
         else:
-            raise StatisticsError(f"--stats {path}: no statistics for layer {l} (a file named {module}_"
-                                  f"<precision>_mom2_<n>.npz, there or in a <dataset>_stats/ folder){elsewhere(path, module)}")
+            raise StatisticsError(f"--stats {path}: no statistics for layer {l} (a file named {module}_<precision>"
+                                  f"_mom2_<n>.npz, there or in a <dataset>_stats/ folder){elsewhere(path, module)}")
     return out
 
 
@@ -778,7 +778,7 @@ def main(argv=None) -> int:
     except data.Terminated:
         print(f"\nstopped (SIGTERM){f' (rank {rank})' if world > 1 else ''}: no statistics file written",
               file=sys.stderr)
-        return 143
+        raise                           # (exit 143, for a caller's loop too)
     return 0
 
 

@@ -1272,8 +1272,9 @@ def test_a_run_stopped_by_sigterm_says_how_to_go_on_and_does(tmp_path, monkeypat
         return real(*a, **k)
     monkeypatch.setattr(L, "edit_batch", killed_in_step_1)
     out = tmp_path / "run"
-    assert L.main(_cli(tmp_path, "--out", str(out), "--limit", "4", "--batch-size", "2", "--no-generation")) == 143
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    with pytest.raises(SystemExit) as stop:         # (not a return: a script calling main in a loop stops too)
+        L.main(_cli(tmp_path, "--out", str(out), "--limit", "4", "--batch-size", "2", "--no-generation"))
+    assert stop.value.code == 128 + signal.SIGTERM and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     assert capsys.readouterr().err.endswith(f"stopped (SIGTERM); continue with: python lyaplock.py --resume {out}\n")
     monkeypatch.setattr(L, "edit_batch", real)
     assert L.main(["--resume", str(out)]) == 0 and (out / "summary.json").exists()
@@ -1756,6 +1757,16 @@ def test_a_value_before_editing_the_stop_rule_cannot_use_is_refused_before_the_f
     assert capsys.readouterr().err.splitlines()[-1] == ("error: --stop-below: the 1/perplexity before editing is 0; "
                                                         "the rule needs a positive value")
     assert not (tmp_path / "run").exists()        # (was left behind, not empty and never resumable)
+    monkeypatch.setattr(L, "score_cases", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(L, "general_ability", lambda editor, settings, final=False: dict(
+        step=editor.state.step, edits=editor.state.n_edits, final=final, perplexity=1.0))
+    assert L.main(_cli(tmp_path, "--out", str(tmp_path / "run"), "--eval-every", "1", "--stop-below", "0.5")) == 130
+    assert not (tmp_path / "run" / "latest.json").exists()       # stopped before its checkpoint 0: resumed,
+    monkeypatch.setattr(L, "general_ability", lambda editor, settings, final=False: dict(  # it starts anew
+        step=editor.state.step, edits=editor.state.n_edits, final=final, perplexity=math.inf))
+    monkeypatch.setattr(L, "score_cases", lambda *a, **k: [])
+    assert L.main(["--resume", str(tmp_path / "run")]) == 1 and not (tmp_path / "run" / "latest.json").exists()
+    assert capsys.readouterr().err.splitlines()[-1].endswith("before editing is 0; the rule needs a positive value")
 
 
 def test_readme_python_api_example_runs(tmp_path, capsys, monkeypatch):

@@ -631,18 +631,19 @@ def test_sigterm_during_the_write_leaves_no_temporary_file(entry, tmp_path, monk
     monkeypatch.setattr(S.os, "replace", killed)
     previous = signal.signal(signal.SIGTERM, outer)
     try:
-        if entry != "editing":                   # (python stats.py and torchrun call stats.main itself)
-            main = S.main if entry == "stats.py" else lambda argv: lyaplock.main(["stats", *argv])
-            code = main(["--model", str(STORIES), "--layers", "1", "--stats-tokens", "1000",
-                         "--out", str(tmp_path / "out" / "C.safetensors")])
-        else:
-            code = lyaplock.main(["--model", str(STORIES), "--edits", str(FIX / "stories-edits.json"), "--limit", "1",
-                                  "--layers", "1", "--stats-tokens", "1000", "--stats-cache", str(tmp_path / "out"),
-                                  "--out", str(tmp_path / "run"), "--no-generation"])
+        with pytest.raises(SystemExit) as stop:
+            if entry != "editing":               # (python stats.py and torchrun call stats.main itself)
+                main = S.main if entry == "stats.py" else lambda argv: lyaplock.main(["stats", *argv])
+                main(["--model", str(STORIES), "--layers", "1", "--stats-tokens", "1000",
+                      "--out", str(tmp_path / "out" / "C.safetensors")])
+            else:
+                lyaplock.main(["--model", str(STORIES), "--edits", str(FIX / "stories-edits.json"), "--limit", "1",
+                               "--layers", "1", "--stats-tokens", "1000", "--stats-cache", str(tmp_path / "out"),
+                               "--out", str(tmp_path / "run"), "--no-generation"])
         assert signal.getsignal(signal.SIGTERM) is outer                       # put back
     finally:
         signal.signal(signal.SIGTERM, previous)
-    assert code == 128 + signal.SIGTERM and list((tmp_path / "out").iterdir()) == []
+    assert stop.value.code == 128 + signal.SIGTERM and list((tmp_path / "out").iterdir()) == []
     assert capsys.readouterr().err.endswith("\nstopped (SIGTERM): no statistics file written\n" if entry != "editing"
                                             else "\nstopped (SIGTERM); before the run directory was made: nothing to "
                                                  "continue\n")                   # (was: nothing said)
