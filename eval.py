@@ -47,6 +47,11 @@ class TargetBatch:
     tmask: torch.Tensor   # (B, K) True on real target tokens
 
 
+def cut_start(ids: list[int], lead: int, limit: int) -> list[int]:
+    """ids with as many tokens after the first `lead` dropped as keep them within `limit`."""
+    return ids if len(ids) <= limit else ids[:lead] + ids[len(ids) - limit + lead:]
+
+
 def prompt_target_batch(tok, prompts, targets, device=None, max_len: int | None = None) -> TargetBatch:
     """Encode each prompt (the checkpoint's BOS rule) followed by its target's ids; with `max_len`,
     a prompt too long for it loses its start (after the lead: a question's end is kept)."""
@@ -56,10 +61,9 @@ def prompt_target_batch(tok, prompts, targets, device=None, max_len: int | None 
         if not pi or not ti:
             raise ValueError(f"prompt {p!r} or target {t!r} encodes to no tokens")
         if max_len is not None and len(pi) + len(ti) > max_len:
-            room = max_len - len(ti) - len(tok.lead)
-            if room < 1:
+            if max_len - len(ti) <= len(tok.lead):
                 raise ValueError(f"target {t!r} is {len(ti)} tokens: no room for a prompt in {max_len} positions")
-            pi = tok.lead + pi[len(tok.lead):][-room:]
+            pi = cut_start(pi, len(tok.lead), max_len - len(ti))
         seqs.append(pi + ti)
         tgts.append(ti)
         lens.append(len(pi))
@@ -553,11 +557,6 @@ AUTHORS_TASKS = {
     "mmlu": AuthorsTask(_authors_mmlu, ("A", "B", "C", "D"), (0, 1, 2, 3), -1, _same, None,
                         (("a\n", 0), ("b\n", 1), ("c\n", 2), ("d\n", 3))),
 }
-
-
-def cut_start(ids: list[int], lead: int, limit: int) -> list[int]:
-    """ids with as many tokens after the first `lead` dropped as keep them within `limit`."""
-    return ids if len(ids) <= limit else ids[:lead] + ids[len(ids) - limit + lead:]
 
 
 @torch.no_grad()

@@ -2266,6 +2266,15 @@ def ability_score(entry: dict) -> tuple[str, float]:
     return "1/perplexity", 1.0 / entry["perplexity"]
 
 
+def ability_before(editor: Editor, settings: Settings) -> dict:
+    """General ability before editing, refused (collapsed's ValueError) where --stop-below's rule
+    cannot use it."""
+    first = general_ability(editor, settings)
+    if settings.stop_below:
+        collapsed(settings, first, first)
+    return first
+
+
 def collapsed(settings: Settings, before: dict, now: dict) -> dict | None:
     """The stop record (stop.json) when ability fell below --stop-below × its value before."""
     metric, b = ability_score(before)
@@ -2367,10 +2376,8 @@ def run(args) -> int:
             print(note, file=sys.stderr)
         editor = Editor(model, settings.hparams, preservation_statistics(model, settings, hashed), templates,
                         settings.model, settings.z_batch_tokens, state_device=settings.state_device)
-        first = None                             # a value before editing --stop-below cannot use: said before
-        if not args.resume and settings.stop_below:     # a run directory is made (it could not be resumed)
-            first = general_ability(editor, settings)
-            collapsed(settings, first, first)
+        # a value before editing --stop-below cannot use: said before a run directory is made (none could resume)
+        first = ability_before(editor, settings) if not args.resume and settings.stop_below else None
         if not args.resume:
             out = create_run_dir(out, settings, hold=lambda d: held.enter_context(holding(d)),
                                  files={"templates.json": templates, "inputs.json": inputs})
@@ -2458,10 +2465,8 @@ def start_or_resume(editor: Editor, requests, settings: Settings, out: Path, fir
     else:
         data.write_jsonl(out / "cases_pre.jsonl", score_cases(editor.model, requests, settings.generation,
                                                               snippets_of(settings), settings.seed))
-        first = first or general_ability(editor, settings)
-        if settings.stop_below:          # (run checks it before a new directory is made; a resumed run that
-            collapsed(settings, first, first)          # stopped before its checkpoint 0 comes here unchecked)
-        data.write_jsonl(out / "ability.jsonl", [first])
+        data.write_jsonl(out / "ability.jsonl", [first or ability_before(editor, settings)])   # (a resumed run
+                                                                       # stopped before its checkpoint 0: unchecked)
         editor.checkpoint(out)
     step = editor.state.step
     data.trim_jsonl(out / "log.jsonl", lambda e: e["step"] < step)
