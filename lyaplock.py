@@ -319,11 +319,11 @@ def remember(ls: LayerState, K1, W_new=None, prompts=None):
             ls.edits.setdefault(prompt, []).append((K1[:, j].clone(), None if WK is None else WK[:, j].clone()))
 
 
-def forget(ls: LayerState, prompts):
+def forget(ls: LayerState, prompts, device=None):
     """Take the earlier edits of these prompts out of the memory (E8a): S_KK −= kkᵀ and
     S_VK −= vkᵀ with the key k and value v each was remembered with (every one of them: a prompt
-    the same step edited twice left two)."""
-    gone = [kv for prompt in dict.fromkeys(prompts) for kv in ls.edits.pop(prompt, [])]
+    the same step edited twice left two), computed on `device` (the solve's; default: where they are)."""
+    gone = [pair_on(kv, device) for prompt in dict.fromkeys(prompts) for kv in ls.edits.pop(prompt, [])]
     subtract_outers(ls.S_KK, [(k, k) for k, _ in gone])                              # E8a
     subtract_outers(ls.S_VK, [(v, k) for k, v in gone if v is not None])             # E8a
 
@@ -363,10 +363,15 @@ def memit_step(W, W0, C, K1, R, ls: LayerState, hp) -> torch.Tensor:
     return solve_memit(K1, R, C, hp.lam)                                           # E10
 
 
-def alphaedit_step(W, W0, C, K1, R, ls: LayerState, hp) -> torch.Tensor:
+def projector(ls: LayerState, C, hp, device) -> torch.Tensor:
+    """The layer's E11 projector, made at its first step (from C whole, on the solve's device)."""
     if ls.P is None:
-        ls.P = alphaedit_projector(C.to(K1.device), hp.nullspace_threshold)    # E11 (C whole, once)
-    return solve_alphaedit(K1, R, ls.P, ls.S_KK, hp.l2)                            # E12
+        ls.P = alphaedit_projector(C.to(device), hp.nullspace_threshold)          # E11
+    return ls.P
+
+
+def alphaedit_step(W, W0, C, K1, R, ls: LayerState, hp) -> torch.Tensor:
+    return solve_alphaedit(K1, R, projector(ls, C, hp, K1.device), ls.S_KK, hp.l2)    # E12
 
 
 def memit_seq_step(W, W0, C, K1, R, ls: LayerState, hp) -> torch.Tensor:
@@ -379,17 +384,15 @@ def lyaplock_memit_seq_step(W, W0, C, K1, R, ls: LayerState, hp) -> torch.Tensor
 
 
 def lyaplock_alphaedit_step(W, W0, C, K1, R, ls: LayerState, hp) -> torch.Tensor:
-    if ls.P is None:
-        ls.P = alphaedit_projector(C.to(K1.device), hp.nullspace_threshold)        # E11
-    V = editing_weight(ls, hp)
-    return B.solve_lyaplock_alphaedit(W, W0, C, K1, R, ls.P, ls.S_KK, ls.z, hp.lam, V, hp.l2)   # E22
+    P, V = projector(ls, C, hp, K1.device), editing_weight(ls, hp)
+    return B.solve_lyaplock_alphaedit(W, W0, C, K1, R, P, ls.S_KK, ls.z, hp.lam, V, hp.l2)   # E22
 
 
-def prune_restrain(W, W0) -> torch.Tensor:
+def prune_weight(W, W0) -> torch.Tensor:      # (deferred: baselines imports this module)
     return B.prune_weight(W, W0)                                                   # E17
 
 
-def rect_mask(delta, W) -> torch.Tensor:
+def rect_update(delta, W) -> torch.Tensor:
     return B.rect_update(delta, W)                                                 # E16
 
 
@@ -401,15 +404,15 @@ METHODS = {
     "memit": Method(memit_step),                  # memoryless: E10 on the current W each step
     "memit-seq": Method(memit_seq_step, memory=("S_KK",)),       # the "MEMIT" of AlphaEdit's tables
     "alphaedit": Method(alphaedit_step, memory=("S_KK",)),
-    "prune": Method(memit_step, restrain=prune_restrain),
-    "rect": Method(memit_step, mask=rect_mask),
+    "prune": Method(memit_step, restrain=prune_weight),
+    "rect": Method(memit_step, mask=rect_update),
     "rome": Method(None, locate="rome", preset="rome", templates=((5, 10), (10, 10)), brace=""),
     # LyapLock's queue over them (our definitions, §10)
     "lyaplock+memit-seq": Method(lyaplock_memit_seq_step, memory=("S_KK",), queue=True, preset="lyaplock"),
     "lyaplock+alphaedit": Method(lyaplock_alphaedit_step, memory=("S_KK",), queue=True, preset="lyaplock"),
-    "lyaplock+prune": Method(lyaplock_step, memory=LYAPLOCK_MEMORY, queue=True, restrain=prune_restrain,
+    "lyaplock+prune": Method(lyaplock_step, memory=LYAPLOCK_MEMORY, queue=True, restrain=prune_weight,
                              preset="lyaplock"),
-    "lyaplock+rect": Method(lyaplock_step, memory=LYAPLOCK_MEMORY, queue=True, mask=rect_mask,
+    "lyaplock+rect": Method(lyaplock_step, memory=LYAPLOCK_MEMORY, queue=True, mask=rect_update,
                             preset="lyaplock"),
 }
 
@@ -462,7 +465,7 @@ def step_layer(W, W0, C, K1, R, ls: LayerState, hp, prompts=None) -> tuple[torch
     method = method_of(hp.method)
     prompts = prompts if method.memory and hp.superseded == "remove" else None
     if prompts:
-        forget(ls, prompts)                               # E8a: the stale values leave first
+        forget(ls, prompts, W.device)                     # E8a: the stale values leave first
     delta = method.solve(W, W0, C, K1, R, ls, hp)
     if method.mask is not None:
         delta = method.mask(delta, W)
@@ -647,7 +650,7 @@ class _Chunk:
     w: torch.Tensor       # (b, k) 1/len(target) on real targets, else 0
     kl: torch.Tensor      # (n_kl,) indices of the KL rows
     h0: torch.Tensor | None = None        # (b, S, d) output of the target layer, δ = 0, from the subject on
-    out0: torch.Tensor | None = None      # (b, d) post-norm models: the MLP output at the subject, δ = 0 (E4b)
+    out0: torch.Tensor | None = None      # (b, d) E4b's models: the MLP output at the subject, δ = 0
     prefix: M.KVCache | None = None       # keys and values of the tokens before the subject, layers above (b, P)
     kl_init: torch.Tensor | None = None   # (n_kl, V) the KL rows' log-probs at their position, first pass
 
@@ -671,9 +674,10 @@ def suffix_batches(rows: list[Row], max_tokens: int) -> list[list[int]]:
     return out + [batch]
 
 
-def _chunks(model: M.CausalLM, rows: list[Row], layer: int, max_tokens: int, post_norm: bool = False) -> list[_Chunk]:
-    """Rows in suffix_batches, each run once through the layers up to `layer` (post_norm: keeping
-    the MLP outputs at the subjects, E4b)."""
+def _chunks(model: M.CausalLM, rows: list[Row], layer: int, max_tokens: int, mlp_mapped: bool = False) -> list[_Chunk]:
+    """Rows in suffix_batches, each run once through the layers up to `layer` (mlp_mapped: δ joins
+    an MLP output the model normalises or scales before the residual add, so the MLP outputs at
+    the subjects are kept, E4b)."""
     dev = model.embed.weight.device
     out = []
     for idx in suffix_batches(rows, max_tokens):
@@ -696,8 +700,8 @@ def _chunks(model: M.CausalLM, rows: list[Row], layer: int, max_tokens: int, pos
                    pos=pos.to(dev), lab=lab.to(dev), w=w.to(dev),
                    kl=torch.tensor([b for b, r in enumerate(batch) if not r.targets], dtype=torch.long, device=dev))
         with torch.no_grad():
-            o = model(ids, mask, stop_after=layer, outs_at={layer}, keys_at={layer} if post_norm else ())
-            if post_norm:                                                      # E4b: δ joins the MLP output
+            o = model(ids, mask, stop_after=layer, outs_at={layer}, keys_at={layer} if mlp_mapped else ())
+            if mlp_mapped:                                                     # E4b: δ joins the MLP output
                 c.out0 = mlp_outputs(model, layer, o.keys[layer][torch.arange(len(batch), device=dev), c.look])
             _split_at_subject(model, c, o.outs[layer], layer)
         out.append(c)
@@ -744,8 +748,8 @@ def compute_z(model: M.CausalLM, rows: list[Row], n_req: int, layer: int, hp: HP
     scale (E4b). Returns (z* (n, d) float32, info with the losses, h and δ)."""
     dev = model.embed.weight.device
     chunks = _chunks(model, rows, layer, max_tokens, at_mlp and model.cfg.mlp_output_mapped)
-    where = {i: (c, b) for c in chunks for b, i in enumerate(c.rows)}
-    firsts = [where[next(i for i, r in enumerate(rows) if r.req == j)] for j in range(n_req)]
+    place = {i: (c, b) for c in chunks for b, i in enumerate(c.rows)}        # row -> (its chunk, its index there)
+    firsts = [place[next(i for i, r in enumerate(rows) if r.req == j)] for j in range(n_req)]
     h_init = torch.stack([c.h0[b, c.look[b]] if c.out0 is None else c.out0[b] for c, b in firsts]).float()
     base_norm = (h_init if norm_base is None else norm_base.float()).norm(dim=1)  # (n,)
     n_rewrites = torch.bincount(torch.tensor([r.req for r in rows if r.targets], device=dev),
@@ -782,10 +786,10 @@ def _fit_loss(model, chunks: list[_Chunk], delta, layer: int, n_rewrites, kl_fac
     total, grad = torch.zeros_like(n_rewrites), torch.zeros_like(delta)
     for c in chunks:
         d = delta.clone().requires_grad_(need_grad)
-        rows = torch.arange(len(c.rows), device=delta.device)
+        in_chunk = torch.arange(len(c.rows), device=delta.device)
         change = d[c.req] if c.out0 is None else \
             model.mlp_contribution(layer, c.out0 + d[c.req]) - model.mlp_contribution(layer, c.out0)  # E4b
-        h = c.h0.index_put((rows, c.look), change.to(c.h0.dtype), accumulate=True)         # (b, S, d)
+        h = c.h0.index_put((in_chunk, c.look), change.to(c.h0.dtype), accumulate=True)         # (b, S, d)
         logp = model(c.ids, c.mask, start=(layer, h), logits_at=c.pos,
                      cache=c.prefix.copy(extend=c.ids.shape[1])).logits.log_softmax(-1)    # (b, k, V)
         nll = -(logp.gather(-1, c.lab[..., None])[..., 0] * c.w).sum(1)               # (b,) mean per token
@@ -800,15 +804,15 @@ def _fit_loss(model, chunks: list[_Chunk], delta, layer: int, n_rewrites, kl_fac
     return total, grad
 
 
-def _adam_rows(delta, grad, moments, rows, t: int, lr: float, max_norm, b1=0.9, b2=0.999, eps=1e-8):
-    """One Adam step (torch.optim.Adam's arithmetic) on `rows` of δ, updating their moments in
-    place, then each projected into its ball ‖δ‖ ≤ max_norm. Returns the new rows of δ."""
-    p, g = delta[rows], grad[rows]
-    m, v = moments[0][rows], moments[1][rows]
+def _adam_rows(delta, grad, moments, active, t: int, lr: float, max_norm, b1=0.9, b2=0.999, eps=1e-8):
+    """One Adam step (torch.optim.Adam's arithmetic) on the `active` rows of δ (a mask), updating
+    their moments in place, then each projected into its ball ‖δ‖ ≤ max_norm. Returns the new rows of δ."""
+    p, g = delta[active], grad[active]
+    m, v = moments[0][active], moments[1][active]
     m.lerp_(g, 1 - b1)
     v.mul_(b2).addcmul_(g, g, value=1 - b2)
     p.addcdiv_(m, (v.sqrt() / math.sqrt(1 - b2 ** t)).add_(eps), value=-lr / (1 - b1 ** t))
-    moments[0][rows], moments[1][rows] = m, v
+    moments[0][active], moments[1][active] = m, v
     norm = p.norm(dim=1, keepdim=True)
     return torch.where(norm > max_norm[:, None], p * (max_norm[:, None] / norm).clamp(max=1.0), p)
 
@@ -935,6 +939,9 @@ def edit_batch(model: M.CausalLM, requests, templates, hp: HParams, state: EditS
     where.check_finite(z_layer, **{"target values": zs})
     clock.lap("z")
     rows = key_rows(model.tokenizer, requests, templates)
+    prompts = [q.rewrite_prompt() for q in requests]          # E8a's names of K1's columns
+    if state.recurring is not None:                            # only prompts edited again are taken out
+        prompts = [p if p in state.recurring else None for p in prompts]
     layers = {}
     for i, layer in enumerate(hp.layers):
         K, cur, bare = keys_and_outputs(model, rows, templates, layer, z_layer)    # E5
@@ -943,7 +950,7 @@ def edit_batch(model: M.CausalLM, requests, templates, hp: HParams, state: EditS
             R = mlp_change(model, layer, mlp_outputs(model, layer, bare), R)             # or a scale
         where.check_finite(layer, keys=K, residual=R)
         clock.lap("keys")
-        layers[layer] = update_layer(model, layer, K.T, R.T, hp, state, C, W0, where)
+        layers[layer] = update_layer(model, layer, K.T, R.T, hp, state, C, W0, prompts, where)
         clock.lap("solve")
     state.finish_step(len(requests))
     return step_log(state, layers, clock)
@@ -978,7 +985,7 @@ def rome_batch(model: M.CausalLM, requests, templates, hp: HParams, state: EditS
         try:
             delta = B.solve_rome(W, C_factor, k_mean, k_star, v_star, bias)            # E18-E20
         except ValueError as e:
-            raise ValueError(f"step {where.step}, layer {layer} (case id {where.ids}): {e}") from None
+            raise where.failed(layer, e) from None
         W_new = W + delta.to(W.dtype)
         pl = preservation_loss(W_new, W0_here, C[layer])
         where.check_finite(layer, update=W_new, **{"preservation loss": torch.tensor(pl)})
@@ -1001,20 +1008,18 @@ def rome_keys(model: M.CausalLM, q, templates, layer: int):
     return keys.mean(0), keys[0]
 
 
-def update_layer(model, layer, K1, R, hp: HParams, state: EditState, C, W0, where) -> dict:
-    """Solve, check and write one layer's update (step_layer); its log entry (pl, D, z)."""
+def update_layer(model, layer, K1, R, hp: HParams, state: EditState, C, W0, prompts, where) -> dict:
+    """Solve, check and write one layer's update (step_layer; `prompts`: its E8a names of K1's
+    columns); its log entry (pl, D, z)."""
     W = model.edit_weight(layer)
     ls = state.layers[layer]
     K1, R = K1.to(W.device), R.to(W.device)        # the layer's device (--device cuda:0,cuda:1)
     state.partial = True                           # from here the step changes the state (E8a, E13, E7)
     try:
         with solving_on(W.device, ls, C[layer].device):
-            prompts = [q.rewrite_prompt() for q in where.requests]
-            if state.recurring is not None:          # only prompts edited again are taken out
-                prompts = [p if p in state.recurring else None for p in prompts]
             W_new, pl = step_layer(W, W0[layer].to(W.device), C[layer], K1, R, ls, hp, prompts)
     except ValueError as e:   # e.g. a failed Cholesky: say where, write nothing more
-        raise ValueError(f"step {where.step}, layer {layer} (case ids {where.ids}): {e}") from None
+        raise where.failed(layer, e) from None
     where.check_finite(layer, update=W_new, **{"preservation loss": torch.tensor(pl)})
     W.copy_(W_new)
     queue = method_of(hp.method).queue
@@ -1029,28 +1034,33 @@ WHOLE = ("S_VK", "P")          # brought over whole for a solve; C and S_KK stay
 @contextmanager
 def solving_on(device, ls: LayerState, home):
     """The layer's state for one solve on its weight's device, from `home`, where it lives
-    (--state-device): the d×m memory S_VK, AlphaEdit's projector and the kept edits come over
-    whole; C and S_KK stay, used a block of rows at a time (add_scaled, times, ...). After,
-    everything goes back, copied into its old host tensors where it has them (no new allocation,
-    pinned memory stays pinned), and an S_KK the step created joins them."""
+    (--state-device): the d×m memory S_VK and AlphaEdit's projector come over whole; C and S_KK
+    stay, used a block of rows at a time (add_scaled, times, ...), and so do the kept edits (forget
+    brings over only those it takes out). After, S_VK goes back into its old host tensor (no new
+    allocation, pinned memory stays pinned), a projector or an S_KK the step created joins it, the
+    projector read stays as it was (it never changes), and the step's new edits go home."""
     if home == device:
         yield
         return
     kept = {k: getattr(ls, k) for k in STATE_TENSORS}
     for k in WHOLE:
         setattr(ls, k, None if kept[k] is None else kept[k].to(device, non_blocking=True))
-    ls.edits = edits_on(ls.edits, device)
     try:
         yield
     finally:
         for k, old in kept.items():
-            setattr(ls, k, _back_home(getattr(ls, k), old, home))
-        ls.edits = edits_on(ls.edits, home)
+            setattr(ls, k, old if k == "P" and old is not None else _back_home(getattr(ls, k), old, home))
+        ls.edits = edits_on(ls.edits, home)              # (a no-op for those already there)
 
 
 def edits_on(edits: dict, device) -> dict:
     """E8a's per-prompt (key, value) columns of a layer, on `device`."""
-    return {p: [tuple(None if t is None else t.to(device) for t in kv) for kv in kvs] for p, kvs in edits.items()}
+    return {p: [pair_on(kv, device) for kv in kvs] for p, kvs in edits.items()}
+
+
+def pair_on(kv: tuple, device) -> tuple:
+    """One remembered (key, value) column pair on `device` (None: where it is; a value may be None)."""
+    return kv if device is None else tuple(None if t is None else t.to(device) for t in kv)
 
 
 def _back_home(new, old, home: torch.device):
@@ -1094,6 +1104,10 @@ class Where:
     def ids(self) -> str:
         return ", ".join(str(q.case_id) for q in self.requests)
 
+    def failed(self, layer: int, error: Exception) -> ValueError:
+        """A solve's error (e.g. a failed Cholesky), saying where."""
+        return ValueError(f"step {self.step}, layer {layer} (case ids {self.ids}): {error}")
+
     def check_finite(self, layer, **tensors):
         for name, t in tensors.items():
             if not bool(torch.isfinite(t).all()):
@@ -1126,7 +1140,7 @@ class Editor:
     """
 
     def __init__(self, model: M.CausalLM, hparams: HParams, C: dict, templates, model_path=None,
-                 z_batch_tokens: int = 2048, state: EditState | None = None, state_device=None):
+                 z_batch_tokens: int = 2048, state_device=None):
         """state_device: where C, the edit memory and W0 live between solves (default: with the
         weights); "cpu" keeps them in host memory and brings one layer's to the GPU per solve."""
         check_hparams(hparams, model.cfg.n_layers)
@@ -1150,7 +1164,7 @@ class Editor:
         self.templates = templates
         self.model_path = model_path
         self.z_batch_tokens = z_batch_tokens
-        self.state = state or EditState.start(hparams.method, hparams.layers)
+        self.state = EditState.start(hparams.method, hparams.layers)     # (restore brings a run's in)
         self._original = None                 # the sha256 of W0 (identity), once asked for
         self._statistics = None               # C's trace and norm per layer (identity), once asked for
 
@@ -1158,8 +1172,8 @@ class Editor:
     def open(cls, model_path, method: str = "lyaplock", *, device: str = "cpu", dtype: str = "float32",
              stats_corpus=None, stats_tokens: int = 0, stats_cache="runs/stats-cache", seed: int = 0,
              z_batch_tokens: int = 2048, state_device=None, log=lambda *a, **k: None, **hparams) -> "Editor":
-        """Load a checkpoint, its preset (hparams overrides any field of HParams), context
-        templates (seeded) and statistics (cached)."""
+        """Load a checkpoint, its preset (hparams overrides the fields of HParams the method reads;
+        not batch_size: each edit() is one step), context templates (seeded) and statistics (cached)."""
         check_reads(method, {name: name for name, value in hparams.items() if value is not None})
         if "batch_size" in hparams:
             raise ValueError("batch_size: an Editor edits what each edit() is given as one step; batch the "
@@ -1342,11 +1356,15 @@ def asymmetry(c: torch.Tensor, rows: int = 2048) -> float:
 
 def check_templates(templates, where: str):
     """Context templates as context_templates makes them: a list of groups, each a list of texts
-    with one "{}" (a ValueError naming `where` otherwise)."""
+    with one "{}", the first group ["{}"], the bare prompt (E4's norm base and E6's h read its row,
+    ROME's k* its key) (a ValueError naming `where` otherwise)."""
     if not (isinstance(templates, list) and templates and all(
             isinstance(g, list) and g and all(isinstance(t, str) and t.count("{}") == 1 for t in g) for g in templates)):
         raise ValueError(f"{where}: not context templates: a list of groups, each a list of texts with one {{}} "
                          "(as context_templates makes them, e.g. [['{}'], ['The cat. {}', ...]])")
+    if templates[0] != ["{}"]:
+        raise ValueError(f"{where}: the first group of context templates is {templates[0]!r}, not ['{{}}']: the "
+                         "bare prompt comes first (E4-E6 read it there), e.g. [['{}'], ['The cat. {}', ...]]")
 
 
 def checked_requests(requests) -> list:
@@ -1743,7 +1761,8 @@ class Settings:
 
     @classmethod
     def from_flat(cls, flat: dict) -> "Settings":
-        """From dotted keys as ev.flat writes them ("hparams.lam": ...); unknown keys are ignored."""
+        """From dotted keys as ev.flat writes them ("hparams.lam": ...); unknown top-level keys are
+        ignored, an unknown "hparams." key refused (with_overrides names it)."""
         hp = {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith("hparams.")}
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in flat.items() if k in names},

@@ -1689,7 +1689,8 @@ def test_a_resume_whose_weights_or_statistics_source_changed_is_refused_naming_t
     (model / "model.safetensors").write_bytes(weights)
     corpus.write_bytes(text)
     templates = (out / "templates.json").read_text()
-    for bad in ('[["{}"], ["The cat', '[["The cat"]]'):      # cut short; not a template (was: a bare JSON error)
+    for bad in ('[["{}"], ["The cat', '[["The cat"]]', '[["The cat. {}"], ["{}"]]'):   # cut short; not a template
+        #   (was: a bare JSON error); the bare prompt not first (was: E4-E6 read a prefixed prompt's row)
         (out / "templates.json").write_text(bad)
         assert L.main(["--resume", str(out)]) == 1
         assert capsys.readouterr().err.startswith(f"error: --resume {out}: {out / 'templates.json'}")
@@ -1992,6 +1993,8 @@ def test_an_editor_from_parts_or_open_refuses_bad_statistics_templates_and_setti
            (dict(C={1: C[1], 2: C[2].clone().fill_diagonal_(float("nan"))}), r"C\[2\] holds values that are not finite"),
            (dict(templates=[]), "templates: not context templates"),
            (dict(templates=["{}", "The cat. {}"]), "templates: not context templates"),
+           (dict(templates=[["The cat. {}"], ["{}"]]), r"templates: the first group .* is \['The cat. {}'\], not"),
+           (dict(templates=[["{}", "The cat. {}"]]), "templates: the first group"),
            (dict(z_batch_tokens=0), "z_batch_tokens 0: give a whole number of tokens, at least 1"),
            (dict(hparams=L.HParams(method="alphaedit", layers=(1, 2), nullspace_threshold=0.01)),
             "AlphaEdit: no eigenvalue of C on layer 1 is below the null-space threshold")]
