@@ -100,15 +100,30 @@ PRESETS = {   # config.json, edit layers
 }
 
 
-def make_checkpoint(path: Path, config: dict, dtype, device) -> Path:
-    """Random weights of the preset's exact shapes, written with the HF tensor names."""
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config))
+def weight_shapes(config: dict) -> dict:
+    """The shapes of a checkpoint's tensors, by their HF names (a tied head's not among them)."""
     cfg = M.Config.from_hf(config)
     with torch.device("meta"):
         shapes = {n: p.shape for n, p in M.CausalLM(cfg).state_dict().items()}
     if cfg.tie_embeddings:
         del shapes[cfg.head_weight]
+    return shapes
+
+
+def host_available() -> int:
+    """The host memory a new allocation can take, in bytes: MemAvailable, else the host's total."""
+    try:
+        line = next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemAvailable:"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration):
+        return M.device_memory(torch.device("cpu"))
+
+
+def make_checkpoint(path: Path, config: dict, dtype, device) -> Path:
+    """Random weights of the preset's exact shapes, written with the HF tensor names."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    cfg, shapes = M.Config.from_hf(config), weight_shapes(config)
     g = torch.Generator(device).manual_seed(0)
     tensors = {n: (torch.ones(s, device=device, dtype=dtype) if ("norm" in n or "ln_" in n) and n.endswith("weight")
                    else torch.randn(s, device=device, dtype=dtype, generator=g) * 0.02).cpu()
@@ -383,8 +398,12 @@ def write_json(path, results):
     """The results so far, whole or not at all (a temporary file, then a rename): a run killed
     while writing keeps the previous version."""
     tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(results, indent=1))
+        os.replace(tmp, path)
+    except OSError as e:                                # (a disk full: a traceback in the middle of the benchmark)
+        tmp.unlink(missing_ok=True)
+        sys.exit(f"error: --json {path} cannot be written: {e.strerror or e}")
 
 
 def main(argv=None):
@@ -417,6 +436,11 @@ def main(argv=None):
         p.error(f"--json {args.json} is a directory; give a file name")
     if args.json and not Path(args.json).absolute().parent.is_dir():
         p.error(f"--json {args.json}: no directory {Path(args.json).absolute().parent} to write it in")
+    if args.json:                                       # (a PermissionError after the first preset)
+        try:
+            tempfile.TemporaryFile(dir=Path(args.json).absolute().parent).close()
+        except OSError as e:
+            p.error(f"--json {args.json}: {Path(args.json).absolute().parent} cannot be written ({e.strerror})")
     records = len(data.load_requests(REQUESTS)[0])        # the timed step takes the second n (a first n edits)
     if args.edits > records // 2 or args.batch1 >= records:
         p.error(f"--edits {args.edits}, --batch1 {args.batch1}: {REQUESTS.name} holds {records} requests, for "
@@ -433,6 +457,12 @@ def main(argv=None):
         card = torch.cuda.get_device_properties(args.device).total_memory / 2 ** 30
         if not 0 < args.memory_gib <= card:
             p.error(f"--memory-gib {args.memory_gib}: give GiB above 0 and at most the card's {card:.1f}")
+    args.preset = args.preset or (["llama3-8b", "gptj-6b"] if on_gpu(args.device) else ["tiny", "stories"])
+    for name in [n for n in args.preset if n != "stories"]:   # (built on the host whatever the device: killed)
+        need = sum(s.numel() for s in weight_shapes(PRESETS[name][0]).values()) * M.DTYPES[args.dtype].itemsize
+        if need > (free := host_available()):
+            p.error(f"--preset {name}: its random {args.dtype} checkpoint takes {need / 2 ** 30:.1f} GiB of host "
+                    f"memory and {free / 2 ** 30:.1f} GiB is available")
     try:
         with data.sigterm_exits():
             return run_presets(args)
@@ -446,7 +476,7 @@ def run_presets(args) -> list[dict]:
     if args.memory_gib:
         card = torch.cuda.get_device_properties(args.device).total_memory
         torch.cuda.set_per_process_memory_fraction(args.memory_gib * 2 ** 30 / card, args.device)
-    presets = args.preset or (["llama3-8b", "gptj-6b"] if on_gpu(args.device) else ["tiny", "stories"])
+    presets = args.preset                               # (main gives the default)
     methods = methods_to_run(args.method)
     results = []
     save = (lambda partial: write_json(args.json, results + [partial])) if args.json else (lambda partial: None)

@@ -397,11 +397,11 @@ def read_jsonl(path: Path) -> tuple[list[dict], int]:
     writing leaves a torn last line), and how many lines that leaves out. Reads only."""
     if not path.exists():
         return [], 0
-    lines, entries = path.read_text().splitlines(), []
+    lines, entries = path.read_bytes().splitlines(), []
     for line in lines:
         try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
+            entry = json.loads(line.decode("utf-8"))
+        except ValueError:                    # not JSON, or torn inside a character (not UTF-8)
             break
         if not isinstance(entry, dict):
             break

@@ -938,8 +938,8 @@ def check_state(state: dict, audits: dict, steps: list[dict], alpha) -> list[str
 # --------------------------------------------------------------------------- a run's report
 def _read_json(path: Path):
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):             # (unreadable, not UTF-8, not JSON)
         return None
 
 

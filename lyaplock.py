@@ -1924,7 +1924,8 @@ def check_inputs(args):
         if path is not None and not Path(path).exists():
             raise ValueError(f"--{name.replace('_', '-')} {path}: no such file or directory")
     if args.glue_dir is not None and not Path(args.glue_dir).is_dir():
-        raise ValueError(f"--glue-dir {args.glue_dir}: no such directory")
+        why = "a file: give the directory of the task files" if Path(args.glue_dir).exists() else "no such directory"
+        raise ValueError(f"--glue-dir {args.glue_dir}: {why}")
     if args.glue_dir is not None:
         missing = [f"{t}.json" for t in ev.TASKS if not (Path(args.glue_dir) / f"{t}.json").is_file()]
         if missing:
@@ -2017,8 +2018,8 @@ def read_run_config(run_dir) -> dict:
     """The config.json of a run directory (--resume), or a ValueError saying it is none: a model
     checkpoint's config.json, for one, has no run settings."""
     try:
-        saved = json.loads((Path(run_dir) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        saved = json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:        # (unreadable, not UTF-8, not JSON)
         raise ValueError(f"--resume {run_dir}: not a run directory (config.json: {e})") from None
     if not isinstance(saved, dict) or {"model", "edits", "hparams"} - set(saved):
         raise ValueError(f"--resume {run_dir}: not a run directory (its config.json holds no run settings: "

@@ -1707,6 +1707,13 @@ def check_devices(spec, here: bool = True) -> list[torch.device]:
 
 
 # ------------------------------------------------------------------------ blocks across devices
+def device_memory(device: torch.device) -> int:
+    """A device's total memory in bytes (the host's RAM for cpu)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def device_shares(devices: list[torch.device]) -> list[float]:
     """The share of the model each listed device should hold, in proportion to its memory: a
     CUDA device its total memory; a cpu entry the mean of the listed CUDA devices' (1 without
@@ -1723,11 +1730,11 @@ def split_blocks(n: int, need, shares: list[float]) -> list[int]:
     minimises the largest fill need / shares[j] over the devices; among the splits that reach it,
     the sum of squared fills (spread, not piled on one device). Two dynamic programmes over the
     devices in order: the least largest fill, then the least sum of squares within it."""
-    fills = {}
+    fills, top = {}, max(shares)
 
-    def fill(j, k, i):                                 # device j holding blocks k..i-1
-        if (j, k, i) not in fills:
-            fills[j, k, i] = need(j, k, i) / shares[j]
+    def fill(j, k, i):                                 # device j holding blocks k..i-1 (shares as fractions
+        if (j, k, i) not in fills:                     # of the largest: a share of 1e-300 GiB overflowed)
+            fills[j, k, i] = need(j, k, i) / (shares[j] / top)
         return fills[j, k, i]
     devices = range(len(shares))
     # largest[j][i]: the least largest fill of blocks < i on devices 0..j
@@ -1737,9 +1744,9 @@ def split_blocks(n: int, need, shares: list[float]) -> list[int]:
     bound = largest[-1][n]
     # squares[j][i]: (least sum of squared fills of blocks < i on devices 0..j, each fill within
     # the bound; the cut k where device j's blocks begin)
-    squares = [[(fill(0, 0, i) ** 2 if fill(0, 0, i) <= bound else math.inf, 0) for i in range(n + 1)]]
+    squares = [[(fill(0, 0, i) * fill(0, 0, i) if fill(0, 0, i) <= bound else math.inf, 0) for i in range(n + 1)]]
     for j in devices[1:]:
-        squares.append([min((squares[j - 1][k][0] + fill(j, k, i) ** 2 if fill(j, k, i) <= bound else math.inf, k)
+        squares.append([min((squares[j - 1][k][0] + fill(j, k, i) * fill(j, k, i) if fill(j, k, i) <= bound else math.inf, k)
                             for k in range(i + 1)) for i in range(n + 1)])
     device = [0] * n
     i = n
@@ -2128,6 +2135,19 @@ def generate(model: CausalLM, seqs: list[list[int]], max_new_tokens: int, top_k:
     return new
 
 
+def cache_too_large(model: CausalLM, positions: int) -> str | None:
+    """Why generate's key-value cache for `positions` (made whole first, one sequence) cannot fit
+    the memory of the devices its layers are on (filling it past the host's would end in the
+    kernel's out-of-memory kill, no message), or None."""
+    per_layer = 2 * model.cfg.n_kv_heads * model.cfg.head_dim * positions * model.embed.weight.element_size()
+    for device in dict.fromkeys(model.placement):
+        layers = model.placement.count(device)
+        if layers * per_layer > device_memory(device):
+            return (f"the key-value cache for {positions:,} positions takes {layers * per_layer / 2 ** 30:.3g} GiB on "
+                    f"{device}, which has {device_memory(device) / 2 ** 30:.3g} GiB")
+    return None
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Continue a prompt with a checkpoint (greedy unless --top-k).")
     p.add_argument("checkpoint", help="HF-format directory: config.json, *.safetensors, tokenizer.json")
@@ -2166,6 +2186,8 @@ def main(argv=None):
         if model.cfg.arch == "gpt2":           # learned positions: none past them
             raise SystemExit(f"error: {what} ({field})")
         print(f"note: {what} ({field}): what follows is past what it was trained on", file=sys.stderr)
+    if problem := cache_too_large(model, len(ids) + args.max_new_tokens):
+        raise SystemExit(f"error: --max-new-tokens {args.max_new_tokens}: {problem}")
     try:
         out = generate(model, [ids], args.max_new_tokens, args.top_k, args.seed)[0]
     except ValueError as e:          # e.g. a GPT-2 prompt past its learned positions

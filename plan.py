@@ -10,7 +10,6 @@ on an H100 (test_multidevice.py, docs/bench/). Sizes are bytes.
 from __future__ import annotations
 
 import math
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -249,13 +248,6 @@ def run_shares(capacity: list[float], on_cpu: list[bool]) -> list[float]:
     return [mean if cpu else c for c, cpu in zip(capacity, on_cpu)]
 
 
-def device_memory(device: torch.device) -> int:
-    """A device's total memory in bytes (the host's RAM for cpu)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 def print_plan(args) -> int:
     """--plan: the memory plan of the run the flags describe (with --resume, the run's settings and
     the flags that may change), from the model's config as the run reads it; the run's blocks are
@@ -283,7 +275,7 @@ def print_plan(args) -> int:
             print(f"config.json has a quantization_config ({method}): planned as float weights of --dtype; the run "
                   "loads float tensors only (a quantised checkpoint's are refused then; a merge saved in 16 bits "
                   "that kept the entry loads)")
-    host = args.plan_host_gib * 2 ** 30 if args.plan_host_gib else device_memory(torch.device("cpu"))
+    host = args.plan_host_gib * 2 ** 30 if args.plan_host_gib else M.device_memory(torch.device("cpu"))
     if args.plan_gib:
         names = [str(dev) for dev in typed] if typed else [f"device {i}" for i in range(len(args.plan_gib))]
         capacity = [g * 2 ** 30 for g in args.plan_gib]
@@ -292,7 +284,7 @@ def print_plan(args) -> int:
         devices = M.check_devices(settings.device)
         names = [str(dev) for dev in devices]
         on_cpu = [dev.type == "cpu" for dev in devices]
-        capacity = [host if cpu else device_memory(dev) for dev, cpu in zip(devices, on_cpu)]   # the host's memory
+        capacity = [host if cpu else M.device_memory(dev) for dev, cpu in zip(devices, on_cpu)]   # the host's memory
     if args.plan_host_gib and not settings.state_device and not any(on_cpu):   # (a resumed run's: its recorded one)
         raise ValueError("--plan-host-gib without --state-device cpu or a cpu device: the run keeps nothing in "
                          "host memory to plan for; the figure would not be used")

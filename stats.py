@@ -245,6 +245,29 @@ def collect_stats(model: M.CausalLM, seqs, layers, batch_tokens: int = 8192, pro
     return C
 
 
+def singular_warning(C: dict, corpus, tokens: int) -> str | None:
+    """A warning naming the layers whose C is numerically singular — an eigenvalue below float64's
+    ε times its trace, i.e. C − ε·tr(C)·I has no Cholesky factor (factored in place, one m×m copy at
+    a time) — or None. Such a C comes from too few different keys (a short or repetitive corpus,
+    or a --max-len that keeps little more than the BOS token): the methods that solve with λC
+    refuse it at their first step, and AlphaEdit's null space (E11) is then most of the space."""
+    singular = []
+    for l, c in C.items():
+        U = c.to(torch.float64, copy=True)
+        U.diagonal().sub_(torch.finfo(torch.float64).eps * float(c.trace()))
+        info = torch.empty((), dtype=torch.int32, device=U.device)
+        torch.linalg.cholesky_ex(U, upper=True, out=(U, info))
+        if info.item() != 0:
+            singular.append(str(l))
+        del U
+    if not singular:
+        return None
+    return (f"warning: the statistics C of layer(s) {', '.join(singular)} are singular: the {tokens:,} tokens of "
+            f"{corpus} give too few different keys (a short or repetitive corpus, or a --max-len that keeps little "
+            "more than each text's first token); LyapLock, MEMIT and the others that solve with C refuse it at "
+            "their first step, and AlphaEdit's null space would be most of the space: use a larger, varied corpus")
+
+
 def rank_share(seqs, batch_tokens: int, rank: int = 0, world: int = 1) -> int:
     """The tokens one pass gives this rank (its length batches: rank, rank + world, ...)."""
     batches = length_batches([len(s) for s in seqs], batch_tokens)[rank::world]
@@ -630,6 +653,8 @@ def load_or_collect_stats(model, model_path, corpus, n_tokens, layers, cache_dir
     C = collect_stats(model, seqs, layers, batch_tokens, progress, state_device=state_device)
     if progress.tty:
         log("")                           # ends the line refreshed in place
+    if warning := singular_warning(C, corpus, total):
+        log(warning)
     try:
         write_stats_file(file, C, key, total)
     except OSError as e:                  # a read-only or full cache: the statistics serve this run all the same
@@ -832,6 +857,8 @@ def write_statistics(args, device: str, rank: int, world: int):
     if rank == 0:
         if progress.tty:
             print(file=sys.stderr)
+        if warning := singular_warning(C, corpus, total):
+            say(warning)
         try:
             write_stats_file(args.out, C, key, total)
         except OSError as e:                           # a full disk, a folder removed meanwhile, ...

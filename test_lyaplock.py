@@ -1301,6 +1301,7 @@ def test_a_run_stopped_by_sigterm_says_how_to_go_on_and_does(tmp_path, monkeypat
     ("--stats-tokens", "-1", "--stats-tokens must be at least 0, got -1"),
     ("--glue-n", "0", "--glue-n must be at least 1, got 0"),
     ("--glue-dir", "{tmp}/glue", "--glue-dir {tmp}/glue: no such directory"),
+    ("--glue-dir", "README.md", "--glue-dir README.md: a file: give the directory of the task files"),
     ("--glue-dir", str(FIX), f"--glue-dir {FIX}: lacks sst2.json, mrpc.json, cola.json, rte.json, nli.json, "
                              "mmlu.json (it holds one JSON file per task: sst2, mrpc, cola, rte, nli, mmlu; e.g. fixtures/glue)"),
     ("--heldout", "{tmp}/heldout.txt", "--heldout {tmp}/heldout.txt: no such file or directory"),
@@ -1732,6 +1733,11 @@ def test_cli_refuses_before_any_work_what_would_fail_later(tmp_path, capsys, mon
     assert L.main(["--resume", str(STORIES)]) == 1
     assert capsys.readouterr().err == (f"error: --resume {STORIES}: not a run directory (its config.json holds no "
                                        "run settings: model, edits, hparams)\n")
+    (tmp_path / "latin1").mkdir()
+    (tmp_path / "latin1" / "config.json").write_bytes(b'{"model": "caf\xe9"}')    # (was the codec's error alone)
+    assert L.main(["--resume", str(tmp_path / "latin1")]) == 1
+    assert capsys.readouterr().err.startswith(f"error: --resume {tmp_path / 'latin1'}: not a run directory (config.json: "
+                                              "'utf-8' codec can't decode byte 0xe9")
 
 
 def test_general_ability_score_for_the_stop_rule():
@@ -2571,6 +2577,33 @@ def test_bench_refuses_bad_numbers_and_a_directory_as_json_before_any_work(tmp_p
     with pytest.raises(SystemExit):
         bench.main(["--preset", "tiny", *[f.replace("{tmp}", str(tmp_path)) for f in flags]])
     assert capsys.readouterr().err.endswith(f"error: {message.replace('{tmp}', str(tmp_path))}\n")
+
+
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="no sysfs, a directory that takes no new file")
+def test_bench_json_where_no_file_can_be_made_is_one_line(capsys, monkeypatch):
+    """--json /sys/x.json (sysfs takes no new file, from root either) ran the first preset, then a
+    PermissionError traceback; a write that fails later (a disk full) is one line too."""
+    import bench
+    monkeypatch.setattr(bench, "run_presets", lambda args: pytest.fail("the benchmark ran"))
+    with pytest.raises(SystemExit):
+        bench.main(["--preset", "tiny", "--json", "/sys/x.json"])
+    assert re.search(r"\n\S+: error: --json /sys/x.json: /sys cannot be written \(.+\)\n$", capsys.readouterr().err)
+    with pytest.raises(SystemExit, match=r"^error: --json /sys/x.json cannot be written: .+$"):
+        bench.write_json("/sys/x.json", [])
+
+
+def test_bench_refuses_a_preset_whose_weights_the_host_cannot_hold(capsys, monkeypatch):
+    """--preset llama3-8b --device cpu built 30 GiB of random weights in host memory and was killed."""
+    import bench
+    monkeypatch.setattr(bench, "run_presets", lambda args: pytest.fail("the benchmark ran"))
+    monkeypatch.setattr(bench, "host_available", lambda: 20 * 2 ** 30)
+    with pytest.raises(SystemExit):
+        bench.main(["--preset", "tiny", "--preset", "llama3-8b", "--device", "cpu", "--dtype", "float32"])
+    assert capsys.readouterr().err.endswith("error: --preset llama3-8b: its random float32 checkpoint takes 29.9 GiB "
+                                            "of host memory and 20.0 GiB is available\n")
+    with pytest.raises(pytest.fail.Exception, match="the benchmark ran"):     # in bfloat16 it fits
+        bench.main(["--preset", "llama3-8b", "--device", "cpu", "--dtype", "bfloat16"])
+    assert 0 < bench.host_available() <= M.device_memory(torch.device("cpu"))
 
 
 def test_bench_tiny_preset_runs_and_reports_every_phase(tmp_path):

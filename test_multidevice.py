@@ -121,6 +121,8 @@ def test_split_blocks_minimises_the_largest_fill():
     assert M.split_blocks(4, additive([1] * 4, [10, 0, 0]), [1.0] * 3) == [1, 1, 2, 2]       # spread among ties
     assert M.split_blocks(4, additive([6, 1, 4, 3], [2, 0, 0, 14]), [1.0] * 4) == [0, 1, 1, 2]  # squares 294 (one pass: 298)
     assert M.device_shares([torch.device("cpu")] * 3) == [1.0] * 3
+    tiny = M.split_blocks(4, additive([6, 1, 4, 3], [2, 0, 0, 14]), [1e-300] * 4)     # (--plan-gib 1e-300: was an
+    assert tiny == [0, 1, 1, 2]                                                     # OverflowError squaring)
 
 
 @pytest.mark.parametrize("kind", KINDS)

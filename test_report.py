@@ -241,6 +241,10 @@ def test_report_of_an_interrupted_run_reads_only(tmp_path):
     assert {p.name: p.read_bytes() for p in d.iterdir() if p.name in files} == files
     assert ("in progress or interrupted (no summary.json yet): 3 steps logged, 30 edits; "
             "1 log line(s) left out") in text
+    whole = (d / "log.jsonl").read_bytes()
+    (d / "log.jsonl").write_bytes(whole + b"\n\xff\xfe\n")      # torn inside a character (was: a UnicodeDecodeError)
+    assert "3 steps logged, 30 edits; 2 log line(s) left out" in E.report(d)
+    (d / "log.jsonl").write_bytes(whole)
     assert E.audit_run(E.read_run(d))["1"]["T"] == 3
     assert "| efficacy | 0.00 |  |" in text and "| generalization | 50.00 |  |" in text
     assert "## Metrics before and after editing (after: when the run finishes, in summary.md)" in text   # (it
@@ -262,6 +266,9 @@ def test_report_of_an_interrupted_run_reads_only(tmp_path):
         text = E.report(d)
     assert f"- not written into {d} (Read-only file system): report.md and some or all of the figures" in text
     assert "## Verdict" in text
+    (d / "config.json").write_bytes(b"\xff\xfe{")              # not UTF-8 (was: the codec's error alone)
+    with pytest.raises(ValueError, match="not a run directory .no readable config.json"):
+        E.report(d)
     only_config = tmp_path / "new"
     only_config.mkdir()
     (only_config / "config.json").write_text(json.dumps({"hparams": {"method": "lyaplock"}}))

@@ -74,6 +74,7 @@ def test_the_command_shows_progress_and_a_final_line(tmp_path, capsys):
     assert io.out.startswith("statistics: 2,000 tokens in ") and " tok/s, layers 1,2; wrote " in io.out
     assert "statistics: 2,000/2,000 tokens, " in io.err and " left" in io.err     # the preset's layers
     assert not list(tmp_path.glob("*.tmp"))
+    assert "warning" not in io.err
     assert S.main(["--model", str(STORIES), "--stats-tokens", "100", "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert ": 100 tokens taken (--stats-tokens 100); C (172×172) needs at least d_mlp = 172 tokens" in err
@@ -765,6 +766,26 @@ def test_a_corpus_shorter_than_the_mlp_width_is_refused_before_the_pass(tmp_path
     monkeypatch.setattr(S, "collect_stats", lambda *a, **k: pytest.fail("the pass ran"))
     with pytest.raises(S.StatisticsError, match=r"has \d+ tokens; C \(172×172\) needs at least d_mlp = 172"):
         S.load_or_collect_stats(stories, STORIES, corpus, 0, (1,), tmp_path, log=quiet)
+
+
+def test_a_singular_C_is_said_where_it_is_collected(tmp_path, stories, capsys):
+    """A repetitive corpus (or a --max-len of 1: every key the BOS token's) gives a C of low rank:
+    LyapLock refused it only at its first step, after the scoring before editing, and AlphaEdit
+    took it without a word (written and cached silently). Said by the command and by a run's
+    collection, naming the layers, the tokens and the corpus."""
+    corpus = tmp_path / "same.txt"
+    corpus.write_text("Once upon a time there was a girl.\n" * 40)
+    lines = []
+    C = S.load_or_collect_stats(stories, STORIES, corpus, 0, (1, 2), tmp_path / "cache",
+                                log=lambda line, end="\n": lines.append(line))
+    assert [l for l in lines if l.startswith("warning")] == [
+        f"warning: the statistics C of layer(s) 1, 2 are singular: the 480 tokens of {corpus} give too few different "
+        "keys (a short or repetitive corpus, or a --max-len that keeps little more than each text's first token); "
+        "LyapLock, MEMIT and the others that solve with C refuse it at their first step, and AlphaEdit's null "
+        "space would be most of the space: use a larger, varied corpus"]
+    assert int(torch.linalg.matrix_rank(C[1])) < 172
+    assert S.main(["--model", str(STORIES), "--max-len", "1", "--stats-tokens", "400", "--out", str(tmp_path / "s")]) == 0
+    assert "warning: the statistics C of layer(s) 1, 2 are singular: the 400 tokens of " in capsys.readouterr().err
 
 
 def test_stats_out_that_is_a_directory_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):

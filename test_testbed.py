@@ -4,6 +4,7 @@ stream (thresholds at about half the measured margins). The long streams themsel
 measurements (README "Testbed"), not tests."""
 import dataclasses
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -120,6 +121,8 @@ def test_a_stream_that_cannot_be_made_as_promised_is_refused(factmodel, monkeypa
     for kind in ("first", "churn"):
         with pytest.raises(ValueError, match=f"the '{kind}' stream has no edits .the model knows none"):
             TB.make_stream(kind, factmodel, FACTMODEL, None, 10, 0)
+    with pytest.raises(ValueError, match="tells none of its stories .* for a TinyStories model such as stories260K"):
+        TB.make_stream("stories", factmodel, FACTMODEL, 20, 10, 0)      # said "at most 0 edits"
 
 
 def test_churn_fallback_count(factmodel, ci_records):
@@ -180,8 +183,10 @@ def test_stories_stream_edits_one_told_slot_per_name():
     facts = [(q.rewrite_prompt(), q.target_true) for q in s.requests]
     assert all(TB.knows(m, facts)) and all(TB.knows(m, s.retained))
     assert all(q.target_new in TB.STORY_SLOTS[q.prompt][1] for q in s.requests)
-    with pytest.raises(ValueError, match="at most"):
+    with pytest.raises(ValueError, match="at most 90 edits"):
         TB.stories_stream(m, len(TB.STORY_NAMES))
+    whole = TB.make_stream("stories", m, STORIES, None, 4, 0)       # --edits 0: the whole stream (it stopped at 80)
+    assert len(whole.requests) == 90 and len({q.subject for q in whole.requests}) == 90
 
 
 def test_run_specs_give_typed_overrides_and_clear_errors():
@@ -605,6 +610,16 @@ def test_counts_below_one_are_one_line(tmp_path, capsys, argv):
     assert TB.main([*argv, "--out", str(tmp_path / "out")]) == 1
     flag, value = argv[1:]
     assert capsys.readouterr().err == f"error: {flag} {value}: give a whole number of at least 1\n"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "experiment"])
+def test_threads_above_the_cpus_are_refused(tmp_path, capsys, monkeypatch, command):
+    """--threads 100000 crashed in torch.set_num_threads (exit 139, a run.lock left)."""
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: pytest.fail("torch.set_num_threads was called"))
+    many = os.cpu_count() + 1
+    assert TB.main([command, "--threads", str(many), "--out", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err == f"error: --threads {many}: this machine has {many - 1} CPUs; give at most that\n"
     assert not (tmp_path / "out").exists()
 
 

@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import re
 import shutil
 import sys
@@ -660,21 +661,24 @@ STORY_NAMES = ("Lily Tom Ben Sue Tim Anna Max Mia Sam Lucy Jack Amy Bob Sara Kat
                "Edith George Harry Irene Jenny Kevin Laura Mike Nora Oliver").split()
 
 
-def stories_stream(m: M.CausalLM, n_edits: int = 80, seed: int = 0) -> Stream:
+def stories_stream(m: M.CausalLM, n_edits: int | None = 80, seed: int = 0) -> Stream:
     """Edits for stories260K: names in turn, each with the next slot whose story the model tells
-    (its answer top-1), rewritten to a seeded alternative, until n_edits; every slot of the names
-    left over (at least 10) are the retained facts."""
+    (its answer top-1), rewritten to a seeded alternative, until n_edits (None: all but the last
+    10 names); every slot of the names left over (at least 10) are the retained facts."""
     slots = list(STORY_SLOTS)
     by_name = by_subject(known(m, [(t.format(n), STORY_SLOTS[t][0], n) for n in STORY_NAMES for t in slots]))
+    if not by_name:
+        raise ValueError(f"stories stream: the model tells none of its stories (such as {slots[0].format('Lily')!r} "
+                         f"-> {STORY_SLOTS[slots[0]][0]!r}): the stream is for a TinyStories model such as stories260K")
     gen, chosen = torch.Generator().manual_seed(seed), []
-    for name in STORY_NAMES:
+    for name in (STORY_NAMES if n_edits else STORY_NAMES[:-10]):
         if len(chosen) == n_edits:
             break
         mine = by_name.get(name, [])
         if mine:
             chosen.append(next((f for f in mine if f[0] == slots[len(chosen) % len(slots)].format(name)), mine[0]))
     rest = STORY_NAMES[STORY_NAMES.index(chosen[-1][2]) + 1:] if chosen else STORY_NAMES
-    if len(chosen) < n_edits or len(rest) < 10:
+    if (n_edits and len(chosen) < n_edits) or len(rest) < 10:
         raise ValueError(f"stories stream: the model tells enough stories for at most "
                          f"{len(chosen) - max(0, 10 - len(rest))} edits; asked for {n_edits}")
     retained = [f for n in rest for f in by_name.get(n, [])]
@@ -699,7 +703,7 @@ def make_stream(kind: str, m: M.CausalLM, model_dir: Path, n_edits: int | None, 
     records in order; churn: those rewritten again and again; distinct: one edit per known
     subject; stories: stories260K's slots (stories_stream)."""
     if kind == "stories":
-        stream = stories_stream(m, n_edits or 80, seed)
+        stream = stories_stream(m, n_edits, seed)
     else:
         if kind not in STREAMS:
             raise ValueError(f"unknown stream {kind!r}; expected one of {', '.join(STREAMS)}")
@@ -1161,6 +1165,8 @@ def main(argv=None):
         for flag in ("threads", "steps", "batch_size"):
             if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give a whole number of at least 1")
+        if os.cpu_count() and (args.threads or 0) > os.cpu_count():     # (torch.set_num_threads(100000) crashed)
+            raise ValueError(f"--threads {args.threads}: this machine has {os.cpu_count()} CPUs; give at most that")
         M.check_seed(getattr(args, "seed", 0), "--seed")
         if not args.out:                     # (the experiment ran and wrote no report)
             raise ValueError("--out '': give a directory")
