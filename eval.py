@@ -2,7 +2,7 @@
 consistency, zero-shot general ability, perplexity, the run summary, and a run's report (its
 figures, the audit of theorem T1 on its log, a verdict).
 
-Definitions follow ../shared/docs/LYAPLOCK.md §8, i.e. the ROME/MEMIT conventions, so numbers
+Definitions follow docs/LYAPLOCK.md §8, i.e. the ROME/MEMIT conventions, so numbers
 compare with the literature. Every target (edit target, neighbourhood answer, label word) is
 tokenised by `target_ids` and scored after its prompt by `target_nll`: one place, used by the
 editing method too. NLL below always means the MEAN per-token NLL of a target after its prompt.
@@ -80,7 +80,6 @@ def prompt_target_batch(tok, prompts, targets, device=None, max_len: int | None 
 @dataclass
 class TargetScores:
     nll_mean: torch.Tensor            # (n,) mean per-token NLL of each target
-    prob: torch.Tensor                # (n,) exp(-sum NLL): the probability of the whole target
     token_correct: list[list[bool]]   # per target token: argmax (given the gold prefix) == gold
     argmax: list[list[int]]           # per target token: the argmax given the gold prefix
 
@@ -93,7 +92,7 @@ def _device(m) -> torch.device:
 def target_nll(m, prompts, targets, batch_size: int = 64, max_len: int | None = None) -> TargetScores:
     """Score each target after its prompt, `batch_size` pairs per forward pass, logits only at
     the positions that predict target tokens (`max_len`: prompt_target_batch's)."""
-    nll, prob, correct, argmax = [torch.zeros(0)], [torch.zeros(0)], [], []
+    nll, correct, argmax = [torch.zeros(0)], [], []
     for s in range(0, len(prompts), batch_size):
         b = prompt_target_batch(m.tokenizer, prompts[s:s + batch_size], targets[s:s + batch_size],
                                 _device(m), max_len)
@@ -101,12 +100,11 @@ def target_nll(m, prompts, targets, batch_size: int = 64, max_len: int | None = 
         tok_nll = -logp.gather(-1, b.tgt[..., None]).squeeze(-1) * b.tmask     # (B, K)
         n = b.tmask.sum(1)
         nll.append((tok_nll.sum(1) / n).cpu())
-        prob.append(torch.exp(-tok_nll.sum(1)).cpu())
         best = logp.argmax(-1).cpu()
         hit = best == b.tgt.cpu()
         correct += [h[:k].tolist() for h, k in zip(hit, n.tolist())]
         argmax += [a[:k].tolist() for a, k in zip(best, n.tolist())]
-    return TargetScores(torch.cat(nll), torch.cat(prob), correct, argmax)
+    return TargetScores(torch.cat(nll), correct, argmax)
 
 
 # ------------------------------------------------------------------------ CounterFact and zsRE
@@ -229,17 +227,17 @@ GREEDY_SPARE = 2      # greedy_continuations' tokens past the target
 
 
 @torch.no_grad()
-def greedy_continuations(m, prompts, targets, batch_size: int = 32, spare_tokens: int = GREEDY_SPARE) -> list[str]:
+def greedy_continuations(m, prompts, targets, batch_size: int = 32) -> list[str]:
     """Greedy decoding after each prompt (encoded as target_nll encodes it, with the
     checkpoint's BOS rule), left-padded batches as modeling.generate does. Each prompt gets
-    len(target_ids) + spare_tokens new tokens: room for the target, one token after it (to see
+    len(target_ids) + GREEDY_SPARE new tokens: room for the target, one token after it (to see
     whether its word ends) and one more for a spelling in more tokens than target_ids's. Prompts
-    are batched with those of the same length only (so none runs past its own: the length check,
-    lyaplock.longest_input, counts each), and each text is decoded from its own first tokens
-    only, so the result does not depend on the batch."""
+    are batched only with those that get as many new tokens (so none runs past its own: the
+    length check, lyaplock.longest_input, counts each), and each text is decoded from its own
+    first tokens only, so the result does not depend on the batch."""
     tok = m.tokenizer
     seqs = [tok.encode(p) for p in prompts]
-    need = [len(target_ids(tok, t)) + spare_tokens for t in targets]
+    need = [len(target_ids(tok, t)) + GREEDY_SPARE for t in targets]
     texts = [""] * len(prompts)
     for n in sorted(set(need)):
         same = [i for i in range(len(prompts)) if need[i] == n]
@@ -446,9 +444,9 @@ def mcc(labels, preds) -> float:
     −1 (no answer) is a class of its own."""
     s, c = len(labels), sum(l == p for l, p in zip(labels, preds))
     t, p = Counter(labels), Counter(preds)
-    tp = sum(t[k] * p[k] for k in t.keys() | p.keys())
+    chance = sum(t[k] * p[k] for k in t.keys() | p.keys())
     den = math.sqrt((s * s - sum(v * v for v in p.values())) * (s * s - sum(v * v for v in t.values())))
-    return (c * s - tp) / den if den else 0.0
+    return (c * s - chance) / den if den else 0.0
 
 
 def classification_metrics(labels, preds, n_classes) -> dict:
@@ -460,7 +458,8 @@ def classification_metrics(labels, preds, n_classes) -> dict:
     support = [sum(l == c for l in labels) for c in range(n_classes)]
     seen = sorted(set(labels) | set(preds))
     out = {"n": n, "accuracy": sum(l == p for l, p in zip(labels, preds)) / n,
-           "f1": sum(f * s for f, s in zip(f1s, support)) / n, "macro_f1": sum(f1s[c] for c in seen) / len(seen)}
+           "f1": sum(f * s for f, s in zip(f1s, support)) / n,
+           "macro_f1": sum(f1s[c] if 0 <= c < n_classes else 0.0 for c in seen) / len(seen)}   # (−1: no answer, F1 0)
     if n_classes == 2:
         out["mcc"] = mcc(labels, preds)
     return out
@@ -1009,8 +1008,8 @@ def audit_run(run: Run) -> dict:
         rows = [s["layers"][l] for s in run.steps]
         pl = [r["pl"] for r in rows]
         start = calibration(rows)                    # the queue's path begins there
-        if start is None:
-            audits[l] = audit_pl(pl)
+        if start is None:                            # a baseline, or a queue not calibrated yet (z logged)
+            audits[l] = audit_pl(pl) | dict(uncalibrated=any(r.get("z") is not None for r in rows))
             continue
         audits[l] = audit_queue(pl[start:], [r["z"] for r in rows[start:]], rows[start]["D"])
         if audits[l]["first_active"] is not None:
@@ -1054,6 +1053,8 @@ def baseline_findings(audits: dict, method) -> list[str]:
     what = f"PL grows on layer(s) {', '.join(grows)} with nothing to bound it" if grows else "PL is flat"
     parts = "; ".join(f"layer {l}: {audits[l]['first']:.3g} → {audits[l]['last']:.3g}, "
                       f"{audits[l]['growth']:+.3g}/step" for l in base)
+    if any(audits[l].get("uncalibrated") for l in base):
+        return [f"queue not calibrated yet ({method}: it waits for a step that moves the layer): {what} ({parts})"]
     return [f"no queue ({method}): {what} ({parts})"]
 
 
@@ -1199,8 +1200,10 @@ def report(run_dir) -> str:
              "## Verdict", ""]
     lines += [f"- {v}" for v in verdict(run, audits)]
     if audits and not any(a["queue"] for a in audits.values()):
-        lines += ["", "## Preservation loss per layer", "", "This method keeps no queue: theorem T1 does not "
-                  "apply; its PL per edit layer, as logged:", ""]
+        why = ("Its queue is not calibrated yet (it waits for a step that moves the layer): theorem T1 applies "
+               "from that step on" if any(a.get("uncalibrated") for a in audits.values()) else
+               "This method keeps no queue: theorem T1 does not apply")
+        lines += ["", "## Preservation loss per layer", "", f"{why}; its PL per edit layer, as logged:", ""]
         lines += audit_table(audits)
     elif audits:
         lines += ["", "## Audit of theorem T1 (docs/LYAPLOCK.md §6–7)", "",

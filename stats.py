@@ -23,8 +23,8 @@ can name it), the tokenizer's sha256 (over tokenizer.json and tokenizer_config.j
 make the token ids and the BOS rule), the corpus sha256, the requested token count (0: the
 whole corpus), max length, the forward pass's dtype, the layers and d_mlp. Weights above the
 file's last layer do not enter: editing a later layer's copy of the model keeps the file valid.
---stats FILE refuses a file whose weights, tokenizer, layers, shape or format version differ
-from the run's, naming what differs.
+--stats FILE refuses a file whose weights, tokenizer, shape or format version differ from the
+run's, or that lacks a layer the run edits, naming what differs.
 A different dtype is allowed with a warning line: C is float64 either way, and a bf16 forward
 pass moves C by about bf16's rounding (0.7% relative, Frobenius, on stories260K). The runtime
 cache (`--stats-cache`) stores the same files, named by the hash of their key.
@@ -211,14 +211,14 @@ def collection_passes(model: M.CausalLM, layers, state_device=None) -> list[tupl
     return [tuple(p) for p in passes.values()]
 
 
-def collection_bytes(cfg: M.Config, dt: torch.dtype, batch_tokens: int, layers: int) -> int:
-    """Device memory of one collection pass for `layers` edit layers (plan.memory_plan):
+def collection_bytes(cfg: M.Config, dt: torch.dtype, batch_tokens: int, n_layers: int) -> int:
+    """Device memory of one collection pass for `n_layers` edit layers (plan.memory_plan):
     their float64 sums (m×m each, exact), and, estimated, a batch's activations — its keys at
     those layers, one layer's keys in float64, the forward's MLP and residual values (3m + 4d a
     token) — and a column block of the lower-triangle product (m × 2048, float64)."""
     m, d = cfg.d_mlp, cfg.d_model
-    per_token = (layers * m + 3 * m + 4 * d) * dt.itemsize + 8 * m
-    return 8 * m * m * layers + batch_tokens * per_token + 8 * m * 2048
+    per_token = (n_layers * m + 3 * m + 4 * d) * dt.itemsize + 8 * m
+    return 8 * m * m * n_layers + batch_tokens * per_token + 8 * m * 2048
 
 
 def collect_stats(model: M.CausalLM, seqs, layers, batch_tokens: int = 8192, progress=None,
@@ -241,7 +241,7 @@ def collect_stats(model: M.CausalLM, seqs, layers, batch_tokens: int = 8192, pro
             raise StatisticsError(f"the ranks summed {flat[-1].item():.0f} tokens, the corpus has {total}: "
                                   "every rank must read the same model and corpus")
         C |= {l: c.to(where[l]) for l, c in finish_sums(flat, list(group)).items()}
-        del flat        # copied to the state device: freed before the next pass allocates its own
+        del flat        # with --state-device the C are copies, freed here before the next pass's sum (else views)
     return C
 
 
@@ -446,8 +446,8 @@ def weights_difference(key: dict, model_path, model: M.CausalLM, known=None) -> 
 
 
 def check_shape(path, key: dict, layers, d_mlp: int):
-    """Refuse a file made for other layers or another MLP width, naming what differs (what a
-    file can be checked for from the model's config alone: --plan)."""
+    """Refuse a file that lacks a layer the run edits, or made for another MLP width, naming what
+    differs (what a file can be checked for from the model's config alone: --plan)."""
     missing = sorted(set(layers) - set(key["layers"]))
     if missing:
         raise StatisticsError(f"{path}: made for layers {key['layers']}; this run edits {sorted(layers)} "
@@ -458,8 +458,8 @@ def check_shape(path, key: dict, layers, d_mlp: int):
 
 
 def check_key(path, key: dict, model: M.CausalLM, model_path, layers, known=None):
-    """Refuse a file made for other layers, another shape, other weights or with another
-    tokenizer, naming what differs."""
+    """Refuse a file that lacks a layer the run edits, or made for another shape, other weights or
+    with another tokenizer, naming what differs."""
     check_shape(path, key, layers, model.cfg.d_mlp)
     differs = weights_difference(key, model_path, model, known)
     if differs:
@@ -671,12 +671,12 @@ class Progress:
     whether `log` writes to a terminal (default: whether stdout is one), so a log file gets
     lines, not carriage returns."""
 
-    def __init__(self, total: int, log, tty: bool | None = None, share: str = "", passes: int = 1,
+    def __init__(self, total: int, log, tty: bool | None = None, note: str = "", passes: int = 1,
                  each: str = "device"):
         self.total = total * passes
         self.log = log
         self.tty = sys.stdout.isatty() if tty is None else tty
-        self.share = share + (f" over {passes} passes, one a {each}" if passes > 1 else "")
+        self.note = note + (f" over {passes} passes, one a {each}" if passes > 1 else "")
         self.start = time.time()
         self.shown = 0.0
 
@@ -687,7 +687,7 @@ class Progress:
         self.shown = now
         rate = done / max(now - self.start, 1e-9)
         left = hours_minutes_seconds((self.total - done) / max(rate, 1e-9))
-        line = f"statistics: {done:,}/{self.total:,} tokens{self.share}, {rate:,.0f} tok/s, {left} left"
+        line = f"statistics: {done:,}/{self.total:,} tokens{self.note}, {rate:,.0f} tok/s, {left} left"
         self.log("\r" + line if self.tty else line, end="" if self.tty else "\n")
 
 
@@ -847,7 +847,7 @@ def write_statistics(args, device: str, rank: int, world: int):
     progress = None
     if rank == 0:
         progress = Progress(rank_share(seqs, args.batch_tokens, rank, world), say, tty=sys.stderr.isatty(),
-                            share=f" (rank 0's share of {world} processes)" * (world > 1),
+                            note=f" (rank 0's share of {world} processes)" * (world > 1),
                             passes=len(collection_passes(model, layers, args.state_device)),
                             each="layer" if args.state_device else "device")
     start = time.time()

@@ -161,7 +161,6 @@ def test_target_nll_multi_token_by_hand():
     s = E.target_nll(m, ["S r", "S p1", "S r"], ["a b c", "a b c", "a"], batch_size=2)
     nll = [-math.log(0.5 * 0.4 * 0.2) / 3, -math.log(0.3 * 0.4 * 0.2) / 3, -math.log(0.5)]
     assert s.nll_mean.tolist() == pytest.approx(nll, rel=1e-5)
-    assert s.prob.tolist() == pytest.approx([0.04, 0.024, 0.5], rel=1e-5)
     assert s.token_correct == [[True, False, False], [False, False, False], [True]]
 
 
@@ -225,6 +224,8 @@ def test_f1_mcc_by_hand():
     # four MMLU letters is 1, not 0.5; a class predicted but absent counts (its F1 is 0)
     assert E.classification_metrics([0, 1, 0, 1], [0, 1, 0, 1], 4)["macro_f1"] == 1.0
     assert E.classification_metrics([0, 0, 1, 1], [0, 2, 1, 1], 4)["macro_f1"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+    # an answer not given (−1, the authors' protocol) is a class of F1 0 (it read the last class's)
+    assert E.classification_metrics([0, 1], [-1, 1], 2)["macro_f1"] == pytest.approx((0 + 0 + 1) / 3)
 
 
 # --------------------------------------------------------------------- the real checkpoint

@@ -225,6 +225,10 @@ def test_baseline_pl_and_its_growth(tmp_path):
     config["hparams"] |= dict(l2=1.0, nullspace_threshold=0.02)
     (projected / "config.json").write_text(json.dumps(config))
     assert "- method alphaedit, layers [1], L2 1.0, null-space threshold 0.02, batch size 10" in E.report(projected)
+    waiting = E.report(write_run(tmp_path / "waiting", {"1": [dict(pl=0.0, D=None, z=1.0)] * 2}))   # (was: "no
+    assert "- queue not calibrated yet (lyaplock: it waits for a step that moves the layer): PL is flat" in waiting
+    assert "Its queue is not calibrated yet (it waits for a step that moves the layer): theorem T1 applies" in waiting
+    assert "no queue" not in waiting and "keeps no queue" not in waiting                        # queue (lyaplock)")
 
 
 def test_report_of_an_interrupted_run_reads_only(tmp_path):
