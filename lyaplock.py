@@ -2132,7 +2132,7 @@ def input_digests(settings: Settings, model: M.CausalLM, known=None) -> dict[str
         source = Path(settings.stats_file)
         authors = stats.is_authors_stats(source)           # (as load_stats_file tells them apart)
         out[f"statistics {source}"] = sha([data.file_sha256(f) for f, _ in stats.authors_files(
-            source, model, settings.hparams.layers).values()]) if authors else sha(stats.file_metadata(source))
+            source, model.cfg, settings.hparams.layers).values()]) if authors else sha(stats.file_metadata(source))
     else:
         out[f"statistics corpus {settings.stats_corpus}"] = data.file_sha256(settings.stats_corpus)
     out[f"held-out text {settings.heldout}"] = data.file_sha256(settings.heldout)

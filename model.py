@@ -155,6 +155,11 @@ class Config:
             return self.longrope_switch, "original_max_position_embeddings"
         return self.max_positions, "n_positions" if self.arch in ("gpt2", "gptj") else "max_position_embeddings"
 
+    def edit_parameter_name(self, layer: int) -> str:
+        """The module's name of `layer`'s edited MLP output projection (EDIT_WEIGHTS; in the files
+        with weights_prefix before it: CausalLM.edit_weight_name)."""
+        return EDIT_WEIGHTS["llama" if self.llama_like else self.arch].format(layer)
+
     @property
     def head_weight(self) -> str:
         """The head weight's name: not in the checkpoint's files where tied to the embeddings."""
@@ -1302,17 +1307,14 @@ class CausalLM(nn.Module):
         p = self.missing_prefix
         return self.cfg.weights_prefix + (name[len(p):] if p and name.startswith(p) else name)
 
-    def _edit_parameter_name(self, layer: int) -> str:
-        return EDIT_WEIGHTS["llama" if self.cfg.llama_like else self.cfg.arch].format(layer)
-
     def _edit_parameter(self, layer: int) -> nn.Parameter:
-        return self.get_parameter(self._edit_parameter_name(layer))
+        return self.get_parameter(self.cfg.edit_parameter_name(layer))
 
     def edit_weight_name(self, layer: int) -> str:
         """Checkpoint name of the edited MLP output projection at `layer` (the tensor behind
         edit_weight(layer); GPT-2 stores it transposed, so for anything written to disk use
         edit_tensors / load_edit_tensors)."""
-        return self.checkpoint_name(self._edit_parameter_name(layer))
+        return self.checkpoint_name(self.cfg.edit_parameter_name(layer))
 
     def edit_weight(self, layer: int) -> torch.Tensor:
         """W (d_model, d_mlp), the edited projection as the method sees it (out = W key). It aliases
@@ -1323,7 +1325,7 @@ class CausalLM(nn.Module):
 
     def edit_bias(self, layer: int) -> torch.Tensor | None:
         """The edited projection's bias (d_model,) where it has one (GPT-J, GPT-2; not edited)."""
-        name = self._edit_parameter_name(layer).removesuffix(".weight") + ".bias"
+        name = self.cfg.edit_parameter_name(layer).removesuffix(".weight") + ".bias"
         return dict(self.named_parameters()).get(name)
 
     def mlp_contribution(self, layer: int, out: torch.Tensor) -> torch.Tensor:

@@ -493,9 +493,9 @@ def load_stats_file(path, model: M.CausalLM, model_path, layers, log=print,
 
 # ----------------------------------------------------------------------------- the MEMIT/ROME files
 
-def authors_module(model: M.CausalLM, layer: int) -> str:
+def authors_module(cfg: M.Config, layer: int) -> str:
     """The module name their files are named by: the edited projection's HF module."""
-    return M.EDIT_WEIGHTS["llama" if model.cfg.llama_like else model.cfg.arch].format(layer).removesuffix(".weight")
+    return cfg.edit_parameter_name(layer).removesuffix(".weight")
 
 
 def authors_kind(file: Path) -> str | None:
@@ -512,19 +512,19 @@ def authors_kind(file: Path) -> str | None:
     return next((k for k in ("mom2", "KK_T") if f"{k}.mom2" in members), None)
 
 
-def authors_files(path: Path, model: M.CausalLM, layers) -> dict[int, tuple[Path, str | None]]:
+def authors_files(path: Path, cfg: M.Config, layers) -> dict[int, tuple[Path, str | None]]:
     """{layer: (file, kind)} in a directory of their layout, or for one file."""
     if path.is_file():
         if len(layers) > 1:
             raise StatisticsError(f"--stats {path}: one .npz file is one layer's statistics; this run edits "
                                   f"layers {list(layers)}: give the directory that holds them")
-        if not path.name.startswith(authors_module(model, layers[0]) + "_"):
+        if not path.name.startswith(authors_module(cfg, layers[0]) + "_"):
             raise StatisticsError(f"--stats {path}: not named for layer {layers[0]} "
-                                  f"({authors_module(model, layers[0])}_<precision>_mom2_<n>.npz)")
+                                  f"({authors_module(cfg, layers[0])}_<precision>_mom2_<n>.npz)")
         return {layers[0]: (path, authors_kind(path))}
     out = {}
     for l in layers:
-        module = authors_module(model, l)
+        module = authors_module(cfg, l)
         files = sorted([*path.glob(f"{module}_*.npz"), *path.glob(f"*_stats/{module}_*.npz")])
         kinds = {f: authors_kind(f) for f in files}
         for kind in ("mom2", "KK_T"):
@@ -597,7 +597,7 @@ def load_authors_stats(path: Path, model: M.CausalLM, layers, log=print,
     """C per layer from their files; they hold no fingerprint, so only layers and shape are checked."""
     C = {}
     where = state_devices(model, layers, state_device)
-    for l, (file, kind) in authors_files(path, model, sorted(layers)).items():
+    for l, (file, kind) in authors_files(path, model.cfg, sorted(layers)).items():
         C[l] = read_authors_file(file, kind, model.cfg.d_mlp).to(where[l])
         log(f"statistics: layer {l} from {file} (C = {kind}.mom2 / {kind}.count)")
     log(f"warning: the MEMIT/ROME statistics in {path} carry no fingerprint of the weights they were "
@@ -609,10 +609,8 @@ def check_authors_files(path: Path, cfg: M.Config, layers):
     """What --plan can check of their files without reading their sums: a file of a second moment
     for each layer, of this model's shape (read from its .npy header). A StatisticsError as the
     run's."""
-    with torch.device("meta"):
-        model = M.CausalLM(cfg)
     m = cfg.d_mlp
-    for l, (file, kind) in authors_files(path, model, sorted(layers)).items():
+    for l, (file, kind) in authors_files(path, cfg, sorted(layers)).items():
         check_kind(file, kind)
         try:
             with zipfile.ZipFile(file) as z, z.open(f"{kind}.mom2.npy") as f:

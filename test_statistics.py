@@ -417,9 +417,11 @@ def test_their_files_are_found_by_their_module_names(family, theirs):
     shape = dict(n_embd=64, n_layer=6, n_head=4, vocab_size=100) if family in ("gptj", "gpt2") else dict(
         hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=4,
         vocab_size=100)
+    cfg = M.Config.from_hf(dict(model_type=family, **shape))
     with torch.device("meta"):
-        m = M.CausalLM(M.Config.from_hf(dict(model_type=family, **shape)))
-    assert S.authors_module(m, 5) == theirs.format(5)
+        m = M.CausalLM(cfg)
+    assert S.authors_module(cfg, 5) == theirs.format(5)
+    assert m.get_parameter(theirs.format(5) + ".weight") is m._edit_parameter(5)      # the edited projection
 
 
 def test_their_files_that_do_not_fit_are_refused(tmp_path, stories):
