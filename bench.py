@@ -110,15 +110,6 @@ def weight_shapes(config: dict) -> dict:
     return shapes
 
 
-def host_available() -> int:
-    """The host memory a new allocation can take, in bytes: MemAvailable, else the host's total."""
-    try:
-        line = next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemAvailable:"))
-        return int(line.split()[1]) * 1024
-    except (OSError, StopIteration):
-        return M.device_memory(torch.device("cpu"))
-
-
 def make_checkpoint(path: Path, config: dict, dtype, device) -> Path:
     """Random weights of the preset's exact shapes, written with the HF tensor names."""
     path.mkdir(parents=True, exist_ok=True)
@@ -458,11 +449,19 @@ def main(argv=None):
         if not 0 < args.memory_gib <= card:
             p.error(f"--memory-gib {args.memory_gib}: give GiB above 0 and at most the card's {card:.1f}")
     args.preset = args.preset or (["llama3-8b", "gptj-6b"] if on_gpu(args.device) else ["tiny", "stories"])
-    for name in [n for n in args.preset if n != "stories"]:   # (built on the host whatever the device: killed)
-        need = sum(s.numel() for s in weight_shapes(PRESETS[name][0]).values()) * M.DTYPES[args.dtype].itemsize
-        if need > (free := host_available()):
+    # the random weights are made on the host whatever the device (killed past its memory); on the CPU
+    # our model holds them again, and transformers' copy beside it unless --no-hf
+    copies = 1 if on_gpu(args.device) else 1 if args.no_hf else 2
+    for name in [n for n in args.preset if n != "stories"]:
+        config, layers = PRESETS[name]
+        weights = sum(s.numel() for s in weight_shapes(config).values()) * M.DTYPES[args.dtype].itemsize
+        m = M.Config.from_hf(config).d_mlp
+        need = copies * weights + (0 if on_gpu(args.device) else 8 * m * m * len(layers))    # C beside them
+        if need > (free := M.device_free(torch.device("cpu"))):
             p.error(f"--preset {name}: its random {args.dtype} checkpoint takes {need / 2 ** 30:.1f} GiB of host "
-                    f"memory and {free / 2 ** 30:.1f} GiB is available")
+                    f"memory ({copies} cop{'ies' if copies > 1 else 'y'} of the weights"
+                    f"{'' if on_gpu(args.device) else ' and C'}) and {free / 2 ** 30:.1f} GiB is available"
+                    f"{' (--no-hf takes one copy less)' if copies > 1 else ''}")
     try:
         with data.sigterm_exits():
             return run_presets(args)

@@ -1716,6 +1716,18 @@ def device_memory(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def device_free(device: torch.device) -> int:
+    """The bytes a new allocation can take on a device now: the host's MemAvailable (else its
+    total) for cpu, the free memory of a CUDA device."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        line = next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemAvailable:"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration, IndexError, ValueError):
+        return device_memory(device)
+
+
 def device_shares(devices: list[torch.device]) -> list[float]:
     """The share of the model each listed device should hold, in proportion to its memory: a
     CUDA device its total memory; a cpu entry the mean of the listed CUDA devices' (1 without
@@ -2139,14 +2151,14 @@ def generate(model: CausalLM, seqs: list[list[int]], max_new_tokens: int, top_k:
 
 def cache_too_large(model: CausalLM, positions: int) -> str | None:
     """Why generate's key-value cache for `positions` (made whole first, one sequence) cannot fit
-    the memory of the devices its layers are on (filling it past the host's would end in the
+    what is free on the devices its layers are on (filling it past the host's would end in the
     kernel's out-of-memory kill, no message), or None."""
     per_layer = 2 * model.cfg.n_kv_heads * model.cfg.head_dim * positions * model.embed.weight.element_size()
     for device in dict.fromkeys(model.placement):
-        layers = model.placement.count(device)
-        if layers * per_layer > device_memory(device):
-            return (f"the key-value cache for {positions:,} positions takes {layers * per_layer / 2 ** 30:.3g} GiB on "
-                    f"{device}, which has {device_memory(device) / 2 ** 30:.3g} GiB")
+        need, free = model.placement.count(device) * per_layer, device_free(device)
+        if need > free:
+            return (f"the key-value cache for {positions:,} positions takes {need / 2 ** 30:.3g} GiB on {device}, "
+                    f"where {free / 2 ** 30:.3g} GiB is free")
     return None
 
 

@@ -250,13 +250,18 @@ def singular_warning(C: dict, corpus, tokens: int) -> str | None:
     ε times its trace, i.e. C − ε·tr(C)·I has no Cholesky factor (factored in place, one m×m copy at
     a time) — or None. Such a C comes from too few different keys (a short or repetitive corpus,
     or a --max-len that keeps little more than the BOS token): the methods that solve with λC
-    refuse it at their first step, and AlphaEdit's null space (E11) is then most of the space."""
+    refuse it at their first step, and AlphaEdit's null space (E11) is then most of the space.
+    Checked once, where C is collected (a cached or shared file is not factored again); no room
+    for the check (out of memory) is no warning."""
     singular = []
     for l, c in C.items():
-        U = c.to(torch.float64, copy=True)
+        U = c.to(torch.float64, copy=True).mT             # column-major: factored in place (no second copy)
         U.diagonal().sub_(torch.finfo(torch.float64).eps * float(c.trace()))
         info = torch.empty((), dtype=torch.int32, device=U.device)
-        torch.linalg.cholesky_ex(U, upper=True, out=(U, info))
+        try:
+            torch.linalg.cholesky_ex(U, upper=True, out=(U, info))
+        except (RuntimeError, MemoryError):               # (no room for the check: C is kept all the same)
+            return None
         if info.item() != 0:
             singular.append(str(l))
         del U
@@ -651,12 +656,12 @@ def load_or_collect_stats(model, model_path, corpus, n_tokens, layers, cache_dir
     C = collect_stats(model, seqs, layers, batch_tokens, progress, state_device=state_device)
     if progress.tty:
         log("")                           # ends the line refreshed in place
-    if warning := singular_warning(C, corpus, total):
-        log(warning)
     try:
         write_stats_file(file, C, key, total)
     except OSError as e:                  # a read-only or full cache: the statistics serve this run all the same
         log(f"statistics: not cached, {file.parent} cannot take them ({e.strerror or e})")
+    if warning := singular_warning(C, corpus, total):     # (after the cache: the check needs an m×m of room)
+        log(warning)
     return C
 
 
@@ -855,12 +860,12 @@ def write_statistics(args, device: str, rank: int, world: int):
     if rank == 0:
         if progress.tty:
             print(file=sys.stderr)
-        if warning := singular_warning(C, corpus, total):
-            say(warning)
         try:
             write_stats_file(args.out, C, key, total)
         except OSError as e:                           # a full disk, a folder removed meanwhile, ...
             failed = f"could not write {args.out}: {e}"
+        if not failed and (warning := singular_warning(C, corpus, total)):   # (it never raises: the ranks wait)
+            say(warning)
     if world > 1:           # rank 0's outcome to all, once it has written: a rank leaving while
         outcome = [failed]  # rank 0 still writes can abort in gloo's exit (seen once, 2026-12-02)
         dist.broadcast_object_list(outcome, src=0)

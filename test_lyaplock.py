@@ -2593,17 +2593,20 @@ def test_bench_json_where_no_file_can_be_made_is_one_line(capsys, monkeypatch):
 
 
 def test_bench_refuses_a_preset_whose_weights_the_host_cannot_hold(capsys, monkeypatch):
-    """--preset llama3-8b --device cpu built 30 GiB of random weights in host memory and was killed."""
+    """--preset llama3-8b --device cpu built 30 GiB of random weights in host memory and was killed:
+    on the CPU our model holds them, transformers' copy beside it (unless --no-hf), and C."""
     import bench
     monkeypatch.setattr(bench, "run_presets", lambda args: pytest.fail("the benchmark ran"))
-    monkeypatch.setattr(bench, "host_available", lambda: 20 * 2 ** 30)
+    monkeypatch.setattr(M, "device_free", lambda device: 30 * 2 ** 30)
     with pytest.raises(SystemExit):
-        bench.main(["--preset", "tiny", "--preset", "llama3-8b", "--device", "cpu", "--dtype", "float32"])
-    assert capsys.readouterr().err.endswith("error: --preset llama3-8b: its random float32 checkpoint takes 29.9 GiB "
-                                            "of host memory and 20.0 GiB is available\n")
-    with pytest.raises(pytest.fail.Exception, match="the benchmark ran"):     # in bfloat16 it fits
-        bench.main(["--preset", "llama3-8b", "--device", "cpu", "--dtype", "bfloat16"])
-    assert 0 < bench.host_available() <= M.device_memory(torch.device("cpu"))
+        bench.main(["--preset", "tiny", "--preset", "llama3-8b", "--device", "cpu", "--dtype", "bfloat16"])
+    assert capsys.readouterr().err.endswith("error: --preset llama3-8b: its random bfloat16 checkpoint takes 37.6 GiB "
+                                            "of host memory (2 copies of the weights and C) and 30.0 GiB is available "
+                                            "(--no-hf takes one copy less)\n")
+    with pytest.raises(pytest.fail.Exception, match="the benchmark ran"):     # without transformers' copy it fits
+        bench.main(["--preset", "llama3-8b", "--device", "cpu", "--dtype", "bfloat16", "--no-hf"])
+    monkeypatch.undo()
+    assert 0 < M.device_free(torch.device("cpu")) <= M.device_memory(torch.device("cpu"))
 
 
 def test_bench_tiny_preset_runs_and_reports_every_phase(tmp_path):

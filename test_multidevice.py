@@ -5,6 +5,7 @@ move runs (the moves are no-ops) and results are bitwise equal; with CUDA the sa
 across cpu and GPU ("cpu,cuda", and "cuda:0,cuda:1" with two GPUs) to float tolerance. Run:
 python -m pytest -q test_multidevice.py"""
 import ctypes
+from contextlib import contextmanager
 import itertools
 import json
 import random
@@ -461,6 +462,39 @@ def test_every_method_steps_the_same_with_its_state_on_the_host(monkeypatch, dev
             close(getattr(ls_host, k), getattr(ls, k).cpu(), 1e-12)
     assert ls_host.edits.keys() == ls.edits.keys()
     assert all(t is None or t.device.type == "cpu" for kvs in ls_host.edits.values() for kv in kvs for t in kv)
+
+
+@pytest.mark.parametrize("method", [m for m in L.METHODS if L.METHODS[m].memory])
+def test_a_solve_away_from_the_state_brings_over_only_the_edits_it_takes_out(monkeypatch, method):
+    """solving_on's transfer path on the CPU: the solve's device named cpu:0, which is not the
+    host's cpu, so everything crosses as to a GPU. The same bits as the solves where the state
+    lives; S_KK, S_VK and a projector made before stay the same host tensors (the projector not
+    copied back: it never changes); the kept E8a edits
+    stay where they are (all of them crossed, 7 keys over the steps, and back): forget brings over
+    those it takes out, to the weights' device (here the host's own; on CUDA the test above)."""
+    W, pls, ls = host_steps(method, "cpu", "cpu")
+    solve, crossed, back, to, copy = torch.device("cpu", 0), [], [], torch.Tensor.to, torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: (
+        crossed.append(tuple(self.shape)) if a and isinstance(a[0], torch.device) and a[0] == solve else None)
+        or to(self, *a, **k))
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda self, *a, **k: back.append(tuple(self.shape)) or copy(self, *a, **k))
+    kept = {}
+    real = L.solving_on
+
+    @contextmanager
+    def watched(device, layer_state, home):
+        before = {k: getattr(layer_state, k) for k in L.STATE_TENSORS}
+        with real(device, layer_state, home):
+            yield
+        kept.update({k: getattr(layer_state, k) is t for k, t in before.items() if t is not None})
+    monkeypatch.setattr(L, "solving_on", watched)
+    W_far, pls_far, ls_far = host_steps(method, solve, "cpu")
+    assert torch.equal(W_far, W) and pls_far == pls
+    for k in L.STATE_TENSORS:
+        assert (getattr(ls, k) is None and getattr(ls_far, k) is None) or torch.equal(getattr(ls_far, k), getattr(ls, k))
+    assert all(kept.values()) and set(kept) == {k for k in L.STATE_TENSORS if getattr(ls, k) is not None}
+    assert crossed.count((40,)) == 0                     # no key column crosses with the state
+    assert back.count((40, 40)) == 0                     # S_KK is updated in place; P never changes: neither goes back
 
 
 @pytest.mark.parametrize("method", [m for m in L.METHODS if L.METHODS[m].locate == "memit"])

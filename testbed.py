@@ -1165,8 +1165,9 @@ def main(argv=None):
         for flag in ("threads", "steps", "batch_size"):
             if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give a whole number of at least 1")
-        if os.cpu_count() and (args.threads or 0) > os.cpu_count():     # (torch.set_num_threads(100000) crashed)
-            raise ValueError(f"--threads {args.threads}: this machine has {os.cpu_count()} CPUs; give at most that")
+        most = max(1024, os.cpu_count() or 1)          # (torch.set_num_threads(100000) crashed; 4096 runs)
+        if (args.threads or 0) > most:
+            raise ValueError(f"--threads {args.threads}: give at most {most} (this machine has {os.cpu_count()} CPUs)")
         M.check_seed(getattr(args, "seed", 0), "--seed")
         if not args.out:                     # (the experiment ran and wrote no report)
             raise ValueError("--out '': give a directory")
