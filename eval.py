@@ -956,6 +956,7 @@ class Run:
     stop: dict | None     # stop.json: where --stop-below ended the run
     state: dict | None    # the latest checkpoint's state.json
     protocol: str = "likelihood"   # how general ability was scored (--glue-protocol)
+    unresumable: str | None = None  # why the checkpoint latest.json names cannot be resumed from
 
 
 def read_run(run_dir) -> Run:
@@ -978,16 +979,19 @@ def read_run(run_dir) -> Run:
     summary = _read_json(d / "summary.json")
     cases_pre, _ = read_jsonl(d / "cases_pre.jsonl")
     cases, _ = read_jsonl(d / "cases.jsonl")
-    latest = _read_json(d / "latest.json")
-    state = None
-    if isinstance(latest, dict) and "checkpoint" in latest:
-        state = _read_json(d / latest["checkpoint"] / "state.json")
+    state, unresumable = None, None
+    if (d / "latest.json").exists():
+        import lyaplock                                    # (here: lyaplock imports this module)
+        try:
+            state, unresumable = lyaplock.read_checkpoint_headers(lyaplock.latest_checkpoint(d)), None
+        except ValueError as e:
+            unresumable = str(e)
     return Run(dir=d, hparams=config["hparams"], steps=steps,
                left_out=torn + len(entries) - len(steps), ability=read_jsonl(d / "ability.jsonl")[0],
                before=summary.get("pre") if summary else summarize(cases_pre) if cases_pre else None,
                after=summary if summary else summarize(cases) if cases else None,
                finished=summary is not None, stop=_read_json(d / "stop.json"), state=state,
-               protocol=str(config.get("glue_protocol", "likelihood")))
+               protocol=str(config.get("glue_protocol", "likelihood")), unresumable=unresumable)
 
 
 def run_layers(run: Run) -> list[str]:
@@ -1174,6 +1178,8 @@ def run_header(run: Run) -> list[str]:
              f"- {status}: {T} steps logged, {edits} edits"
              + (f"; {run.left_out} log line(s) left out (torn or past a gap)" if run.left_out else "")
              + (f"; latest checkpoint at step {run.state['step']}" if run.state else "")]
+    if run.unresumable:
+        lines.append(f"- its latest checkpoint cannot be resumed from: {run.unresumable}")
     if run.protocol != "likelihood" and run.ability and "general" in run.ability[0]:
         lines.append(f"- general ability scored as {PROTOCOL_NAMES.get(run.protocol, run.protocol)} (--glue-protocol "
                      f"{run.protocol}): headlines F1 of the parsed answers, CoLA's MCC, MMLU's accuracy")

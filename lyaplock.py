@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 if __name__ == "__main__":      # one module whether run or imported (baselines.py, plan.py import it)
@@ -1651,6 +1651,24 @@ def load_checkpoint(out: Path, model: M.CausalLM, hp: HParams | None = None, ide
     except (OSError, SafetensorError) as e:
         raise ValueError(f"{d}: cannot read the edited weights ({e})") from None
     model.load_edit_tensors(weights)
+    return state
+
+
+def read_checkpoint_headers(directory: Path) -> dict:
+    """A checkpoint's state.json, once its tensor files read whole as far as their headers tell
+    (a cut file is found without reading its tensors), or a ValueError naming the file."""
+    for name in ("state.safetensors", "weights.safetensors"):
+        try:
+            with safe_open(str(directory / name), framework="pt"):
+                pass
+        except (OSError, SafetensorError) as e:
+            raise ValueError(f"{directory / name} is unreadable ({e})") from None
+    try:
+        state = json.loads((directory / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{directory / 'state.json'} is unreadable ({e})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{directory / 'state.json'} is not a checkpoint's state (not a JSON object)")
     return state
 
 

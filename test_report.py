@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn as nn
+from safetensors.torch import save_file
 
 import eval as E
 import lyaplock as L
@@ -60,6 +61,15 @@ def write_run(d: Path, layers: dict, method="lyaplock", alpha=2.0, batch=10, abi
     if stop:
         (d / "stop.json").write_text(json.dumps(stop))
     return d
+
+
+def write_checkpoint(run: Path, step: int, state: dict):
+    """ckpt-<step> with state.json and (placeholder) tensor files, and latest.json naming it."""
+    (run / f"ckpt-{step:06d}").mkdir()
+    (run / f"ckpt-{step:06d}" / "state.json").write_text(json.dumps(state))
+    for name in ("state.safetensors", "weights.safetensors"):
+        save_file({"x": torch.zeros(1000)}, run / f"ckpt-{step:06d}" / name)
+    (run / "latest.json").write_text(json.dumps({"checkpoint": f"ckpt-{step:06d}", "step": step}))
 
 
 # ------------------------------------------------------------------------------- the T1 audit
@@ -184,19 +194,15 @@ def test_a_log_that_breaks_E13_or_disagrees_with_the_checkpoint_is_flagged(tmp_p
     D = alpha * pl0                                         # a checkpoint after step 3 (4 steps done)
     for name, Z in (("agrees", log[3]["z"] * math.sqrt(D)), ("differs", 1.01 * log[3]["z"] * math.sqrt(D))):
         run = write_run(tmp_path / name, {"1": log}, alpha=alpha, summary=False)
-        (run / "ckpt-000004").mkdir()
-        (run / "latest.json").write_text(json.dumps({"checkpoint": "ckpt-000004", "step": 4}))
-        (run / "ckpt-000004" / "state.json").write_text(json.dumps({"step": 4, "layers": {"1": dict(
-            D_base=pl0, Z=Z, a=1 / math.sqrt(D), zmax=math.sqrt(D))}}))
+        write_checkpoint(run, 4, {"step": 4, "layers": {"1": dict(D_base=pl0, Z=Z, a=1 / math.sqrt(D),
+                                                                   zmax=math.sqrt(D))}})
         text = E.report(run)
         assert ("checkpoint's queue (step 4) disagrees with the log" in text) == (name == "differs")
         assert "latest checkpoint at step 4" in text
         assert "missing from log.jsonl" not in text
     cut = write_run(tmp_path / "cut", {"1": log[:3]}, alpha=alpha)     # a log cut to 3 of a run's 5 steps
-    (cut / "ckpt-000005").mkdir()
-    (cut / "latest.json").write_text(json.dumps({"checkpoint": "ckpt-000005", "step": 5}))
-    (cut / "ckpt-000005" / "state.json").write_text(json.dumps({"step": 5, "layers": {"1": dict(
-        D_base=pl0, Z=log[4]["z"] * math.sqrt(D), a=1 / math.sqrt(D), zmax=math.sqrt(D))}}))
+    write_checkpoint(cut, 5, {"step": 5, "layers": {"1": dict(D_base=pl0, Z=log[4]["z"] * math.sqrt(D),
+                                                              a=1 / math.sqrt(D), zmax=math.sqrt(D))}})
     verdict = E.report(cut).split("## Verdict")[1].split("##")[0]
     assert verdict.strip().startswith("- the log ends at step 2 but the latest checkpoint is at step 5: 2 step(s) "
                                       "are missing from log.jsonl")
@@ -259,10 +265,17 @@ def test_report_of_an_interrupted_run_reads_only(tmp_path):
     assert "- summary.json is unreadable: 3 steps logged" in E.report(d)
     (d / "summary.json").unlink()
     (d / "log.jsonl").write_text('{"step": 0, "lay')      # no whole step, a checkpoint at step 2 (was: "step -1")
-    (d / "latest.json").write_text(json.dumps({"checkpoint": "ckpt-000002", "step": 2}))
-    (d / "ckpt-000002").mkdir()
-    (d / "ckpt-000002" / "state.json").write_text(json.dumps({"step": 2, "layers": {}}))
+    write_checkpoint(d, 2, {"step": 2, "layers": {}})
     assert "log.jsonl holds no whole step but the latest checkpoint is at step 2" in E.report(d)
+    whole = (d / "ckpt-000002" / "weights.safetensors").read_bytes()
+    (d / "ckpt-000002" / "weights.safetensors").write_bytes(whole[:len(whole) // 2])     # cut (was: not a word)
+    text = E.report(d)
+    assert f"- its latest checkpoint cannot be resumed from: {d / 'ckpt-000002' / 'weights.safetensors'} is " \
+           "unreadable (" in text and "latest checkpoint is at step 2" not in text
+    (d / "ckpt-000002" / "weights.safetensors").write_bytes(whole)
+    (d / "latest.json").write_text(json.dumps({"checkpoint": "ckpt-000009", "step": 9}))   # named, not there
+    assert f"cannot be resumed from: {d / 'ckpt-000009' / 'state.safetensors'} is unreadable" in E.report(d)
+    (d / "latest.json").write_text(json.dumps({"checkpoint": "ckpt-000002", "step": 2}))
     real = Path.write_text                                # a read-only mount: the report all the same
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Path, "write_text", lambda self, *a, **k: (_ for _ in ()).throw(OSError(30, "Read-only "
