@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+from contextlib import contextmanager
 import fnmatch
 import hashlib
 import json
@@ -86,7 +87,7 @@ class Config:
     tie_embeddings: bool = False
     attention_bias: bool = False  # biases on q, k, v and the attention output projection
     mlp_bias: bool = False
-    max_positions: int = 2048     # GPT-2: the learned positions (n_positions); others: informative
+    max_positions: int = 2048     # n_positions / max_position_embeddings: the longest input taken (position_limit)
     bos_id: int | None = None
     eos_ids: list[int] = field(default_factory=list)
     pad_id: int | None = None
@@ -153,7 +154,12 @@ class Config:
         hang on its batch's longest), else GPT-2's learned positions or the model's maximum."""
         if self.longrope_switch is not None:
             return self.longrope_switch, "original_max_position_embeddings"
-        return self.max_positions, "n_positions" if self.arch in ("gpt2", "gptj") else "max_position_embeddings"
+        return self.max_positions, self.positions_field
+
+    @property
+    def positions_field(self) -> str:
+        """config.json's field for max_positions."""
+        return "n_positions" if self.arch in ("gpt2", "gptj") else "max_position_embeddings"
 
     def edit_parameter_name(self, layer: int) -> str:
         """The module's name of `layer`'s edited MLP output projection (EDIT_WEIGHTS; in the files
@@ -395,7 +401,8 @@ def read_mistral3(c: dict) -> Config:
     kind = text.get("model_type", "mistral")
     if kind not in ("mistral", "ministral3"):
         refuse(c, f"text_config's model_type {kind!r}", "Mistral 3's language model here is 'mistral' or 'ministral3'")
-    cfg = Config.from_hf(text | {"model_type": kind, "tie_word_embeddings": c.get("tie_word_embeddings", True)})
+    with in_text_config(c):
+        cfg = Config.from_hf(text | {"model_type": kind, "tie_word_embeddings": c.get("tie_word_embeddings", True)})
     return replace(cfg, arch="mistral3", weights_prefix="language_model.")
 
 
@@ -504,7 +511,19 @@ def read_gemma3(c: dict) -> Config:
     not taken."""
     text = c.get("text_config") or {}
     top = {k: c[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in c}
-    return read_gemma3_text(text | top | {"model_type": "gemma3"}, weights_prefix="language_model.")
+    with in_text_config(c):
+        return read_gemma3_text(text | top | {"model_type": "gemma3"}, weights_prefix="language_model.")
+
+
+@contextmanager
+def in_text_config(c: dict):
+    """An image-text checkpoint's language model is read from its text_config: a refusal there
+    says so (it named config.json's top level, and for Mistral 3 a model_type the file lacks)."""
+    try:
+        yield
+    except CheckpointError as e:
+        raise CheckpointError(str(e).replace("config.json (", f"config.json's text_config ({c['model_type']}: ", 1)) \
+            from None
 
 
 def read_olmo2(c: dict, rope: dict | None = None, **more) -> Config:
@@ -554,9 +573,14 @@ def check_gelu_new(c: dict):
 def read_gptj(c: dict) -> Config:
     check_gelu_new(c)
     nh, d = c["n_head"], c["n_embd"]
+    rotary = c.get("rotary_dim", 64)                   # transformers' GPTJConfig default; null: the whole head
+    rotary = d // nh if rotary is None else rotary
+    if not isinstance(rotary, int) or isinstance(rotary, bool) or not 2 <= rotary <= d // nh or rotary % 2:
+        given = f"rotary_dim {rotary!r}" + ("" if "rotary_dim" in c else " (transformers' default where config.json has none)")
+        refuse(c, given, f"rope turns an even number of the {d // nh} head dims, at least 2")
     return Config(arch="gptj", vocab_size=c["vocab_size"], d_model=d, n_layers=c["n_layer"], n_heads=nh,
                   n_kv_heads=nh, head_dim=d // nh, d_mlp=c.get("n_inner") or 4 * d,
-                  norm_eps=c.get("layer_norm_epsilon", 1e-5), rotary_dim=c.get("rotary_dim") or d // nh,
+                  norm_eps=c.get("layer_norm_epsilon", 1e-5), rotary_dim=rotary,
                   tie_embeddings=c.get("tie_word_embeddings", False),   # tied: lm_head keeps its own bias
                   mlp_bias=True, mlp_act="gelu_pytorch_tanh", head_bias=True,
                   max_positions=c.get("n_positions", 2048), **special_ids(c))
@@ -1324,7 +1348,8 @@ class CausalLM(nn.Module):
         return w.T if self.cfg.arch == "gpt2" else w
 
     def edit_bias(self, layer: int) -> torch.Tensor | None:
-        """The edited projection's bias (d_model,) where it has one (GPT-J, GPT-2; not edited)."""
+        """The edited projection's bias (d_model,) where it has one (GPT-J, GPT-2, GPT-NeoX, Phi, a
+        LLaMA with mlp_bias; not edited)."""
         name = self.cfg.edit_parameter_name(layer).removesuffix(".weight") + ".bias"
         return dict(self.named_parameters()).get(name)
 
@@ -1732,7 +1757,7 @@ def device_shares(devices: list[torch.device]) -> list[float]:
     """The share of the model each listed device should hold, in proportion to its memory: a
     CUDA device its total memory; a cpu entry the mean of the listed CUDA devices' (1 without
     any: cpu entries share equally)."""
-    cuda = {d: torch.cuda.get_device_properties(d).total_memory for d in devices if d.type == "cuda"}
+    cuda = {d: device_memory(d) for d in devices if d.type == "cuda"}
     cpu = sum(cuda.values()) / len(cuda) if cuda else 1.0
     return [float(cuda.get(d, cpu)) for d in devices]
 
@@ -2140,7 +2165,8 @@ def generate(model: CausalLM, seqs: list[list[int]], max_new_tokens: int, top_k:
         for b, (t, d) in enumerate(zip(nxt.tolist(), done.tolist())):   # one host sync per token
             if not d:
                 new[b].append(t)
-        done |= torch.isin(nxt, eos) if stop_at_eos else done
+        if stop_at_eos:
+            done |= torch.isin(nxt, eos)
         if done.all():
             break
         ids = nxt[:, None]
@@ -2196,10 +2222,9 @@ def main(argv=None):
     if len(ids) + args.max_new_tokens > model.cfg.max_positions:
         what = f"the prompt ({len(ids)} tokens) and --max-new-tokens {args.max_new_tokens} go past the model's " \
                f"{model.cfg.max_positions} positions"
-        field = "n_positions" if model.cfg.arch in ("gpt2", "gptj") else "max_position_embeddings"
         if model.cfg.arch == "gpt2":           # learned positions: none past them
-            raise SystemExit(f"error: {what} ({field})")
-        print(f"note: {what} ({field}): what follows is past what it was trained on", file=sys.stderr)
+            raise SystemExit(f"error: {what} ({model.cfg.positions_field})")
+        print(f"note: {what} ({model.cfg.positions_field}): what follows is past what it was trained on", file=sys.stderr)
     if problem := cache_too_large(model, len(ids) + args.max_new_tokens):
         raise SystemExit(f"error: --max-new-tokens {args.max_new_tokens}: {problem}")
     try:

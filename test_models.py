@@ -953,8 +953,8 @@ def test_a_config_json_left_to_the_defaults_reads_as_transformers(family):
     not what transformers' generate stops at)."""
     import transformers as T
     gpt = family in ("gpt2", "gptj")
-    sizes = dict(n_embd=512, n_layer=4, n_head=64) if gpt else dict(     # 64 heads: no default's count
-        hidden_size=512, intermediate_size=96, num_hidden_layers=4, num_attention_heads=64)
+    sizes = dict(n_embd=512, n_layer=4, n_head=4) if gpt else dict(      # (GPT-J: 64 rotary dims of 128)
+        hidden_size=512, intermediate_size=96, num_hidden_layers=4, num_attention_heads=64)   # 64: no default's count
     sizes["vocab_size"] = 512
     cfg = M.Config.from_hf(dict(model_type=family, **sizes))
     theirs = T.AutoConfig.for_model(family, **sizes)
@@ -967,6 +967,8 @@ def test_a_config_json_left_to_the_defaults_reads_as_transformers(family):
     assert cfg.tie_embeddings == theirs.tie_word_embeddings
     rope = getattr(theirs, "rope_parameters", None) or {}
     assert cfg.rope_theta == rope.get("rope_theta", rope.get("full_attention", {}).get("rope_theta", cfg.rope_theta))
+    if family == "gptj":                                 # (the whole head was turned: 128, not their 64)
+        assert cfg.rotary_dim == theirs.rotary_dim == 64
 
 
 @pytest.mark.parametrize("kind", ["glm", "glm4"])
@@ -982,6 +984,26 @@ def test_glm_reads_its_rotary_share_and_rope_base_where_transformers_5_does(ckpt
     d = _config_with(tmp_path / "b", ckpt(kind), ["rope_parameters"], rope_theta=1e4, partial_rotary_factor=None)
     assert M.read_config(d).rotary_dim == 16
     assert_logits_are_transformers(d)
+
+
+def test_refusals_inside_text_config_say_so_and_gptj_s_rotary_dims_are_checked():
+    """An image-text checkpoint's language model is read from text_config: its refusals named
+    config.json's top level (and for Mistral 3 a model_type the file lacks). GPT-J without
+    rotary_dim took the whole head where transformers takes 64; an odd or oversized one ran."""
+    small = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=100)
+    for c, message in [
+            (dict(model_type="mistral3", text_config=dict(hidden_size=64)),
+             r"^config.json's text_config \(mistral3: model_type 'mistral'\) lacks the field 'num_hidden_layers'$"),
+            (dict(model_type="gemma3", text_config=small | dict(hidden_activation="silu")),
+             r"^config.json's text_config \(gemma3: model_type 'gemma3'\): hidden_activation 'silu' is not supported"),
+            (dict(model_type="gptj", n_embd=64, n_layer=2, n_head=4, vocab_size=100, rotary_dim=5),
+             r"rotary_dim 5 is not supported \(rope turns an even number of the 16 head dims, at least 2\)"),
+            (dict(model_type="gptj", n_embd=64, n_layer=2, n_head=4, vocab_size=100),
+             r"rotary_dim 64 \(transformers' default where config.json has none\) is not supported")]:
+        with pytest.raises(M.CheckpointError, match=message):
+            M.Config.from_hf(c)
+    assert M.Config.from_hf(dict(model_type="gptj", n_embd=64, n_layer=2, n_head=4, vocab_size=100,
+                                 rotary_dim=None)).rotary_dim == 16          # null: the whole head
 
 
 @pytest.mark.parametrize("text_type", ["mistral", "ministral3"])

@@ -414,7 +414,8 @@ def test_their_mom2_files_give_C_as_sum_over_count(tmp_path, stories):
     ("glm4", "model.layers.{}.mlp.down_proj"), ("granite", "model.layers.{}.mlp.down_proj"),
     ("ministral3", "model.layers.{}.mlp.down_proj")])
 def test_their_files_are_found_by_their_module_names(family, theirs):
-    shape = dict(n_embd=64, n_layer=6, n_head=4, vocab_size=100) if family in ("gptj", "gpt2") else dict(
+    shape = dict(n_embd=64, n_layer=6, n_head=4, vocab_size=100, rotary_dim=8) if family == "gptj" else dict(
+        n_embd=64, n_layer=6, n_head=4, vocab_size=100) if family == "gpt2" else dict(
         hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=4,
         vocab_size=100)
     cfg = M.Config.from_hf(dict(model_type=family, **shape))
