@@ -1533,24 +1533,12 @@ class EditState:
         """Rebuild and validate a saved state; every problem is a ValueError naming it."""
         def bad(msg):
             raise ValueError(f"edit state in {d}: {msg}")
-        if not isinstance(meta, dict) or {"method", "step", "n_edits", "layers"} - set(meta):
-            bad("state.json lacks method/step/n_edits/layers")
+        check_state_meta(meta, bad)
         method = meta["method"]
-        if method not in METHODS:
-            bad(f"unknown method {method!r}")
         keeps = METHODS[method].memory
-        if not all(type(meta[k]) is int and meta[k] >= 0 for k in ("step", "n_edits")):
-            bad("step and n_edits must be non-negative integers")
-        if not isinstance(meta["layers"], dict) or not all(l.isdigit() for l in meta["layers"]):
-            bad("layers must map layer numbers to queue fields")
         layers, seen = {}, set()
         for l, q in meta["layers"].items():
-            if not isinstance(q, dict) or set(q) != set(_QUEUE):
-                bad(f"layer {l}: queue fields must be exactly {_QUEUE}")
             vals = [q[k] for k in _QUEUE]
-            if not (all(v is None for v in vals)
-                    or all(isinstance(v, float) and v > 0 for v in vals)):
-                bad(f"layer {l}: queue fields must be all null or all positive floats, got {q}")
             names = [f"{l}.{k}" for k in keeps]
             have = [n in tensors for n in names]
             calibrated = vals[0] is not None
@@ -1567,6 +1555,25 @@ class EditState:
         if set(tensors) - seen:
             bad(f"unexpected tensors {sorted(set(tensors) - seen)}")
         return cls(method, layers, meta["step"], meta["n_edits"])
+
+
+def check_state_meta(meta, bad):
+    """What state.json must hold, checked without its tensors (the report reads it so): method,
+    step, n_edits and each layer's queue fields, all null or all positive floats."""
+    if not isinstance(meta, dict) or {"method", "step", "n_edits", "layers"} - set(meta):
+        bad("state.json lacks method/step/n_edits/layers")
+    if meta["method"] not in METHODS:
+        bad(f"unknown method {meta['method']!r}")
+    if not all(type(meta[k]) is int and meta[k] >= 0 for k in ("step", "n_edits")):
+        bad("step and n_edits must be non-negative integers")
+    if not isinstance(meta["layers"], dict) or not all(str(l).isdigit() for l in meta["layers"]):
+        bad("layers must map layer numbers to queue fields")
+    for l, q in meta["layers"].items():
+        if not isinstance(q, dict) or set(q) != set(_QUEUE):
+            bad(f"layer {l}: queue fields must be exactly {_QUEUE}")
+        vals = [q[k] for k in _QUEUE]
+        if not (all(v is None for v in vals) or all(isinstance(v, float) and v > 0 for v in vals)):
+            bad(f"layer {l}: queue fields must be all null or all positive floats, got {q}")
 
 
 def _edits_from(prompts, tensors, l, ls: LayerState, bad) -> dict:
@@ -1667,8 +1674,10 @@ def read_checkpoint_headers(directory: Path) -> dict:
         state = json.loads((directory / "state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ValueError(f"{directory / 'state.json'} is unreadable ({e})") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"{directory / 'state.json'} is not a checkpoint's state (not a JSON object)")
+
+    def bad(msg):
+        raise ValueError(f"{directory}: {msg}")
+    check_state_meta(state, bad)
     return state
 
 

@@ -511,8 +511,10 @@ def read_gemma3(c: dict) -> Config:
     not taken."""
     text = c.get("text_config") or {}
     top = {k: c[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in c}
-    with in_text_config(c):
-        return read_gemma3_text(text | top | {"model_type": "gemma3"}, weights_prefix="language_model.")
+    special_ids(top | {"model_type": "gemma3"})         # (the top level's own: named so)
+    with in_text_config(c):                             # every check of a config.json, on text_config
+        cfg = Config.from_hf(text | top | {"model_type": "gemma3_text"})
+    return replace(cfg, arch="gemma3", weights_prefix="language_model.")
 
 
 @contextmanager
@@ -573,9 +575,9 @@ def check_gelu_new(c: dict):
 def read_gptj(c: dict) -> Config:
     check_gelu_new(c)
     nh, d = c["n_head"], c["n_embd"]
-    rotary = c.get("rotary_dim", 64)                   # transformers' GPTJConfig default; null: the whole head
-    rotary = d // nh if rotary is None else rotary
-    if not isinstance(rotary, int) or isinstance(rotary, bool) or not 2 <= rotary <= d // nh or rotary % 2:
+    rotary = c.get("rotary_dim", 64)                   # transformers' GPTJConfig default (it refuses null)
+    bad = not isinstance(rotary, int) or isinstance(rotary, bool) or rotary < 2 or rotary % 2
+    if bad or (d % nh == 0 and rotary > d // nh):      # (a head size that is no whole number: check_sizes says so)
         given = f"rotary_dim {rotary!r}" + ("" if "rotary_dim" in c else " (transformers' default where config.json has none)")
         refuse(c, given, f"rope turns an even number of the {d // nh} head dims, at least 2")
     return Config(arch="gptj", vocab_size=c["vocab_size"], d_model=d, n_layers=c["n_layer"], n_heads=nh,
@@ -1744,8 +1746,8 @@ def device_memory(device: torch.device) -> int:
 def device_free(device: torch.device) -> int:
     """The bytes a new allocation can take on a device now: the host's MemAvailable (else its
     total) for cpu, the free memory of a CUDA device."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cuda":                        # (with what torch's allocator holds unused)
+        return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     try:
         line = next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemAvailable:"))
         return int(line.split()[1]) * 1024

@@ -255,13 +255,13 @@ def singular_warning(C: dict, corpus, tokens: int) -> str | None:
     for the check (out of memory) is no warning."""
     singular = []
     for l, c in C.items():
-        U = c.to(torch.float64, copy=True).mT             # column-major: factored in place (no second copy)
-        U.diagonal().sub_(torch.finfo(torch.float64).eps * float(c.trace()))
-        info = torch.empty((), dtype=torch.int32, device=U.device)
-        try:
+        try:                                              # (no room for the check: the layers found so far)
+            U = c.to(torch.float64, copy=True).mT         # column-major: factored in place (no second copy)
+            U.diagonal().sub_(torch.finfo(torch.float64).eps * float(c.trace()))
+            info = torch.empty((), dtype=torch.int32, device=U.device)
             torch.linalg.cholesky_ex(U, upper=True, out=(U, info))
-        except (RuntimeError, MemoryError):               # (no room for the check: C is kept all the same)
-            return None
+        except (RuntimeError, MemoryError):
+            break
         if info.item() != 0:
             singular.append(str(l))
         del U

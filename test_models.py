@@ -987,23 +987,30 @@ def test_glm_reads_its_rotary_share_and_rope_base_where_transformers_5_does(ckpt
 
 
 def test_refusals_inside_text_config_say_so_and_gptj_s_rotary_dims_are_checked():
-    """An image-text checkpoint's language model is read from text_config: its refusals named
-    config.json's top level (and for Mistral 3 a model_type the file lacks). GPT-J without
-    rotary_dim took the whole head where transformers takes 64; an odd or oversized one ran."""
+    """An image-text checkpoint's language model is read from text_config, with every check a
+    config.json gets: its refusals named config.json's top level (and for Mistral 3 a model_type
+    the file lacks). GPT-J without rotary_dim took the whole head where transformers takes 64; an
+    odd, null or oversized one ran."""
     small = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=100)
     for c, message in [
             (dict(model_type="mistral3", text_config=dict(hidden_size=64)),
              r"^config.json's text_config \(mistral3: model_type 'mistral'\) lacks the field 'num_hidden_layers'$"),
             (dict(model_type="gemma3", text_config=small | dict(hidden_activation="silu")),
-             r"^config.json's text_config \(gemma3: model_type 'gemma3'\): hidden_activation 'silu' is not supported"),
+             r"^config.json's text_config \(gemma3: model_type 'gemma3_text'\): hidden_activation 'silu' is not supported"),
+            (dict(model_type="gemma3", text_config=small | dict(num_attention_heads=0)),       # (the size checks too)
+             r"^config.json's text_config \(gemma3: model_type 'gemma3_text'\): num_attention_heads 0 is not a whole"),
+            (dict(model_type="gemma3", text_config=small, bos_token_id="x"),                  # the top level's own
+             r"^config.json \(model_type 'gemma3'\): bos_token_id 'x' is not supported"),
             (dict(model_type="gptj", n_embd=64, n_layer=2, n_head=4, vocab_size=100, rotary_dim=5),
              r"rotary_dim 5 is not supported \(rope turns an even number of the 16 head dims, at least 2\)"),
             (dict(model_type="gptj", n_embd=64, n_layer=2, n_head=4, vocab_size=100),
-             r"rotary_dim 64 \(transformers' default where config.json has none\) is not supported")]:
+             r"rotary_dim 64 \(transformers' default where config.json has none\) is not supported"),
+            (dict(model_type="gptj", n_embd=64, n_layer=2, n_head=4, vocab_size=100, rotary_dim=None),
+             r"rotary_dim None is not supported"),                            # (transformers refuses it too)
+            (dict(model_type="gptj", n_embd=64, n_layer=2, n_head=3, vocab_size=100, rotary_dim=8),
+             r"the hidden size 64 is not divisible by the 3 attention heads")]:
         with pytest.raises(M.CheckpointError, match=message):
             M.Config.from_hf(c)
-    assert M.Config.from_hf(dict(model_type="gptj", n_embd=64, n_layer=2, n_head=4, vocab_size=100,
-                                 rotary_dim=None)).rotary_dim == 16          # null: the whole head
 
 
 @pytest.mark.parametrize("text_type", ["mistral", "ministral3"])

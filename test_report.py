@@ -64,9 +64,10 @@ def write_run(d: Path, layers: dict, method="lyaplock", alpha=2.0, batch=10, abi
 
 
 def write_checkpoint(run: Path, step: int, state: dict):
-    """ckpt-<step> with state.json and (placeholder) tensor files, and latest.json naming it."""
+    """ckpt-<step> with state.json (method and edits filled in) and (placeholder) tensor files,
+    and latest.json naming it."""
     (run / f"ckpt-{step:06d}").mkdir()
-    (run / f"ckpt-{step:06d}" / "state.json").write_text(json.dumps(state))
+    (run / f"ckpt-{step:06d}" / "state.json").write_text(json.dumps(dict(method="lyaplock", n_edits=10 * step) | state))
     for name in ("state.safetensors", "weights.safetensors"):
         save_file({"x": torch.zeros(1000)}, run / f"ckpt-{step:06d}" / name)
     (run / "latest.json").write_text(json.dumps({"checkpoint": f"ckpt-{step:06d}", "step": step}))
@@ -276,6 +277,13 @@ def test_report_of_an_interrupted_run_reads_only(tmp_path):
     (d / "latest.json").write_text(json.dumps({"checkpoint": "ckpt-000009", "step": 9}))   # named, not there
     assert f"cannot be resumed from: {d / 'ckpt-000009' / 'state.safetensors'} is unreadable" in E.report(d)
     (d / "latest.json").write_text(json.dumps({"checkpoint": "ckpt-000002", "step": 2}))
+    state = (d / "ckpt-000002" / "state.json").read_text()
+    for damaged, why in (("{}", "state.json lacks method/step/n_edits/layers"), ('{"method": "lyaplock", "step": "x", "n_edits": 0, '
+                         '"layers": {}}', "step and n_edits must be"), ('{"method": "lyaplock", "step": 2, "n_edits": 0, '
+                         '"layers": []}', "layers must map")):    # (were: nothing said, a TypeError, an AttributeError)
+        (d / "ckpt-000002" / "state.json").write_text(damaged)
+        assert f"cannot be resumed from: {d / 'ckpt-000002'}: {why}" in E.report(d)
+    (d / "ckpt-000002" / "state.json").write_text(state)
     real = Path.write_text                                # a read-only mount: the report all the same
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Path, "write_text", lambda self, *a, **k: (_ for _ in ()).throw(OSError(30, "Read-only "
