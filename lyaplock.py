@@ -1562,7 +1562,7 @@ def check_state_meta(meta, bad):
     step, n_edits and each layer's queue fields, all null or all positive floats."""
     if not isinstance(meta, dict) or {"method", "step", "n_edits", "layers"} - set(meta):
         bad("state.json lacks method/step/n_edits/layers")
-    if meta["method"] not in METHODS:
+    if not isinstance(meta["method"], str) or meta["method"] not in METHODS:
         bad(f"unknown method {meta['method']!r}")
     if not all(type(meta[k]) is int and meta[k] >= 0 for k in ("step", "n_edits")):
         bad("step and n_edits must be non-negative integers")
