@@ -1566,7 +1566,9 @@ def check_state_meta(meta, bad):
         bad(f"unknown method {meta['method']!r}")
     if not all(type(meta[k]) is int and meta[k] >= 0 for k in ("step", "n_edits")):
         bad("step and n_edits must be non-negative integers")
-    if not isinstance(meta["layers"], dict) or not all(str(l).isdigit() for l in meta["layers"]):
+    layers = meta["layers"]
+    if not isinstance(layers, dict) or not all(re.fullmatch(r"[0-9]+", l) for l in layers) \
+            or len({int(l) for l in layers}) < len(layers):              # ("01" beside "1": one layer twice)
         bad("layers must map layer numbers to queue fields")
     for l, q in meta["layers"].items():
         if not isinstance(q, dict) or set(q) != set(_QUEUE):

@@ -251,8 +251,8 @@ def singular_warning(C: dict, corpus, tokens: int) -> str | None:
     a time) — or None. Such a C comes from too few different keys (a short or repetitive corpus,
     or a --max-len that keeps little more than the BOS token): the methods that solve with λC
     refuse it at their first step, and AlphaEdit's null space (E11) is then most of the space.
-    Checked once, where C is collected (a cached or shared file is not factored again); no room
-    for the check (out of memory) is no warning."""
+    Checked once, where C is collected (a cached or shared file is not factored again); with no
+    room for the check (out of memory) the layers found before it are named, the rest unchecked."""
     singular = []
     for l, c in C.items():
         try:                                              # (no room for the check: the layers found so far)

@@ -281,7 +281,8 @@ def test_report_of_an_interrupted_run_reads_only(tmp_path):
     for damaged, why in (("{}", "state.json lacks method/step/n_edits/layers"), ('{"method": "lyaplock", "step": "x", "n_edits": 0, '
                          '"layers": {}}', "step and n_edits must be"), ('{"method": "lyaplock", "step": 2, "n_edits": 0, '
                          '"layers": []}', "layers must map"), ('{"method": [], "step": 2, "n_edits": 0, "layers": {}}',
-                         "unknown method []")):    # (were: nothing said, a TypeError, an AttributeError, a TypeError)
+                         "unknown method []"), ('{"method": "lyaplock", "step": 2, "n_edits": 0, "layers": {"\u00b2": {}}}',
+                         "layers must map")):    # (were: nothing said, a TypeError, an AttributeError, a TypeError)
         (d / "ckpt-000002" / "state.json").write_text(damaged)
         assert f"cannot be resumed from: {d / 'ckpt-000002'}: {why}" in E.report(d)
     (d / "ckpt-000002" / "state.json").write_text(state)
