@@ -1143,6 +1143,8 @@ def audit_table(audits: dict) -> list[str]:
             rows.append(f"| {l} | {a['T']} | {g(a['mean_pl'])} | {g(a['D'])} | {a['slack']:.3g} | {holds} | "
                         f"{a['z_T']:.3f} | {a['z_over_T']:.3g} | {a['slope']:+.3g}/step | {a['trend']} |")
     if base := {l: a for l, a in audits.items() if not a["queue"]}:
+        if queue:                            # (a layer whose queue waits for a step that moves it)
+            rows += ["", "Not calibrated yet (no D: T1 applies from the step that calibrates the queue):", ""]
         rows += ["| layer | steps T | time-average PL | PL at step 0 | PL now | growth, last half |",
                  "|---|---|---|---|---|---|"]
         rows += [f"| {l} | {a['T']} | {g(a['mean_pl'])} | {g(a['first'])} | {g(a['last'])} | "

@@ -236,6 +236,9 @@ def test_baseline_pl_and_its_growth(tmp_path):
     assert "- queue not calibrated yet (lyaplock: it waits for a step that moves the layer): PL is flat" in waiting
     assert "Its queue is not calibrated yet (it waits for a step that moves the layer): theorem T1 applies" in waiting
     assert "no queue" not in waiting and "keeps no queue" not in waiting                        # queue (lyaplock)")
+    mixed = E.report(write_run(tmp_path / "mixed", {"1": [dict(pl=0.0, D=None, z=1.0)] * 2,
+                                                     "2": queue_log([0.1, 0.1], 2.0)}))     # (was: a table uncaptioned)
+    assert "\nNot calibrated yet (no D: T1 applies from the step that calibrates the queue):\n\n| layer | steps T" in mixed
 
 
 def test_report_of_an_interrupted_run_reads_only(tmp_path):
