@@ -230,13 +230,8 @@ def check_null_spaces(C: dict, hp) -> None:
     if not projected(hp.method):
         return
     for l in hp.layers:
-        shifted = C[l].to(torch.float64, copy=True)
-        shifted.diagonal().sub_(hp.nullspace_threshold)
-        try:
-            cholesky_factor(shifted, overwrite=True)
-        except ValueError:                                # an eigenvalue below: a null space
-            continue
-        raise no_null_space(float(torch.linalg.eigvalsh(f64(C[l]))[0]), hp.nullspace_threshold, l)
+        if stats.definite_above(C[l], hp.nullspace_threshold):     # no eigenvalue below: no null space
+            raise no_null_space(float(torch.linalg.eigvalsh(f64(C[l]))[0]), hp.nullspace_threshold, l)
 
 
 def solve_alphaedit(K1, R, P, S_KK=None, l2=10.0):

@@ -245,6 +245,16 @@ def collect_stats(model: M.CausalLM, seqs, layers, batch_tokens: int = 8192, pro
     return C
 
 
+def definite_above(C, shift: float) -> bool:
+    """Whether C − shift·I is positive definite (every eigenvalue of C above `shift`): its Cholesky
+    factor exists, made in place in one float64 m×m copy (column-major: no second one)."""
+    U = C.to(torch.float64, copy=True).mT
+    U.diagonal().sub_(shift)
+    info = torch.empty((), dtype=torch.int32, device=U.device)
+    torch.linalg.cholesky_ex(U, upper=True, out=(U, info))
+    return info.item() == 0
+
+
 def singular_warning(C: dict, corpus, tokens: int) -> str | None:
     """A warning naming the layers whose C is numerically singular — an eigenvalue below float64's
     ε times its trace, i.e. C − ε·tr(C)·I has no Cholesky factor (factored in place, one m×m copy at
@@ -256,15 +266,10 @@ def singular_warning(C: dict, corpus, tokens: int) -> str | None:
     singular = []
     for l, c in C.items():
         try:                                              # (no room for the check: the layers found so far)
-            U = c.to(torch.float64, copy=True).mT         # column-major: factored in place (no second copy)
-            U.diagonal().sub_(torch.finfo(torch.float64).eps * float(c.trace()))
-            info = torch.empty((), dtype=torch.int32, device=U.device)
-            torch.linalg.cholesky_ex(U, upper=True, out=(U, info))
+            if not definite_above(c, torch.finfo(torch.float64).eps * float(c.trace())):
+                singular.append(str(l))
         except (RuntimeError, MemoryError):
             break
-        if info.item() != 0:
-            singular.append(str(l))
-        del U
     if not singular:
         return None
     return (f"warning: the statistics C of layer(s) {', '.join(singular)} are singular: the {tokens:,} tokens of "

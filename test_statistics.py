@@ -788,7 +788,8 @@ def test_a_singular_C_is_said_where_it_is_collected(tmp_path, stories, capsys):
         "LyapLock, MEMIT and the others that solve with C refuse it at their first step, and AlphaEdit's null "
         "space would be most of the space: use a larger, varied corpus"]
     assert int(torch.linalg.matrix_rank(C[1])) < 172
-    no_room = SimpleNamespace(to=lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory")))
+    no_room = SimpleNamespace(trace=lambda: torch.tensor(1.0),
+                              to=lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory")))
     assert S.singular_warning({1: C[1], 2: no_room}, corpus, 480).startswith(   # no room for the check: the layers
         "warning: the statistics C of layer(s) 1 are singular")                  # found so far (was: the OOM raised)
     assert S.singular_warning({2: no_room}, corpus, 480) is None
