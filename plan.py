@@ -123,23 +123,43 @@ LOGIT_VALUES = 1.0   # vocabulary-wide float32 values a pass holds at its peak, 
 def target_value_bytes(cfg: M.Config, hp: "L.HParams", dt: torch.dtype, z_tokens: int,
                        stream: StreamTokens | None = None) -> tuple[int, int, int]:
     """E4's memory, (per block above the last edit layer, on the first device, vocabulary-wide):
-    one pass's activations kept for backward, about 6d + 4m values per token and block (6d + 2m
-    for GPT-J and GPT-2) for its slots (pass_slots), and its copy of the prefix cache; beside
+    one pass's activations kept for backward (slot_values per token slot and block, its slots
+    pass_slots) and its copy of the prefix cache; beside
     them, all the step's passes keep their prefix caches (rows × ROW_SLOTS keys and values per
     block, a row's at most its length) and, on the first device, the output of the edit layer
     from each subject on and the KL rows' first log-probabilities (float32, V each); and a pass's
     logits at the positions the loss reads, with their gradients (float32, V each: on the first
     device, where the loss is, and on the head's): LOGIT_VALUES a slot, or, for a known stream,
     more where its targets make a pass read more (logit_values)."""
-    d, m, kv = cfg.d_model, cfg.d_mlp, 2 * cfg.n_kv_heads * cfg.head_dim
+    d, kv = cfg.d_model, 2 * cfg.n_kv_heads * cfg.head_dim
     requests, rows = step_rows(hp)
     slots = pass_slots(cfg, hp, z_tokens, stream)
-    per_pass = slots * (6 * d + (4 if cfg.llama_like else 2) * m + kv)
+    per_pass = slots * (slot_values(cfg, stream.row if stream else slots) + kv)
     row_slots = min(ROW_SLOTS, stream.row if stream else ROW_SLOTS)
     kept = rows * row_slots * kv
     home = rows * row_slots * d * dt.itemsize + requests * cfg.vocab_size * 4
     logits = logit_values(cfg, rows, requests, slots, stream) * cfg.vocab_size * 4
     return (per_pass + kept) * dt.itemsize, home, logits
+
+
+def slot_values(cfg: M.Config, row: int) -> int:
+    """Values a pass keeps for backward per token slot and block, in the model's dtype (the
+    weights frozen, as E4's). LLaMA's block keeps 8d + 3m and a little more (the softmax's
+    log-sum-exps, masks: 0.4d at 16 dims a head), counted as the larger of 6d + 4m (the count
+    checked against Llama-3-8B's GPU peaks: m − 2d to spare) and 9d + 3m (d to spare where the
+    MLP is narrow); GPT-J's and GPT-2's 6d + 2m. Where a block keeps more: 2d for each RMSNorm on
+    the residual stream past two (Gemma 2 and 3, GLM-4: four), 2 for each value of q and k (and
+    of each head's norm) that a norm reads (Qwen3, OLMo 2 and 3, Gemma 3), and Gemma 2's capped
+    attention scores, written out (its tanh, its softmax in float32 and cast back: 4 values a
+    score, a slot attending to at most `row` keys). Checked against what autograd keeps in the
+    blocks of every family (test_memory_plan_slot_values_cover_what_autograd_keeps)."""
+    d, m = cfg.d_model, cfg.d_mlp
+    if not cfg.llama_like:
+        return 6 * d + 2 * m
+    norms = 2 * cfg.pre_norms + 2 * cfg.post_norms
+    heads = 2 * (cfg.n_heads + cfg.n_kv_heads) * (cfg.head_dim + 1) if cfg.qk_norm else 0
+    scores = 4 * cfg.n_heads * row if cfg.attn_softcap is not None else 0
+    return max(6 * d + 4 * m, 9 * d + 3 * m) + 2 * d * max(0, norms - 2) + heads + scores
 
 
 POSITION_VALUES = 3.5   # vocabulary-wide float32 values a pass holds per position its loss reads: the
