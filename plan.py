@@ -322,6 +322,10 @@ def print_plan(args) -> int:
         print(f"targets: a pass holds at most {slots} tokens, not --z-batch-tokens' {settings.z_batch_tokens}: "
               f"{step_is} makes {n_rows} rows, each at most {stream.row} tokens (a context template, then "
               "--edits' longest prompt and target)")
+    if cfg.attn_softcap is not None and not stream:
+        print(f"targets: the capped attention scores (written out: no fused kernel caps them) counted for rows as "
+              f"long as a pass ({pass_slots(cfg, step, settings.z_batch_tokens)} tokens); --edits, with the "
+              "checkpoint's tokenizer, counts its rows' own length")
     if hp.superseded == "remove" and L.method_of(hp.method).memory:
         per = 1000 * edit_column_bytes(cfg, hp.method)
         counted = (f"counted for the {kept_edit_count(requests)} of the {len(requests)} edits of --edits whose "

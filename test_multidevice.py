@@ -892,6 +892,12 @@ def test_a_small_steps_plan_counts_the_tokens_its_rows_hold(tmp_path, capsys, fi
     assert "targets: " not in without
     targets = lambda text: float(text.splitlines()[-1].split()[4])
     assert targets(without) > 3 * targets(out)
+    gemma2 = ["--plan", "--model", str(tmp_path / "gemma2"), "--plan-gib", "1"]        # its capped scores
+    L.main(gemma2)
+    assert "targets: the capped attention scores (written out: no fused kernel caps them) counted for rows as " \
+           "long as a pass (2048 tokens)" in capsys.readouterr().out
+    L.main([*gemma2, "--edits", str(FIX / "counterfact-easyedit.json"), "--limit", "10"])
+    assert "capped attention scores" not in capsys.readouterr().out
 
 
 def test_memory_plan_statistics_term_covers_a_measured_collection(tmp_path, fixed_allocator):
