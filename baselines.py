@@ -69,7 +69,10 @@ def rect_update(delta, W, keep_percent=40.0):
 # ----------------------------------------------------------------------------- PRUNE
 
 def prune_singular_values(S, sigma_max):
-    """PRUNE's log rule (E17): σ > σ_max becomes ln σ − ln σ_max + σ_max; the others stay."""
+    """PRUNE's log rule (E17): σ > σ_max becomes ln σ − ln σ_max + σ_max; the others stay.
+    σ_max must be positive and finite (ln σ_max)."""
+    if not 0 < sigma_max < math.inf:
+        raise BaselineError(f"PRUNE: σ_max must be positive and finite, got {sigma_max}")
     S = L.f64(S)
     return torch.where(S > sigma_max, S.log() - math.log(sigma_max) + sigma_max, S)   # E17
 
@@ -114,8 +117,10 @@ def rome_right_vector(current, k_star, v_star, u):
     bare prompt, current = W k* (+ b) the projection's output there, v* its target value."""
     k_star, u = L.f64(k_star), L.f64(u)
     scale = float(k_star @ u)
-    if not math.isfinite(scale) or scale == 0:
-        raise BaselineError(f"ROME: k*·u = {scale}; the edited key is orthogonal to u")
+    if not math.isfinite(scale):
+        raise BaselineError(f"ROME: k*·u = {scale}; the edited key or u is not finite")
+    if scale == 0:
+        raise BaselineError("ROME: k*·u = 0; the edited key is orthogonal to u")
     return (L.f64(v_star) - L.f64(current)) / scale           # E19
 
 
@@ -148,7 +153,7 @@ def solve_lyaplock_memit_seq(W, W0, C, K1, R, S_KK, z, lam, V=1.0):
 def lyaplock_alphaedit_system(W, W0, C, K1, R, P, S_KK, z, lam, V=1.0, l2=10.0):
     """E22 as (M, right) with Δ·M = right:
     M = (V(K1K1ᵀ + S_KK) + (z − 1)λC) P + V·L2·I, right = (V R K1ᵀ − (z − 1)λ(W − W0)C) P."""
-    if z < 1 - 1e-9:                 # a·Z at the floor is 1 up to rounding (a = 1/√(αD), Z = √(αD))
+    if not z >= 1 - 1e-9:            # a·Z at the floor is 1 up to rounding (a = 1/√(αD), Z = √(αD))
         raise BaselineError(f"the queue value z must be at least 1 (its floor), got {z}")
     K1, R, P = L.f64(K1), L.f64(R), L.f64(P)
     excess = max(z - 1.0, 0.0) * lam                      # the queue's excess over its floor

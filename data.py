@@ -435,7 +435,7 @@ def read_snippets(path) -> dict:
     if not isinstance(raw, dict) or not all(isinstance(v, list) and all(isinstance(t, str) for t in v)
                                             for v in raw.values()):
         raise DataError(f"--snippets {path}: expected an object {{case_id: [text, ...]}}")
-    if empty := next((k for k, v in raw.items() if not v or not all(t.strip() for t in v)), None):
+    if (empty := next((k for k, v in raw.items() if not v or not all(t.strip() for t in v)), None)) is not None:
         raise DataError(f"--snippets {path}: case {empty}'s reference texts are none or empty (consistency "
                         "compares the generations with them)")
     return raw

@@ -545,7 +545,9 @@ def preset(cfg: M.Config, method: str) -> HParams:
 
     Other sizes: edit layers from n/8 to n/4 of the depth (at least two, from layer 1 on and below
     the top block where the depth allows; ROME: the last of them); none where no such layers
-    exist (under 3 blocks; ROME: under 2), and check_hparams asks for --layers. λ in units of the
+    exist (under 3 blocks; ROME: under 2), and check_hparams asks for --layers. ROME takes
+    Llama-3-8B's published v settings (learning rate 0.5, weight decay 1e-3, clamp 4, as Qwen2.5-7B's
+    and Mistral-7B's files; GPT-J-6B's, GPT2-XL's and GPT-NeoX-20B's decay by 0.5). λ in units of the
     MLP width m = d_mlp, α = 60 (the paper's) and AlphaEdit's L2 = 1.
     λ is free of the activations' scale (K1K1ᵀ and C scale alike); what it sets is the share
     s/(1 + s) of a key's gap one step closes, s = kᵀ(λC)⁻¹k, which is m/λ on average for keys
@@ -1817,6 +1819,13 @@ def gib_list(text: str) -> list[float]:
                                          "e.g. 80,80") from None
 
 
+def gib_problem(gib: float) -> str | None:
+    """None for a memory figure from a kibibyte to an exbibyte, else the end of a message (beyond
+    them the plan's arithmetic overflows: 1e300 GiB in bytes is infinite, a share of 1e-320 next to
+    1e10 is 0)."""
+    return None if 2 ** -20 <= gib <= 2 ** 30 else f"must be from 2**-20 GiB (a KiB) to 2**30 GiB (an EiB), got {gib}"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Sequential knowledge editing with LyapLock (or the baselines in the same frame).",
@@ -1915,9 +1924,10 @@ def check_settings(args):
     if args.state_device:
         M.check_device(args.state_device)
     for gib in args.plan_gib or ():
-        if problem := range_problem(gib, "positive"):
+        if problem := range_problem(gib, "positive") or gib_problem(gib):
             raise ValueError(f"--plan-gib: each device's memory {problem}")
-    if args.plan_host_gib is not None and (problem := range_problem(args.plan_host_gib, "positive")):
+    if args.plan_host_gib is not None and (problem := range_problem(args.plan_host_gib, "positive")
+                                           or gib_problem(args.plan_host_gib)):
         raise ValueError(f"--plan-host-gib {problem}")
     if not args.resume:                           # typed for a new run: the method must read it
         check_reads(args.method, {f"--{flag.replace('_', '-')}": FLAG_FIELDS[flag].removeprefix("hparams.")

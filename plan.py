@@ -343,7 +343,8 @@ def print_plan(args) -> int:
               f"{'yes' if row['need'] <= room else 'NO'}")
     fits = all(row["need"] <= room for row, room in zip(rows, has))
     ram = [row["need"] for row, cpu in zip(rows, on_cpu + [True]) if cpu and row["need"]]
-    if len(ram) > 1:                                      # the CPU's devices and the host share one memory
+    if len(ram) > 1 or any(on_cpu) and args.plan_gib and args.plan_host_gib:   # the CPU's devices and the host share
+        #   one memory (a cpu device given its --plan-gib figure: --plan-host-gib's holds it too)
         print(f"{'cpu + host':<12}{'':>51}{gib(sum(ram)):>8}{gib(host):>8}  {'yes' if sum(ram) <= host else 'NO'}"
               "  (one memory: the rows on the CPU together)")
         fits = fits and sum(ram) <= host

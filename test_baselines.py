@@ -155,6 +155,9 @@ def test_prune_keeps_the_weight_dtype_and_rejects_bad_input():
         B.prune_weight(W, W0.T)
     with pytest.raises(B.BaselineError, match="σ_max"):
         B.prune_weight(W, torch.zeros_like(W))
+    for sigma_max in (0.0, -1.0, math.nan, math.inf):   # ln σ_max: not a math domain error, not a no-op
+        with pytest.raises(B.BaselineError, match="σ_max must be positive"):
+            B.prune_singular_values(S, sigma_max)
 
 
 # ----------------------------------------------------------------------------- ROME (E18–E20)
@@ -193,6 +196,9 @@ def test_rome_rejects_an_orthogonal_key():
         B.solve_rome(torch.zeros(2, 3), L.cholesky_factor(C), torch.tensor([1.0, 0, 0]), torch.tensor([0, 1.0, 0]), torch.ones(2))
     with pytest.raises(B.BaselineError, match="zero"):
         B.rome_left_vector(torch.zeros(3), L.cholesky_factor(C))
+    for bad in (math.inf, math.nan):                  # a key that overflowed is not called orthogonal
+        with pytest.raises(B.BaselineError, match="not finite"):
+            B.rome_right_vector(torch.zeros(2), torch.tensor([bad, 0, 0]), torch.ones(2), torch.tensor([1.0, 0, 0]))
 
 
 # ----------------------------------------------------------------------------- plug-ins (E21, E22)
@@ -282,8 +288,9 @@ def test_lyaplock_alphaedit_at_the_floor_is_alphaedit_at_any_step(seed):
         close(lm_alpha(P, Pr, z=1.0, S_KK=S_KK), L.solve_alphaedit(P["K1"], P["R"], Pr, S_KK, 0.7), 1e-11)
     pls = [float(pl(P, P["W"] + lm_alpha(P, Pr, z=z))) for z in (1.0, 2.0, 10.0, 1e3)]
     assert all(a >= b * (1 - 1e-12) for a, b in zip(pls, pls[1:])), pls      # the queue protects
-    with pytest.raises(B.BaselineError, match="at least 1"):
-        lm_alpha(P, Pr, z=0.5)
+    for z in (0.5, math.nan):                        # NaN is not past the floor either
+        with pytest.raises(B.BaselineError, match="at least 1"):
+            lm_alpha(P, Pr, z=z)
     ls = L.LayerState()                      # the floor as the queue computes it: a·Z, rounded
     L.feed_queue(ls, 0.3, 7.0)
     close(lm_alpha(P, Pr, z=ls.z), lm_alpha(P, Pr, z=1.0), 1e-12)

@@ -307,6 +307,9 @@ def test_data_snippets_may_be_gzipped_and_hold_no_empty_reference(tmp_path):
         path.write_text(json.dumps(bad))
         with pytest.raises(DataError, match="case 8's reference texts are none or empty"):
             data.read_snippets(path)
+    path.write_text(json.dumps({"": [], "7": ["a text"]}))        # (the case id "": a key that is falsy, was let by)
+    with pytest.raises(DataError, match="case 's reference texts are none or empty"):
+        data.read_snippets(path)
 
 
 def test_data_read_corpus(tmp_path):

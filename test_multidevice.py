@@ -966,6 +966,18 @@ def test_the_plan_counts_the_rows_on_the_cpu_against_one_memory(tmp_path, capsys
     assert code == 1 and rows[-1][:3] == ["cpu", "+", "host"]
 
 
+def test_the_plan_holds_one_cpu_row_given_its_plan_gib_figure_to_the_host_figure_too(capsys):
+    """--plan-host-gib beside a single cpu device given its own --plan-gib figure: the host's figure
+    holds the row too (it was accepted, as used, and left out: a host of 1e-6 GiB "fit")."""
+    base = ["--plan", "--model", str(STORIES), "--layers", "1,2", "--plan-host-gib", "0.000001"]
+    for devices, gib in (("cpu", "80"), ("cuda:0,cpu", "80,80")):
+        assert L.main([*base, "--device", devices, "--plan-gib", gib]) == 1
+        last = capsys.readouterr().out.splitlines()[-1].split()
+        assert last[:3] == ["cpu", "+", "host"] and last[4:6] == ["1e-06", "NO"]
+    assert L.main([*base[:-2], "--device", "cpu", "--plan-gib", "80"]) == 0      # no host figure: the row's own
+    assert "cpu + host" not in capsys.readouterr().out
+
+
 def test_memory_plan_places_as_load_does_and_the_command_says_whether_it_fits(tmp_path, capsys):
     """The command loads its model where its memory plan puts the blocks (the run's settings and
     stream: a step of at most --batch-size of its requests), and that placement makes the largest
@@ -1033,6 +1045,10 @@ def test_the_plan_follows_every_flag_of_the_run_and_refuses_what_the_run_refuses
     assert rc == 0 and "--batch-size 100 (a step of 4: all of --edits)," in out.out
     for flags, message in [(("--plan-gib", "80,0"), "--plan-gib: each device's memory must be positive, got 0.0"),
                            (("--plan-gib", "nan"), "--plan-gib: each device's memory must be positive, got nan"),
+                           (("--plan-gib", "1e300,1"), "--plan-gib: each device's memory must be from 2**-20 GiB "
+                            "(a KiB) to 2**30 GiB (an EiB), got 1e+300"),                # (a ZeroDivisionError)
+                           (("--plan-gib", "1e-320,1e10"), "--plan-gib: each device's memory must be from"),
+                           (("--device", "cpu", "--plan-host-gib", "1e-9"), "--plan-host-gib must be from 2**-20"),
                            (("--z-batch-tokens", "0"), "--z-batch-tokens must be at least 1, got 0"),
                            (("--batch-size", "-5"), "--batch-size must be at least 1, got -5"),
                            (("--layers", "1,9"), "--layers '1,9': give increasing layer numbers in 0..4"),
