@@ -312,7 +312,8 @@ def print_plan(args) -> int:
     rows = run_memory_plan(settings, cfg, requests, run_shares(capacity, on_cpu), stream)
     hp = settings.hparams
     on_host = ", --state-device cpu" if settings.state_device else ""
-    fewer = f" (a step of {len(requests)}: all of --edits)" if requests and len(requests) < hp.batch_size else ""
+    fewer = (f" (a step of {len(requests)}: all of --edits{' that --limit takes' if settings.limit else ''})"
+             if requests and len(requests) < hp.batch_size else "")
     print(f"memory plan: {settings.model} ({cfg.arch}), {hp.method}, layers {list(hp.layers)}, {settings.dtype}, "
           f"--batch-size {hp.batch_size}{fewer}, --z-batch-tokens {settings.z_batch_tokens}{on_host} (GiB)")
     step = replace(hp, batch_size=min(hp.batch_size, len(requests))) if requests else hp
@@ -330,7 +331,7 @@ def print_plan(args) -> int:
         per = 1000 * edit_column_bytes(cfg, hp.method)
         counted = (f"counted for the {kept_edit_count(requests)} of the {len(requests)} edits of --edits whose "
                    "prompt is edited again" if settings.edits else "not counted: give --edits")
-        print(f"--superseded remove: the state grows by {per / 2 ** 20:.0f} MiB per 1,000 edits and edit "
+        print(f"--superseded remove: the state grows by {per / 2 ** 20:.3g} MiB per 1,000 edits and edit "
               f"layer ({counted}); every checkpoint holds it too")
     gib = lambda b: f"{b / 2 ** 30:.1f}" if b == 0 or b >= 2 ** 29 else f"{b / 2 ** 30:.2g}"   # small: 2 digits
     print(f"{'device':<12}{'blocks':>10}{'weights':>9}{'state':>8}{'targets':>8}{'solve':>8}{'stats':>8}"

@@ -1042,7 +1042,9 @@ def test_the_plan_follows_every_flag_of_the_run_and_refuses_what_the_run_refuses
         targets[batch] = float(out.out.splitlines()[-1].split()[4])
     assert targets["1000"] > targets["10"]
     rc, out = plan("--edits", str(FIX / "counterfact-rome.json"), "--limit", "4")   # planned as 4: said so
-    assert rc == 0 and "--batch-size 100 (a step of 4: all of --edits)," in out.out
+    assert rc == 0 and "--batch-size 100 (a step of 4: all of --edits that --limit takes)," in out.out
+    rc, out = plan("--superseded", "remove")                  # stories260K's 1.8 MiB (it said 2)
+    assert rc == 0 and "--superseded remove: the state grows by 1.8 MiB per 1,000 edits and edit layer" in out.out
     for flags, message in [(("--plan-gib", "80,0"), "--plan-gib: each device's memory must be positive, got 0.0"),
                            (("--plan-gib", "nan"), "--plan-gib: each device's memory must be positive, got nan"),
                            (("--plan-gib", "1e300,1"), "--plan-gib: each device's memory must be from 2**-20 GiB "
