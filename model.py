@@ -987,9 +987,8 @@ class Attention(nn.Module):
     def forward(self, x, rope, tables: RopeTables, allowed, cache: KVCache | None, layer: int):
         B, T, _ = x.shape
         hd, nh, nkv = self.cfg.head_dim, self.cfg.n_heads, self.cfg.n_kv_heads
-        if self.cfg.fused_qkv:   # v copied: autograd keeps it, and a view would keep all of q, k, v
+        if self.cfg.fused_qkv:
             q, k, v = self.qkv_proj(x).split(self.widths, dim=-1)
-            v = v.contiguous()
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.cfg.qk_norm_whole:                      # OLMo 2: RMSNorm over the whole projection
@@ -1051,7 +1050,6 @@ class NeoXAttention(nn.Module):
         qkv = self.query_key_value(x).view(B, T, self.cfg.n_heads, 3 * self.cfg.head_dim)   # (B, T, nh, 3 hd)
         q, k, v = qkv.transpose(1, 2).chunk(3, dim=-1)                                    # (B, nh, T, hd)
         q, k = rope_llama(q, tables.cos, tables.sin), rope_llama(k, tables.cos, tables.sin)
-        v = v.contiguous()                        # (autograd keeps it, not all of query_key_value)
         return self.dense(attend(q, k, v, allowed, cache, layer, None))
 
 

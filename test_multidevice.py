@@ -673,15 +673,16 @@ FAMILIES = ["llama", "gptj", *(k for k, (family, _) in __import__("test_models")
 
 
 def test_memory_plan_slot_values_cover_what_autograd_keeps():
-    """The plan's values per token slot and block (slot_values) against what autograd keeps for
-    backward in the blocks above the first (saved_tensors_hooks, each storage once, the weights
-    frozen and not counted), for every family test_models checks against transformers, at m = 2d
-    (a narrow MLP: 6d + 4m would not cover LLaMA's 8d + 3m) in bfloat16, a padded batch of 4 rows
-    of 48 tokens: within it, and more than half of it. Fails for Gemma 2, 3, OLMo 2, 3, GLM-4 and
-    Qwen3 without their terms (norms, capped scores), for LLaMA without 9d + 3m, and for Phi-3
-    with MHA (phi3-longrope-window) and GPT-NeoX attention then MLP if v stays a view of the
-    fused projection (autograd then keeps all of q, k and v)."""
-    d, m, heads, B, T = 256, 512, 16, 4, 48
+    """The plan's values per token slot and block (slot_values, and the pass's copy of the prefix
+    cache: 2 n_kv d_head) against what autograd keeps for backward in the blocks above the first
+    (saved_tensors_hooks, each storage once, the weights frozen and not counted), a pass as E4's
+    (its keys and values written into a copy of the rows' cache) with nothing cached before it,
+    where every slot is run (the most a slot keeps): a padded batch of 4 rows of 48 tokens in
+    bfloat16, for every family test_models checks against transformers, at m = 1.5d (narrower
+    than any released model's: 6d + 4m would not cover LLaMA's 8d + 3m there, 9d + 3m does):
+    within it, and more than half of it. Fails for Gemma 2, 3, OLMo 2, 3, GLM-4 and Qwen3
+    without their terms (norms, capped scores) and for the grouped-query LLaMAs without 9d + 3m."""
+    d, m, heads, B, P, T = 256, 384, 16, 4, 0, 48
     short = []
     for kind in FAMILIES:
         cfg = M.Config.from_hf(family_config(kind, d, m, heads))
@@ -694,13 +695,16 @@ def test_memory_plan_slot_values_cover_what_autograd_keeps():
             if t.untyped_storage().data_ptr() not in weights:
                 kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
+        prefix = M.KVCache(cfg, B, P, "cpu", torch.bfloat16)                 # the rows' cached prefixes
+        prefix.length = P
         x = torch.randn(B, T, d, dtype=torch.bfloat16, requires_grad=True)
-        mask = torch.ones(B, T, dtype=torch.long)
-        mask[0, :5] = 0                                              # a padded row: the masked path
+        mask = torch.ones(B, P + T, dtype=torch.long)
+        mask[0, :5] = 0                                              # a padded row
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = model(torch.zeros(B, T, dtype=torch.long), mask, start=(0, x), stop_after=cfg.n_layers - 1)
-        per_slot = sum(kept.values()) / 2 / (B * T) / (cfg.n_layers - 1)
-        planned = plan.slot_values(cfg, T)
+            out = model(torch.zeros(B, T, dtype=torch.long), mask, start=(0, x), stop_after=cfg.n_layers - 1,
+                        cache=prefix.copy(extend=T))
+        per_slot = sum(kept.values()) / 2 / (B * (P + T)) / (cfg.n_layers - 1)
+        planned = plan.slot_values(cfg, P + T) + 2 * cfg.n_kv_heads * cfg.head_dim
         if not planned / 2 < per_slot <= planned:
             short.append((kind, cfg.arch, round(per_slot), planned))
         del out
