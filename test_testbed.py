@@ -174,6 +174,28 @@ def test_distinct_stream_edits_each_known_subject_once_and_keeps_the_rest_apart(
     assert len(s.requests) > 800 and len(kept_subjects) > 150
 
 
+def test_distinct_stream_neighbourhood_holds_a_fact_once(monkeypatch):
+    """A request's two neighbourhood facts are two: where its relation had one kept-back fact and
+    that fact was also the first of all kept back, it was given twice (laptop, --seed 2: 8 requests),
+    and specificity counted it twice."""
+    fact_list = [(f"S{i} lives in", "AB"[i % 2], f"S{i}") for i in range(5)] + \
+                [(f"S{i} plays", "CD"[i % 2], f"S{i}") for i in range(5, 10)]
+    monkeypatch.setattr(TB, "known", lambda m, facts: fact_list)
+    for seed in range(10):
+        s = TB.distinct_stream(None, [], [], seed)
+        assert all(len(set(q.neighborhood_prompts)) == len(q.neighborhood_prompts) == 2 for q in s.requests), seed
+
+
+def test_a_training_json_that_is_not_a_fact_model_s_is_one_line(tmp_path):
+    """A model directory whose training.json is not the testbed's (no size, an unknown one, not
+    JSON) is named in one clear error (was a KeyError or TypeError traceback, or the JSON error
+    alone, naming no file)."""
+    for text in ('{"size": "huge"}', "[]", "{", '{"epochs": 3}', '{"size": ["ci"]}'):
+        (tmp_path / "training.json").write_text(text)
+        with pytest.raises(ValueError, match=f"{tmp_path / 'training.json'}: not a fact model's training.json"):
+            TB.make_stream("first", None, tmp_path, 5, 10, 0)
+
+
 def test_stories_stream_edits_one_told_slot_per_name():
     m = M.load(STORIES)
     s = TB.stories_stream(m, 24, seed=0)
@@ -511,6 +533,23 @@ def test_training_refuses_a_directory_of_other_files_and_says_it_replaces_a_fact
     lines.clear()
     TB.train(tmp_path / "new", "ci", log=lines.append)
     assert lines == [f"written to {tmp_path / 'new'}"]
+
+
+def test_training_again_replaces_the_model_s_files_and_keeps_the_others(tmp_path, monkeypatch):
+    """Training into an earlier fact model's --out replaces its files; others there (a report
+    written beside the model, notes) are kept: they were deleted without a word."""
+    def fake(work, *a, **k):
+        for name in ("config.json", "training.json"):
+            (Path(work) / name).write_text("new")
+        return {}
+    monkeypatch.setattr(TB, "train_model", fake)
+    model = tmp_path / "model"
+    (model / "testbed").mkdir(parents=True)
+    for name in ("config.json", "training.json", "notes.txt", "testbed/result.json"):
+        (model / name).write_text("old")
+    TB.train(model, "ci", log=lambda *_: None)
+    assert {str(f.relative_to(model)): f.read_text() for f in model.rglob("*") if f.is_file()} == {
+        "config.json": "new", "training.json": "new", "notes.txt": "old", "testbed/result.json": "old"}
 
 
 def test_an_interrupted_training_leaves_no_partial_model_and_the_earlier_one_whole(tmp_path, monkeypatch, capsys):

@@ -448,12 +448,13 @@ def train(out_dir, size: str = "ci", seed: int = 0, device: str = "cpu", steps: 
 
 
 def move_in(work: Path, out: Path):
-    """The files of `work` in place of out's (its hidden .training-/.replaced- directories
-    aside): the earlier ones set aside first, the new ones moved in with training.json, which
-    marks a fact model, last; an error puts the earlier ones back (a kill in between leaves them
-    whole in out/.replaced-*)."""
+    """The files of `work` in place of out's of the same names (out's other files, such as a
+    report written there, are kept; they were deleted): the earlier ones set aside first, the new
+    ones moved in with training.json, which marks a fact model, last; an error puts the earlier
+    ones back (a kill in between leaves them whole in out/.replaced-*)."""
     aside = Path(tempfile.mkdtemp(prefix=".replaced-", dir=out))
-    earlier = [p for p in out.iterdir() if not p.name.startswith((".training-", ".replaced-"))]
+    names = {p.name for p in work.iterdir()}
+    earlier = [p for p in out.iterdir() if p.name in names]
     moved = []
     try:
         for p in earlier:
@@ -633,7 +634,7 @@ def distinct_stream(m: M.CausalLM, edit: list[Request], held: list[Request], see
         (prompt, true, _), *more = grouped[s]
         template = template_of(prompt, s)
         new = another_answer(pools[template], {true}, gen) or another_answer(every, {true}, gen)
-        hood = (near.get(template, []) + retained)[:2]
+        hood = list(dict.fromkeys(near.get(template, []) + retained))[:2]     # (a fact of both: once)
         requests.append(Request(case_id=f"d{len(requests)}", prompt=template, subject=s, target_new=new,
                                 target_true=true, paraphrase_prompts=tuple(p for p, _, _ in more),
                                 **neighbourhood(hood)))
@@ -711,7 +712,14 @@ def make_stream(kind: str, m: M.CausalLM, model_dir: Path, n_edits: int | None, 
         if not info.exists():
             raise ValueError(f"{model_dir} has no training.json: the {kind!r} stream needs a fact model trained by "
                              "`train` (for another model, such as stories260K, --stream stories)")
-        edit, held = records(SIZES[json.loads(info.read_text())["size"]])
+        try:
+            size = json.loads(info.read_text())["size"]
+        except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError):
+            size = None
+        if not isinstance(size, str) or size not in SIZES:        # (was a KeyError or an unnamed JSON error)
+            raise ValueError(f"{info}: not a fact model's training.json (its size, one of {', '.join(SIZES)}): the "
+                             f"{kind!r} stream needs a fact model trained by `train`")
+        edit, held = records(SIZES[size])
         if kind == "distinct":
             stream = distinct_stream(m, edit, held, seed)
         else:
@@ -775,9 +783,9 @@ def parse_run(spec: str) -> tuple[str, dict]:
 # ------------------------------------------------------------------------------ running streams
 def measure(m: M.CausalLM, stream: Stream, n_done: int, heldout, W0: dict) -> dict:
     """One evaluation point: each edited prompt's latest target (efficacy, generalization,
-    specificity; before editing, n_done = 0: of the stream's first requests), retention of the
-    never-edited facts, held-out perplexity, and per layer the relative change of the weight
-    ‖W − W0‖/‖W0‖."""
+    specificity; before editing, n_done = 0: of the whole stream, the targets its last point
+    measures), retention of the never-edited facts, held-out perplexity, and per layer the
+    relative change of the weight ‖W − W0‖/‖W0‖."""
     cases = E.summarize(E.edit_eval(m, latest_requests(stream.requests[:n_done or None])))
     drift = {str(l): float((m.edit_weight(l) - W.to(m.edit_weight(l).device)).norm() / W.norm())
              for l, W in W0.items()}
