@@ -4,6 +4,7 @@ import dataclasses
 import itertools
 import json
 import math
+import random
 import shutil
 
 import pytest
@@ -90,6 +91,16 @@ def test_counterfact_by_hand():
     perfect = {"efficacy": 1.0, "generalization": 1.0, "specificity": 1.0}
     assert E.summarize([perfect])["score"] == pytest.approx(100)
     assert "score" not in E.summarize([perfect | {"kind": "zsre"}])     # the authors' summarize.py: CounterFact's
+
+
+def test_a_tie_between_the_targets_is_no_success():
+    """The comparisons are strict (counterfact_eval: 1[NLL(true) > NLL(new)], neighbours
+    1[NLL(answer) < NLL(new)]): where the two targets are exactly as likely, neither efficacy nor
+    generalization nor specificity counts the prompt."""
+    m = Bigram(WORDS, {"r": {"new": 0.3, "true": 0.3}, "n1": {"new": 0.2, "true": 0.2}})
+    c, = E.counterfact_eval(m, [cf_request(1, "r", ["r"], ["n1"])], batch_size=2)
+    assert (c["efficacy"], c["generalization"], c["specificity"]) == (0.0, 0.0, 0.0)
+    assert c["efficacy_magnitude"] == c["specificity_magnitude"] == 0.0
 
 
 def test_counterfact_top1_token_accuracy_by_hand():
@@ -226,6 +237,23 @@ def test_f1_mcc_by_hand():
     assert E.classification_metrics([0, 0, 1, 1], [0, 2, 1, 1], 4)["macro_f1"] == pytest.approx((2 / 3 + 1 + 0) / 3)
     # an answer not given (−1, the authors' protocol) is a class of F1 0 (it read the last class's)
     assert E.classification_metrics([0, 1], [-1, 1], 2)["macro_f1"] == pytest.approx((0 + 0 + 1) / 3)
+
+
+def test_mcc_is_the_binary_formula_also_where_the_margins_differ():
+    """Two classes: (TP·TN − FP·FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN)), on label and prediction
+    lists whose class counts differ (where they are equal, swapping the two margins goes unseen)."""
+    rng = random.Random(0)
+    for _ in range(50):
+        n = rng.randint(2, 30)
+        labels = [rng.randint(0, 1) for _ in range(n)]
+        preds = [rng.choice([l, rng.randint(0, 1)]) for l in labels]
+        tp = sum(l == p == 1 for l, p in zip(labels, preds))
+        tn = sum(l == p == 0 for l, p in zip(labels, preds))
+        fp = sum(l == 0 and p == 1 for l, p in zip(labels, preds))
+        fn = sum(l == 1 and p == 0 for l, p in zip(labels, preds))
+        den = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+        assert E.mcc(labels, preds) == pytest.approx((tp * tn - fp * fn) / den if den else 0.0)
+    assert E.mcc([1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]) == pytest.approx(6 / math.sqrt(72))
 
 
 # --------------------------------------------------------------------- the real checkpoint

@@ -449,6 +449,32 @@ def test_superseded_remove_keeps_only_the_recurring_prompts_and_edits_the_same(m
     assert torch.equal(all_.edits["a"][0][0], few.edits["a"][0][0])
 
 
+@pytest.mark.parametrize("method", ["lyaplock", "alphaedit"])
+def test_a_re_edit_is_solved_without_the_edit_it_supersedes(method):
+    """E8a takes the earlier edit out of the memory before the step's solve (LYAPLOCK.md), so the
+    step that re-edits a prompt is the one solved from a memory that holds only the live edits:
+    the same step, with "keep", from a state that never held the superseded column."""
+    P = null_spaced(problem(5, past=0), method)
+    g = torch.Generator().manual_seed(5)
+    m, d = P["C"].shape[0], P["W"].shape[0]
+    r = lambda *s: torch.randn(*s, dtype=torch.float64, generator=g)
+    K1, R1, K2, R2 = r(m, 2), r(d, 2), r(m, 1), r(d, 1)
+    remove = L.HParams(method=method, lam=1.0, alpha=10.0, superseded="remove")
+    keep = L.with_overrides(remove, superseded="keep")
+    ls = L.LayerState()
+    W1, _ = L.step_layer(P["W0"], P["W0"], P["C"], K1, R1, ls, remove, ["a", "b"])
+    kb = K1[:, 1]
+    live = L.LayerState(D_base=ls.D_base, Z=ls.Z, a=ls.a, zmax=ls.zmax, S_KK=torch.outer(kb, kb),
+                        S_VK=torch.outer((W1 @ K1)[:, 1], kb) if method == "lyaplock" else None)
+    stale = L.LayerState(D_base=ls.D_base, Z=ls.Z, a=ls.a, zmax=ls.zmax, S_KK=ls.S_KK.clone(),
+                         S_VK=None if ls.S_VK is None else ls.S_VK.clone())
+    W2, _ = L.step_layer(W1, P["W0"], P["C"], K2, R2, ls, remove, ["a"])
+    W2_live, _ = L.step_layer(W1, P["W0"], P["C"], K2, R2, live, keep)
+    W2_stale, _ = L.step_layer(W1, P["W0"], P["C"], K2, R2, stale, keep)
+    close(W2 - W1, W2_live - W1, 1e-9)
+    assert float((W2_stale - W2_live).norm()) > 1e-3 * float((W2_live - W1).norm())   # the test can tell
+
+
 def test_the_command_keeps_superseded_columns_only_for_prompts_it_edits_again(tmp_path):
     edits = reedit_file(tmp_path, 3)
     out = tmp_path / "run"
