@@ -449,7 +449,7 @@ def train(out_dir, size: str = "ci", seed: int = 0, device: str = "cpu", steps: 
 
 def move_in(work: Path, out: Path):
     """The files of `work` in place of out's of the same names (out's other files, such as a
-    report written there, are kept; they were deleted): the earlier ones set aside first, the new
+    report written there, stay): the earlier ones set aside first, the new
     ones moved in with training.json, which marks a fact model, last; an error puts the earlier
     ones back (a kill in between leaves them whole in out/.replaced-*)."""
     aside = Path(tempfile.mkdtemp(prefix=".replaced-", dir=out))
