@@ -156,6 +156,8 @@ BAD_RECORDS = [  # base, field to change, new value (... = delete), field named,
      "The capital of Z\u00fcrich is", "prompt", "differ only in Unicode normalisation"),   # NFC prompt, NFD subject
     (EASY_REC, "subject", "  ", "subject", "empty"),
     (EASY_REC, "target_new", "Paris", "target_new", "equals target_true"),
+    (EASY_REC, "target_new", " Paris", "target_new", "equals target_true"),   # (the same ids: target_ids adds the space)
+    (ROME_REC, RW + "target_true.str", "Rome ", RW + "target_new.str", "equals target_true"),
     (EASY_REC, "rephrase_prompt", ["a", "b"], "rephrase_prompt", "expected a string"),
     (EASY_REC, "locality_ground_truth", ..., "locality_ground_truth", "missing"),
     (ZSRE_REC, "src", "What is the capital of Spain?", "src", "'France' does not occur"),
@@ -257,7 +259,7 @@ def test_data_json_lines_byte_order_marks_and_whole_float_ids_load(tmp_path):
                      encoding="utf-8")
     _data_error(lines, "line 5, record 2 (case_id 2)", "equals target_true")
     assert load_requests(lines, skip_bad=True)[1][1].endswith(f"line 7, record 4 (case_id 0): field 'case_id': "
-                                                              f"duplicate case_id 0: also line 2, record 0")
+                                                              "duplicate case_id 0: also line 2, record 0")
     lines.write_text(json.dumps(recs[0])[:-1] + "\n" + json.dumps(recs[1]) + "\n", encoding="utf-8")
     _data_error(lines, "not valid JSON Lines: line 1")             # (was JSON's "line 2, column 1: Expecting ','")
     marked = tmp_path / "bom.json"

@@ -6,6 +6,7 @@ import json
 import math
 import random
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -417,6 +418,27 @@ def test_general_eval_on_fixtures(lm):
     for name, x in r.items():
         assert x["n"] == 6 and 0 <= x["accuracy"] <= 1 and 0 <= x["f1"] <= 1 and 0 <= x["macro_f1"] <= 1
         assert ("mcc" in x) == (name != "mmlu") and -1 <= x.get("mcc", 0) <= 1
+
+
+def test_general_eval_maps_each_answer_word_to_its_glue_class(tmp_path, monkeypatch):
+    """Each task's answer words stand for GLUE's class ids (sst2 1 = positive; mrpc 1 = paraphrase;
+    cola 1 = acceptable; rte and nli 0 = entailment; mmlu the choice index): a scorer that gives
+    the word an item names (<word> in its text) the lowest NLL answers every item right."""
+    def names_the_word(m, prompts, targets, batch_size, max_len):
+        return E.TargetScores(torch.tensor([0.0 if f"<{t.strip()}>" in p else 1.0 for p, t in zip(prompts, targets)]),
+                              [], [])
+    monkeypatch.setattr(E, "target_nll", names_the_word)
+    pair = lambda word, label: dict(sentence1=f"<{word}>", sentence2="s", label=label)
+    items = {"sst2": [dict(sentence="<positive>", label=1), dict(sentence="<negative>", label=0)],
+             "mrpc": [pair("Yes", 1), pair("No", 0)],
+             "cola": [dict(sentence="<Yes>", label=1), dict(sentence="<No>", label=0)],
+             "rte": [pair("Yes", 0), pair("No", 1)],
+             "nli": [pair("Yes", "entailment"), pair("No", "not_entailment")],
+             "mmlu": [dict(question=f"<{w}>", subject="x", choices=list("abcd"), answer=k) for k, w in enumerate("ABCD")]}
+    for name, xs in items.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(xs))
+    r = E.general_eval(SimpleNamespace(cfg=SimpleNamespace(position_limit=(512, ""))), tmp_path, n_per_task=4)
+    assert {name: x["accuracy"] for name, x in r.items()} == dict.fromkeys(items, 1.0)
 
 
 @pytest.mark.parametrize("name, fixture, n", [("stories260K", "stories260K-hf", 10), ("factmodel-ci", "factmodel-ci", 30)])

@@ -1141,6 +1141,17 @@ def test_context_templates_are_seeded():
         L.context_templates(m, 0, ((10, 3),))
 
 
+def test_each_group_of_context_templates_is_a_draw_of_its_own():
+    """E3's groups are drawn apart (ROME's two): two groups of one shape are not the same texts, and
+    ROME's ten-token group does not continue every text of its five-token one (one seed for both
+    groups made each group the first group's stream again)."""
+    m = M.load(STORIES)
+    t = L.context_templates(m, 0, ((10, 5), (10, 5)))
+    assert t[1] != t[2]
+    rome = L.method_templates(m, 0, "rome")
+    assert not all(b.startswith(a[:-len(". {}")]) for a, b in zip(rome[1], rome[2]))
+
+
 def test_a_generated_brace_becomes_what_each_method_s_code_makes_of_it(monkeypatch):
     """A prefix the model writes with { or }: MEMIT's family (memit_main.py) puts a space, ROME's
     rome_main.py drops it; either way one "{}" is left, the subject's."""

@@ -1044,6 +1044,18 @@ def test_olmo3_defaults_are_transformers():
     assert theirs.rope_parameters == {k: {"rope_type": "default", "rope_theta": 5e5} for k in ("full_attention", "sliding_attention")}
 
 
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_qwen_windows_left_to_max_window_layers_are_transformers(family):
+    """A Qwen config.json with use_sliding_window and no layer_types: the window is in the layers
+    from max_window_layers on (here 1, 2, 3 of 4), as transformers' config class marks them."""
+    import transformers as T
+    sizes = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    cfg, theirs = M.Config.from_hf(dict(model_type=family, **sizes)), T.AutoConfig.for_model(family, **sizes)
+    assert [cfg.window(i) for i in range(4)] == [4 if t == "sliding_attention" else None for t in theirs.layer_types]
+    assert cfg.window_layers == (1, 2, 3)
+
+
 @pytest.mark.parametrize("kind", ["qwen2-yarn", "olmo3"])
 def test_yarn_is_transformers_to_the_bit_and_each_part_matters(ckpt, kind):
     """YaRN's frequencies and attention factor equal transformers' bit for bit (on OLMo 3 the full
@@ -1643,6 +1655,21 @@ def test_generation_stops_at_generation_config_json_end_tokens_as_transformers_d
     with torch.no_grad():
         theirs = hf_load(d).generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)[0, len(prompt):]
     assert ours == theirs.tolist() and len(ours) == 4 and ours[-1] == stop
+
+
+def test_a_sequence_of_a_batch_ends_at_its_end_token_while_the_others_go_on(tmp_path):
+    """Greedy decoding of a batch gives each prompt what it gives alone: one that reaches an end
+    token gets nothing past it while the batch goes on for the others."""
+    d = tmp_path / "s"
+    shutil.copytree(STORIES, d)
+    m = M.load(d)
+    prompts = [m.tokenizer.encode("Once upon a time"), m.tokenizer.encode("Lily and Tom")]
+    stop = M.generate(m, prompts[:1], 10)[0][3]
+    (d / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": stop}))
+    m = M.load(d)
+    alone = [M.generate(m, [p], 10)[0] for p in prompts]
+    assert len(alone[0]) == 4 and alone[0][-1] == stop and len(alone[1]) > 5
+    assert M.generate(m, prompts, 10) == alone
 
 
 # ============================================================================ the command

@@ -395,6 +395,31 @@ def from_the_host(monkeypatch, device, rows):
     monkeypatch.setattr(L, "BLOCK_BYTES", 8 * 40 * rows)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_plan_counts_a_pass_s_logits_where_the_loss_and_the_head_are(tied):
+    """target_value_bytes' logits term is on the first device, where the loss is, and on the
+    head's: the last device, or the first where the head is tied to the embeddings
+    (M.fixed_bytes), so a tied model's last device holds only its blocks' part."""
+    cfg = M.Config.from_hf(dict(model_type="llama", vocab_size=4096, hidden_size=256, intermediate_size=512,
+                                num_hidden_layers=4, num_attention_heads=4, tie_word_embeddings=tied))
+    hp = L.HParams(method="lyaplock", layers=(1,), batch_size=2)
+    per_block, home, logits = plan.target_value_bytes(cfg, hp, torch.float32, 1024)
+    need = plan.device_need(cfg, hp, "float32", 1024, 2)
+    assert need(0, 0, 2)["target_values"] == home + logits                     # blocks 0, 1: none above layer 1
+    assert need(1, 2, 4)["target_values"] == 2 * per_block + (0 if tied else logits)
+
+
+def test_the_host_state_of_power_of_two_sizes_is_pinned_at_its_own_size():
+    """host_layer_bytes rounds each pinned tensor up to a power of two of bytes (CUDA's pinned
+    allocator, PowerOf2Ceil), a size that is one already staying as it is: d 1,024 and m 4,096
+    make C and S_KK 2^27 bytes each in float64, S_VK 2^25, W0 2^23 in bfloat16, nothing rounded."""
+    cfg = M.Config.from_hf(dict(model_type="llama", vocab_size=512, hidden_size=1024, intermediate_size=4096,
+                                num_hidden_layers=4, num_attention_heads=8))
+    hp = L.HParams(method="lyaplock", layers=(1, 2))
+    assert plan.host_layer_bytes(cfg, hp, "bfloat16") == 2 * 2 ** 27 + 2 ** 25 + 2 ** 23 \
+        == plan.edit_layer_bytes(cfg, hp, "bfloat16")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_host_matrices_are_used_a_block_of_rows_at_a_time(monkeypatch, device):
     """The five operations through which the algebra touches C and S_KK, with the matrix on the
@@ -801,6 +826,15 @@ def test_the_plans_row_bound_covers_every_target_value_row_of_the_stream(tmp_pat
     assert plan.stream_tokens(models[1].tokenizer, [*streams[0][:2], too_long], "lyaplock", models[1].cfg) == \
         plan.stream_tokens(models[1].tokenizer, streams[0][:2], "lyaplock", models[1].cfg)
     assert plan.stream_tokens(models[1].tokenizer, [too_long], "lyaplock", models[1].cfg) is None
+
+
+def test_the_plans_logit_positions_cover_a_pass_of_the_shortest_rows_with_the_longest_target():
+    """logit_positions where its bound is reached: b rows each as short as a row with the longest
+    target T can be (the shortest prompt and T − 1 target ids: the prompt, then the target but its
+    last) fill b·(prompt + T − 1) slots and read b·T positions; prompts, targets and passes of 1-6."""
+    for P, T, b in itertools.product(range(1, 7), repeat=3):
+        stream = plan.StreamTokens(row=P + T - 1, target=T, prompt=P, kl=P + 2)
+        assert plan.logit_positions(b, 1, b * (P + T - 1), stream) >= b * T, (P, T, b)
 
 
 def test_the_plans_logit_positions_cover_every_pass(tmp_path):

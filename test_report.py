@@ -158,6 +158,19 @@ def test_a_queue_that_just_left_its_floor_is_too_early_to_judge(tmp_path):
     assert "only just left its floor on layer(s) 1 (step 3)" in E.report(d)
 
 
+def test_a_queue_three_steps_off_its_floor_is_judged_and_not_too_early():
+    """"new" is a queue that left its floor less than 3 steps before the end (queue_trend): one
+    active for the last 3 steps has its trend read, here growing (z 1.5, 2, 2.5)."""
+    pl0, alpha = 0.05, 4.0
+    D = alpha * pl0
+    log = queue_log([pl0, 0.5 * D, 0.9 * D, 1.5 * D, 1.5 * D, 1.5 * D], alpha)
+    z = [e["z"] for e in log]
+    assert z == pytest.approx([1, 1, 1, 1.5, 2, 2.5], rel=1e-12)
+    a = E.audit_queue([e["pl"] for e in log], z, D)
+    assert a["first_active"] == 3 and a["trend"] == "growing" and a["slope"] == pytest.approx(0.5)
+    assert E.queue_trend(z[:5])[0] == "new"                       # 2 steps off the floor: too early
+
+
 def test_a_queue_calibrated_after_steps_that_left_w0_is_audited_from_its_calibration(tmp_path):
     """Steps whose PL was exactly 0 before the first that moved the layer log no D
     (lyaplock.feed_queue): the queue's path, and T1, begin at its calibration."""
@@ -239,6 +252,13 @@ def test_baseline_pl_and_its_growth(tmp_path):
     mixed = E.report(write_run(tmp_path / "mixed", {"1": [dict(pl=0.0, D=None, z=1.0)] * 2,
                                                      "2": queue_log([0.1, 0.1], 2.0)}))     # (was: a table uncaptioned)
     assert "\nNot calibrated yet (no D: T1 applies from the step that calibrates the queue):\n\n| layer | steps T" in mixed
+
+
+def test_baseline_pl_grows_when_it_rises_more_than_one_percent_of_its_mean_a_step():
+    """audit_pl's `grows`: the last half's slope above 1% of its mean PL per step (2% grows, 0.5% does not)."""
+    two, half = E.audit_pl([1 + 0.02 * t for t in range(8)]), E.audit_pl([1 + 0.005 * t for t in range(8)])
+    assert two["growth"] == pytest.approx(0.02) and two["grows"]                     # 0.02 > 0.0111
+    assert half["growth"] == pytest.approx(0.005) and not half["grows"]              # 0.005 < 0.0103
 
 
 def test_report_of_an_interrupted_run_reads_only(tmp_path):
