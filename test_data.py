@@ -258,7 +258,7 @@ def test_data_json_lines_byte_order_marks_and_whole_float_ids_load(tmp_path):
     lines.write_text("\n" + json.dumps(recs[0]) + "\n\n" + "\n".join(map(json.dumps, recs[1:] + [recs[0]])) + "\n",
                      encoding="utf-8")
     _data_error(lines, "line 5, record 2 (case_id 2)", "equals target_true")
-    assert load_requests(lines, skip_bad=True)[1][1].endswith(f"line 7, record 4 (case_id 0): field 'case_id': "
+    assert load_requests(lines, skip_bad=True)[1][1].endswith("line 7, record 4 (case_id 0): field 'case_id': "
                                                               "duplicate case_id 0: also line 2, record 0")
     lines.write_text(json.dumps(recs[0])[:-1] + "\n" + json.dumps(recs[1]) + "\n", encoding="utf-8")
     _data_error(lines, "not valid JSON Lines: line 1")             # (was JSON's "line 2, column 1: Expecting ','")
