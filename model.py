@@ -1821,11 +1821,12 @@ def weight_bytes(dtype: torch.dtype, *modules) -> int:
 
 def fixed_bytes(model: "CausalLM", dtype: torch.dtype, n_devices: int) -> list[int]:
     """The weights outside the blocks on each of n devices: the embeddings (GPT-2: and its
-    positions) on the first; the final norm and an untied head on the last (tied: the first)."""
+    positions) on the first; the final norm and the head (tied: its bias alone, its weight the
+    embeddings') on the last (tied: the first)."""
     fixed = [0] * n_devices
     fixed[0] += weight_bytes(dtype, model.embed, *([model.body.wpe] if model.cfg.arch == "gpt2" else []))
-    head = [model.norm] + ([] if model.cfg.tie_embeddings else [model.head])      # tied: counted above
-    fixed[0 if model.cfg.tie_embeddings else -1] += weight_bytes(dtype, *head)
+    head = [p for p in (*model.norm.parameters(), *model.head.parameters()) if p is not model.embed.weight]
+    fixed[0 if model.cfg.tie_embeddings else -1] += sum(p.numel() for p in head) * dtype.itemsize
     return fixed
 
 

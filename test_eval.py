@@ -203,6 +203,8 @@ def test_tfidf_by_hand():
     idf = E.fit_idf(snippets)
     lo, hi = math.log(3 / 3) + 1, math.log(3 / 2) + 1            # df 2: paris; df 1: is, big, city
     assert idf == pytest.approx({"paris": lo, "is": hi, "big": hi, "city": hi})
+    # document frequency: a term counts once per document it is in, however often it is there
+    assert E.fit_idf(["paris paris paris city", "city"]) == pytest.approx({"paris": hi, "city": lo})
     # "paris paris city x" (x: 1 char, not a term) vs "big city": shared term city only
     a = {"paris": 2 * lo, "city": hi}                          # b = {"big": hi, "city": hi}
     want = hi * hi / math.sqrt(sum(v * v for v in a.values())) / math.sqrt(2 * hi * hi)
@@ -300,6 +302,35 @@ def test_fluency_texts_are_romes_hundred_tokens_past_the_end_of_text(lm, monkeyp
         assert text.startswith(p) and len(lm.tokenizer.encode(text)) > 90
     monkeypatch.setattr(lm.tokenizer, "decode", lambda ids: "Caf\u00e9 au lait\n\nNext")     # ROME's text rules:
     assert E.generate_texts(lm, prompts[:1]) == ["Cafe\u0301 au lait Next"]                 # NFKD, blank line a space
+
+
+def test_generate_texts_seeds_batch_j_with_seed_plus_j(lm, monkeypatch):
+    """ROME's generate_fast per batch: batch j samples with seed + j (one seed for every batch
+    gave equal prompts in different batches the same text)."""
+    made = []
+
+    def generate(m, seqs, n, **kw):
+        made.append((len(seqs), kw["seed"]))
+        return [[300] * n for _ in seqs]
+    monkeypatch.setattr(M, "generate", generate)
+    E.generate_texts(lm, ["Once upon a time"] * 5, text_tokens=10, seed=7, batch_size=2)
+    assert made == [(2, 7), (2, 8), (1, 9)]
+    monkeypatch.undo()
+    a, b = E.generate_texts(lm, ["Once upon a time"] * 2, text_tokens=30, seed=7, batch_size=1)
+    assert a != b and a == E.generate_texts(lm, ["Once upon a time"], text_tokens=30, seed=7)[0]
+    assert b == E.generate_texts(lm, ["Once upon a time"], text_tokens=30, seed=8)[0]
+
+
+def test_greedy_continuations_decode_the_targets_length_and_two_tokens_more(lm):
+    """Each prompt (encoded with the checkpoint's BOS rule) is continued greedily by
+    len(target_ids) + GREEDY_SPARE tokens, as modeling.generate continues it alone."""
+    prompts, targets = ["Once upon a time", "Lily went to the", "The dog"], ["there", "park with her mom", "ran"]
+    got = E.greedy_continuations(lm, prompts, targets, batch_size=2)
+    for p, t, text in zip(prompts, targets, got):
+        ids = lm.tokenizer.encode(p)
+        assert ids[0] == lm.tokenizer.bos_id
+        n = len(E.target_ids(lm.tokenizer, t)) + 2
+        assert text == lm.tokenizer.decode(M.generate(lm, [ids], n)[0])
 
 
 def test_target_ids_are_the_targets_ids_inside_the_sentence(tmp_path):

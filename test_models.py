@@ -268,6 +268,27 @@ def test_save_then_load_is_exact_and_transformers_reads_it(tmp_path, kind, shard
         M.save(src, tmp_path / "again", {name: edited})
 
 
+@pytest.mark.parametrize("dtype,code", [(torch.float16, "F16"), (torch.bfloat16, "BF16")])
+def test_save_writes_the_stored_dtypes_and_keeps_each_files_metadata(tmp_path, dtype, code):
+    """A checkpoint stored in 16 bits, loaded in float32 and edited: save writes the edited tensor in
+    the stored dtype (as every other) and keeps each file's metadata (transformers' "format": "pt"),
+    adding its own."""
+    src = make_hf_checkpoint(tmp_path / "src", "llama", shard=True)
+    for file in src.glob("*.safetensors"):
+        save_file({n: t.to(dtype) for n, t in load_file(file).items()}, file, metadata={"format": "pt", "mine": "x"})
+    m = M.load(src)
+    name = m.edit_weight_name(1)
+    edited = m.edit_weight(1) + 0.01 * torch.randn_like(m.edit_weight(1))
+    M.save(src, tmp_path / "out", {name: edited})
+    headers = M.tensor_headers(M.weight_files(tmp_path / "out"))
+    assert {n: h[1:] for n, h in headers.items()} == {n: h[1:] for n, h in M.tensor_headers(M.weight_files(src)).items()}
+    assert all(c == code for _, c, _ in headers.values())
+    for file in src.glob("*.safetensors"):
+        with M._open(tmp_path / "out" / file.name) as f:
+            assert f.metadata() == {"format": "pt", "mine": "x", M.SAVED_FROM: M.saved_from(src)}
+    assert torch.equal(M.load(tmp_path / "out").state_dict()[name], edited.to(dtype).float())
+
+
 def test_save_leaves_out_weights_of_other_formats_and_training_state(tmp_path):
     """Beside its safetensors a checkpoint may hold the same (unedited) weights in other formats
     and a trainer's state: the saved directory leaves them out (a loader that prefers them, as
@@ -814,6 +835,22 @@ def test_a_tied_config_whose_files_store_another_head_reads_it_as_transformers_5
     save_file(weights, tied / "model.safetensors", metadata={"format": "pt"})
     assert M.load(tied).cfg.tie_embeddings
     assert_logits_are_transformers(tied)
+
+
+def test_a_tied_config_whose_stored_head_differs_past_its_first_row_reads_it_as_transformers_5(tmp_path):
+    """A stored head equal to the embeddings in its first rows only is another head: transformers 5
+    reads it (and warns), and so does load."""
+    path = make_hf_checkpoint(tmp_path / "m", "llama-gqa-tied")
+    weights = load_file(path / "model.safetensors")
+    head = weights["model.embed_tokens.weight"].clone()
+    head[5:] += 0.5 * torch.randn_like(head[5:])
+    save_file(weights | {"lm_head.weight": head}, path / "model.safetensors", metadata={"format": "pt"})
+    m, hf = M.load(path), hf_load(path)
+    assert not m.cfg.tie_embeddings and torch.equal(m.head.weight, head) and torch.equal(hf.lm_head.weight, head)
+    ids, mask = padded_batch(500, "right")
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+    assert (m(ids, mask).logits - ref)[mask.bool()].abs().max() < 1e-4
 
 
 def test_configs_read_as_transformers_does(ckpt):
@@ -1607,6 +1644,24 @@ def test_tokenizer_bos_is_that_of_transformers(tmp_path, family):
     for text in [SENTENCES[0], ""]:
         assert ours.encode(text) == theirs(text)["input_ids"]
         assert ours.encode(text, bos=True) == bos + theirs(text, add_special_tokens=False)["input_ids"]
+        assert ours.encode(text, bos=False) == theirs(text, add_special_tokens=False)["input_ids"]
+
+
+def test_a_special_token_the_template_puts_after_the_text_is_not_added(tmp_path):
+    """A template "<s> $A </s>" (a tokenizer that ends every text): a prompt begins with its BOS, as
+    transformers encodes it, and the EOS after it is left out (a prompt is to be continued)."""
+    import transformers as T
+    d = tokenizer_checkpoint(tmp_path / "t", "llama", dict(bos_token_id=1, eos_token_id=2), ["<unk>", "<s>", "</s>"],
+                             "<s>", {"bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "PreTrainedTokenizerFast"})
+    tj = json.loads((d / "tokenizer.json").read_text())
+    tj["post_processor"]["single"].append({"SpecialToken": {"id": "</s>", "type_id": 0}})
+    tj["post_processor"]["special_tokens"]["</s>"] = {"id": "</s>", "ids": [2], "tokens": ["</s>"]}
+    (d / "tokenizer.json").write_text(json.dumps(tj))
+    ours, theirs = M.Tokenizer(d, M.read_config(d)), T.AutoTokenizer.from_pretrained(d)
+    assert ours.lead == [1]
+    for text in (SENTENCES[0], ""):
+        assert theirs(text)["input_ids"][-1] == 2
+        assert ours.encode(text) == theirs(text)["input_ids"][:-1]
 
 
 def test_without_a_bos_in_tokenizer_config_json_config_json_names_it_or_there_is_none(tmp_path):
@@ -1722,6 +1777,22 @@ def test_model_cli_says_when_the_key_value_cache_does_not_fit(capsys, monkeypatc
     with pytest.raises(SystemExit, match=r"error: out of memory generating 1000000000 tokens \(the key-value cache is "
                                          r"made for all \d+ first\): .*DefaultCPUAllocator: can't allocate"):
         M.main([str(STORIES), "--prompt", "Lily", "--device", "cpu", "--max-new-tokens", "1000000000"])
+
+
+def test_top_k_sampling_takes_each_token_among_the_k_likeliest(tmp_path):
+    """Each sampled token is one of the top_k most likely next tokens (by the logits of the whole
+    sequence, recomputed without a cache), and the samples are not all the greedy ones."""
+    m = M.load(make_hf_checkpoint(tmp_path / "m", "llama-gqa-rope3"))
+    prompts = [[1, 5, 9, 33], [1, 44], [1, 7, 8, 9, 10, 11]]
+    got = M.generate(m, prompts, 10, top_k=3, seed=5, stop_at_eos=False)
+    greedy = 0
+    for p, g in zip(prompts, got):
+        assert len(g) == 10
+        for n in range(len(g)):
+            logits = m(torch.tensor([p + g[:n]])).logits[0, -1]
+            assert g[n] in logits.topk(3).indices.tolist()
+            greedy += g[n] == int(logits.argmax())
+    assert greedy < 30
 
 
 def test_top_k_past_the_vocabulary_samples_from_all_of_it():

@@ -149,6 +149,11 @@ def test_parameters_go_to_their_blocks_device(ckpt, kind):
             assert where[n].type == "cpu", n
         if n.startswith((f"{head_name}.", f"{body}.{norm}.")):
             assert where[n].type == head, n
+    # the memory plan's count of what lies outside the blocks (fixed_bytes) is where load puts it
+    in_blocks = {id(p) for block in m.blocks for p in block.parameters()}
+    outside = [sum(p.numel() * 4 for n, p in m.named_parameters() if id(p) not in in_blocks and where[n] == d)
+               for d in devices]
+    assert M.fixed_bytes(m, torch.float32, 2) == outside
 
 
 # =============================================================================== equal results

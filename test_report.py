@@ -493,6 +493,7 @@ def test_continues_with_rules():
     assert E.continues_with("\n Paris, France", "Paris") and E.continues_with(" New York City", "New York")
     assert not E.continues_with(" Parisian", "Paris") and not E.continues_with(" paris", "Paris")
     assert E.continues_with(" U.S.A", "U.S.") and E.continues_with(" 1990s", "1990") is False
+    assert not E.continues_with(" 19901", "1990") and not E.continues_with(" Paris2", "Paris")   # a digit too
     assert not E.continues_with(" Paris", "") and not E.continues_with("", "Paris")
 
 
