@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 import baselines as B
 import data
+import eval as E
 import lyaplock as L
 import stats as S
 import model as M
@@ -700,6 +701,9 @@ def test_prune_evaluates_and_saves_the_restrained_weights_and_streams_the_others
     editor.save(tmp_path / "saved")
     saved = M.load(tmp_path / "saved")
     assert all(torch.equal(saved.edit_weight(l), restrained[l]) for l in (1, 2))
+    with editor.restrained() as model:                                        # evaluate: the restrained model's
+        want = E.summarize(L.score_cases(model, requests[:1], False))
+    assert editor.evaluate(requests[:1]) == want != E.summarize(L.score_cases(m, requests[:1], False))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -7,6 +7,7 @@ import dataclasses
 import gzip
 import hashlib
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -384,3 +385,24 @@ def test_every_bundled_file_has_its_sha256_in_sources():
     assert set(rows) == files - {"SOURCES.md"}
     for path, digest in rows.items():
         assert hashlib.sha256((FIX / path).read_bytes()).hexdigest() == digest, path
+
+
+def test_write_atomic_leaves_the_old_file_whole_when_the_write_fails(tmp_path, monkeypatch):
+    """A run's latest.json and config.json are written whole or not at all: a write that fails (a
+    full disk, at the flush) leaves the file before it as it was."""
+    path = tmp_path / "latest.json"
+    data.write_atomic(path, '{"checkpoint": "ckpt-000001", "step": 1}')
+    monkeypatch.setattr(data.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(OSError, match="No space left"):
+        data.write_atomic(path, '{"checkpoint": "ckpt-000002", "step": 2}')
+    assert json.loads(path.read_text()) == {"checkpoint": "ckpt-000001", "step": 1}
+
+
+def test_a_second_sigterm_while_the_first_unwinds_is_ignored():
+    """exit_on_sigterm leaves through Python's shutdown, its cleanup (a temporary file removed, a
+    checkpoint's partial directory) safe from a second SIGTERM: ignored from the first on."""
+    import signal
+    with data.sigterm_exits():
+        with pytest.raises(data.Terminated) as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.value.code == 128 + signal.SIGTERM and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN

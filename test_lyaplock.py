@@ -956,6 +956,7 @@ CORRUPTIONS = {
     "lacks method": lambda d: corrupt_json(d, lambda m: m.pop("method")),
     "unknown method": lambda d: corrupt_json(d, lambda m: m.update(method="knn")),
     "positive floats": lambda d: corrupt_json(d, lambda m: m["layers"]["3"].update(Z=-1.0)),
+    "all positive floats": lambda d: corrupt_json(d, lambda m: m["layers"]["3"].update(D_base=0.0)),   # (D = α·0)
     "must be all present or all absent": lambda d: corrupt_tensors(d, lambda t: t.pop("5.S_VK")),
     "unexpected tensors": lambda d: corrupt_tensors(d, lambda t: t.update(x=torch.ones(1))),
     "does not match S_KK": lambda d: corrupt_tensors(
@@ -1691,14 +1692,22 @@ def test_a_resume_whose_edits_file_changed_is_refused(tmp_path, capsys):
     edits = tmp_path / "edits.json"
     records = json.loads((FIX / "counterfact-rome.json").read_text())
     edits.write_text(json.dumps(records[:8]))
-    out = tmp_path / "run"
-    assert L.main(_cli(tmp_path, "--out", str(out), "--edits", str(edits), "--no-generation", limit=None)) == 0
+    out, model = tmp_path / "run", tmp_path / "model"
+    shutil.copytree(STORIES, model)
+    assert L.main(_cli(tmp_path, "--out", str(out), "--edits", str(edits), "--model", str(model), "--no-generation",
+                       limit=None)) == 0
     edits.write_text(json.dumps(records[8:16]))
     assert L.main(["--resume", str(out), "--stats-cache", str(tmp_path / "cache")]) == 1
     err = capsys.readouterr().err
     assert f"the run's edits file {edits.resolve()} is missing or has changed since the run began" in err
     edits.unlink()
     assert L.main(["--resume", str(out)]) == 1 and "is missing or has changed" in capsys.readouterr().err
+    edits.write_text(json.dumps(records[:8]))            # the edits back; the model's config.json changed
+    config = model / "config.json"
+    config.write_text(config.read_text().replace("1e-05", "1e-06"))
+    assert L.main(["--resume", str(out)]) == 1
+    assert (f"the run's model's config.json {(model / 'config.json').resolve()} is missing or has changed since the "
+            "run began") in capsys.readouterr().err
 
 
 def test_a_resume_whose_weights_or_statistics_source_changed_is_refused_naming_them(tmp_path, capsys):
@@ -1726,6 +1735,12 @@ def test_a_resume_whose_weights_or_statistics_source_changed_is_refused_naming_t
                                        "would go on with other data; put it back or start a new run\n")
     (model / "model.safetensors").write_bytes(weights)
     corpus.write_bytes(text)
+    last = load_file(model / "model.safetensors")            # the last edit layer's block alone (not its edit
+    last["model.layers.2.self_attn.q_proj.weight"] += 1e-3      # weight, which the checkpoint's identity holds)
+    save_file(last, model / "model.safetensors", metadata={"format": "pt"})
+    assert L.main(["--resume", str(out)]) == 1
+    assert capsys.readouterr().err.startswith(f"error: --resume {out}: the run's model weights through layer 2 changed")
+    (model / "model.safetensors").write_bytes(weights)
     templates = (out / "templates.json").read_text()
     for bad in ('[["{}"], ["The cat', '[["The cat"]]', '[["The cat. {}"], ["{}"]]'):   # cut short; not a template
         #   (was: a bare JSON error); the bare prompt not first (was: E4-E6 read a prefixed prompt's row)
@@ -2074,6 +2089,39 @@ def test_the_same_step_saved_again_never_removes_the_checkpoint_latest_names_fir
     L.Editor(M.load(STORIES), editor.hparams, C, [["{}"]]).restore(run)       # whole
     editor.checkpoint(run)
     assert [p.name for p in run.glob("ckpt-*")] == [json.loads((run / "latest.json").read_text())["checkpoint"]]
+
+
+def test_latest_json_never_names_a_checkpoint_still_being_written(tmp_path):
+    """ckpt-NNNNNN.tmp is a checkpoint being written (save_checkpoint renames it once whole): one
+    that latest.json names (by hand) is refused, even where it exists."""
+    (tmp_path / "ckpt-000003.tmp").mkdir()
+    (tmp_path / "latest.json").write_text(json.dumps({"checkpoint": "ckpt-000003.tmp", "step": 3}))
+    with pytest.raises(ValueError, match=r"latest.json names 'ckpt-000003.tmp', not one of the run's own checkpoints"):
+        L.latest_checkpoint(tmp_path)
+    assert L.latest_identity(tmp_path) is None
+
+
+def test_a_checkpoint_killed_before_its_rename_leaves_latest_json_on_the_last_whole_one(tmp_path, monkeypatch):
+    """latest.json moves to a checkpoint only once it is renamed from its .tmp, whole: a kill
+    between the two (here: at the rename) leaves latest.json on the one before, which restores."""
+    m = M.load(STORIES)
+    C = S.load_or_collect_stats(m, STORIES, L.DEFAULT_CORPUS, 2000, (1, 2), tmp_path, log=lambda *a, **k: None)
+    requests, _ = data.load_requests(FIX / "counterfact-rome.json", limit=4)
+    editor = L.Editor(m, L.HParams(layers=(1, 2), lam=15.0, v_num_grad_steps=3), C, [["{}"]])
+    editor.edit(requests[:2])
+    run = tmp_path / "run"
+    editor.checkpoint(run)
+    editor.edit(requests[2:])
+    real = Path.rename
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "rename", lambda self, to: (_ for _ in ()).throw(SystemExit("killed"))
+                      if self.name.endswith(".tmp") else real(self, to))
+        with pytest.raises(SystemExit):
+            editor.checkpoint(run)                                 # killed at the rename
+    assert json.loads((run / "latest.json").read_text())["checkpoint"] == "ckpt-000001"
+    again = L.Editor(M.load(STORIES), editor.hparams, C, [["{}"]])
+    again.restore(run)
+    assert again.state.step == 1
 
 
 def test_restore_refuses_a_missing_or_foreign_checkpoint_and_leaves_the_model(tmp_path):

@@ -332,6 +332,33 @@ def test_a_corrupt_truncated_or_unsound_file_is_an_error_never_used(made, storie
         refused(path, "C.1 is not a finite symmetric matrix")
 
 
+def test_a_file_whose_digests_leave_a_tensor_out_is_refused(made, stories, tmp_path):
+    """Every C is checked against the sha256 written for it: a file whose digests lack one (C.1
+    here, its bytes changed) is corrupt, not a C that escapes the check."""
+    with safe_open(str(made), "pt") as f:
+        digests = json.loads(f.metadata()["sha256"])
+    C = load_file(str(made))
+    other = {"C.1": C["C.1"] * 2, "C.2": C["C.2"]}
+    for path in (rewritten(made, tmp_path, sha256=json.dumps({"C.2": digests["C.2"]})),
+                 rewritten(made, tmp_path, other, sha256=json.dumps({"C.2": digests["C.2"]}))):
+        with pytest.raises(S.StatisticsError, match="C.1 is corrupt"):
+            S.load_stats_file(path, stories, STORIES, (1, 2), log=quiet)
+
+
+def test_a_cache_file_of_another_key_under_this_key_s_name_is_recomputed(stories, tmp_path):
+    """The cache reuses a file only when the key inside is the one asked for, not only its
+    weights' (a file copied under another key's name: here 1,000 tokens' C where 1,200 are asked)."""
+    S.load_or_collect_stats(stories, STORIES, CORPUS, 1000, (1,), tmp_path / "a", log=quiet)
+    C = S.load_or_collect_stats(stories, STORIES, CORPUS, 1200, (1,), tmp_path / "b", log=quiet)
+    [a], [b] = (tmp_path / "a").glob("stats-*"), (tmp_path / "b").glob("stats-*")
+    shutil.copy(a, b)
+    logs = []
+    again = S.load_or_collect_stats(stories, STORIES, CORPUS, 1200, (1,), tmp_path / "b",
+                                    log=lambda s, **k: logs.append(s))
+    assert not any("reusing" in line for line in logs) and any("another key" in line for line in logs)
+    assert torch.equal(again[1], C[1])
+
+
 def test_a_second_writer_of_the_same_file_neither_truncates_nor_removes_this_ones(tmp_path, monkeypatch):
     """Runs that share a statistics cache may collect the same statistics at once. Another
     process's write, begun while this one's is finishing (here: called from inside this one's
@@ -463,6 +490,20 @@ def test_their_files_that_do_not_fit_are_refused(tmp_path, stories):
     their_file(tmp_path / "h" / "wikipedia_stats", 1)
     their_file(tmp_path / "h" / "wikitext_stats", 1)                 # the same name twice: named by folder
     refused(tmp_path / "h", (1,), r"layer 1 has 2 mom2 files \(wikipedia_stats/.*\.npz, wikitext_stats/.*\.npz\)")
+
+
+def test_their_half_precision_sum_is_refused(tmp_path, stories):
+    """A float16 sum (their precision argument allows it) is no float32/float64 one: summed over
+    their 100,000 tokens it is rounded far beyond C's use, or overflows; refused, as --plan does."""
+    native = their_file(tmp_path / "a", 1)
+    with np.load(native, allow_pickle=False) as z:
+        total = z["mom2.mom2"]
+    half = their_file(tmp_path / "b", 1, S_=total.astype(np.float16))
+    with pytest.raises(S.StatisticsError, match=r"mom2.mom2 is float16 \(172, 172\); a float \(172, 172\) sum is needed"):
+        S.load_stats_file(half, stories, STORIES, (1,), log=quiet)
+    cfg = M.Config.from_hf(json.loads((STORIES / "config.json").read_text()))
+    with pytest.raises(S.StatisticsError, match="mom2.mom2 is float16"):
+        S.check_authors_files(tmp_path / "b", cfg, (1,))
 
 
 def test_their_big_endian_file_is_read_as_the_native_one(tmp_path, stories):
