@@ -134,12 +134,18 @@ def target_value_bytes(cfg: M.Config, hp: "L.HParams", dt: torch.dtype, z_tokens
     d, kv = cfg.d_model, 2 * cfg.n_kv_heads * cfg.head_dim
     requests, rows = step_rows(hp)
     slots = pass_slots(cfg, hp, z_tokens, stream)
-    per_pass = slots * (slot_values(cfg, stream.row if stream else slots) + kv)
     row_slots = min(ROW_SLOTS, stream.row if stream else ROW_SLOTS)
-    kept = rows * row_slots * kv
+    kept = rows * row_slots * kv * dt.itemsize
     home = rows * row_slots * d * dt.itemsize + requests * cfg.vocab_size * 4
     logits = logit_values(cfg, rows, requests, slots, stream) * cfg.vocab_size * 4
-    return (per_pass + kept) * dt.itemsize, home, logits
+    return pass_bytes(cfg, hp, dt, z_tokens, stream) + kept, home, logits
+
+
+def pass_bytes(cfg: M.Config, hp: "L.HParams", dt: torch.dtype, z_tokens: int, stream: StreamTokens | None) -> int:
+    """One pass's part of target_value_bytes per block: what its slots keep for backward
+    (slot_values) and its copy of the prefix cache."""
+    slots = pass_slots(cfg, hp, z_tokens, stream)
+    return slots * (slot_values(cfg, stream.row if stream else slots) + 2 * cfg.n_kv_heads * cfg.head_dim) * dt.itemsize
 
 
 def slot_values(cfg: M.Config, row: int) -> int:

@@ -23,6 +23,7 @@ import plan
 import stats as S
 from data import load_requests
 from test_lyaplock import DEVICES, FIX, STORIES, close, reedit_file
+import test_models as TM
 from test_models import make_checkpoint, make_hf_checkpoint, one_thread, padded_batch  # noqa: F401 (one_thread: an autouse fixture)
 
 SPREADS = ["cpu,cpu", "cpu,cpu,cpu"]
@@ -682,7 +683,6 @@ def family_config(kind: str, d: int, m: int, heads: int) -> dict:
     but the image-text checkpoints, whose text models are among them) at width d, MLP width m and
     `heads` heads of 16 dims, as transformers writes it."""
     import transformers as T
-    import test_models as TM
     if kind in ("llama", "gptj"):
         return (T.LlamaConfig(hidden_size=d, intermediate_size=m, num_attention_heads=heads, num_hidden_layers=3)
                 if kind == "llama" else
@@ -698,7 +698,7 @@ def family_config(kind: str, d: int, m: int, heads: int) -> dict:
     return getattr(T, TM.CONFIG_CLASSES.get(family, name + "Config"))(**opts | sizes).to_dict()
 
 
-FAMILIES = ["llama", "gptj", *(k for k, (family, _) in __import__("test_models").KINDS.items()
+FAMILIES = ["llama", "gptj", *(k for k, (family, _) in TM.KINDS.items()
                                if family not in ("gemma3", "mistral3"))]
 
 
@@ -767,7 +767,6 @@ def test_memory_plan_target_value_term_covers_a_measured_pass(tmp_path, kind, d,
     m = M.load(bench.make_checkpoint(tmp_path / kind, config, torch.float32, "cpu"), dtype="bfloat16")
     hp = L.HParams(layers=(1,), batch_size=100)
     templates = L.context_templates(m, 0)
-    kv = 2 * m.cfg.n_kv_heads * m.cfg.head_dim
     for name in ("counterfact-easyedit.json", "zsre-mend.json"):
         requests = load_requests(FIX / name, limit=100)[0]
         rows = L.z_rows(m.tokenizer, requests, templates)
@@ -779,9 +778,8 @@ def test_memory_plan_target_value_term_covers_a_measured_pass(tmp_path, kind, d,
                    for c in chunks)
         stream = plan.stream_tokens(m.tokenizer, requests, "lyaplock", m.cfg)
         for known in (stream, None) if m.cfg.attn_softcap is None else (stream,):
-            per_block, _, logits = plan.target_value_bytes(m.cfg, hp, torch.bfloat16, 1024, known)
-            kept = len(rows) * min(plan.ROW_SLOTS, known.row if known else plan.ROW_SLOTS) * kv * 2   # every
-            activations = (per_block - kept) * 3                 # pass's prefix caches; blocks 2..4 above layer 1
+            logits = plan.target_value_bytes(m.cfg, hp, torch.bfloat16, 1024, known)[2]
+            activations = plan.pass_bytes(m.cfg, hp, torch.bfloat16, 1024, known) * 3    # blocks 2..4 above layer 1
             assert (activations + logits) / 4 < peak <= activations + logits, (
                 name, bool(known), peak / 2 ** 20, activations / 2 ** 20, logits / 2 ** 20)
             if kind == "gpt2" and name == "zsre-mend.json":
@@ -913,9 +911,8 @@ def test_a_small_steps_plan_counts_the_tokens_its_rows_hold(tmp_path, capsys, fi
         rows = L.z_rows(g.tokenizer, requests, L.context_templates(g, 0))
         stream = plan.stream_tokens(g.tokenizer, requests, "lyaplock", g.cfg)
         z_tokens = len(rows) * stream.row - 1 if z_tokens == "below" else z_tokens     # the plan: more than one pass
-        kv = 2 * g.cfg.n_kv_heads * g.cfg.head_dim
         per_block, _, logits = plan.target_value_bytes(g.cfg, hp, torch.bfloat16, z_tokens, stream)
-        planned = (per_block - len(rows) * min(plan.ROW_SLOTS, stream.row) * kv * 2) * 3 + logits   # blocks 2..4
+        planned = plan.pass_bytes(g.cfg, hp, torch.bfloat16, z_tokens, stream) * 3 + logits   # blocks 2..4
         chunks = L._chunks(g, rows, 1, z_tokens)
         rewrites = torch.ones(len(requests))
         delta = torch.zeros(len(requests), 256)
