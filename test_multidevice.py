@@ -8,6 +8,7 @@ import ctypes
 from contextlib import contextmanager
 import itertools
 import json
+import math
 import random
 import re
 import shutil
@@ -598,18 +599,26 @@ def fixed_allocator():
     libc.mallopt(-1, 64 << 20)           # M_TRIM_THRESHOLD
 
 
-def resident_peak(fn) -> int:
+def resident_peak(fn, within: float = math.inf, tries: int = 3) -> int:
     """Bytes by which the process's resident memory rose at most while fn ran: the kernel's own
     peak (VmHWM), reset just before (/proc/self/clear_refs, Linux 4.0 on), so no sample can be
     missed (a sampling thread starved while other processes ran missed them), after the heap's
     free pages are handed back (malloc_trim), so a pass that reuses them counts them (one that
-    did not measured 4.75 MiB for 46 once). Under fixed_allocator."""
+    did not measured 4.75 MiB for 46 once). Under fixed_allocator. What else the process does
+    meanwhile can only add (CI once measured finish_sums at 64 MiB, twice its one block, never
+    seen here in hundreds of runs): a measure over `within` is taken again, up to `tries` in all,
+    and the least returned; fn must take the same memory each call. A real excess shows in each."""
     kib = lambda key: int(re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)[1])
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")
-    base = kib("VmRSS")
-    fn()
-    return (kib("VmHWM") - base) * 1024
+    least = math.inf
+    for _ in range(tries):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+        base = kib("VmRSS")
+        fn()
+        least = min(least, (kib("VmHWM") - base) * 1024)
+        if least <= within:
+            break
+    return least
 
 
 @pytest.mark.parametrize("method", ["lyaplock", "memit", "alphaedit", "lyaplock+alphaedit"])
@@ -635,7 +644,7 @@ def test_memory_plan_solve_term_covers_a_measured_solve(method, fixed_allocator)
     cfg = M.Config.from_hf(dict(model_type="llama", hidden_size=d, intermediate_size=m, num_hidden_layers=1,
                                 num_attention_heads=8, vocab_size=10, max_position_embeddings=8))
     planned = plan.solve_bytes(cfg, method)
-    measured = resident_peak(lambda: L.step_layer(W, W0, C, K1, R, ls, hp))
+    measured = resident_peak(lambda: L.step_layer(W, W0, C, K1, R, ls, hp), within=planned + 2 ** 22)
     assert measured <= planned + 2 ** 22, (method, measured / 2 ** 20, planned / 2 ** 20)
 
 
@@ -774,14 +783,16 @@ def test_memory_plan_target_value_term_covers_a_measured_pass(tmp_path, kind, d,
         rewrites = torch.bincount(torch.tensor([r.req for r in rows if r.targets]), minlength=100).float()
         delta = torch.zeros(100, d)
         L._fit_loss(m, chunks, delta, 1, rewrites, hp.kl_factor, False)               # sets kl_init
-        peak = max(resident_peak(lambda: L._fit_loss(m, [c], delta, 1, rewrites, hp.kl_factor, True))
-                   for c in chunks)
         stream = plan.stream_tokens(m.tokenizer, requests, "lyaplock", m.cfg)
-        for known in (stream, None) if m.cfg.attn_softcap is None else (stream,):
-            logits = plan.target_value_bytes(m.cfg, hp, torch.bfloat16, 1024, known)[2]
-            activations = plan.pass_bytes(m.cfg, hp, torch.bfloat16, 1024, known) * 3    # blocks 2..4 above layer 1
+        bounds = {bool(known): (plan.pass_bytes(m.cfg, hp, torch.bfloat16, 1024, known) * 3,   # blocks 2..4 above layer 1
+                                plan.target_value_bytes(m.cfg, hp, torch.bfloat16, 1024, known)[2])
+                  for known in ((stream, None) if m.cfg.attn_softcap is None else (stream,))}
+        within = min(map(sum, bounds.values()))
+        peak = max(resident_peak(lambda: L._fit_loss(m, [c], delta, 1, rewrites, hp.kl_factor, True), within)
+                   for c in chunks)
+        for known, (activations, logits) in bounds.items():
             assert (activations + logits) / 4 < peak <= activations + logits, (
-                name, bool(known), peak / 2 ** 20, activations / 2 ** 20, logits / 2 ** 20)
+                name, known, peak / 2 ** 20, activations / 2 ** 20, logits / 2 ** 20)
             if kind == "gpt2" and name == "zsre-mend.json":
                 assert peak > activations
 
@@ -918,7 +929,7 @@ def test_a_small_steps_plan_counts_the_tokens_its_rows_hold(tmp_path, capsys, fi
         delta = torch.zeros(len(requests), 256)
         L._fit_loss(g, chunks, delta, 1, rewrites, hp.kl_factor, False)               # sets kl_init
         fit = lambda c: L._fit_loss(g, [c], delta, 1, rewrites, hp.kl_factor, True)
-        peak = max(resident_peak(lambda: fit(c)) for c in chunks)
+        peak = max(resident_peak(lambda: fit(c), within=planned) for c in chunks)
         assert peak <= planned, (kind, words, z_tokens, peak / 2 ** 20, planned / 2 ** 20)
         if len(requests) == 1 and z_tokens == 2048:
             unknown = plan.target_value_bytes(g.cfg, hp, torch.bfloat16, 2048)
@@ -953,7 +964,7 @@ def test_memory_plan_statistics_term_covers_a_measured_collection(tmp_path, fixe
     seqs = [ids[i:i + 512] for i in range(0, 16 * 512, 512)]
     for layers, batch_tokens in (((1, 2), 2048), ((1, 2, 3), 4096)):
         planned = S.collection_bytes(m.cfg, torch.bfloat16, batch_tokens, len(layers))
-        measured = resident_peak(lambda: S.collect_stats(m, seqs, layers, batch_tokens=batch_tokens))
+        measured = resident_peak(lambda: S.collect_stats(m, seqs, layers, batch_tokens=batch_tokens), within=planned)
         assert planned / 2 < measured <= planned, (layers, measured / 2 ** 20, planned / 2 ** 20)
 
 
@@ -966,8 +977,10 @@ def test_finishing_the_sums_takes_one_diagonal_block_not_an_m_by_m_copy(fixed_al
     flat[-1] = 1000.0
     sums = flat[:-1].view(m, m)
     expect = (sums.tril() + sums.tril(-1).T) / 1000.0
-    peak = resident_peak(lambda: S.finish_sums(flat, [3]))
-    assert peak <= 1.25 * 8 * 2048 ** 2, peak / 2 ** 20
+    block = 1.25 * 8 * 2048 ** 2
+    source = flat.clone()                                # each try finishes the same sums
+    peak = resident_peak(lambda: S.finish_sums(flat.copy_(source), [3]), within=block)
+    assert peak <= block, peak / 2 ** 20
     assert torch.equal(sums, expect)
 
 
