@@ -463,8 +463,11 @@ def main(argv=None):
         with data.sigterm_exits():
             return run_presets(args)
     except KeyboardInterrupt:                           # (its temporary directory is removed on the way)
-        print("\ninterrupted", file=sys.stderr)
+        print("\ninterrupted: the temporary checkpoint removed", file=sys.stderr)
         sys.exit(130)
+    except data.Terminated:
+        print("\nstopped (SIGTERM): the temporary checkpoint removed", file=sys.stderr)
+        raise                                           # (exit 143)
 
 
 def run_presets(args) -> list[dict]:

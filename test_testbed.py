@@ -283,6 +283,16 @@ def test_experiment_checks_every_run_before_the_first_and_errors_in_one_line(tmp
     assert TB.main(["experiment", "--out", str(tmp_path / "out"), *threads]) == 130
     assert capsys.readouterr().err == "\ninterrupted\n"       # (no report yet: no runs kept to promise)
     assert not (tmp_path / "out").exists()
+    import os
+    import signal
+    monkeypatch.setattr(TB, "make_stream", lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM))   # `timeout`
+    previous = signal.signal(signal.SIGTERM, lambda *_: pytest.fail("the SIGTERM reached the caller's handler"))
+    try:
+        with pytest.raises(SystemExit) as stop:
+            TB.main(["experiment", "--out", str(tmp_path / "out"), *threads])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stop.value.code == 128 + signal.SIGTERM and capsys.readouterr().err == "\nstopped (SIGTERM)\n"
 
 
 def test_experiment_refuses_eval_every_and_edits_below_one_before_any_work(tmp_path, monkeypatch, capsys):
@@ -603,6 +613,7 @@ def test_an_interrupted_training_leaves_no_partial_model_and_the_earlier_one_who
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert stop.value.code == 128 + signal.SIGTERM and not (tmp_path / "killed").exists()   # (it left .training-)
+    assert capsys.readouterr().err == "\nstopped (SIGTERM)\n"
 
 
 def test_an_experiment_s_out_is_held_and_a_broken_report_there_named_before_any_work(tmp_path, monkeypatch, capsys):

@@ -44,7 +44,8 @@ import torch.nn.functional as F
 import eval as E
 import lyaplock as L
 import model as M
-from data import DataError, Request, file_sha256, load_requests, read_corpus, read_text, sigterm_exits, write_atomic
+from data import (DataError, Request, Terminated, file_sha256, load_requests, read_corpus, read_text, sigterm_exits,
+                  write_atomic)
 
 FIX = Path(__file__).parent / "fixtures"
 HELD_FILE = FIX / "counterfact-train.json.gz"          # held-back records: never edited
@@ -1186,11 +1187,19 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        kept = f"; the runs complete in {args.out} are kept and the same command does the rest" \
-            if args.command == "experiment" and args.out and (Path(args.out) / "result.json").exists() else ""
-        print(f"\ninterrupted{kept}", file=sys.stderr)
+        print(f"\ninterrupted{kept(args)}", file=sys.stderr)
         return 130
+    except Terminated:                         # (the finally blocks have run)
+        print(f"\nstopped (SIGTERM){kept(args)}", file=sys.stderr)
+        raise                                  # (exit 143)
     return 0
+
+
+def kept(args) -> str:
+    """What an interrupted command leaves: an experiment's complete runs (the same command does
+    the rest); a training leaves its --out as it was (a model is written whole or not at all)."""
+    return f"; the runs complete in {args.out} are kept and the same command does the rest" \
+        if args.command == "experiment" and args.out and (Path(args.out) / "result.json").exists() else ""
 
 
 if __name__ == "__main__":
