@@ -1913,7 +1913,13 @@ def parse_args(argv=None):
 
 
 def check_settings(args):
-    """Numeric flags out of range: a ValueError naming the flag, before any work."""
+    """Numeric flags out of range, and a path flag given as '' (the working directory, else: --resume ''
+    started a new run): a ValueError naming the flag, before any work."""
+    for name in (*PATHS, "resume"):
+        if getattr(args, name) == "":
+            kind = "directory" if name in ("model", "resume", "glue_dir", "save_model") else \
+                "file or directory" if name == "stats" else "file"
+            raise ValueError(f"--{name.replace('_', '-')} '': give a {kind}")
     for name, need in FLAG_RANGES.items():
         if getattr(args, name) is not None and (problem := range_problem(getattr(args, name), need)):
             raise ValueError(f"--{name.replace('_', '-')} {problem}")
@@ -1974,6 +1980,8 @@ def check_inputs(args):
                                  f"; give --glue-n {len(items)} or less")
     if args.heldout is not None:
         data.read_corpus(args.heldout)              # a corpus with text, or a DataError naming it
+    if args.stats is None and not args.resume:   # the statistics' corpus too (was read after the model loaded)
+        data.read_corpus(args.stats_corpus)
     if args.snippets is not None:
         data.read_snippets(args.snippets)           # (was read only after the statistics)
 
@@ -2079,6 +2087,16 @@ def open_run(args) -> tuple[Path | None, Settings, M.Config]:
     if settings.stats_tokens and not settings.stats_file and settings.stats_tokens < cfg.d_mlp:
         raise ValueError(f"--stats-tokens {settings.stats_tokens}: C ({cfg.d_mlp}×{cfg.d_mlp}) "
                          f"needs at least d_mlp = {cfg.d_mlp} tokens, or it is singular")
+    if source := Path(settings.stats_file) if settings.stats_file else None:     # what the checkpoint's config can
+        if stats.is_authors_stats(source):        # check of --stats, before the weights load (was after: --plan only)
+            stats.check_authors_files(source, cfg, settings.hparams.layers)
+        else:
+            stats.check_shape(source, stats.read_meta(source)[1], settings.hparams.layers, cfg.d_mlp)
+    if settings.save_model and not settings.stats_file and (
+            (cache := Path(settings.stats_cache).resolve()) == (save := Path(settings.save_model).resolve())
+            or save in cache.parents):      # (the cache's file in it: the save refused at the end of the run)
+        raise ValueError(f"--stats-cache {settings.stats_cache} is inside --save-model {settings.save_model}: keep "
+                         "the cache apart from the edited model's directory")
     if saved:
         return Path(args.resume), settings, cfg
     return Path(args.out) if args.out else None, settings, cfg

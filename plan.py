@@ -283,11 +283,6 @@ def print_plan(args) -> int:
     yet (config.json downloaded first, to plan) is planned from config.json alone."""
     _, settings, cfg = L.open_run(args)             # (M.checkpoint_config: the files checked, if any)
     requests = L.load_requests(settings)[0] if settings.edits else []        # as the run reads them
-    source = Path(settings.stats_file) if settings.stats_file else None
-    if source and stats.is_authors_stats(source):      # their files, or a statistics file:
-        stats.check_authors_files(source, cfg, settings.hparams.layers)     # what config.json can check
-    elif source:
-        stats.check_shape(source, stats.read_meta(source)[1], settings.hparams.layers, cfg.d_mlp)
     given = "device" in args.given or args.resume            # (a resumed run's: its recorded devices)
     typed = M.check_devices(settings.device, here=False) if given and settings.device != "auto" else None
     if args.plan_gib and typed and len(typed) != len(args.plan_gib):

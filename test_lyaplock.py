@@ -1792,6 +1792,52 @@ def test_cli_refuses_before_any_work_what_would_fail_later(tmp_path, capsys, mon
                                               "'utf-8' codec can't decode byte 0xe9")
 
 
+def test_a_path_flag_given_as_an_empty_string_is_refused_naming_it(tmp_path, capsys, monkeypatch):
+    """'' is no path: --resume '' (with --model and --edits) started a new run, its resume ignored,
+    --stats '' read the working directory as the statistics' and --heldout '' named '.' in its
+    error; each is a one-line error naming the flag, before the model loads."""
+    monkeypatch.setattr(L.M, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.chdir(tmp_path)                         # (a new run without --out: runs/NNN here)
+    for flag, kind in (("--resume", "directory"), ("--stats", "file or directory"), ("--heldout", "file")):
+        extra = () if flag == "--resume" else ("--out", str(tmp_path / "run"))
+        assert L.main(_cli(tmp_path, *extra, flag, "", tokens=0)) == 1, flag
+        assert capsys.readouterr().err == f"error: {flag} '': give a {kind}\n"
+        assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_bad_statistics_source_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """A --stats-corpus that is a directory or holds no text, and a --stats file that is no
+    statistics file or a directory without the layers' files, were found only after the weights
+    loaded (minutes on a large checkpoint; --plan checked --stats, the run did not): now before,
+    and before a run directory is made."""
+    monkeypatch.setattr(L.M, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for flags, message in [(["--stats-corpus", str(folder)], f"{folder}: cannot read corpus as UTF-8 text"),
+                           (["--stats-corpus", str(empty)], f"{empty}: corpus has no text"),
+                           (["--stats", str(empty)], f"{empty}: not a readable statistics file"),
+                           (["--stats", str(folder)], f"--stats {folder}: no statistics for layer")]:
+        assert L.main(_cli(tmp_path, "--out", str(tmp_path / "run"), *flags, tokens=0)) == 1, flags
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and err.count("\n") == 1, (flags, err)
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_stats_cache_inside_save_model_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """The statistics cached into --save-model (or a folder of it) made it non-empty, so the save
+    at the end of the run was refused after all the editing: both are named at the start."""
+    monkeypatch.setattr(L.M, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    save = tmp_path / "edited"
+    for cache in (save, save / "cache"):
+        assert L.main(_cli(tmp_path, "--out", str(tmp_path / "run"), "--save-model", str(save),
+                           "--stats-cache", str(cache))) == 1
+        assert capsys.readouterr().err == (f"error: --stats-cache {cache} is inside --save-model {save}: keep the "
+                                           "cache apart from the edited model's directory\n")
+        assert not (tmp_path / "run").exists() and not save.exists()
+
+
 def test_general_ability_score_for_the_stop_rule():
     general = {"sst2": {"f1": 0.6}, "cola": {"mcc": 0.2, "f1": 0.9}, "mmlu": {"accuracy": 0.4, "f1": 0.1}}
     assert L.ability_score({"perplexity": 8.0, "general": general}) == ("mean zero-shot score", pytest.approx(0.4))
