@@ -1093,6 +1093,40 @@ def test_qwen_windows_left_to_max_window_layers_are_transformers(family):
     assert cfg.window_layers == (1, 2, 3)
 
 
+@pytest.mark.parametrize("rope", [
+    # DeepSeek's attention factor: the ratio of two mscales (0.1 · 1.0 · ln 4 + 1 over 0.1 · 0.5 · ln 4 + 1)
+    dict(factor=4.0, original_max_position_embeddings=256, mscale=1.0, mscale_all_dim=0.5),
+    # base 10, 1000 trained positions: the slow end (dim 17.6) clamped to the last dim (15), the ramp
+    # from dim 5 reaching the 8 frequencies
+    dict(factor=2.0, original_max_position_embeddings=1000, rope_theta=10.0),
+])
+def test_yarn_edge_cases_are_transformers_to_the_bit(rope):
+    """YaRN's frequencies and attention factor equal those of transformers' own function (its
+    config class reading the same config.json) where the qwen2-yarn and olmo3 checkpoints never
+    go: mscale beside mscale_all_dim, a ramp clamped at the last dim."""
+    import transformers as T
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    c = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=4, max_position_embeddings=400_000,
+             rope_parameters=dict(rope_type="yarn", rope_theta=100.0) | rope)
+    cfg = M.Config.from_hf(dict(model_type="qwen2", **c))
+    inv, factor = ROPE_INIT_FUNCTIONS["yarn"](T.Qwen2Config(**c), "cpu")
+    assert torch.equal(M.rope_inv_freq(cfg), inv)
+    assert cfg.rope_attention_factor == factor
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_qwen_windows_left_to_the_default_max_window_layers_are_transformers(family):
+    """use_sliding_window without max_window_layers or layer_types: transformers' default (28)
+    puts the window in layers 28 to 31 of 32."""
+    import transformers as T
+    sizes = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=32, num_attention_heads=4,
+                 num_key_value_heads=2, use_sliding_window=True, sliding_window=4)
+    cfg, theirs = M.Config.from_hf(dict(model_type=family, **sizes)), T.AutoConfig.for_model(family, **sizes)
+    assert [cfg.window(i) for i in range(32)] == [4 if t == "sliding_attention" else None for t in theirs.layer_types]
+    assert cfg.window_layers == (28, 29, 30, 31)
+
+
 @pytest.mark.parametrize("kind", ["qwen2-yarn", "olmo3"])
 def test_yarn_is_transformers_to_the_bit_and_each_part_matters(ckpt, kind):
     """YaRN's frequencies and attention factor equal transformers' bit for bit (on OLMo 3 the full

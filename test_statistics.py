@@ -492,6 +492,33 @@ def test_their_files_that_do_not_fit_are_refused(tmp_path, stories):
     refused(tmp_path / "h", (1,), r"layer 1 has 2 mom2 files \(wikipedia_stats/.*\.npz, wikitext_stats/.*\.npz\)")
 
 
+def test_their_count_of_exactly_the_mlp_width_is_taken(tmp_path, stories):
+    """A count of d_mlp tokens (172) is taken, as a corpus of that many is (corpus_sequences);
+    171 is refused (test_their_files_that_do_not_fit_are_refused)."""
+    file = their_file(tmp_path, 1, count=172)
+    with np.load(file, allow_pickle=False) as z:
+        total = torch.from_numpy(z["mom2.mom2"])
+    C = S.load_stats_file(file, stories, STORIES, (1,), log=quiet)
+    assert torch.equal(C[1], (total + total.T) / 2 / 172)
+
+
+def test_their_sum_is_taken_symmetric_to_its_precision_and_no_further(tmp_path, stories):
+    """Their float64 sum may differ from its transpose by rounding (a GPU product), not more: an
+    asymmetry of 1e-10 of the largest entry is taken (and averaged away), one of 1e-6 (beyond
+    √ε = 1.5e-8) refused as not symmetric."""
+    k = torch.randn(300, 172, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    sym = k.T @ k
+    sym = sym.tril() + sym.tril(-1).T
+    skew = torch.zeros(172, 172, dtype=torch.float64)
+    skew[5, 9] = float(sym.abs().max())
+    taken = their_file(tmp_path / "a", 1, S_=(sym + 1e-10 * skew).numpy())
+    assert torch.allclose(S.load_stats_file(taken, stories, STORIES, (1,), log=quiet)[1], sym / 1234, rtol=0,
+                          atol=1e-9 * float(sym.abs().max()) / 1234)
+    with pytest.raises(S.StatisticsError, match="mom2.mom2 is not a finite symmetric matrix"):
+        S.load_stats_file(their_file(tmp_path / "b", 1, S_=(sym + 1e-6 * skew).numpy()), stories, STORIES, (1,),
+                          log=quiet)
+
+
 def test_their_half_precision_sum_is_refused(tmp_path, stories):
     """A float16 sum (their precision argument allows it) is no float32/float64 one: summed over
     their 100,000 tokens it is rounded far beyond C's use, or overflows; refused, as --plan does."""
@@ -543,6 +570,17 @@ def test_shards_sum_to_the_whole(stories, monkeypatch):
     monkeypatch.setattr(S.dist, "all_reduce", lambda t: None)            # a reduce that lost the others
     with pytest.raises(S.StatisticsError, match=f"the ranks summed {int(parts[0][-1])} tokens, the corpus has 3000"):
         S.collect_stats(stories, seqs, [1, 2], 700, rank=0, world=3)
+
+
+def test_each_rank_s_share_is_its_round_robin_batches_tokens():
+    """Lengths 1..6 in batches of at most 6 padded tokens: [1, 2], [3], [4], [5], [6] (3, 3, 4, 5, 6
+    tokens); two ranks take batches 0, 2, 4 (13 tokens) and 1, 3 (8): the shares add up to the
+    corpus, which one process takes whole (Progress's total on rank 0)."""
+    seqs = [[7] * n for n in (4, 1, 6, 2, 5, 3)]
+    assert S.length_batches([len(s) for s in seqs], 6) == [[1, 3], [5], [0], [4], [2]]
+    assert [S.rank_share(seqs, 6, r, 2) for r in range(2)] == [13, 8]
+    assert [S.rank_share(seqs, 6, r, 5) for r in range(5)] == [3, 3, 4, 5, 6]
+    assert S.rank_share(seqs, 6) == 21
 
 
 def free_port() -> int:
@@ -597,6 +635,37 @@ def two_ranks(cwd: Path, argv) -> tuple[list[int], list[str]]:
     return [r.returncode for r in ranks], errs
 
 
+def test_torchrun_s_environment_gives_rank_world_and_local_rank(monkeypatch):
+    """(RANK, WORLD_SIZE, LOCAL_RANK) as torchrun sets them: on the second node of two, rank 5 is
+    local rank 1 (its cuda:1), not 5; without both RANK and WORLD_SIZE, one process."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert S.torchrun_env() == (0, 1, 0)
+    monkeypatch.setenv("RANK", "5")
+    assert S.torchrun_env() == (0, 1, 0)                 # RANK alone: not torchrun's
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert S.torchrun_env() == (5, 8, 0)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert S.torchrun_env() == (5, 8, 1)
+    monkeypatch.delenv("RANK")
+    assert S.torchrun_env() == (0, 1, 0)                 # WORLD_SIZE alone neither
+
+
+def test_each_torchrun_process_takes_its_local_rank_s_gpu_and_one_device(monkeypatch):
+    """Under torchrun --device cuda is cuda:LOCAL_RANK; a numbered GPU (every process on it) or a
+    list is refused; cpu stays cpu. One process keeps --device as given (a list too). (CUDA is
+    faked: only the names are checked.)"""
+    real = M.check_device
+    monkeypatch.setattr(M, "check_device", lambda d: torch.device(d) if str(d).startswith("cuda") else real(d))
+    assert S.rank_device("cuda", 2, 1) == "cuda:1" and S.rank_device("cuda", 4, 3) == "cuda:3"
+    assert S.rank_device("cpu", 2, 1) == "cpu"
+    with pytest.raises(ValueError, match="under torchrun each process takes cuda:LOCAL_RANK; give --device cuda"):
+        S.rank_device("cuda:0", 2, 1)
+    with pytest.raises(ValueError, match="give one device here .*not a list"):
+        S.rank_device("cpu,cpu", 2, 0)
+    assert S.rank_device("cpu,cpu", 1, 0) == "cpu,cpu"
+
+
 def test_when_rank_0_cannot_write_the_file_every_rank_leaves_with_one_line(tmp_path):
     """Two gloo processes (started as torchrun would, without its agent), rank 0's disk full at
     the write: every rank learns it and leaves with one error line; rank 1 used to die in gloo
@@ -628,7 +697,8 @@ def test_ranks_that_read_other_weights_or_settings_are_refused_before_any_sum(tm
     out = tmp_path / "C.safetensors"
     for rank_1, differs in ((["--model", str(other)], "the tensors model.layers.0.mlp.up_proj.weight"),
                             (["--stats-tokens", "900"], "n_tokens"),
-                            (["--batch-tokens", "512"], "batch_tokens")):   # (a share of other batches: C 21% off)
+                            (["--batch-tokens", "512"], "batch_tokens"),    # (a share of other batches: C 21% off)
+                            (["--state-device", "cpu"], "state_device")):   # (other passes: all_reduces unpaired)
         args = ["--model", str(STORIES), "--layers", "1", "--stats-tokens", "1000", "--out", str(out)]
         codes, errs = two_ranks(tmp_path, lambda r: [str(HERE / "stats.py"), *args, *(rank_1 if r else [])])
         assert codes == [1, 1], errs
@@ -813,6 +883,15 @@ def test_a_corpus_shorter_than_the_mlp_width_is_refused_before_the_pass(tmp_path
         S.load_or_collect_stats(stories, STORIES, corpus, 0, (1,), tmp_path, log=quiet)
 
 
+def test_a_corpus_of_exactly_the_mlp_width_is_taken_and_one_token_fewer_refused(stories):
+    """d_mlp tokens (172 on stories260K) can make a C of full rank, so they are taken; 171 cannot,
+    and are refused (the bound is d_mlp itself, not d_mlp + 1)."""
+    seqs, total = S.corpus_sequences(stories, CORPUS, 172, 256)
+    assert total == sum(map(len, seqs)) == 172
+    with pytest.raises(S.StatisticsError, match=r"171 tokens taken \(--stats-tokens 171\); C \(172×172\) needs"):
+        S.corpus_sequences(stories, CORPUS, 171, 256)
+
+
 def test_a_singular_C_is_said_where_it_is_collected(tmp_path, stories, capsys):
     """A repetitive corpus (or a --max-len of 1: every key the BOS token's) gives a C of low rank:
     LyapLock refused it only at its first step, after the scoring before editing, and AlphaEdit
@@ -836,6 +915,28 @@ def test_a_singular_C_is_said_where_it_is_collected(tmp_path, stories, capsys):
     assert S.singular_warning({2: no_room}, corpus, 480) is None
     assert S.main(["--model", str(STORIES), "--max-len", "1", "--stats-tokens", "400", "--out", str(tmp_path / "s")]) == 0
     assert "warning: the statistics C of layer(s) 1, 2 are singular: the 400 tokens of " in capsys.readouterr().err
+
+
+def test_the_singular_check_is_relative_to_the_scale_of_C():
+    """Singular means an eigenvalue under ε·tr(C), whatever C's scale: a well-conditioned C of tiny
+    entries (1e-20 I) is not, and diag(1, 1, 1e-17) is (1e-17 < ε · 2 = 4.4e-16), times 1 or 1e6 alike."""
+    for scale in (1.0, 1e6):
+        assert S.singular_warning({3: scale * torch.diag(torch.tensor([1.0, 1.0, 1e-17], dtype=torch.float64))},
+                                  "c.txt", 9).startswith("warning: the statistics C of layer(s) 3 are singular")
+    assert S.singular_warning({3: 1e-20 * torch.eye(3, dtype=torch.float64)}, "c.txt", 9) is None
+    assert S.singular_warning({3: torch.eye(3, dtype=torch.float64)}, "c.txt", 9) is None
+
+
+@pytest.mark.parametrize("flag", ["--max-len", "--batch-tokens", "--stats-batch-tokens"])
+def test_stats_lengths_of_zero_are_refused_before_the_model_loads(tmp_path, monkeypatch, capsys, flag):
+    """A --max-len or --batch-tokens of 0 would cut every paragraph away or take one sequence a
+    batch: one line, before the model loads (1 is the least taken)."""
+    monkeypatch.setattr(S.M, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = str(tmp_path / "s.safetensors")
+    assert S.main(["--model", str(STORIES), "--out", out, flag, "0"]) == 1
+    name = "--max-len" if flag == "--max-len" else "--batch-tokens"
+    assert capsys.readouterr().err == f"error: {name} must be at least 1, got 0\n"
+    assert S.parse_args(["--model", str(STORIES), "--out", out, flag, "1"])
 
 
 def test_stats_out_that_is_a_directory_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
