@@ -186,6 +186,21 @@ def test_zsre_by_hand():
     assert (c0["efficacy"], c0["generalization"], c0["specificity"]) == pytest.approx((2 / 3, 1 / 3, 1))
     assert (c1["efficacy"], c1["generalization"], c1["specificity"]) == pytest.approx((1 / 3, 1 / 3, 0))
     assert "efficacy_magnitude" not in c0
+    with pytest.raises(ValueError, match=r"several kinds \['counterfact', 'zsre'\]: evaluate each kind apart"):
+        E.edit_eval(m, [cf_request(2, "r", ["p1"], ["n1"]), cf_request(3, "r", ["p1"], ["n1"], "zsre")])
+
+
+def test_each_neighbourhood_prompt_is_scored_against_its_own_answer():
+    """A Request holds one answer per neighbourhood prompt (data.Request): specificity compares
+    the k-th answer with the new target on the k-th prompt, in CounterFact and zsRE alike (the
+    loaders' CounterFact answers are all target_true, so a mix-up there goes unseen)."""
+    m = Bigram(WORDS, {"n1": {"a": 0.7, "new": 0.1}, "n2": {"b": 0.6, "a": 0.05, "new": 0.2}})
+    r = Request(1, "{} r", "S", "new", "true", (), ("N n1", "N n2"), ("a", "b"))
+    c, = E.counterfact_eval(m, [r])
+    assert c["specificity"] == 1.0 and c["specificity_magnitude"] == pytest.approx((0.7 - 0.1 + 0.6 - 0.2) / 2)
+    assert c["specificity_top1"] == 1.0                     # a is the argmax after n1, b after n2
+    z, = E.zsre_eval(m, [dataclasses.replace(r, kind="zsre")])
+    assert z["specificity"] == 1.0
 
 
 # ------------------------------------------------------------------- text and classification
@@ -221,6 +236,7 @@ def test_tfidf_by_hand():
     on_topic = E.consistency(["paris is a big city"], snippets)
     assert E.consistency(["paris is a big city " + "the cat sat on the mat " * 30], snippets) < on_topic / 3
     assert E.tfidf_cosine("paris city london", "paris city", idf) == pytest.approx(1)   # a given IDF drops it
+    assert E.consistency(["paris city london"], ["paris city"], idf) == pytest.approx(1)   # in consistency too
 
 
 def test_f1_mcc_by_hand():
@@ -356,6 +372,31 @@ def test_target_ids_are_the_targets_ids_inside_the_sentence(tmp_path):
     assert E.target_ids(lm.tokenizer, "girl") == lm.tokenizer.encode(" girl", bos=False)
 
 
+def test_target_ids_fall_back_to_the_spaced_target_where_the_probe_does_not_stay_one_piece():
+    """Where "x" + target does not begin with the ids of "x" (a tokenizer that merges "x " into one
+    token), target_ids is the target tokenised alone, with the leading space it has after a prompt."""
+    class MergingTok:                                   # one id per character; "x " one token of its own
+        def encode(self, text, bos=None):
+            return [1000] + self.encode(text[2:]) if text.startswith("x ") else [ord(c) for c in text]
+    tok = MergingTok()
+    assert tok.encode("x Paris")[:1] != tok.encode("x")
+    assert E.target_ids(tok, "Paris") == [ord(c) for c in " Paris"] == E.target_ids(tok, " Paris")
+
+
+def test_a_target_that_leaves_no_room_for_a_prompt_is_refused(lm):
+    """prompt_target_batch cuts a prompt to max_len less its target's ids, keeping the lead: where
+    only the lead would be left (no prompt token), the target would be scored after BOS alone, a
+    ValueError; one position more keeps the prompt's last token before the target."""
+    tok, target, prompt = lm.tokenizer, "little girl named Lily", "Once upon a time, there was a"
+    t, lead = E.target_ids(tok, target), tok.lead
+    assert lead and len(t) > 1
+    with pytest.raises(ValueError, match="no room for a prompt"):
+        E.prompt_target_batch(tok, [prompt], [target], max_len=len(lead) + len(t))
+    b = E.prompt_target_batch(tok, [prompt], [target], max_len=len(lead) + len(t) + 1)
+    assert b.ids[0].tolist() == lead + tok.encode(prompt)[-1:] + t
+    assert b.pos[0].tolist() == list(range(len(lead), len(lead) + len(t)))
+
+
 def test_batched_case_eval_equals_one_at_a_time(lm):
     for name in ("counterfact-rome.json", "zsre-mend.json"):
         reqs = load_requests(FIX / name, limit=4)[0]
@@ -376,6 +417,24 @@ def test_perplexity_matches_plain_forward(lm):
         total -= sum(float(logp[i, ids[i + 1]]) for i in range(len(ids) - 1))
         count += len(ids) - 1
     assert E.perplexity(lm, texts, max_len=12) == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def test_perplexity_of_texts_of_different_lengths_in_one_batch(lm):
+    """A right-padded batch: pad positions neither predict nor are predicted, so the batched
+    perplexity is exp(total NLL / predicted tokens) of each text scored alone; texts with nothing
+    to predict (a lone BOS) are a ValueError, not a division by zero."""
+    texts = ["Once upon a time, there was a little dog.", "Lily liked to play.",
+             "The sun was shining and the birds were singing in the tall green trees."]
+    assert len({len(lm.tokenizer.encode(t)) for t in texts}) == 3
+    total, count = 0.0, 0
+    for t in texts:
+        ids = lm.tokenizer.encode(t, bos=True)
+        logp = lm(torch.tensor([ids])).logits[0].log_softmax(-1)
+        total -= sum(float(logp[i, ids[i + 1]]) for i in range(len(ids) - 1))
+        count += len(ids) - 1
+    assert E.perplexity(lm, texts, batch_size=3) == pytest.approx(math.exp(total / count), rel=1e-5)
+    with pytest.raises(ValueError, match="no text has 2 or more tokens"):
+        E.perplexity(lm, ["", ""])
 
 
 def test_perplexity_scores_after_what_the_template_puts_first(tmp_path):
@@ -454,8 +513,12 @@ def test_general_eval_on_fixtures(lm):
 def test_general_eval_maps_each_answer_word_to_its_glue_class(tmp_path, monkeypatch):
     """Each task's answer words stand for GLUE's class ids (sst2 1 = positive; mrpc 1 = paraphrase;
     cola 1 = acceptable; rte and nli 0 = entailment; mmlu the choice index): a scorer that gives
-    the word an item names (<word> in its text) the lowest NLL answers every item right."""
+    the word an item names (<word> in its text) the lowest NLL answers every item right; each
+    prompt is held to the model's positions (target_nll's max_len)."""
+    limits = set()
+
     def names_the_word(m, prompts, targets, batch_size, max_len):
+        limits.add(max_len)
         return E.TargetScores(torch.tensor([0.0 if f"<{t.strip()}>" in p else 1.0 for p, t in zip(prompts, targets)]),
                               [], [])
     monkeypatch.setattr(E, "target_nll", names_the_word)
@@ -470,6 +533,7 @@ def test_general_eval_maps_each_answer_word_to_its_glue_class(tmp_path, monkeypa
         (tmp_path / f"{name}.json").write_text(json.dumps(xs))
     r = E.general_eval(SimpleNamespace(cfg=SimpleNamespace(position_limit=(512, ""))), tmp_path, n_per_task=4)
     assert {name: x["accuracy"] for name, x in r.items()} == dict.fromkeys(items, 1.0)
+    assert limits == {512}
 
 
 @pytest.mark.parametrize("name, fixture, n", [("stories260K", "stories260K-hf", 10), ("factmodel-ci", "factmodel-ci", 30)])
@@ -538,10 +602,10 @@ def test_the_answer_the_authors_choose_by_probability_is_their_expression_with_t
             assert E.chosen_answer(E.AUTHORS_TASKS[task], [p, q]) == (1 if p > q else 0), (task, p, q)
 
 
-def test_the_authors_protocol_cuts_a_prompt_too_long_for_the_model_and_scores_the_cut_ids(lm):
+def test_the_authors_protocol_cuts_a_prompt_too_long_for_the_model_and_scores_the_cut_ids(lm, monkeypatch):
     """Their prompts are not cut; a model's positions are a hard limit for a GPT-2 and a trained
     length for the others: the joint ids lose their start (after the lead), and the word is read
-    where it stands in them."""
+    where it stands in them; a prompt to continue is cut so that it and its 5 new tokens fit."""
     items = E.read_items(FIX / "glue", "mmlu", 100, 10)
     task = E.AUTHORS_TASKS["mmlu"]
     longest = max(items, key=lambda x: len(lm.tokenizer.encode(task.prompt(x))))
@@ -555,8 +619,31 @@ def test_the_authors_protocol_cuts_a_prompt_too_long_for_the_model_and_scores_th
         logp = lm(torch.tensor([ids])).logits[0].log_softmax(-1)
         nll = -sum(float(logp[512 - len(suffix) - 1 + j, t]) for j, t in enumerate(suffix)) / len(suffix)
         assert p == pytest.approx(math.exp(-nll), rel=1e-5)
+    made, generate = [], M.generate
+    monkeypatch.setattr(M, "generate", lambda m, seqs, n, **kw: made.append(max(map(len, seqs)) + n) or
+                        generate(m, seqs, n, **kw))
     answers = E.authors_answers(lm, "mmlu", [longest])
     assert answers["probs"] == [got] and len(answers["continuations"]) == 1
+    assert made == [512]                                      # prompt and new tokens within the positions
+
+
+def test_the_authors_figures_read_items_10_on_with_their_nli_classes(monkeypatch):
+    """authors_general_eval scores items 10 .. 9 + n_per_task (their FEW_SHOT_TEST_SPLIT) against
+    the classes their nli_eval reads (entailment 1: AuthorsTask.label, 1 − GLUE's id): answers
+    naming each item's class their way score 1 in every figure, and GLUE's ids 0."""
+    items = E.read_items(FIX / "glue", "nli", 6, 10)
+    theirs = [1 if x["label"] == "entailment" else 0 for x in items]
+    assert set(theirs) == {0, 1}
+    for answers, want in ((theirs, 1.0), ([1 - c for c in theirs], 0.0)):
+        asked = []
+
+        def authors_answers(m, name, xs, batch_size):
+            asked.append((name, xs))
+            return dict(parsed=answers, chosen=answers)
+        monkeypatch.setattr(E, "authors_answers", authors_answers)
+        r = E.authors_general_eval(None, FIX / "glue", 6, tasks=("nli",))["nli"]
+        assert asked == [("nli", items)]
+        assert (r["accuracy"], r["accuracy_new"], r["f1"], r["f1_new"], r["invalid"]) == (want, want, want, want, 0)
 
 
 def test_general_eval_names_a_task_file_it_cannot_read(lm, tmp_path):
@@ -586,6 +673,9 @@ def test_general_eval_names_a_task_file_it_cannot_read(lm, tmp_path):
     ("mmlu", dict(choices="ABCD"), "choices 'ABCD' is not a list of 4 texts"),        # four one-letter options
     ("mmlu", dict(answer=None), r"answer None is not a class id 0..3 \(the answers A, B, C, D, in order\)"),
     ("cola", dict(label=None), "label None is not a class id 0..1"),
+    ("sst2", dict(label=2), r"label 2 is not a class id 0..1"),                        # one past the last class
+    ("mmlu", dict(answer=-1), r"answer -1 is not a class id 0..3"),
+    ("nli", dict(label=" entailment"), r"label ' entailment' is not a class id 0..1"),  # a name is matched whole
 ])
 def test_a_task_item_of_the_wrong_kind_is_named_with_its_field(tmp_path, task, change, message):
     """Each item's text fields are texts and its class id a whole number in range (or, for the NLI
@@ -595,6 +685,24 @@ def test_a_task_item_of_the_wrong_kind_is_named_with_its_field(tmp_path, task, c
     (tmp_path / f"{task}.json").write_text(json.dumps(items))
     with pytest.raises(ValueError, match=rf"{task}.json: item 2: {message}"):
         E.read_task(tmp_path, task, 3)
+
+
+def test_read_items_names_the_file_and_the_item_by_its_place_in_the_file(tmp_path):
+    """read_items' ValueErrors: a file that is not a list, an item not an object or without its
+    class id, no items past `start`; an item is numbered by its place in the file (the authors'
+    protocol reads from item 10), not in the part read."""
+    items = json.loads((FIX / "glue" / "sst2.json").read_text())[:14]
+
+    def refused(xs, message, start=0):
+        (tmp_path / "sst2.json").write_text(json.dumps(xs))
+        with pytest.raises(ValueError, match=message):
+            E.read_items(tmp_path, "sst2", 4, start)
+    refused({"items": items}, "sst2.json: expected a JSON list of items")
+    refused(items[:2] + ["positive"], "sst2.json: item 2: a str, not an object")
+    refused(items[:1] + [{"sentence": "fine"}], "sst2.json: item 1: lacks the field 'label'")
+    refused(items[:12] + [items[12] | {"label": 5}], "sst2.json: item 12: label 5 is not a class id", start=10)
+    refused(items, "sst2.json: no items past the first 14", start=14)
+    refused([], "sst2.json: no items$")
 
 
 def test_class_ids_as_datasets_write_them_read_as_whole_numbers(tmp_path):
@@ -634,5 +742,7 @@ def test_write_summary(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["pre"] == {"efficacy": 0.0}
     with pytest.raises(ValueError, match="n_edits"):
         E.write_summary(tmp_path, s, {"method": "x", "model": "y", "batch_size": 1})
+    with pytest.raises(ValueError, match="keys in both header and summary: model"):   # not one silently lost
+        E.write_summary(tmp_path, s | {"model": "edited"}, header)
 
 
