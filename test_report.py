@@ -388,6 +388,178 @@ def test_report_marks_the_stop_and_writes_well_formed_figures(tmp_path):
     assert ET.fromstring(E.svg_plot({"none": ([], [])}, "p", "p")).tag.endswith("svg")   # (was min() of nothing)
 
 
+# ------------------------------------------------------- the report's figures, tables and findings
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def test_text_in_a_figure_is_escaped_once_wherever_it_goes():
+    """A title, axis label, legend entry or bar label holding '<', '&' and '>' parses as SVG and
+    reads back as written: escaped in every place, and once ('&' first, else '<' shows as '&lt;')."""
+    text = "a<b & c>d"
+    plot = ET.fromstring(E.svg_plot({text: ([0, 1], [1.0, 2.0])}, text, text))
+    assert [t.text for t in plot.iter(SVG + "text")].count(text) == 3            # title, y label, legend
+    bars = ET.fromstring(E.svg_bars({text: (10.0, 20.0)}, text))
+    assert [t.text for t in bars.iter(SVG + "text")].count(text) == 2            # title, bar label
+
+
+def test_plot_axes_run_left_to_right_and_up_from_zero_and_hold_the_threshold():
+    """svg_plot puts the first x at the x axis' left end (60) and the last at its right end
+    (w − 20), a larger y higher up (a smaller SVG y), the y axis from 0 for positive data, and a
+    threshold D above every point still between the axes' top and bottom."""
+    root = ET.fromstring(E.svg_plot({"PL": ([10, 20, 30], [0.1, 0.3, 0.2])}, "t", "PL", hline=0.5))
+    w = float(root.get("width"))
+    pts = [tuple(map(float, p.split(","))) for p in root.find(SVG + "polyline").get("points").split()]
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    assert xs[0] == 60 and xs[-1] == w - 20 and xs[0] < xs[1] < xs[2]
+    assert ys[1] < ys[2] < ys[0]                                                 # 0.3 highest, 0.1 lowest
+    axis = [l for l in root.iter(SVG + "line") if l.get("x1") == l.get("x2") == "60"][0]
+    top, bottom = float(axis.get("y1")), float(axis.get("y2"))
+    assert top < min(ys) and max(ys) < bottom
+    d_line = [l for l in root.iter(SVG + "line") if l.get("stroke-dasharray") == "5,4"][0]
+    assert top <= float(d_line.get("y1")) < min(ys)                               # D = 0.5: above the data, inside
+    y_ticks = [t for t in root.iter(SVG + "text") if t.get("x") == "55"]
+    assert y_ticks[0].text == "0" and float(y_ticks[0].get("y")) - 4 == pytest.approx(bottom, abs=0.06)
+    assert [t.text for t in root.iter(SVG + "text") if t.get("y") == str(int(bottom) + 14)] == ["10", "30"]   # x ticks
+    mixed = ET.fromstring(E.svg_plot({"cola mcc": ([0, 1], [-0.1, -0.2]), "sst2 f1": ([0, 1], [0.6, 0.5])}, "t", "s"))
+    axis = [l for l in mixed.iter(SVG + "line") if l.get("x1") == l.get("x2") == "60"][0]
+    ys = [float(p.split(",")[1]) for line in mixed.iter(SVG + "polyline") for p in line.get("points").split()]
+    assert all(float(axis.get("y1")) <= y <= float(axis.get("y2")) for y in ys)   # negative and positive: all inside
+
+
+def test_metric_bars_put_before_in_its_legend_colour_and_after_in_its_own(tmp_path):
+    """metrics.svg: each metric's bars are its value before (the legend's 'before' colour, left)
+    and after (the 'after' colour, right), heights on 0..100 (190 px here); a metric the summary's
+    "pre" lacks has no before bar."""
+    d = write_run(tmp_path / "run", {"1": queue_log([0.05, 0.1, 0.3], 4.0)}, alpha=4.0)
+    E.report(d)
+    root = ET.parse(d / "metrics.svg").getroot()
+    legend = {t.text: t.get("fill") for t in root.iter(SVG + "text") if t.text in ("before", "after")}
+    bars = [r for r in root.iter(SVG + "rect") if r.get("fill") != "white"]
+    height = lambda which: [round(float(r.get("height")) / 190 * 100, 1) for r in bars if r.get("fill") == legend[which]]
+    assert height("before") == [0.0, 0.0, 95.0, 0.0]               # efficacy, generalization, specificity, score
+    assert height("after") == [80.0, 60.0, 90.0, 74.0, 40.0]       # and efficacy_generative
+    x = lambda r: float(r.get("x"))
+    assert all(x(b) < x(a) for b, a in zip(bars[0::2], bars[1::2]))
+
+
+def test_figures_plot_the_logged_series_against_the_edits(tmp_path):
+    """Each figure is svg_plot of the right series: each layer's PL against the edits with its D
+    (from the step that calibrated it) dashed; every layer's queue z, one calibrated after step 0
+    included; perplexity and each task's headline (CoLA's MCC, else F1) against the edits of its
+    ability entry."""
+    pl0, alpha = 0.05, 4.0
+    late = [dict(pl=0.0, D=None, z=1.0)] * 2 + queue_log([pl0, 0.1, 0.3], alpha)
+    now = queue_log([pl0, 0.2, 0.1, 0.3, 0.25], alpha)
+    d = write_run(tmp_path / "run", {"1": late, "2": now}, alpha=alpha, batch=10)
+    E.report(d)
+    x = [10, 20, 30, 40, 50]
+    for l, rows in (("1", late), ("2", now)):
+        assert (d / f"pl_layer{l}.svg").read_text() == E.svg_plot(
+            {"PL": (x, [r["pl"] for r in rows])}, f"preservation loss, layer {l} (dashed: threshold D)", "PL",
+            alpha * pl0)
+    assert (d / "queue.svg").read_text() == E.svg_plot(
+        {"layer 1": (x, [r["z"] for r in late]), "layer 2": (x, [r["z"] for r in now])},
+        "virtual queue z = a·Z (its weight on preservation is z·λ)", "z")
+    assert (d / "perplexity.svg").read_text() == E.svg_plot({"perplexity": ([0, 50], [100.0, 120.0])},
+                                                          "held-out perplexity", "perplexity")
+    assert (d / "general.svg").read_text() == E.svg_plot(
+        {"sst2 f1": ([0, 50], [0.6, 0.5]), "cola mcc": ([0, 50], [-0.1, -0.2])}, "zero-shot general ability", "score")
+
+
+def test_audit_table_and_findings_read_each_layers_own_numbers(tmp_path):
+    """The table's z(T)/T is the last z over T; a queue at its floor is said to hold PL at most
+    max(PL)/D (the largest PL, not the last) and is listed in T1's line with its time average."""
+    pl0, alpha = 0.05, 4.0
+    D = alpha * pl0
+    floor = queue_log([pl0, 0.9 * D, 0.5 * D, 0.3 * D], alpha)                   # max PL at step 1
+    growing = queue_log([pl0, 1.5 * D, 1.5 * D, 1.5 * D], alpha)                 # z 1, 1.5, 2, 2.5
+    text = E.report(write_run(tmp_path / "run", {"1": floor, "2": growing}, alpha=alpha))
+    assert "| 2 | 4 | 0.2375 | 0.2 | 0.075 | yes | 2.500 | 0.625 | +0.5/step | growing |" in text
+    assert "| 1 | 4 | 0.0975 | 0.2 | 0 | yes | 1.000 | 0.25 | +0/step | floor |" in text
+    assert ("the queue is at its floor (PL ≤ D at every step, at most 0.9·D) on layer(s) 1 and T1's bound holds: "
+            "layer 1: time-average PL 0.0975 ≤ D 0.2 + slack 0") in text
+
+
+def test_a_queue_just_off_its_floor_on_several_layers_names_the_earliest_step():
+    """Two layers that left their floor too recently to judge: one line, the step the first left it."""
+    pl0, alpha = 0.05, 4.0
+    D = alpha * pl0
+    a = lambda pl: E.audit_queue(pl, [e["z"] for e in queue_log(pl, alpha)], D)
+    audits = {"1": a([pl0, 0.5 * D, 0.5 * D, 1.1 * D, 1.1 * D]), "2": a([pl0, 0.5 * D, 0.5 * D, 0.5 * D, 1.1 * D])}
+    assert [audits[l]["first_active"] for l in "12"] == [3, 4]
+    assert E.queue_findings(audits) == ["the queue has only just left its floor on layer(s) 1, 2 (step 3): too early "
+                                        "to tell whether it holds PL at D; run longer"]
+
+
+def test_checkpoint_that_disagrees_with_the_log_in_D_base_or_a_or_runs_one_step_past_it(tmp_path):
+    """check_state compares the checkpoint's a with 1/√D and α·D_base with the logged D, not only
+    a·Z with z; a checkpoint one step past the last logged step says that step is missing."""
+    pl0, alpha = 0.05, 4.0
+    D = alpha * pl0
+    log = queue_log([pl0, 0.1, 0.3, 0.25, 0.2], alpha)
+    good = dict(D_base=pl0, Z=log[3]["z"] * math.sqrt(D), a=1 / math.sqrt(D), zmax=math.sqrt(D))
+    for name, change in (("agrees", {}), ("d_base", dict(D_base=1.01 * pl0)),
+                         ("a", dict(a=1.01 / math.sqrt(D), Z=log[3]["z"] * math.sqrt(D) / 1.01))):
+        run = write_run(tmp_path / name, {"1": log}, alpha=alpha, summary=False)
+        write_checkpoint(run, 4, {"step": 4, "layers": {"1": good | change}})
+        assert ("layer 1: the checkpoint's queue (step 4) disagrees with the log" in E.report(run)) == (name != "agrees")
+    past = write_run(tmp_path / "past", {"1": log}, alpha=alpha, summary=False)      # 5 steps logged, 6 done
+    write_checkpoint(past, 6, {"step": 6, "layers": {"1": good}})
+    verdict = E.report(past).split("## Verdict")[1].split("##")[0]
+    assert verdict.strip().startswith("- the log ends at step 4 but the latest checkpoint is at step 6: 1 step(s) "
+                                      "are missing from log.jsonl")
+
+
+def test_log_read_up_to_its_first_gap_the_later_of_a_step_logged_twice_layers_in_number_order(tmp_path):
+    """read_run: a step logged twice counts once, as its later line; the steps after a gap are
+    left out and counted so; layers go in number order (10 after 2)."""
+    entry = lambda t, pl: json.dumps({"step": t, "layers": {"10": dict(pl=pl, D=None, z=None),
+                                                            "2": dict(pl=pl, D=None, z=None)}, "edits": 10 * (t + 1)})
+    d = write_run(tmp_path / "twice", {"2": [dict(pl=0.1, D=None, z=None)] * 3}, method="memit")
+    (d / "log.jsonl").write_text("\n".join([entry(0, 0.1), entry(1, 0.5), entry(1, 0.2), entry(2, 0.3)]) + "\n")
+    run = E.read_run(d)
+    assert [s["layers"]["2"]["pl"] for s in run.steps] == [0.1, 0.2, 0.3] and E.run_layers(run) == ["2", "10"]
+    text = E.report(d)
+    assert text.index("| 2 | 3 | 0.2 |") < text.index("| 10 | 3 | 0.2 |")
+    (d / "log.jsonl").write_text("\n".join([entry(0, 0.1), entry(1, 0.2), entry(3, 0.3)]) + "\n")
+    assert "- finished: 2 steps logged, 20 edits; 1 log line(s) left out (torn or past a gap)" in E.report(d)
+
+
+def test_baseline_line_reads_first_to_last_pl_and_the_last_halfs_growth(tmp_path):
+    """A baseline's verdict line gives PL at step 0 → now and the growth fitted on the last half
+    (flat, then rising 0.1 a step: +0.1/step); with no queue anywhere, no 'not calibrated' caption."""
+    pl = [0.1, 0.1, 0.1, 0.1, 0.1, 0.2, 0.3, 0.4]
+    text = E.report(write_run(tmp_path / "run", {"1": [dict(pl=p, D=None, z=None) for p in pl]}, method="memit"))
+    assert "- no queue (memit): PL grows on layer(s) 1 with nothing to bound it (layer 1: 0.1 → 0.4, +0.1/step)" in text
+    assert "Not calibrated yet" not in text
+
+
+def test_a_run_with_a_queue_still_waiting_on_one_layer_is_audited_under_T1(tmp_path):
+    """One layer calibrated, one waiting: the report is T1's audit (the waiting layer tabled apart),
+    not the baselines' 'Preservation loss per layer'."""
+    text = E.report(write_run(tmp_path / "mixed", {"1": [dict(pl=0.0, D=None, z=1.0)] * 2,
+                                                   "2": queue_log([0.1, 0.1], 2.0)}))
+    assert "## Audit of theorem T1" in text and "## Preservation loss per layer" not in text
+
+
+def test_metrics_table_gives_each_tasks_headline(tmp_path):
+    """The metrics table's zero-shot rows are each task's headline (headline_of): CoLA's mcc,
+    MMLU's accuracy, else f1, not another of its figures; perplexity has its row. (The header of
+    a whole log says nothing of lines left out.)"""
+    d = write_run(tmp_path / "run", {"1": queue_log([0.1, 0.1], 2.0)})
+    summary = json.loads((d / "summary.json").read_text())
+    general = {"cola": {"mcc": 0.25, "f1": 0.5}, "mmlu": {"accuracy": 0.375, "f1": 0.125},
+               "sst2": {"f1": 0.75, "accuracy": 0.5}}
+    summary["general"], summary["pre"]["general"] = general, general
+    (d / "summary.json").write_text(json.dumps(summary))
+    text = E.report(d)
+    assert "| perplexity | 100.00 | 120.00 |" in text
+    assert "- finished: 2 steps logged, 20 edits\n" in text                      # a whole log: nothing left out
+    rows = [r for r in text.splitlines() if r.startswith("| general.")]
+    assert rows == ["| general.cola.mcc | 0.25 | 0.25 |", "| general.mmlu.accuracy | 0.38 | 0.38 |",
+                    "| general.sst2.f1 | 0.75 | 0.75 |"]
+
+
 # ----------------------------------------------------------------------- generative efficacy
 class GlueTok:
     """Whitespace tokens over a word list (id 0 is BOS, prepended unless bos=False); a word not
