@@ -717,6 +717,105 @@ def test_a_one_layer_step_with_no_penalty_meets_the_target_or_the_post_norms_nea
         m.load_edit_tensors(before)
 
 
+def test_target_values_start_from_the_bare_rewriting_prompts_output_where_the_subject_is_mid_sentence():
+    """E4's h_init (and z* = h_init + δ) is the edit layer's output at the subject's last token of
+    the bare rewriting prompt (template "{}"), which is E6's h before any update: with the subject
+    mid-sentence ("The mother tongue of {} is") it is not the KL prompt's "{subject} is a", whose
+    subject starts the text (the oracle's prompts all start with the subject, where the two agree)."""
+    m = M.load(STORIES)
+    requests, _ = data.load_requests(FIX / "counterfact-rome.json")
+    requests = requests[:2]                                    # "The mother tongue of {} is", ...
+    templates, layer = [["{}"], ["Once upon a time. {}"]], 2
+    hp = L.HParams(layers=(1, layer), v_num_grad_steps=1)       # one pass: δ = 0, z* = h_init
+    z, info = L.compute_z(m, L.z_rows(m.tokenizer, requests, templates), 2, layer, hp)
+    _, h, _ = L.keys_and_outputs(m, L.key_rows(m.tokenizer, requests, templates), templates, layer, layer)
+    close(info["h_init"], h, 1e-5)
+    close(z, h, 1e-5)
+    kl = L.subject_row(m.tokenizer, "{} is a", requests[0].subject, 0)
+    with torch.no_grad():
+        h_kl = m(torch.tensor([kl.ids]), outs_at={layer}, stop_after=layer).outs[layer][0, kl.lookup]
+    assert float((h_kl - h[0]).norm()) > 1e-2 * float(h[0].norm())            # the test can tell
+
+
+def test_e6b_takes_each_edit_layers_own_mlp_output_at_the_bare_prompt(family_model, monkeypatch):
+    """E6b in a two-layer step on a post-norm model (Gemma 2), with prefixed templates: each edit
+    layer's R is the change of THAT layer's MLP output (its down_proj's output, read by a hook in a
+    pass of the bare prompt alone, after the earlier layer's update) that moves its post-normed
+    contribution by (z* − h) / (n − i), h the last edit layer's output there (E6, E6b); not the
+    last layer's MLP output or norm, nor a prefixed template's output."""
+    m = family_model("gemma2")
+    requests, _ = data.load_requests(FIX / "counterfact-rome.json")
+    requests = requests[:2]
+    templates, layers = [["{}"], ["Then. {}", "So. {}"]], (1, 2)
+    hp = L.HParams(method="memit", layers=layers, lam=1.0, v_num_grad_steps=3)
+    before = {k: v.clone() for k, v in m.edit_tensors(list(layers)).items()}
+    bare = L.key_rows(m.tokenizer, requests, [["{}"]])
+    compute_z, update_layer, zs, checked = L.compute_z, L.update_layer, [], []
+    monkeypatch.setattr(L, "compute_z", lambda *a, **k: zs.append(compute_z(*a, **k)[0]) or (zs[-1], None))
+
+    def watched(model, layer, K1, R, *rest):
+        o, h = [], []
+        hooks = [m.blocks[layer].mlp.down_proj.register_forward_hook(lambda mod, a, out: o.append(out[0])),
+                 m.blocks[layers[-1]].register_forward_hook(lambda mod, a, out: h.append(out[0][0]))]
+        try:
+            with torch.no_grad():
+                for r in bare:
+                    m(torch.tensor([r.ids]))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        o = torch.stack([x[r.lookup] for x, r in zip(o, bare)]).double()
+        h = torch.stack([x[r.lookup] for x, r in zip(h, bare)]).double()
+        i = layers.index(layer)
+        want = L.mlp_change(m, layer, o, (zs[-1].double() - h) / (len(layers) - i))
+        close(R.T, want, 1e-4)
+        checked.append(layer)
+        return update_layer(model, layer, K1, R, *rest)
+    monkeypatch.setattr(L, "update_layer", watched)
+    try:
+        L.edit_batch(m, requests, templates, hp, L.EditState.start("memit", layers),
+                     {l: torch.eye(m.cfg.d_mlp, dtype=torch.float64) for l in layers},
+                     {l: m.edit_weight(l).detach().clone() for l in layers})
+    finally:
+        m.load_edit_tensors(before)
+    assert checked == list(layers)
+
+
+def test_a_rome_step_on_a_model_with_an_mlp_bias_moves_the_mlp_output_by_its_delta(family_model, monkeypatch):
+    """ROME on Phi (fc2 has a bias b, not edited): v* = W k* + b + δ (E19's base is the MLP output
+    with its bias, docs/LYAPLOCK.md §10), so after the rank-one update the layer's MLP output at the
+    subject's last token of the bare prompt (read by a hook on fc2) is the one before plus δ, the
+    δ compute_z found; a base without b would leave it off by −b."""
+    m, layer = family_model("phi"), 1
+    assert m.edit_bias(layer) is not None and float(m.edit_bias(layer).norm()) > 0
+    requests, _ = data.load_requests(FIX / "counterfact-rome.json")
+    templates = [["{}"], ["Then. {}"]]
+    hp = L.HParams(method="rome", layers=(layer,), v_num_grad_steps=3, v_lr=0.5)
+    before = {k: v.clone() for k, v in m.edit_tensors([layer]).items()}
+    (row,) = L.key_rows(m.tokenizer, requests[:1], [["{}"]])
+    proj = m.get_submodule(m.cfg.edit_parameter_name(layer).removesuffix(".weight"))     # Phi's fc2
+
+    def mlp_output():
+        seen = []
+        hook = proj.register_forward_hook(lambda mod, a, out: seen.append(out[0, row.lookup]))
+        try:
+            with torch.no_grad():
+                m(torch.tensor([row.ids]))
+        finally:
+            hook.remove()
+        return seen[0].double()
+    compute_z, deltas = L.compute_z, []
+    monkeypatch.setattr(L, "compute_z", lambda *a, **k: (lambda r: deltas.append(r[1]["delta"][0]) or r)(compute_z(*a, **k)))
+    o = mlp_output()
+    try:
+        C = {layer: torch.eye(m.cfg.d_mlp, dtype=torch.float64)}
+        L.edit_batch(m, requests[:1], templates, hp, L.EditState.start("rome", (layer,)), C,
+                     {layer: m.edit_weight(layer).detach().clone()})
+        close(mlp_output() - o, deltas[0], 1e-4)
+    finally:
+        m.load_edit_tensors(before)
+
+
 def test_the_preset_rule_on_shallow_models():
     """The rule's layers (n/8..n/4, at least two, from layer 1 on, below the top block) as far as the
     depth allows: 3 blocks edit 0, 1 (it gave one layer, [1]); under 3 (ROME: 1) it has none, and
@@ -810,6 +909,8 @@ def test_a_stream_that_re_edits_gets_a_note_unless_superseded_was_chosen():
     assert L.superseded_note(stream, L.HParams(superseded="remove"), chosen=False) is None
     assert L.superseded_note(stream, L.HParams(method="memit"), chosen=False) is None  # no memory
     assert L.superseded_note(stream[:2], L.HParams(), chosen=False) is None           # nothing re-edited
+    other = dataclasses.replace(stream[0], prompt="{} was born in")                   # its subject, another prompt
+    assert L.superseded_note([stream[0], other], L.HParams(), chosen=False) is None   # not a re-edit
 
 
 def test_superseded_memory_round_trips_through_the_state_file(tmp_path):
@@ -1509,6 +1610,31 @@ def test_a_long_answer_counts_with_the_prompts_it_is_scored_after(tmp_path):
     assert L.fit_context(gpt2, [fits], [["{}"]], settings) == ([fits], [])
     longer = dataclasses.replace(q, prompt="{} is in", target_new=" France" * 5)     # 7 tokens decoded after it
     assert len(L.ev.generative_eval(gpt2, [fits, longer])) == 2       # 62 + 2 positions (in one batch: 62 + 6)
+
+
+def test_a_prompt_counts_in_its_longest_context_template_with_its_longer_target(tmp_path):
+    """E4 runs each context template on the rewrite prompt followed by a target, and the rewrite
+    and paraphrase prompts are scored with target_new and target_true after them: each input is
+    counted at its full length (a GPT-2 of 64 positions; the bare prompt "Paris is in" is 3
+    tokens), one token past the limit refused, naming it, and the limit itself accepted."""
+    from types import SimpleNamespace
+    from test_models import make_checkpoint
+    gpt2 = M.load(make_checkpoint(tmp_path / "gpt2", "gpt2", n_positions=64))
+    settings = SimpleNamespace(generation=False, skip_bad=True, edits="e.json")
+    q = data.Request(case_id=3, prompt="{} is in", subject="Paris", target_new=" France", target_true=" Spain",
+                     paraphrase_prompts=(), neighborhood_prompts=(), neighborhood_answers=())
+    too_long = "e.json: case_id 3: its {} is 65 tokens, longer than the model's 64 positions (n_positions)"
+    template = lambda n: [["{}"], ["very " * n + ". {}"]]               # n + 1 tokens before the prompt
+    assert L.fit_context(gpt2, [q], template(59), settings) == ([q], [])                # 59 + 1 + 3 + 1
+    assert L.fit_context(gpt2, [q], template(60), settings)[1] == [
+        too_long.format("rewrite prompt in a context template, with its target")]
+    true = lambda n: dataclasses.replace(q, target_true=" Spain" * n)                 # n tokens
+    assert L.fit_context(gpt2, [true(61)], [["{}"]], settings) == ([true(61)], [])      # 3 + 61
+    assert L.fit_context(gpt2, [true(62)], [["{}"]], settings)[1] == [
+        too_long.format("rewrite prompt in a context template, with its target")]
+    para = lambda n: dataclasses.replace(true(5), paraphrase_prompts=("Paris is " + "very " * n + "in",))
+    assert L.fit_context(gpt2, [para(56)], [["{}"]], settings) == ([para(56)], [])     # 59 + 5
+    assert L.fit_context(gpt2, [para(57)], [["{}"]], settings)[1] == [too_long.format("paraphrase prompt with its target")]
 
 
 def test_a_generation_prompt_counts_with_the_tokens_its_batch_may_sample_after_it(tmp_path):

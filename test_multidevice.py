@@ -503,20 +503,24 @@ def test_a_solve_away_from_the_state_brings_over_only_the_edits_it_takes_out(mon
     lives; S_KK, S_VK and a projector made before stay the same host tensors (the projector not
     copied back: it never changes); the kept E8a edits
     stay where they are (all of them crossed, 7 keys over the steps, and back): forget brings over
-    those it takes out, to the weights' device (here the host's own; on CUDA the test above)."""
+    those it takes out, to the weights' device (here the host's own; on CUDA the test above). The
+    solve reads S_VK and a projector brought over, not the host's tensors (a solving_on that took
+    cpu:0 for the host, comparing device types, would skip the transfer: on two GPUs, a layer on
+    cuda:1 with its state on cuda:0, its solve would mix devices)."""
     W, pls, ls = host_steps(method, "cpu", "cpu")
     solve, crossed, back, to, copy = torch.device("cpu", 0), [], [], torch.Tensor.to, torch.Tensor.copy_
     monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: (
         crossed.append(tuple(self.shape)) if a and isinstance(a[0], torch.device) and a[0] == solve else None)
         or to(self, *a, **k))
     monkeypatch.setattr(torch.Tensor, "copy_", lambda self, *a, **k: back.append(tuple(self.shape)) or copy(self, *a, **k))
-    kept = {}
+    kept, away = {}, []
     real = L.solving_on
 
     @contextmanager
     def watched(device, layer_state, home):
         before = {k: getattr(layer_state, k) for k in L.STATE_TENSORS}
-        with real(device, layer_state, home):
+        with real(device, layer_state, home):       # the solve reads copies brought over, not the host's
+            away.extend(getattr(layer_state, k) is not before[k] for k in L.WHOLE if before[k] is not None)
             yield
         kept.update({k: getattr(layer_state, k) is t for k, t in before.items() if t is not None})
     monkeypatch.setattr(L, "solving_on", watched)
@@ -526,6 +530,7 @@ def test_a_solve_away_from_the_state_brings_over_only_the_edits_it_takes_out(mon
         assert (getattr(ls, k) is None and getattr(ls_far, k) is None) or torch.equal(getattr(ls_far, k), getattr(ls, k))
     assert all(kept.values()) and set(kept) == {k for k in L.STATE_TENSORS if getattr(ls, k) is not None}
     assert crossed.count((40,)) == 0                     # no key column crosses with the state
+    assert all(away) and (len(away) >= 2) == (ls.S_VK is not None or ls.P is not None)   # (steps 2 and 3)
     assert back.count((40, 40)) == 0                     # S_KK is updated in place; P never changes: neither goes back
 
 
