@@ -939,6 +939,19 @@ def test_stats_lengths_of_zero_are_refused_before_the_model_loads(tmp_path, monk
     assert S.parse_args(["--model", str(STORIES), "--out", out, flag, "1"])
 
 
+def test_stats_path_flags_given_as_an_empty_string_are_refused_naming_them(tmp_path, monkeypatch, capsys):
+    """'' is no path: --model '' read the working directory ("./config.json is missing"), --out ''
+    was called a directory; each is one line naming the flag, before the model loads."""
+    monkeypatch.setattr(S.M, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = str(tmp_path / "s.safetensors")
+    for flags, message in ((["--model", "", "--out", out], "--model '': give a directory"),
+                           (["--model", str(STORIES), "--out", ""], "--out '': give a file"),
+                           (["--model", str(STORIES), "--out", out, "--stats-corpus", ""], "--stats-corpus '': give a file")):
+        assert S.main(flags) == 1
+        assert capsys.readouterr().err == f"error: {message}\n"
+    assert not (tmp_path / "s.safetensors").exists()
+
+
 def test_stats_out_that_is_a_directory_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
     """It used to collect the whole corpus, then fail in os.replace with a traceback."""
     monkeypatch.setattr(S.M, "load", lambda *a, **k: pytest.fail("the model was loaded"))
