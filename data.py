@@ -441,6 +441,14 @@ def read_snippets(path) -> dict:
     return raw
 
 
+def refuse_empty_paths(args, kinds: dict):
+    """A path flag given as '' would be the working directory (or, for --resume, not given): a
+    ValueError naming the flag and what it takes (`kinds`: flag name → "file", "directory", ...)."""
+    for name, kind in kinds.items():
+        if getattr(args, name) == "":
+            raise ValueError(f"--{name.replace('_', '-')} '': give a {kind}")
+
+
 @contextmanager
 def sigterm_exits():
     """For the block, SIGTERM leaves through Python's shutdown (exit_on_sigterm), then the

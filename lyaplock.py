@@ -1806,7 +1806,8 @@ FLAG_RANGES = {flag: RANGES[field.removeprefix("hparams.")] for flag, field in F
                if field.removeprefix("hparams.") in RANGES} | dict(
     z_batch_tokens="at least 1", stats_batch_tokens="at least 1", checkpoint_every="at least 1",
     limit="at least 1", glue_n="at least 1", eval_every="at least 0", stats_tokens="at least 0")
-PATHS = ("model", "edits", "stats_corpus", "stats", "heldout", "glue_dir", "snippets", "save_model")
+PATHS = dict(model="directory", edits="file", stats_corpus="file", stats="file or directory", heldout="file",
+             glue_dir="directory", snippets="file", save_model="directory")        # the path flags, and what each takes
 NOT_SETTINGS = ("resume", "out", "given", "plan", "plan_gib", "plan_host_gib")
 
 
@@ -1915,11 +1916,7 @@ def parse_args(argv=None):
 def check_settings(args):
     """Numeric flags out of range, and a path flag given as '' (the working directory, else: --resume ''
     started a new run): a ValueError naming the flag, before any work."""
-    for name in (*PATHS, "resume"):
-        if getattr(args, name) == "":
-            kind = "directory" if name in ("model", "resume", "glue_dir", "save_model") else \
-                "file or directory" if name == "stats" else "file"
-            raise ValueError(f"--{name.replace('_', '-')} '': give a {kind}")
+    data.refuse_empty_paths(args, PATHS | dict(resume="directory"))
     for name, need in FLAG_RANGES.items():
         if getattr(args, name) is not None and (problem := range_problem(getattr(args, name), need)):
             raise ValueError(f"--{name.replace('_', '-')} {problem}")
@@ -2087,11 +2084,12 @@ def open_run(args) -> tuple[Path | None, Settings, M.Config]:
     if settings.stats_tokens and not settings.stats_file and settings.stats_tokens < cfg.d_mlp:
         raise ValueError(f"--stats-tokens {settings.stats_tokens}: C ({cfg.d_mlp}×{cfg.d_mlp}) "
                          f"needs at least d_mlp = {cfg.d_mlp} tokens, or it is singular")
-    if source := Path(settings.stats_file) if settings.stats_file else None:     # what the checkpoint's config can
-        if stats.is_authors_stats(source):        # check of --stats, before the weights load (was after: --plan only)
-            stats.check_authors_files(source, cfg, settings.hparams.layers)
+    if settings.stats_file:             # --stats: what config.json can check, before the weights load
+        source, layers = Path(settings.stats_file), settings.hparams.layers
+        if stats.is_authors_stats(source):
+            stats.check_authors_files(source, cfg, layers)
         else:
-            stats.check_shape(source, stats.read_meta(source)[1], settings.hparams.layers, cfg.d_mlp)
+            stats.check_shape(source, stats.read_meta(source)[1], layers, cfg.d_mlp)
     if settings.save_model and not settings.stats_file and (
             (cache := Path(settings.stats_cache).resolve()) == (save := Path(settings.save_model).resolve())
             or save in cache.parents):      # (the cache's file in it: the save refused at the end of the run)

@@ -723,9 +723,7 @@ def parse_args(argv):
     p.add_argument("--state-device", help="cpu: keep each finished C in host memory and collect one layer per "
                    "pass, so the GPU holds one layer's float64 sum at a time beside the weights (a small card)")
     args = p.parse_args(argv)
-    for name, kind in (("model", "directory"), ("out", "file"), ("stats_corpus", "file")):
-        if getattr(args, name) == "":                  # (not the working directory)
-            raise ValueError(f"--{name.replace('_', '-')} '': give a {kind}")
+    data.refuse_empty_paths(args, dict(model="directory", out="file", stats_corpus="file"))
     for name in ("max_len", "batch_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
