@@ -1606,8 +1606,10 @@ class Tokenizer:
 
 def template_lead(tok) -> list[int]:
     """The ids tokenizer.json's post-processor (a TemplateProcessing, alone or in a Sequence) puts
-    before a single sequence ($A): Llama's and Gemma's BOS; [] for none (GPT-2's ByteLevel)."""
-    pp = json.loads(tok.to_str()).get("post_processor") or {}
+    before a single sequence ($A): Llama's and Gemma's BOS; [] for none (GPT-2's ByteLevel). Read
+    from the post-processor's own JSON (its pickled state), not the whole tokenizer's, which for
+    Llama 3's 128k-token vocabulary is 9 MB written out and parsed again at every load."""
+    pp = json.loads(tok.post_processor.__getstate__()) if tok.post_processor is not None else {}
     for p in pp.get("processors", []) if pp.get("type") == "Sequence" else [pp]:
         if p.get("type") == "TemplateProcessing":
             lead = []

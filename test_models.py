@@ -1681,6 +1681,22 @@ def test_tokenizer_bos_is_that_of_transformers(tmp_path, family):
         assert ours.encode(text, bos=False) == theirs(text, add_special_tokens=False)["input_ids"]
 
 
+def test_a_template_inside_a_sequence_post_processor_gives_the_lead(tmp_path):
+    """Llama 3's tokenizer.json: its TemplateProcessing (BOS before the text) inside a Sequence
+    after a ByteLevel; the lead is that BOS, and prompts encode as transformers encodes them."""
+    import transformers as T
+    d = tokenizer_checkpoint(tmp_path / "t", "llama", dict(bos_token_id=1, eos_token_id=2), ["<unk>", "<s>", "</s>"],
+                             "<s>", {"bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "PreTrainedTokenizerFast"})
+    tj = json.loads((d / "tokenizer.json").read_text())
+    tj["post_processor"] = {"type": "Sequence", "processors": [
+        {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True}, tj["post_processor"]]}
+    (d / "tokenizer.json").write_text(json.dumps(tj))
+    ours, theirs = M.Tokenizer(d, M.read_config(d)), T.AutoTokenizer.from_pretrained(d)
+    assert ours.lead == [1]
+    for text in (SENTENCES[0], ""):
+        assert ours.encode(text) == theirs(text)["input_ids"]
+
+
 def test_a_special_token_the_template_puts_after_the_text_is_not_added(tmp_path):
     """A template "<s> $A </s>" (a tokenizer that ends every text): a prompt begins with its BOS, as
     transformers encodes it, and the EOS after it is left out (a prompt is to be continued)."""
