@@ -616,6 +616,34 @@ def test_an_interrupted_training_leaves_no_partial_model_and_the_earlier_one_who
     assert capsys.readouterr().err == "\nstopped (SIGTERM)\n"
 
 
+def test_a_training_removes_what_a_killed_one_left_and_refuses_to_share_its_out(tmp_path, monkeypatch):
+    """A SIGKILL mid-training leaves its work directory (.training-*, a partial model) in --out:
+    the next training there removes it. Two trainings into one --out at once (each would move its
+    files over the other's) are refused: the second, in one line, before any work, leaving the
+    directory as it was."""
+    import fcntl
+    import os
+    model = tmp_path / "model"
+    shutil.copytree(FACTMODEL, model)
+    (model / ".training-x1").mkdir()
+    (model / ".training-x1" / "model.safetensors").write_text("partial")
+    before = {f.name: f.read_bytes() for f in model.iterdir() if f.is_file()}
+    fd = os.open(model, os.O_RDONLY)              # a training that holds it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        monkeypatch.setattr(TB, "train_model", lambda *a: pytest.fail("trained beside another training"))
+        with pytest.raises(ValueError, match=f"--out {model}: another training is writing its model there"):
+            TB.train(model, "ci", steps=1, log=lambda *_: None)
+    finally:
+        os.close(fd)
+    assert {f.name: f.read_bytes() for f in model.iterdir() if f.is_file()} == before
+    assert (model / ".training-x1").exists()
+    monkeypatch.setattr(TB, "train_model", lambda work, *a: (Path(work) / "training.json").write_text("{}") and {})
+    TB.train(model, "ci", steps=1, log=lambda *_: None)
+    assert not [p.name for p in model.iterdir() if p.name.startswith(".")]
+    assert (model / "training.json").read_text() == "{}"
+
+
 def test_an_experiment_s_out_is_held_and_a_broken_report_there_named_before_any_work(tmp_path, monkeypatch, capsys):
     """Two experiments into one --out each wrote their report over the other's (the first's runs
     were lost); a result.json that is not a report's was an error naming no file, or an

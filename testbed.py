@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -435,17 +436,39 @@ def train(out_dir, size: str = "ci", seed: int = 0, device: str = "cpu", steps: 
     tf32 = torch.device(device).type == "cuda"     # TF32 matmuls: the gpu size is ~13 PFLOP of float32 training
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".training-", dir=out))   # the model, then moved in place
     try:
-        with tf32_matmuls(tf32):
-            info = train_model(work, size, seed, device, steps, tf32, log, family)
-        move_in(work, out)
+        with training_into(out, out_dir):
+            work = Path(tempfile.mkdtemp(prefix=".training-", dir=out))   # the model, then moved in place
+            try:
+                with tf32_matmuls(tf32):
+                    info = train_model(work, size, seed, device, steps, tf32, log, family)
+                move_in(work, out)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
         if made and not any(out.iterdir()):
             out.rmdir()
     log(f"written to {out_dir}")
     return info
+
+
+@contextmanager
+def training_into(out: Path, out_dir):
+    """`out` held for one training (a lock on the directory itself, which the system releases when
+    the process ends, killed or not): a second training into it is refused, and the work
+    directories a killed one left there (.training-*, a partial model each) are removed."""
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"--out {out_dir}: another training is writing its model there; wait for it to end "
+                             "or give another directory") from None
+        for left in out.glob(".training-*"):
+            shutil.rmtree(left, ignore_errors=True)
+        yield
+    finally:
+        os.close(fd)
 
 
 def move_in(work: Path, out: Path):
