@@ -568,6 +568,7 @@ def test_an_interrupted_training_leaves_no_partial_model_and_the_earlier_one_who
     model another family's config.json beside its weights (neither loaded). A symlink to a model,
     or ".", is trained in place. A device torch cannot use is one line before any work (was a
     traceback after the tokenizer's training)."""
+    monkeypatch.setattr(TB, "fact_accuracy", lambda m, pairs: 0.0)     # (an untrained model's: 2 s each)
     monkeypatch.setattr(TB, "fit", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         TB.train(tmp_path / "new", "ci", steps=1, log=lambda *_: None)
