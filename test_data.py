@@ -83,7 +83,7 @@ def test_data_zsre_record_maps_field_by_field(tmp_path):
     raw = json.loads(path.read_text(encoding="utf-8"))
     reqs, skipped = load_requests(path)
     assert len(reqs) == len(raw) == 300 and skipped == []
-    for i in (0, 174):
+    for i in (0, 174, 64):                  # (64: five answers, the first the target)
         r, rec = reqs[i], raw[i]
         assert r.case_id == i and r.kind == "zsre"
         assert r.subject == rec["subject"]
@@ -97,6 +97,21 @@ def test_data_zsre_record_maps_field_by_field(tmp_path):
     assert reqs[174].target_new == "Marvel Universe" and raw[174]["alt"] == " Captain Universe"   # not EasyEdit's alt
     blank_alt = dict(raw[0], alt="")            # records 534 and 723 of zsre_mend_train have one: not read
     assert load_requests(_data_write(tmp_path, [blank_alt]))[0][0].target_new == raw[0]["answers"][0]
+
+
+def test_data_zsre_neighbourhood_question_ends_in_one_question_mark():
+    """question(): MEMIT's loc + "?", but a question that already ends in "?" (trailing spaces
+    aside) is left as it is, not given a second one."""
+    assert data.question("nq question: who wrote hamlet") == "nq question: who wrote hamlet?"
+    assert data.question("who wrote hamlet?") == "who wrote hamlet?"
+    assert data.question("who wrote hamlet? ") == "who wrote hamlet? "
+
+
+def test_data_easyedit_neighbourhood_answer_is_its_own_field(tmp_path):
+    """EasyEdit's locality_ground_truth is the neighbourhood prompt's answer, read as written, not
+    the edited fact's ground_truth (equal in every record of the bundled fixture)."""
+    (r,), _ = load_requests(_data_write(tmp_path, [dict(EASY_REC, locality_ground_truth="Lyon")]))
+    assert r.neighborhood_answers == ("Lyon",) and r.target_true == "Paris"
 
 
 def test_data_rome_layout_fields(tmp_path):
@@ -165,6 +180,9 @@ BAD_RECORDS = [  # base, field to change, new value (... = delete), field named,
     (ZSRE_REC, "answers", ["  "], "answers[0]", "empty"),
     (ZSRE_REC, "answers", [], "answers", "empty list"),
     (ZSRE_REC, "loc_ans", None, "loc_ans", "expected a string"),
+    (EASY_REC, "prompt", "The {} capital of France is", "prompt", 'contains "{}" already'),   # (not the Request's)
+    (ROME_REC, "paraphrase_prompts", ..., "paraphrase_prompts", "missing"),
+    (ROME_REC, "case_id", True, "case_id", "int or a string"),
 ]
 
 
@@ -192,6 +210,8 @@ def test_data_missing_case_id_and_duplicates(tmp_path):
     other = dict(EASY_REC, subject="Italy", prompt="The capital of Italy is")
     path = _data_write(tmp_path, [EASY_REC, dict(EASY_REC, case_id=8), other])
     _data_error(path, "record 2 (case_id 7)", "field 'case_id'", "duplicate", "record 0")
+    path = _data_write(tmp_path, [dict(EASY_REC, case_id=8), EASY_REC, other])   # the first holder named
+    _data_error(path, "record 2 (case_id 7)", "duplicate case_id 7: also record 1")
     path = _data_write(tmp_path, [EASY_REC, dict(other, case_id="7")])   # one case to --snippets' keys
     _data_error(path, "record 1 (case_id 7)", "field 'case_id'", "duplicate case_id '7'", "record 0")
 
@@ -208,6 +228,8 @@ def test_data_missing_case_id_and_duplicates(tmp_path):
      ["record 1", "unknown layout", "'answer'", "'question'",
       "counterfact-rome", "counterfact-easyedit", "zsre-mend"]),
     ([{"question": "q"}], ["no record has a supported layout", "'question'", "zsre-mend"]),
+    # a layout is known by all of its identifying keys, not one ("prompt" alone is not EasyEdit's)
+    ([EASY_REC, {"prompt": "q", "answer": "a"}], ["record 1", "unknown layout", "'answer'", "'prompt'"]),
 ])
 def test_data_file_level_errors(tmp_path, content, parts):
     _data_error(_data_write(tmp_path, content), *parts)
@@ -315,6 +337,16 @@ def test_data_snippets_may_be_gzipped_and_hold_no_empty_reference(tmp_path):
         data.read_snippets(path)
 
 
+def test_data_snippets_refuse_texts_that_are_not_lists_of_strings(tmp_path):
+    """A case whose reference texts are a bare string (its characters read as texts) or hold a
+    number (an AttributeError later) is refused as --snippets' shape."""
+    path = tmp_path / "snippets.json"
+    for bad in ({"7": "a text"}, {"7": ["a text", 3]}):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(DataError, match=r"expected an object \{case_id: \[text, ...\]\}"):
+            data.read_snippets(path)
+
+
 def test_data_read_corpus(tmp_path):
     paragraphs = read_corpus(FIX / "wikitext-2-test-sample.txt")
     assert paragraphs[0].startswith("Robert Boulter is an English film")
@@ -322,6 +354,8 @@ def test_data_read_corpus(tmp_path):
     assert not any(p.startswith("= ") and p.endswith(" =") for p in paragraphs)
     assert "= = Career = =" not in paragraphs and len(paragraphs) > 100
     assert any(p.startswith("Du Fu ( Wade") for p in paragraphs)  # a second article's text
+    (tmp_path / "eq.txt").write_text("= = Section = =\n= 2 + 2 = 4 , as counted .\n", encoding="utf-8")
+    assert read_corpus(tmp_path / "eq.txt") == ["= 2 + 2 = 4 , as counted ."]   # a heading is a whole line
     (tmp_path / "blank.txt").write_text("\n \n = Title = \n\n", encoding="utf-8")
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00abc")
     for name, problem in [("absent.txt", "not found"), ("blank.txt", "no text"), ("bin.txt", "UTF-8")]:
@@ -366,8 +400,14 @@ def test_a_request_built_by_hand_is_checked_as_a_loaded_one():
     for change, message in ((dict(target_new=""), "field 'target_new': expected a non-empty string"),
                             (dict(target_new=5), "field 'target_new': expected a non-empty string, got 5"),
                             (dict(prompt="no subject"), "field 'prompt': needs exactly one"),
+                            (dict(target_new="  "), "field 'target_new': expected a non-empty string"),
+                            (dict(subject=""), "field 'subject': expected a non-empty string"),
+                            (dict(prompt="{} and {}"), "field 'prompt': needs exactly one"),
+                            (dict(target_true=5), "field 'target_true': expected a string or None"),
                             (dict(neighborhood_answers=()), "field 'neighborhood_answers': 0 answers for 1 "),
+                            (dict(neighborhood_answers=("a", "b")), "field 'neighborhood_answers': 2 answers for 1 "),
                             (dict(paraphrase_prompts=["a {}"]), "field 'paraphrase_prompts': expected a tuple"),
+                            (dict(paraphrase_prompts=("a", 3)), "field 'paraphrase_prompts': expected a tuple of strings"),
                             (dict(kind="other"), "field 'kind': 'counterfact' or 'zsre'")):
         with pytest.raises(data.DataError, match=f"Request {q.case_id!r}: {message}"):
             dataclasses.replace(q, **change)
@@ -406,3 +446,16 @@ def test_a_second_sigterm_while_the_first_unwinds_is_ignored():
         with pytest.raises(data.Terminated) as stop:
             os.kill(os.getpid(), signal.SIGTERM)
         assert stop.value.code == 128 + signal.SIGTERM and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+
+
+def test_sigterm_exits_leaves_an_ignored_sigterm_ignored():
+    """A SIGTERM the process ignores (its parent's choice, or exit_on_sigterm's cleanup under way)
+    stays ignored inside sigterm_exits, and after it."""
+    import signal
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with data.sigterm_exits():
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -427,6 +427,124 @@ def test_the_host_state_of_power_of_two_sizes_is_pinned_at_its_own_size():
         == plan.edit_layer_bytes(cfg, hp, "bfloat16")
 
 
+def small_llama(**extra) -> M.Config:
+    """A 4-block LLaMA of d 256, m 512 (an m×m float64 is 2 MiB, a d×m 1 MiB, powers of two), 4
+    heads of 64 dims, V 4,096: sizes to count a plan's terms by hand."""
+    return M.Config.from_hf(dict(model_type="llama", vocab_size=4096, hidden_size=256, intermediate_size=512,
+                                 num_hidden_layers=4, num_attention_heads=4) | extra)
+
+
+def test_the_plan_counts_an_edit_layer_s_state_solve_and_statistics_on_its_device_only():
+    """device_need by hand on two devices, edit layer 2 the second's first block: the first device
+    (blocks 0, 1) holds no state, solve or statistics (a block i past its blocks k..i-1 is not
+    its); the second holds C, S_KK (m×m) and S_VK (d×m) in float64 and W0 in float32, the
+    Cholesky solve's m×m and four d×m, and one layer's statistics."""
+    cfg, d, m = small_llama(), 256, 512
+    need = plan.device_need(cfg, L.HParams(method="lyaplock", layers=(2,), batch_size=2), "float32", 1024, 2)
+    first, second = need(0, 0, 2), need(1, 2, 4)
+    assert (first["state"], first["solve"], first["statistics"]) == (0, 0, 0)
+    assert first["need"] == first["weights"] + first["target_values"]
+    assert second["state"] == 8 * (2 * m * m + d * m) + 4 * d * m
+    assert second["solve"] == 8 * (m * m + 4 * d * m)
+    assert second["statistics"] == S.collection_bytes(cfg, torch.float32, 8192, 1)
+
+
+def test_the_plan_counts_the_kept_edits_on_the_host_and_in_a_solve_from_it():
+    """--state-device cpu with --superseded remove and 6 kept edits, by hand: the host holds per
+    edit layer C, S_KK (2 MiB), S_VK (1 MiB) and W0 (float32, 0.5 MiB), pinned (powers of two
+    already), and the edits' columns (a key m and a value d each, float64); a solve brings over
+    all of a layer's state but C and S_KK, which come two blocks of rows at a time (here a block
+    is a whole m×m), the columns too, and W0."""
+    cfg, d, m, kept = small_llama(), 256, 512, 6
+    hp = L.HParams(method="lyaplock", layers=(1, 2), superseded="remove")
+    card, host = plan.memory_plan(cfg, hp, "float32", 1024, [1.0], state_on_host=True, n_edits=kept)
+    columns = kept * 8 * (m + d)
+    assert host["need"] == 2 * (2 * 8 * m * m + 8 * d * m + 4 * d * m + columns)
+    assert card["state"] == 0
+    assert card["solve"] == 8 * (m * m + 4 * d * m) + (8 * d * m + columns + 2 * 8 * m * m) + 4 * d * m
+
+
+def test_the_target_value_terms_of_a_known_stream_by_hand():
+    """target_value_bytes by hand for a stream of rows of at most 12 tokens, targets of 10, prompts
+    of 2, KL rows of 4: a step of 2 requests makes 14 rows (each in the 5 templates and the
+    prompt, and a KL row); a pass holds 14 × 12 = 168 slots, each kept cache 12 (under
+    ROW_SLOTS). Its logits: the positions a pass reads, min(rows × T, slots × T / (T + prompt
+    − 1)), 3.5 values each, 4.0 under a final soft cap, and 3 for each KL row's terms; a pass
+    cut to 100 slots reads fewer; a stream of 1-token targets reads fewer positions than 1.0 a
+    slot (the calibrated count), its KL rows at most one a request (not 168 / 2). ROME's step is
+    one request, in its 20 templates."""
+    cfg, d, m, kv, V = small_llama(), 256, 512, 2 * 4 * 64, 4096
+    hp = L.HParams(layers=(1,), batch_size=2)
+    stream = plan.StreamTokens(row=12, target=10, prompt=2, kl=4)
+    rows, slots = 14, 168
+    assert plan.step_rows(hp) == (2, rows) and plan.step_rows(L.replace(hp, method="rome")) == (1, 1 + 10 + 10 + 1)
+    per_block, home, logits = plan.target_value_bytes(cfg, hp, torch.float32, 1024, stream)
+    assert per_block == 4 * slots * (9 * d + 3 * m + kv) + 4 * rows * 12 * kv      # 9d + 3m > 6d + 4m here
+    assert home == 4 * rows * 12 * d + 4 * 2 * V
+    assert logits == 4 * V * (math.ceil(3.5 * min(rows * 10, 168 * 10 / 11)) + 3 * 2)   # 140 positions
+    assert plan.target_value_bytes(cfg, hp, torch.float32, 100, stream)[2] == \
+        4 * V * (math.ceil(3.5 * math.ceil(100 * 10 / 11)) + 3 * 2)                     # 91 positions
+    capped = M.Config.from_hf(dict(model_type="gemma2", vocab_size=4096, hidden_size=256, intermediate_size=512,
+                                   num_hidden_layers=4, num_attention_heads=4, head_dim=64,
+                                   final_logit_softcapping=30.0))
+    assert plan.target_value_bytes(capped, hp, torch.float32, 1024, stream)[2] == 4 * V * (4 * 140 + 3 * 2)
+    short = plan.StreamTokens(row=12, target=1, prompt=11, kl=2)     # 14 positions, 2 KL: 3.5 × 14 + 6 < 168
+    assert plan.target_value_bytes(cfg, hp, torch.float32, 1024, short)[2] == 4 * V * slots
+
+
+def test_slot_values_by_hand_for_head_norms_post_norms_and_capped_scores():
+    """slot_values by hand at d 256, m 512 (LLaMA's block: 9d + 3m = 3,840, above 6d + 4m): Qwen3's
+    q and k norms add 2 values for each value of q and k and each head's norm, (4 + 2 heads) × (64
+    dims + 1), 780; Gemma 2's two norms more on the residual stream 2d each, 1,024, and its
+    capped scores 4 a score, 4 heads × a 12-token row, 192."""
+    d, m = 256, 512
+    sizes = dict(vocab_size=4096, hidden_size=d, intermediate_size=m, num_hidden_layers=4, num_attention_heads=4,
+                 head_dim=64)
+    qwen3 = M.Config.from_hf(dict(model_type="qwen3", num_key_value_heads=2) | sizes)
+    assert plan.slot_values(qwen3, 12) == 9 * d + 3 * m + 2 * (4 + 2) * (64 + 1)
+    gemma2 = M.Config.from_hf(dict(model_type="gemma2") | sizes)
+    assert plan.slot_values(gemma2, 12) == 9 * d + 3 * m + 2 * d * 2 + 4 * 4 * 12
+
+
+def test_the_state_and_solve_of_each_method_family_by_hand(monkeypatch):
+    """state_tensor_bytes, solve_bytes and brought_bytes by hand at d 256, m 512: MEMIT keeps C
+    alone, MEMIT-seq C and S_KK, LyapLock C, S_KK and S_VK (d×m), AlphaEdit C, S_KK and its
+    projector (m×m), all float64; a Cholesky solve takes an m×m and four d×m, AlphaEdit's LU two
+    m×m and three d×m; from the host C and S_KK come two blocks of rows at a time (here 16 rows),
+    the rest whole (S_VK)."""
+    cfg, d, m = small_llama(), 256, 512
+    assert plan.state_tensor_bytes(cfg, "memit") == [8 * m * m]
+    assert plan.state_tensor_bytes(cfg, "memit-seq") == [8 * m * m] * 2
+    assert plan.state_tensor_bytes(cfg, "lyaplock") == [8 * m * m, 8 * m * m, 8 * d * m]
+    for method in ("alphaedit", "lyaplock+alphaedit"):
+        assert plan.state_tensor_bytes(cfg, method) == [8 * m * m] * 3
+        assert plan.solve_bytes(cfg, method) == 8 * (2 * m * m + 3 * d * m)
+    assert plan.solve_bytes(cfg, "memit") == plan.solve_bytes(cfg, "lyaplock") == 8 * (m * m + 4 * d * m)
+    block = 8 * m * 16
+    monkeypatch.setattr(L, "BLOCK_BYTES", block)
+    assert plan.brought_bytes(cfg, "memit") == plan.brought_bytes(cfg, "memit-seq") == 2 * block
+    assert plan.brought_bytes(cfg, "lyaplock") == 8 * d * m + 2 * block
+
+
+def test_a_need_equal_to_the_memory_given_fits(capsys):
+    """--plan's verdict is need ≤ memory: a device given exactly its need (a figure in GiB that
+    is exact in binary) fits; a byte less does not."""
+    flags = ["--plan", "--model", str(STORIES), "--layers", "1,2"]
+    _, settings, cfg = L.open_run(L.parse_args(flags))
+    (row,) = plan.run_memory_plan(settings, cfg, [], [1.0], None)
+    for room, rc, fits in ((row["need"], 0, "yes"), (row["need"] - 1, 1, "NO")):
+        assert L.main([*flags, "--plan-gib", repr(room / 2 ** 30)]) == rc
+        assert capsys.readouterr().out.splitlines()[-1].split()[-1] == fits
+
+
+def test_the_plan_says_how_many_tokens_a_step_cut_short_by_the_edits_holds(capsys):
+    """--plan with fewer --edits than --batch-size (2 of 100) plans and describes a step of 2
+    requests: its 14 rows, not the 700 of 100 requests, which would fill --z-batch-tokens."""
+    flags = ["--plan", "--model", str(STORIES), "--layers", "1,2", "--edits", str(FIX / "counterfact-rome.json")]
+    assert L.main([*flags, "--limit", "2"]) == 0
+    assert "a step of 2 requests makes 14 rows, each at most " in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_host_matrices_are_used_a_block_of_rows_at_a_time(monkeypatch, device):
     """The five operations through which the algebra touches C and S_KK, with the matrix on the
