@@ -464,6 +464,30 @@ def test_the_plan_counts_the_kept_edits_on_the_host_and_in_a_solve_from_it():
     assert card["solve"] == 8 * (m * m + 4 * d * m) + (8 * d * m + columns + 2 * 8 * m * m) + 4 * d * m
 
 
+def test_stream_tokens_by_hand_with_one_token_a_word(tmp_path):
+    """stream_tokens by hand, a word-level tokenizer (one token a word, no BOS), 7 positions:
+    "The capital of {}" about "New York" with " Paris city" puts 5 tokens up to its subject's end
+    (the row's prefix, after the templates' TEMPLATE_FACTOR × their longest length), its whole
+    prompt 5 and its target 2 behind them (7: at the limit, kept); its KL row "New York is a" (4)
+    has a suffix of 3 from the subject's last token, longer than the prompt's 0 + 2. A request of
+    8 tokens past the limit is left out (it would make the suffix 4)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from data import Request
+    words = "[UNK] x The capital of New York is a Paris city".split()
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    cfg = M.Config.from_hf(dict(model_type="llama", vocab_size=16, hidden_size=8, intermediate_size=16,
+                                num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=7))
+    ask = lambda prompt: Request(case_id=0, prompt=prompt, subject="New York", target_new=" Paris city",
+                                 target_true=None, paraphrase_prompts=(), neighborhood_prompts=(),
+                                 neighborhood_answers=())
+    got = plan.stream_tokens(M.Tokenizer(tmp_path, cfg), [ask("The capital of {}"), ask("The capital of {} is")],
+                             "lyaplock", cfg)
+    templates = plan.TEMPLATE_FACTOR * max(n for n, _ in L.method_of("lyaplock").templates)
+    assert got == plan.StreamTokens(row=templates + 5 + 3, target=2, prompt=5, kl=4)
+
+
 def test_the_target_value_terms_of_a_known_stream_by_hand():
     """target_value_bytes by hand for a stream of rows of at most 12 tokens, targets of 10, prompts
     of 2, KL rows of 4: a step of 2 requests makes 14 rows (each in the 5 templates and the
