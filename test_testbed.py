@@ -125,6 +125,13 @@ def test_a_stream_that_cannot_be_made_as_promised_is_refused(factmodel, monkeypa
         TB.make_stream("stories", factmodel, FACTMODEL, 20, 10, 0)      # said "at most 0 edits"
 
 
+def test_answer_pools_are_sorted_so_a_seeded_stream_is_the_same_in_every_process(ci_records):
+    """A churn or distinct target is a seeded index into its pool: a pool in set order (which
+    string hashing changes from process to process) gave another stream at each run."""
+    pools = TB.answer_pools(ci_records[2])
+    assert all(pool == sorted(set(pool)) for pool in pools.values()) and len(pools) > 20
+
+
 def test_churn_fallback_count(factmodel, ci_records):
     """churn_stream's rule, pinned on the ci model's 2,230-edit stream (the README's churn table):
     a re-edit takes another answer trained after its prompt template, but where that template's
@@ -184,6 +191,82 @@ def test_distinct_stream_neighbourhood_holds_a_fact_once(monkeypatch):
     for seed in range(10):
         s = TB.distinct_stream(None, [], [], seed)
         assert all(len(set(q.neighborhood_prompts)) == len(q.neighborhood_prompts) == 2 for q in s.requests), seed
+
+
+def _relations(n_subjects=20):
+    """Known facts of n_subjects subjects: even ones live in P, Q or R, odd ones play X, Y or Z, each
+    also under a second prompt of its relation."""
+    out = []
+    for i in range(n_subjects):
+        a = ("PQR" if i % 2 == 0 else "XYZ")[i % 3]
+        first, second = ("{} lives in", "The home of {} is") if i % 2 == 0 else ("{} plays", "{} is good at")
+        out += [(first.format(f"S{i}"), a, f"S{i}"), (second.format(f"S{i}"), a, f"S{i}")]
+    return out
+
+
+def test_distinct_stream_requests_follow_their_relation(monkeypatch):
+    """A distinct request: a fifth of the subjects kept back, its subject's other prompts as
+    paraphrases (not its rewrite prompt), a new target of the same relation, and the kept-back
+    facts of that relation as neighbourhood where there are two."""
+    fact_list = _relations()
+    monkeypatch.setattr(TB, "known", lambda m, facts: fact_list)
+    pools, same_relation = TB.answer_pools(fact_list), 0
+    for seed in range(5):
+        s = TB.distinct_stream(None, [], [], seed)
+        assert len({f[2] for f in s.retained}) == 4 and len(s.requests) == 16, seed
+        for q in s.requests:
+            own = [p for p, _, subject in fact_list if subject == q.subject]
+            assert q.paraphrase_prompts == tuple(own[1:]) and q.rewrite_prompt() == own[0]
+            assert q.target_new in set(pools[q.prompt]) - {q.target_true}
+            kin = [f[0] for f in s.retained if TB.template_of(f[0], f[2]) == q.prompt]
+            if len(kin) >= 2:
+                assert list(q.neighborhood_prompts) == kin[:2]
+                same_relation += 1
+    assert same_relation > 10
+
+
+def test_stories_stream_turns_slots_spreads_neighbours_and_keeps_ten_names(monkeypatch):
+    """stories_stream on a model that tells every story: name i is edited at slot i (mod 8), the
+    neighbourhoods spread over the retained names, and an edit that would leave fewer than ten
+    names to retain is refused."""
+    monkeypatch.setattr(TB, "known", lambda m, facts: facts)
+    s = TB.stories_stream(None, 16, seed=0)
+    slots = list(TB.STORY_SLOTS)
+    assert [q.prompt for q in s.requests] == [slots[i % 8] for i in range(16)]
+    assert [q.subject for q in s.requests] == list(TB.STORY_NAMES[:16])
+    assert len(s.retained) == 8 * (len(TB.STORY_NAMES) - 16)
+    assert all(p == q.prompt.format(p.split()[0]) for q in s.requests for p in q.neighborhood_prompts)
+    assert len({p.split()[0] for q in s.requests for p in q.neighborhood_prompts}) >= 4
+    assert len(TB.stories_stream(None, len(TB.STORY_NAMES) - 10).requests) == len(TB.STORY_NAMES) - 10
+    with pytest.raises(ValueError, match=f"at most {len(TB.STORY_NAMES) - 10} edits"):
+        TB.stories_stream(None, len(TB.STORY_NAMES) - 9)
+
+
+def test_make_stream_counts_edits_and_retained_facts_as_asked(factmodel, monkeypatch):
+    """make_stream: churn without --edits is ten passes; a stream shorter than asked is refused (not
+    fewer edits without a word); n_retained is at most that many retained facts, for first
+    the known ones among the first n_retained held-back facts, for distinct its first ones."""
+    edit, held = TB.records("ci")
+    first = edit[:5]
+    monkeypatch.setattr(TB, "editable", lambda m, e, h: first)
+    assert len(TB.make_stream("churn", factmodel, FACTMODEL, None, 2, 0, n_retained=1).requests) == 50
+    with pytest.raises(ValueError, match="the 'first' stream has only 5 edits; asked for 6"):
+        TB.make_stream("first", factmodel, FACTMODEL, 6, 2, 0, n_retained=1)
+    s = TB.make_stream("first", factmodel, FACTMODEL, None, 2, 0, n_retained=40)
+    held40 = TB.held_facts_of(edit, held)[:40]
+    assert s.requests == first and s.retained == [f for f, k in zip(held40, TB.knows(factmodel, held40)) if k]
+    monkeypatch.setattr(TB, "known", lambda m, facts: _relations())
+    assert len(TB.make_stream("distinct", None, FACTMODEL, None, 2, 0, n_retained=3).retained) == 3
+
+
+def test_make_stream_refuses_an_unknown_kind_and_a_model_that_is_not_a_fact_model(tmp_path):
+    """An unknown stream kind is named (without the check: a churn stream); a model directory
+    without training.json (stories260K given --stream first) is one clear error (without the
+    check: a FileNotFoundError)."""
+    with pytest.raises(ValueError, match="unknown stream 'nosuch'; expected one of first, churn, distinct, stories"):
+        TB.make_stream("nosuch", None, tmp_path, 5, 10, 0)
+    with pytest.raises(ValueError, match=f"{tmp_path} has no training.json: the 'first' stream needs a fact model"):
+        TB.make_stream("first", None, tmp_path, 5, 10, 0)
 
 
 def test_a_training_json_that_is_not_a_fact_model_s_is_one_line(tmp_path):
@@ -314,6 +397,13 @@ def test_experiment_refuses_eval_every_and_edits_below_one_before_any_work(tmp_p
     assert asked == [None]
 
 
+def test_latest_requests_keep_each_prompt_s_last_target_in_first_edit_order():
+    """What measure scores: a prompt edited again is scored on its latest target, where it was
+    first edited in the stream."""
+    a1, b, a2 = _request(0, subject="A", new="x"), _request(1, subject="B", new="y"), _request(2, subject="A", new="z")
+    assert TB.latest_requests([a1, b, a2]) == [a2, b]
+
+
 def test_queue_summary_tells_a_growing_queue_from_a_floor_and_a_growing_pl():
     z = [1.0, 1.0, 1.5, 2.2, 3.0, 3.9, 4.8, 5.9]
     steps = [{"layers": {"1": {"pl": 1.0 + t, "D": 2.0, "z": z[t]}, "2": {"pl": 0.1, "D": 2.0, "z": 1.0}}}
@@ -323,6 +413,37 @@ def test_queue_summary_tells_a_growing_queue_from_a_floor_and_a_growing_pl():
     assert q["2"]["trend"] == "floor"
     memit = [{"layers": {"1": {"pl": 0.1 * (t + 1) ** 2, "D": None, "z": None}}} for t in range(8)]
     assert TB.queue_summary(memit)["1"]["pl_grows"] is True
+
+
+def test_queue_summary_gives_the_last_step_s_pl():
+    """pl_last is the end of the stream's PL, with a queue and without."""
+    for z in (None, 1.0):
+        steps = [{"layers": {"1": {"pl": 1.0 + t, "D": 2.0, "z": z}}} for t in range(4)]
+        assert TB.queue_summary(steps)["1"]["pl_last"] == 4.0, z
+
+
+def test_run_stream_measures_at_the_end_whatever_eval_every(monkeypatch):
+    """A run's last point is at the end of the stream also where eval_every does not divide its
+    steps (5 edits, 2 a step, every 2 steps: at 4 and at 5), and the report is written at each."""
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    class Editor:
+        hparams, state, W0 = SimpleNamespace(batch_size=2), SimpleNamespace(n_edits=0), {}
+
+        def edit(self, requests):
+            self.state.n_edits += len(requests)
+            return {"edits": self.state.n_edits, "layers": {}}
+
+        @contextmanager
+        def restrained(self):
+            yield None
+    monkeypatch.setattr(TB, "measure", lambda m, stream, done, heldout, W0: {"edits": done})
+    run, reports = dict(label="x", steps=[], points=[]), []
+    TB.run_stream(Editor(), TB.Stream([_request(i) for i in range(5)], []), [], run, 2,
+                  lambda: reports.append(len(run["points"])), log=lambda *_: None)
+    assert [p["edits"] for p in run["points"]] == [4, 5] and [s["edits"] for s in run["steps"]] == [2, 4, 5]
+    assert reports == [1, 2]
 
 
 RUNS = ("lyaplock:v_num_grad_steps=3:alpha=2", "memit:v_num_grad_steps=3", "rome:v_num_grad_steps=3")
@@ -420,6 +541,68 @@ def test_finished_runs_are_kept_only_under_the_same_settings(tmp_path):
     assert TB.finished_runs(tmp_path, {**base, "methods": {}}) == {}
 
 
+def test_every_same_setting_drops_an_earlier_run_and_a_damaged_report_is_named(tmp_path):
+    """Each of SAME_SETTINGS differing drops the earlier runs (the stream, batch size, seed and
+    retained facts were not tried); a run with no point is not complete (not an IndexError); a
+    report whose methods are not a mapping is named (not an AttributeError)."""
+    base = dict(model="m", weights="a", stream="first", n_edits=2, batch_size=2, layers=[1, 2], seed=0,
+                held_facts=10, corpus="c", corpus_sha256="b", stats_tokens=3000, eval_every=1, n_heldout=2)
+    assert set(TB.SAME_SETTINGS) == set(base) - {"model", "corpus"}
+    point = dict(edits=2, efficacy=0.0, generalization=0.0, specificity=0.0, retention=0.0, perplexity=1.0, drift={})
+    done = dict(label="memit", steps=[], points=[point], hparams={})
+    runs = {"memit": done, "rome": dict(done, points=[])}
+    (tmp_path / "result.json").write_text(json.dumps({**base, "methods": runs}))
+    assert TB.finished_runs(tmp_path, {**base, "methods": {}}) == {"memit": done}
+    for key in TB.SAME_SETTINGS:
+        assert TB.finished_runs(tmp_path, {**base, key: "other", "methods": {}}, lambda *_: None) == {}, key
+    (tmp_path / "result.json").write_text(json.dumps({**base, "methods": []}))
+    with pytest.raises(ValueError, match="not a testbed report's result"):
+        TB.earlier_report(tmp_path)
+
+
+def test_experiment_takes_edits_0_as_the_whole_stream_and_refuses_an_out_that_is_a_file(tmp_path, monkeypatch):
+    """experiment(n_edits=0) is the whole stream as --edits 0 is (None); an --out that is a file is
+    refused naming it (not "[Errno 17] File exists")."""
+    asked = []
+    monkeypatch.setattr(TB, "run_experiment", lambda model, n_edits, *a: asked.append(n_edits))
+    TB.experiment(FACTMODEL, 0, 2, ("memit",))
+    assert asked == [None]
+    (tmp_path / "out").write_text("mine")
+    with pytest.raises(ValueError, match=f"--out {tmp_path / 'out'} holds other files than a testbed report"):
+        TB.experiment(FACTMODEL, 2, 2, ("memit",), out=tmp_path / "out")
+    assert (tmp_path / "out").read_text() == "mine" and asked == [None]
+
+
+def test_a_kept_run_whose_settings_changed_is_run_again_and_its_old_settings_are_free(tmp_path, monkeypatch, factmodel):
+    """A run complete in --out under a name this call lists, but with other settings (its preset
+    changed since), is run again, not kept; another name given its old settings is no copy of it
+    and runs too. (The editing is a stub here: the bookkeeping is what is tested.)"""
+    at = lambda edits: dict(edits=edits, efficacy=0.0, generalization=0.0, specificity=0.0, retention=0.0,
+                            perplexity=1.0, drift={})
+    ran = []
+
+    def run_stream(editor, stream, heldout, run, eval_every, report, log):
+        ran.append(run["label"])
+        run["steps"].append(dict(edits=1, layers={}))
+        run["points"].append(at(1))
+        report()
+    for name, value in (("load", lambda *a, **k: factmodel),
+                        ("make_stream", lambda *a, **k: TB.Stream([_request(0)], [])),
+                        ("model_digest", lambda d: "w"), ("measure", lambda *a: at(0)), ("run_stream", run_stream),
+                        ("write_report", lambda result, out: (out / "result.json").write_text(json.dumps(result)))):
+        monkeypatch.setattr(TB.M if name == "load" else TB, name, value)
+    monkeypatch.setattr(L.stats, "load_or_collect_stats", lambda *a, **k: None)
+    monkeypatch.setattr(L, "Editor", lambda *a, **k: None)
+    monkeypatch.setattr(L, "method_templates", lambda *a: None)
+    out = tmp_path / "tb"
+    TB.experiment(FACTMODEL, 1, 1, ("memit",), out=out, log=lambda *_: None)
+    report = json.loads((out / "result.json").read_text())
+    report["methods"]["memit"]["hparams"]["lam"] = 1.0                    # as an older preset gave it
+    (out / "result.json").write_text(json.dumps(report))
+    r = TB.experiment(FACTMODEL, 1, 1, ("memit", "memit:lam=1.0"), out=out, log=lambda *_: None)
+    assert ran == ["memit", "memit", "memit:lam=1.0"] and r["methods"]["memit"]["hparams"]["lam"] != 1.0
+
+
 def _result(runs: dict, layers=(1, 2)) -> dict:
     """A report's result.json with `runs`: name -> z (None: no queue), two points of fake numbers."""
     step = lambda e, z: dict(edits=e, layers={str(l): dict(pl=0.1 * e, D=0.2, z=z) for l in layers})
@@ -428,6 +611,24 @@ def _result(runs: dict, layers=(1, 2)) -> dict:
     methods = {k: dict(label=k, steps=[step(e, z) for e in (2, 4)], points=[point(e) for e in (2, 4)],
                        seconds=1.0, hparams=dict(method=k)) for k, z in runs.items()}
     return dict(layers=list(layers), n_edits=4, methods=methods)
+
+
+def test_report_table_gives_the_last_layer_s_pl_z_and_drift():
+    """table.md's row: the last edit layer's PL, z (– without a queue) and drift at each point."""
+    rows = TB.report_table(_result({"lyaplock": 3.0, "memit": None}, layers=(1, 3)))
+    assert rows[0].endswith("| PL L3 | z L3 | ‖ΔW‖/‖W0‖ L3 |")
+    assert rows[2:] == ["| lyaplock | 2 | 50.0 | 40.0 | 90.0 | 80.0 | 102.0 | 0.2 | 3.00 | 0.02 |",
+                        "| lyaplock | 4 | 50.0 | 40.0 | 90.0 | 80.0 | 104.0 | 0.4 | 3.00 | 0.04 |",
+                        "| memit | 2 | 50.0 | 40.0 | 90.0 | 80.0 | 102.0 | 0.2 | – | 0.02 |",
+                        "| memit | 4 | 50.0 | 40.0 | 90.0 | 80.0 | 104.0 | 0.4 | – | 0.04 |"]
+
+
+def test_pl_figures_draw_the_first_queue_s_threshold():
+    """pl_layer*.svg: the dashed threshold D of the first run with a queue, named in the title."""
+    figs = TB.report_figures(_result({"memit": None, "lyaplock": 3.0}))
+    assert all('stroke="gray" stroke-dasharray="5,4"' in figs[f] and "(dashed: lyaplock's threshold D)" in figs[f]
+               for f in ("pl_layer1.svg", "pl_layer2.svg"))
+    assert 'stroke="gray" stroke-dasharray' not in TB.report_figures(_result({"memit": None}))["pl_layer2.svg"]
 
 
 def test_a_report_into_a_reused_out_removes_its_stale_figures(tmp_path):
@@ -560,6 +761,58 @@ def test_training_again_replaces_the_model_s_files_and_keeps_the_others(tmp_path
     TB.train(model, "ci", log=lambda *_: None)
     assert {str(f.relative_to(model)): f.read_text() for f in model.rglob("*") if f.is_file()} == {
         "config.json": "new", "training.json": "new", "notes.txt": "old", "testbed/result.json": "old"}
+
+
+def test_training_s_out_checks_keep_what_is_there(tmp_path, monkeypatch):
+    """--out a file is refused naming it (not "[Errno 17] File exists"); an --out that existed empty
+    is left in place by a failed training (only one made for it is removed); a .training-* left by a
+    killed training is no file of the user's: the directory is trained into."""
+    fails = lambda *a, **k: (_ for _ in ()).throw(InterruptedError("stopped"))
+    monkeypatch.setattr(TB, "train_model", fails)
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(ValueError, match=f"--out {tmp_path / 'file'} is a file; give a directory"):
+        TB.train(tmp_path / "file", "ci", log=lambda *_: None)
+    assert (tmp_path / "file").read_text() == "mine"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InterruptedError):
+        TB.train(tmp_path / "empty", "ci", log=lambda *_: None)
+    assert (tmp_path / "empty").is_dir()
+    (tmp_path / "killed" / ".training-x1").mkdir(parents=True)
+    monkeypatch.setattr(TB, "train_model", lambda work, *a, **k: (Path(work) / "training.json").write_text("{}"))
+    TB.train(tmp_path / "killed", "ci", log=lambda *_: None)
+    assert (tmp_path / "killed" / "training.json").exists()
+
+
+def test_move_in_puts_training_json_last_and_an_error_leaves_the_earlier_model_as_it_was(tmp_path, monkeypatch):
+    """training.json, which marks a fact model, is moved in last (a kill before it leaves no marked
+    half model); a failure on it takes back the new files already moved, also those the earlier
+    model had no file of (a new family's), and puts the earlier ones back."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    for d, names, text in ((work, ("a.json", "training.json", "z.json", "new.bin"), "new"),
+                           (out, ("a.json", "training.json", "z.json", "notes.txt"), "old")):
+        d.mkdir()
+        for name in names:
+            (d / name).write_text(text)
+    real, into = Path.rename, []
+
+    def rename(self, to):
+        if Path(to).parent == out:
+            into.append(Path(to).name)
+        return real(self, to)
+    monkeypatch.setattr(Path, "rename", rename)
+    TB.move_in(work, out)
+    assert into[-1] == "training.json" and len(into) == 4
+    assert {f.name: f.read_text() for f in out.iterdir()} == {
+        "a.json": "new", "training.json": "new", "z.json": "new", "new.bin": "new", "notes.txt": "old"}
+    for name in ("a.json", "training.json", "z.json", "extra.bin"):       # extra.bin: none in out
+        (work / name).write_text("newer")
+    before = {f.name: f.read_text() for f in out.iterdir()}
+    fail = lambda self, to: (_ for _ in ()).throw(OSError(5, "Input/output error")) \
+        if Path(to) == out / "training.json" and self.parent == work else real(self, to)
+    monkeypatch.setattr(Path, "rename", fail)
+    with pytest.raises(OSError, match="Input/output error"):
+        TB.move_in(work, out)
+    assert {f.name: f.read_text() for f in out.iterdir()} == before
 
 
 def test_an_interrupted_training_leaves_no_partial_model_and_the_earlier_one_whole(tmp_path, monkeypatch, capsys):
@@ -899,6 +1152,16 @@ def test_edit_stream_file_holds_the_records_of_both_sources(tmp_path, monkeypatc
     assert load_requests(tmp_path / "edits.json")[0] == keep
 
 
+def test_edit_stream_file_copies_the_records_at_the_seam_of_its_sources(tmp_path, monkeypatch):
+    """The last record of edit_file's and the first of the train split's extras (right after the
+    held-back ones) are both written: an off-by-one at either end dropped one."""
+    s = dataclasses.replace(TB.SIZES["laptop"], n_edit=3, n_held=2, more_edit=2)
+    edit, held = TB.records(s)
+    monkeypatch.setattr(TB, "editable", lambda m, e, h: edit)
+    TB.write_edits(tmp_path / "edits.json", None, s, edit, held)
+    assert load_requests(tmp_path / "edits.json")[0] == edit and len(edit) == 5
+
+
 @pytest.mark.parametrize("path, size, cards", [(FACTMODEL, "ci", 0.95), (LAPTOP, "laptop", 0.85)])
 def test_committed_fact_models_know_their_facts(path, size, cards):
     """The fixtures trained by `python testbed.py train --size ci` (and `--size laptop
@@ -1044,3 +1307,25 @@ def test_frontier_labels_overlap_neither_one_another_nor_a_point(seed):
         for i, a in enumerate(boxes):
             assert all(a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1] for b in boxes[i + 1:]), case
             assert not any(a[0] - 3 < x < a[2] + 3 and a[1] - 3 < y < a[3] + 3 for x, y in dots), case
+
+
+def test_frontier_labels_sit_inside_the_plot_beside_their_own_point_and_lines_run_in_x_order():
+    """A label goes beside its own point, not nearer a neighbour's (two close points: the left one's
+    label to its left), with no leader when it was not moved; a label of a point in a corner stays
+    inside the plot, off the axes; a method's runs are joined left to right."""
+    w, h = 560, 360
+    label = lambda svg: {t: (float(x), float(y) - 9, float(x) + 6.5 * len(t), float(y) + 2) for x, y, t in
+                         re.findall(r'<text x="([\d.]+)" y="([\d.]+)" fill="[^"]+">([^<]+)<', svg)}
+    dot = lambda svg: [tuple(map(float, m)) for m in re.findall(r'<circle cx="([\d.]+)" cy="([\d.]+)"', svg)]
+    gap = lambda b, x, y: ((max(b[0] - x, 0, x - b[2])) ** 2 + max(b[1] - y, 0, y - b[3]) ** 2) ** 0.5
+    svg = TB.svg_frontier({"a": (50, 50), "b": (52, 50)}, "t", w, h)
+    (ax, ay), (bx, by) = dot(svg)
+    boxes = label(svg)
+    assert gap(boxes["a"], ax, ay) < gap(boxes["a"], bx, by) and gap(boxes["b"], bx, by) < gap(boxes["b"], ax, ay)
+    assert 'stroke-width="0.5"' not in svg                              # no leader: both labels beside their points
+    corners = label(TB.svg_frontier({"lyaplock": (100, 100), "memit": (0, 0), "rome": (100, 0)}, "t", w, h))
+    assert all(b[0] >= 62 and b[2] <= w and b[1] >= 20 and b[3] <= h - 42 for b in corners.values()), corners
+    joined = TB.svg_frontier({"m:1": (80, 10), "m": (20, 50), "m:2": (50, 30)}, "t")
+    line = re.search(r'<polyline points="([^"]+)"', joined)
+    xs = [float(p.split(",")[0]) for p in line.group(1).split()]
+    assert xs == sorted(xs) and len(xs) == 3
