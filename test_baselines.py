@@ -80,6 +80,16 @@ def test_memit_seq_is_memit_at_step_0_and_holds_past_keys_after_it(seed):
     assert moved[-1] < 0.1 * moved[0]
 
 
+def test_memit_seq_solves_in_float64_from_float32_keys():
+    """The pipeline hands over float32 keys (E5): the algebra is float64 all the same (E15)."""
+    P = rnd(0)
+    K1, R = P["K1"].float(), P["R"].float()
+    ours = B.solve_memit_seq(K1, R, P["C"], P["lam"], P["S_KK"])
+    want = B.solve_memit_seq(K1.double(), R.double(), P["C"], P["lam"], P["S_KK"])
+    assert ours.dtype == torch.float64
+    close(ours, want, 1e-13)
+
+
 # ----------------------------------------------------------------------------- RECT (E16)
 
 @pytest.mark.parametrize("seed", range(6))
@@ -92,6 +102,7 @@ def test_rect_keeps_exactly_the_entries_their_threshold_counts(seed, percent):
     ratio = (delta / (W + 1e-8).double()).abs()
     k = int(W.numel() * (100 - percent) / 100)
     assert int(mask.sum()) == (W.numel() - k + 1 if k else W.numel())         # no ties here
+    assert k or threshold == 0.0                                              # keep all: τ = 0
     if k:
         assert threshold == float(ratio.flatten().sort().values[k - 1])
         assert float(ratio[mask].min()) >= float(ratio[~mask].max() if (~mask).any() else 0)
@@ -107,6 +118,29 @@ def test_rect_their_40_percent_and_ties():
     mask, threshold = B.rect_mask(ties, W)                      # W + 1e-8 = 1 in float32
     assert threshold == 66.0 and int(mask.sum()) == 11008 - 6600   # every tie at the threshold kept
     assert torch.equal(mask, ties >= 66)
+
+
+def test_rect_with_a_float32_update_is_the_float64_rule():
+    """A float32 Δ: the ratio, threshold and kept entries are those of the same Δ in float64 (E16)."""
+    g = torch.Generator().manual_seed(3)
+    W, delta = torch.randn(64, 172, generator=g), torch.randn(64, 172, generator=g)
+    mask, threshold = B.rect_mask(delta, W)
+    mask64, threshold64 = B.rect_mask(delta.double(), W)
+    assert torch.equal(mask, mask64) and threshold == threshold64
+    kept = B.rect_update(delta, W)
+    assert kept.dtype == torch.float64 and torch.equal(kept, B.rect_update(delta.double(), W))
+
+
+def test_rect_eps_separates_zero_weights():
+    """Entries where W is exactly 0 get the ratio |Δ|/1e-8 (their eps), not ∞: they are ranked
+    by |Δ| among themselves, so the count kept stays numel − k + 1 (E16)."""
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(20, 50, generator=g)
+    W[:, :30] = 0.0                                             # 60% of W zero: the threshold among them
+    delta = torch.randn(20, 50, dtype=torch.float64, generator=g)
+    mask, threshold = B.rect_mask(delta, W)
+    assert math.isfinite(threshold) and int(mask.sum()) == 1000 - 600 + 1
+    assert not mask[:, 30:].any()                               # the zero weights' entries rank first
 
 
 def test_rect_rejects_bad_input():
@@ -154,11 +188,27 @@ def test_prune_keeps_the_weight_dtype_and_rejects_bad_input():
     assert B.prune_weight(W, W0.float()).dtype == torch.float32
     with pytest.raises(B.BaselineError, match="differ"):
         B.prune_weight(W, W0.T)
-    with pytest.raises(B.BaselineError, match="σ_max"):
+    with pytest.raises(B.BaselineError, match="original weight is zero"):
         B.prune_weight(W, torch.zeros_like(W))
     for sigma_max in (0.0, -1.0, math.nan, math.inf):   # ln σ_max: not a math domain error, not a no-op
         with pytest.raises(B.BaselineError, match="σ_max must be positive"):
             B.prune_singular_values(S, sigma_max)
+
+
+def test_prune_is_float64_algebra_whatever_the_input_dtype():
+    """float32 weights (as stored), a float64 W0 or float32 inputs to the rule's pieces: the same
+    float64 algebra, cast back to W's dtype only at the end (E17), bit for bit."""
+    W0, smax, U, S, V = svd_problem(1, d=24, m=40)
+    W = W0 + (U * S) @ V.T
+    W32, W0_32 = W.float(), W0.float()
+    want = B.prune_weight(W32.double(), W0_32.double())
+    assert torch.equal(B.prune_weight(W32, W0_32), want.float())               # W − W0 in float64
+    assert B.prune_weight(W32, W0).dtype == torch.float32                      # W's dtype, not W0's
+    upd = (W32 - W0_32)
+    close(B.prune_restrain(upd, smax), B.prune_restrain(upd.double(), smax), 1e-13)
+    S32 = S.float()
+    out = B.prune_singular_values(S32, smax)
+    assert out.dtype == torch.float64 and torch.equal(out, B.prune_singular_values(S32.double(), smax))
 
 
 # ----------------------------------------------------------------------------- ROME (E18–E20)
@@ -197,6 +247,9 @@ def test_rome_rejects_an_orthogonal_key():
         B.solve_rome(torch.zeros(2, 3), L.cholesky_factor(C), torch.tensor([1.0, 0, 0]), torch.tensor([0, 1.0, 0]), torch.ones(2))
     with pytest.raises(B.BaselineError, match="zero"):
         B.rome_left_vector(torch.zeros(3), L.cholesky_factor(C))
+    for bad in (math.inf, math.nan):                  # an overflowed mean key: not a NaN/zero u
+        with pytest.raises(B.BaselineError, match="not finite"):
+            B.rome_left_vector(torch.tensor([bad, 1.0, 0]), L.cholesky_factor(C))
     for bad in (math.inf, math.nan):                  # a key that overflowed is not called orthogonal
         with pytest.raises(B.BaselineError, match="not finite"):
             B.rome_right_vector(torch.zeros(2), torch.tensor([bad, 0, 0]), torch.ones(2), torch.tensor([1.0, 0, 0]))
@@ -295,6 +348,17 @@ def test_lyaplock_alphaedit_at_the_floor_is_alphaedit_at_any_step(seed):
     ls = L.LayerState()                      # the floor as the queue computes it: a·Z, rounded
     L.feed_queue(ls, 0.3, 7.0)
     close(lm_alpha(P, Pr, z=ls.z), lm_alpha(P, Pr, z=1.0), 1e-12)
+
+
+def test_lyaplock_alphaedit_just_under_the_floor_is_the_floor_exactly():
+    """A z rounded just below 1 adds no negative multiple of C (excess clamped at 0); a float32 P
+    and the default L2 (their 10) give AlphaEdit's E12 (E22)."""
+    P = rnd(2)
+    Pr = projector(2, P["m"])
+    assert torch.equal(lm_alpha(P, Pr, z=1 - 1e-10), lm_alpha(P, Pr, z=1.0))
+    close(lm_alpha(P, Pr.float().double(), z=1.0), lm_alpha(P, Pr.float(), z=1.0), 1e-13)
+    default = B.solve_lyaplock_alphaedit(P["W"], P["W0"], P["C"], P["K1"], P["R"], Pr, P["S_KK"], 1.0, P["lam"])
+    close(default, L.solve_alphaedit(P["K1"], P["R"], Pr, P["S_KK"], 10.0), 1e-11)
 
 
 @pytest.mark.parametrize("seed", range(5))
