@@ -1526,6 +1526,96 @@ def test_cli_resume_without_model_refuses_every_typed_flag_that_differs(tmp_path
     assert all(n in err for n in named), err
 
 
+def test_the_flag_rules_of_a_resume_and_of_stop_below_hold_at_their_edges(tmp_path):
+    """What check_settings takes and refuses before any work: --resume with --out (the run stays in
+    its own directory), --glue-n or the run's own --stop-below on a resume (the run recorded its
+    --glue-dir and --eval-every), --plan-gib without --plan also on a resume, --stats-tokens with
+    --stats, --stop-below 0 or 1 (no fraction) even with --eval-every; --stats-tokens of d_mlp taken
+    (C is not singular)."""
+    run = str(tmp_path / "run")
+    check = lambda *argv: L.check_settings(L.parse_args(list(argv)))
+    for argv in (["--resume", run, "--glue-n", "5"], ["--resume", run, "--stop-below", "0.5"],
+                 ["--stop-below", "0.01", "--eval-every", "1"], ["--stop-below", "0.99", "--eval-every", "1"]):
+        check(*argv)
+    for argv, message in ((["--resume", run, "--out", run], "--out and --resume: a resumed run stays in its own"),
+                          (["--resume", run, "--plan-gib", "80"], "--plan-gib without --plan"),
+                          (["--stats", run, "--stats-tokens", "5"], "--stats-tokens with --stats: the file holds"),
+                          (["--stop-below", "0", "--eval-every", "1"], "--stop-below 0.0: give a fraction"),
+                          (["--stop-below", "1", "--eval-every", "1"], "--stop-below 1.0: give a fraction")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            check(*argv)
+    out, settings, _ = L.open_run(L.parse_args(_cli(tmp_path, "--out", run, tokens=172)))    # d_mlp tokens: enough
+    assert (out, settings.stats_tokens) == (Path(run), 172)
+
+
+def test_the_parser_s_defaults_are_the_settings_defaults_and_paths_are_recorded_absolute(monkeypatch):
+    """A run's flags left out record what Settings says they default to (a run begun before a setting
+    was recorded resumes with Settings' default: the two must agree), and its path flags, typed
+    relative, as absolute paths (a --resume from another directory reads the same files); a --glue-n
+    of exactly a task file's items is taken."""
+    defaults = vars(L.parse_args([]))
+    for f in dataclasses.fields(L.Settings):
+        if defaults.get(f.name) is not None and f.name != "device" and f.default is not dataclasses.MISSING:
+            assert defaults[f.name] == f.default, f.name
+    assert defaults["batch_size"] == L.HParams().batch_size
+    monkeypatch.chdir(HERE)
+    args = L.parse_args(["--model", "fixtures/stories260K-hf", "--edits", "fixtures/stories-edits.json",
+                         "--heldout", "fixtures/wikitext-2-valid-sample.txt", "--glue-dir", "fixtures/glue",
+                         "--glue-n", "110"])
+    L.check_inputs(args)
+    settings = L.new_settings(args, M.checkpoint_config(STORIES))
+    assert [settings.model, settings.edits, settings.heldout, settings.glue_dir] == [str((FIX / name).resolve())
+            for name in ("stories260K-hf", "stories-edits.json", "wikitext-2-valid-sample.txt", "glue")]
+
+
+def test_a_resume_takes_the_resumable_flags_and_compares_the_others_with_the_run_s_settings(tmp_path):
+    """resumed_settings on a run's config.json: --z-batch-tokens and --checkpoint-every change the
+    settings; --seed (it draws other context templates) is compared and refused; a setting the
+    run's config.json lacks (a run begun before it was recorded) compares as its default; an edits
+    file the run recorded a digest of and that is gone is refused."""
+    cfg = M.checkpoint_config(STORIES)
+    saved = json.loads(L.Settings(model=str(STORIES), edits=str(FIX / "stories-edits.json")).to_json())
+    del saved["glue_n"]
+    resumed = lambda *flags: L.resumed_settings(L.parse_args(["--resume", "run", *flags]), saved, cfg)
+    settings = resumed("--z-batch-tokens", "512", "--checkpoint-every", "3", "--glue-n", "100", "--seed", "0")
+    assert (settings.z_batch_tokens, settings.checkpoint_every, settings.glue_n) == (512, 3, 100)
+    with pytest.raises(ValueError, match="the configuration differs: seed: 0 in the run, 3 now"):
+        resumed("--seed", "3")
+    saved.update(edits=str(tmp_path / "gone.json"), edits_sha256="0" * 64)
+    with pytest.raises(ValueError, match="is missing or has changed since the run began"):
+        resumed()
+    saved.update(stats_file=str(tmp_path / "stats.safetensors"), edits_sha256="")
+    with pytest.raises(ValueError, match="--stats-batch-tokens: the run reads its statistics from its --stats file"):
+        resumed("--stats-batch-tokens", "100")     # (resumable, but a run given --stats reads no corpus)
+
+
+def test_a_resume_drops_what_was_logged_after_its_checkpoint_and_keeps_what_it_holds(tmp_path, capsys):
+    """start_or_resume on a run directory written by hand, its checkpoint after step 2 of 2-request
+    steps over 3 requests (the last step a short one): log lines of steps 0 and 1 kept, 2 and 3
+    dropped; the measurement before editing and the one after step 2 kept, a final one (of a
+    finished run resumed again) and a later one dropped; a --stop-below record of step 2 kept, of
+    a later step removed."""
+    from types import SimpleNamespace
+
+    class Editor:
+        state = SimpleNamespace(step=2, n_edits=3)
+        restore = lambda self, out: None
+    settings = L.Settings(model=str(STORIES), hparams=L.HParams(batch_size=2))
+    (tmp_path / "latest.json").write_text("{}")
+    data.write_jsonl(tmp_path / "cases_pre.jsonl", [{}] * 3)
+    for stop_step, kept in ((2, True), (3, False)):
+        data.write_jsonl(tmp_path / "log.jsonl", [dict(step=s) for s in range(4)])
+        data.write_jsonl(tmp_path / "ability.jsonl", [dict(step=0, final=False), dict(step=2, final=False),
+                                                      dict(step=2, final=True), dict(step=3, final=False)])
+        (tmp_path / "stop.json").write_text(json.dumps(dict(step=stop_step)))
+        L.start_or_resume(Editor(), [None] * 3, settings, tmp_path)
+        assert [e["step"] for e in data.read_jsonl(tmp_path / "log.jsonl")[0]] == [0, 1]
+        assert [(a["step"], a["final"]) for a in data.read_jsonl(tmp_path / "ability.jsonl")[0]] == [
+            (0, False), (2, False)]
+        assert (tmp_path / "stop.json").exists() == kept
+    assert f"resuming {tmp_path} at step 2 (3 edits done)" in capsys.readouterr().out
+
+
 def test_cli_resume_allows_device_and_batch_tokens_and_repeating_the_settings(tmp_path, capsys):
     out = tmp_path / "run"
     argv = _cli(tmp_path, "--out", str(out), "--limit", "4", "--no-generation")
@@ -1744,6 +1834,46 @@ def test_log_lines_reach_the_disk_before_the_checkpoint_that_keeps_them(tmp_path
     assert synced["log"] == 3
 
 
+def test_checkpoints_come_every_k_steps_at_a_ctrl_c_and_at_the_end(tmp_path, monkeypatch):
+    """--checkpoint-every 3 on 6 one-request steps, Ctrl-C during step 2: checkpoints before
+    editing (0), after the interrupted step (2: the step finishes, saves, the run stops), after
+    step 3 and at the end (6); general ability (--eval-every 2) before editing, after steps 2 and 4
+    and at the end (once); the resumed run's log holds each step once and its --stop-below rule compares with the
+    measurement before editing (not the latest before it, after step 2); ability at exactly the threshold
+    goes on. (The suite's other runs checkpoint every step.)"""
+    import signal
+    out, saved, real_checkpoint, real_edit, calls = tmp_path / "run", [], L.Editor.checkpoint, L.edit_batch, []
+
+    def checkpoint(editor, run_dir):
+        saved.append(editor.state.step)
+        return real_checkpoint(editor, run_dir)
+
+    def ctrl_c_in_the_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)          # (DeferInterrupt: the step goes on)
+        return real_edit(*a, **k)
+    def collapsed(settings, before, now):
+        compared.append(before["step"])
+        return real_collapsed(settings, before, now)
+    real_collapsed, compared = L.collapsed, []
+    monkeypatch.setattr(L, "collapsed", collapsed)
+    monkeypatch.setattr(L.Editor, "checkpoint", checkpoint)
+    monkeypatch.setattr(L, "edit_batch", ctrl_c_in_the_second)
+    argv = _cli(tmp_path, "--out", str(out), "--no-generation", "--checkpoint-every", "3", "--eval-every", "2",
+                "--stop-below", "1e-9", limit=6, batch=1, tokens=3000)
+    assert L.main(argv) == 130 and saved == [0, 2]
+    assert L.main(["--resume", str(out)]) == 0 and saved == [0, 2, 3, 6]
+    assert [e["step"] for e in data.read_jsonl(out / "log.jsonl")[0]] == [0, 1, 2, 3, 4, 5]
+    assert [(a["step"], a["final"]) for a in data.read_jsonl(out / "ability.jsonl")[0]] == [
+        (0, False), (2, False), (4, False), (6, True)]
+    assert compared == [0, 0, 0, 0] and not (out / "stop.json").exists()   # the resumed run's rule: before editing
+    perplexity = lambda p, step=0: dict(step=step, edits=step, perplexity=p)
+    settings = L.Settings(model="m", stop_below=0.5)
+    assert L.collapsed(settings, perplexity(2.0), perplexity(4.0, 1)) is None           # at the threshold: goes on
+    assert L.collapsed(settings, perplexity(2.0), perplexity(4.5, 1))["threshold"] == 0.25    # below it: stops
+
+
 def test_stop_below_ends_the_run_at_the_collapse_point_and_resume_keeps_it(tmp_path, capsys):
     out = tmp_path / "run"
     argv = _cli(tmp_path, "--out", str(out), "--limit", "12", "--no-generation", "--eval-every", "1",
@@ -1924,7 +2054,9 @@ def test_a_path_flag_given_as_an_empty_string_is_refused_naming_it(tmp_path, cap
     error; each is a one-line error naming the flag, before the model loads."""
     monkeypatch.setattr(L.M, "load", lambda *a, **k: pytest.fail("the model was loaded"))
     monkeypatch.chdir(tmp_path)                         # (a new run without --out: runs/NNN here)
-    for flag, kind in (("--resume", "directory"), ("--stats", "file or directory"), ("--heldout", "file")):
+    for flag, kind in (("--resume", "directory"), ("--stats", "file or directory"), ("--heldout", "file"),
+                       ("--stats-corpus", "file"), ("--glue-dir", "directory"), ("--snippets", "file"),
+                       ("--save-model", "directory")):    # (each path flag but --model and --edits: asked for)
         extra = () if flag == "--resume" else ("--out", str(tmp_path / "run"))
         assert L.main(_cli(tmp_path, *extra, flag, "", tokens=0)) == 1, flag
         assert capsys.readouterr().err == f"error: {flag} '': give a {kind}\n"
