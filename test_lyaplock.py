@@ -1835,9 +1835,9 @@ def test_log_lines_reach_the_disk_before_the_checkpoint_that_keeps_them(tmp_path
 
 
 def test_checkpoints_come_every_k_steps_at_a_ctrl_c_and_at_the_end(tmp_path, monkeypatch):
-    """--checkpoint-every 3 on 6 one-request steps, Ctrl-C during step 2: checkpoints before
+    """--checkpoint-every 4 on 6 one-request steps, Ctrl-C during step 2: checkpoints before
     editing (0), after the interrupted step (2: the step finishes, saves, the run stops), after
-    step 3 and at the end (6); general ability (--eval-every 2) before editing, after steps 2 and 4
+    step 4 and at the end (6, no multiple of 4); general ability (--eval-every 2) before editing, after steps 2 and 4
     and at the end (once); the resumed run's log holds each step once and its --stop-below rule compares with the
     measurement before editing (not the latest before it, after step 2); ability at exactly the threshold
     goes on. (The suite's other runs checkpoint every step.)"""
@@ -1860,10 +1860,10 @@ def test_checkpoints_come_every_k_steps_at_a_ctrl_c_and_at_the_end(tmp_path, mon
     monkeypatch.setattr(L, "collapsed", collapsed)
     monkeypatch.setattr(L.Editor, "checkpoint", checkpoint)
     monkeypatch.setattr(L, "edit_batch", ctrl_c_in_the_second)
-    argv = _cli(tmp_path, "--out", str(out), "--no-generation", "--checkpoint-every", "3", "--eval-every", "2",
+    argv = _cli(tmp_path, "--out", str(out), "--no-generation", "--checkpoint-every", "4", "--eval-every", "2",
                 "--stop-below", "1e-9", limit=6, batch=1, tokens=3000)
     assert L.main(argv) == 130 and saved == [0, 2]
-    assert L.main(["--resume", str(out)]) == 0 and saved == [0, 2, 3, 6]
+    assert L.main(["--resume", str(out)]) == 0 and saved == [0, 2, 4, 6]
     assert [e["step"] for e in data.read_jsonl(out / "log.jsonl")[0]] == [0, 1, 2, 3, 4, 5]
     assert [(a["step"], a["final"]) for a in data.read_jsonl(out / "ability.jsonl")[0]] == [
         (0, False), (2, False), (4, False), (6, True)]
