@@ -437,14 +437,10 @@ def train(out_dir, size: str = "ci", seed: int = 0, device: str = "cpu", steps: 
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        with training_into(out, out_dir):
-            work = Path(tempfile.mkdtemp(prefix=".training-", dir=out))   # the model, then moved in place
-            try:
-                with tf32_matmuls(tf32):
-                    info = train_model(work, size, seed, device, steps, tf32, log, family)
-                move_in(work, out)
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
+        with training_into(out, out_dir) as work:                # the model, then moved in place
+            with tf32_matmuls(tf32):
+                info = train_model(work, size, seed, device, steps, tf32, log, family)
+            move_in(work, out)
     finally:
         if made and not any(out.iterdir()):
             out.rmdir()
@@ -454,9 +450,10 @@ def train(out_dir, size: str = "ci", seed: int = 0, device: str = "cpu", steps: 
 
 @contextmanager
 def training_into(out: Path, out_dir):
-    """`out` held for one training (a lock on the directory itself, which the system releases when
-    the process ends, killed or not): a second training into it is refused, and the work
-    directories a killed one left there (.training-*, a partial model each) are removed."""
+    """A work directory for one training in `out` (out/.training-*, removed after), with `out`
+    held meanwhile: a lock on the directory itself (no lock file among a model's), which the system
+    releases when the process ends, killed or not. A second training into `out` is refused, and the
+    work directories a killed one left there (a partial model each) are removed."""
     fd = os.open(out, os.O_RDONLY)
     try:
         try:
@@ -466,7 +463,11 @@ def training_into(out: Path, out_dir):
                              "or give another directory") from None
         for left in out.glob(".training-*"):
             shutil.rmtree(left, ignore_errors=True)
-        yield
+        work = Path(tempfile.mkdtemp(prefix=".training-", dir=out))
+        try:
+            yield work
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     finally:
         os.close(fd)
 
