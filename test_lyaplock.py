@@ -1353,6 +1353,7 @@ def test_cli_run_writes_the_run_directory_and_the_edited_model(tmp_path, capsys)
     edited = M.load(tmp_path / "edited")
     w = _final_weights(out)
     assert torch.equal(edited.edit_weight(1), w["model.layers.1.mlp.down_proj.weight"])
+    assert not (tmp_path / "edited" / L.SAVING).exists()        # the save's marker goes with the save done
     assert "[8/8]" in capsys.readouterr().out
     assert L.main(_cli(tmp_path, "--out", str(out))) == 1            # never overwrite a run
     assert "not empty" in capsys.readouterr().err
@@ -1875,9 +1876,11 @@ def test_checkpoints_come_every_k_steps_at_a_ctrl_c_and_at_the_end(tmp_path, mon
 
 
 def test_stop_below_ends_the_run_at_the_collapse_point_and_resume_keeps_it(tmp_path, capsys):
+    """(--checkpoint-every 5 on 3 steps: the stop's own checkpoint is what a resume finds; without
+    it a resume goes back to step 0 and edits again, to the same end.)"""
     out = tmp_path / "run"
     argv = _cli(tmp_path, "--out", str(out), "--limit", "12", "--no-generation", "--eval-every", "1",
-                "--stop-below", "0.9999")
+                "--stop-below", "0.9999", "--checkpoint-every", "5")
     assert L.main(argv) == 0
     stop = json.loads((out / "stop.json").read_text())
     ability = [json.loads(l) for l in (out / "ability.jsonl").read_text().splitlines()]
@@ -1887,6 +1890,7 @@ def test_stop_below_ends_the_run_at_the_collapse_point_and_resume_keeps_it(tmp_p
     assert stop == dict(step=k, edits=4 * k, metric="1/perplexity", value=1 / ability[k]["perplexity"],
                         before=1 / before, threshold=0.9999 / before)
     assert "the collapse point" in capsys.readouterr().out
+    assert json.loads((out / "latest.json").read_text())["step"] == k      # its checkpoint, at the stop
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_edits"] == 4 * k and len((out / "log.jsonl").read_text().splitlines()) == k
     # scored on the edited requests only, before and after (all 12 were, the unedited ones with them)
