@@ -2228,11 +2228,12 @@ def create_run_dir(out: Path | None, settings: Settings, hold: Callable, files: 
 
 
 @contextmanager
-def holding(out: Path, what: str = "this run (started or resumed there)"):
+def holding(out: Path, what: str = "this run (started or resumed there)", on_directory: bool = False):
     """This process's hold on run directory `out` while its run goes on: an exclusive lock on
-    out/run.lock, which the system releases when the process ends (killed or not). A second run
-    or --resume of the directory meanwhile is refused: both would write its log and checkpoints."""
-    fd = os.open(out / "run.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    out/run.lock (on_directory: on `out` itself, no file added, as among a model's files), which
+    the system releases when the process ends (killed or not). A second run or --resume of the
+    directory meanwhile is refused: both would write its log and checkpoints."""
+    fd = os.open(out, os.O_RDONLY) if on_directory else os.open(out / "run.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -886,7 +886,7 @@ def test_a_training_removes_what_a_killed_one_left_and_refuses_to_share_its_out(
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         monkeypatch.setattr(TB, "train_model", lambda *a: pytest.fail("trained beside another training"))
-        with pytest.raises(ValueError, match=f"--out {model}: another training is writing its model there"):
+        with pytest.raises(ValueError, match=f"{model}: another process is running a fact model's training into it"):
             TB.train(model, "ci", steps=1, log=lambda *_: None)
     finally:
         os.close(fd)

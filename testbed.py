@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import fcntl
 import json
 import math
 import os
@@ -437,7 +436,7 @@ def train(out_dir, size: str = "ci", seed: int = 0, device: str = "cpu", steps: 
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        with training_into(out, out_dir) as work:                # the model, then moved in place
+        with training_into(out) as work:                # the model, then moved in place
             with tf32_matmuls(tf32):
                 info = train_model(work, size, seed, device, steps, tf32, log, family)
             move_in(work, out)
@@ -449,18 +448,11 @@ def train(out_dir, size: str = "ci", seed: int = 0, device: str = "cpu", steps: 
 
 
 @contextmanager
-def training_into(out: Path, out_dir):
+def training_into(out: Path):
     """A work directory for one training in `out` (out/.training-*, removed after), with `out`
-    held meanwhile: a lock on the directory itself (no lock file among a model's), which the system
-    releases when the process ends, killed or not. A second training into `out` is refused, and the
-    work directories a killed one left there (a partial model each) are removed."""
-    fd = os.open(out, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(f"--out {out_dir}: another training is writing its model there; wait for it to end "
-                             "or give another directory") from None
+    held meanwhile (L.holding, a lock on the directory itself): a second training into it is
+    refused, and the work directories a killed one left there (a partial model each) are removed."""
+    with L.holding(out, "a fact model's training into it", on_directory=True):
         for left in out.glob(".training-*"):
             shutil.rmtree(left, ignore_errors=True)
         work = Path(tempfile.mkdtemp(prefix=".training-", dir=out))
@@ -468,8 +460,6 @@ def training_into(out: Path, out_dir):
             yield work
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    finally:
-        os.close(fd)
 
 
 def move_in(work: Path, out: Path):
