@@ -730,6 +730,25 @@ def _split_at_subject(model: M.CausalLM, c: _Chunk, h0, layer: int):
     c.look = torch.zeros_like(c.look)
 
 
+def _active_rows(c: _Chunk, active) -> _Chunk | None:
+    """The chunk's rows whose request E4 still optimises (active: (n,) per request), None if no
+    row is left: a stopped request's δ no longer moves, so its rows need no more passes (the
+    authors optimise one request at a time and leave its loop there)."""
+    keep = active[c.req]
+    if bool(keep.all()):
+        return c
+    if not keep.any():
+        return None
+    at = keep.nonzero()[:, 0]
+    kl_kept = keep[c.kl]
+    pick = lambda t, index=at: None if t is None else t[index.to(t.device)]      # h0 may sit on another device
+    return _Chunk(rows=[c.rows[i] for i in at.tolist()], ids=pick(c.ids), mask=pick(c.mask), look=pick(c.look),
+                  req=pick(c.req), pos=pick(c.pos), lab=pick(c.lab), w=pick(c.w),
+                  kl=(keep.cumsum(0) - 1)[c.kl[kl_kept]],           # the KL rows' places among the kept
+                  h0=pick(c.h0), out0=pick(c.out0), prefix=c.prefix.rows(at),
+                  kl_init=pick(c.kl_init, kl_kept))
+
+
 def compute_z(model: M.CausalLM, rows: list[Row], n_req: int, layer: int, hp: HParams,
               max_tokens: int = 2048, norm_base=None, at_mlp: bool = False):
     """E4: target values z* = h + δ at `layer`'s output, subject's last token, for all requests
@@ -754,11 +773,14 @@ def compute_z(model: M.CausalLM, rows: list[Row], n_req: int, layer: int, hp: HP
     delta = torch.zeros_like(h_init)
     moments = [torch.zeros_like(delta), torch.zeros_like(delta)]                 # Adam's m, v
     active = torch.ones(n_req, dtype=torch.bool, device=dev)
+    fit = torch.zeros(n_req, device=dev)
     losses = []
     for it in range(hp.v_num_grad_steps):
         update = it < hp.v_num_grad_steps - 1                 # the last pass only measures
         # 1. per request: mean target NLL over its rewriting prompts + KL, and the gradient in δ
-        fit, grad = _fit_loss(model, chunks, delta, layer, n_rewrites, hp.kl_factor, update)
+        #    (the active requests' rows only; a stopped request's δ, and so its loss, stay as they were)
+        fit_now, grad = _fit_loss(model, chunks, delta, layer, n_rewrites, hp.kl_factor, update)
+        fit = torch.where(active, fit_now, fit)
         # 2. the weight decay, in the authors' form wd·‖δ‖/‖base‖²
         d = delta.clone().requires_grad_(update)
         decay = hp.v_weight_decay * d.norm(dim=1) / base_norm ** 2
@@ -773,6 +795,7 @@ def compute_z(model: M.CausalLM, rows: list[Row], n_req: int, layer: int, hp: HP
         #    stopped requests' δ and moments too), then the projection into ‖δ‖ ≤ clamp·‖base‖
         delta[active] = _adam_rows(delta, grad, moments, active, it + 1, hp.v_lr,
                                    hp.clamp_norm_factor * base_norm[active])
+        chunks = [kept for c in chunks if (kept := _active_rows(c, active)) is not None]
     return h_init + delta, dict(loss=torch.stack(losses).T.tolist(), h_init=h_init, delta=delta)
 
 

@@ -901,6 +901,12 @@ class KVCache:
         new.k, new.v = ([None if t is None else grown(t) for t in kv] for kv in (self.k, self.v))
         return new
 
+    def rows(self, index) -> "KVCache":
+        """The cache of the batch's rows `index` (a copy)."""
+        new = copy.copy(self)
+        new.k, new.v = ([None if t is None else t[index.to(t.device)] for t in kv] for kv in (self.k, self.v))
+        return new
+
 
 def attention_mask(mask, past: int, window: int | None = None):
     """(B, 1, T, S) bool, True where query i may read key j: j <= i, j a real token, and with a

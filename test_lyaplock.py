@@ -1161,6 +1161,61 @@ def test_batched_target_values_equal_one_request_at_a_time():
         assert torch.allclose(together[j], alone[0], rtol=1e-5, atol=1e-5)
 
 
+def test_target_values_pass_only_the_rows_of_requests_still_optimised(monkeypatch):
+    """E4 stops a request when its loss is under 5e-2 (the authors leave that request's loop): its
+    rows leave the later passes (whole chunks once none is left), and z* and every logged loss are
+    those of passes over all rows. On the fact model with little decay and KL, three of five
+    requests stop, at steps 2, 8 and 20 (measured), two never."""
+    m = M.load(FIX / "factmodel-ci")
+    requests, _ = data.load_requests(FIX / "factmodel-ci" / "edits.json")
+    requests = [requests[i] for i in (0, 6, 31, 39, 1)]
+    templates = [["{}"], ["Once upon a time. {}", "One day. {}"]]
+    hp = L.with_overrides(L.preset(m.cfg, "lyaplock"), v_lr=0.5, clamp_norm_factor=4.0,
+                          v_weight_decay=0.0, kl_factor=0.005)
+    rows = L.z_rows(m.tokenizer, requests, templates)
+    fit_loss, passed = L._fit_loss, []
+    monkeypatch.setattr(L, "_fit_loss", lambda model, chunks, *a: passed.append(
+        (len(chunks), sorted(i for c in chunks for i in c.rows))) or fit_loss(model, chunks, *a))
+    z, info = L.compute_z(m, rows, 5, hp.layers[-1], hp, max_tokens=64)
+    pruned = passed
+    passed = []
+    monkeypatch.setattr(L, "_active_rows", lambda c, active: c)          # every row, every pass
+    z_all, info_all = L.compute_z(m, rows, 5, hp.layers[-1], hp, max_tokens=64)
+    stops = [next((i for i, x in enumerate(l) if x < 5e-2), None) for l in info_all["loss"]]
+    assert stops == [None, 2, 8, 20, None]                 # the case the test is for
+    close(z, z_all, 1e-6)
+    close(torch.tensor(info["loss"]), torch.tensor(info_all["loss"]), 1e-6)
+    assert len(pruned) == len(passed) == hp.v_num_grad_steps
+    for step, (n_chunks, ran) in enumerate(pruned):
+        optimised = {j for j, s in enumerate(stops) if s is None or s >= step}
+        assert ran == [i for i, r in enumerate(rows) if r.req in optimised]
+        assert n_chunks <= passed[step][0]
+    assert pruned[-1][0] < passed[-1][0]                    # a chunk left whole
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2"])
+def test_a_chunks_kept_rows_score_as_they_did_among_all_its_rows(family_model, kind):
+    """_active_rows keeps the rows of the requests still optimised: their loss and gradient at any δ
+    are as in the whole chunks (KL rows included; on Gemma 2, δ through the post-norm, E4b, from
+    the MLP outputs kept), and a chunk with none of them is gone."""
+    m = M.load(STORIES) if kind == "llama" else family_model(kind)
+    requests, _ = data.load_requests(FIX / "counterfact-rome.json")
+    rows = L.z_rows(m.tokenizer, requests[:4], [["{}"], ["Then. {}", "So. {}"]])
+    layer, n_rewrites = 1, torch.bincount(torch.tensor([r.req for r in rows if r.targets]), minlength=4).float()
+    chunks = L._chunks(m, rows, layer, 200, mlp_mapped=kind != "llama")
+    delta = 0.1 * torch.randn(4, m.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    fit, grad = L._fit_loss(m, chunks, delta, layer, n_rewrites, 0.5, True)    # sets the KL rows' start
+    active = torch.tensor([False, True, True, False])
+    kept = [k for c in chunks if (k := L._active_rows(c, active)) is not None]
+    assert sorted(i for c in kept for i in c.rows) == [i for i, r in enumerate(rows) if active[r.req]]
+    assert len(kept) < len(chunks)                                       # a chunk of request 3's rows only
+    assert len(kept[0].kl) == 2 < len(chunks[0].kl)      # KL rows of requests 2, 0, 1, 3, then of 2 and 1
+    fit_kept, grad_kept = L._fit_loss(m, kept, delta, layer, n_rewrites, 0.5, True)
+    close(fit_kept[active], fit[active], 1e-6)
+    close(grad_kept[active], grad[active], 1e-5)
+    assert float(fit_kept[~active].abs().max()) == 0.0
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_length_batches_cover_every_index_once_within_the_budget(seed):
     g = random.Random(seed)
