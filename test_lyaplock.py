@@ -867,6 +867,29 @@ def test_runs_started_at_the_same_moment_take_different_run_directories(tmp_path
     assert L.new_run_dir(tmp_path) == tmp_path / "004"
 
 
+def test_a_new_run_directory_gets_its_config_json_only_after_its_other_files(tmp_path, monkeypatch):
+    """config.json is what makes a directory a run --resume continues: written last, so a write that
+    fails (a full disk) or a kill before the templates and input digests are in leaves no config.json
+    (a resume would go on without the run's templates)."""
+    out = tmp_path / "run"
+    settings = L.Settings(model=str(STORIES), edits=str(FIX / "stories-edits.json"))
+    real, written = L.data.write_atomic, []
+
+    def full_at_inputs(path, text):
+        if Path(path).name == "inputs.json":
+            raise OSError(28, "No space left on device")
+        written.append(Path(path).name)
+        return real(path, text)
+    monkeypatch.setattr(L.data, "write_atomic", full_at_inputs)
+    with pytest.raises(OSError, match="No space left"):
+        L.create_run_dir(out, settings, hold=lambda d: None, files={"templates.json": [["{}"]], "inputs.json": {}})
+    assert written == ["templates.json"] and not (out / "config.json").exists()
+    monkeypatch.setattr(L.data, "write_atomic", real)
+    assert L.create_run_dir(tmp_path / "whole", settings, hold=lambda d: None,
+                            files={"templates.json": [["{}"]], "inputs.json": {}}) == tmp_path / "whole"
+    assert json.loads((tmp_path / "whole" / "config.json").read_text())["edits"] == settings.edits
+
+
 def test_a_run_directory_is_run_by_one_process_at_a_time(tmp_path, capsys, monkeypatch):
     """A --resume of a run that another process is running (here: held by this test, as that
     process holds it) is refused before any work, and so is a new run into an --out that another
@@ -1412,6 +1435,17 @@ def test_cli_run_writes_the_run_directory_and_the_edited_model(tmp_path, capsys)
     assert "[8/8]" in capsys.readouterr().out
     assert L.main(_cli(tmp_path, "--out", str(out))) == 1            # never overwrite a run
     assert "not empty" in capsys.readouterr().err
+
+
+def test_a_stream_whose_length_is_not_a_multiple_of_the_batch_size_edits_its_last_requests_too(tmp_path):
+    """3 requests, 2 a step: two steps, the last a short one of 1 request; every request is edited
+    and scored (was at risk: a step count rounded down drops the remainder)."""
+    out = tmp_path / "run"
+    assert L.main(_cli(tmp_path, "--out", str(out), "--no-generation", limit=3, batch=2)) == 0
+    log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [0, 1] and log[-1]["edits"] == 3
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_edits"] == 3 and len((out / "cases.jsonl").read_text().splitlines()) == 3
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -2001,6 +2035,26 @@ def test_a_kill_right_after_the_stop_steps_checkpoint_still_stops_there(tmp_path
     assert json.loads((out / "stop.json").read_text())["step"] == 2
 
 
+def test_a_resumed_run_s_stop_rule_compares_with_the_ability_before_editing(tmp_path, monkeypatch):
+    """After a resume, --stop-below still measures each evaluation point against the value before the
+    first edit (ability.jsonl's first entry), not against the last one the run measured before it
+    stopped: perplexity 10, 15 (step 1, then Ctrl-C), 25 at step 2: 1/25 < 0.5 × 1/10 stops there
+    (against 1/15 it would not, and the run would edit on to the end)."""
+    perplexity = {0: 10.0, 1: 15.0, 2: 25.0, 3: 25.0, 4: 25.0}
+    monkeypatch.setattr(L, "general_ability", lambda editor, settings, final=False: dict(
+        step=editor.state.step, edits=editor.state.n_edits, final=final, perplexity=perplexity[editor.state.step]))
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        interrupt_after_one_step(patch)
+        assert L.main(_cli(tmp_path, "--out", str(out), "--batch-size", "2", "--no-generation",
+                           "--eval-every", "1", "--stop-below", "0.5")) == 130
+    assert [a["step"] for a in data.read_jsonl(out / "ability.jsonl")[0]] == [0, 1]
+    assert L.main(["--resume", str(out)]) == 0
+    stop = json.loads((out / "stop.json").read_text())
+    assert (stop["step"], stop["edits"], stop["before"]) == (2, 4, 0.1) and "end" not in stop
+    assert json.loads((out / "summary.json").read_text())["n_edits"] == 4
+
+
 def test_a_resume_whose_edits_file_changed_is_refused(tmp_path, capsys):
     """The run's edits file (or its model's config.json) changed on disk since the run began: the
     resume would edit another stream against the scores before editing; refused, naming the file."""
@@ -2165,6 +2219,15 @@ def test_general_ability_score_for_the_stop_rule():
     assert L.collapsed(settings, before, {"step": 3, "edits": 30, "perplexity": 21.0})["edits"] == 30
     with pytest.raises(ValueError, match="before editing is 0: the rule needs a positive value|needs a positive"):
         L.collapsed(settings, {"general": {"cola": {"mcc": 0.0}}}, {"general": {"cola": {"mcc": 0.0}}})
+
+
+def test_ability_exactly_at_the_stop_below_threshold_has_not_collapsed():
+    """--stop-below F stops once ability falls *below* F × its value before editing: a value equal to
+    the threshold goes on (1/perplexity 0.25 against 0.5 × 0.5, exact in binary), one just under stops."""
+    settings = L.Settings(model="m", edits="e", hparams=L.HParams(), stop_below=0.5)
+    before = {"step": 0, "edits": 0, "perplexity": 2.0}
+    assert L.collapsed(settings, before, {"step": 1, "edits": 4, "perplexity": 4.0}) is None
+    assert L.collapsed(settings, before, {"step": 1, "edits": 4, "perplexity": 4.5})["threshold"] == 0.25
 
 
 def test_a_value_before_editing_the_stop_rule_cannot_use_is_refused_before_the_first_step(tmp_path, capsys,
@@ -2665,6 +2728,21 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes(tmp_path):
     assert len(_log_without_times(out)) == 5
 
 
+def test_defer_interrupt_defers_the_first_ctrl_c_stops_at_the_second_and_puts_the_handler_back(capsys):
+    """DeferInterrupt: a first SIGINT only marks the step to finish (and says so), a second raises
+    KeyboardInterrupt at once, and on leaving the handler that was there before is back."""
+    import signal
+    outer = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with L.DeferInterrupt() as interrupt:
+            signal.raise_signal(signal.SIGINT)
+            assert interrupt.hit
+            assert "finishing this step, then saving" in capsys.readouterr().out
+            signal.raise_signal(signal.SIGINT)
+            pytest.fail("a second Ctrl-C did not stop at once")
+    assert signal.getsignal(signal.SIGINT) is outer
+
+
 def test_ctrl_c_outside_a_step_is_one_line_that_says_how_to_continue(tmp_path, monkeypatch, capsys):
     """Before the run directory exists there is nothing to continue; after it (here: while the
     model is scored before editing) the run continues with --resume (was a traceback)."""
@@ -2749,6 +2827,19 @@ def test_a_run_directory_changed_by_hand_is_refused_on_resume(stopped_run, tmp_p
     assert L.main(["--resume", str(out)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and re.search(message, err), err
+
+
+def test_a_resume_whose_scores_before_editing_hold_more_lines_than_requests_is_refused(stopped_run, tmp_path, capsys):
+    """cases_pre.jsonl holds exactly one score a request: one line too many (a hand, another run's
+    file) is refused like one too few, naming the counts (was at risk: only a short file refused)."""
+    out = tmp_path / "run"
+    shutil.copytree(stopped_run, out)
+    with open(out / "cases_pre.jsonl", "a") as f:
+        f.write((out / "cases_pre.jsonl").read_text().splitlines()[0] + "\n")
+    capsys.readouterr()
+    assert L.main(["--resume", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cases_pre.jsonl holds 9 of 8 scores" in err, err
 
 
 def interrupt_after_one_step(patch):
@@ -2899,6 +2990,22 @@ def test_save_model_never_writes_into_the_input_checkpoint_or_the_run_directory(
     for save in ("runs", "runs/001", "runs/007/model", "."):
         assert L.main(_cli(tmp_path, "--save-model", save)) == 1
         assert "and the run directory runs/NNN: one holds the other" in capsys.readouterr().err
+
+
+def test_a_save_cut_short_is_the_run_s_own_only_with_its_own_marker(tmp_path):
+    """own_save_target on a claim of an unfinished save (written None): the --save-model directory is
+    the run's to write again only while the marker there holds the run's own token; a marker with
+    another token (another run's save cut short there) is refused, its files left."""
+    out, d = tmp_path / "run", tmp_path / "saved"
+    out.mkdir()
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(b"torn")
+    (out / L.SAVE_CLAIM).write_text(json.dumps(dict(directory=str(d.resolve()), written=None, token="mine")))
+    (d / L.SAVING).write_text("mine")
+    assert L.own_save_target(str(d), out) is True
+    (d / L.SAVING).write_text("another run's")
+    with pytest.raises(ValueError, match="holds files this run has no record of writing"):
+        L.own_save_target(str(d), out)
 
 
 def test_a_resume_never_writes_over_another_run_s_model_in_its_save_model(tmp_path, monkeypatch, capsys):
