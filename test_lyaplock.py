@@ -1184,12 +1184,15 @@ def test_batched_target_values_equal_one_request_at_a_time():
         assert torch.allclose(together[j], alone[0], rtol=1e-5, atol=1e-5)
 
 
-def test_target_values_pass_only_the_rows_of_requests_still_optimised(monkeypatch):
+@pytest.mark.parametrize("device", [*DEVICES, *(["cpu,cuda"] if torch.cuda.is_available() else [])])
+def test_target_values_pass_only_the_rows_of_requests_still_optimised(monkeypatch, device):
     """E4 stops a request when its loss is under 5e-2 (the authors leave that request's loop): its
     rows leave the later passes (whole chunks once none is left), and z* and every logged loss are
     those of passes over all rows. On the fact model with little decay and KL, three of five
-    requests stop, at steps 2, 8 and 20 (measured), two never."""
-    m = M.load(FIX / "factmodel-ci")
+    requests stop, at steps 2, 8 and 20 (measured on the CPU), two never. On a GPU, and with the
+    blocks spread over the CPU and a GPU (a chunk's request indices on the first device, the
+    outputs and caches of the layers it runs on theirs), the same to float tolerance."""
+    m = M.load(FIX / "factmodel-ci", device)
     requests, _ = data.load_requests(FIX / "factmodel-ci" / "edits.json")
     requests = [requests[i] for i in (0, 6, 31, 39, 1)]
     templates = [["{}"], ["Once upon a time. {}", "One day. {}"]]
@@ -1205,9 +1208,12 @@ def test_target_values_pass_only_the_rows_of_requests_still_optimised(monkeypatc
     monkeypatch.setattr(L, "_active_rows", lambda c, active: c)          # every row, every pass
     z_all, info_all = L.compute_z(m, rows, 5, hp.layers[-1], hp, max_tokens=64)
     stops = [next((i for i, x in enumerate(l) if x < 5e-2), None) for l in info_all["loss"]]
-    assert stops == [None, 2, 8, 20, None]                 # the case the test is for
-    close(z, z_all, 1e-6)
-    close(torch.tensor(info["loss"]), torch.tensor(info_all["loss"]), 1e-6)
+    if device == "cpu":
+        assert stops == [None, 2, 8, 20, None]             # the case the test is for
+    assert None in stops and len(set(stops) - {None}) >= 2
+    tolerance = 1e-6 if device == "cpu" else 1e-4          # GPU kernels may sum another batch's rows in another order
+    close(z.cpu(), z_all.cpu(), tolerance)
+    close(torch.tensor(info["loss"]), torch.tensor(info_all["loss"]), tolerance)
     assert len(pruned) == len(passed) == hp.v_num_grad_steps
     for step, (n_chunks, ran) in enumerate(pruned):
         optimised = {j for j, s in enumerate(stops) if s is None or s >= step}
