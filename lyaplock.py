@@ -749,6 +749,18 @@ def _active_rows(c: _Chunk, active) -> _Chunk | None:
                   kl_init=pick(c.kl_init, kl_kept))
 
 
+STOP_LOSS = 5e-2        # E4: a request's optimisation ends at a loss under it
+
+
+def fit_summary(losses: list[list[float]]) -> dict:
+    """A step's target values in its log: z_loss, the mean of each request's last E4 loss (a
+    stopped request's at its stop; far above STOP_LOSS: the targets were not reached), and
+    z_passes, the mean number of passes a request ran (v_num_grad_steps unless it stopped early).
+    losses: compute_z's info["loss"], per request its loss at each pass."""
+    passes = [next((i + 1 for i, x in enumerate(l) if x < STOP_LOSS), len(l)) for l in losses]
+    return dict(z_loss=sum(l[-1] for l in losses) / len(losses), z_passes=sum(passes) / len(passes))
+
+
 def compute_z(model: M.CausalLM, rows: list[Row], n_req: int, layer: int, hp: HParams,
               max_tokens: int = 2048, norm_base=None, at_mlp: bool = False):
     """E4: target values z* = h + δ at `layer`'s output, subject's last token, for all requests
@@ -787,7 +799,7 @@ def compute_z(model: M.CausalLM, rows: list[Row], n_req: int, layer: int, hp: HP
         loss = fit + decay.detach()                                                       # E4
         losses.append(loss)
         # 3. a request stops when its loss is under 5e-2
-        active &= loss >= 5e-2
+        active &= loss >= STOP_LOSS
         if not update or not active.any():
             break
         grad += torch.autograd.grad(decay.sum(), d)[0]
@@ -955,7 +967,7 @@ def edit_batch(model: M.CausalLM, requests, templates, hp: HParams, state: EditS
     where = Where(state.step, requests)
     z_layer = hp.layers[-1]
     n = len(hp.layers)
-    zs, _ = compute_z(model, z_rows(model.tokenizer, requests, templates), len(requests), z_layer, hp, z_tokens)
+    zs, z_info = compute_z(model, z_rows(model.tokenizer, requests, templates), len(requests), z_layer, hp, z_tokens)
     where.check_finite(z_layer, **{"target values": zs})
     clock.lap("z")
     rows = key_rows(model.tokenizer, requests, templates)
@@ -973,7 +985,7 @@ def edit_batch(model: M.CausalLM, requests, templates, hp: HParams, state: EditS
         layers[layer] = update_layer(model, layer, K.T, R.T, hp, state, C, W0, prompts, where)
         clock.lap("solve")
     state.finish_step(len(requests))
-    return step_log(state, layers, clock)
+    return step_log(state, layers, clock) | fit_summary(z_info["loss"])
 
 
 def rome_batch(model: M.CausalLM, requests, templates, hp: HParams, state: EditState, C, W0,
@@ -992,6 +1004,7 @@ def rome_batch(model: M.CausalLM, requests, templates, hp: HParams, state: EditS
     C_u = C[layer].to(W.device, torch.float64, copy=True) if hp.mom2_adjustment else \
         torch.eye(m, dtype=torch.float64, device=W.device)                       # counts it); PL streams C
     C_factor = cholesky_factor(C_u, overwrite=True)   # once a step: E18 solves with C for every request
+    losses = []
     for q in requests:
         where = Where(state.step, [q])
         k_mean, k_star = (k.to(W.device) for k in rome_keys(model, q, templates, layer))   # E18's k̄, k*
@@ -1000,6 +1013,7 @@ def rome_batch(model: M.CausalLM, requests, templates, hp: HParams, state: EditS
         _, info = compute_z(model, z_rows(model.tokenizer, [q], templates), 1, layer, hp, z_tokens,
                             norm_base=base[None].to(model.embed.weight.device), at_mlp=True)
         v_star = base + info["delta"][0].to(W.device)
+        losses += info["loss"]
         where.check_finite(layer, **{"target value": v_star})
         clock.lap("z")
         try:
@@ -1013,7 +1027,7 @@ def rome_batch(model: M.CausalLM, requests, templates, hp: HParams, state: EditS
         W.copy_(W_new)
         clock.lap("solve")
     state.finish_step(len(requests))
-    return step_log(state, {layer: dict(pl=pl, D=None, z=None)}, clock)
+    return step_log(state, {layer: dict(pl=pl, D=None, z=None)}, clock) | fit_summary(losses)
 
 
 def rome_keys(model: M.CausalLM, q, templates, layer: int):

@@ -1215,6 +1215,8 @@ def test_target_values_pass_only_the_rows_of_requests_still_optimised(monkeypatc
     close(z.cpu(), z_all.cpu(), tolerance)
     close(torch.tensor(info["loss"]), torch.tensor(info_all["loss"]), tolerance)
     assert len(pruned) == len(passed) == hp.v_num_grad_steps
+    passes = [hp.v_num_grad_steps if s is None else s + 1 for s in stops]
+    assert L.fit_summary(info["loss"])["z_passes"] == sum(passes) / 5
     for step, (n_chunks, ran) in enumerate(pruned):
         optimised = {j for j, s in enumerate(stops) if s is None or s >= step}
         assert ran == [i for i, r in enumerate(rows) if r.req in optimised]
@@ -1243,6 +1245,30 @@ def test_a_chunks_kept_rows_score_as_they_did_among_all_its_rows(family_model, k
     close(fit_kept[active], fit[active], 1e-6)
     close(grad_kept[active], grad[active], 1e-5)
     assert float(fit_kept[~active].abs().max()) == 0.0
+
+
+def test_a_steps_log_gives_how_its_target_values_fit(monkeypatch):
+    """log.jsonl's z_loss and z_passes: each request's last E4 loss (a stopped one's at its stop) and
+    the passes it ran (its stop step + 1, else all), averaged over the step's requests, as compute_z
+    reported them, for a MEMIT-family step (one optimisation for the batch) and ROME's (one per
+    request, in order)."""
+    fit = L.fit_summary([[3.0, 1.0, 0.04, 0.04], [2.0, 0.5, 0.2, 0.1], [0.01, 0.01, 0.01, 0.01]])
+    assert fit == dict(z_loss=pytest.approx((0.04 + 0.1 + 0.01) / 3), z_passes=(3 + 4 + 1) / 3)
+    requests, _ = data.load_requests(ORACLE / "requests.json")
+    templates = [["{}"], ["Once upon a time. {}"]]
+    compute_z, losses = L.compute_z, []
+    monkeypatch.setattr(L, "compute_z", lambda *a, **k: (lambda r: losses.extend(r[1]["loss"]) or r)(compute_z(*a, **k)))
+    for method, layers in (("lyaplock", (1, 2)), ("rome", (2,))):
+        m = M.load(STORIES)
+        hp = L.with_overrides(L.preset(m.cfg, method), layers=layers, v_num_grad_steps=6, v_lr=0.5)
+        C = {l: torch.eye(m.cfg.d_mlp, dtype=torch.float64) for l in layers}
+        W0 = {l: m.edit_weight(l).detach().clone() for l in layers}
+        losses.clear()
+        log = L.edit_batch(m, requests[:3], templates, hp, L.EditState.start(method, layers), C, W0)
+        assert len(losses) == 3 and all(len(l) == 6 for l in losses)
+        assert log["z_passes"] == 6 and log["z_loss"] == pytest.approx(sum(l[-1] for l in losses) / 3, rel=1e-12)
+        assert log["z_loss"] < sum(l[0] for l in losses) / 3                  # δ fits
+        json.dumps(log)                                                        # a log line
 
 
 @pytest.mark.parametrize("seed", range(5))
