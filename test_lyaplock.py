@@ -751,7 +751,7 @@ def test_e6b_takes_each_edit_layers_own_mlp_output_at_the_bare_prompt(family_mod
     before = {k: v.clone() for k, v in m.edit_tensors(list(layers)).items()}
     bare = L.key_rows(m.tokenizer, requests, [["{}"]])
     compute_z, update_layer, zs, checked = L.compute_z, L.update_layer, [], []
-    monkeypatch.setattr(L, "compute_z", lambda *a, **k: zs.append(compute_z(*a, **k)[0]) or (zs[-1], None))
+    monkeypatch.setattr(L, "compute_z", lambda *a, **k: (lambda r: zs.append(r[0]) or r)(compute_z(*a, **k)))
 
     def watched(model, layer, K1, R, *rest):
         o, h = [], []
