@@ -1180,6 +1180,8 @@ def run_header(run: Run) -> list[str]:
              f"- {status}: {T} steps logged, {edits} edits"
              + (f"; {run.left_out} log line(s) left out (torn or past a gap)" if run.left_out else "")
              + (f"; latest checkpoint at step {run.state['step']}" if run.state else "")]
+    if fit := fit_line(run.steps, hp.get("v_num_grad_steps")):
+        lines.append(fit)
     if run.unresumable:
         lines.append(f"- its latest checkpoint cannot be resumed from: {run.unresumable}")
     if run.protocol != "likelihood" and run.ability and "general" in run.ability[0]:
@@ -1189,6 +1191,18 @@ def run_header(run: Run) -> list[str]:
         how = "below --stop-below at the end of the stream" if run.stop.get("end") else "stopped by --stop-below"
         lines.append(f"- {how} at step {run.stop['step']} ({run.stop['edits']} edits): the collapse point")
     return lines
+
+
+def fit_line(steps: list[dict], passes_max) -> str | None:
+    """The target values' fit (E4) from the log's z_loss and z_passes, where it has them (runs before
+    they were logged have not): the mean last loss at the first and the last step, and the passes."""
+    fits = [s for s in steps if "z_loss" in s]
+    if not fits:
+        return None
+    passes = sum(s["z_passes"] for s in fits) / len(fits)
+    return (f"- target values (E4): mean final loss {fits[0]['z_loss']:.3g} at the first step, "
+            f"{fits[-1]['z_loss']:.3g} at the last (a request stops below 0.05); {passes:.3g}"
+            + (f" of {passes_max}" if passes_max else "") + " passes per request on average")
 
 
 def report(run_dir) -> str:

@@ -97,6 +97,23 @@ def test_audit_agrees_with_a_hand_computation(tmp_path):
     assert (d / "report.md").read_text() == text
 
 
+def test_the_header_gives_the_target_values_fit_where_the_log_has_it(tmp_path):
+    """log.jsonl's z_loss and z_passes (E4's fit per step) make one header line: the mean final loss
+    at the first and the last step, and the passes per request over the run, of v_num_grad_steps;
+    a log written before they were logged (or a step without them) gives no line, not a wrong one."""
+    d = write_run(tmp_path / "run", {"1": queue_log([0.1, 0.3, 0.25], alpha=2.0)})
+    assert "target values" not in E.report(d)
+    lines = (d / "log.jsonl").read_text().splitlines()
+    fits = [dict(z_loss=0.5, z_passes=25.0), dict(z_loss=0.31, z_passes=20.0), dict(z_loss=0.04, z_passes=6.0)]
+    (d / "log.jsonl").write_text("".join(json.dumps(json.loads(l) | f) + "\n" for l, f in zip(lines, fits)))
+    config = json.loads((d / "config.json").read_text())
+    config["hparams"]["v_num_grad_steps"] = 25
+    (d / "config.json").write_text(json.dumps(config))
+    header = E.report(d).split("## Verdict")[0]
+    assert ("- target values (E4): mean final loss 0.5 at the first step, 0.04 at the last (a request stops "
+            "below 0.05); 17 of 25 passes per request on average") in header
+
+
 @pytest.mark.parametrize("seed", range(30))
 def test_audit_slack_is_T1_of_the_raw_queue_and_of_the_codes_queue(seed):
     """The slack read from the logged normalised z equals (Z(T) − Z(0))/(aT) of E13 simulated
