@@ -753,8 +753,8 @@ STOP_LOSS = 5e-2        # E4: a request's optimisation ends at a loss under it
 
 
 def fit_summary(losses: list[list[float]]) -> dict:
-    """A step's target values in its log: z_loss, the mean of each request's last E4 loss (a
-    stopped request's at its stop; far above STOP_LOSS: the targets were not reached), and
+    """A step's target values in its log: z_loss, the mean of each request's last E4 loss (the
+    targets' NLL with the KL and decay terms; a stopped request's at its stop), and
     z_passes, the mean number of passes a request ran (v_num_grad_steps unless it stopped early).
     losses: compute_z's info["loss"], per request its loss at each pass."""
     passes = [next((i + 1 for i, x in enumerate(l) if x < STOP_LOSS), len(l)) for l in losses]
