@@ -44,7 +44,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 # one layout (model.embed_tokens, model.layers, model.norm): RMSNorm, rope on halves, a gated MLP
-LLAMA_LIKE = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo2", "olmo3",
+LLAMA_LIKE = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo", "olmo2", "olmo3",
               "phi3", "smollm3", "glm", "glm4", "granite", "ministral3", "mistral3")
 # the gate activations of the gated MLP, by HF's names: SwiGLU (LLaMA ...) and GeGLU (Gemma)
 GATE_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
@@ -117,6 +117,8 @@ class Config:
     final_softcap: float | None = None   # Gemma 2: logits capped so too
     weights_prefix: str = ""      # Gemma 3, Mistral 3 image-text: the language model's names begin "language_model."
     query_scale: tuple[float, int] | None = None   # Ministral 3: (β, n), q times 1 + β ln(1 + ⌊position / n⌋)
+    plain_norms: bool = False     # OLMo: every norm a LayerNorm without weight or bias, in float32
+    clip_qkv: float | None = None        # OLMo: q, k and v clamped to ±clip_qkv after their projections
 
     @property
     def llama_like(self) -> bool:
@@ -528,6 +530,17 @@ def in_text_config(c: dict):
             from None
 
 
+def read_olmo(c: dict) -> Config:
+    """OLMo (the first: OLMo-1B-hf, OLMo-7B-0424-hf; model_type olmo): LLaMA's layout whose norms
+    are LayerNorms with no weight or bias (in float32, eps 1e-5: none is in the files), q, k and v
+    perhaps clamped to ±clip_qkv, q and k turned in float32 (as OLMo 2)."""
+    clip = c.get("clip_qkv")
+    if clip is not None and (not isinstance(clip, (int, float)) or isinstance(clip, bool) or not clip > 0):
+        refuse(c, f"clip_qkv {clip!r}", "q, k and v are clamped to ±clip_qkv, a positive number (or null: not clamped)")
+    return read_llama_like(c, plain_norms=True, norm_eps=1e-5, rope_float32=True,
+                           attention_bias=c.get("attention_bias", False), clip_qkv=None if clip is None else float(clip))
+
+
 def read_olmo2(c: dict, rope: dict | None = None, **more) -> Config:
     """OLMo 2: LLaMA's layout with the norms moved from the block's inputs to the outputs of
     attention and of the MLP, RMSNorm over the whole q and k projections, norm weights applied
@@ -755,7 +768,7 @@ GEMMA = dict(max_position_embeddings=8192, pad_token_id=0)
 QWEN = dict(num_key_value_heads=32, max_position_embeddings=32768)
 GLM = dict(num_key_value_heads=2, head_dim=128, max_position_embeddings=131072, pad_token_id=151329)
 MINISTRAL3 = dict(num_key_value_heads=8, head_dim=128, max_position_embeddings=262144, pad_token_id=11, rms_norm_eps=1e-5)
-HF_DEFAULTS = {"olmo2": OLMO, "olmo3": OLMO, "qwen2": QWEN, "qwen3": QWEN,
+HF_DEFAULTS = {"olmo": OLMO, "olmo2": OLMO, "olmo3": OLMO, "qwen2": QWEN, "qwen3": QWEN,
                "mistral": dict(num_key_value_heads=8, max_position_embeddings=131072),
                "gemma": dict(GEMMA, num_key_value_heads=16), "gemma2": dict(GEMMA, num_key_value_heads=4),
                "phi3": dict(max_position_embeddings=4096, pad_token_id=32000),
@@ -801,7 +814,7 @@ def read_granite(c: dict) -> Config:
 
 READERS = {"llama": read_llama, "gptj": read_gptj, "gpt2": read_gpt2, "qwen2": read_qwen2,
            "qwen3": read_qwen3, "mistral": read_mistral, "gemma": read_gemma, "gemma2": read_gemma2,
-           "gemma3_text": read_gemma3_text, "gemma3": read_gemma3, "olmo2": read_olmo2, "olmo3": read_olmo3,
+           "gemma3_text": read_gemma3_text, "gemma3": read_gemma3, "olmo": read_olmo, "olmo2": read_olmo2, "olmo3": read_olmo3,
            "gpt_neox": read_gpt_neox, "phi3": read_phi3, "phi": read_phi, "smollm3": read_smollm3,
            "glm": read_glm, "glm4": read_glm4, "granite": read_granite, "ministral3": read_ministral3,
            "mistral3": read_mistral3}
@@ -997,6 +1010,8 @@ class Attention(nn.Module):
             q, k, v = self.qkv_proj(x).split(self.widths, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if (clip := self.cfg.clip_qkv) is not None:   # OLMo
+            q, k, v = q.clamp(-clip, clip), k.clamp(-clip, clip), v.clamp(-clip, clip)
         if self.cfg.qk_norm_whole:                      # OLMo 2: RMSNorm over the whole projection
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, nh, hd)                        # (B, T, nh, hd)
@@ -1096,8 +1111,22 @@ class FloatRMSNorm(nn.Module):
         return self.offset + self.weight.detach().float()
 
 
+class PlainLayerNorm(nn.Module):
+    """OLMo's norm: a LayerNorm with no weight or bias, computed in float32, cast back."""
+
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.d, self.eps = d, eps
+
+    def forward(self, x):
+        return F.layer_norm(x.float(), (self.d,), eps=self.eps).to(x.dtype)
+
+
 def rms_norm(cfg: Config, d: int | None = None) -> nn.Module:
-    """An RMSNorm over the residual stream (or d features: a head), in the family's convention."""
+    """An RMSNorm over the residual stream (or d features: a head), in the family's convention
+    (OLMo's: PlainLayerNorm)."""
+    if cfg.plain_norms:
+        return PlainLayerNorm(d or cfg.d_model, cfg.norm_eps)
     if cfg.norm_plus_one or cfg.norm_weight_float32:
         return FloatRMSNorm(d or cfg.d_model, cfg.norm_eps, offset=1.0 if cfg.norm_plus_one else 0.0)
     return RMSNorm(d or cfg.d_model, cfg.norm_eps)
@@ -1169,8 +1198,9 @@ class LlamaBlock(nn.Module):
     which changes nothing). Gemma 2 and 3 (post_norms): the outputs of attention and of the MLP
     normalised before each joins the residual stream; their post_attention_layernorm is thus on
     attention's output (LLaMA's of that name is on the MLP's input: there pre_feedforward_layernorm).
-    OLMo 2: the same without the norms on the inputs (pre_norms false: identities). GLM-4: the same
-    under its own names (POST_NORM_NAMES), its rope on interleaved pairs."""
+    OLMo: LLaMA's, its norms without weights (plain_norms). OLMo 2: Gemma 2's without the norms on
+    the inputs (pre_norms false: identities). GLM-4-0414: Gemma 2's under its own names
+    (POST_NORM_NAMES), its rope on interleaved pairs."""
 
     def __init__(self, cfg: Config):
         super().__init__()

@@ -615,6 +615,10 @@ KINDS = {
                                                      rope_scaling={"rope_type": "linear", "factor": 8.0},
                                                      layer_types=["sliding_attention", "sliding_attention",
                                                                   "full_attention", "sliding_attention"])),
+    # OLMo (the first) as OLMo-1B-hf is released (norms without weights, untied) and as OLMo-7B-0424-hf
+    # (q, k and v clamped: here to ±0.05, which the random projections pass) with GQA and biases
+    "olmo": ("olmo", dict()),
+    "olmo-clip-gqa-bias": ("olmo", dict(clip_qkv=0.05, num_key_value_heads=2, attention_bias=True)),
     # OLMo 2 as released (rope 5e5, untied) and with GQA and biases: norms on the outputs only,
     # over the whole q and k projections
     "olmo2": ("olmo2", dict(rope_theta=500000.0, rms_norm_eps=1e-6)),
@@ -691,7 +695,7 @@ KINDS = {
                                                       "sliding_attention"])),
 }
 FAMILY_CLASSES = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "gemma": "Gemma", "gemma2": "Gemma2",
-                  "gemma3_text": "Gemma3", "olmo2": "Olmo2", "olmo3": "Olmo3", "gpt_neox": "GPTNeoX", "phi3": "Phi3", "phi": "Phi",
+                  "gemma3_text": "Gemma3", "olmo": "Olmo", "olmo2": "Olmo2", "olmo3": "Olmo3", "gpt_neox": "GPTNeoX", "phi3": "Phi3", "phi": "Phi",
                   "smollm3": "SmolLM3", "glm": "Glm", "glm4": "Glm4", "granite": "Granite", "ministral3": "Ministral3"}
 CONFIG_CLASSES = {"gemma3_text": "Gemma3TextConfig"}     # Gemma3Config is the multimodal one
 
@@ -1000,7 +1004,8 @@ def test_a_config_json_left_to_the_defaults_reads_as_transformers(family):
     assert cfg.max_positions == first("max_position_embeddings", "n_positions")
     assert cfg.pad_id == theirs.pad_token_id
     assert (cfg.bos_id, cfg.eos_ids) == ((2, [1]) if family == "gemma3_text" else (None, []))   # its defaults name them
-    assert cfg.norm_eps == first("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon")
+    assert cfg.norm_eps == (1e-5 if family == "olmo" else                # (OLMo's: in its code, no key)
+                            first("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon"))
     assert cfg.tie_embeddings == theirs.tie_word_embeddings
     rope = getattr(theirs, "rope_parameters", None) or {}
     assert cfg.rope_theta == rope.get("rope_theta", rope.get("full_attention", {}).get("rope_theta", cfg.rope_theta))
@@ -1249,7 +1254,7 @@ def test_a_sliding_window_left_out_is_that_of_transformers(ckpt, tmp_path, kind,
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["gpt2", "qwen2-gqa-tied-window", "qwen3-gqa-bias", "mistral-gqa-window", "gemma",
-                                  "gemma2-gqa-window-caps", "gemma3-gqa-window-ropes", "olmo2", "gpt-neox",
+                                  "gemma2-gqa-window-caps", "gemma3-gqa-window-ropes", "olmo-clip-gqa-bias", "olmo2", "gpt-neox",
                                   "gpt-neox-sequential", "phi3", "phi3-longrope-window", "phi", "phi-gqa-tied-erf",
                                   "smollm3-nope-window-bias", "olmo3", "qwen2-yarn", "glm", "glm4", "granite",
                                   "mistral3", "ministral3"])
@@ -1480,9 +1485,11 @@ def _config_with(tmp_path, ckpt_dir, drop=(), **change):
      "original_max_position_embeddings 64 beside yarn's 256 is not supported .transformers 5 takes the first"),
     ("qwen3", dict(model_type="mamba"), "unsupported model_type 'mamba'.*'llama', 'gptj', 'gpt2', 'qwen2', "
                                         "'qwen3', 'mistral', 'gemma', 'gemma2', 'gemma3_text', 'gemma3', "
-                                        "'olmo2', 'olmo3', 'gpt_neox', 'phi3', 'phi', 'smollm3', 'glm', 'glm4', "
+                                        "'olmo', 'olmo2', 'olmo3', 'gpt_neox', 'phi3', 'phi', 'smollm3', 'glm', 'glm4', "
                                         "'granite', 'ministral3', 'mistral3'"),
     ("gemma", dict(hidden_act="silu"), "hidden_act 'silu' is not supported"),
+    ("olmo", dict(clip_qkv=-8.0), r"clip_qkv -8.0 is not supported \(q, k and v are clamped to ±clip_qkv, a positive"),
+    ("olmo", dict(clip_qkv=True), r"clip_qkv True is not supported"),
     ("gemma", dict(hidden_activation="gelu"), "hidden_activation 'gelu' is not supported"),
     ("gemma2", dict(hidden_activation="gelu"), "hidden_activation 'gelu' is not supported"),
     ("gemma2", dict(use_bidirectional_attention=True), "use_bidirectional_attention: true is not supported"),
