@@ -155,7 +155,8 @@ def slot_values(cfg: M.Config, row: int) -> int:
     checked against Llama-3-8B's GPU peaks: m − 2d to spare) and 9d + 3m (d to spare where the
     MLP is narrow); GPT-J's and GPT-2's 6d + 2m. Where a block keeps more: 2d for each RMSNorm on
     the residual stream past two (Gemma 2 and 3, GLM-4: four), 2 for each value of q and k (and
-    of each head's norm) that a norm reads (Qwen3, OLMo 2 and 3, Gemma 3), and Gemma 2's capped
+    of each head's norm) that a norm reads (Qwen3, OLMo 2 and 3, Gemma 3), the values of q, k and v
+    that OLMo's clamps read (clip_qkv), and Gemma 2's capped
     attention scores, written out (its tanh, its softmax in float32 and cast back: 4 values a
     score, a slot attending to at most `row` keys). Checked against what autograd keeps in the
     blocks of every family (test_memory_plan_slot_values_cover_what_autograd_keeps)."""
@@ -164,8 +165,9 @@ def slot_values(cfg: M.Config, row: int) -> int:
         return 6 * d + 2 * m
     norms = 2 * cfg.pre_norms + 2 * cfg.post_norms
     heads = 2 * (cfg.n_heads + cfg.n_kv_heads) * (cfg.head_dim + 1) if cfg.qk_norm else 0
+    clamped = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim if cfg.clip_qkv is not None else 0
     scores = 4 * cfg.n_heads * row if cfg.attn_softcap is not None else 0
-    return max(6 * d + 4 * m, 9 * d + 3 * m) + 2 * d * max(0, norms - 2) + heads + scores
+    return max(6 * d + 4 * m, 9 * d + 3 * m) + 2 * d * max(0, norms - 2) + heads + clamped + scores
 
 
 POSITION_VALUES = 3.5   # vocabulary-wide float32 values a pass holds per position its loss reads: the

@@ -867,7 +867,8 @@ def test_memory_plan_slot_values_cover_what_autograd_keeps():
     bfloat16, for every family test_models checks against transformers, at m = 1.5d (narrower
     than any released model's: 6d + 4m would not cover LLaMA's 8d + 3m there, 9d + 3m does):
     within it, and more than half of it. Fails for Gemma 2, 3, OLMo 2, 3, GLM-4 and Qwen3
-    without their terms (norms, capped scores) and for the grouped-query LLaMAs without 9d + 3m."""
+    without their terms (norms, capped scores), for OLMo with clip_qkv without its clamps' inputs,
+    and for the grouped-query LLaMAs without 9d + 3m."""
     d, m, heads, B, P, T = 256, 384, 16, 4, 0, 48
     short = []
     for kind in FAMILIES:
