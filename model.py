@@ -45,7 +45,7 @@ from safetensors.torch import save_file
 
 # one layout (model.embed_tokens, model.layers, model.norm): RMSNorm, rope on halves, a gated MLP
 LLAMA_LIKE = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo", "olmo2", "olmo3",
-              "phi3", "smollm3", "glm", "glm4", "granite", "ministral3", "mistral3")
+              "stablelm", "phi3", "smollm3", "glm", "glm4", "granite", "ministral3", "mistral3")
 # the gate activations of the gated MLP, by HF's names: SwiGLU (LLaMA ...) and GeGLU (Gemma)
 GATE_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 # each layout's module names: (the body, its embeddings, its blocks, its final norm; the head)
@@ -118,6 +118,7 @@ class Config:
     weights_prefix: str = ""      # Gemma 3, Mistral 3 image-text: the language model's names begin "language_model."
     query_scale: tuple[float, int] | None = None   # Ministral 3: (β, n), q times 1 + β ln(1 + ⌊position / n⌋)
     plain_norms: bool = False     # OLMo: every norm a LayerNorm without weight or bias, in float32
+    layer_norms: bool = False     # StableLM: every norm a LayerNorm with weight and bias
     clip_qkv: float | None = None        # OLMo: q, k and v clamped to ±clip_qkv after their projections
 
     @property
@@ -541,6 +542,19 @@ def read_olmo(c: dict) -> Config:
                            attention_bias=c.get("attention_bias", False), clip_qkv=None if clip is None else float(clip))
 
 
+def read_stablelm(c: dict) -> Config:
+    """StableLM (stablelm-3b-4e1t, StableLM 2 1.6B and its chat models; model_type stablelm):
+    LLaMA's layout with LayerNorms (weight and bias), rope on the halves of the first
+    partial_rotary_factor (a quarter where silent) of each head, biases on q, k and v where
+    use_qkv_bias. StableLM 2 12B's parallel block and per-head q/k norms are refused."""
+    for key in ("use_parallel_residual", "qk_layernorm"):
+        if c.get(key):
+            refuse(c, f"{key} true", "StableLM 2 12B's parallel block and per-head q/k LayerNorms are not read here")
+    head_dim = c["hidden_size"] // c["num_attention_heads"]
+    return read_llama_like(c, layer_norms=True, norm_eps=c.get("layer_norm_eps", 1e-5),
+                           qkv_bias=c.get("use_qkv_bias", False), rotary_dim=rotary_dims(c, head_dim, 0.25))
+
+
 def read_olmo2(c: dict, rope: dict | None = None, **more) -> Config:
     """OLMo 2: LLaMA's layout with the norms moved from the block's inputs to the outputs of
     attention and of the MLP, RMSNorm over the whole q and k projections, norm weights applied
@@ -773,7 +787,8 @@ HF_DEFAULTS = {"olmo": OLMO, "olmo2": OLMO, "olmo3": OLMO, "qwen2": QWEN, "qwen3
                "gemma": dict(GEMMA, num_key_value_heads=16), "gemma2": dict(GEMMA, num_key_value_heads=4),
                "phi3": dict(max_position_embeddings=4096, pad_token_id=32000),
                "smollm3": dict(num_key_value_heads=4, max_position_embeddings=32768, pad_token_id=128004),
-               "glm": GLM, "glm4": GLM, "ministral3": MINISTRAL3}
+               "glm": GLM, "glm4": GLM, "ministral3": MINISTRAL3,
+               "stablelm": dict(num_key_value_heads=32, max_position_embeddings=4096)}
 
 def read_glm(c: dict, **more) -> Config:
     """GLM-4 (GLM-4-9B, model_type glm): LLaMA's layout with biases on q, k and v, the MLP's gate
@@ -817,7 +832,7 @@ READERS = {"llama": read_llama, "gptj": read_gptj, "gpt2": read_gpt2, "qwen2": r
            "gemma3_text": read_gemma3_text, "gemma3": read_gemma3, "olmo": read_olmo, "olmo2": read_olmo2, "olmo3": read_olmo3,
            "gpt_neox": read_gpt_neox, "phi3": read_phi3, "phi": read_phi, "smollm3": read_smollm3,
            "glm": read_glm, "glm4": read_glm4, "granite": read_granite, "ministral3": read_ministral3,
-           "mistral3": read_mistral3}
+           "mistral3": read_mistral3, "stablelm": read_stablelm}
 SUPPORTED = tuple(READERS)
 
 
@@ -1124,9 +1139,11 @@ class PlainLayerNorm(nn.Module):
 
 def rms_norm(cfg: Config, d: int | None = None) -> nn.Module:
     """An RMSNorm over the residual stream (or d features: a head), in the family's convention
-    (OLMo's: PlainLayerNorm)."""
+    (OLMo's: PlainLayerNorm; StableLM's: a LayerNorm)."""
     if cfg.plain_norms:
         return PlainLayerNorm(d or cfg.d_model, cfg.norm_eps)
+    if cfg.layer_norms:
+        return nn.LayerNorm(d or cfg.d_model, eps=cfg.norm_eps)
     if cfg.norm_plus_one or cfg.norm_weight_float32:
         return FloatRMSNorm(d or cfg.d_model, cfg.norm_eps, offset=1.0 if cfg.norm_plus_one else 0.0)
     return RMSNorm(d or cfg.d_model, cfg.norm_eps)
@@ -1198,7 +1215,7 @@ class LlamaBlock(nn.Module):
     which changes nothing). Gemma 2 and 3 (post_norms): the outputs of attention and of the MLP
     normalised before each joins the residual stream; their post_attention_layernorm is thus on
     attention's output (LLaMA's of that name is on the MLP's input: there pre_feedforward_layernorm).
-    OLMo: LLaMA's, its norms without weights (plain_norms). OLMo 2: Gemma 2's without the norms on
+    OLMo: LLaMA's, its norms without weights (plain_norms); StableLM: LayerNorms (layer_norms). OLMo 2: Gemma 2's without the norms on
     the inputs (pre_norms false: identities). GLM-4-0414: Gemma 2's under its own names
     (POST_NORM_NAMES), its rope on interleaved pairs."""
 

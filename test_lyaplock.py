@@ -678,7 +678,7 @@ def test_target_values_on_a_post_norm_model_score_what_it_computes_with_delta_wh
     close(torch.tensor([l[-1] for l in info["loss"]]), nll, 1e-5)
 
 
-@pytest.mark.parametrize("kind", ["llama", "olmo", "gpt-neox", "phi3", "phi", "smollm3", "glm", "mistral3", *MAPPED_KINDS])
+@pytest.mark.parametrize("kind", ["llama", "olmo", "stablelm", "gpt-neox", "phi3", "phi", "smollm3", "glm", "mistral3", *MAPPED_KINDS])
 def test_a_one_layer_step_with_no_penalty_meets_the_target_or_the_post_norms_nearest_point(family_model, kind):
     """MEMIT with λ → 0, one request, the bare prompt only (K1 is its key): the layer's output at
     the subject becomes z* (LLaMA; GPT-NeoX and Phi, their MLP beside attention; Phi-3, its fused

@@ -619,6 +619,11 @@ KINDS = {
     # (q, k and v clamped: here to ±0.05, which the random projections pass) with GQA and biases
     "olmo": ("olmo", dict()),
     "olmo-clip-gqa-bias": ("olmo", dict(clip_qkv=0.05, num_key_value_heads=2, attention_bias=True)),
+    # StableLM 2 1.6B as released (LayerNorms, rope over a quarter of each head, q/k/v biases) and
+    # stablelm-3b-4e1t's kind of block with GQA, half of each head turned, tied, no biases
+    "stablelm": ("stablelm", dict(use_qkv_bias=True)),
+    "stablelm-gqa-half-tied": ("stablelm", dict(num_key_value_heads=2, partial_rotary_factor=0.5,
+                                                tie_word_embeddings=True)),
     # OLMo 2 as released (rope 5e5, untied) and with GQA and biases: norms on the outputs only,
     # over the whole q and k projections
     "olmo2": ("olmo2", dict(rope_theta=500000.0, rms_norm_eps=1e-6)),
@@ -695,7 +700,7 @@ KINDS = {
                                                       "sliding_attention"])),
 }
 FAMILY_CLASSES = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "gemma": "Gemma", "gemma2": "Gemma2",
-                  "gemma3_text": "Gemma3", "olmo": "Olmo", "olmo2": "Olmo2", "olmo3": "Olmo3", "gpt_neox": "GPTNeoX", "phi3": "Phi3", "phi": "Phi",
+                  "gemma3_text": "Gemma3", "olmo": "Olmo", "stablelm": "StableLm", "olmo2": "Olmo2", "olmo3": "Olmo3", "gpt_neox": "GPTNeoX", "phi3": "Phi3", "phi": "Phi",
                   "smollm3": "SmolLM3", "glm": "Glm", "glm4": "Glm4", "granite": "Granite", "ministral3": "Ministral3"}
 CONFIG_CLASSES = {"gemma3_text": "Gemma3TextConfig"}     # Gemma3Config is the multimodal one
 
@@ -1011,6 +1016,8 @@ def test_a_config_json_left_to_the_defaults_reads_as_transformers(family):
     assert cfg.rope_theta == rope.get("rope_theta", rope.get("full_attention", {}).get("rope_theta", cfg.rope_theta))
     if family == "gptj":                                 # (the whole head was turned: 128, not their 64)
         assert cfg.rotary_dim == theirs.rotary_dim == 64
+    if (share := rope.get("partial_rotary_factor")) is not None:     # the share of each head rope turns
+        assert (cfg.rotary_dim or cfg.head_dim) == int(cfg.head_dim * share), (cfg.rotary_dim, share)
 
 
 @pytest.mark.parametrize("kind", ["glm", "glm4"])
@@ -1254,7 +1261,7 @@ def test_a_sliding_window_left_out_is_that_of_transformers(ckpt, tmp_path, kind,
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["gpt2", "qwen2-gqa-tied-window", "qwen3-gqa-bias", "mistral-gqa-window", "gemma",
-                                  "gemma2-gqa-window-caps", "gemma3-gqa-window-ropes", "olmo-clip-gqa-bias", "olmo2", "gpt-neox",
+                                  "gemma2-gqa-window-caps", "gemma3-gqa-window-ropes", "olmo-clip-gqa-bias", "stablelm", "olmo2", "gpt-neox",
                                   "gpt-neox-sequential", "phi3", "phi3-longrope-window", "phi", "phi-gqa-tied-erf",
                                   "smollm3-nope-window-bias", "olmo3", "qwen2-yarn", "glm", "glm4", "granite",
                                   "mistral3", "ministral3"])
@@ -1486,10 +1493,12 @@ def _config_with(tmp_path, ckpt_dir, drop=(), **change):
     ("qwen3", dict(model_type="mamba"), "unsupported model_type 'mamba'.*'llama', 'gptj', 'gpt2', 'qwen2', "
                                         "'qwen3', 'mistral', 'gemma', 'gemma2', 'gemma3_text', 'gemma3', "
                                         "'olmo', 'olmo2', 'olmo3', 'gpt_neox', 'phi3', 'phi', 'smollm3', 'glm', 'glm4', "
-                                        "'granite', 'ministral3', 'mistral3'"),
+                                        "'granite', 'ministral3', 'mistral3', 'stablelm'"),
     ("gemma", dict(hidden_act="silu"), "hidden_act 'silu' is not supported"),
     ("olmo", dict(clip_qkv=-8.0), r"clip_qkv -8.0 is not supported \(q, k and v are clamped to ±clip_qkv, a positive"),
     ("olmo", dict(clip_qkv=True), r"clip_qkv True is not supported"),
+    ("stablelm", dict(use_parallel_residual=True), "use_parallel_residual true is not supported .StableLM 2 12B's"),
+    ("stablelm", dict(qk_layernorm=True), "qk_layernorm true is not supported .StableLM 2 12B's"),
     ("gemma", dict(hidden_activation="gelu"), "hidden_activation 'gelu' is not supported"),
     ("gemma2", dict(hidden_activation="gelu"), "hidden_activation 'gelu' is not supported"),
     ("gemma2", dict(use_bidirectional_attention=True), "use_bidirectional_attention: true is not supported"),
