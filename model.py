@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-# one layout (model.embed_tokens, model.layers, model.norm): RMSNorm, rope on halves, a gated MLP
+# one layout (model.embed_tokens, model.layers, model.norm): RMSNorm (OLMo, StableLM: LayerNorms), rope on halves, a gated MLP
 LLAMA_LIKE = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo", "olmo2", "olmo3",
               "stablelm", "phi3", "smollm3", "glm", "glm4", "granite", "ministral3", "mistral3")
 # the gate activations of the gated MLP, by HF's names: SwiGLU (LLaMA ...) and GeGLU (Gemma)
@@ -1015,8 +1015,8 @@ class Attention(nn.Module):
             self.v_proj = nn.Linear(cfg.d_model, nkv * hd, bias=qkv_bias)
         setattr(self, out_name, nn.Linear(nh * hd, cfg.d_model, bias=cfg.attention_bias))
         if cfg.qk_norm:                                 # over each head, or the whole projection
-            self.q_norm = rms_norm(cfg, nh * hd if cfg.qk_norm_whole else hd)
-            self.k_norm = rms_norm(cfg, nkv * hd if cfg.qk_norm_whole else hd)
+            self.q_norm = family_norm(cfg, nh * hd if cfg.qk_norm_whole else hd)
+            self.k_norm = family_norm(cfg, nkv * hd if cfg.qk_norm_whole else hd)
 
     def forward(self, x, rope, tables: RopeTables, allowed, cache: KVCache | None, layer: int):
         B, T, _ = x.shape
@@ -1137,9 +1137,9 @@ class PlainLayerNorm(nn.Module):
         return F.layer_norm(x.float(), (self.d,), eps=self.eps).to(x.dtype)
 
 
-def rms_norm(cfg: Config, d: int | None = None) -> nn.Module:
-    """An RMSNorm over the residual stream (or d features: a head), in the family's convention
-    (OLMo's: PlainLayerNorm; StableLM's: a LayerNorm)."""
+def family_norm(cfg: Config, d: int | None = None) -> nn.Module:
+    """The LLaMA layout's norm over the residual stream (or d features: a head), in the family's
+    convention: an RMSNorm (Gemma's, OLMo 2's: FloatRMSNorm), OLMo's PlainLayerNorm, StableLM's LayerNorm."""
     if cfg.plain_norms:
         return PlainLayerNorm(d or cfg.d_model, cfg.norm_eps)
     if cfg.layer_norms:
@@ -1222,7 +1222,7 @@ class LlamaBlock(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         identity = lambda cfg: nn.Identity()
-        pre, post = (rms_norm if cfg.pre_norms else identity), (rms_norm if cfg.post_norms else identity)
+        pre, post = (family_norm if cfg.pre_norms else identity), (family_norm if cfg.post_norms else identity)
         self.rope = rope_gptj if cfg.rope_interleaved else rope_llama
         self.residual_multiplier = cfg.residual_multiplier
         self.names = POST_NORM_NAMES.get(cfg.arch, GEMMA_POST_NORM_NAMES) if cfg.post_norms else LLAMA_NORM_NAMES
@@ -1341,7 +1341,7 @@ class CausalLM(nn.Module):
         # torch's compiler on the meta device (1 s per process); an empty weight skips it
         embedding = lambda n, d: nn.Embedding.from_pretrained(torch.empty(n, d), freeze=False)
         if cfg.llama_like:
-            block, norm = LlamaBlock, rms_norm(cfg)
+            block, norm = LlamaBlock, family_norm(cfg)
         else:
             block, norm = BLOCKS[cfg.arch], nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         body = nn.Module()
