@@ -957,6 +957,7 @@ class Run:
     state: dict | None    # the latest checkpoint's state.json
     protocol: str = "likelihood"   # how general ability was scored (--glue-protocol)
     unresumable: str | None = None  # why the checkpoint latest.json names cannot be resumed from
+    relogged: int = 0     # earlier lines of steps logged again (the later line is read)
 
 
 def read_run(run_dir) -> Run:
@@ -987,7 +988,8 @@ def read_run(run_dir) -> Run:
         except ValueError as e:
             unresumable = str(e)
     return Run(dir=d, hparams=config["hparams"], steps=steps,
-               left_out=torn + len(entries) - len(steps), ability=read_jsonl(d / "ability.jsonl")[0],
+               left_out=torn + len(by_step) - len(steps), relogged=len(entries) - len(by_step),
+               ability=read_jsonl(d / "ability.jsonl")[0],
                before=summary.get("pre") if summary else summarize(cases_pre) if cases_pre else None,
                after=summary if summary else summarize(cases) if cases else None,
                finished=summary is not None, stop=_read_json(d / "stop.json"), state=state,
@@ -1179,6 +1181,7 @@ def run_header(run: Run) -> list[str]:
     lines = [f"- method {method}, layers {hp.get('layers')}, {''.join(read)}batch size {hp.get('batch_size')}",
              f"- {status}: {T} steps logged, {edits} edits"
              + (f"; {run.left_out} log line(s) left out (torn or past a gap)" if run.left_out else "")
+             + (f"; {run.relogged} step(s) logged again (the later line read)" if run.relogged else "")
              + (f"; latest checkpoint at step {run.state['step']}" if run.state else "")]
     if fit := fit_line(run.steps, hp.get("v_num_grad_steps")):
         lines.append(fit)

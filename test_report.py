@@ -528,8 +528,9 @@ def test_checkpoint_that_disagrees_with_the_log_in_D_base_or_a_or_runs_one_step_
 
 
 def test_log_read_up_to_its_first_gap_the_later_of_a_step_logged_twice_layers_in_number_order(tmp_path):
-    """read_run: a step logged twice counts once, as its later line; the steps after a gap are
-    left out and counted so; layers go in number order (10 after 2)."""
+    """read_run: a step logged twice counts once, as its later line, and the header says so (not
+    as a line left out); the steps after a gap are left out and counted so; layers go in number
+    order (10 after 2)."""
     entry = lambda t, pl: json.dumps({"step": t, "layers": {"10": dict(pl=pl, D=None, z=None),
                                                             "2": dict(pl=pl, D=None, z=None)}, "edits": 10 * (t + 1)})
     d = write_run(tmp_path / "twice", {"2": [dict(pl=0.1, D=None, z=None)] * 3}, method="memit")
@@ -538,6 +539,7 @@ def test_log_read_up_to_its_first_gap_the_later_of_a_step_logged_twice_layers_in
     assert [s["layers"]["2"]["pl"] for s in run.steps] == [0.1, 0.2, 0.3] and E.run_layers(run) == ["2", "10"]
     text = E.report(d)
     assert text.index("| 2 | 3 | 0.2 |") < text.index("| 10 | 3 | 0.2 |")
+    assert "- finished: 3 steps logged, 30 edits; 1 step(s) logged again (the later line read)\n" in text
     (d / "log.jsonl").write_text("\n".join([entry(0, 0.1), entry(1, 0.2), entry(3, 0.3)]) + "\n")
     assert "- finished: 2 steps logged, 20 edits; 1 log line(s) left out (torn or past a gap)" in E.report(d)
 
