@@ -1202,9 +1202,10 @@ def fit_line(steps: list[dict], passes_max) -> str | None:
     fits = [s for s in steps if "z_loss" in s]
     if not fits:
         return None
+    import lyaplock                         # (here: lyaplock imports this module)
     passes = sum(s["z_passes"] for s in fits) / len(fits)
     return (f"- target values (E4): mean final loss {fits[0]['z_loss']:.3g} at the first step, "
-            f"{fits[-1]['z_loss']:.3g} at the last (a request stops below 0.05); {passes:.3g}"
+            f"{fits[-1]['z_loss']:.3g} at the last (a request stops below {lyaplock.STOP_LOSS:g}); {passes:.3g}"
             + (f" of {passes_max}" if passes_max else "") + " passes per request on average")
 
 

@@ -117,8 +117,8 @@ class Config:
     final_softcap: float | None = None   # Gemma 2: logits capped so too
     weights_prefix: str = ""      # Gemma 3, Mistral 3 image-text: the language model's names begin "language_model."
     query_scale: tuple[float, int] | None = None   # Ministral 3: (β, n), q times 1 + β ln(1 + ⌊position / n⌋)
-    plain_norms: bool = False     # OLMo: every norm a LayerNorm without weight or bias, in float32
-    layer_norms: bool = False     # StableLM: every norm a LayerNorm with weight and bias
+    layer_norms: str | None = None       # LayerNorms, not RMSNorms: OLMo's "plain" (no weight or bias,
+                                         # in float32), StableLM's "affine" (weight and bias)
     clip_qkv: float | None = None        # OLMo: q, k and v clamped to ±clip_qkv after their projections
 
     @property
@@ -538,7 +538,7 @@ def read_olmo(c: dict) -> Config:
     clip = c.get("clip_qkv")
     if clip is not None and (not isinstance(clip, (int, float)) or isinstance(clip, bool) or not clip > 0):
         refuse(c, f"clip_qkv {clip!r}", "q, k and v are clamped to ±clip_qkv, a positive number (or null: not clamped)")
-    return read_llama_like(c, plain_norms=True, norm_eps=1e-5, rope_float32=True,
+    return read_llama_like(c, layer_norms="plain", norm_eps=1e-5, rope_float32=True,
                            attention_bias=c.get("attention_bias", False), clip_qkv=None if clip is None else float(clip))
 
 
@@ -551,7 +551,7 @@ def read_stablelm(c: dict) -> Config:
         if c.get(key):
             refuse(c, f"{key} true", "StableLM 2 12B's parallel block and per-head q/k LayerNorms are not read here")
     head_dim = c["hidden_size"] // c["num_attention_heads"]
-    return read_llama_like(c, layer_norms=True, norm_eps=c.get("layer_norm_eps", 1e-5),
+    return read_llama_like(c, layer_norms="affine", norm_eps=c.get("layer_norm_eps", 1e-5),
                            qkv_bias=c.get("use_qkv_bias", False), rotary_dim=rotary_dims(c, head_dim, 0.25))
 
 
@@ -920,20 +920,20 @@ class KVCache:
         self.length = 0
         self.long_rope: bool | None = None    # LongRoPE: whether the cached keys took the long factors
 
+    def _mapped(self, f) -> "KVCache":
+        """This cache with f applied to each layer's keys and values (f makes new tensors)."""
+        new = copy.copy(self)
+        new.k, new.v = ([None if t is None else f(t) for t in kv] for kv in (self.k, self.v))
+        return new
+
     def copy(self, extend: int = 0) -> "KVCache":
         """A cache to extend without changing this one: the same keys and values, copied, with room
         for `extend` more positions (uninitialised: each is written before it is read)."""
-        def grown(t):
-            return torch.cat((t, t.new_empty(*t.shape[:2], extend, t.shape[3])), 2)
-        new = copy.copy(self)
-        new.k, new.v = ([None if t is None else grown(t) for t in kv] for kv in (self.k, self.v))
-        return new
+        return self._mapped(lambda t: torch.cat((t, t.new_empty(*t.shape[:2], extend, t.shape[3])), 2))
 
     def rows(self, index) -> "KVCache":
         """The cache of the batch's rows `index` (a copy)."""
-        new = copy.copy(self)
-        new.k, new.v = ([None if t is None else t[index.to(t.device)] for t in kv] for kv in (self.k, self.v))
-        return new
+        return self._mapped(lambda t: t[index.to(t.device)])
 
 
 def attention_mask(mask, past: int, window: int | None = None):
@@ -1140,9 +1140,9 @@ class PlainLayerNorm(nn.Module):
 def family_norm(cfg: Config, d: int | None = None) -> nn.Module:
     """The LLaMA layout's norm over the residual stream (or d features: a head), in the family's
     convention: an RMSNorm (Gemma's, OLMo 2's: FloatRMSNorm), OLMo's PlainLayerNorm, StableLM's LayerNorm."""
-    if cfg.plain_norms:
+    if cfg.layer_norms == "plain":
         return PlainLayerNorm(d or cfg.d_model, cfg.norm_eps)
-    if cfg.layer_norms:
+    if cfg.layer_norms == "affine":
         return nn.LayerNorm(d or cfg.d_model, eps=cfg.norm_eps)
     if cfg.norm_plus_one or cfg.norm_weight_float32:
         return FloatRMSNorm(d or cfg.d_model, cfg.norm_eps, offset=1.0 if cfg.norm_plus_one else 0.0)
@@ -1215,7 +1215,7 @@ class LlamaBlock(nn.Module):
     which changes nothing). Gemma 2 and 3 (post_norms): the outputs of attention and of the MLP
     normalised before each joins the residual stream; their post_attention_layernorm is thus on
     attention's output (LLaMA's of that name is on the MLP's input: there pre_feedforward_layernorm).
-    OLMo: LLaMA's, its norms without weights (plain_norms); StableLM: LayerNorms (layer_norms). OLMo 2: Gemma 2's without the norms on
+    OLMo: LLaMA's, its norms without weights; StableLM: LayerNorms (layer_norms). OLMo 2: Gemma 2's without the norms on
     the inputs (pre_norms false: identities). GLM-4-0414: Gemma 2's under its own names
     (POST_NORM_NAMES), its rope on interleaved pairs."""
 
