@@ -837,19 +837,20 @@ def test_memory_plan_target_value_term_covers_what_the_passes_keep(tmp_path):
 def family_config(kind: str, d: int, m: int, heads: int) -> dict:
     """config.json of one of test_models' kinds (LLaMA's and GPT-J's, and its KINDS: every family
     but the image-text checkpoints, whose text models are among them) at width d, MLP width m and
-    `heads` heads of 16 dims, as transformers writes it."""
+    `heads` heads of 16 dims, as transformers writes it, with a vocabulary of 256 (the blocks'
+    memory does not depend on it; the random init of Gemma's 256,000 embeddings took seconds)."""
     import transformers as T
     if kind in ("llama", "gptj"):
-        return (T.LlamaConfig(hidden_size=d, intermediate_size=m, num_attention_heads=heads, num_hidden_layers=3)
-                if kind == "llama" else
-                T.GPTJConfig(n_embd=d, n_inner=m, n_head=heads, n_layer=3, rotary_dim=8)).to_dict()
+        return (T.LlamaConfig(hidden_size=d, intermediate_size=m, num_attention_heads=heads, num_hidden_layers=3,
+                              vocab_size=256) if kind == "llama" else
+                T.GPTJConfig(n_embd=d, n_inner=m, n_head=heads, n_layer=3, rotary_dim=8, vocab_size=256)).to_dict()
     family, opts = TM.KINDS[kind]
     if family == "gpt2":
-        sizes = dict(n_embd=d, n_inner=m, n_head=heads, n_layer=3, n_positions=256)
+        sizes = dict(n_embd=d, n_inner=m, n_head=heads, n_layer=3, n_positions=256, vocab_size=256)
         return T.GPT2Config(**{k: v for k, v in opts.items() if k != "bare"} | sizes).to_dict()
     kv = 2 if opts.get("num_key_value_heads") == 2 else heads
     sizes = dict(hidden_size=d, intermediate_size=m, num_attention_heads=heads, num_key_value_heads=kv,
-                 num_hidden_layers=opts.get("num_hidden_layers", 3), max_position_embeddings=256) | (dict(head_dim=16) if "head_dim" in opts else {})
+                 num_hidden_layers=opts.get("num_hidden_layers", 3), max_position_embeddings=256, vocab_size=256) | (dict(head_dim=16) if "head_dim" in opts else {})
     name = TM.FAMILY_CLASSES[family]
     return getattr(T, TM.CONFIG_CLASSES.get(family, name + "Config"))(**opts | sizes).to_dict()
 
