@@ -52,10 +52,10 @@ def cut_start(ids: list[int], lead: int, limit: int) -> list[int]:
     return ids if len(ids) <= limit else ids[:lead] + ids[len(ids) - limit + lead:]
 
 
-def prompt_target_batch(tok, prompts, targets, device=None, max_len: int | None = None) -> TargetBatch:
-    """Encode each prompt (the checkpoint's BOS rule) followed by its target's ids; with `max_len`,
-    a prompt too long for it loses its start (after the lead: a question's end is kept)."""
-    seqs, tgts, lens = [], [], []
+def prompt_target_ids(tok, prompts, targets, max_len: int | None = None) -> list[tuple[list[int], list[int]]]:
+    """Each prompt's ids (the checkpoint's BOS rule) and its target's; with `max_len`, a prompt too
+    long for it loses its start (after the lead: a question's end is kept)."""
+    pairs = []
     for p, t in zip(prompts, targets, strict=True):
         pi, ti = tok.encode(p), target_ids(tok, t)
         if not pi or not ti:
@@ -64,17 +64,25 @@ def prompt_target_batch(tok, prompts, targets, device=None, max_len: int | None 
             if max_len - len(ti) <= len(tok.lead):
                 raise ValueError(f"target {t!r} is {len(ti)} tokens: no room for a prompt in {max_len} positions")
             pi = cut_start(pi, len(tok.lead), max_len - len(ti))
-        seqs.append(pi + ti)
-        tgts.append(ti)
-        lens.append(len(pi))
-    B, K = len(seqs), max(len(t) for t in tgts)
+        pairs.append((pi, ti))
+    return pairs
+
+
+def pair_batch(tok, pairs: list[tuple[list[int], list[int]]], device=None) -> TargetBatch:
+    """A batch of (prompt ids, target ids) pairs: each prompt followed by its target, right-padded."""
+    B, K = len(pairs), max(len(ti) for _, ti in pairs)
     pos, tgt = torch.zeros(B, K, dtype=torch.long), torch.zeros(B, K, dtype=torch.long)
     tmask = torch.zeros(B, K, dtype=torch.bool)
-    for b, (ti, n) in enumerate(zip(tgts, lens)):
-        k = len(ti)
+    for b, (pi, ti) in enumerate(pairs):
+        n, k = len(pi), len(ti)
         pos[b, :k], tgt[b, :k], tmask[b, :k] = torch.arange(n - 1, n - 1 + k), torch.tensor(ti), True
-    ids, mask = tok.pad(seqs, side="right", device=device)
+    ids, mask = tok.pad([pi + ti for pi, ti in pairs], side="right", device=device)
     return TargetBatch(ids, mask, pos.to(device), tgt.to(device), tmask.to(device))
+
+
+def prompt_target_batch(tok, prompts, targets, device=None, max_len: int | None = None) -> TargetBatch:
+    """Encode each prompt followed by its target's ids (prompt_target_ids), as one batch."""
+    return pair_batch(tok, prompt_target_ids(tok, prompts, targets, max_len), device)
 
 
 @dataclass
@@ -91,20 +99,25 @@ def _device(m) -> torch.device:
 @torch.no_grad()
 def target_nll(m, prompts, targets, batch_size: int = 64, max_len: int | None = None) -> TargetScores:
     """Score each target after its prompt, `batch_size` pairs per forward pass, logits only at
-    the positions that predict target tokens (`max_len`: prompt_target_batch's)."""
-    nll, correct, argmax = [torch.zeros(0)], [], []
-    for s in range(0, len(prompts), batch_size):
-        b = prompt_target_batch(m.tokenizer, prompts[s:s + batch_size], targets[s:s + batch_size],
-                                _device(m), max_len)
+    the positions that predict target tokens (`max_len`: prompt_target_ids'). The pairs go by
+    length, longest first (little padding: CounterFact's paraphrases run to several times a
+    neighbourhood prompt's length; and a batch too large for memory is the first); the scores
+    come back in the given order."""
+    pairs = prompt_target_ids(m.tokenizer, prompts, targets, max_len)
+    order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
+    nll, correct, argmax = torch.zeros(len(pairs)), [None] * len(pairs), [None] * len(pairs)
+    for s in range(0, len(pairs), batch_size):
+        rows = order[s:s + batch_size]
+        b = pair_batch(m.tokenizer, [pairs[i] for i in rows], _device(m))
         logp = m(b.ids, b.mask, logits_at=b.pos).logits.log_softmax(-1)       # (B, K, V)
         tok_nll = -logp.gather(-1, b.tgt[..., None]).squeeze(-1) * b.tmask     # (B, K)
         n = b.tmask.sum(1)
-        nll.append((tok_nll.sum(1) / n).cpu())
+        nll[rows] = (tok_nll.sum(1) / n).float().cpu()
         best = logp.argmax(-1).cpu()
         hit = best == b.tgt.cpu()
-        correct += [h[:k].tolist() for h, k in zip(hit, n.tolist())]
-        argmax += [a[:k].tolist() for a, k in zip(best, n.tolist())]
-    return TargetScores(torch.cat(nll), correct, argmax)
+        for i, h, a, k in zip(rows, hit, best, n.tolist()):
+            correct[i], argmax[i] = h[:k].tolist(), a[:k].tolist()
+    return TargetScores(nll, correct, argmax)
 
 
 # ------------------------------------------------------------------------ CounterFact and zsRE

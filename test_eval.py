@@ -300,6 +300,29 @@ def test_target_nll_matches_plain_forward(lm):
     torch.testing.assert_close(one.nll_mean, got, atol=1e-5, rtol=1e-5)
 
 
+def test_target_nll_batches_pairs_by_length_and_returns_scores_in_the_given_order(lm, monkeypatch):
+    """Pairs of mixed lengths, given short, long, short, long: each batch holds pairs of like
+    length, longest first (5 padded slots in all, 71 in the given order), and every score
+    (NLL, each token's argmax and hit) is the one a pair gets alone, in the given order."""
+    prompts = ["Tom", "Once upon a time, in a small house near the big dark forest, there lived a", "Sue",
+               "The sun was shining and the birds were singing in the tall green trees when a"]
+    targets = ["ran", "little girl named Lily who liked to play", "went", "big red dog"]
+    shapes, forward = [], type(lm).forward
+
+    def spy(self, ids, mask=None, *a, **k):
+        shapes.append((mask.shape[1], int(mask.sum())))
+        return forward(self, ids, mask, *a, **k)
+    monkeypatch.setattr(type(lm), "forward", spy)
+    got = E.target_nll(lm, prompts, targets, batch_size=2)
+    lengths = [sum(map(len, p)) for p in E.prompt_target_ids(lm.tokenizer, prompts, targets)]
+    by_length = sorted(lengths, reverse=True)                 # [43, 39, 6, 5] tokens
+    assert shapes == [(by_length[0], sum(by_length[:2])), (by_length[2], sum(by_length[2:]))], (lengths, shapes)
+    for i, (p, t) in enumerate(zip(prompts, targets)):
+        one = E.target_nll(lm, [p], [t], batch_size=1)
+        torch.testing.assert_close(got.nll_mean[i:i + 1], one.nll_mean, atol=1e-5, rtol=1e-5)
+        assert got.argmax[i] == one.argmax[0] and got.token_correct[i] == one.token_correct[0]
+
+
 def test_fluency_texts_are_romes_hundred_tokens_past_the_end_of_text(lm, monkeypatch):
     """ROME's generate_fast(max_out_len=100): each text is 100 tokens with its prompt, sampling on
     past an end-of-text token (decoding drops it); the texts were 100 NEW tokens, cut at EOS."""
