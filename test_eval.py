@@ -167,6 +167,16 @@ def test_locality_is_easyedits_agreement_with_the_model_before_editing():
         E.with_locality(pre[::-1], E.counterfact_eval(after, reqs))
 
 
+def test_locality_is_left_out_where_the_cases_were_scored_on_other_tokens_before():
+    """with_locality compares argmax tokens place by place: where a case's neighbourhood answers
+    have other token counts before and after (or other prompts), there is nothing to compare and
+    the case gets no locality_top1 (zip would score the overlap: 1/2 and 1)."""
+    case = lambda *argmax: {"case_id": 1, "neighborhood_argmax": [list(a) for a in argmax]}
+    assert E.with_locality([case((3, 4))], [case((3,))]) == [case((3,))]
+    assert E.with_locality([case((3,), (4,))], [case((3,))]) == [case((3,))]
+    assert E.with_locality([case((3,), (4,))], [case((3,), (5,))])[0]["locality_top1"] == 0.5
+
+
 def test_target_nll_multi_token_by_hand():
     m = Bigram(WORDS, {"r": {"a": 0.5, "b": 0.1}, "a": {"b": 0.4, "c": 0.5}, "b": {"c": 0.2, "d": 0.7},
                        "p1": {"b": 0.6, "a": 0.3}})
@@ -201,6 +211,32 @@ def test_each_neighbourhood_prompt_is_scored_against_its_own_answer():
     assert c["specificity_top1"] == 1.0                     # a is the argmax after n1, b after n2
     z, = E.zsre_eval(m, [dataclasses.replace(r, kind="zsre")])
     assert z["specificity"] == 1.0
+
+
+def test_a_case_s_token_accuracy_is_its_prompts_mean_not_pooled_over_their_tokens():
+    """Top-1 token accuracy (zsRE's three metrics, MEMIT's; CounterFact's *_top1, EasyEdit's) is
+    each prompt's fraction of correct target tokens, then the mean over the case's prompts.
+    Neighbourhood answers of different lengths tell this from pooling the tokens: "a" right after
+    n1 (1 of 1) and "b c d" all wrong after n2 (the filler "_" is every argmax: 0 of 3) give
+    (1 + 0) / 2, not 1 / 4."""
+    m = Bigram(WORDS, {"n1": {"a": 0.7}, "n2": {}, "b": {}, "c": {}})
+    r = Request(1, "{} r", "S", "new", "true", (), ("N n1", "N n2"), ("a", "b c d"))
+    c, = E.counterfact_eval(m, [r])
+    assert c["specificity_top1"] == 0.5
+    z, = E.zsre_eval(m, [dataclasses.replace(r, kind="zsre")])
+    assert z["specificity"] == 0.5
+
+
+def test_the_edit_metrics_score_in_batches_of_the_size_they_are_given(monkeypatch):
+    """counterfact_eval and zsre_eval hand their batch_size to target_nll (it bounds the memory of
+    a forward pass; the scores do not depend on it)."""
+    sizes, target_nll = [], E.target_nll
+    monkeypatch.setattr(E, "target_nll", lambda *a, **k: sizes.append(a[3] if len(a) > 3 else k["batch_size"])
+                        or target_nll(*a, **k))
+    m = Bigram(WORDS, {"r": {"new": 0.6, "true": 0.2}})
+    E.counterfact_eval(m, [cf_request(1, "r", ["p1"], ["n1"])], batch_size=3)
+    E.zsre_eval(m, [cf_request(2, "r", ["p1"], ["n1"], kind="zsre")], batch_size=5)
+    assert sizes == [3, 5]
 
 
 # ------------------------------------------------------------------- text and classification
@@ -460,6 +496,15 @@ def test_perplexity_of_texts_of_different_lengths_in_one_batch(lm):
         E.perplexity(lm, ["", ""])
 
 
+def test_perplexity_scores_a_text_of_two_tokens_and_skips_a_lone_bos(lm):
+    """A text of 2 tokens (BOS and one word) has one token to predict and is scored; a text of
+    one token (a lone BOS) has none and is left out, not counted as a token of NLL 0."""
+    ids = lm.tokenizer.encode("Lily")
+    assert len(ids) == 2 and lm.tokenizer.encode("") == ids[:1]
+    logp = lm(torch.tensor([ids])).logits[0].log_softmax(-1)
+    assert E.perplexity(lm, ["Lily", ""]) == pytest.approx(math.exp(-float(logp[0, ids[1]])), rel=1e-5)
+
+
 def test_perplexity_scores_after_what_the_template_puts_first(tmp_path):
     """A tokenizer with no BOS whose template puts two special tokens first (as GLM's [gMASK]<sop>):
     each text is scored after them, as a prompt is encoded (it was scored with nothing before)."""
@@ -557,6 +602,20 @@ def test_general_eval_maps_each_answer_word_to_its_glue_class(tmp_path, monkeypa
     r = E.general_eval(SimpleNamespace(cfg=SimpleNamespace(position_limit=(512, ""))), tmp_path, n_per_task=4)
     assert {name: x["accuracy"] for name, x in r.items()} == dict.fromkeys(items, 1.0)
     assert limits == {512}
+
+
+def test_general_eval_reads_row_i_of_the_scores_as_prompt_i_s(tmp_path, monkeypatch):
+    """target_nll gets prompt after prompt, each with every answer word (the word varies fastest),
+    so the (n, L) NLLs are read a prompt per row. Three sst2 items of classes 1, 1, 0 (the scores
+    of two items of two classes are the same read either way) and a scorer that gives the word an
+    item names the lowest NLL: every item answered right."""
+    monkeypatch.setattr(E, "target_nll", lambda m, prompts, targets, batch_size, max_len: E.TargetScores(
+        torch.tensor([0.0 if f"<{t.strip()}>" in p else 1.0 for p, t in zip(prompts, targets)]), [], []))
+    (tmp_path / "sst2.json").write_text(json.dumps([dict(sentence="<positive>", label=1),
+                                                    dict(sentence="<positive>", label=1),
+                                                    dict(sentence="<negative>", label=0)]))
+    m = SimpleNamespace(cfg=SimpleNamespace(position_limit=(512, "")))
+    assert E.general_eval(m, tmp_path, n_per_task=3, tasks=("sst2",))["sst2"]["accuracy"] == 1.0
 
 
 @pytest.mark.parametrize("name, fixture, n", [("stories260K", "stories260K-hf", 10), ("factmodel-ci", "factmodel-ci", 30)])
@@ -767,5 +826,3 @@ def test_write_summary(tmp_path):
         E.write_summary(tmp_path, s, {"method": "x", "model": "y", "batch_size": 1})
     with pytest.raises(ValueError, match="keys in both header and summary: model"):   # not one silently lost
         E.write_summary(tmp_path, s | {"model": "edited"}, header)
-
-

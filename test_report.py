@@ -278,6 +278,15 @@ def test_baseline_pl_grows_when_it_rises_more_than_one_percent_of_its_mean_a_ste
     assert half["growth"] == pytest.approx(0.005) and not half["grows"]              # 0.005 < 0.0103
 
 
+def test_baseline_pl_growth_is_judged_against_its_window_s_mean_not_the_run_s():
+    """audit_pl's `grows`: the last half's slope against 1% of that half's mean PL. A PL that fell
+    from 10 to 1 and now rises 0.015 a step grows (1% of its window's mean 1.0225 is 0.0102),
+    though 0.015 is under 1% of the whole run's mean 5.51."""
+    a = E.audit_pl([10.0] * 4 + [1 + 0.015 * t for t in range(4)])
+    assert a["growth"] == pytest.approx(0.015) and a["grows"]
+    assert a["mean_pl"] == pytest.approx((40 + 4.09) / 8) and a["last"] == pytest.approx(1.045)
+
+
 def test_report_of_an_interrupted_run_reads_only(tmp_path):
     """A torn last log line, no summary.json, no cases.jsonl: the report covers the steps that
     are whole and leaves the run's files as they were; an unreadable summary.json, a log with no
