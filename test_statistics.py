@@ -251,6 +251,23 @@ def test_a_file_for_other_weights_is_refused_above_the_last_layer_ignored(made, 
         S.load_stats_file(made, M.load(config), config, (1, 2), log=quiet)
 
 
+def test_a_tensor_s_digest_covers_all_its_bytes_its_dtype_and_its_shape(tmp_path):
+    """tensor_digests reads a tensor in 16 MiB blocks: a change in the last element of one past
+    its first block (the fixtures' tensors are all smaller) changes its digest, and so do the same
+    bytes stored as another shape or another dtype; the same tensor written again does not."""
+    def digest(name, w):
+        (tmp_path / name).mkdir()
+        save_file({"w": w}, str(tmp_path / name / "model.safetensors"))
+        return S.tensor_digests(tmp_path / name, ["w"])["w"]
+    big = torch.zeros(2 ** 22 + 8)                        # 16 MiB and 32 bytes of float32
+    changed = big.clone()
+    changed[-1] = 1.0
+    same = digest("same", big.clone())
+    assert digest("big", big) == same
+    assert same not in (digest("changed", changed), digest("shape", big.view(8, -1)),
+                        digest("dtype", big.view(torch.int32)))
+
+
 def test_a_file_or_cache_made_with_another_tokenizer_is_refused_or_recomputed(made, stories, tmp_path):
     """The token ids come from tokenizer.json and tokenizer_config.json (the BOS: the template's):
     with no BOS in the template, C differs, so the file is refused and the cache not reused. An
@@ -345,6 +362,38 @@ def test_a_file_whose_digests_leave_a_tensor_out_is_refused(made, stories, tmp_p
             S.load_stats_file(path, stories, STORIES, (1, 2), log=quiet)
 
 
+def test_a_file_of_a_later_format_version_is_refused(made, stories, tmp_path):
+    """Only this code's version is read: a file of a later version is refused as an earlier one is,
+    not taken because its number is higher."""
+    with pytest.raises(S.StatisticsError, match="statistics format version 4; this code reads version 3"):
+        S.load_stats_file(rewritten(made, tmp_path, version="4"), stories, STORIES, (1, 2), log=quiet)
+
+
+def test_a_key_that_lacks_any_one_field_is_refused_naming_it(made, stories, tmp_path):
+    """The key written holds every field read_meta requires, and a key without any one of them (the
+    tensors' digests a refusal names, say) is damaged: refused naming the field, never read as far
+    as it goes or a KeyError."""
+    with safe_open(str(made), "pt") as f:
+        key = json.loads(f.metadata()["key"])
+    assert set(key) == S.KEY_FIELDS
+    for field in sorted(key):
+        less = json.dumps({k: v for k, v in key.items() if k != field})
+        with pytest.raises(S.StatisticsError, match=rf"key is damaged \(it lacks {field}\)"):
+            S.load_stats_file(rewritten(made, tmp_path, key=less), stories, STORIES, (1, 2), log=quiet)
+
+
+def test_a_file_whose_C_holds_an_infinity_is_refused(made, stories, tmp_path):
+    """An inf on C's diagonal is symmetric (inf == inf) and its digest is the one written: only the
+    finiteness check refuses it (a NaN already fails the symmetry one: NaN ≠ NaN)."""
+    C = load_file(str(made))
+    with safe_open(str(made), "pt") as f:
+        key = json.loads(f.metadata()["key"])
+    path = tmp_path / "inf.safetensors"
+    S.write_stats_file(path, {1: C["C.1"].clone().fill_diagonal_(float("inf")), 2: C["C.2"]}, key, 3000)
+    with pytest.raises(S.StatisticsError, match="C.1 is not a finite symmetric matrix"):
+        S.load_stats_file(path, stories, STORIES, (1, 2), log=quiet)
+
+
 def test_a_cache_file_of_another_key_under_this_key_s_name_is_recomputed(stories, tmp_path):
     """The cache reuses a file only when the key inside is the one asked for, not only its
     weights' (a file copied under another key's name: here 1,000 tokens' C where 1,200 are asked)."""
@@ -357,6 +406,17 @@ def test_a_cache_file_of_another_key_under_this_key_s_name_is_recomputed(stories
                                     log=lambda s, **k: logs.append(s))
     assert not any("reusing" in line for line in logs) and any("another key" in line for line in logs)
     assert torch.equal(again[1], C[1])
+
+
+def test_the_cache_keeps_one_file_per_key(stories, tmp_path):
+    """Each key has a file of its own (named by the whole key, not only the weights'): collecting
+    for another token count leaves the first key's file, which is then reused, not recomputed."""
+    S.load_or_collect_stats(stories, STORIES, CORPUS, 400, (1,), tmp_path, log=quiet)
+    S.load_or_collect_stats(stories, STORIES, CORPUS, 500, (1,), tmp_path, log=quiet)
+    assert len(list(tmp_path.glob("stats-*.safetensors"))) == 2
+    logs = []
+    S.load_or_collect_stats(stories, STORIES, CORPUS, 400, (1,), tmp_path, log=lambda s, **k: logs.append(s))
+    assert any(line.startswith("statistics: reusing ") for line in logs)
 
 
 def test_a_second_writer_of_the_same_file_neither_truncates_nor_removes_this_ones(tmp_path, monkeypatch):
@@ -543,6 +603,17 @@ def test_their_big_endian_file_is_read_as_the_native_one(tmp_path, stories):
     assert torch.equal(got, S.load_stats_file(tmp_path / "a", stories, STORIES, (1,), log=quiet)[1])
 
 
+def test_their_sum_holding_a_nan_or_an_infinity_is_refused(tmp_path, stories):
+    """A NaN or inf in their sum escapes the symmetry test (NaN compares false; inf − inf is NaN):
+    the finiteness check refuses it."""
+    k = torch.randn(300, 172, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    sym = (k.T @ k).tril() + (k.T @ k).tril(-1).T
+    for i, bad in enumerate((float("nan"), float("inf"))):
+        with pytest.raises(S.StatisticsError, match="mom2.mom2 is not a finite symmetric matrix"):
+            S.load_stats_file(their_file(tmp_path / str(i), 1, S_=sym.clone().fill_diagonal_(bad).numpy()), stories,
+                              STORIES, (1,), log=quiet)
+
+
 def test_the_module_never_unpickles():
     src = (HERE / "stats.py").read_text()
     assert "torch.load" not in src and "import pickle" not in src
@@ -570,6 +641,16 @@ def test_shards_sum_to_the_whole(stories, monkeypatch):
     monkeypatch.setattr(S.dist, "all_reduce", lambda t: None)            # a reduce that lost the others
     with pytest.raises(S.StatisticsError, match=f"the ranks summed {int(parts[0][-1])} tokens, the corpus has 3000"):
         S.collect_stats(stories, seqs, [1, 2], 700, rank=0, world=3)
+
+
+def test_ranks_that_summed_more_tokens_than_the_corpus_are_refused(stories, monkeypatch):
+    """Shares that overlap (here rank 1 summed every batch, not its own) give more tokens than the
+    corpus, not fewer: refused as well, never divided into a C."""
+    seqs = S.stats_sequences(stories.tokenizer, data.read_corpus(CORPUS), 600)
+    mine = S.rank_share(seqs, 200, 0, 2)
+    monkeypatch.setattr(S.dist, "all_reduce", lambda t: t.add_(S.gram_sums(stories, seqs, [1], 200)))
+    with pytest.raises(S.StatisticsError, match=f"the ranks summed {mine + 600} tokens, the corpus has 600"):
+        S.collect_stats(stories, seqs, [1], 200, rank=0, world=2)
 
 
 def test_each_rank_s_share_is_its_round_robin_batches_tokens():
