@@ -302,6 +302,12 @@ def test_other_layers_or_another_shape_are_refused(made, stories):
         S.load_stats_file(made, M.load(other), other, (1, 2), log=quiet)
 
 
+def file_key(path) -> dict:
+    """The key a statistics file holds."""
+    with safe_open(str(path), "pt") as f:
+        return json.loads(f.metadata()["key"])
+
+
 def rewritten(made, tmp_path, tensors=None, **meta_changes) -> Path:
     """The statistics file written again with other tensors and/or metadata."""
     with safe_open(str(made), "pt") as f:
@@ -342,10 +348,10 @@ def test_a_corrupt_truncated_or_unsound_file_is_an_error_never_used(made, storie
     refused(rewritten(made, tmp_path, {"C.1": C["C.1"]}), "tensor C.2 is missing")
     refused(rewritten(made, tmp_path, {"C.1": C["C.1"].float(), "C.2": C["C.2"]}),
             r"C.1 is float32 \(172, 172\); float64 \(172, 172\) is needed")
-    for bad in (C["C.1"].clone().fill_diagonal_(float("nan")), C["C.1"] + torch.eye(172, dtype=torch.float64).roll(1, 0)):
+    for bad in (C["C.1"].clone().fill_diagonal_(float("nan")), C["C.1"] + torch.eye(172, dtype=torch.float64).roll(1, 0),
+                C["C.1"].clone().fill_diagonal_(float("inf"))):     # symmetric (inf == inf): the finiteness check's
         path = tmp_path / "unsound.safetensors"
-        with safe_open(str(made), "pt") as f:
-            S.write_stats_file(path, {1: bad, 2: C["C.2"]}, json.loads(f.metadata()["key"]), 3000)
+        S.write_stats_file(path, {1: bad, 2: C["C.2"]}, file_key(made), 3000)
         refused(path, "C.1 is not a finite symmetric matrix")
 
 
@@ -373,25 +379,12 @@ def test_a_key_that_lacks_any_one_field_is_refused_naming_it(made, stories, tmp_
     """The key written holds every field read_meta requires, and a key without any one of them (the
     tensors' digests a refusal names, say) is damaged: refused naming the field, never read as far
     as it goes or a KeyError."""
-    with safe_open(str(made), "pt") as f:
-        key = json.loads(f.metadata()["key"])
+    key = file_key(made)
     assert set(key) == S.KEY_FIELDS
     for field in sorted(key):
         less = json.dumps({k: v for k, v in key.items() if k != field})
         with pytest.raises(S.StatisticsError, match=rf"key is damaged \(it lacks {field}\)"):
             S.load_stats_file(rewritten(made, tmp_path, key=less), stories, STORIES, (1, 2), log=quiet)
-
-
-def test_a_file_whose_C_holds_an_infinity_is_refused(made, stories, tmp_path):
-    """An inf on C's diagonal is symmetric (inf == inf) and its digest is the one written: only the
-    finiteness check refuses it (a NaN already fails the symmetry one: NaN ≠ NaN)."""
-    C = load_file(str(made))
-    with safe_open(str(made), "pt") as f:
-        key = json.loads(f.metadata()["key"])
-    path = tmp_path / "inf.safetensors"
-    S.write_stats_file(path, {1: C["C.1"].clone().fill_diagonal_(float("inf")), 2: C["C.2"]}, key, 3000)
-    with pytest.raises(S.StatisticsError, match="C.1 is not a finite symmetric matrix"):
-        S.load_stats_file(path, stories, STORIES, (1, 2), log=quiet)
 
 
 def test_a_cache_file_of_another_key_under_this_key_s_name_is_recomputed(stories, tmp_path):
@@ -1083,8 +1076,7 @@ def test_stats_out_never_writes_over_the_checkpoint_or_a_file_that_is_not_statis
     for tokens in ("2000", "3000"):      # the second run writes over the first's file (the editing name too)
         assert S.main(["--model", str(model), "--out", str(out), "--layers", "1", "--stats-tokens", tokens,
                        "--stats-batch-tokens", "4096"]) == 0
-    with safe_open(str(out), "pt") as f:
-        assert json.loads(f.metadata()["key"])["n_tokens"] == 3000
+    assert file_key(out)["n_tokens"] == 3000
 
 
 def test_stats_ctrl_c_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
@@ -1108,8 +1100,7 @@ def test_a_max_len_beyond_gpt2_s_learned_positions_is_capped_and_said(tmp_path, 
     assert S.main(["--model", str(path), "--layers", "1", "--stats-tokens", "2000", "--out", str(out)]) == 0
     said = "statistics: paragraphs cut to 64 tokens, not 256: this GPT-2 has 64 learned positions"
     assert said in capsys.readouterr().err
-    with safe_open(str(out), "pt") as f:
-        assert json.loads(f.metadata()["key"])["max_len"] == 64
+    assert file_key(out)["max_len"] == 64
     logs = []
     C = S.load_or_collect_stats(gpt2, path, CORPUS, 2000, (1,), tmp_path / "cache", log=lambda s, **k: logs.append(s))
     assert logs[0].startswith(said) and torch.equal(C[1], load_file(str(out))["C.1"])
