@@ -260,6 +260,8 @@ def test_data_skip_bad_reports_and_limit(tmp_path):
     assert [r.case_id for r in reqs] == [0] and skipped == []
     reqs, skipped = load_requests(FIX / "counterfact-easyedit.json", limit=5)
     assert [r.case_id for r in reqs] == [0, 1, 4, 5, 6] and skipped == []  # ids of the file
+    reqs, skipped = load_requests(_data_write(tmp_path, [17] + recs[:1], "bad-first.json"), skip_bad=True)
+    assert [r.case_id for r in reqs] == [0] and "record 0" in skipped[0]    # the layout: the first recognised record's
 
 
 def test_data_json_lines_byte_order_marks_and_whole_float_ids_load(tmp_path):
@@ -283,6 +285,8 @@ def test_data_json_lines_byte_order_marks_and_whole_float_ids_load(tmp_path):
     _data_error(lines, "line 5, record 2 (case_id 2)", "equals target_true")
     assert load_requests(lines, skip_bad=True)[1][1].endswith("line 7, record 4 (case_id 0): field 'case_id': "
                                                               "duplicate case_id 0: also line 2, record 0")
+    lines.write_text("\n\n" + json.dumps(recs[2]) + "\n", encoding="utf-8")     # one record, after blank lines
+    _data_error(lines, "line 3, record 0 (case_id 2)", "equals target_true")
     lines.write_text(json.dumps(recs[0])[:-1] + "\n" + json.dumps(recs[1]) + "\n", encoding="utf-8")
     _data_error(lines, "not valid JSON Lines: line 1")             # (was JSON's "line 2, column 1: Expecting ','")
     marked = tmp_path / "bom.json"
@@ -304,6 +308,8 @@ def test_data_gzip_files_load_like_plain_ones(tmp_path):
     packed.write_bytes(gzip.compress(plain.read_bytes()))
     assert load_requests(packed)[0] == load_requests(plain)[0]
     assert load_requests(FIX / "counterfact-edit.json.gz", limit=300)[0] == load_requests(plain)[0]
+    packed.write_bytes(gzip.compress(b"\xef\xbb\xbf" + plain.read_bytes()))   # a byte-order mark inside the gzip
+    assert load_requests(packed)[0] == load_requests(plain)[0]
     packed.write_bytes(packed.read_bytes()[:500])                       # truncated
     _data_error(packed, str(packed), "cannot read data")
     packed.write_bytes(plain.read_bytes())              # by its bytes, not its name: plain under .gz
@@ -337,14 +343,18 @@ def test_data_snippets_may_be_gzipped_and_hold_no_empty_reference(tmp_path):
         data.read_snippets(path)
 
 
-def test_data_snippets_refuse_texts_that_are_not_lists_of_strings(tmp_path):
+def test_data_snippets_refuse_what_is_not_an_object_of_lists_of_strings(tmp_path):
     """A case whose reference texts are a bare string (its characters read as texts) or hold a
-    number (an AttributeError later) is refused as --snippets' shape."""
+    number (an AttributeError later), or a top level that is a list, is refused as --snippets'
+    shape; a file that is not JSON is a DataError naming it, too."""
     path = tmp_path / "snippets.json"
-    for bad in ({"7": "a text"}, {"7": ["a text", 3]}):
+    for bad in ({"7": "a text"}, {"7": ["a text", 3]}, ["a text"]):
         path.write_text(json.dumps(bad))
         with pytest.raises(DataError, match=r"expected an object \{case_id: \[text, ...\]\}"):
             data.read_snippets(path)
+    path.write_text('{"7": ["a text"')
+    with pytest.raises(DataError, match=rf"^--snippets {re.escape(str(path))}: Expecting"):
+        data.read_snippets(path)
 
 
 def test_data_read_corpus(tmp_path):
@@ -369,6 +379,10 @@ def test_data_file_sha256_and_stdlib_only(tmp_path):
     assert file_sha256(path) == hashlib.sha256(b"hello").hexdigest()
     with pytest.raises(DataError, match="absent"):
         file_sha256(tmp_path / "absent")
+    with pytest.raises(DataError, match="cannot read"):
+        file_sha256(tmp_path)                                   # a directory: a DataError, not a traceback
+    path.write_bytes(b"a" * (1 << 20) + b"b")                   # past the first 1 MiB block
+    assert file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
     tree = ast.parse((Path(__file__).parent / "data.py").read_text(encoding="utf-8"))
     modules = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     modules |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
@@ -384,6 +398,16 @@ def test_data_read_jsonl_reads_only_and_trim_jsonl_rewrites(tmp_path):
     assert data.read_jsonl(tmp_path / "absent.jsonl") == ([], 0)
     assert data.trim_jsonl(path, lambda e: e["step"] < 1) == [{"step": 0}]
     assert path.read_text() == '{"step": 0}\n'
+    path.write_bytes(b'{"step": 0}\n{"step": 1, "note": "\xc3\n{"step": 2}\n')   # torn inside a character
+    assert data.read_jsonl(path) == ([{"step": 0}], 2)                    # nothing after a torn line is read
+
+
+def test_data_append_jsonl_adds_one_line_after_those_there(tmp_path):
+    path = tmp_path / "log.jsonl"
+    data.write_jsonl(path, [{"step": 0}])
+    data.append_jsonl(path, {"step": 1})
+    data.append_jsonl(path, {"step": 2})
+    assert data.read_jsonl(path) == ([{"step": 0}, {"step": 1}, {"step": 2}], 0)
 
 
 def test_data_requests_from_records_in_memory_is_load_requests(tmp_path):
@@ -408,6 +432,7 @@ def test_a_request_built_by_hand_is_checked_as_a_loaded_one():
                             (dict(neighborhood_answers=("a", "b")), "field 'neighborhood_answers': 2 answers for 1 "),
                             (dict(paraphrase_prompts=["a {}"]), "field 'paraphrase_prompts': expected a tuple"),
                             (dict(paraphrase_prompts=("a", 3)), "field 'paraphrase_prompts': expected a tuple of strings"),
+                            (dict(generation_prompts=["a"]), "field 'generation_prompts': expected a tuple"),
                             (dict(kind="other"), "field 'kind': 'counterfact' or 'zsre'")):
         with pytest.raises(data.DataError, match=f"Request {q.case_id!r}: {message}"):
             dataclasses.replace(q, **change)
@@ -438,6 +463,26 @@ def test_write_atomic_leaves_the_old_file_whole_when_the_write_fails(tmp_path, m
     assert json.loads(path.read_text()) == {"checkpoint": "ckpt-000001", "step": 1}
 
 
+def test_write_atomic_and_sync_files_reach_the_disk_in_order(tmp_path, monkeypatch):
+    """write_atomic fsyncs the temporary file with all its text (flushed first), renames it, then
+    fsyncs the directory (so the rename survives a power loss); sync_files fsyncs each file, then
+    the directory."""
+    synced, real = [], os.fsync
+
+    def fsync(fd):
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        synced.append(("dir", sorted(os.listdir(path))) if path.is_dir() else (path.name, os.fstat(fd).st_size))
+        return real(fd)
+    monkeypatch.setattr(data.os, "fsync", fsync)
+    data.write_atomic(tmp_path / "latest.json", '{"step": 1}')
+    assert synced == [("latest.json.tmp", 11), ("dir", ["latest.json"])]
+    (tmp_path / "log.jsonl").write_text("{}\n")
+    synced.clear()
+    data.sync_files(tmp_path)
+    assert sorted(synced[:2]) == [("latest.json", 11), ("log.jsonl", 3)]
+    assert synced[2:] == [("dir", ["latest.json", "log.jsonl"])]
+
+
 def test_a_second_sigterm_while_the_first_unwinds_is_ignored():
     """exit_on_sigterm leaves through Python's shutdown, its cleanup (a temporary file removed, a
     checkpoint's partial directory) safe from a second SIGTERM: ignored from the first on."""
@@ -457,5 +502,17 @@ def test_sigterm_exits_leaves_an_ignored_sigterm_ignored():
         with data.sigterm_exits():
             assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_sigterm_exits_gives_back_the_handler_set_before_it():
+    import signal
+    handler = lambda signum, frame: None
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        with data.sigterm_exits():
+            assert signal.getsignal(signal.SIGTERM) is data.exit_on_sigterm
+        assert signal.getsignal(signal.SIGTERM) is handler
     finally:
         signal.signal(signal.SIGTERM, previous)
