@@ -438,7 +438,8 @@ def test_the_plan_counts_an_edit_layer_s_state_solve_and_statistics_on_its_devic
     """device_need by hand on two devices, edit layer 2 the second's first block: the first device
     (blocks 0, 1) holds no state, solve or statistics (a block i past its blocks k..i-1 is not
     its); the second holds C, S_KK (m×m) and S_VK (d×m) in float64 and W0 in float32, the
-    Cholesky solve's m×m and four d×m, and one layer's statistics."""
+    Cholesky solve's m×m and four d×m, and one layer's statistics; at 8 tokens a pass and 1 a
+    statistics batch its peak is the solve beside the state."""
     cfg, d, m = small_llama(), 256, 512
     need = plan.device_need(cfg, L.HParams(method="lyaplock", layers=(2,), batch_size=2), "float32", 1024, 2)
     first, second = need(0, 0, 2), need(1, 2, 4)
@@ -447,6 +448,11 @@ def test_the_plan_counts_an_edit_layer_s_state_solve_and_statistics_on_its_devic
     assert second["state"] == 8 * (2 * m * m + d * m) + 4 * d * m
     assert second["solve"] == 8 * (m * m + 4 * d * m)
     assert second["statistics"] == S.collection_bytes(cfg, torch.float32, 8192, 1)
+    small = plan.device_need(cfg, L.HParams(method="lyaplock", layers=(2,), batch_size=2), "float32", 8, 2,
+                             stats_tokens=1)(1, 2, 4)                   # 8 tokens a pass: the solve is the peak
+    assert small["target_values"] < small["solve"] and small["statistics"] < small["state"] + small["solve"]
+    assert small["need"] == small["weights"] + small["state"] + small["solve"]
+    assert small["statistics"] == S.collection_bytes(cfg, torch.float32, 1, 1)
 
 
 def test_the_plan_counts_the_kept_edits_on_the_host_and_in_a_solve_from_it():
@@ -486,6 +492,9 @@ def test_stream_tokens_by_hand_with_one_token_a_word(tmp_path):
                              "lyaplock", cfg)
     templates = plan.TEMPLATE_FACTOR * max(n for n, _ in L.method_of("lyaplock").templates)
     assert got == plan.StreamTokens(row=templates + 5 + 3, target=2, prompt=5, kl=4)
+    cfg = L.replace(cfg, max_positions=8)          # "The capital of {} is" alone, 8 tokens: its whole prompt, 6
+    got = plan.stream_tokens(M.Tokenizer(tmp_path, cfg), [ask("The capital of {} is")], "lyaplock", cfg)
+    assert got == plan.StreamTokens(row=templates + 5 + 3, target=2, prompt=6, kl=4)
 
 
 def test_the_target_value_terms_of_a_known_stream_by_hand():
@@ -512,6 +521,8 @@ def test_the_target_value_terms_of_a_known_stream_by_hand():
                                    num_hidden_layers=4, num_attention_heads=4, head_dim=64,
                                    final_logit_softcapping=30.0))
     assert plan.target_value_bytes(capped, hp, torch.float32, 1024, stream)[2] == 4 * V * (4 * 140 + 3 * 2)
+    assert plan.pass_bytes(capped, hp, torch.float32, 1024, None) == \
+        4 * 1024 * (plan.slot_values(capped, 1024) + kv)          # no stream: capped scores of rows of a pass
     short = plan.StreamTokens(row=12, target=1, prompt=11, kl=2)     # 14 positions, 2 KL: 3.5 × 14 + 6 < 168
     assert plan.target_value_bytes(cfg, hp, torch.float32, 1024, short)[2] == 4 * V * slots
 
@@ -1298,7 +1309,7 @@ def test_the_plan_follows_every_flag_of_the_run_and_refuses_what_the_run_refuses
 def test_memory_plan_counts_what_superseded_remove_keeps(tmp_path, capsys, method):
     """With --superseded remove the memory keeps each edit's key (and, with S_VK, value): the
     plan's growth per edit is exactly the bytes the edited state holds, and --plan counts the
-    edits of --edits."""
+    edits of --edits (the run's plan, run_memory_plan: the 2 kept, its --stats-batch-tokens)."""
     cfg = M.read_config(STORIES)
     m = M.load(STORIES)
     C = S.load_or_collect_stats(m, STORIES, L.DEFAULT_CORPUS, 2000, (1, 2), tmp_path, log=lambda *a, **k: None)
@@ -1317,6 +1328,13 @@ def test_memory_plan_counts_what_superseded_remove_keeps(tmp_path, capsys, metho
     args = ["--plan", "--model", str(STORIES), "--layers", "1,2", "--method", method, "--superseded", "remove"]
     assert L.main(args + ["--edits", str(reedit_file(tmp_path, 5))]) == 0     # one prompt edited twice
     assert "counted for the 2 of the 6 edits of --edits whose prompt is edited again" in capsys.readouterr().out
+    _, settings, _ = L.open_run(L.parse_args(args + ["--edits", str(tmp_path / "edits.json"),  # the run's plan:
+                                                     "--stats-batch-tokens", "512"]))          # its 2 kept edits
+    (row,) = plan.run_memory_plan(settings, cfg, load_requests(settings.edits)[0], [1.0], None)
+    step = L.replace(settings.hparams, batch_size=6)
+    assert row == plan.memory_plan(cfg, step, settings.dtype, settings.z_batch_tokens, [1.0], n_edits=2,
+                                   stats_tokens=512)[0]
+    assert row["statistics"] == S.collection_bytes(cfg, M.DTYPES[settings.dtype], 512, 2)
 
 
 @pytest.mark.parametrize("how", ["no-tokenizer", "no-weights", "shape", "vocab"])
