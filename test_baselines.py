@@ -118,6 +118,8 @@ def test_rect_their_40_percent_and_ties():
     mask, threshold = B.rect_mask(ties, W)                      # W + 1e-8 = 1 in float32
     assert threshold == 66.0 and int(mask.sum()) == 11008 - 6600   # every tie at the threshold kept
     assert torch.equal(mask, ties >= 66)
+    few = torch.arange(1.0, 21.0, dtype=torch.float64).reshape(4, 5)     # k = int(20·10/100) = 2, not
+    assert int(B.rect_mask(few, torch.ones(4, 5), 90)[0].sum()) == 19     # int(20·(1 − 0.9)) = int(1.99…)
 
 
 def test_rect_with_a_float32_update_is_the_float64_rule():
@@ -729,6 +731,31 @@ def test_registry_first_step_of_a_plugin_at_the_floor_is_theirs(plugin, theirs):
     close(W_plugin, W_theirs, 1e-11)
 
 
+@pytest.mark.parametrize("plugin", ["lyaplock+memit-seq", "lyaplock+alphaedit"])
+def test_registry_plugin_steps_take_the_queue_the_memory_and_v(plugin):
+    """Through lyaplock.step_layer, two steps of a queue plug-in: step 0 with z = V = 1 whatever
+    hp.V (the calibration step), step 1 with the queue value after it (α < 1: above the floor),
+    hp.V and the memory S_KK = K1K1ᵀ of step 0, measured from W0 (E21, E22)."""
+    P = rnd(6, past=0)
+    evals, U = torch.linalg.eigh(P["C"])
+    P["C"] = U @ torch.diag(torch.where(torch.arange(P["m"]) < P["m"] // 2, 1e-3, evals)) @ U.T   # a null space
+    W0, C, lam, g = P["W0"], P["C"], P["lam"], P["g"]
+    hp = L.HParams(method=plugin, lam=lam, V=2.5, alpha=0.25, l2=0.7)
+    ls = L.LayerState()
+    solve = lambda W, K1, R, S_KK, z, V: (
+        B.solve_lyaplock_memit_seq(W, W0, C, K1, R, S_KK, z, lam, V) if plugin == "lyaplock+memit-seq"
+        else B.solve_lyaplock_alphaedit(W, W0, C, K1, R, ls.P, S_KK, z, lam, V, 0.7))
+    W1, _ = L.step_layer(W0, W0, C, P["K1"], P["R"], ls, hp)
+    close(W1 - W0, solve(W0, P["K1"], P["R"], None, 1.0, 1.0), 1e-11)
+    close(ls.S_KK, P["K1"] @ P["K1"].T, 1e-15)
+    assert ls.z > 2                                                # 1 + (1 − α)/α = 4 here
+    K1, R = (torch.randn(*s, dtype=torch.float64, generator=g) for s in ((P["m"], 2), (P["d"], 2)))
+    S_KK, z = ls.S_KK.clone(), ls.z
+    W2, _ = L.step_layer(W1, W0, C, K1, R, ls, hp)
+    close(W2 - W1, solve(W1, K1, R, S_KK, z, 2.5), 1e-11)
+    assert L.unread(plugin, "lam") is None and L.unread(plugin, "V") is None      # both weigh the solve
+
+
 @pytest.mark.parametrize("method", list(L.METHODS))
 def test_every_method_runs_through_the_command(tmp_path, method):
     from test_lyaplock import _cli
@@ -745,12 +772,13 @@ def test_every_method_runs_through_the_command(tmp_path, method):
     assert all((v["z"] is not None) == queue for e in log for v in e["layers"].values())
 
 
-def test_prune_evaluates_and_saves_the_restrained_weights_and_streams_the_others(tmp_path):
+@pytest.mark.parametrize("method", ["prune", "lyaplock+prune"])
+def test_prune_evaluates_and_saves_the_restrained_weights_and_streams_the_others(tmp_path, method):
     """PRUNE's restraint (E17) is applied to a copy: evaluation and the saved model see
-    W0 + restrain(W − W0), the stream (and its checkpoints) keeps W."""
+    W0 + restrain(W − W0), the stream (and its checkpoints) keeps W; lyaplock+prune as PRUNE."""
     m = M.load(STORIES)
     C = S.load_or_collect_stats(m, STORIES, L.DEFAULT_CORPUS, 2000, (1, 2), tmp_path, log=lambda *a, **k: None)
-    hp = L.HParams(method="prune", layers=(1, 2), lam=15.0, v_lr=0.5, clamp_norm_factor=4.0)   # the oracle's
+    hp = L.HParams(method=method, layers=(1, 2), lam=15.0, v_lr=0.5, clamp_norm_factor=4.0)   # the oracle's
     editor = L.Editor(m, hp, C, [["{}"], ["Once upon a time. {}"]], model_path=STORIES)
     requests, _ = data.load_requests(ORACLE / "requests.json")
     for k in (0, 4, 8):
