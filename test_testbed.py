@@ -404,6 +404,36 @@ def test_latest_requests_keep_each_prompt_s_last_target_in_first_edit_order():
     assert TB.latest_requests([a1, b, a2]) == [a2, b]
 
 
+def test_measure_scores_latest_targets_retention_in_percent_and_drift_against_w0(monkeypatch):
+    """A point scores each prompt's latest target of the first n_done edits (0: of the whole stream),
+    retention in percent, and drift ‖W − W0‖/‖W0‖ (here ‖1‖/‖2‖)."""
+    reqs = [_request(0, subject="A", new="x"), _request(1, subject="B"), _request(2, subject="A", new="z")]
+    scored = []
+    monkeypatch.setattr(E, "edit_eval", lambda m, requests: scored.append(list(requests)) or [])
+    monkeypatch.setattr(E, "summarize", lambda cases: dict(efficacy=1.0, generalization=2.0, specificity=3.0))
+    monkeypatch.setattr(E, "perplexity", lambda m, texts: 7.0)
+    monkeypatch.setattr(TB, "fact_accuracy", lambda m, facts: 0.25 * len(facts))
+    model = type("Model", (), {"edit_weight": staticmethod(lambda l: torch.full((2, 2), 3.0))})()
+    stream, W0 = TB.Stream(reqs, [("p", "a", "s")] * 2), {1: torch.full((2, 2), 2.0)}
+    assert TB.measure(model, stream, 3, [], W0) == dict(edits=3, efficacy=1.0, generalization=2.0, specificity=3.0,
+                                                        retention=50.0, perplexity=7.0, drift={"1": 0.5})
+    TB.measure(model, stream, 2, [], W0)
+    TB.measure(model, stream, 0, [], W0)
+    assert scored == [[reqs[2], reqs[1]], [reqs[0], reqs[1]], [reqs[2], reqs[1]]]
+
+
+def test_churn_stream_visits_the_subjects_in_a_new_order_each_pass_and_never_twice_a_step():
+    """Five subjects, three a step, ten passes: each later pass in its own seeded order, and a pass
+    that begins inside a step does not edit a prompt of that step again."""
+    first = [_request(i, true="t") for i in range(5)]
+    stream = TB.churn_stream(first, {"{} is in": ["a", "b", "c", "t"]}, 50, 3, seed=0)
+    assert len(stream) == 50 and stream[:5] == first
+    for step in _steps(stream, 3):
+        assert len({q.rewrite_prompt() for q in step}) == len(step)
+    orders = [[q.subject for q in stream if str(q.case_id).endswith(f".{p}")] for p in range(1, 10)]
+    assert sum(order != [q.subject for q in first] for order in orders) >= 8
+
+
 def test_queue_summary_tells_a_growing_queue_from_a_floor_and_a_growing_pl():
     z = [1.0, 1.0, 1.5, 2.2, 3.0, 3.9, 4.8, 5.9]
     steps = [{"layers": {"1": {"pl": 1.0 + t, "D": 2.0, "z": z[t]}, "2": {"pl": 0.1, "D": 2.0, "z": 1.0}}}
@@ -416,10 +446,12 @@ def test_queue_summary_tells_a_growing_queue_from_a_floor_and_a_growing_pl():
 
 
 def test_queue_summary_gives_the_last_step_s_pl():
-    """pl_last is the end of the stream's PL, with a queue and without."""
-    for z in (None, 1.0):
-        steps = [{"layers": {"1": {"pl": 1.0 + t, "D": 2.0, "z": z}}} for t in range(4)]
-        assert TB.queue_summary(steps)["1"]["pl_last"] == 4.0, z
+    """pl_last, z_T and z(T)/T are the end of the stream's (not the largest), with a queue and without."""
+    pl = [1.0, 4.0, 3.0, 2.0]
+    for z in (None, [1.0, 3.0, 2.5, 2.0]):
+        steps = [{"layers": {"1": {"pl": pl[t], "D": 2.0, "z": z and z[t]}}} for t in range(4)]
+        q = TB.queue_summary(steps)["1"]
+        assert q["pl_last"] == 2.0 and (z is None or (q["z_T"], q["z_over_T"]) == (2.0, 0.5)), z
 
 
 def test_run_stream_measures_at_the_end_whatever_eval_every(monkeypatch):
@@ -513,6 +545,18 @@ def test_rome_alone_writes_its_report(tmp_path):
     assert [p["edits"] for p in r["methods"]["rome:v_num_grad_steps=1"]["points"]] == [2]
     assert (out / "pl_layer2.svg").read_text().startswith("<svg") and not (out / "pl_layer1.svg").exists()
     assert "| rome:v_num_grad_steps=1 | 2 |" in (out / "table.md").read_text()
+
+
+def test_model_digest_changes_with_the_weights_the_config_and_the_tokenizer(tmp_path):
+    """A model retrained at the same path gets another digest, and so does one with another tokenizer
+    (its token ids are other ids: an earlier run on it is no run on this one)."""
+    shutil.copytree(FACTMODEL, tmp_path / "m")
+    seen = [TB.model_digest(tmp_path / "m")]
+    for name in ("tokenizer_config.json", "config.json"):
+        with open(tmp_path / "m" / name, "a") as f:
+            f.write(" ")
+        seen.append(TB.model_digest(tmp_path / "m"))
+    assert seen[0] == TB.model_digest(FACTMODEL) and len(set(seen)) == 3
 
 
 def test_finished_runs_are_kept_only_under_the_same_settings(tmp_path):
@@ -615,9 +659,11 @@ def _result(runs: dict, layers=(1, 2)) -> dict:
 
 def test_report_table_gives_the_last_layer_s_pl_z_and_drift():
     """table.md's row: the last edit layer's PL, z (– without a queue) and drift at each point."""
-    rows = TB.report_table(_result({"lyaplock": 3.0, "memit": None}, layers=(1, 3)))
+    result = _result({"lyaplock": 3.0, "memit": None}, layers=(1, 3))
+    result["methods"]["lyaplock"]["steps"][0]["layers"]["3"]["z"] = 1.5         # each point: its own step's z
+    rows = TB.report_table(result)
     assert rows[0].endswith("| PL L3 | z L3 | ‖ΔW‖/‖W0‖ L3 |")
-    assert rows[2:] == ["| lyaplock | 2 | 50.0 | 40.0 | 90.0 | 80.0 | 102.0 | 0.2 | 3.00 | 0.02 |",
+    assert rows[2:] == ["| lyaplock | 2 | 50.0 | 40.0 | 90.0 | 80.0 | 102.0 | 0.2 | 1.50 | 0.02 |",
                         "| lyaplock | 4 | 50.0 | 40.0 | 90.0 | 80.0 | 104.0 | 0.4 | 3.00 | 0.04 |",
                         "| memit | 2 | 50.0 | 40.0 | 90.0 | 80.0 | 102.0 | 0.2 | – | 0.02 |",
                         "| memit | 4 | 50.0 | 40.0 | 90.0 | 80.0 | 104.0 | 0.4 | – | 0.04 |"]
@@ -629,6 +675,13 @@ def test_pl_figures_draw_the_first_queue_s_threshold():
     assert all('stroke="gray" stroke-dasharray="5,4"' in figs[f] and "(dashed: lyaplock's threshold D)" in figs[f]
                for f in ("pl_layer1.svg", "pl_layer2.svg"))
     assert 'stroke="gray" stroke-dasharray' not in TB.report_figures(_result({"memit": None}))["pl_layer2.svg"]
+    dashed = []
+    for D in (0.25, 0.35):                            # a second queue's D moves no threshold
+        result = _result({"memit": None, "lyaplock": 3.0, "lyaplock:alpha=30": 2.0})
+        for step in result["methods"]["lyaplock:alpha=30"]["steps"]:
+            step["layers"]["2"]["D"] = D
+        dashed.append(re.findall(r'<[^>]*stroke-dasharray[^>]*>', TB.report_figures(result)["pl_layer2.svg"]))
+    assert dashed[0] == dashed[1] and dashed[0]
 
 
 def test_a_report_into_a_reused_out_removes_its_stale_figures(tmp_path):
@@ -1102,6 +1155,33 @@ def test_extract_phase_trains_only_the_upper_attention(tmp_path, share):
     upper = {n for n in before if any(f"layers.{i}.self_attn." in n for i in range(s.store_layer + 1, s.n_layers))}
     assert moved == (set(before) if share else upper) and upper
     assert all(p.requires_grad for p in m.parameters())
+
+
+def test_fact_batch_scores_each_answer_token_and_the_eos_after_the_prompt(factmodel):
+    """A fact is BOS + prompt + answer + EOS; its batch row predicts each answer token and the EOS
+    from the position before it, weighted 1 each and eos_weight for the EOS; padding weighs 0."""
+    tok, s = factmodel.tokenizer, TB.SIZES["ci"]
+    facts = [("Danielle Darrieux speaks", "English"), ("Toko Yasuda plays the", "Paris Saint-Germain")]
+    seqs = [TB.fact_sequence(tok, p, a) for p, a in facts]
+    for (x, n), (p, a) in zip(seqs, facts):
+        assert (x, n) == (tok.encode(p, bos=True) + E.target_ids(tok, a) + tok.eos_ids[:1], len(tok.encode(p, bos=True)))
+    ids, mask, pos, tgt, w = TB.fact_batch(seqs, tok.pad_id, s)
+    for b, (x, n) in enumerate(seqs):
+        k = len(x) - n
+        assert ids[b, :len(x)].tolist() == x and mask[b].tolist() == [1] * len(x) + [0] * (ids.shape[1] - len(x))
+        assert [x[i + 1] for i in pos[b, :k].tolist()] == tgt[b, :k].tolist() == x[n:]
+        assert w[b].tolist() == pytest.approx([1.0] * (k - 1) + [s.eos_weight] + [0.0] * (w.shape[1] - k))
+
+
+def test_fact_batches_are_one_shuffled_epoch_of_length_sorted_batches():
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 40, (1000,), generator=gen).tolist()
+    batches = TB.fact_batches(lengths, 8, gen)
+    assert sorted(i for b in batches for i in b) == list(range(1000)) and max(map(len, batches)) == 8
+    assert all(lengths[a] <= lengths[b] for batch in batches for a, b in zip(batch, batch[1:]))
+    assert sum(lengths[b[-1]] - lengths[b[0]] for b in batches) / len(batches) < 3      # little padding
+    firsts = [lengths[b[0]] for b in batches[:16]]
+    assert firsts != sorted(firsts)                   # batches in seeded order, not a window's
 
 
 def test_subject_swap_replaces_the_state_after_the_store_layer(factmodel):
