@@ -470,6 +470,8 @@ def _broken(tmp_path, how):
     ('config:eos_token_id="2"', "eos_token_id '2' is not supported .a token id is a whole number"),  # (was a TypeError
     ("config:eos_token_id=[[2]]", r"eos_token_id \[\[2\]\] is not supported"),                     # in the tokenizer)
     ("config:pad_token_id=1e30", "pad_token_id 1e.30 is not supported"),
+    ("config:pad_token_id=9223372036854775808", "pad_token_id 9223372036854775808 is not supported"),   # (past int64)
+    ("config:bos_token_id=[1]", r"bos_token_id \[1\] is not supported .a token id is a whole number"),   # (EOS alone lists)
     ("unknown-bos", "tokenizer_config.json: bos_token '<bos>' is not a token of .*tokenizer.json"),
     ("generation-config-eos", "generation_config.json: eos_token_id '</s>' is not a token id"),
     ("vocab", r"tokenizer.json: the tokenizer has 512 tokens with ids up to 511, but config.json's vocab_size "
@@ -981,6 +983,8 @@ def assert_logits_are_transformers(d: Path):
                                                           sliding_window=None, max_window_layers=28)),
     ("smollm3", ["rope_parameters", "no_rope_layers", "no_rope_layer_interval", "layer_types",
                  "tie_word_embeddings"], {}),
+    # a window with the layer kinds left out: by default in the NoPE layers
+    ("smollm3-nope-window-bias", ["layer_types"], {}),
 ])
 def test_config_json_as_released_reads_as_transformers_5_writes_it(ckpt, tmp_path, kind, drop, change):
     """The releases' spellings (and options left to the defaults) read as the same model as
@@ -992,15 +996,16 @@ def test_config_json_as_released_reads_as_transformers_5_writes_it(ckpt, tmp_pat
 
 @pytest.mark.parametrize("family", [f for f in M.SUPPORTED if f not in ("gemma3", "mistral3")])   # (image-text: text_config)
 def test_a_config_json_left_to_the_defaults_reads_as_transformers(family):
-    """Sizes only (the rest left to the defaults): the key-value heads, the positions, the
-    padding id, the norm's eps, the tied head and the rope base are transformers' config class's
+    """Sizes only (the rest left to the defaults): the key-value heads, the head size, the positions, the
+    padding id, the norm's eps, the tied head, the rope base, the MLP's activation, the biases,
+    the window's layers and Granite's and GPT-2's attention scale are transformers' config class's
     (SmolLM3's and Qwen's positions were 2048 here, refusing prompts transformers takes). Not the
     BOS and EOS: the tokenizer's where config.json names none (a config class's default EOS is
     not what transformers' generate stops at)."""
     import transformers as T
     gpt = family in ("gpt2", "gptj")
-    sizes = dict(n_embd=512, n_layer=4, n_head=4) if gpt else dict(      # (GPT-J: 64 rotary dims of 128)
-        hidden_size=512, intermediate_size=96, num_hidden_layers=4, num_attention_heads=64)   # 64: no default's count
+    sizes = dict(n_embd=512, n_layer=12, n_head=4) if gpt else dict(      # (GPT-J: 64 rotary dims of 128)
+        hidden_size=512, intermediate_size=96, num_hidden_layers=12, num_attention_heads=64)   # 64: no default's count
     sizes["vocab_size"] = 512
     cfg = M.Config.from_hf(dict(model_type=family, **sizes))
     theirs = T.AutoConfig.for_model(family, **sizes)
@@ -1014,10 +1019,39 @@ def test_a_config_json_left_to_the_defaults_reads_as_transformers(family):
     assert cfg.tie_embeddings == theirs.tie_word_embeddings
     rope = getattr(theirs, "rope_parameters", None) or {}
     assert cfg.rope_theta == rope.get("rope_theta", rope.get("full_attention", {}).get("rope_theta", cfg.rope_theta))
+    assert cfg.head_dim == (getattr(theirs, "head_dim", None) or 512 // first("num_attention_heads", "n_head"))
+    act = first("hidden_activation", "hidden_act", "activation_function")
+    if family != "gpt2":                                 # (GPT-2's MLP: gelu_new, read_gpt2's check)
+        assert cfg.mlp_act == M.GELU_ACTIVATIONS.get(act, act)
+    if (bias := getattr(theirs, "attention_bias", getattr(theirs, "use_qkv_bias", None))) is not None:
+        assert (cfg.attention_bias or cfg.qkv_bias) == bias
+    assert cfg.mlp_bias == getattr(theirs, "mlp_bias", cfg.mlp_bias)
+    kinds = getattr(theirs, "layer_types", None) or ["sliding_attention"] * 12      # (Mistral: every layer)
+    assert [cfg.window(i) for i in range(12)] == \
+        [getattr(theirs, "sliding_window", None) if k == "sliding_attention" else None for k in kinds]
+    if family == "granite":
+        assert (cfg.embedding_multiplier, cfg.attn_scale, cfg.residual_multiplier, cfg.logits_scaling) == \
+            tuple(getattr(theirs, k) for k in M.GRANITE_SCALARS)
+    if family == "gpt2":
+        assert (cfg.attn_scale is None) == theirs.scale_attn_weights
     if family == "gptj":                                 # (the whole head was turned: 128, not their 64)
         assert cfg.rotary_dim == theirs.rotary_dim == 64
     if (share := rope.get("partial_rotary_factor")) is not None:     # the share of each head rope turns
         assert (cfg.rotary_dim or cfg.head_dim) == int(cfg.head_dim * share), (cfg.rotary_dim, share)
+
+
+def test_gemma3_text_config_left_empty_reads_transformers_sizes():
+    """Gemma 3's image-text releases' text_config names only what differs from Gemma3TextConfig's
+    defaults: those left out are its; the special ids at the top level win over text_config's."""
+    import transformers as T
+    ours, text = M.Config.from_hf(dict(model_type="gemma3", text_config={})), T.Gemma3Config().text_config
+    assert (ours.vocab_size, ours.d_model, ours.d_mlp, ours.n_layers, ours.n_heads, ours.n_kv_heads, ours.head_dim,
+            ours.max_positions, ours.norm_eps, ours.sliding_window, ours.attn_scale) == \
+        (text.vocab_size, text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.num_attention_heads,
+         text.num_key_value_heads, text.head_dim, text.max_position_embeddings, text.rms_norm_eps, text.sliding_window,
+         text.query_pre_attn_scalar ** -0.5)
+    top = M.Config.from_hf(dict(model_type="gemma3", text_config=dict(eos_token_id=1, bos_token_id=5), eos_token_id=[1, 106]))
+    assert (top.eos_ids, top.bos_id) == ([1, 106], 5)        # (the releases' end of turn, 106, at the top level)
 
 
 @pytest.mark.parametrize("kind", ["glm", "glm4"])
@@ -1079,6 +1113,10 @@ def test_mistral3_text_config_left_to_the_defaults_reads_as_transformers(text_ty
     assert (ours.rope_scaling or {}).get("factor") == rope.get("factor")
     assert ours.query_scale == ((rope["llama_4_scaling_beta"], rope["original_max_position_embeddings"])
                                 if text_type == "ministral3" else None)
+    if text_type == "ministral3":                 # the whole default YaRN (betas, mscales), bit for bit
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+        inv, factor = ROPE_INIT_FUNCTIONS["yarn"](text, "cpu")
+        assert torch.equal(M.rope_inv_freq(ours), inv) and ours.rope_attention_factor == factor
 
 
 def test_olmo3_defaults_are_transformers():
@@ -1094,15 +1132,18 @@ def test_olmo3_defaults_are_transformers():
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
-def test_qwen_windows_left_to_max_window_layers_are_transformers(family):
+@pytest.mark.parametrize("use", [True, False])
+def test_qwen_windows_left_to_max_window_layers_are_transformers(family, use):
     """A Qwen config.json with use_sliding_window and no layer_types: the window is in the layers
-    from max_window_layers on (here 1, 2, 3 of 4), as transformers' config class marks them."""
+    from max_window_layers on (here 1, 2, 3 of 4), as transformers' config class marks them;
+    without use_sliding_window (Qwen2.5's releases name a sliding_window beside false) none."""
     import transformers as T
     sizes = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, use_sliding_window=True, sliding_window=4, max_window_layers=1)
+                 num_key_value_heads=2, use_sliding_window=use, sliding_window=4, max_window_layers=1)
     cfg, theirs = M.Config.from_hf(dict(model_type=family, **sizes)), T.AutoConfig.for_model(family, **sizes)
-    assert [cfg.window(i) for i in range(4)] == [4 if t == "sliding_attention" else None for t in theirs.layer_types]
-    assert cfg.window_layers == (1, 2, 3)
+    assert [cfg.window(i) for i in range(4)] == [theirs.sliding_window if t == "sliding_attention" else None
+                                                 for t in theirs.layer_types]
+    assert [cfg.window(i) for i in range(4)] == ([None, 4, 4, 4] if use else [None] * 4)
 
 
 @pytest.mark.parametrize("rope", [
@@ -1111,6 +1152,8 @@ def test_qwen_windows_left_to_max_window_layers_are_transformers(family):
     # base 10, 1000 trained positions: the slow end (dim 17.6) clamped to the last dim (15), the ramp
     # from dim 5 reaching the 8 frequencies
     dict(factor=2.0, original_max_position_embeddings=1000, rope_theta=10.0),
+    # an attention factor given apart from the derived 0.1 ln 4 + 1
+    dict(factor=4.0, original_max_position_embeddings=256, attention_factor=0.9),
 ])
 def test_yarn_edge_cases_are_transformers_to_the_bit(rope):
     """YaRN's frequencies and attention factor equal those of transformers' own function (its
@@ -1164,6 +1207,20 @@ def test_yarn_is_transformers_to_the_bit_and_each_part_matters(ckpt, kind):
         assert (m(ids, mask).logits - ours)[mask.bool()].abs().max() > 0.01
     finally:
         m.inv_freq, m.cfg.rope_scaling = yarn, scaling
+
+
+@pytest.mark.parametrize("given", [{}, dict(attention_factor=0.9)])
+def test_phi3_longrope_left_to_the_defaults_is_transformers(given):
+    """LongRoPE without config.json's original_max_position_embeddings: transformers' 4096 (the
+    switch to the long factors and the attention factor's length); an attention factor given is taken."""
+    import transformers as T
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    c = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=16384, rope_parameters=PHI_LONGROPE | given | dict(rope_theta=1e4,
+                                                                                        partial_rotary_factor=0.75))
+    cfg, theirs = M.Config.from_hf(dict(model_type="phi3", **c)), T.Phi3Config(**c)
+    assert cfg.longrope_switch == theirs.original_max_position_embeddings == 4096
+    assert cfg.rope_attention_factor == ROPE_INIT_FUNCTIONS["longrope"](theirs, "cpu")[1]
 
 
 @pytest.mark.parametrize("length", [6, 8, 9])
@@ -1483,6 +1540,7 @@ def _config_with(tmp_path, ckpt_dir, drop=(), **change):
     ("gpt2", dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx: true is not supported"),
     ("gpt2", dict(reorder_and_upcast_attn=True), "reorder_and_upcast_attn: true is not supported"),
     ("gpt2", dict(activation_function="relu"), "activation_function 'relu' is not supported"),
+    ("gpt2", dict(add_cross_attention=True), "add_cross_attention: true is not supported"),
     ("qwen2", dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
     ("mistral", dict(rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1e4}),
      "rope_scaling .*only 'llama3', 'yarn' and 'linear'"),
@@ -1561,6 +1619,9 @@ def _config_with(tmp_path, ckpt_dir, drop=(), **change):
     ("qwen2", dict(num_key_value_heads=8), "4 attention heads do not share 8 key-value heads evenly"),
     ("gpt2", dict(n_head=5), "the hidden size 64 is not divisible by the 5 attention heads"),
     ("mistral-gqa-window", dict(sliding_window=-1), "sliding_window -1 is not a number of positions"),
+    ("phi3-longrope-window", dict(sliding_window=0), "sliding_window 0 is not a number of positions"),
+    ("granite", dict(attention_multiplier=0.0), "attn_scale 0.0 is not a positive number"),
+    ("qwen2", dict(hidden_size=2), "head_dim 0 is not a whole number of at least 1"),     # (hidden_size // heads)
     ("mistral-gqa-window", dict(sliding_window="4096"), "sliding_window '4096' is not a number of positions"),
     ("qwen2-yarn", dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 100.0,
                                          "original_max_position_embeddings": 0}),
