@@ -103,6 +103,15 @@ def test_layer_queue_calibrates_after_step0_then_follows_E14(seed):
         assert abs(ls.z - z) <= 1e-12 * z and ls.D_base == pl0
 
 
+def test_feed_queue_adds_b_to_each_step_of_E13():
+    """E13's b reaches the queue at every step, step 0's included (D = α·D_base = 2, a = 1/√2)."""
+    ls = L.LayerState()
+    L.feed_queue(ls, 2.0, 1.0, b=0.3)
+    assert math.isclose(ls.Z, math.sqrt(2) + 0.3, rel_tol=1e-15)
+    L.feed_queue(ls, 5.0, 1.0, b=0.3)
+    assert math.isclose(ls.Z, math.sqrt(2) + 0.3 + 3 / math.sqrt(2) + 0.3, rel_tol=1e-15)
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_step_layer_feeds_its_queue_the_loss_of_the_updated_weights(seed):
     """The theorem tests above hold queue_next alone; this holds step_layer to them: each step's
@@ -303,6 +312,21 @@ def test_preservation_trace_form_equals_frobenius(seed):
     assert abs(L.preservation_loss(P["W"], P["W0"], P["C"]) - direct) <= 1e-12 * direct
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_loss_rounding_is_m_eps_times_the_norms_and_covers_the_measured_error(seed):
+    """loss_rounding = m·ε·‖W − W0‖²·‖C‖ (Frobenius norms, summed here one entry at a time), and
+    the float64 PL of a Δ in C's null space (exactly 0) is measured within it."""
+    P = problem(seed)
+    D, C, m = P["W"] - P["W0"], P["C"], P["C"].shape[0]
+    want = m * 2.0 ** -52 * sum(float(x) ** 2 for x in D.flatten()) * math.sqrt(sum(float(x) ** 2 for x in C.flatten()))
+    assert math.isclose(L.loss_rounding(P["W"], P["W0"], C), want, rel_tol=1e-12)   # (pytest.approx: abs 1e-12 passes it)
+    ev, U = torch.linalg.eigh(C)
+    ev[0] = 0.0
+    C0 = U @ torch.diag(ev) @ U.T                       # singular; Δ along its null direction
+    W = P["W0"] + torch.outer(P["W"][:, 0], U[:, 0])
+    assert abs(L.preservation_loss(W, P["W0"], C0)) <= L.loss_rounding(W, P["W0"], C0)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("seed", range(4))
 def test_solve_system_solves_and_factors_in_place_only_when_told(seed, device):
@@ -360,6 +384,14 @@ def test_alphaedit_projects_and_solves_its_equation(seed):
     KK = P["K1"] @ P["K1"].T + (0 if P["S_KK"] is None else P["S_KK"])
     M = KK @ proj + 10.0 * torch.eye(m, dtype=torch.float64)
     close(delta @ M, P["R"] @ P["K1"].T @ proj, 1e-12)                                # E12
+    l2 = 0.5                                                                          # E12's L2
+    M = KK @ proj + l2 * torch.eye(m, dtype=torch.float64)
+    close(L.solve_alphaedit(P["K1"], P["R"], proj, P["S_KK"], l2) @ M, P["R"] @ P["K1"].T @ proj, 1e-12)
+    at = torch.diag(torch.tensor([2e-2, 1.0], dtype=torch.float64))     # an eigenvalue at the threshold
+    assert torch.equal(L.alphaedit_projector(at + torch.diag(torch.tensor([-1e-3, 0.0], dtype=torch.float64))),
+                       torch.diag(torch.tensor([1.0, 0.0], dtype=torch.float64)))
+    with pytest.raises(ValueError, match="no eigenvalue of C"):
+        L.alphaedit_projector(at)                                    # E11: strictly below
     close(delta @ proj, delta, 1e-12)                # the update lies in P's subspace
     assert float((delta @ U[:, ~small]).norm()) <= 1e-12 * float(delta.norm())
     full = U @ torch.diag(ev + 0.05) @ U.T                          # no eigenvalue below 0.02
@@ -621,6 +653,15 @@ def test_the_nearest_scaled_point_meets_the_optimality_conditions_also_at_a_zero
     assert (v[:, 4] < 0).all()                                       # b_4 = s_4 T_4's sign
     zero = torch.zeros(1, 16, dtype=torch.float64)                   # an all-zero MLP output, R = 0
     assert torch.equal(L.nearest_scaled_point(s, zero, zero[:, :1]), zero)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_mlp_outputs_are_the_weight_times_the_keys_plus_the_bias(bias):
+    """E6b's o = W k + b (the bias too, where the MLP has one), as float32."""
+    g = torch.Generator().manual_seed(0)
+    W, b, keys = (torch.randn(*shape, generator=g) for shape in ((5, 3), (5,), (4, 3)))
+    stub = type("Stub", (), {"edit_weight": lambda self, l: W, "edit_bias": lambda self, l: b if bias else None})()
+    close(L.mlp_outputs(stub, 0, keys.double()), keys @ W.T + (b if bias else 0), 1e-6)
 
 
 @pytest.mark.parametrize("kind", POST_NORM_KINDS)
@@ -1162,6 +1203,7 @@ def test_keys_rows_equal_the_authors_token_ids_and_z_rows_fix_the_decode_quirk()
     theirs = _oracle_z_rows(b, 4)
     assert [r.lookup for r in ours] == [r.lookup for r in theirs]
     assert [r.targets for r in ours] == [r.targets for r in theirs]
+    assert [r.first for r in ours] == [r.first for r in theirs]         # where targets[0] is predicted
     tok = m.tokenizer.tok
     # theirs rebuilds "…saw a" + decode("▁c") as text and loses the space ("…saw aca");
     # ours appends the target ids themselves ("…saw a cake" without its last token)

@@ -581,12 +581,13 @@ def test_the_plan_says_how_many_tokens_a_step_cut_short_by_the_edits_holds(capsy
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_host_matrices_are_used_a_block_of_rows_at_a_time(monkeypatch, device):
+@pytest.mark.parametrize("rows", [7, 13])
+def test_host_matrices_are_used_a_block_of_rows_at_a_time(monkeypatch, device, rows):
     """The five operations through which the algebra touches C and S_KK, with the matrix on the
-    host and blocks of 7 rows (the last one short): the sums and subtractions are bitwise the
+    host and blocks of 7 or 13 rows (the last one short; of 13, a single row): the sums and subtractions are bitwise the
     whole-matrix ones, the products equal to float64 rounding, and S is updated in its own
     memory. X is not symmetric, so a block of rows is never taken for a block of columns."""
-    from_the_host(monkeypatch, device, 7)
+    from_the_host(monkeypatch, device, rows)
     g = torch.Generator().manual_seed(0)
     r = lambda *shape: torch.randn(*shape, dtype=torch.float64, generator=g)
     X, Y, K, A = r(40, 40), r(5, 40).to(device), r(40, 3).to(device), r(40, 40).to(device)
