@@ -1440,6 +1440,8 @@ def of_kind(value, annotation: str) -> bool:
     where "bool" is named (Python takes it for an int), an int where "float" is."""
     kinds = annotation.split(" | ")
     return isinstance(value, tuple(KINDS[k] for k in kinds)) and (not isinstance(value, bool) or "bool" in kinds)
+
+
 # the range of each numeric hyper-parameter (the command's flags for them share it: check_settings)
 RANGES = dict(lam="positive", alpha="positive", V="positive", l2="positive", nullspace_threshold="positive",
               v_lr="positive", clamp_norm_factor="positive", v_num_grad_steps="at least 1", batch_size="at least 1",

@@ -880,6 +880,8 @@ def test_the_preset_rule_on_shallow_models():
                 first = max(1, round(n / 8))
                 last = min(n - 2, max(first + 1, round(n / 4)))
                 assert layers == ((last,) if method == "rome" else tuple(range(first, last + 1)))
+    weights = [(p.lam, p.alpha, p.l2) for p in (L.preset(stories, method) for method in ("lyaplock", "memit"))]
+    assert weights == [(172 / 4, 60.0, 1.0), (172.0, 60.0, 1.0)]                # λ = m/4 and m
 
 
 def test_plan_refuses_the_records_the_run_refuses(tmp_path, capsys):
@@ -1593,7 +1595,10 @@ def test_a_run_stopped_by_sigterm_says_how_to_go_on_and_does(tmp_path, monkeypat
                         "(or leave the flag out for the model's preset)"),
     ("--layers", "", "--layers '': give increasing layer numbers in 0..4, e.g. --layers 1,2 "
                      "(or leave the flag out for the model's preset)"),
+    *[("--layers", text, f"--layers '{text}': give increasing layer numbers in 0..4, e.g. --layers 1,2 "
+                         "(or leave the flag out for the model's preset)") for text in ("1,1", "5")],
     ("--stats-tokens", "10", "--stats-tokens 10: C (172×172) needs at least d_mlp = 172 tokens, or it is singular"),
+    ("--stats-tokens", "171", "--stats-tokens 171: C (172×172) needs at least d_mlp = 172 tokens, or it is singular"),
     ("--stop-below", "0.5", "--stop-below 0.5: give a fraction between 0 and 1, with --eval-every K"),
     ("--l2", "-1", "--l2 must be positive, got -1.0"),
     ("--lam", "inf", "--lam must be positive, got inf (not a finite number)"),
@@ -1708,11 +1713,16 @@ def test_the_flag_rules_of_a_resume_and_of_stop_below_hold_at_their_edges(tmp_pa
     run = str(tmp_path / "run")
     check = lambda *argv: L.check_settings(L.parse_args(list(argv)))
     for argv in (["--resume", run, "--glue-n", "5"], ["--resume", run, "--stop-below", "0.5"],
-                 ["--stop-below", "0.01", "--eval-every", "1"], ["--stop-below", "0.99", "--eval-every", "1"]):
+                 ["--stop-below", "0.01", "--eval-every", "1"], ["--stop-below", "0.99", "--eval-every", "1"],
+                 ["--plan", "--plan-gib", f"{2 ** -20},{2 ** 30}"]):
         check(*argv)
     for argv, message in ((["--resume", run, "--out", run], "--out and --resume: a resumed run stays in its own"),
                           (["--resume", run, "--plan-gib", "80"], "--plan-gib without --plan"),
                           (["--stats", run, "--stats-tokens", "5"], "--stats-tokens with --stats: the file holds"),
+                          (["--stats", run, "--stats-batch-tokens", "5"], "--stats-batch-tokens with --stats"),
+                          (["--state-device", "gpu"], "device 'gpu'"),
+                          (["--method", "memit", "--v", "2"], "--v: memit does not read it (it has no queue)"),
+                          (["--plan", "--plan-gib", str(2 ** 31)], "--plan-gib: each device's memory must be from"),
                           (["--stop-below", "0", "--eval-every", "1"], "--stop-below 0.0: give a fraction"),
                           (["--stop-below", "1", "--eval-every", "1"], "--stop-below 1.0: give a fraction")):
         with pytest.raises(ValueError, match=re.escape(message)):
@@ -1752,8 +1762,13 @@ def test_a_resume_takes_the_resumable_flags_and_compares_the_others_with_the_run
     resumed = lambda *flags: L.resumed_settings(L.parse_args(["--resume", "run", *flags]), saved, cfg)
     settings = resumed("--z-batch-tokens", "512", "--checkpoint-every", "3", "--glue-n", "100", "--seed", "0")
     assert (settings.z_batch_tokens, settings.checkpoint_every, settings.glue_n) == (512, 3, 100)
-    with pytest.raises(ValueError, match="the configuration differs: seed: 0 in the run, 3 now"):
-        resumed("--seed", "3")
+    for flags, named in ((["--seed", "3"], "seed: 0 in the run, 3 now"),
+                         (["--superseded", "remove"], "hparams.superseded: 'keep' in the run, 'remove' now"),
+                         (["--dtype", "bfloat16"], "dtype: 'float32' in the run, 'bfloat16' now"),
+                         (["--layers", "1,2"], r"hparams.layers: \[4, 5, 6, 7, 8\] in the run, \[1, 2\] now"),
+                         (["--stop-below", "0.5"], "stop_below: None in the run, 0.5 now")):
+        with pytest.raises(ValueError, match=f"the configuration differs: {named}"):
+            resumed(*flags)
     saved.update(edits=str(tmp_path / "gone.json"), edits_sha256="0" * 64)
     with pytest.raises(ValueError, match="is missing or has changed since the run began"):
         resumed()
@@ -2530,6 +2545,48 @@ def test_the_api_refuses_hyper_parameters_out_of_range_before_the_statistics(tmp
     m = M.load(STORIES)
     with pytest.raises(ValueError, match=message):
         L.Editor(m, L.replace(L.HParams(layers=(1, 2)), **change), {}, [["{}"]])
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(lam=True), r"hyper-parameter lam must be a number \(a Python int or float\), got True"),
+    (dict(batch_size=True), r"hyper-parameter batch_size must be a whole number \(a Python int\), got True"),
+    (dict(layers=(False, True)), r"layers \[False, True\]: give increasing layer numbers in 0..4"),
+    (dict(layers=(-1, 2)), r"layers \[-1, 2\]: give increasing layer numbers in 0..4"),
+    (dict(layers=(1, 1)), r"layers \[1, 1\]: give increasing layer numbers in 0..4"),
+    (dict(v_lr=0.0), "hyper-parameter v_lr must be positive, got 0.0"),
+    (dict(mom2_adjustment=1), "hyper-parameter mom2_adjustment must be True or False, got 1"),
+    (dict(superseded="delete"), "superseded 'delete': choose 'keep' or 'remove'"),
+])
+def test_check_hparams_names_bools_negative_or_repeated_layers_and_unknown_choices(change, message):
+    """A bool is no number or layer, layer -1 would edit the top block, a repeated layer twice,
+    v_lr 0 no target value; mom2_adjustment and superseded take only their own values."""
+    with pytest.raises(ValueError, match=message):
+        L.check_hparams(L.replace(L.HParams(layers=(1, 2)), **change), 5)
+
+
+def test_with_overrides_names_an_unknown_hyper_parameter():
+    with pytest.raises(ValueError, match=r"unknown hyper-parameter\(s\) lamda; known: "):
+        L.with_overrides(L.HParams(), lamda=1.0)
+
+
+def test_a_config_json_without_the_edits_is_no_run_directory(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model": str(STORIES), "hparams": {}}))
+    with pytest.raises(ValueError, match=r"not a run directory \(its config.json holds no run settings"):
+        L.read_run_config(tmp_path)
+
+
+def test_a_resume_s_save_model_inside_its_run_directory_is_refused(tmp_path):
+    (tmp_path / "run").mkdir()
+    args = L.parse_args(["--resume", str(tmp_path / "run"), "--save-model", str(tmp_path / "run" / "model")])
+    with pytest.raises(ValueError, match="one holds the other"):
+        L.check_outputs(args, STORIES)
+
+
+def test_parse_layers_refuses_a_negative_layer():
+    """Layer -1 (typed --layers=-1,2: after a space argparse takes -1,2 for a flag) is refused, not
+    read as the top block."""
+    with pytest.raises(ValueError, match=r"--layers '-1,2': give increasing layer numbers in 0..4"):
+        L.parse_layers("-1,2", 5)
 
 
 def test_the_api_takes_numpy_s_numbers_as_python_s():
