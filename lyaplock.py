@@ -1595,7 +1595,8 @@ class EditState:
 
 def check_state_meta(meta, bad):
     """What state.json must hold, checked without its tensors (the report reads it so): method,
-    step, n_edits and each layer's queue fields, all null or all positive floats."""
+    step, n_edits and each layer's queue fields, all null or all positive floats, finite
+    (json reads a hand-written Infinity as a float)."""
     if not isinstance(meta, dict) or {"method", "step", "n_edits", "layers"} - set(meta):
         bad("state.json lacks method/step/n_edits/layers")
     if not isinstance(meta["method"], str) or meta["method"] not in METHODS:
@@ -1610,7 +1611,7 @@ def check_state_meta(meta, bad):
         if not isinstance(q, dict) or set(q) != set(_QUEUE):
             bad(f"layer {l}: queue fields must be exactly {_QUEUE}")
         vals = [q[k] for k in _QUEUE]
-        if not (all(v is None for v in vals) or all(isinstance(v, float) and v > 0 for v in vals)):
+        if not (all(v is None for v in vals) or all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in vals)):
             bad(f"layer {l}: queue fields must be all null or all positive floats, got {q}")
 
 

@@ -1129,6 +1129,18 @@ CORRUPTIONS = {
     "does not match S_KK": lambda d: corrupt_tensors(
         d, lambda t: t.update({"3.S_VK": t["3.S_VK"][:, :-1].contiguous()})),
     "float64": lambda d: corrupt_tensors(d, lambda t: t.update({"3.S_KK": t["3.S_KK"].float()})),
+    "lacks method/step/n_edits/layers": lambda d: corrupt_json(d, lambda m: m.pop("n_edits")),
+    "step and n_edits must be non-negative": lambda d: corrupt_json(d, lambda m: m.update(step=-1)),
+    "step and n_edits must be non-negative integers": lambda d: corrupt_json(d, lambda m: m.update(n_edits=True)),
+    "layers must map layer numbers": lambda d: corrupt_json(d, lambda m: m["layers"].update({"03": m["layers"]["3"]})),
+    "queue fields must be exactly": lambda d: corrupt_json(d, lambda m: m["layers"]["3"].update(b=1.0)),
+    "positive floats, got .*'Z': nan": lambda d: corrupt_json(d, lambda m: m["layers"]["3"].update(Z=float("nan"))),
+    "positive floats, got .*'a': inf": lambda d: corrupt_json(d, lambda m: m["layers"]["3"].update(a=float("inf"))),
+    "all null or all positive floats, got .*'zmax': None": lambda d: corrupt_json(d, lambda m: m["layers"]["3"].update(zmax=None)),
+    "present once the queue is calibrated": lambda d: corrupt_tensors(d, lambda t: [t.pop("3.S_KK"), t.pop("3.S_VK")]),
+    "2-D float64 tensor, got torch.float64": lambda d: corrupt_tensors(d, lambda t: t.update({"3.S_KK": t["3.S_KK"][0].contiguous()})),
+    "S_KK must be square": lambda d: corrupt_tensors(d, lambda t: t.update({"3.S_KK": t["3.S_KK"][:, :-1].contiguous()})),
+    "edit_K/edit_V without the prompts": lambda d: corrupt_tensors(d, lambda t: t.update({"3.edit_V": t["3.S_VK"][:, :1].contiguous()})),
 }
 
 
@@ -1138,6 +1150,67 @@ def test_state_load_rejects_corruption(tmp_path, message):
     CORRUPTIONS[message](tmp_path)
     with pytest.raises(ValueError, match=message):
         L.EditState.load(tmp_path)
+
+
+def hand_state():
+    """An EditState with every saved field set by hand: a calibrated layer with E8a's columns (a
+    prompt twice), and one whose first step left it at W0 (memory kept, queue not calibrated)."""
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    k, v = r(3, 4), r(5, 4)
+    on = L.LayerState(D_base=0.1 + 1e-17, Z=1 / 3, a=2 ** 0.5, zmax=7.25, S_KK=r(3, 3), S_VK=r(5, 3))
+    on.edits = {"x": [(k[:, 0], v[:, 0])], "y": [(k[:, 1], v[:, 1]), (k[:, 2], v[:, 2])], "z": [(k[:, 3], v[:, 3])]}
+    return L.EditState("lyaplock", {3: on, 5: L.LayerState(S_KK=r(3, 3), S_VK=r(5, 3))}, step=7, n_edits=19)
+
+
+def test_a_hand_built_state_round_trips_bit_for_bit(tmp_path):
+    state = hand_state()
+    state.save(tmp_path)
+    back = L.EditState.load(tmp_path)
+    assert (back.method, back.step, back.n_edits, list(back.layers)) == ("lyaplock", 7, 19, [3, 5])
+    for l, ls in state.layers.items():
+        b = back.layers[l]
+        assert [getattr(b, n) for n in L._QUEUE] == [getattr(ls, n) for n in L._QUEUE]
+        assert all(getattr(b, n).dtype == torch.float64 and torch.equal(getattr(b, n), getattr(ls, n))
+                   for n in ("S_KK", "S_VK"))
+        assert list(b.edits) == list(ls.edits) and all(
+            len(b.edits[p]) == len(kvs) and all(torch.equal(k2, k) and torch.equal(v2, v)
+                                                for (k, v), (k2, v2) in zip(kvs, b.edits[p]))
+            for p, kvs in ls.edits.items())
+
+
+@pytest.mark.parametrize("corrupt,message", [
+    (lambda t: t.pop("5.S_VK"), "layer 5: memory tensors .* must be all present or all absent"),   # (not calibrated)
+    (lambda t: t.pop("3.edit_V"), "edit_K/edit_V do not match 4 prompts"),
+    (lambda t: t.update({"3.edit_V": t["3.edit_V"][:-1].contiguous()}), "edit_K/edit_V do not match 4 prompts"),
+    (lambda t: t.update({"3.edit_K": t["3.edit_K"][:, :-1].contiguous()}), "edit_K/edit_V do not match 4 prompts"),
+])
+def test_a_hand_built_state_with_a_tensor_missing_or_cut_is_refused(tmp_path, corrupt, message):
+    hand_state().save(tmp_path)
+    corrupt_tensors(tmp_path, corrupt)
+    with pytest.raises(ValueError, match=message):
+        L.EditState.load(tmp_path)
+
+
+def test_latest_checkpoint_is_the_one_latest_json_names(tmp_path):
+    """Killed after latest.json moved but before the old one was removed, two checkpoints are
+    there: the one latest.json names is continued from, older or newer."""
+    for name in ("ckpt-000001", "ckpt-000002", "ckpt-000002-1", "ckpt-000003.tmp"):
+        (tmp_path / name).mkdir()
+    for name in ("ckpt-000002", "ckpt-000001", "ckpt-000002-1"):
+        (tmp_path / "latest.json").write_text(json.dumps({"checkpoint": name, "step": 2}))
+        assert L.latest_checkpoint(tmp_path) == tmp_path / name
+
+
+def test_check_identity_names_statistics_of_other_layers():
+    """An Editor on other layers (Editor.checkpoint into a run of another) differs in its
+    statistics' layers too: named, not a KeyError."""
+    now = dict(hparams={"lam": 15.0}, templates="t", statistics={"1": [1.0, 2.0], "2": [3.0, 4.0]},
+               dtype="float32", original_weights="w")
+    L.check_identity(Path("run"), now, now)
+    for saved in ({**now, "statistics": {"1": [1.0, 2.0]}}, {**now, "statistics": {**now["statistics"], "3": [1.0, 1.0]}}):
+        with pytest.raises(ValueError, match=r"run: written by an Editor with other settings: other statistics C"):
+            L.check_identity(Path("run"), saved, now)
 
 
 # ==================== lyaplock: locate step, statistics, the authors' code, the command
