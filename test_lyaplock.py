@@ -979,6 +979,22 @@ def test_a_stream_that_re_edits_gets_a_note_unless_superseded_was_chosen():
     assert L.superseded_note([stream[0], other], L.HParams(), chosen=False) is None   # not a re-edit
 
 
+def assert_same_layers(back: L.EditState, state: L.EditState):
+    """Every saved field of each layer bit for bit: the queue, S_KK and S_VK (float64), and the
+    kept edits' keys and values in their order."""
+    assert list(back.layers) == list(state.layers)
+    for l, ls in state.layers.items():
+        b = back.layers[l]
+        assert [getattr(b, n) for n in L._QUEUE] == [getattr(ls, n) for n in L._QUEUE]
+        for name in ("S_KK", "S_VK"):
+            x, y = getattr(b, name), getattr(ls, name)
+            assert (x is None and y is None) or (x.dtype == torch.float64 and torch.equal(x, y))
+        assert list(b.edits) == list(ls.edits)
+        for q, kvs in ls.edits.items():
+            assert len(b.edits[q]) == len(kvs)
+            assert all(torch.equal(k2, k) and torch.equal(v2, v) for (k, v), (k2, v2) in zip(kvs, b.edits[q]))
+
+
 def test_superseded_memory_round_trips_through_the_state_file(tmp_path):
     state = L.EditState.start("lyaplock", [3])
     P, hp = problem(1, past=0), L.HParams(lam=1.0, alpha=10.0, superseded="remove")
@@ -987,12 +1003,9 @@ def test_superseded_memory_round_trips_through_the_state_file(tmp_path):
         W, _ = L.step_layer(W, P["W0"], P["C"], P["K1"][:, :1].repeat(1, 2) * (1 + len(prompts[0])), P["R"][:, :1].repeat(1, 2),
                             state.layers[3], hp, prompts)
     state.save(tmp_path)
-    back = L.EditState.load(tmp_path).layers[3]
-    assert list(back.edits) == ["x", "y", "z", "w"] and len(back.edits["w"]) == 2
-    for q, kvs in state.layers[3].edits.items():
-        assert len(back.edits[q]) == len(kvs)
-        for (k, v), (k2, v2) in zip(kvs, back.edits[q]):
-            assert torch.equal(k2, k) and torch.equal(v2, v)
+    back = L.EditState.load(tmp_path)
+    assert list(back.layers[3].edits) == ["x", "y", "z", "w"] and len(back.layers[3].edits["w"]) == 2
+    assert_same_layers(back, state)
     meta = json.loads((tmp_path / "state.json").read_text())
     meta["edits"]["3"] = ["x", "y"]                              # one prompt short
     (tmp_path / "state.json").write_text(json.dumps(meta))
@@ -1097,13 +1110,7 @@ def test_state_round_trip_is_exact(tmp_path, method, steps):
     state.save(tmp_path)
     back = L.EditState.load(tmp_path)
     assert (back.method, back.step, back.n_edits) == (method, steps, 4 * steps)
-    assert back.layers.keys() == state.layers.keys()
-    for l, ls in state.layers.items():
-        for name in ("D_base", "Z", "a", "zmax"):
-            assert getattr(back.layers[l], name) == getattr(ls, name)
-        for name in ("S_KK", "S_VK"):
-            a, b = getattr(back.layers[l], name), getattr(ls, name)
-            assert (a is None and b is None) or torch.equal(a, b)
+    assert_same_layers(back, state)
 
 
 def corrupt_json(d, fn):
@@ -1168,15 +1175,7 @@ def test_a_hand_built_state_round_trips_bit_for_bit(tmp_path):
     state.save(tmp_path)
     back = L.EditState.load(tmp_path)
     assert (back.method, back.step, back.n_edits, list(back.layers)) == ("lyaplock", 7, 19, [3, 5])
-    for l, ls in state.layers.items():
-        b = back.layers[l]
-        assert [getattr(b, n) for n in L._QUEUE] == [getattr(ls, n) for n in L._QUEUE]
-        assert all(getattr(b, n).dtype == torch.float64 and torch.equal(getattr(b, n), getattr(ls, n))
-                   for n in ("S_KK", "S_VK"))
-        assert list(b.edits) == list(ls.edits) and all(
-            len(b.edits[p]) == len(kvs) and all(torch.equal(k2, k) and torch.equal(v2, v)
-                                                for (k, v), (k2, v2) in zip(kvs, b.edits[p]))
-            for p, kvs in ls.edits.items())
+    assert_same_layers(back, state)
 
 
 @pytest.mark.parametrize("corrupt,message", [
@@ -2607,34 +2606,27 @@ def test_evaluate_refuses_generation_without_prompts_and_snippets_of_another_sha
     (dict(lam=torch.tensor(30.0)), r"hyper-parameter lam must be a number .*, got tensor"),            # accepted
     (dict(v_num_grad_steps=2.5), r"hyper-parameter v_num_grad_steps must be a whole number \(a Python int\), got 2.5"),
     (dict(method="rome", layers=(1,), mom2_adjustment="no"), "mom2_adjustment must be True or False, got 'no'"),
+    (dict(lam=True), r"hyper-parameter lam must be a number \(a Python int or float\), got True"),
+    (dict(v_num_grad_steps=True), r"hyper-parameter v_num_grad_steps must be a whole number \(a Python int\), got True"),
+    (dict(layers=(False, True)), r"layers \[False, True\]: give increasing layer numbers"),
+    (dict(layers=(-1, 2)), r"layers \[-1, 2\]: give increasing layer numbers"),
+    (dict(layers=(1, 1)), r"layers \[1, 1\]: give increasing layer numbers"),
+    (dict(v_lr=0.0), "hyper-parameter v_lr must be positive, got 0.0"),
+    (dict(method="rome", layers=(1,), mom2_adjustment=1), "hyper-parameter mom2_adjustment must be True or False, got 1"),
+    (dict(superseded="delete"), "superseded 'delete': choose 'keep' or 'remove'"),
 ])
 def test_the_api_refuses_hyper_parameters_out_of_range_before_the_statistics(tmp_path, monkeypatch, change, message):
     """Editor.open's overrides and an Editor built from parts: a ValueError naming the field
     (a negative λ was a failed Cholesky, α = 0 a ZeroDivisionError, layers 5 an IndexError in
-    the statistics, decreasing layers accepted and edited wrongly)."""
+    the statistics, decreasing layers accepted and edited wrongly). A bool is no number or layer,
+    layer -1 would edit the top block, a repeated layer twice, v_lr 0 no target value;
+    mom2_adjustment and superseded take only their own values."""
     monkeypatch.setattr(L.stats, "load_or_collect_stats", lambda *a, **k: pytest.fail("statistics were computed"))
     with pytest.raises(ValueError, match=message):
         L.Editor.open(STORIES, stats_cache=tmp_path, **change)
     m = M.load(STORIES)
     with pytest.raises(ValueError, match=message):
         L.Editor(m, L.replace(L.HParams(layers=(1, 2)), **change), {}, [["{}"]])
-
-
-@pytest.mark.parametrize("change, message", [
-    (dict(lam=True), r"hyper-parameter lam must be a number \(a Python int or float\), got True"),
-    (dict(batch_size=True), r"hyper-parameter batch_size must be a whole number \(a Python int\), got True"),
-    (dict(layers=(False, True)), r"layers \[False, True\]: give increasing layer numbers in 0..4"),
-    (dict(layers=(-1, 2)), r"layers \[-1, 2\]: give increasing layer numbers in 0..4"),
-    (dict(layers=(1, 1)), r"layers \[1, 1\]: give increasing layer numbers in 0..4"),
-    (dict(v_lr=0.0), "hyper-parameter v_lr must be positive, got 0.0"),
-    (dict(mom2_adjustment=1), "hyper-parameter mom2_adjustment must be True or False, got 1"),
-    (dict(superseded="delete"), "superseded 'delete': choose 'keep' or 'remove'"),
-])
-def test_check_hparams_names_bools_negative_or_repeated_layers_and_unknown_choices(change, message):
-    """A bool is no number or layer, layer -1 would edit the top block, a repeated layer twice,
-    v_lr 0 no target value; mom2_adjustment and superseded take only their own values."""
-    with pytest.raises(ValueError, match=message):
-        L.check_hparams(L.replace(L.HParams(layers=(1, 2)), **change), 5)
 
 
 def test_with_overrides_names_an_unknown_hyper_parameter():
