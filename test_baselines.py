@@ -772,8 +772,32 @@ def test_every_method_runs_through_the_command(tmp_path, method):
     assert all((v["z"] is not None) == queue for e in log for v in e["layers"].values())
 
 
+def assert_the_command_scores_the_restrained_weights(editor, requests, restrained, tmp_path, monkeypatch):
+    """finish: the final cases and general ability (perplexity on the held-out text's first 64
+    paragraphs, of 65 here) are the restrained model's, as Editor.evaluate's."""
+    texts = [f"Once upon a time there was a {w}." for w in ("cat", "dog", "girl", "boy") * 16]
+    (tmp_path / "heldout.txt").write_text("\n".join(texts + ["The 65th paragraph."]) + "\n")
+    with editor.restrained() as model:
+        cases = L.score_cases(model, requests, False)
+    seen = []
+    monkeypatch.setattr(E, "perplexity", lambda model, given: seen.append(
+        (given, [model.edit_weight(l).clone() for l in (1, 2)])) or 5.0)
+    out = tmp_path / "run"
+    out.mkdir()
+    data.write_jsonl(out / "cases_pre.jsonl", cases)
+    data.write_jsonl(out / "ability.jsonl", [dict(step=0, edits=0, final=False, perplexity=4.0)])
+    settings = L.Settings(model=str(STORIES), edits="e", hparams=editor.hparams, generation=False,
+                          heldout=str(tmp_path / "heldout.txt"))
+    L.finish(editor, requests, settings, out, 0)
+    summary, want = json.loads((out / "summary.json").read_text()), E.summarize(cases)
+    assert {k: summary[k] for k in want} == want and summary["n_cases"] == len(requests) == 12
+    (given, weights), = seen
+    assert given == texts and all(torch.equal(W, restrained[l]) for l, W in zip((1, 2), weights))
+    assert (summary["perplexity"], summary["pre"]["perplexity"]) == (5.0, 4.0)
+
+
 @pytest.mark.parametrize("method", ["prune", "lyaplock+prune"])
-def test_prune_evaluates_and_saves_the_restrained_weights_and_streams_the_others(tmp_path, method):
+def test_prune_evaluates_and_saves_the_restrained_weights_and_streams_the_others(tmp_path, method, monkeypatch):
     """PRUNE's restraint (E17) is applied to a copy: evaluation and the saved model see
     W0 + restrain(W − W0), the stream (and its checkpoints) keeps W; lyaplock+prune as PRUNE."""
     m = M.load(STORIES)
@@ -796,6 +820,9 @@ def test_prune_evaluates_and_saves_the_restrained_weights_and_streams_the_others
     with editor.restrained() as model:                                        # evaluate: the restrained model's
         want = E.summarize(L.score_cases(model, requests[:1], False))
     assert editor.evaluate(requests[:1]) == want != E.summarize(L.score_cases(m, requests[:1], False))
+    if method == "prune":           # (the command's scoring is one code for both methods)
+        assert_the_command_scores_the_restrained_weights(editor, requests, restrained, tmp_path, monkeypatch)
+        assert all(torch.equal(m.edit_weight(l), stream[l]) for l in (1, 2))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -527,6 +527,9 @@ def test_the_command_keeps_superseded_columns_only_for_prompts_it_edits_again(tm
     assert summary["latest_target"]["n_cases"] == summary["pre"]["latest_target"]["n_cases"] == 3
     latest = [c for c in cases if c["case_id"] != ids[0]]
     assert summary["latest_target"]["efficacy"] == pytest.approx(100 * sum(c["efficacy"] for c in latest) / 3)
+    pre = [json.loads(l) for l in (out / "cases_pre.jsonl").read_text().splitlines()]
+    assert summary["latest_target"] == L.ev.summarize(cases[1:]) != summary["pre"]["latest_target"]
+    assert summary["pre"]["latest_target"] == L.ev.summarize(L.ev.with_locality(pre, pre)[1:])   # the same cases
     assert L.latest_edits(L.load_requests(L.Settings(model="m", edits=str(edits)))[0]) == [1, 2, 3]
     assert "latest_target" in (out / "summary.md").read_text()
 
@@ -1566,6 +1569,7 @@ def test_cli_run_writes_the_run_directory_and_the_edited_model(tmp_path, capsys)
         assert (out / f).exists(), f
     ability = [json.loads(l) for l in (out / "ability.jsonl").read_text().splitlines()]
     assert [a["step"] for a in ability] == [0, 1, 2] and all("sst2" in a["general"] for a in ability)
+    assert {v["n"] for a in ability for v in a["general"].values()} == {4}        # --glue-n 4 items a task
     log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == [0, 1] and log[-1]["edits"] == 8
     assert set(log[0]["layers"]) == {"1", "2"} and all({"pl", "D", "z"} <= set(v) for v in log[0]["layers"].values())
@@ -1574,8 +1578,17 @@ def test_cli_run_writes_the_run_directory_and_the_edited_model(tmp_path, capsys)
             "score"} <= set(summary)
     assert summary["n_edits"] == 8 and len((out / "cases.jsonl").read_text().splitlines()) == 8
     assert {"fluency", "perplexity", "general"} <= set(summary) and "efficacy" in summary["pre"]
+    # general ability before and after: ability.jsonl's first entry and its final one (not step 1's)
+    assert [(summary["pre"][k], summary[k]) for k in ("perplexity", "general")] == [
+        (ability[0][k], ability[-1][k]) for k in ("perplexity", "general")] and ability[-1]["final"]
+    assert not {"step", "edits", "final"} & (set(summary) | set(summary["pre"]))
     assert "consistency" in summary and 0 <= summary["consistency"] <= 100
     assert summary["pre"]["locality_top1"] == 100 and 0 <= summary["locality_top1"] <= 100   # EasyEdit's
+    pre, post = ([json.loads(l) for l in (out / f).read_text().splitlines()]
+                 for f in ("cases_pre.jsonl", "cases.jsonl"))
+    same = lambda b, a: sum(sum(x == y for x, y in zip(p, q)) / len(p) for p, q in zip(b, a)) / len(b)   # by hand
+    assert [c["locality_top1"] for c in post] == [     # each case's argmax against its own before editing
+        pytest.approx(same(b["neighborhood_argmax"], a["neighborhood_argmax"])) for b, a in zip(pre, post)]
     edited = M.load(tmp_path / "edited")
     w = _final_weights(out)
     assert torch.equal(edited.edit_weight(1), w["model.layers.1.mlp.down_proj.weight"])
@@ -1908,7 +1921,8 @@ def test_a_prompt_longer_than_the_model_positions_is_named_before_any_model_work
     assert L.main(_cli(tmp_path, "--out", str(tmp_path / "run"), "--edits", str(edits), "--limit", "3",
                        "--no-generation", "--skip-bad")) == 0
     assert f"skipped 1 bad record(s):\n  {edits}: case_id {cid}: its " in capsys.readouterr().out
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["n_edits"] == 2
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["n_edits"], summary["skipped"]) == (2, 1)             # the summary says how many were skipped
 
 
 @pytest.mark.parametrize("kind, very, limit, field", [("gpt2", 80, 64, "n_positions"),
@@ -2382,6 +2396,7 @@ def test_a_stats_cache_inside_save_model_is_refused_before_the_model_loads(tmp_p
 def test_general_ability_score_for_the_stop_rule():
     general = {"sst2": {"f1": 0.6}, "cola": {"mcc": 0.2, "f1": 0.9}, "mmlu": {"accuracy": 0.4, "f1": 0.1}}
     assert L.ability_score({"perplexity": 8.0, "general": general}) == ("mean zero-shot score", pytest.approx(0.4))
+    assert L.ability_score({"general": {"sst2": {"f1": 0.6}, "cola": {"mcc": 0.2}}})[1] == pytest.approx(0.4)  # of 2
     assert L.ability_score({"perplexity": 8.0}) == ("1/perplexity", 0.125)
     settings = L.Settings(model="m", edits="e", hparams=L.HParams(), stop_below=0.5)
     before = {"step": 0, "edits": 0, "perplexity": 10.0}
@@ -2471,7 +2486,8 @@ def test_editor_refuses_what_is_not_a_request_by_name(tmp_path):
         editor.evaluate([talks], generation=True)
     assert editor.fitting([talks], "evaluate") == [talks]                 # without generation it fits
     one = data.requests_from([record])[0][0]
-    for given, message in ((one, r"got Request \(one request: \[request\]\)"), (None, "got NoneType")):
+    for given, message in ((one, r"got Request \(one request: \[request\]\)"), (None, "got NoneType"),
+                           (record, "got dict")):
         with pytest.raises(TypeError, match=f"requests: a list of data.Request is needed, {message}"):
             editor.edit(given)
     with pytest.raises(ValueError, match=r"seed 2361183241434822606848: give a whole number from -2\*\*63"):
@@ -2562,7 +2578,8 @@ def test_restore_refuses_an_editor_with_other_settings_templates_or_original_wei
         with pytest.raises(ValueError, match=f"ckpt-000001: written by an Editor with other settings: .*{message}"):
             other.restore(tmp_path / "run")
         assert other.state.step == 0 and all(torch.equal(model.edit_weight(l), W) for l, W in other.W0.items())
-    alike = L.Editor(M.load(STORIES), hp, {l: c * (1 + 1e-7) for l, c in C.items()}, [["{}"]])
+    alike = L.Editor(M.load(STORIES), dataclasses.replace(hp, batch_size=7), {l: c * (1 + 1e-7) for l, c in C.items()},
+                     [["{}"]])                          # (another batch_size: an Editor's step is each edit())
     alike.restore(tmp_path / "run")                     # (C collected again elsewhere: its last digits)
     assert alike.state.step == 1 and all(torch.equal(alike.model.edit_weight(l), editor.model.edit_weight(l))
                                          for l in hp.layers)
@@ -2587,6 +2604,13 @@ def test_evaluate_refuses_generation_without_prompts_and_snippets_of_another_sha
     counterfact, _ = data.load_requests(FIX / "counterfact-rome.json", limit=1)
     with pytest.raises(ValueError, match=r"snippets: give \{case_id: \[text, ...\]\}"):
         editor.evaluate(counterfact, generation=True, snippets={counterfact[0].case_id: "a text"})
+    one = [dataclasses.replace(counterfact[0], generation_prompts=counterfact[0].generation_prompts[:1])]
+    snippets = {str(one[0].case_id): [f"{one[0].target_new} is often said of {one[0].subject}."]}
+    want = L.ev.summarize([c | g | t for c, g, t in zip(          # taken: the means of eval.py's scores,
+        L.ev.edit_eval(editor.model, one), L.ev.generative_eval(editor.model, one),    # its seed and snippets
+        L.ev.generation_eval(editor.model, one, snippets, seed=3))])
+    assert editor.evaluate(one, generation=True, snippets=snippets, seed=3) == want
+    assert {"fluency", "consistency"} <= set(want)
 
 
 @pytest.mark.parametrize("change,message", [
@@ -2654,6 +2678,17 @@ def test_parse_layers_refuses_a_negative_layer():
         L.parse_layers("-1,2", 5)
 
 
+def test_asymmetry_is_the_largest_skew_over_the_largest_magnitude_block_by_block():
+    """max |C − Cᵀ| / max |C| as computed whole, with blocks of 2 rows on 5×5 (a skew in a corner
+    no diagonal block holds), also where the largest magnitude is a negative entry."""
+    sym = torch.tensor([[float(min(i, j) + 1) for j in range(5)] for i in range(5)])
+    for c in (sym, -4 * sym):
+        c = c.clone()
+        c[0, 4] += 0.5
+        want = float((c - c.T).abs().max()) / float(c.abs().max())
+        assert L.asymmetry(c, rows=2) == L.asymmetry(c) == pytest.approx(want, rel=1e-12) and want > 0
+
+
 def test_the_api_takes_numpy_s_numbers_as_python_s():
     """Overrides of numpy's types (np.int64 layers and steps, a np.float32 λ): as Python's, so a
     checkpoint's identity can be written (a TypeError) and the steps count (np.int64 crashed in
@@ -2682,6 +2717,7 @@ def test_an_editor_from_parts_or_open_refuses_bad_statistics_templates_and_setti
            (dict(C={1: C[1], 2: C[2].clone().fill_diagonal_(float("nan"))}), r"C\[2\] holds values that are not finite"),
            (dict(templates=[]), "templates: not context templates"),
            (dict(templates=["{}", "The cat. {}"]), "templates: not context templates"),
+           (dict(templates=[["{}"], ["The {} cat. {}"]]), "templates: not context templates"),   # two {}
            (dict(templates=[["The cat. {}"], ["{}"]]), r"templates: the first group .* is \['The cat. {}'\], not"),
            (dict(templates=[["{}", "The cat. {}"]]), "templates: the first group"),
            (dict(z_batch_tokens=0), "z_batch_tokens 0: give a whole number of tokens, at least 1"),
@@ -3045,6 +3081,29 @@ def test_a_resume_whose_scores_before_editing_hold_more_lines_than_requests_is_r
     assert L.main(["--resume", str(out)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cases_pre.jsonl holds 9 of 8 scores" in err, err
+
+
+def test_a_resumed_run_s_progress_line_counts_the_edits_it_made_itself(stopped_run, tmp_path, capsys, monkeypatch):
+    """stopped_run resumed (2 of 8 edits done, 2 a step) on a clock that reads 100 s at the
+    stream's start and 110 s ever after: a line after its first step and one at the end (at most a
+    line a second, the last always), each [edits done/total], the rate of the edits this process
+    made over the 10 s, the ETA at that rate, and each layer's PL/D and z from the step's log; a
+    layer whose D is 0 (its queue not calibrated, or none) shows its PL alone."""
+    import time
+    from types import SimpleNamespace
+    out = tmp_path / "run"
+    shutil.copytree(stopped_run, out)
+    clock = iter([100.0])
+    monkeypatch.setattr(L, "time", SimpleNamespace(time=lambda: next(clock, 110.0), perf_counter=time.perf_counter))
+    capsys.readouterr()
+    assert L.main(["--resume", str(out)]) == 0
+    log = data.read_jsonl(out / "log.jsonl")[0]
+    per = lambda e: " | ".join(f"L{l} PL/D {v['pl'] / v['D']:.3f} z {v['z']:.2f}" for l, v in e["layers"].items())
+    assert [l for l in capsys.readouterr().out.splitlines() if l.startswith("[")] == [
+        f"[4/8] 0.20 edits/s, ETA 20 s | {per(log[1])}", f"[8/8] 0.60 edits/s, ETA 0 s | {per(log[3])}"]
+    first = dict(layers={"1": dict(pl=0.25, D=0.0, z=1.0), "2": dict(pl=3.0, D=2.0, z=1.25)})
+    assert L.progress_line(first, SimpleNamespace(n_edits=2), 8, 0.5) == (
+        "[2/8] 0.50 edits/s, ETA 12 s | L1 PL 0.25 | L2 PL/D 1.500 z 1.25")
 
 
 def interrupt_after_one_step(patch):
