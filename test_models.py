@@ -32,9 +32,9 @@ def make_hf_checkpoint(path: Path, kind: str, seed: int = 0, shard: bool = False
     """A random tiny HF checkpoint (saved by transformers itself) with a tokenizer beside it."""
     import transformers as T
     torch.manual_seed(seed)
-    if kind.startswith("gptj"):
+    if kind.startswith("gptj"):     # tied: the norms' epsilon 1e-3, not the LayerNorm's default 1e-5
         c = T.GPTJConfig(vocab_size=50257, n_embd=64, n_layer=3, n_head=4, rotary_dim=8, n_positions=128,
-                         tie_word_embeddings="tied" in kind)
+                         tie_word_embeddings="tied" in kind, layer_norm_epsilon=1e-3 if "tied" in kind else 1e-5)
         hf = T.GPTJForCausalLM(c)
         tok = FIX / "gpt2-tokenizer"
     else:
@@ -49,10 +49,10 @@ def make_hf_checkpoint(path: Path, kind: str, seed: int = 0, shard: bool = False
             kw["head_dim"] = 24
         if "bias" in kind:
             kw["attention_bias"] = kw["mlp_bias"] = True
-        if "rope3" in kind:
-            kw["rope_theta"] = 500000.0
+        if "rope3" in kind:     # trained length 64: of the 16-dim head's wavelengths (6.3, 32, 167, ...)
+            kw["rope_theta"] = 500000.0     # one under 64 / 4 kept, one blended, the rest slowed by 8
             kw["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
         if "ropelinear" in kind:      # position interpolation, as vicuna-7b-v1.5-16k and LongChat
             kw["rope_scaling"] = {"rope_type": "linear", "factor": 4.0}
         hf = T.LlamaForCausalLM(T.LlamaConfig(**kw))
@@ -185,6 +185,9 @@ def test_stop_start_and_logits_at(tmp_path):
     assert torch.allclose(part, m(ids, mask).logits.gather(1, at[..., None].expand(-1, -1, part.shape[-1])),
                           atol=1e-5)
     assert m(ids, mask, stop_after=0).logits is None
+    cache = M.KVCache(m.cfg, 1, ids.shape[1], "cpu", torch.float32)    # without a mask: every token real
+    parts = [m(ids[:1, :5], cache=cache).logits, m(ids[:1, 5:], cache=cache).logits]
+    assert (torch.cat(parts, 1) - m(ids[:1]).logits).abs().max() < 1e-5
 
 
 def test_tokenizer_bos_rules(tmp_path):
@@ -588,7 +591,9 @@ MINISTRAL3_ROPE = dict(rope_type="yarn", rope_theta=1e6, factor=4.0, original_ma
 # kind -> (family, options); every family once plainly and once with its variants
 KINDS = {
     "gpt2": ("gpt2", {}),
-    "gpt2-bare-unscaled": ("gpt2", dict(bare=True, scale_attn_weights=False, n_inner=80)),
+    # ... saved as OpenAI's files are (names without "transformer."), the scores unscaled, an MLP of 80,
+    # the norms' epsilon 1e-3 (the LayerNorm's default is 1e-5: here one left out shows)
+    "gpt2-bare-unscaled": ("gpt2", dict(bare=True, scale_attn_weights=False, n_inner=80, layer_norm_epsilon=1e-3)),
     "qwen2": ("qwen2", {}),
     "qwen2-gqa-tied-window": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True,
                                             use_sliding_window=True, sliding_window=4, max_window_layers=1)),
@@ -597,8 +602,9 @@ KINDS = {
     "mistral": ("mistral", dict(sliding_window=None)),
     "mistral-gqa-window": ("mistral", dict(num_key_value_heads=2, sliding_window=4, rope_theta=1e6)),
     # Gemma: head_dim not hidden / heads (16), as the real ones' 256; the head tied by default;
-    # config.json's hidden_act "gelu" as Gemma's releases say it (transformers: the tanh GELU)
-    "gemma": ("gemma", dict(head_dim=32, hidden_act="gelu")),
+    # config.json's hidden_act "gelu" as Gemma's releases say it (transformers: the tanh GELU); a hidden
+    # size of 72, whose sqrt (the embeddings' scale) bfloat16 rounds (8.485 to 8.5), as 2048's (45.25)
+    "gemma": ("gemma", dict(head_dim=32, hidden_act="gelu", hidden_size=72)),
     "gemma-gqa-untied": ("gemma", dict(num_key_value_heads=2, head_dim=24, tie_word_embeddings=False)),
     # Gemma 2 with transformers' defaults (window 4096 on layers 0, 2; caps 50 and 30) ...
     "gemma2": ("gemma2", dict(head_dim=32, num_hidden_layers=4, query_pre_attn_scalar=32)),
@@ -622,10 +628,11 @@ KINDS = {
     "olmo": ("olmo", dict()),
     "olmo-clip-gqa-bias": ("olmo", dict(clip_qkv=0.05, num_key_value_heads=2, attention_bias=True)),
     # StableLM 2 1.6B as released (LayerNorms, rope over a quarter of each head, q/k/v biases) and
-    # stablelm-3b-4e1t's kind of block with GQA, half of each head turned, tied, no biases
+    # stablelm-3b-4e1t's kind of block with GQA, half of each head turned, tied, no biases, the norms'
+    # epsilon 1e-3 (the LayerNorm's default is 1e-5: here one left out shows)
     "stablelm": ("stablelm", dict(use_qkv_bias=True)),
     "stablelm-gqa-half-tied": ("stablelm", dict(num_key_value_heads=2, partial_rotary_factor=0.5,
-                                                tie_word_embeddings=True)),
+                                                tie_word_embeddings=True, layer_norm_eps=1e-3)),
     # OLMo 2 as released (rope 5e5, untied) and with GQA and biases: norms on the outputs only,
     # over the whole q and k projections
     "olmo2": ("olmo2", dict(rope_theta=500000.0, rms_norm_eps=1e-6)),
@@ -633,9 +640,9 @@ KINDS = {
     # GPT-NeoX as Pythia is released (rope over a quarter of each head, the erf GELU, parallel
     # attention and MLP, untied) and as its other configs can say (rope over half a head at base
     # 100, the tanh GELU under NeoX-20B's name gelu_fast, attention then MLP, tied, no biases on
-    # attention, rope keys as transformers 5 writes them)
+    # attention, rope keys as transformers 5 writes them, the norms' epsilon 1e-3)
     "gpt-neox": ("gpt_neox", dict(rotary_pct=0.25, rotary_emb_base=10000, hidden_act="gelu")),
-    "gpt-neox-sequential": ("gpt_neox", dict(use_parallel_residual=False, hidden_act="gelu_fast",
+    "gpt-neox-sequential": ("gpt_neox", dict(use_parallel_residual=False, hidden_act="gelu_fast", layer_norm_eps=1e-3,
                                              tie_word_embeddings=True, attention_bias=False,
                                              rope_parameters={"rope_type": "default", "rope_theta": 100.0,
                                                               "partial_rotary_factor": 0.5})),
@@ -647,10 +654,11 @@ KINDS = {
                                           original_max_position_embeddings=8, max_position_embeddings=64,
                                           sliding_window=5, tie_word_embeddings=True)),
     # Phi-1.5 and Phi-2 (attention and MLP in parallel off one LayerNorm, biases everywhere, the head's
-    # too; rope over half of each head), and with GQA, a tied head, the erf GELU, a quarter turned
+    # too; rope over half of each head), and with GQA, a tied head, the erf GELU, a quarter turned, the
+    # norms' epsilon 1e-3
     "phi": ("phi", dict(partial_rotary_factor=0.5)),
     "phi-gqa-tied-erf": ("phi", dict(num_key_value_heads=2, tie_word_embeddings=True, hidden_act="gelu",
-                                     partial_rotary_factor=0.25, rope_theta=100.0)),
+                                     partial_rotary_factor=0.25, rope_theta=100.0, layer_norm_eps=1e-3)),
     # OLMo 3 as released (a window on three layers in four; YaRN on the full layers, its attention
     # factor given) and with the layer kinds named, each kind's rope base its own, GQA
     "olmo3": ("olmo3", dict(num_hidden_layers=4, sliding_window=4, max_position_embeddings=1024, rope_theta=5e5,
@@ -679,12 +687,13 @@ KINDS = {
                                          tie_word_embeddings=True, pad_token_id=0)),
     # Granite 3.3-8B's four scalars (embeddings x12, attention scores x1/128, attention's and the MLP's
     # outputs x0.22 before the add, logits /16), GQA, tied, as released but for sizes; and other
-    # values of each (the scores x0.3, not 1/sqrt(16)), biases on attention and the MLP, untied
+    # values of each (the scores x0.3, not 1/sqrt(16); the logits /2.5, which rounds where /16 does not),
+    # biases on attention and the MLP, untied
     "granite": ("granite", dict(num_key_value_heads=2, embedding_multiplier=12.0, attention_multiplier=0.0078125,
                                 residual_multiplier=0.22, logits_scaling=16.0, tie_word_embeddings=True,
                                 rope_theta=1e7, pad_token_id=0)),
     "granite-bias-untied": ("granite", dict(embedding_multiplier=3.0, attention_multiplier=0.3, residual_multiplier=0.5,
-                                            logits_scaling=2.0, attention_bias=True, mlp_bias=True,
+                                            logits_scaling=2.5, attention_bias=True, mlp_bias=True,
                                             tie_word_embeddings=False)),
     # Ministral 3's text model: YaRN (x4 from 4 trained positions) with Llama 4's query scale from
     # there on (the test batches' positions take three scales), GQA; and Mistral 3's image-text checkpoints: Ministral 3's
@@ -1302,6 +1311,16 @@ def test_gemma2_caps_and_window_change_the_logits(ckpt):
         assert moved > 0.05, (option, float(moved))
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "gemma", "granite"])
+def test_a_pass_from_a_layers_output_is_the_whole_pass(ckpt, kind):
+    """start=(layer, h) runs the blocks above from the residual h as it is: what the embeddings
+    take (GPT-2's learned positions, Gemma's sqrt(d), Granite's multiplier) is in h already."""
+    m = M.load(ckpt(kind))
+    ids, mask = padded_batch(500, "left")
+    full = m(ids, mask, outs_at={0})
+    assert torch.equal(m(ids, mask, start=(0, full.outs[0])).logits, full.logits)
+
+
 @pytest.mark.parametrize("kind", ["mistral-gqa-window", "qwen2-gqa-tied-window"])
 @pytest.mark.parametrize("window", ["absent", None])
 def test_a_sliding_window_left_out_is_that_of_transformers(ckpt, tmp_path, kind, window):
@@ -1321,11 +1340,12 @@ def test_a_sliding_window_left_out_is_that_of_transformers(ckpt, tmp_path, kind,
                                   "gemma2-gqa-window-caps", "gemma3-gqa-window-ropes", "olmo-clip-gqa-bias", "stablelm", "olmo2", "gpt-neox",
                                   "gpt-neox-sequential", "phi3", "phi3-longrope-window", "phi", "phi-gqa-tied-erf",
                                   "smollm3-nope-window-bias", "olmo3", "qwen2-yarn", "glm", "glm4", "granite",
-                                  "mistral3", "ministral3"])
+                                  "granite-bias-untied", "mistral3", "ministral3"])
 def test_bfloat16_error_is_that_of_transformers(ckpt, kind, device):
-    """In bfloat16 our logits are as close to the float32 reference as transformers' own bfloat16
-    logits are (mean absolute error within 1.5x of theirs, plus 0.1% of the logits' scale); on the
-    CPU the two are bit-identical for the LLaMA-like families (OLMo's rope in float32 included)."""
+    """In bfloat16 our logits (returned in float32) are as close to the float32 reference as
+    transformers' own bfloat16 logits are (mean absolute error within 1.5x of theirs, plus 0.1% of
+    the logits' scale); on the CPU the two are bit-identical for the LLaMA-like families (OLMo's
+    rope in float32 included)."""
     path = ckpt(kind)
     ids, mask = (t.to(device) for t in padded_batch(500, "left"))
     real = mask.bool()
@@ -1334,7 +1354,9 @@ def test_bfloat16_error_is_that_of_transformers(ckpt, kind, device):
         ref = hf_load(path).to(device)(input_ids=ids, attention_mask=mask, position_ids=pos).logits[real]
         hf16 = hf_load(path, torch.bfloat16).to(device)
         theirs = hf16(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()[real]
-    ours = M.load(path, device, "bfloat16")(ids, mask).logits[real]
+    ours = M.load(path, device, "bfloat16")(ids, mask).logits
+    assert ours.dtype == torch.float32                 # (Output's logits: float32 whatever the weights)
+    ours = ours[real]
     err_ours, err_theirs = (ours - ref).abs().mean(), (theirs - ref).abs().mean()
     assert err_theirs > 0                      # the check means something: bf16 does round
     if device == "cpu" and M.read_config(path).llama_like:
@@ -1371,6 +1393,8 @@ def test_gpt2_learned_positions_end_with_a_clear_error(ckpt):
         assert (out[b, pad:] - m(ids[b:b + 1, pad:]).logits[0]).abs().max() < 1e-4
     with pytest.raises(ValueError, match="70 tokens is longer than this GPT-2's 64 learned positions"):
         m(ids)
+    with pytest.raises(ValueError, match="65 tokens is longer than this GPT-2's 64 learned positions"):
+        m(ids[:, :65])                            # one past the last position (not an IndexError)
 
 
 # ============================================================================ edit weights, save
