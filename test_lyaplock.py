@@ -534,6 +534,35 @@ def test_the_command_keeps_superseded_columns_only_for_prompts_it_edits_again(tm
     assert "latest_target" in (out / "summary.md").read_text()
 
 
+def test_finish_after_a_stop_scores_the_edited_requests_latest_targets_with_the_run_s_seed(tmp_path, monkeypatch):
+    """A run that --stop-below ended after 3 of 4 requests, the first prompt edited at requests
+    0, 1 and again at 3 (after the stop): the latest targets are those among the 3 edited
+    (request 1's, then 2's), not the stream's (request 3 was never edited), and the cases are
+    scored with the run's --seed."""
+    records = json.loads((FIX / "counterfact-rome.json").read_text())[:2]
+    again = lambda cid, target: dict(records[0], case_id=cid, requested_rewrite=dict(
+        records[0]["requested_rewrite"], target_new={"str": target}))
+    (tmp_path / "edits.json").write_text(json.dumps([records[0], again(10 ** 6, "Oslo"), records[1],
+                                                     again(10 ** 6 + 1, "Lima")]))
+    requests, _ = data.load_requests(tmp_path / "edits.json")
+    editor = L.Editor(M.load(STORIES), L.HParams(layers=(1, 2)), {l: torch.eye(172, dtype=torch.float64) for l in (1, 2)},
+                      [["{}"]])
+    editor.state.n_edits = 3
+    out = tmp_path / "run"
+    out.mkdir()
+    data.write_jsonl(out / "cases_pre.jsonl", L.score_cases(editor.model, requests, False))
+    data.write_jsonl(out / "ability.jsonl", [dict(step=0, edits=0, final=False, perplexity=4.0)])
+    monkeypatch.setattr(L, "general_ability", lambda editor, settings, final=False: dict(perplexity=4.0, final=final))
+    seeds, score_cases = [], L.score_cases
+    monkeypatch.setattr(L, "score_cases", lambda *a, **k: seeds.append(a[4]) or score_cases(*a, **k))
+    settings = L.Settings(model=str(STORIES), edits="e", hparams=editor.hparams, generation=False, seed=7)
+    L.finish(editor, requests, settings, out, 0)
+    summary = json.loads((out / "summary.json").read_text())
+    cases = data.read_jsonl(out / "cases.jsonl")[0]
+    assert seeds == [7] and [c["case_id"] for c in cases] == [r.case_id for r in requests[:3]]
+    assert summary["latest_target"] == L.ev.summarize(cases[1:])
+
+
 def test_editor_open_names_a_bad_state_device_before_the_statistics(tmp_path, monkeypatch):
     """The statistics are collected on the state device: a bad one was torch's RuntimeError there."""
     monkeypatch.setattr(L.stats, "load_or_collect_stats", lambda *a, **k: pytest.fail("statistics were computed"))
