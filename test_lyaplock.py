@@ -722,13 +722,13 @@ def test_e6b_moves_a_post_normed_mlp_output_to_the_target_or_the_nearest_reachab
 @pytest.mark.parametrize("at_mlp", [False, True])
 def test_target_values_on_a_post_norm_model_score_what_it_computes_with_delta_where_it_joins(family_model, kind, at_mlp):
     """E4 on a post-norm (or Granite's scaled) model, checked by hooks: δ added to the layer's output
-    (MEMIT's) or to the MLP's output before the post-norm or the scale (ROME's, E4b), the model's mean target NLL per request is
-    the loss compute_z reports for its final δ, and z* − h is δ."""
+    (MEMIT's) or to the MLP's output before the post-norm or the scale (ROME's, E4b), the model's mean target NLL per request,
+    plus the weight decay wd·‖δ‖/‖h‖² (E4), is the loss compute_z reports for its final δ, and z* − h is δ."""
     m = family_model(kind)
     requests, _ = data.load_requests(FIX / "counterfact-rome.json")
     rows = L.z_rows(m.tokenizer, requests[:3], [["{}"], ["Then. {}", "So. {}"]])
     layer = 1
-    hp = L.HParams(layers=(layer,), v_num_grad_steps=4, kl_factor=0.0, v_weight_decay=0.0, v_lr=0.5)
+    hp = L.HParams(layers=(layer,), v_num_grad_steps=4, kl_factor=0.0, v_weight_decay=0.5, v_lr=0.5)
     z, info = L.compute_z(m, rows, 3, layer, hp, at_mlp=at_mlp)
     close(z - info["h_init"], info["delta"], 1e-6)
     assert float(info["delta"].norm()) > 0
@@ -748,7 +748,9 @@ def test_target_values_on_a_post_norm_model_score_what_it_computes_with_delta_wh
             hook.remove()
         t = torch.arange(len(r.targets))
         nll[r.req] -= logp[r.first + t, torch.tensor(r.targets)].mean() / sum(q.req == r.req and bool(q.targets) for q in rows)
-    close(torch.tensor([l[-1] for l in info["loss"]]), nll, 1e-5)
+    decay = 0.5 * info["delta"].norm(dim=1) / info["h_init"].norm(dim=1) ** 2
+    assert float(decay.min()) > 1e-3 * float(nll.max())                      # the test can tell
+    close(torch.tensor([l[-1] for l in info["loss"]]), nll + decay, 1e-5)
 
 
 @pytest.mark.parametrize("kind", ["llama", "olmo", "stablelm", "gpt-neox", "phi3", "phi", "smollm3", "glm", "mistral3", *MAPPED_KINDS])
@@ -1372,6 +1374,55 @@ def test_target_values_pass_only_the_rows_of_requests_still_optimised(monkeypatc
     assert pruned[-1][0] < passed[-1][0]                    # a chunk left whole
 
 
+def test_target_values_end_their_passes_once_every_request_has_stopped(monkeypatch):
+    """E4 stops a request at a loss under STOP_LOSS and ends once none is left: on the fact model
+    (the settings of the test above) requests 6 and 31 stop, at different passes (2 and 8 of 25 on
+    the CPU), so the passes end at the later stop, each request logs one loss a pass, the first's
+    held from its stop on."""
+    m = M.load(FIX / "factmodel-ci")
+    requests, _ = data.load_requests(FIX / "factmodel-ci" / "edits.json")
+    hp = L.with_overrides(L.preset(m.cfg, "lyaplock"), v_lr=0.5, clamp_norm_factor=4.0,
+                          v_weight_decay=0.0, kl_factor=0.005)
+    rows = L.z_rows(m.tokenizer, [requests[6], requests[31]], [["{}"], ["Once upon a time. {}", "One day. {}"]])
+    fit_loss, passes = L._fit_loss, []
+    monkeypatch.setattr(L, "_fit_loss", lambda *a: passes.append(1) or fit_loss(*a))
+    _, info = L.compute_z(m, rows, 2, hp.layers[-1], hp, max_tokens=64)
+    first, second = info["loss"]
+    stops = [next((i for i, x in enumerate(l) if x < L.STOP_LOSS), None) for l in info["loss"]]
+    assert None not in stops and stops[0] < stops[1]                        # the case the test is for
+    assert len(passes) == len(first) == len(second) == stops[1] + 1 < hp.v_num_grad_steps
+    assert len(set(first[stops[0]:])) == 1
+    assert L.fit_summary(info["loss"]) == dict(z_loss=pytest.approx((first[-1] + second[-1]) / 2),
+                                               z_passes=(stops[0] + stops[1] + 2) / 2)
+
+
+def test_adam_on_the_active_rows_of_delta_is_torch_adam_on_each_request_alone():
+    """E4's step (_adam_rows): each active row of δ moves as torch.optim.Adam moves that request's
+    δ alone (moments, bias corrections, ε where the gradients are as small as it: rows 1 and 2),
+    then into its ball ‖δ‖ ≤ max_norm (row 3's bites); a stopped row and its moments stay as they
+    were (the active set only shrinks, as compute_z's, so every active row is at the same step)."""
+    g = torch.Generator().manual_seed(0)
+    scale = torch.tensor([1.0, 1e-8, 3e-9, 1.0, 0.1])[:, None]
+    max_norm = torch.tensor([1e3, 1e3, 1e3, 0.6, 1e3])
+    delta, moments = torch.zeros(5, 6), [torch.zeros(5, 6), torch.zeros(5, 6)]
+    theirs = [torch.nn.Parameter(torch.zeros(6)) for _ in range(5)]
+    optims = [torch.optim.Adam([p], lr=0.5) for p in theirs]
+    for t, on in enumerate(([1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 1, 0], [0, 1, 1, 1, 0]), 1):
+        active = torch.tensor(on, dtype=torch.bool)
+        grad = scale * torch.randn(5, 6, generator=g)
+        stopped = moments[0][~active].clone(), moments[1][~active].clone(), delta[~active].clone()
+        delta[active] = L._adam_rows(delta, grad, moments, active, t, 0.5, max_norm[active])
+        assert all(torch.equal(a, b) for a, b in zip(stopped, (moments[0][~active], moments[1][~active], delta[~active])))
+        for j in active.nonzero()[:, 0].tolist():
+            theirs[j].grad = grad[j].clone()
+            optims[j].step()
+            with torch.no_grad():
+                theirs[j].mul_((max_norm[j] / theirs[j].norm()).clamp(max=1.0))
+    assert float(delta[3].norm()) == pytest.approx(0.6, rel=1e-6)
+    for j in range(5):
+        close(delta[j], theirs[j].detach(), 1e-6)
+
+
 @pytest.mark.parametrize("kind", ["llama", "gemma2"])
 def test_a_chunks_kept_rows_score_as_they_did_among_all_its_rows(family_model, kind):
     """_active_rows keeps the rows of the requests still optimised: their loss and gradient at any δ
@@ -1402,6 +1453,8 @@ def test_a_steps_log_gives_how_its_target_values_fit(monkeypatch):
     request, in order)."""
     fit = L.fit_summary([[3.0, 1.0, 0.04, 0.04], [2.0, 0.5, 0.2, 0.1], [0.01, 0.01, 0.01, 0.01]])
     assert fit == dict(z_loss=pytest.approx((0.04 + 0.1 + 0.01) / 3), z_passes=(3 + 4 + 1) / 3)
+    fit = L.fit_summary([[1.0, 0.2, 0.3], [1.0, L.STOP_LOSS, 0.01]])      # the last loss, not the least;
+    assert fit == dict(z_loss=pytest.approx((0.3 + 0.01) / 2), z_passes=3)   # at STOP_LOSS compute_z goes on
     requests, _ = data.load_requests(ORACLE / "requests.json")
     templates = [["{}"], ["Once upon a time. {}"]]
     compute_z, losses = L.compute_z, []
@@ -1437,7 +1490,8 @@ def test_length_batches_cover_every_index_once_within_the_budget(seed):
 @pytest.mark.parametrize("seed", range(5))
 def test_suffix_batches_cover_every_row_once_within_the_budget(seed):
     """E4's batches: every row once, sorted by the length from the subject on, each batch's
-    count × (longest prefix + longest suffix) within the budget (or one row), greedy."""
+    count × (longest prefix + longest suffix) within the budget (or one row), greedy; a row longer
+    than the budget alone in its batch (never an empty batch before it)."""
     g = random.Random(seed)
     rows = [L.Row(ids=[0] * g.randint(1, 40), lookup=0, req=0) for _ in range(g.randint(1, 60))]
     for r in rows:
@@ -1450,6 +1504,7 @@ def test_suffix_batches_cover_every_row_once_within_the_budget(seed):
     width = lambda b: len(b) * (max(rows[i].lookup for i in b) + max(len(rows[i].ids) - rows[i].lookup for i in b))
     assert all(len(b) == 1 or width(b) <= budget for b in batches)
     assert all(width(b + nxt[:1]) > budget for b, nxt in zip(batches, batches[1:]))
+    assert [len(b) for b in L.suffix_batches(rows, 1)] == [1] * len(rows)     # each row over the budget: one a batch
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -1497,8 +1552,9 @@ def test_context_templates_are_seeded():
     assert t[0] == ["{}"] and len(t[1]) == 5 and all(s.endswith(". {}") for s in t[1])
     assert t == L.context_templates(m, seed=1) and t != L.context_templates(m, seed=2)
     assert all(s.startswith(w) for s, w in zip(t[1], ["The", "Therefore", "Because", "I", "You"]))
-    with pytest.raises(ValueError, match="each count a multiple of 5"):     # (was an empty group, silently)
-        L.context_templates(m, 0, ((10, 3),))
+    for count in (3, 0):
+        with pytest.raises(ValueError, match="each count a multiple of 5"):     # (was an empty group, silently)
+            L.context_templates(m, 0, ((10, count),))
 
 
 def test_each_group_of_context_templates_is_a_draw_of_its_own():
@@ -3190,6 +3246,89 @@ def test_a_failed_cholesky_names_step_layer_and_cases(tmp_path, monkeypatch, cap
     assert _small_run(tmp_path, tmp_path / "run") == 1
     err = capsys.readouterr().err
     assert "step 0, layer 1 (case ids 0, 1): system matrix is not positive definite" in err
+
+
+def test_where_names_the_step_layer_and_cases_of_each_non_finite_tensor_and_of_a_failed_solve():
+    """Where's messages: every tensor checked, NaN, +inf and −inf alike, the first bad one named with
+    the step, the layer and the step's case ids; a solve's error the same way; finite tensors pass."""
+    from types import SimpleNamespace
+    where = L.Where(4, [SimpleNamespace(case_id=7), SimpleNamespace(case_id="b9")])
+    fine = torch.ones(3)
+    where.check_finite(2, keys=fine, residual=fine.double())
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(FloatingPointError, match=r"^step 4, layer 2: non-finite residual \(case ids 7, b9\)$"):
+            where.check_finite(2, keys=fine, residual=torch.tensor([0.0, bad]))
+    assert str(where.failed(1, ValueError("no factor"))) == "step 4, layer 1 (case ids 7, b9): no factor"
+
+
+def test_a_non_finite_residual_ends_the_step_before_its_layer_is_written(monkeypatch):
+    """edit_batch checks each layer's keys and residual (E5, E6) before its solve: a current output
+    gone infinite at the second edit layer's pass ends the step there, naming its step, layer and
+    cases and the residual (not the update it would have made), layer 1 updated, layer 2 not."""
+    m = M.load(STORIES)
+    requests, _ = data.load_requests(ORACLE / "requests.json")
+    layers, templates = (1, 2), [["{}"]]
+    hp = L.HParams(layers=layers, v_num_grad_steps=2)
+    before = {k: v.clone() for k, v in m.edit_tensors(list(layers)).items()}
+    keys_and_outputs, calls = L.keys_and_outputs, []
+
+    def inf_at_layer_2(*a, **k):
+        K, cur, bare = keys_and_outputs(*a, **k)
+        calls.append(1)
+        return (K, cur + float("inf"), bare) if len(calls) == 2 else (K, cur, bare)
+    monkeypatch.setattr(L, "keys_and_outputs", inf_at_layer_2)
+    try:
+        with pytest.raises(FloatingPointError, match=r"^step 0, layer 2: non-finite residual \(case ids 0, 1\)$"):
+            L.edit_batch(m, requests[:2], templates, hp, L.EditState.start("lyaplock", layers),
+                         {l: torch.eye(m.cfg.d_mlp, dtype=torch.float64) for l in layers},
+                         {l: m.edit_weight(l).detach().clone() for l in layers})
+        assert not torch.equal(m.edit_weight(1), before[m.cfg.edit_parameter_name(1)])
+        assert torch.equal(m.edit_weight(2), before[m.cfg.edit_parameter_name(2)])
+    finally:
+        m.load_edit_tensors(before)
+
+
+@pytest.mark.parametrize("fails", ["solve", "update"])
+def test_a_rome_step_names_the_request_whose_solve_failed(monkeypatch, fails):
+    """ROME edits a step's requests one at a time: a failed solve (E18-E20) of the second, or a
+    non-finite update from it, names that request's case id alone, with the step and layer; the
+    first's edit is written, the second's not."""
+    m = M.load(STORIES)
+    requests, _ = data.load_requests(ORACLE / "requests.json")
+    hp = L.HParams(method="rome", layers=(2,), v_num_grad_steps=2)
+    W, solve_rome, after = m.edit_weight(2).detach().clone(), L.B.solve_rome, []
+
+    def second_fails(*a):
+        after.append(m.edit_weight(2).clone())
+        if len(after) < 2:
+            return solve_rome(*a)
+        if fails == "solve":
+            raise ValueError("the key is orthogonal to C⁻¹k̄")
+        return solve_rome(*a) * float("nan")
+    monkeypatch.setattr(L.B, "solve_rome", second_fails)
+    with pytest.raises(ValueError if fails == "solve" else FloatingPointError) as error:
+        L.edit_batch(m, requests[:3], [["{}"]], hp, L.EditState.start("rome", (2,)),
+                     {2: torch.eye(m.cfg.d_mlp, dtype=torch.float64)}, {2: W.clone()})
+    want = (f"step 0, layer 2 (case ids {requests[1].case_id}): the key is orthogonal to C⁻¹k̄" if fails == "solve" else
+            f"step 0, layer 2: non-finite update (case ids {requests[1].case_id})")
+    assert str(error.value) == want
+    assert not torch.equal(after[1], W) and torch.equal(m.edit_weight(2), after[1])
+
+
+def test_a_steps_clock_adds_up_each_phases_laps_and_its_log_their_total(monkeypatch):
+    """Clock: each lap counts from the one before, a phase timed twice (ROME's per request) is
+    the sum of its laps; step_log gives them as seconds_<phase>, their sum as seconds, the step just
+    done and the edits so far."""
+    ticks = iter([10.0, 11.0, 13.0, 16.0, 20.0])
+    monkeypatch.setattr(L.time, "perf_counter", lambda: next(ticks))
+    clock = L.Clock("cpu")
+    for phase in ("keys", "z", "keys", "solve"):
+        clock.lap(phase)
+    state = L.EditState.start("lyaplock", (1,))
+    state.finish_step(3)
+    state.finish_step(2)
+    assert L.step_log(state, {1: "layer"}, clock) == dict(step=1, layers={1: "layer"}, seconds_keys=4.0, seconds_z=2.0,
+                                                         seconds_solve=4.0, edits=5, seconds=10.0)
 
 
 def test_out_of_memory_says_which_stage_and_what_to_change(tmp_path, monkeypatch, capsys):
