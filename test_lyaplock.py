@@ -942,6 +942,9 @@ def test_runs_started_at_the_same_moment_take_different_run_directories(tmp_path
     assert L.new_run_dir(tmp_path) == tmp_path / "003"
     monkeypatch.setattr(Path, "iterdir", lambda self: iter([self / "001"]))
     assert L.new_run_dir(tmp_path) == tmp_path / "004"
+    monkeypatch.undo()
+    (tmp_path / "009").mkdir()                   # numbers freed below the largest are not taken again
+    assert L.new_run_dir(tmp_path) == tmp_path / "010"
 
 
 def test_a_new_run_directory_gets_its_config_json_only_after_its_other_files(tmp_path, monkeypatch):
@@ -1662,7 +1665,7 @@ def test_cli_run_writes_the_run_directory_and_the_edited_model(tmp_path, capsys)
     assert {"method", "model", "n_edits", "batch_size", "efficacy", "generalization", "specificity",
             "score"} <= set(summary)
     assert summary["n_edits"] == 8 and len((out / "cases.jsonl").read_text().splitlines()) == 8
-    assert {"fluency", "perplexity", "general"} <= set(summary) and "efficacy" in summary["pre"]
+    assert {"fluency", "perplexity", "general"} <= set(summary) and {"efficacy", "fluency"} <= set(summary["pre"])
     # general ability before and after: ability.jsonl's first entry and its final one (not step 1's)
     assert [(summary["pre"][k], summary[k]) for k in ("perplexity", "general")] == [
         (ability[0][k], ability[-1][k]) for k in ("perplexity", "general")] and ability[-1]["final"]
